@@ -1,0 +1,167 @@
+"""The ``modelpress`` console script.
+
+    modelpress serve [--host H] [--port P]     API (embedded mode: also a worker subprocess)
+    modelpress worker [--queues cpu] [-c N]    a Celery worker
+    modelpress migrate                         alembic upgrade head
+    modelpress keys create --tenant NAME       print a new API key for the tenant
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+def _alembic_config():  # noqa: ANN202
+    from alembic.config import Config
+
+    import migrations
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(migrations.__file__).parent))
+    return cfg
+
+
+def migrate() -> None:
+    from alembic import command
+
+    from app.config import get_settings
+
+    get_settings().data_dir.mkdir(parents=True, exist_ok=True)
+    command.upgrade(_alembic_config(), "head")
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    migrate()
+    print("database schema is at head")
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from app.auth import create_key
+    from app.db import get_sessionmaker
+
+    with get_sessionmaker()() as s:
+        key = create_key(s, args.tenant)
+        s.commit()
+    print(key)
+    return 0
+
+
+def _bootstrap_key(data_dir: Path) -> str:
+    """Embedded mode: one key for tenant 'default', kept in <data_dir>/api-key (mode 0600) so each
+    start can print it (only its digest is in the database)."""
+    from app.auth import create_key, resolve_key
+    from app.db import get_sessionmaker
+
+    path = data_dir / "api-key"
+    with get_sessionmaker()() as s:
+        if path.exists():
+            key = path.read_text().strip()
+            if resolve_key(s, key) is not None:
+                return key
+        key = create_key(s, "default")
+        s.commit()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from app.config import get_settings
+    from app.main import create_app
+
+    s = get_settings()
+    s.data_dir.mkdir(parents=True, exist_ok=True)
+    s.tmp_dir.mkdir(parents=True, exist_ok=True)
+    worker: subprocess.Popen | None = None
+    if s.mode == "embedded":
+        migrate()
+        key = _bootstrap_key(s.data_dir)
+        if s.embedded_worker:
+            worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", str(s.worker_concurrency)])
+        print(f"modelpress (embedded) on http://{args.host}:{args.port}  data: {s.data_dir}", flush=True)
+        print(f"API key: {key}", flush=True)
+        print(f"try:  curl -H 'Authorization: Bearer {key}' http://{args.host}:{args.port}/v1/methods", flush=True)
+    else:
+        print(f"modelpress (cluster) on http://{args.host}:{args.port}", flush=True)
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=s.log_level.lower(), access_log=False)
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from app.config import get_settings
+
+    s = get_settings()
+    s.tmp_dir.mkdir(parents=True, exist_ok=True)
+    if s.mode == "embedded":
+        migrate()
+    from worker.celery_app import celery_app
+
+    argv = [
+        "worker",
+        "--queues", args.queues,
+        "--concurrency", str(args.concurrency or s.worker_concurrency),
+        "--pool", args.pool,
+        "--loglevel", s.log_level,
+        "--hostname", f"modelpress-{args.queues.replace(',', '-')}-{os.getpid()}@%h",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    celery_app.worker_main(argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="modelpress", description="Compression as a service for transformer models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sp = sub.add_parser("serve", help="run the API (embedded mode also runs a worker subprocess)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.set_defaults(fn=cmd_serve)
+
+    wp = sub.add_parser("worker", help="run a Celery worker")
+    wp.add_argument("--queues", default="cpu", help="comma-separated queues: cpu, gpu (default cpu)")
+    wp.add_argument("--concurrency", "-c", type=int, default=None, help="worker processes (default MODELPRESS_WORKER_CONCURRENCY)")
+    wp.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool (default prefork)")
+    wp.set_defaults(fn=cmd_worker)
+
+    mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    mp.set_defaults(fn=cmd_migrate)
+
+    kp = sub.add_parser("keys", help="manage API keys")
+    ksub = kp.add_subparsers(dest="keys_command", required=True)
+    kc = ksub.add_parser("create", help="create a key for a tenant (created if new) and print it")
+    kc.add_argument("--tenant", required=True)
+    kc.set_defaults(fn=cmd_keys_create)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from app.config import get_settings
+
+    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

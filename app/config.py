@@ -1,0 +1,78 @@
+"""The one Settings object. Every setting is an environment variable ``MODELPRESS_<NAME>``.
+
+Two modes share one code base:
+
+* ``embedded`` (default): SQLite database, kombu's SQLAlchemy transport on a SQLite file as the
+  Celery broker, artifacts in a local folder, and ``modelpress serve`` runs a worker subprocess.
+* ``cluster``: PostgreSQL + Redis, set through ``MODELPRESS_DATABASE_URL`` and
+  ``MODELPRESS_BROKER_URL``; API and workers run as separate processes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MODELPRESS_", extra="ignore")
+
+    mode: Literal["embedded", "cluster"] = "embedded"
+    data_dir: Path = Path("var")
+    # Empty means: derived from mode and data_dir (see _derive).
+    database_url: str = ""
+    broker_url: str = ""
+    storage_url: str = ""
+    # Redis key prefix for the broker; lets several deployments (or test runs) share one Redis.
+    broker_key_prefix: str = ""
+
+    max_upload_bytes: int = Field(default=20 * 1024**3, gt=0)
+    max_json_file_bytes: int = Field(default=64 * 1024**2, gt=0)
+    max_safetensors_header_bytes: int = Field(default=100 * 1024**2, gt=0)
+
+    job_time_limit_s: int = Field(default=6 * 3600, gt=0)
+    # A claimed job whose lease is not renewed within this many seconds may be claimed again.
+    job_lease_s: int = Field(default=15 * 60, gt=0)
+    worker_concurrency: int = Field(default=1, ge=1)
+    # embedded mode: start a worker subprocess next to the API.
+    embedded_worker: bool = True
+    # zip level for artifacts: 1 is ~3x faster than 6 for ~5% more bytes on pruned weights.
+    artifact_zip_level: int = Field(default=1, ge=0, le=9)
+
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _derive(self) -> "Settings":
+        self.data_dir = self.data_dir.resolve()
+        if self.mode == "cluster":
+            missing = [
+                n for n in ("database_url", "broker_url") if not getattr(self, n)
+            ]
+            if missing:
+                raise ValueError(
+                    "cluster mode needs " + ", ".join(f"MODELPRESS_{m.upper()}" for m in missing)
+                )
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'modelpress.sqlite3'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
+        if not self.storage_url:
+            self.storage_url = str(self.data_dir / "storage")
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.data_dir / "tmp"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

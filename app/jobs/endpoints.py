@@ -1,0 +1,128 @@
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from app.auth import CurrentCaller
+from app.db import UoW
+from app.deps import StorageDep
+from app.errors import Conflict, ModelpressError, problem_responses
+from app.jobs import repository, service
+from app.jobs.schemas import JobIn, JobOut, JobPage, JobStatus, MethodOut
+from app.pagination import encode_cursor
+from worker.methods import load_all
+
+router = APIRouter(prefix="/v1", tags=["jobs"])
+
+_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+class RangeNotSatisfiable(ModelpressError):
+    status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
+
+
+@router.post("/jobs", status_code=202, response_model=JobOut, responses=problem_responses(401, 422))
+def submit_job(body: JobIn, caller: CurrentCaller, uow: UoW, response: Response) -> JobOut:
+    """Submit a compression job; it is queued and runs on a worker."""
+    job = service.submit(uow, caller, body)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobOut.from_row(job)
+
+
+@router.get("/jobs", response_model=JobPage, responses=problem_responses(401, 422))
+def list_jobs(
+    caller: CurrentCaller,
+    uow: UoW,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> JobPage:
+    """List the caller's jobs, newest first, optionally by status."""
+    rows = repository.list_page(uow.session, caller.tenant_id, status, limit, cursor)
+    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return JobPage(items=[JobOut.from_row(j) for j in rows[:limit]], next_cursor=nxt)
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, responses=problem_responses(401, 404))
+def get_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
+    """One job: status, progress, error, metrics and artifact."""
+    return JobOut.from_row(service.get(uow, caller, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=problem_responses(401, 404, 409))
+def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
+    """Cancel a job: a queued one at once, a running one at its next step boundary."""
+    return JobOut.from_row(service.cancel(uow, caller, job_id))
+
+
+@router.get(
+    "/jobs/{job_id}/artifact",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The artifact"},
+        206: {"content": {"application/octet-stream": {}}, "description": "Part of the artifact"},
+        **problem_responses(401, 404, 409, 416),
+    },
+)
+def download_artifact(
+    job_id: str,
+    caller: CurrentCaller,
+    uow: UoW,
+    storage: StorageDep,
+    range_: Annotated[str | None, Header(alias="range")] = None,
+) -> StreamingResponse:
+    """Download the result: a zip of a Hugging Face directory, or one safetensors file."""
+    job = service.get(uow, caller, job_id)
+    if job.status != "succeeded" or not job.artifact_key:
+        raise Conflict(f"the job is {job.status}; the artifact exists once it has succeeded", code="artifact_not_ready")
+    size = job.artifact_size_bytes
+    etag = f'"{job.artifact_sha256}"'
+    headers = {
+        "ETag": etag,
+        "Accept-Ranges": "bytes",
+        "Content-Disposition": f'attachment; filename="{job.artifact_filename}"',
+    }
+    start, end, status = 0, size - 1, 200
+    if range_:
+        m = _RANGE_RE.match(range_.strip())
+        if not m or (m.group(1) == "" and m.group(2) == ""):
+            raise RangeNotSatisfiable("only a single 'bytes=start-end' range is supported", headers={"Content-Range": f"bytes */{size}"})
+        if m.group(1) == "":  # suffix range: the last N bytes
+            start = max(0, size - int(m.group(2)))
+        else:
+            start = int(m.group(1))
+            if m.group(2):
+                end = min(int(m.group(2)), size - 1)
+        if start > end or start >= size:
+            raise RangeNotSatisfiable(f"range outside 0-{size - 1}", headers={"Content-Range": f"bytes */{size}"})
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    headers["Content-Length"] = str(end - start + 1)
+    return StreamingResponse(
+        storage.iter_range(job.artifact_key, start, end), status_code=status, headers=headers,
+        media_type="application/zip" if job.artifact_filename.endswith(".zip") else "application/octet-stream",
+    )
+
+
+@router.get("/methods", response_model=list[MethodOut], tags=["methods"], responses=problem_responses(401))
+def list_methods(caller: CurrentCaller) -> list[MethodOut]:
+    """Every compression method with the JSON schema of its parameters."""
+    out = []
+    for spec in load_all().values():
+        module = inspect.getmodule(spec.handler)
+        out.append(
+            MethodOut(
+                name=spec.name,
+                summary=spec.summary,
+                description=inspect.cleandoc(module.__doc__ or "") if module else "",
+                needs_gpu=spec.needs_gpu,
+                needs_data=spec.needs_data,
+                formats=sorted(spec.formats),
+                params_schema=spec.params.model_json_schema(),
+            )
+        )
+    return out

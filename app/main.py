@@ -1,0 +1,57 @@
+"""create_app(): routers, error handlers, health checks."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app import __version__
+from app.db import get_engine
+from app.errors import install_error_handlers
+from app.jobs.endpoints import router as jobs_router
+from app.models.endpoints import router as models_router
+
+log = logging.getLogger("modelpress.api")
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="modelpress",
+        version=__version__,
+        description="Compression as a service for transformer and LLM models. "
+        "Every /v1 route needs `Authorization: Bearer <api key>`; errors are RFC 9457 problem+json.",
+    )
+    install_error_handlers(app)
+    app.include_router(models_router)
+    app.include_router(jobs_router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "A dependency is down"}})
+    def readyz() -> JSONResponse:
+        """The database and the broker are reachable."""
+        checks: dict[str, str] = {}
+        try:
+            with get_engine().connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as e:
+            checks["database"] = f"error: {e.__class__.__name__}"
+        try:
+            from worker.celery_app import celery_app
+
+            with celery_app.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+            checks["broker"] = "ok"
+        except Exception as e:
+            checks["broker"] = f"error: {e.__class__.__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+
+    return app

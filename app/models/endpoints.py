@@ -1,0 +1,77 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import CurrentCaller
+from app.db import UoW
+from app.deps import SettingsDep, StorageDep
+from app.errors import problem_responses
+from app.models import repository, service
+from app.models.schemas import ModelOut, ModelPage
+from app.pagination import encode_cursor
+from app.uploads import StagingArea, parse_multipart
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "name": {"type": "string", "maxLength": 200},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=ModelOut,
+    openapi_extra=_UPLOAD_BODY,
+    responses=problem_responses(400, 401, 413, 415, 422),
+)
+async def upload_model(request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep) -> ModelOut:
+    """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`)."""
+    with StagingArea(settings.tmp_dir) as staging:
+        files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        # Validation hashes and reads headers of multi-GB files: keep it off the event loop.
+        model = await run_in_threadpool(service.create, uow, caller, storage, settings, files, fields.get("name"))
+        return ModelOut.model_validate(model, from_attributes=True)
+
+
+@router.get("", response_model=ModelPage, responses=problem_responses(401, 422))
+def list_models(
+    caller: CurrentCaller,
+    uow: UoW,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> ModelPage:
+    """List the caller's models, newest first."""
+    rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
+    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return ModelPage(items=[ModelOut.model_validate(m, from_attributes=True) for m in rows[:limit]], next_cursor=nxt)
+
+
+@router.get("/{model_id}", response_model=ModelOut, responses=problem_responses(401, 404))
+def get_model(model_id: str, caller: CurrentCaller, uow: UoW) -> ModelOut:
+    """One model."""
+    return ModelOut.model_validate(service.get(uow, caller, model_id), from_attributes=True)
+
+
+@router.delete("/{model_id}", status_code=204, responses=problem_responses(401, 404, 409))
+def delete_model(model_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
+    """Delete a model and its files (jobs and their artifacts are kept)."""
+    service.delete(uow, caller, storage, model_id)
+    return Response(status_code=204)

@@ -1,0 +1,95 @@
+"""Artifact and model storage: a local folder (default) or any fsspec URL (``s3://bucket/prefix``
+with the ``s3`` extra installed).
+
+Objects become visible atomically: ``put_file`` writes under a temporary name and renames (local),
+or relies on the object store's all-or-nothing PUT (S3), so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import BinaryIO
+
+import fsspec
+
+from app.config import get_settings
+
+
+class Storage:
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.is_local = self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol
+        if self.is_local:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad storage key {key!r}")
+        return f"{self.root}/{key}"
+
+    def local_path(self, key: str) -> Path | None:
+        return Path(self._path(key)) if self.is_local else None
+
+    def put_file(self, src: Path, key: str, *, move: bool = False) -> None:
+        """Store ``src`` under ``key``; with ``move`` the source may be consumed (a rename on
+        the same local filesystem instead of a copy of a multi-GB file)."""
+        dest = self._path(key)
+        if self.is_local:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+            try:
+                if move:
+                    shutil.move(src, tmp)
+                else:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dest)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            self.fs.put_file(str(src), dest)
+
+    def get_file(self, key: str, dest: Path) -> None:
+        self.fs.get_file(self._path(key), str(dest))
+
+    def open(self, key: str) -> BinaryIO:
+        return self.fs.open(self._path(key), "rb")
+
+    def size(self, key: str) -> int:
+        return int(self.fs.size(self._path(key)))
+
+    def exists(self, key: str) -> bool:
+        return bool(self.fs.exists(self._path(key)))
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix.rstrip("/"))
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    def iter_range(self, key: str, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
+        """Bytes [start, end] inclusive."""
+        with self.open(key) as f:
+            f.seek(start)
+            left = end - start + 1
+            while left > 0:
+                data = f.read(min(chunk, left))
+                if not data:
+                    break
+                left -= len(data)
+                yield data
+
+
+@lru_cache
+def get_storage() -> Storage:
+    return Storage(get_settings().storage_url)

@@ -1,0 +1,150 @@
+"""Streaming multipart parsing: file parts go straight to disk in a staging folder, hashed on the
+way, never held whole in memory. The size limit is enforced while bytes arrive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import uuid
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.requests import Request
+
+from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+
+@dataclass
+class StagedFile:
+    field: str
+    filename: str
+    path: Path
+    size_bytes: int
+    sha256: str
+    head: bytes  # first bytes, for format sniffing
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = dataclasses.field(default_factory=dict)
+    name: str = ""
+    filename: str | None = None
+    fh: BinaryIO | None = None
+    hasher: "hashlib._Hash | None" = None
+    size: int = 0
+    head: bytes = b""
+    path: Path | None = None
+    value: bytearray = dataclasses.field(default_factory=bytearray)
+
+
+class StagingArea:
+    """A private temporary folder; removed on exit unless its files were taken."""
+
+    def __init__(self, tmp_root: Path) -> None:
+        self.dir = tmp_root / f"upload-{uuid.uuid4().hex}"
+
+    def __enter__(self) -> "StagingArea":
+        self.dir.mkdir(parents=True, exist_ok=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def parse_multipart(
+    request: Request, staging: StagingArea, max_bytes: int, max_field_bytes: int = 64 * 1024
+) -> tuple[list[StagedFile], dict[str, str]]:
+    ctype, params = parse_options_header(request.headers.get("content-type", ""))
+    if ctype != b"multipart/form-data" or b"boundary" not in params:
+        raise UnsupportedMediaType("send multipart/form-data")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"upload of {declared} bytes is over the limit of {max_bytes} bytes")
+
+    files: list[StagedFile] = []
+    fields: dict[str, str] = {}
+    state = {"cur": _Part(), "hname": b"", "hval": b"", "total": 0, "n": 0}
+
+    def on_part_begin() -> None:
+        state["cur"] = _Part()
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["hname"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["hval"] += data[start:end]
+
+    def on_header_end() -> None:
+        state["cur"].headers[state["hname"].lower()] = state["hval"]
+        state["hname"], state["hval"] = b"", b""
+
+    def on_headers_finished() -> None:
+        part: _Part = state["cur"]
+        _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
+        if b"name" not in opts:
+            raise BadRequest("a multipart part has no Content-Disposition name")
+        part.name = opts[b"name"].decode("utf-8", "replace")
+        if b"filename" in opts:
+            # Only the base name is kept; validation refuses anything that is not a plain name.
+            part.filename = opts[b"filename"].decode("utf-8", "replace")
+            state["n"] += 1
+            part.path = staging.dir / f"part-{state['n']:04d}"
+            part.fh = part.path.open("wb")
+            part.hasher = hashlib.sha256()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part: _Part = state["cur"]
+        chunk = data[start:end]
+        state["total"] += len(chunk)
+        if state["total"] > max_bytes:
+            raise PayloadTooLarge(f"upload is over the limit of {max_bytes} bytes")
+        if part.fh is None:
+            if len(part.value) + len(chunk) > max_field_bytes:
+                raise PayloadTooLarge("a form field is too large")
+            part.value.extend(chunk)
+            return
+        if len(part.head) < 16:
+            part.head += chunk[: 16 - len(part.head)]
+        part.fh.write(chunk)
+        part.hasher.update(chunk)
+        part.size += len(chunk)
+
+    def on_part_end() -> None:
+        part: _Part = state["cur"]
+        if part.fh is None:
+            fields[part.name] = part.value.decode("utf-8", "replace")
+            return
+        part.fh.close()
+        files.append(
+            StagedFile(part.name, part.filename or "", part.path, part.size, part.hasher.hexdigest(), part.head)
+        )
+
+    parser = MultipartParser(
+        params[b"boundary"],
+        {
+            "on_part_begin": on_part_begin,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+        },
+    )
+    try:
+        async for chunk in request.stream():
+            parser.write(chunk)
+        parser.finalize()
+    except (PayloadTooLarge, BadRequest):
+        raise
+    except Exception as e:  # the parser raises its own errors on malformed bodies
+        raise BadRequest(f"malformed multipart body ({e.__class__.__name__})") from None
+    finally:
+        cur: _Part = state["cur"]
+        if cur.fh is not None and not cur.fh.closed:
+            cur.fh.close()
+    return files, fields

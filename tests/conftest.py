@@ -1,0 +1,97 @@
+"""Fixtures that run the real thing: PostgreSQL, Redis, a Celery worker process and the API
+process for cluster mode; SQLite, kombu's SQLAlchemy transport and the API's own worker
+subprocess for embedded mode. Nothing of Postgres, Redis or Celery is mocked."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, build_tiny_models
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+@dataclass
+class Stack:
+    mode: str
+    service: Service
+    key: str
+    other_key: str  # a second tenant
+    data_dir: Path
+    database_url: str
+
+    def client(self, key: str | None = "default"):  # noqa: ANN201
+        return self.service.client(self.key if key == "default" else key)
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A private database on the machine's PostgreSQL, dropped at the end."""
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://")
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def _cluster_env(db_url: str, data_dir: Path, prefix: str) -> dict[str, str]:
+    return {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": db_url,
+        "MODELPRESS_BROKER_URL": REDIS_URL,
+        "MODELPRESS_BROKER_KEY_PREFIX": prefix,
+        "MODELPRESS_DATA_DIR": str(data_dir),
+        # Small, so the 413 test needs only a few MB.
+        "MODELPRESS_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+    }
+
+
+@pytest.fixture(scope="session")
+def cluster(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("cluster")
+    svc = Service(_cluster_env(pg_database, data, f"mptest-{uuid.uuid4().hex[:8]}:"), data, worker=True)
+    svc.cli("migrate")
+    key, other = svc.cli("keys", "create", "--tenant", "alpha"), svc.cli("keys", "create", "--tenant", "beta")
+    svc.start()
+    yield Stack("cluster", svc, key, other, data, pg_database)
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_no_worker(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Same database, its own Redis key prefix and no worker: jobs stay queued."""
+    data = tmp_path_factory.mktemp("cluster-idle")
+    svc = Service(_cluster_env(pg_database, data, f"mptest-idle-{uuid.uuid4().hex[:8]}:"), data, worker=False)
+    svc.cli("migrate")
+    key = svc.cli("keys", "create", "--tenant", f"idle-{uuid.uuid4().hex[:6]}")
+    svc.start()
+    yield Stack("cluster", svc, key, key, data, pg_database)
+    svc.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    data = tmp_path_factory.mktemp("embedded")
+    svc = Service({"MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(data)}, data, worker=False)
+    svc.start()  # `serve` migrates, writes the bootstrap key and starts its own worker
+    key = (data / "api-key").read_text().strip()
+    other = svc.cli("keys", "create", "--tenant", "other")
+    yield Stack("embedded", svc, key, other, data, f"sqlite:///{data / 'modelpress.sqlite3'}")
+    svc.stop()
+
+
+@pytest.fixture(scope="session", params=["cluster", "embedded"])
+def stack(request: pytest.FixtureRequest) -> Stack:
+    return request.getfixturevalue(request.param)

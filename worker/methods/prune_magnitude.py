@@ -1,0 +1,69 @@
+"""``prune.magnitude``: unstructured magnitude pruning (the study's ``w = 0 if |w| < θ``).
+
+Either ``sparsity`` (fraction of target weights to zero, smallest magnitudes first) or
+``threshold`` θ (zero every weight with ``|w| < θ``). Targets are every ``nn.Linear`` and GPT-2
+``Conv1D`` weight except the input embeddings and the LM head; ``targets``/``exclude`` narrow
+them with module-name glob patterns (``"*.mlp.*"``, ``"transformer.h.0.*"``).
+
+``scope``: ``global`` (default) ranks all target weights together (one threshold, so layers with
+small weights lose more); ``layer`` prunes the same fraction from each weight matrix; ``row`` the
+same fraction from each output row. ``scope`` applies to ``sparsity`` only.
+
+Zeros alone do not shrink a dense safetensors file; the artifact archive compresses them.
+
+Example: ``{"method": "prune.magnitude", "params": {"sparsity": 0.5}}``
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from worker.methods import StrictParams, register
+
+
+class PruneMagnitudeParams(StrictParams):
+    sparsity: float | None = Field(default=None, gt=0, lt=1, description="fraction of target weights set to zero")
+    threshold: float | None = Field(default=None, gt=0, description="zero weights with |w| < threshold")
+    scope: Literal["global", "layer", "row"] = "global"
+    targets: list[str] | None = Field(default=None, max_length=64, description="module-name glob patterns to include")
+    exclude: list[str] | None = Field(default=None, max_length=64, description="module-name glob patterns to skip")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "PruneMagnitudeParams":
+        if (self.sparsity is None) == (self.threshold is None):
+            raise ValueError("give exactly one of 'sparsity' or 'threshold'")
+        if self.threshold is not None and self.scope != "global":
+            raise ValueError("'scope' applies to 'sparsity' only")
+        return self
+
+
+@register("prune.magnitude", params=PruneMagnitudeParams)
+def prune_magnitude(model: Any, params: PruneMagnitudeParams, ctx: Any) -> dict[str, Any]:
+    """Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold."""
+    from worker.ops import sparsity as ops
+
+    targets = model.targets(params.targets, params.exclude)
+    if not targets:
+        raise ValueError("no target weights matched (check 'targets' and 'exclude')")
+    weights = [t.weight for t in targets]
+    total = sum(w.numel() for w in weights)
+    if params.threshold is not None:
+        zeros = ops.prune_below(weights, params.threshold, inclusive=False)
+    elif params.scope == "global":
+        zeros = ops.prune_global(weights, params.sparsity)
+    elif params.scope == "layer":
+        zeros = ops.prune_per_tensor(weights, params.sparsity)
+    else:
+        zeros = ops.prune_per_row(weights, params.sparsity, [t.row_dim for t in targets])
+    per_layer = {t.name: round(float((t.weight == 0).float().mean()), 6) for t in targets}
+    return {
+        "target_parameters": total,
+        "target_zeros": zeros,
+        "achieved_sparsity": zeros / total,
+        "requested_sparsity": params.sparsity,
+        "threshold": params.threshold,
+        "layers": len(targets),
+        "per_layer_sparsity": per_layer,
+    }

@@ -1,0 +1,121 @@
+"""Loading uploaded models and saving results. Never unpickles: weights come only from safetensors,
+classes only from transformers itself (``trust_remote_code`` stays off)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# Tensors of a bare state dict that are embeddings or output heads, by name: never pruned.
+EMBEDDING_NAME_PATTERNS = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*shared.weight", "*position*")
+# Files of an HF directory copied through to the result unchanged (tokenizer, generation config).
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "config.json")
+
+
+@dataclass
+class Target:
+    name: str  # "<module>.weight" (HF) or the state-dict key (bare)
+    weight: torch.Tensor
+    row_dim: int  # dim that indexes output features (0 nn.Linear, 1 GPT-2 Conv1D)
+
+
+@dataclass
+class LoadedModel:
+    format: str  # "hf" | "safetensors"
+    src_dir: Path
+    module: nn.Module | None = None
+    state: dict[str, torch.Tensor] | None = None
+    extra_files: list[Path] = field(default_factory=list)
+
+    def targets(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
+        """Weights that compression methods act on: every nn.Linear and GPT-2 Conv1D weight except
+        the input embeddings and the LM head (HF), or every 2-D float ``*.weight`` tensor whose name
+        is not an embedding/head (bare state dicts)."""
+        out: list[Target] = []
+        if self.module is not None:
+            from transformers.pytorch_utils import Conv1D
+
+            skip = set()
+            for getter in ("get_input_embeddings", "get_output_embeddings"):
+                try:
+                    m = getattr(self.module, getter)()
+                except (AttributeError, NotImplementedError):
+                    m = None
+                if m is not None:
+                    skip.add(id(m))
+            for name, mod in self.module.named_modules():
+                if id(mod) in skip or not isinstance(mod, (nn.Linear, Conv1D)):
+                    continue
+                if not _selected(name, include, exclude):
+                    continue
+                out.append(Target(f"{name}.weight", mod.weight.data, 1 if isinstance(mod, Conv1D) else 0))
+        else:
+            assert self.state is not None
+            for name, t in self.state.items():
+                if t.ndim != 2 or not t.is_floating_point() or not name.endswith(".weight"):
+                    continue
+                if any(fnmatch.fnmatch(name, p) for p in EMBEDDING_NAME_PATTERNS):
+                    continue
+                if not _selected(name.removesuffix(".weight"), include, exclude):
+                    continue
+                out.append(Target(name, t, 0))
+        return out
+
+
+def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+        return False
+    if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+        return False
+    return True
+
+
+def model_class(config: Any) -> type:
+    import transformers
+
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"architecture {arch!r} is not a transformers model class")
+    return cls
+
+
+def load(src_dir: Path, fmt: str) -> LoadedModel:
+    if fmt == "safetensors":
+        (path,) = list(src_dir.glob("*.safetensors"))
+        return LoadedModel(format=fmt, src_dir=src_dir, state=load_file(str(path)))
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+    cls = model_class(config)
+    # dtype="auto": keep the stored dtype (a cast is a method, not a side effect of loading).
+    module = cls.from_pretrained(src_dir, trust_remote_code=False, use_safetensors=True, dtype="auto")
+    module.eval()
+    extras = [p for p in src_dir.iterdir() if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in WEIGHT_FILE_PATTERNS)]
+    return LoadedModel(format=fmt, src_dir=src_dir, module=module, extra_files=extras)
+
+
+def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if model.module is not None:
+        model.module.save_pretrained(out_dir, safe_serialization=True)
+        for p in model.extra_files:
+            shutil.copyfile(p, out_dir / p.name)
+    else:
+        assert model.state is not None
+        # A bare state dict stays one file: the manifest goes in the safetensors metadata.
+        save_file(
+            {k: v.contiguous() for k, v in model.state.items()},
+            str(out_dir / "model.safetensors"),
+            metadata={"modelpress": json.dumps(manifest, sort_keys=True)},
+        )
+        return
+    (out_dir / "modelpress.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

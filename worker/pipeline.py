@@ -1,0 +1,232 @@
+"""One job: claim → load → run steps → save → store → record. Every write after the claim is
+fenced by the attempt number (app.jobs.repository)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+import app
+from app.config import Settings, get_settings
+from app.db import get_sessionmaker
+from app.jobs import repository as jobs_repo
+from app.storage import Storage, get_storage
+from app.tables import Job, Model
+from worker import methods, model_io
+
+log = logging.getLogger("modelpress.worker")
+
+# Fixed zip entry time: the same inputs give a byte-identical artifact (and sha256) on every run.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class JobFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LostLease(Exception):
+    """This attempt no longer holds the job (it was claimed again): stop without writing."""
+
+
+@dataclass
+class JobContext:
+    job_id: str
+    attempt: int
+    settings: Settings
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def progress(self, stage: str, fraction: float) -> None:
+        with get_sessionmaker()() as s:
+            if not jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s):
+                raise LostLease(self.job_id)
+
+    def cancel_requested(self) -> bool:
+        with get_sessionmaker()() as s:
+            return jobs_repo.cancel_requested(s, self.job_id)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _zip_dir(src: Path, dest: Path, level: int) -> None:
+    with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level, allowZip64=True) as zf:
+        for p in sorted(src.iterdir()):
+            info = zipfile.ZipInfo(p.name, date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            with p.open("rb") as fin, zf.open(info, "w", force_zip64=True) as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _versions() -> dict[str, str]:
+    import compressed_tensors
+    import safetensors
+
+    return {
+        "modelpress": app.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "compressed_tensors": compressed_tensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _sparsity(loaded: model_io.LoadedModel) -> dict[str, Any]:
+    total = zeros = 0
+    for t in loaded.targets():
+        total += t.weight.numel()
+        zeros += int((t.weight == 0).sum())
+    return {"target_parameters": total, "target_zeros": zeros, "sparsity": zeros / total if total else 0.0}
+
+
+def run_job(job_id: str) -> None:
+    settings = get_settings()
+    storage = get_storage()
+    with get_sessionmaker()() as s:
+        attempt = jobs_repo.claim(s, job_id, settings.job_lease_s)
+        if attempt is None:
+            log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
+            return
+        job = s.get(Job, job_id)
+        model = s.get(Model, job.model_id) if job.model_id else None
+        steps = list(job.steps)
+        model_info = None if model is None else {
+            "format": model.format, "prefix": model.storage_prefix, "files": list(model.files),
+            "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
+        }
+    ctx = JobContext(job_id, attempt, settings)
+    work = settings.tmp_dir / f"job-{job_id}-{attempt}"
+    log.info("job %s attempt %d: started", job_id, attempt)
+    try:
+        if model_info is None:
+            raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
+        outcome = _execute(ctx, storage, work, model_info, steps)
+    except LostLease:
+        log.warning("job %s attempt %d: lost its lease; stopping without writing", job_id, attempt)
+        return
+    except JobFailed as e:
+        _record(job_id, attempt, "failed", error_code=e.code, error_message=e.message, progress_stage="failed")
+        return
+    except Exception as e:  # a bug of ours: record it, keep the worker alive
+        log.exception("job %s attempt %d: internal error", job_id, attempt)
+        _record(job_id, attempt, "failed", error_code="internal_error",
+                error_message=f"internal error ({e.__class__.__name__})", progress_stage="failed")
+        return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if outcome is None:
+        _record(job_id, attempt, "canceled", progress_stage="canceled")
+        return
+    key, values = outcome
+    if not _record(job_id, attempt, "succeeded", progress_stage="done", progress_fraction=1.0, **values):
+        # Another attempt owns the job now; our artifact was never referenced.
+        storage.delete(key)
+
+
+def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:
+    with get_sessionmaker()() as s:
+        ok = jobs_repo.finish(s, job_id, attempt, status, **values)
+    log.info("job %s attempt %d: %s%s", job_id, attempt, status, "" if ok else " (fenced off: not recorded)")
+    return ok
+
+
+def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any], steps: list[dict[str, Any]]):
+    """Run the job; return (artifact key, row values), or None when canceled."""
+    t_start = time.perf_counter()
+    src = work / "in"
+    src.mkdir(parents=True)
+    ctx.progress("loading", 0.02)
+    t0 = time.perf_counter()
+    for f in model_info["files"]:
+        storage.get_file(f"{model_info['prefix']}/{f['name']}", src / f["name"])
+    try:
+        loaded = model_io.load(src, model_info["format"])
+    except Exception as e:
+        raise JobFailed("model_load_failed", f"the model could not be loaded: {e}") from e
+    ctx.stage_seconds["load"] = time.perf_counter() - t0
+
+    step_metrics = []
+    n = len(steps)
+    for i, step in enumerate(steps):
+        if ctx.cancel_requested():
+            return None
+        spec = methods.get(step["method"])
+        if spec is None:
+            raise JobFailed("unknown_method", f"method {step['method']!r} is not installed on this worker")
+        params = spec.params.model_validate(step["params"])
+        ctx.progress(f"step {i + 1}/{n}: {spec.name}", 0.05 + 0.8 * i / n)
+        t0 = time.perf_counter()
+        try:
+            result = spec.handler(loaded, params, ctx)
+        except (LostLease, JobFailed):
+            raise
+        except Exception as e:
+            raise JobFailed("method_failed", f"step {i + 1} ({spec.name}) failed: {e}") from e
+        secs = time.perf_counter() - t0
+        ctx.stage_seconds[f"step{i + 1}:{spec.name}"] = secs
+        step_metrics.append({"method": spec.name, "params": step["params"], "seconds": round(secs, 4), **(result or {})})
+    if ctx.cancel_requested():
+        return None
+
+    ctx.progress("saving", 0.87)
+    t0 = time.perf_counter()
+    manifest = {
+        "modelpress_manifest": 1,
+        "steps": steps,
+        "input": {"sha256": model_info["sha256"], "format": model_info["format"]},
+        "versions": _versions(),
+    }
+    out = work / "out"
+    model_io.save(loaded, out, manifest)
+    if model_info["format"] == "hf":
+        filename = "model.zip"
+        artifact = work / filename
+        _zip_dir(out, artifact, ctx.settings.artifact_zip_level)
+    else:
+        filename = "model.safetensors"
+        artifact = out / filename
+    size = artifact.stat().st_size
+    sha = _sha256(artifact)
+    key = f"artifacts/{ctx.job_id}/attempt-{ctx.attempt}/{filename}"
+    ctx.progress("storing", 0.95)
+    storage.put_file(artifact, key, move=True)
+    ctx.stage_seconds["save"] = time.perf_counter() - t0
+    ctx.stage_seconds["total"] = time.perf_counter() - t_start
+
+    metrics = {
+        "size": {
+            "original_bytes": model_info["size_bytes"],
+            "artifact_bytes": size,
+            "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
+            "parameters": model_info["parameters"],
+        },
+        "sparsity": _sparsity(loaded),
+        "steps": step_metrics,
+        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
+    }
+    return key, {
+        "artifact_key": key,
+        "artifact_filename": filename,
+        "artifact_size_bytes": size,
+        "artifact_sha256": sha,
+        "metrics": metrics,
+    }
