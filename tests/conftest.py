@@ -53,8 +53,8 @@ def _cluster_env(db_url: str, data_dir: Path, prefix: str) -> dict[str, str]:
         "MODELPRESS_BROKER_URL": REDIS_URL,
         "MODELPRESS_BROKER_KEY_PREFIX": prefix,
         "MODELPRESS_DATA_DIR": str(data_dir),
-        # Small, so the 413 test needs only a few MB.
-        "MODELPRESS_MAX_UPLOAD_BYTES": str(8 * 1024 * 1024),
+        # Small, so the 413 test sends only a few MB (the largest test model is ~19 MB).
+        "MODELPRESS_MAX_UPLOAD_BYTES": str(24 * 1024 * 1024),
     }
 
 

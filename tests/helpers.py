@@ -45,7 +45,7 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     llama.save_pretrained(root / "llama")
     out["llama"] = root / "llama"
     # Big enough that each pruning step takes a noticeable time (cancel-while-running test).
-    big = GPT2LMHeadModel(GPT2Config(n_layer=4, n_embd=512, n_head=8, vocab_size=500, n_positions=64))
+    big = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=256, n_head=4, vocab_size=500, n_positions=64))
     big.save_pretrained(root / "gpt2-big")
     out["gpt2-big"] = root / "gpt2-big"
     # A bare state dict: one safetensors file, no config.

@@ -13,45 +13,34 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import upload_dir, wait_job
+from tests.hfcheck import hf_stats
 
-# Runs in a fresh interpreter that imports only transformers/safetensors: the artifact must load
-# with no modelpress code around.
-CHECK_HF = r"""
-import json, sys
-import torch
-from transformers import AutoConfig, AutoModel
-from transformers.pytorch_utils import Conv1D
-d = sys.argv[1]
-cfg = AutoConfig.from_pretrained(d)
-m = AutoModel.from_pretrained(d, dtype="auto")
-assert not any(k.split(".")[0] in ("app", "worker") for k in sys.modules), "modelpress code was imported"
-emb = {id(m.get_input_embeddings())}
-tot = zeros = 0
-for n, mod in m.named_modules():
-    if isinstance(mod, (torch.nn.Linear, Conv1D)) and id(mod) not in emb:
-        tot += mod.weight.numel(); zeros += int((mod.weight == 0).sum())
-dtypes = sorted({str(p.dtype) for p in m.parameters()})
-print(json.dumps({"sparsity": zeros / tot, "dtypes": dtypes, "model_type": cfg.model_type}))
-"""
+HFCHECK = Path(__file__).with_name("hfcheck.py")
 
-
-def load_artifact(zip_bytes: bytes, dest: Path) -> dict:
+def load_artifact(zip_bytes: bytes, dest: Path, isolated: bool = False) -> dict:
+    """Unzip and load with plain transformers; ``isolated`` does it in a fresh interpreter that
+    never imports modelpress (slow: a new torch import), otherwise in this process."""
     with zipfile.ZipFile(io.BytesIO(zip_bytes)) as zf:
         names = zf.namelist()
         assert "config.json" in names and "model.safetensors" in names and "modelpress.json" in names, names
         zf.extractall(dest)
-    res = subprocess.run([sys.executable, "-c", CHECK_HF, str(dest)], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    if isolated:
+        res = subprocess.run([sys.executable, str(HFCHECK), str(dest)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        stats = json.loads(res.stdout.strip().splitlines()[-1])
+        assert stats["modelpress_imported"] is False
+        return stats
+    return hf_stats(str(dest))
 
 
 @pytest.mark.parametrize(
     ("model", "step", "expect"),
     [
-        ("gpt2", {"method": "prune.magnitude", "params": {"sparsity": 0.5}}, {"sparsity": 0.5}),
+        ("gpt2", {"method": "prune.magnitude", "params": {"sparsity": 0.5}}, {"sparsity": 0.5, "isolated": True}),
         ("bert", {"method": "prune.magnitude", "params": {"sparsity": 0.3}}, {"sparsity": 0.3}),
         ("gpt2", {"method": "quantize.cast", "params": {"dtype": "float16"}}, {"dtypes": ["torch.float16"]}),
         ("bert", {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}, {"dtypes": ["torch.bfloat16"]}),
+        ("llama", {"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}, {"sparsity": 0.5}),
     ],
 )
 def test_hf_model_round_trip(stack, tiny, tmp_path, model, step, expect):
@@ -59,7 +48,7 @@ def test_hf_model_round_trip(stack, tiny, tmp_path, model, step, expect):
     r = upload_dir(c, tiny[model])
     assert r.status_code == 201, r.text
     m = r.json()
-    assert m["format"] == "hf" and m["architecture"] in ("GPT2LMHeadModel", "BertModel")
+    assert m["format"] == "hf" and m["architecture"] in ("GPT2LMHeadModel", "BertModel", "LlamaForCausalLM")
     assert m["parameters"] > 0 and len(m["sha256"]) == 64
     assert m["size_bytes"] == sum(p.stat().st_size for p in tiny[model].iterdir())
 
@@ -79,7 +68,10 @@ def test_hf_model_round_trip(stack, tiny, tmp_path, model, step, expect):
     import hashlib
 
     assert hashlib.sha256(dl.content).hexdigest() == job["artifact"]["sha256"]
-    got = load_artifact(dl.content, tmp_path / "out")
+    got = load_artifact(dl.content, tmp_path / "out", isolated=expect.get("isolated", False))
+    manifest = json.loads(zipfile.ZipFile(io.BytesIO(dl.content)).read("modelpress.json"))
+    assert manifest["steps"][0]["method"] == step["method"] and manifest["input"]["sha256"] == m["sha256"]
+    assert {"torch", "transformers", "modelpress"} <= set(manifest["versions"])
     if "sparsity" in expect:
         assert got["sparsity"] == pytest.approx(expect["sparsity"], abs=0.005)
         assert job["metrics"]["sparsity"]["sparsity"] == pytest.approx(expect["sparsity"], abs=0.005)

@@ -1,0 +1,56 @@
+"""Pruning math on tiny tensors, against plain sorting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.ops import sparsity as ops
+
+
+@pytest.mark.parametrize("k", [1, 7, 500, 1999, 2000])
+def test_kth_smallest_abs_matches_sort(k):
+    torch.manual_seed(k)
+    ws = [torch.randn(30, 20), torch.randn(1000) * 5, torch.randn(10, 40) * 0.01]
+    expect = torch.cat([w.abs().reshape(-1) for w in ws]).sort().values[k - 1]
+    assert ops.kth_smallest_abs(ws, k) == pytest.approx(float(expect), rel=0, abs=0)
+
+
+def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
+    # Small chunk and gather sizes force the multi-pass narrowing path.
+    monkeypatch.setattr(ops, "CHUNK", 1000)
+    monkeypatch.setattr(ops, "EXACT_GATHER", 50)
+    torch.manual_seed(0)
+    ws = [torch.randn(100_000), torch.randn(300, 300)]
+    allv = torch.cat([w.abs().reshape(-1) for w in ws]).sort().values
+    for k in (1, 12345, 95_000, allv.numel()):
+        assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1])
+
+
+def test_global_prune_hits_requested_sparsity_exactly():
+    torch.manual_seed(1)
+    ws = [torch.randn(64, 32), torch.randn(16, 16) * 3]
+    zeros = ops.prune_global(ws, 0.5)
+    total = sum(w.numel() for w in ws)
+    assert zeros == total // 2
+    # The pruned ones are the smallest: every survivor is larger than every pruned original.
+    assert sum(int((w == 0).sum()) for w in ws) == total // 2
+
+
+def test_threshold_prunes_strictly_below():
+    w = torch.tensor([[-0.5, 0.125, 0.25], [0.375, -0.0625, 1.0]])
+    zeros = ops.prune_below([w], 0.25, inclusive=False)
+    assert zeros == 2
+    assert w.tolist() == [[-0.5, 0.0, 0.25], [0.375, 0.0, 1.0]]
+
+
+def test_per_tensor_and_per_row():
+    torch.manual_seed(2)
+    a, b = torch.randn(8, 10), torch.randn(4, 10)
+    ops.prune_per_tensor([a, b], 0.3)
+    assert int((a == 0).sum()) == 24 and int((b == 0).sum()) == 12
+    lin = torch.randn(6, 10)  # nn.Linear layout [out, in]
+    conv = torch.randn(10, 6)  # GPT-2 Conv1D layout [in, out]
+    ops.prune_per_row([lin, conv], 0.5, [0, 1])
+    assert ((lin == 0).sum(dim=1) == 5).all()
+    assert ((conv == 0).sum(dim=0) == 5).all()
