@@ -30,11 +30,14 @@ def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
 def test_global_prune_hits_requested_sparsity_exactly():
     torch.manual_seed(1)
     ws = [torch.randn(64, 32), torch.randn(16, 16) * 3]
+    originals = [w.clone() for w in ws]
     zeros = ops.prune_global(ws, 0.5)
     total = sum(w.numel() for w in ws)
-    assert zeros == total // 2
+    assert zeros == total // 2 == sum(int((w == 0).sum()) for w in ws)
     # The pruned ones are the smallest: every survivor is larger than every pruned original.
-    assert sum(int((w == 0).sum()) for w in ws) == total // 2
+    pruned = torch.cat([o[w == 0].abs() for o, w in zip(originals, ws)])
+    kept = torch.cat([o[w != 0].abs() for o, w in zip(originals, ws)])
+    assert pruned.max() < kept.min()
 
 
 def test_threshold_prunes_strictly_below():

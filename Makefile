@@ -1,0 +1,27 @@
+# The README's two commands: `make run` (install + embedded service) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install run test tools
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Debian's docker-compose validates docker-compose.yml without an engine (tests/test_containers.py).
+tools:
+	@command -v docker-compose >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+
+run: install
+	$(VENV)/bin/modelpress serve --host $(HOST) --port $(PORT)
+
+test: install tools
+	$(PY) -m pytest -q
