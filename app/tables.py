@@ -86,10 +86,31 @@ class Model(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     # [{"name", "size_bytes", "sha256"}] for every stored file.
     files: Mapped[list[Any]] = mapped_column(JSON)
+    # config.json of an HF upload (methods check architecture facts at submit time).
+    config: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     storage_prefix: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at"),)
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))  # "txt" | "jsonl"
+    samples: Mapped[int] = mapped_column(Integer)
+    labeled: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Distinct labels, sorted, when every sample has one (classification); else null.
+    labels: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(400))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
 
 
 class Job(Base):
@@ -101,6 +122,9 @@ class Job(Base):
     model_id: Mapped[str | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), index=True
     )
+    # Calibration / training data for methods that need it, and data to evaluate on.
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), default=None)
+    eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), default=None)
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     steps: Mapped[list[Any]] = mapped_column(JSON)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")

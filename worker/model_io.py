@@ -6,6 +6,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ class LoadedModel:
     module: nn.Module | None = None
     state: dict[str, torch.Tensor] | None = None
     extra_files: list[Path] = field(default_factory=list)
+    # A method that changes how weights are stored (e.g. compressed-tensors quantization) sets
+    # this; save() then calls saver(self, out_dir) instead of save_pretrained/save_file.
+    saver: Callable[["LoadedModel", Path], None] | None = None
+    # Facts for the report about how the artifact's weights are stored / run.
+    notes: dict[str, Any] = field(default_factory=dict)
 
     def targets(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
         """Weights that compression methods act on: every nn.Linear and GPT-2 Conv1D weight except
@@ -105,7 +111,12 @@ def load(src_dir: Path, fmt: str) -> LoadedModel:
 
 def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    if model.module is not None:
+    if model.saver is not None:
+        model.saver(model, out_dir)
+        for p in model.extra_files:
+            if not (out_dir / p.name).exists():
+                shutil.copyfile(p, out_dir / p.name)
+    elif model.module is not None:
         model.module.save_pretrained(out_dir, safe_serialization=True)
         for p in model.extra_files:
             shutil.copyfile(p, out_dir / p.name)

@@ -21,7 +21,7 @@ from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
 from app.storage import Storage, get_storage
-from app.tables import Job, Model
+from app.tables import Dataset, Job, Model
 from worker import methods, model_io
 
 log = logging.getLogger("modelpress.worker")
@@ -43,15 +43,46 @@ class LostLease(Exception):
 
 @dataclass
 class JobContext:
+    """What a method's handler may use besides the model: data, progress, the job's settings."""
+
     job_id: str
     attempt: int
     settings: Settings
+    storage: Storage
+    work_dir: Path
+    datasets: dict[str, dict[str, Any]] = field(default_factory=dict)  # "train"/"eval" -> row facts
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Set by the pipeline around each step: the fraction range the step's own progress maps into.
+    step_span: tuple[float, float] = (0.0, 1.0)
+    step_label: str = ""
+    _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def progress(self, stage: str, fraction: float) -> None:
         with get_sessionmaker()() as s:
             if not jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s):
                 raise LostLease(self.job_id)
+
+    def step_progress(self, note: str, fraction: float) -> None:
+        """Progress inside the current step, e.g. ``ctx.step_progress("step 40/200 loss 2.31", 0.2)``."""
+        lo, hi = self.step_span
+        self.progress(f"{self.step_label}: {note}" if note else self.step_label, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+    def samples(self, which: str = "train") -> list[dict[str, Any]]:
+        """The job's dataset (``train``: ``dataset_id``; ``eval``: ``eval_dataset_id``) as
+        ``[{"text": str, "label"?: int | str}]``. Raises JobFailed when the job has none."""
+        if which not in self._samples:
+            info = self.datasets.get(which)
+            if info is None:
+                raise JobFailed("dataset_missing", f"the job has no {'eval_dataset_id' if which == 'eval' else 'dataset_id'} (or it was deleted)")
+            from app.datasets.parsing import load_samples
+
+            path = self.work_dir / f"dataset-{which}.{info['format']}"
+            self.storage.get_file(info["storage_key"], path)
+            self._samples[which] = load_samples(path, info["format"])
+        return self._samples[which]
+
+    def has_samples(self, which: str = "train") -> bool:
+        return which in self.datasets
 
     def cancel_requested(self) -> bool:
         with get_sessionmaker()() as s:
@@ -109,12 +140,17 @@ def run_job(job_id: str) -> None:
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
+        datasets = {}
+        for which, ds_id in (("train", job.dataset_id), ("eval", job.eval_dataset_id)):
+            ds = s.get(Dataset, ds_id) if ds_id else None
+            if ds is not None:
+                datasets[which] = {"id": ds.id, "format": ds.format, "storage_key": ds.storage_key, "samples": ds.samples, "labels": ds.labels}
         model_info = None if model is None else {
             "format": model.format, "prefix": model.storage_prefix, "files": list(model.files),
             "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
         }
-    ctx = JobContext(job_id, attempt, settings)
     work = settings.tmp_dir / f"job-{job_id}-{attempt}"
+    ctx = JobContext(job_id, attempt, settings, storage, work, datasets)
     log.info("job %s attempt %d: started", job_id, attempt)
     try:
         if model_info is None:
@@ -153,7 +189,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     """Run the job; return (artifact key, row values), or None when canceled."""
     t_start = time.perf_counter()
     src = work / "in"
-    src.mkdir(parents=True)
+    src.mkdir(parents=True, exist_ok=True)
     ctx.progress("loading", 0.02)
     t0 = time.perf_counter()
     for f in model_info["files"]:
@@ -173,7 +209,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         if spec is None:
             raise JobFailed("unknown_method", f"method {step['method']!r} is not installed on this worker")
         params = spec.params.model_validate(step["params"])
-        ctx.progress(f"step {i + 1}/{n}: {spec.name}", 0.05 + 0.8 * i / n)
+        ctx.step_label = f"step {i + 1}/{n}: {spec.name}"
+        ctx.step_span = (0.05 + 0.8 * i / n, 0.05 + 0.8 * (i + 1) / n)
+        ctx.progress(ctx.step_label, ctx.step_span[0])
         t0 = time.perf_counter()
         try:
             result = spec.handler(loaded, params, ctx)

@@ -19,6 +19,8 @@ class JobIn(BaseModel):
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepIn] = Field(min_length=1, max_length=32)
     name: str | None = Field(default=None, max_length=200)
+    dataset_id: str | None = Field(default=None, max_length=64, description="calibration / training data for methods that need it")
+    eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
 
 
 class Progress(BaseModel):
@@ -41,6 +43,8 @@ class JobOut(BaseModel):
     id: str
     name: str | None
     model_id: str | None
+    dataset_id: str | None = None
+    eval_dataset_id: str | None = None
     status: JobStatus
     steps: list[dict[str, Any]]
     queue: str
@@ -60,6 +64,8 @@ class JobOut(BaseModel):
             id=job.id,
             name=job.name,
             model_id=job.model_id,
+            dataset_id=job.dataset_id,
+            eval_dataset_id=job.eval_dataset_id,
             status=job.status,
             steps=job.steps,
             queue=job.queue,

@@ -5,10 +5,11 @@ from app.db import UnitOfWork
 from app.errors import Conflict, NotFound, Unprocessable
 from app.jobs import repository
 from app.jobs.schemas import JobIn
+from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
 from app.tables import Job
 from worker.celery_app import enqueue_job
-from worker.methods import StepError, validate_steps
+from worker.methods import ModelInfo, StepError, validate_steps
 from worker.methods import get as get_method
 
 
@@ -20,12 +21,23 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
             code="unknown_model",
             errors=[{"loc": ["body", "model_id"], "msg": "no such model", "type": "unknown_model"}],
         )
+    for field in ("dataset_id", "eval_dataset_id"):
+        ds_id = getattr(body, field)
+        if ds_id is not None and datasets_repo.get(uow.session, caller.tenant_id, ds_id) is None:
+            raise Unprocessable(
+                f"no dataset {ds_id}", code="unknown_dataset",
+                errors=[{"loc": ["body", field], "msg": "no such dataset", "type": "unknown_dataset"}],
+            )
+    info = ModelInfo(format=model.format, architecture=model.architecture, config=model.config)
     try:
-        steps = validate_steps([s.model_dump() for s in body.steps], model.format)
+        steps = validate_steps([s.model_dump() for s in body.steps], info, has_dataset=body.dataset_id is not None)
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
-    job = Job(tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue)
+    job = Job(
+        tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
+        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id,
+    )
     uow.session.add(job)
     uow.session.flush()
     job_id = job.id

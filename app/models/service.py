@@ -121,6 +121,7 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
         "parameters": parameters,
         "size_bytes": sum(f.size_bytes for f in files),
         "sha256": digest,
+        "config": configs.get("config.json") if fmt == "hf" else None,
         "files": [{"name": f.filename, "size_bytes": f.size_bytes, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.filename)],
     }
 

@@ -27,6 +27,15 @@ class StrictParams(BaseModel):
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    """What submit-time checks know of the job's model (no weights are read)."""
+
+    format: str  # "hf" | "safetensors"
+    architecture: str | None = None
+    config: dict[str, Any] | None = None  # config.json of an HF model
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     name: str
     params: type[StrictParams]
@@ -36,6 +45,11 @@ class MethodSpec:
     needs_data: bool = False
     # Model formats the method accepts: "hf" (a transformers directory) and/or "safetensors".
     formats: frozenset[str] = field(default_factory=lambda: frozenset({"hf", "safetensors"}))
+    # Optional submit-time check against the model: raise ValueError("why") to refuse (422).
+    check: Callable[[Any, ModelInfo], None] | None = None
+    # True when the method leaves weights in a form other methods cannot change (packed integers):
+    # it must be the last weight-changing step of a job.
+    final: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -48,12 +62,16 @@ def register(
     needs_gpu: bool = False,
     needs_data: bool = False,
     formats: tuple[str, ...] = ("hf", "safetensors"),
+    check: Callable[[Any, ModelInfo], None] | None = None,
+    final: bool = False,
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Register ``fn(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics)."""
+
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats))
+        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final)
         return fn
 
     return deco
@@ -83,22 +101,32 @@ class StepError(Exception):
         self.errors = errors
 
 
-def validate_steps(steps: list[dict[str, Any]], model_format: str | None = None) -> list[dict[str, Any]]:
-    """Validate raw steps against the registry; return them normalised (defaults filled in).
+def validate_steps(
+    steps: list[dict[str, Any]], model: ModelInfo | None = None, has_dataset: bool = True
+) -> list[dict[str, Any]]:
+    """Validate raw steps against the registry (and the model, when given); return them
+    normalised (defaults filled in).
 
     Raises StepError with one entry per problem, each with a ``loc`` naming the field.
     """
     registry = load_all()
     errors: list[dict[str, Any]] = []
     out: list[dict[str, Any]] = []
+    final_at: int | None = None
     for i, step in enumerate(steps):
         loc = ["body", "steps", i]
         spec = registry.get(step.get("method", ""))
         if spec is None:
             errors.append({"loc": [*loc, "method"], "msg": f"unknown method {step.get('method')!r}; see GET /v1/methods", "type": "unknown_method"})
             continue
-        if model_format is not None and model_format not in spec.formats:
-            errors.append({"loc": [*loc, "method"], "msg": f"{spec.name} does not support {model_format!r} models", "type": "unsupported_model"})
+        if model is not None and model.format not in spec.formats:
+            errors.append({"loc": [*loc, "method"], "msg": f"{spec.name} does not support {model.format!r} models", "type": "unsupported_model"})
+            continue
+        if spec.needs_data and not has_dataset:
+            errors.append({"loc": ["body", "dataset_id"], "msg": f"{spec.name} needs data: give the job a dataset_id", "type": "dataset_required"})
+            continue
+        if final_at is not None:
+            errors.append({"loc": [*loc, "method"], "msg": f"step {final_at} leaves packed weights; it must be the last step", "type": "step_order"})
             continue
         try:
             params = spec.params.model_validate(step.get("params") or {})
@@ -106,6 +134,14 @@ def validate_steps(steps: list[dict[str, Any]], model_format: str | None = None)
             for err in e.errors(include_url=False, include_input=False, include_context=False):
                 errors.append({"loc": [*loc, "params", *err["loc"]], "msg": err["msg"], "type": err["type"]})
             continue
+        if model is not None and spec.check is not None:
+            try:
+                spec.check(params, model)
+            except ValueError as e:
+                errors.append({"loc": [*loc, "params"], "msg": str(e), "type": "unsupported_model"})
+                continue
+        if spec.final:
+            final_at = i
         out.append({"method": spec.name, "params": params.model_dump(mode="json")})
     if errors:
         raise StepError(errors)

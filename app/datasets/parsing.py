@@ -1,0 +1,63 @@
+"""Dataset files: ``.txt`` (one sample a line, blank lines skipped) or ``.jsonl`` (one object a
+line with a string ``text`` and an optional ``label``, an int or a string). Used by the API to
+validate uploads and by workers to read them; pure Python, no torch."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+MAX_LINE_BYTES = 1 << 20
+
+
+class DatasetInvalid(ValueError):
+    def __init__(self, line: int | None, reason: str) -> None:
+        super().__init__(f"line {line}: {reason}" if line else reason)
+        self.line = line
+        self.reason = reason
+
+
+def dataset_format(filename: str) -> str:
+    lower = filename.lower()
+    if lower.endswith(".txt"):
+        return "txt"
+    if lower.endswith(".jsonl"):
+        return "jsonl"
+    raise DatasetInvalid(None, "dataset files are .txt (one sample a line) or .jsonl (objects with 'text' and optional 'label')")
+
+
+def iter_samples(path: Path, fmt: str) -> Iterator[dict[str, Any]]:
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DatasetInvalid(n, f"line longer than {MAX_LINE_BYTES} bytes")
+            if b"\x00" in raw:
+                raise DatasetInvalid(n, "NUL byte")
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError:
+                raise DatasetInvalid(n, "not UTF-8") from None
+            if not line.strip():
+                continue
+            if fmt == "txt":
+                yield {"text": line}
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise DatasetInvalid(n, "not a JSON object") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+                raise DatasetInvalid(n, "each line needs a non-empty string 'text'")
+            sample: dict[str, Any] = {"text": obj["text"]}
+            if "label" in obj:
+                label = obj["label"]
+                if isinstance(label, bool) or not isinstance(label, (int, str)):
+                    raise DatasetInvalid(n, "'label' must be an integer or a string")
+                sample["label"] = label
+            yield sample
+
+
+def load_samples(path: Path, fmt: str) -> list[dict[str, Any]]:
+    return list(iter_samples(path, fmt))
