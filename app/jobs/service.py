@@ -28,7 +28,10 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
                 f"no dataset {ds_id}", code="unknown_dataset",
                 errors=[{"loc": ["body", field], "msg": "no such dataset", "type": "unknown_dataset"}],
             )
-    info = ModelInfo(format=model.format, architecture=model.architecture, config=model.config)
+    info = ModelInfo(
+        format=model.format, architecture=model.architecture, config=model.config,
+        files=tuple(f["name"] for f in model.files),
+    )
     try:
         steps = validate_steps([s.model_dump() for s in body.steps], info, has_dataset=body.dataset_id is not None)
     except StepError as e:

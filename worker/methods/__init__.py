@@ -33,6 +33,7 @@ class ModelInfo:
     format: str  # "hf" | "safetensors"
     architecture: str | None = None
     config: dict[str, Any] | None = None  # config.json of an HF model
+    files: tuple[str, ...] = ()  # names of the uploaded files (e.g. to see a tokenizer is there)
 
 
 @dataclass(frozen=True)
