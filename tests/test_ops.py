@@ -17,8 +17,9 @@ def test_kth_smallest_abs_matches_sort(k):
 
 
 def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
-    # Small chunk and gather sizes force the multi-pass narrowing path.
+    # Small chunk, sample and gather sizes force the sample miss and the histogram narrowing path.
     monkeypatch.setattr(ops, "CHUNK", 1000)
+    monkeypatch.setattr(ops, "SAMPLE", 100)
     monkeypatch.setattr(ops, "EXACT_GATHER", 50)
     torch.manual_seed(0)
     ws = [torch.randn(100_000), torch.randn(300, 300)]
@@ -27,11 +28,18 @@ def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
         assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1])
 
 
+def test_kth_with_many_ties():
+    ws = [torch.tensor([0.0] * 500 + [1.0] * 500), torch.full((10, 10), 2.0)]
+    assert ops.kth_smallest_abs(ws, 500) == 0.0
+    assert ops.kth_smallest_abs(ws, 501) == 1.0
+    assert ops.kth_smallest_abs(ws, 1100) == 2.0
+
+
 def test_global_prune_hits_requested_sparsity_exactly():
     torch.manual_seed(1)
     ws = [torch.randn(64, 32), torch.randn(16, 16) * 3]
     originals = [w.clone() for w in ws]
-    zeros = ops.prune_global(ws, 0.5)
+    zeros = sum(ops.prune_global(ws, 0.5))
     total = sum(w.numel() for w in ws)
     assert zeros == total // 2 == sum(int((w == 0).sum()) for w in ws)
     # The pruned ones are the smallest: every survivor is larger than every pruned original.
@@ -42,18 +50,17 @@ def test_global_prune_hits_requested_sparsity_exactly():
 
 def test_threshold_prunes_strictly_below():
     w = torch.tensor([[-0.5, 0.125, 0.25], [0.375, -0.0625, 1.0]])
-    zeros = ops.prune_below([w], 0.25, inclusive=False)
-    assert zeros == 2
+    assert ops.prune_below([w], 0.25, inclusive=False) == [2]
     assert w.tolist() == [[-0.5, 0.0, 0.25], [0.375, 0.0, 1.0]]
 
 
 def test_per_tensor_and_per_row():
     torch.manual_seed(2)
     a, b = torch.randn(8, 10), torch.randn(4, 10)
-    ops.prune_per_tensor([a, b], 0.3)
+    assert ops.prune_per_tensor([a, b], 0.3) == [24, 12]
     assert int((a == 0).sum()) == 24 and int((b == 0).sum()) == 12
     lin = torch.randn(6, 10)  # nn.Linear layout [out, in]
     conv = torch.randn(10, 6)  # GPT-2 Conv1D layout [in, out]
-    ops.prune_per_row([lin, conv], 0.5, [0, 1])
+    assert ops.prune_per_row([lin, conv], 0.5, [0, 1]) == [30, 30]
     assert ((lin == 0).sum(dim=1) == 5).all()
     assert ((conv == 0).sum(dim=0) == 5).all()

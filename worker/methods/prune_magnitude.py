@@ -57,7 +57,8 @@ def prune_magnitude(model: Any, params: PruneMagnitudeParams, ctx: Any) -> dict[
         zeros = ops.prune_per_tensor(weights, params.sparsity)
     else:
         zeros = ops.prune_per_row(weights, params.sparsity, [t.row_dim for t in targets])
-    per_layer = {t.name: round(float((t.weight == 0).float().mean()), 6) for t in targets}
+    per_layer = {t.name: round(z / t.weight.numel(), 6) for t, z in zip(targets, zeros, strict=True)}
+    zeros = sum(zeros)
     return {
         "target_parameters": total,
         "target_zeros": zeros,
