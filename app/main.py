@@ -10,6 +10,7 @@ from sqlalchemy import text
 
 from app import __version__
 from app.db import get_engine
+from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.models.endpoints import router as models_router
@@ -27,6 +28,7 @@ def create_app() -> FastAPI:
     install_error_handlers(app)
     app.include_router(models_router)
     app.include_router(jobs_router)
+    app.include_router(datasets_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -84,6 +84,28 @@ class JobContext:
     def has_samples(self, which: str = "train") -> bool:
         return which in self.datasets
 
+    def load_model(self, model_id: str) -> model_io.LoadedModel:
+        """Another uploaded model of the job's tenant (e.g. a distillation student), fetched and
+        loaded like the job's own. Raises JobFailed when it is gone or does not load."""
+        from sqlalchemy import select
+
+        with get_sessionmaker()() as s:
+            # Scoped to the job's tenant here too: a spec is only checked at submit time.
+            tenant_id = select(Job.tenant_id).where(Job.id == self.job_id).scalar_subquery()
+            row = s.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+            found = None if row is None else (row.format, row.storage_prefix, [f["name"] for f in row.files])
+        if found is None:
+            raise JobFailed("model_missing", f"model {model_id} no longer exists (deleted after the job was submitted)")
+        fmt, prefix, names = found
+        dest = self.work_dir / f"model-{model_id}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            self.storage.get_file(f"{prefix}/{name}", dest / name)
+        try:
+            return model_io.load(dest, fmt)
+        except Exception as e:
+            raise JobFailed("model_load_failed", f"model {model_id} could not be loaded: {e}") from e
+
     def cancel_requested(self) -> bool:
         with get_sessionmaker()() as s:
             return jobs_repo.cancel_requested(s, self.job_id)

@@ -7,7 +7,7 @@ from app.jobs import repository
 from app.jobs.schemas import JobIn
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
-from app.tables import Job
+from app.tables import Job, Model
 from worker.celery_app import enqueue_job
 from worker.methods import ModelInfo, StepError, validate_steps
 from worker.methods import get as get_method
@@ -36,6 +36,7 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
         steps = validate_steps([s.model_dump() for s in body.steps], info, has_dataset=body.dataset_id is not None)
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
+    _check_student_models(uow, caller, model, steps)
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
     job = Job(
         tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
@@ -47,6 +48,39 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
     # Only after the row is committed: a worker that sees the message must find the job.
     uow.after_commit(lambda: enqueue_job(job_id, queue))
     return job
+
+
+# Files that define a tokenizer's vocabulary: a student that brings its own must bring the same.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")
+
+
+def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps: list[dict]) -> None:
+    """A step naming another model (``student_model_id``, distillation) may only name an HF model
+    of the caller's tenant whose logits mean what the teacher's mean: same vocabulary size and,
+    where it ships tokenizer files, the same files (by sha256)."""
+    teacher_files = {f["name"]: f["sha256"] for f in teacher.files}
+    for i, step in enumerate(steps):
+        student_id = step["params"].get("student_model_id")
+        if student_id is None:
+            continue
+        loc = ["body", "steps", i, "params", "student_model_id"]
+
+        def refuse(code: str, msg: str) -> Unprocessable:
+            return Unprocessable(f"invalid job spec: {msg}", code=code, errors=[{"loc": loc, "msg": msg, "type": code}])
+
+        student = models_repo.get(uow.session, caller.tenant_id, student_id)
+        if student is None:
+            # Another tenant's model answers exactly like a missing one.
+            raise refuse("unknown_model", f"no model {student_id}")
+        if student.format != "hf":
+            raise refuse("unsupported_model", "the student must be a Hugging Face model directory (with config.json)")
+        t_vocab, s_vocab = (teacher.config or {}).get("vocab_size"), (student.config or {}).get("vocab_size")
+        if t_vocab != s_vocab:
+            raise refuse("tokenizer_mismatch", f"the student's vocab_size {s_vocab} differs from the teacher's {t_vocab}")
+        for name in _TOKENIZER_FILES:
+            sha = next((f["sha256"] for f in student.files if f["name"] == name), None)
+            if sha is not None and teacher_files.get(name) != sha:
+                raise refuse("tokenizer_mismatch", f"the student's {name} differs from the teacher's: it must use the same tokenizer")
 
 
 def get(uow: UnitOfWork, caller: Caller, job_id: str) -> Job:

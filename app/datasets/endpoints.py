@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from app.auth import CurrentCaller
+from app.datasets import repository, service
+from app.datasets.schemas import DatasetOut, DatasetPage
+from app.db import UoW
+from app.deps import SettingsDep, StorageDep
+from app.errors import problem_responses
+from app.pagination import encode_cursor
+from app.uploads import StagingArea, parse_multipart
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary",
+                                 "description": ".txt (one sample a line) or .jsonl ({\"text\", \"label\"?} a line)"},
+                        "name": {"type": "string", "maxLength": 200},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def _out(ds) -> DatasetOut:  # noqa: ANN001
+    return DatasetOut.model_validate(ds, from_attributes=True)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    openapi_extra=_UPLOAD_BODY,
+    responses=problem_responses(400, 401, 413, 415, 422),
+)
+async def upload_dataset(request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep) -> DatasetOut:
+    """Upload a dataset (multipart part `file`): validated line by line, counted, stored."""
+    with StagingArea(settings.tmp_dir) as staging:
+        files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        # Validation reads every line of a possibly multi-GB file: keep it off the event loop.
+        ds = await run_in_threadpool(service.create, uow, caller, storage, files, fields.get("name"))
+        return _out(ds)
+
+
+@router.get("", response_model=DatasetPage, responses=problem_responses(401, 422))
+def list_datasets(
+    caller: CurrentCaller,
+    uow: UoW,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> DatasetPage:
+    """List the caller's datasets, newest first."""
+    rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
+    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    return DatasetPage(items=[_out(d) for d in rows[:limit]], next_cursor=nxt)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(401, 404))
+def get_dataset(dataset_id: str, caller: CurrentCaller, uow: UoW) -> DatasetOut:
+    """One dataset."""
+    return _out(service.get(uow, caller, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=problem_responses(401, 404, 409))
+def delete_dataset(dataset_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
+    """Delete a dataset and its file (finished jobs keep their history; their dataset_id becomes null)."""
+    service.delete(uow, caller, storage, dataset_id)
+    return Response(status_code=204)

@@ -1,0 +1,452 @@
+"""``distill``: knowledge distillation of the job's model (the teacher) into a smaller student,
+which then replaces the model (the artifact is the student, with the teacher's tokenizer files).
+
+The student is exactly one of:
+
+* ``layers: k`` -- the teacher with k layers, DistilBERT-style: embeddings, final norm and head are
+  copied, and student layer j starts as teacher layer ``round(j·(n−1)/(k−1))`` (k evenly spaced
+  layers, first and last included; k=1 takes layer 0). k must be below the teacher's layer count.
+* ``student_config`` -- overrides of the teacher's config fields, e.g.
+  ``{"num_hidden_layers": 1, "intermediate_size": 64}``; every weight whose shape still matches the
+  teacher's is copied (layers evenly spaced as above), the rest is randomly initialised. Size
+  fields may only shrink; ``vocab_size``, the labels and the model type cannot change (the student
+  must produce the teacher's logits).
+* ``student_model_id`` -- another uploaded HF model of the same tenant, with the same tokenizer
+  and vocabulary (checked when the job is submitted).
+
+Loss: ``α·CE + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T))`` (``worker.ops.distill``), KL averaged
+over the real (non-padding) token positions. CE is next-token prediction for a causal LM
+(``*ForCausalLM`` / ``*LMHeadModel``) or the dataset's labels for a sequence classifier
+(``*ForSequenceClassification``; the dataset must then be labeled, and its labels are mapped to the
+teacher's ``label2id`` when they are its label names, used as ids when they are in range, and
+otherwise numbered in sorted order). **Any other architecture -- a bare encoder such as
+``BertModel``, seq2seq, multiple-choice, token classification -- is refused at submit (422)**: there
+is either no output distribution to distill or no task loss defined for it here.
+
+Needs a dataset (``dataset_id``) and the model's tokenizer files (``tokenizer.json``, ``vocab.txt``,
+or ``vocab.json`` + ``merges.txt``) in the upload; texts are cut to ``max_length`` tokens (and to
+the model's position limit). Training is AdamW (no weight decay, gradients clipped to norm 1) in
+float32; the student is cast back to the teacher's dtype at the end.
+
+Example: ``{"method": "distill", "params": {"layers": 2, "steps": 500, "temperature": 2.0}}``
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from worker.methods import ModelInfo, StrictParams, register
+
+# Files from which AutoTokenizer can build the uploaded model's tokenizer (a fast tokenizer, a
+# WordPiece vocabulary, or a byte-level BPE pair).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+# Config fields a student_config may not change: the student must emit the teacher's logits over
+# the same vocabulary / classes, and the class and remote code are not the user's to pick.
+FROZEN_FIELDS = frozenset({
+    "model_type", "architectures", "auto_map", "vocab_size", "num_labels", "id2label", "label2id",
+    "problem_type", "is_encoder_decoder", "dtype", "torch_dtype", "transformers_version",
+})
+# Canonical names PretrainedConfig subclasses map onto their own (GPT-2: n_layer, n_embd, ...).
+CANONICAL_FIELDS = frozenset({"num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"})
+# Size fields, grouped by meaning across model families: a student may shrink them, not grow them.
+SIZE_GROUPS = (
+    ("num_hidden_layers", "n_layer", "num_layers"),
+    ("hidden_size", "n_embd", "d_model"),
+    ("intermediate_size", "n_inner", "ffn_dim"),
+    ("num_attention_heads", "n_head"),
+    ("num_key_value_heads",),
+)
+LAYER_FIELDS = SIZE_GROUPS[0]
+
+
+class DistillParams(StrictParams):
+    layers: int | None = Field(default=None, ge=1, le=1024, description="student = the teacher with this many (evenly spaced) layers")
+    student_config: dict[str, Any] | None = Field(
+        default=None, min_length=1, max_length=64,
+        description="student = the teacher's config with these fields overridden, e.g. {\"num_hidden_layers\": 1}",
+    )
+    student_model_id: str | None = Field(default=None, min_length=1, max_length=64, description="student = this uploaded model (same tokenizer)")
+    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the task loss (CE); 1 − alpha weighs T²·KL")
+    temperature: float = Field(default=2.0, gt=0, le=100, description="softmax temperature T of the soft targets")
+    steps: int | None = Field(default=None, ge=1, le=10_000_000, description="optimizer steps (default 100 when epochs is not given)")
+    epochs: int | None = Field(default=None, ge=1, le=10_000, description="passes over the dataset (instead of steps)")
+    lr: float = Field(default=5e-5, gt=0, le=1, description="AdamW learning rate")
+    batch_size: int = Field(default=8, ge=1, le=4096)
+    max_length: int = Field(default=128, ge=2, le=131_072, description="tokens per sample (longer texts are cut)")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_steps(cls, data: Any) -> Any:
+        # The default is filled in before validation so the stored (normalised) spec says 100.
+        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
+            data = {**data, "steps": 100}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "DistillParams":
+        given = [n for n in ("layers", "student_config", "student_model_id") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of 'layers', 'student_config' or 'student_model_id' (got {given or 'none'})")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("give either 'steps' or 'epochs', not both")
+        if self.student_config is not None:
+            bad = sorted(set(self.student_config) & FROZEN_FIELDS)
+            if bad:
+                raise ValueError(f"student_config cannot change {bad}: the student must produce the teacher's logits")
+        return self
+
+
+def head_kind(architecture: str | None) -> str | None:
+    """``causal_lm``, ``sequence_classification``, or None (no head distill can train)."""
+    if not architecture:
+        return None
+    if architecture.endswith("ForSequenceClassification"):
+        return "sequence_classification"
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal_lm"
+    return None
+
+
+def has_tokenizer(files: tuple[str, ...] | list[str]) -> bool:
+    names = set(files)
+    return any(all(f in names for f in fs) for fs in TOKENIZER_FILE_SETS)
+
+
+def _config_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
+    for k in keys:
+        v = config.get(k)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+    return None
+
+
+def check(params: DistillParams, info: ModelInfo) -> None:
+    """Submit-time: a head to distill, a tokenizer, and a student smaller than the teacher."""
+    config = info.config or {}
+    kind = head_kind(info.architecture)
+    if kind is None or config.get("is_encoder_decoder"):
+        raise ValueError(
+            f"distill needs a causal LM (*ForCausalLM / *LMHeadModel) or a sequence classifier "
+            f"(*ForSequenceClassification); {info.architecture or 'this model'} has no such head"
+        )
+    if kind == "sequence_classification":
+        labels = config.get("id2label")
+        if config.get("problem_type") in ("regression", "multi_label_classification") or (isinstance(labels, dict) and len(labels) < 2):
+            raise ValueError("distill trains single-label classifiers (cross-entropy over >= 2 classes); this one is a regression or multi-label model")
+    if not has_tokenizer(info.files):
+        raise ValueError("distill tokenizes the dataset with the model's own tokenizer: upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model")
+    teacher_layers = _config_int(config, LAYER_FIELDS)
+    if params.layers is not None and teacher_layers is not None and params.layers >= teacher_layers:
+        raise ValueError(f"layers must be below the teacher's {teacher_layers} layers")
+    if params.student_config is not None:
+        for key, value in params.student_config.items():
+            if key not in config and key not in CANONICAL_FIELDS:
+                raise ValueError(f"student_config: {key!r} is not a field of the teacher's config")
+            for group in SIZE_GROUPS:
+                if key in group:
+                    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                        raise ValueError(f"student_config: {key!r} must be a positive integer")
+                    teacher = _config_int(config, group)
+                    if teacher is not None and value > teacher:
+                        raise ValueError(f"student_config: {key!r} = {value} is larger than the teacher's {teacher}")
+
+
+def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layer indices for student layers 0..k−1: first and last included, evenly spaced."""
+    if n_student >= n_teacher:  # same depth (a narrower student): layer j from layer j
+        return list(range(n_teacher))
+    if n_student == 1:
+        return [0]
+    return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
+
+
+@register("distill", params=DistillParams, needs_data=True, formats=("hf",), check=check)
+def distill(model: Any, params: DistillParams, ctx: Any) -> dict[str, Any]:
+    """Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model)."""
+    import torch
+
+    from worker.ops import distill as ops
+
+    teacher = model.module
+    kind = head_kind(type(teacher).__name__)
+    if kind is None:
+        raise ValueError(f"{type(teacher).__name__} has no causal-LM or sequence-classification head to distill")
+    torch.manual_seed(params.seed)  # random parts of a student, and the batch order
+    tok = _tokenizer(model.src_dir)
+    samples = ctx.samples("train")
+
+    out_dtype = next(teacher.parameters()).dtype
+    if params.student_model_id is not None:
+        student_loaded = ctx.load_model(params.student_model_id)
+        student = student_loaded.module
+        if student is None or head_kind(type(student).__name__) != kind:
+            raise ValueError(f"the student model must have the teacher's kind of head ({kind})")
+        out_dtype = next(student.parameters()).dtype
+        init = {"source": "student_model_id", "from_teacher_layers": None, "initialised_from_teacher": 0.0}
+    else:
+        student, init = _build_student(teacher, params)
+    _check_compatible(teacher, student, kind)
+
+    # Decoder classifiers find each sample's last token through config.pad_token_id: without one
+    # they refuse batches > 1. Padding with that id (or the tokenizer's) keeps both models right.
+    pad_id = _pad_id(tok, teacher.config if kind == "sequence_classification" else None)
+    if kind == "sequence_classification":
+        for m in (teacher, student):
+            if m.config.pad_token_id is None:
+                m.config.pad_token_id = pad_id
+
+    max_len = _max_length(params.max_length, teacher.config, student.config)
+    encoded = tok([s["text"] for s in samples], truncation=True, max_length=max_len)["input_ids"]
+    vocab = teacher.config.vocab_size
+    rows: list[tuple[list[int], int | None]] = []
+    label_map: dict[str, int] | None = None
+    labels: list[int | None] = [None] * len(samples)
+    if kind == "sequence_classification":
+        label_map, labels = _label_ids(samples, teacher.config)
+    for ids, label in zip(encoded, labels, strict=True):
+        if not ids:
+            continue
+        if max(ids) >= vocab:
+            raise ValueError(f"the tokenizer produced token id {max(ids)} but the model's vocabulary has {vocab} entries: tokenizer and model do not match")
+        rows.append((ids, label))
+    if not rows:
+        raise ValueError("no sample of the dataset has a token after tokenization")
+
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    student.to(device=device, dtype=torch.float32)  # train in fp32 whatever the stored dtype
+
+    def batch_of(idx: list[int]) -> dict[str, Any]:
+        width = max(len(rows[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            seq = rows[i][0]
+            ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[r, : len(seq)] = 1
+        out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if kind == "sequence_classification":
+            out["labels"] = torch.tensor([rows[i][1] for i in idx], dtype=torch.long, device=device)
+        return out
+
+    def forward(m: Any, b: dict[str, Any]) -> Any:
+        kw = {"use_cache": False} if kind == "causal_lm" else {}
+        return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **kw).logits
+
+    def loss_of(b: dict[str, Any]) -> Any:
+        with torch.no_grad():
+            t_logits = forward(teacher, b)
+        s_logits = forward(student, b)
+        if kind == "causal_lm":
+            return ops.causal_lm_loss(s_logits, t_logits, b["input_ids"], b["attention_mask"], params.alpha, params.temperature)
+        return ops.classifier_loss(s_logits, t_logits, b["labels"], params.alpha, params.temperature)
+
+    bs = params.batch_size
+    per_epoch = math.ceil(len(rows) / bs)
+    total = params.steps if params.steps is not None else params.epochs * per_epoch
+    # Initial / final loss on the same fixed batches (dataset order, no dropout): comparable
+    # numbers, unlike single noisy training batches.
+    probe = [batch_of(list(range(i, min(i + bs, len(rows))))) for i in range(0, min(len(rows), 4 * bs), bs)]
+
+    def probe_loss() -> float:
+        student.eval()
+        with torch.no_grad():
+            value = sum(float(loss_of(b).total) for b in probe) / len(probe)
+        student.train()
+        return value
+
+    gen = torch.Generator().manual_seed(params.seed)
+
+    def batches():  # noqa: ANN202 - endless shuffled epochs
+        while True:
+            order = torch.randperm(len(rows), generator=gen).tolist()
+            for i in range(0, len(order), bs):
+                yield order[i : i + bs]
+
+    initial = probe_loss()
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
+    student.train()
+    first = last = None
+    done = 0
+    stopped = False
+    t_report = t_cancel = time.monotonic()
+    it = batches()
+    for step in range(1, total + 1):
+        loss = loss_of(batch_of(next(it)))
+        value = float(loss.total.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the loss became {value} at step {step}; try a lower lr")
+        opt.zero_grad(set_to_none=True)
+        loss.total.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        done, last = step, value
+        first = value if first is None else first
+        now = time.monotonic()
+        if now - t_report >= 0.5 or step == total:
+            ctx.step_progress(f"step {step}/{total} loss {value:.4f}", step / total)
+            t_report = now
+        # The pipeline only looks for a cancel between steps: a long training run looks itself.
+        if now - t_cancel >= 5.0 and step < total:
+            t_cancel = now
+            if ctx.cancel_requested():
+                stopped = True
+                break
+    student.eval()
+    final = probe_loss()
+    student.eval()
+
+    student.config.architectures = [type(student).__name__]
+    if out_dtype.is_floating_point and out_dtype != torch.float32:
+        student.to(out_dtype)
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params = sum(p.numel() for p in student.parameters())
+    teacher_layers = getattr(teacher.config, "num_hidden_layers", None)
+    student_layers = getattr(student.config, "num_hidden_layers", None)
+    # save() writes model.module with save_pretrained: the artifact's config.json is the student's.
+    model.module = student
+    return {
+        "student": init["source"],
+        "head": kind,
+        "initial_loss": round(initial, 6),
+        "final_loss": round(final, 6),
+        "first_step_loss": None if first is None else round(first, 6),
+        "last_step_loss": None if last is None else round(last, 6),
+        "steps": done,
+        "planned_steps": total,
+        "stopped_by_cancel": stopped,
+        "samples": len(rows),
+        "max_length": max_len,
+        "teacher_parameters": teacher_params,
+        "student_parameters": student_params,
+        "parameter_ratio": round(student_params / teacher_params, 6) if teacher_params else None,
+        "layers": {"teacher": teacher_layers, "student": student_layers, "from_teacher_layers": init["from_teacher_layers"]},
+        "initialised_from_teacher": init["initialised_from_teacher"],
+        "label_map": label_map,
+    }
+
+
+def _tokenizer(src_dir: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        # trust_remote_code stays off: uploaded files are never code.
+        return AutoTokenizer.from_pretrained(str(src_dir), trust_remote_code=False)
+    except Exception as e:
+        raise ValueError(f"the model's tokenizer could not be loaded: {e}") from e
+
+
+def _pad_id(tok: Any, config: Any) -> int:
+    for v in (getattr(config, "pad_token_id", None) if config is not None else None, tok.pad_token_id, tok.eos_token_id):
+        if isinstance(v, int):
+            return v
+    # Causal LMs only: padded positions are masked out of attention and of both losses.
+    return 0
+
+
+def _max_length(requested: int, *configs: Any) -> int:
+    limit = requested
+    for c in configs:
+        pos = getattr(c, "max_position_embeddings", None)
+        if isinstance(pos, int) and pos > 1:
+            limit = min(limit, pos)
+    return limit
+
+
+def _label_ids(samples: list[dict[str, Any]], config: Any) -> tuple[dict[str, int], list[int]]:
+    missing = sum(1 for s in samples if "label" not in s)
+    if missing:
+        raise ValueError(f"distilling a sequence classifier needs a labeled dataset: {missing} of {len(samples)} samples have no 'label'")
+    distinct = sorted({s["label"] for s in samples})
+    n = config.num_labels
+    label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
+    if all(isinstance(lab, str) and lab in label2id for lab in distinct):
+        mapping = {lab: label2id[lab] for lab in distinct}  # the teacher's own class names
+    elif all(isinstance(lab, int) and 0 <= lab < n for lab in distinct):
+        mapping = {lab: lab for lab in distinct}
+    elif len(distinct) <= n:
+        mapping = {lab: i for i, lab in enumerate(distinct)}
+    else:
+        raise ValueError(f"the dataset has {len(distinct)} labels but the model classifies into {n}")
+    return {str(k): v for k, v in mapping.items()}, [mapping[s["label"]] for s in samples]
+
+
+def _check_compatible(teacher: Any, student: Any, kind: str) -> None:
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ValueError(f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size})")
+    if kind == "sequence_classification" and student.config.num_labels != teacher.config.num_labels:
+        raise ValueError(f"the student has {student.config.num_labels} classes, the teacher {teacher.config.num_labels}")
+
+
+def _layer_stack(module: Any, n: int) -> str | None:
+    """Name of the ModuleList holding the n transformer blocks (transformer.h, model.layers, ...)."""
+    from torch import nn
+
+    for name, m in module.named_modules():
+        if name and isinstance(m, nn.ModuleList) and len(m) == n:
+            return name
+    return None
+
+
+def _build_student(teacher: Any, params: DistillParams) -> tuple[Any, dict[str, Any]]:
+    import copy
+
+    cfg = copy.deepcopy(teacher.config)
+    n_teacher = getattr(cfg, "num_hidden_layers", None)
+    if params.layers is not None:
+        if not isinstance(n_teacher, int):
+            raise ValueError(f"{type(cfg).__name__} has no num_hidden_layers to shrink")
+        if params.layers >= n_teacher:
+            raise ValueError(f"layers must be below the teacher's {n_teacher} layers")
+        cfg.num_hidden_layers = params.layers
+        source = "layers"
+    else:
+        for key, value in (params.student_config or {}).items():
+            if not hasattr(cfg, key):
+                raise ValueError(f"student_config: {type(cfg).__name__} has no field {key!r}")
+            setattr(cfg, key, value)
+        source = "student_config"
+    n_student = getattr(cfg, "num_hidden_layers", None)
+    src = evenly_spaced(n_teacher, n_student) if isinstance(n_teacher, int) and isinstance(n_student, int) else None
+    # Per-layer config lists (e.g. layer_types: sliding vs full attention) follow the copied layers.
+    layer_types = getattr(cfg, "layer_types", None)
+    if src is not None and isinstance(layer_types, list) and len(layer_types) == n_teacher and n_student != n_teacher:
+        if not (params.student_config and "layer_types" in params.student_config):
+            cfg.layer_types = [layer_types[i] for i in src[:n_student]]
+    try:
+        student = type(teacher)(cfg)
+    except Exception as e:
+        raise ValueError(f"the student config does not make a model: {e}") from e
+    copied = _init_from_teacher(student, teacher, src, n_teacher)
+    total = sum(p.numel() for p in student.parameters())
+    return student, {
+        "source": source,
+        "from_teacher_layers": src[:n_student] if src is not None else None,
+        "initialised_from_teacher": round(copied / total, 6) if total else 0.0,
+    }
+
+
+def _init_from_teacher(student: Any, teacher: Any, src: list[int] | None, n_teacher: int | None) -> int:
+    """Copy every teacher tensor whose (layer-mapped) name and shape match; return the number of
+    student parameters so initialised (the rest keep their random init)."""
+    import torch
+
+    prefix = _layer_stack(teacher, n_teacher) if isinstance(n_teacher, int) else None
+    t_sd = teacher.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for key, value in student.state_dict().items():
+        t_key = key
+        if prefix and src and key.startswith(prefix + "."):
+            j, _, tail = key[len(prefix) + 1 :].partition(".")
+            if j.isdigit() and int(j) < len(src):
+                t_key = f"{prefix}.{src[int(j)]}.{tail}"
+        t_val = t_sd.get(t_key)
+        if t_val is not None and t_val.shape == value.shape:
+            new[key] = t_val.detach().to(value.dtype)
+    student.load_state_dict(new, strict=False)
+    return sum(p.numel() for name, p in student.named_parameters() if name in new)
