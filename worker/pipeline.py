@@ -151,6 +151,22 @@ def _sparsity(loaded: model_io.LoadedModel) -> dict[str, Any]:
     return {"target_parameters": total, "target_zeros": zeros, "sparsity": zeros / total if total else 0.0}
 
 
+def _memory_bytes(loaded: model_io.LoadedModel) -> int:
+    """Bytes of parameters and buffers of the model as the result loads (a method that stores
+    weights differently from how they load, e.g. packed integers, reports its own figure)."""
+    if "memory_bytes" in loaded.notes:
+        return int(loaded.notes["memory_bytes"])
+    if loaded.module is not None:
+        seen: set[int] = set()  # tied weights count once
+        total = 0
+        for t in [*loaded.module.parameters(), *loaded.module.buffers()]:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+        return total
+    return sum(t.numel() * t.element_size() for t in loaded.state.values())
+
+
 def run_job(job_id: str) -> None:
     settings = get_settings()
     storage = get_storage()
@@ -247,6 +263,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     if ctx.cancel_requested():
         return None
 
+    # Measured before saving: a saver may replace weights by their packed form.
+    sparsity = _sparsity(loaded)
+    memory_bytes = _memory_bytes(loaded)
     ctx.progress("saving", 0.87)
     t0 = time.perf_counter()
     manifest = {
@@ -277,9 +296,12 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
             "original_bytes": model_info["size_bytes"],
             "artifact_bytes": size,
             "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
+            # Bytes the result takes in memory once loaded, next to the bytes stored above.
+            "memory_bytes": memory_bytes,
             "parameters": model_info["parameters"],
         },
-        "sparsity": _sparsity(loaded),
+        "notes": loaded.notes,
+        "sparsity": sparsity,
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
     }
