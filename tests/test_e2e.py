@@ -41,6 +41,8 @@ def load_artifact(zip_bytes: bytes, dest: Path, isolated: bool = False) -> dict:
         ("gpt2", {"method": "quantize.cast", "params": {"dtype": "float16"}}, {"dtypes": ["torch.float16"]}),
         ("bert", {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}, {"dtypes": ["torch.bfloat16"]}),
         ("llama", {"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}, {"sparsity": 0.5}),
+        ("llama", {"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "row"}}, {"sparsity": 0.5}),
+        ("llama", {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}, {"dtypes": ["torch.bfloat16"]}),
     ],
 )
 def test_hf_model_round_trip(stack, tiny, tmp_path, model, step, expect):
