@@ -1,0 +1,163 @@
+"""Round-to-nearest (RTN) integer quantization and the study's fixed-point rounding.
+
+The conventions are compressed-tensors' own (``calculate_qparams`` and ``quantize`` in
+compressed_tensors 0.19), so the error metrics computed here describe exactly the integers that
+library writes to disk when it is handed the scales computed here (tests/test_quant_ops.py checks
+the integers are identical):
+
+* ``b`` bits hold the integers ``[-2^(b-1), 2^(b-1) - 1]`` (int8 for 8 bits, -8..7 for 4 bits).
+* symmetric: ``scale = max|w| / ((2^b - 1) / 2)``, zero point 0. The divisor is 127.5 (8 bits),
+  not 127: the extra negative code is used, and ``+max|w|`` lands on 127.5, which clamps to 127,
+  an error of exactly ``scale / 2`` at worst.
+* asymmetric: the range is widened to hold 0 (``lo = min(min w, 0)``, ``hi = max(max w, 0)``),
+  ``scale = (hi - lo) / (2^b - 1)``, ``zero_point = round(clamp(qmin - lo / scale))``.
+* ``q = clamp(round(w / scale + zero_point), qmin, qmax)`` (``torch.round``: half to even),
+  ``w' = (q - zero_point) * scale``. Rounding is the only error inside the range, so
+  ``|w - w'| <= scale / 2`` for every weight (up to float rounding of ``w / scale``).
+* a scale of 0 (an all-zero row or group) becomes the dtype's eps, so the division is defined
+  and zeros stay zeros.
+
+Shapes: weights are ``(out_features, in_features)`` (``nn.Linear``). Per output channel the scale
+is ``(out, 1)``; with groups of ``g`` consecutive input columns it is ``(out, in / g)``; a single
+per-tensor scale is ``(1,)``.
+
+Fixed point (the study's ``round(w * 2^n) / 2^n``): integers of ``bits`` bits with a power-of-two
+scale ``2^-n`` and zero point 0. Multiplying or dividing by a power of two is exact in binary
+floating point, so ``fixed_point`` equals the study's formula bit for bit wherever the rounded
+integer fits; outside ``[qmin, qmax]`` it is clipped, and the number of clipped weights is
+returned so the method can report it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def int_range(bits: int) -> tuple[int, int]:
+    """Signed integer range of ``bits`` bits, e.g. (-128, 127) for 8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8 (int8 container), got {bits}")
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+def _groups(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """``(out, in)`` -> ``(out, n_groups, g)``; per channel is one group of the whole row."""
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+    if group_size is None:
+        return w.unsqueeze(1)
+    if w.shape[1] % group_size:
+        raise ValueError(f"in_features {w.shape[1]} is not a multiple of group_size {group_size}")
+    return w.reshape(w.shape[0], w.shape[1] // group_size, group_size)
+
+
+@torch.no_grad()
+def rtn_qparams(
+    w: torch.Tensor, bits: int, group_size: int | None = None, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of round-to-nearest quantization, per output channel
+    (``group_size=None``, shape ``(out, 1)``) or per group of input columns (``(out, in/g)``).
+
+    The scale is float32 whatever ``w``'s dtype; the caller stores it in the weight's dtype and
+    quantizes with the stored value (as compressed-tensors does). The zero point is int8, the
+    dtype compressed-tensors keeps it in."""
+    qmin, qmax = int_range(bits)
+    g = _groups(w.detach().float(), group_size)
+    lo = torch.clamp(g.amin(-1), max=0.0)
+    hi = torch.clamp(g.amax(-1), min=0.0)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        zp = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale == 0, torch.tensor(_eps(torch.float32)), scale)
+    if not symmetric:
+        zp = torch.clamp(qmin - lo / scale, qmin, qmax)
+    return scale, torch.round(zp).to(torch.int8)
+
+
+def _broadcast(w: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if group_size is None:
+        return w, None  # (out, 1) or (1,) scales broadcast over the row as they are
+    return _groups(w, group_size), scale.unsqueeze(-1)
+
+
+@torch.no_grad()
+def quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, bits: int, group_size: int | None = None
+) -> torch.Tensor:
+    """Integers (int8) of ``w`` for the given scale/zero point; same shape as ``w``."""
+    qmin, qmax = int_range(bits)
+    x, s = _broadcast(w, scale, group_size)
+    s = scale if s is None else s
+    zp = None if zero_point is None else (zero_point if group_size is None else zero_point.unsqueeze(-1))
+    v = x / s.to(x.dtype)
+    if zp is not None:
+        v = v + zp.to(x.dtype)
+    q = torch.round(torch.clamp(v, qmin, qmax)).to(torch.int8)
+    return q.reshape(w.shape)
+
+
+@torch.no_grad()
+def dequantize(
+    q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int | None = None
+) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in the scale's dtype; same shape as ``q``."""
+    x, s = _broadcast(q, scale, group_size)
+    s = scale if s is None else s
+    v = x.to(scale.dtype)
+    if zero_point is not None:
+        v = v - (zero_point if group_size is None else zero_point.unsqueeze(-1)).to(scale.dtype)
+    return (v * s).reshape(q.shape)
+
+
+def fixed_point_scale(frac_bits: int) -> float:
+    """``2^-n``: exact in every float dtype for the n the method accepts (0..16)."""
+    return 2.0 ** -frac_bits
+
+
+@torch.no_grad()
+def fixed_point_round(w: torch.Tensor, frac_bits: int) -> torch.Tensor:
+    """The study's formula, unclipped: ``round(w * 2^n) / 2^n``."""
+    return torch.round(w * 2.0**frac_bits) / 2.0**frac_bits
+
+
+@torch.no_grad()
+def fixed_point(w: torch.Tensor, frac_bits: int, bits: int) -> tuple[torch.Tensor, int]:
+    """Fixed-point integers (int8) of ``w``: ``clamp(round(w * 2^n), qmin, qmax)``, and how many
+    weights were clipped (their rounded value did not fit in ``bits`` bits)."""
+    qmin, qmax = int_range(bits)
+    r = torch.round(w * 2.0**frac_bits)
+    clipped = int(((r < qmin) | (r > qmax)).sum())
+    return torch.clamp(r, qmin, qmax).to(torch.int8), clipped
+
+
+@dataclass
+class ErrorStats:
+    """Running totals of the quantization error over many weight tensors."""
+
+    elements: int = 0
+    sq_err: float = 0.0
+    sq_w: float = 0.0
+    max_abs_err: float = 0.0
+
+    def add(self, w: torch.Tensor, deq: torch.Tensor) -> float:
+        """Accumulate one tensor; returns its relative RMS error ``||w - w'|| / ||w||``."""
+        w = w.detach().double()
+        d = (w - deq.double()).reshape(-1)
+        se, sw = float(d.square().sum()), float(w.square().sum())
+        self.elements += w.numel()
+        self.sq_err += se
+        self.sq_w += sw
+        self.max_abs_err = max(self.max_abs_err, float(d.abs().max()) if d.numel() else 0.0)
+        return (se / sw) ** 0.5 if sw else 0.0
+
+    @property
+    def relative_rms_error(self) -> float:
+        return (self.sq_err / self.sq_w) ** 0.5 if self.sq_w else 0.0
