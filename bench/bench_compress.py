@@ -42,12 +42,18 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def _build():  # noqa: ANN202
+def _build(kind: str = "gpt2"):  # noqa: ANN202
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers, 768 wide, 50257 vocab
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers, 768 wide, 50257 vocab
+    else:
+        # GPT-2-small-sized, nn.Linear-based (the integer quantizers refuse GPT-2's Conv1D).
+        model = LlamaForCausalLM(LlamaConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            num_key_value_heads=12, vocab_size=50257, tie_word_embeddings=True))
     model.eval()
     from worker.model_io import LoadedModel
 
@@ -73,15 +79,21 @@ def _warm_up(case: str) -> None:
 
     from worker.model_io import LoadedModel
 
-    small = LoadedModel(format="hf", src_dir=Path("."), module=GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100)))
-    _apply(case, small, torch)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if case.startswith(("weight_only_", "llama_")):
+        module = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                              num_attention_heads=4, vocab_size=100))
+    else:
+        module = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100))
+    _apply(case, LoadedModel(format="hf", src_dir=Path("."), module=module), torch)
 
 
 def _apply(case: str, loaded, torch):  # noqa: ANN001, ANN202
     weights = [t.weight for t in loaded.targets()]
     if case == "clone_targets":
         return [w.clone() for w in weights]
-    if case == "clone_all":
+    if case in ("clone_all", "llama_clone_all"):
         return [p.detach().clone() for p in loaded.module.parameters()]
     if case == "prune_study":
         from torch.nn.utils import prune
@@ -116,7 +128,7 @@ def _run_case(case: str) -> dict:
 
     torch.set_num_threads(os.cpu_count() or 1)
     _warm_up(case)
-    loaded = _build()
+    loaded = _build("llama" if case.startswith(("weight_only_", "llama_")) else "gpt2")
     weights = [t.weight for t in loaded.targets()]
     target_bytes = sum(w.numel() * w.element_size() for w in weights)
     all_bytes = sum(p.numel() * p.element_size() for p in loaded.module.parameters())
@@ -180,9 +192,13 @@ def bench_prune(repeats: int) -> list[str]:
 
 
 def bench_cast(repeats: int) -> list[str]:
-    clone = _child("clone_all", repeats)
-    lines = [f"all weights: {_mb(clone['all_weight_bytes'])}; clone of all weights: {clone['seconds']:.3f} s"]
+    clones = {"gpt2": _child("clone_all", repeats), "llama": _child("llama_clone_all", repeats)}
+    lines = [
+        f"GPT-2 small: all weights {_mb(clones['gpt2']['all_weight_bytes'])}, clone {clones['gpt2']['seconds']:.3f} s",
+        f"Llama, GPT-2-small-sized (Linear layers): all weights {_mb(clones['llama']['all_weight_bytes'])}, clone {clones['llama']['seconds']:.3f} s",
+    ]
     for case in ("cast_fp16", "weight_only_8", "weight_only_4"):
+        clone = clones["llama" if case.startswith("weight_only_") else "gpt2"]
         r = _child(case, repeats)
         if "skipped" in r:
             lines.append(f"{case:14s}: skipped ({r['skipped']})")
