@@ -228,3 +228,17 @@ def test_fixed_point_params_refused(params):
 def test_dynamic_int8_takes_no_params():
     with pytest.raises(StepError):
         validate_steps([{"method": "quantize.dynamic_int8", "params": {"bits": 8}}])
+
+
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)])
+def test_quantize_error_matches_dequantize(bits, group_size, symmetric):
+    torch.manual_seed(bits + (group_size or 0))
+    scratch = quant.Scratch()
+    for shape in [(16, 128), (4, 64), (32, 128)]:  # buffers are reused and grown
+        w = torch.randn(*shape) * 3
+        scale, zp = quant.rtn_qparams(w, bits, group_size, symmetric)
+        zp = None if symmetric else zp
+        err = quant.quantize_error(w, scale, zp, bits, group_size, scratch)
+        expected = quant.dequantize(quant.quantize(w, scale, zp, bits, group_size), scale, zp, group_size) - w
+        assert err.shape == w.shape
+        assert torch.allclose(err, expected, atol=1e-5, rtol=1e-4)

@@ -148,6 +148,7 @@ def quantize_linear_layers(
         raise RuntimeError(f"compressed-tensors matched {sorted(attached ^ wanted)[:5]} differently from the targets")
 
     stats = quant.ErrorStats()
+    scratch = quant.Scratch()
     per_layer: dict[str, float] = {}
     every = max(1, len(names) // 10)
     with torch.no_grad():
@@ -160,9 +161,8 @@ def quantize_linear_layers(
                 m.weight_zero_point.data.copy_(zp.reshape(m.weight_zero_point.shape))
             # Measure with what is stored, exactly as the compressor will quantize.
             stored_zp = None if args.symmetric else m.weight_zero_point.data
-            q = quant.quantize(w, m.weight_scale.data, stored_zp, args.num_bits, group)
-            deq = quant.dequantize(q, m.weight_scale.data, stored_zp, group).to(w.dtype)
-            per_layer[name] = round(stats.add(w, deq), 6)
+            err = quant.quantize_error(w, m.weight_scale.data, stored_zp, args.num_bits, group, scratch)
+            per_layer[name] = round(stats.add_diff(w, err), 6)
             m.quantization_status = QuantizationStatus.FROZEN
             if ctx is not None and (i + 1) % every == 0:
                 ctx.step_progress(f"{i + 1}/{len(names)} layers", (i + 1) / len(names))

@@ -97,11 +97,49 @@ def quantize(
     x, s = _broadcast(w, scale, group_size)
     s = scale if s is None else s
     zp = None if zero_point is None else (zero_point if group_size is None else zero_point.unsqueeze(-1))
+    # One temporary, updated in place: the weights are the big tensors here.
     v = x / s.to(x.dtype)
     if zp is not None:
-        v = v + zp.to(x.dtype)
-    q = torch.round(torch.clamp(v, qmin, qmax)).to(torch.int8)
+        v.add_(zp.to(x.dtype))
+    q = v.clamp_(qmin, qmax).round_().to(torch.int8)
     return q.reshape(w.shape)
+
+
+@torch.no_grad()
+def quantize_error(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    bits: int,
+    group_size: int | None = None,
+    scratch: "Scratch | None" = None,
+) -> torch.Tensor:
+    """The error ``dequantize(quantize(w)) - w`` (in ``w``'s dtype), from the rounding residual:
+    ``(q - zp)·s - w = (q - v)·s`` with ``v = w/s + zp`` before clamping. With ``scratch`` the
+    result lives in reused buffers (valid until the next call): fresh multi-MB temporaries per
+    layer cost page faults that take longer than the arithmetic."""
+    qmin, qmax = int_range(bits)
+    x, s = _broadcast(w, scale, group_size)
+    s = (scale if s is None else s).to(x.dtype)
+    scratch = scratch or Scratch()
+    v = torch.div(x, s, out=scratch.get(0, x))
+    if zero_point is not None:
+        v.add_((zero_point if group_size is None else zero_point.unsqueeze(-1)).to(x.dtype))
+    qf = torch.clamp(v, qmin, qmax, out=scratch.get(1, x)).round_()
+    return qf.sub_(v).mul_(s).reshape(w.shape)
+
+
+class Scratch:
+    """Reusable flat buffers, grown to the largest tensor seen."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[int, torch.Tensor] = {}
+
+    def get(self, slot: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < like.numel() or buf.dtype != like.dtype:
+            buf = self._bufs[slot] = torch.empty(like.numel(), dtype=like.dtype)
+        return buf[: like.numel()].view(like.shape)
 
 
 @torch.no_grad()
@@ -113,8 +151,8 @@ def dequantize(
     s = scale if s is None else s
     v = x.to(scale.dtype)
     if zero_point is not None:
-        v = v - (zero_point if group_size is None else zero_point.unsqueeze(-1)).to(scale.dtype)
-    return (v * s).reshape(q.shape)
+        v.sub_((zero_point if group_size is None else zero_point.unsqueeze(-1)).to(scale.dtype))
+    return v.mul_(s).reshape(q.shape)
 
 
 def fixed_point_scale(frac_bits: int) -> float:
@@ -148,14 +186,22 @@ class ErrorStats:
     max_abs_err: float = 0.0
 
     def add(self, w: torch.Tensor, deq: torch.Tensor) -> float:
-        """Accumulate one tensor; returns its relative RMS error ``||w - w'|| / ||w||``."""
-        w = w.detach().double()
-        d = (w - deq.double()).reshape(-1)
-        se, sw = float(d.square().sum()), float(w.square().sum())
+        """Accumulate one tensor; returns its relative RMS error ``||w - w'|| / ||w||``.
+
+        Norms in float32 (vector_norm reduces accurately without a float64 copy of the weights,
+        which cost more than the quantization itself)."""
+        w = w.detach().float()
+        return self.add_diff(w, (deq.float() - w))
+
+    def add_diff(self, w: torch.Tensor, d: torch.Tensor) -> float:
+        """Like ``add`` with the difference ``w' - w`` already computed (in place by the caller)."""
+        d = d.reshape(-1)
+        se = float(torch.linalg.vector_norm(d, dtype=torch.float32)) ** 2
+        sw = float(torch.linalg.vector_norm(w, dtype=torch.float32)) ** 2
         self.elements += w.numel()
         self.sq_err += se
         self.sq_w += sw
-        self.max_abs_err = max(self.max_abs_err, float(d.abs().max()) if d.numel() else 0.0)
+        self.max_abs_err = max(self.max_abs_err, float(torch.linalg.vector_norm(d, ord=float("inf"), dtype=torch.float32)) if d.numel() else 0.0)
         return (se / sw) ** 0.5 if sw else 0.0
 
     @property
