@@ -30,7 +30,12 @@ def make_celery() -> Celery:
         # Unacked messages come back after this long: above the job time limit, or a long job
         # would be delivered a second time while it still runs.
         transport_options["visibility_timeout"] = s.job_time_limit_s + 3600
-    # (kombu's SQLAlchemy transport hands every transport option to create_engine: none there.)
+    # kombu's SQLAlchemy transport hands every transport option to create_engine, so its polling
+    # interval (1 s by default: a second of latency per job in embedded mode) is set on the class.
+    if s.broker_url.startswith("sqla+"):
+        from kombu.transport import sqlalchemy as sqla_transport
+
+        sqla_transport.Transport.polling_interval = 0.1
     if s.broker_key_prefix:
         transport_options["global_keyprefix"] = s.broker_key_prefix
     app.conf.update(

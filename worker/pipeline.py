@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import platform
 import shutil
 import time
@@ -77,7 +78,7 @@ class JobContext:
             from app.datasets.parsing import load_samples
 
             path = self.work_dir / f"dataset-{which}.{info['format']}"
-            self.storage.get_file(info["storage_key"], path)
+            _fetch(self.storage, info["storage_key"], path)
             self._samples[which] = load_samples(path, info["format"])
         return self._samples[which]
 
@@ -100,7 +101,7 @@ class JobContext:
         dest = self.work_dir / f"model-{model_id}"
         dest.mkdir(parents=True, exist_ok=True)
         for name in names:
-            self.storage.get_file(f"{prefix}/{name}", dest / name)
+            _fetch(self.storage, f"{prefix}/{name}", dest / name)
         try:
             return model_io.load(dest, fmt)
         except Exception as e:
@@ -109,6 +110,20 @@ class JobContext:
     def cancel_requested(self) -> bool:
         with get_sessionmaker()() as s:
             return jobs_repo.cancel_requested(s, self.job_id)
+
+
+def _fetch(storage: Storage, key: str, dest: Path) -> None:
+    """A stored file into the job's work dir: a hard link when storage is a local folder on the
+    same filesystem (multi-GB weights are read-only inputs, copying them is wasted time), else a
+    download."""
+    local = storage.local_path(key)
+    if local is not None:
+        try:
+            os.link(local, dest)
+            return
+        except OSError:
+            pass
+    storage.get_file(key, dest)
 
 
 def _sha256(path: Path) -> str:
@@ -231,7 +246,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     ctx.progress("loading", 0.02)
     t0 = time.perf_counter()
     for f in model_info["files"]:
-        storage.get_file(f"{model_info['prefix']}/{f['name']}", src / f["name"])
+        _fetch(storage, f"{model_info['prefix']}/{f['name']}", src / f["name"])
     try:
         loaded = model_io.load(src, model_info["format"])
     except Exception as e:
