@@ -127,6 +127,27 @@ def upload_dir(client: httpx.Client, path: Path, name: str | None = None) -> htt
     return client.post("/v1/models", files=files, data={"name": name} if name else None)
 
 
+def table_rows(stack, table: str) -> int:
+    """Rows in a table of the stack's database (SQLite or PostgreSQL)."""
+    if stack.database_url.startswith("sqlite"):
+        import sqlite3
+
+        with sqlite3.connect(stack.database_url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
+    import psycopg
+
+    url = stack.database_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(url) as conn:
+        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
+
+
+def stored_files(stack) -> list[Path]:
+    """Every file under the stack's storage and temp folders."""
+    return [p for p in (stack.data_dir / "storage").rglob("*") if p.is_file()] + [
+        p for p in (stack.data_dir / "tmp").rglob("*") if p.is_file()
+    ]
+
+
 def wait_job(client: httpx.Client, job_id: str, timeout: float = 180, until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

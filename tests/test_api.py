@@ -11,22 +11,8 @@ import zipfile
 from io import BytesIO
 from pathlib import Path
 
-import psycopg
-import pytest
 
-from tests.helpers import safetensors_bytes, upload_dir, wait_job
-
-
-def _rows(stack, table: str) -> int:
-    url = stack.database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as conn:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
-
-
-def _stored_files(stack) -> list[Path]:
-    return [p for p in (stack.data_dir / "storage").rglob("*") if p.is_file()] + [
-        p for p in (stack.data_dir / "tmp").rglob("*") if p.is_file()
-    ]
+from tests.helpers import safetensors_bytes, stored_files, table_rows, upload_dir, wait_job
 
 
 class _Evil:
@@ -85,7 +71,7 @@ def test_every_refusal_is_a_4xx_that_leaves_nothing(cluster, tiny):
     c = cluster.client()
     canary = Path("/tmp/modelpress-canary")
     canary.unlink(missing_ok=True)
-    rows_before, files_before = _rows(cluster, "models"), set(_stored_files(cluster))
+    rows_before, files_before = table_rows(cluster, "models"), set(stored_files(cluster))
     for case, (files, code) in _refusals(tiny).items():
         r = c.post("/v1/models", files=[("files", (n, b)) for n, b in files])
         assert 400 <= r.status_code < 500, (case, r.status_code, r.text)
@@ -94,19 +80,19 @@ def test_every_refusal_is_a_4xx_that_leaves_nothing(cluster, tiny):
         assert body["code"] == code, (case, body)
         assert body["status"] == r.status_code and body["detail"] and body["title"] and body["type"]
     assert not canary.exists(), "a pickle payload ran"
-    assert _rows(cluster, "models") == rows_before
-    assert set(_stored_files(cluster)) == files_before
+    assert table_rows(cluster, "models") == rows_before
+    assert set(stored_files(cluster)) == files_before
 
 
 def test_upload_over_the_size_limit_is_413_and_leaves_nothing(cluster):
     c = cluster.client()
-    rows_before, files_before = _rows(cluster, "models"), set(_stored_files(cluster))
+    rows_before, files_before = table_rows(cluster, "models"), set(stored_files(cluster))
     big = 25 * 1024 * 1024  # the cluster stack's limit is 24 MiB
     h = {"a": {"dtype": "U8", "shape": [big], "data_offsets": [0, big]}}
     r = c.post("/v1/models", files=[("files", ("w.safetensors", safetensors_bytes(h, b"\0" * big)))])
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large"
-    assert _rows(cluster, "models") == rows_before
-    assert set(_stored_files(cluster)) == files_before
+    assert table_rows(cluster, "models") == rows_before
+    assert set(stored_files(cluster)) == files_before
 
 
 def test_wrong_content_type_is_415(cluster):
@@ -168,14 +154,14 @@ def test_job_spec_is_validated_at_submit(cluster, tiny):
         ([{"method": "prune.magnitude", "params": {}}], ["body", "steps", 0, "params"]),
         ([], ["body", "steps"]),
     ]
-    jobs_before = _rows(cluster, "jobs")
+    jobs_before = table_rows(cluster, "jobs")
     for steps, loc in cases:
         r = c.post("/v1/jobs", json={"model_id": m["id"], "steps": steps})
         assert r.status_code == 422, r.text
         body = r.json()
         assert r.headers["content-type"] == "application/problem+json"
         assert any(e["loc"] == loc for e in body["errors"]), (loc, body["errors"])
-    assert _rows(cluster, "jobs") == jobs_before
+    assert table_rows(cluster, "jobs") == jobs_before
 
 
 def test_methods_are_listed_with_schemas(cluster):

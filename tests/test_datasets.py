@@ -5,28 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from pathlib import Path
 
-import psycopg
 import pytest
 
-from tests.helpers import upload_dir, wait_job
-
-
-def _rows(stack, table: str) -> int:
-    if stack.database_url.startswith("sqlite"):
-        with sqlite3.connect(stack.database_url.removeprefix("sqlite:///")) as conn:
-            return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
-    url = stack.database_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(url) as conn:
-        return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
-
-
-def _stored_files(stack) -> list[Path]:
-    return [p for p in (stack.data_dir / "storage").rglob("*") if p.is_file()] + [
-        p for p in (stack.data_dir / "tmp").rglob("*") if p.is_file()
-    ]
+from tests.helpers import stored_files, table_rows, upload_dir, wait_job
 
 
 def _jsonl(*rows) -> bytes:
@@ -150,7 +132,7 @@ BAD = {
 def test_invalid_uploads_name_the_line_and_leave_nothing(cluster, case):
     c = cluster.client()
     name, data, line, code = BAD[case]
-    rows, files = _rows(cluster, "datasets"), set(_stored_files(cluster))
+    rows, files = table_rows(cluster, "datasets"), set(stored_files(cluster))
     r = _post(c, name, data)
     assert r.status_code == 422, r.text
     assert r.headers["content-type"] == "application/problem+json"
@@ -160,13 +142,13 @@ def test_invalid_uploads_name_the_line_and_leave_nothing(cluster, case):
     if line is not None:
         assert body["errors"][0]["line"] == line
         assert f"line {line}:" in body["detail"]
-    assert _rows(cluster, "datasets") == rows
-    assert set(_stored_files(cluster)) == files
+    assert table_rows(cluster, "datasets") == rows
+    assert set(stored_files(cluster)) == files
 
 
 def test_malformed_requests_leave_nothing(cluster):
     c = cluster.client()
-    rows, files = _rows(cluster, "datasets"), set(_stored_files(cluster))
+    rows, files = table_rows(cluster, "datasets"), set(stored_files(cluster))
     cases = [
         (c.post("/v1/datasets", files=[("files", ("d.txt", b"a\n"))]), 422, "unexpected_part"),
         (c.post("/v1/datasets", files=[("file", ("a.txt", b"a\n")), ("file", ("b.txt", b"b\n"))]), 422, "unexpected_part"),
@@ -176,16 +158,16 @@ def test_malformed_requests_leave_nothing(cluster):
     ]
     for r, status, code in cases:
         assert r.status_code == status and r.json()["code"] == code, r.text
-    assert _rows(cluster, "datasets") == rows
-    assert set(_stored_files(cluster)) == files
+    assert table_rows(cluster, "datasets") == rows
+    assert set(stored_files(cluster)) == files
 
 
 def test_upload_over_the_size_limit_is_413_and_leaves_nothing(cluster):
     c = cluster.client()
-    rows, files = _rows(cluster, "datasets"), set(_stored_files(cluster))
+    rows, files = table_rows(cluster, "datasets"), set(stored_files(cluster))
     line = b"the cat sat on the mat\n"
     big = line * (25 * 1024 * 1024 // len(line) + 1)  # the cluster stack's limit is 24 MiB
     r = _post(c, "big.txt", big)
     assert r.status_code == 413 and r.json()["code"] == "payload_too_large", r.text
-    assert _rows(cluster, "datasets") == rows
-    assert set(_stored_files(cluster)) == files
+    assert table_rows(cluster, "datasets") == rows
+    assert set(stored_files(cluster)) == files

@@ -85,7 +85,6 @@ def test_hf_model_round_trip(stack, tiny, tmp_path, model, step, expect):
 
 
 def test_bare_safetensors_round_trip(stack, tiny):
-    from safetensors import safe_open
     from safetensors.torch import load
 
     c = stack.client()

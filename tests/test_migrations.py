@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 from alembic.autogenerate import compare_metadata
