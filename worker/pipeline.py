@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 import transformers
+from celery.exceptions import SoftTimeLimitExceeded
 
 import app
 from app.config import Settings, get_settings
@@ -215,6 +216,10 @@ def run_job(job_id: str) -> None:
     except JobFailed as e:
         _record(job_id, attempt, "failed", error_code=e.code, error_message=e.message, progress_stage="failed")
         return
+    except SoftTimeLimitExceeded:
+        _record(job_id, attempt, "failed", error_code="time_limit",
+                error_message=f"the job ran past its time limit of {settings.job_time_limit_s} s", progress_stage="failed")
+        return
     except Exception as e:  # a bug of ours: record it, keep the worker alive
         log.exception("job %s attempt %d: internal error", job_id, attempt)
         _record(job_id, attempt, "failed", error_code="internal_error",
@@ -268,7 +273,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         t0 = time.perf_counter()
         try:
             result = spec.handler(loaded, params, ctx)
-        except (LostLease, JobFailed):
+        except (LostLease, JobFailed, SoftTimeLimitExceeded):
             raise
         except Exception as e:
             raise JobFailed("method_failed", f"step {i + 1} ({spec.name}) failed: {e}") from e
