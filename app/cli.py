@@ -3,6 +3,7 @@
     modelpress serve [--host H] [--port P]     API (embedded mode: also a worker subprocess)
     modelpress worker [--queues cpu] [-c N]    a Celery worker
     modelpress migrate                         alembic upgrade head
+    modelpress reconcile [--once]              re-send messages of stale jobs
     modelpress keys create --tenant NAME       print a new API key for the tenant
 """
 
@@ -39,6 +40,20 @@ def migrate() -> None:
 def cmd_migrate(_args: argparse.Namespace) -> int:
     migrate()
     print("database schema is at head")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    import threading
+
+    from worker.reconcile import reconcile_once, start_background
+
+    if args.once:
+        for job_id in reconcile_once():
+            print(job_id)
+        return 0
+    stop = threading.Event()
+    start_background(stop).join()
     return 0
 
 
@@ -143,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     wp.add_argument("--concurrency", "-c", type=int, default=None, help="worker processes (default MODELPRESS_WORKER_CONCURRENCY)")
     wp.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool (default prefork)")
     wp.set_defaults(fn=cmd_worker)
+
+    rp = sub.add_parser("reconcile", help="re-send the messages of stale jobs (workers also do this every MODELPRESS_RECONCILE_INTERVAL_S)")
+    rp.add_argument("--once", action="store_true", help="one pass; print the ids of the jobs re-sent")
+    rp.set_defaults(fn=cmd_reconcile)
 
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(fn=cmd_migrate)

@@ -37,6 +37,11 @@ class Settings(BaseSettings):
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     # A claimed job whose lease is not renewed within this many seconds may be claimed again.
     job_lease_s: int = Field(default=15 * 60, gt=0)
+    # The reconciler (in every worker) re-sends the message of a job that is queued, or running
+    # with an expired lease, and was last sent this long ago: a message lost with a dead worker
+    # or a broker outage does not strand its job. Duplicates are harmless (the claim is a CAS).
+    requeue_after_s: int = Field(default=300, gt=0)
+    reconcile_interval_s: int = Field(default=30, gt=0)
     worker_concurrency: int = Field(default=1, ge=1)
     # embedded mode: start a worker subprocess next to the API.
     embedded_worker: bool = True

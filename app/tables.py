@@ -142,6 +142,8 @@ class Job(Base):
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # When the job's message was last sent; the reconciler re-sends stale ones (worker/reconcile.py).
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)

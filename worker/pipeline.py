@@ -8,6 +8,7 @@ import logging
 import os
 import platform
 import shutil
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -206,6 +207,11 @@ def run_job(job_id: str) -> None:
     work = settings.tmp_dir / f"job-{job_id}-{attempt}"
     ctx = JobContext(job_id, attempt, settings, storage, work, datasets)
     log.info("job %s attempt %d: started", job_id, attempt)
+    # Renews the lease while a long step runs without reporting progress, so the reconciler does
+    # not hand a live job to another worker.
+    beat_stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(job_id, attempt, settings.job_lease_s, beat_stop), daemon=True)
+    beat.start()
     try:
         if model_info is None:
             raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
@@ -226,6 +232,7 @@ def run_job(job_id: str) -> None:
                 error_message=f"internal error ({e.__class__.__name__})", progress_stage="failed")
         return
     finally:
+        beat_stop.set()
         shutil.rmtree(work, ignore_errors=True)
     if outcome is None:
         _record(job_id, attempt, "canceled", progress_stage="canceled")
@@ -234,6 +241,16 @@ def run_job(job_id: str) -> None:
     if not _record(job_id, attempt, "succeeded", progress_stage="done", progress_fraction=1.0, **values):
         # Another attempt owns the job now; our artifact was never referenced.
         storage.delete(key)
+
+
+def _heartbeat(job_id: str, attempt: int, lease_s: int, stop: threading.Event) -> None:
+    while not stop.wait(max(1.0, lease_s / 3)):
+        try:
+            with get_sessionmaker()() as s:
+                if not jobs_repo.heartbeat(s, job_id, attempt, lease_s):
+                    return  # finished or fenced off
+        except Exception:  # the database is down: the next beat tries again
+            log.warning("job %s: heartbeat failed", job_id)
 
 
 def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:

@@ -3,10 +3,28 @@ database, so running a message twice is harmless (the claim lets only one attemp
 
 from __future__ import annotations
 
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+
 from worker import pipeline  # imports torch once, when the worker starts
 from worker.celery_app import TASK_RUN_JOB, celery_app
+
+_stop_reconciler = threading.Event()
 
 
 @celery_app.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
     pipeline.run_job(job_id)
+
+
+@worker_ready.connect
+def _start_reconciler(**_kw: object) -> None:
+    from worker.reconcile import start_background
+
+    start_background(_stop_reconciler)
+
+
+@worker_shutdown.connect
+def _stop_reconciler_loop(**_kw: object) -> None:
+    _stop_reconciler.set()

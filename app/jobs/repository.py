@@ -91,6 +91,35 @@ def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: 
     return res.rowcount == 1
 
 
+def heartbeat(session: Session, job_id: str, attempt: int, lease_s: int) -> bool:
+    """Renew the lease of a running attempt (fenced); False if the attempt lost the job."""
+    res = session.execute(_fenced(job_id, attempt).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+    session.commit()
+    return res.rowcount == 1
+
+
+def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list[tuple[str, str]]:
+    """Jobs whose message may be lost: queued, or running with an expired lease, and last sent
+    more than ``requeue_after_s`` ago. Each is marked sent now with a compare-and-set on
+    ``enqueued_at``, so concurrent reconcilers re-send a job once. Returns (id, queue) pairs."""
+    now = utcnow()
+    cutoff = now - timedelta(seconds=requeue_after_s)
+    stale = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
+    rows = session.execute(
+        select(Job.id, Job.queue, Job.enqueued_at)
+        .where(stale, or_(Job.status == "queued", (Job.status == "running") & (Job.lease_expires_at < now)))
+        .order_by(Job.created_at)
+        .limit(limit)
+    ).all()
+    taken = []
+    for job_id, queue, sent in rows:
+        same = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
+        if session.execute(update(Job).where(Job.id == job_id, same).values(enqueued_at=now)).rowcount == 1:
+            taken.append((job_id, queue))
+    session.commit()
+    return taken
+
+
 def cancel_requested(session: Session, job_id: str) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
 

@@ -40,7 +40,7 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
     job = Job(
         tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
-        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id,
+        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
     )
     uow.session.add(job)
     uow.session.flush()
