@@ -7,7 +7,7 @@ from app.jobs import repository
 from app.jobs.schemas import JobIn
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
-from app.tables import Job, Model
+from app.tables import Job, Model, utcnow
 from worker.celery_app import enqueue_job
 from worker.methods import ModelInfo, StepError, validate_steps
 from worker.methods import get as get_method
