@@ -17,6 +17,11 @@ def encode_cursor(created_at: datetime, id_: str) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+def next_cursor(rows: list[Any], limit: int) -> str | None:
+    """The cursor after a page fetched by ``page`` (which asks for ``limit + 1`` rows)."""
+    return encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+
+
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))

@@ -11,7 +11,7 @@ from app.datasets.schemas import DatasetOut, DatasetPage
 from app.db import UoW
 from app.deps import SettingsDep, StorageDep
 from app.errors import problem_responses
-from app.pagination import encode_cursor
+from app.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -65,7 +65,7 @@ def list_datasets(
 ) -> DatasetPage:
     """List the caller's datasets, newest first."""
     rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
-    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    nxt = next_cursor(rows, limit)
     return DatasetPage(items=[_out(d) for d in rows[:limit]], next_cursor=nxt)
 
 

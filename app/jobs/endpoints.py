@@ -13,7 +13,7 @@ from app.deps import StorageDep
 from app.errors import Conflict, ModelpressError, problem_responses
 from app.jobs import repository, service
 from app.jobs.schemas import JobIn, JobOut, JobPage, JobStatus, MethodOut
-from app.pagination import encode_cursor
+from app.pagination import next_cursor
 from worker.methods import load_all
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -43,7 +43,7 @@ def list_jobs(
 ) -> JobPage:
     """List the caller's jobs, newest first, optionally by status."""
     rows = repository.list_page(uow.session, caller.tenant_id, status, limit, cursor)
-    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    nxt = next_cursor(rows, limit)
     return JobPage(items=[JobOut.from_row(j) for j in rows[:limit]], next_cursor=nxt)
 
 

@@ -11,7 +11,7 @@ from app.deps import SettingsDep, StorageDep
 from app.errors import problem_responses
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
-from app.pagination import encode_cursor
+from app.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -60,7 +60,7 @@ def list_models(
 ) -> ModelPage:
     """List the caller's models, newest first."""
     rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
-    nxt = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
+    nxt = next_cursor(rows, limit)
     return ModelPage(items=[ModelOut.model_validate(m, from_attributes=True) for m in rows[:limit]], next_cursor=nxt)
 
 
