@@ -16,9 +16,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Debian's docker-compose validates docker-compose.yml without an engine (tests/test_containers.py).
+# Debian's docker-compose validates docker-compose.yml without an engine (tests/test_containers.py);
+# Debian's chromium opens the HTML reports headless (tests/browser.py, driven by playwright).
+TOOLS := $(if $(shell command -v docker-compose),,docker-compose) $(if $(shell command -v chromium),,chromium)
 tools:
-	@command -v docker-compose >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-compose >/dev/null; }
+	@if [ -n "$(strip $(TOOLS))" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(TOOLS) >/dev/null; fi
 
 run: install
 	$(VENV)/bin/modelpress serve --host $(HOST) --port $(PORT)

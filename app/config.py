@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     # zip level for artifacts: 1 is ~3x faster than 6 for ~5% more bytes on pruned weights.
     artifact_zip_level: int = Field(default=1, ge=0, le=9)
 
+    # Signs short-lived links to HTML reports (app/signing.py). Empty: a random key kept in
+    # <data_dir>/secret_key; set it when several API hosts must accept each other's links.
+    secret_key: str = ""
+    # Lifetime of a signed report link when the request does not ask for one.
+    report_link_ttl_s: int = Field(default=900, gt=0, le=7 * 86400)
+
     log_level: str = "INFO"
 
     @model_validator(mode="after")

@@ -12,6 +12,7 @@ Error tree::
     ├── Unauthorized (401 unauthorized)
     ├── NotFound (404 not_found)
     ├── Conflict (409 conflict)
+    ├── Gone (410 gone) -- e.g. an expired signed link
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Unprocessable (422 validation_error) -- also refused uploads (``code`` says why)
@@ -75,6 +76,10 @@ class NotFound(ModelpressError):
 
 class Conflict(ModelpressError):
     status, code, title = 409, "conflict", "Conflict"
+
+
+class Gone(ModelpressError):
+    status, code, title = 410, "gone", "Gone"
 
 
 class PayloadTooLarge(ModelpressError):

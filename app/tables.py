@@ -113,6 +113,23 @@ class Dataset(Base):
     __table_args__ = (Index("ix_datasets_tenant_created", "tenant_id", "created_at"),)
 
 
+class Sweep(Base):
+    """A grid of jobs: base steps and the values to vary; each point is a child job."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), default=None)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    # The request as accepted: steps, vary, dataset ids, evaluation.
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    points: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_sweeps_tenant_created", "tenant_id", "created_at", "id"),)
+
+
 class Job(Base):
     __tablename__ = "jobs"
 
@@ -122,11 +139,16 @@ class Job(Base):
     model_id: Mapped[str | None] = mapped_column(
         ForeignKey("models.id", ondelete="SET NULL"), index=True
     )
+    # The sweep this job is one point of, and the values of that point ({"steps[0].params.x": v}).
+    sweep_id: Mapped[str | None] = mapped_column(ForeignKey("sweeps.id", ondelete="SET NULL"), default=None, index=True)
+    sweep_point: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # Calibration / training data for methods that need it, and data to evaluate on.
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), default=None)
     eval_dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), default=None)
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     steps: Mapped[list[Any]] = mapped_column(JSON)
+    # How the report measures the job (app.jobs.schemas.EvaluationIn); null: the defaults.
+    evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     # Incremented by every claim; final writes only apply while the claimer's attempt holds.

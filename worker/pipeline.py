@@ -25,7 +25,7 @@ from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
 from app.storage import Storage, get_storage
 from app.tables import Dataset, Job, Model
-from worker import methods, model_io
+from worker import evaluate, methods, model_io
 
 log = logging.getLogger("modelpress.worker")
 
@@ -58,6 +58,7 @@ class JobContext:
     # Set by the pipeline around each step: the fraction range the step's own progress maps into.
     step_span: tuple[float, float] = (0.0, 1.0)
     step_label: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)  # app.jobs.schemas.EvaluationIn
     _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def progress(self, stage: str, fraction: float) -> None:
@@ -161,11 +162,19 @@ def _versions() -> dict[str, str]:
 
 
 def _sparsity(loaded: model_io.LoadedModel) -> dict[str, Any]:
+    """Zeros in the weights methods act on (``sparsity``, per layer too) and in every parameter
+    (``overall``)."""
     total = zeros = 0
+    per_layer = []
     for t in loaded.targets():
-        total += t.weight.numel()
-        zeros += int((t.weight == 0).sum())
-    return {"target_parameters": total, "target_zeros": zeros, "sparsity": zeros / total if total else 0.0}
+        n, z = t.weight.numel(), int((t.weight == 0).sum())
+        total += n
+        zeros += z
+        per_layer.append({"name": t.name, "parameters": n, "zeros": z, "sparsity": round(z / n, 6) if n else 0.0})
+    counts = evaluate.parameter_counts(loaded.module, loaded.state)
+    overall = 1 - counts["nonzero"] / counts["total"] if counts["total"] else 0.0
+    return {"target_parameters": total, "target_zeros": zeros, "sparsity": zeros / total if total else 0.0,
+            "overall": round(overall, 6), "per_layer": per_layer}
 
 
 def _memory_bytes(loaded: model_io.LoadedModel) -> int:
@@ -195,6 +204,9 @@ def run_job(job_id: str) -> None:
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
+        from app.jobs.schemas import EvaluationIn
+
+        evaluation = EvaluationIn.model_validate(job.evaluation or {}).model_dump()
         datasets = {}
         for which, ds_id in (("train", job.dataset_id), ("eval", job.eval_dataset_id)):
             ds = s.get(Dataset, ds_id) if ds_id else None
@@ -205,7 +217,7 @@ def run_job(job_id: str) -> None:
             "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
         }
     work = settings.tmp_dir / f"job-{job_id}-{attempt}"
-    ctx = JobContext(job_id, attempt, settings, storage, work, datasets)
+    ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
     log.info("job %s attempt %d: started", job_id, attempt)
     # Renews the lease while a long step runs without reporting progress, so the reconciler does
     # not hand a live job to another worker.
@@ -260,9 +272,18 @@ def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:
     return ok
 
 
+def _eval_texts(ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The job's eval dataset, or the built-in English corpus when it has none."""
+    if ctx.has_samples("eval"):
+        return ctx.samples("eval"), {"source": "eval_dataset", "id": ctx.datasets["eval"]["id"]}
+    lines = evaluate.BUILTIN_CORPUS.read_text(encoding="utf-8").splitlines()
+    return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None, "name": "modelpress built-in English corpus"}
+
+
 def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any], steps: list[dict[str, Any]]):
     """Run the job; return (artifact key, row values), or None when canceled."""
     t_start = time.perf_counter()
+    peak = evaluate.PeakMemory()
     src = work / "in"
     src.mkdir(parents=True, exist_ok=True)
     ctx.progress("loading", 0.02)
@@ -274,6 +295,15 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     except Exception as e:
         raise JobFailed("model_load_failed", f"the model could not be loaded: {e}") from e
     ctx.stage_seconds["load"] = time.perf_counter() - t0
+
+    enabled = ctx.evaluation.get("enabled", True)
+    evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), lambda note: ctx.progress(note, 0.03))
+    if enabled:
+        # Before any step: methods change the module in place.
+        t0 = time.perf_counter()
+        evaluator.measure_original(loaded.module)
+        ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
+    original_weight_bytes = evaluate.tensor_bytes(src)
 
     step_metrics = []
     n = len(steps)
@@ -303,6 +333,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     # Measured before saving: a saver may replace weights by their packed form.
     sparsity = _sparsity(loaded)
     memory_bytes = _memory_bytes(loaded)
+    params = evaluate.parameter_counts(loaded.module, loaded.state)
     ctx.progress("saving", 0.87)
     t0 = time.perf_counter()
     manifest = {
@@ -313,6 +344,23 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     }
     out = work / "out"
     model_io.save(loaded, out, manifest)
+    ctx.stage_seconds["save"] = time.perf_counter() - t0
+    artifact_weight_bytes = evaluate.tensor_bytes(out)
+    notes = loaded.notes
+    # The pipeline is done with the in-memory model: free it before the artifact loads.
+    del loaded
+    if enabled:
+        if ctx.cancel_requested():
+            return None
+        t0 = time.perf_counter()
+        evaluator.on_progress = lambda note: ctx.progress(note, 0.9)
+        evaluator.measure_compressed(out)
+        ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
+        sections = evaluator.sections()
+    else:
+        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
+        sections = {"speed": off, "quality": off, "fidelity": off}
+    t0 = time.perf_counter()
     if model_info["format"] == "hf":
         filename = "model.zip"
         artifact = work / filename
@@ -323,9 +371,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     size = artifact.stat().st_size
     sha = _sha256(artifact)
     key = f"artifacts/{ctx.job_id}/attempt-{ctx.attempt}/{filename}"
-    ctx.progress("storing", 0.95)
+    ctx.progress("storing", 0.97)
     storage.put_file(artifact, key, move=True)
-    ctx.stage_seconds["save"] = time.perf_counter() - t0
+    ctx.stage_seconds["store"] = time.perf_counter() - t0
     ctx.stage_seconds["total"] = time.perf_counter() - t_start
 
     metrics = {
@@ -333,14 +381,22 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
             "original_bytes": model_info["size_bytes"],
             "artifact_bytes": size,
             "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
+            # Tensor data alone (safetensors headers, config and tokenizer files excluded).
+            "original_weight_bytes": original_weight_bytes,
+            "artifact_weight_bytes": artifact_weight_bytes,
+            "weight_bytes_ratio": round(artifact_weight_bytes / original_weight_bytes, 6) if original_weight_bytes else None,
             # Bytes the result takes in memory once loaded, next to the bytes stored above.
             "memory_bytes": memory_bytes,
-            "parameters": model_info["parameters"],
+            "parameters": {"original": model_info["parameters"], **params},
+            "mean_bits_per_weight": round(8 * artifact_weight_bytes / params["total"], 4) if params["total"] else None,
         },
-        "notes": loaded.notes,
+        "notes": notes,
         "sparsity": sparsity,
+        **sections,
+        "memory": peak.result(),
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
+        "evaluation": ctx.evaluation,
     }
     return key, {
         "artifact_key": key,

@@ -4,15 +4,20 @@ import inspect
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import StreamingResponse
+from datetime import datetime, timezone
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import StorageDep
 from app.errors import Conflict, ModelpressError, problem_responses
 from app.jobs import repository, service
-from app.jobs.schemas import JobIn, JobOut, JobPage, JobStatus, MethodOut
+from app import signing
+from app.config import get_settings
+from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut
+from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
 from worker.methods import load_all
 
@@ -57,6 +62,55 @@ def get_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
 def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     return JobOut.from_row(service.cancel(uow, caller, job_id))
+
+
+def _html_report(report: dict) -> HTMLResponse:
+    from app.reports.html import render_job_report  # matplotlib loads only when a page is drawn
+
+    return HTMLResponse(render_job_report(report), headers=HTML_HEADERS)
+
+
+@router.get(
+    "/jobs/{job_id}/report",
+    response_model=JobReport,
+    responses={200: {"content": {"text/html": {}}, "description": "The report (JSON, or HTML for Accept: text/html)"},
+               **problem_responses(401, 404, 409)},
+)
+def job_report(job_id: str, caller: CurrentCaller, uow: UoW, accept: Annotated[str | None, Header()] = None) -> Response:
+    """What the job changed: size, speed, quality and fidelity before and after; an HTML page with
+    charts when the client prefers text/html."""
+    report = service.report(service.get(uow, caller, job_id))
+    page = _html_report(report) if prefers_html(accept) else JSONResponse(JobReport.model_validate(report).model_dump(mode="json"))
+    page.headers["Vary"] = "Accept"  # one URL, two representations: caches must key on Accept
+    return page
+
+
+@router.post("/jobs/{job_id}/report/link", status_code=201, response_model=LinkOut, responses=problem_responses(401, 404, 409, 422))
+def job_report_link(
+    job_id: str, caller: CurrentCaller, uow: UoW, request: Request, body: Annotated[LinkIn | None, Body()] = None
+) -> LinkOut:
+    """A short-lived link to the HTML report that a browser opens without an API key."""
+    job = service.get(uow, caller, job_id)
+    service.report(job)  # 409 until there is a report
+    ttl = (body.ttl_s if body and body.ttl_s else None) or get_settings().report_link_ttl_s
+    expires, sig = signing.sign("job", job.id, ttl)
+    url = str(request.url_for("job_report_view", job_id=job.id).include_query_params(expires=expires, signature=sig))
+    return LinkOut(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+
+
+@router.get(
+    "/jobs/{job_id}/report/view",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "The HTML report"}, **problem_responses(404, 409, 410)},
+)
+def job_report_view(
+    job_id: str, uow: UoW,
+    expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+    signature: Annotated[str | None, Query(max_length=128)] = None,
+) -> HTMLResponse:
+    """The HTML report through a signed link (no Authorization header; see POST .../report/link)."""
+    signing.verify("job", job_id, expires, signature)
+    return _html_report(service.report(service.get_unscoped(uow, job_id)))
 
 
 @router.get(

@@ -14,6 +14,22 @@ class StepIn(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"sparsity": 0.5}])
 
 
+class EvaluationIn(BaseModel):
+    """How the job's report measures the original and the compressed model (worker/evaluate.py).
+
+    Latency: ``runs`` timed forward passes of ``batch_size`` x ``seq_len`` tokens after
+    ``warmup`` untimed ones, median reported. Quality and fidelity: up to ``max_samples`` texts of
+    the eval dataset (or the built-in English corpus), each cut to ``seq_len`` tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(default=True, description="false: only sizes and sparsity are reported")
+    batch_size: int = Field(default=1, ge=1, le=64)
+    seq_len: int = Field(default=128, ge=8, le=4096)
+    runs: int = Field(default=7, ge=1, le=100)
+    warmup: int = Field(default=2, ge=0, le=20)
+    max_samples: int = Field(default=32, ge=1, le=2000)
+
+
 class JobIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model_id: str = Field(min_length=1, max_length=64)
@@ -21,6 +37,7 @@ class JobIn(BaseModel):
     name: str | None = Field(default=None, max_length=200)
     dataset_id: str | None = Field(default=None, max_length=64, description="calibration / training data for methods that need it")
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
+    evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
 
 
 class Progress(BaseModel):
@@ -45,6 +62,8 @@ class JobOut(BaseModel):
     model_id: str | None
     dataset_id: str | None = None
     eval_dataset_id: str | None = None
+    sweep_id: str | None = None
+    evaluation: dict[str, Any] | None = None
     status: JobStatus
     steps: list[dict[str, Any]]
     queue: str
@@ -66,6 +85,8 @@ class JobOut(BaseModel):
             model_id=job.model_id,
             dataset_id=job.dataset_id,
             eval_dataset_id=job.eval_dataset_id,
+            sweep_id=job.sweep_id,
+            evaluation=job.evaluation,
             status=job.status,
             steps=job.steps,
             queue=job.queue,
@@ -96,3 +117,37 @@ class MethodOut(BaseModel):
     needs_data: bool
     formats: list[str]
     params_schema: dict[str, Any]
+
+
+class JobReport(BaseModel):
+    """What the job changed, measured (docs/REPORTS.md). Each of ``speed``, ``quality`` and
+    ``fidelity`` is ``{"available": true, ...}`` or ``{"available": false, "reason": ...}``."""
+
+    model_config = ConfigDict(extra="allow")
+    job_id: str
+    job_name: str | None
+    model_id: str | None
+    sweep_id: str | None
+    status: JobStatus
+    created_at: datetime
+    finished_at: datetime | None
+    size: dict[str, Any]
+    sparsity: dict[str, Any]
+    speed: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    steps: list[dict[str, Any]]
+    stage_seconds: dict[str, float]
+    notes: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+
+
+class LinkIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl_s: int | None = Field(default=None, ge=1, le=7 * 86400, description="seconds the link stays valid (default: settings)")
+
+
+class LinkOut(BaseModel):
+    url: str = Field(description="opens in a browser with no Authorization header until expires_at")
+    expires_at: datetime

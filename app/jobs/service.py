@@ -13,7 +13,11 @@ from worker.methods import ModelInfo, StepError, validate_steps
 from worker.methods import get as get_method
 
 
-def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
+def submit(
+    uow: UnitOfWork, caller: Caller, body: JobIn, *, sweep_id: str | None = None, sweep_point: dict | None = None
+) -> Job:
+    """Check the spec, add the job row and enqueue it after the commit (a sweep adds one per
+    point in one transaction: all points are recorded, or none)."""
     model = models_repo.get(uow.session, caller.tenant_id, body.model_id)
     if model is None:
         raise Unprocessable(
@@ -41,6 +45,7 @@ def submit(uow: UnitOfWork, caller: Caller, body: JobIn) -> Job:
     job = Job(
         tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
         dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
+        evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
     )
     uow.session.add(job)
     uow.session.flush()
@@ -85,6 +90,26 @@ def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps
 
 def get(uow: UnitOfWork, caller: Caller, job_id: str) -> Job:
     job = repository.get(uow.session, caller.tenant_id, job_id)
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def report(job: Job) -> dict:
+    """The report of a succeeded job: its metrics with the job's identity."""
+    if job.status != "succeeded" or not job.metrics:
+        raise Conflict(f"the job is {job.status}; its report exists once it has succeeded", code="report_not_ready")
+    return {
+        "job_id": job.id, "job_name": job.name, "model_id": job.model_id, "sweep_id": job.sweep_id,
+        "status": job.status, "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        **job.metrics,
+    }
+
+
+def get_unscoped(uow: UnitOfWork, job_id: str) -> Job:
+    """A job by id for a signed link (the signature, checked first, is the authorization)."""
+    job = uow.session.get(Job, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
     return job
