@@ -1,0 +1,265 @@
+"""The report pages: what they say, what they escape, and that a real Chromium opens them without
+a console error, a page error or a failed request (the pages carry their own CSP, so a violation
+would show up as a console error)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from app.reports import charts
+from app.reports.html import PAGE_CSP, render_job_report, render_sweep
+from tests.browser import open_in_chromium
+
+EVIL = "<script>alert(1)</script>"
+
+FULL_REPORT = {
+    "job_id": "bf67f4fe-8c19-4e89-a2f5-99f4f6713dc0",
+    "job_name": EVIL,
+    "model_id": "24971735-1379-4eee-9619-e7a086abfb9c",
+    "status": "succeeded",
+    "created_at": "2026-11-29T16:00:00Z",
+    "finished_at": "2026-11-29T16:00:02Z",
+    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "note": "<img src=x onerror=alert(2)>"},
+               "seconds": 0.12}],
+    "size": {"original_bytes": 1000000, "artifact_bytes": 500000, "compression_ratio": 2.0,
+             "original_weight_bytes": 900000, "artifact_weight_bytes": 450000, "weight_bytes_ratio": 0.5,
+             "memory_bytes": 800000, "parameters": {"original": 225000, "total": 225000, "nonzero": 112500},
+             "mean_bits_per_weight": 16.0},
+    "sparsity": {"overall": 0.5, "target_parameters": 200000, "target_zeros": 100000, "sparsity": 0.5,
+                 "per_layer": [{"name": "transformer.h.0.mlp.c_fc.weight", "parameters": 4096, "zeros": 2048,
+                                "sparsity": 0.5},
+                               {"name": "h.1.<b>$x^2$</b>", "parameters": 4096, "zeros": 1024, "sparsity": 0.25}]},
+    "speed": {"available": True, "reason": None, "device": "cpu", "threads": 2, "batch_size": 1, "seq_len": 128,
+              "runs": 5, "warmup": 1,
+              "original": {"median_ms": 10.0, "min_ms": 9.5, "max_ms": 11.0,
+                           "samples_ms": [10.0, 9.5, 11.0, 10.2, 9.9]},
+              "compressed": {"median_ms": 5.0, "min_ms": 4.9, "max_ms": 5.5, "samples_ms": [5.0, 4.9, 5.5, 5.1, 5.0]},
+              "runs_as": "int8_kernels", "kernel": "torch._int_mm int8 x int8", "latency_ratio": 0.5, "speedup": 2.0,
+              "note": "measured on 2 threads"},
+    "memory": {"peak_rss_bytes": 123456789, "how": "ru_maxrss of the worker child", "peak_cuda_bytes": None},
+    "quality": {"available": True, "reason": None, "metric": "perplexity", "higher_is_better": False,
+                "dataset": {"source": "builtin", "id": None, "samples": 32, "tokens": 3000},
+                "original": 50.1, "compressed": 52.3, "delta": 2.2},
+    "fidelity": {"available": True, "reason": None, "on": "logits", "samples": 32, "tokens": 3000,
+                 "kl_mean": 0.01, "top1_agreement": 0.98, "output_cosine": None,
+                 "reasons": {"output_cosine": "only for embedding models"}},
+    "stage_seconds": {"load": 0.1, "evaluate_original": 0.5, "step1:prune.magnitude": 0.2, "save": 0.3,
+                      "evaluate_compressed": 0.5, "store": 0.01, "total": 1.7},
+    "notes": {"any": "</pre><script>alert(3)</script>"},
+    "evaluation": {"enabled": True, "batch_size": 1, "seq_len": 128, "runs": 5, "warmup": 1, "max_samples": 32},
+}
+
+UNAVAILABLE_REPORT = {
+    "job_id": "0c4a1b2e-0000-4000-8000-000000000001",
+    "job_name": None,
+    "model_id": "m-1",
+    "status": "succeeded",
+    "steps": [{"method": "quantize.int8_dynamic", "params": {}, "seconds": None}],
+    "size": {"original_bytes": 548428, "artifact_bytes": None, "compression_ratio": None},
+    "sparsity": {"overall": None, "per_layer": [{"name": "w", "parameters": 10, "zeros": None, "sparsity": None}]},
+    "speed": {"available": False, "reason": "speed measurement <disabled> for this job"},
+    "quality": {"available": False, "reason": "no evaluation dataset & the model has no LM head"},
+    "fidelity": {"available": False, "reason": "fidelity needs the original model's logits"},
+    "memory": None,
+    "stage_seconds": {"total": float("nan")},
+}
+
+SWEEP = {
+    "id": "5a0e9a7c-1111-4222-8333-444455556666",
+    "name": EVIL,
+    "model_id": "24971735-1379-4eee-9619-e7a086abfb9c",
+    "created_at": "2026-11-29T16:00:00Z",
+    "status": "partial",
+    "spec": {"steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+             "vary": {"steps[0].params.sparsity": [0.3, 0.5, 0.7]}},
+    "counts": {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "canceled": 0},
+    "points": [
+        {"index": 0, "values": {"steps[0].params.sparsity": 0.3}, "job_id": "job-0-5a0e9a7c-1111-4222-8333",
+         "status": "succeeded",
+         "metrics": {"artifact_bytes": 700000, "compression_ratio": 1.4286, "latency_ms": 7.25,
+                     "quality_metric": "perplexity", "quality": 50.0, "higher_is_better": False,
+                     "kl_mean": 0.01, "top1_agreement": 0.98, "sparsity": 0.3},
+         "error": None, "on_frontier": True},
+        {"index": 1, "values": {"steps[0].params.sparsity": 0.5}, "job_id": "job-1", "status": "succeeded",
+         "metrics": {"artifact_bytes": 500000, "compression_ratio": 2.0, "latency_ms": 5.5,
+                     "quality_metric": "perplexity", "quality": 61.5, "higher_is_better": False,
+                     "kl_mean": 0.2, "top1_agreement": 0.9, "sparsity": 0.5},
+         "error": None, "on_frontier": True},
+        {"index": 2, "values": {"steps[0].params.sparsity": 0.7}, "job_id": "job-2", "status": "failed",
+         "metrics": None, "error": {"code": "worker_error", "message": "out of memory <oom>"}, "on_frontier": False},
+    ],
+    "frontier": [0, 1],
+    "frontier_axes": {"size": "artifact_bytes (lower is better)", "latency": "latency_ms (lower is better)",
+                      "quality": "perplexity (lower is better)"},
+    "frontier_note": "frontier over points with all three metrics",
+}
+
+
+def _open(tmp_path: Path, name: str, html: str) -> dict:
+    page = tmp_path / name
+    page.write_text(html, encoding="utf-8")
+    return open_in_chromium(page.as_uri())
+
+
+def _assert_clean(res: dict, svg_count: int) -> None:
+    assert res["console_errors"] == []
+    assert res["page_errors"] == []
+    assert res["failed_requests"] == []
+    assert res["bad_responses"] == []
+    assert res["dialogs"] == []
+    assert res["svg_count"] == svg_count
+
+
+def _assert_standalone(html: str) -> None:
+    assert html.startswith("<!DOCTYPE html>")
+    assert '<meta charset="utf-8">' in html
+    assert '<link rel="icon" href="data:,">' in html
+    assert "<?xml" not in html and "<!DOCTYPE svg" not in html
+    assert "<script" not in html.lower()
+    # No resource from anywhere else: no src=, no stylesheet link, no http(s) URL but the SVG namespaces.
+    assert not re.search(r"<[a-zA-Z][^>]*\s(src|srcset|data)=", html)
+    assert 'rel="stylesheet"' not in html and "@import" not in html and "url(http" not in html
+    urls = set(re.findall(r"https?://[^\s\"'<>)]+", html))
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls
+
+
+def test_full_job_report(tmp_path: Path) -> None:
+    html = render_job_report(copy.deepcopy(FULL_REPORT))
+    _assert_standalone(html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(2)&gt;" in html
+    assert "&lt;/pre&gt;&lt;script&gt;alert(3)&lt;/script&gt;" in html
+    for text in ("1.00 MB", "1,000,000 bytes", "500 kB", "500,000 bytes", "2×", "123 MB", "123,456,789 bytes",
+                 "50.1", "52.3", "+2.2 (worse)", "10 ms", "5 ms", "2× as fast", "50.00 %", "25.00 %",
+                 "transformer.h.0.mlp.c_fc.weight", "only for embedding models", "1.700 s", "perplexity"):
+        assert text in html, text
+
+    res = _open(tmp_path, "job.html", html)
+    _assert_clean(res, svg_count=4)  # size, sparsity per layer, latency, quality
+    assert res["status"] in (200, None)
+    assert res["title"] == f"Job report: {EVIL}"
+    assert EVIL in res["text"]  # shown as text, not run
+    assert "h.1.<b>$x^2$</b>" in res["text"]
+
+
+def test_report_with_unavailable_sections(tmp_path: Path) -> None:
+    html = render_job_report(copy.deepcopy(UNAVAILABLE_REPORT))
+    _assert_standalone(html)
+    for reason in ("speed measurement &lt;disabled&gt; for this job",
+                   "no evaluation dataset &amp; the model has no LM head",
+                   "fidelity needs the original model&#x27;s logits"):
+        assert reason in html, reason
+    assert "548 kB" in html and "548,428 bytes" in html
+
+    res = _open(tmp_path, "job-partial.html", html)
+    _assert_clean(res, svg_count=1)  # size (original only); the one layer has no sparsity value
+    for reason in ("speed measurement <disabled> for this job", "no evaluation dataset & the model has no LM head",
+                   "fidelity needs the original model's logits", "Not reported for this job."):
+        assert reason in res["text"], reason
+    assert res["title"] == "Job report: 0c4a1b2e-0000-4000-8000-000000000001"
+
+
+def test_decompressed_speed_claims_no_speedup() -> None:
+    report = copy.deepcopy(FULL_REPORT)
+    report["speed"].update(runs_as="decompressed", speedup=None, latency_ratio=1.02,
+                           note="int4 weights are unpacked to float before matmul")
+    html = render_job_report(report)
+    assert "as fast" not in html
+    assert "No speed-up claimed" in html and "int4 weights are unpacked to float before matmul" in html
+    assert "10 ms" in html and "5 ms" in html  # both latencies still shown
+
+
+def test_empty_and_garbage_input_do_not_crash() -> None:
+    for report in ({}, {"size": "oops", "steps": "x", "speed": {"available": True}, "quality": {},
+                        "sparsity": {"per_layer": "no"}, "fidelity": {"kl_mean": "NaN"}}):
+        html = render_job_report(report)
+        assert html.startswith("<!DOCTYPE html>") and "</html>" in html
+    for sweep in ({}, {"points": [None, {"index": 0, "metrics": {"artifact_bytes": None}}], "spec": {"vary": 3}}):
+        html = render_sweep(sweep)
+        assert html.startswith("<!DOCTYPE html>") and "</html>" in html
+
+
+def test_sweep_page(tmp_path: Path) -> None:
+    html = render_sweep(copy.deepcopy(SWEEP))
+    _assert_standalone(html)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "out of memory &lt;oom&gt;" in html and "worker_error" in html
+    for text in ("700 kB", "700,000 bytes", "500,000 bytes", "7.25 ms", "61.5", "steps[0].params.sparsity",
+                 "perplexity (lower is better)", "frontier over points with all three metrics",
+                 "1 of 3 points are not plotted"):
+        assert text in html, text
+    assert html.count('<tr class=frontier>') == 2
+    assert 'title="job-0-5a0e9a7c-1111-4222-8333"' in html  # long job ids shortened, full on hover
+
+    res = _open(tmp_path, "sweep.html", html)
+    _assert_clean(res, svg_count=1)
+    assert res["title"] == f"Sweep: {EVIL}"
+    assert "out of memory <oom>" in res["text"]
+
+
+def test_sweep_without_metrics_shows_reason(tmp_path: Path) -> None:
+    sweep = copy.deepcopy(SWEEP)
+    for p in sweep["points"]:
+        p.update(metrics=None, status="queued", on_frontier=False)
+    sweep.update(status="running", frontier=[])
+    html = render_sweep(sweep)
+    assert "No point has both an artifact size and a quality value yet." in html
+    assert "still running" in html
+    res = _open(tmp_path, "sweep-empty.html", html)
+    _assert_clean(res, svg_count=0)
+
+
+def test_many_layers_chart_is_capped() -> None:
+    layers = [(f"model.layers.{i}.mlp.up_proj.weight", (i % 13) / 13) for i in range(400)]
+    svg = charts.layer_sparsity_bars(layers, overall=0.4, max_layers=40)
+    assert "360 layers between these not shown" in svg
+    height_pt = float(re.search(r'height="([\d.]+)pt"', svg).group(1))
+    assert height_pt < 700
+    report = copy.deepcopy(FULL_REPORT)
+    report["sparsity"]["per_layer"] = [{"name": n, "parameters": 100, "zeros": int(s * 100), "sparsity": s}
+                                       for n, s in layers]
+    html = render_job_report(report)
+    assert "model.layers.399.mlp.up_proj.weight" in html  # the table has every layer
+    assert "<details><summary>All 400 layers</summary>" in html
+
+
+def test_charts_are_deterministic_inline_svg_with_unique_ids() -> None:
+    a = charts.before_after_bars("Size", [("file", 1_000_000, 500_000)], kind="bytes")
+    b = charts.before_after_bars("Size", [("file", 1_000_000, 500_000)], kind="bytes")
+    c = charts.before_after_bars("Latency", [("median", 10.0, 5.0)], kind="ms")
+    assert a == b
+    assert a.startswith("<svg ") and a.endswith("</svg>") and "<!--" not in a
+    ids_a, ids_c = set(re.findall(r'id="([^"]+)"', a)), set(re.findall(r'id="([^"]+)"', c))
+    assert ids_a and not ids_a & ids_c
+    scatter = charts.sweep_scatter([{"index": 0, "artifact_bytes": 5, "quality": 1.0, "latency_ms": None}])
+    for svg in (a, c, scatter):  # every url(#…) and href="#…" still points at an element of the same chart
+        refs = set(re.findall(r'(?:url\(#|href="#)([^)"]+)', svg))
+        assert refs and refs <= set(re.findall(r'id="([^"]+)"', svg))
+    assert charts.human_bytes(999) == "999 B" and charts.human_bytes(1_234_567) == "1.23 MB"
+
+
+def test_charts_same_bytes_in_another_process() -> None:
+    point = {"index": 0, "artifact_bytes": 5, "quality": 1.0, "latency_ms": 2.0, "on_frontier": True}
+    code = ("from app.reports import charts; import hashlib; "
+            f"print(hashlib.sha256(charts.sweep_scatter([{point!r}]).encode()).hexdigest())")
+    here = hashlib.sha256(charts.sweep_scatter([point]).encode()).hexdigest()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == here
+
+
+def test_importing_the_reports_is_light() -> None:
+    code = ("import sys; import app.reports.html, app.reports.charts; "
+            "print(','.join(m for m in ('matplotlib', 'numpy', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == ""
+
+
+def test_page_csp_is_in_the_page() -> None:
+    html = render_sweep({})
+    assert 'http-equiv="Content-Security-Policy"' in html
+    assert "default-src &#x27;none&#x27;" in html and "script-src" not in PAGE_CSP
