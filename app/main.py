@@ -14,6 +14,7 @@ from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.models.endpoints import router as models_router
+from app.sweeps.endpoints import router as sweeps_router
 
 log = logging.getLogger("modelpress.api")
 
@@ -29,6 +30,7 @@ def create_app() -> FastAPI:
     app.include_router(models_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
+    app.include_router(sweeps_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -1,0 +1,100 @@
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import HTMLResponse
+
+from app import signing
+from app.auth import CurrentCaller
+from app.db import UoW
+from app.deps import SettingsDep
+from app.errors import problem_responses
+from app.negotiation import HTML_HEADERS, prefers_html
+from app.pagination import next_cursor
+from app.sweeps import repository, service
+from app.sweeps.schemas import LinkIn, LinkOut, SweepIn, SweepOut, SweepPage
+
+router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
+
+
+def _html(sweep: SweepOut) -> HTMLResponse:
+    from app.reports.html import render_sweep  # imported on use: charts pull in matplotlib
+
+    return HTMLResponse(render_sweep(sweep.model_dump(mode="json")), headers=HTML_HEADERS)
+
+
+@router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(401, 422))
+def create_sweep(body: SweepIn, caller: CurrentCaller, uow: UoW, response: Response) -> SweepOut:
+    """Start a sweep: one job per combination of the `vary` values, all queued at once."""
+    sweep, _jobs = service.create(uow, caller, body)
+    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
+    return service.report(uow, sweep)
+
+
+@router.get("", response_model=SweepPage, responses=problem_responses(401, 422))
+def list_sweeps(
+    caller: CurrentCaller,
+    uow: UoW,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
+) -> SweepPage:
+    """List the caller's sweeps, newest first, with their status and counts."""
+    rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
+    return SweepPage(items=service.summaries(uow, rows[:limit]), next_cursor=next_cursor(rows, limit))
+
+
+@router.get(
+    "/{sweep_id}",
+    response_model=SweepOut,
+    responses={
+        200: {"content": {"text/html": {"schema": {"type": "string"}}},
+              "description": "The sweep as JSON, or as an HTML page when the Accept header prefers text/html"},
+        **problem_responses(401, 404),
+    },
+)
+def get_sweep(
+    sweep_id: str, caller: CurrentCaller, uow: UoW, response: Response, accept: Annotated[str | None, Header()] = None
+) -> SweepOut | HTMLResponse:
+    """One sweep: every point's metrics and the Pareto frontier; HTML when the client prefers it."""
+    sweep = service.report(uow, service.get(uow, caller, sweep_id))
+    if prefers_html(accept):
+        page = _html(sweep)
+        page.headers["Vary"] = "Accept"
+        return page
+    response.headers["Vary"] = "Accept"
+    return sweep
+
+
+@router.post("/{sweep_id}/link", status_code=201, response_model=LinkOut, responses=problem_responses(401, 404, 422))
+def create_link(
+    sweep_id: str,
+    request: Request,
+    caller: CurrentCaller,
+    uow: UoW,
+    settings: SettingsDep,
+    body: Annotated[LinkIn | None, Body()] = None,
+) -> LinkOut:
+    """A signed, short-lived link that opens the sweep's HTML page without an API key."""
+    sweep = service.get(uow, caller, sweep_id)
+    ttl = body.ttl_s if body is not None and body.ttl_s is not None else settings.report_link_ttl_s
+    expires, signature = signing.sign("sweep", sweep.id, ttl)
+    url = request.url_for("view_sweep", sweep_id=sweep.id).include_query_params(expires=expires, signature=signature)
+    return LinkOut(url=str(url), expires_at=datetime.fromtimestamp(expires, tz=timezone.utc))
+
+
+@router.get(
+    "/{sweep_id}/view",
+    response_class=HTMLResponse,
+    responses={200: {"content": {"text/html": {}}, "description": "The sweep as an HTML page"}, **problem_responses(404, 410, 422)},
+)
+def view_sweep(
+    sweep_id: str,
+    uow: UoW,
+    expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+    signature: Annotated[str | None, Query(max_length=128)] = None,
+) -> HTMLResponse:
+    """The sweep's HTML page through a signed link (no Authorization header needed)."""
+    signing.verify("sweep", sweep_id, expires, signature)
+    return _html(service.report(uow, service.get_unscoped(uow, sweep_id)))
