@@ -88,6 +88,21 @@ def _bootstrap_key(data_dir: Path) -> str:
     return key
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _die_with_parent() -> None:
+    """In the embedded worker, before exec: the kernel sends it SIGTERM when `serve` dies, even
+    by SIGKILL, so no orphan worker keeps taking jobs (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -102,12 +117,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         migrate()
         key = _bootstrap_key(s.data_dir)
         if s.embedded_worker:
-            worker = subprocess.Popen([sys.executable, "-m", "app.cli", "worker", "--concurrency", str(s.worker_concurrency)])
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "app.cli", "worker", "--concurrency", str(s.worker_concurrency)],
+                preexec_fn=_die_with_parent,
+            )
         print(f"modelpress (embedded) on http://{args.host}:{args.port}  data: {s.data_dir}", flush=True)
         print(f"API key: {key}", flush=True)
         print(f"try:  curl -H 'Authorization: Bearer {key}' http://{args.host}:{args.port}/v1/methods", flush=True)
     else:
         print(f"modelpress (cluster) on http://{args.host}:{args.port}", flush=True)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default action that
+    # kills this process before the `finally` below could stop the embedded worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         uvicorn.run(create_app(), host=args.host, port=args.port, log_level=s.log_level.lower(), access_log=False)
     finally:

@@ -107,15 +107,22 @@ class Service:
         return self._spawn("worker", "worker", "--concurrency", "1")
 
     def stop(self) -> None:
+        # SIGTERM to each main process only, as `docker stop` does: a Celery worker then shuts its
+        # pool down itself. Signalling the whole group kills pool children mid-handshake, which
+        # can leave billiard's main process waiting forever on a lock the dead child held.
         for p in reversed(self.procs):
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
+                p.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                pass
+            try:  # whatever is left in the group (a stuck worker, a pool child) goes
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            except ProcessLookupError:
+                pass
+            p.wait()
 
     def client(self, key: str | None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
