@@ -26,8 +26,9 @@ AXIS_KEYS = {"size": "artifact_bytes", "latency": "latency_ms", "quality": "qual
 # --- pareto, pure --------------------------------------------------------------------------------
 
 
-def _pt(index, size=None, latency=None, quality=None, metric="perplexity", hib=False, status="succeeded"):
+def _pt(index, size=None, latency=None, quality=None, metric="perplexity", hib=False, status="succeeded", speedup=1.5):
     metrics = {"artifact_bytes": size, "latency_ms": latency, "quality": quality,
+               "speedup": speedup if latency is not None else None,
                "quality_metric": metric if quality is not None else None,
                "higher_is_better": hib if quality is not None else None}
     return {"index": index, "status": status, "metrics": metrics}
@@ -113,6 +114,16 @@ def test_sweep_frontier_missing_axes_are_dropped_and_said():
     assert "no point has a quality score" in f.note and "3 points compared on size, latency; 2 on the frontier" in f.note
 
 
+def test_sweep_frontier_drops_latency_when_no_point_claims_a_speed_up():
+    pts = [_pt(0, 100, 5.0, 10.0, speedup=None), _pt(1, 200, 4.0, 10.0, speedup=None)]
+    f = sweep_frontier(pts)
+    # On latency alone point 1 would stay; without a claimed speed-up that 1 ms is noise.
+    assert set(f.axes) == {"size", "quality"} and f.indices == [0]
+    assert "no point claims a speed-up" in f.note
+    f = sweep_frontier([_pt(0, 100, 5.0, 10.0, speedup=None), _pt(1, 200, 4.0, 10.0, speedup=1.2)])
+    assert set(f.axes) == {"size", "latency", "quality"} and f.indices == [0, 1]
+
+
 def test_sweep_frontier_quality_dropped_when_points_disagree():
     f = sweep_frontier([_pt(0, 100, 1.0, 50.0, metric="perplexity"), _pt(1, 90, 2.0, 0.9, metric="accuracy", hib=True)])
     assert "quality" not in f.axes and "different metrics" in f.note
@@ -134,13 +145,13 @@ def test_sweep_frontier_without_candidates_or_common_axis():
 def test_point_metrics_are_read_defensively():
     full = {
         "size": {"artifact_bytes": 500000, "compression_ratio": 2.0},
-        "speed": {"compressed": {"median_ms": 5.0}, "original": {"median_ms": 7.0}},
+        "speed": {"compressed": {"median_ms": 5.0}, "original": {"median_ms": 7.0}, "speedup": 1.4},
         "quality": {"metric": "perplexity", "original": 40.0, "compressed": 50.0, "higher_is_better": False},
         "fidelity": {"kl_mean": 0.01, "top1_agreement": 0.98},
         "sparsity": {"sparsity": 0.3},
     }
     assert point_metrics(full).model_dump() == {
-        "artifact_bytes": 500000, "compression_ratio": 2.0, "latency_ms": 5.0, "quality_metric": "perplexity",
+        "artifact_bytes": 500000, "compression_ratio": 2.0, "latency_ms": 5.0, "speedup": 1.4, "quality_metric": "perplexity",
         "quality": 50.0, "higher_is_better": False, "kl_mean": 0.01, "top1_agreement": 0.98, "sparsity": 0.3}
     empty = dict.fromkeys(point_metrics(full).model_dump())
     assert point_metrics(None).model_dump() == empty
@@ -183,8 +194,12 @@ def test_accept_negotiation(accept, html):
 
 
 @pytest.fixture(scope="module")
-def gpt2(embedded, tiny) -> str:
-    r = upload_dir(embedded.client(), tiny["gpt2"], name="tiny-gpt2")
+def gpt2(embedded, tmp_path_factory) -> str:
+    from tests.tokenizer_util import build_models
+
+    # With its tokenizer: the reports have perplexity, so the frontier has all three axes.
+    path = build_models(tmp_path_factory.mktemp("sweep-models"))["gpt2"]
+    r = upload_dir(embedded.client(), path, name="tiny-gpt2")
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -294,7 +309,10 @@ def test_sweep_end_to_end(embedded, finished_sweep):
     assert sizes[0] > sizes[1] > sizes[2], sizes
 
     # The frontier is what pareto computes over the axes the report names.
-    assert s["frontier"] and "size" in s["frontier_axes"] and s["frontier_note"]
+    # Unstructured pruning keeps the shapes: no speed-up is claimed, so latency is no axis.
+    assert s["frontier"] and set(s["frontier_axes"]) == {"size", "quality"} and "latency axis is left out" in s["frontier_note"]
+    assert all(p["metrics"]["speedup"] is None and p["metrics"]["latency_ms"] > 0 for p in s["points"])
+    assert all(p["metrics"]["quality_metric"] == "perplexity" and p["metrics"]["kl_mean"] > 0 for p in s["points"])
     candidates = [p for p in s["points"] if p["metrics"]]
     keys = [AXIS_KEYS[a] for a in s["frontier_axes"]]
     minimize = [d.endswith("(lower is better)") for d in s["frontier_axes"].values()]

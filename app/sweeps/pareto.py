@@ -106,6 +106,12 @@ def sweep_frontier(points: Sequence[Mapping[str, Any]]) -> Frontier:
             notes.append(f"The {axis} axis is left out: point{'s' if len(lacking) > 1 else ''} {_list(lacking)} "
                          f"{'have' if len(lacking) > 1 else 'has'} no {what}.")
             continue
+        if axis == "latency" and all(number(p["metrics"].get("speedup")) is None for p in candidates):
+            # No point runs faster kernels or smaller shapes than the original (e.g. unstructured
+            # pruning): their latencies differ by noise alone, which must not pick the frontier.
+            notes.append("The latency axis is left out: no point claims a speed-up (each runs the original's "
+                         "kernels), so latency differences are measurement noise.")
+            continue
         lower = True
         label = key
         if axis == "quality":

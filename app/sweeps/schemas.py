@@ -57,6 +57,9 @@ class PointMetrics(BaseModel):
     artifact_bytes: int | None = None
     compression_ratio: float | None = None
     latency_ms: float | None = None
+    # The report's claimed speed-up; null when the model runs the original's kernels (the same
+    # shapes, or decompressed): its latency differences are then noise.
+    speedup: float | None = None
     quality_metric: str | None = None
     quality: float | None = None
     higher_is_better: bool | None = None

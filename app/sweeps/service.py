@@ -176,7 +176,8 @@ def point_metrics(metrics: Any) -> PointMetrics:
         return PointMetrics()
     size, quality = _section(metrics, "size"), _section(metrics, "quality")
     fidelity, sparsity = _section(metrics, "fidelity"), _section(metrics, "sparsity")
-    speed = _section(_section(metrics, "speed"), "compressed")
+    speed_section = _section(metrics, "speed")
+    speed = _section(speed_section, "compressed")
     artifact = number(size.get("artifact_bytes"))
     q = number(quality.get("compressed"))
     name = quality.get("metric")
@@ -185,6 +186,7 @@ def point_metrics(metrics: Any) -> PointMetrics:
         artifact_bytes=int(artifact) if artifact is not None else None,
         compression_ratio=number(size.get("compression_ratio")),
         latency_ms=number(speed.get("median_ms")),
+        speedup=number(speed_section.get("speedup")),
         quality_metric=name if isinstance(name, str) and q is not None else None,
         quality=q,
         higher_is_better=hib if isinstance(hib, bool) and q is not None else None,
