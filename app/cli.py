@@ -144,8 +144,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from app.config import get_settings
+    from worker.celery_app import QUEUES
 
+    queues = [q.strip() for q in args.queues.split(",") if q.strip()]
+    unknown = [q for q in queues if q not in QUEUES]
+    if not queues or unknown:
+        print(f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; the queues are {', '.join(QUEUES)}", file=sys.stderr)
+        return 2
     s = get_settings()
+    pool, concurrency = args.pool or "prefork", args.concurrency or s.worker_concurrency
+    if "gpu" in queues:
+        # One job at a time in the worker's own process: CUDA does not survive a fork, and one
+        # process per GPU (CUDA_VISIBLE_DEVICES) keeps jobs from sharing a device's memory.
+        if args.pool not in (None, "solo") or args.concurrency not in (None, 1):
+            print("modelpress worker: a gpu-queue worker runs one job at a time (--pool solo, --concurrency 1); "
+                  "run one process per GPU, e.g. CUDA_VISIBLE_DEVICES=0 modelpress worker --queues gpu", file=sys.stderr)
+            return 2
+        pool, concurrency = "solo", 1
+        from worker.registry import device
+
+        if device().type != "cuda" and not args.allow_no_gpu:
+            print("modelpress worker: no CUDA device: a gpu-queue worker needs one", file=sys.stderr)
+            return 1
     s.tmp_dir.mkdir(parents=True, exist_ok=True)
     if s.mode == "embedded":
         migrate()
@@ -153,11 +173,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     argv = [
         "worker",
-        "--queues", args.queues,
-        "--concurrency", str(args.concurrency or s.worker_concurrency),
-        "--pool", args.pool,
+        "--queues", ",".join(queues),
+        "--concurrency", str(concurrency),
+        "--pool", pool,
         "--loglevel", s.log_level,
-        "--hostname", f"modelpress-{args.queues.replace(',', '-')}-{os.getpid()}@%h",
+        "--hostname", f"modelpress-{'-'.join(queues)}-{os.getpid()}@%h",
         "--without-gossip",
         "--without-mingle",
     ]
@@ -175,9 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_serve)
 
     wp = sub.add_parser("worker", help="run a Celery worker")
-    wp.add_argument("--queues", default="cpu", help="comma-separated queues: cpu, gpu (default cpu)")
-    wp.add_argument("--concurrency", "-c", type=int, default=None, help="worker processes (default MODELPRESS_WORKER_CONCURRENCY)")
-    wp.add_argument("--pool", default="prefork", choices=["prefork", "solo", "threads"], help="Celery pool (default prefork)")
+    wp.add_argument("--queues", default="cpu", help="comma-separated queues: cpu, gpu (default cpu); "
+                    "with gpu: solo pool, one job at a time, and a CUDA device is required (one process per GPU)")
+    wp.add_argument("--concurrency", "-c", type=int, default=None, help="worker processes (default MODELPRESS_WORKER_CONCURRENCY; 1 with gpu)")
+    wp.add_argument("--pool", default=None, choices=["prefork", "solo", "threads"], help="Celery pool (default prefork; solo with gpu)")
+    wp.add_argument("--allow-no-gpu", action="store_true", help="serve the gpu queue without a CUDA device, on the CPU (tests, dry runs)")
     wp.set_defaults(fn=cmd_worker)
 
     rp = sub.add_parser("reconcile", help="re-send the messages of stale jobs (workers also do this every MODELPRESS_RECONCILE_INTERVAL_S)")

@@ -171,3 +171,21 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
+
+
+class Worker(Base):
+    """A worker main process (worker/registry.py): added when it is ready, seen again every
+    reconcile interval, removed when it shuts down cleanly. A row not seen for three intervals is
+    a worker that is gone (or cut off)."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)  # "<hostname>:<pid>"
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    # The Celery queues it consumes, e.g. ["cpu"] or ["gpu"].
+    queues: Mapped[list[Any]] = mapped_column(JSON)
+    # "cpu", or "cuda:0 (<device name>)".
+    device: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -16,6 +16,16 @@ from psycopg import sql
 from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, build_tiny_models
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``@pytest.mark.gpu`` tests need CUDA. Without it they are skipped with the reason, and
+    ``-ra`` (pyproject addopts) lists every skip at the end of the run: reported, not hidden."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA GPU; this machine has none (GPU results: docs/LLM_METHODS.md)")
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return build_tiny_models(tmp_path_factory.mktemp("models"))

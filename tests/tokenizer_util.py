@@ -111,3 +111,26 @@ def txt_dataset() -> bytes:
 def labeled_jsonl() -> bytes:
     rows = [{"text": s, "label": "pos" if any(w in s.split() for w in POSITIVE) else "neg"} for s in sentences()]
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def build_trained_llama(path: Path, steps: int = 300) -> Path:
+    """A tiny Llama trained for a few seconds on the corpus (seeded, deterministic on one machine).
+    Random-init weights have none of the activation structure (outlier features) that
+    calibration-aware methods exploit; a briefly trained model has some, so comparing Wanda or
+    GPTQ with their textbook versions on it means something."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=len(vocab()), max_position_embeddings=64,
+                                         **_special_ids()))
+    enc = tok(sentences(), padding=True, return_tensors="pt")
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        model(**enc, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return save_with_tokenizer(model.eval(), path)

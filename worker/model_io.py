@@ -40,6 +40,9 @@ class LoadedModel:
     saver: Callable[["LoadedModel", Path], None] | None = None
     # Facts for the report about how the artifact's weights are stored / run.
     notes: dict[str, Any] = field(default_factory=dict)
+    # Keys merged into the saved config.json whatever writes it (llm-compressor's save_pretrained
+    # re-saves the config from its own copy and would drop attributes set on the module's).
+    config_extra: dict[str, Any] = field(default_factory=dict)
 
     def targets(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[Target]:
         """Weights that compression methods act on: every nn.Linear and GPT-2 Conv1D weight except
@@ -129,4 +132,11 @@ def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any]) -> None:
             metadata={"modelpress": json.dumps(manifest, sort_keys=True)},
         )
         return
+    if model.config_extra:
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(model.config_extra)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # llm-compressor writes the recipe it ran; modelpress.json records the job's steps instead.
+    (out_dir / "recipe.yaml").unlink(missing_ok=True)
     (out_dir / "modelpress.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

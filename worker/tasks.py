@@ -7,10 +7,11 @@ import threading
 
 from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
-from worker import pipeline  # imports torch once, when the worker starts
-from worker.celery_app import TASK_RUN_JOB, celery_app
+from worker import pipeline, registry  # imports torch once, when the worker starts
+from worker.celery_app import QUEUES, TASK_RUN_JOB, celery_app
 
 _stop_reconciler = threading.Event()
+_registration: registry.Registration | None = None
 
 
 @celery_app.task(name=TASK_RUN_JOB)
@@ -19,15 +20,23 @@ def run_job(job_id: str) -> None:
 
 
 @worker_ready.connect
-def _start_reconciler(**_kw: object) -> None:
+def _on_ready(**_kw: object) -> None:
+    """In the worker's main process: start the reconciler and register in the worker registry
+    (the queues this worker consumes, and its device)."""
+    global _registration
     from worker.reconcile import start_background
 
     start_background(_stop_reconciler)
+    consumed = celery_app.amqp.queues.consume_from  # None: no -Q, every queue
+    _registration = registry.Registration(sorted(consumed or QUEUES), registry.describe(registry.device()))
+    _registration.start()
 
 
 @worker_shutdown.connect
-def _stop_reconciler_loop(**_kw: object) -> None:
+def _on_shutdown(**_kw: object) -> None:
     _stop_reconciler.set()
+    if _registration is not None:
+        _registration.stop()
 
 
 @worker_process_init.connect

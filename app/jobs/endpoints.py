@@ -16,7 +16,7 @@ from app.errors import Conflict, ModelpressError, problem_responses
 from app.jobs import repository, service
 from app import signing
 from app.config import get_settings
-from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut
+from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
 from worker.methods import load_all
@@ -35,7 +35,7 @@ def submit_job(body: JobIn, caller: CurrentCaller, uow: UoW, response: Response)
     """Submit a compression job; it is queued and runs on a worker."""
     job = service.submit(uow, caller, body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.from_row(job)
+    return JobOut.from_row(job, service.stage(uow, job))
 
 
 @router.get("/jobs", response_model=JobPage, responses=problem_responses(401, 422))
@@ -49,19 +49,21 @@ def list_jobs(
     """List the caller's jobs, newest first, optionally by status."""
     rows = repository.list_page(uow.session, caller.tenant_id, status, limit, cursor)
     nxt = next_cursor(rows, limit)
-    return JobPage(items=[JobOut.from_row(j) for j in rows[:limit]], next_cursor=nxt)
+    return JobPage(items=[JobOut.from_row(j, service.stage(uow, j)) for j in rows[:limit]], next_cursor=nxt)
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, responses=problem_responses(401, 404))
 def get_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     """One job: status, progress, error, metrics and artifact."""
-    return JobOut.from_row(service.get(uow, caller, job_id))
+    job = service.get(uow, caller, job_id)
+    return JobOut.from_row(job, service.stage(uow, job))
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=problem_responses(401, 404, 409))
 def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
-    return JobOut.from_row(service.cancel(uow, caller, job_id))
+    job = service.cancel(uow, caller, job_id)
+    return JobOut.from_row(job, service.stage(uow, job))
 
 
 def _html_report(report: dict) -> HTMLResponse:
@@ -180,3 +182,9 @@ def list_methods(caller: CurrentCaller) -> list[MethodOut]:
             )
         )
     return out
+
+
+@router.get("/workers", response_model=list[WorkerOut], tags=["workers"], responses=problem_responses(401))
+def list_workers(caller: CurrentCaller, uow: UoW) -> list[WorkerOut]:
+    """Every registered worker, whatever the caller's tenant: queues, device, when last seen, live."""
+    return [WorkerOut(**w) for w in service.workers(uow)]

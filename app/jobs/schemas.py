@@ -78,7 +78,8 @@ class JobOut(BaseModel):
     artifact: Artifact | None = None
 
     @classmethod
-    def from_row(cls, job: Any) -> "JobOut":
+    def from_row(cls, job: Any, stage: str | None = None) -> "JobOut":
+        """``stage``: the progress stage as of now (app.jobs.service.stage), if not the row's."""
         return cls(
             id=job.id,
             name=job.name,
@@ -90,7 +91,7 @@ class JobOut(BaseModel):
             status=job.status,
             steps=job.steps,
             queue=job.queue,
-            progress=Progress(stage=job.progress_stage, fraction=job.progress_fraction),
+            progress=Progress(stage=stage or job.progress_stage, fraction=job.progress_fraction),
             attempt=job.attempt,
             cancel_requested=job.cancel_requested,
             created_at=job.created_at,
@@ -107,6 +108,19 @@ class JobOut(BaseModel):
 class JobPage(BaseModel):
     items: list[JobOut]
     next_cursor: str | None
+
+
+class WorkerOut(BaseModel):
+    """A worker main process (``modelpress worker``) from the registry; ``live``: seen within the
+    last three reconcile intervals."""
+
+    id: str = Field(description="<hostname>:<pid>")
+    hostname: str
+    queues: list[str]
+    device: str = Field(examples=["cpu", "cuda:0 (NVIDIA H100 80GB HBM3)"])
+    started_at: datetime
+    last_seen_at: datetime
+    live: bool
 
 
 class MethodOut(BaseModel):

@@ -8,6 +8,7 @@ from app.jobs.schemas import JobIn
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
 from app.tables import Job, Model, utcnow
+from worker import registry as worker_registry
 from worker.celery_app import enqueue_job
 from worker.methods import ModelInfo, StepError, validate_steps
 from worker.methods import get as get_method
@@ -44,6 +45,7 @@ def submit(
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
     job = Job(
         tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
+        progress_stage=_gpu_stage(uow) if queue == "gpu" else "queued",
         dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
         evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
     )
@@ -86,6 +88,42 @@ def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps
             sha = next((f["sha256"] for f in student.files if f["name"] == name), None)
             if sha is not None and teacher_files.get(name) != sha:
                 raise refuse("tokenizer_mismatch", f"the student's {name} differs from the teacher's: it must use the same tokenizer")
+
+
+WAITING_FOR_GPU = "waiting for a GPU worker"
+
+
+def _gpu_stage(uow: UnitOfWork) -> str:
+    """What a queued GPU job waits for, from the worker registry: ``queued`` while a worker that
+    serves the gpu queue is live, else the wait. Read once per request (a sweep or a list asks
+    for every job at once)."""
+    cache = uow.session.info
+    if "gpu_stage" not in cache:
+        seen = worker_registry.last_seen(uow.session, "gpu")
+        if seen is None:
+            cache["gpu_stage"] = f"{WAITING_FOR_GPU} (none has been seen)"
+        elif seen < worker_registry.live_since():
+            cache["gpu_stage"] = f"{WAITING_FOR_GPU} (none seen since {seen:%Y-%m-%dT%H:%M:%SZ})"
+        else:
+            cache["gpu_stage"] = "queued"
+    return cache["gpu_stage"]
+
+
+def stage(uow: UnitOfWork, job: Job) -> str | None:
+    """The job's progress stage as of now: a queued GPU job's says whether a GPU worker is live."""
+    if job.status == "queued" and job.queue == "gpu":
+        return _gpu_stage(uow)
+    return job.progress_stage
+
+
+def workers(uow: UnitOfWork) -> list[dict]:
+    """Every registered worker, for operators: the same list whatever the caller's tenant."""
+    since = worker_registry.live_since()
+    return [
+        {"id": w.id, "hostname": w.hostname, "queues": w.queues, "device": w.device, "started_at": w.started_at,
+         "last_seen_at": w.last_seen_at, "live": w.last_seen_at >= since}
+        for w in worker_registry.all_workers(uow.session)
+    ]
 
 
 def get(uow: UnitOfWork, caller: Caller, job_id: str) -> Job:
