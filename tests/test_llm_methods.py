@@ -68,7 +68,8 @@ def test_methods_are_listed_with_their_needs(embedded):
     ("llama", {"method": "prune.sparsegpt", "params": {"mask": "4:8", "num_samples": 16, "max_length": 32}},
      {"sparsity": 0.5, "structure": "4:8"}),
     ("bert-bare", {"method": "prune.sparsegpt", "params": {"sparsity": 0.5}}, {"sparsity": 0.5, "structure": "unstructured"}),
-    ("llama", {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 32}}, {"bits": 4, "format": "pack-quantized"}),
+    ("llama", {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 32}},
+     {"bits": 4, "format": "pack-quantized", "isolated": True}),
     ("llama", {"method": "quantize.gptq", "params": {"scheme": "W8A8"}}, {"bits": 8, "format": "int-quantized", "acts": True}),
     ("bert-bare", {"method": "quantize.gptq", "params": {"scheme": "W8A16"}}, {"bits": 8, "format": "pack-quantized"}),
     ("llama", {"method": "quantize.smoothquant", "params": {"smoothing_strength": 0.5}}, {"bits": 8, "format": "int-quantized", "acts": True}),
@@ -80,13 +81,30 @@ def test_artifact_loads_with_plain_transformers(embedded, ids, tmp_path, model, 
     job = _run(c, ids[model], [step], ids["data"])
     metrics = job["metrics"]
     d = _artifact(c, job, tmp_path)
+    ids = [[5, 9, 11, 3, 7, 2, 8, 4]]
+    if check.get("isolated"):
+        # A fresh interpreter that never imports modelpress: plain transformers + compressed-tensors
+        # give the same outputs as the in-process load below.
+        import subprocess
+        import sys
+
+        from tests.test_quantize_methods import ISOLATED
+
+        res = subprocess.run([sys.executable, "-c", ISOLATED, str(d), model, json.dumps(ids), str(tmp_path / "o.safetensors")],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert json.loads(res.stdout.strip().splitlines()[-1]) == {"modelpress_imported": False}
     cfg = json.loads((d / "config.json").read_text())
     assert not (d / "recipe.yaml").exists() and (d / "modelpress.json").exists()
     cls = AutoModelForCausalLM if model == "llama" else AutoModel
     m = cls.from_pretrained(d).eval()
     with torch.no_grad():
-        out = m(torch.tensor([[5, 9, 11, 3, 7, 2, 8, 4]]))
+        out = m(torch.tensor(ids))
     assert torch.isfinite(out[0]).all()
+    if check.get("isolated"):
+        from safetensors.torch import load_file
+
+        assert torch.allclose(load_file(str(tmp_path / "o.safetensors"))["out"], out[0], atol=1e-5)
     step_metrics = metrics["steps"][0]
     assert step_metrics["pipeline"] == "sequential" and step_metrics["calibration_samples"] > 0
     if "sparsity" in check:
