@@ -167,10 +167,30 @@ class Job(Base):
     # When the job's message was last sent; the reconciler re-sends stale ones (worker/reconcile.py).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
-    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Indexed: GET /metrics reads the jobs finished in its window at every scrape.
+    finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
+
+
+class JobEvent(Base):
+    """One change of a job that a client sees (status or progress), written in the transaction of
+    the change (app.jobs.repository). ``id`` is the server-sent event id of GET /v1/jobs/{id}/events:
+    per job it grows in commit order, because every writer updates the job row (and so holds its
+    lock) before it inserts the event."""
+
+    __tablename__ = "job_events"
+
+    # Integer on SQLite: only an INTEGER PRIMARY KEY is the auto-assigned rowid there.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(16))  # "status" | "progress"
+    # status, attempt, progress {stage, fraction}; error {code, message} / artifact on a terminal status.
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
 
 
 class Worker(Base):

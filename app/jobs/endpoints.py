@@ -13,7 +13,7 @@ from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import StorageDep
 from app.errors import Conflict, ModelpressError, problem_responses
-from app.jobs import repository, service
+from app.jobs import events, repository, service
 from app import signing
 from app.config import get_settings
 from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
@@ -64,6 +64,52 @@ def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     job = service.cancel(uow, caller, job_id)
     return JobOut.from_row(job, service.stage(uow, job))
+
+
+_EVENT_ID = Annotated[int | None, Query(ge=0, le=2**63 - 1, description="resume after this event id (as Last-Event-ID)")]
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events until the job ends"},
+               **problem_responses(401, 404, 422)},
+)
+def job_events(
+    job_id: str,
+    caller: CurrentCaller,
+    uow: UoW,
+    last_event_id: _EVENT_ID = None,
+    last_event_id_header: Annotated[int | None, Header(alias="last-event-id", ge=0, le=2**63 - 1)] = None,
+) -> StreamingResponse:
+    """The job's changes as server-sent events, so a client need not poll; the stream ends when
+    the job does.
+
+    Each event is ``id: <n>`` / ``event: status|progress`` / ``data: <one-line JSON>``:
+
+    - ``status`` (submitted, claimed by a worker, cancel requested, finished): ``{"job_id", "at",
+      "status", "attempt", "cancel_requested", "progress": {"stage", "fraction"}}``, plus
+      ``"error": {"code", "message"}`` when failed and ``"artifact": {"size_bytes", "sha256",
+      "filename"}`` when succeeded;
+    - ``progress`` (a running attempt's stage or fraction changed): ``{"job_id", "at", "status":
+      "running", "attempt", "progress": {"stage", "fraction"}}``.
+
+    Ids grow with every event of the job (they are shared by all jobs, so they skip). The stream
+    starts after ``Last-Event-ID`` (header, as EventSource sends on reconnect; it wins over the
+    query) or ``?last_event_id=``, else at the job's first event (``queued``); it replays what the
+    client missed, then sends new events as they happen (read every 0.5 s) and a ``: keep-alive``
+    comment after 15 s without one. After the terminal ``status`` event (succeeded, failed,
+    canceled) comes ``event: end`` with ``data: {"job_id", "status"}`` and no id, and the stream
+    closes; resuming after the terminal event gets ``end`` at once. A job that finished before
+    events were recorded has no history: its stream is one ``status`` event built from the job with
+    ``id: 0``, then ``end``.
+    """
+    job = service.get(uow, caller, job_id)
+    after = last_event_id_header if last_event_id_header is not None else (last_event_id or 0)
+    return StreamingResponse(
+        events.stream(job.id, after), media_type="text/event-stream",
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
 
 
 def _html_report(report: dict) -> HTMLResponse:

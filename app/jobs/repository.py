@@ -3,6 +3,14 @@
 Worker writes are fenced: every write after the claim carries ``attempt`` and applies only while
 the row still has that attempt and is running. A worker that lost its lease (and whose job was
 claimed again) therefore cannot overwrite the newer attempt's state.
+
+Events: every change of a job that a client sees (status, cancel request, attempt, progress) adds
+one ``job_events`` row in the transaction of the change, always *after* the UPDATE of the job row.
+The UPDATE holds the row's lock until commit, so a job's events get their ids in commit order, and
+a reader that saw event N of a job never later finds an event of that job below N
+(GET /v1/jobs/{id}/events relies on it). Lease renewals (``heartbeat``, a ``progress`` call that
+repeats the last stage and fraction) and the reconciler's re-send (``take_stale``, which changes no
+status) write none.
 """
 
 from __future__ import annotations
@@ -10,13 +18,19 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.pagination import page
-from app.tables import Job, utcnow
+from app.tables import Job, JobEvent, utcnow
 
 TERMINAL = ("succeeded", "failed", "canceled")
+
+# The columns an event is built from (event_data).
+_EVENT_COLUMNS = (
+    Job.status, Job.attempt, Job.cancel_requested, Job.progress_stage, Job.progress_fraction, Job.error_code,
+    Job.error_message, Job.artifact_size_bytes, Job.artifact_sha256, Job.artifact_filename,
+)
 
 
 def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -30,6 +44,53 @@ def list_page(session: Session, tenant_id: str, status: str | None, limit: int, 
     return list(session.scalars(page(stmt, Job, limit, cursor)))
 
 
+# --- events ------------------------------------------------------------------------------------
+
+
+def event_data(job: Any) -> dict[str, Any]:
+    """A status event's data from a job (a ``Job`` or a row of ``_EVENT_COLUMNS``): status,
+    attempt, cancel_requested, progress; ``error`` when failed, ``artifact`` when succeeded."""
+    data: dict[str, Any] = {
+        "status": job.status, "attempt": job.attempt, "cancel_requested": bool(job.cancel_requested),
+        "progress": {"stage": job.progress_stage, "fraction": job.progress_fraction},
+    }
+    if job.status == "failed" and job.error_code:
+        data["error"] = {"code": job.error_code, "message": job.error_message or ""}
+    if job.status == "succeeded" and job.artifact_sha256:
+        data["artifact"] = {"size_bytes": job.artifact_size_bytes, "sha256": job.artifact_sha256,
+                            "filename": job.artifact_filename}
+    return data
+
+
+def record_submitted(session: Session, job: Job) -> None:
+    """The first event of a new job (flushed, not yet committed): queued."""
+    session.add(JobEvent(job_id=job.id, type="status", data=event_data(job)))
+
+
+def _record_status(session: Session, job_id: str) -> None:
+    """A status event with the job's state as this transaction sees it (after its UPDATE)."""
+    row = session.execute(select(*_EVENT_COLUMNS).where(Job.id == job_id)).one()
+    session.execute(insert(JobEvent).values(job_id=job_id, type="status", data=event_data(row)))
+
+
+def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    """The job's events with an id above ``after``, oldest first."""
+    return list(session.scalars(
+        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+    ))
+
+
+def last_event(session: Session, job_id: str) -> JobEvent | None:
+    return session.scalar(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1))
+
+
+def get_unscoped(session: Session, job_id: str) -> Job | None:
+    return session.get(Job, job_id)
+
+
+# --- cancel ------------------------------------------------------------------------------------
+
+
 def cancel_queued(session: Session, job_id: str) -> bool:
     now = utcnow()
     res = session.execute(
@@ -37,11 +98,20 @@ def cancel_queued(session: Session, job_id: str) -> bool:
         .where(Job.id == job_id, Job.status == "queued")
         .values(status="canceled", cancel_requested=True, finished_at=now, progress_stage="canceled")
     )
+    if res.rowcount == 1:
+        _record_status(session, job_id)
     return res.rowcount == 1
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
-    res = session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+    """Flag a running job for cancellation; False if it is not running or already flagged."""
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
+        .values(cancel_requested=True)
+    )
+    if res.rowcount == 1:
+        _record_status(session, job_id)
     return res.rowcount == 1
 
 
@@ -72,6 +142,8 @@ def claim(session: Session, job_id: str, lease_s: int) -> int | None:
             progress_fraction=0.0,
         )
     )
+    if res.rowcount == 1:
+        _record_status(session, job_id)
     session.commit()
     return attempt + 1 if res.rowcount == 1 else None
 
@@ -81,12 +153,17 @@ def _fenced(job_id: str, attempt: int):  # noqa: ANN202
 
 
 def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: float, lease_s: int) -> bool:
-    """Record progress and renew the lease; False if this attempt no longer holds the job."""
+    """Record progress and renew the lease; False if this attempt no longer holds the job. A
+    progress event is written when the stage or fraction changed."""
+    before = session.execute(select(Job.progress_stage, Job.progress_fraction).where(Job.id == job_id)).first()
     res = session.execute(
         _fenced(job_id, attempt).values(
             progress_stage=stage, progress_fraction=fraction, lease_expires_at=utcnow() + timedelta(seconds=lease_s)
         )
     )
+    if res.rowcount == 1 and (before is None or tuple(before) != (stage, fraction)):
+        data = {"status": "running", "attempt": attempt, "progress": {"stage": stage, "fraction": fraction}}
+        session.execute(insert(JobEvent).values(job_id=job_id, type="progress", data=data))
     session.commit()
     return res.rowcount == 1
 
@@ -130,5 +207,7 @@ def finish(session: Session, job_id: str, attempt: int, status: str, **values: A
     res = session.execute(
         _fenced(job_id, attempt).values(status=status, finished_at=now, lease_expires_at=None, **values)
     )
+    if res.rowcount == 1:
+        _record_status(session, job_id)
     session.commit()
     return res.rowcount == 1

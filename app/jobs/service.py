@@ -51,6 +51,7 @@ def submit(
     )
     uow.session.add(job)
     uow.session.flush()
+    repository.record_submitted(uow.session, job)
     job_id = job.id
     # Only after the row is committed: a worker that sees the message must find the job.
     uow.after_commit(lambda: enqueue_job(job_id, queue))
