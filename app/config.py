@@ -55,6 +55,15 @@ class Settings(BaseSettings):
     report_link_ttl_s: int = Field(default=900, gt=0, le=7 * 86400)
 
     log_level: str = "INFO"
+    # "json" (one object a line: ts, level, logger, message, request_id, job_id, attempt) or
+    # "text". Empty means: json in cluster mode (log shippers), text in embedded mode (a terminal).
+    log_format: Literal["", "json", "text"] = ""
+    # One access log line per HTTP request (probes and /metrics at DEBUG).
+    access_log: bool = True
+    # When set, GET /metrics needs "Authorization: Bearer <token>"; empty: open (Prometheus scrapers).
+    metrics_token: str = ""
+    # modelpress_job_duration_seconds covers the jobs that finished in this window.
+    metrics_job_window_s: int = Field(default=86400, gt=0)
 
     @model_validator(mode="after")
     def _derive(self) -> "Settings":
@@ -73,6 +82,8 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
         if not self.storage_url:
             self.storage_url = str(self.data_dir / "storage")
+        if not self.log_format:
+            self.log_format = "json" if self.mode == "cluster" else "text"
         return self
 
     @property

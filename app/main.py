@@ -1,4 +1,4 @@
-"""create_app(): routers, error handlers, health checks."""
+"""create_app(): routers, error handlers, health checks, metrics."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.endpoints import router as jobs_router
 from app.models.endpoints import router as models_router
+from app.observability import install_observability
 from app.sweeps.endpoints import router as sweeps_router
 
 log = logging.getLogger("modelpress.api")
@@ -27,6 +28,7 @@ def create_app() -> FastAPI:
         "Every /v1 route needs `Authorization: Bearer <api key>`; errors are RFC 9457 problem+json.",
     )
     install_error_handlers(app)
+    install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
     app.include_router(models_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Queue
 
 from app.config import get_settings
+from app.observability import configure_logging, current_request_id, log_context, new_request_id
 
 log = logging.getLogger("modelpress.queue")
 
@@ -63,12 +65,29 @@ def make_celery() -> Celery:
 celery_app = make_celery()
 
 
+@setup_logging.connect
+def _our_logging(**_kw: object) -> None:
+    """Celery configures no logging of its own when this signal has a receiver: every worker
+    process (pool children included) logs through app.observability's root handler, in
+    MODELPRESS_LOG_FORMAT, like the API."""
+    configure_logging()
+
+
 def enqueue_job(job_id: str, queue: str) -> None:
     """Send the job's message. Called after the job row is committed; if the broker is down the
     job stays ``queued`` in the database and the reconciler re-sends it, so the error is logged
-    rather than turned into a failed request for a job that was recorded."""
-    try:
-        celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, retry=True,
-                             retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
-    except Exception:
-        log.exception("could not enqueue job %s; it stays queued for the reconciler", job_id)
+    rather than turned into a failed request for a job that was recorded.
+
+    The message's ``request_id`` header carries the request id of the HTTP request that sent it,
+    so the worker's log lines for the job carry it too. A send outside a request (the
+    reconciler's re-sends) gets a new one, ``reconcile-<hex>``: the original is not stored with the
+    job, and the job id ties both sends' lines together."""
+    rid = current_request_id() or f"reconcile-{new_request_id()}"
+    with log_context(request_id=rid, job_id=job_id):
+        try:
+            celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, headers={"request_id": rid}, retry=True,
+                                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+        except Exception:
+            log.exception("could not enqueue job %s; it stays queued for the reconciler", job_id)
+        else:
+            log.info("job %s: message sent to queue %s", job_id, queue)

@@ -20,6 +20,7 @@ import transformers
 from celery.exceptions import SoftTimeLimitExceeded
 
 import app
+from app import observability
 from app.config import Settings, get_settings
 from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
@@ -218,6 +219,7 @@ def run_job(job_id: str) -> None:
         }
     work = settings.tmp_dir / f"job-{job_id}-{attempt}"
     ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
+    observability.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
     # Renews the lease while a long step runs without reporting progress, so the reconciler does
     # not hand a live job to another worker.
@@ -262,7 +264,7 @@ def _heartbeat(job_id: str, attempt: int, lease_s: int, stop: threading.Event) -
                 if not jobs_repo.heartbeat(s, job_id, attempt, lease_s):
                     return  # finished or fenced off
         except Exception:  # the database is down: the next beat tries again
-            log.warning("job %s: heartbeat failed", job_id)
+            log.warning("job %s: heartbeat failed", job_id, extra={"job_id": job_id, "attempt": attempt})  # a thread: no log context
 
 
 def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:

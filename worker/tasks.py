@@ -3,20 +3,41 @@ database, so running a message twice is harmless (the claim lets only one attemp
 
 from __future__ import annotations
 
+import contextvars
 import threading
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery import Task
+from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
+from app import observability
 from worker import pipeline, registry  # imports torch once, when the worker starts
 from worker.celery_app import QUEUES, TASK_RUN_JOB, celery_app
 
 _stop_reconciler = threading.Event()
 _registration: registry.Registration | None = None
+# task id -> the token that restores the log context when the task is done.
+_log_tokens: dict[str, contextvars.Token] = {}
 
 
 @celery_app.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
     pipeline.run_job(job_id)
+
+
+@task_prerun.connect
+def _bind_log_context(task_id: str, task: Task, args: tuple = (), **_kw: object) -> None:
+    """Every log line of a job (the pipeline's and Celery's own "succeeded in" line) carries its
+    job id and the request id that came in the message's ``request_id`` header."""
+    if task.name == TASK_RUN_JOB:
+        rid = observability.sane_request_id(getattr(task.request, "request_id", None))
+        _log_tokens[task_id] = observability.bind(request_id=rid, job_id=args[0] if args else None)
+
+
+@task_postrun.connect
+def _unbind_log_context(task_id: str, **_kw: object) -> None:
+    token = _log_tokens.pop(task_id, None)
+    if token is not None:
+        observability.unbind(token)
 
 
 @worker_ready.connect
