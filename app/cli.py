@@ -5,12 +5,14 @@
     modelpress migrate                         alembic upgrade head
     modelpress reconcile [--once]              re-send messages of stale jobs
     modelpress keys create --tenant NAME       print a new API key for the tenant
+
+The client subcommands (upload, upload-dataset, compress, jobs, status, wait, cancel, download,
+report) talk to a running service over HTTP; they live in ``modelpress._cli`` (the SDK's CLI).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import subprocess
@@ -130,7 +132,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # kills this process before the `finally` below could stop the embedded worker.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=s.log_level.lower(), access_log=False)
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level=s.log_level.lower(), access_log=False,
+                    log_config=None)  # uvicorn's loggers propagate to our root handler (app/observability.py)
     finally:
         if worker is not None and worker.poll() is None:
             worker.send_signal(signal.SIGTERM)
@@ -214,14 +217,25 @@ def build_parser() -> argparse.ArgumentParser:
     kc = ksub.add_parser("create", help="create a key for a tenant (created if new) and print it")
     kc.add_argument("--tenant", required=True)
     kc.set_defaults(fn=cmd_keys_create)
+
+    from modelpress._cli import add_client_commands
+
+    add_client_commands(p, sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from app.config import get_settings
+_SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_keys_create", "cmd_reconcile")
 
-    logging.basicConfig(level=get_settings().log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args.fn, "__name__", "") in _SERVER_COMMANDS:
+        # Server processes log through our formatter (MODELPRESS_LOG_FORMAT json|text); the client
+        # commands (modelpress/_cli.py) skip importing the server's settings and FastAPI.
+        from app.config import get_settings
+        from app.observability import configure_logging
+
+        configure_logging(get_settings())
     return int(args.fn(args) or 0)
 
 

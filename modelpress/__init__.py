@@ -1,0 +1,109 @@
+"""modelpress: the Python SDK of the modelpress compression service.
+
+    from modelpress import Client
+
+    with Client("http://127.0.0.1:8000", api_key="mp_...") as mp:   # or $MODELPRESS_URL / $MODELPRESS_API_KEY
+        model = mp.upload_model("gpt2/", on_progress=lambda sent, total: ...)
+        job = mp.submit(model.id, [("prune.magnitude", {"sparsity": 0.5}), ("quantize.cast", {"dtype": "bfloat16"})])
+        job = mp.wait(job.id, on_progress=lambda j: print(j.progress.stage, j.progress.fraction))
+        mp.download(job.id, "out/")          # out/model.zip, resumable, sha256-verified
+        print(mp.report(job.id).size["compression_ratio"])
+
+``AsyncClient`` has the same methods as coroutines. Results are pydantic models (``Model``,
+``Dataset``, ``Job``, ``Report``, ``Sweep``, ...); errors are typed (``NotFound``, ``Conflict``,
+``Unprocessable``, ``JobFailed``, ``TransportError``, ...: the tree is in ``modelpress._errors``).
+Importing this package loads httpx and pydantic only: no torch and none of the server's code.
+"""
+
+from modelpress._client import DEFAULT_URL, AsyncClient, Client, normalize_steps
+from modelpress._errors import (
+    APIError,
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    Gone,
+    JobCanceled,
+    JobError,
+    JobFailed,
+    ModelpressError,
+    NotFound,
+    PayloadTooLarge,
+    RangeNotSatisfiable,
+    RateLimited,
+    ServiceUnavailable,
+    TransportError,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+    WaitTimeout,
+)
+from modelpress._models import (
+    Artifact,
+    Counts,
+    Dataset,
+    Download,
+    ErrorInfo,
+    Job,
+    Link,
+    Method,
+    Model,
+    ModelFile,
+    Page,
+    PointMetrics,
+    Progress,
+    Report,
+    Step,
+    Sweep,
+    SweepPoint,
+    SweepSpec,
+    SweepSummary,
+    Worker,
+)
+from modelpress._version import __version__
+
+__all__ = [
+    "DEFAULT_URL",
+    "APIError",
+    "Artifact",
+    "AsyncClient",
+    "BadRequest",
+    "ChecksumMismatch",
+    "Client",
+    "Conflict",
+    "Counts",
+    "Dataset",
+    "Download",
+    "ErrorInfo",
+    "Gone",
+    "Job",
+    "JobCanceled",
+    "JobError",
+    "JobFailed",
+    "Link",
+    "Method",
+    "Model",
+    "ModelFile",
+    "ModelpressError",
+    "NotFound",
+    "Page",
+    "PayloadTooLarge",
+    "PointMetrics",
+    "Progress",
+    "RangeNotSatisfiable",
+    "RateLimited",
+    "Report",
+    "ServiceUnavailable",
+    "Step",
+    "Sweep",
+    "SweepPoint",
+    "SweepSpec",
+    "SweepSummary",
+    "TransportError",
+    "Unauthorized",
+    "Unprocessable",
+    "UnsupportedMediaType",
+    "WaitTimeout",
+    "Worker",
+    "__version__",
+    "normalize_steps",
+]

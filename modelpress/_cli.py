@@ -1,0 +1,628 @@
+"""The client subcommands of the ``modelpress`` console script (``app/cli.py`` adds them to its
+parser with :func:`add_client_commands`; the logic is here, on :class:`modelpress.Client`).
+
+    modelpress upload PATH [--name N]                  a model directory or one .safetensors file
+    modelpress upload-dataset FILE [--name N]          a .txt or .jsonl dataset
+    modelpress compress MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
+                        [--name N] [--no-eval | --evaluation JSON] [--wait [--timeout S]]
+    modelpress jobs [--status S] [--limit N]
+    modelpress status JOB
+    modelpress wait JOB [--timeout S]
+    modelpress cancel JOB
+    modelpress download JOB [-o DEST]
+    modelpress report JOB [--open [--ttl S]]
+
+Every one takes ``--url`` (else ``$MODELPRESS_URL``, else http://127.0.0.1:8000), ``--api-key``
+(else ``$MODELPRESS_API_KEY``) and ``--json``. Human output is rich tables on stdout; progress
+bars and the live ``--wait`` line go to stderr. ``--json`` prints JSON only on stdout (the API's
+objects as the server sent them; on an error ``{"error": {...}}``) and draws nothing live.
+
+A step is ``METHOD`` or ``METHOD:key=value,key=value``. Values are read as JSON when they parse
+(``0.5``, ``8``, ``true``, ``null``, ``"text"``, ``["lm_head"]``) and as a plain string otherwise
+(``mask=2:4``); commas inside brackets or quotes do not split. A step may also be one JSON object:
+``--step '{"method": "prune.magnitude", "params": {"sparsity": 0.5}}'``.
+
+Exit codes (``EXIT_*``): 0 success; 1 the job failed or was canceled (``compress --wait``,
+``wait``); 2 usage error (bad flags, a bad ``--step``, a missing file); 3 the API answered an
+error (``Error: <title>: <detail>``); 4 transport error (cannot connect, connection lost, a
+download that fails its sha256 check); 5 ``--timeout`` ran out while waiting (the job goes on);
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+
+EPILOG = """\
+client commands (talk to a running service over HTTP):
+  upload, upload-dataset, compress, jobs, status, wait, cancel, download, report
+  The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
+  (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
+
+example:
+  export MODELPRESS_URL=http://127.0.0.1:8000 MODELPRESS_API_KEY=$(cat var/api-key)
+  modelpress upload gpt2/
+  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.cast:dtype=bfloat16 --wait
+  modelpress download JOB -o out/ && modelpress report JOB
+
+exit codes (client commands):
+  0 success   1 job failed or canceled   2 usage error   3 API error ("Error: <title>: <detail>")
+  4 transport error (cannot connect; download fails its sha256)   5 --timeout ran out while waiting
+"""
+
+STEP_HELP = ("METHOD[:key=value,...] (values parsed as JSON when they parse: 0.5, 8, true, null, "
+             "\"s\", [..]) or a JSON object {\"method\": ..., \"params\": {...}}; repeat for several steps")
+
+
+# -- step parsing ------------------------------------------------------------------------------
+
+
+def _split_top(text: str, sep: str = ",") -> list[str]:
+    """Split on ``sep`` outside quotes and brackets."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            cur.append(ch)
+            if ch == quote:
+                quote = ""
+            continue
+        if ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if quote or depth:
+        raise ValueError("unbalanced quotes or brackets")
+    parts.append("".join(cur))
+    return parts
+
+
+def _value(raw: str) -> Any:
+    raw = raw.strip()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        if len(raw) >= 2 and raw[0] == raw[-1] == "'":
+            return raw[1:-1]
+        return raw
+
+
+def parse_step(spec: str) -> dict[str, Any]:
+    """``prune.magnitude:sparsity=0.5,scope=layer`` (or a JSON step) -> ``{"method", "params"}``."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("empty --step")
+    if spec.startswith("{"):
+        try:
+            step = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"--step {spec!r}: not valid JSON ({e})") from None
+        if not isinstance(step, dict) or not isinstance(step.get("method"), str):
+            raise ValueError(f"--step {spec!r}: a JSON step is {{\"method\": ..., \"params\": {{...}}}}")
+        if not isinstance(step.get("params", {}), dict) or set(step) - {"method", "params"}:
+            raise ValueError(f"--step {spec!r}: a JSON step has only \"method\" and \"params\" (an object)")
+        return {"method": step["method"], "params": step.get("params") or {}}
+    method, _, rest = spec.partition(":")
+    method = method.strip()
+    if not method or any(c.isspace() for c in method):
+        raise ValueError(f"--step {spec!r}: expected METHOD[:key=value,...]")
+    params: dict[str, Any] = {}
+    if rest.strip():
+        try:
+            items = _split_top(rest)
+        except ValueError as e:
+            raise ValueError(f"--step {spec!r}: {e}") from None
+        for item in items:
+            key, eq, raw = item.partition("=")
+            key = key.strip()
+            if not eq or not key:
+                raise ValueError(f"--step {spec!r}: {item.strip()!r} is not key=value")
+            if key in params:
+                raise ValueError(f"--step {spec!r}: {key!r} given twice")
+            params[key] = _value(raw)
+    return {"method": method, "params": params}
+
+
+# -- output helpers ----------------------------------------------------------------------------
+
+
+def _dump(obj: Any) -> Any:
+    if hasattr(obj, "model_dump"):
+        return obj.model_dump(mode="json")
+    if isinstance(obj, list):
+        return [_dump(o) for o in obj]
+    return obj
+
+
+def _print_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(_dump(obj), indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def _out():  # noqa: ANN202 - rich is imported only when a command prints
+    from rich.console import Console
+
+    # Piped output: wide enough that ids and tables are not cut.
+    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+
+
+def _err():  # noqa: ANN202
+    from rich.console import Console
+
+    return Console(stderr=True, width=None if sys.stderr.isatty() else 120, highlight=False)
+
+
+def _size(n: Any) -> str:
+    from rich.filesize import decimal
+
+    return decimal(int(n)) if isinstance(n, (int, float)) else "—"
+
+
+def _num(v: Any, fmt: str = "{:,.4g}") -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, (int, float)):
+        return fmt.format(v)
+    return str(v)
+
+
+def _pct(v: Any) -> str:
+    return f"{v * 100:.1f}%" if isinstance(v, (int, float)) else "—"
+
+
+def _steps_text(steps: list[Any]) -> str:
+    out = []
+    for s in steps:
+        d = _dump(s)
+        params = ",".join(f"{k}={json.dumps(v)}" for k, v in (d.get("params") or {}).items() if v is not None)
+        out.append(d.get("method", "?") + (f":{params}" if params else ""))
+    return " → ".join(out)
+
+
+def _stage_line(job: Any) -> str:
+    stage = job.progress.stage or job.status
+    return f"{job.status} · {stage} … {job.progress.fraction * 100:.0f}%"
+
+
+def _transfer_progress():  # noqa: ANN202
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                    TimeRemainingColumn(), console=_err(), transient=False)
+
+
+def _job_table(job: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("job", job.id)
+    if job.name:
+        t.add_row("name", job.name)
+    t.add_row("status", job.status)
+    t.add_row("progress", f"{job.progress.stage or '—'} ({job.progress.fraction * 100:.0f}%)")
+    t.add_row("model", job.model_id or "—")
+    t.add_row("steps", _steps_text(job.steps))
+    if job.dataset_id:
+        t.add_row("dataset", job.dataset_id)
+    if job.eval_dataset_id:
+        t.add_row("eval dataset", job.eval_dataset_id)
+    t.add_row("queue / attempt", f"{job.queue or '—'} / {job.attempt}")
+    t.add_row("created", job.created_at.isoformat(timespec="seconds"))
+    if job.started_at:
+        t.add_row("started", job.started_at.isoformat(timespec="seconds"))
+    if job.finished_at:
+        t.add_row("finished", job.finished_at.isoformat(timespec="seconds"))
+    if job.cancel_requested and job.status not in ("canceled",):
+        t.add_row("cancel", "requested")
+    if job.error:
+        t.add_row("error", f"[red]{job.error.code}[/]: {job.error.message}")
+    if job.artifact:
+        t.add_row("artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}, sha256 {job.artifact.sha256}")
+    size = (job.metrics or {}).get("size") or {}
+    if size.get("compression_ratio"):
+        t.add_row("size", f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
+                  f"({size['compression_ratio']:.3g}× smaller)")
+    return t
+
+
+def _report_table(rep: Any) -> Any:
+    """Original against compressed, one row per measured quantity (docs/REPORTS.md)."""
+    from rich.table import Table
+
+    t = Table(title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""),
+              title_justify="left")
+    t.add_column("section", style="bold")
+    t.add_column("metric")
+    t.add_column("original", justify="right")
+    t.add_column("compressed", justify="right")
+    t.add_column("change", max_width=60)
+    size = rep.size or {}
+    ratio = size.get("compression_ratio")
+    t.add_row("size", "artifact bytes", _size(size.get("original_bytes")), _size(size.get("artifact_bytes")),
+              f"{ratio:.3g}× smaller" if isinstance(ratio, (int, float)) else "")
+    if size.get("original_weight_bytes") is not None:
+        wr = size.get("weight_bytes_ratio")
+        t.add_row("", "weight bytes", _size(size.get("original_weight_bytes")), _size(size.get("artifact_weight_bytes")),
+                  f"{wr:.3g}×" if isinstance(wr, (int, float)) else "")
+    params = size.get("parameters") or {}
+    if params:
+        t.add_row("", "parameters (nonzero)", _num(params.get("original"), "{:,}"), _num(params.get("nonzero"), "{:,}"), "")
+    if size.get("mean_bits_per_weight") is not None:
+        t.add_row("", "bits per weight", "", _num(size.get("mean_bits_per_weight")), "")
+    sp = rep.sparsity or {}
+    t.add_row("sparsity", "targeted layers", "", _pct(sp.get("sparsity")), "")
+    t.add_row("", "all parameters", "", _pct(sp.get("overall")), "")
+    _available_rows(t, "speed", rep.speed, _speed_rows)
+    _available_rows(t, "quality", rep.quality, _quality_rows)
+    _available_rows(t, "fidelity", rep.fidelity, _fidelity_rows)
+    mem = rep.memory or {}
+    if mem.get("peak_rss_bytes") is not None:
+        t.add_row("memory", "worker peak RSS", "", _size(mem.get("peak_rss_bytes")), "")
+    return t
+
+
+def _available_rows(t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple]]) -> None:
+    if not data:
+        t.add_row(section, "—", "", "", "not measured")
+    elif not data.get("available", True):
+        t.add_row(section, "—", "", "", f"[dim]{data.get('reason') or 'not available'}[/]")
+    else:
+        for i, row in enumerate(rows(data)):
+            t.add_row(section if i == 0 else "", *row)
+
+
+def _speed_rows(s: dict[str, Any]) -> list[tuple]:
+    orig, comp = (s.get("original") or {}).get("median_ms"), (s.get("compressed") or {}).get("median_ms")
+    if s.get("speedup") is not None:
+        change = f"{s['speedup']:.3g}× faster" if s["speedup"] >= 1 else f"{1 / s['speedup']:.3g}× slower"
+    else:
+        change = f"no speed-up claimed (runs {s.get('runs_as') or 'as the original'})"
+    return [(f"median latency ({s.get('device') or '?'})", _num(orig, "{:.4g} ms"), _num(comp, "{:.4g} ms"), change)]
+
+
+def _quality_rows(q: dict[str, Any]) -> list[tuple]:
+    delta = q.get("delta")
+    better = q.get("higher_is_better")
+    hint = "" if better is None else (" (higher is better)" if better else " (lower is better)")
+    return [(q.get("metric") or "quality", _num(q.get("original"), "{:.6g}"), _num(q.get("compressed"), "{:.6g}"),
+             (f"{delta:+.4g}" if isinstance(delta, (int, float)) else "") + hint)]
+
+
+def _fidelity_rows(f: dict[str, Any]) -> list[tuple]:
+    on = f.get("on") or "outputs"
+    return [(f"KL divergence ({on})", "0", _num(f.get("kl_mean")), ""),
+            ("top-1 agreement", "1", _num(f.get("top1_agreement")), ""),
+            ("output cosine", "1", _num(f.get("output_cosine")), "")]
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace):  # noqa: ANN202
+    from modelpress import Client
+
+    return Client(args.url, args.api_key)
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        if args.json:
+            model = mp.upload_model(args.path, name=args.name)
+            _print_json(model)
+            return EXIT_OK
+        with _transfer_progress() as bar:
+            task = bar.add_task(f"upload {args.path}", total=None)
+            model = mp.upload_model(args.path, name=args.name,
+                                    on_progress=lambda sent, total: bar.update(task, completed=sent, total=total))
+    _out().print(f"model [bold]{model.id}[/] uploaded: {model.name}, {model.format}, "
+                 f"{model.architecture or 'no architecture'}, {model.parameters:,} parameters, {_size(model.size_bytes)}")
+    return EXIT_OK
+
+
+def cmd_upload_dataset(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        if args.json:
+            _print_json(mp.create_dataset(args.path, name=args.name))
+            return EXIT_OK
+        with _transfer_progress() as bar:
+            task = bar.add_task(f"upload {args.path}", total=None)
+            ds = mp.create_dataset(args.path, name=args.name,
+                                   on_progress=lambda sent, total: bar.update(task, completed=sent, total=total))
+    labels = f", labels {ds.labels}" if ds.labeled else ""
+    _out().print(f"dataset [bold]{ds.id}[/] uploaded: {ds.name}, {ds.format}, {ds.samples:,} samples{labels}")
+    return EXIT_OK
+
+
+def _wait(mp: Any, args: argparse.Namespace, job_id: str) -> int:
+    from modelpress import JobError, WaitTimeout
+
+    try:
+        if args.json:
+            job = mp.wait(job_id, timeout=args.timeout, poll_interval=args.poll)
+        else:
+            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                          console=_err()) as live:
+                task = live.add_task(f"job {job_id}", total=1.0)
+                job = mp.wait(job_id, timeout=args.timeout, poll_interval=args.poll,
+                              on_progress=lambda j: live.update(task, completed=j.progress.fraction,
+                                                                description=_stage_line(j)))
+    except WaitTimeout as e:
+        _report_job(args, e.job)
+        print(f"Error: timed out: job {e.job.id} is still {e.job.status} after {args.timeout} s "
+              f"(it goes on; `modelpress wait {e.job.id}`)", file=sys.stderr)
+        return EXIT_TIMEOUT
+    except JobError as e:
+        _report_job(args, e.job)
+        err = e.job.error
+        print(f"Error: job {e.job.status}: " + (f"{err.code}: {err.message}" if err else f"job {e.job.id}"), file=sys.stderr)
+        return EXIT_JOB_FAILED
+    _report_job(args, job)
+    return EXIT_OK
+
+
+def _report_job(args: argparse.Namespace, job: Any) -> None:
+    if args.json:
+        _print_json(job)
+    else:
+        _out().print(_job_table(job))
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    steps = [parse_step(s) for s in args.step]
+    evaluation = None
+    if args.evaluation:
+        evaluation = json.loads(args.evaluation)
+        if not isinstance(evaluation, dict):
+            raise ValueError("--evaluation must be a JSON object, e.g. '{\"runs\": 3}'")
+    if args.no_eval:
+        evaluation = {**(evaluation or {}), "enabled": False}
+    with _client(args) as mp:
+        job = mp.submit(args.model_id, steps, name=args.name, dataset_id=args.dataset,
+                        eval_dataset_id=args.eval_dataset, evaluation=evaluation)
+        if args.wait:
+            if not args.json:
+                _err().print(f"job [bold]{job.id}[/] submitted ({job.queue} queue)")
+            return _wait(mp, args, job.id)
+    if args.json:
+        _print_json(job)
+    else:
+        _out().print(f"job [bold]{job.id}[/] {job.status} ({job.queue} queue): {_steps_text(job.steps)}\n"
+                     f"follow it: modelpress status {job.id}   or: modelpress wait {job.id}")
+    return EXIT_OK
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    with _client(args) as mp:
+        jobs = list(mp.jobs(status=args.status, limit=args.limit))
+    if args.json:
+        _print_json(jobs)
+        return EXIT_OK
+    t = Table()
+    for col in ("id", "name", "status", "progress", "steps", "created", "artifact"):
+        t.add_column(col, no_wrap=col in ("id", "created"))
+    for j in jobs:
+        t.add_row(j.id, j.name or "", j.status, f"{j.progress.stage or ''} {j.progress.fraction * 100:.0f}%",
+                  _steps_text(j.steps), j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                  _size(j.artifact.size_bytes) if j.artifact else "")
+    out = _out()
+    out.print(t)
+    if not jobs:
+        out.print("no jobs" + (f" with status {args.status}" if args.status else ""))
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        _report_job(args, mp.get_job(args.job))
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        return _wait(mp, args, args.job)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        _report_job(args, mp.cancel(args.job))
+    return EXIT_OK
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    dest = Path(args.output)
+    if args.output.endswith(("/", "\\")) or args.output in (".", "..") or not dest.suffix:
+        dest.mkdir(parents=True, exist_ok=True)  # a folder: the artifact keeps its own name
+    with _client(args) as mp:
+        if args.json:
+            _print_json(mp.download(args.job, dest))
+            return EXIT_OK
+        with _transfer_progress() as bar:
+            task = bar.add_task(f"download {args.job[:8]}", total=None)
+            got = mp.download(args.job, dest, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    resumed = f", resumed at {_size(got.resumed_from)}" if got.resumed_from else ""
+    _out().print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} verified{resumed})")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        if args.open:
+            import webbrowser
+
+            url = mp.report_link(args.job, ttl_s=args.ttl)
+            if args.json:
+                _print_json({"url": url})
+            else:
+                _out().print(url, soft_wrap=True)
+            webbrowser.open(url)
+            return EXIT_OK
+        rep = mp.report(args.job)
+    if args.json:
+        _print_json(rep)
+    else:
+        out = _out()
+        out.print(_report_table(rep))
+        note = (rep.speed or {}).get("note")
+        if note:
+            out.print(f"[dim]speed: {note}[/]")
+    return EXIT_OK
+
+
+# -- error handling and the parser -------------------------------------------------------------
+
+
+def _fail(args: argparse.Namespace, code: int, line: str, error: dict[str, Any]) -> int:
+    if getattr(args, "json", False):
+        _print_json({"error": error})
+    print(line, file=sys.stderr)
+    return code
+
+
+def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a client command; map exceptions to the documented exit codes."""
+    from modelpress import APIError, ChecksumMismatch, TransportError
+
+    # app.cli configures logging at INFO for the server; httpx would log every request.
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return fn(args)
+    except APIError as e:
+        lines = [f"Error: {e.title}: {e.detail}"]
+        for err in e.errors or []:
+            loc = ".".join(str(p) for p in err.get("loc", []))
+            lines.append(f"  {loc}: {err.get('msg', '')}")
+        return _fail(args, EXIT_API, "\n".join(lines), {"status": e.status, "code": e.code, "title": e.title,
+                                                        "detail": e.detail, "errors": e.errors})
+    except TransportError as e:
+        return _fail(args, EXIT_TRANSPORT, f"Error: transport error: {e}", {"code": "transport_error", "detail": str(e)})
+    except ChecksumMismatch as e:
+        return _fail(args, EXIT_TRANSPORT, f"Error: checksum mismatch: {e}", {"code": "checksum_mismatch", "detail": str(e)})
+    except (ValueError, OSError) as e:
+        return _fail(args, EXIT_USAGE, f"Error: {e}", {"code": "usage", "detail": str(e)})
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def call(args: argparse.Namespace) -> int:
+        return run(fn, args)
+
+    call.__name__ = fn.__name__
+    return call
+
+
+def _common() -> argparse.ArgumentParser:
+    c = argparse.ArgumentParser(add_help=False)
+    g = c.add_argument_group("connection and output")
+    g.add_argument("--url", default=None, help="server URL (default $MODELPRESS_URL, else http://127.0.0.1:8000)")
+    g.add_argument("--api-key", default=None, help="API key (default $MODELPRESS_API_KEY)")
+    g.add_argument("--json", action="store_true", help="print JSON only, for scripts (no tables or progress bars)")
+    return c
+
+
+def _wait_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=None, help="give up waiting after S seconds (exit 5; the job goes on)")
+    p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
+
+
+def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
+    """Add the client subcommands to the ``modelpress`` parser and its subparsers."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    common = [_common()]
+    raw = argparse.RawDescriptionHelpFormatter
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, epilog: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=common, help=help_, description=help_, epilog=epilog, formatter_class=raw)
+        p.set_defaults(fn=_command(fn))
+        return p
+
+    p = add("upload", cmd_upload, "upload a model: a Hugging Face directory or one .safetensors file",
+            "Sends every regular file directly in the directory (hidden files and subdirectories are skipped).\n"
+            "example: modelpress upload gpt2/ --name tiny-gpt2")
+    p.add_argument("path", help="model directory or .safetensors file")
+    p.add_argument("--name", help="model name (default: the server's)")
+
+    p = add("upload-dataset", cmd_upload_dataset, "upload a dataset: .txt (a sample a line) or .jsonl ({\"text\", \"label\"?})",
+            "example: modelpress upload-dataset calib.txt   (then: compress ... --dataset ID)")
+    p.add_argument("path", help=".txt or .jsonl file")
+    p.add_argument("--name", help="dataset name")
+
+    p = add("compress", cmd_compress, "submit a compression job (steps run in order)",
+            "examples:\n"
+            "  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.weight_only:bits=8 --wait\n"
+            "  modelpress compress MODEL_ID --step 'prune.wanda:mask=\"2:4\",ignore=[\"lm_head\"]' --dataset DATASET_ID\n"
+            "  modelpress compress MODEL_ID --step '{\"method\": \"quantize.cast\", \"params\": {\"dtype\": \"bfloat16\"}}'\n"
+            "methods and their parameters: GET /v1/methods\n"
+            "exit codes with --wait: 0 succeeded, 1 failed or canceled, 5 --timeout ran out")
+    p.add_argument("model_id", metavar="MODEL_ID")
+    p.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
+    p.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
+    p.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
+    p.add_argument("--name", help="job name")
+    p.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"runs\": 3, \"max_samples\": 8}'")
+    p.add_argument("--no-eval", action="store_true", help="report sizes and sparsity only (no speed, quality, fidelity)")
+    p.add_argument("--wait", action="store_true", help="wait for the job, showing its stage and progress live")
+    _wait_flags(p)
+
+    p = add("jobs", cmd_jobs, "list jobs, newest first", "example: modelpress jobs --status running --limit 50")
+    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
+    p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
+
+    p = add("status", cmd_status, "show one job", "example: modelpress status JOB --json")
+    p.add_argument("job", metavar="JOB")
+
+    p = add("wait", cmd_wait, "wait for a job to finish, showing its stage and progress live",
+            "exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out")
+    p.add_argument("job", metavar="JOB")
+    _wait_flags(p)
+
+    p = add("cancel", cmd_cancel, "cancel a job (a running one stops at its next step)",
+            "A finished job cannot be canceled: exit 3 with 'Error: Conflict: ...'.")
+    p.add_argument("job", metavar="JOB")
+
+    p = add("download", cmd_download, "download a succeeded job's artifact (resumable, sha256-verified)",
+            "Writes DEST.part first and renames it once its sha256 matches; run again to resume a broken download.\n"
+            "example: modelpress download JOB -o out/   (out/model.zip, or out/model.safetensors)")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("-o", "--output", default=".", metavar="DEST",
+                   help="a folder (default: the current one; created if missing), or a file path with a suffix")
+
+    p = add("report", cmd_report, "show what a job changed: size, sparsity, speed, quality, fidelity",
+            "--open asks for a signed link to the HTML report (no API key needed), prints it and opens it in a browser.\n"
+            "example: modelpress report JOB --open")
+    p.add_argument("job", metavar="JOB")
+    p.add_argument("--open", action="store_true", help="open the HTML report in a browser (prints the signed URL)")
+    p.add_argument("--ttl", type=int, default=None, metavar="S", help="with --open: seconds the link stays valid")

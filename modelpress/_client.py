@@ -1,0 +1,890 @@
+"""``Client`` and ``AsyncClient``: the modelpress HTTP API in Python, on httpx.
+
+Both classes have the same methods (the async ones are coroutines; ``jobs()``/``models()``/...
+are async iterators). What to send and how to read the answer is built once, in ``_BaseClient``,
+as a ``_Call``; each class only performs it (``_send``) with its own httpx client and sleep.
+
+Connection: ``base_url`` defaults to ``$MODELPRESS_URL`` (else ``http://127.0.0.1:8000``) and
+``api_key`` to ``$MODELPRESS_API_KEY``, sent as ``Authorization: Bearer <key>``.
+
+Errors: an error answer raises the ``APIError`` subclass of its status, with the problem+json
+fields (see ``modelpress._errors`` for the tree); httpx failures raise ``TransportError``.
+
+Retries (``max_retries``, default 3, so at most 4 attempts):
+
+* 429 and 503 answers are retried after ``Retry-After`` (seconds or an HTTP date, capped at
+  ``RETRY_AFTER_CAP_S``), or else after an exponential backoff with jitter: attempt ``n`` waits a
+  random time in ``[d/2, d]`` with ``d = min(backoff_max, backoff_base * 2**n)``.
+* Connection failures before the request was sent (connect error or timeout, pool timeout) are
+  retried with the same backoff, whatever the method.
+* Failures after the request may have reached the server (read timeout, a connection dropped
+  mid-answer) are retried for GETs only: the server may not honour ``Idempotency-Key`` yet, so a
+  repeated POST could create twice. A download that breaks mid-stream resumes with a Range request.
+* Every POST that creates something (``upload_model``, ``create_dataset``, ``submit``, ``sweep``)
+  sends an ``Idempotency-Key`` header: the caller's ``idempotency_key``, or a fresh uuid4, the same
+  on every retry of that call.
+
+Uploads stream from the files (never whole in memory): a directory is one multipart part ``files``
+per regular file directly in it (hidden files and subdirectories are skipped); a single file is one
+part. ``on_progress(bytes_sent, total)`` follows the file bytes.
+
+Downloads (``download(job_id, dest)``) go to ``dest``, or, when ``dest`` is an existing directory,
+to the artifact's file name in it (the job's ``artifact.filename``, the name the server also sends
+in ``Content-Disposition``; known before the first byte, so a ``.part`` can be found again). They
+write ``<dest>.part`` and rename it into place only once its sha256 equals the artifact's (the
+``ETag``, which is the job's ``artifact.sha256``). A
+``.part`` left by an earlier attempt is resumed: its bytes are hashed, then the rest is asked for
+with ``Range: bytes=<size>-`` and ``If-Range: "<sha256>"``; a 200 answer (the server ignored the
+range) starts over. A file that does not verify is deleted and ``ChecksumMismatch`` raised.
+
+``wait(job_id)`` polls ``GET /v1/jobs/{id}`` every ``poll_interval`` seconds, calls
+``on_progress(job)`` whenever status, stage or fraction changed, and returns the succeeded job or
+raises ``JobFailed`` / ``JobCanceled`` (or ``WaitTimeout`` when ``timeout`` runs out).
+
+Importing this module imports httpx and pydantic, never torch or the server's code (``app``,
+``worker``, fastapi, sqlalchemy): tests/test_sdk.py checks it in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import os
+import random
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+
+from modelpress._errors import (
+    APIError,
+    ChecksumMismatch,
+    JobCanceled,
+    JobFailed,
+    TransportError,
+    WaitTimeout,
+)
+from modelpress._models import (
+    Dataset,
+    Download,
+    Job,
+    Link,
+    Method,
+    Model,
+    Page,
+    Report,
+    Sweep,
+    SweepSummary,
+    Worker,
+)
+from modelpress._version import __version__
+
+__all__ = ["AsyncClient", "Client", "DEFAULT_URL"]
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_TIMEOUT = httpx.Timeout(120.0, connect=10.0)
+RETRY_STATUSES = frozenset({429, 503})
+RETRY_AFTER_CAP_S = 120.0
+# Raised before the request left this machine: safe to send again whatever the method.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+_CHUNK = 1 << 20
+
+R = TypeVar("R")
+ProgressFn = Callable[[int, int], Any]
+StepLike = Mapping[str, Any] | tuple[str, Mapping[str, Any]] | str | Any
+
+
+def _id(obj: Any) -> str:
+    """A job/model/... id from the id itself or from an object that has ``.id``."""
+    if isinstance(obj, str):
+        if not obj:
+            raise ValueError("empty id")
+        return obj
+    got = getattr(obj, "id", None)
+    if isinstance(got, str):
+        return got
+    raise TypeError(f"expected an id string or an object with .id, got {type(obj).__name__}")
+
+
+def normalize_steps(steps: Iterable[StepLike]) -> list[dict[str, Any]]:
+    """Steps as the API takes them: ``[{"method", "params"}]``. Each step may be a dict
+    ``{"method": ..., "params": {...}}``, a ``("method", {params})`` tuple, a bare method name, or a
+    ``Step``."""
+    if isinstance(steps, (str, Mapping)) or (
+        isinstance(steps, tuple) and len(steps) == 2 and isinstance(steps[0], str) and isinstance(steps[1], Mapping)
+    ):
+        steps = [steps]  # one step given alone
+    out = []
+    for i, step in enumerate(steps):
+        if isinstance(step, str):
+            method, params = step, {}
+        elif isinstance(step, tuple) and len(step) == 2:
+            method, params = step
+        elif isinstance(step, Mapping):
+            extra = set(step) - {"method", "params"}
+            if extra:
+                raise ValueError(f"step {i}: unknown keys {sorted(extra)}; a step is {{'method', 'params'}}")
+            method, params = step.get("method"), step.get("params") or {}
+        elif hasattr(step, "method"):
+            method, params = step.method, getattr(step, "params", None) or {}
+        else:
+            raise ValueError(f"step {i}: expected a dict, a (method, params) tuple or a method name, got {step!r}")
+        if not isinstance(method, str) or not method:
+            raise ValueError(f"step {i}: 'method' must be a non-empty string")
+        if not isinstance(params, Mapping):
+            raise ValueError(f"step {i}: 'params' must be a dict")
+        out.append({"method": method, "params": dict(params)})
+    if not out:
+        raise ValueError("a job needs at least one step")
+    return out
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _safe_filename(name: str | None) -> str:
+    """A server-given file name reduced to a plain name in the destination folder."""
+    base = Path((name or "").replace("\\", "/")).name
+    return base if base not in ("", ".", "..") else "artifact"
+
+
+def _etag_sha(value: str | None) -> str | None:
+    if not value:
+        return None
+    return value.strip().removeprefix("W/").strip('"') or None
+
+
+def upload_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The files an upload of ``path`` sends: the file itself, or every regular, non-hidden file
+    directly in the directory, sorted by name."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith("."))
+        if not files:
+            raise ValueError(f"{p}: no files to upload (hidden files and subdirectories are skipped)")
+        return files
+    if p.is_file():
+        return [p]
+    raise FileNotFoundError(f"{p}: no such file or directory")
+
+
+class _Reader:
+    """A file that reports how far httpx has read it (httpx seeks to 0 before each attempt)."""
+
+    def __init__(self, f: Any, upload: "_Upload") -> None:
+        self._f, self._upload, self.pos = f, upload, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.pos += len(data)
+        self._upload.report()
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = self._f.seek(offset, whence)
+        self._upload.report()
+        return self.pos
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def fileno(self) -> int:  # httpx takes the part's length from fstat (a known Content-Length)
+        return self._f.fileno()
+
+
+@dataclass
+class _Upload:
+    """Multipart parts to stream: ``field`` is the part name of every file."""
+
+    field: str
+    paths: list[Path]
+    on_progress: ProgressFn | None = None
+    readers: list[_Reader] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    def open(self, stack: ExitStack) -> list[tuple[str, tuple[str, Any]]]:
+        self._total = self.total
+        self.readers = [_Reader(stack.enter_context(p.open("rb")), self) for p in self.paths]
+        return [(self.field, (p.name, r)) for p, r in zip(self.paths, self.readers)]
+
+    def report(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress(sum(r.pos for r in self.readers), self._total)
+
+
+@dataclass
+class _Call:
+    """One API request, built once and sent by either client (with its retries)."""
+
+    method: str
+    path: str
+    parse: Callable[[httpx.Response], Any] | None = None
+    params: dict[str, Any] | None = None
+    json: Any = None
+    data: dict[str, str] | None = None
+    upload: _Upload | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def resendable(self) -> bool:
+        """May be sent again after it possibly reached the server."""
+        return self.method in ("GET", "HEAD")
+
+
+def _json_of(model: type[R]) -> Callable[[httpx.Response], R]:
+    return lambda r: model.model_validate(r.json())  # type: ignore[attr-defined]
+
+
+def _list_of(model: type[R]) -> Callable[[httpx.Response], list[R]]:
+    return lambda r: [model.model_validate(x) for x in r.json()]  # type: ignore[attr-defined]
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+@dataclass
+class _DownloadState:
+    """A download in progress: where it goes, what it must hash to, and how far it got."""
+
+    target: Path
+    part: Path
+    expected: str
+    total: int
+    hasher: Any = field(default_factory=hashlib.sha256)
+    offset: int = 0
+    resumed_from: int = 0
+    on_progress: ProgressFn | None = None
+
+    @classmethod
+    def plan(cls, job: Job, dest: str | os.PathLike[str], on_progress: ProgressFn | None) -> "_DownloadState":
+        assert job.artifact is not None
+        target = Path(dest)
+        if target.is_dir():
+            target = target / _safe_filename(job.artifact.filename)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        st = cls(target, target.with_name(target.name + ".part"), job.artifact.sha256, job.artifact.size_bytes,
+                 on_progress=on_progress)
+        if st.part.exists():
+            size = st.part.stat().st_size
+            if 0 < size <= st.total:
+                with st.part.open("rb") as f:
+                    while chunk := f.read(_CHUNK):
+                        st.hasher.update(chunk)
+                st.offset = st.resumed_from = size
+            else:
+                st.part.unlink()
+        return st
+
+    def restart(self) -> None:
+        self.part.unlink(missing_ok=True)
+        self.hasher, self.offset, self.resumed_from = hashlib.sha256(), 0, 0
+
+    def headers(self) -> dict[str, str]:
+        if not self.offset:
+            return {}
+        return {"Range": f"bytes={self.offset}-", "If-Range": f'"{self.expected}"'}
+
+    def accept(self, resp: httpx.Response) -> str | None:
+        """Check a 2xx answer against the plan: the mode to open the .part with, or None to ask
+        again from the start (a range that is not the one asked for)."""
+        etag = _etag_sha(resp.headers.get("etag"))
+        if etag:
+            self.expected = etag
+        if resp.status_code == 206:
+            m = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
+            if m and int(m.group(1)) == self.offset:
+                return "ab"
+            self.restart()
+            return None
+        self.restart()  # the whole file: the server ignored the range (or If-Range did not match)
+        return "wb"
+
+    def wrote(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.offset += len(chunk)
+        if self.on_progress is not None:
+            self.on_progress(self.offset, self.total)
+
+    def finish(self) -> Download:
+        actual = self.hasher.hexdigest()
+        if actual != self.expected:
+            self.part.unlink(missing_ok=True)
+            raise ChecksumMismatch(
+                f"{self.target.name}: sha256 {actual} does not match the artifact's {self.expected}; "
+                f"the partial file was deleted, download again", self.expected, actual)
+        os.replace(self.part, self.target)
+        return Download(path=self.target, size_bytes=self.offset, sha256=actual, resumed_from=self.resumed_from)
+
+
+class _BaseClient:
+    """Configuration, request building, response parsing and the retry policy of both clients."""
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("MODELPRESS_URL") or DEFAULT_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else (os.environ.get("MODELPRESS_API_KEY") or None)
+        self.timeout = timeout
+        self.max_retries = max(0, int(max_retries))
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self._headers = {"User-Agent": f"modelpress-python/{__version__}", "Accept": "application/json"}
+        if self.api_key:
+            self._headers["Authorization"] = f"Bearer {self.api_key}"
+        self._headers.update(headers or {})
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base_url={self.base_url!r})"
+
+    # -- retry policy --------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        d = min(self.backoff_max, self.backoff_base * (2**attempt))
+        return random.uniform(d / 2, d)
+
+    def _retry_delay(self, attempt: int, *, response: httpx.Response | None = None,
+                     error: Exception | None = None, resendable: bool = False) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1``, or None: do not retry."""
+        if attempt >= self.max_retries:
+            return None
+        if response is not None:
+            if response.status_code not in RETRY_STATUSES:
+                return None
+            after = _parse_retry_after(response.headers.get("retry-after"))
+            return min(after, RETRY_AFTER_CAP_S) if after is not None else self._backoff(attempt)
+        if isinstance(error, _NOT_SENT) or (resendable and isinstance(error, httpx.TransportError)):
+            return self._backoff(attempt)
+        return None
+
+    @staticmethod
+    def _transport_error(e: httpx.TransportError, call_url: str, attempts: int) -> TransportError:
+        what = type(e).__name__
+        if isinstance(e, httpx.ConnectError | httpx.ConnectTimeout):
+            msg = f"cannot connect to {call_url}: {e or what}"
+        elif isinstance(e, httpx.TimeoutException):
+            msg = f"{call_url}: timed out ({what})"
+        else:
+            msg = f"{call_url}: {what}: {e}"
+        if attempts > 1:
+            msg += f" ({attempts} attempts)"
+        return TransportError(msg, call_url)
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{path}"
+
+    # -- request building ----------------------------------------------------------------------
+
+    @staticmethod
+    def _idem(key: str | None) -> dict[str, str]:
+        return {"Idempotency-Key": key or str(uuid.uuid4())}
+
+    def _upload_model_call(self, path_or_dir: str | os.PathLike[str], name: str | None,
+                           on_progress: ProgressFn | None, idempotency_key: str | None) -> _Call:
+        up = _Upload("files", upload_files(path_or_dir), on_progress)
+        return _Call("POST", "/v1/models", _json_of(Model), data=_drop_none({"name": name}) or None, upload=up,
+                     headers=self._idem(idempotency_key))
+
+    def _create_dataset_call(self, path: str | os.PathLike[str], name: str | None,
+                             on_progress: ProgressFn | None, idempotency_key: str | None) -> _Call:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: no such file")
+        up = _Upload("file", [p], on_progress)
+        return _Call("POST", "/v1/datasets", _json_of(Dataset), data=_drop_none({"name": name}) or None, upload=up,
+                     headers=self._idem(idempotency_key))
+
+    def _spec(self, model_id: Any, steps: Iterable[StepLike], name: str | None, dataset_id: Any,
+              eval_dataset_id: Any, evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
+        return _drop_none({
+            "model_id": _id(model_id),
+            "steps": normalize_steps(steps),
+            "name": name,
+            "dataset_id": _id(dataset_id) if dataset_id is not None else None,
+            "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
+            "evaluation": dict(evaluation) if evaluation is not None else None,
+        })
+
+    def _submit_call(self, model_id: Any, steps: Iterable[StepLike], name: str | None, dataset_id: Any,
+                     eval_dataset_id: Any, evaluation: Mapping[str, Any] | None, idempotency_key: str | None) -> _Call:
+        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
+        return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
+
+    def _sweep_call(self, model_id: Any, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]],
+                    name: str | None, dataset_id: Any, eval_dataset_id: Any,
+                    evaluation: Mapping[str, Any] | None, idempotency_key: str | None) -> _Call:
+        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
+        body["vary"] = {str(k): list(v) for k, v in vary.items()}
+        return _Call("POST", "/v1/sweeps", _json_of(Sweep), json=body, headers=self._idem(idempotency_key))
+
+    @staticmethod
+    def _get(path: str, parse: Callable[[httpx.Response], Any]) -> _Call:
+        return _Call("GET", path, parse)
+
+    @staticmethod
+    def _page_call(path: str, item: type, params: dict[str, Any]) -> _Call:
+        return _Call("GET", path, _json_of(Page[item]), params=_drop_none(params))  # type: ignore[valid-type]
+
+    @staticmethod
+    def _link_call(path: str, ttl_s: int | None) -> _Call:
+        return _Call("POST", path, _json_of(Link), json=_drop_none({"ttl_s": ttl_s}))
+
+    @staticmethod
+    def _wait_outcome(job: Job) -> Job:
+        """The job if it succeeded; raise if it failed or was canceled."""
+        if job.status == "failed":
+            err = f"{job.error.code}: {job.error.message}" if job.error else "no error recorded"
+            raise JobFailed(f"job {job.id} failed: {err}", job)
+        if job.status == "canceled":
+            raise JobCanceled(f"job {job.id} was canceled", job)
+        return job
+
+    @staticmethod
+    def _progress_key(job: Job) -> tuple[Any, ...]:
+        return (job.status, job.progress.stage, job.progress.fraction)
+
+
+class Client(_BaseClient):
+    """The modelpress API, synchronously. Use as a context manager, or call ``close()``.
+
+    >>> with Client("http://127.0.0.1:8000", api_key="mp_...") as mp:
+    ...     model = mp.upload_model("gpt2/")
+    ...     job = mp.wait(mp.submit(model.id, [("prune.magnitude", {"sparsity": 0.5})]))
+    ...     mp.download(job.id, "out/")
+
+    ``transport`` and ``event_hooks`` are passed to ``httpx.Client`` (tests, proxies, logging).
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
+                         backoff_base=backoff_base, backoff_max=backoff_max, headers=headers)
+        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout,
+                                  transport=transport, event_hooks=dict(event_hooks or {}))
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _send(self, call: _Call) -> Any:
+        with ExitStack() as stack:
+            files = call.upload.open(stack) if call.upload else None
+            attempt = 0
+            while True:
+                try:
+                    resp = self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                              data=call.data, files=files, headers=call.headers)
+                except httpx.TransportError as e:
+                    delay = self._retry_delay(attempt, error=e, resendable=call.resendable)
+                    if delay is None:
+                        raise self._transport_error(e, self._url(call.path), attempt + 1) from e
+                else:
+                    if resp.is_success:
+                        return call.parse(resp) if call.parse else None
+                    delay = self._retry_delay(attempt, response=resp)
+                    if delay is None:
+                        raise APIError.from_response(resp)
+                attempt += 1
+                time.sleep(delay)
+
+    # -- models and datasets ---------------------------------------------------------------------
+
+    def upload_model(self, path_or_dir: str | os.PathLike[str], *, name: str | None = None,
+                     on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Model:
+        """Upload a Hugging Face model directory or one ``.safetensors`` file (streamed)."""
+        return self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
+
+    def create_dataset(self, path: str | os.PathLike[str], *, name: str | None = None,
+                       on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Dataset:
+        """Upload a ``.txt`` (a sample a line) or ``.jsonl`` (``{"text", "label"?}``) dataset."""
+        return self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
+
+    def get_model(self, model_id: str | Model) -> Model:
+        return self._send(self._get(f"/v1/models/{_id(model_id)}", _json_of(Model)))
+
+    def get_dataset(self, dataset_id: str | Dataset) -> Dataset:
+        return self._send(self._get(f"/v1/datasets/{_id(dataset_id)}", _json_of(Dataset)))
+
+    def delete_model(self, model_id: str | Model) -> None:
+        self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}"))
+
+    def delete_dataset(self, dataset_id: str | Dataset) -> None:
+        self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}"))
+
+    def models(self, *, limit: int | None = None, page_size: int = 50) -> Iterator[Model]:
+        """Every model, newest first (at most ``limit``), fetched ``page_size`` at a time."""
+        return self._paginate("/v1/models", Model, {}, limit, page_size)
+
+    def datasets(self, *, limit: int | None = None, page_size: int = 50) -> Iterator[Dataset]:
+        return self._paginate("/v1/datasets", Dataset, {}, limit, page_size)
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    def submit(self, model_id: str | Model, steps: Iterable[StepLike], *, name: str | None = None,
+               dataset_id: str | Dataset | None = None, eval_dataset_id: str | Dataset | None = None,
+               evaluation: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+        """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples."""
+        return self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
+                                            idempotency_key))
+
+    def get_job(self, job_id: str | Job) -> Job:
+        return self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
+
+    def jobs(self, *, status: str | None = None, limit: int | None = None, page_size: int = 50) -> Iterator[Job]:
+        """The caller's jobs, newest first, optionally of one status; pages are fetched lazily."""
+        return self._paginate("/v1/jobs", Job, {"status": status}, limit, page_size)
+
+    def cancel(self, job_id: str | Job) -> Job:
+        """Cancel a job (a running one stops at its next step); ``Conflict`` if it has finished."""
+        return self._send(_Call("POST", f"/v1/jobs/{_id(job_id)}/cancel", _json_of(Job)))
+
+    def wait(self, job_id: str | Job, *, timeout: float | None = None, poll_interval: float = 1.0,
+             on_progress: Callable[[Job], Any] | None = None) -> Job:
+        """Poll until the job finishes: the succeeded job, or ``JobFailed`` / ``JobCanceled``
+        (``WaitTimeout`` after ``timeout`` seconds). ``on_progress(job)`` sees every change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None and self._progress_key(job) != last:
+                last = self._progress_key(job)
+                on_progress(job)
+            if job.done:
+                return self._wait_outcome(job)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(f"job {job.id} is still {job.status} after {timeout} s", job)
+            time.sleep(poll_interval if left is None else min(poll_interval, left))
+
+    def download(self, job_id: str | Job, dest: str | os.PathLike[str], *,
+                 on_progress: ProgressFn | None = None) -> Download:
+        """Download a succeeded job's artifact to ``dest`` (a file, or a directory: the artifact's
+        file name), resuming ``<dest>.part``, verified against its sha256."""
+        jid = _id(job_id)
+        job = self.get_job(jid)
+        if job.artifact is None:  # the server says why (409 artifact_not_ready), or it just finished
+            self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", headers={"Range": "bytes=0-0"}))
+            job = self.get_job(jid)
+            if job.artifact is None:
+                raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
+        st = _DownloadState.plan(job, dest, on_progress)
+        attempt = 0
+        while st.offset < st.total or st.offset == 0:
+            try:
+                with self._http.stream("GET", f"/v1/jobs/{jid}/artifact", headers=st.headers()) as resp:
+                    if resp.status_code == 416 and st.offset:
+                        st.restart()
+                        continue
+                    if resp.is_success:
+                        mode = st.accept(resp)
+                        if mode is None:
+                            continue
+                        with st.part.open(mode) as f:
+                            for chunk in resp.iter_bytes(_CHUNK):
+                                f.write(chunk)
+                                st.wrote(chunk)
+                        break
+                    resp.read()
+                    delay = self._retry_delay(attempt, response=resp)
+                    if delay is None:
+                        raise APIError.from_response(resp)
+            except httpx.TransportError as e:
+                delay = self._retry_delay(attempt, error=e, resendable=True)
+                if delay is None:
+                    raise self._transport_error(e, self._url(f"/v1/jobs/{jid}/artifact"), attempt + 1) from e
+            attempt += 1
+            time.sleep(delay)
+        return st.finish()
+
+    def report(self, job_id: str | Job) -> Report:
+        """The job's report: size, sparsity, speed, quality, fidelity (409 until it succeeded)."""
+        return self._send(self._get(f"/v1/jobs/{_id(job_id)}/report", _json_of(Report)))
+
+    def report_link(self, job_id: str | Job, *, ttl_s: int | None = None) -> str:
+        """A signed URL of the HTML report that a browser opens with no API key."""
+        return self._send(self._link_call(f"/v1/jobs/{_id(job_id)}/report/link", ttl_s)).url
+
+    # -- sweeps ----------------------------------------------------------------------------------
+
+    def sweep(self, model_id: str | Model, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]], *,
+              name: str | None = None, dataset_id: str | Dataset | None = None,
+              eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None,
+              idempotency_key: str | None = None) -> Sweep:
+        """One job per combination of ``vary`` (``{"steps[0].params.sparsity": [0.3, 0.5]}``)."""
+        return self._send(self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation,
+                                           idempotency_key))
+
+    def get_sweep(self, sweep_id: str | Sweep) -> Sweep:
+        return self._send(self._get(f"/v1/sweeps/{_id(sweep_id)}", _json_of(Sweep)))
+
+    def sweeps(self, *, limit: int | None = None, page_size: int = 50) -> Iterator[SweepSummary]:
+        return self._paginate("/v1/sweeps", SweepSummary, {}, limit, page_size)
+
+    def sweep_link(self, sweep_id: str | Sweep, *, ttl_s: int | None = None) -> str:
+        return self._send(self._link_call(f"/v1/sweeps/{_id(sweep_id)}/link", ttl_s)).url
+
+    # -- service ---------------------------------------------------------------------------------
+
+    def methods(self) -> list[Method]:
+        return self._send(self._get("/v1/methods", _list_of(Method)))
+
+    def workers(self) -> list[Worker]:
+        return self._send(self._get("/v1/workers", _list_of(Worker)))
+
+    def _paginate(self, path: str, item: type[R], params: dict[str, Any], limit: int | None,
+                  page_size: int) -> Iterator[R]:
+        cursor, n = None, 0
+        while True:
+            size = page_size if limit is None else max(1, min(page_size, limit - n))
+            page = self._send(self._page_call(path, item, {**params, "limit": size, "cursor": cursor}))
+            for obj in page.items:
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield obj
+            if not page.next_cursor or (limit is not None and n >= limit):
+                return
+            cursor = page.next_cursor
+
+
+class AsyncClient(_BaseClient):
+    """The modelpress API for asyncio: ``Client``'s methods as coroutines (the listings are async
+    iterators). Use ``async with``, or call ``aclose()``.
+
+    >>> async with AsyncClient() as mp:
+    ...     job = await mp.wait(await mp.submit(model_id, [("quantize.cast", {"dtype": "bfloat16"})]))
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 3,
+        backoff_base: float = 0.5,
+        backoff_max: float = 30.0,
+        headers: Mapping[str, str] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
+    ) -> None:
+        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
+                         backoff_base=backoff_base, backoff_max=backoff_max, headers=headers)
+        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout,
+                                       transport=transport, event_hooks=dict(event_hooks or {}))
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _send(self, call: _Call) -> Any:
+        with ExitStack() as stack:
+            files = call.upload.open(stack) if call.upload else None
+            attempt = 0
+            while True:
+                try:
+                    resp = await self._http.request(call.method, call.path, params=call.params, json=call.json,
+                                                    data=call.data, files=files, headers=call.headers)
+                except httpx.TransportError as e:
+                    delay = self._retry_delay(attempt, error=e, resendable=call.resendable)
+                    if delay is None:
+                        raise self._transport_error(e, self._url(call.path), attempt + 1) from e
+                else:
+                    if resp.is_success:
+                        return call.parse(resp) if call.parse else None
+                    delay = self._retry_delay(attempt, response=resp)
+                    if delay is None:
+                        raise APIError.from_response(resp)
+                attempt += 1
+                await asyncio.sleep(delay)
+
+    async def upload_model(self, path_or_dir: str | os.PathLike[str], *, name: str | None = None,
+                           on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Model:
+        return await self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
+
+    async def create_dataset(self, path: str | os.PathLike[str], *, name: str | None = None,
+                             on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Dataset:
+        return await self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
+
+    async def get_model(self, model_id: str | Model) -> Model:
+        return await self._send(self._get(f"/v1/models/{_id(model_id)}", _json_of(Model)))
+
+    async def get_dataset(self, dataset_id: str | Dataset) -> Dataset:
+        return await self._send(self._get(f"/v1/datasets/{_id(dataset_id)}", _json_of(Dataset)))
+
+    async def delete_model(self, model_id: str | Model) -> None:
+        await self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}"))
+
+    async def delete_dataset(self, dataset_id: str | Dataset) -> None:
+        await self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}"))
+
+    def models(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Model]:
+        return self._paginate("/v1/models", Model, {}, limit, page_size)
+
+    def datasets(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Dataset]:
+        return self._paginate("/v1/datasets", Dataset, {}, limit, page_size)
+
+    async def submit(self, model_id: str | Model, steps: Iterable[StepLike], *, name: str | None = None,
+                     dataset_id: str | Dataset | None = None, eval_dataset_id: str | Dataset | None = None,
+                     evaluation: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+        return await self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
+                                                  idempotency_key))
+
+    async def get_job(self, job_id: str | Job) -> Job:
+        return await self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
+
+    def jobs(self, *, status: str | None = None, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Job]:
+        return self._paginate("/v1/jobs", Job, {"status": status}, limit, page_size)
+
+    async def cancel(self, job_id: str | Job) -> Job:
+        return await self._send(_Call("POST", f"/v1/jobs/{_id(job_id)}/cancel", _json_of(Job)))
+
+    async def wait(self, job_id: str | Job, *, timeout: float | None = None, poll_interval: float = 1.0,
+                   on_progress: Callable[[Job], Any] | None = None) -> Job:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            job = await self.get_job(job_id)
+            if on_progress is not None and self._progress_key(job) != last:
+                last = self._progress_key(job)
+                res = on_progress(job)
+                if asyncio.iscoroutine(res):
+                    await res
+            if job.done:
+                return self._wait_outcome(job)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout(f"job {job.id} is still {job.status} after {timeout} s", job)
+            await asyncio.sleep(poll_interval if left is None else min(poll_interval, left))
+
+    async def download(self, job_id: str | Job, dest: str | os.PathLike[str], *,
+                       on_progress: ProgressFn | None = None) -> Download:
+        jid = _id(job_id)
+        job = await self.get_job(jid)
+        if job.artifact is None:
+            await self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", headers={"Range": "bytes=0-0"}))
+            job = await self.get_job(jid)
+            if job.artifact is None:
+                raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
+        st = _DownloadState.plan(job, dest, on_progress)
+        attempt = 0
+        while st.offset < st.total or st.offset == 0:
+            try:
+                async with self._http.stream("GET", f"/v1/jobs/{jid}/artifact", headers=st.headers()) as resp:
+                    if resp.status_code == 416 and st.offset:
+                        st.restart()
+                        continue
+                    if resp.is_success:
+                        mode = st.accept(resp)
+                        if mode is None:
+                            continue
+                        with st.part.open(mode) as f:
+                            async for chunk in resp.aiter_bytes(_CHUNK):
+                                f.write(chunk)
+                                st.wrote(chunk)
+                        break
+                    await resp.aread()
+                    delay = self._retry_delay(attempt, response=resp)
+                    if delay is None:
+                        raise APIError.from_response(resp)
+            except httpx.TransportError as e:
+                delay = self._retry_delay(attempt, error=e, resendable=True)
+                if delay is None:
+                    raise self._transport_error(e, self._url(f"/v1/jobs/{jid}/artifact"), attempt + 1) from e
+            attempt += 1
+            await asyncio.sleep(delay)
+        return st.finish()
+
+    async def report(self, job_id: str | Job) -> Report:
+        return await self._send(self._get(f"/v1/jobs/{_id(job_id)}/report", _json_of(Report)))
+
+    async def report_link(self, job_id: str | Job, *, ttl_s: int | None = None) -> str:
+        return (await self._send(self._link_call(f"/v1/jobs/{_id(job_id)}/report/link", ttl_s))).url
+
+    async def sweep(self, model_id: str | Model, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]], *,
+                    name: str | None = None, dataset_id: str | Dataset | None = None,
+                    eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None,
+                    idempotency_key: str | None = None) -> Sweep:
+        return await self._send(self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id,
+                                                 evaluation, idempotency_key))
+
+    async def get_sweep(self, sweep_id: str | Sweep) -> Sweep:
+        return await self._send(self._get(f"/v1/sweeps/{_id(sweep_id)}", _json_of(Sweep)))
+
+    def sweeps(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[SweepSummary]:
+        return self._paginate("/v1/sweeps", SweepSummary, {}, limit, page_size)
+
+    async def sweep_link(self, sweep_id: str | Sweep, *, ttl_s: int | None = None) -> str:
+        return (await self._send(self._link_call(f"/v1/sweeps/{_id(sweep_id)}/link", ttl_s))).url
+
+    async def methods(self) -> list[Method]:
+        return await self._send(self._get("/v1/methods", _list_of(Method)))
+
+    async def workers(self) -> list[Worker]:
+        return await self._send(self._get("/v1/workers", _list_of(Worker)))
+
+    async def _paginate(self, path: str, item: type[R], params: dict[str, Any], limit: int | None,
+                        page_size: int) -> AsyncIterator[R]:
+        cursor, n = None, 0
+        while True:
+            size = page_size if limit is None else max(1, min(page_size, limit - n))
+            page = await self._send(self._page_call(path, item, {**params, "limit": size, "cursor": cursor}))
+            for obj in page.items:
+                if limit is not None and n >= limit:
+                    return
+                n += 1
+                yield obj
+            if not page.next_cursor or (limit is not None and n >= limit):
+                return
+            cursor = page.next_cursor

@@ -1,0 +1,287 @@
+"""Typed results of the modelpress SDK (pydantic v2 models of the API's JSON).
+
+Every model keeps fields it does not declare (``extra="allow"``): a newer server's fields are not
+lost, and ``model_dump(mode="json")`` gives back what the server sent. Statuses are plain strings
+(a newer server may add one); the known values are the ``*_STATUSES`` constants.
+
+    Model (ModelFile)            POST/GET /v1/models
+    Dataset                      POST/GET /v1/datasets
+    Job (Step, Progress, ErrorInfo, Artifact)   POST/GET /v1/jobs
+    Report                       GET /v1/jobs/{id}/report (sections are dicts: docs/REPORTS.md)
+    Link                         POST /v1/jobs/{id}/report/link, /v1/sweeps/{id}/link
+    Sweep (SweepPoint, PointMetrics, Counts, SweepSpec), SweepSummary   /v1/sweeps
+    Method, Worker               GET /v1/methods, /v1/workers
+    Page[T]                      one page of a list: items, next_cursor
+    Download                     what Client.download wrote
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "JOB_STATUSES",
+    "TERMINAL_STATUSES",
+    "Artifact",
+    "Counts",
+    "Dataset",
+    "Download",
+    "ErrorInfo",
+    "Job",
+    "Link",
+    "Method",
+    "Model",
+    "ModelFile",
+    "Page",
+    "PointMetrics",
+    "Progress",
+    "Report",
+    "Step",
+    "Sweep",
+    "SweepPoint",
+    "SweepSpec",
+    "SweepSummary",
+    "Worker",
+]
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+
+T = TypeVar("T")
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class ModelFile(_Base):
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+class Model(_Base):
+    """An uploaded model. ``format``: ``hf`` (a directory) or ``safetensors`` (one bare file)."""
+
+    id: str
+    name: str
+    format: str
+    architecture: str | None = None
+    parameters: int
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+    files: list[ModelFile] = Field(default_factory=list)
+
+
+class Dataset(_Base):
+    """An uploaded dataset (``txt``: a sample a line; ``jsonl``: ``{"text", "label"?}`` a line)."""
+
+    id: str
+    name: str
+    format: str
+    samples: int
+    labeled: bool
+    labels: list[int] | list[str] | None = None
+    size_bytes: int
+    sha256: str
+    created_at: datetime
+
+
+class Step(_Base):
+    method: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Progress(_Base):
+    stage: str | None = None
+    fraction: float = 0.0
+
+
+class ErrorInfo(_Base):
+    """Why a job (or a sweep point) failed."""
+
+    code: str
+    message: str = ""
+
+
+class Artifact(_Base):
+    """A succeeded job's result: its size, sha256 (also the download's ETag) and filename."""
+
+    size_bytes: int
+    sha256: str
+    filename: str
+
+
+class Job(_Base):
+    """A compression job. ``status``: queued, running, succeeded, failed or canceled."""
+
+    id: str
+    name: str | None = None
+    model_id: str | None = None
+    dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    sweep_id: str | None = None
+    evaluation: dict[str, Any] | None = None
+    status: str
+    steps: list[Step] = Field(default_factory=list)
+    queue: str | None = None
+    progress: Progress = Field(default_factory=Progress)
+    attempt: int = 0
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: ErrorInfo | None = None
+    metrics: dict[str, Any] | None = None
+    artifact: Artifact | None = None
+
+    @property
+    def done(self) -> bool:
+        """True once the job has succeeded, failed or been canceled."""
+        return self.status in TERMINAL_STATUSES
+
+
+class Report(_Base):
+    """What a job changed, measured (docs/REPORTS.md). ``speed``, ``quality`` and ``fidelity`` are
+    ``{"available": true, ...}`` or ``{"available": false, "reason": ...}``; fields a newer
+    server adds are kept (``extra="allow"``)."""
+
+    job_id: str
+    job_name: str | None = None
+    model_id: str | None = None
+    sweep_id: str | None = None
+    status: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    size: dict[str, Any] = Field(default_factory=dict)
+    sparsity: dict[str, Any] = Field(default_factory=dict)
+    speed: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    fidelity: dict[str, Any] | None = None
+    memory: dict[str, Any] | None = None
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    stage_seconds: dict[str, float] = Field(default_factory=dict)
+    notes: dict[str, Any] = Field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
+
+
+class Link(_Base):
+    """A signed link that a browser opens with no API key, until ``expires_at``."""
+
+    url: str
+    expires_at: datetime
+
+
+class SweepSpec(_Base):
+    steps: list[dict[str, Any]]
+    vary: dict[str, list[Any]]
+    dataset_id: str | None = None
+    eval_dataset_id: str | None = None
+    evaluation: dict[str, Any] | None = None
+
+
+class Counts(_Base):
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    canceled: int = 0
+
+
+class PointMetrics(_Base):
+    artifact_bytes: int | None = None
+    compression_ratio: float | None = None
+    latency_ms: float | None = None
+    speedup: float | None = None
+    quality_metric: str | None = None
+    quality: float | None = None
+    higher_is_better: bool | None = None
+    kl_mean: float | None = None
+    top1_agreement: float | None = None
+    sparsity: float | None = None
+
+
+class SweepPoint(_Base):
+    index: int
+    values: dict[str, Any]
+    job_id: str | None = None
+    status: str
+    metrics: PointMetrics | None = None
+    error: ErrorInfo | None = None
+    on_frontier: bool = False
+
+
+class Sweep(_Base):
+    """A sweep: one job per point of the grid, and the Pareto frontier of the succeeded points.
+    ``status``: queued, running, succeeded, failed, partial or canceled."""
+
+    id: str
+    name: str | None = None
+    model_id: str | None = None
+    created_at: datetime
+    status: str
+    spec: SweepSpec
+    counts: Counts
+    points: list[SweepPoint] = Field(default_factory=list)
+    frontier: list[int] = Field(default_factory=list)
+    frontier_axes: dict[str, str] = Field(default_factory=dict)
+    frontier_note: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.status in {"succeeded", "failed", "partial", "canceled"}
+
+
+class SweepSummary(_Base):
+    """A sweep in a list: counts and status, no points."""
+
+    id: str
+    name: str | None = None
+    model_id: str | None = None
+    created_at: datetime
+    status: str
+    points: int
+    spec: SweepSpec
+    counts: Counts
+
+
+class Method(_Base):
+    name: str
+    summary: str = ""
+    description: str = ""
+    needs_gpu: bool = False
+    needs_data: bool = False
+    formats: list[str] = Field(default_factory=list)
+    params_schema: dict[str, Any] = Field(default_factory=dict)
+
+
+class Worker(_Base):
+    id: str
+    hostname: str
+    queues: list[str]
+    device: str
+    started_at: datetime
+    last_seen_at: datetime
+    live: bool
+
+
+class Page(_Base, Generic[T]):
+    """One page of a list, newest first; pass ``next_cursor`` back for the next (None: the last)."""
+
+    items: list[T]
+    next_cursor: str | None = None
+
+
+class Download(_Base):
+    """What ``download()`` wrote: the file, its size and verified sha256, and the offset it resumed
+    from (0: downloaded from the start)."""
+
+    path: Path
+    size_bytes: int
+    sha256: str
+    resumed_from: int = 0

@@ -1,0 +1,167 @@
+"""The client commands of the ``modelpress`` console script, run as subprocesses against the real
+embedded service with ``MODELPRESS_URL`` / ``MODELPRESS_API_KEY``: upload, compress --wait,
+status, jobs, download (an artifact that unzips), report (a table; --open prints a signed link),
+and the exit codes of a refused job (3), a canceled one (1), a bad flag (2) and no server (4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import MODELPRESS, free_port
+
+QUICK_EVAL = '{"runs": 1, "warmup": 0, "max_samples": 4}'
+
+
+def run(stack, *args: str, url: str | None = None, extra_env: dict[str, str] | None = None,
+        timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env.update({"MODELPRESS_URL": url or stack.service.url, "MODELPRESS_API_KEY": stack.key, **(extra_env or {})})
+    return subprocess.run([MODELPRESS, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_json(stack, *args: str) -> Any:
+    res = run(stack, *args, "--json")
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.fixture(scope="module")
+def cli_job(embedded, tiny: dict[str, Path]) -> dict[str, Any]:
+    model = run_json(embedded, "upload", str(tiny["gpt2"]), "--name", "cli-gpt2")
+    job = run_json(embedded, "compress", model["id"], "--step", "prune.magnitude:sparsity=0.5,scope=global",
+                   "--name", "cli", "--evaluation", QUICK_EVAL, "--wait", "--poll", "0.2")
+    return {"model": model, "job": job}
+
+
+def test_upload_and_compress_wait_json(cli_job: dict[str, Any]) -> None:
+    model, job = cli_job["model"], cli_job["job"]
+    assert model["architecture"] == "GPT2LMHeadModel" and model["name"] == "cli-gpt2"
+    assert job["status"] == "succeeded" and job["name"] == "cli" and job["model_id"] == model["id"]
+    assert job["steps"][0]["method"] == "prune.magnitude" and job["steps"][0]["params"]["sparsity"] == 0.5
+    assert job["artifact"]["filename"] == "model.zip"
+
+
+def test_status_and_jobs_json(embedded, cli_job: dict[str, Any]) -> None:
+    job = cli_job["job"]
+    status = run_json(embedded, "status", job["id"])
+    assert status["id"] == job["id"] and status["status"] == "succeeded"
+    assert status["artifact"]["sha256"] == job["artifact"]["sha256"]
+    listed = run_json(embedded, "jobs", "--limit", "100")
+    assert isinstance(listed, list) and job["id"] in [j["id"] for j in listed]
+    succeeded = run_json(embedded, "jobs", "--status", "succeeded")
+    assert all(j["status"] == "succeeded" for j in succeeded)
+
+
+def test_human_output(embedded, cli_job: dict[str, Any], tiny: dict[str, Path]) -> None:
+    up = run(embedded, "upload", str(tiny["bare"]))
+    assert up.returncode == 0, up.stderr
+    assert "uploaded" in up.stdout and "safetensors" in up.stdout
+    assert "upload" in up.stderr and "kB" in up.stderr  # the progress bar: bytes (and rate)
+    model_id = up.stdout.split()[1]
+    res = run(embedded, "compress", model_id, "--step", "prune.magnitude:sparsity=0.25", "--no-eval", "--wait", "--poll", "0.2")
+    assert res.returncode == 0, res.stderr
+    assert "succeeded" in res.stdout and "%" in res.stderr  # the live line: stage and fraction
+    status = run(embedded, "status", cli_job["job"]["id"])
+    assert status.returncode == 0 and cli_job["job"]["id"] in status.stdout and "model.zip" in status.stdout
+    jobs = run(embedded, "jobs")
+    assert jobs.returncode == 0 and cli_job["job"]["id"] in jobs.stdout
+
+
+def test_download_and_report(embedded, cli_job: dict[str, Any], tmp_path: Path) -> None:
+    job = cli_job["job"]
+    out = tmp_path / "out"
+    res = run(embedded, "download", job["id"], "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    artifact = out / "model.zip"
+    assert "verified" in res.stdout and "kB" in res.stderr
+    with zipfile.ZipFile(artifact) as z:
+        z.extractall(tmp_path / "unzipped")
+    assert (tmp_path / "unzipped" / "config.json").is_file()
+    assert (tmp_path / "unzipped" / "model.safetensors").is_file()
+
+    # Resume from a .part holding the first half.
+    data = artifact.read_bytes()
+    artifact.unlink()
+    (out / "model.zip.part").write_bytes(data[: len(data) // 2])
+    got = run_json(embedded, "download", job["id"], "-o", str(out))
+    assert got["resumed_from"] == len(data) // 2 and got["sha256"] == job["artifact"]["sha256"]
+    assert artifact.read_bytes() == data
+
+    rep = run(embedded, "report", job["id"])
+    assert rep.returncode == 0, rep.stderr
+    for word in ("sparsity", "size", "speed", "fidelity", "original", "compressed", "50.0%"):
+        assert word in rep.stdout
+    data = run_json(embedded, "report", job["id"])
+    assert data["job_id"] == job["id"] and data["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    # --open: a signed link, printed and handed to the browser ($BROWSER=true: a no-op command).
+    opened = run(embedded, "report", job["id"], "--open", extra_env={"BROWSER": "true"})
+    assert opened.returncode == 0, opened.stderr
+    assert f"/v1/jobs/{job['id']}/report/view?expires=" in opened.stdout
+
+
+def test_api_errors_exit_3(embedded, cli_job: dict[str, Any]) -> None:
+    # GPT-2's Conv1D layers are refused by the integer quantizers at submit: a 422.
+    res = run(embedded, "compress", cli_job["model"]["id"], "--step", "prune.magnitude:sparsity=0.5",
+              "--step", "quantize.weight_only:bits=8", "--wait")
+    assert res.returncode == 3
+    assert res.stderr.startswith("Error: Request could not be processed: ")
+    assert "steps.1" in res.stderr  # the field the error is about
+    res = run(embedded, "cancel", cli_job["job"]["id"])
+    assert res.returncode == 3 and res.stderr.startswith("Error: Conflict: ")
+    res = run(embedded, "status", "no-such-job", "--json")
+    assert res.returncode == 3 and res.stderr.startswith("Error: Not found: ")
+    assert json.loads(res.stdout)["error"]["status"] == 404
+    res = run(embedded, "status", cli_job["job"]["id"], "--api-key", "mp_000000000000_wrong")
+    assert res.returncode == 3 and res.stderr.startswith("Error: Missing or invalid API key")
+
+
+def test_canceled_job_exits_1(embedded, tiny: dict[str, Path]) -> None:
+    model = run_json(embedded, "upload", str(tiny["gpt2-big"]))
+    steps = [a for s in ("0.2", "0.4", "0.6") for a in ("--step", f"prune.magnitude:sparsity={s}")]
+    job = run_json(embedded, "compress", model["id"], *steps)
+    canceled = run_json(embedded, "cancel", job["id"])
+    assert canceled["cancel_requested"] or canceled["status"] == "canceled"
+    res = run(embedded, "wait", job["id"], "--poll", "0.2")
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "Error: job canceled" in res.stderr and "canceled" in res.stdout
+
+
+def test_usage_errors_exit_2(embedded, cli_job: dict[str, Any]) -> None:
+    mid = cli_job["model"]["id"]
+    for step in ("prune.magnitude:sparsity", "prune.magnitude:sparsity=[0.5", "{not json"):
+        res = run(embedded, "compress", mid, "--step", step)
+        assert res.returncode == 2 and res.stderr.startswith("Error: --step"), (step, res.stderr)
+    res = run(embedded, "compress", mid)  # --step is required: argparse
+    assert res.returncode == 2 and "--step" in res.stderr
+    res = run(embedded, "upload", "/nonexistent/dir")
+    assert res.returncode == 2 and "no such file" in res.stderr
+
+
+def test_unreachable_server_exits_4(embedded) -> None:
+    res = run(embedded, "jobs", url=f"http://127.0.0.1:{free_port()}")
+    assert res.returncode == 4 and res.stderr.startswith("Error: transport error: cannot connect")
+
+
+def test_step_parsing() -> None:
+    from modelpress._cli import parse_step
+
+    assert parse_step("prune.magnitude:sparsity=0.5,scope=layer") == {
+        "method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}
+    assert parse_step('prune.wanda:mask=2:4,ignore=["lm_head", "x"],num_samples=8') == {
+        "method": "prune.wanda", "params": {"mask": "2:4", "ignore": ["lm_head", "x"], "num_samples": 8}}
+    assert parse_step("quantize.weight_only:bits=4,group_size=null,symmetric=false,tag=\"a,b\"") == {
+        "method": "quantize.weight_only", "params": {"bits": 4, "group_size": None, "symmetric": False, "tag": "a,b"}}
+    assert parse_step("quantize.dynamic_int8") == {"method": "quantize.dynamic_int8", "params": {}}
+    assert parse_step('{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}') == {
+        "method": "quantize.cast", "params": {"dtype": "bfloat16"}}
+    for bad in ("", "a b", "m:k", "m:k=1,k=2", '{"params": {}}'):
+        with pytest.raises(ValueError):
+            parse_step(bad)
