@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -209,3 +210,25 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class IdempotencyKey(Base):
+    """The stored first response of a create request sent with an ``Idempotency-Key`` header
+    (app/idempotency.py): written in the transaction of the object it created, so the unique
+    (tenant, route, key) makes concurrent duplicates collide and all but one roll back."""
+
+    __tablename__ = "idempotency_keys"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    route: Mapped[str] = mapped_column(String(100))  # e.g. "POST /v1/jobs"
+    key: Mapped[str] = mapped_column(String(200))
+    # sha256 of the canonical request (JSON body, or the uploaded files' names and sha256s + fields).
+    request_sha256: Mapped[str] = mapped_column(String(64))
+    status_code: Mapped[int] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any]] = mapped_column(JSON)
+    resource_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # Rows older than app.idempotency.TTL are ignored and replaced.
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (UniqueConstraint("tenant_id", "route", "key", name="uq_idempotency_keys_tenant_route_key"),)

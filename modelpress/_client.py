@@ -18,8 +18,11 @@ Retries (``max_retries``, default 3, so at most 4 attempts):
 * Connection failures before the request was sent (connect error or timeout, pool timeout) are
   retried with the same backoff, whatever the method.
 * Failures after the request may have reached the server (read timeout, a connection dropped
-  mid-answer) are retried for GETs only: the server may not honour ``Idempotency-Key`` yet, so a
-  repeated POST could create twice. A download that breaks mid-stream resumes with a Range request.
+  mid-answer) are retried for GETs and for the create calls, which carry an ``Idempotency-Key``:
+  the server stores the first response with the object it created and answers a repeat with it
+  (``Idempotency-Replayed: true``), so a retried create never creates twice. Other POSTs (cancel,
+  links) are not retried after they may have arrived. A download that breaks mid-stream resumes
+  with a Range request.
 * Every POST that creates something (``upload_model``, ``create_dataset``, ``submit``, ``sweep``)
   sends an ``Idempotency-Key`` header: the caller's ``idempotency_key``, or a fresh uuid4, the same
   on every retry of that call.
@@ -249,8 +252,9 @@ class _Call:
 
     @property
     def resendable(self) -> bool:
-        """May be sent again after it possibly reached the server."""
-        return self.method in ("GET", "HEAD")
+        """May be sent again after it possibly reached the server: reads, and creates that carry
+        an ``Idempotency-Key`` (the server answers a repeat with the first response)."""
+        return self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers
 
 
 def _json_of(model: type[R]) -> Callable[[httpx.Response], R]:

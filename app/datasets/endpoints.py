@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import CurrentCaller
@@ -10,7 +11,9 @@ from app.datasets import repository, service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.db import UoW
 from app.deps import SettingsDep, StorageDep
+from app import idempotency
 from app.errors import problem_responses
+from app.idempotency import IdempotencyKeyHeader
 from app.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
 
@@ -47,13 +50,26 @@ def _out(ds) -> DatasetOut:  # noqa: ANN001
     openapi_extra=_UPLOAD_BODY,
     responses=problem_responses(400, 401, 413, 415, 422),
 )
-async def upload_dataset(request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep) -> DatasetOut:
-    """Upload a dataset (multipart part `file`): validated line by line, counted, stored."""
+async def upload_dataset(
+    request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> DatasetOut | JSONResponse:
+    """Upload a dataset (multipart part `file`): validated line by line, counted, stored. With
+    `Idempotency-Key`, a retry of the same upload returns the first response instead of storing
+    the dataset again."""
+    key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        scope = None if key is None else idempotency.Scope(
+            caller.tenant_id, "POST /v1/datasets", key, idempotency.upload_digest(files, fields)
+        )
+
+        def create() -> tuple[str, DatasetOut]:
+            ds = service.create(uow, caller, storage, files, fields.get("name"))
+            return ds.id, _out(ds)
+
         # Validation reads every line of a possibly multi-GB file: keep it off the event loop.
-        ds = await run_in_threadpool(service.create, uow, caller, storage, files, fields.get("name"))
-        return _out(ds)
+        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 
 @router.get("", response_model=DatasetPage, responses=problem_responses(401, 422))

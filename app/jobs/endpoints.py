@@ -13,8 +13,9 @@ from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import StorageDep
 from app.errors import Conflict, ModelpressError, problem_responses
+from app.idempotency import IdempotencyKeyHeader
 from app.jobs import events, repository, service
-from app import signing
+from app import idempotency, signing
 from app.config import get_settings
 from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
@@ -31,11 +32,22 @@ class RangeNotSatisfiable(ModelpressError):
 
 
 @router.post("/jobs", status_code=202, response_model=JobOut, responses=problem_responses(401, 422))
-def submit_job(body: JobIn, caller: CurrentCaller, uow: UoW, response: Response) -> JobOut:
-    """Submit a compression job; it is queued and runs on a worker."""
-    job = service.submit(uow, caller, body)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobOut.from_row(job, service.stage(uow, job))
+def submit_job(
+    body: JobIn, caller: CurrentCaller, uow: UoW, response: Response, idempotency_key: IdempotencyKeyHeader = None
+) -> JobOut | JSONResponse:
+    """Submit a compression job; it is queued and runs on a worker. With `Idempotency-Key`, a retry
+    of the same request returns the first response instead of submitting another job."""
+    key = idempotency.check_key(idempotency_key)
+    scope = None if key is None else idempotency.Scope(
+        caller.tenant_id, "POST /v1/jobs", key, idempotency.json_digest(body.model_dump(mode="json")), "/v1/jobs/{id}"
+    )
+
+    def create() -> tuple[str, JobOut]:
+        job = service.submit(uow, caller, body)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return job.id, JobOut.from_row(job, service.stage(uow, job))
+
+    return idempotency.run(uow, scope, 202, create)
 
 
 @router.get("/jobs", response_model=JobPage, responses=problem_responses(401, 422))

@@ -3,12 +3,15 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import SettingsDep, StorageDep
+from app import idempotency
 from app.errors import problem_responses
+from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
 from app.pagination import next_cursor
@@ -42,13 +45,27 @@ _UPLOAD_BODY = {
     openapi_extra=_UPLOAD_BODY,
     responses=problem_responses(400, 401, 413, 415, 422),
 )
-async def upload_model(request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep) -> ModelOut:
-    """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`)."""
+async def upload_model(
+    request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> ModelOut | JSONResponse:
+    """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`).
+    With `Idempotency-Key`, a retry of the same upload returns the first response instead of
+    storing the model again."""
+    key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        # The digest of an upload is known once it is streamed (sha256s computed on the way).
+        scope = None if key is None else idempotency.Scope(
+            caller.tenant_id, "POST /v1/models", key, idempotency.upload_digest(files, fields)
+        )
+
+        def create() -> tuple[str, ModelOut]:
+            model = service.create(uow, caller, storage, settings, files, fields.get("name"))
+            return model.id, ModelOut.model_validate(model, from_attributes=True)
+
         # Validation hashes and reads headers of multi-GB files: keep it off the event loop.
-        model = await run_in_threadpool(service.create, uow, caller, storage, settings, files, fields.get("name"))
-        return ModelOut.model_validate(model, from_attributes=True)
+        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 
 @router.get("", response_model=ModelPage, responses=problem_responses(401, 422))

@@ -4,13 +4,14 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from app import signing
+from app import idempotency, signing
 from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import SettingsDep
 from app.errors import problem_responses
+from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
 from app.sweeps import repository, service
@@ -26,11 +27,23 @@ def _html(sweep: SweepOut) -> HTMLResponse:
 
 
 @router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(401, 422))
-def create_sweep(body: SweepIn, caller: CurrentCaller, uow: UoW, response: Response) -> SweepOut:
-    """Start a sweep: one job per combination of the `vary` values, all queued at once."""
-    sweep, _jobs = service.create(uow, caller, body)
-    response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
-    return service.report(uow, sweep)
+def create_sweep(
+    body: SweepIn, caller: CurrentCaller, uow: UoW, response: Response, idempotency_key: IdempotencyKeyHeader = None
+) -> SweepOut | JSONResponse:
+    """Start a sweep: one job per combination of the `vary` values, all queued at once. With
+    `Idempotency-Key`, a retry of the same request returns the first response instead of starting
+    another sweep."""
+    key = idempotency.check_key(idempotency_key)
+    scope = None if key is None else idempotency.Scope(
+        caller.tenant_id, "POST /v1/sweeps", key, idempotency.json_digest(body.model_dump(mode="json")), "/v1/sweeps/{id}"
+    )
+
+    def create() -> tuple[str, SweepOut]:
+        sweep, _jobs = service.create(uow, caller, body)
+        response.headers["Location"] = f"/v1/sweeps/{sweep.id}"
+        return sweep.id, service.report(uow, sweep)
+
+    return idempotency.run(uow, scope, 202, create)
 
 
 @router.get("", response_model=SweepPage, responses=problem_responses(401, 422))
