@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     # or a broker outage does not strand its job. Duplicates are harmless (the claim is a CAS).
     requeue_after_s: int = Field(default=300, gt=0)
     reconcile_interval_s: int = Field(default=30, gt=0)
+    # A job whose worker died this many times while running it (each claim ended without a
+    # result: a SIGKILL, an OOM kill, a lost node) is failed with error code too_many_attempts
+    # instead of being claimed again: a poison job does not kill workers forever.
+    max_attempts: int = Field(default=3, ge=1)
     worker_concurrency: int = Field(default=1, ge=1)
     # embedded mode: start a worker subprocess next to the API.
     embedded_worker: bool = True

@@ -198,9 +198,14 @@ def run_job(job_id: str) -> None:
     settings = get_settings()
     storage = get_storage()
     with get_sessionmaker()() as s:
-        attempt = jobs_repo.claim(s, job_id, settings.job_lease_s)
+        attempt = jobs_repo.claim(s, job_id, settings.job_lease_s, settings.max_attempts)
         if attempt is None:
-            log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
+            # A poison job (every attempt so far killed its worker) is failed here rather than run
+            # again; the CAS in give_up lets one of several workers (or the reconciler) do it.
+            if jobs_repo.give_up(s, job_id, settings.max_attempts):
+                log.error("job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts)
+            else:
+                log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
             return
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None

@@ -17,9 +17,18 @@ log = logging.getLogger("modelpress.reconcile")
 
 
 def reconcile_once() -> list[str]:
-    """Re-send the messages of stale jobs; return their ids."""
+    """Re-send the messages of stale jobs; return their ids.
+
+    Poison jobs are failed here first, not re-sent: a job whose lease expired (or that is queued)
+    after ``MODELPRESS_MAX_ATTEMPTS`` attempts gets ``too_many_attempts`` at once, without waiting
+    for ``MODELPRESS_REQUEUE_AFTER_S`` (its lease expiry already says the last worker died), so it
+    does not sit in ``running`` until someone looks. Re-sending it would also end the same way: a
+    worker's ``claim`` refuses it and ``give_up`` fails it; both paths are the same compare-and-set,
+    so whichever comes first acts and the other does nothing."""
     settings = get_settings()
     with get_sessionmaker()() as s:
+        for job_id in jobs_repo.give_up_exhausted(s, settings.max_attempts):
+            log.error("job %s: failed with too_many_attempts (its worker died %d times; not re-sent)", job_id, settings.max_attempts)
         taken = jobs_repo.take_stale(s, settings.requeue_after_s)
     for job_id, queue in taken:
         log.warning("job %s: re-sending its message (queued or lease expired, last sent over %d s ago)", job_id, settings.requeue_after_s)

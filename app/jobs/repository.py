@@ -11,6 +11,10 @@ a reader that saw event N of a job never later finds an event of that job below 
 (GET /v1/jobs/{id}/events relies on it). Lease renewals (``heartbeat``, a ``progress`` call that
 repeats the last stage and fraction) and the reconciler's re-send (``take_stale``, which changes no
 status) write none.
+
+Poison jobs: a job whose every attempt killed its worker is claimable again each time its lease
+expires. ``claim`` takes it only while ``attempt < max_attempts``; at the limit ``give_up`` fails
+it (``too_many_attempts``) by compare-and-set instead of running it again.
 """
 
 from __future__ import annotations
@@ -118,21 +122,26 @@ def request_cancel(session: Session, job_id: str) -> bool:
 # --- worker side -------------------------------------------------------------------------------
 
 
-def claim(session: Session, job_id: str, lease_s: int) -> int | None:
+def _claimable(now: datetime):  # noqa: ANN202
+    """Queued, or running with an expired lease (its worker died or hung)."""
+    return or_(Job.status == "queued", (Job.status == "running") & (Job.lease_expires_at < now))
+
+
+def claim(session: Session, job_id: str, lease_s: int, max_attempts: int | None = None) -> int | None:
     """Compare-and-set: take a queued job (or a running one whose lease expired); return the new
-    attempt number, or None if someone else holds it or it is finished."""
+    attempt number, or None if someone else holds it, it is finished, or it already used
+    ``max_attempts`` attempts (then ``give_up`` is what fails it)."""
     now = utcnow()
     row = session.execute(select(Job.attempt, Job.status).where(Job.id == job_id)).first()
     if row is None:
         return None
     attempt, status = row
+    if max_attempts is not None and attempt >= max_attempts:
+        session.rollback()
+        return None
     res = session.execute(
         update(Job)
-        .where(
-            Job.id == job_id,
-            Job.attempt == attempt,
-            or_(Job.status == "queued", (Job.status == "running") & (Job.lease_expires_at < now)),
-        )
+        .where(Job.id == job_id, Job.attempt == attempt, _claimable(now))
         .values(
             status="running",
             attempt=attempt + 1,
@@ -146,6 +155,49 @@ def claim(session: Session, job_id: str, lease_s: int) -> int | None:
         _record_status(session, job_id)
     session.commit()
     return attempt + 1 if res.rowcount == 1 else None
+
+
+def attempts_died_message(attempts: int) -> str:
+    span = "attempt 1" if attempts == 1 else f"attempts 1-{attempts}"
+    times = "once" if attempts == 1 else f"{attempts} times"
+    return f"the job's worker died {times} while running it ({span}); it is not retried again"
+
+
+def give_up(session: Session, job_id: str, max_attempts: int) -> bool:
+    """Fail a poison job: one that is claimable again (queued, or running with an expired lease)
+    although it already used ``max_attempts`` attempts, each of which ended without a result
+    (a worker that finishes a job, even as failed, writes a terminal status). One compare-and-set
+    on (attempt, claimable status), so of two workers (or a worker and a reconciler) one acts;
+    the ``failed`` status event is written in the same transaction, like ``finish`` does. True if
+    this call failed the job."""
+    now = utcnow()
+    row = session.execute(select(Job.attempt).where(Job.id == job_id)).first()
+    if row is None or row[0] < max_attempts:
+        session.rollback()
+        return False
+    attempt = row[0]
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.attempt == attempt, _claimable(now))
+        .values(
+            status="failed", finished_at=now, lease_expires_at=None, progress_stage="failed",
+            error_code="too_many_attempts", error_message=attempts_died_message(attempt),
+        )
+    )
+    if res.rowcount == 1:
+        _record_status(session, job_id)
+    session.commit()
+    return res.rowcount == 1
+
+
+def give_up_exhausted(session: Session, max_attempts: int, limit: int = 100) -> list[str]:
+    """The reconciler's side of ``give_up``: fail every claimable job at ``max_attempts``
+    (a lease-expired running job whose last allowed attempt died, or a queued one). Returns their ids."""
+    ids = session.scalars(
+        select(Job.id).where(Job.attempt >= max_attempts, _claimable(utcnow())).order_by(Job.created_at).limit(limit)
+    ).all()
+    session.rollback()
+    return [job_id for job_id in ids if give_up(session, job_id, max_attempts)]
 
 
 def _fenced(job_id: str, attempt: int):  # noqa: ANN202
@@ -184,7 +236,7 @@ def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list
     stale = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
     rows = session.execute(
         select(Job.id, Job.queue, Job.enqueued_at)
-        .where(stale, or_(Job.status == "queued", (Job.status == "running") & (Job.lease_expires_at < now)))
+        .where(stale, _claimable(now))
         .order_by(Job.created_at)
         .limit(limit)
     ).all()
