@@ -188,7 +188,7 @@ def run_oneshot(model: Any, ctx: Any, recipe: list[Any], params: CalibrationPara
     )
     model.module.eval()
     return {**info, "pipeline": "sequential", "oneshot_seconds": round(time.perf_counter() - t0, 4),
-            "device": str(next(model.module.parameters()).device) if any(True for _ in model.module.parameters()) else "cpu",
+            "device": str(next(model.module.parameters()).device),
             "torch_threads": torch.get_num_threads()}
 
 
