@@ -16,7 +16,9 @@ import hmac
 import os
 import secrets
 import time
+from datetime import datetime, timezone
 from functools import lru_cache
+from typing import Any
 
 from app.config import get_settings
 from app.errors import Gone, NotFound
@@ -53,6 +55,15 @@ def sign(kind: str, object_id: str, ttl_s: int) -> tuple[int, str]:
     """``(expires, signature)`` for a link valid ``ttl_s`` seconds from now."""
     expires = int(time.time()) + ttl_s
     return expires, _digest(kind, object_id, expires)
+
+
+def link(request: Any, route_name: str, kind: str, object_id: str, ttl_s: int | None) -> tuple[str, datetime]:
+    """An absolute signed URL to the route ``route_name`` of ``object_id`` (its path parameter is
+    ``<kind>_id``), valid ``ttl_s`` seconds (default: settings), and when it expires."""
+    ttl = ttl_s or get_settings().report_link_ttl_s
+    expires, signature = sign(kind, object_id, ttl)
+    url = request.url_for(route_name, **{f"{kind}_id": object_id}).include_query_params(expires=expires, signature=signature)
+    return str(url), datetime.fromtimestamp(expires, timezone.utc)
 
 
 def verify(kind: str, object_id: str, expires: int | None, signature: str | None) -> None:

@@ -28,13 +28,12 @@ from typing import Any
 
 import torch
 
+from worker import model_io
 from worker.ops import metrics as m
 
 log = logging.getLogger("modelpress.worker")
 
 BUILTIN_CORPUS = Path(__file__).with_name("data") / "eval_en.txt"
-# Files that let AutoTokenizer build a tokenizer without running code.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model")
 SEED = 1234
 
 
@@ -50,16 +49,20 @@ def _round(x: float | None, digits: int = 8) -> float | None:
     return None if x is None else round(float(x), digits)
 
 
-def tensor_bytes(directory: Path) -> int:
-    """Bytes of tensor data in every ``*.safetensors`` file of a directory (headers excluded), read
-    from the headers alone."""
-    total = 0
+def _tensor_entries(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every tensor's header entry in the ``*.safetensors`` files of a directory (headers only;
+    the files were written by us or validated at upload)."""
+    entries: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.glob("*.safetensors")):
         with path.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
-    return total
+            entries.update((k, v) for k, v in json.loads(f.read(n)).items() if k != "__metadata__")
+    return entries
+
+
+def tensor_bytes(directory: Path) -> int:
+    """Bytes of tensor data in every ``*.safetensors`` file of a directory (headers excluded)."""
+    return sum(v["data_offsets"][1] - v["data_offsets"][0] for v in _tensor_entries(directory).values())
 
 
 # Parameters compressed-tensors attaches to quantized layers: storage overhead, not model weights
@@ -124,14 +127,6 @@ def model_kind(module: torch.nn.Module) -> str:
     return "base"
 
 
-def _max_positions(config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
-
-
 @dataclass
 class _Sample:
     ids: torch.Tensor  # (1, T)
@@ -185,7 +180,7 @@ class Evaluator:
     # -- inputs --------------------------------------------------------------------------------
     def _prepare(self, module: torch.nn.Module) -> None:
         config = module.config
-        limit = _max_positions(config)
+        limit = model_io.max_positions(config)
         if limit is not None and self.seq_len > limit:
             self.notes.append(f"seq_len {self.seq_len} cut to the model's {limit} positions")
             self.seq_len = limit
@@ -222,7 +217,9 @@ class Evaluator:
                               "why": self.text_reason}
 
     def _tokenizer(self) -> Any:
-        if not any((self.src_dir / f).exists() for f in TOKENIZER_FILES):
+        from worker.methods import has_tokenizer
+
+        if not has_tokenizer([p.name for p in self.src_dir.iterdir()]):
             return "the upload has no tokenizer files (tokenizer.json, vocab.txt, vocab.json + merges.txt, ...)"
         try:
             from transformers import AutoTokenizer
@@ -309,8 +306,6 @@ class Evaluator:
     def measure_compressed(self, artifact_dir: Path) -> None:
         if self.skip_reason is not None or self.original is None:
             return
-        from worker import model_io
-
         self.on_progress("evaluating compressed model: loading the artifact")
         try:
             from transformers import AutoConfig
@@ -352,7 +347,7 @@ class Evaluator:
             }
             return
         quantized = sorted(
-            name.removesuffix(".weight_scale") for name in _tensor_names(artifact_dir) if name.endswith(".weight_scale")
+            name.removesuffix(".weight_scale") for name in _tensor_entries(artifact_dir) if name.endswith(".weight_scale")
         )
         try:
             import torch.ao.quantization as tq
@@ -485,12 +480,3 @@ class Evaluator:
             "output_cosine": _round(float(torch.cat(cos).mean())),
             "reasons": reasons,
         }
-
-
-def _tensor_names(directory: Path) -> list[str]:
-    names: list[str] = []
-    for path in sorted(directory.glob("*.safetensors")):
-        with path.open("rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            names += [k for k in json.loads(f.read(n)) if k != "__metadata__"]
-    return names

@@ -20,10 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from worker.ct_format import CONV1D_MODEL_TYPES
-from worker.methods import ModelInfo, StrictParams
-
-# Files from which AutoTokenizer builds the uploaded model's tokenizer.
-TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+from worker.methods import ModelInfo, StrictParams, has_tokenizer
 
 
 class CalibrationParams(StrictParams):
@@ -99,11 +96,6 @@ class QuantizeParams(CalibrationParams):
         return g
 
 
-def has_tokenizer(files: tuple[str, ...] | list[str]) -> bool:
-    names = set(files)
-    return any(all(f in names for f in fs) for fs in TOKENIZER_FILE_SETS)
-
-
 def check_model(method: str, info: ModelInfo, *, quantizes: bool) -> None:
     """Submit-time refusals shared by the llm-compressor methods (ValueError -> 422)."""
     config = info.config or {}
@@ -144,7 +136,9 @@ def calibration_dataset(model: Any, ctx: Any, params: CalibrationParams) -> tupl
 
     tok = AutoTokenizer.from_pretrained(model.src_dir, trust_remote_code=False)
     texts = [s["text"] for s in ctx.samples("train")][: params.num_samples]
-    limit = _max_positions(model.module.config)
+    from worker.model_io import max_positions
+
+    limit = max_positions(model.module.config)
     max_len = min(params.max_length, limit) if limit else params.max_length
     enc = tok(texts, truncation=True, max_length=max_len)
     rows = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > 0]
@@ -154,14 +148,6 @@ def calibration_dataset(model: Any, ctx: Any, params: CalibrationParams) -> tupl
     if not rows:
         raise ValueError("the dataset has no text to calibrate on")
     return Dataset.from_dict(columns), info
-
-
-def _max_positions(config: Any) -> int | None:
-    for key in ("max_position_embeddings", "n_positions"):
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v > 0:
-            return v
-    return None
 
 
 def run_oneshot(model: Any, ctx: Any, recipe: list[Any], params: CalibrationParams) -> dict[str, Any]:

@@ -97,6 +97,15 @@ def model_class(config: Any) -> type:
     return cls
 
 
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings take, when its config says."""
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        v = getattr(config, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def load(src_dir: Path, fmt: str) -> LoadedModel:
     if fmt == "safetensors":
         (path,) = list(src_dir.glob("*.safetensors"))

@@ -4,7 +4,6 @@ import inspect
 import re
 from typing import Annotated
 
-from datetime import datetime, timezone
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -16,7 +15,6 @@ from app.errors import Conflict, ModelpressError, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.jobs import events, repository, service
 from app import idempotency, signing
-from app.config import get_settings
 from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
@@ -152,10 +150,8 @@ def job_report_link(
     """A short-lived link to the HTML report that a browser opens without an API key."""
     job = service.get(uow, caller, job_id)
     service.report(job)  # 409 until there is a report
-    ttl = (body.ttl_s if body and body.ttl_s else None) or get_settings().report_link_ttl_s
-    expires, sig = signing.sign("job", job.id, ttl)
-    url = str(request.url_for("job_report_view", job_id=job.id).include_query_params(expires=expires, signature=sig))
-    return LinkOut(url=url, expires_at=datetime.fromtimestamp(expires, timezone.utc))
+    url, expires_at = signing.link(request, "job_report_view", "job", job.id, body.ttl_s if body else None)
+    return LinkOut(url=url, expires_at=expires_at)
 
 
 @router.get(

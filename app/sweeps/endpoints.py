@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -9,7 +8,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from app import idempotency, signing
 from app.auth import CurrentCaller
 from app.db import UoW
-from app.deps import SettingsDep
 from app.errors import problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
@@ -86,15 +84,12 @@ def create_link(
     request: Request,
     caller: CurrentCaller,
     uow: UoW,
-    settings: SettingsDep,
     body: Annotated[LinkIn | None, Body()] = None,
 ) -> LinkOut:
     """A signed, short-lived link that opens the sweep's HTML page without an API key."""
     sweep = service.get(uow, caller, sweep_id)
-    ttl = body.ttl_s if body is not None and body.ttl_s is not None else settings.report_link_ttl_s
-    expires, signature = signing.sign("sweep", sweep.id, ttl)
-    url = request.url_for("view_sweep", sweep_id=sweep.id).include_query_params(expires=expires, signature=signature)
-    return LinkOut(url=str(url), expires_at=datetime.fromtimestamp(expires, tz=timezone.utc))
+    url, expires_at = signing.link(request, "view_sweep", "sweep", sweep.id, body.ttl_s if body else None)
+    return LinkOut(url=url, expires_at=expires_at)
 
 
 @router.get(

@@ -26,6 +26,16 @@ class StrictParams(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
 
 
+# Files from which AutoTokenizer builds an uploaded model's tokenizer (a fast tokenizer, a
+# WordPiece vocabulary, or a byte-level BPE pair): methods that tokenize text need one of them.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+
+
+def has_tokenizer(files: tuple[str, ...] | list[str]) -> bool:
+    names = set(files)
+    return any(all(f in names for f in fs) for fs in TOKENIZER_FILE_SETS)
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """What submit-time checks know of the job's model (no weights are read)."""

@@ -39,11 +39,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from worker.methods import ModelInfo, StrictParams, register
-
-# Files from which AutoTokenizer can build the uploaded model's tokenizer (a fast tokenizer, a
-# WordPiece vocabulary, or a byte-level BPE pair).
-TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
+from worker.methods import ModelInfo, StrictParams, has_tokenizer, register
 # Config fields a student_config may not change: the student must emit the teacher's logits over
 # the same vocabulary / classes, and the class and remote code are not the user's to pick.
 FROZEN_FIELDS = frozenset({
@@ -110,11 +106,6 @@ def head_kind(architecture: str | None) -> str | None:
     if architecture.endswith(("ForCausalLM", "LMHeadModel")):
         return "causal_lm"
     return None
-
-
-def has_tokenizer(files: tuple[str, ...] | list[str]) -> bool:
-    names = set(files)
-    return any(all(f in names for f in fs) for fs in TOKENIZER_FILE_SETS)
 
 
 def _config_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
@@ -350,10 +341,12 @@ def _pad_id(tok: Any, config: Any) -> int:
 
 
 def _max_length(requested: int, *configs: Any) -> int:
+    from worker.model_io import max_positions
+
     limit = requested
     for c in configs:
-        pos = getattr(c, "max_position_embeddings", None)
-        if isinstance(pos, int) and pos > 1:
+        pos = max_positions(c)
+        if pos is not None and pos > 1:
             limit = min(limit, pos)
     return limit
 
