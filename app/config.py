@@ -46,6 +46,32 @@ class Settings(BaseSettings):
     # result: a SIGKILL, an OOM kill, a lost node) is failed with error code too_many_attempts
     # instead of being claimed again: a poison job does not kill workers forever.
     max_attempts: int = Field(default=3, ge=1)
+    # Per-job limits, enforced in the worker by a watchdog (worker/limits.py). A job over either
+    # fails with error code time_limit / memory_limit, and the worker goes on with the next job.
+    # The memory limit counts the job's own growth of the worker process's RSS (above what the
+    # worker held when the job started: torch and the libraries are the worker's, not the job's).
+    # 0 means no memory limit.
+    job_memory_limit_mb: int = Field(default=0, ge=0)
+    # Per-tenant quotas (0: none). Over one, a request is answered 429 with Retry-After.
+    quota_jobs_in_flight: int = Field(default=0, ge=0)  # queued + running jobs of a tenant
+    quota_storage_bytes: int = Field(default=0, ge=0)  # models + datasets + artifacts of a tenant
+    # Retry-After of a 429 for jobs in flight (a job finishing frees a slot) and for storage
+    # (only a deletion frees bytes: the client should not retry soon).
+    quota_retry_after_s: int = Field(default=30, gt=0)
+    quota_storage_retry_after_s: int = Field(default=3600, gt=0)
+
+    # Webhooks (app/webhooks, worker/webhooks.py): POSTed when a job with webhook_url ends.
+    # Private, loopback, link-local (and other non-global) targets are refused unless their
+    # address is inside one of these comma-separated CIDRs / addresses, e.g. "127.0.0.1/32,10.0.0.0/8".
+    webhook_allow_networks: str = ""
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    # Delivery tries before a delivery is given up (failed), and the first retry delay; each
+    # further retry waits twice as long (capped at webhook_backoff_max_s).
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_backoff_s: float = Field(default=2.0, gt=0)
+    webhook_backoff_max_s: float = Field(default=600.0, gt=0)
+    # How often the dispatcher in each worker looks for due deliveries.
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
     worker_concurrency: int = Field(default=1, ge=1)
     # embedded mode: start a worker subprocess next to the API.
     embedded_worker: bool = True
