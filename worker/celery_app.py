@@ -56,8 +56,10 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=False,
+        # Backstops only: worker/limits.py stops a job at its time limit and records why; these
+        # fire if that watchdog could not (the soft one leaves 30 s, the hard one kills the child).
         task_time_limit=s.job_time_limit_s + 60,
-        task_soft_time_limit=s.job_time_limit_s,
+        task_soft_time_limit=s.job_time_limit_s + 30,
     )
     return app
 

@@ -106,6 +106,15 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def preload() -> None:
+    """Import transformers' model code once, in the worker's main process before the pool forks:
+    it is ~250 MB of resident memory that every pool child then shares instead of importing it
+    again on its first job (which would also count against that job's memory limit,
+    worker/limits.py). Architectures not named here are imported by their first job."""
+    import transformers.modeling_utils  # noqa: F401
+    from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401
+
+
 def load(src_dir: Path, fmt: str) -> LoadedModel:
     if fmt == "safetensors":
         (path,) = list(src_dir.glob("*.safetensors"))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
 import app
 from app import observability
@@ -26,9 +27,11 @@ from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
 from app.storage import Storage, get_storage
 from app.tables import Dataset, Job, Model
-from worker import evaluate, methods, model_io
+from worker import evaluate, limits, methods, model_io
 
 log = logging.getLogger("modelpress.worker")
+
+model_io.preload()
 
 # Fixed zip entry time: the same inputs give a byte-identical artifact (and sha256) on every run.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -63,9 +66,16 @@ class JobContext:
     _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def progress(self, stage: str, fraction: float) -> None:
-        with get_sessionmaker()() as s:
-            if not jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s):
-                raise LostLease(self.job_id)
+        try:
+            with get_sessionmaker()() as s:
+                held = jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s)
+        except OperationalError:
+            # The database is down: the job goes on (its result is recorded once the database is
+            # back, see _record); the heartbeat keeps trying to renew the lease meanwhile.
+            log.warning("job %s: progress not recorded (database unreachable)", self.job_id)
+            return
+        if not held:
+            raise LostLease(self.job_id)
 
     def step_progress(self, note: str, fraction: float) -> None:
         """Progress inside the current step, e.g. ``ctx.step_progress("step 40/200 loss 2.31", 0.2)``."""
@@ -112,8 +122,11 @@ class JobContext:
             raise JobFailed("model_load_failed", f"model {model_id} could not be loaded: {e}") from e
 
     def cancel_requested(self) -> bool:
-        with get_sessionmaker()() as s:
-            return jobs_repo.cancel_requested(s, self.job_id)
+        try:
+            with get_sessionmaker()() as s:
+                return jobs_repo.cancel_requested(s, self.job_id)
+        except OperationalError:
+            return False  # asked again at the next step
 
 
 def _fetch(storage: Storage, key: str, dest: Path) -> None:
@@ -222,6 +235,9 @@ def run_job(job_id: str) -> None:
             "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
         }
     work = settings.tmp_dir / f"job-{job_id}-{attempt}"
+    # Earlier attempts of this job died (their claims expired): their scratch folders are garbage.
+    for k in range(1, attempt):
+        shutil.rmtree(settings.tmp_dir / f"job-{job_id}-{k}", ignore_errors=True)
     ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
     observability.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
@@ -230,10 +246,21 @@ def run_job(job_id: str) -> None:
     beat_stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(job_id, attempt, settings.job_lease_s, beat_stop), daemon=True)
     beat.start()
+    watchdog = limits.Watchdog(
+        settings.job_time_limit_s, settings.job_memory_limit_mb * 2**20,
+        lambda code, message: _record(job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed"),
+    )
     try:
-        if model_info is None:
-            raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
-        outcome = _execute(ctx, storage, work, model_info, steps)
+        watchdog.start()
+        try:
+            if model_info is None:
+                raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
+            outcome = _execute(ctx, storage, work, model_info, steps)
+        finally:
+            watchdog.stop()
+    except limits.LimitExceeded as e:
+        _record(job_id, attempt, "failed", error_code=e.code, error_message=watchdog.message or str(e), progress_stage="failed")
+        return
     except LostLease:
         log.warning("job %s attempt %d: lost its lease; stopping without writing", job_id, attempt)
         return
@@ -259,6 +286,11 @@ def run_job(job_id: str) -> None:
     if not _record(job_id, attempt, "succeeded", progress_stage="done", progress_fraction=1.0, **values):
         # Another attempt owns the job now; our artifact was never referenced.
         storage.delete(key)
+        return
+    # An earlier attempt killed after storing its artifact (or half of it) left it unreferenced:
+    # a job keeps exactly one artifact.
+    for k in range(1, attempt):
+        storage.delete_prefix(f"artifacts/{job_id}/attempt-{k}")
 
 
 def _heartbeat(job_id: str, attempt: int, lease_s: int, stop: threading.Event) -> None:
@@ -272,8 +304,22 @@ def _heartbeat(job_id: str, attempt: int, lease_s: int, stop: threading.Event) -
 
 
 def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:
-    with get_sessionmaker()() as s:
-        ok = jobs_repo.finish(s, job_id, attempt, status, **values)
+    """The attempt's outcome, fenced. A database outage does not lose a finished job's result:
+    the write is retried until the database is back (the attempt's lease may expire meanwhile,
+    and then the write is refused, as it must be: another attempt owns the job)."""
+    delay, waited = 0.5, 0.0
+    while True:
+        try:
+            with get_sessionmaker()() as s:
+                ok = jobs_repo.finish(s, job_id, attempt, status, **values)
+            break
+        except OperationalError:
+            if waited > 3600:
+                raise
+            log.warning("job %s attempt %d: database unreachable; retrying the %s record in %.1f s", job_id, attempt, status, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 10.0)
     log.info("job %s attempt %d: %s%s", job_id, attempt, status, "" if ok else " (fenced off: not recorded)")
     return ok
 

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from app import quotas
 from app.auth import Caller
 from app.datasets import repository
 from app.datasets.parsing import DatasetInvalid, dataset_format, iter_numbered
@@ -79,6 +80,7 @@ def create(uow: UnitOfWork, caller: Caller, storage: Storage, files: list[Staged
     if name is None:
         stem = Path(f.filename).stem
         name = stem if NAME_RE.match(stem) else "dataset"
+    quotas.check_storage(uow.session, caller.tenant_id, f.size_bytes)
     dataset_id = new_id()
     prefix = f"datasets/{dataset_id}"
     key = f"{prefix}/data.{fmt}"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from app import quotas
 from app.auth import Caller
 from app.db import UnitOfWork
 from app.errors import Conflict, NotFound, Unprocessable
@@ -42,6 +43,7 @@ def submit(
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
     _check_student_models(uow, caller, model, steps)
+    quotas.check_job(uow.session, caller.tenant_id)
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
     job = Job(
         tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,

@@ -6,6 +6,7 @@ import hashlib
 import re
 from pathlib import Path
 
+from app import quotas
 from app.auth import Caller
 from app.config import Settings
 from app.db import UnitOfWork
@@ -130,6 +131,7 @@ def create(uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings
     info = validate_upload(files, settings)
     if name is not None and not NAME_RE.match(name):
         raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _", ["body", "name"])
+    quotas.check_storage(uow.session, caller.tenant_id, info["size_bytes"])
     model_id = new_id()
     prefix = f"models/{model_id}"
     uow.on_rollback(lambda: storage.delete_prefix(prefix))
