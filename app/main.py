@@ -16,6 +16,7 @@ from app.jobs.endpoints import router as jobs_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
 from app.sweeps.endpoints import router as sweeps_router
+from app.webhooks.endpoints import router as webhooks_router
 
 log = logging.getLogger("modelpress.api")
 
@@ -33,6 +34,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(sweeps_router)
+    app.include_router(webhooks_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

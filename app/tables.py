@@ -171,6 +171,9 @@ class Job(Base):
     # Indexed: GET /metrics reads the jobs finished in its window at every scrape.
     finished_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    # POSTed to when the job ends (app/webhooks): a webhook_deliveries row is added in the
+    # transaction of the terminal status.
+    webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
 
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
 
@@ -232,3 +235,36 @@ class IdempotencyKey(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     __table_args__ = (UniqueConstraint("tenant_id", "route", "key", name="uq_idempotency_keys_tenant_route_key"),)
+
+
+class WebhookDelivery(Base):
+    """The transactional outbox of job webhooks: added in the transaction that gives a job with a
+    ``webhook_url`` its terminal status (app.jobs.repository), so a job that ended always has its
+    delivery and a rolled-back end has none; sent and retried by the dispatcher in every worker
+    (worker/webhooks.py).
+
+    ``attempts`` counts the tries started; a dispatcher takes a try with a compare-and-set on it
+    (status pending, due, the attempts it read) and pushes ``next_attempt_at`` past the try's
+    timeout, so two dispatchers never send the same try, and a try whose dispatcher died is taken
+    again once that lease runs out."""
+
+    __tablename__ = "webhook_deliveries"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(String(2000))
+    event: Mapped[str] = mapped_column(String(32))  # "job.succeeded" | "job.failed" | "job.canceled"
+    # The JSON body, as built when the job ended: {"id", "event", "created_at", "job": <GET /v1/jobs/{id}>}.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # When the next try is due (pending), or until when the try in flight holds the row; null once final.
+    next_attempt_at: Mapped[datetime | None] = mapped_column(default=utcnow)
+    last_attempt_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_webhook_deliveries_status_next", "status", "next_attempt_at"),)

@@ -56,6 +56,14 @@ def pg_database() -> Iterator[str]:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+# The webhook tests' receiver listens on loopback; short retries keep them fast.
+WEBHOOK_ENV = {
+    "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
+    "MODELPRESS_WEBHOOK_BACKOFF_S": "0.2",
+    "MODELPRESS_WEBHOOK_POLL_INTERVAL_S": "0.2",
+}
+
+
 def _cluster_env(db_url: str, data_dir: Path, prefix: str) -> dict[str, str]:
     return {
         "MODELPRESS_MODE": "cluster",
@@ -65,6 +73,7 @@ def _cluster_env(db_url: str, data_dir: Path, prefix: str) -> dict[str, str]:
         "MODELPRESS_DATA_DIR": str(data_dir),
         # Small, so the 413 test sends only a few MB (the largest test model is ~19 MB).
         "MODELPRESS_MAX_UPLOAD_BYTES": str(24 * 1024 * 1024),
+        **WEBHOOK_ENV,
     }
 
 
@@ -94,7 +103,7 @@ def cluster_no_worker(pg_database: str, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data = tmp_path_factory.mktemp("embedded")
-    svc = Service({"MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(data)}, data, worker=False)
+    svc = Service({"MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(data), **WEBHOOK_ENV}, data, worker=False)
     svc.start()  # `serve` migrates, writes the bootstrap key and starts its own worker
     key = (data / "api-key").read_text().strip()
     other = svc.cli("keys", "create", "--tenant", "other")

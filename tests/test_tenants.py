@@ -21,6 +21,10 @@ TENANT_FREE = {
     "/v1/methods",  # the installed compression methods: the same for everyone
     "/v1/workers",  # the registered workers (queues, devices): shared infrastructure
 }
+# Per-tenant values that are not lists (no ``items``): each tenant must get its own.
+PER_TENANT = {
+    "/v1/webhooks/secret",  # the tenant's webhook signing secret
+}
 # Routes that need no key by design: signed links. Without a valid signature they must be 404.
 SIGNED = re.compile(r"/view$")
 
@@ -127,9 +131,14 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
     assert a.get(f"/v1/jobs/{job_id}/artifact").status_code == 200
 
     # Lists: every GET route without path parameters, except the tenant-free ones.
-    lists = [p for p, ops in spec["paths"].items() if "get" in ops and not PARAM.search(p) and p not in TENANT_FREE]
+    lists = [p for p, ops in spec["paths"].items()
+             if "get" in ops and not PARAM.search(p) and p not in TENANT_FREE | PER_TENANT]
     assert {"/v1/models", "/v1/jobs", "/v1/datasets", "/v1/sweeps"} <= set(lists), lists
-    assert TENANT_FREE <= set(spec["paths"]), "a tenant-free exception names a route that no longer exists"
+    assert TENANT_FREE | PER_TENANT <= set(spec["paths"]), "an exception names a route that no longer exists"
+    for path in PER_TENANT:
+        ra, rb = a.get(path), b.get(path)
+        assert ra.status_code == rb.status_code == 200, (path, ra.text, rb.text)
+        assert ra.json() != rb.json(), f"{path}: tenant B gets tenant A's value"
     for path in lists:
         mine = {item["id"] for item in _all_items(a, path)}
         assert mine, f"{path}: tenant A's list is empty, so the check below would prove nothing"

@@ -14,6 +14,7 @@ from worker import pipeline, registry  # imports torch once, when the worker sta
 from worker.celery_app import QUEUES, TASK_RUN_JOB, celery_app
 
 _stop_reconciler = threading.Event()
+_stop_webhooks = threading.Event()
 _registration: registry.Registration | None = None
 # task id -> the token that restores the log context when the task is done.
 _log_tokens: dict[str, contextvars.Token] = {}
@@ -42,12 +43,14 @@ def _unbind_log_context(task_id: str, **_kw: object) -> None:
 
 @worker_ready.connect
 def _on_ready(**_kw: object) -> None:
-    """In the worker's main process: start the reconciler and register in the worker registry
-    (the queues this worker consumes, and its device)."""
+    """In the worker's main process: start the reconciler and the webhook dispatcher, and register
+    in the worker registry (the queues this worker consumes, and its device)."""
     global _registration
+    from worker import webhooks
     from worker.reconcile import start_background
 
     start_background(_stop_reconciler)
+    webhooks.start_background(_stop_webhooks)
     consumed = celery_app.amqp.queues.consume_from  # None: no -Q, every queue
     _registration = registry.Registration(sorted(consumed or QUEUES), registry.describe(registry.device()))
     _registration.start()
@@ -56,6 +59,7 @@ def _on_ready(**_kw: object) -> None:
 @worker_shutdown.connect
 def _on_shutdown(**_kw: object) -> None:
     _stop_reconciler.set()
+    _stop_webhooks.set()
     if _registration is not None:
         _registration.stop()
 

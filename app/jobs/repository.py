@@ -15,6 +15,10 @@ status) write none.
 Poison jobs: a job whose every attempt killed its worker is claimable again each time its lease
 expires. ``claim`` takes it only while ``attempt < max_attempts``; at the limit ``give_up`` fails
 it (``too_many_attempts``) by compare-and-set instead of running it again.
+
+Webhooks: every terminal transition (``finish``, ``give_up``, ``cancel_queued``) goes through
+``_record_end``, which also adds the job's webhook delivery (app/webhooks/repository.py) in the
+same transaction: a job that ended has its delivery, a rolled-back end has none.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from app.pagination import page
 from app.tables import Job, JobEvent, utcnow
+from app.webhooks import repository as webhooks_repo
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -77,6 +82,13 @@ def _record_status(session: Session, job_id: str) -> None:
     session.execute(insert(JobEvent).values(job_id=job_id, type="status", data=event_data(row)))
 
 
+def _record_end(session: Session, job_id: str) -> None:
+    """A terminal status's status event and, for a job with a ``webhook_url``, its webhook delivery
+    (the outbox row the dispatcher sends), both in the transaction of the status change."""
+    _record_status(session, job_id)
+    webhooks_repo.add_for_job(session, job_id)
+
+
 def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
     """The job's events with an id above ``after``, oldest first."""
     return list(session.scalars(
@@ -103,7 +115,7 @@ def cancel_queued(session: Session, job_id: str) -> bool:
         .values(status="canceled", cancel_requested=True, finished_at=now, progress_stage="canceled")
     )
     if res.rowcount == 1:
-        _record_status(session, job_id)
+        _record_end(session, job_id)
     return res.rowcount == 1
 
 
@@ -185,7 +197,7 @@ def give_up(session: Session, job_id: str, max_attempts: int) -> bool:
         )
     )
     if res.rowcount == 1:
-        _record_status(session, job_id)
+        _record_end(session, job_id)
     session.commit()
     return res.rowcount == 1
 
@@ -260,6 +272,6 @@ def finish(session: Session, job_id: str, attempt: int, status: str, **values: A
         _fenced(job_id, attempt).values(status=status, finished_at=now, lease_expires_at=None, **values)
     )
     if res.rowcount == 1:
-        _record_status(session, job_id)
+        _record_end(session, job_id)
     session.commit()
     return res.rowcount == 1

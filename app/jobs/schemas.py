@@ -3,7 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.webhooks import ssrf
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -38,6 +40,19 @@ class JobIn(BaseModel):
     dataset_id: str | None = Field(default=None, max_length=64, description="calibration / training data for methods that need it")
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
+    webhook_url: str | None = Field(
+        default=None, max_length=ssrf.MAX_URL_LENGTH, examples=["https://example.com/hooks/modelpress"],
+        description="POSTed to, signed, when the job ends (succeeded, failed or canceled); see README "
+        "\"Webhooks\". http(s) only; a host that resolves to a private, loopback or link-local address "
+        "is refused (422 webhook_url_refused) unless allowed by MODELPRESS_WEBHOOK_ALLOW_NETWORKS",
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None:
+            ssrf.parse(v)  # the syntax only; where it points is checked at submit (app.webhooks.service)
+        return v
 
 
 class Progress(BaseModel):
@@ -76,6 +91,7 @@ class JobOut(BaseModel):
     error: JobError | None = None
     metrics: dict[str, Any] | None = None
     artifact: Artifact | None = None
+    webhook_url: str | None = None
 
     @classmethod
     def from_row(cls, job: Any, stage: str | None = None) -> "JobOut":
@@ -102,6 +118,7 @@ class JobOut(BaseModel):
             artifact=Artifact(size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256, filename=job.artifact_filename)
             if job.status == "succeeded" and job.artifact_sha256
             else None,
+            webhook_url=job.webhook_url,
         )
 
 

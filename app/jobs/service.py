@@ -9,6 +9,7 @@ from app.jobs.schemas import JobIn
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
 from app.tables import Job, Model, utcnow
+from app.webhooks import service as webhooks_service
 from worker import registry as worker_registry
 from worker.celery_app import enqueue_job
 from worker.methods import ModelInfo, StepError, validate_steps
@@ -20,6 +21,8 @@ def submit(
 ) -> Job:
     """Check the spec, add the job row and enqueue it after the commit (a sweep adds one per
     point in one transaction: all points are recorded, or none)."""
+    if body.webhook_url is not None:  # before any query: it may wait on DNS
+        webhooks_service.check_url(body.webhook_url)
     model = models_repo.get(uow.session, caller.tenant_id, body.model_id)
     if model is None:
         raise Unprocessable(
@@ -50,6 +53,7 @@ def submit(
         progress_stage=_gpu_stage(uow) if queue == "gpu" else "queued",
         dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
         evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
+        webhook_url=body.webhook_url,
     )
     uow.session.add(job)
     uow.session.flush()

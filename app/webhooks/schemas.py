@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from app.jobs.schemas import JobOut
+
+WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class WebhookPayload(BaseModel):
+    """The JSON body POSTed to a job's ``webhook_url`` when it ends."""
+
+    id: str = Field(description="the delivery id, also in X-Modelpress-Delivery: the same on every retry")
+    event: WebhookEvent
+    created_at: datetime = Field(description="when the job ended and this delivery was recorded")
+    job: JobOut = Field(description="the job as GET /v1/jobs/{id} returned it when it ended")
+
+
+class WebhookDeliveryOut(BaseModel):
+    """A webhook delivery of a job and how its tries went."""
+
+    id: str
+    job_id: str
+    event: WebhookEvent
+    url: str
+    status: DeliveryStatus = Field(description="pending (a try is due or in flight), delivered (a 2xx answer) or failed (gave up)")
+    attempts: int = Field(description="tries started so far")
+    next_attempt_at: datetime | None = Field(description="when the next try is due, while pending")
+    last_attempt_at: datetime | None
+    last_status_code: int | None = Field(description="the HTTP status of the last try, if the target answered")
+    last_error: str | None = Field(description="why the last try did not deliver (timeout, refused target, non-2xx status, ...)")
+    created_at: datetime
+    delivered_at: datetime | None
+
+
+class WebhookDeliveryList(BaseModel):
+    items: list[WebhookDeliveryOut]
+
+
+class WebhookSecretOut(BaseModel):
+    """The caller's webhook signing secret. Every delivery carries ``X-Modelpress-Signature:
+    sha256=<hex>``, the HMAC-SHA256 with this secret (its UTF-8 bytes as the key) over
+    ``<X-Modelpress-Timestamp>.<raw request body>``."""
+
+    secret: str
+    algorithm: Literal["HMAC-SHA256"] = "HMAC-SHA256"
+    signed_content: str = "<X-Modelpress-Timestamp>.<raw body>"
