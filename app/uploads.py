@@ -18,6 +18,11 @@ from starlette.requests import Request
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 
+# Bytes kept from the start of each file for sniffing its real format: a tar archive's magic
+# ("ustar") sits at offset 257.
+HEAD_BYTES = 512
+
+
 @dataclass
 class StagedFile:
     field: str
@@ -107,8 +112,8 @@ async def parse_multipart(
                 raise PayloadTooLarge("a form field is too large")
             part.value.extend(chunk)
             return
-        if len(part.head) < 16:
-            part.head += chunk[: 16 - len(part.head)]
+        if len(part.head) < HEAD_BYTES:
+            part.head += chunk[: HEAD_BYTES - len(part.head)]
         part.fh.write(chunk)
         part.hasher.update(chunk)
         part.size += len(chunk)

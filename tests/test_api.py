@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import pickle
 import struct
+import tarfile
 import time
 import zipfile
 from io import BytesIO
@@ -18,6 +19,27 @@ from tests.helpers import safetensors_bytes, stored_files, table_rows, upload_di
 class _Evil:
     def __reduce__(self):
         return (open, ("/tmp/modelpress-canary", "w"))
+
+
+class _Nested:
+    """A pickle whose payload unpickles the evil one: refused by its first bytes all the same."""
+
+    def __reduce__(self):
+        return (pickle.loads, (pickle.dumps(_Evil()),))
+
+
+def _tar_bytes() -> bytes:
+    """A tar archive whose member would escape the folder it is unpacked in."""
+    buf = BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        data = b"owned"
+        info = tarfile.TarInfo("../../tmp/modelpress-canary")
+        info.size = len(data)
+        tf.addfile(info, BytesIO(data))
+    return buf.getvalue()
+
+
+SEVEN_ZIP = b"7z\xbc\xaf\x27\x1c\x00\x04" + b"\0" * 24
 
 
 def _zip_bytes() -> bytes:
@@ -42,11 +64,18 @@ def _refusals(tiny):
         "pickle_bin": ([("pytorch_model.bin", pickle.dumps(_Evil()))], "pickle_refused"),
         "pickle_named_safetensors": ([("model.safetensors", pickle.dumps(_Evil()))], "pickle_refused"),
         "pickle_protocol0_named_safetensors": ([("model.safetensors", pickle.dumps(_Evil(), protocol=0))], "invalid_safetensors"),
+        "nested_pickle_named_safetensors": ([("model.safetensors", pickle.dumps(_Nested()))], "pickle_refused"),
+        **{f"pickle_protocol{p}_named_bin": ([("weights.bin", pickle.dumps(_Evil(), protocol=p))], "pickle_refused") for p in range(6)},
+        "pickle_protocol0_named_config": ([("config.json", pickle.dumps(_Evil(), protocol=0)), ("model.safetensors", weights)], "invalid_json"),
         "pt_file": ([("model.pt", b"anything")], "pickle_refused"),
         "ckpt_file": ([("weights.ckpt", b"anything")], "pickle_refused"),
         "zip_archive": ([("model.zip", _zip_bytes())], "archive_refused"),
         "zip_named_safetensors": ([("model.safetensors", _zip_bytes())], "archive_refused"),
         "tar_archive": ([("model.tar", b"\0" * 1024)], "archive_refused"),
+        "tar_dotdot": ([("model.tar", _tar_bytes())], "archive_refused"),
+        "tar_dotdot_named_safetensors": ([("model.safetensors", _tar_bytes())], "archive_refused"),
+        "7z_archive": ([("model.7z", SEVEN_ZIP)], "archive_refused"),
+        "7z_named_safetensors": ([("model.safetensors", SEVEN_ZIP)], "archive_refused"),
         "auto_map": ([("config.json", json.dumps(auto_map).encode()), ("model.safetensors", weights)], "remote_code_refused"),
         "offsets_past_end": ([("w.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8))], "invalid_safetensors"),
         "overlapping_ranges": ([("w.safetensors", safetensors_bytes(overlap, b"\0" * 12))], "invalid_safetensors"),
@@ -96,8 +125,20 @@ def test_upload_over_the_size_limit_is_413_and_leaves_nothing(cluster):
 
 
 def test_wrong_content_type_is_415(cluster):
-    r = cluster.client().post("/v1/models", json={"files": []})
+    c = cluster.client()
+    rows_before, files_before = table_rows(cluster, "models"), set(stored_files(cluster))
+    r = c.post("/v1/models", json={"files": []})
     assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
+    for route in ("/v1/models", "/v1/datasets"):
+        for ctype, body in [("application/octet-stream", pickle.dumps(_Evil())), ("text/plain", b"hello"),
+                            ("application/x-www-form-urlencoded", b"files=x"), ("application/json", b"{}")]:
+            r = c.post(route, content=body, headers={"Content-Type": ctype})
+            assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", (route, ctype, r.text)
+    # JSON where a job spec's JSON belongs, in another form: refused, not guessed at.
+    r = c.post("/v1/jobs", content=b"model_id=x", headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert 400 <= r.status_code < 500 and r.headers["content-type"] == "application/problem+json", r.text
+    assert not Path("/tmp/modelpress-canary").exists()
+    assert table_rows(cluster, "models") == rows_before and set(stored_files(cluster)) == files_before
 
 
 def test_sharded_upload_is_accepted(cluster, tiny, tmp_path):

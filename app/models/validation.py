@@ -81,6 +81,8 @@ def sniff_magic(name: str, head: bytes) -> None:
         if head.startswith(magic):
             code = "pickle_refused" if what == "pickle" else "archive_refused"
             raise FileRejected(name, code, f"the file's bytes are a {what}, not what its name claims")
+    if head[257:262] == b"ustar":  # POSIX and GNU tar put their magic in the first header block
+        raise FileRejected(name, "archive_refused", "the file's bytes are a tar archive, not what its name claims")
 
 
 def check_safetensors(path: Path, max_header: int) -> SafetensorsInfo:

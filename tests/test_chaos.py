@@ -1,0 +1,208 @@
+"""Worker kills, for real: SIGKILL of the Celery worker's main process or of its pool child while
+jobs run, on a stack of its own (short leases so that recovery takes seconds, not minutes).
+
+* Chaos: 51 jobs of three specs; every 10-20 s (seeded) the worker is SIGKILLed, alternately the
+  main process (then a new worker is started, as a supervisor would) and the pool child (Celery's
+  main process forks a new one). Afterwards every job has exactly one terminal status, succeeded;
+  no job has a second artifact or a temporary file in storage; the attempts of a job never overlap
+  (every event an attempt wrote comes before the first event of the next attempt); and every
+  artifact's sha256 equals the one a clean run of its spec produced before the kills began.
+* Poison: a job whose pool process is SIGKILLed every time it runs it (as an OOM killer would) is
+  failed with ``too_many_attempts`` after MODELPRESS_MAX_ATTEMPTS (3) attempts; the worker lives on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tests.conftest import Stack, _cluster_env
+from tests.helpers import Service, upload_dir, wait_job
+
+MAX_ATTEMPTS = 3
+CHEAP = {"evaluation": {"enabled": False}}
+SPECS = {
+    "prune50": ("gpt2-big", [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]),
+    "fp16": ("gpt2-big", [{"method": "quantize.cast", "params": {"dtype": "float16"}}]),
+    "llama-prune": ("llama", [{"method": "prune.magnitude", "params": {"sparsity": 0.4}},
+                              {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}]),
+}
+
+
+@pytest.fixture(scope="module")
+def chaos(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = tmp_path_factory.mktemp("chaos")
+    env = {
+        **_cluster_env(pg_database, tmp, f"mptest-chaos-{uuid.uuid4().hex[:8]}:"),
+        # A dead attempt's lease runs out in 4 s (renewed every 1.3 s while alive), the reconciler
+        # looks every second and re-sends what was last sent 2 s ago.
+        "MODELPRESS_JOB_LEASE_S": "4", "MODELPRESS_REQUEUE_AFTER_S": "2", "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+        "MODELPRESS_MAX_ATTEMPTS": str(MAX_ATTEMPTS),
+    }
+    svc = Service(env, tmp, worker=True)
+    svc.cli("migrate")
+    key = svc.cli("keys", "create", "--tenant", f"chaos-{uuid.uuid4().hex[:6]}")
+    svc.start()
+    yield Stack("cluster", svc, key, key, tmp, pg_database)
+    svc.stop()
+
+
+def _worker(stack: Stack):  # noqa: ANN202 - the live worker's Popen
+    return [p for p in stack.service.procs if p is not stack.service.api][-1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _sql(stack: Stack, query: str, *args: object) -> list[tuple]:
+    with psycopg.connect(stack.database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def _running(stack: Stack, job_ids: list[str]) -> list[tuple[str, int]]:
+    return _sql(stack, "SELECT id, attempt FROM jobs WHERE id = ANY(%s) AND status = 'running'", job_ids)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wait_ready_worker(stack: Stack, timeout: float = 60) -> None:
+    """Until the worker's main process has forked its pool child (it is consuming)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _children(_worker(stack).pid):
+            return
+        time.sleep(0.2)
+    raise AssertionError("the worker did not start its pool")
+
+
+def test_sigkill_chaos_loses_nothing_duplicates_nothing(chaos, tiny):
+    c = chaos.client()
+    models = {name: upload_dir(c, tiny[name]).json()["id"] for name in {m for m, _ in SPECS.values()}}
+
+    def submit(spec: str) -> str:
+        model, steps = SPECS[spec]
+        r = c.post("/v1/jobs", json={"model_id": models[model], "steps": steps, "name": spec, **CHEAP})
+        assert r.status_code == 202, r.text
+        return r.json()["id"]
+
+    # Clean runs first: the sha256 each spec's artifact must have.
+    clean = {}
+    for spec in SPECS:
+        job = wait_job(c, submit(spec), timeout=120)
+        assert job["status"] == "succeeded", job
+        clean[spec] = job["artifact"]["sha256"]
+
+    specs = [s for _ in range(17) for s in SPECS]  # 51 jobs
+    jobs = {submit(spec): spec for spec in specs}
+    ids = list(jobs)
+    rng = random.Random(6)
+    kills: list[dict] = []
+    done = threading.Event()
+
+    def killer() -> None:
+        n = 0
+        while not done.wait(rng.uniform(10, 20)):
+            _wait_ready_worker(chaos)
+            while not done.is_set() and not _running(chaos, ids):  # kill while a job runs
+                time.sleep(0.05)
+            if done.is_set():
+                return
+            main = _worker(chaos)
+            victim = main.pid if n % 2 == 0 else _children(main.pid)[0]
+            hit = _running(chaos, ids)
+            os.kill(victim, signal.SIGKILL)
+            kills.append({"t": time.monotonic(), "target": "main" if victim == main.pid else "child", "running": hit})
+            if victim == main.pid:
+                main.wait()
+                chaos.service.start_worker()  # what systemd / Kubernetes would do
+            n += 1
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 420
+    try:
+        while time.monotonic() < deadline:
+            left = _sql(chaos, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", ids)[0][0]
+            if left == 0:
+                break
+            time.sleep(0.5)
+    finally:
+        done.set()
+        t.join(timeout=90)
+    assert left == 0, f"{left} jobs did not finish; kills: {kills}"
+    assert len(kills) >= 3 and {k["target"] for k in kills} == {"main", "child"}, kills
+
+    rows = {r[0]: r[1:] for r in _sql(chaos, "SELECT id, status, attempt, artifact_key, artifact_sha256 FROM jobs WHERE id = ANY(%s)", ids)}
+    assert len(rows) == 51
+    hit = {job_id for k in kills for job_id, _ in k["running"]}
+    assert any(rows[j][1] > 1 for j in hit), f"no killed job was run again: {kills}"
+    events: dict[str, list[tuple]] = defaultdict(list)
+    for job_id, etype, data, at in _sql(chaos, "SELECT job_id, type, data, created_at FROM job_events WHERE job_id = ANY(%s) ORDER BY id", ids):
+        events[job_id].append((etype, data, at))
+    storage = chaos.data_dir / "storage"
+    assert not [p for p in storage.rglob("*.tmp-*")], "a half-written file was left in storage"
+    for job_id, spec in jobs.items():
+        status, attempt, key, sha = rows[job_id]
+        assert status == "succeeded", (job_id, rows[job_id], kills)
+        terminal = [d for e, d, _ in events[job_id] if e == "status" and d["status"] in ("succeeded", "failed", "canceled")]
+        assert [d["status"] for d in terminal] == ["succeeded"], (job_id, terminal)
+        # One artifact, the one the row names, byte for byte what a clean run made.
+        files = [p for p in (storage / "artifacts" / job_id).rglob("*") if p.is_file()]
+        assert [p.relative_to(storage).as_posix() for p in files] == [key], (job_id, files)
+        assert sha == clean[spec] == _sha(files[0]), (job_id, spec)
+        # Attempts never overlap: each attempt's writes all precede the next attempt's first.
+        spans: dict[int, list] = {}
+        for _, d, at in events[job_id]:
+            if d.get("attempt"):
+                spans.setdefault(d["attempt"], [at, at])[1] = at
+        order = sorted(spans)
+        assert order[-1] == attempt
+        for a, b in zip(order, order[1:]):
+            assert spans[a][1] <= spans[b][0], (job_id, spans)
+    retried = sum(1 for r in rows.values() if r[1] > 1)
+    print(f"chaos: {len(kills)} kills ({sum(k['target'] == 'main' for k in kills)} main), {retried} jobs ran more than once")
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(chaos, tiny):
+    c = chaos.client()
+    model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
+    # Slow enough to be caught running: a report with many timed passes.
+    poison = c.post("/v1/jobs", json={"model_id": model, "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+                                      "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8}}).json()["id"]
+    _wait_ready_worker(chaos)
+    main = _worker(chaos)
+    killed: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        (status, attempt), = _sql(chaos, "SELECT status, attempt FROM jobs WHERE id = %s", poison)
+        if status in ("succeeded", "failed", "canceled"):
+            break
+        if status == "running" and attempt not in killed:
+            for child in _children(main.pid):
+                os.kill(child, signal.SIGKILL)  # the OOM killer's verdict, every time it runs
+            killed.append(attempt)
+        time.sleep(0.05)
+    job = c.get(f"/v1/jobs/{poison}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "too_many_attempts", job
+    assert killed == list(range(1, MAX_ATTEMPTS + 1)) and job["attempt"] == MAX_ATTEMPTS, (killed, job)
+    # The worker's main process survived every kill of its child and serves the next job.
+    assert main.poll() is None
+    ok = c.post("/v1/jobs", json={"model_id": model, "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}], **CHEAP}).json()
+    assert wait_job(c, ok["id"], timeout=60)["status"] == "succeeded"

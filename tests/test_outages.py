@@ -1,0 +1,131 @@
+"""Broker and database outages, on private servers (tests/servers.py) that the tests stop and
+start; the machine's shared PostgreSQL and Redis are never touched.
+
+* Redis killed mid-run and restarted empty (no persistence: every message in it is gone): every
+  job still succeeds. Jobs submitted while it is down are recorded (202) and run after it returns.
+* PostgreSQL stopped for 20 s: meanwhile the API answers 503 ``database_unavailable`` (never 500)
+  to reads and writes, records nothing and leaves no file; afterwards every job finishes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import psycopg
+import pytest
+
+from tests.conftest import Stack
+from tests.helpers import Service, upload_dir, wait_job
+from tests.servers import PrivatePostgres, PrivateRedis
+
+CHEAP = {"evaluation": {"enabled": False}}
+# Long enough to be caught running (the report's timed passes), short enough for a test.
+SLOW = {"evaluation": {"runs": 5, "warmup": 1, "seq_len": 32, "max_samples": 4}}
+PRUNE = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
+    pg, rd = PrivatePostgres().init(), PrivateRedis().start()
+    yield pg, rd
+    rd.kill()
+    pg.destroy()
+
+
+@pytest.fixture(scope="module")
+def outage(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    pg, rd = servers
+    tmp = tmp_path_factory.mktemp("outage")
+    env = {
+        "MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": pg.url, "MODELPRESS_BROKER_URL": rd.url,
+        "MODELPRESS_DATA_DIR": str(tmp), "MODELPRESS_REQUEUE_AFTER_S": "3", "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+    }
+    svc = Service(env, tmp, worker=True)
+    svc.cli("migrate")
+    key = svc.cli("keys", "create", "--tenant", f"outage-{uuid.uuid4().hex[:6]}")
+    svc.start()
+    yield Stack("cluster", svc, key, key, tmp, pg.url)
+    svc.stop()
+
+
+def _jobs_left(stack: Stack, ids: list[str]) -> int:
+    with psycopg.connect(stack.database_url.replace("+psycopg", "")) as conn:
+        return conn.execute("SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", (ids,)).fetchone()[0]
+
+
+def _wait_running(c: httpx.Client, ids: list[str], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(c.get(f"/v1/jobs/{i}").json()["status"] == "running" for i in ids):
+            return
+        time.sleep(0.1)
+    raise AssertionError("no job started")
+
+
+def _count(c: httpx.Client, what: str) -> int:
+    return len(c.get(f"/v1/{what}", params={"limit": 100}).json()["items"])
+
+
+def _submit(c: httpx.Client, model: str, extra: dict) -> str:
+    r = c.post("/v1/jobs", json={"model_id": model, "steps": PRUNE, **extra})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_redis_restarted_mid_run_loses_no_job(outage, servers, tiny):
+    _, rd = servers
+    c = outage.client()
+    model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
+    ids = [_submit(c, model, SLOW) for _ in range(10)]
+    _wait_running(c, ids)
+    rd.kill()  # every queued message is lost with it
+    during = [_submit(c, model, CHEAP) for _ in range(3)]  # recorded; their messages cannot be sent
+    time.sleep(3)
+    rd.start()
+    ids += during
+    for job_id in ids:
+        job = wait_job(c, job_id, timeout=240)
+        assert job["status"] == "succeeded", job
+    assert _count(c, "jobs") == 13
+
+
+def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(outage, servers, tiny):
+    pg, _ = servers
+    c = outage.client()
+    model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
+    ids = [_submit(c, model, SLOW) for _ in range(6)]
+    _wait_running(c, ids)
+    jobs_before, models_before = _count(c, "jobs"), _count(c, "models")
+    stored_before = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
+
+    pg.stop()
+    t_stop = time.monotonic()
+    seen: dict[str, set[int]] = {"get": set(), "list": set(), "post_job": set(), "upload": set(), "readyz": set()}
+    while time.monotonic() - t_stop < 20:
+        seen["get"].add(c.get(f"/v1/jobs/{ids[0]}").status_code)
+        seen["list"].add(c.get("/v1/jobs").status_code)
+        r = c.post("/v1/jobs", json={"model_id": model, "steps": PRUNE, **CHEAP})
+        seen["post_job"].add(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["code"] == "database_unavailable" and r.headers["retry-after"], r.text
+        seen["upload"].add(upload_dir(c, tiny["gpt2"]).status_code)
+        seen["readyz"].add(httpx.get(f"{outage.service.url}/readyz").status_code)
+        time.sleep(0.5)
+    pg.start()
+    assert all(codes == {503} for codes in seen.values()), seen
+
+    deadline = time.monotonic() + 60
+    while c.get("/v1/jobs").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    for job_id in ids:
+        job = wait_job(c, job_id, timeout=240)
+        assert job["status"] == "succeeded", job
+    # Nothing the API answered 503 to was recorded: no job, no model, no stored file.
+    assert _jobs_left(outage, ids) == 0
+    assert (_count(c, "jobs"), _count(c, "models")) == (jobs_before, models_before)
+    stored_after = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
+    assert stored_after == stored_before
