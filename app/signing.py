@@ -67,7 +67,11 @@ def link(request: Any, route_name: str, kind: str, object_id: str, ttl_s: int | 
 
 
 def verify(kind: str, object_id: str, expires: int | None, signature: str | None) -> None:
-    if expires is None or not signature or not hmac.compare_digest(_digest(kind, object_id, expires), signature):
+    # Bytes, not str: compare_digest refuses a str with non-ASCII characters (a fuzzed signature)
+    # with TypeError, and a wrong signature must be a 404 whatever its characters.
+    if expires is None or not signature or not hmac.compare_digest(
+        _digest(kind, object_id, expires).encode(), signature.encode("utf-8", "surrogateescape")
+    ):
         raise NotFound(f"no {kind} {object_id}")
     if expires < time.time():
         raise Gone("this link has expired; ask the API for a new one", code="link_expired")

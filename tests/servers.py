@@ -3,16 +3,20 @@ folders, never the machine's shared ones (other tests, and other projects, use t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import redis
+from psycopg import sql
 
 from tests.helpers import free_port
 
@@ -94,3 +98,20 @@ class PrivatePostgres:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def private_database() -> Iterator[str]:
+    """A database of its own on the machine's PostgreSQL, dropped at the end. A stack whose worker
+    runs a fast reconciler (short leases) must not share one with another stack: its reconciler
+    would send the other stack's jobs to a worker that cannot see their files."""
+    from tests.helpers import PG_ADMIN_URL
+
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}".replace("postgresql://", "postgresql+psycopg://")
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

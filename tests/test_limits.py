@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import Stack, _cluster_env
 from tests.tokenizer_util import build_models, txt_dataset
+from tests.servers import private_database
 from tests.helpers import Service, stored_files, table_rows, upload_dir, wait_job
 
 TIME_LIMIT_S = 3
@@ -35,8 +36,14 @@ def _stack(pg_database: str, tmp: Path, worker: bool, **env: str) -> Stack:
 
 
 @pytest.fixture(scope="module")
-def limited(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    st = _stack(pg_database, tmp_path_factory.mktemp("limited"), True,
+def private_db() -> Iterator[str]:
+    with private_database() as db:
+        yield db
+
+
+@pytest.fixture(scope="module")
+def limited(private_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    st = _stack(private_db, tmp_path_factory.mktemp("limited"), True,
                 MODELPRESS_JOB_TIME_LIMIT_S=str(TIME_LIMIT_S), MODELPRESS_JOB_MEMORY_LIMIT_MB=str(MEMORY_LIMIT_MB),
                 MODELPRESS_MAX_UPLOAD_BYTES=str(256 * 2**20))
     yield st
@@ -97,10 +104,10 @@ def test_time_and_memory_limits_fail_the_job_with_their_own_code_and_the_worker_
 
 
 @pytest.fixture(scope="module")
-def quota(pg_database: str, tmp_path_factory: pytest.TempPathFactory, tiny) -> Iterator[Stack]:
+def quota(private_db: str, tmp_path_factory: pytest.TempPathFactory, tiny) -> Iterator[Stack]:
     model_bytes = sum(p.stat().st_size for p in tiny["gpt2"].iterdir())
     # Room for two tiny models and a bit, not three.
-    st = _stack(pg_database, tmp_path_factory.mktemp("quota"), False,
+    st = _stack(private_db, tmp_path_factory.mktemp("quota"), False,
                 MODELPRESS_QUOTA_JOBS_IN_FLIGHT="2", MODELPRESS_QUOTA_STORAGE_BYTES=str(int(model_bytes * 2.5)),
                 MODELPRESS_QUOTA_RETRY_AFTER_S="17")
     yield st
