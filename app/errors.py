@@ -19,18 +19,24 @@ Error tree::
     └── ServiceUnavailable (503 service_unavailable)
 
 No stack trace ever reaches a client: unexpected exceptions are logged and answered with a bare 500.
+
+The OpenAPI spec declares these errors on every route that can answer them (``problem_responses``,
+``API_ERRORS``, ``BODY_ERRORS``): tests/test_fuzz.py checks with schemathesis that the running
+service answers nothing it does not declare.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 log = logging.getLogger("modelpress.errors")
 
@@ -112,12 +118,49 @@ PROBLEM_SCHEMA = {
 }
 
 
+# Headers some errors carry, declared with them in the spec.
+_ERROR_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
+    401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
+    416: {"Content-Range": {"description": "`bytes */<size>`", "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
+    503: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
+}
+
+_ERROR_DESCRIPTIONS = {
+    400: "Malformed request body",
+    401: "Missing or invalid API key",
+    404: "No such object (or not the caller's)",
+    409: "Conflict with the object's state",
+    410: "Gone (an expired link)",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    416: "Range not satisfiable",
+    422: "Invalid request (``errors`` lists the fields)",
+    429: "Over a quota of the tenant (``Retry-After`` says when to retry)",
+    503: "A dependency (the database) is unavailable; retry later",
+}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """``responses=`` entry so the OpenAPI spec shows the problem+json errors of a route."""
-    return {
-        s: {"description": "Error (RFC 9457 problem)", "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}}}
-        for s in statuses
-    }
+    out: dict[int | str, dict[str, Any]] = {}
+    for s in statuses:
+        entry: dict[str, Any] = {
+            "description": _ERROR_DESCRIPTIONS.get(s, "Error (RFC 9457 problem)"),
+            "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+        }
+        if s in _ERROR_HEADERS:
+            entry["headers"] = _ERROR_HEADERS[s]
+        out[s] = entry
+    return out
+
+
+# What any /v1 route can answer: a missing or wrong key (401), an invalid parameter or a value the
+# database cannot store (422), the database down (503). FastAPI would otherwise declare its own 422
+# (``HTTPValidationError`` as application/json), which is not what the handler below sends.
+API_ERRORS = (401, 422, 503)
+# And a route that reads a request body: one that cannot be parsed (e.g. not UTF-8) is a 400.
+BODY_ERRORS = (400, *API_ERRORS)
 
 
 def problem(
@@ -163,7 +206,75 @@ def _clean_validation_errors(exc: RequestValidationError) -> list[dict[str, Any]
     return out
 
 
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+def _allowed_methods(req: Request) -> list[str]:
+    """Every method the spec declares on the request's path (HEAD with GET, as Starlette serves it)."""
+    path = req.scope.get("path", "")
+    root = req.scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root):]
+    methods: set[str] = set()
+    for template, item in req.app.openapi().get("paths", {}).items():
+        if compile_path(template)[0].match(path):
+            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
+
+
+def declare_problem_errors(spec: dict[str, Any]) -> dict[str, Any]:
+    """Make the spec say what the handlers below answer, on every operation (whoever wrote its
+    route): FastAPI's own 422 (``HTTPValidationError`` as application/json) becomes the problem
+    this module sends; an operation that needs an API key (it declares security) also answers 401
+    (no or a bad key) and 503 (the key is looked up in the database); one that reads a JSON body
+    answers 400 when the body cannot be parsed (e.g. not UTF-8)."""
+    for path_item in spec.get("paths", {}).values():
+        for method in _HTTP_METHODS:
+            op = path_item.get(method)
+            if op is None:
+                continue
+            responses = op.setdefault("responses", {})
+            declared = responses.get("422", {}).get("content", {})
+            if "application/json" in declared and PROBLEM_JSON not in declared:
+                responses["422"] = problem_responses(422)[422]
+            needed = []
+            if op.get("security"):
+                needed += [401, 503]
+            if "requestBody" in op:
+                needed.append(400)
+            for status, entry in problem_responses(*needed).items():
+                responses.setdefault(str(status), entry)
+    schemas = spec.get("components", {}).get("schemas", {})
+    if schemas and "HTTPValidationError" in schemas:
+        text = json.dumps(spec.get("paths", {}))
+        if "#/components/schemas/HTTPValidationError" not in text:
+            schemas.pop("HTTPValidationError", None)
+            if "#/components/schemas/ValidationError" not in json.dumps(schemas):
+                schemas.pop("ValidationError", None)
+    return spec
+
+
+def _honest_openapi(app: FastAPI) -> None:
+    """``app.openapi()`` with :func:`declare_problem_errors` applied once to each spec FastAPI
+    generates (it regenerates when routes are added)."""
+    generate = app.openapi
+    done: list[int] = []
+
+    def openapi() -> dict[str, Any]:
+        spec = generate()
+        if done != [id(spec)]:
+            declare_problem_errors(spec)
+            done[:] = [id(spec)]
+        return spec
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install_error_handlers(app: FastAPI) -> None:
+    _honest_openapi(app)
+
     @app.exception_handler(ModelpressError)
     async def _modelpress(_req: Request, exc: ModelpressError) -> JSONResponse:
         if exc.status >= 500:
@@ -177,10 +288,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(422, "validation_error", "Request could not be processed", f"invalid fields: {fields}", errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
         code, title = _STATUS_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else title
-        return problem(exc.status_code, code, title, detail, headers=getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:
+            # Starlette's 405 names only the methods of the first route whose path matched; a path
+            # served by several routes (GET and POST /v1/jobs) supports all of theirs.
+            headers["Allow"] = ", ".join(_allowed_methods(req)) or headers.get("Allow", "")
+        return problem(exc.status_code, code, title, detail, headers=headers or None)
+
+    @app.exception_handler(DataError)
+    async def _unstorable(_req: Request, exc: DataError) -> JSONResponse:
+        # A value the database refuses (PostgreSQL text cannot hold NUL characters, nor jsonb
+        # \u0000) is the client's to fix, whichever field it was in.
+        log.warning("database refused a value: %s", type(exc.orig).__name__ if exc.orig else exc)
+        return problem(422, "invalid_value", "Request could not be processed",
+                       "a value of the request cannot be stored (e.g. it contains a NUL character)")
 
     @app.exception_handler(OperationalError)
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:

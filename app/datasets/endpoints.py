@@ -12,7 +12,7 @@ from app.datasets.schemas import DatasetOut, DatasetPage
 from app.db import UoW
 from app.deps import SettingsDep, StorageDep
 from app import idempotency
-from app.errors import problem_responses
+from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
@@ -30,7 +30,8 @@ _UPLOAD_BODY = {
                     "properties": {
                         "file": {"type": "string", "format": "binary",
                                  "description": ".txt (one sample a line) or .jsonl ({\"text\", \"label\"?} a line)"},
-                        "name": {"type": "string", "maxLength": 200},
+                        # The service's rule (app.datasets.service.NAME_RE; it also takes non-ASCII letters).
+                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\w .:@+-]+$"},
                     },
                 }
             }
@@ -48,7 +49,7 @@ def _out(ds) -> DatasetOut:  # noqa: ANN001
     status_code=201,
     response_model=DatasetOut,
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
 )
 async def upload_dataset(
     request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
@@ -72,7 +73,7 @@ async def upload_dataset(
         return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 
-@router.get("", response_model=DatasetPage, responses=problem_responses(401, 422))
+@router.get("", response_model=DatasetPage, responses=problem_responses(*API_ERRORS))
 def list_datasets(
     caller: CurrentCaller,
     uow: UoW,
@@ -85,13 +86,13 @@ def list_datasets(
     return DatasetPage(items=[_out(d) for d in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(401, 404))
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(*API_ERRORS, 404))
 def get_dataset(dataset_id: str, caller: CurrentCaller, uow: UoW) -> DatasetOut:
     """One dataset."""
     return _out(service.get(uow, caller, dataset_id))
 
 
-@router.delete("/{dataset_id}", status_code=204, responses=problem_responses(401, 404, 409))
+@router.delete("/{dataset_id}", status_code=204, responses=problem_responses(*API_ERRORS, 404, 409))
 def delete_dataset(dataset_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
     """Delete a dataset and its file (finished jobs keep their history; their dataset_id becomes null)."""
     service.delete(uow, caller, storage, dataset_id)

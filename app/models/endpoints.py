@@ -10,7 +10,7 @@ from app.auth import CurrentCaller
 from app.db import UoW
 from app.deps import SettingsDep, StorageDep
 from app import idempotency
-from app.errors import problem_responses
+from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
@@ -28,8 +28,9 @@ _UPLOAD_BODY = {
                     "type": "object",
                     "required": ["files"],
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
-                        "name": {"type": "string", "maxLength": 200},
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}},
+                        # The service's rule (app.models.service.NAME_RE; it also takes non-ASCII letters).
+                        "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\w .:@+-]+$"},
                     },
                 }
             }
@@ -43,7 +44,7 @@ _UPLOAD_BODY = {
     status_code=201,
     response_model=ModelOut,
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
 )
 async def upload_model(
     request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
@@ -68,7 +69,7 @@ async def upload_model(
         return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 
-@router.get("", response_model=ModelPage, responses=problem_responses(401, 422))
+@router.get("", response_model=ModelPage, responses=problem_responses(*API_ERRORS))
 def list_models(
     caller: CurrentCaller,
     uow: UoW,
@@ -81,13 +82,13 @@ def list_models(
     return ModelPage(items=[ModelOut.model_validate(m, from_attributes=True) for m in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/{model_id}", response_model=ModelOut, responses=problem_responses(401, 404))
+@router.get("/{model_id}", response_model=ModelOut, responses=problem_responses(*API_ERRORS, 404))
 def get_model(model_id: str, caller: CurrentCaller, uow: UoW) -> ModelOut:
     """One model."""
     return ModelOut.model_validate(service.get(uow, caller, model_id), from_attributes=True)
 
 
-@router.delete("/{model_id}", status_code=204, responses=problem_responses(401, 404, 409))
+@router.delete("/{model_id}", status_code=204, responses=problem_responses(*API_ERRORS, 404, 409))
 def delete_model(model_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
     """Delete a model and its files (jobs and their artifacts are kept)."""
     service.delete(uow, caller, storage, model_id)

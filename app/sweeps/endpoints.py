@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from app import idempotency, signing
 from app.auth import CurrentCaller
 from app.db import UoW
-from app.errors import problem_responses
+from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
@@ -24,7 +24,16 @@ def _html(sweep: SweepOut) -> HTMLResponse:
     return HTMLResponse(render_sweep(sweep.model_dump(mode="json")), headers=HTML_HEADERS)
 
 
-@router.post("", status_code=202, response_model=SweepOut, responses=problem_responses(401, 422))
+_LOCATION = {"Location": {"description": "`/v1/sweeps/{id}`: where to poll the sweep", "schema": {"type": "string"}}}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=SweepOut,
+    responses={202: {"description": "The sweep, its jobs queued", "headers": _LOCATION},
+               **problem_responses(*BODY_ERRORS, 429)},
+)
 def create_sweep(
     body: SweepIn, caller: CurrentCaller, uow: UoW, response: Response, idempotency_key: IdempotencyKeyHeader = None
 ) -> SweepOut | JSONResponse:
@@ -44,7 +53,7 @@ def create_sweep(
     return idempotency.run(uow, scope, 202, create)
 
 
-@router.get("", response_model=SweepPage, responses=problem_responses(401, 422))
+@router.get("", response_model=SweepPage, responses=problem_responses(*API_ERRORS))
 def list_sweeps(
     caller: CurrentCaller,
     uow: UoW,
@@ -62,7 +71,7 @@ def list_sweeps(
     responses={
         200: {"content": {"text/html": {"schema": {"type": "string"}}},
               "description": "The sweep as JSON, or as an HTML page when the Accept header prefers text/html"},
-        **problem_responses(401, 404),
+        **problem_responses(*API_ERRORS, 404),
     },
 )
 def get_sweep(
@@ -78,7 +87,7 @@ def get_sweep(
     return sweep
 
 
-@router.post("/{sweep_id}/link", status_code=201, response_model=LinkOut, responses=problem_responses(401, 404, 422))
+@router.post("/{sweep_id}/link", status_code=201, response_model=LinkOut, responses=problem_responses(*BODY_ERRORS, 404))
 def create_link(
     sweep_id: str,
     request: Request,
@@ -95,7 +104,7 @@ def create_link(
 @router.get(
     "/{sweep_id}/view",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}, "description": "The sweep as an HTML page"}, **problem_responses(404, 410, 422)},
+    responses={200: {"content": {"text/html": {}}, "description": "The sweep as an HTML page"}, **problem_responses(404, 410, 422, 503)},
 )
 def view_sweep(
     sweep_id: str,
@@ -104,5 +113,6 @@ def view_sweep(
     signature: Annotated[str | None, Query(max_length=128)] = None,
 ) -> HTMLResponse:
     """The sweep's HTML page through a signed link (no Authorization header needed)."""
-    signing.verify("sweep", sweep_id, expires, signature)
+    # hmac.compare_digest refuses non-ASCII str (TypeError, a 500): such a signature is simply wrong.
+    signing.verify("sweep", sweep_id, expires, signature if signature is None or signature.isascii() else "")
     return _html(service.report(uow, service.get_unscoped(uow, sweep_id)))
