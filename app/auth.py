@@ -3,6 +3,14 @@
 A key looks like ``mp_<prefix>_<secret>``. The prefix is stored in clear to find the row; the
 secret only as a sha256 digest (keys are 190-bit random, so a slow KDF adds nothing) compared in
 constant time.
+
+A key that resolved is remembered in this process for ``AUTH_CACHE_TTL_S`` seconds (setting
+``auth_cache_ttl_s`` when it exists; 0 turns the cache off): a client polling a job does not look
+its key up in the database on every request. The entry is keyed by the sha256 of the whole key
+as presented and is dropped when it expires, so **revoking a key (setting ``api_keys.revoked_at``)
+or deleting it or its tenant takes effect in every API process within that TTL**, not at once.
+Refusals are never cached: a key created a moment ago works on its first request. The cache holds
+at most ``_CACHE_MAX`` keys (it is emptied when full).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -17,8 +26,10 @@ from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
-from app.db import UoW
+from app.config import get_settings
+from app.db import read_uow
 from app.errors import Unauthorized
 from app.tables import ApiKey, Tenant
 
@@ -69,14 +80,48 @@ def resolve_key(session: Session, key: str) -> Caller | None:
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer mp_...`")
 
 
-def current_caller(
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)], uow: UoW
-) -> Caller:
+AUTH_CACHE_TTL_S = 5.0
+_CACHE_MAX = 10_000
+# sha256(key) -> (caller, monotonic time the entry expires)
+_cache: dict[str, tuple[Caller, float]] = {}
+
+
+def _cache_ttl() -> float:
+    return float(get_settings().auth_cache_ttl_s)
+
+
+def clear_cache() -> None:
+    """Forget every resolved key (tests; an operator who cannot wait for the TTL restarts the API)."""
+    _cache.clear()
+
+
+def _resolve_in_db(key: str) -> Caller | None:
+    with read_uow() as uow:
+        return resolve_key(uow.session, key)
+
+
+async def current_caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    """The caller of the request, from its ``Authorization: Bearer`` key (401 without a valid one).
+
+    An ``async`` dependency: a key resolved less than the TTL ago costs a dict lookup on the event
+    loop; otherwise the lookup runs in the thread pool on a read-only session of its own."""
     if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials.strip():
         raise Unauthorized("send 'Authorization: Bearer <api key>'")
-    caller = resolve_key(uow.session, creds.credentials.strip())
+    key = creds.credentials.strip()
+    ttl = _cache_ttl()
+    digest = _digest(key)
+    now = time.monotonic()
+    hit = _cache.get(digest) if ttl > 0 else None
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    caller = await run_in_threadpool(_resolve_in_db, key)
     if caller is None:
+        _cache.pop(digest, None)
         raise Unauthorized("the API key is not valid")
+    if ttl > 0:
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        _cache[digest] = (caller, now + ttl)
     return caller
 
 

@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     # Lifetime of a signed report link when the request does not ask for one.
     report_link_ttl_s: int = Field(default=900, gt=0, le=7 * 86400)
 
+    # Seconds an API process remembers a resolved API key (a poll then costs no key lookup); a
+    # revoked key stops working within this time. 0 turns the cache off.
+    auth_cache_ttl_s: float = Field(default=5.0, ge=0)
+
     log_level: str = "INFO"
     # "json" (one object a line: ts, level, logger, message, request_id, job_id, attempt) or
     # "text". Empty means: json in cluster mode (log shippers), text in embedded mode (a terminal).

@@ -29,16 +29,17 @@ import contextvars
 import hmac
 import json
 import logging
+import math
 import re
 import sys
+import os
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, get_args
 
-from fastapi import APIRouter, FastAPI, Header, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
@@ -71,7 +72,8 @@ def sane_request_id(value: object) -> str | None:
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    """32 random hex digits (the format of ``uuid4().hex``, without building a UUID)."""
+    return os.urandom(16).hex()
 
 
 def current_request_id() -> str | None:
@@ -115,13 +117,31 @@ class ContextFilter(logging.Filter):
         return True
 
 
+# json.dumps with options builds a new encoder on every call; the access log writes a line per request.
+_json_encode = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line: ts (UTC, ISO 8601), level, logger, message, the context fields
     that are known, any ``extra=`` fields, and ``exc_info`` (the formatted traceback) if any."""
 
+    _second: tuple[int, str] = (-1, "")  # (a whole second, its "YYYY-MM-DDTHH:MM:SS")
+
+    def _ts(self, created: float) -> str:
+        """``created`` as ``2026-11-29T13:53:49.596Z``: what ``datetime.fromtimestamp(created,
+        timezone.utc).isoformat(timespec="milliseconds")`` gives (microseconds rounded half-even,
+        then cut to milliseconds)."""
+        whole = math.floor(created)
+        micros = round((created - whole) * 1e6)
+        if micros >= 1_000_000:
+            whole, micros = whole + 1, micros - 1_000_000
+        if self._second[0] != whole:
+            self._second = (whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+        return f"{self._second[1]}.{micros // 1000:03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "ts": self._ts(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -133,7 +153,7 @@ class JsonFormatter(logging.Formatter):
             out["exc_info"] = self.formatException(record.exc_info)
         if record.stack_info:
             out["stack_info"] = self.formatStack(record.stack_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        return _json_encode(out)
 
 
 class TextFormatter(logging.Formatter):
@@ -199,6 +219,9 @@ class ObservabilityMiddleware:
         self.app = app
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
+        # (method, route, status) -> (its counter, its histogram): labels() validates and locks on
+        # every call. Bounded: methods, route templates and statuses are.
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -232,8 +255,12 @@ class ObservabilityMiddleware:
         elapsed = time.perf_counter() - started
         method = scope["method"] if scope["method"] in _METHODS else "other"
         route = _route_template(scope)
-        self.metrics.http_requests.labels(method, route, str(status)).inc()
-        self.metrics.http_duration.labels(method, route).observe(elapsed)
+        children = self._children.get((method, route, status))
+        if children is None:
+            children = self._children[(method, route, status)] = (
+                self.metrics.http_requests.labels(method, route, str(status)), self.metrics.http_duration.labels(method, route))
+        children[0].inc()
+        children[1].observe(elapsed)
         if self.access_log_enabled:
             access_log.log(
                 logging.DEBUG if route in _QUIET_ROUTES else logging.INFO,
@@ -370,13 +397,18 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus (or OpenMetrics, by Accept) exposition"},
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
+                                 "application/openmetrics-text": {"schema": {"type": "string"}}},
+                     "description": "Prometheus text (or OpenMetrics, when Accept asks for it) exposition"},
                **problem_responses(401)},
 )
-def metrics(request: Request, authorization: str | None = Header(default=None), accept: str | None = Header(default=None)) -> Response:
-    """Prometheus metrics; needs ``Authorization: Bearer <token>`` only when MODELPRESS_METRICS_TOKEN is set."""
-    _check_token(get_settings(), authorization)
-    encoder, content_type = choose_encoder(accept or "")
+def metrics(request: Request) -> Response:
+    """Prometheus metrics; needs ``Authorization: Bearer <token>`` only when MODELPRESS_METRICS_TOKEN is set.
+    ``Accept: application/openmetrics-text`` gets the OpenMetrics format."""
+    # Both headers are read here, not declared as parameters: OpenAPI ignores header parameters
+    # named Authorization or Accept, and declared ones would give the route a 422 it never answers.
+    _check_token(get_settings(), request.headers.get("authorization"))
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(request.app.state.metrics.registry), media_type=content_type)
 
 
