@@ -23,8 +23,12 @@ class QuotaExceeded(ModelpressError):
 
 
 def _lock_tenant(session: Session, tenant_id: str) -> None:
-    if session.get_bind().dialect.name == "postgresql":
+    """Once per transaction (a sweep checks every point, a job both quotas): the lock is held
+    until the commit anyway."""
+    held = (tenant_id, id(session.get_transaction()))
+    if session.get_bind().dialect.name == "postgresql" and session.info.get("quota_lock") != held:
         session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        session.info["quota_lock"] = held
 
 
 def jobs_in_flight(session: Session, tenant_id: str) -> int:

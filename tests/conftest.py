@@ -9,11 +9,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import psycopg
 import pytest
-from psycopg import sql
 
-from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, build_tiny_models
+from tests.helpers import REDIS_URL, Service, build_tiny_models
+from tests.servers import private_database
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
@@ -47,13 +46,8 @@ class Stack:
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A private database on the machine's PostgreSQL, dropped at the end."""
-    name = f"mp_test_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}".replace("postgresql://", "postgresql+psycopg://")
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with private_database() as url:
+        yield url
 
 
 # The webhook tests' receiver listens on loopback; short retries keep them fast.

@@ -148,6 +148,19 @@ def table_rows(stack, table: str) -> int:
         return conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]  # noqa: S608 - fixed names
 
 
+def query(stack, sql: str, *args: object) -> list[tuple]:
+    """Rows of a query on a PostgreSQL stack's database (``%s`` placeholders)."""
+    import psycopg
+
+    with psycopg.connect(stack.database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def jobs_left(stack, job_ids: list[str]) -> int:
+    """How many of these jobs are not finished yet."""
+    return query(stack, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", job_ids)[0][0]
+
+
 def stored_files(stack) -> list[Path]:
     """Every file under the stack's storage and temp folders."""
     return [p for p in (stack.data_dir / "storage").rglob("*") if p.is_file()] + [

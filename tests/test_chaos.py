@@ -24,11 +24,10 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from tests.conftest import Stack, _cluster_env
-from tests.helpers import Service, upload_dir, wait_job
+from tests.helpers import Service, jobs_left, query, upload_dir, wait_job
 from tests.servers import private_database
 
 MAX_ATTEMPTS = 3
@@ -85,17 +84,8 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def _sql(stack: Stack, query: str, *args: object) -> list[tuple]:
-    with psycopg.connect(stack.database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        return conn.execute(query, args).fetchall()
-
-
 def _running(stack: Stack, job_ids: list[str]) -> list[tuple[str, int]]:
-    return _sql(stack, "SELECT id, attempt FROM jobs WHERE id = ANY(%s) AND status = 'running'", job_ids)
-
-
-def _left(stack: Stack, job_ids: list[str]) -> int:
-    return _sql(stack, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", job_ids)[0][0]
+    return query(stack, "SELECT id, attempt FROM jobs WHERE id = ANY(%s) AND status = 'running'", job_ids)
 
 
 def _sha(path: Path) -> str:
@@ -142,7 +132,7 @@ def test_sigkill_chaos_loses_nothing_duplicates_nothing(chaos, tiny):
             _wait_ready_worker(chaos)
             # Kill while a job runs and others wait: the last few jobs of a wave are left alone, so
             # that the kills spread over the jobs instead of hitting one straggler again and again.
-            while not done.is_set() and not (_running(chaos, ids) and _left(chaos, ids) >= 3):
+            while not done.is_set() and not (_running(chaos, ids) and jobs_left(chaos, ids) >= 3):
                 time.sleep(0.05)
             if done.is_set():
                 return
@@ -164,7 +154,7 @@ def test_sigkill_chaos_loses_nothing_duplicates_nothing(chaos, tiny):
     deadline = time.monotonic() + 420
     try:
         while time.monotonic() < deadline:
-            left = _left(chaos, ids)
+            left = jobs_left(chaos, ids)
             if left == 0 and len(kills) >= MIN_KILLS:
                 break
             if left == 0:
@@ -180,12 +170,12 @@ def test_sigkill_chaos_loses_nothing_duplicates_nothing(chaos, tiny):
     assert left == 0, f"{left} jobs did not finish; kills: {kills}"
     assert len(kills) >= MIN_KILLS and {k["target"] for k in kills} == {"main", "child"}, kills
 
-    rows = {r[0]: r[1:] for r in _sql(chaos, "SELECT id, status, attempt, artifact_key, artifact_sha256 FROM jobs WHERE id = ANY(%s)", ids)}
+    rows = {r[0]: r[1:] for r in query(chaos, "SELECT id, status, attempt, artifact_key, artifact_sha256 FROM jobs WHERE id = ANY(%s)", ids)}
     assert len(rows) == len(jobs) >= 51
     hit = {job_id for k in kills for job_id, _ in k["running"]}
     assert any(rows[j][1] > 1 for j in hit), f"no killed job was run again: {kills}"
     events: dict[str, list[tuple]] = defaultdict(list)
-    for job_id, etype, data, at in _sql(chaos, "SELECT job_id, type, data, created_at FROM job_events WHERE job_id = ANY(%s) ORDER BY id", ids):
+    for job_id, etype, data, at in query(chaos, "SELECT job_id, type, data, created_at FROM job_events WHERE job_id = ANY(%s) ORDER BY id", ids):
         events[job_id].append((etype, data, at))
     storage = chaos.data_dir / "storage"
     assert not [p for p in storage.rglob("*.tmp-*")], "a half-written file was left in storage"
@@ -223,7 +213,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(poison_
     killed: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        (status, attempt), = _sql(chaos, "SELECT status, attempt FROM jobs WHERE id = %s", poison)
+        (status, attempt), = query(chaos, "SELECT status, attempt FROM jobs WHERE id = %s", poison)
         if status in ("succeeded", "failed", "canceled"):
             break
         if status == "running" and attempt not in killed:

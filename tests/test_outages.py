@@ -9,17 +9,15 @@ start; the machine's shared PostgreSQL and Redis are never touched.
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
-import psycopg
 import pytest
 
 from tests.conftest import Stack
-from tests.helpers import Service, upload_dir, wait_job
+from tests.helpers import Service, jobs_left, upload_dir, wait_job
 from tests.servers import PrivatePostgres, PrivateRedis
 
 CHEAP = {"evaluation": {"enabled": False}}
@@ -51,11 +49,6 @@ def outage(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]
     svc.start()
     yield Stack("cluster", svc, key, key, tmp, pg.url)
     svc.stop()
-
-
-def _jobs_left(stack: Stack, ids: list[str]) -> int:
-    with psycopg.connect(stack.database_url.replace("+psycopg", "")) as conn:
-        return conn.execute("SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", (ids,)).fetchone()[0]
 
 
 def _wait_running(c: httpx.Client, ids: list[str], timeout: float = 60) -> None:
@@ -130,7 +123,7 @@ def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(ou
         job = wait_job(c, job_id, timeout=240)
         assert job["status"] == "succeeded", job
     # Nothing the API answered 503 to was recorded: no job, no model, no stored file.
-    assert _jobs_left(outage, ids) == 0
+    assert jobs_left(outage, ids) == 0
     assert (_count(c, "jobs"), _count(c, "models")) == (jobs_before, models_before)
     stored_after = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
     assert stored_after == stored_before
