@@ -24,6 +24,7 @@ from typing import Annotated
 
 from fastapi import Depends
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -100,14 +101,15 @@ def _resolve_in_db(key: str) -> Caller | None:
         return resolve_key(uow.session, key)
 
 
-async def current_caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
-    """The caller of the request, from its ``Authorization: Bearer`` key (401 without a valid one).
+async def authenticate(scheme: str, credentials: str) -> Caller:
+    """The caller whose key is ``credentials`` of an ``Authorization: <scheme> <credentials>``
+    header (401 unless a valid bearer key).
 
-    An ``async`` dependency: a key resolved less than the TTL ago costs a dict lookup on the event
-    loop; otherwise the lookup runs in the thread pool on a read-only session of its own."""
-    if creds is None or creds.scheme.lower() != "bearer" or not creds.credentials.strip():
+    A key resolved less than the TTL ago costs a dict lookup on the event loop; otherwise the
+    lookup runs in the thread pool on a read-only session of its own."""
+    if scheme.lower() != "bearer" or not credentials.strip():
         raise Unauthorized("send 'Authorization: Bearer <api key>'")
-    key = creds.credentials.strip()
+    key = credentials.strip()
     ttl = _cache_ttl()
     digest = _digest(key)
     now = time.monotonic()
@@ -123,6 +125,20 @@ async def current_caller(creds: Annotated[HTTPAuthorizationCredentials | None, D
             _cache.clear()
         _cache[digest] = (caller, now + ttl)
     return caller
+
+
+async def caller_from_header(authorization: str | None) -> Caller:
+    """:func:`authenticate` on a raw ``Authorization`` header value, parsed as HTTPBearer does."""
+    scheme, credentials = get_authorization_scheme_param(authorization)
+    return await authenticate(scheme, credentials)
+
+
+async def current_caller(creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> Caller:
+    """The caller of the request, from its ``Authorization: Bearer`` key (401 without a valid one).
+    An ``async`` dependency: a cached key never leaves the event loop."""
+    if creds is None:
+        raise Unauthorized("send 'Authorization: Bearer <api key>'")
+    return await authenticate(creds.scheme, creds.credentials)
 
 
 CurrentCaller = Annotated[Caller, Depends(current_caller)]

@@ -6,9 +6,8 @@ that commit succeeded, and is dropped on rollback.
 
 Reads that need no transaction (polling a job) can use :func:`read_uow` instead: a session on an
 autocommit connection, so a lookup is one round trip to the database (no BEGIN, no COMMIT). On
-PostgreSQL, :func:`async_read_engine` gives the same kind of connection to ``async`` code through
-psycopg's asyncio driver: no hop to the thread pool, whose hand-off cost a job poll more CPU than
-its query (bench/bench_load.py). :class:`HotRead` runs one such SELECT on it for the hottest path.
+PostgreSQL, :class:`HotRead` runs one SELECT from ``async`` code on the event loop through
+asyncpg, for the hottest path (bench/bench_load.py).
 
 Pooled PostgreSQL connections are pinged before use only when they have sat idle in the pool for
 ``IDLE_PING_S`` or longer (a dead one is replaced, as ``pool_pre_ping`` would), not on every
@@ -21,6 +20,7 @@ answers 503 (app/errors.py) and the next one connects afresh.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import weakref
 from collections import namedtuple
@@ -28,16 +28,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 from fastapi import Depends
 from sqlalchemy import Engine, Select, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import get_settings
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
 
 def make_engine(url: str) -> Engine:
@@ -50,7 +47,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001
+        def _sqlite_pragmas(dbapi_conn, _record):
             cur = dbapi_conn.cursor()
             # WAL lets the API read while the worker process writes; FKs are off by default.
             cur.execute("PRAGMA journal_mode=WAL")
@@ -70,11 +67,11 @@ IDLE_PING_S = 1.0
 
 def _ping_when_idle(engine: Engine) -> None:
     @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_conn, record) -> None:  # noqa: ANN001
+    def _checked_in(_dbapi_conn, record) -> None:
         record.info["idle_since"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_conn, record, _proxy) -> None:  # noqa: ANN001
+    def _checked_out(dbapi_conn, record, _proxy) -> None:
         idle_since = record.info.pop("idle_since", None)
         if idle_since is None or time.monotonic() - idle_since < IDLE_PING_S:
             return  # a new connection, or one in steady use
@@ -105,84 +102,130 @@ def get_read_sessionmaker() -> sessionmaker[Session]:
     return _read_sessionmaker(get_engine())
 
 
-# One asyncio engine per event loop (its connections belong to the loop that opened them), for
-# the database URL it was made for.
-_async_engines: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, AsyncEngine]] = weakref.WeakKeyDictionary()
+# One asyncpg pool per event loop (its connections belong to the loop that opened them), for the
+# database URL it was made for: (url, the task creating the pool).
+_hot_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Task]] = weakref.WeakKeyDictionary()
+HOT_POOL_SIZE = 10  # as the sync engine's pool_size: one connection per request in flight under load
+HOT_CONNECT_TIMEOUT_S = 10.0
+HOT_APPLICATION_NAME = "modelpress-api-hot-read"
 
 
-def async_read_engine() -> AsyncEngine | None:
-    """An asyncio engine on autocommit connections, for reads from ``async`` code, each statement
-    its own transaction (it must not write); None on SQLite (no asyncio driver is installed:
-    such code reads through :func:`read_uow` in the thread pool). Its pool is separate from the
-    sync engine's, sized the same (connections are opened on demand; fewer pooled than requests in
-    flight would open and close one per request), and pings idle connections the same way. Call
-    it on the event loop."""
+def hot_reads_available() -> bool:
+    """Whether :class:`HotRead` can run here: PostgreSQL only (SQLite, the embedded mode, has no
+    asyncio driver installed; such code reads through :func:`read_uow` in the thread pool)."""
+    return not get_settings().database_url.startswith("sqlite")
+
+
+async def _hot_pool() -> Any:
     url = get_settings().database_url
-    if url.startswith("sqlite"):
-        return None
     loop = asyncio.get_running_loop()
-    held = _async_engines.get(loop)
-    if held is not None and held[0] == url:
-        return held[1]
-    from sqlalchemy.ext.asyncio import create_async_engine
+    held = _hot_pools.get(loop)
+    if held is None or held[0] != url or (held[1].done() and held[1].exception() is not None):
+        held = _hot_pools[loop] = (url, loop.create_task(_open_pool(url)))
+    # shield: a request cancelled while the pool opens must not cancel it for the others
+    return await asyncio.shield(held[1])
 
-    # Autocommit connections have no transaction to roll back when they return to the pool.
-    engine = create_async_engine(url, pool_size=10, max_overflow=20, isolation_level="AUTOCOMMIT", pool_reset_on_return=None)
-    _ping_when_idle(engine.sync_engine)
-    _async_engines[loop] = (url, engine)
-    return engine
+
+async def _open_pool(url: str) -> Any:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    # The same server, database and options as the SQLAlchemy URL, as the libpq URI asyncpg reads.
+    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    async def _init(conn: Any) -> None:
+        # json and jsonb as Python objects, as SQLAlchemy's JSON type gives them.
+        for name in ("json", "jsonb"):
+            await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+    async def _reset(_conn: Any) -> None:
+        # Nothing to undo: these connections only ever run one SELECT outside a transaction (asyncpg
+        # still rolls back an open one first). The default reset (RESET ALL, UNLISTEN *, ...) is
+        # a round trip per release, a third of the hot read's cost.
+        return None
+
+    # min_size=0: nothing connects until a request needs it (creating the pool cannot fail while
+    # the database is down); each statement is prepared once per connection (asyncpg's cache).
+    # application_name: so an operator (and tests/test_api.py) can tell these connections apart.
+    return await asyncpg.create_pool(dsn, min_size=0, max_size=HOT_POOL_SIZE, init=_init, reset=_reset,
+                                     timeout=HOT_CONNECT_TIMEOUT_S, server_settings={"application_name": HOT_APPLICATION_NAME})
+
+
+def _hot_error(e: BaseException, sql: str, params: Any) -> exc.DBAPIError | None:
+    """asyncpg's exception as the SQLAlchemy class app/errors.py answers for (503 for an
+    unreachable or restarting server, 422 for a value PostgreSQL refuses); None if ``e`` is not
+    a database error."""
+    import asyncpg
+
+    if isinstance(e, (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.PostgresConnectionError,
+                      asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)):
+        return exc.OperationalError(sql, params, e)
+    if isinstance(e, asyncpg.DataError):
+        return exc.DataError(sql, params, e)
+    if isinstance(e, (asyncpg.PostgresError, asyncpg.InterfaceError)):
+        return exc.DBAPIError(sql, params, e)
+    return None
 
 
 class HotRead:
-    """One SELECT of table columns for a hot ``async`` path, run on a pooled connection of
-    :func:`async_read_engine` straight through psycopg's ``AsyncConnection``: compiled once per
-    dialect, its values passed through each column type's own SQLAlchemy result processor, so
-    :meth:`first` returns what ``(await conn.execute(stmt, params)).first()`` would (as a named
-    tuple) for about half the CPU: SQLAlchemy's asyncio adaptation layer was the largest single
-    cost of a job poll (bench/bench_load.py). The pool, its idle pings and its autocommit
-    connections are SQLAlchemy's; driver errors are raised as SQLAlchemy's exception classes (so
-    app/errors.py answers 503 / 422 as for any other query), and a lost connection is invalidated
-    with the rest of the pool, as SQLAlchemy does. PostgreSQL (psycopg) only."""
+    """One SELECT of table columns for a hot ``async`` path (polling a job), run on the event loop
+    through asyncpg: compiled once for SQLAlchemy's asyncpg dialect, prepared once per pooled
+    connection, its values passed through each column type's SQLAlchemy result processor, so
+    :meth:`first` returns what ``session.execute(stmt, params).first()`` would (as a named tuple).
+
+    Why not the sync engine, or SQLAlchemy's asyncio layer: a hop to the thread pool cost a job
+    poll more CPU than its query, and psycopg's asyncio connection through SQLAlchemy cost
+    ~240 µs of CPU a query where asyncpg's pool and prepared statement cost ~90 µs
+    (bench/bench_load.py, docs/BENCHMARKS.md). The pool is asyncpg's (one per event loop, up to
+    ``HOT_POOL_SIZE`` connections opened on demand); each statement is its own transaction, so it
+    must not write.
+
+    Errors are raised as SQLAlchemy's exception classes, so app/errors.py answers 503 / 422 as for
+    any other query. A lost connection (the server restarted) expires every pooled connection and
+    the read is tried once more on a fresh one: a read is safe to repeat, and the first request
+    after a restart need not fail. PostgreSQL only (:func:`hot_reads_available`)."""
 
     def __init__(self, stmt: Select) -> None:
-        self._columns = list(stmt.selected_columns)
-        self._stmt = stmt
-        self.row_type = namedtuple("HotRow", [c.key for c in self._columns])  # type: ignore[misc]
-        self._compiled: dict[int, Any] = {}  # id(dialect) -> Compiled
-        self._processors: dict[tuple[int, ...], list[Any]] = {}  # column type oids -> processors
+        from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-    async def first(self, engine: AsyncEngine, params: dict[str, Any]) -> Any:
-        dialect = engine.dialect
-        compiled = self._compiled.get(id(dialect))
-        if compiled is None:
-            compiled = self._compiled[id(dialect)] = self._stmt.compile(dialect=dialect)
-        sql, bound = compiled.string, compiled.construct_params(params)
-        async with engine.connect() as conn:
-            driver = (await conn.get_raw_connection()).driver_connection
+        dialect = PGDialect_asyncpg()
+        compiled = stmt.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        self._param_names = list(compiled.positiontup or ())
+        self._columns = list(stmt.selected_columns)
+        self._dialect = dialect
+        self.row_type = namedtuple("HotRow", [c.key for c in self._columns])  # type: ignore[misc]
+        self._processors: list[Any] | None = None  # known once the statement's result types are
+
+    def _set_processors(self, oids: list[int]) -> None:
+        d = self._dialect
+        self._processors = [c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids)]
+
+    async def first(self, params: dict[str, Any]) -> Any:
+        args = [params[n] for n in self._param_names]
+        pool = None
+        for attempt in (1, 2):
             try:
-                async with driver.cursor() as cur:
-                    await cur.execute(sql, bound)
-                    values = await cur.fetchone()
-                    result = cur.pgresult
-                    oids = tuple(result.ftype(i) for i in range(result.nfields)) if result is not None else ()
-            except dialect.loaded_dbapi.Error as e:
-                if dialect.is_disconnect(e, driver, None):
-                    # As SQLAlchemy does on a lost connection: this one is dropped, and the pool's
-                    # other connections (most likely lost too: a restart) are not reused.
-                    await conn.invalidate(e)
-                    await engine.dispose(close=False)
-                raise exc.DBAPIError.instance(sql, bound, e, dialect.loaded_dbapi.Error) from e
-            except BaseException:  # interrupted mid-query (a cancelled task): its state is unknown
-                await conn.invalidate()
-                raise
-        if values is None:
+                pool = pool or await _hot_pool()
+                async with pool.acquire() as conn:
+                    if self._processors is None:  # first use: the result column types, from the server
+                        self._set_processors([a.type.oid for a in (await conn.prepare(self.sql)).get_attributes()])
+                    record = await conn.fetchrow(self.sql, *args)
+                break
+            except Exception as e:
+                error = _hot_error(e, self.sql, params)
+                if error is None:
+                    raise
+                if attempt == 1 and isinstance(error, exc.OperationalError) and pool is not None:
+                    pool.expire_connections()  # the others were most likely lost too
+                    continue
+                raise error from e
+        if record is None:
             return None
-        processors = self._processors.get(oids)
-        if processors is None:
-            processors = self._processors[oids] = [
-                c.type.dialect_impl(dialect).result_processor(dialect, oid) for c, oid in zip(self._columns, oids)
-            ]
-        return self.row_type(*[p(v) if p is not None else v for p, v in zip(processors, values)])
+        processors = self._processors
+        if not any(processors):
+            return self.row_type(*record)
+        return self.row_type(*[p(v) if p is not None else v for p, v in zip(processors, record)])
 
 
 class UnitOfWork:

@@ -9,11 +9,13 @@ import struct
 import tarfile
 import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 
+import httpx
 
-from tests.helpers import safetensors_bytes, stored_files, table_rows, upload_dir, wait_job
+from tests.helpers import query, safetensors_bytes, stored_files, table_rows, upload_dir, wait_job
 
 
 class _Evil:
@@ -296,3 +298,50 @@ def test_unknown_route_and_bad_json_are_problems(cluster):
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
     r = c.post("/v1/jobs", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 422 and "Traceback" not in r.text
+
+
+def test_job_get_authenticates_exactly_like_dependency_routes(cluster, tiny):
+    """GET /v1/jobs/{id} is an app.routing.DirectRoute: it parses Authorization by hand instead of
+    through the HTTPBearer dependency every other route uses. Same header, same answer."""
+    c = cluster.client()
+    m = upload_dir(c, tiny["gpt2"]).json()
+    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    headers = [
+        None, "", "Bearer", f"Basic {cluster.key}", f"Token {cluster.key}", cluster.key, "Bearer mp_nope_nope",
+        f"Bearer {cluster.key}x", f"bearer {cluster.key}", f"BEARER {cluster.key}", f"Bearer  {cluster.key}", f"Bearer {cluster.key}",
+        f"Bearer {cluster.other_key}",
+    ]
+    with httpx.Client(base_url=cluster.service.url, timeout=60) as raw:
+        for h in headers:
+            hdr = {} if h is None else {"Authorization": h}
+            direct = raw.get(f"/v1/jobs/{job['id']}", headers=hdr)
+            via_dependency = raw.get(f"/v1/models/{m['id']}", headers=hdr)
+            if via_dependency.status_code == 401:
+                assert direct.status_code == 401, (h, direct.text)
+                assert direct.json() == via_dependency.json(), h
+                assert direct.headers.get("www-authenticate") == via_dependency.headers.get("www-authenticate")
+            else:  # the owner sees both; the other tenant neither (404)
+                assert direct.status_code == via_dependency.status_code, (h, direct.status_code, via_dependency.status_code)
+    assert c.get(f"/v1/jobs/{job['id']}").json() == next(j for j in c.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
+
+
+def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
+    """The job GET reads through its own asyncpg pool (app.db.HotRead). Connections the server
+    drops (a restart, a failover, an idle-connection killer) are replaced: no request fails."""
+    c = cluster.client()
+    m = upload_dir(c, tiny["gpt2"]).json()
+    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    from app.db import HOT_APPLICATION_NAME
+
+    for _ in range(3):
+        with ThreadPoolExecutor(8) as pool:  # several requests at once: several pooled connections
+            assert {r.status_code for r in pool.map(lambda _: c.get(f"/v1/jobs/{job['id']}"), range(16))} == {200}
+        killed = query(cluster, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+                       HOT_APPLICATION_NAME)
+        assert killed and all(ok for (ok,) in killed), killed
+        r = c.get(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 200, r.text
+        assert r.json()["id"] == job["id"]
+    assert c.get("/v1/jobs/" + "0" * 36).json()["code"] == "not_found"
+    r = c.get("/v1/jobs/bad\x00id".replace("\x00", "%00"))
+    assert r.status_code == 422, r.text

@@ -4,22 +4,22 @@ import inspect
 import re
 from typing import Annotated, Any
 
-
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
+from app import idempotency, signing
 from app.auth import Caller, CurrentCaller
-from app.db import HotRead, UoW, async_read_engine, read_uow
+from app.db import HotRead, UoW, hot_reads_available, read_uow
 from app.deps import StorageDep
 from app.errors import API_ERRORS, BODY_ERRORS, Conflict, ModelpressError, NotFound, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.jobs import events, repository, service
-from app import idempotency, signing
 from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
+from app.routing import DirectRoute
 from app.tables import Job
 from worker.methods import load_all
 
@@ -73,23 +73,26 @@ def list_jobs(
     return JobPage(items=[JobOut.from_row(j, service.stage(uow, j)) for j in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses=problem_responses(*API_ERRORS, 404))
 async def get_job(job_id: str, caller: CurrentCaller) -> Response:
     """One job: status, progress, error, metrics and artifact."""
-    # What clients poll, so it is kept short (bench/bench_load.py, docs/BENCHMARKS.md): the caller
-    # usually comes from app.auth's cache; on PostgreSQL the row is read on the event loop through
-    # the asyncio driver (app.db.HotRead: a hop to the thread pool cost more CPU than the query);
-    # the body is serialized once, byte for byte what FastAPI would send for the JobOut (a Response
-    # is not validated again against response_model, which stays for the OpenAPI spec).
-    engine = async_read_engine()
-    if engine is None:  # SQLite (embedded mode): read in the thread pool
+    # What clients poll, so it is kept short (bench/bench_load.py, docs/BENCHMARKS.md): served as
+    # an app.routing.DirectRoute (no per-request dependency solving); the caller usually comes
+    # from app.auth's cache; on PostgreSQL the row is read on the event loop through asyncpg
+    # (app.db.HotRead); the body is serialized once, byte for byte what FastAPI would send for the
+    # JobOut (a Response is not validated again against response_model, which stays for the
+    # OpenAPI spec).
+    if not hot_reads_available():  # SQLite (embedded mode): read in the thread pool
         return _json(await run_in_threadpool(_job_json, caller, job_id))
-    job = await _HOT_JOB_BY_ID.first(engine, {"job_id": job_id, "tenant_id": caller.tenant_id})
+    job = await _HOT_JOB_BY_ID.first({"job_id": job_id, "tenant_id": caller.tenant_id})
     if job is None:
         raise NotFound(f"no job {job_id}")
     # service.stage reads the database only for a queued job (a GPU one: the worker registry).
     stage = await run_in_threadpool(_stage, job) if job.status == "queued" else job.progress_stage
     return _json(JobOut.from_row(job, stage).model_dump_json().encode())
+
+
+router.add_api_route("/jobs/{job_id}", get_job, methods=["GET"], response_model=JobOut,
+                     responses=problem_responses(*API_ERRORS, 404), route_class_override=DirectRoute)
 
 
 # The job by id within the caller's tenant (as service.get), built once, read as a Core row on an
@@ -171,7 +174,9 @@ def job_events(
 
 
 def _html_report(report: dict) -> HTMLResponse:
-    from app.reports.html import render_job_report  # matplotlib loads only when a page is drawn
+    from app.reports.html import (
+        render_job_report,  # matplotlib loads only when a page is drawn
+    )
 
     return HTMLResponse(render_job_report(report), headers=HTML_HEADERS)
 
