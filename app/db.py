@@ -151,19 +151,25 @@ async def _open_pool(url: str) -> Any:
                                      timeout=HOT_CONNECT_TIMEOUT_S, server_settings={"application_name": HOT_APPLICATION_NAME})
 
 
-def _hot_error(e: BaseException, sql: str, params: Any) -> exc.DBAPIError | None:
+def _hot_error(e: BaseException, sql: str, params: Any) -> tuple[exc.DBAPIError, bool] | None:
     """asyncpg's exception as the SQLAlchemy class app/errors.py answers for (503 for an
-    unreachable or restarting server, 422 for a value PostgreSQL refuses); None if ``e`` is not
-    a database error."""
+    unreachable or restarting server, 422 for a value PostgreSQL refuses), and whether the
+    connection it happened on is lost or in an unknown state (the read may be tried again on
+    another); None if ``e`` is not a database error."""
     import asyncpg
 
-    if isinstance(e, (OSError, TimeoutError, asyncpg.ConnectionDoesNotExistError, asyncpg.PostgresConnectionError,
-                      asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)):
-        return exc.OperationalError(sql, params, e)
+    if isinstance(e, (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+                      asyncpg.exceptions.InsufficientResourcesError)):
+        return exc.OperationalError(sql, params, e), True
+    if isinstance(e, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        # ConnectionDoesNotExistError, or a protocol caught between states: seen when the server
+        # ended the session (pg_terminate_backend, a restart) just before the query went out, the
+        # FATAL message read but the socket's close not yet.
+        return exc.OperationalError(sql, params, e), True
     if isinstance(e, asyncpg.DataError):
-        return exc.DataError(sql, params, e)
-    if isinstance(e, (asyncpg.PostgresError, asyncpg.InterfaceError)):
-        return exc.DBAPIError(sql, params, e)
+        return exc.DataError(sql, params, e), False
+    if isinstance(e, asyncpg.PostgresError):
+        return exc.DBAPIError(sql, params, e), False
     return None
 
 
@@ -208,15 +214,24 @@ class HotRead:
             try:
                 pool = pool or await _hot_pool()
                 async with pool.acquire() as conn:
-                    if self._processors is None:  # first use: the result column types, from the server
-                        self._set_processors([a.type.oid for a in (await conn.prepare(self.sql)).get_attributes()])
-                    record = await conn.fetchrow(self.sql, *args)
+                    try:
+                        if self._processors is None:  # first use: the result column types, from the server
+                            self._set_processors([a.type.oid for a in (await conn.prepare(self.sql)).get_attributes()])
+                        record = await conn.fetchrow(self.sql, *args)
+                    except BaseException as e:
+                        known = _hot_error(e, self.sql, params)
+                        if known is None or known[1]:
+                            # Lost, or in a state nobody knows (interrupted mid-query, an
+                            # unexpected error): closed, so the pool opens a new one in its place.
+                            conn.terminate()
+                        raise
                 break
             except Exception as e:
-                error = _hot_error(e, self.sql, params)
-                if error is None:
+                known = _hot_error(e, self.sql, params)
+                if known is None:
                     raise
-                if attempt == 1 and isinstance(error, exc.OperationalError) and pool is not None:
+                error, lost = known
+                if lost and attempt == 1:
                     pool.expire_connections()  # the others were most likely lost too
                     continue
                 raise error from e
