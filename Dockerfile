@@ -48,7 +48,8 @@ RUN python3.11 -m venv /opt/venv \
 # package directory are there, whatever packages are added later.
 COPY . /src
 # `s3` extra: s3fs, for MODELPRESS_STORAGE_URL=s3://bucket/prefix. torch is already satisfied.
-RUN /opt/venv/bin/pip install --no-cache-dir "/src[s3]"
+# constraints.txt: every other package at the version CI tested.
+RUN /opt/venv/bin/pip install --no-cache-dir -c /src/constraints.txt "/src[s3]"
 
 # ---------------------------------------------------------------------------------------------
 FROM base AS runtime

@@ -7,11 +7,12 @@ PORT ?= 8000
 
 .PHONY: install run test tools
 
-# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build. Then the
+# project with every other package at the version CI tested (constraints.txt).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -c constraints.txt
 	touch $@
 
 install: $(VENV)/.installed
