@@ -107,6 +107,7 @@ def get_read_sessionmaker() -> sessionmaker[Session]:
 _hot_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Task]] = weakref.WeakKeyDictionary()
 HOT_POOL_SIZE = 10  # as the sync engine's pool_size: one connection per request in flight under load
 HOT_CONNECT_TIMEOUT_S = 10.0
+# So an operator (and tests/test_api.py) can tell these connections apart in pg_stat_activity.
 HOT_APPLICATION_NAME = "modelpress-api-hot-read"
 
 
@@ -126,12 +127,45 @@ async def _hot_pool() -> Any:
     return await asyncio.shield(held[1])
 
 
-async def _open_pool(url: str) -> Any:
-    import asyncpg
+# libpq connection keywords asyncpg does not read: it would send them to the server as settings,
+# which refuses them (every read failing). Client-side only, so left out here.
+_LIBPQ_CLIENT_ONLY = frozenset({
+    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "gssencmode",
+    "channel_binding", "requirepeer", "hostaddr", "load_balance_hosts", "fallback_application_name", "require_auth",
+})
+
+
+def hot_dsn(url: str) -> tuple[str, float, dict[str, str]]:
+    """The SQLAlchemy database URL as what asyncpg takes: the libpq URI (same server, database,
+    user and TLS options), the connect timeout (``connect_timeout`` if the URL has one), and the
+    server settings (``options=-c name=value ...`` from the URL, and the application name)."""
     from sqlalchemy.engine import make_url
 
-    # The same server, database and options as the SQLAlchemy URL, as the libpq URI asyncpg reads.
-    dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    u = make_url(url)
+    query = dict(u.query)
+    timeout = float(query.pop("connect_timeout", HOT_CONNECT_TIMEOUT_S) or HOT_CONNECT_TIMEOUT_S)
+    settings: dict[str, str] = {}
+    words = iter(str(query.pop("options", "")).split())  # libpq's: "-c name=value", "-cname=value", "--name=value"
+    for word in words:
+        if word == "-c":
+            pair = next(words, "")
+        elif word.startswith(("-c", "--")):
+            pair = word[2:]
+        else:
+            continue
+        name, eq, value = pair.partition("=")
+        if eq:
+            settings[name.replace("-", "_")] = value
+    query = {k: v for k, v in query.items() if k not in _LIBPQ_CLIENT_ONLY}
+    settings["application_name"] = HOT_APPLICATION_NAME
+    dsn = u.set(drivername="postgresql", query=query).render_as_string(hide_password=False)
+    return dsn, timeout, settings
+
+
+async def _open_pool(url: str) -> Any:
+    import asyncpg
+
+    dsn, connect_timeout, settings = hot_dsn(url)
 
     async def _init(conn: Any) -> None:
         # json and jsonb as Python objects, as SQLAlchemy's JSON type gives them.
@@ -146,9 +180,8 @@ async def _open_pool(url: str) -> Any:
 
     # min_size=0: nothing connects until a request needs it (creating the pool cannot fail while
     # the database is down); each statement is prepared once per connection (asyncpg's cache).
-    # application_name: so an operator (and tests/test_api.py) can tell these connections apart.
     return await asyncpg.create_pool(dsn, min_size=0, max_size=HOT_POOL_SIZE, init=_init, reset=_reset,
-                                     timeout=HOT_CONNECT_TIMEOUT_S, server_settings={"application_name": HOT_APPLICATION_NAME})
+                                     timeout=connect_timeout, server_settings=settings)
 
 
 def _hot_error(e: BaseException, sql: str, params: Any) -> tuple[exc.DBAPIError, bool] | None:
@@ -232,7 +265,8 @@ class HotRead:
                     raise
                 error, lost = known
                 if lost and attempt == 1:
-                    pool.expire_connections()  # the others were most likely lost too
+                    if pool is not None:
+                        pool.expire_connections()  # the others were most likely lost too
                     continue
                 raise error from e
         if record is None:

@@ -80,3 +80,4 @@ from fastapi import Request
 def test_refuses_at_build_time_what_it_would_not_fill(endpoint, message):
     with pytest.raises(TypeError, match=message):
         _app(endpoint)
+
