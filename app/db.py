@@ -235,10 +235,12 @@ class HotRead:
         self._dialect = dialect
         self.row_type = namedtuple("HotRow", [c.key for c in self._columns])  # type: ignore[misc]
         self._processors: list[Any] | None = None  # known once the statement's result types are
+        self._plain = False
 
     def _set_processors(self, oids: list[int]) -> None:
         d = self._dialect
         self._processors = [c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids)]
+        self._plain = not any(self._processors)
 
     async def first(self, params: dict[str, Any]) -> Any:
         args = [params[n] for n in self._param_names]
@@ -271,10 +273,9 @@ class HotRead:
                 raise error from e
         if record is None:
             return None
-        processors = self._processors
-        if not any(processors):
+        if self._plain:
             return self.row_type(*record)
-        return self.row_type(*[p(v) if p is not None else v for p, v in zip(processors, record)])
+        return self.row_type(*[p(v) if p is not None else v for p, v in zip(self._processors, record)])
 
 
 class UnitOfWork:

@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -54,7 +53,7 @@ import httpx  # noqa: E402
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, free_port  # noqa: E402
+from tests.helpers import PG_ADMIN_URL, REDIS_URL, Service, free_port, stop_process  # noqa: E402
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -128,16 +127,6 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90)
         except httpx.HTTPError:
             time.sleep(0.2)
     raise RuntimeError(f"{url} did not come up")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def db_scalar(db_url: str, query: str, *params: object) -> object:
@@ -353,7 +342,7 @@ def main() -> int:
             ok &= submissions_part(args, svc, db_url, submit_key, "load-submit", submit_model)
     finally:
         if bare is not None:
-            stop(bare)
+            stop_process(bare)
         svc.stop()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))

@@ -129,6 +129,17 @@ class Service:
         return httpx.Client(base_url=self.url, headers=headers, timeout=60)
 
 
+def stop_process(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after ``timeout`` seconds (one process, not its group)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def upload_dir(client: httpx.Client, path: Path, name: str | None = None) -> httpx.Response:
     files = [("files", (p.name, p.read_bytes())) for p in sorted(path.iterdir()) if p.is_file()]
     return client.post("/v1/models", files=files, data={"name": name} if name else None)

@@ -5,7 +5,6 @@ one job at a time in the solo pool, and takes the gpu queue's jobs."""
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
-from tests.helpers import MODELPRESS, upload_dir, wait_job
+from tests.helpers import MODELPRESS, stop_process, upload_dir, wait_job
 
 WAITING = "waiting for a GPU worker (none has been seen)"
 
@@ -183,10 +182,5 @@ def test_gpu_queue_worker_takes_gpu_jobs(cluster_no_worker, tiny, tmp_path):
         done = wait_job(c, job_id)
         assert (done["status"], done["queue"]) == ("succeeded", "gpu"), done
     finally:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_process(worker, timeout=60)
     assert not [w for w in _workers(c) if w["id"] == row["id"]], "a clean shutdown removes the row"

@@ -70,12 +70,18 @@ def _submit(c: httpx.Client, model: str, extra: dict) -> str:
     return r.json()["id"]
 
 
-def test_redis_restarted_mid_run_loses_no_job(outage, servers, tiny):
-    _, rd = servers
+def _running_jobs(outage, tiny, n: int) -> tuple[httpx.Client, str, list[str]]:  # noqa: ANN001
+    """A client, an uploaded model and ``n`` slow jobs on it, once one of them runs."""
     c = outage.client()
     model = upload_dir(c, tiny["gpt2"]).json()["id"]
-    ids = [_submit(c, model, SLOW) for _ in range(8)]
+    ids = [_submit(c, model, SLOW) for _ in range(n)]
     _wait_running(c, ids)
+    return c, model, ids
+
+
+def test_redis_restarted_mid_run_loses_no_job(outage, servers, tiny):
+    _, rd = servers
+    c, model, ids = _running_jobs(outage, tiny, 8)
     rd.kill()  # every queued message is lost with it
     during = [_submit(c, model, CHEAP) for _ in range(3)]  # recorded; their messages cannot be sent
     time.sleep(3)
@@ -90,10 +96,7 @@ def test_redis_restarted_mid_run_loses_no_job(outage, servers, tiny):
 
 def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(outage, servers, tiny):
     pg, _ = servers
-    c = outage.client()
-    model = upload_dir(c, tiny["gpt2"]).json()["id"]
-    ids = [_submit(c, model, SLOW) for _ in range(4)]
-    _wait_running(c, ids)
+    c, model, ids = _running_jobs(outage, tiny, 4)
     jobs_before, models_before = _count(c, "jobs"), _count(c, "models")
     stored_before = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
 
