@@ -11,6 +11,7 @@ import shutil
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -332,6 +333,13 @@ def _eval_texts(ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None, "name": "modelpress built-in English corpus"}
 
 
+def _span_progress(ctx: JobContext, lo: float, hi: float) -> Callable[..., None]:
+    def report(note: str, fraction: float | None = None) -> None:
+        ctx.progress(note, lo if fraction is None else lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+
+    return report
+
+
 def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any], steps: list[dict[str, Any]]):
     """Run the job; return (artifact key, row values), or None when canceled."""
     t_start = time.perf_counter()
@@ -349,7 +357,8 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     ctx.stage_seconds["load"] = time.perf_counter() - t0
 
     enabled = ctx.evaluation.get("enabled", True)
-    evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), lambda note: ctx.progress(note, 0.03))
+    # The evaluator reports (note, fraction of its own stage done); each stage maps it into its span.
+    evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.02, 0.05))
     if enabled:
         # Before any step: methods change the module in place.
         t0 = time.perf_counter()
@@ -406,7 +415,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         if ctx.cancel_requested():
             return None
         t0 = time.perf_counter()
-        evaluator.on_progress = lambda note: ctx.progress(note, 0.9)
+        evaluator.on_progress = _span_progress(ctx, 0.88, 0.96)
         evaluator.measure_compressed(out)
         ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
         sections = evaluator.sections()

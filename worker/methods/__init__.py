@@ -61,6 +61,10 @@ class MethodSpec:
     # True when the method leaves weights in a form other methods cannot change (packed integers):
     # it must be the last weight-changing step of a job.
     final: bool = False
+    # The method's streaming form (worker/stream): ``stream(params, ctx) -> TensorStep``, which
+    # transforms the checkpoint tensor by tensor from the shards without building the model.
+    # None: the method needs the model in memory (data, training, whole-layer math).
+    stream: Callable[..., Any] | None = None
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -75,6 +79,7 @@ def register(
     formats: tuple[str, ...] = ("hf", "safetensors"),
     check: Callable[[Any, ModelInfo], None] | None = None,
     final: bool = False,
+    stream: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     """Register ``fn(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics)."""
 
@@ -82,7 +87,7 @@ def register(
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final)
+        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final, stream)
         return fn
 
     return deco
