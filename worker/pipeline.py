@@ -3,6 +3,8 @@ fenced by the attempt number (app.jobs.repository)."""
 
 from __future__ import annotations
 
+import errno
+import fnmatch
 import hashlib
 import logging
 import os
@@ -28,7 +30,7 @@ from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
 from app.storage import Storage, get_storage
 from app.tables import Dataset, Job, Model
-from worker import evaluate, limits, methods, model_io
+from worker import evaluate, limits, memory, methods, model_io, stream
 
 log = logging.getLogger("modelpress.worker")
 
@@ -153,10 +155,12 @@ def _sha256(path: Path) -> str:
 
 
 def _zip_dir(src: Path, dest: Path, level: int) -> None:
+    """The HF artifact: weight files stored (floats and packed integers do not deflate; it cost
+    more time than any other part of saving for a few percent), text files deflated."""
     with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=level, allowZip64=True) as zf:
         for p in sorted(src.iterdir()):
             info = zipfile.ZipInfo(p.name, date_time=_ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
+            info.compress_type = zipfile.ZIP_STORED if p.suffix == ".safetensors" else zipfile.ZIP_DEFLATED
             info.external_attr = 0o644 << 16
             with p.open("rb") as fin, zf.open(info, "w", force_zip64=True) as fout:
                 shutil.copyfileobj(fin, fout, 1 << 20)
@@ -343,13 +347,23 @@ def _span_progress(ctx: JobContext, lo: float, hi: float) -> Callable[..., None]
 def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any], steps: list[dict[str, Any]]):
     """Run the job; return (artifact key, row values), or None when canceled."""
     t_start = time.perf_counter()
-    peak = evaluate.PeakMemory()
+    peak = memory.PeakMemory()
     src = work / "in"
     src.mkdir(parents=True, exist_ok=True)
     ctx.progress("loading", 0.02)
     t0 = time.perf_counter()
     for f in model_info["files"]:
         _fetch(storage, f"{model_info['prefix']}/{f['name']}", src / f["name"])
+    ctx.stage_seconds["fetch"] = time.perf_counter() - t0
+    streamed = _stream_steps(steps)
+    if streamed is not None and ctx.settings.stream_engine:
+        try:
+            return _execute_stream(ctx, storage, work, src, model_info, steps, streamed, t_start, peak)
+        except stream.NotStreamable as e:
+            # Decided before anything is written: the in-memory path runs the same steps.
+            log.info("job %s: in-memory path (%s)", ctx.job_id, e)
+            ctx.stage_seconds.pop("stream", None)
+    t0 = time.perf_counter()
     try:
         loaded = model_io.load(src, model_info["format"])
     except Exception as e:
@@ -456,6 +470,159 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "sparsity": sparsity,
         **sections,
         "memory": peak.result(),
+        "engine": {"path": "whole", "note": "the model was built in memory (a step has no streaming form)"},
+        "steps": step_metrics,
+        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
+        "evaluation": ctx.evaluation,
+    }
+    return key, {
+        "artifact_key": key,
+        "artifact_filename": filename,
+        "artifact_size_bytes": size,
+        "artifact_sha256": sha,
+        "metrics": metrics,
+    }
+
+
+def _stream_steps(steps: list[dict[str, Any]]) -> list[tuple[Any, Any]] | None:
+    """(spec, params) of every step when each has a streaming form, else None."""
+    out = []
+    for step in steps:
+        spec = methods.get(step["method"])
+        if spec is None or spec.stream is None:
+            return None
+        out.append((spec, spec.params.model_validate(step["params"])))
+    return out
+
+
+def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
+    """Can evaluation hold the original and then the compressed model whole? (Streamed,
+    block-by-block evaluation for larger models is not written yet.)"""
+    avail = memory.available_bytes()
+    if settings.job_memory_limit_mb:
+        avail = min(avail, settings.job_memory_limit_mb * 2**20)
+    # Loaded weights plus activations and the evaluator's copies: measured ~2.5x the weights.
+    return 3 * weight_bytes < avail
+
+
+def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, model_info: dict[str, Any],
+                    steps: list[dict[str, Any]], streamed: list[tuple[Any, Any]], t_start: float,
+                    peak: memory.PeakMemory):
+    """The streaming path (worker/stream): every step is data-free, so the checkpoint goes
+    tensor by tensor from the input shards through all steps into the artifact, written once.
+    Raises stream.NotStreamable before anything is written when the model does not allow it."""
+    from worker.stream.sinks import FileSink, ZipSink
+
+    fmt = model_info["format"]
+    n = len(steps)
+    names = ", ".join(spec.name for spec, _ in streamed)
+    ctx.step_label = f"steps 1-{n}: {names}" if n > 1 else f"step 1/1: {names}"
+    ctx.step_span = (0.05, 0.85)
+    ctx.progress(ctx.step_label, 0.05)
+    manifest = {
+        "modelpress_manifest": 1,
+        "steps": steps,
+        "input": {"sha256": model_info["sha256"], "format": fmt},
+        "versions": _versions(),
+    }
+    filename = "model.zip" if fmt == "hf" else "model.safetensors"
+    artifact = work / filename
+    sink = ZipSink(artifact) if fmt == "hf" else FileSink(artifact)
+    extra = [p for p in src.iterdir() if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in model_io.WEIGHT_FILE_PATTERNS)]
+    t0 = time.perf_counter()
+    try:
+        try:
+            result = stream.run(
+                src, fmt, [spec.stream(params, ctx) for spec, params in streamed], sink,
+                extra_files=extra if fmt == "hf" else [], manifest=manifest, shard_bytes=ctx.settings.shard_max_bytes,
+                progress=ctx.step_progress, canceled=ctx.cancel_requested,
+            )
+        except (LostLease, JobFailed, SoftTimeLimitExceeded, stream.NotStreamable):
+            raise
+        except stream.ShardError as e:
+            raise JobFailed("model_load_failed", f"the model's weights could not be read: {e}") from e
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise JobFailed("scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}") from e
+            raise
+        except ValueError as e:
+            raise JobFailed("method_failed", f"{names} failed: {e}") from e
+        if result is None:
+            sink.abort()
+            return None
+        size, sha = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    secs = time.perf_counter() - t0
+    ctx.stage_seconds["stream"] = secs
+    step_metrics = [
+        # The steps ran fused, in one pass: the pass's time is theirs together.
+        {"method": spec.name, "params": step["params"], "seconds": None, "fused_seconds": round(secs, 4), **(m or {})}
+        for (spec, _), step, m in zip(streamed, steps, result.step_metrics, strict=True)
+    ]
+
+    enabled = ctx.evaluation.get("enabled", True)
+    if enabled and not _fits_twice(result.weight_bytes_in, ctx.settings):
+        off = {"available": False, "reason": (
+            f"the model ({result.weight_bytes_in / 2**30:.1f} GiB of weights) is too large for this worker to hold "
+            "whole for evaluation; streamed evaluation is not available yet")}
+        sections = {"speed": off, "quality": off, "fidelity": off}
+    elif enabled:
+        if ctx.cancel_requested():
+            return None
+        evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.85, 0.9))
+        t0 = time.perf_counter()
+        try:
+            original = model_io.load(src, fmt)
+        except Exception as e:
+            raise JobFailed("model_load_failed", f"the model could not be loaded for evaluation: {e}") from e
+        evaluator.measure_original(original.module)
+        del original
+        ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
+        if ctx.cancel_requested():
+            return None
+        t0 = time.perf_counter()
+        out = work / "out"
+        if fmt == "hf":
+            with zipfile.ZipFile(artifact) as zf:
+                zf.extractall(out)
+        else:
+            out.mkdir()
+            os.link(artifact, out / filename)
+        evaluator.on_progress = _span_progress(ctx, 0.9, 0.96)
+        evaluator.measure_compressed(out)
+        shutil.rmtree(out, ignore_errors=True)
+        ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
+        sections = evaluator.sections()
+    else:
+        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
+        sections = {"speed": off, "quality": off, "fidelity": off}
+
+    t0 = time.perf_counter()
+    key = f"artifacts/{ctx.job_id}/attempt-{ctx.attempt}/{filename}"
+    ctx.progress("storing", 0.97)
+    storage.put_file(artifact, key, move=True)
+    ctx.stage_seconds["store"] = time.perf_counter() - t0
+    ctx.stage_seconds["total"] = time.perf_counter() - t_start
+    params = result.parameters
+    metrics = {
+        "size": {
+            "original_bytes": model_info["size_bytes"],
+            "artifact_bytes": size,
+            "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
+            "original_weight_bytes": result.weight_bytes_in,
+            "artifact_weight_bytes": result.weight_bytes_out,
+            "weight_bytes_ratio": round(result.weight_bytes_out / result.weight_bytes_in, 6) if result.weight_bytes_in else None,
+            "memory_bytes": result.memory_bytes,
+            "parameters": {"original": model_info["parameters"], **params},
+            "mean_bits_per_weight": round(8 * result.weight_bytes_out / params["total"], 4) if params["total"] else None,
+        },
+        "notes": result.notes,
+        "sparsity": result.sparsity,
+        **sections,
+        "memory": peak.result(),
+        "engine": {"path": "stream", "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never built in memory"},
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
         "evaluation": ctx.evaluation,

@@ -39,7 +39,13 @@ class PruneMagnitudeParams(StrictParams):
         return self
 
 
-@register("prune.magnitude", params=PruneMagnitudeParams)
+def _stream(params: PruneMagnitudeParams, ctx: Any) -> Any:
+    from worker.stream.steps import PruneStep
+
+    return PruneStep(params.sparsity, params.threshold, params.scope, params.targets, params.exclude)
+
+
+@register("prune.magnitude", params=PruneMagnitudeParams, stream=_stream)
 def prune_magnitude(model: Any, params: PruneMagnitudeParams, ctx: Any) -> dict[str, Any]:
     """Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold."""
     from worker.ops import sparsity as ops

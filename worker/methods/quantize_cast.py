@@ -18,7 +18,13 @@ class QuantizeCastParams(StrictParams):
     dtype: Literal["float16", "bfloat16"]
 
 
-@register("quantize.cast", params=QuantizeCastParams)
+def _stream(params: QuantizeCastParams, ctx: Any) -> Any:
+    from worker.stream.steps import CastStep
+
+    return CastStep(params.dtype)
+
+
+@register("quantize.cast", params=QuantizeCastParams, stream=_stream)
 def quantize_cast(model: Any, params: QuantizeCastParams, ctx: Any) -> dict[str, Any]:
     """Cast floating-point weights to float16 or bfloat16."""
     import torch

@@ -37,7 +37,18 @@ def _check(params: QuantizeDynamicInt8Params, info: ModelInfo) -> None:
     check_model("quantize.dynamic_int8", info)
 
 
-@register("quantize.dynamic_int8", params=QuantizeDynamicInt8Params, formats=("hf",), check=_check, final=True)
+WEIGHTS = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
+ACTIVATIONS = {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True}
+
+
+def _stream(params: QuantizeDynamicInt8Params, ctx: Any) -> Any:
+    from worker.ops import quant
+    from worker.stream.steps import QuantizeStep
+
+    return QuantizeStep("quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w: quant.rtn_qparams(w, 8, None, True), "W8A8")
+
+
+@register("quantize.dynamic_int8", params=QuantizeDynamicInt8Params, formats=("hf",), check=_check, final=True, stream=_stream)
 def quantize_dynamic_int8(model: Any, params: QuantizeDynamicInt8Params, ctx: Any) -> dict[str, Any]:
     """Dynamic int8 (W8A8): per-channel int8 weights, per-token int8 activations at run time."""
     from worker.ct_format import quantize_linear_layers
@@ -46,8 +57,8 @@ def quantize_dynamic_int8(model: Any, params: QuantizeDynamicInt8Params, ctx: An
     metrics = quantize_linear_layers(
         model,
         method="quantize.dynamic_int8",
-        weights={"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
-        input_activations={"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True},
+        weights=WEIGHTS,
+        input_activations=ACTIVATIONS,
         qparams=lambda w: quant.rtn_qparams(w, 8, None, True),
         ctx=ctx,
     )

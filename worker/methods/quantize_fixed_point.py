@@ -43,11 +43,58 @@ def _check(params: QuantizeFixedPointParams, info: ModelInfo) -> None:
     check_model("quantize.fixed_point", info)
 
 
-@register("quantize.fixed_point", params=QuantizeFixedPointParams, formats=("hf",), check=_check, final=True)
-def quantize_fixed_point(model: Any, params: QuantizeFixedPointParams, ctx: Any) -> dict[str, Any]:
-    """Fixed-point weights round(w * 2^n) / 2^n in `bits` bits, clipped, packed (compressed-tensors)."""
+def _weights(bits: int) -> dict[str, Any]:
+    return {"num_bits": bits, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
+
+
+def _qparams(n: int) -> Any:
+    """Every row's scale is 2^-n (zero point 0)."""
     import torch
 
+    from worker.ops import quant
+
+    def qparams(w: Any) -> tuple[Any, Any]:
+        rows = w.shape[0]
+        return torch.full((rows, 1), quant.fixed_point_scale(n)), torch.zeros((rows, 1), dtype=torch.int8)
+
+    return qparams
+
+
+def _summary(n: int, bits: int, clipped: int, total: int) -> dict[str, Any]:
+    from worker.ops import quant
+
+    qmin, qmax = quant.int_range(bits)
+    return {
+        "scheme": f"W{bits}A16 fixed-point",
+        "frac_bits": n,
+        "scale": quant.fixed_point_scale(n),
+        "representable_range": [qmin * quant.fixed_point_scale(n), qmax * quant.fixed_point_scale(n)],
+        "clipped": clipped,
+        "clipped_fraction": clipped / total if total else 0.0,
+    }
+
+
+def _stream(params: QuantizeFixedPointParams, ctx: Any) -> Any:
+    from worker.ops import quant
+    from worker.stream.steps import QuantizeStep
+
+    n, bits = params.frac_bits, params.bits
+    counts = {"clipped": 0, "total": 0}
+    rows_qparams = _qparams(n)
+
+    def qparams(w: Any) -> tuple[Any, Any]:
+        # Clipping is counted on the floats as they stream by (the stored integers no longer show it).
+        counts["clipped"] += quant.fixed_point(w, n, bits)[1]
+        counts["total"] += w.numel()
+        return rows_qparams(w)
+
+    summary = lambda: _summary(n, bits, counts["clipped"], counts["total"])  # noqa: E731
+    return QuantizeStep("quantize.fixed_point", _weights(bits), None, qparams, f"W{bits}A16 fixed-point", extra=summary)
+
+
+@register("quantize.fixed_point", params=QuantizeFixedPointParams, formats=("hf",), check=_check, final=True, stream=_stream)
+def quantize_fixed_point(model: Any, params: QuantizeFixedPointParams, ctx: Any) -> dict[str, Any]:
+    """Fixed-point weights round(w * 2^n) / 2^n in `bits` bits, clipped, packed (compressed-tensors)."""
     from worker.ct_format import quantize_linear_layers
     from worker.ops import quant
 
@@ -59,25 +106,12 @@ def quantize_fixed_point(model: Any, params: QuantizeFixedPointParams, ctx: Any)
             clipped += quant.fixed_point(t.weight, n, bits)[1]
             total += t.weight.numel()
 
-    def qparams(w: Any) -> tuple[Any, Any]:
-        rows = w.shape[0]
-        return torch.full((rows, 1), quant.fixed_point_scale(n)), torch.zeros((rows, 1), dtype=torch.int8)
-
     metrics = quantize_linear_layers(
         model,
         method="quantize.fixed_point",
-        weights={"num_bits": bits, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
+        weights=_weights(bits),
         input_activations=None,
-        qparams=qparams,
+        qparams=_qparams(n),
         ctx=ctx,
     )
-    qmin, qmax = quant.int_range(bits)
-    return {
-        "scheme": f"W{bits}A16 fixed-point",
-        "frac_bits": n,
-        "scale": quant.fixed_point_scale(n),
-        "representable_range": [qmin * quant.fixed_point_scale(n), qmax * quant.fixed_point_scale(n)],
-        "clipped": clipped,
-        "clipped_fraction": clipped / total if total else 0.0,
-        **metrics,
-    }
+    return {**_summary(n, bits, clipped, total), **metrics}

@@ -43,17 +43,34 @@ def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
     check_model("quantize.weight_only", info, params.group_size)
 
 
-@register("quantize.weight_only", params=QuantizeWeightOnlyParams, formats=("hf",), check=_check, final=True)
-def quantize_weight_only(model: Any, params: QuantizeWeightOnlyParams, ctx: Any) -> dict[str, Any]:
-    """Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors)."""
-    from worker.ct_format import quantize_linear_layers
-    from worker.ops import quant
-
+def _weights(params: QuantizeWeightOnlyParams) -> dict[str, Any]:
     weights: dict[str, Any] = {"num_bits": params.bits, "type": "int", "symmetric": params.symmetric, "dynamic": False}
     if params.group_size is None:
         weights["strategy"] = "channel"
     else:
         weights.update(strategy="group", group_size=params.group_size)
+    return weights
+
+
+def _scheme(params: QuantizeWeightOnlyParams) -> str:
+    return f"W{params.bits}A16" + ("" if params.symmetric else "-asym")
+
+
+def _stream(params: QuantizeWeightOnlyParams, ctx: Any) -> Any:
+    from worker.ops import quant
+    from worker.stream.steps import QuantizeStep
+
+    return QuantizeStep("quantize.weight_only", _weights(params), None,
+                        lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric), _scheme(params))
+
+
+@register("quantize.weight_only", params=QuantizeWeightOnlyParams, formats=("hf",), check=_check, final=True, stream=_stream)
+def quantize_weight_only(model: Any, params: QuantizeWeightOnlyParams, ctx: Any) -> dict[str, Any]:
+    """Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors)."""
+    from worker.ct_format import quantize_linear_layers
+    from worker.ops import quant
+
+    weights = _weights(params)
     metrics = quantize_linear_layers(
         model,
         method="quantize.weight_only",
@@ -62,4 +79,4 @@ def quantize_weight_only(model: Any, params: QuantizeWeightOnlyParams, ctx: Any)
         qparams=lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric),
         ctx=ctx,
     )
-    return {"scheme": f"W{params.bits}A16" + ("" if params.symmetric else "-asym"), **metrics}
+    return {"scheme": _scheme(params), **metrics}

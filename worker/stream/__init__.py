@@ -1,0 +1,481 @@
+"""The streaming engine: data-free methods run tensor by tensor from the checkpoint's shards,
+without ever building the model (the way llm-compressor's ``model_free_ptq`` works, but row chunk
+by row chunk, so memory does not grow with the shard or tensor size either).
+
+A job takes this path when every step's method has a streaming form (``MethodSpec.stream``):
+``stream(params, ctx) -> StreamStep``. The engine
+
+1. reads the safetensors headers (validated, worker/stream/shards.py) and, for an HF model,
+   builds the model's skeleton on the ``meta`` device: no weights, but the same module tree, so
+   the methods' targets (every Linear/Conv1D weight but embeddings and the LM head) are exactly
+   those of the in-memory path (``LoadedModel.targets``);
+2. lets each step make its pre-passes (global magnitude pruning finds its exact threshold here,
+   in a pass that reads the targets once);
+3. plans every output tensor (name, dtype, shape) so the output's headers are known up front;
+4. streams: each tensor is read once (a view of the memory-mapped shard), goes through every
+   step in row chunks of ~32 MB, and is written once, in order, to one sequential sink (the
+   artifact's zip entries or a bare safetensors file). Tensors no step selects are copied byte
+   for byte; tied tensors are stored once, as in the input.
+
+Steps see row chunks and must not modify their input in place (it may be the read-only map).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker import model_io
+from worker.stream.shards import DEFAULT_SHARD_BYTES, ShardError, ShardReader, TensorSpec, index_json, layout, tensor_bytes
+
+__all__ = ["NotStreamable", "ShardError", "StreamStep", "TensorSpec", "Source", "run"]
+
+CHUNK_BYTES = 32 << 20  # float32 bytes of one row chunk: bounds each step's temporaries
+# Tensors that compressed-tensors attaches (scales...): storage overhead, not parameters.
+QUANT_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "_global_scale", "weight_shape")
+
+
+class NotStreamable(Exception):
+    """This model cannot take the streaming path (the pipeline then builds it in memory)."""
+
+
+@dataclass
+class Target:
+    """A weight the methods act on, as the in-memory path would see it."""
+
+    name: str
+    row_dim: int  # 0 nn.Linear, 1 GPT-2 Conv1D
+    module_type: str  # "Linear" | "Conv1D" | "" (bare state dict)
+
+
+class StreamStep:
+    """A method's streaming form. Subclasses override what they need."""
+
+    final = False  # leaves packed weights: the last step
+
+    def select(self, spec: TensorSpec, target: Target | None) -> bool:
+        """Does this step change this tensor? (Default: the methods' targets.)"""
+        return target is not None
+
+    def out_dtype(self, spec: TensorSpec) -> torch.dtype:
+        return spec.dtype
+
+    def out_specs(self, spec: TensorSpec, target: Target | None) -> list[TensorSpec]:
+        """Output tensors of a final step for one input tensor: the row-streamed one first, then
+        those ``end`` returns, in that order."""
+        return [TensorSpec(spec.name, self.out_dtype(spec), spec.shape)]
+
+    def prepare(self, source: "Source") -> None:
+        """A pass over every selected tensor before anything is written (e.g. a global threshold)."""
+
+    def whole_tensor(self, spec: TensorSpec, target: Target | None) -> bool:
+        """True when ``rows`` must see the whole tensor at once."""
+        return False
+
+    def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
+        """Before a tensor's chunks; ``whole()`` gives the tensor as it enters this step."""
+
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+        """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is)."""
+        raise NotImplementedError
+
+    def end(self, spec: TensorSpec, target: Target | None) -> dict[str, torch.Tensor]:
+        """Outputs after a tensor's row-streamed one (final steps: scales, shapes)."""
+        return {}
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def update_config(self, config: dict[str, Any]) -> None:
+        """Changes to config.json (HF models)."""
+
+    notes: dict[str, Any] = {}
+
+
+class Source(Sequence[torch.Tensor]):
+    """The tensors a step selects, as they enter it (earlier steps applied), one at a time. A
+    Sequence so that the in-memory path's tensor math (worker/ops) takes it unchanged: iterating
+    yields one tensor, which is dropped before the next."""
+
+    def __init__(self, engine: "_Engine", index: int) -> None:
+        self._engine = engine
+        self._index = index
+        self.skeleton = engine.skeleton  # the HF model on the meta device (None for a bare state dict)
+        self.names = [n for n in engine.order if engine.chain(n, index)[-1:] == [index]]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> torch.Tensor:  # type: ignore[override]
+        return self._engine.entering(self.names[i], self._index)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for n in self.names:
+            yield self._engine.entering(n, self._index)
+            self._engine.reader.done_with(n)
+
+    def spec(self, i: int) -> TensorSpec:
+        return self._engine.spec_entering(self.names[i], self._index)
+
+    def target(self, i: int) -> Target | None:
+        return self._engine.targets.get(self.names[i])
+
+
+class Sink:
+    """Where output files go, one after the other, each written sequentially."""
+
+    def open(self, name: str, size: int, weights: bool) -> Any:  # -> a writable with write()/close()
+        raise NotImplementedError
+
+
+@dataclass
+class Result:
+    step_metrics: list[dict[str, Any]]
+    parameters: dict[str, int]  # total, nonzero (quantization scales excluded)
+    sparsity: dict[str, Any]
+    memory_bytes: int
+    weight_bytes_in: int
+    weight_bytes_out: int
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+class _Engine:
+    def __init__(self, reader: ShardReader, targets: dict[str, Target], steps: list[StreamStep]) -> None:
+        self.reader = reader
+        self.targets = targets
+        self.steps = steps
+        self.order = reader.names()
+        self.skeleton: Any = None
+        self._chains: dict[str, list[int]] = {}
+        self._specs: dict[tuple[str, int], TensorSpec] = {}
+
+    def spec_entering(self, name: str, index: int) -> TensorSpec:
+        """The tensor's spec as it enters step ``index`` (after the steps before it)."""
+        key = (name, index)
+        if key not in self._specs:
+            spec = self.reader.spec(name)
+            for i in range(index):
+                if self.steps[i].select(spec, self.targets.get(name)):
+                    spec = TensorSpec(spec.name, self.steps[i].out_dtype(spec), spec.shape)
+            self._specs[key] = spec
+        return self._specs[key]
+
+    def chain(self, name: str, upto: int | None = None) -> list[int]:
+        """Indices of the steps that select this tensor (up to and including ``upto``)."""
+        if name not in self._chains:
+            out = []
+            for i, s in enumerate(self.steps):
+                if s.select(self.spec_entering(name, i), self.targets.get(name)):
+                    out.append(i)
+            self._chains[name] = out
+        c = self._chains[name]
+        return c if upto is None else [i for i in c if i <= upto]
+
+    def entering(self, name: str, index: int) -> torch.Tensor:
+        """The whole tensor as it enters step ``index``: the map itself when no earlier step
+        changes it, else computed (one tensor in memory)."""
+        x = self.reader.tensor(name)
+        target = self.targets.get(name)
+        for i in self.chain(name):
+            if i >= index:
+                break
+            x = self.steps[i].rows(self.spec_entering(name, i), target, x, 0)
+        return x
+
+    def out_specs(self, name: str) -> list[TensorSpec]:
+        chain = self.chain(name)
+        spec = self.reader.spec(name)
+        if not chain:
+            return [spec]
+        last = chain[-1]
+        entering = self.spec_entering(name, last)
+        return self.steps[last].out_specs(entering, self.targets.get(name))
+
+
+def _row_chunks(spec: TensorSpec, whole: bool) -> Iterator[tuple[int, int]]:
+    rows = spec.shape[0] if spec.shape else 1
+    if whole or len(spec.shape) < 2:
+        yield 0, rows
+        return
+    per_row = max(1, spec.numel // rows) * 4
+    step = max(1, CHUNK_BYTES // per_row)
+    for r in range(0, rows, step):
+        yield r, min(rows, r + step)
+
+
+def hf_targets(src_dir: Path, reader: ShardReader) -> tuple[dict[str, Target], Any]:
+    """The methods' targets of an HF model, from its skeleton on the meta device (no weights)."""
+    from transformers import AutoConfig
+    from transformers.pytorch_utils import Conv1D
+
+    config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
+    cls = model_io.model_class(config)
+    try:
+        with torch.device("meta"):
+            module = cls(config)
+    except Exception as e:  # an architecture that cannot be built on meta: the in-memory path
+        raise NotStreamable(f"the model's skeleton could not be built on the meta device ({e.__class__.__name__}: {e})") from e
+    skeleton = model_io.LoadedModel(format="hf", src_dir=src_dir, module=module)
+    mods = dict(module.named_modules())
+    out: dict[str, Target] = {}
+    for t in skeleton.targets():
+        if t.name not in reader:
+            # The checkpoint's names differ from the module's (a base-model checkpoint, a legacy
+            # prefix): transformers would rename on load; the in-memory path handles that.
+            raise NotStreamable(f"target {t.name} is not a tensor of the checkpoint (names differ from the module's)")
+        mod = mods[t.name.removesuffix(".weight")]
+        if tuple(t.weight.shape) != reader.spec(t.name).shape:
+            raise NotStreamable(f"{t.name}: checkpoint shape {reader.spec(t.name).shape} differs from the module's {tuple(t.weight.shape)}")
+        out[t.name] = Target(t.name, t.row_dim, "Conv1D" if isinstance(mod, Conv1D) else type(mod).__name__)
+    return out, module
+
+
+def bare_targets(reader: ShardReader) -> dict[str, Target]:
+    """The methods' targets of a bare state dict: the in-memory path's rule, on metadata."""
+    state = {n: torch.empty(reader.spec(n).shape, dtype=reader.spec(n).dtype, device="meta") for n in reader.names()}
+    skeleton = model_io.LoadedModel(format="safetensors", src_dir=Path("."), state=state)
+    return {t.name: Target(t.name, t.row_dim, "") for t in skeleton.targets()}
+
+
+class _Counter:
+    """Parameters, non-zeros and per-target zeros of the result, counted as tensors stream by
+    (on the float values before a final quantization step, as the in-memory path counts them)."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.nonzero = 0
+
+    def add(self, name: str, t: torch.Tensor) -> int:
+        """Count a tensor; returns its zeros."""
+        n = t.numel()
+        nz = int(torch.count_nonzero(t)) if n else 0
+        if not name.endswith(QUANT_SUFFIXES):
+            self.total += n
+            self.nonzero += nz
+        return n - nz
+
+
+def run(
+    src_dir: Path,
+    fmt: str,
+    steps: list[StreamStep],
+    sink: Sink,
+    *,
+    extra_files: list[Path],
+    manifest: dict[str, Any],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[str, float], None] | None = None,
+    canceled: Callable[[], bool] | None = None,
+) -> Result | None:
+    """Stream the model in ``src_dir`` through ``steps`` into ``sink``. Returns None when
+    ``canceled()`` turned true (checked between tensors). Raises ShardError for input that is not
+    what its headers say, NotStreamable before anything is written when the path does not apply."""
+    files = sorted(src_dir.glob("*.safetensors"))
+    if not files:
+        raise ShardError("the model has no .safetensors file")
+    reader = ShardReader(files)
+    try:
+        return _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, progress, canceled)
+    finally:
+        reader.close()
+
+
+def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, progress, canceled):  # noqa: ANN001
+    report = progress or (lambda note, frac: None)
+    skeleton = None
+    if fmt == "hf":
+        targets, skeleton = hf_targets(src_dir, reader)
+    else:
+        targets = bare_targets(reader)
+    engine = _Engine(reader, targets, steps)
+    engine.skeleton = skeleton
+    for i, s in enumerate(steps):
+        source = Source(engine, i)
+        if len(source):
+            report(f"step {i + 1}: pre-pass over {len(source)} tensors", 0.0)
+        s.prepare(source)
+
+    # Every output tensor, in input order, so headers can be written first.
+    out_specs: list[TensorSpec] = []
+    produced: dict[str, list[TensorSpec]] = {}
+    for name in engine.order:
+        specs = engine.out_specs(name)
+        produced[name] = specs
+        out_specs.extend(specs)
+    names = [s.name for s in out_specs]
+    if len(set(names)) != len(names):
+        raise NotStreamable("two output tensors would have the same name")
+
+    config: dict[str, Any] | None = None
+    if fmt == "hf":
+        config = json.loads((src_dir / "config.json").read_text())
+        for s in steps:
+            s.update_config(config)
+        shards = layout(out_specs, shard_bytes)
+    else:
+        shards = layout(out_specs, 2**62, metadata={"modelpress": json.dumps(manifest, sort_keys=True)})
+
+    counter = _Counter()
+    per_layer: list[dict[str, Any]] = []
+    total_in = sum(reader.spec(n).nbytes for n in engine.order)
+    done_in = 0
+    last_report = time.monotonic()
+    owner = {s.name: name for name, specs in produced.items() for s in specs}
+    pending: dict[str, torch.Tensor] = {}  # trailing outputs of the tensor being written
+
+    for shard in shards:
+        w = sink.open(shard.filename, len(shard.header()) + shard.data_bytes, weights=True)
+        try:
+            w.write(shard.header())
+            for spec in shard.specs:
+                if spec.name in pending:
+                    t = pending.pop(spec.name)
+                    _check(t, spec)
+                    w.write(tensor_bytes(t))
+                    continue
+                name = owner[spec.name]
+                if canceled is not None and canceled():
+                    return None
+                chain = engine.chain(name)
+                target = targets.get(name)
+                in_spec = reader.spec(name)
+                if not chain:
+                    for piece in reader.raw(name):
+                        w.write(piece)
+                    zeros = counter.add(name, reader.tensor(name))
+                    if target is not None:
+                        per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
+                                          "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})
+                else:
+                    zeros = _stream_tensor(engine, name, chain, w, counter, pending, produced[name])
+                    if target is not None:
+                        per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
+                                          "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})
+                reader.done_with(name)
+                done_in += in_spec.nbytes
+                if time.monotonic() - last_report > 2.0:
+                    last_report = time.monotonic()
+                    report(f"streaming {done_in / 2**30:.2f} of {total_in / 2**30:.2f} GiB", done_in / total_in if total_in else 1.0)
+        finally:
+            w.close()
+    if pending:
+        raise RuntimeError(f"outputs planned but not written: {sorted(pending)[:3]}")
+
+    if fmt == "hf":
+        assert config is not None
+        if len(shards) > 1:
+            _write_small(sink, "model.safetensors.index.json", index_json(shards))
+        _write_small(sink, "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+        for p in extra_files:
+            with p.open("rb") as f:
+                w = sink.open(p.name, p.stat().st_size, weights=p.suffix == ".safetensors")
+                try:
+                    while chunk := f.read(1 << 20):
+                        w.write(chunk)
+                finally:
+                    w.close()
+        _write_small(sink, "modelpress.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    rank = {n: i for i, n in enumerate(targets)}  # the module's order, as the in-memory path lists them
+    per_layer.sort(key=lambda x: rank[x["name"]])
+    target_total = sum(x["parameters"] for x in per_layer)
+    target_zeros = sum(x["zeros"] for x in per_layer)
+    overall = 1 - counter.nonzero / counter.total if counter.total else 0.0
+    step_metrics = [s.metrics() for s in steps]  # before the notes: steps fill them as they sum up
+    notes: dict[str, Any] = {}
+    for s in steps:
+        notes.update(s.notes)
+    out_bytes = sum(sh.data_bytes for sh in shards)
+    if skeleton is not None:
+        # As transformers loads the result: every parameter and buffer of the module (tied ones
+        # once, non-persistent buffers too) in the dtype the steps leave, plus what a quantizing
+        # step attaches (scales, shapes); packed weights count as the floats they unpack to.
+        final_dtype = lambda n: engine.spec_entering(n, len(steps)).dtype if n in reader else None  # noqa: E731
+        memory = _module_bytes(skeleton, final_dtype) + notes.pop("memory_bytes_extra", 0)
+    else:
+        memory = out_bytes
+    if "memory_bytes_compressed_delta" in notes:
+        notes["memory_bytes"] = memory
+        notes["memory_bytes_compressed"] = memory + notes.pop("memory_bytes_compressed_delta")
+    return Result(
+        step_metrics=step_metrics,
+        parameters={"total": counter.total, "nonzero": counter.nonzero},
+        sparsity={"target_parameters": target_total, "target_zeros": target_zeros,
+                  "sparsity": target_zeros / target_total if target_total else 0.0,
+                  "overall": round(overall, 6), "per_layer": per_layer},
+        memory_bytes=memory,
+        weight_bytes_in=total_in,
+        weight_bytes_out=out_bytes,
+        notes=notes,
+    )
+
+
+def _module_bytes(module: torch.nn.Module, dtype_of: Callable[[str], torch.dtype | None]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for name, t in [*module.named_parameters(), *module.named_buffers()]:
+        # Quantization parameters a step attached to the skeleton are the step's to count.
+        if id(t) in seen or name.endswith(QUANT_SUFFIXES):
+            continue
+        seen.add(id(t))
+        total += t.numel() * (dtype_of(name) or t.dtype).itemsize
+    return total
+
+
+def _check(t: torch.Tensor, spec: TensorSpec) -> None:
+    if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
+        raise RuntimeError(f"{spec.name}: produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
+
+
+def _stream_tensor(engine: _Engine, name: str, chain: list[int], w: Any, counter: _Counter,
+                   pending: dict[str, torch.Tensor], outs: list[TensorSpec]) -> int:
+    """One tensor through its chain of steps, row chunk by row chunk, written as it goes.
+    Returns the target's zero count (of the values entering a final step, else of the output)."""
+    steps = engine.steps
+    target = engine.targets.get(name)
+    spec0 = engine.reader.spec(name)
+    for i in chain:
+        steps[i].start(engine.spec_entering(name, i), target, lambda i=i: engine.entering(name, i))
+    whole = any(steps[i].whole_tensor(engine.spec_entering(name, i), target) for i in chain)
+    src = engine.reader.tensor(name)
+    lead = outs[0]
+    written_rows = 0
+    zeros = 0
+    final = steps[chain[-1]].final
+    flat_shape = (spec0.shape[0], -1) if len(spec0.shape) >= 2 else None
+    for r0, r1 in _row_chunks(spec0, whole):
+        x = src[r0:r1] if src.ndim else src
+        for i in chain:
+            s = steps[i]
+            if final and i == chain[-1]:
+                zeros += counter.add(name, x)
+            x = s.rows(engine.spec_entering(name, i), target, x, r0)
+        if not final:
+            zeros += counter.add(name, x)
+        if x.dtype != lead.dtype:
+            raise RuntimeError(f"{lead.name}: produced {x.dtype}, planned {lead.dtype}")
+        w.write(tensor_bytes(x))
+        written_rows += x.shape[0] if x.ndim else 1
+        del x
+    if flat_shape is not None and written_rows != lead.shape[0]:
+        raise RuntimeError(f"{lead.name}: wrote {written_rows} rows, planned {lead.shape[0]}")
+    trailing = steps[chain[-1]].end(engine.spec_entering(name, chain[-1]), target) if final else {}
+    expected = [s.name for s in outs[1:]]
+    if sorted(trailing) != sorted(expected):
+        raise RuntimeError(f"{name}: trailing outputs {sorted(trailing)} differ from the plan {expected}")
+    pending.update(trailing)
+    return zeros
+
+
+def _write_small(sink: Sink, name: str, data: bytes) -> None:
+    w = sink.open(name, len(data), weights=False)
+    try:
+        w.write(data)
+    finally:
+        w.close()

@@ -1,0 +1,303 @@
+"""The data-free methods' streaming forms: the same tensor math as their in-memory handlers
+(worker/ops), applied to row chunks of one tensor at a time. Method files build these from their
+parameters (``MethodSpec.stream``); the equivalence with the in-memory path is tested bit for bit
+(tests/test_stream.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker.model_io import _selected
+from worker.ops import quant
+from worker.ops import sparsity as sp
+from worker.stream import Source, StreamStep, Target, TensorSpec
+
+
+class CastStep(StreamStep):
+    """Every floating-point tensor to ``dtype`` (what ``module.to(dtype)`` does to parameters)."""
+
+    def __init__(self, dtype_name: str) -> None:
+        self.dtype_name = dtype_name
+        self.dtype = getattr(torch, dtype_name)
+        self.before: set[str] = set()
+        self.cast = 0
+
+    def select(self, spec: TensorSpec, target: Target | None) -> bool:
+        return spec.dtype.is_floating_point
+
+    def out_dtype(self, spec: TensorSpec) -> torch.dtype:
+        return self.dtype if spec.dtype.is_floating_point else spec.dtype
+
+    def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
+        self.before.add(str(spec.dtype).removeprefix("torch."))
+        self.cast += spec.numel
+
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+        return x.to(self.dtype, copy=True)
+
+    def update_config(self, config: dict[str, Any]) -> None:
+        # transformers 5 writes "dtype"; older configs say "torch_dtype": keep whichever is there.
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = self.dtype_name
+
+    def metrics(self) -> dict[str, Any]:
+        return {"dtype": self.dtype_name, "from_dtypes": sorted(self.before), "cast_parameters": self.cast}
+
+
+class PruneStep(StreamStep):
+    """prune.magnitude: threshold, global (exact k-th magnitude found in a pre-pass), per layer,
+    per row."""
+
+    def __init__(self, sparsity: float | None, threshold: float | None, scope: str,
+                 include: list[str] | None, exclude: list[str] | None) -> None:
+        self.sparsity, self.threshold, self.scope = sparsity, threshold, scope
+        self.include, self.exclude = include, exclude
+        self.global_k = 0
+        self.global_theta: float | None = None
+        self.layer_theta: float | None = None
+        self.zeros: dict[str, int] = {}
+        self.sizes: dict[str, int] = {}
+
+    def select(self, spec: TensorSpec, target: Target | None) -> bool:
+        return target is not None and _selected(target.name.removesuffix(".weight"), self.include, self.exclude)
+
+    def prepare(self, source: Source) -> None:
+        if not len(source):
+            raise ValueError("no target weights matched (check 'targets' and 'exclude')")
+        if self.threshold is None and self.scope == "global":
+            total = sum(source.spec(i).numel for i in range(len(source)))
+            self.global_k = round(self.sparsity * total)  # type: ignore[operator]
+            if self.global_k:
+                self.global_theta = sp.kth_smallest_abs(source, self.global_k)
+
+    def whole_tensor(self, spec: TensorSpec, target: Target | None) -> bool:
+        # Per-row pruning of a Conv1D weight ([in, out]) works on columns.
+        return self.scope == "row" and self.threshold is None and target is not None and target.row_dim != 0
+
+    def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
+        self.layer_theta = None
+        self.zeros[spec.name] = 0
+        self.sizes[spec.name] = spec.numel
+        if self.threshold is None and self.scope == "layer":
+            k = round(self.sparsity * spec.numel)  # type: ignore[operator]
+            if k:
+                self.layer_theta = sp.kth_smallest_abs([whole()], k)
+
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+        y = x.clone(memory_format=torch.contiguous_format)
+        if self.threshold is not None:
+            z = sp.prune_below([y], self.threshold, inclusive=False)[0]
+        elif self.scope == "row":
+            z = sp.prune_per_row([y], self.sparsity, [target.row_dim if target else 0])[0]  # type: ignore[arg-type]
+        else:
+            theta = self.global_theta if self.scope == "global" else self.layer_theta
+            z = sp.prune_below([y], theta, inclusive=True)[0] if theta is not None else int((y == 0).sum())
+        self.zeros[spec.name] = self.zeros.get(spec.name, 0) + z
+        return y
+
+    def metrics(self) -> dict[str, Any]:
+        total = sum(self.sizes.values())
+        zeros = sum(self.zeros.values())
+        return {
+            "target_parameters": total,
+            "target_zeros": zeros,
+            "achieved_sparsity": zeros / total if total else 0.0,
+            "requested_sparsity": self.sparsity,
+            "threshold": self.threshold,
+            "layers": len(self.sizes),
+            "per_layer_sparsity": {n: round(self.zeros[n] / s, 6) for n, s in self.sizes.items()},
+        }
+
+
+class QuantizeStep(StreamStep):
+    """Round-to-nearest integer weights written in compressed-tensors' format, with that library's
+    own ``quantize`` and ``pack_to_int32`` (so the integers are the ones its compressor writes)."""
+
+    final = True
+
+    def __init__(self, method: str, weights: dict[str, Any], input_activations: dict[str, Any] | None,
+                 qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], scheme_name: str,
+                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        from compressed_tensors.compressors.format import infer_module_format
+        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        self.method = method
+        self.scheme_name = scheme_name
+        self.extra = extra
+        self.scheme = QuantizationScheme(
+            targets=["Linear"], weights=QuantizationArgs(**weights),
+            input_activations=QuantizationArgs(**input_activations) if input_activations else None,
+        )
+        self.args = self.scheme.weights
+        self.group = self.args.group_size if self.args.strategy == "group" else None
+        self.fmt = infer_module_format(torch.nn.Linear, self.scheme).value
+        self.packed = self.fmt == "pack-quantized"
+        self.qparams = qparams
+        self.skeleton: Any = None
+        self.stats = quant.ErrorStats()
+        self.per_layer: dict[str, float] = {}
+        self._layer = quant.ErrorStats()
+        self._scales: list[torch.Tensor] = []
+        self._zps: list[torch.Tensor] = []
+        self._scratch = quant.Scratch()
+        self.names: list[str] = []
+        self.float_bytes = 0  # the quantized weights as floats (how they load)
+        self.packed_bytes = 0  # ... and as stored
+        self.extra_bytes = 0  # what loading attaches per layer: scales, weight_shape, int8 zero points
+        self.zp_delta = 0  # stored (packed) minus loaded (int8) zero-point bytes
+        self.notes: dict[str, Any] = {}
+
+    def prepare(self, source: Source) -> None:
+        from worker.ct_format import CONV1D_REFUSAL
+
+        self.skeleton = source.skeleton
+        if self.skeleton is None:
+            raise ValueError(f"{self.method} needs a transformers model directory (config.json), not a bare state dict")
+        if getattr(self.skeleton.config, "quantization_config", None) is not None:
+            raise ValueError(f"{self.method}: the model is already quantized")
+        if not len(source):
+            raise ValueError(f"{self.method}: the model has no Linear layers to quantize")
+        for i in range(len(source)):
+            spec, target = source.spec(i), source.target(i)
+            name = spec.name.removesuffix(".weight")
+            if target is not None and target.module_type == "Conv1D":
+                raise ValueError(CONV1D_REFUSAL.format(method=self.method, what=f"{type(self.skeleton).__name__} ({spec.name}, ...)"))
+            if not spec.dtype.is_floating_point:
+                raise ValueError(f"{self.method}: {name}.weight is {spec.dtype}, not floating point")
+            if self.group and spec.shape[1] % self.group:
+                raise ValueError(f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size {self.group}")
+            self.names.append(name)
+
+    def _scale_cols(self, spec: TensorSpec) -> int:
+        return spec.shape[1] // self.group if self.group else 1
+
+    def out_specs(self, spec: TensorSpec, target: Target | None) -> list[TensorSpec]:
+        base = spec.name.removesuffix(".weight")
+        rows, cols = spec.shape
+        scale = TensorSpec(f"{base}.weight_scale", spec.dtype, (rows, self._scale_cols(spec)))
+        if not self.packed:
+            out = [TensorSpec(f"{base}.weight", torch.int8, spec.shape), scale]
+            if not self.args.symmetric:
+                out.append(TensorSpec(f"{base}.weight_zero_point", torch.int8, scale.shape))
+            return out
+        bits = self.args.num_bits
+        out = [TensorSpec(f"{base}.weight_packed", torch.int32, (rows, math.ceil(cols * bits / 32))), scale,
+               TensorSpec(f"{base}.weight_shape", torch.int64, (2,))]
+        if not self.args.symmetric:
+            out.append(TensorSpec(f"{base}.weight_zero_point", torch.int32, (math.ceil(rows * bits / 32), scale.shape[1])))
+        return out
+
+    def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
+        self._layer = quant.ErrorStats()
+        self._scales, self._zps = [], []
+        self.float_bytes += spec.nbytes
+
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+        from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+
+        scale, zp = self.qparams(x)
+        cols = self._scale_cols(spec)
+        stored_scale = scale.reshape(x.shape[0], cols).to(spec.dtype)  # the parameter's dtype
+        stored_zp = zp.reshape(x.shape[0], cols).to(self.args.zp_dtype or torch.int8)
+        q = ct_quantize(x=x, scale=stored_scale, zero_point=stored_zp, args=self.args, dtype=torch.int8)
+        err = quant.quantize_error(x, stored_scale, None if self.args.symmetric else stored_zp,
+                                   self.args.num_bits, self.group, self._scratch)
+        self._layer.add_diff(x, err)
+        self._scales.append(stored_scale)
+        if not self.args.symmetric:
+            self._zps.append(stored_zp)
+        out = pack_to_int32(q, self.args.num_bits) if self.packed else q
+        self.packed_bytes += out.numel() * out.element_size()
+        return out
+
+    def end(self, spec: TensorSpec, target: Target | None) -> dict[str, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+        base = spec.name.removesuffix(".weight")
+        layer = self._layer
+        self.per_layer[base] = round(layer.relative_rms_error, 6)
+        self.stats.elements += layer.elements
+        self.stats.sq_err += layer.sq_err
+        self.stats.sq_w += layer.sq_w
+        self.stats.max_abs_err = max(self.stats.max_abs_err, layer.max_abs_err)
+        out = {f"{base}.weight_scale": torch.cat(self._scales)}
+        self.extra_bytes += out[f"{base}.weight_scale"].numel() * spec.dtype.itemsize + (16 if self.packed else 0)
+        if self.packed:
+            out[f"{base}.weight_shape"] = torch.tensor(spec.shape)
+            if not self.args.symmetric:
+                zp = torch.cat(self._zps)
+                out[f"{base}.weight_zero_point"] = pack_to_int32(zp, self.args.num_bits, packed_dim=0).contiguous()
+                self.extra_bytes += zp.numel()
+                self.zp_delta += out[f"{base}.weight_zero_point"].numel() * 4 - zp.numel()
+        elif not self.args.symmetric:
+            out[f"{base}.weight_zero_point"] = torch.cat(self._zps)
+            self.extra_bytes += out[f"{base}.weight_zero_point"].numel()
+        self._scales, self._zps = [], []
+        return out
+
+    def _ignored(self) -> list[str]:
+        wanted = set(self.names)
+        return sorted(n for n, m in self.skeleton.named_modules() if isinstance(m, torch.nn.Linear) and n not in wanted)
+
+    def update_config(self, config: dict[str, Any]) -> None:
+        """quantization_config exactly as the compressor writes it for the in-memory path: the
+        scheme attached to the meta skeleton, read back by ModelCompressor."""
+        from compressed_tensors.compressors import ModelCompressor
+        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+        module = self.skeleton
+        apply_quantization_config(module, QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=self._ignored()),
+                                  show_progress=False)
+        mods = dict(module.named_modules())
+        for n in self.names:
+            # What the in-memory path's modules say once compress_model ran before the config is written.
+            mods[n].quantization_status = QuantizationStatus.COMPRESSED
+        compressor = ModelCompressor.from_pretrained_model(module)
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "config.json").write_text("{}")
+            compressor.update_config(d)
+            config["quantization_config"] = json.loads((Path(d) / "config.json").read_text())["quantization_config"]
+
+    def metrics(self) -> dict[str, Any]:
+        from worker.ct_format import RUNS_DECOMPRESSED
+
+        act = self.scheme.input_activations
+        ignore = self._ignored()
+        self.notes.update({
+            "format": f"compressed-tensors {self.fmt}",
+            "runs": RUNS_DECOMPRESSED,
+            "runs_detail": (
+                "transformers + compressed-tensors on CPU dequantize the integer weights to their float dtype on the "
+                "first forward pass; no integer matmul kernel runs"
+                + ("; int8 activations are simulated per token (quantize-dequantize in floating point)" if act else "")
+            ),
+            "ignored_layers": ignore,
+            "memory_bytes_extra": self.extra_bytes,
+            "memory_bytes_compressed_delta": self.packed_bytes - self.float_bytes + self.zp_delta,
+        })
+        return {
+            "scheme": self.scheme_name,
+            **(self.extra() if self.extra else {}),
+            "bits": self.args.num_bits,
+            "group_size": self.group,
+            "strategy": self.args.strategy,
+            "symmetric": self.args.symmetric,
+            "activations": f"int{act.num_bits} dynamic per-{act.strategy}" if act else None,
+            "format": self.fmt,
+            "layers_quantized": len(self.names),
+            "quantized_parameters": self.stats.elements,
+            "ignored_layers": ignore,
+            "relative_rms_error": round(self.stats.relative_rms_error, 8),
+            "max_abs_error": self.stats.max_abs_err,
+            "per_layer_relative_error": self.per_layer,
+            "runs": RUNS_DECOMPRESSED,
+        }
