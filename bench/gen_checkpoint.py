@@ -268,6 +268,7 @@ class GeneratedCheckpoint:
     files: list[str]
     file_bytes: int
     seconds: float
+    write_seconds: float  # the tensor data alone (imports and config files excluded)
 
 
 def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtype: str = "bf16",
@@ -304,6 +305,7 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
         shapes, get_storage_size=lambda s: math.prod(s) * itemsize,
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
     )
+    t_write = time.perf_counter()
     filler = _Filler(dtype, fill, seed)
     written = 0
     total = parameters * itemsize
@@ -322,7 +324,7 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
                     written += len(chunk)
                 if progress and time.perf_counter() - last_print > 5:
                     last_print = time.perf_counter()
-                    rate = written / (last_print - t_start) / 2**20
+                    rate = written / (last_print - t_write) / 2**20
                     print(f"  {written / 2**30:7.2f} / {total / 2**30:.2f} GiB  {rate:6.0f} MiB/s", file=sys.stderr, flush=True)
         os.replace(tmp, out / filename)
     if split.is_sharded:
@@ -331,7 +333,8 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     files = sorted(p.name for p in out.iterdir())
     return GeneratedCheckpoint(out, shape, dtype, parameters, total, files,
-                               sum((out / n).stat().st_size for n in files), time.perf_counter() - t_start)
+                               sum((out / n).stat().st_size for n in files), time.perf_counter() - t_start,
+                               time.perf_counter() - t_write)
 
 
 def write_tokenizer(out: Path) -> None:
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({s.kv_heads} KV), vocab {s.vocab}, {args.dtype}: {info.parameters / 1e9:.3f}B parameters, "
           f"{info.tensor_bytes / 2**30:.2f} GiB of tensors in {sum(n.endswith('.safetensors') for n in info.files)} "
           f"shard(s), {info.file_bytes / 2**30:.2f} GiB on disk, {info.seconds:.1f} s "
-          f"({info.file_bytes / info.seconds / 2**20:.0f} MiB/s)")
+          f"(tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / 2**20:.0f} MiB/s)")
     return 0
 
 
