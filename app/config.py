@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     # worker held when the job started: torch and the libraries are the worker's, not the job's).
     # 0 means no memory limit.
     job_memory_limit_mb: int = Field(default=0, ge=0)
+    # A worker's budget for one job (worker/budget.py): the memory its process may reach (peak
+    # resident memory, the imported libraries included) and the scratch disk of its work folder.
+    # A worker never claims a job whose plan (app/jobs/plan.py) is over either; a job no live
+    # worker can take is refused at submit (422 job_exceeds_worker_budget). 0: from the machine,
+    # 80 % of its memory (or of the cgroup's limit) and 90 % of the free disk under data_dir/tmp,
+    # each divided by worker_concurrency; job_memory_limit_mb, when set, caps that derived memory
+    # budget (an explicit one is used as given).
+    worker_memory_budget_mb: int = Field(default=0, ge=0)
+    worker_scratch_budget_mb: int = Field(default=0, ge=0)
     # Per-tenant quotas (0: none). Over one, a request is answered 429 with Retry-After.
     quota_jobs_in_flight: int = Field(default=0, ge=0)  # queued + running jobs of a tenant
     quota_storage_bytes: int = Field(default=0, ge=0)  # models + datasets + artifacts of a tenant

@@ -16,6 +16,7 @@ Error tree::
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Unprocessable (422 validation_error) -- also refused uploads (``code`` says why)
+    │   └── JobExceedsWorkerBudget (422 job_exceeds_worker_budget) -- no live worker can take the job
     └── ServiceUnavailable (503 service_unavailable)
 
 No stack trace ever reaches a client: unexpected exceptions are logged and answered with a bare 500.
@@ -55,6 +56,7 @@ class ModelpressError(Exception):
         code: str | None = None,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        extensions: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(detail or self.title)
         self.detail = detail or self.title
@@ -62,6 +64,8 @@ class ModelpressError(Exception):
             self.code = code
         self.errors = errors
         self.headers = headers or {}
+        # More members of the problem object (RFC 9457 extensions), e.g. the figures of a refusal.
+        self.extensions = extensions or {}
 
 
 class BadRequest(ModelpressError):
@@ -98,6 +102,14 @@ class UnsupportedMediaType(ModelpressError):
 
 class Unprocessable(ModelpressError):
     status, code, title = 422, "validation_error", "Request could not be processed"
+
+
+class JobExceedsWorkerBudget(Unprocessable):
+    """A job whose plan (peak memory, scratch disk) is over the budget of every live worker of its
+    queue. The problem names the figures: ``required`` {``memory_bytes``, ``scratch_bytes``} and
+    ``available`` (the largest budgets of the fleet), besides ``detail``."""
+
+    code, title = "job_exceeds_worker_budget", "The job exceeds every worker's budget"
 
 
 class ServiceUnavailable(ModelpressError):
@@ -170,8 +182,10 @@ def problem(
     detail: str,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extensions: dict[str, Any] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
+        **(extensions or {}),
         "type": f"/problems/{code}",
         "title": title,
         "status": status,
@@ -279,7 +293,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _modelpress(_req: Request, exc: ModelpressError) -> JSONResponse:
         if exc.status >= 500:
             log.error("server error %s: %s", exc.code, exc.detail)
-        return problem(exc.status, exc.code, exc.title, exc.detail, exc.errors, exc.headers)
+        return problem(exc.status, exc.code, exc.title, exc.detail, exc.errors, exc.headers, exc.extensions)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:

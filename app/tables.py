@@ -174,6 +174,9 @@ class Job(Base):
     # POSTed to when the job ends (app/webhooks): a webhook_deliveries row is added in the
     # transaction of the terminal status.
     webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
+    # The job's plan (app/jobs/plan.py), computed at submit: peak memory, scratch disk, artifact
+    # bytes, seconds and their inputs. Null for jobs submitted before plans existed.
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
     __table_args__ = (Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),)
 
@@ -213,6 +216,12 @@ class Worker(Base):
     device: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The budget of one job on this worker (worker/budget.py): memory a job's process may reach
+    # and scratch disk in its work folder. Null: not published (a worker of an older version).
+    memory_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    scratch_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    # Measured work bytes per second by plan path, {"whole": {"bytes_per_s", "jobs"}, ...}.
+    throughput: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
 
 class IdempotencyKey(Base):

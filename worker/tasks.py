@@ -4,25 +4,46 @@ database, so running a message twice is harmless (the claim lets only one attemp
 from __future__ import annotations
 
 import contextvars
+import logging
 import threading
 
 from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
 from app import observability
-from worker import pipeline, registry  # imports torch once, when the worker starts
+from worker import budget, pipeline, registry  # imports torch once, when the worker starts
 from worker.celery_app import QUEUES, TASK_RUN_JOB, celery_app
+
+log = logging.getLogger("modelpress.worker")
 
 _stop_reconciler = threading.Event()
 _stop_webhooks = threading.Event()
-_registration: registry.Registration | None = None
+_registration: budget.BudgetRegistration | None = None
 # task id -> the token that restores the log context when the task is done.
 _log_tokens: dict[str, contextvars.Token] = {}
 
 
 @celery_app.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
+    # A job whose plan is over this worker's budget is not claimed (worker/budget.py says what
+    # becomes of it); after a job, its measured throughput goes to the registry for later plans.
+    try:
+        admitted = budget.admit(job_id)
+    except Exception:  # e.g. the database is down: the claim (which retries nothing) decides
+        log.exception("job %s: could not check the job's plan against this worker's budget", job_id)
+        admitted = True
+    if not admitted:
+        return
     pipeline.run_job(job_id)
+    try:
+        budget.record_throughput(job_id)
+    except Exception:  # a figure for estimates only: never fails the task
+        log.exception("job %s: could not record the worker's throughput", job_id)
+
+
+def registration() -> budget.BudgetRegistration | None:
+    """This process's registry row, in a worker's main process (None in a prefork pool child)."""
+    return _registration
 
 
 @task_prerun.connect
@@ -52,7 +73,7 @@ def _on_ready(**_kw: object) -> None:
     start_background(_stop_reconciler)
     webhooks.start_background(_stop_webhooks)
     consumed = celery_app.amqp.queues.consume_from  # None: no -Q, every queue
-    _registration = registry.Registration(sorted(consumed or QUEUES), registry.describe(registry.device()))
+    _registration = budget.BudgetRegistration(sorted(consumed or QUEUES), registry.describe(registry.device()))
     _registration.start()
 
 

@@ -16,7 +16,18 @@ from app.deps import StorageDep
 from app.errors import API_ERRORS, BODY_ERRORS, Conflict, ModelpressError, NotFound, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.jobs import events, repository, service
-from app.jobs.schemas import JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
+from app.jobs.schemas import (
+    JobEstimate,
+    JobIn,
+    JobOut,
+    JobPage,
+    JobReport,
+    JobStatus,
+    LinkIn,
+    LinkOut,
+    MethodOut,
+    WorkerOut,
+)
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.pagination import next_cursor
 from app.routing import DirectRoute
@@ -57,6 +68,13 @@ def submit_job(
         return job.id, JobOut.from_row(job, service.stage(uow, job))
 
     return idempotency.run(uow, scope, 202, create)
+
+
+@router.post("/jobs/estimate", response_model=JobEstimate, responses=problem_responses(*BODY_ERRORS, 409))
+def estimate_job(body: JobIn, caller: CurrentCaller, uow: UoW) -> JobEstimate:
+    """The plan of a job without running it: peak memory, scratch disk, artifact bytes, seconds,
+    and whether a live worker's budget fits it. Takes the body of `POST /v1/jobs`, checked the same way."""
+    return JobEstimate.model_validate(service.estimate(uow, caller, body))
 
 
 @router.get("/jobs", response_model=JobPage, responses=problem_responses(*API_ERRORS))

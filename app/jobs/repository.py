@@ -30,7 +30,7 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.pagination import page
-from app.tables import Job, JobEvent, utcnow
+from app.tables import Job, JobEvent, Worker, utcnow
 from app.webhooks import repository as webhooks_repo
 
 TERMINAL = ("succeeded", "failed", "canceled")
@@ -275,3 +275,45 @@ def finish(session: Session, job_id: str, attempt: int, status: str, **values: A
         _record_end(session, job_id)
     session.commit()
     return res.rowcount == 1
+
+
+# --- plans and budgets -------------------------------------------------------------------------
+
+
+def live_workers(session: Session, queue: str, since: datetime) -> list[Worker]:
+    """Workers serving ``queue`` seen at or after ``since`` (worker.registry.live_since())."""
+    rows = session.scalars(select(Worker).where(Worker.last_seen_at >= since)).all()
+    return [w for w in rows if queue in (w.queues or [])]
+
+
+def fail_over_budget(session: Session, job_id: str, message: str) -> bool:
+    """Fail a job no worker of the fleet can take (``job_exceeds_worker_budget``) before any
+    attempt ran it: a compare-and-set on a claimable state (queued, or running with an expired
+    lease), so a worker that claimed it meanwhile wins. True if this call failed it."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(Job.id == job_id, _claimable(now))
+        .values(status="failed", finished_at=now, lease_expires_at=None, progress_stage="failed",
+                error_code="job_exceeds_worker_budget", error_message=message)
+    )
+    if res.rowcount == 1:
+        _record_end(session, job_id)
+    session.commit()
+    return res.rowcount == 1
+
+
+def record_throughput(session: Session, worker_id: str, path: str, bytes_per_s: float, weight: float = 0.3) -> None:
+    """Fold one job's measured work bytes per second into the worker's running average for the
+    plan path (an exponential average: the newest job weighs ``weight``)."""
+    worker = session.get(Worker, worker_id, with_for_update=True)
+    if worker is None:
+        session.rollback()
+        return
+    seen = dict(worker.throughput or {})
+    old = seen.get(path) or {}
+    jobs = int(old.get("jobs", 0))
+    avg = bytes_per_s if not jobs else (1 - weight) * float(old["bytes_per_s"]) + weight * bytes_per_s
+    seen[path] = {"bytes_per_s": round(avg, 1), "jobs": jobs + 1}
+    worker.throughput = seen
+    session.commit()

@@ -76,6 +76,49 @@ class Artifact(BaseModel):
     filename: str
 
 
+class JobPlan(BaseModel):
+    """What a job will take, computed before it runs (app/jobs/plan.py) from the safetensors
+    headers of the model, the steps, the evaluation and the workers' measured throughput."""
+
+    model_config = ConfigDict(extra="allow")
+    path: Literal["stream", "whole"] = Field(
+        description="stream: tensors are read and written one at a time (every step's method streams); "
+        "whole: the model is loaded whole")
+    peak_memory_bytes: int = Field(description="peak anonymous memory of the job's worker process (what an OOM kill counts; "
+                                   "memory-mapped weight files excluded), its baseline included")
+    scratch_bytes: int = Field(description="disk the job's work folder takes at most (result, zip, downloaded input)")
+    artifact_bytes: int = Field(description="size of the artifact (a zip for a model directory)")
+    seconds: float = Field(description="expected wall time, evaluation included")
+    model_bytes: int = Field(description="bytes of the model's tensors as stored")
+    parameters: int
+    largest_tensor_bytes: int = Field(description="the largest tensor, in float32")
+    baseline_bytes: int = Field(description="a worker process's own memory (torch, transformers) counted in the peak")
+    memory_factor: float = Field(description="peak above the baseline, per model byte (whole) or per byte of the largest "
+                                 "tensor in float32, at most a 32 MiB row chunk (stream)")
+    evaluation: bool = Field(description="whether the plan counts the report's evaluation")
+    evaluation_peak_bytes: int | None = None
+    throughput_bytes_per_s: float = Field(description="work bytes per second the seconds come from")
+    throughput_measured: bool = Field(description="false: the default throughput (no worker measured its own yet)")
+    notes: list[str] = Field(default_factory=list, description="what the figures assume")
+
+
+class FleetBudget(BaseModel):
+    """The largest budgets of the live workers of the job's queue, and whether one can take the job."""
+
+    queue: str
+    workers: int = Field(description="live workers of the queue that published a budget")
+    memory_bytes: int | None = Field(description="the largest memory budget among them")
+    scratch_bytes: int | None = Field(description="the largest scratch disk budget among them")
+    fits: bool = Field(description="whether one of them can take the job (false: POST /v1/jobs refuses it)")
+
+
+class JobEstimate(JobPlan):
+    """The plan of a job that is not submitted, with what the fleet can take (``fleet`` null: no
+    live worker has published a budget, so a submit is accepted and the worker decides)."""
+
+    fleet: FleetBudget | None = None
+
+
 class JobOut(BaseModel):
     id: str
     name: str | None
@@ -97,6 +140,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = None
     artifact: Artifact | None = None
     webhook_url: str | None = None
+    plan: JobPlan | None = Field(default=None, description="what the job takes, computed at submit (null: submitted before plans)")
 
     @classmethod
     def from_row(cls, job: Any, stage: str | None = None) -> "JobOut":
@@ -124,6 +168,7 @@ class JobOut(BaseModel):
             if job.status == "succeeded" and job.artifact_sha256
             else None,
             webhook_url=job.webhook_url,
+            plan=job.plan,
         )
 
 
@@ -143,6 +188,10 @@ class WorkerOut(BaseModel):
     started_at: datetime
     last_seen_at: datetime
     live: bool
+    memory_budget_bytes: int | None = Field(default=None, description="memory one job's process may reach (MODELPRESS_WORKER_MEMORY_BUDGET_MB)")
+    scratch_budget_bytes: int | None = Field(default=None, description="scratch disk one job may take (MODELPRESS_WORKER_SCRATCH_BUDGET_MB)")
+    throughput: dict[str, Any] | None = Field(
+        default=None, description='measured work bytes per second by plan path: {"whole": {"bytes_per_s", "jobs"}, ...}')
 
 
 class MethodOut(BaseModel):

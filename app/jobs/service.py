@@ -1,28 +1,75 @@
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from app import quotas
 from app.auth import Caller
+from app.config import get_settings
 from app.db import UnitOfWork
-from app.errors import Conflict, NotFound, Unprocessable
+from app.errors import Conflict, JobExceedsWorkerBudget, NotFound, Unprocessable
+from app.jobs import plan as planner
 from app.jobs import repository
 from app.jobs.schemas import JobIn
+from app.storage import get_storage
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
 from app.tables import Job, Model, utcnow
 from app.webhooks import service as webhooks_service
 from worker import registry as worker_registry
 from worker.celery_app import enqueue_job
-from worker.methods import ModelInfo, StepError, validate_steps
+from worker.methods import ModelInfo, StepError, load_all, validate_steps
 from worker.methods import get as get_method
+
+log = logging.getLogger("modelpress.jobs")
 
 
 def submit(
     uow: UnitOfWork, caller: Caller, body: JobIn, *, sweep_id: str | None = None, sweep_point: dict | None = None
 ) -> Job:
-    """Check the spec, add the job row and enqueue it after the commit (a sweep adds one per
-    point in one transaction: all points are recorded, or none)."""
+    """Check the spec, plan the job (refused when no live worker's budget fits it), add the job
+    row and enqueue it after the commit (a sweep adds one per point in one transaction: all
+    points are recorded, or none)."""
     if body.webhook_url is not None:  # before any query: it may wait on DNS
         webhooks_service.check_url(body.webhook_url)
+    model, steps = _checked(uow, caller, body)
+    quotas.check_job(uow.session, caller.tenant_id)
+    queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
+    plan = _plan_or_none(uow, model, steps, body.evaluation.model_dump(), queue)
+    if plan is not None:
+        fleet = fleet_budget(uow, plan, queue)
+        if fleet is not None and not fleet["fits"]:
+            raise over_budget(plan, fleet)
+    job = Job(
+        tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
+        progress_stage=_gpu_stage(uow) if queue == "gpu" else "queued",
+        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
+        evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
+        webhook_url=body.webhook_url, plan=plan,
+    )
+    uow.session.add(job)
+    uow.session.flush()
+    repository.record_submitted(uow.session, job)
+    job_id = job.id
+    # Only after the row is committed: a worker that sees the message must find the job.
+    uow.after_commit(lambda: enqueue_job(job_id, queue))
+    return job
+
+
+def estimate(uow: UnitOfWork, caller: Caller, body: JobIn) -> dict[str, Any]:
+    """The plan of a job spec, checked as a submit checks it, with what the fleet can take;
+    nothing is recorded or run."""
+    model, steps = _checked(uow, caller, body)
+    queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
+    try:
+        plan = plan_job(uow, model, steps, body.evaluation.model_dump(), queue)
+    except (OSError, planner.HeaderError) as e:
+        raise Conflict(f"the model's stored files cannot be read to plan the job ({e})", code="model_unreadable") from None
+    return {**plan, "fleet": fleet_budget(uow, plan, queue)}
+
+
+def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[dict]]:
+    """The job's model and its validated steps, or the 422 that says what is wrong."""
     model = models_repo.get(uow.session, caller.tenant_id, body.model_id)
     if model is None:
         raise Unprocessable(
@@ -46,22 +93,93 @@ def submit(
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
     _check_student_models(uow, caller, model, steps)
-    quotas.check_job(uow.session, caller.tenant_id)
-    queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
-    job = Job(
-        tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
-        progress_stage=_gpu_stage(uow) if queue == "gpu" else "queued",
-        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
-        evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
-        webhook_url=body.webhook_url,
+    return model, steps
+
+
+# --- plans and the fleet's budgets -------------------------------------------------------------
+
+
+def _model_tensors(uow: UnitOfWork, model: Model) -> list[planner.Tensor]:
+    """The model's tensors from the headers of its stored safetensors files (no weights are
+    read), once per request (a sweep plans every point on the same model)."""
+    cache = uow.session.info.setdefault("model_tensors", {})
+    if model.id not in cache:
+        storage, limit = get_storage(), get_settings().max_safetensors_header_bytes
+        tensors: list[planner.Tensor] = []
+        for f in model.files:
+            if f["name"].endswith(".safetensors"):
+                with storage.open(f"{model.storage_prefix}/{f['name']}") as fh:
+                    tensors += planner.read_header(fh, limit)
+        cache[model.id] = tensors
+    return cache[model.id]
+
+
+def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str) -> dict[str, Any]:
+    """The job's plan (app/jobs/plan.py), with the live workers' measured throughput."""
+    storage = get_storage()
+    tensors = _model_tensors(uow, model)
+    # MODELPRESS_STREAM_ENGINE false (the workers' setting, read here too) builds every model in memory.
+    stream = planner.stream_capable(steps, load_all()) and getattr(get_settings(), "stream_engine", True)
+    return planner.compute(
+        fmt=model.format, tensors=tensors,
+        other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
+        input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream,
+        input_on_scratch=not storage.is_local, throughput=_fleet_throughput(uow, queue),
     )
-    uow.session.add(job)
-    uow.session.flush()
-    repository.record_submitted(uow.session, job)
-    job_id = job.id
-    # Only after the row is committed: a worker that sees the message must find the job.
-    uow.after_commit(lambda: enqueue_job(job_id, queue))
-    return job
+
+
+def _plan_or_none(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str) -> dict[str, Any] | None:
+    """A submit's plan; None when the stored files cannot be read (the job is accepted unplanned:
+    the worker's own load reports the problem)."""
+    try:
+        return plan_job(uow, model, steps, evaluation, queue)
+    except (OSError, planner.HeaderError) as e:
+        log.warning("model %s: no plan (%s)", model.id, e)
+        return None
+
+
+def _live(uow: UnitOfWork, queue: str) -> list[Any]:
+    cache = uow.session.info.setdefault("live_workers", {})
+    if queue not in cache:
+        cache[queue] = repository.live_workers(uow.session, queue, worker_registry.live_since())
+    return cache[queue]
+
+
+def _fleet_throughput(uow: UnitOfWork, queue: str) -> dict[str, float]:
+    """Mean measured work bytes per second of the queue's live workers, by plan path."""
+    found: dict[str, list[float]] = {}
+    for w in _live(uow, queue):
+        for path, m in (w.throughput or {}).items():
+            if isinstance(m, dict) and m.get("bytes_per_s"):
+                found.setdefault(path, []).append(float(m["bytes_per_s"]))
+    return {p: sum(v) / len(v) for p, v in found.items()}
+
+
+def fleet_budget(uow: UnitOfWork, plan: dict[str, Any], queue: str) -> dict[str, Any] | None:
+    """The largest budgets of the queue's live workers and whether one fits the plan; None when
+    the fleet's budgets are unknown (no live worker, or one that published none: it takes anything)."""
+    workers = _live(uow, queue)
+    if not workers or any(w.memory_budget_bytes is None or w.scratch_budget_bytes is None for w in workers):
+        return None
+    return {
+        "queue": queue, "workers": len(workers),
+        "memory_bytes": max(w.memory_budget_bytes for w in workers),
+        "scratch_bytes": max(w.scratch_budget_bytes for w in workers),
+        "fits": any(planner.fits(plan, w.memory_budget_bytes, w.scratch_budget_bytes) for w in workers),
+    }
+
+
+def over_budget(plan: dict[str, Any], fleet: dict[str, Any]) -> JobExceedsWorkerBudget:
+    who = f"the largest live {fleet['queue']} worker ({fleet['workers']} live)"
+    return JobExceedsWorkerBudget(
+        planner.over_budget_message(plan, fleet["memory_bytes"], fleet["scratch_bytes"], who),
+        errors=[{"loc": ["body"], "msg": "no live worker's budget fits the job's plan", "type": "job_exceeds_worker_budget"}],
+        extensions={
+            "required": {"memory_bytes": plan["peak_memory_bytes"], "scratch_bytes": plan["scratch_bytes"], "path": plan["path"]},
+            "available": {"memory_bytes": fleet["memory_bytes"], "scratch_bytes": fleet["scratch_bytes"],
+                          "queue": fleet["queue"], "workers": fleet["workers"]},
+        },
+    )
 
 
 # Files that define a tokenizer's vocabulary: a student that brings its own must bring the same.
@@ -128,7 +246,8 @@ def workers(uow: UnitOfWork) -> list[dict]:
     since = worker_registry.live_since()
     return [
         {"id": w.id, "hostname": w.hostname, "queues": w.queues, "device": w.device, "started_at": w.started_at,
-         "last_seen_at": w.last_seen_at, "live": w.last_seen_at >= since}
+         "last_seen_at": w.last_seen_at, "live": w.last_seen_at >= since, "memory_budget_bytes": w.memory_budget_bytes,
+         "scratch_budget_bytes": w.scratch_budget_bytes, "throughput": w.throughput}
         for w in worker_registry.all_workers(uow.session)
     ]
 

@@ -1,0 +1,429 @@
+"""The plan of a job, computed before it runs: peak memory, scratch disk, artifact bytes, seconds.
+
+Nothing here reads a weight or imports torch (the API computes plans): the inputs are the
+tensors' dtypes and shapes from the safetensors headers of the stored model files (8-byte
+little-endian length + JSON, read through the Storage interface: the file, or a range read of
+an object store), the job's steps and evaluation, and the fleet's measured throughput.
+
+Two paths (``path``):
+
+* ``stream``: every step's method has a streaming form (``MethodSpec.stream``): tensors are read
+  one at a time from the memory-mapped shards and written once into the artifact. Peak memory is
+  the worker's baseline plus the method's factor (``STREAM_FACTORS``) times the largest tensor in
+  float32 (at most one row chunk, ``STREAM_CHUNK_BYTES``).
+* ``whole``: the model is loaded whole (``from_pretrained`` with the stored dtypes) and every step
+  works on it. Peak memory is the baseline plus the model's bytes times the largest factor of its
+  methods (``WHOLE_FACTORS``; distillation counts the student and its optimizer state).
+
+Evaluation (``evaluation.enabled``) loads the original and the compressed model one after the
+other: its peak is the baseline plus ``EVAL_MAPPED_FACTOR`` (float results, memory-mapped) or
+``EVAL_DECOMPRESSED_FACTOR`` (integer results, decompressed on load) times the model's bytes; the
+plan's peak is the larger of that and the steps' peak.
+
+Memory is anonymous memory (what an OOM kill counts): weight files are memory-mapped, and their
+pages are the kernel's to drop.
+
+Every figure is an estimate with its inputs in the plan (``model_bytes``, ``largest_tensor_bytes``,
+``baseline_bytes``, ``memory_factor``, ``throughput_bytes_per_s``) and what it assumed in
+``notes``. The constants below say where their values come from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+# safetensors dtype -> bytes per element (app.models.validation.SAFETENSORS_DTYPES, which refuses others).
+from app.models.validation import SAFETENSORS_DTYPES
+
+# Memory is anonymous memory (RssAnon: what the job allocates, what an OOM kill counts; the pages
+# of memory-mapped weight files are the kernel's to drop and are not counted), as the worker
+# samples it per job (metrics.memory.peak_anon_bytes, worker/memory.py). The factors below were
+# measured on the CI machine (x86-64, 2 cores, torch 2.13 CPU) with real jobs, each on a fresh
+# worker, evaluation off, as peak_anon_bytes minus the peak of a tiny job run first on the same
+# worker; MODELPRESS_TEST_PLAN_CALIBRATE=1 pytest tests/test_plan.py -k measured -s measures them
+# again.
+
+# A worker pool process with torch and transformers imported, running a tiny job (75 KB of
+# weights): 420 MiB of anonymous memory, the same on every fresh worker measured.
+BASELINE_BYTES = 440 * 10**6
+
+# stream path: peak above the baseline = the method's factor x the largest tensor in float32, or
+# x one row chunk when the tensor is larger (worker/stream works through a tensor in row chunks of
+# STREAM_CHUNK_BYTES of float32: keep in step with worker/stream CHUNK_BYTES). Measured on a
+# 135 MB Llama whose largest tensors are 16 MiB (hidden 1024, MLP 4096): magnitude pruning 32 MiB
+# above the baseline (2.0x), cast 27 MiB (1.7x), int4 weight-only 106 MiB (6.6x), dynamic int8
+# 83 MiB (5.2x), fixed point 204 MiB (12.7x); rounded up.
+STREAM_FACTORS: dict[str, float] = {
+    "prune.magnitude": 2.2,
+    "quantize.cast": 1.8,
+    "quantize.weight_only": 7.0,
+    "quantize.dynamic_int8": 5.5,
+    "quantize.fixed_point": 13.0,
+}
+# A streaming method not measured yet: the engine's design figure (the chunk read, its float32
+# working copy, the transformed result, the output buffer).
+STREAM_TENSOR_FACTOR = 4.0
+STREAM_CHUNK_BYTES = 32 << 20
+
+# whole path: peak above the baseline = factor x the model's bytes as stored, by method. The model
+# is loaded through memory maps (no anonymous memory until a method writes to it). Measured on a
+# 78 MB Llama (6 layers, hidden 512): wanda 118 MiB above the baseline (1.59x), GPTQ 190 MiB
+# (2.56x), SmoothQuant 170 MiB (2.29x), structured pruning 29 MiB (0.39x). The data-free methods
+# take this path only when the model cannot stream (or MODELPRESS_STREAM_ENGINE is false): their
+# factors are resident-memory growths measured before anonymous memory was sampled (an upper bound).
+WHOLE_FACTORS: dict[str, float] = {
+    "prune.wanda": 1.6,
+    "prune.sparsegpt": 1.6,  # wanda's machinery (llm-compressor), not measured apart
+    "quantize.gptq": 2.6,
+    "quantize.awq": 2.6,  # GPU only: gptq's figure
+    "quantize.smoothquant": 2.3,
+    "prune.structured": 0.4,
+    "prune.magnitude": 1.2,
+    "quantize.cast": 1.2,
+    "quantize.weight_only": 2.2,
+    "quantize.fixed_point": 2.2,
+    "quantize.dynamic_int8": 2.2,
+}
+# A method not listed above (a new one): the largest measured factor.
+DEFAULT_WHOLE_FACTOR = 2.6
+# distill: the student four times over (weights, gradients, AdamW's two moments) plus activations
+# and logits (DISTILL_ACTIVATION_FACTOR x the teacher); the frozen teacher stays memory-mapped.
+# Measured: 3 of 6 layers of the 78 MB Llama, batch 4 x 32 tokens: 192 MiB (2.59x the teacher).
+DISTILL_STUDENT_COPIES = 4.0
+DISTILL_ACTIVATION_FACTOR = 0.6
+# Evaluation loads the original, then the compressed model whole and runs them: above the
+# baseline, this x the model's bytes. Float results load through memory maps (activations and the
+# evaluator's copies only: 40 MiB for the 135 MB Llama pruned, 0.31x); integer results are
+# decompressed into float weights on load (223 MiB for it in int4, 1.73x).
+EVAL_MAPPED_FACTOR = 0.35
+EVAL_DECOMPRESSED_FACTOR = 1.8
+
+# Throughput in "work bytes" per second before a worker measured its own (workers record theirs
+# after every job on a model of at least MIN_THROUGHPUT_SAMPLE_BYTES, worker/budget.py): model
+# bytes x the method's cost weight per second, after FIXED_SECONDS of set-up. Measured on the CI
+# machine (2 shared cores): a 78 MB Llama pruned by magnitude in memory in 7.8 s (load, step,
+# save, zip, store: ~10 MB/s), a 135 MB one streamed in 4.2 s (~30 MB/s).
+DEFAULT_THROUGHPUT_BYTES_PER_S = {"whole": 10 * 10**6, "stream": 30 * 10**6}
+FIXED_SECONDS = 0.5
+MIN_THROUGHPUT_SAMPLE_BYTES = 32 << 20
+# Relative cost of a method per model byte, against magnitude pruning on the same path (1.0),
+# from the seconds of the calibration jobs above (rough: the CI machine's 2 cores are shared, and
+# the calibrated methods' times varied 3-20x between runs). A method not listed costs 1.
+WHOLE_COST: dict[str, float] = {
+    "prune.wanda": 3.0, "prune.sparsegpt": 10.0, "quantize.gptq": 8.0, "quantize.smoothquant": 6.0,
+    "quantize.awq": 8.0, "prune.structured": 0.5,
+}
+STREAM_COST: dict[str, float] = {
+    "quantize.cast": 0.3, "quantize.weight_only": 1.2, "quantize.dynamic_int8": 0.8, "quantize.fixed_point": 1.4,
+}
+# distill: per optimizer step of the reference batch (4 x 32 tokens), on top of 1 (load, save);
+# 5 steps of 3 of 6 layers of the 78 MB Llama took ~3x a magnitude pruning of it.
+DISTILL_COST_PER_STEP = 0.5
+DISTILL_DEFAULT_STEPS = 100
+
+
+def method_cost(method: str, params: Mapping[str, Any], path: str) -> float:
+    """A step's cost weight: seconds = FIXED_SECONDS + model bytes x cost / throughput."""
+    if method == "distill":
+        steps = params.get("steps") or (DISTILL_DEFAULT_STEPS if not params.get("epochs") else 10 * int(params["epochs"]))
+        tokens = int(params.get("batch_size", 8)) * int(params.get("max_length", 128))
+        return 1.0 + DISTILL_COST_PER_STEP * steps * tokens / (4 * 32)
+    return (STREAM_COST if path == "stream" else WHOLE_COST).get(method, 1.0)
+
+
+def job_cost(steps: Iterable[Mapping[str, Any]], path: str) -> float:
+    """The job's cost weight: its steps' (a stream pass fuses them: the dearest)."""
+    costs = [method_cost(s["method"], s.get("params") or {}, path) for s in steps]
+    if not costs:
+        return 1.0
+    return max(costs) if path == "stream" else sum(costs)
+
+
+# Zip headers and the manifest (modelpress.json) of an artifact directory.
+ZIP_OVERHEAD_BYTES = 8 << 10
+# Seconds of evaluation beyond its budget_s (loading the compressed model, tokenizing).
+EVAL_OVERHEAD_S = 2.0
+
+# Names of bare-state-dict tensors that are embeddings or heads (worker/model_io.py's list): no
+# method changes them. Quantizers also leave the LM head alone (their default ``ignore``).
+_EMBEDDING_PATTERNS = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*shared.weight", "*position*")
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_LAYER_RE = re.compile(r"\.(?:layers|layer|h|block|blocks)\.(\d+)\.")
+
+
+class HeaderError(ValueError):
+    """A stored file's safetensors header cannot be read (it was validated at upload)."""
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * SAFETENSORS_DTYPES.get(self.dtype, 4)
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in _FLOAT_DTYPES
+
+
+def read_header(f: BinaryIO, max_bytes: int) -> list[Tensor]:
+    """The tensors of one safetensors file, from its header only (a few KB of a multi-GB file)."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise HeaderError("file too short")
+    (n,) = struct.unpack("<Q", head)
+    if not 0 < n <= max_bytes:
+        raise HeaderError(f"header size {n} outside 1..{max_bytes}")
+    try:
+        header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeaderError(f"header is not JSON ({e.__class__.__name__})") from None
+    header.pop("__metadata__", None)
+    return [Tensor(name, info["dtype"], tuple(info["shape"])) for name, info in header.items()]
+
+
+def is_target(t: Tensor) -> bool:
+    """A weight methods act on: a 2-D float ``*.weight`` that is not an embedding or head."""
+    return (len(t.shape) == 2 and t.is_float and t.name.endswith(".weight")
+            and not any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS))
+
+
+def stream_capable(steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
+    """Whether every step's method has a streaming form (``MethodSpec.stream``)."""
+    specs = [registry.get(s["method"]) for s in steps]
+    return bool(specs) and all(spec is not None and spec.stream is not None for spec in specs)
+
+
+# --- artifact bytes, tensor by tensor ----------------------------------------------------------
+
+
+@dataclass
+class _Out:
+    """One tensor of the result and its stored bytes."""
+
+    tensor: Tensor
+    nbytes: int
+    quantized: bool = False
+    dropped: bool = False
+
+
+def _pack_bytes(out_f: int, in_f: int, bits: int, group: int | None, scale_size: int, symmetric: bool) -> int:
+    """compressed-tensors pack-quantized: int32 words + scales (+ packed zero points) + shape."""
+    groups = math.ceil(in_f / group) if group else 1
+    stored = out_f * math.ceil(in_f * bits / 32) * 4 + 16 + out_f * groups * scale_size
+    if not symmetric:
+        stored += math.ceil(out_f * bits / 32) * groups * 4
+    return stored
+
+
+def _int8_bytes(out_f: int, in_f: int, scale_size: int) -> int:
+    """compressed-tensors int-quantized (W8A8): int8 weights + one scale per output channel."""
+    return out_f * in_f + out_f * scale_size
+
+
+def _quant_scheme(method: str, params: Mapping[str, Any]) -> tuple[str, int, int | None, bool] | None:
+    """(format, bits, group, symmetric) of a quantizing step, None for others."""
+    if method == "quantize.weight_only":
+        return "pack", int(params.get("bits", 8)), params.get("group_size"), bool(params.get("symmetric", True))
+    if method == "quantize.fixed_point":
+        return "pack", int(params.get("bits", 8)), None, True
+    if method == "quantize.dynamic_int8" or method == "quantize.smoothquant":
+        return "int8", 8, None, True
+    if method in ("quantize.gptq", "quantize.awq"):
+        scheme = params.get("scheme", "W4A16")
+        if scheme == "W8A8":
+            return "int8", 8, None, True
+        # Scale bytes only: per group of 128 or per channel differ by ~3 % of a 4-bit weight.
+        group = params.get("group_size") or (128 if scheme == "W4A16" else None)
+        return "pack", 4 if scheme == "W4A16" else 8, group, True
+    return None
+
+
+def _ignored(name: str, params: Mapping[str, Any]) -> bool:
+    module = name.removesuffix(".weight")
+    for pat in params.get("ignore") or []:
+        if isinstance(pat, str) and (pat == module or module.endswith("." + pat) or pat == module.rsplit(".", 1)[-1]
+                                     or (pat.startswith("re:") and re.search(pat[3:], module))):
+            return True
+    return False
+
+
+def _apply_step(outs: list[_Out], method: str, params: Mapping[str, Any], notes: list[str], layers: int | None) -> None:
+    if method == "quantize.cast":
+        for o in outs:
+            if o.tensor.dtype in ("F32", "F64") and not o.quantized:
+                o.nbytes = o.tensor.numel * 2
+        return
+    if method in ("prune.magnitude", "prune.wanda", "prune.sparsegpt"):
+        return  # zeros are stored densely
+    if method == "prune.structured":
+        ffn, heads = float(params.get("ffn", 0.0)), float(params.get("heads", 0.0))
+        # Feed-forward weights lose ``ffn`` of their rows or columns, attention projections ``heads``.
+        for o in outs:
+            if not is_target(o.tensor):
+                continue
+            name = o.tensor.name
+            if any(k in name for k in ("mlp", "intermediate", "ffn", "fc", "output.dense")) and "attention" not in name:
+                o.nbytes = int(o.nbytes * (1 - ffn))
+            elif any(k in name for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+                o.nbytes = int(o.nbytes * (1 - heads))
+        notes.append("prune.structured: removed rows and columns estimated by tensor name (mlp/attention)")
+        return
+    if method == "distill":
+        keep = params.get("layers")
+        if keep and layers:
+            for o in outs:
+                m = _LAYER_RE.search(o.tensor.name)
+                if m and int(m.group(1)) >= int(keep):  # a count of layers stays; which ones does not matter to bytes
+                    o.dropped = True
+        else:
+            notes.append("distill: the student's size is counted as the teacher's (an upper bound)")
+        return
+    scheme = _quant_scheme(method, params)
+    if scheme is None:
+        if method:
+            notes.append(f"{method}: artifact counted at the input's size")
+        return
+    fmt, bits, group, symmetric = scheme
+    for o in outs:
+        t = o.tensor
+        if not is_target(t) or o.quantized or _ignored(t.name, params):
+            continue
+        out_f, in_f = t.shape
+        scale_size = SAFETENSORS_DTYPES.get(t.dtype, 4) if o.nbytes == t.nbytes else 2
+        o.nbytes = _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric) if fmt == "pack" else _int8_bytes(out_f, in_f, scale_size)
+        o.quantized = True
+
+
+def _layer_count(tensors: Iterable[Tensor]) -> int | None:
+    found = {int(m.group(1)) for t in tensors if (m := _LAYER_RE.search(t.name))}
+    return max(found) + 1 if found else None
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+def _step_factor(method: str, params: Mapping[str, Any], model_bytes: int, student_fraction: float) -> float:
+    if method == "distill":
+        return DISTILL_STUDENT_COPIES * student_fraction + DISTILL_ACTIVATION_FACTOR
+    return WHOLE_FACTORS.get(method, DEFAULT_WHOLE_FACTOR)
+
+
+def compute(
+    *,
+    fmt: str,
+    tensors: list[Tensor],
+    other_bytes: int,
+    input_bytes: int,
+    steps: list[Mapping[str, Any]],
+    evaluation: Mapping[str, Any],
+    stream: bool,
+    input_on_scratch: bool,
+    throughput: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """The plan (a JSON object, the shape of ``app.jobs.schemas.JobPlan``).
+
+    ``tensors``: every tensor of the model's safetensors files; ``other_bytes``: its other files
+    (config, tokenizer), copied to the result; ``input_bytes``: all its files; ``stream``: every
+    step streams (:func:`stream_capable`); ``input_on_scratch``: the worker downloads the input
+    into its work folder (object storage) rather than hard-linking it (a local folder);
+    ``throughput``: measured work bytes per second by path (the fleet's), else the defaults."""
+    notes: list[str] = []
+    path = "stream" if stream else "whole"
+    enabled = bool(evaluation.get("enabled", True))
+    model_bytes = sum(t.nbytes for t in tensors)
+    float_bytes = sum(t.nbytes for t in tensors if t.is_float)
+    largest_f32 = max((t.numel * 4 for t in tensors), default=0)
+    layers = _layer_count(tensors)
+
+    outs = [_Out(t, t.nbytes) for t in tensors]
+    for step in steps:
+        _apply_step(outs, step["method"], step.get("params") or {}, notes, layers)
+    kept = [o for o in outs if not o.dropped]
+    weight_out = sum(o.nbytes for o in kept)
+    student_fraction = weight_out / model_bytes if model_bytes else 1.0
+    # The artifact: a zip of the result folder (weight files stored, not deflated) for a model
+    # directory, the safetensors file for a bare state dict.
+    artifact = weight_out + (other_bytes + ZIP_OVERHEAD_BYTES if fmt == "hf" else 0)
+
+    if stream:
+        factor = max(STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps)
+        steps_peak = BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
+    else:
+        factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
+        steps_peak = BASELINE_BYTES + int(factor * model_bytes)
+    eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
+    eval_peak = BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes)) if enabled else 0
+    peak = max(steps_peak, eval_peak)
+    if enabled and eval_peak > steps_peak:
+        notes.append("peak: evaluation (each model loaded whole, one after the other)")
+    if enabled and stream:
+        notes.append("evaluation: runs when the worker can hold the model whole (else the report says it was left out)")
+
+    # Scratch: the input when it is downloaded; stream: the artifact written once (and, for the
+    # evaluation, its folder unpacked next to it); whole: the result folder and, for a directory, its zip.
+    if stream:
+        scratch = artifact + (artifact if enabled and fmt == "hf" else 0)
+    else:
+        scratch = artifact + (artifact if fmt == "hf" else 0)
+    scratch += input_bytes if input_on_scratch else 0
+    if not input_on_scratch:
+        notes.append("scratch: the input is hard-linked from local storage (no copy)")
+
+    measured = dict(throughput or {})
+    bps = measured.get(path) or DEFAULT_THROUGHPUT_BYTES_PER_S[path]
+    seconds = FIXED_SECONDS + model_bytes * job_cost(steps, path) / bps
+    if enabled:
+        seconds += float(evaluation.get("budget_s", 30.0)) + EVAL_OVERHEAD_S
+    if path not in measured:
+        notes.append("seconds: default throughput (no worker has measured its own yet)")
+
+    return {
+        "path": path,
+        "peak_memory_bytes": int(peak),
+        "scratch_bytes": int(scratch),
+        "artifact_bytes": int(artifact),
+        "seconds": round(seconds, 2),
+        "model_bytes": int(model_bytes),
+        "parameters": int(sum(t.numel for t in tensors)),
+        "largest_tensor_bytes": int(largest_f32),
+        "baseline_bytes": BASELINE_BYTES,
+        "memory_factor": round(factor, 3),
+        "evaluation": enabled,
+        "evaluation_peak_bytes": int(eval_peak) if enabled else None,
+        "throughput_bytes_per_s": float(bps),
+        "throughput_measured": path in measured,
+        "notes": notes,
+    }
+
+
+def fits(plan: Mapping[str, Any], memory_bytes: int | None, scratch_bytes: int | None) -> bool:
+    """Whether a worker with these budgets may run the plan (None: no budget, anything fits)."""
+    return ((memory_bytes is None or plan["peak_memory_bytes"] <= memory_bytes)
+            and (scratch_bytes is None or plan["scratch_bytes"] <= scratch_bytes))
+
+
+def gib(n: int | float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def over_budget_message(plan: Mapping[str, Any], memory_bytes: int | None, scratch_bytes: int | None, who: str) -> str:
+    return (f"the job needs {gib(plan['peak_memory_bytes'])} of memory and {gib(plan['scratch_bytes'])} of scratch "
+            f"disk ({plan['path']} path); {who} has at most {gib(memory_bytes or 0)} of memory and "
+            f"{gib(scratch_bytes or 0)} of scratch disk (MODELPRESS_WORKER_MEMORY_BUDGET_MB, "
+            f"MODELPRESS_WORKER_SCRATCH_BUDGET_MB)")
