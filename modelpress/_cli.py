@@ -6,6 +6,8 @@ parser with :func:`add_client_commands`; the logic is here, on :class:`modelpres
     modelpress compress MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
                         [--name N] [--no-eval | --evaluation JSON] [--wait [--timeout S]]
     modelpress jobs [--status S] [--limit N]
+    modelpress jobs estimate MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
+                        [--no-eval | --evaluation JSON]
     modelpress status JOB
     modelpress wait JOB [--timeout S]
     modelpress cancel JOB
@@ -42,7 +44,7 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EX
 
 EPILOG = """\
 client commands (talk to a running service over HTTP):
-  upload, upload-dataset, compress, jobs, status, wait, cancel, download, report
+  upload, upload-dataset, compress, jobs, jobs estimate, status, wait, cancel, download, report
   The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
   (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
 
@@ -246,6 +248,39 @@ def _job_table(job: Any) -> Any:
     if size.get("compression_ratio"):
         t.add_row("size", f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
                   f"({size['compression_ratio']:.3g}× smaller)")
+    if job.plan:
+        t.add_row("plan", _plan_line(job.plan))
+    return t
+
+
+def _plan_line(plan: Any) -> str:
+    return (f"{plan.path} path: peak memory {_size(plan.peak_memory_bytes)}, scratch {_size(plan.scratch_bytes)}, "
+            f"artifact {_size(plan.artifact_bytes)}, ~{plan.seconds:,.0f} s")
+
+
+def _estimate_table(est: Any) -> Any:
+    from rich.table import Table
+
+    t = Table(show_header=False, box=None, pad_edge=False)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("path", est.path + (" (tensor by tensor)" if est.path == "stream" else " (the model loaded whole)"))
+    t.add_row("peak memory", f"{_size(est.peak_memory_bytes)} (baseline {_size(est.baseline_bytes)} + "
+              f"{est.memory_factor:g}× {'largest tensor' if est.path == 'stream' else 'model'})")
+    t.add_row("scratch disk", _size(est.scratch_bytes))
+    t.add_row("artifact", _size(est.artifact_bytes))
+    t.add_row("seconds", f"~{est.seconds:,.1f}" + ("" if est.throughput_measured else " (default throughput)"))
+    t.add_row("model", f"{_size(est.model_bytes)}, {est.parameters:,} parameters, largest tensor "
+              f"{_size(est.largest_tensor_bytes)} (float32)")
+    if est.fleet is None:
+        t.add_row("workers", "no live worker published a budget: a submit is accepted and the worker decides")
+    else:
+        f = est.fleet
+        verdict = "[green]fits[/]" if f.fits else "[red]exceeds every worker's budget (a submit is refused)[/]"
+        t.add_row("workers", f"{verdict}: largest {f.queue} budget {_size(f.memory_bytes)} memory, "
+                  f"{_size(f.scratch_bytes)} scratch ({f.workers} live)")
+    for note in est.notes:
+        t.add_row("note", note)
     return t
 
 
@@ -393,8 +428,7 @@ def _report_job(args: argparse.Namespace, job: Any) -> None:
         _out().print(_job_table(job))
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    steps = [parse_step(s) for s in args.step]
+def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
     evaluation = None
     if args.evaluation:
         evaluation = json.loads(args.evaluation)
@@ -402,6 +436,24 @@ def cmd_compress(args: argparse.Namespace) -> int:
             raise ValueError("--evaluation must be a JSON object, e.g. '{\"runs\": 3}'")
     if args.no_eval:
         evaluation = {**(evaluation or {}), "enabled": False}
+    return evaluation
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    steps = [parse_step(s) for s in args.step]
+    with _client(args) as mp:
+        est = mp.estimate(args.model_id, steps, dataset_id=args.dataset, eval_dataset_id=args.eval_dataset,
+                          evaluation=_evaluation(args))
+    if args.json:
+        _print_json(est)
+    else:
+        _out().print(_estimate_table(est))
+    return EXIT_OK
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    steps = [parse_step(s) for s in args.step]
+    evaluation = _evaluation(args)
     with _client(args) as mp:
         job = mp.submit(args.model_id, steps, name=args.name, dataset_id=args.dataset,
                         eval_dataset_id=args.eval_dataset, evaluation=evaluation)
@@ -597,9 +649,24 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job, showing its stage and progress live")
     _wait_flags(p)
 
-    p = add("jobs", cmd_jobs, "list jobs, newest first", "example: modelpress jobs --status running --limit 50")
+    p = add("jobs", cmd_jobs, "list jobs, newest first; `jobs estimate` plans a job without running it",
+            "examples:\n  modelpress jobs --status running --limit 50\n"
+            "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval")
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
     p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{estimate}")
+    help_ = "a job's plan without running it: peak memory, scratch disk, artifact bytes, seconds"
+    e = jobs_sub.add_parser(
+        "estimate", parents=common, help=help_, description=help_, formatter_class=raw,
+        epilog="Takes the arguments of `compress` (POST /v1/jobs/estimate takes the body of POST /v1/jobs).\n"
+               "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json")
+    e.set_defaults(fn=_command(cmd_estimate))
+    e.add_argument("model_id", metavar="MODEL_ID")
+    e.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
+    e.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
+    e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
+    e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
+    e.add_argument("--no-eval", action="store_true", help="plan without the report's evaluation")
 
     p = add("status", cmd_status, "show one job", "example: modelpress status JOB --json")
     p.add_argument("job", metavar="JOB")

@@ -77,6 +77,7 @@ from modelpress._errors import (
 from modelpress._models import (
     Dataset,
     Download,
+    Estimate,
     Job,
     Link,
     Method,
@@ -249,12 +250,15 @@ class _Call:
     data: dict[str, str] | None = None
     upload: _Upload | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # A POST that changes nothing on the server (an estimate): as safe to resend as a GET.
+    safe: bool = False
 
     @property
     def resendable(self) -> bool:
-        """May be sent again after it possibly reached the server: reads, and creates that carry
-        an ``Idempotency-Key`` (the server answers a repeat with the first response)."""
-        return self.method in ("GET", "HEAD") or "Idempotency-Key" in self.headers
+        """May be sent again after it possibly reached the server: reads, POSTs that change
+        nothing (``safe``), and creates that carry an ``Idempotency-Key`` (the server answers a
+        repeat with the first response)."""
+        return self.method in ("GET", "HEAD") or self.safe or "Idempotency-Key" in self.headers
 
 
 def _json_of(model: type[R]) -> Callable[[httpx.Response], R]:
@@ -444,6 +448,11 @@ class _BaseClient:
         body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
         return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
 
+    def _estimate_call(self, model_id: Any, steps: Iterable[StepLike], dataset_id: Any, eval_dataset_id: Any,
+                       evaluation: Mapping[str, Any] | None) -> _Call:
+        body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation)
+        return _Call("POST", "/v1/jobs/estimate", _json_of(Estimate), json=body, safe=True)
+
     def _sweep_call(self, model_id: Any, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]],
                     name: str | None, dataset_id: Any, eval_dataset_id: Any,
                     evaluation: Mapping[str, Any] | None, idempotency_key: str | None) -> _Call:
@@ -576,6 +585,12 @@ class Client(_BaseClient):
         """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples."""
         return self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
                                             idempotency_key))
+
+    def estimate(self, model_id: str | Model, steps: Iterable[StepLike], *, dataset_id: str | Dataset | None = None,
+                 eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None) -> Estimate:
+        """The plan of a job without submitting it (``POST /v1/jobs/estimate``): peak memory,
+        scratch disk, artifact bytes, seconds, and whether a live worker's budget fits it."""
+        return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
 
     def get_job(self, job_id: str | Job) -> Job:
         return self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
@@ -784,6 +799,11 @@ class AsyncClient(_BaseClient):
                      evaluation: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
         return await self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
                                                   idempotency_key))
+
+    async def estimate(self, model_id: str | Model, steps: Iterable[StepLike], *, dataset_id: str | Dataset | None = None,
+                       eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None) -> Estimate:
+        """The plan of a job without submitting it (``POST /v1/jobs/estimate``)."""
+        return await self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
 
     async def get_job(self, job_id: str | Job) -> Job:
         return await self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))

@@ -72,7 +72,9 @@ class APIError(ModelpressError):
     ``status``: the HTTP status; ``code``: the machine-readable reason (``not_found``,
     ``pickle_refused``, ``artifact_not_ready``, ...); ``title``: one line per kind of error;
     ``detail``: what went wrong this time; ``errors``: ``[{loc, msg, type}]`` on 422, else None;
-    ``headers``: the response's headers, names in lower case (``retry-after`` among them)."""
+    ``headers``: the response's headers, names in lower case (``retry-after`` among them);
+    ``problem``: the whole problem+json body, its extension members included (e.g. ``required`` and
+    ``available`` of a 422 ``job_exceeds_worker_budget``)."""
 
     status: int = 0
 
@@ -84,6 +86,7 @@ class APIError(ModelpressError):
         detail: str,
         errors: list[dict[str, Any]] | None = None,
         headers: dict[str, str] | None = None,
+        problem: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(f"{title}: {detail}" if detail and detail != title else title)
         self.status = status
@@ -92,6 +95,7 @@ class APIError(ModelpressError):
         self.detail = detail
         self.errors = errors
         self.headers = headers or {}
+        self.problem = problem or {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, detail={self.detail!r})"
@@ -113,7 +117,7 @@ class APIError(ModelpressError):
         code = str(body.get("code") or f"http_{status}")
         errors = body.get("errors") if isinstance(body.get("errors"), list) else None
         exc_cls = _BY_STATUS.get(status, APIError)
-        return exc_cls(status, code, title, detail, errors, dict(response.headers))
+        return exc_cls(status, code, title, detail, errors, dict(response.headers), body)
 
 
 class BadRequest(APIError):

@@ -6,7 +6,8 @@ lost, and ``model_dump(mode="json")`` gives back what the server sent. Statuses 
 
     Model (ModelFile)            POST/GET /v1/models
     Dataset                      POST/GET /v1/datasets
-    Job (Step, Progress, ErrorInfo, Artifact)   POST/GET /v1/jobs
+    Job (Step, Progress, ErrorInfo, Artifact, Plan)   POST/GET /v1/jobs
+    Estimate (FleetBudget)       POST /v1/jobs/estimate
     Report                       GET /v1/jobs/{id}/report (sections are dicts: docs/REPORTS.md)
     Link                         POST /v1/jobs/{id}/report/link, /v1/sweeps/{id}/link
     Sweep (SweepPoint, PointMetrics, Counts, SweepSpec), SweepSummary   /v1/sweeps
@@ -31,12 +32,15 @@ __all__ = [
     "Dataset",
     "Download",
     "ErrorInfo",
+    "Estimate",
+    "FleetBudget",
     "Job",
     "Link",
     "Method",
     "Model",
     "ModelFile",
     "Page",
+    "Plan",
     "PointMetrics",
     "Progress",
     "Report",
@@ -117,6 +121,44 @@ class Artifact(_Base):
     filename: str
 
 
+class Plan(_Base):
+    """What a job takes, computed before it runs: ``path`` (``stream`` or ``whole``),
+    ``peak_memory_bytes`` (the worker process's peak, its baseline included), ``scratch_bytes``,
+    ``artifact_bytes``, ``seconds``, and the inputs they come from; ``notes`` say what they assume."""
+
+    path: str
+    peak_memory_bytes: int
+    scratch_bytes: int
+    artifact_bytes: int
+    seconds: float
+    model_bytes: int = 0
+    parameters: int = 0
+    largest_tensor_bytes: int = 0
+    baseline_bytes: int = 0
+    memory_factor: float = 0.0
+    evaluation: bool = True
+    evaluation_peak_bytes: int | None = None
+    throughput_bytes_per_s: float = 0.0
+    throughput_measured: bool = False
+    notes: list[str] = Field(default_factory=list)
+
+
+class FleetBudget(_Base):
+    """The largest budgets of the live workers of a queue; ``fits``: one of them can take the job."""
+
+    queue: str
+    workers: int
+    memory_bytes: int | None = None
+    scratch_bytes: int | None = None
+    fits: bool
+
+
+class Estimate(Plan):
+    """``POST /v1/jobs/estimate``: the plan, and ``fleet`` (None: no live worker published a budget)."""
+
+    fleet: FleetBudget | None = None
+
+
 class Job(_Base):
     """A compression job. ``status``: queued, running, succeeded, failed or canceled."""
 
@@ -139,6 +181,7 @@ class Job(_Base):
     error: ErrorInfo | None = None
     metrics: dict[str, Any] | None = None
     artifact: Artifact | None = None
+    plan: Plan | None = None
 
     @property
     def done(self) -> bool:
@@ -268,6 +311,9 @@ class Worker(_Base):
     started_at: datetime
     last_seen_at: datetime
     live: bool
+    memory_budget_bytes: int | None = None
+    scratch_budget_bytes: int | None = None
+    throughput: dict[str, Any] | None = None
 
 
 class Page(_Base, Generic[T]):
