@@ -45,7 +45,12 @@ def private_db() -> Iterator[str]:
 def limited(private_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     st = _stack(private_db, tmp_path_factory.mktemp("limited"), True,
                 MODELPRESS_JOB_TIME_LIMIT_S=str(TIME_LIMIT_S), MODELPRESS_JOB_MEMORY_LIMIT_MB=str(MEMORY_LIMIT_MB),
-                MODELPRESS_MAX_UPLOAD_BYTES=str(256 * 2**20))
+                MODELPRESS_MAX_UPLOAD_BYTES=str(256 * 2**20),
+                # An explicit budget: the hog's plan is over the memory limit, and without this the
+                # worker's budget (capped by that limit) would refuse it at submit; this test is
+                # about the watchdog that stops a job whose plan was wrong (tests/test_plan.py
+                # covers the refusal).
+                MODELPRESS_WORKER_MEMORY_BUDGET_MB="65536")
     yield st
     st.service.stop()
 
