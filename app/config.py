@@ -84,8 +84,15 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1)
     # embedded mode: start a worker subprocess next to the API.
     embedded_worker: bool = True
-    # zip level for artifacts: 1 is ~3x faster than 6 for ~5% more bytes on pruned weights.
+    # zip level for the artifacts' text files (config, tokenizer); weight files are stored, not
+    # deflated: safetensors of floats or packed integers gain a few percent for most of the time.
     artifact_zip_level: int = Field(default=1, ge=0, le=9)
+    # Jobs whose every step is data-free run on the streaming engine (worker/stream): tensor by
+    # tensor from the shards, never building the model. false: always build it in memory.
+    stream_engine: bool = True
+    # Output shards of the streaming engine hold at most this many bytes of tensor data (HF's
+    # save_pretrained default, 5 GB; a tensor larger than that gets a shard of its own).
+    shard_max_bytes: int = Field(default=5 * 10**9, ge=1 << 20)
 
     # Signs short-lived links to HTML reports (app/signing.py). Empty: a random key kept in
     # <data_dir>/secret_key; set it when several API hosts must accept each other's links.
