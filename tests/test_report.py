@@ -33,7 +33,9 @@ def test_perplexity_matches_a_hand_computed_value_on_a_tiny_model():
     by_hand = math.exp(sum(nlls) / len(nlls))
     total, count = m.next_token_nll(logits, ids)
     assert count == 6
-    assert m.perplexity(total, count) == pytest.approx(by_hand, rel=1e-9)
+    # exp runs in the logits' float32 (sums in float64: worker/ops/metrics.py), so the agreement
+    # with the all-float64 hand computation is to float32's exp, not to float64's.
+    assert m.perplexity(total, count) == pytest.approx(by_hand, rel=1e-7)
     # The same value transformers' own loss gives (mean CE over shifted labels).
     with torch.no_grad():
         loss = model(ids.unsqueeze(0), labels=ids.unsqueeze(0)).loss
@@ -180,7 +182,12 @@ def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_mod
     assert f["kl_mean"] > 0 and 0 <= f["top1_agreement"] <= 1 and f["output_cosine"] < 1
     assert rep["memory"]["peak_rss_bytes"] > 50 * 2**20
     st = rep["stage_seconds"]
-    assert {"load", "evaluate_original", "step1:prune.magnitude", "save", "evaluate_compressed", "store", "total"} <= set(st)
+    assert {"evaluate_original", "evaluate_compressed", "store", "total"} <= set(st)
+    # In memory (load, the step, save) or streamed (worker/stream: the data-free steps fused in one pass).
+    assert {"load", "step1:prune.magnitude", "save"} <= set(st) or "stream" in st
+    # The evaluation budget: the default's counts, said in every section it shapes.
+    assert speed["runs_requested"] == 3 and q["samples"] == f["samples"] <= q["samples_requested"] == 32
+    assert q["budget"]["budget_s"] == 30.0 and q["ci95"]["original"][0] < q["original"] < q["ci95"]["original"][1]
 
 
 def test_float16_cast_halves_the_weight_bytes(stack, tok_models):

@@ -35,7 +35,9 @@ FULL_REPORT = {
                                 "sparsity": 0.5},
                                {"name": "h.1.<b>$x^2$</b>", "parameters": 4096, "zeros": 1024, "sparsity": 0.25}]},
     "speed": {"available": True, "reason": None, "device": "cpu", "threads": 2, "batch_size": 1, "seq_len": 128,
-              "runs": 5, "warmup": 1,
+              "runs": 5, "warmup": 1, "runs_requested": 7, "warmup_requested": 2, "limited_by": "budget",
+              "budget_note": None, "seconds": {"original": 0.06, "compressed": 0.03},
+              "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
               "original": {"median_ms": 10.0, "min_ms": 9.5, "max_ms": 11.0,
                            "samples_ms": [10.0, 9.5, 11.0, 10.2, 9.9]},
               "compressed": {"median_ms": 5.0, "min_ms": 4.9, "max_ms": 5.5, "samples_ms": [5.0, 4.9, 5.5, 5.1, 5.0]},
@@ -44,9 +46,17 @@ FULL_REPORT = {
     "memory": {"peak_rss_bytes": 123456789, "how": "ru_maxrss of the worker child", "peak_cuda_bytes": None},
     "quality": {"available": True, "reason": None, "metric": "perplexity", "higher_is_better": False,
                 "dataset": {"source": "builtin", "id": None, "samples": 32, "tokens": 3000},
-                "original": 50.1, "compressed": 52.3, "delta": 2.2},
+                "original": 50.1, "compressed": 52.3, "delta": 2.2, "ratio": 1.0439,
+                "samples": 32, "samples_requested": 40, "samples_available": 40, "limited_by": "budget",
+                "budget_note": "the minimum <4> ran anyway", "seconds": {"original": 0.4, "compressed": 0.45},
+                "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
+                "ci95": {"original": [41.25, 60.5], "compressed": [43.0, 63.1], "ratio": [1.01, 1.08]},
+                "ci_method": "t-interval on the mean NLL per token"},
     "fidelity": {"available": True, "reason": None, "on": "logits", "samples": 32, "tokens": 3000,
                  "kl_mean": 0.01, "top1_agreement": 0.98, "output_cosine": None,
+                 "samples_requested": 40, "samples_available": 40, "limited_by": "budget",
+                 "ci95": {"kl_mean": [0.0075, 0.0125], "top1_agreement": [0.97, 0.99], "output_cosine": None},
+                 "ci_method": "t-interval over samples",
                  "reasons": {"output_cosine": "only for embedding models"}},
     "stage_seconds": {"load": 0.1, "evaluate_original": 0.5, "step1:prune.magnitude": 0.2, "save": 0.3,
                       "evaluate_compressed": 0.5, "store": 0.01, "total": 1.7},
@@ -136,7 +146,11 @@ def test_full_job_report(tmp_path: Path) -> None:
     assert "&lt;/pre&gt;&lt;script&gt;alert(3)&lt;/script&gt;" in html
     for text in ("1.00 MB", "1,000,000 bytes", "500 kB", "500,000 bytes", "2×", "123 MB", "123,456,789 bytes",
                  "50.1", "52.3", "+2.2 (worse)", "10 ms", "5 ms", "2× as fast", "50.00 %", "25.00 %",
-                 "transformer.h.0.mlp.c_fc.weight", "only for embedding models", "1.700 s", "perplexity"):
+                 "transformer.h.0.mlp.c_fc.weight", "only for embedding models", "1.700 s", "perplexity",
+                 # The evaluation budget: counts against caps, confidence intervals, the minimum's note.
+                 "32 of 40 requested", "limited by budget", "95 % CI 41.25 – 60.5", "95 % CI 0.0075 – 0.0125",
+                 "95 % CI 1.01 – 1.08", "of 7 (2) requested", "30.000 s", "the minimum &lt;4&gt; ran anyway",
+                 "t-interval on the mean NLL per token"):
         assert text in html, text
 
     res = _open(tmp_path, "job.html", html)

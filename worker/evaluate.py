@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import statistics
 import struct
 import time
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from worker.ops import metrics as m
 log = logging.getLogger("modelpress.worker")
 
 BUILTIN_CORPUS = Path(__file__).with_name("data") / "eval_en.txt"
+_clock = time.perf_counter  # every budget decision reads this clock (tests replace it)
 SEED = 1234
 
 
@@ -72,6 +74,14 @@ QUANT_PARAM_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "_global_scale")
 
 def parameter_counts(module: torch.nn.Module | None, state: dict[str, torch.Tensor] | None) -> dict[str, int]:
     """Total and non-zero model parameters (tied tensors once, quantization scales excluded)."""
+    if module is not None and model_io.is_offloaded(module):
+        # Weights on disk: each read is a fresh copy, so ties are told by name (model_io).
+        total = nonzero = 0
+        for name, t in model_io.unique_tensors(module, buffers=False):
+            if not name.endswith(QUANT_PARAM_SUFFIXES):
+                total += t.numel()
+                nonzero += int(torch.count_nonzero(t))
+        return {"total": total, "nonzero": nonzero}
     if module is not None:
         tensors = [t for name, t in module.named_parameters() if not name.endswith(QUANT_PARAM_SUFFIXES)]
     else:
@@ -127,6 +137,18 @@ def model_kind(module: torch.nn.Module) -> str:
     return "base"
 
 
+# -- the budget (docs/REPORTS.md, "Evaluation on a budget") ------------------------------------------
+# ``budget_s`` covers both models' measurements, from the original's first pass to the compressed
+# model's last, loading the artifact included. It is split before anything runs:
+RESERVE_SHARE = 0.2  # loading the artifact and its first forward (compressed-tensors decompresses there)
+LATENCY_SHARE = 0.3  # timed passes of both models, warm-up included (half each)
+# ...and the rest (0.5) goes to quality and fidelity samples of both models, which run the same texts.
+MIN_SAMPLES = 4  # fewest texts a perplexity / KL figure and its interval come from, budget or not
+MIN_RUNS = 3  # fewest timed passes a median comes from
+MIN_WARMUP = 1  # untimed passes before timing, when no sample pass has warmed the model up
+FIDELITY_MATH = 3.0  # the compressed model's per-sample math (NLL, KL, cosine) ~ this many NLLs
+
+
 @dataclass
 class _Sample:
     ids: torch.Tensor  # (1, T)
@@ -137,18 +159,32 @@ class _Sample:
 
 @dataclass
 class _Run:
-    """One model's outputs on the evaluation inputs."""
+    """One model's measurements on the evaluation inputs (per sample, for the intervals)."""
 
     kind: str
     shape: tuple[int, frozenset[str]] | None = None  # (parameters, float dtypes): what kernels run
     latency: dict[str, Any] | None = None
     latency_error: str | None = None
-    outputs: list[torch.Tensor] = field(default_factory=list)  # per sample: logits or hidden states
+    outputs: list[torch.Tensor | None] = field(default_factory=list)  # original only: logits or hidden states
     embeddings: list[torch.Tensor] = field(default_factory=list)  # per sample: mean-pooled hidden
-    nll: float = 0.0
-    tokens: int = 0
+    nll: list[float] = field(default_factory=list)  # per sample: Σ next-token NLL
+    tokens: list[int] = field(default_factory=list)  # per sample: predicted tokens
     correct: int = 0
+    labeled: int = 0
+    # Fidelity (compressed run only), per sample: Σ over positions, and the positions.
+    kl: list[float] = field(default_factory=list)
+    agree: list[float] = field(default_factory=list)
+    cos: list[float] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    fidelity_error: str | None = None
     error: str | None = None
+    seconds: dict[str, float] = field(default_factory=dict)  # load, first_forward, samples, latency
+    forward_s: list[float] = field(default_factory=list)  # per sample: the forward pass
+    math_s: list[float] = field(default_factory=list)  # per sample: the metric math
+
+    @property
+    def samples(self) -> int:
+        return len(self.forward_s)
 
 
 class Evaluator:
@@ -157,16 +193,19 @@ class Evaluator:
         settings: dict[str, Any],
         src_dir: Path,
         texts: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]],
-        progress: Callable[[str], None] = lambda note: None,
+        progress: Callable[..., None] = lambda note, fraction=None: None,
     ) -> None:
         """``settings``: app.jobs.schemas.EvaluationIn as a dict. ``texts()`` returns the eval
-        samples (``[{"text", "label"?}]``) and a description of where they come from."""
+        samples (``[{"text", "label"?}]``) and a description of where they come from.
+        ``progress(note, fraction)``: ``fraction`` (0..1, or None) of the current stage (the
+        original's measurement, then the compressed model's)."""
         self.settings = settings
         self.src_dir = src_dir
         self._texts = texts
         self.on_progress = progress
         self.device = torch.device("cpu")
         self.seq_len = int(settings["seq_len"])
+        self.budget_s = float(settings.get("budget_s") or 30.0)
         self.notes: list[str] = []
         self.samples: list[_Sample] = []
         self.data_info: dict[str, Any] = {}
@@ -176,6 +215,14 @@ class Evaluator:
         self.kernel: dict[str, Any] = {"runs_as": "dense", "kernel": "PyTorch dense float matmuls", "note": None}
         self.skip_reason: str | None = None
         self.label_map: dict[Any, int] | None = None
+        # Fixed while the original is measured; the compressed model runs the same counts.
+        self.n_samples = 0
+        self.samples_available = 0
+        self.warmup = 0
+        self.runs = 0
+        self.budget_notes: dict[str, str] = {}  # section -> why it ran more than its share
+        self.prepare_s = 0.0  # loading the tokenizer, tokenizing: spent before the shares are set
+        self._last_fraction = 0.0
 
     # -- inputs --------------------------------------------------------------------------------
     def _prepare(self, module: torch.nn.Module) -> None:
@@ -203,7 +250,7 @@ class Evaluator:
                     break
                 extra = {k: v for k, v in enc.items() if k == "token_type_ids"}
                 self.samples.append(_Sample(enc["input_ids"], enc["attention_mask"], extra, self._label(s.get("label"), config)))
-            self.data_info = {**info, "samples": len(self.samples), "tokens": sum(int(s.mask.sum()) for s in self.samples)}
+            self.data_info = dict(info)
         if self.text_reason is not None:
             # Fidelity needs no text: the same random token ids go to both models.
             g = torch.Generator().manual_seed(SEED)
@@ -213,8 +260,8 @@ class Evaluator:
                 _Sample(torch.randint(0, hi, (1, self.seq_len), generator=g), torch.ones(1, self.seq_len, dtype=torch.long))
                 for _ in range(n)
             ]
-            self.data_info = {"source": "random_token_ids", "id": None, "samples": n, "tokens": n * self.seq_len,
-                              "why": self.text_reason}
+            self.data_info = {"source": "random_token_ids", "id": None, "why": self.text_reason}
+        self.samples_available = len(self.samples)
 
     def _tokenizer(self) -> Any:
         from worker.methods import has_tokenizer
@@ -239,59 +286,172 @@ class Evaluator:
         return label2id.get(label)
 
     # -- running ---------------------------------------------------------------------------------
-    def _forward(self, module: torch.nn.Module, s: _Sample) -> Any:
-        return module(input_ids=s.ids.to(self.device), attention_mask=s.mask.to(self.device),
-                      output_hidden_states=True, **{k: v.to(self.device) for k, v in s.extra.items()})
+    def _say(self, note: str, fraction: float, new_stage: bool = False) -> None:
+        """Progress within the current stage; the fraction never moves back (counts are re-planned
+        as passes are timed, so ``i / n`` alone could)."""
+        self._last_fraction = fraction if new_stage else max(fraction, self._last_fraction)
+        self.on_progress(note, self._last_fraction)
 
-    def _latency(self, module: torch.nn.Module) -> dict[str, Any]:
-        bs, warmup, runs = int(self.settings["batch_size"]), int(self.settings["warmup"]), int(self.settings["runs"])
+    def _share(self, part: float) -> float:
+        """Seconds of the budget for one part: the budget left once the inputs are prepared
+        (tokenizer loaded, texts tokenized), split by the shares above."""
+        return max(self.budget_s - self.prepare_s, 0.0) * part
+
+    def _forward(self, module: torch.nn.Module, s: _Sample, hidden: bool) -> Any:
+        return module(input_ids=s.ids.to(self.device), attention_mask=s.mask.to(self.device),
+                      output_hidden_states=hidden, **{k: v.to(self.device) for k, v in s.extra.items()})
+
+    def _latency(self, module: torch.nn.Module, which: str, lo: float, hi: float, plan: bool) -> dict[str, Any]:
+        """Timed passes of ``batch_size x seq_len`` random ids. ``plan``: the original decides how
+        many fit in its half of the latency share, between the minimum and the job's caps, from
+        the cost of its sample passes (per token) and then of the timed passes themselves; later
+        calls (the compressed model, int8 kernels) run the same counts."""
+        bs = int(self.settings["batch_size"])
         g = torch.Generator().manual_seed(SEED + 1)
         ids = torch.randint(0, max(self.vocab, 2), (bs, self.seq_len), generator=g).to(self.device)
         mask = torch.ones_like(ids)
-        times = []
+        share = self._share(LATENCY_SHARE) / 2
+        warm_cap, run_cap = int(self.settings["warmup"]), int(self.settings["runs"])
+        if plan:
+            o = self.original
+            tokens = sum(int(s.mask.sum()) for s in self.samples[: o.samples]) if o else 0
+            if o and o.forward_s[1:] and tokens:
+                # The samples ran first on this model (kernels chosen, memory touched): a timed
+                # pass costs about their per-token cost; warm-up passes only where they are cheap.
+                per_token = sum(o.forward_s[1:]) / (tokens - int(self.samples[0].mask.sum()) or 1)
+                est = per_token * bs * self.seq_len
+                self.warmup = m.runs_that_fit(share * 0.15, est, warm_cap, 0)
+            else:
+                est = None
+                self.warmup = min(MIN_WARMUP, warm_cap)
+            self.runs = run_cap if est is None else m.runs_that_fit(share - self.warmup * est, est, run_cap, MIN_RUNS)
+        t_start = _clock()
+        times: list[float] = []
+
+        def one() -> float:
+            t0 = _clock()
+            module(input_ids=ids, attention_mask=mask)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            return _clock() - t0
+
         with torch.inference_mode():
-            for i in range(warmup + runs):
-                t0 = time.perf_counter()
-                module(input_ids=ids, attention_mask=mask)
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - t0)
+            for k in range(self.warmup):
+                self._say(f"evaluating {which} model: latency warm-up {k + 1}/{self.warmup}", lo)
+                cost = one()
+                if plan and k == 0 and est is None:
+                    self.runs = m.runs_that_fit(share - self.warmup * cost, cost, run_cap, MIN_RUNS)
+            while len(times) < self.runs:
+                self._say(f"evaluating {which} model: latency run {len(times) + 1}/{self.runs}",
+                                 lo + (hi - lo) * len(times) / max(self.runs, 1))
+                times.append(one())
+                if plan and len(times) >= MIN_RUNS:
+                    # Timed passes replace the estimate: as many more as the share still holds.
+                    left = share - (_clock() - t_start)
+                    self.runs = len(times) + m.runs_that_fit(left, statistics.median(times), run_cap - len(times), 0)
+        if plan and (_clock() - t_start) > share and len(times) <= MIN_RUNS < run_cap:
+            self.budget_notes["speed"] = (f"the budget's latency share ({share:.1f} s per model) is smaller than "
+                                          f"{MIN_RUNS} timed passes, the fewest a median comes from: they ran anyway")
         return m.latency_stats(times)
 
-    def _run(self, module: torch.nn.Module, which: str) -> _Run:
+    def _sample(self, module: torch.nn.Module, run: _Run, i: int, s: _Sample, hidden: bool) -> None:
+        """One text through one model: its outputs, perplexity terms and (for the compressed
+        model) its fidelity against the original's outputs on the same text, then dropped."""
+        t0 = _clock()
+        out = self._forward(module, s, hidden)
+        t1 = _clock()
+        logits = getattr(out, "logits", None)
+        if hidden:
+            states = out.hidden_states[-1][0] if getattr(out, "hidden_states", None) else out.last_hidden_state[0]
+            run.embeddings.append(m.mean_pool(states.float().cpu(), s.mask[0]))
+        if logits is not None:
+            lg = logits[0].float().cpu()
+            lg = lg if lg.ndim == 2 else lg.unsqueeze(0)
+            if run.kind == "causal_lm" and self.text_reason is None:
+                nll, n = m.next_token_nll(lg, s.ids[0])
+                run.nll.append(nll)
+                run.tokens.append(n)
+            if run.kind == "classifier" and s.label is not None:
+                run.labeled += 1
+                run.correct += int(int(lg.reshape(-1).argmax()) == s.label)
+            y = lg
+        else:
+            y = (out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1])[0].float().cpu()
+        if self.original is None or run is self.original:
+            run.outputs.append(y)
+        else:
+            ref = self.original.outputs[i]
+            self.original.outputs[i] = None  # compared once: free it
+            if ref is None or ref.shape != y.shape:
+                run.fidelity_error = "the two models' outputs have different shapes on the same inputs"
+            elif run.fidelity_error is None:
+                cos = m.cosine_rows(ref, y)
+                run.cos.append(float(cos.sum()))
+                run.positions.append(int(cos.numel()))
+                if logits is not None and self.original.kind != "base":
+                    run.kl.append(float(m.kl_per_position(ref, y).sum()))
+                    run.agree.append(float(m.top1_agreement(ref, y).sum()))
+        run.forward_s.append(t1 - t0)
+        run.math_s.append(_clock() - t1)
+
+    def _samples(self, module: torch.nn.Module, run: _Run, which: str, lo: float, hi: float) -> None:
+        """Quality and fidelity passes. The original decides how many texts fit in the samples'
+        share (its own passes plus the compressed model's estimated cost for the same texts);
+        the compressed model then runs exactly those texts."""
+        plan = run is self.original
+        hidden = run.kind in ("base", "lm_logits")
+        share = self._share(1.0 - RESERVE_SHARE - LATENCY_SHARE)
+        cap = len(self.samples)
+        n = cap if plan else self.n_samples
+        t_start = _clock()
+        with torch.inference_mode():
+            i = 0
+            while i < n:
+                self._say(f"evaluating {which} model: sample {i + 1}/{n}", lo + (hi - lo) * i / max(n, 1))
+                self._sample(module, run, i, self.samples[i], hidden)
+                i += 1
+                if not plan and i == 1:
+                    run.seconds["first_forward"] = run.forward_s[0]
+                if plan and i < n:
+                    # Per-sample cost from the passes so far (the first one pays for warm-up when
+                    # there are others to go by); the compressed model's adds its fidelity math.
+                    fw = run.forward_s[1:] or run.forward_s
+                    ms = run.math_s[1:] or run.math_s
+                    cost_o = statistics.fmean(fw) + statistics.fmean(ms)
+                    cost_c = statistics.fmean(fw) + FIDELITY_MATH * statistics.fmean(ms)
+                    spent = _clock() - t_start
+                    fits = i + m.runs_that_fit(share - spent - i * cost_c, cost_o + cost_c, cap - i, 0)
+                    n = max(min(MIN_SAMPLES, cap), fits)
+        if plan:
+            self.n_samples = run.samples
+            if run.samples > 0 and (_clock() - t_start) > share and run.samples <= MIN_SAMPLES < cap:
+                self.budget_notes["samples"] = (f"the budget's share for samples ({share:.1f} s for both models) is "
+                                                f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
+                                                f"interval come from: they ran anyway")
+        run.seconds["samples"] = _clock() - t_start
+
+    def _run(self, module: torch.nn.Module, which: str, spans: tuple[float, float, float]) -> _Run:
         run = _Run(kind=model_kind(module))
+        if which == "original":
+            self.original = run
         params = [p for n, p in module.named_parameters() if not n.endswith(QUANT_PARAM_SUFFIXES)]
         run.shape = (sum(p.numel() for p in params), frozenset(str(p.dtype) for p in params if p.is_floating_point()))
-        self.on_progress(f"evaluating {which} model: latency")
+        lo, mid, hi = spans
+        # Samples first: on an artifact, the first pass decompresses the weights (not a latency).
         try:
-            run.latency = self._latency(module)
-        except Exception as e:
-            log.exception("latency of the %s model", which)
-            run.latency_error = f"the {which} model failed a timed forward pass: {e.__class__.__name__}: {str(e)[:300]}"
-        self.on_progress(f"evaluating {which} model: quality and fidelity on {len(self.samples)} samples")
-        try:
-            with torch.inference_mode():
-                for s in self.samples:
-                    out = self._forward(module, s)
-                    logits = getattr(out, "logits", None)
-                    hidden = out.hidden_states[-1][0] if getattr(out, "hidden_states", None) else getattr(out, "last_hidden_state")[0]
-                    mask = s.mask[0]
-                    run.embeddings.append(m.mean_pool(hidden.float().cpu(), mask))
-                    if logits is not None:
-                        lg = logits[0].float().cpu()
-                        run.outputs.append(lg if lg.ndim == 2 else lg.unsqueeze(0))
-                        if run.kind == "causal_lm" and self.text_reason is None:
-                            nll, n = m.next_token_nll(lg, s.ids[0])
-                            run.nll += nll
-                            run.tokens += n
-                        if run.kind == "classifier" and s.label is not None:
-                            run.correct += int(int(lg.reshape(-1).argmax()) == s.label)
-                    else:
-                        run.outputs.append(hidden.float().cpu())
+            self._samples(module, run, which, lo, mid)
         except Exception as e:
             log.exception("evaluating the %s model", which)
             run.error = f"the {which} model failed on the evaluation inputs: {e.__class__.__name__}: {str(e)[:300]}"
+            if which == "original":
+                self.n_samples = run.samples
+        t0 = _clock()
+        try:
+            run.latency = self._latency(module, which, mid, hi, plan=which == "original")
+        except Exception as e:
+            log.exception("latency of the %s model", which)
+            run.latency_error = f"the {which} model failed a timed forward pass: {e.__class__.__name__}: {str(e)[:300]}"
+        run.seconds["latency"] = _clock() - t0
         return run
 
     def measure_original(self, module: torch.nn.Module | None) -> None:
@@ -300,13 +460,18 @@ class Evaluator:
                                 "directory (config.json) to get speed, quality and fidelity")
             return
         self.device = next(module.parameters()).device
+        self._say("evaluating original model: preparing the inputs", 0.0, new_stage=True)
+        t0 = _clock()
         self._prepare(module)
-        self.original = self._run(module, "original")
+        self.prepare_s = _clock() - t0
+        self._run(module, "original", (0.05, 0.7, 1.0))
+        self.original.seconds["prepare"] = self.prepare_s
 
     def measure_compressed(self, artifact_dir: Path) -> None:
         if self.skip_reason is not None or self.original is None:
             return
-        self.on_progress("evaluating compressed model: loading the artifact")
+        self._say("evaluating compressed model: loading the artifact", 0.0, new_stage=True)
+        t0 = _clock()
         try:
             from transformers import AutoConfig
 
@@ -320,10 +485,14 @@ class Evaluator:
             self.compressed = _Run(kind="?", error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
                                    latency_error="the artifact did not load")
             return
+        load_s = _clock() - t0
         qc = getattr(config, "quantization_config", None)
-        self.compressed = self._run(module, "compressed")
+        self.compressed = self._run(module, "compressed", (0.05, 0.75, 1.0))
+        self.compressed.seconds["load"] = load_s
         if qc is not None:
+            t0 = _clock()
             self._quantized_kernels(module, artifact_dir, qc)
+            self.compressed.seconds["latency"] += _clock() - t0
         del module
         gc.collect()
 
@@ -352,10 +521,10 @@ class Evaluator:
         try:
             import torch.ao.quantization as tq
 
-            self.on_progress("evaluating compressed model: latency with int8 kernels")
+            self._say("evaluating compressed model: latency with int8 kernels", 1.0)
             spec = {name: tq.per_channel_dynamic_qconfig for name in quantized}
             kernel_model = tq.quantize_dynamic(module, spec, dtype=torch.qint8, inplace=False)
-            latency = self._latency(kernel_model)
+            latency = self._latency(kernel_model, "compressed (int8 kernels)", 1.0, 1.0, plan=False)
             del kernel_model
         except Exception as e:
             log.exception("int8 kernel latency")
@@ -381,7 +550,7 @@ class Evaluator:
         if self.original is None or self.compressed is None:
             r = _unavailable("the evaluation did not run")
             return {"speed": r, "quality": r, "fidelity": r}
-        out = {"speed": self._speed(), "quality": self._guard(self._quality), "fidelity": self._guard(self._fidelity)}
+        out = {"speed": self._guard(self._speed), "quality": self._guard(self._quality), "fidelity": self._guard(self._fidelity)}
         if self.notes:
             out["speed"].setdefault("notes", self.notes)
         return out
@@ -395,10 +564,44 @@ class Evaluator:
             log.exception("report section")
             return _unavailable(f"could not be computed: {e.__class__.__name__}: {str(e)[:300]}")
 
+    def _spent(self, key: str) -> dict[str, float | None]:
+        o, c = self.original, self.compressed
+        return {"original": _round(o.seconds.get(key), 3) if o else None,
+                "compressed": _round(c.seconds.get(key), 3) if c else None}
+
+    def _budget(self) -> dict[str, Any]:
+        """The whole evaluation's account, the same in every section: budget, shares, seconds."""
+        o, c = self.original, self.compressed
+        total = sum(r.seconds.get(k, 0.0) for r in (o, c) if r for k in ("prepare", "samples", "latency", "load"))
+        return {
+            "budget_s": self.budget_s,
+            "prepare_s": _round(self.prepare_s, 3),
+            "shares_s": {"samples": _round(self._share(1.0 - RESERVE_SHARE - LATENCY_SHARE), 3),
+                         "latency": _round(self._share(LATENCY_SHARE), 3),
+                         "artifact_load": _round(self._share(RESERVE_SHARE), 3)},
+            "seconds": _round(total, 3),
+            "within_budget": total <= self.budget_s,
+            "artifact_load_s": _round(c.seconds.get("load"), 3) if c else None,
+            "first_forward_s": _round(c.seconds.get("first_forward"), 3) if c else None,
+        }
+
+    def _sample_counts(self, section: str) -> dict[str, Any]:
+        requested = int(self.settings["max_samples"])
+        n = self.n_samples
+        if n >= self.samples_available:
+            limited = "data" if self.samples_available < requested else "max_samples"
+        else:
+            limited = "budget"
+        return {
+            "samples": n, "samples_requested": requested, "samples_available": self.samples_available,
+            "limited_by": limited, "budget_note": self.budget_notes.get("samples"),
+            "seconds": self._spent("samples"), "budget": self._budget(),
+        }
+
     def _speed(self) -> dict[str, Any]:
         o, c = self.original, self.compressed
         if o.latency is None or c.latency is None:
-            return _unavailable(o.latency_error or c.latency_error or "latency was not measured")
+            raise Unavailable(o.latency_error or c.latency_error or "latency was not measured")
         ratio = c.latency["median_ms"] / o.latency["median_ms"] if o.latency["median_ms"] else None
         claim = self.kernel["runs_as"] != "decompressed"
         kernel = dict(self.kernel)
@@ -409,11 +612,16 @@ class Evaluator:
             kernel["note"] = ("the compressed model has the original's shapes and dtypes and runs the same dense kernels "
                               "(unstructured zeros need sparse kernels, which PyTorch on CPU does not use): no speed-up is "
                               "claimed; the latency difference is run-to-run noise")
+        runs_requested = int(self.settings["runs"])
         return {
             "available": True, "reason": None,
             "device": self.device.type, "threads": torch.get_num_threads(),
             "batch_size": int(self.settings["batch_size"]), "seq_len": self.seq_len,
-            "runs": int(self.settings["runs"]), "warmup": int(self.settings["warmup"]),
+            "runs": self.runs, "warmup": self.warmup,
+            "runs_requested": runs_requested, "warmup_requested": int(self.settings["warmup"]),
+            "limited_by": "budget" if self.runs < runs_requested else "runs",
+            "budget_note": self.budget_notes.get("speed"),
+            "seconds": self._spent("latency"), "budget": self._budget(),
             "original": o.latency, "compressed": c.latency,
             **{k: v for k, v in kernel.items() if k != "decompressed"},
             **({"decompressed": kernel["decompressed"]} if "decompressed" in kernel else {}),
@@ -425,17 +633,30 @@ class Evaluator:
         o, c = self.original, self.compressed
         if o.error or c.error:
             raise Unavailable(o.error or c.error)
-        base = {"available": True, "reason": None, "dataset": self.data_info}
+        if o.samples != c.samples:
+            raise Unavailable(f"the models ran different sample counts ({o.samples} and {c.samples})")
+        used = self.samples[: self.n_samples]
+        dataset = {**self.data_info, "samples": len(used), "tokens": sum(int(s.mask.sum()) for s in used)}
+        base = {"available": True, "reason": None, "dataset": dataset, **self._sample_counts("quality")}
         if o.kind == "causal_lm":
             if self.text_reason is not None:
                 raise Unavailable(f"perplexity needs real text: {self.text_reason}")
-            if o.tokens == 0 or c.tokens == 0:
+            if sum(o.tokens) == 0 or sum(c.tokens) == 0:
                 raise Unavailable("the evaluation texts are too short to score (fewer than 2 tokens each)")
-            po, pc = m.perplexity(o.nll, o.tokens), m.perplexity(c.nll, c.tokens)
+            po, pc = m.perplexity(sum(o.nll), sum(o.tokens)), m.perplexity(sum(c.nll), sum(c.tokens))
+            ci_o, ci_c = m.perplexity_interval(o.nll, o.tokens), m.perplexity_interval(c.nll, c.tokens)
+            # Paired: the same tokens through both models; exp of the NLL difference is the ratio.
+            ci_r = m.perplexity_interval([b - a for a, b in zip(o.nll, c.nll)], o.tokens)
+            ci = {"original": ci_o, "compressed": ci_c, "ratio": ci_r}
             return {**base, "metric": "perplexity", "higher_is_better": False,
-                    "original": _round(po, 6), "compressed": _round(pc, 6), "delta": _round(pc - po, 6)}
+                    "original": _round(po, 6), "compressed": _round(pc, 6), "delta": _round(pc - po, 6),
+                    "ratio": _round(pc / po, 6),
+                    "ci95": {k: None if v is None else [_round(v[0], 6), _round(v[1], 6)] for k, v in ci.items()},
+                    "ci_method": "t-interval on the mean NLL per token (" + m.RATIO_CI_METHOD + "), through exp; "
+                                 "ratio: the same on the paired per-text NLL differences",
+                    **({"ci_reason": "fewer than 2 samples: no interval"} if ci_o is None else {})}
         if o.kind == "classifier":
-            labeled = [s for s in self.samples if s.label is not None]
+            labeled = [s for s in used if s.label is not None]
             if self.text_reason is not None or not labeled:
                 raise Unavailable("accuracy needs an eval dataset (eval_dataset_id) whose samples carry labels the model's "
                                   "config maps (label2id or integer class ids)")
@@ -455,28 +676,31 @@ class Evaluator:
         o, c = self.original, self.compressed
         if o.error or c.error:
             raise Unavailable(o.error or c.error)
-        shapes_match = all(a.shape == b.shape for a, b in zip(o.outputs, c.outputs))
-        has_logits = o.kind != "base" and c.kind != "base"
-        if not shapes_match:
-            raise Unavailable("the two models' outputs have different shapes on the same inputs")
-        kl, agree, cos = [], [], []
-        for a, b in zip(o.outputs, c.outputs):
-            cos.append(m.cosine_rows(a, b))
-            if has_logits:
-                kl.append(m.kl_per_position(a, b))
-                agree.append(m.top1_agreement(a, b))
-        positions = int(sum(x.numel() for x in cos))
+        if c.fidelity_error:
+            raise Unavailable(c.fidelity_error)
+        if not c.positions:
+            raise Unavailable("no evaluation input reached the models (every text tokenized to nothing)")
+        if o.samples != c.samples:
+            raise Unavailable(f"the models ran different sample counts ({o.samples} and {c.samples})")
+        has_logits = bool(c.kl)
+        positions = sum(c.positions)
         reasons = {}
         if not has_logits:
             why = "the model outputs hidden states, not a distribution over tokens or classes"
             reasons = {"kl_mean": why, "top1_agreement": why}
+        ci = {"kl_mean": m.mean_interval(c.kl, c.positions, lo=0.0) if has_logits else None,
+              "top1_agreement": m.mean_interval(c.agree, c.positions, lo=0.0, hi=1.0) if has_logits else None,
+              "output_cosine": m.mean_interval(c.cos, c.positions, lo=-1.0, hi=1.0)}
         return {
             "available": True, "reason": None,
             "on": "logits" if has_logits else "last_hidden_state",
             "inputs": self.data_info.get("source"),
-            "samples": len(o.outputs), "tokens": positions,
-            "kl_mean": _round(float(torch.cat(kl).mean())) if kl else None,
-            "top1_agreement": _round(float(torch.cat(agree).mean())) if agree else None,
-            "output_cosine": _round(float(torch.cat(cos).mean())),
+            **self._sample_counts("fidelity"),
+            "tokens": positions,
+            "kl_mean": _round(sum(c.kl) / positions) if has_logits else None,
+            "top1_agreement": _round(sum(c.agree) / positions) if has_logits else None,
+            "output_cosine": _round(sum(c.cos) / positions),
+            "ci95": {k: None if v is None else [_round(v[0]), _round(v[1])] for k, v in ci.items()},
+            "ci_method": m.RATIO_CI_METHOD + " (per-text sums over positions)",
             "reasons": reasons,
         }

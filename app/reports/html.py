@@ -154,6 +154,37 @@ def _secs(value: Any) -> str:
     return _e(value) if v is None else f"{v:.3f} s"
 
 
+def _ci(sec: Mapping[str, Any], key: str, spec: str) -> str:
+    """`` <span>(95 % CI lo – hi)</span>`` from ``sec["ci95"][key]``, or nothing."""
+    ci = sec.get("ci95")
+    pair = ci.get(key) if isinstance(ci, dict) else None
+    if not (isinstance(pair, list) and len(pair) == 2 and all(_n(x) is not None for x in pair)):
+        return ""
+    return f' <span class="muted">(95 % CI {_fmt(pair[0], spec)} – {_fmt(pair[1], spec)})</span>'
+
+
+def _budget_rows(sec: Mapping[str, Any], counted: str) -> list[tuple[str, str]]:
+    """How many samples (or runs) the evaluation budget allowed, and what it cost."""
+    rows: list[tuple[str, str]] = []
+    if counted == "samples" and sec.get("samples_requested") is not None:
+        rows.append(("Samples used", f"{_int(sec.get('samples'))} of {_int(sec.get('samples_requested'))} requested "
+                                     f'<span class="muted">({_int(sec.get("samples_available"))} available; limited by '
+                                     f"{_e(sec.get('limited_by'))})</span>"))
+    seconds = sec.get("seconds")
+    if isinstance(seconds, dict):
+        rows.append((f"Seconds ({counted}: original / compressed)",
+                     f"{_secs(seconds.get('original'))} / {_secs(seconds.get('compressed'))}"))
+    budget = sec.get("budget")
+    if isinstance(budget, dict) and _n(budget.get("budget_s")) is not None:
+        within = budget.get("within_budget")
+        rows.append(("Evaluation budget", f"{_secs(budget.get('budget_s'))}; all measurements took "
+                                          f"{_secs(budget.get('seconds'))}"
+                                          + ("" if within is not False else ' <span class="muted">(over budget)</span>')))
+    if sec.get("budget_note"):
+        rows.append(("Budget note", _e(sec.get("budget_note"))))
+    return rows
+
+
 def _section(data: Mapping[str, Any], key: str) -> tuple[dict[str, Any] | None, str | None]:
     """``(section, None)`` when it can be shown, else ``(None, why not)``."""
     sec = data.get(key)
@@ -432,9 +463,12 @@ def _job_speed(r: dict) -> str:
         ("Device", _e(sp.get("device"))),
         ("Threads", _e(sp.get("threads"))),
         ("Batch size × sequence length", f"{_e(sp.get('batch_size'))} × {_e(sp.get('seq_len'))}"),
-        ("Timed runs (after warm-up runs)", f"{_e(sp.get('runs'))} (after {_e(sp.get('warmup'))})"),
+        ("Timed runs (after warm-up runs)", f"{_e(sp.get('runs'))} (after {_e(sp.get('warmup'))})"
+         + (f' <span class="muted">of {_e(sp.get("runs_requested"))} ({_e(sp.get("warmup_requested"))}) requested; '
+            f'limited by {_e(sp.get("limited_by"))}</span>' if sp.get("runs_requested") is not None else "")),
         ("Latency ratio (compressed ÷ original)", _fmt(sp.get("latency_ratio"), ".4g")),
         ("Speed-up", _ratio(sp.get("speedup"))),
+        *_budget_rows(sp, "latency"),
     ]
     parts.append(_kv(rows))
     head = [("Model", False), ("Median", True), ("Min", True), ("Max", True), ("Samples (ms)", False)]
@@ -482,11 +516,15 @@ def _job_quality(r: dict) -> str:
         ds_text += f" <code>{_e(ds.get('id'))}</code>"
     rows = [
         ("Metric", f"{_e(metric)} <span class=\"muted\">({_direction(hib)})</span>"),
-        ("Original", _fmt(q.get("original"), ".6g")),
-        ("Compressed", _fmt(q.get("compressed"), ".6g")),
+        ("Original", _fmt(q.get("original"), ".6g") + _ci(q, "original", ".4g")),
+        ("Compressed", _fmt(q.get("compressed"), ".6g") + _ci(q, "compressed", ".4g")),
         ("Change (compressed − original)", _delta_html(q.get("delta"), hib)),
+        *([("Ratio (compressed ÷ original)", _fmt(q.get("ratio"), ".4g") + _ci(q, "ratio", ".4g"))]
+          if q.get("ratio") is not None else []),
         ("Dataset", ds_text),
         ("Samples / tokens", f"{_int(ds.get('samples'))} / {_int(ds.get('tokens'))}"),
+        *_budget_rows(q, "samples"),
+        *([("Confidence intervals", _e(q.get("ci_method")))] if q.get("ci_method") else []),
     ]
     parts.append(_kv(rows))
     return "".join(parts)
@@ -507,9 +545,11 @@ def _job_fidelity(r: dict) -> str:
     rows = [
         ("Compared on", _e(f.get("on"))),
         ("Samples / tokens", f"{_int(f.get('samples'))} / {_int(f.get('tokens'))}"),
-        ("Mean KL divergence (lower is better)", cell("kl_mean", ".4g")),
-        ("Top-1 agreement (higher is better)", cell("top1_agreement", ".4g")),
-        ("Output cosine similarity (higher is better)", cell("output_cosine", ".6g")),
+        ("Mean KL divergence (lower is better)", cell("kl_mean", ".4g") + _ci(f, "kl_mean", ".4g")),
+        ("Top-1 agreement (higher is better)", cell("top1_agreement", ".4g") + _ci(f, "top1_agreement", ".4g")),
+        ("Output cosine similarity (higher is better)", cell("output_cosine", ".6g") + _ci(f, "output_cosine", ".6g")),
+        *_budget_rows({k: v for k, v in f.items() if k != "budget"}, "samples"),
+        *([("Confidence intervals", _e(f.get("ci_method")))] if f.get("ci_method") else []),
     ]
     shown = {"kl_mean", "top1_agreement", "output_cosine"}
     rows += [(f"Why {k} is missing", _e(v)) for k, v in sorted(reasons.items(), key=lambda kv: str(kv[0]))
