@@ -14,12 +14,14 @@ from tests.helpers import upload_dir, wait_job
 
 # (step, largest accepted artifact / upload ratio, lowest accepted per-token cosine of the
 # artifact's logits to the original's, loaded with plain transformers; None: printed only).
-# Measured: ratios 0.2467, 0.1297, 0.5397, 0.2466, 0.1221; cosines 0.99976, 0.9540, (0.788), 0.99958,
+# Measured: ratios 0.2467, 0.1297, 1.0000 (0.5397 when weights were deflated), 0.2466, 0.1221; cosines 0.99976, 0.9540, (0.788), 0.99958,
 # (0.441, with 43.5% of the weights clipped).
 LIMITS = [
     ({"method": "quantize.weight_only", "params": {"bits": 8}}, 0.30, 0.999),
     ({"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}, 0.20, 0.94),
-    ({"method": "prune.magnitude", "params": {"sparsity": 0.5}}, 0.60, None),
+    # Weight files are stored, not deflated (issue 14: deflating multi-GB weights cost more than
+    # the method): a dense pruned model keeps its size, and the zip adds only its directory.
+    ({"method": "prune.magnitude", "params": {"sparsity": 0.5}}, 1.001, None),
     # Not in the acceptance list; bounded by what their bits allow.
     ({"method": "quantize.dynamic_int8", "params": {}}, 0.30, 0.999),
     # 4 bits with 9 fractional bits: the range is +-1/64, under one standard deviation of these

@@ -238,7 +238,7 @@ def _memory(module: Any, quantized: list[Any], args: Any, fmt: str) -> tuple[int
     return running, stored
 
 
-def save_compressed(loaded: Any, out_dir: Path) -> None:
+def save_compressed(loaded: Any, out_dir: Path, max_shard_size: int) -> None:
     """The LoadedModel saver: compress in place, save, add quantization_config, decompress."""
     from compressed_tensors.compressors import ModelCompressor
 
@@ -246,7 +246,7 @@ def save_compressed(loaded: Any, out_dir: Path) -> None:
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     try:
-        model.save_pretrained(out_dir, safe_serialization=True)
+        model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
         compressor.update_config(str(out_dir))
     finally:
         # Back to float weights (the quantized values) so code after the save can read .weight.

@@ -182,8 +182,8 @@ def set_quantized_saver(model: Any, method: str) -> None:
     """Quantized results are written by llm-compressor's own ``save_pretrained`` (oneshot wrapped
     the model's): packed integers + ``quantization_config`` (compressed-tensors) in config.json."""
 
-    def saver(loaded: Any, out_dir: Path) -> None:
-        loaded.module.save_pretrained(out_dir, save_compressed=True)
+    def saver(loaded: Any, out_dir: Path, max_shard_size: int) -> None:
+        loaded.module.save_pretrained(out_dir, save_compressed=True, max_shard_size=max_shard_size)
 
     model.saver = saver
     model.notes["format"] = "compressed-tensors"

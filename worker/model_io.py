@@ -36,8 +36,8 @@ class LoadedModel:
     state: dict[str, torch.Tensor] | None = None
     extra_files: list[Path] = field(default_factory=list)
     # A method that changes how weights are stored (e.g. compressed-tensors quantization) sets
-    # this; save() then calls saver(self, out_dir) instead of save_pretrained/save_file.
-    saver: Callable[["LoadedModel", Path], None] | None = None
+    # this; save() then calls saver(self, out_dir, max_shard_size) instead of save_pretrained/save_file.
+    saver: Callable[["LoadedModel", Path, int], None] | None = None
     # Facts for the report about how the artifact's weights are stored / run.
     notes: dict[str, Any] = field(default_factory=dict)
     # Keys merged into the saved config.json whatever writes it (llm-compressor's save_pretrained
@@ -79,6 +79,33 @@ class LoadedModel:
         return out
 
 
+def unique_tensors(module: nn.Module, buffers: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """Parameters and buffers, tied ones once. On a disk-offloaded module every read gives a fresh
+    copy, so sharing is told by the offloaded tensor behind the name, not by the copy."""
+    try:
+        from compressed_tensors.offload.cache import OffloadCache
+    except ImportError:  # pragma: no cover - compressed-tensors is a dependency
+        OffloadCache = ()  # type: ignore[assignment]  # noqa: N806
+    out: list[tuple[str, torch.Tensor]] = []
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        for store in (mod._parameters, mod._buffers) if buffers else (mod._parameters,):
+            offloaded = store.offloaded_values if isinstance(store, OffloadCache) else None
+            for name in list(store.keys()):
+                key = offloaded.get(name) if offloaded is not None else store.get(name)
+                if key is None or id(key) in seen:
+                    continue
+                seen.add(id(key))
+                out.append((f"{mod_name}.{name}" if mod_name else name, store[name]))
+    return out
+
+
+def is_offloaded(module: nn.Module | None) -> bool:
+    from compressed_tensors.offload.cache import OffloadCache
+
+    return module is not None and any(isinstance(m._parameters, OffloadCache) for m in module.modules())
+
+
 def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
     if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
@@ -115,7 +142,11 @@ def preload() -> None:
     from transformers import BertModel, GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401
 
 
-def load(src_dir: Path, fmt: str) -> LoadedModel:
+def load(src_dir: Path, fmt: str, offload_dir: Path | None = None) -> LoadedModel:
+    """The model in memory; with ``offload_dir`` (HF models), its skeleton with every weight left on
+    disk (compressed-tensors' disk offload: each parameter is read from the shards when a module
+    runs or is read, and what a method writes goes to ``offload_dir``), for steps that onload one
+    block at a time (``MethodSpec.blocks``)."""
     if fmt == "safetensors":
         (path,) = list(src_dir.glob("*.safetensors"))
         return LoadedModel(format=fmt, src_dir=src_dir, state=load_file(str(path)))
@@ -124,21 +155,38 @@ def load(src_dir: Path, fmt: str) -> LoadedModel:
     config = AutoConfig.from_pretrained(src_dir, trust_remote_code=False)
     cls = model_class(config)
     # dtype="auto": keep the stored dtype (a cast is a method, not a side effect of loading).
-    module = cls.from_pretrained(src_dir, trust_remote_code=False, use_safetensors=True, dtype="auto")
+    kwargs: dict[str, Any] = {"trust_remote_code": False, "use_safetensors": True, "dtype": "auto"}
+    if offload_dir is None:
+        module = cls.from_pretrained(src_dir, **kwargs)
+    else:
+        from compressed_tensors.offload import load_offloaded_model
+
+        offload_dir.mkdir(parents=True, exist_ok=True)
+        # No CPU memory for weights at all: every parameter is offloaded to disk, so what the
+        # worker holds is one block being worked on, not the model.
+        with load_offloaded_model(cls):
+            module = cls.from_pretrained(src_dir, device_map="auto_offload", max_memory={"cpu": 1},
+                                         offload_folder=str(offload_dir), **kwargs)
     module.eval()
     extras = [p for p in src_dir.iterdir() if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in WEIGHT_FILE_PATTERNS)]
     return LoadedModel(format=fmt, src_dir=src_dir, module=module, extra_files=extras)
 
 
-def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any]) -> None:
+# Output shards hold at most this many bytes (HF's 5 GB; transformers 5's own default is 50 GB).
+# save_pretrained holds one shard's tensors in memory at a time, which matters for an offloaded
+# model: the block path saves in smaller shards (worker/pipeline.py).
+DEFAULT_SHARD_BYTES = 5 * 10**9
+
+
+def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any], max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if model.saver is not None:
-        model.saver(model, out_dir)
+        model.saver(model, out_dir, max_shard_size)
         for p in model.extra_files:
             if not (out_dir / p.name).exists():
                 shutil.copyfile(p, out_dir / p.name)
     elif model.module is not None:
-        model.module.save_pretrained(out_dir, safe_serialization=True)
+        model.module.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
         for p in model.extra_files:
             shutil.copyfile(p, out_dir / p.name)
     else:

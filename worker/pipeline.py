@@ -36,6 +36,10 @@ log = logging.getLogger("modelpress.worker")
 
 model_io.preload()
 
+# Output shard size when an offloaded (block path) model is saved: save_pretrained gathers one
+# shard's tensors in memory before writing it.
+BLOCK_SAVE_SHARD_BYTES = 512 << 20
+
 # Fixed zip entry time: the same inputs give a byte-identical artifact (and sha256) on every run.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -200,6 +204,8 @@ def _memory_bytes(loaded: model_io.LoadedModel) -> int:
     weights differently from how they load, e.g. packed integers, reports its own figure)."""
     if "memory_bytes" in loaded.notes:
         return int(loaded.notes["memory_bytes"])
+    if loaded.module is not None and model_io.is_offloaded(loaded.module):
+        return sum(t.numel() * t.element_size() for _, t in model_io.unique_tensors(loaded.module))
     if loaded.module is not None:
         seen: set[int] = set()  # tied weights count once
         total = 0
@@ -363,22 +369,30 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
             # Decided before anything is written: the in-memory path runs the same steps.
             log.info("job %s: in-memory path (%s)", ctx.job_id, e)
             ctx.stage_seconds.pop("stream", None)
-    t0 = time.perf_counter()
-    try:
-        loaded = model_io.load(src, model_info["format"])
-    except Exception as e:
-        raise JobFailed("model_load_failed", f"the model could not be loaded: {e}") from e
-    ctx.stage_seconds["load"] = time.perf_counter() - t0
-
+    original_weight_bytes = evaluate.tensor_bytes(src)
+    blocks = _block_steps(model_info["format"], steps, ctx.settings)
     enabled = ctx.evaluation.get("enabled", True)
+    too_large = None
+    if blocks and enabled and not _fits_twice(original_weight_bytes, ctx.settings):
+        enabled = False
+        too_large = {"available": False, "reason": (
+            f"the model ({original_weight_bytes / 2**30:.1f} GiB of weights) is too large for this worker to hold "
+            "whole for evaluation; streamed evaluation is not available yet")}
     # The evaluator reports (note, fraction of its own stage done); each stage maps it into its span.
     evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.02, 0.05))
-    if enabled:
+    if blocks and enabled:
+        # The steps will see the weights on disk; the original is measured whole, then freed.
+        t0 = time.perf_counter()
+        evaluator.measure_original(_load(src, model_info["format"]).module)
+        ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loaded = _load(src, model_info["format"], work / "offload" if blocks else None)
+    ctx.stage_seconds["load"] = time.perf_counter() - t0
+    if enabled and not blocks:
         # Before any step: methods change the module in place.
         t0 = time.perf_counter()
         evaluator.measure_original(loaded.module)
         ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
-    original_weight_bytes = evaluate.tensor_bytes(src)
 
     step_metrics = []
     n = len(steps)
@@ -419,7 +433,10 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "versions": _versions(),
     }
     out = work / "out"
-    model_io.save(loaded, out, manifest)
+    # save_pretrained holds one output shard in memory: on the block path that must stay near a
+    # block's size, not the model's.
+    shard = min(ctx.settings.shard_max_bytes, BLOCK_SAVE_SHARD_BYTES) if blocks else ctx.settings.shard_max_bytes
+    model_io.save(loaded, out, manifest, max_shard_size=shard)
     ctx.stage_seconds["save"] = time.perf_counter() - t0
     artifact_weight_bytes = evaluate.tensor_bytes(out)
     notes = loaded.notes
@@ -434,7 +451,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
         sections = evaluator.sections()
     else:
-        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
+        off = too_large or {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
         sections = {"speed": off, "quality": off, "fidelity": off}
     t0 = time.perf_counter()
     if model_info["format"] == "hf":
@@ -470,7 +487,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "sparsity": sparsity,
         **sections,
         "memory": peak.result(),
-        "engine": {"path": "whole", "note": "the model was built in memory (a step has no streaming form)"},
+        "engine": {"path": "blocks", "note": "weights stayed on disk; llm-compressor's sequential pipeline onloaded one "
+                   "decoder block at a time"} if blocks else
+                  {"path": "whole", "note": "the model was built in memory (a step has no streaming or block form)"},
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
         "evaluation": ctx.evaluation,
@@ -482,6 +501,20 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "artifact_sha256": sha,
         "metrics": metrics,
     }
+
+
+def _load(src: Path, fmt: str, offload_dir: Path | None = None) -> model_io.LoadedModel:
+    try:
+        return model_io.load(src, fmt, offload_dir)
+    except Exception as e:
+        raise JobFailed("model_load_failed", f"the model could not be loaded: {e}") from e
+
+
+def _block_steps(fmt: str, steps: list[dict[str, Any]], settings: Settings) -> bool:
+    """Every step runs block by block through llm-compressor (MethodSpec.blocks): the weights
+    stay on disk and one decoder block is onloaded at a time."""
+    specs = [methods.get(s["method"]) for s in steps]
+    return settings.block_engine and fmt == "hf" and all(s is not None and s.blocks for s in specs)
 
 
 def _stream_steps(steps: list[dict[str, Any]]) -> list[tuple[Any, Any]] | None:

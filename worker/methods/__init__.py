@@ -65,6 +65,10 @@ class MethodSpec:
     # transforms the checkpoint tensor by tensor from the shards without building the model.
     # None: the method needs the model in memory (data, training, whole-layer math).
     stream: Callable[..., Any] | None = None
+    # True when the handler only changes the model through llm-compressor's sequential pipeline,
+    # which onloads one decoder block at a time: such steps run on a model whose weights stay on
+    # disk (the block path, worker/pipeline.py). Handlers that write weights in place must not.
+    blocks: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -80,6 +84,7 @@ def register(
     check: Callable[[Any, ModelInfo], None] | None = None,
     final: bool = False,
     stream: Callable[..., Any] | None = None,
+    blocks: bool = False,
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
     """Register ``fn(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics)."""
 
@@ -87,7 +92,7 @@ def register(
         if name in _REGISTRY:
             raise RuntimeError(f"method {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final, stream)
+        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final, stream, blocks)
         return fn
 
     return deco

@@ -9,7 +9,9 @@ them with module-name glob patterns (``"*.mlp.*"``, ``"transformer.h.0.*"``).
 small weights lose more); ``layer`` prunes the same fraction from each weight matrix; ``row`` the
 same fraction from each output row. ``scope`` applies to ``sparsity`` only.
 
-Zeros alone do not shrink a dense safetensors file; the artifact archive compresses them.
+Zeros alone do not shrink a dense safetensors file, and the artifact stores weight files without
+deflate (it cost most of a large job's saving time; docs/STREAMING.md): quantize after pruning
+(e.g. ``prune.magnitude`` then ``quantize.weight_only``) for a smaller artifact.
 
 Example: ``{"method": "prune.magnitude", "params": {"sparsity": 0.5}}``
 """

@@ -39,7 +39,7 @@ def _check(params: PruneSparseGPTParams, info: ModelInfo) -> None:
     check_model("prune.sparsegpt", info, quantizes=False)
 
 
-@register("prune.sparsegpt", params=PruneSparseGPTParams, needs_data=True, formats=("hf",), check=_check)
+@register("prune.sparsegpt", params=PruneSparseGPTParams, needs_data=True, formats=("hf",), check=_check, blocks=True)
 def prune_sparsegpt(model: Any, params: PruneSparseGPTParams, ctx: Any) -> dict[str, Any]:
     """SparseGPT: one-shot pruning with second-order weight updates on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier

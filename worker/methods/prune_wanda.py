@@ -36,7 +36,7 @@ def _check(params: PruneWandaParams, info: ModelInfo) -> None:
     check_model("prune.wanda", info, quantizes=False)
 
 
-@register("prune.wanda", params=PruneWandaParams, needs_data=True, formats=("hf",), check=_check)
+@register("prune.wanda", params=PruneWandaParams, needs_data=True, formats=("hf",), check=_check, blocks=True)
 def prune_wanda(model: Any, params: PruneWandaParams, ctx: Any) -> dict[str, Any]:
     """Wanda: prune by |weight| x input-activation norm on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.pruning import WandaPruningModifier

@@ -45,7 +45,7 @@ def _check(params: QuantizeAWQParams, info: ModelInfo) -> None:
                          f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq")
 
 
-@register("quantize.awq", params=QuantizeAWQParams, needs_gpu=True, needs_data=True, formats=("hf",), check=_check, final=True)
+@register("quantize.awq", params=QuantizeAWQParams, needs_gpu=True, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
 def quantize_awq(model: Any, params: QuantizeAWQParams, ctx: Any) -> dict[str, Any]:
     """AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU)."""
     from llmcompressor.modifiers.awq import AWQModifier

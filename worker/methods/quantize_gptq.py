@@ -41,7 +41,7 @@ def _check(params: QuantizeGPTQParams, info: ModelInfo) -> None:
     check_group("quantize.gptq", info, params.effective_group(params.scheme))
 
 
-@register("quantize.gptq", params=QuantizeGPTQParams, needs_data=True, formats=("hf",), check=_check, final=True)
+@register("quantize.gptq", params=QuantizeGPTQParams, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
 def quantize_gptq(model: Any, params: QuantizeGPTQParams, ctx: Any) -> dict[str, Any]:
     """GPTQ: error-compensating integer quantization on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.quantization import GPTQModifier

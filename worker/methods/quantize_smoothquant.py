@@ -52,7 +52,7 @@ def _check(params: QuantizeSmoothQuantParams, info: ModelInfo) -> None:
                          f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq with scheme W8A8")
 
 
-@register("quantize.smoothquant", params=QuantizeSmoothQuantParams, needs_data=True, formats=("hf",), check=_check, final=True)
+@register("quantize.smoothquant", params=QuantizeSmoothQuantParams, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
 def quantize_smoothquant(model: Any, params: QuantizeSmoothQuantParams, ctx: Any) -> dict[str, Any]:
     """SmoothQuant: migrate activation outliers into the weights, then W8A8 (llm-compressor)."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier

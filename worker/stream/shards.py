@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 import torch
 
 from app.models.validation import FileRejected, check_safetensors
+from worker.model_io import DEFAULT_SHARD_BYTES  # noqa: F401 - the engine's default, as save()'s
 
 # safetensors dtype names <-> torch dtypes (the subset the validator accepts and torch reads).
 DTYPES: dict[str, torch.dtype] = {
@@ -38,8 +39,6 @@ NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # Headers of uploaded files were checked against the service's own limit at upload; this bound
 # only stops a header from being read whole into memory if a stored file were replaced.
 MAX_HEADER = 100 << 20
-# HF's save_pretrained default shard size, as the loaders expect it.
-DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
 class ShardError(Exception):
