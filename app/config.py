@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     # Jobs whose every step is data-free run on the streaming engine (worker/stream): tensor by
     # tensor from the shards, never building the model. false: always build it in memory.
     stream_engine: bool = True
+    # Jobs whose every step runs through llm-compressor's sequential pipeline (Wanda, SparseGPT,
+    # GPTQ, SmoothQuant, AWQ) keep the weights on disk and onload one decoder block at a time
+    # (compressed-tensors' disk offload). false: build the model in memory.
+    block_engine: bool = True
     # Output shards of the streaming engine hold at most this many bytes of tensor data (HF's
     # save_pretrained default, 5 GB; a tensor larger than that gets a shard of its own).
     shard_max_bytes: int = Field(default=5 * 10**9, ge=1 << 20)
