@@ -230,9 +230,13 @@ def _allowed_methods(req: Request) -> list[str]:
     if root and path.startswith(root):
         path = path[len(root):]
     methods: set[str] = set()
-    for template, item in req.app.openapi().get("paths", {}).items():
-        if compile_path(template)[0].match(path):
-            methods |= {m.upper() for m in item if m in _HTTP_METHODS}
+    paths = req.app.openapi().get("paths", {})
+    # A path the spec names literally (POST /v1/jobs/estimate) is that operation's, although a
+    # template (GET /v1/jobs/{job_id}) matches it too.
+    matched = [paths[path]] if path in paths else [item for template, item in paths.items()
+                                                   if compile_path(template)[0].match(path)]
+    for item in matched:
+        methods |= {m.upper() for m in item if m in _HTTP_METHODS}
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)

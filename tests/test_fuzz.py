@@ -155,7 +155,7 @@ def _operation_config(method: str, path: str, ids: dict[str, dict[str, str]]) ->
 # as an accepted answer (every other check, and every other operation, stays strict):
 # - uploads (POST /v1/models, /v1/datasets), 422: the files must be a real model (safetensors,
 #   config.json) or dataset (UTF-8 text, JSONL), not bytes made up for a `format: binary` string;
-# - job and sweep specs (POST /v1/jobs, /v1/sweeps), 422: `model_id` must name a model the tenant
+# - job and sweep specs (POST /v1/jobs, /v1/jobs/estimate, /v1/sweeps), 422: `model_id` must name a model the tenant
 #   uploaded (unknown_model), and the steps must suit it (methods are plugins, each with its own
 #   parameter schema, listed at GET /v1/methods);
 # - list routes (GET /v1/{models,datasets,jobs,sweeps}), 422: `cursor` must be a token the
@@ -166,6 +166,7 @@ _POSITIVE_DEFAULT = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 _POSITIVE_EXTRA = {
     **{f"POST /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps")},
     **{f"GET /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps")},
+    "POST /v1/jobs/estimate": ["422"],
     "GET /v1/jobs/{job_id}/artifact": ["416"],
 }
 
