@@ -97,34 +97,6 @@ def parameter_counts(module: torch.nn.Module | None, state: dict[str, torch.Tens
     return {"total": total, "nonzero": nonzero}
 
 
-class PeakMemory:
-    """Peak resident memory of this process during the job. Linux lets a process reset its RSS
-    high-water mark (``echo 5 > /proc/self/clear_refs``), so a worker child that ran earlier jobs
-    reports this job's peak, not its lifetime's."""
-
-    def __init__(self) -> None:
-        self.how = "VmHWM of the worker process since the job started (reset through /proc/self/clear_refs)"
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.how = "peak RSS of the worker process over its lifetime (this system cannot reset it per job)"
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-
-    def result(self) -> dict[str, Any]:
-        peak = None
-        try:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    peak = int(line.split()[1]) * 1024
-        except OSError:
-            import resource
-
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"peak_rss_bytes": peak, "how": self.how, "peak_cuda_bytes": cuda}
-
-
 def model_kind(module: torch.nn.Module) -> str:
     """``causal_lm`` | ``classifier`` | ``lm_logits`` (e.g. masked LM) | ``base`` (hidden states)."""
     name = type(module).__name__
