@@ -133,6 +133,25 @@ def test_stream_equals_in_memory(tiny, tmp_path, model, steps):
     assert sres.sparsity == sparsity
 
 
+@pytest.mark.parametrize("steps", [
+    [("prune.magnitude", {"sparsity": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})],
+    [("quantize.dynamic_int8", {})],
+    [("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}), ("quantize.cast", {"dtype": "float16"})],
+], ids=["prune+w4", "w8a8", "prune+fp16"])
+def test_bfloat16_checkpoint(tmp_path, steps):
+    """Real checkpoints are bf16: the map's bf16 views go through the same math as the module's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(2)
+    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)).to(torch.bfloat16)
+    m.save_pretrained(tmp_path / "src")
+    wres, counts, sparsity = _whole(tmp_path / "src", "hf", steps, tmp_path / "whole")
+    sres = _stream(tmp_path / "src", "hf", steps, tmp_path / "stream")
+    _same(tmp_path / "whole", tmp_path / "stream")
+    assert sres.parameters == counts and sres.sparsity == sparsity
+
+
 def test_sharded_input_and_output_round_trip(tmp_path):
     """A sharded upload (index.json) in, shards of a capped size out: HF's layout, loadable."""
     from transformers import LlamaConfig, LlamaForCausalLM

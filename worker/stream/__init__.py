@@ -346,9 +346,14 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
                 target = targets.get(name)
                 in_spec = reader.spec(name)
                 if not chain:
-                    for piece in reader.raw(name):
-                        w.write(piece)
-                    zeros = counter.add(name, reader.tensor(name))
+                    # Copied as stored, counted on the way: each byte is read once.
+                    zeros = 0
+                    src = reader.tensor(name)
+                    for r0, r1 in _row_chunks(in_spec, False):
+                        part = src[r0:r1] if src.ndim else src
+                        w.write(tensor_bytes(part))
+                        zeros += counter.add(name, part)
+                    del src
                     if target is not None:
                         per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
                                           "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import mmap
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -134,19 +133,6 @@ class ShardReader:
         else:
             t = torch.frombuffer(m, dtype=spec.dtype, count=spec.numel, offset=e.start)
         return t.view(spec.shape)
-
-    def raw(self, name: str, chunk: int = 64 << 20) -> Iterator[memoryview]:
-        """The tensor's bytes as they are stored, in pieces (pass-through copies)."""
-        e = self.entries[name]
-        m = self._map(e.file)
-        if e.end > len(m):
-            raise ShardError(f"{e.file.name}: tensor {name!r} ends at byte {e.end} but the file has {len(m)} bytes (truncated)")
-        view = memoryview(m)
-        try:
-            for s in range(e.start, e.end, chunk):
-                yield view[s : min(s + chunk, e.end)]
-        finally:
-            view.release()
 
     def done_with(self, name: str) -> None:
         """Tell the kernel the tensor's pages will not be read again (they leave this process's
