@@ -51,6 +51,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -286,15 +287,17 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
         res.status, res.error = f"refused {r.status_code}", r.text[:500]
         return res
     job_id = r.json()["id"]
-    last = ""
+    last, last_at = "", 0.0
     deadline = time.monotonic() + args.timeout
     while True:
         job = http.get(f"/v1/jobs/{job_id}").json()
         if job["status"] in TERMINAL:
             break
         prog = f"{job['status']} {job['progress']['stage']} {job['progress']['fraction']:.2f}"
-        if prog != last:
-            last = prog
+        # A line on every stage change, and every 30 s anyway: a calibrated step stays on one
+        # stage for many minutes, and its memory so far is the figure worth seeing.
+        if prog != last or time.monotonic() - last_at > 30:
+            last, last_at = prog, time.monotonic()
             print(f"    {time.perf_counter() - t0:7.1f} s  {prog}  anon peak {sampler.peak_one / GiB:.2f} GiB", flush=True)
         if time.monotonic() > deadline:
             http.post(f"/v1/jobs/{job_id}/cancel")
@@ -359,6 +362,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (if the disk allows) and the data folder")
     ap.add_argument("--json", type=Path, help="also write the results (and each job's memory timeline) here")
     args = ap.parse_args()
+    # SIGTERM (timeout, kill) unwinds like Ctrl-C: the finally below stops the service, drops the
+    # database and deletes the multi-GB folders instead of leaving them behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [n.strip() for n in args.jobs.split(",") if n.strip()]
     unknown = [n for n in names if n not in JOBS]
     if unknown:
@@ -460,6 +466,7 @@ def main() -> int:
                 finally:
                     stop_process(worker, timeout=120)
                 results.append(res)
+                save_json(args, input_bytes, upload_s, shape, results)  # each job as it ends: a long run may be cut short
                 print(f"   {res.status}: wall {res.wall_s:.1f} s, floor {res.floor_s:.1f} s, peak anon "
                       f"{res.peak_anon / GiB:.2f} GiB (idle {res.base_anon / GiB:.2f})"
                       + (f", error {res.error}" if res.error else ""), flush=True)
@@ -484,11 +491,15 @@ def main() -> int:
                 shutil.rmtree(generated, ignore_errors=True)
 
     report(args, results, input_bytes, upload_s, mem_total, shape, itemsize)
+    save_json(args, input_bytes, upload_s, shape, results)
+    return 0 if all(r.status == "succeeded" for r in results) else 1
+
+
+def save_json(args: argparse.Namespace, input_bytes: int, upload_s: float, shape, results: list[Result]) -> None:  # noqa: ANN001
     if args.json:
         args.json.write_text(json.dumps({"size_bytes": input_bytes, "upload_s": upload_s,
                                          "shape": dataclasses.asdict(shape) if shape else None,
                                          "results": [dataclasses.asdict(r) for r in results]}, indent=1))
-    return 0 if all(r.status == "succeeded" for r in results) else 1
 
 
 def report(args: argparse.Namespace, results: list[Result], input_bytes: int, upload_s: float, mem_total: int,
