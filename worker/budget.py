@@ -29,7 +29,6 @@ Before a claim (:func:`admit`), a worker compares the job's stored plan with its
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -107,12 +106,24 @@ class BudgetRegistration(registry.Registration):
         super().start()
 
 
-@functools.cache
+_published: tuple[int, int] | None = None
+
+
 def own_budget() -> tuple[int, int]:
-    """(memory, scratch) budget of this process, computed once (as the registry row's)."""
+    """(memory, scratch) budget of this process: the worker's, as its registry row publishes it
+    (a prefork pool child reads its main process's row, so the API and the worker judge a plan
+    by the same figures), else computed here."""
+    global _published
     reg = _registration()
     if reg is not None:
         return reg.memory_budget, reg.scratch_budget
+    if _published is None:
+        with get_sessionmaker()() as s:
+            row = s.get(Worker, own_worker_id())
+            if row is not None and row.memory_budget_bytes is not None and row.scratch_budget_bytes is not None:
+                _published = (row.memory_budget_bytes, row.scratch_budget_bytes)
+    if _published is not None:
+        return _published
     settings = get_settings()
     return memory_budget_bytes(settings), scratch_budget_bytes(settings)
 
