@@ -360,11 +360,14 @@ def main() -> int:
     ap.add_argument("--sample-ms", type=float, default=50.0)
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per job")
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (if the disk allows) and the data folder")
+    ap.add_argument("--gptq-samples", type=int, default=64, help="GPTQ calibration texts (num_samples, default 64)")
+    ap.add_argument("--gptq-length", type=int, default=256, help="GPTQ tokens per text (max_length, default 256)")
     ap.add_argument("--json", type=Path, help="also write the results (and each job's memory timeline) here")
     args = ap.parse_args()
     # SIGTERM (timeout, kill) unwinds like Ctrl-C: the finally below stops the service, drops the
     # database and deletes the multi-GB folders instead of leaving them behind.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    JOBS["gptq"][0][0]["params"].update(num_samples=args.gptq_samples, max_length=args.gptq_length)
     names = [n.strip() for n in args.jobs.split(",") if n.strip()]
     unknown = [n for n in names if n not in JOBS]
     if unknown:
@@ -444,7 +447,8 @@ def main() -> int:
             dataset_id = None
             if any(JOBS[n][2] for n in names):
                 text = data / "calibration.txt"
-                calibration_text(text, 64, 2000)
+                # One byte-level token per character: every text long enough for max_length.
+                calibration_text(text, args.gptq_samples, 2 * args.gptq_length + 100)
                 dataset_id = client.create_dataset(text, name="calibration").id
 
             for n in names:
