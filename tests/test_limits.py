@@ -50,7 +50,10 @@ def limited(private_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                 # worker's budget (capped by that limit) would refuse it at submit; this test is
                 # about the watchdog that stops a job whose plan was wrong (tests/test_plan.py
                 # covers the refusal).
-                MODELPRESS_WORKER_MEMORY_BUDGET_MB="65536")
+                MODELPRESS_WORKER_MEMORY_BUDGET_MB="65536",
+                # The in-memory path: the streaming engine would prune the hog tensor by tensor,
+                # far under the limit, and this test needs a job that outgrows it.
+                MODELPRESS_STREAM_ENGINE="false")
     yield st
     st.service.stop()
 
@@ -92,9 +95,9 @@ def test_time_and_memory_limits_fail_the_job_with_their_own_code_and_the_worker_
     assert f"time limit of {TIME_LIMIT_S} s" in job["error"]["message"]
     assert job["attempt"] == 1, "a job over a limit is failed, not run again"
 
-    # Big, not slow: a method that builds the model in memory (prune.magnitude streams the
-    # weights tensor by tensor and stays far under any limit, tests/test_stream.py).
-    hungry = c.post("/v1/jobs", json={"model_id": huge["id"], "steps": [{"method": "prune.structured", "params": {"ffn": 0.5}}]}).json()
+    # Big, not slow (the stack builds models in memory: see the fixture). No evaluation: its
+    # budget (seconds) would outlast the time limit before the pruning grows the memory.
+    hungry = c.post("/v1/jobs", json={"model_id": huge["id"], "steps": prune, **CHEAP}).json()
     job = wait_job(c, hungry["id"], timeout=120)
     assert job["status"] == "failed" and job["error"]["code"] == "memory_limit", job
     assert f"memory limit of {MEMORY_LIMIT_MB} MiB" in job["error"]["message"]

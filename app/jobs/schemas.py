@@ -31,7 +31,7 @@ class EvaluationIn(BaseModel):
     warmup: int = Field(default=2, ge=0, le=20)
     max_samples: int = Field(default=32, ge=1, le=2000)
     budget_s: float = Field(
-        default=30.0, ge=1.0, le=86400.0,
+        default=15.0, ge=1.0, le=86400.0,
         description="seconds the report's measurements (latency, quality, fidelity of both models) may take "
         "in all; sample and run counts adapt to it, and the report says how many were used",
     )
