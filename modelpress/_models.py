@@ -122,7 +122,7 @@ class Artifact(_Base):
 
 
 class Plan(_Base):
-    """What a job takes, computed before it runs: ``path`` (``stream`` or ``whole``),
+    """What a job takes, computed before it runs: ``path`` (``stream``, ``blocks`` or ``whole``),
     ``peak_memory_bytes`` (the worker process's peak, its baseline included), ``scratch_bytes``,
     ``artifact_bytes``, ``seconds``, and the inputs they come from; ``notes`` say what they assume."""
 

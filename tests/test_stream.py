@@ -44,8 +44,8 @@ def _stream(src: Path, fmt: str, steps, out: Path, shard_bytes: int = 5 * 10**9)
     else:
         sink = FileSink(out.with_suffix(".safetensors"))
         extra = []
-    result = engine.run(src, fmt, [spec.stream(params, None) for spec, params in _specs(steps)], sink,
-                        extra_files=extra, manifest=MANIFEST, shard_bytes=shard_bytes)
+    result = engine.run_passes(src, fmt, [spec.stream(params, None) for spec, params in _specs(steps)], sink,
+                               scratch=out.parent / "scratch", extra_files=extra, manifest=MANIFEST, shard_bytes=shard_bytes)
     size, sha = sink.close()
     assert size == sink.path.stat().st_size
     if fmt == "hf":
@@ -291,3 +291,20 @@ def test_memory_bytes_is_what_transformers_loads(tiny, tmp_path, model, steps):
             seen.add(t.data_ptr())
             total += t.numel() * t.element_size()
     assert res.memory_bytes == total
+
+
+def test_a_global_prune_after_another_step_starts_a_new_pass(tiny, tmp_path):
+    """Global pruning must rank the weights as the steps before it leave them: it starts a pass of
+    its own over the previous pass's result (on scratch, removed once read), not a recomputation
+    of every earlier step inside its pre-pass."""
+    steps = [("prune.magnitude", {"sparsity": 0.2}), ("quantize.cast", {"dtype": "bfloat16"}),
+             ("prune.magnitude", {"sparsity": 0.5}), ("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}),
+             ("prune.magnitude", {"sparsity": 0.7})]
+    assert [len(p) for p in engine.passes([spec.stream(params, None) for spec, params in _specs(steps)])] == [2, 2, 1]
+    wres, counts, sparsity = _whole(tiny["llama"], "hf", steps, tmp_path / "whole")
+    sres = _stream(tiny["llama"], "hf", steps, tmp_path / "stream")
+    _same(tmp_path / "whole", tmp_path / "stream")
+    assert [m.get("achieved_sparsity", 0.0) for m in sres.step_metrics] == \
+        pytest.approx([m.get("achieved_sparsity", 0.0) for m in wres])
+    assert sres.parameters == counts and sres.sparsity == sparsity
+    assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())

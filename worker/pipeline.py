@@ -40,6 +40,9 @@ model_io.preload()
 # shard's tensors in memory before writing it.
 BLOCK_SAVE_SHARD_BYTES = 512 << 20
 
+# jobs.progress_stage is a VARCHAR(100).
+PROGRESS_STAGE_MAX = 100
+
 # Fixed zip entry time: the same inputs give a byte-identical artifact (and sha256) on every run.
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
@@ -73,6 +76,9 @@ class JobContext:
     _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def progress(self, stage: str, fraction: float) -> None:
+        if len(stage) > PROGRESS_STAGE_MAX:
+            # The column holds 100 characters; a long fused recipe's label is cut, its note kept.
+            stage = stage[: PROGRESS_STAGE_MAX - 1] + "…"
         try:
             with get_sessionmaker()() as s:
                 held = jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s)
@@ -549,7 +555,7 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
     fmt = model_info["format"]
     n = len(steps)
     names = ", ".join(spec.name for spec, _ in streamed)
-    ctx.step_label = f"steps 1-{n}: {names}" if n > 1 else f"step 1/1: {names}"
+    ctx.step_label = f"steps 1-{n} fused" if n > 1 else f"step 1/1: {names}"
     ctx.step_span = (0.05, 0.85)
     ctx.progress(ctx.step_label, 0.05)
     manifest = {
@@ -565,8 +571,8 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
     t0 = time.perf_counter()
     try:
         try:
-            result = stream.run(
-                src, fmt, [spec.stream(params, ctx) for spec, params in streamed], sink,
+            result = stream.run_passes(
+                src, fmt, [spec.stream(params, ctx) for spec, params in streamed], sink, scratch=work,
                 extra_files=extra if fmt == "hf" else [], manifest=manifest, shard_bytes=ctx.settings.shard_max_bytes,
                 progress=ctx.step_progress, canceled=ctx.cancel_requested,
             )

@@ -81,8 +81,9 @@ class JobPlan(BaseModel):
     headers of the model, the steps, the evaluation and the workers' measured throughput."""
 
     model_config = ConfigDict(extra="allow")
-    path: Literal["stream", "whole"] = Field(
+    path: Literal["stream", "blocks", "whole"] = Field(
         description="stream: tensors are read and written one at a time (every step's method streams); "
+        "blocks: llm-compressor's steps on the model with its weights on disk, one decoder block at a time; "
         "whole: the model is loaded whole")
     peak_memory_bytes: int = Field(description="peak anonymous memory of the job's worker process (what an OOM kill counts; "
                                    "memory-mapped weight files excluded), its baseline included")

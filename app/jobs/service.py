@@ -119,11 +119,13 @@ def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict,
     storage = get_storage()
     tensors = _model_tensors(uow, model)
     # MODELPRESS_STREAM_ENGINE false (the workers' setting, read here too) builds every model in memory.
-    stream = planner.stream_capable(steps, load_all()) and getattr(get_settings(), "stream_engine", True)
+    settings = get_settings()
+    stream = planner.stream_capable(steps, load_all()) and settings.stream_engine
+    blocks = not stream and planner.blocks_capable(model.format, steps, load_all()) and settings.block_engine
     return planner.compute(
         fmt=model.format, tensors=tensors,
         other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
-        input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream,
+        input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream, blocks=blocks,
         input_on_scratch=not storage.is_local, throughput=_fleet_throughput(uow, queue),
     )
 

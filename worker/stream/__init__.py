@@ -23,6 +23,7 @@ Steps see row chunks and must not modify their input in place (it may be the rea
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ __all__ = ["NotStreamable", "ShardError", "StreamStep", "TensorSpec", "Source", 
 CHUNK_BYTES = 32 << 20  # float32 bytes of one row chunk: bounds each step's temporaries
 # Tensors that compressed-tensors attaches (scales...): storage overhead, not parameters.
 QUANT_SUFFIXES = ("_scale", "_zero_point", "_g_idx", "_global_scale", "weight_shape")
+
+
+class _Canceled(Exception):
+    """The job was canceled during a pre-pass."""
 
 
 class NotStreamable(Exception):
@@ -81,8 +86,13 @@ class StreamStep:
     def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
         """Before a tensor's chunks; ``whole()`` gives the tensor as it enters this step."""
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
-        """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is)."""
+    # A step whose pre-pass must see every target as earlier steps leave it (global pruning): the
+    # engine starts a new pass at such a step rather than recomputing earlier steps in the pre-pass.
+    needs_prepass = False
+
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+        """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is).
+        ``record`` false: a look ahead for a later step (whole tensor), not counted in metrics."""
         raise NotImplementedError
 
     def end(self, spec: TensorSpec, target: Target | None) -> dict[str, torch.Tensor]:
@@ -117,6 +127,8 @@ class Source(Sequence[torch.Tensor]):
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         for n in self.names:
+            if self._engine.canceled is not None and self._engine.canceled():
+                raise _Canceled
             yield self._engine.entering(n, self._index)
             self._engine.reader.done_with(n)
 
@@ -152,6 +164,7 @@ class _Engine:
         self.steps = steps
         self.order = reader.names()
         self.skeleton: Any = None
+        self.canceled: Callable[[], bool] | None = None
         self._chains: dict[str, list[int]] = {}
         self._specs: dict[tuple[str, int], TensorSpec] = {}
 
@@ -185,7 +198,7 @@ class _Engine:
         for i in self.chain(name):
             if i >= index:
                 break
-            x = self.steps[i].rows(self.spec_entering(name, i), target, x, 0)
+            x = self.steps[i].rows(self.spec_entering(name, i), target, x, 0, record=False)
         return x
 
     def out_specs(self, name: str) -> list[TensorSpec]:
@@ -261,6 +274,62 @@ class _Counter:
         return n - nz
 
 
+def passes(steps: list[StreamStep]) -> list[list[StreamStep]]:
+    """The steps split into passes over the checkpoint: a step with a global pre-pass (which must
+    see every target as the steps before it leave them) starts a new pass. Most recipes are one
+    pass; ``prune.magnitude`` (global) after another step is two, the first written to scratch."""
+    out: list[list[StreamStep]] = []
+    for s in steps:
+        if not out or (s.needs_prepass and out[-1]):
+            out.append([])
+        out[-1].append(s)
+    return out
+
+
+def run_passes(
+    src_dir: Path,
+    fmt: str,
+    steps: list[StreamStep],
+    sink: Sink,
+    *,
+    scratch: Path,
+    extra_files: list[Path],
+    manifest: dict[str, Any],
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    progress: Callable[[str, float], None] | None = None,
+    canceled: Callable[[], bool] | None = None,
+) -> Result | None:
+    """Every pass of the recipe (:func:`passes`, usually one) into ``sink``: a pass before the
+    last writes its result to ``scratch`` for the next to read, removed once read."""
+    from worker.stream.sinks import DirSink
+
+    groups = passes(steps)
+    report = progress or (lambda note, frac: None)
+    metrics: list[dict[str, Any]] = []
+    first: Result | None = None
+    result: Result | None = None
+    cur, prev = src_dir, None
+    for k, group in enumerate(groups):
+        last = k == len(groups) - 1
+        note = "" if len(groups) == 1 else f"pass {k + 1}/{len(groups)}: "
+        out = sink if last else DirSink(scratch / f"pass-{k + 1}")
+        result = run(cur, fmt, group, out, extra_files=extra_files if last else [], manifest=manifest if last else {},
+                     shard_bytes=shard_bytes, canceled=canceled,
+                     progress=lambda n, f, k=k, note=note: report(f"{note}{n}", (k + f) / len(groups)))
+        if prev is not None:
+            shutil.rmtree(prev, ignore_errors=True)
+        if result is None:
+            return None
+        first = first or result
+        metrics += result.step_metrics
+        if not last:
+            cur = prev = out.path  # type: ignore[attr-defined]
+    assert first is not None and result is not None
+    result.step_metrics = metrics
+    result.weight_bytes_in = first.weight_bytes_in
+    return result
+
+
 def run(
     src_dir: Path,
     fmt: str,
@@ -295,11 +364,17 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
         targets = bare_targets(reader)
     engine = _Engine(reader, targets, steps)
     engine.skeleton = skeleton
+    engine.canceled = canceled
     for i, s in enumerate(steps):
+        if i and s.needs_prepass:
+            raise NotStreamable("a step that needs a pre-pass must come first in a pass (worker/stream passes())")
         source = Source(engine, i)
         if len(source):
-            report(f"step {i + 1}: pre-pass over {len(source)} tensors", 0.0)
-        s.prepare(source)
+            report(f"pre-pass over {len(source)} tensors", 0.0)
+        try:
+            s.prepare(source)
+        except _Canceled:
+            return None
 
     # Every output tensor, in input order, so headers can be written first.
     out_specs: list[TensorSpec] = []
@@ -460,7 +535,7 @@ def _stream_tensor(engine: _Engine, name: str, chain: list[int], w: Any, counter
             s = steps[i]
             if final and i == chain[-1]:
                 zeros += counter.add(name, x)
-            x = s.rows(engine.spec_entering(name, i), target, x, r0)
+            x = s.rows(engine.spec_entering(name, i), target, x, r0, record=True)
         if not final:
             zeros += counter.add(name, x)
         if x.dtype != lead.dtype:

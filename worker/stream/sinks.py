@@ -108,3 +108,22 @@ class FileSink:
     def abort(self) -> None:
         _close_quietly(self._f)
         self.path.unlink(missing_ok=True)
+
+
+class DirSink:
+    """Plain files in a folder: an intermediate pass's output, read by the next pass."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+
+    def open(self, name: str, size: int, weights: bool) -> Any:
+        return (self.path / name).open("wb")
+
+    def close(self) -> tuple[int, str]:
+        return 0, ""
+
+    def abort(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -27,7 +27,7 @@ class CastStep(StreamStep):
         self.dtype_name = dtype_name
         self.dtype = getattr(torch, dtype_name)
         self.before: set[str] = set()
-        self.cast = 0
+        self.cast: dict[str, int] = {}
 
     def select(self, spec: TensorSpec, target: Target | None) -> bool:
         return spec.dtype.is_floating_point
@@ -37,9 +37,9 @@ class CastStep(StreamStep):
 
     def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
         self.before.add(str(spec.dtype).removeprefix("torch."))
-        self.cast += spec.numel
+        self.cast[spec.name] = spec.numel
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
         return x.to(self.dtype, copy=True)
 
     def update_config(self, config: dict[str, Any]) -> None:
@@ -49,7 +49,7 @@ class CastStep(StreamStep):
                 config[key] = self.dtype_name
 
     def metrics(self) -> dict[str, Any]:
-        return {"dtype": self.dtype_name, "from_dtypes": sorted(self.before), "cast_parameters": self.cast}
+        return {"dtype": self.dtype_name, "from_dtypes": sorted(self.before), "cast_parameters": sum(self.cast.values())}
 
 
 class PruneStep(StreamStep):
@@ -65,6 +65,7 @@ class PruneStep(StreamStep):
         self.layer_theta: float | None = None
         self.zeros: dict[str, int] = {}
         self.sizes: dict[str, int] = {}
+        self.needs_prepass = threshold is None and scope == "global"
 
     def select(self, spec: TensorSpec, target: Target | None) -> bool:
         return target is not None and _selected(target.name.removesuffix(".weight"), self.include, self.exclude)
@@ -91,7 +92,7 @@ class PruneStep(StreamStep):
             if k:
                 self.layer_theta = sp.kth_smallest_abs([whole()], k)
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
         y = x.clone(memory_format=torch.contiguous_format)
         if self.threshold is not None:
             z = sp.prune_below([y], self.threshold, inclusive=False)[0]
@@ -100,7 +101,8 @@ class PruneStep(StreamStep):
         else:
             theta = self.global_theta if self.scope == "global" else self.layer_theta
             z = sp.prune_below([y], theta, inclusive=True)[0] if theta is not None else int((y == 0).sum())
-        self.zeros[spec.name] = self.zeros.get(spec.name, 0) + z
+        if record:
+            self.zeros[spec.name] = self.zeros.get(spec.name, 0) + z
         return y
 
     def metrics(self) -> dict[str, Any]:
@@ -200,7 +202,7 @@ class QuantizeStep(StreamStep):
         self._scales, self._zps = [], []
         self.float_bytes += spec.nbytes
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int) -> torch.Tensor:
+    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
         from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
         from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 
