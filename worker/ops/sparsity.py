@@ -9,8 +9,11 @@ several GB for a 124M-parameter model). Instead:
    the fallback below;
 2. one pass over fixed-size chunks counts the values below that interval exactly and gathers the
    few inside it, and the exact k-th value is taken among those;
-3. if the k-th value is outside the interval (it should never be), histogram narrowing over the
-   chunks finds it instead.
+3. when the interval holds too many values to gather (billions of weights: the sample's interval
+   then holds hundreds of millions), or the k-th value is outside it (it should never be), a
+   histogram of 65,536 bins over that interval, built in one counting pass, narrows it to a few
+   bins, and one more pass gathers those values: about three reads of the weights in all, whatever
+   their number.
 
 Extra memory is a few chunk-sized buffers plus the gathered values, whatever the model size.
 """
@@ -23,7 +26,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 CHUNK = 1 << 20  # elements per chunk: bounds temporary memory to a few MB
-BINS = 4096
+BINS = 1 << 16
 SAMPLE = 1 << 18  # 1 MB of fp32: the k-th value within ~±0.8% of ranks
 EXACT_GATHER = 1 << 22  # most candidate values gathered in one exact pass (16 MB of fp32)
 
@@ -83,17 +86,28 @@ def _exact_in(weights: Sequence[torch.Tensor], k: int, lo: float, hi: float) -> 
     return float(torch.kthvalue(torch.cat(cands), idx).values)
 
 
-def _narrow(weights: Sequence[torch.Tensor], k: int) -> float:
-    """Fallback: histogram narrowing, then an exact pass once the interval is small."""
-    lo = 0.0
-    hi = max(float(w.detach().abs().max()) for w in weights if w.numel())
-    below = 0
+def _narrow(weights: Sequence[torch.Tensor], k: int, lo: float = 0.0, hi: float = math.inf) -> float:
+    """Histogram narrowing inside [lo, hi] (the whole range when the sample gave none), then an
+    exact pass once the interval is small. Each narrowing pass counts the values below ``lo``
+    itself, so histc's bin-edge rounding never shifts a rank."""
+    if not math.isfinite(hi):
+        hi = max(float(w.detach().abs().max()) for w in weights if w.numel())
+    buf = _Buffers()
     for _ in range(16):
         if hi <= lo:
             return lo
         counts = torch.zeros(BINS, dtype=torch.float64)
+        below = 0
         for c in _chunks(weights):
-            counts += torch.histc(c.abs().float(), bins=BINS, min=lo, max=hi).double()
+            a = buf.abs(c)
+            m = buf.m1[: a.numel()]
+            torch.lt(a, lo, out=m)
+            below += int(torch.count_nonzero(m))
+            counts += torch.histc(a, bins=BINS, min=lo, max=hi).double()
+        if not below < k <= below + counts.sum():
+            # The k-th value is outside [lo, hi] (the sample's interval missed): the whole range.
+            lo, hi = 0.0, max(float(w.detach().abs().max()) for w in weights if w.numel())
+            continue
         cum = torch.cumsum(counts, 0)
         j = min(int(torch.searchsorted(cum, torch.tensor(float(k - below), dtype=torch.float64))), BINS - 1)
         width = (hi - lo) / BINS
@@ -103,7 +117,6 @@ def _narrow(weights: Sequence[torch.Tensor], k: int) -> float:
             found = _exact_in(weights, k, new_lo, new_hi)
             if found is not None:
                 return found
-        below += int(cum[j - 2]) if j >= 2 else 0
         lo, hi = new_lo, new_hi
     raise RuntimeError("threshold search did not converge")
 
@@ -122,7 +135,7 @@ def kth_smallest_abs(weights: Sequence[torch.Tensor], k: int) -> float:
     lo = float(sample[lo_i]) if lo_i > 0 else 0.0
     hi = float(sample[hi_i]) if hi_i < n - 1 else math.inf
     found = _exact_in(weights, k, lo, hi)
-    return found if found is not None else _narrow(weights, k)
+    return found if found is not None else _narrow(weights, k, lo, hi)
 
 
 def prune_below(weights: Sequence[torch.Tensor], threshold: float, inclusive: bool) -> list[int]:
