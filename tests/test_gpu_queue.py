@@ -73,7 +73,10 @@ def test_cluster_worker_is_registered_and_live(cluster):
     c = cluster.client()
     worker = next(p for p in cluster.service.procs if "worker" in p.args)
     row = _wait_worker(c, worker.pid)
-    assert set(row) == {"id", "hostname", "queues", "device", "started_at", "last_seen_at", "live"}
+    assert set(row) == {"id", "hostname", "queues", "device", "started_at", "last_seen_at", "live",
+                        "memory_budget_bytes", "scratch_budget_bytes", "throughput"}
+    # The budget a worker publishes (worker/budget.py): derived from the machine here, so positive.
+    assert row["memory_budget_bytes"] > 0 and row["scratch_budget_bytes"] > 0
     assert row["hostname"] == socket.gethostname()
     assert (row["queues"], row["device"], row["live"]) == (["cpu"], "cpu", True)
     assert row["started_at"] <= row["last_seen_at"]

@@ -189,9 +189,10 @@ def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, 
     round-to-nearest 4-bit with the same groups. (On random-init weights Wanda has nothing to
     exploit: docs/LLM_METHODS.md shows those figures too.)
 
-    Groups of 64: in rows of 64 and 128 weights, groups of 32 leave GPTQ almost nothing to
-    compensate, and there the two were within noise of each other, their order flipping between
-    two CPUs (docs/LLM_METHODS.md); with groups of 64 GPTQ's KL was ~2.7x lower."""
+    Per output channel: in rows of 64 and 128 weights, groups leave GPTQ little to compensate,
+    and the order of GPTQ and RTN in groups of 32 or 64 flipped between CPUs (the trained model's
+    floats depend on the CPU's kernels; docs/LLM_METHODS.md). Per channel GPTQ's KL was 1.9-2.5x
+    lower on every machine measured."""
     from tests.tokenizer_util import build_trained_llama
 
     c = embedded.client()
@@ -203,15 +204,15 @@ def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, 
         "magnitude_layer": {"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}},
         "wanda": {"method": "prune.wanda", "params": {"sparsity": 0.5}},
         "sparsegpt": {"method": "prune.sparsegpt", "params": {"sparsity": 0.5}},
-        "rtn_w4_g64": {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64}},
-        "gptq_w4_g64": {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 64}},
+        "rtn_w4": {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": None}},
+        "gptq_w4": {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": None}},
     }
     fid = {k: _report(c, model, step, data, ev)["fidelity"] for k, step in steps.items()}
     kl = {k: f["kl_mean"] for k, f in fid.items()}
     print("trained tiny llama, KL mean:", kl, "top-1:", {k: f["top1_agreement"] for k, f in fid.items()})
     for method in ("wanda", "sparsegpt"):
         assert kl[method] < min(kl["magnitude"], kl["magnitude_layer"]), kl
-    assert kl["gptq_w4_g64"] <= kl["rtn_w4_g64"], kl
+    assert kl["gptq_w4"] <= kl["rtn_w4"], kl
 
 
 def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):

@@ -187,7 +187,7 @@ def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_mod
     assert {"load", "step1:prune.magnitude", "save"} <= set(st) or "stream" in st
     # The evaluation budget: the default's counts, said in every section it shapes.
     assert speed["runs_requested"] == 3 and q["samples"] == f["samples"] <= q["samples_requested"] == 32
-    assert q["budget"]["budget_s"] == 30.0 and q["ci95"]["original"][0] < q["original"] < q["ci95"]["original"][1]
+    assert q["budget"]["budget_s"] == 15.0 and q["ci95"]["original"][0] < q["original"] < q["ci95"]["original"][1]
 
 
 def test_float16_cast_halves_the_weight_bytes(stack, tok_models):
