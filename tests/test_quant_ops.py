@@ -242,3 +242,45 @@ def test_quantize_error_matches_dequantize(bits, group_size, symmetric):
         expected = quant.dequantize(quant.quantize(w, scale, zp, bits, group_size), scale, zp, group_size) - w
         assert err.shape == w.shape
         assert torch.allclose(err, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("bits", "cols"), [(4, 64), (8, 64), (4, 12), (8, 6), (2, 64)])
+def test_pack_int32_is_compressed_tensors_packing(bits, cols):
+    """The byte-built words (4 and 8 bits) and the fallback equal the library's pack_to_int32."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    qmin, qmax = quant.int_range(bits)
+    g = torch.Generator().manual_seed(bits * 100 + cols)
+    q = torch.randint(qmin, qmax + 1, (9, cols), generator=g, dtype=torch.int8)
+    q[0, :] = qmin  # the extremes of the range, in every position
+    q[1, :] = qmax
+    expected = pack_to_int32(q.clone(), bits)
+    assert torch.equal(quant.pack_int32(q.clone(), bits), expected)
+    out = torch.full_like(expected, 12345)
+    assert quant.pack_int32(q.clone(), bits, out=out) is out and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)])
+def test_quantize_rows_is_the_librarys_quantize_and_dequantize(dtype, bits, group_size, symmetric):
+    """The fused kernel's integers are compressed-tensors' (given the stored scale, in the weight's
+    dtype), and its error sums are those of the library's dequantization minus the weights."""
+    from compressed_tensors.quantization import QuantizationArgs
+    from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
+
+    w = _weights(rows=24, cols=128, seed=bits).to(dtype)
+    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size)
+    scale, zp = quant.rtn_qparams(w, bits, group_size, symmetric)
+    scale = scale.to(dtype)
+    zp = None if symmetric else zp
+    scratch = quant.Scratch()
+    for _ in range(2):  # the second call reuses the buffers
+        q, se, sw, mx = quant.quantize_rows(w, scale, zp, bits, group_size, scratch)
+        theirs = quantize(w, scale, zp, args, dtype=torch.int8)
+        assert torch.equal(q, theirs)
+        d = dequantize(theirs, scale, zp, args).to(dtype).float() - w.float()
+        assert se == pytest.approx(float((d.double() ** 2).sum()), rel=1e-5)
+        assert sw == pytest.approx(float((w.double() ** 2).sum()), rel=1e-5)
+        assert mx == float(d.abs().max())
+        err = quant.quantize_error(w, scale, zp, bits, group_size, scratch)
+        assert torch.equal(err, d)

@@ -24,6 +24,8 @@ Example: ``{"method": "quantize.fixed_point", "params": {"frac_bits": 7, "bits":
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any
 
 from pydantic import Field
@@ -80,12 +82,15 @@ def _stream(params: QuantizeFixedPointParams, ctx: Any) -> Any:
 
     n, bits = params.frac_bits, params.bits
     counts = {"clipped": 0, "total": 0}
+    lock = threading.Lock()  # the step calls qparams from one thread per core
     rows_qparams = _qparams(n)
 
     def qparams(w: Any) -> tuple[Any, Any]:
         # Clipping is counted on the floats as they stream by (the stored integers no longer show it).
-        counts["clipped"] += quant.fixed_point(w, n, bits)[1]
-        counts["total"] += w.numel()
+        clipped = quant.fixed_point(w, n, bits)[1]
+        with lock:
+            counts["clipped"] += clipped
+            counts["total"] += w.numel()
         return rows_qparams(w)
 
     summary = lambda: _summary(n, bits, counts["clipped"], counts["total"])  # noqa: E731

@@ -23,7 +23,9 @@ Steps see row chunks and must not modify their input in place (it may be the rea
 from __future__ import annotations
 
 import json
+import queue
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -89,6 +91,10 @@ class StreamStep:
     # A step whose pre-pass must see every target as earlier steps leave it (global pruning): the
     # engine starts a new pass at such a step rather than recomputing earlier steps in the pre-pass.
     needs_prepass = False
+    # A final step that counts the non-zeros of the rows it is given (``input_nonzero``, set by
+    # each ``rows`` call), so the engine does not read them once more to count them.
+    counts_input = False
+    input_nonzero = 0
 
     def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
         """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is).
@@ -256,6 +262,60 @@ def bare_targets(reader: ShardReader) -> dict[str, Target]:
     return {t.name: Target(t.name, t.row_dim, "") for t in skeleton.targets()}
 
 
+class _Background:
+    """A sink file written on a thread of its own: ``write`` queues the buffer (a view of the
+    tensor, kept alive by the queue) and returns, so the CRC, the SHA-256 and the write of one
+    chunk overlap the arithmetic of the next. ``then(fn)`` runs ``fn`` on that thread once
+    everything queued before it is written. The first error is raised by the next ``write``,
+    ``then`` or ``close`` in the caller's thread (a full disk ends the job as it did before)."""
+
+    DEPTH = 8  # chunks in flight: each at most a row chunk (~32 MB) or a view of the input's pages
+
+    def __init__(self, w: Any) -> None:
+        self._w = w
+        self._q: queue.Queue[Any] = queue.Queue(self.DEPTH)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain: the caller learns of the error at its next call
+            try:
+                if callable(item):
+                    item()
+                else:
+                    self._w.write(item)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def write(self, b: Any) -> None:
+        self._raise()
+        self._q.put(b)
+
+    def then(self, fn: Callable[[], None]) -> None:
+        self._raise()
+        self._q.put(fn)
+
+    def close(self) -> None:
+        """Wait for everything queued, then close the file (also after an error, so that nothing
+        is left writing; the first error is raised)."""
+        self._q.put(None)
+        self._thread.join()
+        try:
+            self._w.close()
+        finally:
+            self._raise()
+
+
 class _Counter:
     """Parameters, non-zeros and per-target zeros of the result, counted as tensors stream by
     (on the float values before a final quantization step, as the in-memory path counts them)."""
@@ -267,7 +327,10 @@ class _Counter:
     def add(self, name: str, t: torch.Tensor) -> int:
         """Count a tensor; returns its zeros."""
         n = t.numel()
-        nz = int(torch.count_nonzero(t)) if n else 0
+        return self.add_counted(name, n, int(torch.count_nonzero(t)) if n else 0)
+
+    def add_counted(self, name: str, n: int, nz: int) -> int:
+        """Count ``n`` values of which ``nz`` are non-zero (counted by a step); returns the zeros."""
         if not name.endswith(QUANT_SUFFIXES):
             self.total += n
             self.nonzero += nz
@@ -404,8 +467,11 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     owner = {s.name: name for name, specs in produced.items() for s in specs}
     pending: dict[str, torch.Tensor] = {}  # trailing outputs of the tensor being written
 
+    # The input tensors in the order they are read, to start reading the next one ahead.
+    sequence = list(dict.fromkeys(owner[spec.name] for shard in shards for spec in shard.specs))
+    following = dict(zip(sequence, sequence[1:], strict=False))
     for shard in shards:
-        w = sink.open(shard.filename, len(shard.header()) + shard.data_bytes, weights=True)
+        w = _Background(sink.open(shard.filename, len(shard.header()) + shard.data_bytes, weights=True))
         try:
             w.write(shard.header())
             for spec in shard.specs:
@@ -417,6 +483,8 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
                 name = owner[spec.name]
                 if canceled is not None and canceled():
                     return None
+                if name in following:
+                    reader.prefetch(following[name])
                 chain = engine.chain(name)
                 target = targets.get(name)
                 in_spec = reader.spec(name)
@@ -437,7 +505,9 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
                     if target is not None:
                         per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
                                           "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})
-                reader.done_with(name)
+                # Once the writer has written it: the untouched tensors' chunks are views of the
+                # pages being dropped.
+                w.then(lambda name=name: reader.done_with(name))
                 done_in += in_spec.nbytes
                 if time.monotonic() - last_report > 2.0:
                     last_report = time.monotonic()
@@ -534,6 +604,11 @@ def _stream_tensor(engine: _Engine, name: str, chain: list[int], w: Any, counter
         for i in chain:
             s = steps[i]
             if final and i == chain[-1]:
+                if s.counts_input:
+                    n_in = x.numel()
+                    x = s.rows(engine.spec_entering(name, i), target, x, r0, record=True)
+                    zeros += counter.add_counted(name, n_in, s.input_nonzero)
+                    continue
                 zeros += counter.add(name, x)
             x = s.rows(engine.spec_entering(name, i), target, x, r0, record=True)
         if not final:

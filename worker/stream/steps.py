@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,40 @@ from worker.model_io import _selected
 from worker.ops import quant
 from worker.ops import sparsity as sp
 from worker.stream import Source, StreamStep, Target, TensorSpec
+
+# Rows handed to one thread at a time by QuantizeStep: ~0.5 M weights, so that the kernel's
+# temporaries (about 13 bytes a weight) stay in a core's cache.
+BLOCK_ELEMENTS = 1 << 19
+
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_local = threading.local()
+
+
+def _scratch() -> quant.Scratch:
+    """This thread's buffers for ``quant.quantize_rows``."""
+    s = getattr(_local, "scratch", None)
+    if s is None:
+        s = _local.scratch = quant.Scratch()
+    return s
+
+
+def _parallel_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
+    """``fn`` over ``items`` on one thread per core, results in order.
+
+    Why threads of one torch thread each: the quantization kernel is a dozen small element-wise
+    ops on a cache-sized block; with torch's own intra-op threads each op is split across the cores
+    and synchronised (and its data leaves the cache), which measured ~2x slower than one block per
+    core. torch releases the GIL inside its kernels, so the threads run in parallel. The pool is
+    made per process (a Celery pool child is forked after import) and its threads keep torch at
+    one thread each (a per-thread setting: the caller's threads are not changed)."""
+    global _pool
+    workers = torch.get_num_threads()
+    if workers <= 1 or len(items) <= 1:
+        return [fn(i) for i in items]
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="stream-quant",
+                                                 initializer=torch.set_num_threads, initargs=(1,)))
+    return list(_pool[1].map(fn, items))
 
 
 class CastStep(StreamStep):
@@ -120,10 +157,15 @@ class PruneStep(StreamStep):
 
 
 class QuantizeStep(StreamStep):
-    """Round-to-nearest integer weights written in compressed-tensors' format, with that library's
-    own ``quantize`` and ``pack_to_int32`` (so the integers are the ones its compressor writes)."""
+    """Round-to-nearest integer weights written in compressed-tensors' format: the integers its
+    ``quantize`` makes and the words its ``pack_to_int32`` writes, computed by ``quant.quantize_rows``
+    and ``quant.pack_int32`` one cache-sized row block per core (tests/test_quant_ops.py and
+    tests/test_stream.py check them bit for bit against the library). ``qparams`` is called on
+    row blocks from several threads at once."""
 
     final = True
+    # rows() counts the non-zeros of its input (in ``input_nonzero``) on the copy it makes anyway.
+    counts_input = True
 
     def __init__(self, method: str, weights: dict[str, Any], input_activations: dict[str, Any] | None,
                  qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], scheme_name: str,
@@ -149,7 +191,6 @@ class QuantizeStep(StreamStep):
         self._layer = quant.ErrorStats()
         self._scales: list[torch.Tensor] = []
         self._zps: list[torch.Tensor] = []
-        self._scratch = quant.Scratch()
         self.names: list[str] = []
         self.float_bytes = 0  # the quantized weights as floats (how they load)
         self.packed_bytes = 0  # ... and as stored
@@ -203,21 +244,49 @@ class QuantizeStep(StreamStep):
         self.float_bytes += spec.nbytes
 
     def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
-        from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-        from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
-
-        scale, zp = self.qparams(x)
+        n, width = x.shape
         cols = self._scale_cols(spec)
-        stored_scale = scale.reshape(x.shape[0], cols).to(spec.dtype)  # the parameter's dtype
-        stored_zp = zp.reshape(x.shape[0], cols).to(self.args.zp_dtype or torch.int8)
-        q = ct_quantize(x=x, scale=stored_scale, zero_point=stored_zp, args=self.args, dtype=torch.int8)
-        err = quant.quantize_error(x, stored_scale, None if self.args.symmetric else stored_zp,
-                                   self.args.num_bits, self.group, self._scratch)
-        self._layer.add_diff(x, err)
-        self._scales.append(stored_scale)
-        if not self.args.symmetric:
-            self._zps.append(stored_zp)
-        out = pack_to_int32(q, self.args.num_bits) if self.packed else q
+        bits = self.args.num_bits
+        out = torch.empty(n, math.ceil(width * bits / 32), dtype=torch.int32) if self.packed else torch.empty(n, width, dtype=torch.int8)
+        scales = torch.empty(n, cols, dtype=spec.dtype)  # stored in the parameter's dtype
+        zps = None if self.args.symmetric else torch.empty(n, cols, dtype=self.args.zp_dtype or torch.int8)
+
+        def block(r: tuple[int, int]) -> tuple[int, int, float, float, float]:
+            a, b = r
+            xs = x[a:b]
+            scratch = _scratch()
+            # One float32 copy serves the scales, the error sums and the non-zero count (the
+            # qparams functions give the same result for the weights widened: min, max and
+            # power-of-two products are exact).
+            wf = scratch.get(3, xs, torch.float32)
+            wf.copy_(xs)
+            nonzero = int(torch.count_nonzero(wf))
+            scale, zp = self.qparams(wf)
+            scales[a:b].copy_(scale.reshape(b - a, cols))
+            if zps is not None:
+                zps[a:b].copy_(zp.reshape(b - a, cols))
+            # The integers exactly as compressed-tensors' quantize makes them from the stored
+            # scale (tests/test_stream.py compares the artifacts bit for bit).
+            q, se, sw, mx = quant.quantize_rows(xs, scales[a:b], None if zps is None else zps[a:b], bits, self.group,
+                                                scratch, w_float=wf)
+            if self.packed:
+                quant.pack_int32(q, bits, out=out[a:b])
+            else:
+                out[a:b].copy_(q)
+            return xs.numel(), nonzero, se, sw, mx
+
+        step = max(1, BLOCK_ELEMENTS // max(1, width))
+        self.input_nonzero = 0
+        for count, nonzero, se, sw, mx in _parallel_map(block, [(a, min(a + step, n)) for a in range(0, n, step)]):
+            self.input_nonzero += nonzero
+            # Summed in row order whatever thread finished first: the metrics do not vary run to run.
+            self._layer.elements += count
+            self._layer.sq_err += se
+            self._layer.sq_w += sw
+            self._layer.max_abs_err = max(self._layer.max_abs_err, mx)
+        self._scales.append(scales)
+        if zps is not None:
+            self._zps.append(zps)
         self.packed_bytes += out.numel() * out.element_size()
         return out
 
