@@ -48,7 +48,9 @@ def _check(params: QuantizeAWQParams, info: ModelInfo) -> None:
 @register("quantize.awq", params=QuantizeAWQParams, needs_gpu=True, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
 def quantize_awq(model: Any, params: QuantizeAWQParams, ctx: Any) -> dict[str, Any]:
     """AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU)."""
-    from llmcompressor.modifiers.awq import AWQModifier
+    # The transform module's AWQModifier (the scale search alone): the old import path is a shim that
+    # returns its own QuantizationModifier too, with no scheme, which refuses to initialize.
+    from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from worker import llmc
