@@ -6,7 +6,9 @@ depend on cost, the evaluator's clock is replaced by one that only forward passe
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,68 @@ def test_random_ids_follow_the_budget_too(tok_models, tmp_path_factory):
     f = s["fidelity"]
     assert f["inputs"] == "random_token_ids" and f["samples"] == evaluate.MIN_SAMPLES and f["samples_available"] == 8
     assert f["kl_mean"] == 0.0 and s["quality"]["available"] is False
+
+
+def test_a_slower_compressed_model_stops_at_the_samples_share(tok_models, changed_gpt2, fake_clock, monkeypatch):
+    """The original plans its texts estimating the compressed model at its own cost per pass; a
+    compressed model three times slower (as a 4-bit artifact in transformers is: it re-quantizes
+    its weights on every pass) stops once the samples' share is spent, and both models report
+    the texts both ran."""
+    from transformers import PreTrainedModel
+
+    patched = torch.nn.Module.__call__  # the fake clock's: one tick per outermost model call
+    slow = str(changed_gpt2)
+    depth = [0]
+
+    def call(self, *a, **k):
+        if not isinstance(self, PreTrainedModel):
+            return patched(self, *a, **k)
+        depth[0] += 1
+        try:
+            return patched(self, *a, **k)
+        finally:
+            depth[0] -= 1
+            if depth[0] == 0 and self.config._name_or_path == slow:
+                fake_clock.tick()
+                fake_clock.tick()
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", call)
+    # Budget 5 s: samples 2.5 s for both models. The original plans 10 texts (0.25 s a pair as
+    # estimated) and spends 1.25 s; the compressed model's texts cost 0.375 s: 3 of them fit in
+    # the 1.25 s left, and the minimum of 4 runs anyway.
+    s, ev = _evaluate(tok_models["gpt2"], changed_gpt2, {**SETTINGS, "budget_s": 5.0})
+    q, f = s["quality"], s["fidelity"]
+    assert ev.original.samples == ev.compressed.samples == ev.n_samples == evaluate.MIN_SAMPLES
+    assert q["samples"] == f["samples"] == evaluate.MIN_SAMPLES and q["limited_by"] == "budget"
+    assert len(ev.original.nll) == len(ev.compressed.nll) == len(ev.compressed.kl) == evaluate.MIN_SAMPLES
+    assert q["dataset"]["samples"] == evaluate.MIN_SAMPLES
+    assert q["seconds"] == {"original": 1.25, "compressed": 1.5}
+    # Twice the budget: 20 texts planned, 12 (the cap) run in 1.5 s; 3.5 s are left of the 5 s
+    # share, 9 compressed texts (3.375 s): both report 9.
+    s, ev = _evaluate(tok_models["gpt2"], changed_gpt2, {**SETTINGS, "budget_s": 10.0})
+    assert s["quality"]["samples"] == ev.original.samples == ev.compressed.samples == 9
+    # The original's 3 texts the compressed model did not run were spent all the same: counted.
+    assert s["quality"]["budget_note"] is None and s["quality"]["seconds"] == {"original": 1.5, "compressed": 3.375}
+
+
+def test_plain_tokenizer_gives_autotokenizer_ids(tok_models, tmp_path):
+    from transformers import AutoTokenizer
+
+    texts = [t["text"] for t in _builtin()[0]]
+    src = tok_models["gpt2"]
+    plain = evaluate._plain_tokenizer(src)
+    assert plain is not None
+    auto = AutoTokenizer.from_pretrained(src)
+    for text in texts:
+        for max_length in (4, 16, 128):
+            a = auto(text, truncation=True, max_length=max_length, return_tensors="pt")
+            b = plain(text, truncation=True, max_length=max_length, return_tensors="pt")
+            assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), (text, max_length)
+    # A setting that changes how transformers encodes (or a model-specific class): AutoTokenizer.
+    for extra in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}):
+        other = tmp_path / f"tok-{len(list(tmp_path.iterdir()))}"
+        other.mkdir()
+        shutil.copy(src / "tokenizer.json", other / "tokenizer.json")
+        cfg = json.loads((src / "tokenizer_config.json").read_text())
+        (other / "tokenizer_config.json").write_text(json.dumps({**cfg, **extra}))
+        assert evaluate._plain_tokenizer(other) is None
