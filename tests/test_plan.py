@@ -31,7 +31,7 @@ NO_EVAL = {"enabled": False}
 PRUNE = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]
 PLAN_FIELDS = {"path", "peak_memory_bytes", "scratch_bytes", "artifact_bytes", "seconds", "model_bytes", "parameters",
                "largest_tensor_bytes", "baseline_bytes", "memory_factor", "evaluation", "throughput_bytes_per_s",
-               "throughput_measured", "notes"}
+               "throughput_measured", "notes", "evaluation_mode"}
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +203,84 @@ def test_the_job_resource_shows_its_plan(plan_stack: Stack, models: dict[str, An
     listed = next(j for j in c.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
     assert listed["plan"] == job["plan"]
     c.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+# --- evaluation as it will run -------------------------------------------------------------------
+
+
+def _tensors(layers: int, hidden: int, vocab: int) -> list[planner.Tensor]:
+    t = [planner.Tensor("model.embed_tokens.weight", "F32", (vocab, hidden)),
+         planner.Tensor("lm_head.weight", "F32", (vocab, hidden))]
+    for i in range(layers):
+        t += [planner.Tensor(f"model.layers.{i}.mlp.up_proj.weight", "F32", (4 * hidden, hidden)),
+              planner.Tensor(f"model.layers.{i}.self_attn.q_proj.weight", "F32", (hidden, hidden))]
+    return t
+
+
+def test_the_plan_counts_evaluation_as_it_will_run() -> None:
+    """Whole (both models loaded in turn), streamed (weights on disk: a module at a time, when the
+    worker's budget cannot hold the model 3x) or skipped (a bare state dict has nothing to run)."""
+    tensors = _tensors(8, 256, 1000)
+    model_bytes = sum(t.nbytes for t in tensors)
+    wo4 = [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}]
+    common = {"tensors": tensors, "other_bytes": 0, "input_bytes": model_bytes, "steps": wo4,
+              "evaluation": {"enabled": True, "seq_len": 32, "budget_s": 15}, "stream": True, "input_on_scratch": False}
+    unknown = planner.compute(fmt="hf", **common)
+    roomy = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 4 * model_bytes, **common)
+    tight = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 2 * model_bytes, **common)
+    bare = planner.compute(fmt="safetensors", memory_bytes=planner.BASELINE_BYTES + 4 * model_bytes, **common)
+    off = planner.compute(fmt="hf", **{**common, "evaluation": {"enabled": False}})
+    assert unknown["evaluation_mode"] == roomy["evaluation_mode"] == "whole"
+    assert roomy["evaluation_peak_bytes"] == unknown["evaluation_peak_bytes"]
+    assert any("no worker budget known" in n for n in unknown["notes"])
+    assert tight["evaluation_mode"] == "streamed"
+    largest = max(t.numel for t in tensors) * 4
+    assert tight["evaluation_peak_bytes"] == (planner.BASELINE_BYTES + int(planner.EVAL_STREAMED_FACTOR * largest)
+                                              + planner.EVAL_LOGITS_COPIES * 32 * 1000 * 4)
+    assert tight["evaluation_peak_bytes"] < roomy["evaluation_peak_bytes"]
+    assert tight["peak_memory_bytes"] < roomy["peak_memory_bytes"]
+    # The artifact decompressed into its offload folder: float bytes of scratch.
+    assert tight["scratch_bytes"] == roomy["scratch_bytes"] + model_bytes
+    assert tight["seconds"] == roomy["seconds"], "the same budget"
+    assert bare["evaluation_mode"] == "skipped" and bare["evaluation_peak_bytes"] is None
+    assert bare["peak_memory_bytes"] == off["peak_memory_bytes"] < roomy["peak_memory_bytes"]
+    assert off["evaluation_mode"] == "off"
+    # The whole path holds the model for its steps anyway: it evaluates whole, whatever the budget.
+    whole = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 2 * model_bytes, **{**common, "stream": False})
+    assert whole["path"] == "whole" and whole["evaluation_mode"] == "whole"
+
+
+def test_a_worker_that_cannot_hold_the_model_twice_evaluates_it_on_disk(plan_stack: Stack, models: dict[str, Any]) -> None:
+    """A worker whose memory budget is under its baseline + 3x the model's weights (but over the
+    job's plan): the plan says ``streamed``, the job runs both models with their weights on disk
+    and the report has quality and fidelity, no latency, and says how it measured."""
+    c = plan_stack.client()
+    llama = models["llama-mid"]
+    wo4 = [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}]
+    evaluation = {"max_samples": 6, "budget_s": 120}
+    body = {"model_id": llama["id"], "steps": wo4, "evaluation": evaluation}
+    model_bytes = c.post("/v1/jobs/estimate", json=body).json()["model_bytes"]
+    budget_mb = (planner.BASELINE_BYTES + int(1.5 * model_bytes)) // 2**20
+    worker = Worker(plan_stack, "evalstream", MODELPRESS_WORKER_MEMORY_BUDGET_MB=str(budget_mb))
+    try:
+        est = c.post("/v1/jobs/estimate", json=body).json()
+        assert est["fleet"]["fits"] is True, est
+        assert est["evaluation_mode"] == "streamed" and any("streamed" in n for n in est["notes"]), est
+        job = c.post("/v1/jobs", json=body).json()
+        job = wait_job(c, job["id"], timeout=300)
+        assert job["status"] == "succeeded", job
+    finally:
+        worker.stop()
+    m = job["metrics"]
+    assert "evaluate_streamed" in m["stage_seconds"] and "evaluate_original" not in m["stage_seconds"]
+    q, f, sp = m["quality"], m["fidelity"], m["speed"]
+    assert q["available"] and f["available"], (q, f)
+    assert q["weights_on_disk"] is True and f["weights_on_disk"] is True
+    assert q["samples"] == f["samples"] == 6 and q["ci95"]["ratio"] is not None
+    assert f["kl_mean"] > 0
+    assert sp["available"] is False and "on disk" in sp["reason"]
+    # The job's peak stays within the plan's (its baseline dominates on a 76 MB model).
+    assert _peak(job) <= 1.3 * job["plan"]["peak_memory_bytes"], (m["memory"], job["plan"])
 
 
 # --- budgets -----------------------------------------------------------------------------------

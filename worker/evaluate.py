@@ -109,6 +109,28 @@ def model_kind(module: torch.nn.Module) -> str:
     return "base"
 
 
+STREAMED_SPEED_REASON = (
+    "the model is too large for this worker to hold twice, so both models ran with their weights on disk, onloaded "
+    "one module at a time: a pass that reads every weight from disk measures the disk, not the model, so no "
+    "latency is reported")
+
+
+def _load_offloaded_artifact(artifact_dir: Path, offload_dir: Path) -> torch.nn.Module:
+    """The artifact as transformers loads it, every weight on disk (compressed-tensors' disk
+    offload, as model_io.load does for the original): quantized layers are decompressed into
+    ``offload_dir`` as they load, one at a time."""
+    from compressed_tensors.offload import load_offloaded_model
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(artifact_dir, trust_remote_code=False)
+    cls = model_io.model_class(config)
+    offload_dir.mkdir(parents=True, exist_ok=True)
+    with load_offloaded_model(cls):
+        module = cls.from_pretrained(artifact_dir, trust_remote_code=False, use_safetensors=True, dtype="auto",
+                                     device_map="auto_offload", max_memory={"cpu": 1}, offload_folder=str(offload_dir))
+    return module.eval()
+
+
 # -- the budget (docs/REPORTS.md, "Evaluation on a budget") ------------------------------------------
 # ``budget_s`` covers both models' measurements, from the original's first pass to the compressed
 # model's last, loading the artifact included. It is split before anything runs:
@@ -257,6 +279,7 @@ class Evaluator:
         self.runs = 0
         self.budget_notes: dict[str, str] = {}  # section -> why it ran more than its share
         self.prepare_s = 0.0  # loading the tokenizer, tokenizing: spent before the shares are set
+        self.streamed = False  # both models ran with their weights on disk (measure_side_by_side)
         self._last_fraction = 0.0
 
     # -- inputs --------------------------------------------------------------------------------
@@ -521,6 +544,93 @@ class Evaluator:
         self._run(module, "original", (0.05, 0.7, 1.0))
         self.original.seconds["prepare"] = self.prepare_s
 
+    # -- streamed: both models with their weights on disk, side by side ----------------------------
+    def measure_side_by_side(self, original: torch.nn.Module | None, artifact_dir: Path, offload_dir: Path) -> None:
+        """For a model too large to hold twice: ``original`` was loaded with its weights on disk
+        (model_io.load with an offload folder), and the artifact is loaded the same way
+        (compressed-tensors' disk offload; its integer weights are decompressed into
+        ``offload_dir``, not into memory). Every forward pass onloads one module at a time, so
+        the process holds about one layer of each model, plus one text's outputs of each.
+
+        Each text goes through the original, then the compressed model, and is compared at once:
+        nothing of the original is kept across texts. The budget and the minimums are the
+        in-memory evaluation's; counts are planned from the measured cost of a pair. Timed passes
+        are not run: a pass that reads every weight from disk measures the disk, not the model
+        (``speed`` says so), and their share of the budget goes to samples."""
+        if original is None:
+            self.skip_reason = ("a bare safetensors state dict has no architecture to run; upload a Hugging Face "
+                                "directory (config.json) to get speed, quality and fidelity")
+            return
+        self.streamed = True
+        self.device = torch.device("cpu")
+        self._say("evaluating both models, weights on disk: preparing the inputs", 0.0, new_stage=True)
+        t0 = _clock()
+        self._prepare(original)
+        self.prepare_s = _clock() - t0
+        ro = self.original = _Run(kind=model_kind(original))
+        ro.seconds["prepare"] = self.prepare_s
+        ro.latency_error = STREAMED_SPEED_REASON
+        self._say("evaluating both models, weights on disk: loading the artifact", 0.02)
+        t0 = _clock()
+        try:
+            compressed = _load_offloaded_artifact(artifact_dir, offload_dir)
+        except Exception as e:
+            log.exception("loading the artifact (weights on disk) for evaluation")
+            self.compressed = _Run(kind="?", error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
+                                   latency_error=STREAMED_SPEED_REASON)
+            return
+        rc = self.compressed = _Run(kind=model_kind(compressed), latency_error=STREAMED_SPEED_REASON)
+        rc.seconds["load"] = _clock() - t0
+        # (No parameter shapes: they only decide the speed note, and reading them here would read
+        # every weight from disk once more.)
+        try:
+            self._pairs(original, compressed, (0.05, 1.0))
+        except Exception as e:
+            log.exception("evaluating both models side by side")
+            why = f"a model failed on the evaluation inputs: {e.__class__.__name__}: {str(e)[:300]}"
+            ro.error = rc.error = why
+        qc = getattr(compressed.config, "quantization_config", None)
+        if qc is not None:
+            self.kernel = {"runs_as": "decompressed",
+                           "kernel": "transformers + compressed-tensors decompress the integer weights to float on load",
+                           "note": None}
+        del compressed
+        gc.collect()
+
+    def _pairs(self, original: torch.nn.Module, compressed: torch.nn.Module, span: tuple[float, float]) -> None:
+        """Texts through both models in turn, compared as they come; as many as the samples'
+        share holds (the latency share too: no timed passes run), at least the minimum."""
+        ro, rc = self.original, self.compressed
+        hidden = ro.kind in ("base", "lm_logits")
+        share = self._share(1.0 - RESERVE_SHARE)
+        cap = len(self.samples)
+        n = cap
+        lo, hi = span
+        t_start = _clock()
+        with torch.inference_mode():
+            i = 0
+            while i < n:
+                self._say(f"evaluating both models, weights on disk: sample {i + 1}/{n}", lo + (hi - lo) * i / max(n, 1))
+                self._sample(original, ro, i, self.samples[i], hidden)
+                self._sample(compressed, rc, i, self.samples[i], hidden)
+                i += 1
+                if i == 1:
+                    rc.seconds["first_forward"] = rc.forward_s[0]
+                if i < n:
+                    # A pair's cost from the pairs so far (the first one pays for warm-up and,
+                    # for an artifact, decompression, when there are others to go by).
+                    cost = sum(statistics.fmean(xs[1:] or xs) for r in (ro, rc) for xs in (r.forward_s, r.math_s))
+                    fits = i + m.runs_that_fit(share - (_clock() - t_start), cost, cap - i, 0)
+                    n = max(min(MIN_SAMPLES, cap), fits)
+        self.n_samples = i
+        for r in (ro, rc):
+            r.seconds["samples"] = sum(r.forward_s) + sum(r.math_s)
+            r.seconds["latency"] = 0.0
+        if i > 0 and (_clock() - t_start) > share and i <= MIN_SAMPLES < cap:
+            self.budget_notes["samples"] = (f"the budget's share for samples ({share:.1f} s for both models) is "
+                                            f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
+                                            f"interval come from: they ran anyway")
+
     def measure_compressed(self, artifact_dir: Path) -> None:
         if self.skip_reason is not None or self.original is None:
             return
@@ -627,11 +737,13 @@ class Evaluator:
         """The whole evaluation's account, the same in every section: budget, shares, seconds."""
         o, c = self.original, self.compressed
         total = sum(r.seconds.get(k, 0.0) for r in (o, c) if r for k in ("prepare", "samples", "latency", "load"))
+        # Streamed (weights on disk): no timed passes, their share went to the samples.
+        latency_share = 0.0 if self.streamed else LATENCY_SHARE
         return {
             "budget_s": self.budget_s,
             "prepare_s": _round(self.prepare_s, 3),
-            "shares_s": {"samples": _round(self._share(1.0 - RESERVE_SHARE - LATENCY_SHARE), 3),
-                         "latency": _round(self._share(LATENCY_SHARE), 3),
+            "shares_s": {"samples": _round(self._share(1.0 - RESERVE_SHARE - latency_share), 3),
+                         "latency": _round(self._share(latency_share), 3),
                          "artifact_load": _round(self._share(RESERVE_SHARE), 3)},
             "seconds": _round(total, 3),
             "within_budget": total <= self.budget_s,
@@ -650,6 +762,9 @@ class Evaluator:
             "samples": n, "samples_requested": requested, "samples_available": self.samples_available,
             "limited_by": limited, "budget_note": self.budget_notes.get("samples"),
             "seconds": self._spent("samples"), "budget": self._budget(),
+            # True: both models ran with their weights on disk, text by text side by side
+            # (measure_side_by_side); the figures are those of the in-memory evaluation.
+            "weights_on_disk": self.streamed,
         }
 
     def _speed(self) -> dict[str, Any]:

@@ -378,15 +378,12 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     original_weight_bytes = evaluate.tensor_bytes(src)
     blocks = _block_steps(model_info["format"], steps, ctx.settings)
     enabled = ctx.evaluation.get("enabled", True)
-    too_large = None
-    if blocks and enabled and not _fits_twice(original_weight_bytes, ctx.settings):
-        enabled = False
-        too_large = {"available": False, "reason": (
-            f"the model ({original_weight_bytes / 2**30:.1f} GiB of weights) is too large for this worker to hold "
-            "whole for evaluation; streamed evaluation is not available yet")}
+    # Too large to hold whole twice: evaluated after saving, both models with their weights on
+    # disk, side by side (Evaluator.measure_side_by_side).
+    streamed_eval = bool(blocks and enabled and not _fits_twice(original_weight_bytes, ctx.settings))
     # The evaluator reports (note, fraction of its own stage done); each stage maps it into its span.
     evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.02, 0.05))
-    if blocks and enabled:
+    if blocks and enabled and not streamed_eval:
         # The steps will see the weights on disk; the original is measured whole, then freed.
         t0 = time.perf_counter()
         evaluator.measure_original(_load(src, model_info["format"]).module)
@@ -448,7 +445,11 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     notes = loaded.notes
     # The pipeline is done with the in-memory model: free it before the artifact loads.
     del loaded
-    if enabled:
+    if enabled and streamed_eval:
+        if ctx.cancel_requested():
+            return None
+        sections = _evaluate_streamed(ctx, evaluator, src, model_info["format"], out, work, (0.88, 0.96))
+    elif enabled:
         if ctx.cancel_requested():
             return None
         t0 = time.perf_counter()
@@ -457,7 +458,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
         sections = evaluator.sections()
     else:
-        off = too_large or {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
+        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
         sections = {"speed": off, "quality": off, "fidelity": off}
     t0 = time.perf_counter()
     if model_info["format"] == "hf":
@@ -535,13 +536,39 @@ def _stream_steps(steps: list[dict[str, Any]]) -> list[tuple[Any, Any]] | None:
 
 
 def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
-    """Can evaluation hold the original and then the compressed model whole? (Streamed,
-    block-by-block evaluation for larger models is not written yet.)"""
+    """Can evaluation hold the original and then the compressed model whole? Else both run with
+    their weights on disk (_evaluate_streamed). The job's memory is the least of the machine's
+    available memory, the watchdog's limit and this worker's declared budget (less its own
+    baseline): the plan (app/jobs/plan.evaluation_mode) makes the same choice from the budget."""
+    from app.jobs import plan as planner
+
     avail = memory.available_bytes()
     if settings.job_memory_limit_mb:
         avail = min(avail, settings.job_memory_limit_mb * 2**20)
+    if settings.worker_memory_budget_mb:
+        avail = min(avail, settings.worker_memory_budget_mb * 2**20 - planner.BASELINE_BYTES)
     # Loaded weights plus activations and the evaluator's copies: measured ~2.5x the weights.
-    return 3 * weight_bytes < avail
+    return planner.EVAL_WHOLE_HOLD * weight_bytes < avail
+
+
+def _evaluate_streamed(ctx: JobContext, evaluator: evaluate.Evaluator, src: Path, fmt: str, out: Path, work: Path,
+                       span: tuple[float, float]) -> dict[str, Any]:
+    """The report's measurements of a model too large to hold twice: the original and the
+    artifact in ``out`` both loaded with their weights on disk, every text through one then the
+    other (one module onloaded at a time). Their offload folders are removed afterwards."""
+    t0 = time.perf_counter()
+    evaluator.on_progress = _span_progress(ctx, *span)
+    original_dir, artifact_dir = work / "eval-offload-original", work / "eval-offload-artifact"
+    try:
+        # A bare state dict has no architecture to run (the evaluator says so): nothing to load.
+        original = _load(src, fmt, original_dir) if fmt == "hf" else None
+        evaluator.measure_side_by_side(original.module if original else None, out, artifact_dir)
+        del original
+    finally:
+        shutil.rmtree(original_dir, ignore_errors=True)
+        shutil.rmtree(artifact_dir, ignore_errors=True)
+    ctx.stage_seconds["evaluate_streamed"] = time.perf_counter() - t0
+    return evaluator.sections()
 
 
 def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, model_info: dict[str, Any],
@@ -603,21 +630,36 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
 
     enabled = ctx.evaluation.get("enabled", True)
     if enabled and not _fits_twice(result.weight_bytes_in, ctx.settings):
-        off = {"available": False, "reason": (
-            f"the model ({result.weight_bytes_in / 2**30:.1f} GiB of weights) is too large for this worker to hold "
-            "whole for evaluation; streamed evaluation is not available yet")}
-        sections = {"speed": off, "quality": off, "fidelity": off}
+        if ctx.cancel_requested():
+            return None
+        evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx))
+        out = work / "out"
+        if fmt == "hf":
+            with zipfile.ZipFile(artifact) as zf:
+                zf.extractall(out)
+        else:
+            out.mkdir()
+            os.link(artifact, out / filename)
+        try:
+            sections = _evaluate_streamed(ctx, evaluator, src, fmt, out, work, (0.85, 0.96))
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
     elif enabled:
         if ctx.cancel_requested():
             return None
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.85, 0.9))
         t0 = time.perf_counter()
-        try:
-            original = model_io.load(src, fmt)
-        except Exception as e:
-            raise JobFailed("model_load_failed", f"the model could not be loaded for evaluation: {e}") from e
-        evaluator.measure_original(original.module)
-        del original
+        if fmt == "hf":
+            try:
+                original = model_io.load(src, fmt)
+            except Exception as e:
+                raise JobFailed("model_load_failed", f"the model could not be loaded for evaluation: {e}") from e
+            evaluator.measure_original(original.module)
+            del original
+        else:
+            # A bare state dict has no architecture to run (the report says so): loading its
+            # tensors would only cost memory (the plan counts none, app/jobs/plan.evaluation_mode).
+            evaluator.measure_original(None)
         ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
         if ctx.cancel_requested():
             return None

@@ -20,10 +20,19 @@ Three paths (``path``):
   works on it. Peak memory is the baseline plus the model's bytes times the largest factor of its
   methods (``WHOLE_FACTORS``; distillation counts the student and its optimizer state).
 
-Evaluation (``evaluation.enabled``) loads the original and the compressed model one after the
-other: its peak is the baseline plus ``EVAL_MAPPED_FACTOR`` (float results, memory-mapped) or
-``EVAL_DECOMPRESSED_FACTOR`` (integer results, decompressed on load) times the model's bytes; the
-plan's peak is the larger of that and the steps' peak.
+Evaluation (``evaluation.enabled``) is planned as it will run (``evaluation_mode``):
+
+* ``whole``: the original and the compressed model are loaded one after the other: its peak is the
+  baseline plus ``EVAL_MAPPED_FACTOR`` (float results, memory-mapped) or
+  ``EVAL_DECOMPRESSED_FACTOR`` (integer results, decompressed on load) times the model's bytes;
+* ``streamed``: on the stream and blocks paths, a model the worker cannot hold whole twice
+  (``EVAL_WHOLE_HOLD`` x its bytes over the memory budget, less the baseline: the worker's own
+  test, worker/pipeline._fits_twice) is evaluated with both models' weights on disk, one module
+  onloaded at a time: the baseline plus ``EVAL_STREAMED_FACTOR`` x the largest tensor in float32
+  and one text's logits of both models; its scratch counts the artifact decompressed to float;
+* ``skipped``: a bare state dict has no architecture to run: nothing is loaded, no peak.
+
+The plan's peak is the larger of the evaluation's and the steps' peak.
 
 Memory is anonymous memory (what an OOM kill counts): weight files are memory-mapped, and their
 pages are the kernel's to drop.
@@ -111,6 +120,15 @@ DISTILL_ACTIVATION_FACTOR = 0.6
 # integer results are decompressed into float weights on load (223 MiB for it in int4, 1.73x).
 EVAL_MAPPED_FACTOR = 0.28
 EVAL_DECOMPRESSED_FACTOR = 1.8
+# The worker evaluates whole when this x the model's bytes fits its memory (worker/pipeline.py
+# _fits_twice: loaded weights, activations and the evaluator's copies, measured ~2.5x).
+EVAL_WHOLE_HOLD = 3
+# Streamed evaluation (weights on disk): one module of each model onloaded at a time (the
+# original's in its dtype, the artifact's decompressed, and their float32 working copies: a
+# design figure, not measured yet), plus one text's logits of both models with the metric math's
+# temporaries (EVAL_LOGITS_COPIES x seq_len x vocabulary x 4 bytes).
+EVAL_STREAMED_FACTOR = 3.0
+EVAL_LOGITS_COPIES = 6
 
 # Throughput in "work bytes" per second before a worker measured its own (workers record theirs
 # after every job on a model of at least MIN_THROUGHPUT_SAMPLE_BYTES, worker/budget.py): model
@@ -349,6 +367,7 @@ def compute(
     input_on_scratch: bool,
     blocks: bool = False,
     throughput: Mapping[str, float] | None = None,
+    memory_bytes: int | None = None,
 ) -> dict[str, Any]:
     """The plan (a JSON object, the shape of ``app.jobs.schemas.JobPlan``).
 
@@ -356,7 +375,9 @@ def compute(
     (config, tokenizer), copied to the result; ``input_bytes``: all its files; ``stream``: every
     step streams (:func:`stream_capable`); ``input_on_scratch``: the worker downloads the input
     into its work folder (object storage) rather than hard-linking it (a local folder);
-    ``throughput``: measured work bytes per second by path (the fleet's), else the defaults."""
+    ``throughput``: measured work bytes per second by path (the fleet's), else the defaults;
+    ``memory_bytes``: the largest memory budget of the fleet's workers, when known (it decides
+    whether evaluation holds the models whole or streams them, :func:`evaluation_mode`)."""
     notes: list[str] = []
     path = "stream" if stream else "blocks" if blocks else "whole"
     enabled = bool(evaluation.get("enabled", True))
@@ -381,13 +402,28 @@ def compute(
     else:
         factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
         steps_peak = BASELINE_BYTES + int(factor * model_bytes)
-    eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
-    eval_peak = BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes)) if enabled else 0
+    mode = evaluation_mode(fmt, path, model_bytes, memory_bytes) if enabled else "off"
+    if mode == "whole":
+        eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
+        eval_peak = BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes))
+    elif mode == "streamed":
+        vocab = max((t.shape[0] for t in tensors if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)),
+                    default=0)
+        seq_len = int(evaluation.get("seq_len", 128))
+        eval_peak = BASELINE_BYTES + int(EVAL_STREAMED_FACTOR * largest_f32) + EVAL_LOGITS_COPIES * seq_len * vocab * 4
+    else:
+        eval_peak = 0
     peak = max(steps_peak, eval_peak)
-    if enabled and eval_peak > steps_peak:
+    if mode == "whole" and eval_peak > steps_peak:
         notes.append("peak: evaluation (each model loaded whole, one after the other)")
-    if enabled and stream:
-        notes.append("evaluation: runs when the worker can hold the model whole (else the report says it was left out)")
+    if mode == "streamed":
+        notes.append("evaluation: streamed (the model is too large to hold twice in the largest worker's budget): both "
+                     "models with their weights on disk, one module at a time; no latency is measured")
+    elif mode == "skipped":
+        notes.append("evaluation: a bare state dict has no architecture to run, so nothing is loaded to measure it")
+    elif mode == "whole" and path != "whole" and memory_bytes is None:
+        notes.append("evaluation: planned whole (no worker budget known); a worker that cannot hold the model twice "
+                     "streams it with the weights on disk instead, with a smaller peak")
 
     # Scratch: the input when it is downloaded; stream: the artifact written once (and, for the
     # evaluation, its folder unpacked next to it); whole: the result folder and, for a directory, its zip.
@@ -395,6 +431,9 @@ def compute(
         scratch = artifact + (artifact if enabled and fmt == "hf" else 0)
     else:
         scratch = artifact + (artifact if fmt == "hf" else 0)
+    if mode == "streamed":
+        # The artifact's weights, decompressed into its offload folder as it loads.
+        scratch += float_bytes
     scratch += input_bytes if input_on_scratch else 0
     if not input_on_scratch:
         notes.append("scratch: the input is hard-linked from local storage (no copy)")
@@ -419,11 +458,24 @@ def compute(
         "baseline_bytes": BASELINE_BYTES,
         "memory_factor": round(factor, 3),
         "evaluation": enabled,
-        "evaluation_peak_bytes": int(eval_peak) if enabled else None,
+        "evaluation_mode": mode,
+        "evaluation_peak_bytes": int(eval_peak) if mode in ("whole", "streamed") else None,
         "throughput_bytes_per_s": float(bps),
         "throughput_measured": path in measured,
         "notes": notes,
     }
+
+
+def evaluation_mode(fmt: str, path: str, model_bytes: int, memory_bytes: int | None) -> str:
+    """How the worker will measure the report: ``skipped`` (a bare state dict: no architecture),
+    ``streamed`` (stream or blocks path, and ``EVAL_WHOLE_HOLD`` x the model over the memory
+    budget less the baseline: worker/pipeline._fits_twice) or ``whole``. The whole path loads
+    the model whole for its steps anyway and always evaluates whole."""
+    if fmt != "hf":
+        return "skipped"
+    if path != "whole" and memory_bytes is not None and EVAL_WHOLE_HOLD * model_bytes >= memory_bytes - BASELINE_BYTES:
+        return "streamed"
+    return "whole"
 
 
 def fits(plan: Mapping[str, Any], memory_bytes: int | None, scratch_bytes: int | None) -> bool:

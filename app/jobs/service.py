@@ -127,6 +127,7 @@ def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict,
         other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
         input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream, blocks=blocks,
         input_on_scratch=not storage.is_local, throughput=_fleet_throughput(uow, queue),
+        memory_bytes=_fleet_memory(uow, queue),
     )
 
 
@@ -145,6 +146,13 @@ def _live(uow: UnitOfWork, queue: str) -> list[Any]:
     if queue not in cache:
         cache[queue] = repository.live_workers(uow.session, queue, worker_registry.live_since())
     return cache[queue]
+
+
+def _fleet_memory(uow: UnitOfWork, queue: str) -> int | None:
+    """The largest memory budget of the queue's live workers (None: unknown), which decides how
+    the plan counts evaluation (planner.evaluation_mode)."""
+    budgets = [w.memory_budget_bytes for w in _live(uow, queue)]
+    return None if not budgets or any(b is None for b in budgets) else max(budgets)
 
 
 def _fleet_throughput(uow: UnitOfWork, queue: str) -> dict[str, float]:

@@ -1,0 +1,126 @@
+"""Evaluation of a model too large to hold twice (worker/evaluate.py ``measure_side_by_side``):
+both models with their weights on disk, text by text side by side, gives the in-memory
+evaluation's figures on the same texts. Tiny models in-process; the pipeline's choice of the
+streamed branch through a worker's memory budget is tested through the service in
+tests/test_plan.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.tokenizer_util import build_models
+from worker import evaluate, model_io
+
+# Generous: every text runs in both evaluations, so they see the same inputs.
+SETTINGS = {"enabled": True, "batch_size": 1, "seq_len": 16, "runs": 3, "warmup": 1, "max_samples": 8, "budget_s": 3600.0}
+
+
+@pytest.fixture(scope="module")
+def tok_models(tmp_path_factory) -> dict[str, Path]:
+    return build_models(tmp_path_factory.mktemp("stream-eval-models"))
+
+
+def _builtin():
+    lines = evaluate.BUILTIN_CORPUS.read_text().splitlines()
+    return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None}
+
+
+class _Ctx:
+    def step_progress(self, *a, **k) -> None:
+        pass
+
+    def progress(self, *a, **k) -> None:
+        pass
+
+
+def _quantized(src: Path, out: Path) -> Path:
+    """The whole path's 4-bit weight-only artifact of ``src`` (packed integers, compressed-tensors)."""
+    from worker import methods
+
+    methods.load_all()
+    loaded = model_io.load(src, "hf")
+    spec = methods.get("quantize.weight_only")
+    spec.handler(loaded, spec.params.model_validate({"bits": 4, "group_size": None}), _Ctx())
+    model_io.save(loaded, out, {"modelpress_manifest": 1})
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama_int4(tok_models, tmp_path_factory) -> Path:
+    return _quantized(tok_models["llama"], tmp_path_factory.mktemp("llama-int4") / "out")
+
+
+def _in_memory(src: Path, artifact: Path, settings=SETTINGS) -> dict:
+    ev = evaluate.Evaluator(settings, src, _builtin)
+    ev.measure_original(model_io.load(src, "hf").module)
+    ev.measure_compressed(artifact)
+    return ev.sections()
+
+
+def _on_disk(src: Path, artifact: Path, work: Path, settings=SETTINGS, seen=None) -> tuple[dict, evaluate.Evaluator]:
+    ev = evaluate.Evaluator(settings, src, _builtin, *([seen] if seen is not None else []))
+    original = model_io.load(src, "hf", work / "offload-original").module
+    assert model_io.is_offloaded(original)
+    ev.measure_side_by_side(original, artifact, work / "offload-artifact")
+    return ev.sections(), ev
+
+
+@pytest.mark.parametrize("which", ["llama-int4", "gpt2-pruned"])
+def test_weights_on_disk_give_the_in_memory_figures(tok_models, llama_int4, tmp_path, which):
+    if which == "llama-int4":
+        src, artifact = tok_models["llama"], llama_int4
+    else:
+        # A float result (GPT-2: Conv1D layers, tied head): one MLP weight zeroed in half.
+        from transformers import GPT2LMHeadModel
+
+        src = tok_models["gpt2"]
+        model = GPT2LMHeadModel.from_pretrained(src)
+        with torch.no_grad():
+            w = model.transformer.h[0].mlp.c_fc.weight
+            w[:, : w.shape[1] // 2] = 0
+        artifact = tmp_path / "pruned"
+        model.save_pretrained(artifact)
+    whole = _in_memory(src, artifact)
+    disk, ev = _on_disk(src, artifact, tmp_path)
+    q0, f0, q1, f1 = whole["quality"], whole["fidelity"], disk["quality"], disk["fidelity"]
+    assert q1["available"] and f1["available"], (q1, f1)
+    assert q1["samples"] == q0["samples"] == f1["samples"] == 8 and q1["dataset"] == q0["dataset"]
+    assert q1["weights_on_disk"] is True and q0["weights_on_disk"] is False
+    # Onloading a module runs the same kernels on the same weights: the same logits. Stated
+    # tolerance 1e-9 relative (observed: equal).
+    for key in ("original", "compressed", "ratio"):
+        assert q1[key] == pytest.approx(q0[key], rel=1e-9), key
+        assert q1["ci95"][key] == pytest.approx(q0["ci95"][key], rel=1e-9), key
+    for key in ("kl_mean", "top1_agreement", "output_cosine", "tokens"):
+        assert f1[key] == pytest.approx(f0[key], rel=1e-9, abs=1e-12), key
+    assert f1["kl_mean"] > 0  # the compression changed something the comparison sees
+    # No latency of a model read from disk module by module: the report says why.
+    assert disk["speed"]["available"] is False and "on disk" in disk["speed"]["reason"]
+    assert whole["speed"]["available"] is True
+    budget = q1["budget"]
+    assert budget["shares_s"]["latency"] == 0.0 and budget["within_budget"] is True
+    assert ev.original.samples == ev.compressed.samples == 8
+    assert all(x is None for x in ev.original.outputs)  # each compared once, then let go
+
+
+def test_weights_on_disk_follow_the_budget_and_progress(tok_models, llama_int4, tmp_path):
+    seen: list[tuple[str, float | None]] = []
+    s, ev = _on_disk(tok_models["llama"], llama_int4, tmp_path, {**SETTINGS, "budget_s": 0.001},
+                     seen=lambda note, fraction=None: seen.append((note, fraction)))
+    q = s["quality"]
+    assert q["samples"] == evaluate.MIN_SAMPLES and q["limited_by"] == "budget" and "ran anyway" in q["budget_note"]
+    assert q["budget"]["within_budget"] is False
+    notes = [t for t, _ in seen if ": sample " in t]
+    assert notes[-1] == f"evaluating both models, weights on disk: sample {evaluate.MIN_SAMPLES}/{evaluate.MIN_SAMPLES}"
+    fractions = [x for _, x in seen]
+    assert fractions == sorted(fractions)
+
+
+def test_the_artifact_loads_with_its_weights_on_disk(llama_int4, tmp_path):
+    module = evaluate._load_offloaded_artifact(llama_int4, tmp_path / "off")
+    assert model_io.is_offloaded(module)
+    # Decompressed layer by layer into the offload folder, not held in memory.
+    assert any((tmp_path / "off").iterdir())
