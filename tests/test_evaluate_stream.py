@@ -124,3 +124,60 @@ def test_the_artifact_loads_with_its_weights_on_disk(llama_int4, tmp_path):
     assert model_io.is_offloaded(module)
     # Decompressed layer by layer into the offload folder, not held in memory.
     assert any((tmp_path / "off").iterdir())
+
+
+# -- through the pipeline (worker/pipeline._execute, as a worker runs it, minus the job's database) --
+def _pipeline_job(src: Path, root: Path, steps: list[dict], budget_mb: int) -> dict:
+    """One job through ``pipeline._execute`` with the worker's memory budget set (1 MB: below its
+    baseline, so no model fits twice; 0: the machine's memory). Returns the job's metrics."""
+    from app.config import Settings
+    from app.storage import Storage
+    from tests.tokenizer_util import txt_dataset
+    from worker import methods, pipeline
+
+    methods.load_all()
+    settings = Settings(data_dir=root / "var", worker_memory_budget_mb=budget_mb)
+    storage = Storage(str(root / "storage"))
+    files = []
+    for p in sorted(src.iterdir()):
+        storage.put_file(p, f"models/m/{p.name}")
+        files.append({"name": p.name, "size": p.stat().st_size})
+    data = root / "calib.txt"
+    data.write_bytes(txt_dataset())
+    storage.put_file(data, "datasets/calib.txt")
+    datasets = {"train": {"id": "calib", "format": "txt", "storage_key": "datasets/calib.txt", "samples": None, "labels": None}}
+    model_info = {"format": "hf", "prefix": "models/m", "files": files, "sha256": "0" * 64,
+                  "size_bytes": sum(f["size"] for f in files), "parameters": None}
+
+    class Ctx(pipeline.JobContext):
+        def progress(self, stage: str, fraction: float) -> None:
+            pass
+
+        def cancel_requested(self) -> bool:
+            return False
+
+    work = settings.tmp_dir / f"job-{budget_mb}"
+    evaluation = {**SETTINGS, "max_samples": 6}
+    ctx = Ctx("job", 1, settings, storage, work, datasets, evaluation=evaluation)
+    _, values = pipeline._execute(ctx, storage, work, model_info, steps)
+    return values["metrics"]
+
+
+@pytest.mark.parametrize("steps,path", [
+    ([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}}], "stream"),
+    ([{"method": "prune.wanda", "params": {"sparsity": 0.5, "num_samples": 8, "max_length": 32}}], "blocks"),
+], ids=["stream", "blocks"])
+def test_the_pipeline_streams_evaluation_when_the_budget_cannot_hold_the_model_twice(tok_models, tmp_path, steps, path):
+    whole = _pipeline_job(tok_models["llama"], tmp_path / "whole", steps, budget_mb=0)
+    disk = _pipeline_job(tok_models["llama"], tmp_path / "disk", steps, budget_mb=1)
+    assert whole["engine"]["path"] == disk["engine"]["path"] == path
+    assert "evaluate_streamed" in disk["stage_seconds"] and "evaluate_original" not in disk["stage_seconds"]
+    assert "evaluate_streamed" not in whole["stage_seconds"]
+    assert disk["quality"]["weights_on_disk"] is True and whole["quality"]["weights_on_disk"] is False
+    assert disk["speed"]["available"] is False and whole["speed"]["available"] is True
+    for section, keys in (("quality", ("original", "compressed", "ratio", "samples")),
+                          ("fidelity", ("kl_mean", "top1_agreement", "output_cosine", "tokens"))):
+        for key in keys:
+            assert disk[section][key] == pytest.approx(whole[section][key], rel=1e-9, abs=1e-12), (section, key)
+    # The offload folders went with the evaluation.
+    assert not list((tmp_path / "disk" / "var" / "tmp").glob("job-1/eval-offload-*"))
