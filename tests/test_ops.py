@@ -17,7 +17,9 @@ def test_kth_smallest_abs_matches_sort(k):
 
 
 def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
-    # Small chunk, sample and gather sizes force the sample miss and the histogram narrowing path.
+    # Small chunk, sample and gather sizes force the sample miss and the histogram narrowing path
+    # (no float32 pattern bucket may be gathered, so the general search runs).
+    monkeypatch.setattr(ops, "BUCKET_GATHER", 0)
     monkeypatch.setattr(ops, "CHUNK", 1000)
     monkeypatch.setattr(ops, "SAMPLE", 100)
     monkeypatch.setattr(ops, "EXACT_GATHER", 50)
@@ -25,6 +27,27 @@ def test_kth_smallest_abs_narrows_over_many_chunks(monkeypatch):
     ws = [torch.randn(100_000), torch.randn(300, 300)]
     allv = torch.cat([w.abs().reshape(-1) for w in ws]).sort().values
     for k in (1, 12345, 95_000, allv.numel()):
+        assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_kth_by_bit_patterns_is_exact(monkeypatch, dtype):
+    """The pattern histogram (one pass for 16-bit floats, two for float32) over several chunks
+    and tensors gives exactly the sorted k-th magnitude, with signed zeros, ties and extremes."""
+    monkeypatch.setattr(ops, "CHUNK", 4096)  # several chunks per tensor, counted on the pool
+    g = torch.Generator().manual_seed(3)
+    ws = [(torch.randn(300, 70, generator=g) * 0.02).to(dtype), (torch.randn(5000, generator=g) * 3).to(dtype),
+          torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.5, 65504.0, -65504.0]).to(dtype)]
+    allv = torch.cat([w.float().abs().reshape(-1) for w in ws]).sort().values
+    for k in (1, 2, 3, 777, 10_000, 21_000, allv.numel() - 1, allv.numel()):
+        assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1]), k
+
+
+def test_kth_mixed_dtypes_uses_the_general_search():
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(400, generator=g).to(torch.bfloat16), torch.randn(300, generator=g)]
+    allv = torch.cat([w.float().abs() for w in ws]).sort().values
+    for k in (1, 350, 700):
         assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1])
 
 
@@ -92,3 +115,21 @@ def test_kth_smallest_abs_reads_few_times_when_the_interval_is_crowded(monkeypat
     # The size sum, the sample, the crowded exact try (it stops early), histogram passes inside
     # the sample's interval, the exact gather: 6 here (7 narrowing from the whole range, before).
     assert _Counted.passes <= 6, _Counted.passes
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("threshold", [0.0, 0.25, 0.3, 1e-3])
+@pytest.mark.parametrize("inclusive", [True, False])
+def test_prune_copy_equals_prune_below(monkeypatch, dtype, threshold, inclusive):
+    """The copying form (bit patterns where the threshold is a value of the dtype, float compare
+    where it is not, e.g. 0.3 in bf16) zeroes exactly what the in-place form does, and leaves its
+    input alone."""
+    monkeypatch.setattr(ops, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(70, 50, generator=g) * 0.4).to(dtype)
+    x[0, :4] = torch.tensor([0.0, -0.0, 0.25, -0.25]).to(dtype)
+    before = x.clone()
+    y, zeros = ops.prune_copy(x, threshold, inclusive)
+    expected = x.clone()
+    assert zeros == ops.prune_below([expected], threshold, inclusive)[0]
+    assert torch.equal(y, expected) and torch.equal(x, before)

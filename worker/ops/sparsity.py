@@ -2,20 +2,28 @@
 
 The global threshold is found without concatenating the weights (the study's recipe,
 ``torch.nn.utils.prune.global_unstructured``, builds a copy of every target weight plus masks:
-several GB for a 124M-parameter model). Instead:
+several GB for a 124M-parameter model).
+
+For 16-bit weights (bf16, fp16: what checkpoints are) it is one counting pass: a non-negative
+float's bit pattern orders like its value, and ``|w|``'s pattern is the weight's 16 bits without
+the sign, so a histogram of those 32,768 patterns (``torch.bincount``) *is* the sorted list of
+magnitudes, and the k-th smallest is read off its cumulative counts, exactly. float32 weights
+take two passes: the same histogram of the top 15 bits of ``|w|``'s pattern finds the bucket
+holding the k-th value, and a second pass gathers that bucket's values (a 1/128-octave slice)
+to take the exact k-th among them. Other cases (mixed dtypes, a bucket too crowded to gather)
+use the general search:
 
 1. a strided sample of ~256K magnitudes gives the k-th value's rank interval with a safety margin
    of 6 standard errors of the sample quantile (~sqrt(p(1-p)/n)): a miss is rare and only costs
    the fallback below;
 2. one pass over fixed-size chunks counts the values below that interval exactly and gathers the
    few inside it, and the exact k-th value is taken among those;
-3. when the interval holds too many values to gather (billions of weights: the sample's interval
-   then holds hundreds of millions), or the k-th value is outside it (it should never be), a
-   histogram of 65,536 bins over that interval, built in one counting pass, narrows it to a few
-   bins, and one more pass gathers those values: about three reads of the weights in all, whatever
-   their number.
+3. when the interval holds too many values to gather, or the k-th value is outside it (it should
+   never be), a histogram of 65,536 bins over that interval, built in one counting pass, narrows
+   it to a few bins, and one more pass gathers those values.
 
-Extra memory is a few chunk-sized buffers plus the gathered values, whatever the model size.
+The counting passes run one chunk per core (worker/ops/parallel.py). Extra memory is a few
+chunk-sized buffers per core plus the gathered values, whatever the model size.
 """
 
 from __future__ import annotations
@@ -25,10 +33,15 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from worker.ops import parallel
+
 CHUNK = 1 << 20  # elements per chunk: bounds temporary memory to a few MB
 BINS = 1 << 16
 SAMPLE = 1 << 18  # 1 MB of fp32: the k-th value within ~±0.8% of ranks
 EXACT_GATHER = 1 << 22  # most candidate values gathered in one exact pass (16 MB of fp32)
+PATTERNS = 1 << 15  # |w|'s bit patterns (16-bit floats) or top bits (float32) counted
+BUCKET_GATHER = 1 << 25  # most float32 values gathered from one bucket (128 MB)
+_BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
 def _chunks(weights: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
@@ -121,11 +134,75 @@ def _narrow(weights: Sequence[torch.Tensor], k: int, lo: float = 0.0, hi: float 
     raise RuntimeError("threshold search did not converge")
 
 
+def _dtypes(weights: Sequence[torch.Tensor]) -> set[torch.dtype]:
+    spec = getattr(weights, "spec", None)  # a streaming Source: from the headers, nothing read
+    if spec is not None:
+        return {spec(i).dtype for i in range(len(weights))}
+    return {w.dtype for w in weights}
+
+
+def _patterns(c: torch.Tensor) -> torch.Tensor:
+    """``|c|``'s bit patterns (16-bit floats) or their top 15 bits (float32), as integers in
+    [0, 2^15) that order like the magnitudes; in this thread's buffer."""
+    st = parallel.state()
+    bits = _BITS[c.dtype]
+    raw = c.view(bits)
+    buf = getattr(st, "pattern_buf", None)
+    if buf is None or buf.dtype != bits or buf.numel() < c.numel():
+        buf = st.pattern_buf = torch.empty(max(c.numel(), CHUNK), dtype=bits)
+    out = buf[: c.numel()]
+    if bits == torch.int16:
+        return torch.bitwise_and(raw, 0x7FFF, out=out)
+    torch.bitwise_right_shift(raw, 16, out=out)  # arithmetic: the sign lands in the low 15 bits' mask
+    return out.bitwise_and_(0x7FFF)
+
+
+def _pattern_counts(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """How many weights have each magnitude pattern (``_patterns``), over all tensors."""
+    total = torch.zeros(PATTERNS, dtype=torch.int64)
+    for w in weights:
+        flat = w.detach().reshape(-1)
+        parts = [flat[s : s + CHUNK] for s in range(0, flat.numel(), CHUNK)]
+        for counts in parallel.map_ordered(lambda c: torch.bincount(_patterns(c), minlength=PATTERNS), parts):
+            total += counts
+    return total
+
+
+def _pattern_value(p: int, dtype: torch.dtype) -> float:
+    return float(torch.tensor([p], dtype=_BITS[dtype]).view(dtype)[0])
+
+
+def _kth_by_patterns(weights: Sequence[torch.Tensor], k: int, dtype: torch.dtype) -> float | None:
+    """The exact k-th smallest |w| from the pattern histogram (one pass for 16-bit floats, two
+    for float32); None when a float32 bucket is too crowded to gather."""
+    cum = torch.cumsum(_pattern_counts(weights), 0)
+    p = int(torch.searchsorted(cum, torch.tensor(k, dtype=torch.int64)))  # first with cum >= k
+    if _BITS[dtype] == torch.int16:
+        return _pattern_value(p, dtype)
+    before = int(cum[p - 1]) if p else 0
+    if int(cum[p]) - before > BUCKET_GATHER:
+        return None
+
+    def gather(c: torch.Tensor) -> torch.Tensor:
+        return c.abs()[_patterns(c) == p]
+
+    vals = []
+    for w in weights:
+        flat = w.detach().reshape(-1)
+        vals += parallel.map_ordered(gather, [flat[s : s + CHUNK] for s in range(0, flat.numel(), CHUNK)])
+    return float(torch.kthvalue(torch.cat(vals), k - before).values)
+
+
 def kth_smallest_abs(weights: Sequence[torch.Tensor], k: int) -> float:
     """The k-th smallest |w| (1-based) over all tensors, exactly, in bounded memory."""
     total = sum(w.numel() for w in weights)
     if not 1 <= k <= total:
         raise ValueError(f"k={k} outside 1..{total}")
+    dtypes = _dtypes(weights)
+    if len(dtypes) == 1 and next(iter(dtypes)) in _BITS:
+        found = _kth_by_patterns(weights, k, next(iter(dtypes)))
+        if found is not None:
+            return found
     sample = _sample(weights, total)
     n = sample.numel()
     p = k / total
@@ -136,6 +213,41 @@ def kth_smallest_abs(weights: Sequence[torch.Tensor], k: int) -> float:
     hi = float(sample[hi_i]) if hi_i < n - 1 else math.inf
     found = _exact_in(weights, k, lo, hi)
     return found if found is not None else _narrow(weights, k, lo, hi)
+
+
+def prune_copy(x: torch.Tensor, threshold: float, inclusive: bool) -> tuple[torch.Tensor, int]:
+    """``prune_below`` into a new tensor: ``x`` with ``|x| < threshold`` (``<=`` with
+    ``inclusive``) zeroed, and how many the mask zeroed. ``x`` is not written (it may be a view of
+    a read-only file map). Chunks run one per core; for 16-bit weights and a threshold they can
+    hold exactly (a global threshold is one of the weights) the test is on bit patterns, which is
+    the same set as the float comparison at a third of the work."""
+    y = torch.empty(x.shape, dtype=x.dtype)
+    src, dst = x.reshape(-1), y.view(-1)
+    p = None
+    if _BITS.get(x.dtype) == torch.int16 and threshold >= 0:
+        t = torch.tensor([threshold], dtype=x.dtype)
+        if float(t[0]) == threshold:
+            p = int(t.view(torch.int16)[0]) & 0x7FFF
+    zero = torch.zeros((), dtype=x.dtype)
+
+    def block(a: int) -> int:
+        c, o = src[a : a + CHUNK], dst[a : a + CHUNK]
+        st = parallel.state()
+        m = getattr(st, "prune_mask", None)
+        if m is None or m.numel() < c.numel():
+            m = st.prune_mask = torch.empty(max(c.numel(), CHUNK), dtype=torch.bool)
+        m = m[: c.numel()]
+        if p is not None:
+            (torch.le if inclusive else torch.lt)(_patterns(c), p, out=m)
+        else:
+            buf = getattr(st, "prune_bufs", None)
+            if buf is None:
+                buf = st.prune_bufs = _Buffers()
+            (torch.le if inclusive else torch.lt)(buf.abs(c), threshold, out=m)
+        torch.where(m, zero, c, out=o)
+        return int(torch.count_nonzero(m))
+
+    return y, sum(parallel.map_ordered(block, range(0, src.numel(), CHUNK)))
 
 
 def prune_below(weights: Sequence[torch.Tensor], threshold: float, inclusive: bool) -> list[int]:

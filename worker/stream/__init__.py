@@ -95,6 +95,9 @@ class StreamStep:
     # each ``rows`` call), so the engine does not read them once more to count them.
     counts_input = False
     input_nonzero = 0
+    # A last, non-final step that knows the non-zeros of what its ``rows`` returned sets this
+    # (else None), so the engine does not read the rows once more to count them.
+    output_nonzero: int | None = None
 
     def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
         """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is).
@@ -612,7 +615,8 @@ def _stream_tensor(engine: _Engine, name: str, chain: list[int], w: Any, counter
                 zeros += counter.add(name, x)
             x = s.rows(engine.spec_entering(name, i), target, x, r0, record=True)
         if not final:
-            zeros += counter.add(name, x)
+            known = steps[chain[-1]].output_nonzero
+            zeros += counter.add(name, x) if known is None else counter.add_counted(name, x.numel(), known)
         if x.dtype != lead.dtype:
             raise RuntimeError(f"{lead.name}: produced {x.dtype}, planned {lead.dtype}")
         w.write(tensor_bytes(x))

@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +15,7 @@ from typing import Any
 import torch
 
 from worker.model_io import _selected
-from worker.ops import quant
+from worker.ops import parallel, quant
 from worker.ops import sparsity as sp
 from worker.stream import Source, StreamStep, Target, TensorSpec
 
@@ -26,35 +23,14 @@ from worker.stream import Source, StreamStep, Target, TensorSpec
 # temporaries (about 13 bytes a weight) stay in a core's cache.
 BLOCK_ELEMENTS = 1 << 19
 
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_local = threading.local()
-
 
 def _scratch() -> quant.Scratch:
     """This thread's buffers for ``quant.quantize_rows``."""
-    s = getattr(_local, "scratch", None)
+    st = parallel.state()
+    s = getattr(st, "quant_scratch", None)
     if s is None:
-        s = _local.scratch = quant.Scratch()
+        s = st.quant_scratch = quant.Scratch()
     return s
-
-
-def _parallel_map(fn: Callable[[Any], Any], items: list[Any]) -> list[Any]:
-    """``fn`` over ``items`` on one thread per core, results in order.
-
-    Why threads of one torch thread each: the quantization kernel is a dozen small element-wise
-    ops on a cache-sized block; with torch's own intra-op threads each op is split across the cores
-    and synchronised (and its data leaves the cache), which measured ~2x slower than one block per
-    core. torch releases the GIL inside its kernels, so the threads run in parallel. The pool is
-    made per process (a Celery pool child is forked after import) and its threads keep torch at
-    one thread each (a per-thread setting: the caller's threads are not changed)."""
-    global _pool
-    workers = torch.get_num_threads()
-    if workers <= 1 or len(items) <= 1:
-        return [fn(i) for i in items]
-    if _pool is None or _pool[0] != os.getpid():
-        _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="stream-quant",
-                                                 initializer=torch.set_num_threads, initargs=(1,)))
-    return list(_pool[1].map(fn, items))
 
 
 class CastStep(StreamStep):
@@ -130,14 +106,22 @@ class PruneStep(StreamStep):
                 self.layer_theta = sp.kth_smallest_abs([whole()], k)
 
     def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
-        y = x.clone(memory_format=torch.contiguous_format)
+        self.output_nonzero = None
         if self.threshold is not None:
-            z = sp.prune_below([y], self.threshold, inclusive=False)[0]
+            y, z = sp.prune_copy(x, self.threshold, inclusive=False)
+            if self.threshold > 0:  # every zero is under the threshold: the mask counted them all
+                self.output_nonzero = y.numel() - z
         elif self.scope == "row":
+            y = x.clone(memory_format=torch.contiguous_format)
             z = sp.prune_per_row([y], self.sparsity, [target.row_dim if target else 0])[0]  # type: ignore[arg-type]
         else:
             theta = self.global_theta if self.scope == "global" else self.layer_theta
-            z = sp.prune_below([y], theta, inclusive=True)[0] if theta is not None else int((y == 0).sum())
+            if theta is not None:
+                y, z = sp.prune_copy(x, theta, inclusive=True)
+                self.output_nonzero = y.numel() - z  # |w| <= theta holds every zero
+            else:
+                y = x.clone(memory_format=torch.contiguous_format)
+                z = int((y == 0).sum())
         if record:
             self.zeros[spec.name] = self.zeros.get(spec.name, 0) + z
         return y
@@ -277,7 +261,7 @@ class QuantizeStep(StreamStep):
 
         step = max(1, BLOCK_ELEMENTS // max(1, width))
         self.input_nonzero = 0
-        for count, nonzero, se, sw, mx in _parallel_map(block, [(a, min(a + step, n)) for a in range(0, n, step)]):
+        for count, nonzero, se, sw, mx in parallel.map_ordered(block, [(a, min(a + step, n)) for a in range(0, n, step)]):
             self.input_nonzero += nonzero
             # Summed in row order whatever thread finished first: the metrics do not vary run to run.
             self._layer.elements += count
