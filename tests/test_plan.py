@@ -234,7 +234,7 @@ def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     assert roomy["evaluation_peak_bytes"] == unknown["evaluation_peak_bytes"]
     assert any("no worker budget known" in n for n in unknown["notes"])
     assert tight["evaluation_mode"] == "streamed"
-    largest = max(t.numel for t in tensors) * 4
+    largest = max(t.nbytes for t in tensors)
     assert tight["evaluation_peak_bytes"] == (planner.BASELINE_BYTES + int(planner.EVAL_STREAMED_FACTOR * largest)
                                               + planner.EVAL_LOGITS_COPIES * 32 * 1000 * 4)
     assert tight["evaluation_peak_bytes"] < roomy["evaluation_peak_bytes"]
