@@ -55,6 +55,19 @@ class Storage:
         else:
             self.fs.put_file(str(src), dest)
 
+    def open_write(self, key: str) -> "PendingObject":
+        """A writable object under ``key`` that becomes visible only at ``commit()`` and is gone
+        after ``abort()``, so an artifact can be streamed into storage as it is produced (written
+        once, not staged and copied). Local: a temporary name in the destination folder, renamed
+        on commit. Remote (fsspec): the store's streaming write (S3: a multipart upload, one part
+        per filled block, completed on commit and aborted on abort)."""
+        dest = self._path(key)
+        if self.is_local:
+            Path(dest).parent.mkdir(parents=True, exist_ok=True)
+            tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
+            return PendingObject(open(tmp, "wb"), dest, tmp, None)  # noqa: SIM115 - closed by commit/abort
+        return PendingObject(self.fs.open(dest, "wb"), dest, None, self.fs)
+
     def get_file(self, key: str, dest: Path) -> None:
         self.fs.get_file(self._path(key), str(dest))
 
@@ -88,6 +101,36 @@ class Storage:
                     break
                 left -= len(data)
                 yield data
+
+
+class PendingObject:
+    """See ``Storage.open_write``: write to ``file``, then ``commit()`` or ``abort()``."""
+
+    def __init__(self, file: BinaryIO, dest: str, tmp: str | None, fs: fsspec.AbstractFileSystem | None) -> None:
+        self.file = file
+        self._dest, self._tmp, self._fs = dest, tmp, fs
+
+    def commit(self) -> None:
+        self.file.close()
+        if self._tmp is not None:
+            os.replace(self._tmp, self._dest)
+
+    def abort(self) -> None:
+        """Drop what was written; never raises (it runs while another error is handled)."""
+        try:
+            discard = getattr(self.file, "discard", None)
+            if discard is not None and self._fs is not None:
+                discard()  # fsspec buffered files: drop the buffer (s3fs aborts the multipart upload)
+            self.file.close()
+        except Exception:  # noqa: BLE001 - a full disk fails the close again; the file goes anyway
+            pass
+        try:
+            if self._tmp is not None:
+                os.unlink(self._tmp)
+            elif self._fs is not None and self._fs.exists(self._dest):
+                self._fs.rm(self._dest)
+        except OSError:
+            pass
 
 
 @lru_cache

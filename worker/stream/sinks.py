@@ -40,9 +40,12 @@ class _HashingStream:
 
 
 class ZipSink:
-    def __init__(self, path: Path) -> None:
+    """``path``: the file to write; or ``fileobj``, an open binary file to write to instead (a
+    ``PendingObject``'s, streaming into storage: the caller commits or aborts it)."""
+
+    def __init__(self, path: Path | None = None, *, fileobj: BinaryIO | None = None) -> None:
         self.path = path
-        self._f = path.open("wb")
+        self._f = fileobj if fileobj is not None else path.open("wb")  # type: ignore[union-attr]
         self._stream = _HashingStream(self._f)
         self._zip = zipfile.ZipFile(self._stream, "w", allowZip64=True)  # type: ignore[arg-type]
         self.files: list[str] = []
@@ -55,16 +58,18 @@ class ZipSink:
         return self._zip.open(info, "w", force_zip64=size >= 2**31)
 
     def close(self) -> tuple[int, str]:
-        """Finish the archive; returns (bytes, sha256 hex)."""
+        """Finish the archive; returns (bytes, sha256 hex). A ``fileobj`` is flushed, not closed:
+        its owner commits it."""
         self._zip.close()
-        self._f.close()
+        self._f.close() if self.path is not None else self._f.flush()
         return self._stream.size, self._stream.sha.hexdigest()
 
     def abort(self) -> None:
         """Drop the partial archive (a failed or canceled job stores nothing)."""
         self._zip.fp = None  # zipfile must not write its end record into what is being removed
-        _close_quietly(self._f)
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            _close_quietly(self._f)
+            self.path.unlink(missing_ok=True)
 
 
 def _close_quietly(f: BinaryIO) -> None:
@@ -87,11 +92,11 @@ class _File:
 
 
 class FileSink:
-    """One safetensors file (a bare state dict's artifact)."""
+    """One safetensors file (a bare state dict's artifact); ``fileobj`` as for ``ZipSink``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | None = None, *, fileobj: BinaryIO | None = None) -> None:
         self.path = path
-        self._f = path.open("wb")
+        self._f = fileobj if fileobj is not None else path.open("wb")  # type: ignore[union-attr]
         self._stream = _HashingStream(self._f)
         self._opened = False
 
@@ -102,12 +107,13 @@ class FileSink:
         return _File(self._stream)
 
     def close(self) -> tuple[int, str]:
-        self._f.close()
+        self._f.close() if self.path is not None else self._f.flush()
         return self._stream.size, self._stream.sha.hexdigest()
 
     def abort(self) -> None:
-        _close_quietly(self._f)
-        self.path.unlink(missing_ok=True)
+        if self.path is not None:
+            _close_quietly(self._f)
+            self.path.unlink(missing_ok=True)
 
 
 class DirSink:
