@@ -284,3 +284,11 @@ def test_quantize_rows_is_the_librarys_quantize_and_dequantize(dtype, bits, grou
         assert mx == float(d.abs().max())
         err = quant.quantize_error(w, scale, zp, bits, group_size, scratch)
         assert torch.equal(err, d)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_count_nonzero_on_bit_patterns(dtype):
+    w = torch.tensor([[0.0, -0.0, 1.0, -2.0], [float("nan"), 0.0, -1e-3, float("inf")]]).to(dtype)
+    scratch = quant.Scratch()
+    assert quant.count_nonzero(w, scratch) == int(torch.count_nonzero(w)) == 5
+    assert quant.count_nonzero(w[:, 1], scratch) == int(torch.count_nonzero(w[:, 1])) == 0  # strided: torch's own

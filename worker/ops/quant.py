@@ -169,6 +169,21 @@ def quantize_rows(
     return q.reshape(w.shape), sq_err, sq_w, max_err
 
 
+_SIGNLESS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
+             torch.float32: (torch.int32, 0x7FFFFFFF)}
+
+
+def count_nonzero(w: torch.Tensor, scratch: "Scratch") -> int:
+    """``torch.count_nonzero(w)`` for a float tensor, counted on its bit patterns with the sign
+    cleared (so ``-0.0`` is a zero and NaN is not): integer ops run ~2x faster than the float
+    comparison torch does."""
+    bits = _SIGNLESS.get(w.dtype)
+    if bits is None or not w.is_contiguous():
+        return int(torch.count_nonzero(w))
+    raw = w.view(bits[0])
+    return int(torch.count_nonzero(torch.bitwise_and(raw, bits[1], out=scratch.get(4, raw))))
+
+
 @torch.no_grad()
 def quantize_error(
     w: torch.Tensor,

@@ -239,12 +239,12 @@ class QuantizeStep(StreamStep):
             a, b = r
             xs = x[a:b]
             scratch = _scratch()
-            # One float32 copy serves the scales, the error sums and the non-zero count (the
-            # qparams functions give the same result for the weights widened: min, max and
-            # power-of-two products are exact).
+            # One float32 copy serves the scales and the error sums (the qparams functions give
+            # the same result for the weights widened: min, max and power-of-two products are
+            # exact).
             wf = scratch.get(3, xs, torch.float32)
             wf.copy_(xs)
-            nonzero = int(torch.count_nonzero(wf))
+            nonzero = quant.count_nonzero(xs, scratch)
             scale, zp = self.qparams(wf)
             scales[a:b].copy_(scale.reshape(b - a, cols))
             if zps is not None:
