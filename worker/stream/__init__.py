@@ -73,10 +73,21 @@ class StreamStep:
     def out_dtype(self, spec: TensorSpec) -> torch.dtype:
         return spec.dtype
 
+    def out_shape(self, spec: TensorSpec, target: Target | None) -> tuple[int, ...]:
+        """The shape of what ``rows`` makes of a selected tensor, all chunks together (a step that
+        drops rows or columns, such as structured pruning, makes it smaller; a final step's
+        packed outputs are its ``out_specs``, this stays the shape they unpack to)."""
+        return spec.shape
+
     def out_specs(self, spec: TensorSpec, target: Target | None) -> list[TensorSpec]:
         """Output tensors of a final step for one input tensor: the row-streamed one first, then
         those ``end`` returns, in that order."""
-        return [TensorSpec(spec.name, self.out_dtype(spec), spec.shape)]
+        return [TensorSpec(spec.name, self.out_dtype(spec), self.out_shape(spec, target))]
+
+    def bind(self, skeleton: Any, targets: dict[str, Target]) -> None:
+        """Called once before any ``select``: the model's skeleton on the meta device (None for a
+        bare state dict) and its targets, for a step whose selection and output shapes follow the
+        model's structure (structured pruning selects the biases of the layers it shrinks)."""
 
     def prepare(self, source: "Source") -> None:
         """A pass over every selected tensor before anything is written (e.g. a global threshold)."""
@@ -135,9 +146,12 @@ class Source(Sequence[torch.Tensor]):
         return self._engine.entering(self.names[i], self._index)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        for n in self.names:
+        for k, n in enumerate(self.names):
             if self._engine.canceled is not None and self._engine.canceled():
                 raise _Canceled
+            if k + 1 < len(self.names):
+                # Read ahead: page faults on pages not yet read cost ~3x the disk time.
+                self._engine.reader.prefetch(self.names[k + 1])
             yield self._engine.entering(n, self._index)
             self._engine.reader.done_with(n)
 
@@ -184,7 +198,7 @@ class _Engine:
             spec = self.reader.spec(name)
             for i in range(index):
                 if self.steps[i].select(spec, self.targets.get(name)):
-                    spec = TensorSpec(spec.name, self.steps[i].out_dtype(spec), spec.shape)
+                    spec = TensorSpec(spec.name, self.steps[i].out_dtype(spec), self.steps[i].out_shape(spec, self.targets.get(name)))
             self._specs[key] = spec
         return self._specs[key]
 
@@ -431,6 +445,8 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     engine = _Engine(reader, targets, steps)
     engine.skeleton = skeleton
     engine.canceled = canceled
+    for s in steps:  # before the first select: Source() below asks every step for its selection
+        s.bind(skeleton, targets)
     for i, s in enumerate(steps):
         if i and s.needs_prepass:
             raise NotStreamable("a step that needs a pre-pass must come first in a pass (worker/stream passes())")
@@ -506,8 +522,11 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
                 else:
                     zeros = _stream_tensor(engine, name, chain, w, counter, pending, produced[name])
                     if target is not None:
-                        per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
-                                          "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})
+                        # The weight as the steps leave it (a final step's packing aside): a
+                        # step may have changed its shape (structured pruning).
+                        n = engine.spec_entering(name, len(steps)).numel
+                        per_layer.append({"name": name, "parameters": n, "zeros": zeros,
+                                          "sparsity": round(zeros / n, 6) if n else 0.0})
                 # Once the writer has written it: the untouched tensors' chunks are views of the
                 # pages being dropped.
                 w.then(lambda name=name: reader.done_with(name))
@@ -549,8 +568,8 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
         # As transformers loads the result: every parameter and buffer of the module (tied ones
         # once, non-persistent buffers too) in the dtype the steps leave, plus what a quantizing
         # step attaches (scales, shapes); packed weights count as the floats they unpack to.
-        final_dtype = lambda n: engine.spec_entering(n, len(steps)).dtype if n in reader else None  # noqa: E731
-        memory = _module_bytes(skeleton, final_dtype) + notes.pop("memory_bytes_extra", 0)
+        final_spec = lambda n: engine.spec_entering(n, len(steps)) if n in reader else None  # noqa: E731
+        memory = _module_bytes(skeleton, final_spec) + notes.pop("memory_bytes_extra", 0)
     else:
         memory = out_bytes
     if "memory_bytes_compressed_delta" in notes:
@@ -569,7 +588,7 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     )
 
 
-def _module_bytes(module: torch.nn.Module, dtype_of: Callable[[str], torch.dtype | None]) -> int:
+def _module_bytes(module: torch.nn.Module, spec_of: Callable[[str], TensorSpec | None]) -> int:
     seen: set[int] = set()
     total = 0
     for name, t in [*module.named_parameters(), *module.named_buffers()]:
@@ -577,7 +596,10 @@ def _module_bytes(module: torch.nn.Module, dtype_of: Callable[[str], torch.dtype
         if id(t) in seen or name.endswith(QUANT_SUFFIXES):
             continue
         seen.add(id(t))
-        total += t.numel() * (dtype_of(name) or t.dtype).itemsize
+        # The checkpoint's tensors as the steps leave them (dtype and shape); buffers that are
+        # not stored (rotary frequencies...) as the skeleton has them.
+        spec = spec_of(name)
+        total += spec.numel * spec.dtype.itemsize if spec is not None else t.numel() * t.dtype.itemsize
     return total
 
 
