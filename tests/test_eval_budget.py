@@ -44,10 +44,11 @@ def _builtin():
     return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None}
 
 
-def _evaluate(src: Path, artifact: Path, settings: dict, progress=None) -> tuple[dict, evaluate.Evaluator]:
+def _evaluate(src: Path, artifact: Path, settings: dict, progress=None, compressed_cost: float = 1.0) -> tuple[dict, evaluate.Evaluator]:
     from worker import model_io
 
     ev = evaluate.Evaluator(settings, src, _builtin, *([progress] if progress else []))
+    ev.compressed_cost = compressed_cost
     ev.measure_original(model_io.load(src, "hf").module)
     ev.measure_compressed(artifact)
     return ev.sections(), ev
@@ -284,6 +285,13 @@ def test_a_slower_compressed_model_stops_at_the_samples_share(tok_models, change
     assert s["quality"]["samples"] == ev.original.samples == ev.compressed.samples == 9
     # The original's 3 texts the compressed model did not run were spent all the same: counted.
     assert s["quality"]["budget_note"] is None and s["quality"]["seconds"] == {"original": 1.5, "compressed": 3.375}
+    # Told the compressed model's passes cost 3x (the pipeline says 2x for a quantized result),
+    # the original plans what both can run: 0.5 s a pair, 10 texts in the 5 s share, none wasted;
+    # and timed passes for both in the latency share (3 s: 0.125 + 0.375 a pair, 6 runs, cap 5).
+    s, ev = _evaluate(tok_models["gpt2"], changed_gpt2, {**SETTINGS, "budget_s": 10.0}, compressed_cost=3.0)
+    assert s["quality"]["samples"] == ev.original.samples == ev.compressed.samples == 10
+    assert s["quality"]["seconds"] == {"original": 1.25, "compressed": 3.75}
+    assert s["speed"]["runs"] == 5 and s["speed"]["seconds"]["compressed"] == 5 * 0.375
 
 
 def test_plain_tokenizer_gives_autotokenizer_ids(tok_models, tmp_path):

@@ -383,6 +383,7 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     streamed_eval = bool(blocks and enabled and not _fits_twice(original_weight_bytes, ctx.settings))
     # The evaluator reports (note, fraction of its own stage done); each stage maps it into its span.
     evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.02, 0.05))
+    evaluator.compressed_cost = _compressed_cost(steps)
     if blocks and enabled and not streamed_eval:
         # The steps will see the weights on disk; the original is measured whole, then freed.
         t0 = time.perf_counter()
@@ -551,6 +552,14 @@ def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
     return planner.EVAL_WHOLE_HOLD * weight_bytes < avail
 
 
+def _compressed_cost(steps: list[dict[str, Any]]) -> float:
+    """How dear the result's forward pass is against the original's, for the evaluator's counts:
+    a quantized artifact re-quantizes its weights on every pass in transformers."""
+    from app.jobs import plan as planner
+
+    return evaluate.QUANTIZED_FORWARD_COST if planner.quantizes(steps) else 1.0
+
+
 def _evaluate_streamed(ctx: JobContext, evaluator: evaluate.Evaluator, src: Path, fmt: str, out: Path, work: Path,
                        span: tuple[float, float]) -> dict[str, Any]:
     """The report's measurements of a model too large to hold twice: the original and the
@@ -633,6 +642,7 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
         if ctx.cancel_requested():
             return None
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx))
+        evaluator.compressed_cost = _compressed_cost(steps)
         out = work / "out"
         if fmt == "hf":
             with zipfile.ZipFile(artifact) as zf:
@@ -648,6 +658,7 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
         if ctx.cancel_requested():
             return None
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.85, 0.9))
+        evaluator.compressed_cost = _compressed_cost(steps)
         t0 = time.perf_counter()
         if fmt == "hf":
             try:

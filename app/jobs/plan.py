@@ -287,6 +287,11 @@ def _quant_scheme(method: str, params: Mapping[str, Any]) -> tuple[str, int, int
     return None
 
 
+def quantizes(steps: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether a step stores integer weights (compressed-tensors: the result loads decompressed)."""
+    return any(_quant_scheme(s["method"], s.get("params") or {}) is not None for s in steps)
+
+
 def _ignored(name: str, params: Mapping[str, Any]) -> bool:
     module = name.removesuffix(".weight")
     for pat in params.get("ignore") or []:
