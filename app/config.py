@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     # budget (an explicit one is used as given).
     worker_memory_budget_mb: int = Field(default=0, ge=0)
     worker_scratch_budget_mb: int = Field(default=0, ge=0)
+    # Calibrated methods on the block path carry every sample's hidden states from one decoder
+    # block to the next; past this many MB in memory they go to files in the job's scratch folder
+    # (worker/spill.py), read back through the page cache.
+    activation_memory_mb: int = Field(default=1024, ge=0)
     # Per-tenant quotas (0: none). Over one, a request is answered 429 with Retry-After.
     quota_jobs_in_flight: int = Field(default=0, ge=0)  # queued + running jobs of a tenant
     quota_storage_bytes: int = Field(default=0, ge=0)  # models + datasets + artifacts of a tenant

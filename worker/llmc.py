@@ -12,7 +12,10 @@ Module-level imports are stdlib only: the API imports the checks through the met
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -153,13 +156,31 @@ def calibration_dataset(model: Any, ctx: Any, params: CalibrationParams) -> tupl
 def run_oneshot(model: Any, ctx: Any, recipe: list[Any], params: CalibrationParams) -> dict[str, Any]:
     """Calibrate and apply ``recipe`` to ``model.module`` in place, layer by layer."""
     import torch
-    from llmcompressor import oneshot
+
+    from worker.spill import spill_activations
 
     if model.module is None:
         raise ValueError("llm-compressor methods need a transformers model directory (config.json)")
     dataset, info = calibration_dataset(model, ctx, params)
     ctx.step_progress(f"calibrating on {info['calibration_samples']} samples", 0.05)
     t0 = time.perf_counter()
+    settings = getattr(ctx, "settings", None)
+    budget = (settings.activation_memory_mb if settings is not None else 1024) << 20
+    scratch = Path(getattr(ctx, "work_dir", None) or tempfile.gettempdir()) / f"activations-{os.getpid()}"
+    try:
+        with spill_activations(scratch, budget) as spill:
+            _oneshot(model, dataset, recipe, info)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the files were unlinked when mapped: the folder
+    model.module.eval()
+    return {**info, "pipeline": "sequential", "oneshot_seconds": round(time.perf_counter() - t0, 4),
+            "device": str(next(model.module.parameters()).device),
+            "torch_threads": torch.get_num_threads(), **spill.summary()}
+
+
+def _oneshot(model: Any, dataset: Any, recipe: list[Any], info: dict[str, Any]) -> None:
+    from llmcompressor import oneshot
+
     oneshot(
         model=model.module,
         dataset=dataset,
@@ -172,10 +193,6 @@ def run_oneshot(model: Any, ctx: Any, recipe: list[Any], params: CalibrationPara
         output_dir=None,
         log_dir=None,
     )
-    model.module.eval()
-    return {**info, "pipeline": "sequential", "oneshot_seconds": round(time.perf_counter() - t0, 4),
-            "device": str(next(model.module.parameters()).device),
-            "torch_threads": torch.get_num_threads()}
 
 
 def set_quantized_saver(model: Any, method: str) -> None:
