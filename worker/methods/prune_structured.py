@@ -197,17 +197,47 @@ def _parameters(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() counts tied weights once
 
 
-@register("prune.structured", params=PruneStructuredParams, formats=("hf",), check=check)
-def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dict[str, Any]:
-    """Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config."""
+# One layer a module plays a part in: (the module's name, the module, the side of it whose
+# features are the unit's, and group sizes). For a score factor the group size is how many
+# consecutive features make one of the unit's groups; for a cut, the sizes that expand the kept
+# groups into kept features (``ops.expand_groups`` applied in turn).
+_Part = tuple[str, Any, Literal["out", "in"], tuple[int, ...]]
+
+
+@dataclass
+class _Unit:
+    """One layer's prunable groups: a feed-forward block's neurons or an attention block's
+    key-value head groups. The ``remove`` lowest-scoring go, the score being the product of the
+    ``factors``' norms; every layer in ``cuts`` loses the features of the groups that go."""
+
+    kind: Literal["ffn", "heads"]
+    name: str  # the block module's name
+    remove: int
+    factors: list[_Part]
+    cuts: list[_Part]
+
+
+@dataclass
+class _Plan:
+    """What the request does to this model, decided from its structure and config alone (no
+    weight is read): both paths start from it, the in-memory handler on the model, the streaming
+    step on the meta skeleton."""
+
+    layers: int
+    units: list[_Unit]
+    config: dict[str, int]  # the config fields that change, and their new values
+    ffn: tuple[int, int] | None  # (neurons per layer, removed per layer)
+    heads: tuple[_Heads, int] | None  # (layout, key-value groups removed per layer)
+
+
+def _plan(m: Any, params: PruneStructuredParams) -> _Plan:
+    """Every check before the first change (a refusal must not leave a half-pruned model), and
+    the units to prune, FFN blocks first, then attention blocks."""
     from worker.ops import structured as ops
 
-    if model.module is None:
-        raise ValueError("prune.structured needs a transformers model, not a bare state dict")
-    m, cfg = model.module, model.module.config
+    cfg = m.config
     fam = _family(getattr(cfg, "model_type", None))
     n_layers = cfg.num_hidden_layers
-    before = _parameters(m)
     ffn_blocks = _ffn_blocks(m, fam.mlp) if params.ffn > 0 else []
     attn_blocks = _attention_blocks(m) if params.heads > 0 else []
     # Every layer or none: a partial match would leave weights the config no longer describes.
@@ -218,16 +248,22 @@ def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dic
             raise ValueError(f"'heads' is not supported for {cfg.model_type} models")
         if len(attn_blocks) != n_layers:
             raise ValueError(f"found {len(attn_blocks)} attention blocks for {n_layers} layers")
-    work, done = len(ffn_blocks) + len(attn_blocks), 0
-
-    # All checks before the first change: a refusal must not leave a half-pruned model behind.
+    names = {id(mod): name for name, mod in m.named_modules()}
+    units: list[_Unit] = []
+    changes: dict[str, int] = {}
+    ffn = heads = None
     if ffn_blocks:
         n = ops.features(ffn_blocks[0].inputs[0], "out")
         cfg_n = getattr(cfg, fam.ffn_key, None) or (4 * cfg.hidden_size if fam.ffn_key == "n_inner" else None)
         widths = {ops.features(x, "out") for b in ffn_blocks for x in b.inputs} | {ops.features(x, "in") for b in ffn_blocks for x in b.outputs}
         if widths != {n} or cfg_n != n:
             raise ValueError(f"feed-forward widths {sorted(widths)} do not match the config's {fam.ffn_key}={cfg_n}")
-        ffn_remove = _removal(params.ffn, n, "ffn", "feed-forward neurons")
+        remove = _removal(params.ffn, n, "ffn", "feed-forward neurons")
+        for b in ffn_blocks:
+            parts = [(names[id(x)], x, "out", (1,)) for x in b.inputs] + [(names[id(x)], x, "in", (1,)) for x in b.outputs]
+            units.append(_Unit("ffn", b.name, remove, factors=parts, cuts=[(nm, x, side, ()) for nm, x, side, _ in parts]))
+        changes[fam.ffn_key] = n - remove
+        ffn = (n, remove)
     if attn_blocks:
         lay = _head_layout({
             "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
@@ -238,73 +274,101 @@ def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dic
             q, kv = lay.n_heads * lay.head_dim, lay.n_kv * lay.head_dim
             if shapes != (q, kv, kv, q):
                 raise ValueError(f"{name}: q/k/v/o widths {shapes} do not match the config's heads ({(q, kv, kv, q)})")
-        heads_remove = _heads_removal(params.heads, lay, fam)
+        remove = _heads_removal(params.heads, lay, fam)
+        for name, a in attn_blocks:
+            q_rows, kv_rows = (lay.group, lay.head_dim), (lay.head_dim,)
+            units.append(_Unit(
+                "heads", name, remove,
+                factors=[(names[id(a.v_proj)], a.v_proj, "out", (lay.head_dim,)),
+                         (names[id(a.o_proj)], a.o_proj, "in", (lay.group * lay.head_dim,))],
+                cuts=[(names[id(a.q_proj)], a.q_proj, "out", q_rows), (names[id(a.k_proj)], a.k_proj, "out", kv_rows),
+                      (names[id(a.v_proj)], a.v_proj, "out", kv_rows), (names[id(a.o_proj)], a.o_proj, "in", q_rows)],
+            ))
+        kept_kv = lay.n_kv - remove
+        changes["num_attention_heads"] = kept_kv * lay.group
+        changes["num_key_value_heads"] = kept_kv
+        # Explicit: with fewer heads, hidden_size // num_attention_heads is no longer the head size.
+        changes["head_dim"] = lay.head_dim
+        heads = (lay, remove)
+    return _Plan(n_layers, units, changes, ffn, heads)
 
-    ffn_report = None
-    if ffn_blocks:
-        remove = ffn_remove
-        per_layer = {}
-        for b in ffn_blocks:
-            scores = ops.product_scores(
-                [ops.module_norms(x, "out", params.norm) for x in b.inputs]
-                + [ops.module_norms(x, "in", params.norm) for x in b.outputs]
-            )
-            keep = ops.keep_indices(scores, remove)
-            for x in b.inputs:
-                ops.shrink(x, keep, "out")
-            for x in b.outputs:
-                ops.shrink(x, keep, "in")
-            per_layer[b.name] = {"before": n, "after": n - remove}
-            done += 1
-            ctx.step_progress(f"ffn {b.name}", done / work)
-        setattr(cfg, fam.ffn_key, n - remove)
+
+def _norms(module: Any, side: Literal["out", "in"], norm: str, group: int, weight: Any, bias: Any) -> Any:
+    """One factor of a unit's score: the norm of each group of ``side`` features of the layer,
+    from its weight (and bias, which counts on the ``out`` side only: on the ``in`` side it is
+    indexed by the other features). ``weight``/``bias`` are the module's own in memory, the
+    checkpoint's tensors when streaming; ``module`` only says its layout (Linear or Conv1D)."""
+    from worker.ops import structured as ops
+
+    return ops.group_norms(weight, ops.feature_dim(module, side), norm, group, bias if side == "out" else None)  # type: ignore[arg-type]
+
+
+def _keep(norms: list[Any], remove: int) -> Any:
+    """The kept groups (ascending) of a unit from its factors' norms."""
+    from worker.ops import structured as ops
+
+    return ops.keep_indices(ops.product_scores(norms), remove)
+
+
+def _expand(keep: Any, sizes: tuple[int, ...]) -> Any:
+    from worker.ops import structured as ops
+
+    for s in sizes:
+        keep = ops.expand_groups(keep, s)
+    return keep
+
+
+def _metrics(plan: _Plan, params: PruneStructuredParams, keeps: list[Any], before: int, after: int) -> dict[str, Any]:
+    ffn_report = heads_report = None
+    if plan.ffn is not None:
+        n, remove = plan.ffn
         ffn_report = {
             "requested_fraction": params.ffn, "achieved_fraction": remove / n, "removed_per_layer": remove,
-            "neurons_before": n, "neurons_after": n - remove, "per_layer": per_layer,
+            "neurons_before": n, "neurons_after": n - remove,
+            "per_layer": {u.name: {"before": n, "after": n - remove} for u in plan.units if u.kind == "ffn"},
         }
-
-    heads_report = None
-    if attn_blocks:
-        remove = heads_remove
+    if plan.heads is not None:
+        lay, remove = plan.heads
         kept_kv = lay.n_kv - remove
-        per_layer = {}
-        for name, a in attn_blocks:
-            scores = ops.product_scores([
-                ops.module_norms(a.v_proj, "out", params.norm, group_size=lay.head_dim),
-                ops.module_norms(a.o_proj, "in", params.norm, group_size=lay.group * lay.head_dim),
-            ])
-            keep_kv = ops.keep_indices(scores, remove)
-            kv_rows = ops.expand_groups(keep_kv, lay.head_dim)
-            q_rows = ops.expand_groups(ops.expand_groups(keep_kv, lay.group), lay.head_dim)
-            ops.shrink(a.q_proj, q_rows, "out")
-            ops.shrink(a.k_proj, kv_rows, "out")
-            ops.shrink(a.v_proj, kv_rows, "out")
-            ops.shrink(a.o_proj, q_rows, "in")
-            per_layer[name] = {
-                "heads_before": lay.n_heads, "heads_after": kept_kv * lay.group,
-                "kv_heads_before": lay.n_kv, "kv_heads_after": kept_kv,
-                "kept_kv_heads": keep_kv.tolist(),
-            }
-            done += 1
-            ctx.step_progress(f"heads {name}", done / work)
-        cfg.num_attention_heads = kept_kv * lay.group
-        cfg.num_key_value_heads = kept_kv
-        # Explicit: with fewer heads, hidden_size // num_attention_heads is no longer the head size.
-        cfg.head_dim = lay.head_dim
         heads_report = {
             "requested_fraction": params.heads, "achieved_fraction": remove / lay.n_kv,
             "heads_before": lay.n_heads, "heads_after": kept_kv * lay.group,
             "kv_heads_before": lay.n_kv, "kv_heads_after": kept_kv, "head_dim": lay.head_dim,
-            "per_layer": per_layer,
+            "per_layer": {
+                u.name: {"heads_before": lay.n_heads, "heads_after": kept_kv * lay.group,
+                         "kv_heads_before": lay.n_kv, "kv_heads_after": kept_kv, "kept_kv_heads": keep.tolist()}
+                for u, keep in zip(plan.units, keeps, strict=True) if u.kind == "heads"
+            },
         }
-
-    after = _parameters(m)
     return {
         "norm": params.norm,
-        "layers": n_layers,
+        "layers": plan.layers,
         "ffn": ffn_report,
         "heads": heads_report,
         "parameters_before": before,
         "parameters_after": after,
         "parameters_removed_fraction": round((before - after) / before, 6) if before else 0.0,
     }
+
+
+@register("prune.structured", params=PruneStructuredParams, formats=("hf",), check=check)
+def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dict[str, Any]:
+    """Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config."""
+    from worker.ops import structured as ops
+
+    if model.module is None:
+        raise ValueError("prune.structured needs a transformers model, not a bare state dict")
+    m = model.module
+    plan = _plan(m, params)
+    before = _parameters(m)
+    keeps = []
+    for k, u in enumerate(plan.units):
+        keep = _keep([_norms(mod, side, params.norm, group, mod.weight, mod.bias) for _, mod, side, (group,) in u.factors], u.remove)
+        for _, mod, side, sizes in u.cuts:
+            ops.shrink(mod, _expand(keep, sizes), side)
+        keeps.append(keep)
+        if ctx is not None:  # None when called outside a job, as the other handlers allow
+            ctx.step_progress(f"{u.kind} {u.name}", (k + 1) / len(plan.units))
+    for key, value in plan.config.items():
+        setattr(m.config, key, value)
+    return _metrics(plan, params, keeps, before, _parameters(m))
