@@ -161,6 +161,19 @@ class Source(Sequence[torch.Tensor]):
     def target(self, i: int) -> Target | None:
         return self._engine.targets.get(self.names[i])
 
+    def subset(self, indices: Sequence[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(i, tensor)`` for these indices only, in the order given, one at a time as iterating
+        gives them (cancel checks, the next one read ahead, pages released): for a pre-pass that
+        needs some of the tensors its step selects (structured pruning scores ``v_proj`` and
+        ``o_proj`` but shrinks ``q_proj`` and ``k_proj`` too, which it need not read first)."""
+        for k, i in enumerate(indices):
+            if self._engine.canceled is not None and self._engine.canceled():
+                raise _Canceled
+            if k + 1 < len(indices):
+                self._engine.reader.prefetch(self.names[indices[k + 1]])
+            yield i, self._engine.entering(self.names[i], self._index)
+            self._engine.reader.done_with(self.names[i])
+
 
 class Sink:
     """Where output files go, one after the other, each written sequentially."""
