@@ -416,6 +416,156 @@ def test_check_accepts():
 
 
 # ---------------------------------------------------------------------------------------------
+# (b2) the streaming form (worker/stream): the model is never built, the artifact is the same
+
+
+# The config fields the method changes: both paths must write them alike.
+CHANGED = ("n_inner", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim")
+
+
+def _stream_case(tmp_path: Path, src: Path, steps: list[tuple[str, dict]]):
+    """The in-memory path (handlers + model_io.save) and the streaming engine on the same
+    checkpoint: every tensor's bytes equal, the changed config fields equal, and the step
+    metrics, parameter counts, sparsity and in-memory size of the result equal."""
+    import json
+
+    from tests.test_stream import _same, _specs, _stream
+    from worker import evaluate, pipeline
+    from worker.methods import validate_steps
+
+    validate_steps([{"method": m, "params": p} for m, p in steps])  # a recipe a job may have
+    loaded = model_io.load(src, "hf")
+    wres = [spec.handler(loaded, params, _Ctx()) for spec, params in _specs(steps)]
+    counts = evaluate.parameter_counts(loaded.module, loaded.state)
+    sparsity = pipeline._sparsity(loaded, counts)
+    memory = loaded.notes.get("memory_bytes") or pipeline._memory_bytes(loaded)
+    model_io.save(loaded, tmp_path / "whole", {"modelpress_manifest": 1, "test": True})
+    sres = _stream(src, "hf", steps, tmp_path / "stream")
+
+    _same(tmp_path / "whole", tmp_path / "stream")
+    ca = json.loads((tmp_path / "whole" / "config.json").read_text())
+    cb = json.loads((tmp_path / "stream" / "config.json").read_text())
+    for key in (*CHANGED, "quantization_config", "dtype"):
+        assert ca.get(key) == cb.get(key), key
+    assert sres.step_metrics[0] == wres[0]  # prune.structured's: no float sums, all exact
+    assert sres.parameters == counts and sres.sparsity == sparsity
+    if all(m != "quantize.cast" for m, _ in steps):
+        # (After quantize.cast the in-memory module holds its rotary inv_freq buffer in the new
+        # dtype, the stream counts it as transformers loads it, float32: 32 bytes apart on this
+        # Llama with or without prune.structured.)
+        assert sres.memory_bytes == memory
+    return wres, sres, cb
+
+
+def _qwen2(tmp_path: Path) -> Path:
+    """q/k/v with biases: the bias entries go with their rows, v_proj's counts in the score."""
+    import transformers as tf
+
+    torch.manual_seed(4)
+    d = tmp_path / "qwen2-src"
+    tf.Qwen2ForCausalLM(_config("qwen2")).save_pretrained(d)
+    return d
+
+
+STREAM_CASES = [
+    ("gpt2", [("prune.structured", {"ffn": 0.5})]),  # Conv1D: c_fc's columns, c_proj's rows
+    ("gpt2", [("prune.structured", {"ffn": 0.25, "norm": "l1"})]),
+    ("bert", [("prune.structured", {"ffn": 0.5})]),
+    ("llama", [("prune.structured", {"ffn": 0.25, "heads": 0.5})]),  # 4 heads over 2 key-value heads
+    ("llama", [("prune.structured", {"heads": 0.5})]),
+    ("qwen2", [("prune.structured", {"ffn": 0.5, "heads": 0.25})]),  # 8 heads over 4 key-value heads, biases
+    # Fused: each tensor read once, shrunk, quantized, written once.
+    ("llama", [("prune.structured", {"ffn": 0.5, "heads": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})]),
+    ("llama", [("prune.structured", {"ffn": 0.5}), ("quantize.cast", {"dtype": "bfloat16"})]),
+    # A step before it: the scores must see the weights as that step leaves them (two passes).
+    ("llama", [("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}), ("prune.structured", {"ffn": 0.5})]),
+]
+
+
+@pytest.mark.parametrize("small_chunks", [False, True], ids=["one-chunk", "3-row-chunks"])
+@pytest.mark.parametrize(("model", "steps"), STREAM_CASES,
+                         ids=[f"{m}-" + "+".join(f"{s[0]}{s[1]}" for s in st) for m, st in STREAM_CASES])
+def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, small_chunks):
+    from worker import stream as engine
+
+    if small_chunks:
+        # Row chunks of 3 rows (hidden 32 or 64): the kept rows of a chunk are offsets from its
+        # first row, and many chunks keep none of theirs.
+        monkeypatch.setattr(engine, "CHUNK_BYTES", 1000)
+    src = _qwen2(tmp_path) if model == "qwen2" else tiny[model]
+    _, sres, cfg = _stream_case(tmp_path, src, steps)
+    metrics = sres.step_metrics[[m for m, _ in steps].index("prune.structured")]
+    assert metrics["parameters_after"] < metrics["parameters_before"]
+    if model == "gpt2":
+        assert cfg["n_inner"] == metrics["ffn"]["neurons_after"] and metrics["ffn"]["neurons_before"] == 256
+    if "heads" in steps[0][1]:
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (metrics["heads"]["heads_after"], metrics["heads"]["kv_heads_after"])
+
+
+def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
+    """The registry gives the method a streaming form (so a job of data-free steps with it takes
+    the stream path), and its pre-pass reads only the weights it scores, once each."""
+    from worker import methods
+    from worker import stream as engine
+    from worker.stream import shards
+    from worker.stream.sinks import ZipSink
+
+    spec = methods.get("prune.structured")
+    assert spec.stream is not None
+    reads: list[str] = []
+    orig = shards.ShardReader.tensor
+    sink = ZipSink(tmp_path / "a.zip")
+    try:
+        shards.ShardReader.tensor = lambda self, name: (reads.append(name), orig(self, name))[1]
+        engine.run(tiny["llama"], "hf", [spec.stream(spec.params.model_validate({"heads": 0.5}), None)], sink,
+                   extra_files=[], manifest={})
+    finally:
+        shards.ShardReader.tensor = orig
+        sink.abort()
+    scored = {n for n in reads if reads.count(n) == 2}
+    # v_proj and o_proj are read by the pre-pass and again by the pass that writes them; q_proj
+    # and k_proj, shrunk but not scored, only by the writing pass.
+    assert scored == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in "vo"}
+    assert all(reads.count(n) == 1 for n in reads if n not in scored)
+
+
+def test_streamed_refusals_and_fallback(tiny, tmp_path):
+    """The plan's checks refuse as the in-memory handler does (before anything is written); a
+    checkpoint the streaming form cannot express (a bias the module has, missing from the
+    shards) raises NotStreamable, so the job runs in memory instead."""
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    from worker import methods
+    from worker import stream as engine
+    from worker.stream.sinks import ZipSink
+
+    spec = methods.get("prune.structured")
+
+    def run(src: Path, params: dict) -> None:
+        sink = ZipSink(tmp_path / "out.zip")
+        try:
+            engine.run(src, "hf", [spec.stream(spec.params.model_validate(params), None)], sink, extra_files=[], manifest={})
+        finally:
+            sink.abort()
+        assert not (tmp_path / "out.zip").exists()
+
+    llama8 = tmp_path / "llama8"
+    tf.LlamaForCausalLM(_config("llama")).save_pretrained(llama8)  # 8 heads over 4 groups, hidden 64
+    with pytest.raises(ValueError, match=r"possible 'heads' values: \[0\.5, 0\.75\]"):
+        run(llama8, {"ffn": 0.5, "heads": 0.25})
+    with pytest.raises(engine.NotStreamable, match=r"transformer\.h\.0\.mlp\.c_fc\.bias is not a tensor of the checkpoint"):
+        no_bias = tmp_path / "gpt2-no-bias"
+        no_bias.mkdir()
+        for p in tiny["gpt2"].iterdir():
+            (no_bias / p.name).write_bytes(p.read_bytes())
+        sd = load_file(str(no_bias / "model.safetensors"))
+        del sd["transformer.h.0.mlp.c_fc.bias"]
+        save_file(sd, str(no_bias / "model.safetensors"), metadata={"format": "pt"})
+        run(no_bias, {"ffn": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------
 # (c) through the API: real processes
 
 
@@ -444,6 +594,8 @@ def test_api_round_trip(stack, tiny, tmp_path, model, params):
     assert r.json()["steps"][0]["params"] == {"ffn": 0.0, "heads": 0.0, "norm": "l2", **params}
     job = wait_job(c, r.json()["id"])
     assert job["status"] == "succeeded", job
+    # Data-free: the worker streams the checkpoint rather than building the model.
+    assert job["metrics"]["engine"]["path"] == "stream"
     step = job["metrics"]["steps"][0]
     assert step["method"] == "prune.structured"
     assert step["parameters_after"] < step["parameters_before"] == m["parameters"]

@@ -265,7 +265,8 @@ def test_not_streamable_when_checkpoint_names_differ(tmp_path):
 
 def test_every_data_free_method_streams_and_the_others_do_not():
     streams = {n for n, s in methods.load_all().items() if s.stream is not None}
-    assert streams == {"quantize.cast", "quantize.weight_only", "quantize.fixed_point", "quantize.dynamic_int8", "prune.magnitude"}
+    assert streams == {"quantize.cast", "quantize.weight_only", "quantize.fixed_point", "quantize.dynamic_int8", "prune.magnitude",
+                       "prune.structured"}  # data-free too: its equality is tested in tests/test_prune_structured.py
 
 
 @pytest.mark.parametrize("steps", [

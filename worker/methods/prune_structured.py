@@ -39,11 +39,21 @@ Supported: FFN of ``gpt2`` (``Conv1D``, config ``n_inner``), ``bert`` and ``robe
 for Llama only the head counts that divide it are possible; the 422 lists the fractions that are.
 Anything else (heads on BERT/GPT-2, other model types, a bare state dict) is refused at submit.
 
+Streaming (``MethodSpec.stream``, worker/stream): the job never builds the model. The plan
+(``_plan``: which layers, how many go, the checks and the config fields) is made on the meta
+skeleton by the same code as in memory; a pre-pass reads the scored weights once each and keeps
+only their norms; the write pass copies each row chunk's kept rows or columns. The scores and
+indices come from the same functions (``_norms``, ``_keep``, ``_expand``) on the same values, so
+the artifact is the in-memory one bit for bit (tests/test_prune_structured.py). The step starts a
+pass of its own (its scores must see what earlier steps made of the weights); steps after it in
+the pass (e.g. ``quantize.weight_only``) get the smaller tensors.
+
 Example: ``{"method": "prune.structured", "params": {"ffn": 0.5, "heads": 0.25}}``
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -351,7 +361,125 @@ def _metrics(plan: _Plan, params: PruneStructuredParams, keeps: list[Any], befor
     }
 
 
-@register("prune.structured", params=PruneStructuredParams, formats=("hf",), check=check)
+def _stream(params: PruneStructuredParams, ctx: Any) -> Any:
+    return _stream_step_class()(params)
+
+
+@functools.cache
+def _stream_step_class() -> type:
+    """The streaming form's class, made on first use: its base (worker.stream) imports torch,
+    which this module must not at import time (the API imports the method registry)."""
+    import torch
+
+    from worker.ops import structured as ops
+    from worker.stream import NotStreamable, Source, StreamStep, Target, TensorSpec
+
+    class PruneStructuredStep(StreamStep):
+        """prune.structured without building the model (see the module docstring for the math).
+
+        ``bind`` makes the plan on the meta skeleton (the same ``_plan`` as the in-memory
+        handler, so the same checks and refusals) and from it every shrunk tensor's new shape:
+        the weights and ``out``-side biases of every layer a unit cuts. ``prepare`` reads the
+        scored weights once (FFN inputs and outputs, ``v_proj`` and ``o_proj``), keeps only their
+        per-feature norms, and picks the kept features with the same ``_norms``/``_keep`` as the
+        handler. ``rows`` then copies the kept rows of each row chunk (features along dim 0:
+        Linear inputs, q/k/v, biases, Conv1D ``c_proj``) or the kept columns of it (along dim 1:
+        ``down_proj``/``o_proj``/``output.dense``, Conv1D ``c_fc``): ``index_select`` as
+        ``ops.shrink`` does, so the result is bit for bit the in-memory one."""
+
+        # The scores must see the weights as the steps before leave them (a per-layer magnitude
+        # prune's values exist only while its tensor streams): a pass of its own starts here.
+        needs_prepass = True
+
+        def __init__(self, params: PruneStructuredParams) -> None:
+            self.params = params
+            self.plan: _Plan | None = None
+            # Per shrunk tensor: (the dim its features are on, its shape before and after, the
+            # unit, the expansion from kept groups to kept features).
+            self.cuts: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = {}
+            self.index: dict[str, torch.Tensor] = {}
+            self.keeps: list[torch.Tensor] = []
+            self.before = 0
+            self.removed = 0
+            self.notes = {}
+
+        def bind(self, skeleton: Any, targets: dict[str, Target]) -> None:
+            if skeleton is None:
+                raise ValueError("prune.structured needs a transformers model, not a bare state dict")
+            self.plan = _plan(skeleton, self.params)
+            self.before = _parameters(skeleton)
+            shared: dict[int, list[str]] = {}
+            for name, p in skeleton.named_parameters(remove_duplicate=False):
+                shared.setdefault(id(p), []).append(name)
+            for k, u in enumerate(self.plan.units):
+                for name, mod, side, sizes in u.cuts:
+                    dim = ops.feature_dim(mod, side)
+                    kept = mod.weight.shape[dim] - u.remove * math.prod(sizes)
+                    tensors = [("weight", dim)] + ([("bias", 0)] if side == "out" and mod.bias is not None else [])
+                    for attr, d in tensors:
+                        p = getattr(mod, attr)
+                        key = f"{name}.{attr}"
+                        if len(shared[id(p)]) > 1 or key in self.cuts:
+                            # Tied to another module, or cut by two units: the streaming form
+                            # shrinks each stored tensor once, for one layer.
+                            raise NotStreamable(f"prune.structured: {key} is shared ({shared[id(p)]})")
+                        shape = tuple(p.shape)
+                        self.cuts[key] = (d, shape, shape[:d] + (kept,) + shape[d + 1:], k, sizes)
+                        self.removed += p.numel() - math.prod(self.cuts[key][2])
+
+        def select(self, spec: TensorSpec, target: Target | None) -> bool:
+            return spec.name in self.cuts
+
+        def out_shape(self, spec: TensorSpec, target: Target | None) -> tuple[int, ...]:
+            return self.cuts[spec.name][2] if spec.name in self.cuts else spec.shape
+
+        def prepare(self, source: Source) -> None:
+            assert self.plan is not None
+            at = {n: i for i, n in enumerate(source.names)}
+            for key, (_, shape, _, _, _) in self.cuts.items():
+                if key not in at:
+                    raise NotStreamable(f"prune.structured: {key} is not a tensor of the checkpoint")
+                if source.spec(at[key]).shape != shape:
+                    raise NotStreamable(f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the module")
+            # The scored weights, read once each in checkpoint order; only their norms are kept.
+            # Their biases (a few KB) are read first: a bias is part of its feature's vector.
+            factor_of: dict[str, list[tuple[int, int]]] = {}
+            for k, u in enumerate(self.plan.units):
+                for j, (name, _, _, _) in enumerate(u.factors):
+                    factor_of.setdefault(f"{name}.weight", []).append((k, j))
+            biases = {n: source[at[n]].clone() for n in self.cuts if n.endswith(".bias")}
+            norms: dict[tuple[int, int], torch.Tensor] = {}
+            for i, w in source.subset(sorted(at[n] for n in factor_of)):
+                for k, j in factor_of[source.names[i]]:
+                    name, mod, side, (group,) = self.plan.units[k].factors[j]
+                    norms[k, j] = _norms(mod, side, self.params.norm, group, w, biases.get(f"{name}.bias"))
+                del w
+            self.keeps = [_keep([norms[k, j] for j in range(len(u.factors))], u.remove) for k, u in enumerate(self.plan.units)]
+            for key, (_, _, _, k, sizes) in self.cuts.items():
+                self.index[key] = _expand(self.keeps[k], sizes)
+
+        def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+            dim = self.cuts[spec.name][0]
+            index = self.index[spec.name]
+            if dim == 1:
+                return x.index_select(1, index)
+            # The kept features that fall in this chunk's rows r0 .. r0 + len(x) (ascending:
+            # two binary searches), as offsets into the chunk. A chunk may keep none of its rows.
+            a, b = (int(v) for v in torch.searchsorted(index, torch.tensor([r0, r0 + x.shape[0]])))
+            return x.index_select(0, index[a:b] - r0)
+
+        def update_config(self, config: dict[str, Any]) -> None:
+            assert self.plan is not None
+            config.update(self.plan.config)
+
+        def metrics(self) -> dict[str, Any]:
+            assert self.plan is not None
+            return _metrics(self.plan, self.params, self.keeps, self.before, self.before - self.removed)
+
+    return PruneStructuredStep
+
+
+@register("prune.structured", params=PruneStructuredParams, formats=("hf",), check=check, stream=_stream)
 def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dict[str, Any]:
     """Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config."""
     from worker.ops import structured as ops
