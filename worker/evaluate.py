@@ -143,8 +143,9 @@ MIN_WARMUP = 1  # untimed passes before timing, when no sample pass has warmed t
 FIDELITY_MATH = 3.0  # the compressed model's per-sample math (NLL, KL, cosine) ~ this many NLLs
 # A quantized artifact's forward pass against the original's (Evaluator.compressed_cost, set by
 # the pipeline when a step quantizes): transformers runs compressed-tensors' weights decompressed
-# and re-quantizes them on every pass. 128-token passes of Gemma 3 270M on the development
-# machine: 258 vs 127 ms idle, 1.9-4.3 s vs 0.8-1.2 s at load average 5.
+# and re-quantizes them on every pass. 128-token passes of Gemma 3 270M (4-bit) on the
+# development machine: 258 vs 127 ms idle; at load average 4-8 the medians swung between 0.15
+# and 10.5 s, the compressed model's the slower in 9 of 14 runs.
 QUANTIZED_FORWARD_COST = 2.0
 
 
