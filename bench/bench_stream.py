@@ -134,6 +134,11 @@ class AnonSampler(threading.Thread):
         self.peak_at = 0.0
         self.samples = 0
         self.timeline: list[tuple[float, int]] = []  # (s since start, max single-process anon)
+        # The job's progress stage as the bench last polled it (every 0.5 s: a stage's first samples
+        # may count under the previous one), and the peak under each: a calibrated job's save is
+        # seconds at the end of an hour, which the one-second timeline may sample once or not at all.
+        self.stage = ""
+        self.stage_peaks: dict[str, int] = {}
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -157,6 +162,8 @@ class AnonSampler(threading.Thread):
                     one = anon
                 if anon > self.peak_one:
                     self.peak_one, self.peak_pid, self.peak_at = anon, pid, now - t0
+            if self.stage:
+                self.stage_peaks[self.stage] = max(self.stage_peaks.get(self.stage, 0), one)
             self.peak_sum = max(self.peak_sum, total)
             self.samples += 1
             if not self.timeline or now - t0 - self.timeline[-1][0] >= 1.0:
@@ -258,6 +265,7 @@ class Result:
     load_before: float = 0.0
     load_after: float = 0.0
     timeline: list = dataclasses.field(default_factory=list)
+    stage_peaks: dict = dataclasses.field(default_factory=dict)  # progress stage -> peak single-process anon
 
 
 def _ts(value: str) -> float:
@@ -291,6 +299,7 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
     deadline = time.monotonic() + args.timeout
     while True:
         job = http.get(f"/v1/jobs/{job_id}").json()
+        sampler.stage = job["progress"]["stage"]
         if job["status"] in TERMINAL:
             break
         prog = f"{job['status']} {job['progress']['stage']} {job['progress']['fraction']:.2f}"
@@ -305,6 +314,7 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
             # The memory seen so far is still a measurement (a calibrated job may take hours here).
             res.peak_anon, res.peak_sum, res.peak_file = sampler.peak_one, sampler.peak_sum, sampler.peak_file
             res.peak_at, res.samples, res.timeline = sampler.peak_at, sampler.samples, sampler.timeline
+            res.stage_peaks = dict(sampler.stage_peaks)
             res.client_s = time.perf_counter() - t0
             res.status, res.error = "timeout", f"not finished after {args.timeout} s (cancel sent; at: {last})"
             return res
@@ -316,6 +326,7 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
     res.error = json.dumps(job.get("error")) if job.get("error") else None
     res.peak_anon, res.peak_sum, res.peak_file = sampler.peak_one, sampler.peak_sum, sampler.peak_file
     res.peak_at, res.samples, res.timeline = sampler.peak_at, sampler.samples, sampler.timeline
+    res.stage_peaks = dict(sampler.stage_peaks)
     if job.get("started_at") and job.get("finished_at"):
         res.wall_s = _ts(job["finished_at"]) - _ts(job["started_at"])
     metrics = job.get("metrics") or {}
@@ -553,6 +564,9 @@ def report(args: argparse.Namespace, results: list[Result], input_bytes: int, up
                   f"{act / GiB:.3f} ({args_len['num_samples']} x {args_len['max_length']} x {shape.hidden} x "
                   f"{itemsize} B) + 1 GiB = {lim / GiB:.2f} GiB {'PASS' if r.peak_anon <= lim else 'FAIL'}"
                   + ("" if shape.layers >= 16 and input_bytes >= 2e9 else "  [the target is for >= 2 GB, >= 16 blocks]"))
+            by_stage = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.stage_peaks.items() if k in ("loading", "saving", "storing")
+                                 or k.startswith("step"))
+            print(f"  gptq: peak anon by stage (GiB; stages as polled every 0.5 s): {by_stage}")
         elif r.status != "succeeded":
             print(f"  {r.name}: {r.status}")
 
