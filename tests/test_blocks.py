@@ -99,17 +99,21 @@ CALIBRATED = {
 }
 
 
-@pytest.fixture(scope="module")
-def tied_llama(tmp_path_factory) -> Path:
-    """A Llama whose LM head is its input embedding (tie_word_embeddings): saved once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tied_model(request, tmp_path_factory) -> Path:
+    """A model whose LM head is its input embedding (tie_word_embeddings), saved once: a Llama, and a
+    Qwen2 (biases on q/k/v_proj, which the compressor carries next to the packed weight)."""
+    import transformers
 
     from tests.tokenizer_util import _special_ids, save_with_tokenizer, vocab
 
     torch.manual_seed(1)
-    cfg = LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-                      vocab_size=len(vocab()), max_position_embeddings=64, tie_word_embeddings=True, **_special_ids())
-    return save_with_tokenizer(LlamaForCausalLM(cfg), tmp_path_factory.mktemp("tied") / "llama")
+    prefix = {"llama": "Llama", "qwen2": "Qwen2"}[request.param]
+    cfg = getattr(transformers, f"{prefix}Config")(
+        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(vocab()), max_position_embeddings=64, tie_word_embeddings=True, **_special_ids())
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg)
+    return save_with_tokenizer(model, tmp_path_factory.mktemp("tied") / request.param)
 
 
 def _skip_without_accelerator(method: str) -> None:
@@ -130,12 +134,14 @@ def test_block_save_equals_whole_save(llama, tmp_path, method, shard):
 
 
 @pytest.mark.parametrize("method", ["gptq", "wanda"])
-def test_block_save_equals_whole_save_tied(tied_llama, tmp_path, method):
+def test_block_save_equals_whole_save_tied(tied_model, tmp_path, method):
     """Tied embeddings: both paths write the table once, under the same name."""
-    _save_both(tied_llama, tmp_path, CALIBRATED[method], model_io.DEFAULT_SHARD_BYTES)
+    _save_both(tied_model, tmp_path, CALIBRATED[method], model_io.DEFAULT_SHARD_BYTES)
     tensors, config = _artifact(tmp_path / "blocks")
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
     assert config["tie_word_embeddings"] is True
+    if tied_model.name == "qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in tensors
 
 
 def _save_both(src: Path, tmp_path: Path, steps: list[tuple[str, dict]], shard: int) -> None:
