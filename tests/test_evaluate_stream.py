@@ -120,10 +120,21 @@ def test_weights_on_disk_follow_the_budget_and_progress(tok_models, llama_int4, 
 
 
 def test_the_artifact_loads_with_its_weights_on_disk(llama_int4, tmp_path):
-    module = evaluate._load_offloaded_artifact(llama_int4, tmp_path / "off")
+    off = tmp_path / "off"
+    module = evaluate._load_offloaded_artifact(llama_int4, off)
     assert model_io.is_offloaded(module)
-    # Decompressed layer by layer into the offload folder, not held in memory.
-    assert any((tmp_path / "off").iterdir())
+
+    def written() -> int:
+        return sum(p.stat().st_size for p in off.iterdir() if p.is_file() and not p.is_symlink())
+
+    # Loaded, the offload folder only links to the artifact's files; the first pass decompresses
+    # the packed layers, and their float weights go to the folder (scratch), not to memory.
+    assert written() == 0
+    with torch.inference_mode():
+        module(input_ids=torch.tensor([[5, 6, 7, 8]]))
+    packed = [m for m in module.modules() if "weight_shape" in m._parameters]
+    assert packed
+    assert written() >= sum(int(m.weight_shape.prod()) for m in packed) * 4  # float32 here
 
 
 # -- through the pipeline (worker/pipeline._execute, as a worker runs it, minus the job's database) --

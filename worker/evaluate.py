@@ -117,8 +117,8 @@ STREAMED_SPEED_REASON = (
 
 def _load_offloaded_artifact(artifact_dir: Path, offload_dir: Path) -> torch.nn.Module:
     """The artifact as transformers loads it, every weight on disk (compressed-tensors' disk
-    offload, as model_io.load does for the original): quantized layers are decompressed into
-    ``offload_dir`` as they load, one at a time."""
+    offload, as model_io.load does for the original): the folder links to the artifact's files,
+    and its first pass decompresses the quantized layers into it, one at a time."""
     from compressed_tensors.offload import load_offloaded_model
     from transformers import AutoConfig
 
@@ -561,8 +561,8 @@ class Evaluator:
     def measure_side_by_side(self, original: torch.nn.Module | None, artifact_dir: Path, offload_dir: Path) -> None:
         """For a model too large to hold twice: ``original`` was loaded with its weights on disk
         (model_io.load with an offload folder), and the artifact is loaded the same way
-        (compressed-tensors' disk offload; its integer weights are decompressed into
-        ``offload_dir``, not into memory). Every forward pass onloads one module at a time, so
+        (compressed-tensors' disk offload: the folders link to the models' files; the artifact's
+        integer layers are decompressed on its first pass into ``offload_dir``, not into memory). Every forward pass onloads one module at a time, so
         the process holds about one layer of each model, plus one text's outputs of each.
 
         Each text goes through the original, then the compressed model, and is compared at once:

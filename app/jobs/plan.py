@@ -440,7 +440,9 @@ def compute(
     else:
         scratch = artifact + (artifact if fmt == "hf" else 0)
     if mode == "streamed":
-        # The artifact's weights, decompressed into its offload folder as it loads.
+        # The artifact's quantized layers, decompressed into its offload folder on the first pass
+        # (the offload folders otherwise link to the files). An upper bound: layers left in float
+        # (the embedding) are not written; Gemma 3 270M: 195 MB written, 536 MB counted.
         scratch += float_bytes
     scratch += input_bytes if input_on_scratch else 0
     if not input_on_scratch:
