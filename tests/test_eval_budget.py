@@ -308,10 +308,14 @@ def test_plain_tokenizer_gives_autotokenizer_ids(tok_models, tmp_path):
             b = plain(text, truncation=True, max_length=max_length, return_tensors="pt")
             assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a), (text, max_length)
     # A setting that changes how transformers encodes (or a model-specific class): AutoTokenizer.
-    for extra in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}):
+    for extra in ({"add_bos_token": True}, {"tokenizer_class": "LlamaTokenizer"}, {"tokenizer_class": None}):
         other = tmp_path / f"tok-{len(list(tmp_path.iterdir()))}"
         other.mkdir()
         shutil.copy(src / "tokenizer.json", other / "tokenizer.json")
         cfg = json.loads((src / "tokenizer_config.json").read_text())
         (other / "tokenizer_config.json").write_text(json.dumps({**cfg, **extra}))
         assert evaluate._plain_tokenizer(other) is None
+    bare = tmp_path / "no-config"
+    bare.mkdir()
+    shutil.copy(src / "tokenizer.json", bare / "tokenizer.json")
+    assert evaluate._plain_tokenizer(bare) is None  # AutoTokenizer would pick a class from config.json

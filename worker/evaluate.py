@@ -154,8 +154,9 @@ QUANTIZED_FORWARD_COST = 2.0
 _ENCODING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "do_lower_case", "legacy",
                   "model_input_names", "clean_up_tokenization_spaces_on_encode", "auto_map")
 # transformers 5's generic class: it encodes with tokenizer.json's pipeline unchanged and returns
-# input_ids and attention_mask. Model-specific classes may build their own pipeline.
-_PLAIN_CLASSES = (None, "TokenizersBackend")
+# input_ids and attention_mask. Model-specific classes may build their own pipeline, and without a
+# tokenizer_class (or a tokenizer_config.json) AutoTokenizer picks one from the model's type.
+_PLAIN_CLASSES = ("TokenizersBackend",)
 
 
 class _PlainTokenizer:
@@ -190,7 +191,7 @@ def _plain_tokenizer(src_dir: Path) -> _PlainTokenizer | None:
         return None
     cfg_path = src_dir / "tokenizer_config.json"
     try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(cfg, dict) or cfg.get("tokenizer_class") not in _PLAIN_CLASSES:
