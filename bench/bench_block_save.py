@@ -7,7 +7,7 @@ model_io.save runs on the block path) against llm-compressor's save_pretrained o
 
 The result is quantized W4A16 (groups of 128, LM head ignored) by llm-compressor's
 QuantizationModifier on its data-free pipeline: round-to-nearest stands in for GPTQ's calibration
-(hours on 2 CPU cores at this size), and the save sees what it sees after GPTQ: the same modules,
+(40-50 minutes on these 2 shared cores at this size), and the save sees what it sees after GPTQ: the same modules,
 schemes and pack-quantized format. For each save: anonymous memory (RssAnon, worker/memory.py's
 PeakMemory, sampled every 20 ms) above the baseline taken just before it, after returning the heap's
 free pages to the system (malloc_trim), so that memory freed earlier and reused does not hide what
