@@ -261,11 +261,6 @@ def save_compressed(loaded: Any, out_dir: Path, max_shard_size: int) -> None:
 # --- saving a disk-offloaded model module by module (the block path) -------------------------------
 
 
-class NotStreamableSave(Exception):
-    """This offloaded model cannot be saved module by module (model_io.save then uses the gathering
-    save_pretrained, as before); the message says why."""
-
-
 def offloaded_save_refusal(model: Any) -> str | None:
     """Why :func:`save_offloaded` cannot write ``model`` exactly as llm-compressor's
     ``save_pretrained`` would, or None. Checked before anything is written."""
@@ -328,8 +323,9 @@ def save_offloaded(model: Any, out_dir: Path, max_shard_size: int) -> None:
     wrapper does (``compress_model`` + transformers' ``save_pretrained`` + its config rewrites), but
     one module at a time: a module's tensors are onloaded from the offload files, compressed by the
     compressor class ``compress_module`` would use, written into the shard being filled, and
-    dropped. The wrapper instead compresses the whole model and lets transformers gather it, about
-    the model's size in memory.
+    dropped. The wrapper instead compresses the whole model in place and lets transformers gather
+    each output shard in memory (measured: 0.07-0.96x the model, depending on the run and on how
+    many shards it makes; this writer: one module and one embedding table at a time).
 
     Every output tensor's name, dtype and shape is found first without reading a weight: the
     compressor runs on the offloaded ``meta`` tensors. So each shard's safetensors header is written
