@@ -35,6 +35,7 @@ from worker import evaluate, limits, memory, methods, model_io, stream
 log = logging.getLogger("modelpress.worker")
 
 model_io.preload()
+memory.return_freed_memory()
 
 # Output shard size when an offloaded (block path) model is saved: save_pretrained gathers one
 # shard's tensors in memory before writing it.

@@ -23,7 +23,6 @@ Steps see row chunks and must not modify their input in place (it may be the rea
 from __future__ import annotations
 
 import json
-import queue
 import shutil
 import threading
 import time
@@ -299,46 +298,66 @@ class _Background:
     everything queued before it is written. The first error is raised by the next ``write``,
     ``then`` or ``close`` in the caller's thread (a full disk ends the job as it did before)."""
 
-    DEPTH = 8  # chunks in flight: each at most a row chunk (~32 MB) or a view of the input's pages
+    # Bytes queued at most (one more buffer is always accepted when the queue is empty): enough
+    # to keep the writer busy while the next chunk is computed, and what the memory plan counts
+    # (app/jobs/plan.py); computed chunks are fresh tensors, so each queued one is memory held.
+    MAX_QUEUED = 16 << 20
 
     def __init__(self, w: Any) -> None:
         self._w = w
-        self._q: queue.Queue[Any] = queue.Queue(self.DEPTH)
+        self._items: list[Any] = []
+        self._queued = 0
+        self._cv = threading.Condition()
         self._error: BaseException | None = None
+        self._closing = False
         self._thread = threading.Thread(target=self._run, name="stream-writer", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drain: the caller learns of the error at its next call
+            with self._cv:
+                while not self._items and not self._closing:
+                    self._cv.wait()
+                if not self._items:
+                    return
+                item, size = self._items.pop(0)
             try:
-                if callable(item):
-                    item()
-                else:
-                    self._w.write(item)
+                if self._error is None:  # after an error: drain, the caller learns of it at its next call
+                    if callable(item):
+                        item()
+                    else:
+                        self._w.write(item)
             except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
                 self._error = e
+            with self._cv:
+                self._queued -= size
+                self._cv.notify_all()
 
     def _raise(self) -> None:
         if self._error is not None:
             raise self._error
 
-    def write(self, b: Any) -> None:
+    def _put(self, item: Any, size: int) -> None:
         self._raise()
-        self._q.put(b)
+        with self._cv:
+            while self._queued and self._queued + size > self.MAX_QUEUED:
+                self._cv.wait()
+            self._items.append((item, size))
+            self._queued += size
+            self._cv.notify_all()
+
+    def write(self, b: Any) -> None:
+        self._put(b, memoryview(b).nbytes)
 
     def then(self, fn: Callable[[], None]) -> None:
-        self._raise()
-        self._q.put(fn)
+        self._put(fn, 0)
 
     def close(self) -> None:
         """Wait for everything queued, then close the file (also after an error, so that nothing
         is left writing; the first error is raised)."""
-        self._q.put(None)
+        with self._cv:
+            self._closing = True
+            self._cv.notify_all()
         self._thread.join()
         try:
             self._w.close()
