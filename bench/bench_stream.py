@@ -266,6 +266,7 @@ class Result:
     load_after: float = 0.0
     timeline: list = dataclasses.field(default_factory=list)
     stage_peaks: dict = dataclasses.field(default_factory=dict)  # progress stage -> peak single-process anon
+    plan_peak: int = 0  # the job's plan (app/jobs/plan.py): peak memory, baseline included
 
 
 def _ts(value: str) -> float:
@@ -323,6 +324,7 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
     res.load_after = os.getloadavg()[0]
     sampler.stop()
     res.status = job["status"]
+    res.plan_peak = int((job.get("plan") or {}).get("peak_memory_bytes") or 0)
     res.error = json.dumps(job.get("error")) if job.get("error") else None
     res.peak_anon, res.peak_sum, res.peak_file = sampler.peak_one, sampler.peak_sum, sampler.peak_file
     res.peak_at, res.samples, res.timeline = sampler.peak_at, sampler.samples, sampler.timeline
@@ -567,6 +569,10 @@ def report(args: argparse.Namespace, results: list[Result], input_bytes: int, up
             by_stage = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.stage_peaks.items() if k in ("loading", "saving", "storing")
                                  or k.startswith("step"))
             print(f"  gptq: peak anon by stage (GiB; stages as polled every 0.5 s): {by_stage}")
+        if r.plan_peak and r.peak_anon:
+            ratio = r.plan_peak / r.peak_anon
+            print(f"  {r.name}: plan's peak {r.plan_peak / GiB:.2f} GiB / measured {r.peak_anon / GiB:.2f} GiB = {ratio:.2f} "
+                  f"(within +-30 %: {'PASS' if 0.7 <= ratio <= 1.3 else 'FAIL'})")
         elif r.status != "succeeded":
             print(f"  {r.name}: {r.status}")
 

@@ -37,8 +37,9 @@ log = logging.getLogger("modelpress.worker")
 model_io.preload()
 memory.return_freed_memory()
 
-# Output shard size when an offloaded (block path) model is saved: save_pretrained gathers one
-# shard's tensors in memory before writing it.
+# Output shard size when an offloaded (block path) model is saved. ct_format.save_offloaded holds
+# one module whatever the shard size; the fallback it leaves some models to (save_pretrained: fused
+# MoE experts, MTP layers, quantized embeddings) gathers a whole shard's tensors in memory.
 BLOCK_SAVE_SHARD_BYTES = 512 << 20
 
 # jobs.progress_stage is a VARCHAR(100).
@@ -438,8 +439,8 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "versions": _versions(),
     }
     out = work / "out"
-    # save_pretrained holds one output shard in memory: on the block path that must stay near a
-    # block's size, not the model's.
+    # The block path's fallback save (save_pretrained) holds one output shard in memory: that must
+    # stay near a block's size, not the model's.
     shard = min(ctx.settings.shard_max_bytes, BLOCK_SAVE_SHARD_BYTES) if blocks else ctx.settings.shard_max_bytes
     model_io.save(loaded, out, manifest, max_shard_size=shard)
     ctx.stage_seconds["save"] = time.perf_counter() - t0

@@ -115,6 +115,22 @@ WHOLE_FACTORS: dict[str, float] = {
 }
 # A method not listed above (a new one): the largest measured factor.
 DEFAULT_WHOLE_FACTOR = 2.6
+
+# blocks path (llm-compressor's sequential pipeline over a model whose weights stay on disk):
+# peak above the baseline = BLOCK_FACTOR x (the largest decoder block in float32 + the method's
+# per-Linear state for that block) + the largest tensor outside the blocks as stored (the
+# embedding, onloaded to compute the first block's inputs) + the carried calibration activations
+# (inputs and outputs of a block, capped by MODELPRESS_ACTIVATION_MEMORY_MB: the rest is spilled
+# to scratch, worker/spill.py) + BLOCK_FIXED_BYTES (the offload and tracing machinery). The
+# per-Linear state of GPTQ and SparseGPT is a float32 Hessian of in_features^2; Wanda's and
+# SmoothQuant's are vectors (nothing). Fitted on three jobs through a worker: GPTQ W4A16 on a
+# 2.01 GB bf16 Llama (hidden 2048 x 17 blocks, FFN 5632, 16 x 128 tokens): 0.77 GiB above the
+# baseline, this formula 0.89; GPTQ on 0.50 GiB (hidden 1024 x 16, 16 x 256 tokens): 0.28 GiB,
+# formula 0.29; Wanda on the 74 MB float32 Llama of tests/test_plan.py: 55 MiB, formula 65.
+BLOCK_FACTOR = 1.8
+BLOCK_FIXED_BYTES = 40 << 20
+HESSIAN_METHODS = frozenset({"quantize.gptq", "prune.sparsegpt"})
+ACTIVATION_MEMORY_BYTES = 1024 << 20  # app.config Settings.activation_memory_mb's default
 # distill: the student four times over (weights, gradients, AdamW's two moments) plus activations
 # and logits (DISTILL_ACTIVATION_FACTOR x the teacher); the frozen teacher stays memory-mapped.
 # Measured: 3 of 6 layers of the 78 MB Llama, batch 4 x 32 tokens: 192 MiB (2.59x the teacher).
@@ -242,6 +258,31 @@ def blocks_capable(fmt: str, steps: Iterable[Mapping[str, Any]], registry: Mappi
     """Whether every step runs block by block (``MethodSpec.blocks``; HF models only)."""
     specs = [registry.get(s["method"]) for s in steps]
     return fmt == "hf" and bool(specs) and all(spec is not None and spec.blocks for spec in specs)
+
+
+def _blocks_above_baseline(tensors: list[Tensor], steps: list[Mapping[str, Any]], activation_cap: int) -> int:
+    """The block path's peak above the baseline (see ``BLOCK_FACTOR``)."""
+    by_layer: dict[int, list[Tensor]] = {}
+    outside: list[Tensor] = []
+    for t in tensors:
+        m = _LAYER_RE.search(t.name)
+        (by_layer.setdefault(int(m.group(1)), []) if m else outside).append(t)
+    hessian = any(s["method"] in HESSIAN_METHODS for s in steps)
+    block = 0
+    for ts in by_layer.values():
+        f32 = sum(t.numel * 4 for t in ts)
+        state = sum(t.shape[1] ** 2 * 4 for t in ts if hessian and len(t.shape) == 2 and t.name.endswith(".weight")) if hessian else 0
+        block = max(block, f32 + state)
+    largest_outside = max((t.nbytes for t in outside), default=0)
+    hidden = max((t.shape[1] for t in tensors if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)),
+                 default=0)
+    itemsize = max((t.nbytes // max(t.numel, 1) for t in tensors if t.is_float), default=4)
+    acts = 0
+    for s in steps:
+        p = s.get("params") or {}
+        tokens = int(p.get("num_samples", 128)) * int(p.get("max_length", 512))
+        acts = max(acts, 2 * tokens * hidden * itemsize)  # a block's inputs and its outputs
+    return int(BLOCK_FACTOR * block) + largest_outside + min(acts, activation_cap) + BLOCK_FIXED_BYTES
 
 
 def stream_capable(steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
@@ -383,6 +424,7 @@ def compute(
     blocks: bool = False,
     throughput: Mapping[str, float] | None = None,
     memory_bytes: int | None = None,
+    activation_memory_bytes: int = ACTIVATION_MEMORY_BYTES,
 ) -> dict[str, Any]:
     """The plan (a JSON object, the shape of ``app.jobs.schemas.JobPlan``).
 
@@ -414,6 +456,9 @@ def compute(
     if stream:
         factor = max(STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps)
         steps_peak = BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
+    elif blocks:
+        factor = BLOCK_FACTOR
+        steps_peak = BASELINE_BYTES + _blocks_above_baseline(tensors, steps, activation_memory_bytes)
     else:
         factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
         steps_peak = BASELINE_BYTES + int(factor * model_bytes)

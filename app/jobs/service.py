@@ -127,7 +127,7 @@ def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict,
         other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
         input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream, blocks=blocks,
         input_on_scratch=not storage.is_local, throughput=_fleet_throughput(uow, queue),
-        memory_bytes=_fleet_memory(uow, queue),
+        memory_bytes=_fleet_memory(uow, queue), activation_memory_bytes=settings.activation_memory_mb << 20,
     )
 
 
