@@ -582,6 +582,18 @@ def _evaluate_streamed(ctx: JobContext, evaluator: evaluate.Evaluator, src: Path
     return evaluator.sections()
 
 
+def _unpack_artifact(artifact: Path, fmt: str, out: Path) -> Path:
+    """The streamed artifact as a model folder for evaluation: the zip unpacked (HF), or the single
+    safetensors file linked in (a bare state dict)."""
+    if fmt == "hf":
+        with zipfile.ZipFile(artifact) as zf:
+            zf.extractall(out)
+    else:
+        out.mkdir()
+        os.link(artifact, out / artifact.name)
+    return out
+
+
 def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, model_info: dict[str, Any],
                     steps: list[dict[str, Any]], streamed: list[tuple[Any, Any]], t_start: float,
                     peak: memory.PeakMemory):
@@ -645,13 +657,7 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
             return None
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx))
         evaluator.compressed_cost = _compressed_cost(steps)
-        out = work / "out"
-        if fmt == "hf":
-            with zipfile.ZipFile(artifact) as zf:
-                zf.extractall(out)
-        else:
-            out.mkdir()
-            os.link(artifact, out / filename)
+        out = _unpack_artifact(artifact, fmt, work / "out")
         try:
             sections = _evaluate_streamed(ctx, evaluator, src, fmt, out, work, (0.85, 0.96))
         finally:
@@ -677,13 +683,7 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
         if ctx.cancel_requested():
             return None
         t0 = time.perf_counter()
-        out = work / "out"
-        if fmt == "hf":
-            with zipfile.ZipFile(artifact) as zf:
-                zf.extractall(out)
-        else:
-            out.mkdir()
-            os.link(artifact, out / filename)
+        out = _unpack_artifact(artifact, fmt, work / "out")
         evaluator.on_progress = _span_progress(ctx, 0.9, 0.96)
         evaluator.measure_compressed(out)
         shutil.rmtree(out, ignore_errors=True)
