@@ -137,26 +137,22 @@ class ShardReader:
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading the tensor's pages now (asynchronous readahead), so the
         disk works on the next tensor while the CPU works on this one."""
-        e = self.entries[name]
-        m = self._map(e.file)
-        page = mmap.PAGESIZE
-        start = e.start - e.start % page
-        try:
-            m.madvise(mmap.MADV_WILLNEED, start, max(0, min(e.end, len(m)) - start))
-        except (AttributeError, OSError, ValueError):
-            pass
+        self._advise(self._map(self.entries[name].file), name, mmap.MADV_WILLNEED)
 
     def done_with(self, name: str) -> None:
         """Tell the kernel the tensor's pages will not be read again (they leave this process's
         resident set; the page cache may keep them)."""
+        m = self._maps.get(self.entries[name].file)
+        if m is not None:
+            self._advise(m, name, mmap.MADV_DONTNEED)
+
+    def _advise(self, m: mmap.mmap, name: str, advice: int) -> None:
+        """``madvise`` over the tensor's bytes, from the page its data starts in (advice is a hint:
+        a kernel or platform without it changes nothing)."""
         e = self.entries[name]
-        m = self._maps.get(e.file)
-        if m is None:
-            return
-        page = mmap.PAGESIZE
-        start = e.start - e.start % page
+        start = e.start - e.start % mmap.PAGESIZE
         try:
-            m.madvise(mmap.MADV_DONTNEED, start, max(0, min(e.end, len(m)) - start))
+            m.madvise(advice, start, max(0, min(e.end, len(m)) - start))
         except (AttributeError, OSError, ValueError):
             pass
 
