@@ -34,6 +34,15 @@ class Settings(BaseSettings):
     max_json_file_bytes: int = Field(default=64 * 1024**2, gt=0)
     max_safetensors_header_bytes: int = Field(default=100 * 1024**2, gt=0)
 
+    # Request bodies other than file uploads (app/http_limits.py). Multipart forms: at most this
+    # many fields, each non-file field at most max_form_field_bytes; JSON bodies at most
+    # max_json_body_bytes. A client that sends less than its Content-Length, or stalls mid-body,
+    # is answered 408 after body_read_timeout_s without a byte arriving.
+    max_form_fields: int = Field(default=64, gt=0)
+    max_form_field_bytes: int = Field(default=64 * 1024, gt=0)
+    max_json_body_bytes: int = Field(default=4 * 1024**2, gt=0)
+    body_read_timeout_s: float = Field(default=60.0, gt=0)
+
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
     # A claimed job whose lease is not renewed within this many seconds may be claimed again.
     job_lease_s: int = Field(default=15 * 60, gt=0)
@@ -102,9 +111,15 @@ class Settings(BaseSettings):
     # save_pretrained default, 5 GB; a tensor larger than that gets a shard of its own).
     shard_max_bytes: int = Field(default=5 * 10**9, ge=1 << 20)
 
-    # Signs short-lived links to HTML reports (app/signing.py). Empty: a random key kept in
-    # <data_dir>/secret_key; set it when several API hosts must accept each other's links.
+    # Signs short-lived links to HTML reports (app/signing.py) and webhook deliveries. Required in
+    # cluster mode (every API host and worker must share it: a link or a signature made on one host
+    # verifies on every other); in embedded mode, empty means a random key kept in
+    # <data_dir>/secret_key.
     secret_key: str = ""
+    # The service's address as its clients reach it (e.g. "https://press.example.com"): links in
+    # reports, webhook bodies and responses are built from it, never from a request's Host header.
+    # Empty: http://127.0.0.1:8000 in embedded mode (`modelpress serve` sets it from --host/--port).
+    public_base_url: str = ""
     # Lifetime of a signed report link when the request does not ask for one.
     report_link_ttl_s: int = Field(default=900, gt=0, le=7 * 86400)
 

@@ -13,6 +13,7 @@ from app.db import get_engine
 from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.jobs.endpoints import router as jobs_router
+from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
 from app.sweeps.endpoints import router as sweeps_router
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
     app.include_router(datasets_router)
     app.include_router(sweeps_router)
     app.include_router(webhooks_router)
+    app.include_router(keys_router)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 import signal
 import socket
 import struct
@@ -70,6 +71,9 @@ class Service:
     def __init__(self, env: dict[str, str], logdir: Path, worker: bool) -> None:
         base = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
         self.env = {**base, **env}
+        if self.env.get("MODELPRESS_MODE") == "cluster":
+            # Cluster mode refuses to start without the shared secret (one per test stack).
+            self.env.setdefault("MODELPRESS_SECRET_KEY", "test-secret-" + uuid.uuid4().hex)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.logdir = logdir
