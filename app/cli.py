@@ -4,7 +4,18 @@
     modelpress worker [--queues cpu] [-c N]    a Celery worker
     modelpress migrate                         alembic upgrade head
     modelpress reconcile [--once]              re-send messages of stale jobs
-    modelpress keys create --tenant NAME       print a new API key for the tenant
+    modelpress keys create --tenant NAME [--admin]   print a new API key for the tenant
+    modelpress keys list [--tenant NAME]       the keys (every tenant's unless --tenant), never secrets
+    modelpress keys revoke KEY                 revoke a key by id, prefix or the whole key
+
+The ``keys`` commands work on the database of the server's settings (run them where the server
+runs); given ``--url`` or ``--api-key`` they go through the API instead, with an admin key
+(modelpress/_cli.py). A revocation is seen by every API process within a second (app/auth.py).
+
+``serve``, ``worker`` and ``reconcile`` refuse to start (a message on stderr, exit 2) in cluster
+mode without ``MODELPRESS_SECRET_KEY`` (app/signing.py), and with a ``MODELPRESS_PUBLIC_BASE_URL``
+that is not an absolute http(s) URL. ``serve`` in embedded mode without a public base URL sets it
+from ``--host``/``--port``; in cluster mode links stay relative until one is configured.
 
 The client subcommands (upload, upload-dataset, compress, jobs, status, wait, cancel, download,
 report) talk to a running service over HTTP; they live in ``modelpress._cli`` (the SDK's CLI).
@@ -46,9 +57,29 @@ def cmd_migrate(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_to_start(command: str) -> bool:
+    """Print why this configuration may not run ``command`` (a long-running server process) and
+    return True, or return False if it may. Checked before anything starts, so a misconfigured
+    process exits at once with the reason instead of signing what no other host can verify."""
+    from app.config import get_settings
+    from app.signing import BadPublicBaseUrl, check_public_base_url, secret_key_problem
+
+    s = get_settings()
+    problems = [p for p in (secret_key_problem(s),) if p]
+    try:
+        check_public_base_url(s.public_base_url)
+    except BadPublicBaseUrl as e:
+        problems.append(str(e))
+    for p in problems:
+        print(f"modelpress {command}: refusing to start: {p}", file=sys.stderr, flush=True)
+    return bool(problems)
+
+
 def cmd_reconcile(args: argparse.Namespace) -> int:
     import threading
 
+    if _refuse_to_start("reconcile"):
+        return 2
     from worker.reconcile import reconcile_once, start_background
 
     if args.once:
@@ -60,30 +91,131 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from app.auth import create_key
-    from app.db import get_sessionmaker
+def _keys_on_db(args: argparse.Namespace, work: Any) -> int:
+    """Run ``work(session)`` for a ``keys`` command on the database, committing after it; the
+    errors an operator can fix are one line on stderr, not a traceback."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    with get_sessionmaker()() as s:
-        key = create_key(s, args.tenant)
-        s.commit()
-    print(key)
+    from app.config import get_settings
+    from app.db import get_sessionmaker
+    from app.errors import ModelpressError
+    from modelpress._cli import EXIT_API, EXIT_USAGE
+
+    settings = get_settings()
+    if settings.is_sqlite:
+        from sqlalchemy.engine import make_url
+
+        path = make_url(settings.database_url).database
+        if path and path != ":memory:" and not Path(path).exists():
+            # Not here: opening it would leave an empty database file behind (a client's folder).
+            print(f"Error: no modelpress database at {path}: run this where the server runs, with its MODELPRESS_* "
+                  "settings, or pass --url / --api-key to go through the API", file=sys.stderr)
+            return 1
+    try:
+        with get_sessionmaker()() as s:
+            work(s)
+            s.commit()
+    except ModelpressError as e:
+        print(f"Error: {e.title}: {e.detail}", file=sys.stderr)
+        return EXIT_USAGE if e.status == 422 else EXIT_API
+    except (OperationalError, ProgrammingError) as e:
+        from sqlalchemy.engine import make_url
+
+        db = make_url(get_settings().database_url).render_as_string(hide_password=True)
+        print(f"Error: cannot use the API keys of the database {db} ({type(e.orig or e).__name__}): run this where the "
+              "server runs, with its MODELPRESS_* settings (after `modelpress migrate`), or pass --url / --api-key "
+              "to go through the API", file=sys.stderr)
+        return 1
     return 0
+
+
+def _client_keys_command(name: str) -> Any:
+    import modelpress._cli as client_cli
+
+    fn = getattr(client_cli, name)
+    return lambda args: client_cli.run(fn, args)
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    from modelpress._cli import print_created, through_api
+
+    if through_api(args):
+        return _client_keys_command("cmd_keys_create")(args)
+    from app.keys import service
+
+    made: list[Any] = []
+
+    def work(s: Any) -> None:
+        made.append(service.create(s, args.tenant, ["admin"] if args.admin else []))
+
+    rc = _keys_on_db(args, work)
+    if rc == 0:  # printed once committed: a key that is shown works
+        print_created(made[0], args.json)
+    return rc
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    from modelpress._cli import print_keys, through_api
+
+    if through_api(args):
+        return _client_keys_command("cmd_keys_list")(args)
+    from app.keys import repository, service
+
+    def work(s: Any) -> None:
+        tenant_id = None
+        if args.tenant:
+            tenant_id = repository.tenant_id_of(s, args.tenant)
+            if tenant_id is None:
+                from app.errors import NotFound
+
+                raise NotFound(f"no tenant {args.tenant}")
+        rows = repository.list_page(s, tenant_id, args.limit or 10_000, None)
+        print_keys(service.out(s, rows), args.json)
+
+    return _keys_on_db(args, work)
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    from modelpress._cli import key_prefix_or_id, print_revoked, through_api
+
+    if through_api(args):
+        return _client_keys_command("cmd_keys_revoke")(args)
+    from app.keys import service
+
+    shown: list[Any] = []
+
+    def work(s: Any) -> None:
+        # The revocation's NOTIFY (PostgreSQL) reaches every API process at this session's commit.
+        shown.append(service.revoke(s, key_prefix_or_id(args.key))[0])
+
+    rc = _keys_on_db(args, work)
+    if rc == 0:
+        print_revoked(shown[0], args.json)
+    return rc
 
 
 def _bootstrap_key(data_dir: Path) -> str:
     """Embedded mode: one key for tenant 'default', kept in <data_dir>/api-key (mode 0600) so each
-    start can print it (only its digest is in the database)."""
-    from app.auth import create_key, resolve_key
+    start can print it (only its digest is in the database).
+
+    It is an admin key: embedded mode is one operator's service on one host, and whoever can read
+    <data_dir> can use the database directly anyway; so `modelpress keys ...` through the API works
+    with the key `serve` prints. A bootstrap key made before scopes existed is made admin here."""
+    from app.auth import ADMIN, create_key, resolve_key
     from app.db import get_sessionmaker
+    from app.keys import repository
 
     path = data_dir / "api-key"
     with get_sessionmaker()() as s:
         if path.exists():
             key = path.read_text().strip()
-            if resolve_key(s, key) is not None:
+            caller = resolve_key(s, key)
+            if caller is not None:
+                if not caller.is_admin:
+                    repository.grant(s, caller.key_id, ADMIN)
+                    s.commit()
                 return key
-        key = create_key(s, "default")
+        key = create_key(s, "default", [ADMIN])
         s.commit()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -164,9 +296,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.config import get_settings
     from app.main import create_app
 
+    if _refuse_to_start("serve"):
+        return 2
+    from app.signing import serve_base_url
+
     s = get_settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     s.tmp_dir.mkdir(parents=True, exist_ok=True)
+    if not s.public_base_url.strip() and s.mode == "embedded":
+        # Links name the address this server listens on (the embedded worker inherits it too).
+        s.public_base_url = os.environ["MODELPRESS_PUBLIC_BASE_URL"] = serve_base_url(args.host, args.port)
+    elif not s.public_base_url.strip():
+        import logging
+
+        logging.getLogger("modelpress.cli").warning(
+            "MODELPRESS_PUBLIC_BASE_URL is not set: signed links are relative (/v1/...); the SDK and CLI "
+            "complete them with the address they use, a browser needs the service's public address in front")
     worker: subprocess.Popen | None = None
     if s.mode == "embedded":
         migrate()
@@ -207,6 +352,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
         print(f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; the queues are {', '.join(QUEUES)}", file=sys.stderr)
+        return 2
+    if _refuse_to_start("worker"):
         return 2
     s = get_settings()
     pool, concurrency = args.pool or "prefork", args.concurrency or s.worker_concurrency
@@ -266,11 +413,27 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(fn=cmd_migrate)
 
-    kp = sub.add_parser("keys", help="manage API keys")
+    from modelpress._cli import common_flags
+
+    kp = sub.add_parser("keys", help="manage API keys (the database here; with --url/--api-key, the API)",
+                        description="Manage API keys. Without --url or --api-key: on the database of the server's "
+                        "MODELPRESS_* settings (run where the server runs). With either: through the API, with an "
+                        "admin key ($MODELPRESS_URL / $MODELPRESS_API_KEY fill in the other).")
     ksub = kp.add_subparsers(dest="keys_command", required=True)
-    kc = ksub.add_parser("create", help="create a key for a tenant (created if new) and print it")
+    common = [common_flags()]
+    kc = ksub.add_parser("create", parents=common, help="create a key for a tenant (created if new) and print it")
     kc.add_argument("--tenant", required=True)
+    kc.add_argument("--admin", action="store_true", help="the admin scope: list, create and revoke every tenant's keys")
     kc.set_defaults(fn=cmd_keys_create)
+    kl = ksub.add_parser("list", parents=common, help="list keys, newest first (never their secrets)")
+    kl.add_argument("--tenant", help="one tenant's keys (default: every tenant's on the database; "
+                    "the key's own tenant's through the API)")
+    kl.add_argument("--all", dest="all_tenants", action="store_true", help="through the API: every tenant's keys")
+    kl.add_argument("--limit", type=int, default=None, help="at most N keys")
+    kl.set_defaults(fn=cmd_keys_list)
+    kr = ksub.add_parser("revoke", parents=common, help="revoke a key; every API process refuses it within a second")
+    kr.add_argument("key", metavar="KEY", help="the key's id, its prefix, or the whole key (only its prefix is used)")
+    kr.set_defaults(fn=cmd_keys_revoke)
 
     from modelpress._cli import add_client_commands
 
@@ -278,7 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_keys_create", "cmd_reconcile")
+_SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_keys_create", "cmd_keys_list", "cmd_keys_revoke",
+                    "cmd_reconcile")
 
 
 def main(argv: list[str] | None = None) -> int:

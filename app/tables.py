@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -72,6 +73,9 @@ class ApiKey(Base):
     secret_sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # What the key may do beyond its tenant's own objects (app/keys/schemas.py SCOPES): ["admin"]
+    # manages every tenant's keys. A list, not a flag, so a finer scope is a value, not a migration.
+    scopes: Mapped[list[Any]] = mapped_column(default=list, server_default=text("'[]'"))
 
 
 class Model(Base):

@@ -13,6 +13,14 @@ parser with :func:`add_client_commands`; the logic is here, on :class:`modelpres
     modelpress cancel JOB
     modelpress download JOB [-o DEST]
     modelpress report JOB [--open [--ttl S]]
+    modelpress keys list [--tenant NAME | --all] [--limit N]      (with --url / --api-key: through the API)
+    modelpress keys create --tenant NAME [--admin]
+    modelpress keys revoke KEY                                    (an id, a prefix or the whole key)
+
+``keys`` is shared with the server CLI (app/cli.py): without ``--url`` or ``--api-key`` on its
+command line it works on the server's database (the operator, where the server runs); with either,
+it goes through the API with that (admin) key, like every command here. The environment
+(``$MODELPRESS_URL``, ``$MODELPRESS_API_KEY``) fills in the other flag but never chooses the path.
 
 Every one takes ``--url`` (else ``$MODELPRESS_URL``, else http://127.0.0.1:8000), ``--api-key``
 (else ``$MODELPRESS_API_KEY``) and ``--json``. Human output is rich tables on stdout; progress
@@ -44,7 +52,8 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EX
 
 EPILOG = """\
 client commands (talk to a running service over HTTP):
-  upload, upload-dataset, compress, jobs, jobs estimate, status, wait, cancel, download, report
+  upload, upload-dataset, compress, jobs, jobs estimate, status, wait, cancel, download, report;
+  keys list|create|revoke when given --url or --api-key (without: on the server's database)
   The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
   (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
 
@@ -550,6 +559,76 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- API keys (``modelpress keys ...`` through the API; app/cli.py dispatches) -------------------
+
+
+def through_api(args: argparse.Namespace) -> bool:
+    """Whether a ``keys`` command goes through the API: only when its own command line says so."""
+    return bool(getattr(args, "url", None) or getattr(args, "api_key", None))
+
+
+def key_prefix_or_id(key: str) -> str:
+    """What names a key to the server: the prefix of a whole key (its secret never leaves this
+    machine), else what was given (an id or a prefix)."""
+    parts = key.strip().split("_", 2)
+    return parts[1] if len(parts) == 3 and parts[0] == "mp" and parts[1] else key.strip()
+
+
+def print_keys(keys: list[Any], as_json: bool) -> None:
+    """A table of keys (or their JSON): the API's objects, or dicts of the same fields."""
+    rows = [_dump(k) for k in keys]
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    t = Table()
+    for col in ("id", "prefix", "tenant", "scopes", "created", "revoked"):
+        t.add_column(col, no_wrap=col in ("id", "prefix", "created", "revoked"))
+    for k in rows:
+        t.add_row(k["id"], k["prefix"], k["tenant"], ",".join(k.get("scopes") or []) or "-",
+                  str(k["created_at"])[:19].replace("T", " "), str(k["revoked_at"] or "")[:19].replace("T", " "))
+    out = _out()
+    out.print(t)
+    if not rows:
+        out.print("no keys")
+
+
+def print_revoked(key: Any, as_json: bool) -> None:
+    k = _dump(key)
+    if as_json:
+        _print_json(k)
+    else:
+        _out().print(f"key {k['prefix']} (id {k['id']}, tenant {k['tenant']}) revoked at {k['revoked_at']}")
+
+
+def print_created(key: Any, as_json: bool) -> None:
+    k = _dump(key)
+    if as_json:
+        _print_json(k)
+    else:
+        print(k["key"])  # plain: scripts capture it (KEY=$(modelpress keys create ...))
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        keys = list(mp.keys(tenant=args.tenant, all_tenants=args.all_tenants, limit=args.limit))
+    print_keys(keys, args.json)
+    return EXIT_OK
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        print_created(mp.create_key(args.tenant, admin=args.admin), args.json)
+    return EXIT_OK
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        print_revoked(mp.revoke_key(key_prefix_or_id(args.key)), args.json)
+    return EXIT_OK
+
+
 # -- error handling and the parser -------------------------------------------------------------
 
 
@@ -593,6 +672,11 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
     call.__name__ = fn.__name__
     return call
+
+
+def common_flags() -> argparse.ArgumentParser:
+    """The ``--url`` / ``--api-key`` / ``--json`` parent parser (app/cli.py's ``keys`` uses it)."""
+    return _common()
 
 
 def _common() -> argparse.ArgumentParser:

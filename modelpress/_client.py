@@ -40,6 +40,14 @@ write ``<dest>.part`` and rename it into place only once its sha256 equals the a
 with ``Range: bytes=<size>-`` and ``If-Range: "<sha256>"``; a 200 answer (the server ignored the
 range) starts over. A file that does not verify is deleted and ``ChecksumMismatch`` raised.
 
+Links (``report_link``, ``sweep_link``) are absolute: a service without a configured public base
+URL (a cluster without ``MODELPRESS_PUBLIC_BASE_URL``) answers a path, which the client completes
+with its own ``base_url``.
+
+API keys: ``keys()`` lists the caller's tenant's keys (an admin key: ``tenant=`` or
+``all_tenants=True``); ``create_key`` and ``revoke_key`` need an admin key (``Forbidden``, 403,
+otherwise). ``revoke_key`` takes an id, a prefix or a whole key, of which only the prefix is sent.
+
 ``wait(job_id)`` polls ``GET /v1/jobs/{id}`` every ``poll_interval`` seconds, calls
 ``on_progress(job)`` whenever status, stage or fraction changed, and returns the succeeded job or
 raises ``JobFailed`` / ``JobCanceled`` (or ``WaitTimeout`` when ``timeout`` runs out).
@@ -75,6 +83,8 @@ from modelpress._errors import (
     WaitTimeout,
 )
 from modelpress._models import (
+    ApiKey,
+    CreatedApiKey,
     Dataset,
     Download,
     Estimate,
@@ -468,9 +478,37 @@ class _BaseClient:
     def _page_call(path: str, item: type, params: dict[str, Any]) -> _Call:
         return _Call("GET", path, _json_of(Page[item]), params=_drop_none(params))  # type: ignore[valid-type]
 
+    def _absolute(self, url: str) -> str:
+        """A link the server gave as a path (``/v1/...``: a cluster without a configured public
+        base URL) made absolute on the address this client reaches the service at."""
+        return f"{self.base_url}{url}" if url.startswith("/") else url
+
+    def _link_call(self, path: str, ttl_s: int | None) -> _Call:
+        def parse(r: httpx.Response) -> Link:
+            link = Link.model_validate(r.json())
+            link.url = self._absolute(link.url)
+            return link
+
+        return _Call("POST", path, parse, json=_drop_none({"ttl_s": ttl_s}))
+
     @staticmethod
-    def _link_call(path: str, ttl_s: int | None) -> _Call:
-        return _Call("POST", path, _json_of(Link), json=_drop_none({"ttl_s": ttl_s}))
+    def _keys_params(tenant: str | None, all_tenants: bool) -> dict[str, Any]:
+        return {"tenant": tenant, "all_tenants": "true" if all_tenants else None}
+
+    @staticmethod
+    def _create_key_call(tenant: str, admin: bool) -> _Call:
+        # No Idempotency-Key and no resend after it may have arrived: the server does not keep a
+        # key's secret to answer a repeat with, and a lost answer's key is simply never used.
+        return _Call("POST", "/v1/keys", _json_of(CreatedApiKey), json={"tenant": tenant, "scopes": ["admin"] if admin else []})
+
+    @staticmethod
+    def _revoke_key_call(key: Any) -> _Call:
+        ident = _id(key)
+        parts = ident.split("_", 2)
+        if len(parts) == 3 and parts[0] == "mp":
+            ident = parts[1]  # a whole key: its prefix names it; the secret never leaves this machine
+        # Revoking twice is harmless (the server keeps the first time): safe to resend.
+        return _Call("POST", "/v1/keys/revoke", _json_of(ApiKey), json={"id": ident}, safe=True)
 
     @staticmethod
     def _wait_outcome(job: Job) -> Job:
@@ -688,6 +726,23 @@ class Client(_BaseClient):
     def sweep_link(self, sweep_id: str | Sweep, *, ttl_s: int | None = None) -> str:
         return self._send(self._link_call(f"/v1/sweeps/{_id(sweep_id)}/link", ttl_s)).url
 
+    # -- API keys --------------------------------------------------------------------------------
+
+    def keys(self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None,
+             page_size: int = 50) -> Iterator[ApiKey]:
+        """API keys, newest first: the caller's tenant's; with an admin key, ``tenant``'s or every
+        tenant's (``all_tenants``). Never a secret."""
+        return self._paginate("/v1/keys", ApiKey, self._keys_params(tenant, all_tenants), limit, page_size)
+
+    def create_key(self, tenant: str, *, admin: bool = False) -> CreatedApiKey:
+        """A new key for ``tenant`` (created if new); ``.key`` is the whole key, shown once (admin)."""
+        return self._send(self._create_key_call(tenant, admin))
+
+    def revoke_key(self, key: str | ApiKey) -> ApiKey:
+        """Revoke a key by id, prefix, whole key or ``ApiKey`` (admin). Idempotent; every API
+        replica refuses the key within a second."""
+        return self._send(self._revoke_key_call(key))
+
     # -- service ---------------------------------------------------------------------------------
 
     def methods(self) -> list[Method]:
@@ -891,6 +946,16 @@ class AsyncClient(_BaseClient):
 
     async def sweep_link(self, sweep_id: str | Sweep, *, ttl_s: int | None = None) -> str:
         return (await self._send(self._link_call(f"/v1/sweeps/{_id(sweep_id)}/link", ttl_s))).url
+
+    def keys(self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None,
+             page_size: int = 50) -> AsyncIterator[ApiKey]:
+        return self._paginate("/v1/keys", ApiKey, self._keys_params(tenant, all_tenants), limit, page_size)
+
+    async def create_key(self, tenant: str, *, admin: bool = False) -> CreatedApiKey:
+        return await self._send(self._create_key_call(tenant, admin))
+
+    async def revoke_key(self, key: str | ApiKey) -> ApiKey:
+        return await self._send(self._revoke_key_call(key))
 
     async def methods(self) -> list[Method]:
         return await self._send(self._get("/v1/methods", _list_of(Method)))

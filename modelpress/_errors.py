@@ -10,6 +10,7 @@ as ``__cause__``. Exception tree::
     ├── APIError (status, code, title, detail, errors, headers) -- any 4xx/5xx answer
     │   ├── BadRequest (400)
     │   ├── Unauthorized (401) -- missing or invalid API key
+    │   ├── Forbidden (403) -- a valid key without the scope the call needs (``admin_required``)
     │   ├── NotFound (404) -- a missing id, or another tenant's
     │   ├── Conflict (409) -- e.g. cancel a finished job, artifact or report not ready
     │   ├── Gone (410) -- an expired signed link
@@ -44,6 +45,7 @@ __all__ = [
     "BadRequest",
     "ChecksumMismatch",
     "Conflict",
+    "Forbidden",
     "Gone",
     "JobCanceled",
     "JobError",
@@ -128,6 +130,10 @@ class Unauthorized(APIError):
     status = 401
 
 
+class Forbidden(APIError):
+    status = 403
+
+
 class NotFound(APIError):
     status = 404
 
@@ -166,7 +172,7 @@ class ServiceUnavailable(APIError):
 
 _BY_STATUS: dict[int, type[APIError]] = {
     c.status: c
-    for c in (BadRequest, Unauthorized, NotFound, Conflict, Gone, PayloadTooLarge, UnsupportedMediaType,
+    for c in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, PayloadTooLarge, UnsupportedMediaType,
               RangeNotSatisfiable, Unprocessable, RateLimited, ServiceUnavailable)
 }
 

@@ -12,6 +12,7 @@ lost, and ``model_dump(mode="json")`` gives back what the server sent. Statuses 
     Link                         POST /v1/jobs/{id}/report/link, /v1/sweeps/{id}/link
     Sweep (SweepPoint, PointMetrics, Counts, SweepSpec), SweepSummary   /v1/sweeps
     Method, Worker               GET /v1/methods, /v1/workers
+    ApiKey, CreatedApiKey        GET/POST /v1/keys, POST /v1/keys/revoke
     Page[T]                      one page of a list: items, next_cursor
     Download                     what Client.download wrote
 """
@@ -27,8 +28,10 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "JOB_STATUSES",
     "TERMINAL_STATUSES",
+    "ApiKey",
     "Artifact",
     "Counts",
+    "CreatedApiKey",
     "Dataset",
     "Download",
     "ErrorInfo",
@@ -314,6 +317,29 @@ class Worker(_Base):
     memory_budget_bytes: int | None = None
     scratch_budget_bytes: int | None = None
     throughput: dict[str, Any] | None = None
+
+
+class ApiKey(_Base):
+    """An API key as the API lists it (never its secret). ``scopes``: [] or ["admin"];
+    ``revoked_at`` is set once it is revoked."""
+
+    id: str
+    tenant: str
+    tenant_id: str
+    prefix: str
+    scopes: list[str] = Field(default_factory=list)
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class CreatedApiKey(ApiKey):
+    """A key just created: ``key`` is the whole key, returned this once."""
+
+    key: str
 
 
 class Page(_Base, Generic[T]):

@@ -165,3 +165,20 @@ def test_step_parsing() -> None:
     for bad in ("", "a b", "m:k", "m:k=1,k=2", '{"params": {}}'):
         with pytest.raises(ValueError):
             parse_step(bad)
+
+
+def test_keys_go_through_the_api_only_when_the_command_line_says_so(embedded, tmp_path) -> None:
+    # The client's environment alone (MODELPRESS_URL / MODELPRESS_API_KEY) does not switch `keys` to
+    # the API: it works on the server's database, and there is none here (nothing is created).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env.update({"MODELPRESS_URL": embedded.service.url, "MODELPRESS_API_KEY": embedded.key})
+    res = subprocess.run([MODELPRESS, "keys", "list"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "no modelpress database" in res.stderr and "--api-key" in res.stderr, res.stderr
+    assert list(tmp_path.iterdir()) == []
+    # --api-key on the command line: through the API ($MODELPRESS_URL fills in the address).
+    res = subprocess.run([MODELPRESS, "keys", "list", "--api-key", embedded.key, "--json"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    keys = json.loads(res.stdout)
+    assert {k["tenant"] for k in keys} == {"default"} and embedded.key not in res.stdout
+    assert any(k["prefix"] == embedded.key.split("_")[1] and k["scopes"] == ["admin"] for k in keys)

@@ -12,6 +12,7 @@ A missing tool is a failure, not a skip: CI installs both.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -33,6 +34,8 @@ ENV_VARS = (
     "MODELPRESS_BROKER_URL",
     "MODELPRESS_STORAGE_URL",
     "MODELPRESS_DATA_DIR",
+    "MODELPRESS_SECRET_KEY",
+    "MODELPRESS_PUBLIC_BASE_URL",
 )
 
 
@@ -63,8 +66,15 @@ def _compose_cmd() -> list[str]:
     )
 
 
-def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+# The compose file has no default for the cluster secret (compose refuses to start without one);
+# the config checks run as an operator would, with one set.
+SECRET_ENV = {"MODELPRESS_SECRET_KEY": "compose-test-secret-" + "0" * 32}
+
+
+def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**base, **(SECRET_ENV if env is None else env)})
 
 
 def _uncomment_gpu_block(text: str) -> str:
@@ -122,6 +132,14 @@ def test_hadolint_clean():
 def test_compose_config_valid():
     result = _run([*_compose_cmd(), "-f", str(COMPOSE), "config", "-q"])
     assert result.returncode == 0, f"compose config:\n{result.stdout}{result.stderr}"
+
+
+def test_compose_refuses_to_start_without_the_secret():
+    """No default secret in the file: without MODELPRESS_SECRET_KEY compose stops before starting
+    anything, naming the variable (a default would be one public secret for every deployment)."""
+    result = _run([*_compose_cmd(), "-f", str(COMPOSE), "config", "-q"], env={})
+    assert result.returncode != 0
+    assert "MODELPRESS_SECRET_KEY" in result.stdout + result.stderr
 
 
 def test_compose_config_valid_with_gpu_block(tmp_path):
@@ -203,6 +221,10 @@ def test_app_environment(services, name):
     assert "@postgres:5432/" in env["MODELPRESS_DATABASE_URL"]
     assert env["MODELPRESS_BROKER_URL"].startswith("redis://redis:6379/")
     assert env["MODELPRESS_DATA_DIR"] == "/data"
+    # One secret for every container, from the environment, never a value in the file.
+    assert env["MODELPRESS_SECRET_KEY"].startswith("${MODELPRESS_SECRET_KEY:?"), env["MODELPRESS_SECRET_KEY"]
+    # Links are built on the configured public address, not on a request's Host header.
+    assert env["MODELPRESS_PUBLIC_BASE_URL"].startswith("${MODELPRESS_PUBLIC_BASE_URL:-http")
 
 
 def test_api_and_worker_share_data_volume(compose, services):

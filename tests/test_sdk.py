@@ -210,6 +210,14 @@ def test_typed_errors(mp: Client, finished: dict[str, Any], embedded) -> None:
     with pytest.raises(FileNotFoundError):
         mp.upload_model("/nonexistent/model/dir")
 
+    # 403: a valid key without the admin scope (the embedded bootstrap key has it; another does not).
+    from modelpress._errors import Forbidden
+
+    with Client(embedded.service.url, embedded.other_key) as plain, pytest.raises(Forbidden) as e:
+        plain.create_key("someone")
+    assert (e.value.status, e.value.code) == (403, "admin_required")
+    assert {k.tenant for k in mp.keys()} == {"default"} and any("admin" in k.scopes for k in mp.keys())
+
 
 def test_async_client_round_trip(embedded, tiny: dict[str, Path], tmp_path: Path) -> None:
     async def main() -> tuple[Model, Job, Any, Report, list[Job], list[str]]:

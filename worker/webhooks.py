@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -150,6 +151,20 @@ def _try(s: Session, client: httpx.Client, claim: repo.Claim, settings: Settings
 
 
 def start_background(stop: threading.Event) -> threading.Thread:
+    """Start the dispatcher thread (a worker's main process, once it is ready).
+
+    The service key is checked first: a worker that would sign with a key of its own signs
+    deliveries no receiver can verify. `modelpress worker` refuses to start without it already;
+    this also stops a worker started some other way (``celery -A worker.celery_app worker``)."""
+    from app.signing import MissingSecretKey, secret_key
+
+    try:
+        secret_key()
+    except MissingSecretKey as e:
+        log.critical("refusing to run: %s", e)
+        # A worker_ready handler cannot stop Celery by raising (signal errors are only logged), and
+        # nothing is in flight yet: leave at once, non-zero, so a supervisor sees the failure.
+        os._exit(78)  # EX_CONFIG
     interval = get_settings().webhook_poll_interval_s
 
     def loop() -> None:

@@ -1,11 +1,14 @@
 """Job webhooks: the submit-time target check, the per-tenant signing secret, the signature, and
 the deliveries a job's owner may read. Sending is the worker's (worker/webhooks.py).
 
-Signing: each tenant has its own secret, derived from the service's secret key (app/signing.py:
-``MODELPRESS_SECRET_KEY``, or the random key in ``<data_dir>/secret_key``) as
-``hex(HMAC-SHA256(service key, "webhook:<tenant id>"))``. Nothing is stored, every process that
-shares the service key derives the same secret, and changing the service key changes every
-tenant's secret (and invalidates signed report links). A delivery is signed with
+Signing: each tenant has its own secret, derived from the service's secret key
+(app/signing.py ``secret_key()``: ``MODELPRESS_SECRET_KEY``, required in cluster mode; in embedded
+mode, when empty, the random key in ``<data_dir>/secret_key``) as
+``hex(HMAC-SHA256(service key, "webhook:<tenant id>"))``. Nothing is stored: the API host that hands
+a tenant its secret (GET /v1/webhooks/secret) and the worker that signs a delivery derive the same
+one because they share the service key, and only because of that (a key per host, as cluster mode
+once allowed, made every delivery fail to verify). Changing the service key changes every tenant's
+secret (and invalidates signed report links). A delivery is signed with
 ``sha256=hex(HMAC-SHA256(secret, "<unix seconds>.<raw body>"))``, so a receiver can check both the
 body and its age (replays).
 """
@@ -20,7 +23,7 @@ from app.config import get_settings
 from app.db import UnitOfWork
 from app.errors import NotFound, Unprocessable
 from app.jobs import repository as jobs_repo
-from app.signing import _key as service_key
+from app.signing import secret_key as service_key
 from app.tables import WebhookDelivery
 from app.webhooks import repository, ssrf
 

@@ -1,0 +1,95 @@
+"""Links are built on the configured public base URL, never on the request's ``Host`` (or
+``X-Forwarded-Host``/``-Proto``) header: embedded mode's default is the address ``serve`` listens
+on; a cluster without a configured base gets relative links, which the SDK completes with the
+address it uses. (A configured base across two API hosts: tests/test_secret.py.)"""
+
+from __future__ import annotations
+
+import uuid
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.helpers import safetensors_bytes
+
+HOSTILE = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
+           "Forwarded": "host=evil.example;proto=https"}
+
+
+def test_base_url_rules(monkeypatch):
+    from app import config, signing
+
+    ok = {"https://press.example.com": "https://press.example.com", "https://press.example.com/mp/": "https://press.example.com/mp",
+          "http://10.0.0.5:8000": "http://10.0.0.5:8000", "http://[::1]:8000": "http://[::1]:8000", "": ""}
+    for value, want in ok.items():
+        assert signing.check_public_base_url(value) == want
+    for bad in ("press.example.com", "ftp://x.example", "https://", "https://x.example/?a=1", "https://x.example/#f",
+                "https://user:pw@x.example", "https://x.example:99999", "https://x.example/a b", "javascript:alert(1)"):
+        with pytest.raises(signing.BadPublicBaseUrl):
+            signing.check_public_base_url(bad)
+    assert signing.serve_base_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert signing.serve_base_url("::", 9000) == "http://[::1]:9000"
+    assert signing.serve_base_url("fe80::2", 9000) == "http://[fe80::2]:9000"
+    assert signing.serve_base_url("press.local", 80) == "http://press.local:80"
+
+    def base(**env: str) -> str:
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        config.get_settings.cache_clear()
+        try:
+            return signing.public_base_url()
+        finally:
+            for k in env:
+                monkeypatch.delenv(k)
+            config.get_settings.cache_clear()
+
+    assert base(MODELPRESS_MODE="embedded") == "http://127.0.0.1:8000"
+    cluster = {"MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": "postgresql+psycopg://x@h/db",
+               "MODELPRESS_BROKER_URL": "redis://h"}
+    assert base(**cluster) == ""
+    assert base(**cluster, MODELPRESS_PUBLIC_BASE_URL="https://p.example/") == "https://p.example"
+
+
+def _sweep(client: httpx.Client) -> str:
+    data = bytes(range(256))
+    header = {"layer.weight": {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, len(data)]}}
+    r = client.post("/v1/models", files=[("files", ("w.safetensors", safetensors_bytes(header, data)))], data={"name": "links"})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/sweeps", json={"model_id": r.json()["id"], "evaluation": {"enabled": False},
+                                        "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+                                        "vary": {"steps[0].params.dtype": ["float16"]}})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_embedded_links_ignore_the_host_header(embedded):
+    c = embedded.client()
+    sid = _sweep(c)
+    r = c.post(f"/v1/sweeps/{sid}/link", headers=HOSTILE)
+    assert r.status_code == 201, r.text
+    url = r.json()["url"]
+    assert url.startswith(f"{embedded.service.url}/v1/sweeps/{sid}/view?expires="), url
+    assert "evil" not in url
+    assert httpx.get(url, timeout=60).status_code == 200
+
+
+def test_cluster_links_are_relative_without_a_base_url(cluster_no_worker):
+    from modelpress import Client
+
+    key = cluster_no_worker.service.cli("keys", "create", "--tenant", f"links-{uuid.uuid4().hex[:6]}")
+    c = cluster_no_worker.client(key)
+    sid = _sweep(c)
+    try:
+        r = c.post(f"/v1/sweeps/{sid}/link", headers=HOSTILE)
+        assert r.status_code == 201, r.text
+        url = r.json()["url"]
+        assert url.startswith(f"/v1/sweeps/{sid}/view?expires="), url
+        assert c.get(url, headers={"Authorization": ""}).status_code == 200  # relative to where it was asked
+        with Client(cluster_no_worker.service.url, key) as mp:
+            full = mp.sweep_link(sid)
+        parts = urlsplit(full)
+        assert f"{parts.scheme}://{parts.netloc}" == cluster_no_worker.service.url and parts.path == f"/v1/sweeps/{sid}/view"
+    finally:
+        for job in c.get(f"/v1/sweeps/{sid}").json().get("points", []):
+            c.post(f"/v1/jobs/{job['job_id']}/cancel")  # nothing of this test stays queued
