@@ -11,6 +11,7 @@ Error tree::
     ├── BadRequest (400 bad_request)
     ├── Unauthorized (401 unauthorized)
     ├── NotFound (404 not_found)
+    ├── RequestTimeout (408 request_timeout) -- a request body stalled (app/http_limits.py)
     ├── Conflict (409 conflict)
     ├── Gone (410 gone) -- e.g. an expired signed link
     ├── PayloadTooLarge (413 payload_too_large)
@@ -84,6 +85,10 @@ class NotFound(ModelpressError):
     status, code, title = 404, "not_found", "Not found"
 
 
+class RequestTimeout(ModelpressError):
+    status, code, title = 408, "request_timeout", "Request timeout"
+
+
 class Conflict(ModelpressError):
     status, code, title = 409, "conflict", "Conflict"
 
@@ -139,9 +144,10 @@ _ERROR_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
 }
 
 _ERROR_DESCRIPTIONS = {
-    400: "Malformed request body",
+    400: "Malformed request body (e.g. not UTF-8, a multipart body cut off)",
     401: "Missing or invalid API key",
     404: "No such object (or not the caller's)",
+    408: "The request body stopped arriving (``body_read_timeout_s``)",
     409: "Conflict with the object's state",
     410: "Gone (an expired link)",
     413: "Payload too large",
@@ -204,6 +210,7 @@ _STATUS_CODES = {
     404: ("not_found", "Not found"),
     405: ("method_not_allowed", "Method not allowed"),
     406: ("not_acceptable", "Not acceptable"),
+    408: ("request_timeout", "Request timeout"),
     409: ("conflict", "Conflict"),
     413: ("payload_too_large", "Payload too large"),
     415: ("unsupported_media_type", "Unsupported media type"),
@@ -247,7 +254,8 @@ def declare_problem_errors(spec: dict[str, Any]) -> dict[str, Any]:
     route): FastAPI's own 422 (``HTTPValidationError`` as application/json) becomes the problem
     this module sends; an operation that needs an API key (it declares security) also answers 401
     (no or a bad key) and 503 (the key is looked up in the database); one that reads a JSON body
-    answers 400 when the body cannot be parsed (e.g. not UTF-8)."""
+    answers 400 when the body cannot be parsed (e.g. not UTF-8), 408 when it stops arriving and 413
+    when it is too large (app/http_limits.py)."""
     for path_item in spec.get("paths", {}).values():
         for method in _HTTP_METHODS:
             op = path_item.get(method)
@@ -261,7 +269,8 @@ def declare_problem_errors(spec: dict[str, Any]) -> dict[str, Any]:
             if op.get("security"):
                 needed += [401, 503]
             if "requestBody" in op:
-                needed.append(400)
+                # app/http_limits.py: a body too large, stalled, or JSON the strict loader refuses.
+                needed += [400, 408, 413]
             for status, entry in problem_responses(*needed).items():
                 responses.setdefault(str(status), entry)
     schemas = spec.get("components", {}).get("schemas", {})

@@ -80,8 +80,16 @@ def check_key(key: str | None) -> str | None:
 
 
 def _canonical_sha256(obj: Any) -> str:
-    raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(raw.encode()).hexdigest()
+    # app/http_limits.py refuses JSON bodies too deep or with lone surrogates before they get here;
+    # should one arrive all the same, it is the client's to fix: a 422, never a 500 from inside the
+    # digest (RecursionError from json.dumps, UnicodeEncodeError from encode). Same text as ever:
+    # stored digests stay valid.
+    try:
+        raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    except (RecursionError, ValueError, TypeError) as e:
+        raise Unprocessable(f"the request cannot be made idempotent: its body is not plain JSON ({e.__class__.__name__})",
+                            code="invalid_json", errors=[{"loc": ["body"], "msg": "not plain JSON", "type": "invalid_json"}]) from None
+    return hashlib.sha256(raw).hexdigest()
 
 
 def json_digest(body: Any) -> str:

@@ -12,6 +12,7 @@ from app import __version__
 from app.db import get_engine
 from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
+from app.http_limits import BodyLimits
 from app.jobs.endpoints import router as jobs_router
 from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
@@ -30,6 +31,10 @@ def create_app() -> FastAPI:
         "Every /v1 route needs `Authorization: Bearer <api key>`; errors are RFC 9457 problem+json.",
     )
     install_error_handlers(app)
+    # Body size, read timeout and strict JSON (app/http_limits.py); added first so the
+    # observability middleware wraps it (its refusals get a request id and are counted).
+    # The upload routes stream multipart to disk and bound it themselves (app/uploads.py).
+    app.add_middleware(BodyLimits, upload_paths=("/v1/models", "/v1/datasets"))
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
     app.include_router(models_router)
     app.include_router(jobs_router)

@@ -1,5 +1,11 @@
 """Streaming multipart parsing: file parts go straight to disk in a staging folder, hashed on the
-way, never held whole in memory. The size limit is enforced while bytes arrive.
+way, never held whole in memory. The limits are enforced while bytes arrive: the upload's size,
+the number of form fields (non-file parts) and of file parts, each form field's size. A body that
+ends before its closing boundary (cut off, or a Content-Length shorter than what was sent) is
+refused, not taken for a complete upload.
+
+Staging files have names of the service's own (``part-0001``): no message of this module names
+one, and the checks of the parts name the client's file name instead.
 """
 
 from __future__ import annotations
@@ -15,12 +21,27 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from app.jsonsafe import safe_text
+from app.errors import BadRequest, ModelpressError, PayloadTooLarge, UnsupportedMediaType
 
 
 # Bytes kept from the start of each file for sniffing its real format: a tar archive's magic
 # ("ustar") sits at offset 257.
 HEAD_BYTES = 512
+# File parts of one upload. Not a setting: a model directory of the largest published checkpoints
+# (191 shards and a dozen other files) fits; every part is a staging file, and without a cap a
+# body of tiny parts within the size limit would create millions of them.
+MAX_FILE_PARTS = 512
+
+
+# A 413 closes the connection: the client may have gigabytes left to send, which the server
+# would otherwise read (and discard) to keep the connection alive.
+_CLOSE = {"Connection": "close"}
+
+
+def _form_error(detail: str, code: str, status: type[ModelpressError] = PayloadTooLarge, field: str | None = None) -> ModelpressError:
+    err = {"loc": ["body", field] if field else ["body"], "msg": detail, "type": code}
+    return status(detail, code=code, errors=[err], headers=_CLOSE if status is PayloadTooLarge else None)
 
 
 @dataclass
@@ -61,18 +82,24 @@ class StagingArea:
 
 
 async def parse_multipart(
-    request: Request, staging: StagingArea, max_bytes: int, max_field_bytes: int = 64 * 1024
+    request: Request, staging: StagingArea, max_bytes: int, *, max_fields: int = 64, max_field_bytes: int = 64 * 1024,
+    read_fields: tuple[str, ...] = (),
 ) -> tuple[list[StagedFile], dict[str, str]]:
+    """The file parts (staged on disk) and the form fields of a multipart body. Raises 413
+    (``payload_too_large``, ``too_many_fields``, ``form_field_too_large``, ``too_many_files``),
+    415, or 400 (``malformed_multipart``, ``truncated_multipart``, and ``duplicate_field`` for a
+    field of ``read_fields``, the ones the route reads: two values of it would be ambiguous;
+    other fields are ignored by the route and may repeat, as a form's list values do)."""
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data" or b"boundary" not in params:
         raise UnsupportedMediaType("send multipart/form-data")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise PayloadTooLarge(f"upload of {declared} bytes is over the limit of {max_bytes} bytes")
+        raise PayloadTooLarge(f"upload of {declared} bytes is over the limit of {max_bytes} bytes", headers=_CLOSE)
 
     files: list[StagedFile] = []
     fields: dict[str, str] = {}
-    state = {"cur": _Part(), "hname": b"", "hval": b"", "total": 0, "n": 0}
+    state = {"cur": _Part(), "hname": b"", "hval": b"", "total": 0, "n": 0, "fields": 0, "ended": False}
 
     def on_part_begin() -> None:
         state["cur"] = _Part()
@@ -93,10 +120,18 @@ async def parse_multipart(
         if b"name" not in opts:
             raise BadRequest("a multipart part has no Content-Disposition name")
         part.name = opts[b"name"].decode("utf-8", "replace")
+        if b"filename" not in opts:
+            state["fields"] += 1
+            if state["fields"] > max_fields:
+                raise _form_error(f"more than {max_fields} form fields", "too_many_fields")
+            if part.name in fields and part.name in read_fields:
+                raise _form_error(f"form field {safe_text(part.name)!r} is sent twice", "duplicate_field", BadRequest, safe_text(part.name))
         if b"filename" in opts:
             # Only the base name is kept; validation refuses anything that is not a plain name.
             part.filename = opts[b"filename"].decode("utf-8", "replace")
             state["n"] += 1
+            if state["n"] > MAX_FILE_PARTS:
+                raise _form_error(f"more than {MAX_FILE_PARTS} files in one upload", "too_many_files")
             part.path = staging.dir / f"part-{state['n']:04d}"
             part.fh = part.path.open("wb")
             part.hasher = hashlib.sha256()
@@ -106,10 +141,11 @@ async def parse_multipart(
         chunk = data[start:end]
         state["total"] += len(chunk)
         if state["total"] > max_bytes:
-            raise PayloadTooLarge(f"upload is over the limit of {max_bytes} bytes")
+            raise PayloadTooLarge(f"upload is over the limit of {max_bytes} bytes", headers=_CLOSE)
         if part.fh is None:
             if len(part.value) + len(chunk) > max_field_bytes:
-                raise PayloadTooLarge("a form field is too large")
+                name = safe_text(part.name)
+                raise _form_error(f"form field {name!r} is over {max_field_bytes} bytes", "form_field_too_large", field=name)
             part.value.extend(chunk)
             return
         if len(part.head) < HEAD_BYTES:
@@ -117,6 +153,9 @@ async def parse_multipart(
         part.fh.write(chunk)
         part.hasher.update(chunk)
         part.size += len(chunk)
+
+    def on_end() -> None:
+        state["ended"] = True
 
     def on_part_end() -> None:
         part: _Part = state["cur"]
@@ -138,18 +177,24 @@ async def parse_multipart(
             "on_header_value": on_header_value,
             "on_header_end": on_header_end,
             "on_headers_finished": on_headers_finished,
+            "on_end": on_end,
         },
     )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except (PayloadTooLarge, BadRequest):
+    except ModelpressError:  # ours, and app.http_limits' (a stalled or oversized body)
         raise
     except Exception as e:  # the parser raises its own errors on malformed bodies
-        raise BadRequest(f"malformed multipart body ({e.__class__.__name__})") from None
+        raise _form_error(f"malformed multipart body ({e.__class__.__name__})", "malformed_multipart", BadRequest) from None
     finally:
         cur: _Part = state["cur"]
         if cur.fh is not None and not cur.fh.closed:
             cur.fh.close()
+    if not state["ended"]:
+        # python-multipart's finalize() does not check that the closing boundary came: without
+        # this, a body cut short would be taken for a complete upload of its first bytes.
+        raise _form_error("the multipart body ends before its closing boundary (cut off, or a Content-Length shorter "
+                          "than the body)", "truncated_multipart", BadRequest)
     return files, fields

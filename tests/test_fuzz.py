@@ -158,14 +158,14 @@ def _operation_config(method: str, path: str, ids: dict[str, dict[str, str]]) ->
 # - job and sweep specs (POST /v1/jobs, /v1/jobs/estimate, /v1/sweeps), 422: `model_id` must name a model the tenant
 #   uploaded (unknown_model), and the steps must suit it (methods are plugins, each with its own
 #   parameter schema, listed at GET /v1/methods);
-# - list routes (GET /v1/{models,datasets,jobs,sweeps}), 422: `cursor` must be a token the
+# - list routes (GET /v1/{models,datasets,jobs,sweeps,keys}), 422: `cursor` must be a token the
 #   service issued;
 # - the artifact's `Range` header, 416: any string to the schema; whether a range can be served
 #   depends on its syntax (one `bytes=a-b`) and on the artifact's size (RFC 9110's 416).
 _POSITIVE_DEFAULT = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 _POSITIVE_EXTRA = {
     **{f"POST /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps")},
-    **{f"GET /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps")},
+    **{f"GET /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps", "keys")},
     "POST /v1/jobs/estimate": ["422"],
     "GET /v1/jobs/{job_id}/artifact": ["416"],
 }

@@ -69,3 +69,48 @@ def test_auto_map_is_found_anywhere():
     with pytest.raises(FileRejected):
         find_remote_code("tokenizer_config.json", {"x": [{"auto_map": {}}]})
     find_remote_code("config.json", {"model_type": "gpt2"})
+
+
+def test_refusals_name_the_clients_file_and_the_field_never_the_staging_file(tmp_path):
+    """Uploads are checked in the staging folder under names of the service's own ("part-0001"):
+    the messages name the file as the client called it, and the place inside it."""
+    staged = tmp_path / "part-0001"
+    raw = b'{"__metadata__":{"format":"\\ud800"},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    staged.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0" * 4)
+    with pytest.raises(FileRejected) as e:
+        check_safetensors(staged, MAX, name="model.safetensors")
+    assert e.value.code == "invalid_safetensors" and e.value.kind == "json_invalid_string"
+    assert e.value.field == "__metadata__.format" and str(e.value).startswith("model.safetensors: header: ")
+    assert "part-0001" not in str(e.value) and str(tmp_path) not in str(e.value)
+
+
+@pytest.mark.parametrize(("header", "kind", "field"), [
+    ('{"a":{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}}' % ("9" * 4301), "json_number_too_long", "a.shape[0]"),
+    ('{"__metadata__":%s}' % ("[" * 5000 + "]" * 5000), "json_too_deep", None),
+    ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "json_duplicate_key", "a"),
+    ('{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', "json_non_finite_number", "a.shape[0]"),
+])
+def test_header_json_is_parsed_strictly(tmp_path, header, kind, field):
+    with pytest.raises(FileRejected) as e:
+        check_safetensors(_write_raw(tmp_path, header.encode(), b"\0" * 4), MAX)
+    assert (e.value.code, e.value.kind) == ("invalid_safetensors", kind)
+    if field is not None:
+        assert e.value.field == field
+
+
+def _write_raw(tmp_path, raw: bytes, data: bytes):
+    p = tmp_path / "w.safetensors"
+    p.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+    return p
+
+
+def test_names_that_end_in_a_newline_are_refused():
+    for bad in ("model.safetensors\n", "config.json\n", "model-00001-of-00002.safetensors\n"):
+        with pytest.raises(FileRejected) as e:
+            check_filename(bad)
+        assert e.value.code == "bad_filename"
+    from app.models.service import NAME_RE, SHARD_RE
+    from app.datasets.service import NAME_RE as DATASET_NAME_RE
+
+    assert not NAME_RE.fullmatch("mine\n") and not DATASET_NAME_RE.fullmatch("mine\n") and NAME_RE.fullmatch("mine v1.0")
+    assert not SHARD_RE.fullmatch("model-00001-of-00002.safetensors\n")

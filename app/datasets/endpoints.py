@@ -14,7 +14,7 @@ from app.deps import SettingsDep, StorageDep
 from app import idempotency
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
-from app.pagination import next_cursor
+from app.pagination import PageLimit, next_cursor
 from app.uploads import StagingArea, parse_multipart
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -60,7 +60,10 @@ async def upload_dataset(
     the dataset again."""
     key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
-        files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        files, fields = await parse_multipart(
+            request, staging, settings.max_upload_bytes,
+            max_fields=settings.max_form_fields, max_field_bytes=settings.max_form_field_bytes, read_fields=("name",),
+        )
         scope = None if key is None else idempotency.Scope(
             caller.tenant_id, "POST /v1/datasets", key, idempotency.upload_digest(files, fields)
         )
@@ -77,7 +80,7 @@ async def upload_dataset(
 def list_datasets(
     caller: CurrentCaller,
     uow: UoW,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> DatasetPage:
     """List the caller's datasets, newest first."""

@@ -1,22 +1,30 @@
 """Dataset files: ``.txt`` (one sample a line, blank lines skipped) or ``.jsonl`` (one object a
 line with a string ``text`` and an optional ``label``, an int or a string). Used by the API to
-validate uploads and by workers to read them; pure Python, no torch."""
+validate uploads and by workers to read them; pure Python, no torch. JSON lines go through the
+strict loader (app/jsonsafe.py): a line nested too deep, with a number too long to parse or a
+string that is not storable text is refused, naming the line and the field."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from app import jsonsafe
 
 MAX_LINE_BYTES = 1 << 20
 
 
 class DatasetInvalid(ValueError):
-    def __init__(self, line: int | None, reason: str) -> None:
+    """``line`` (1-based, None for the file as a whole), ``reason``; ``field``: the place inside
+    the line's object where there is one; ``kind``: the precise rule (e.g. ``json_too_deep``)."""
+
+    def __init__(self, line: int | None, reason: str, field: str | None = None, kind: str | None = None) -> None:
         super().__init__(f"line {line}: {reason}" if line else reason)
         self.line = line
         self.reason = reason
+        self.field = field
+        self.kind = kind
 
 
 def dataset_format(filename: str) -> str:
@@ -57,9 +65,12 @@ def iter_numbered(path: Path, fmt: str) -> Iterator[tuple[int, dict[str, Any]]]:
                 yield n, {"text": line}
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError:
-                raise DatasetInvalid(n, "not a JSON object") from None
+                obj = jsonsafe.loads(line)
+            except jsonsafe.JSONRejected as e:
+                if e.code == "invalid_json":
+                    raise DatasetInvalid(n, "not a JSON object", kind=e.code) from None
+                where = jsonsafe.format_path(e.path) if e.path else None
+                raise DatasetInvalid(n, f"{e.reason}{f' at {where}' if where else ''}", where, e.code) from None
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
                 raise DatasetInvalid(n, "each line needs a non-empty string 'text'")
             sample: dict[str, Any] = {"text": obj["text"]}

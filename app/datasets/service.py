@@ -13,19 +13,26 @@ from app.datasets import repository
 from app.datasets.parsing import DatasetInvalid, dataset_format, iter_numbered
 from app.db import UnitOfWork
 from app.errors import Conflict, NotFound, Unprocessable
+from app.jsonsafe import safe_text
 from app.storage import Storage
 from app.tables import Dataset, new_id
 from app.uploads import StagedFile
 
-NAME_RE = re.compile(r"^[\w .:@+-]{1,200}$")
+# Used with fullmatch only ("$" matches before a trailing newline).
+NAME_RE = re.compile(r"[\w .:@+-]{1,200}")
 # Labels are classes: a column of (near-)unique values is a mistake, and the row keeps them all.
 MAX_LABELS = 10_000
 
 
-def _reject(code: str, detail: str, loc: list[str | int] | None = None, line: int | None = None) -> Unprocessable:
-    err: dict[str, Any] = {"loc": loc or ["body", "file"], "msg": detail, "type": code}
+def _reject(code: str, detail: str, loc: list[str | int] | None = None, line: int | None = None,
+            file: str | None = None, field: str | None = None, kind: str | None = None) -> Unprocessable:
+    err: dict[str, Any] = {"loc": loc or ["body", "file"], "msg": detail, "type": kind or code}
     if line is not None:
         err["line"] = line
+    if file is not None:
+        err["file"] = file
+    if field is not None:
+        err["field"] = field
     return Unprocessable(detail, code=code, errors=[err])
 
 
@@ -58,28 +65,30 @@ def inspect(path: Path, fmt: str) -> dict[str, Any]:
 def validate_upload(files: list[StagedFile]) -> tuple[StagedFile, str, dict[str, Any]]:
     if len(files) != 1 or files[0].field != "file":
         fields = sorted({f.field for f in files})
-        raise _reject("no_file" if not files else "unexpected_part",
-                      f"send exactly one multipart part named 'file' (got {fields or 'none'})")
+        got = safe_text(repr(fields), 200) if fields else "none"
+        raise _reject("no_file" if not files else "unexpected_part", f"send exactly one multipart part named 'file' (got {got})")
     f = files[0]
     try:
         fmt = dataset_format(f.filename)
     except DatasetInvalid as e:
-        raise _reject("unsupported_file_type", f"{f.filename or 'the file'}: {e.reason}") from None
+        raise _reject("unsupported_file_type", f"{safe_text(f.filename, 200) or 'the file'}: {e.reason}") from None
     try:
         facts = inspect(f.path, fmt)
     except DatasetInvalid as e:
         code = "empty_dataset" if e.line is None else "invalid_dataset"
-        raise _reject(code, f"{f.filename}: {e}", line=e.line) from None
+        shown = safe_text(f.filename, 200)
+        raise _reject(code, f"{shown}: {e}", line=e.line, file=shown, field=e.field, kind=e.kind) from None
     return f, fmt, facts
 
 
 def create(uow: UnitOfWork, caller: Caller, storage: Storage, files: list[StagedFile], name: str | None) -> Dataset:
     f, fmt, facts = validate_upload(files)
-    if name is not None and not NAME_RE.match(name):
-        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _", ["body", "name"])
+    if name is not None and not NAME_RE.fullmatch(name):
+        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
+                      ["body", "name"], field="name")
     if name is None:
         stem = Path(f.filename).stem
-        name = stem if NAME_RE.match(stem) else "dataset"
+        name = stem if NAME_RE.fullmatch(stem) else "dataset"
     quotas.check_storage(uow.session, caller.tenant_id, f.size_bytes)
     dataset_id = new_id()
     prefix = f"datasets/{dataset_id}"

@@ -1,19 +1,71 @@
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from app.jsonsafe import format_path
 from app.webhooks import ssrf
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
+# Request bodies are strict (``strict=True``): JSON's true is not the integer 1 nor "5" the number
+# 5 (pydantic's lax mode would take both, and a client's mistake would run). An integer is what
+# JSON Schema, and so the OpenAPI spec, calls one: a number without a fraction, 5 or 5.0.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _integral_floats(value: Any) -> Any:
+    """``value`` with every integral float an int (JSON Schema's integers), for the strict check."""
+    if isinstance(value, dict):
+        return {k: _integral_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats(v) for v in value]
+    return _integral(value)
+
+
+# An integer field of a request body: strict, but 5.0 is 5 (see STRICT).
+JSONInt = Annotated[int, BeforeValidator(_integral)]
+
 
 class StepIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     method: str = Field(min_length=1, max_length=100, examples=["prune.magnitude"])
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"sparsity": 0.5}])
+
+    @model_validator(mode="after")
+    def _params_strictly_typed(self) -> "StepIn":
+        """A method's parameters with the same strictness: validated as the JSON they came as,
+        strict. Only the difference is reported here (a value pydantic's lax mode, which the job
+        service validates with, would have converted); every other problem is the service's,
+        which names its place."""
+        from worker.methods import get  # the registry: pydantic models, no torch
+
+        spec = get(self.method)
+        if spec is None:
+            return self
+        try:
+            spec.params.model_validate_json(json.dumps(_integral_floats(self.params)), strict=True)
+        except ValidationError as strict:
+            try:
+                spec.params.model_validate(self.params)
+                lax_locs: set[tuple] = set()
+            except ValidationError as lax:
+                lax_locs = {tuple(e["loc"]) for e in lax.errors(include_url=False)}
+            coerced = [e for e in strict.errors(include_url=False) if tuple(e["loc"]) not in lax_locs]
+            if coerced:
+                raise PydanticCustomError(
+                    "strict_type", "params.{field}: {msg} (a value of another JSON type is not converted)",
+                    {"field": format_path(tuple(coerced[0]["loc"])), "msg": coerced[0]["msg"]},
+                ) from None
+        return self
 
 
 class EvaluationIn(BaseModel):
@@ -23,13 +75,13 @@ class EvaluationIn(BaseModel):
     ``warmup`` untimed ones, median reported. Quality and fidelity: up to ``max_samples`` texts of
     the eval dataset (or the built-in English corpus), each cut to ``seq_len`` tokens."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     enabled: bool = Field(default=True, description="false: only sizes and sparsity are reported")
-    batch_size: int = Field(default=1, ge=1, le=64)
-    seq_len: int = Field(default=128, ge=8, le=4096)
-    runs: int = Field(default=7, ge=1, le=100)
-    warmup: int = Field(default=2, ge=0, le=20)
-    max_samples: int = Field(default=32, ge=1, le=2000)
+    batch_size: JSONInt = Field(default=1, ge=1, le=64)
+    seq_len: JSONInt = Field(default=128, ge=8, le=4096)
+    runs: JSONInt = Field(default=7, ge=1, le=100)
+    warmup: JSONInt = Field(default=2, ge=0, le=20)
+    max_samples: JSONInt = Field(default=32, ge=1, le=2000)
     budget_s: float = Field(
         default=15.0, ge=1.0, le=86400.0,
         description="seconds the report's measurements (latency, quality, fidelity of both models) may take "
@@ -38,7 +90,7 @@ class EvaluationIn(BaseModel):
 
 
 class JobIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepIn] = Field(min_length=1, max_length=32)
     name: str | None = Field(default=None, max_length=200)
@@ -230,8 +282,11 @@ class JobReport(BaseModel):
 
 
 class LinkIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    ttl_s: int | None = Field(default=None, ge=1, le=7 * 86400, description="seconds the link stays valid (default: settings)")
+    model_config = STRICT
+    # The bounds on the int itself: on the union (around JSONInt's validator), pydantic would
+    # write them into the spec as "ge"/"le", which JSON Schema does not know.
+    ttl_s: Annotated[int, Field(ge=1, le=7 * 86400), BeforeValidator(_integral)] | None = Field(
+        default=None, description="seconds the link stays valid (default: settings)")
 
 
 class LinkOut(BaseModel):

@@ -14,7 +14,7 @@ from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
-from app.pagination import next_cursor
+from app.pagination import PageLimit, next_cursor
 from app.uploads import StagingArea, parse_multipart
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -55,7 +55,10 @@ async def upload_model(
     storing the model again."""
     key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
-        files, fields = await parse_multipart(request, staging, settings.max_upload_bytes)
+        files, fields = await parse_multipart(
+            request, staging, settings.max_upload_bytes,
+            max_fields=settings.max_form_fields, max_field_bytes=settings.max_form_field_bytes, read_fields=("name",),
+        )
         # The digest of an upload is known once it is streamed (sha256s computed on the way).
         scope = None if key is None else idempotency.Scope(
             caller.tenant_id, "POST /v1/models", key, idempotency.upload_digest(files, fields)
@@ -73,7 +76,7 @@ async def upload_model(
 def list_models(
     caller: CurrentCaller,
     uow: UoW,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> ModelPage:
     """List the caller's models, newest first."""

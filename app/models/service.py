@@ -6,11 +6,11 @@ import hashlib
 import re
 from pathlib import Path
 
-from app import quotas
+from app import jsonsafe, quotas
 from app.auth import Caller
 from app.config import Settings
 from app.db import UnitOfWork
-from app.errors import Conflict, NotFound, Unprocessable
+from app.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.models import repository
 from app.models.validation import (
     SHARD_RE,
@@ -27,14 +27,47 @@ from app.tables import Model, new_id
 from app.uploads import StagedFile
 
 INDEX_NAME = "model.safetensors.index.json"
-NAME_RE = re.compile(r"^[\w .:@+-]{1,200}$")
+# Used with fullmatch only ("$" matches before a trailing newline). A default name (the
+# architecture, the file's stem) must pass it as a given one does.
+NAME_RE = re.compile(r"[\w .:@+-]{1,200}")
+# A transformers model class (config.json "architectures"): a Python identifier, which also
+# keeps path separators, newlines and thousands of characters out of names and columns.
+ARCHITECTURE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,199}")
+# config.json "model_type": transformers' registry keys ("gpt2", "xlm-roberta", "qwen2_moe").
+MODEL_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+# Bytes per element of the floating dtypes a config may name (torch names and their aliases).
+# The worker loads with dtype="auto", i.e. in the config's dtype: one wider than every stored
+# floating tensor would silently double (or quadruple) the model in memory.
+CONFIG_DTYPES = {
+    "float64": 8, "double": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
+    "float8_e4m3fn": 1, "float8_e5m2": 1,
+}
+FLOAT_TENSOR_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _reject(code: str, detail: str, loc: list[str | int] | None = None) -> Unprocessable:
-    return Unprocessable(detail, code=code, errors=[{"loc": loc or ["body", "files"], "msg": detail, "type": code}])
+def _reject(code: str, detail: str, loc: list[str | int] | None = None, *, file: str | None = None,
+            field: str | None = None, kind: str | None = None) -> Unprocessable:
+    err: dict[str, object] = {"loc": loc or ["body", "files"], "msg": detail, "type": kind or code}
+    if file is not None:
+        err["file"] = file
+    if field is not None:
+        err["field"] = field
+    return Unprocessable(detail, code=code, errors=[err])
 
 
-def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None) -> None:
+def _rejected(e: FileRejected) -> Unprocessable | PayloadTooLarge:
+    if e.status == 413:
+        return PayloadTooLarge(str(e), code=e.code)
+    return _reject(e.code, str(e), file=e.filename, field=e.field, kind=e.kind)
+
+
+def _listing(names: object) -> str:
+    return jsonsafe.safe_text(repr(sorted(names)) if isinstance(names, (set, list)) else repr(names), 300)
+
+
+def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensors: dict[str, dict[str, dict]]) -> None:
+    """The weight files of an HF directory agree with each other and with the index.
+    ``tensors``: each safetensors file's tensors (name -> header entry)."""
     st_names = {n for n in by_name if n.endswith(".safetensors")}
     if "model.safetensors" in st_names:
         if len(st_names) != 1 or index is not None:
@@ -42,19 +75,75 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None) -> Non
         return
     if not st_names:
         raise _reject("missing_weights", "a Hugging Face directory needs model.safetensors or sharded model-0000k-of-0000n.safetensors files")
-    bad = sorted(n for n in st_names if not SHARD_RE.match(n))
+    bad = sorted(n for n in st_names if not SHARD_RE.fullmatch(n))
     if bad:
         raise _reject("unexpected_file", f"unexpected weight files {bad}: expected model.safetensors or model-0000k-of-0000n.safetensors")
-    totals = {int(SHARD_RE.match(n).group(2)) for n in st_names}
-    if len(totals) != 1 or {int(SHARD_RE.match(n).group(1)) for n in st_names} != set(range(1, totals.pop() + 1)):
+    totals = {int(SHARD_RE.fullmatch(n).group(2)) for n in st_names}
+    if len(totals) != 1 or {int(SHARD_RE.fullmatch(n).group(1)) for n in st_names} != set(range(1, totals.pop() + 1)):
         raise _reject("inconsistent_weights", "shards must be numbered 1..n of n, all present")
+    # Which shard holds each tensor: a tensor in two shards is loaded from whichever the loader
+    # meets last, so the upload is ambiguous.
+    holder: dict[str, str] = {}
+    for shard in sorted(st_names):
+        for tname in tensors.get(shard, {}):
+            if tname in holder:
+                t = jsonsafe.safe_text(tname, 100)
+                raise _reject("inconsistent_weights", f"tensor {t!r} is in two shards, {holder[tname]} and {shard}",
+                              file=shard, field=t)
+            holder[tname] = shard
     if index is None:
         raise _reject("missing_index", f"sharded weights need {INDEX_NAME}")
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-        raise _reject("invalid_index", f"{INDEX_NAME} needs a weight_map of tensor name -> shard file")
+        raise _reject("invalid_index", f"{INDEX_NAME} needs a weight_map of tensor name -> shard file", file=INDEX_NAME, field="weight_map")
     if set(wm.values()) != st_names:
-        raise _reject("inconsistent_weights", f"{INDEX_NAME} names shards {sorted(set(wm.values()))} but the upload has {sorted(st_names)}")
+        raise _reject("inconsistent_weights", f"{INDEX_NAME} names shards {_listing(set(wm.values()))} but the upload has {sorted(st_names)}",
+                      file=INDEX_NAME, field="weight_map")
+    # The index is what transformers loads by: every entry must point at the shard that holds the
+    # tensor, and every stored tensor must be in it.
+    for tname, shard in wm.items():
+        if holder.get(tname) != shard:
+            t = jsonsafe.safe_text(tname, 100)
+            where = f"it is in {holder[tname]}" if tname in holder else "no shard holds it"
+            raise _reject("inconsistent_weights", f"{INDEX_NAME}: weight_map puts tensor {t!r} in {shard}, but {where}",
+                          file=INDEX_NAME, field=f"weight_map[{jsonsafe.safe_text(tname, 100)!r}]")
+    missing = sorted(set(holder) - set(wm))
+    if missing:
+        t = jsonsafe.safe_text(missing[0], 100)
+        raise _reject("inconsistent_weights", f"{INDEX_NAME}: weight_map lacks {len(missing)} tensor(s) of the shards, e.g. {t!r} in {holder[missing[0]]}",
+                      file=INDEX_NAME, field="weight_map")
+
+
+def _check_config(config: object, tensors: dict[str, dict[str, dict]]) -> str:
+    """config.json's fields the service relies on; returns the architecture."""
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise _reject("invalid_config", "config.json must be an object with a 'model_type'", file="config.json", field="model_type")
+    if not MODEL_TYPE_RE.fullmatch(config["model_type"]):
+        raise _reject("invalid_config", "config.json: model_type must be 1-100 letters, digits, '_', '.' or '-' (a transformers model type)",
+                      file="config.json", field="model_type")
+    archs = config.get("architectures")
+    architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
+    if architecture is None:
+        raise _reject("invalid_config", "config.json must list the model class in 'architectures' (as save_pretrained writes it)",
+                      file="config.json", field="architectures")
+    for i, arch in enumerate(archs):
+        if not isinstance(arch, str) or not ARCHITECTURE_RE.fullmatch(arch):
+            raise _reject("invalid_config", f"config.json: architectures[{i}] must be a model class name (a Python identifier of at most "
+                          f"200 characters), not {jsonsafe.safe_text(repr(arch), 60)}", file="config.json", field=f"architectures[{i}]")
+    widest = max((FLOAT_TENSOR_BYTES.get(t.get("dtype"), 0) for ts in tensors.values() for t in ts.values()), default=0)
+    for key in ("torch_dtype", "dtype"):  # transformers 5 writes "dtype", older versions "torch_dtype"
+        value = config.get(key)
+        if value is None or value == "auto":
+            continue
+        name = value.removeprefix("torch.") if isinstance(value, str) else None
+        if name not in CONFIG_DTYPES:
+            raise _reject("invalid_config", f"config.json: {key} must be one of {sorted(CONFIG_DTYPES)} or null, not "
+                          f"{jsonsafe.safe_text(repr(value), 60)}", file="config.json", field=key)
+        if widest and CONFIG_DTYPES[name] > widest:
+            raise _reject("config_dtype_widens", f"config.json: {key} {name} is wider than every floating tensor of the weights "
+                          f"({widest * 8}-bit at most): loading would silently widen the model; set it to the weights' dtype",
+                          file="config.json", field=key)
+    return architecture
 
 
 def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
@@ -64,49 +153,47 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
     by_name: dict[str, StagedFile] = {}
     for f in files:
         if f.field != "files":
-            raise _reject("unexpected_part", f"unexpected multipart part {f.field!r}; files go in parts named 'files'", ["body", f.field])
+            part = jsonsafe.safe_text(f.field, 60)
+            raise _reject("unexpected_part", f"unexpected multipart part {part!r}; files go in parts named 'files'", ["body", part])
         try:
             check_filename(f.filename)
         except FileRejected as e:
-            raise _reject(e.code, str(e)) from None
+            raise _rejected(e) from None
         if f.filename in by_name:
-            raise _reject("duplicate_file", f"{f.filename} is uploaded twice")
+            raise _reject("duplicate_file", f"{f.filename} is uploaded twice", file=f.filename)
         by_name[f.filename] = f
 
-    def checked(fn, *args):  # noqa: ANN001, ANN202
+    def checked(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
         try:
-            return fn(*args)
+            return fn(*args, **kw)
         except FileRejected as e:
-            if e.status == 413:
-                from app.errors import PayloadTooLarge
-
-                raise PayloadTooLarge(str(e), code=e.code) from None
-            raise _reject(e.code, str(e)) from None
+            raise _rejected(e) from None
 
     parameters = 0
     configs: dict[str, object] = {}
+    tensors: dict[str, dict[str, dict]] = {}
     for name, f in by_name.items():
         checked(sniff_magic, name, f.head)
         kind = check_filename(name)
+        # f.path is the staging file ("part-0001"): the checks name the client's file instead.
         if kind == "safetensors":
-            parameters += checked(check_safetensors, f.path, settings.max_safetensors_header_bytes).parameters
+            info = checked(check_safetensors, f.path, settings.max_safetensors_header_bytes, name=name)
+            parameters += info.parameters
+            tensors[name] = info.tensors
         elif kind == "json":
-            obj = checked(load_json_file, f.path, settings.max_json_file_bytes)
+            obj = checked(load_json_file, f.path, settings.max_json_file_bytes, name=name)
             checked(find_remote_code, name, obj)
             configs[name] = obj
         else:
-            checked(check_text_file, f.path)
+            checked(check_text_file, f.path, name=name)
 
     if "config.json" in by_name:
         fmt = "hf"
         config = configs["config.json"]
         if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-            raise _reject("invalid_config", "config.json must be an object with a 'model_type'")
-        _check_hf_weights(by_name, configs.get(INDEX_NAME))
-        archs = config.get("architectures")
-        architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
-        if architecture is None:
-            raise _reject("invalid_config", "config.json must list the model class in 'architectures' (as save_pretrained writes it)")
+            raise _reject("invalid_config", "config.json must be an object with a 'model_type'", file="config.json", field="model_type")
+        _check_hf_weights(by_name, configs.get(INDEX_NAME), tensors)
+        architecture = _check_config(config, tensors)
     else:
         if len(by_name) != 1 or not next(iter(by_name)).endswith(".safetensors"):
             raise _reject("missing_config", "upload either one *.safetensors file (a bare state dict) or a Hugging Face directory with config.json")
@@ -129,8 +216,9 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
 
 def create(uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings, files: list[StagedFile], name: str | None) -> Model:
     info = validate_upload(files, settings)
-    if name is not None and not NAME_RE.match(name):
-        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _", ["body", "name"])
+    if name is not None and not NAME_RE.fullmatch(name):
+        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
+                      ["body", "name"], field="name")
     quotas.check_storage(uow.session, caller.tenant_id, info["size_bytes"])
     model_id = new_id()
     prefix = f"models/{model_id}"
@@ -142,6 +230,8 @@ def create(uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings
         storage.delete_prefix(prefix)
         raise
     default_name = Path(info["files"][0]["name"]).stem if info["format"] == "safetensors" else (info["architecture"] or "model")
+    if not NAME_RE.fullmatch(default_name):  # a derived name obeys the rule of a given one
+        default_name = "model"
     model = Model(id=model_id, tenant_id=caller.tenant_id, name=name or default_name, storage_prefix=prefix, **info)
     uow.session.add(model)
     uow.session.flush()

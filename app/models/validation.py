@@ -1,16 +1,22 @@
 """Checks on uploaded files. Nothing here executes or unpickles a byte: safetensors headers are
-parsed as JSON by hand before any tensor library sees the file, JSON files are parsed as JSON, and
-text files must be UTF-8 without NUL bytes.
+parsed as JSON by hand before any tensor library sees the file, JSON files are parsed as JSON (both
+by the strict loader, app/jsonsafe.py: depth, number length, lone surrogates), and text files must
+be UTF-8 without NUL bytes.
+
+Uploaded files sit in the staging folder under names of the service's own (``part-0001``): every
+check takes the name the client gave (``name=``) for its messages, so a refusal never names a
+staging file.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from app import jsonsafe
 
 # dtype -> bytes per element (safetensors names). Sub-byte and exotic types are refused.
 SAFETENSORS_DTYPES = {
@@ -20,8 +26,9 @@ SAFETENSORS_DTYPES = {
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz"}
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
 TEXT_SUFFIXES = {".txt", ".jinja", ".md"}
-FILENAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-SHARD_RE = re.compile(r"^model-(\d{5})-of-(\d{5})\.safetensors$")
+# Used with fullmatch only: "$" would also match before a trailing newline.
+FILENAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
+SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 # Leading bytes of formats that must never be accepted whatever the file is called.
 MAGIC = {
     b"PK\x03\x04": "zip archive",
@@ -42,14 +49,31 @@ MAX_TENSORS = 1_000_000
 
 
 class FileRejected(Exception):
-    """An uploaded file is refused. ``code`` is machine-readable, the message says why."""
+    """An uploaded file is refused. ``code`` is machine-readable, the message says why; ``field``
+    names the place inside the file (``__metadata__.a``, ``architectures[0]``) where there is
+    one, and ``kind`` the precise rule (e.g. ``json_too_deep``; defaults to ``code``)."""
 
-    def __init__(self, filename: str, code: str, reason: str, status: int = 422) -> None:
-        super().__init__(f"{filename}: {reason}")
-        self.filename = filename
+    def __init__(self, filename: str, code: str, reason: str, status: int = 422, *, field: str | None = None,
+                 kind: str | None = None) -> None:
+        shown = jsonsafe.safe_text(filename, 200)
+        super().__init__(f"{shown}: {reason}")
+        self.filename = shown
         self.code = code
         self.reason = reason
         self.status = status
+        self.field = field
+        self.kind = kind or code
+
+
+def load_json_bytes(raw: bytes, name: str, code: str, what: str = "") -> Any:
+    """``raw`` parsed by the strict loader, or FileRejected(``code``) naming the file and the
+    place inside it (``what`` prefixes the place: "header")."""
+    try:
+        return jsonsafe.loads(raw)
+    except jsonsafe.JSONRejected as e:
+        where = jsonsafe.format_path(e.path) if e.path else None
+        at = f" at {where}" if where else ""
+        raise FileRejected(name, code, f"{what}{' ' if what else ''}{e.reason}{at}".strip(), field=where, kind=e.code) from None
 
 
 @dataclass
@@ -60,7 +84,7 @@ class SafetensorsInfo:
 
 def check_filename(name: str) -> str:
     """Return the suffix class of an acceptable file name, or raise."""
-    if not FILENAME_RE.match(name) or ".." in name:
+    if not FILENAME_RE.fullmatch(name) or ".." in name:
         raise FileRejected(name, "bad_filename", "file names must be plain names of letters, digits, '.', '_' and '-' (no folders)")
     suffix = Path(name).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -85,8 +109,10 @@ def sniff_magic(name: str, head: bytes) -> None:
         raise FileRejected(name, "archive_refused", "the file's bytes are a tar archive, not what its name claims")
 
 
-def check_safetensors(path: Path, max_header: int) -> SafetensorsInfo:
-    name = path.name
+def check_safetensors(path: Path, max_header: int, name: str | None = None) -> SafetensorsInfo:
+    """The header of a safetensors file checked against its data; ``name``: the file's name for
+    messages (the client's, not the staging file's)."""
+    name = name or path.name
     size = path.stat().st_size
     if size < 8:
         raise FileRejected(name, "invalid_safetensors", "file is too short to be safetensors")
@@ -99,44 +125,44 @@ def check_safetensors(path: Path, max_header: int) -> SafetensorsInfo:
         raw = f.read(n)
     if not raw.lstrip().startswith(b"{"):
         raise FileRejected(name, "invalid_safetensors", "header is not a JSON object")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FileRejected(name, "invalid_safetensors", f"header is not valid JSON ({e.__class__.__name__})") from None
+    header = load_json_bytes(raw, name, "invalid_safetensors", "header:")
     if not isinstance(header, dict):
         raise FileRejected(name, "invalid_safetensors", "header is not a JSON object")
     meta = header.pop("__metadata__", None)
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-        raise FileRejected(name, "invalid_safetensors", "__metadata__ must map strings to strings")
+        raise FileRejected(name, "invalid_safetensors", "__metadata__ must map strings to strings", field="__metadata__")
     if len(header) > MAX_TENSORS:
         raise FileRejected(name, "invalid_safetensors", "too many tensors")
     data_len = size - 8 - n
     ranges: list[tuple[int, int, str]] = []
     params = 0
     for tname, info in header.items():
+        # A tensor name is the client's: quoted short and printable in messages.
+        tfield = jsonsafe.safe_text(tname, 100)
+        t = repr(tfield)
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r}: entry must have exactly dtype, shape, data_offsets")
+            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: entry must have exactly dtype, shape, data_offsets", field=tfield)
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r}: unknown dtype {dtype!r}")
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: unknown dtype {jsonsafe.safe_text(repr(dtype), 40)}", field=tfield)
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
         ):
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r}: shape must be at most {MAX_DIMS} non-negative integers")
+            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: shape must be at most {MAX_DIMS} non-negative integers", field=tfield)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_len
         ):
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r}: data offsets {offsets!r} are outside the file's data")
+            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: data offsets {jsonsafe.safe_text(repr(offsets), 60)} are outside the file's data", field=tfield)
         numel = 1
         for d in shape:
             numel *= d
         if numel * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r}: shape {shape} and dtype {dtype} do not match its byte range")
+            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: shape {shape} and dtype {dtype} do not match its byte range", field=tfield)
         params += numel
         ranges.append((offsets[0], offsets[1], tname))
     ranges.sort()
@@ -144,33 +170,33 @@ def check_safetensors(path: Path, max_header: int) -> SafetensorsInfo:
     for begin, end, tname in ranges:
         if begin != pos:
             what = "overlaps another tensor" if begin < pos else "leaves a gap before it"
-            raise FileRejected(name, "invalid_safetensors", f"tensor {tname!r} {what}")
+            raise FileRejected(name, "invalid_safetensors", f"tensor {jsonsafe.safe_text(tname, 100)!r} {what}",
+                               field=jsonsafe.safe_text(tname, 100))
         pos = end
     if pos != data_len:
         raise FileRejected(name, "invalid_safetensors", "tensor data does not cover the file exactly (trailing bytes)")
     return SafetensorsInfo(parameters=params, tensors=header)
 
 
-def load_json_file(path: Path, max_bytes: int) -> Any:
+def load_json_file(path: Path, max_bytes: int, name: str | None = None) -> Any:
+    name = name or path.name
     if path.stat().st_size > max_bytes:
-        raise FileRejected(path.name, "file_too_large", f"JSON files are limited to {max_bytes} bytes", status=413)
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        raise FileRejected(path.name, "invalid_json", "the file is not valid UTF-8 JSON") from None
+        raise FileRejected(name, "file_too_large", f"JSON files are limited to {max_bytes} bytes", status=413)
+    return load_json_bytes(path.read_bytes(), name, "invalid_json")
 
 
-def check_text_file(path: Path) -> None:
+def check_text_file(path: Path, name: str | None = None) -> None:
+    name = name or path.name
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
             if b"\x00" in chunk:
-                raise FileRejected(path.name, "invalid_text", "text files must not contain NUL bytes")
+                raise FileRejected(name, "invalid_text", "text files must not contain NUL bytes")
     try:
         with path.open("r", encoding="utf-8") as f:
             while f.read(1 << 20):
                 pass
     except UnicodeDecodeError:
-        raise FileRejected(path.name, "invalid_text", "text files must be UTF-8") from None
+        raise FileRejected(name, "invalid_text", "text files must be UTF-8") from None
 
 
 def find_remote_code(name: str, obj: Any) -> None:

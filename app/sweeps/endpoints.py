@@ -11,7 +11,7 @@ from app.db import UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.pagination import next_cursor
+from app.pagination import PageLimit, next_cursor, query_int
 from app.sweeps import repository, service
 from app.sweeps.schemas import LinkIn, LinkOut, SweepIn, SweepOut, SweepPage
 
@@ -57,7 +57,7 @@ def create_sweep(
 def list_sweeps(
     caller: CurrentCaller,
     uow: UoW,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> SweepPage:
     """List the caller's sweeps, newest first, with their status and counts."""
@@ -109,7 +109,7 @@ def create_link(
 def view_sweep(
     sweep_id: str,
     uow: UoW,
-    expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+    expires: Annotated[query_int(0, 2**40) | None, Query()] = None,
     signature: Annotated[str | None, Query(max_length=128)] = None,
 ) -> HTMLResponse:
     """The sweep's HTML page through a signed link (no Authorization header needed)."""

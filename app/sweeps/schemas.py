@@ -3,9 +3,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from app.jobs.schemas import EvaluationIn, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
+from app.jobs.schemas import STRICT, EvaluationIn, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
 
 # A sweep varies at most this many parameters...
 MAX_VARY_PATHS = 4
@@ -19,7 +19,7 @@ VaryValues = Annotated[list[Any], Field(min_length=1, max_length=MAX_POINTS)]
 
 
 class SweepIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepIn] = Field(min_length=1, max_length=32, description="the base steps every point starts from")
     vary: dict[str, VaryValues] = Field(

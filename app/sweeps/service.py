@@ -11,6 +11,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.auth import Caller
 from app.db import UnitOfWork
 from app.errors import NotFound, Unprocessable
@@ -33,7 +35,8 @@ from app.sweeps.schemas import (
 from app.tables import Job, Sweep
 
 # Canonical: no leading zeros, so two different paths never name the same parameter.
-PATH_RE = re.compile(r"^steps\[(0|[1-9][0-9]{0,8})\]\.params\.([A-Za-z_][A-Za-z0-9_]{0,99})$")
+# Used with fullmatch only: "$" would also match before a trailing newline.
+PATH_RE = re.compile(r"steps\[(0|[1-9][0-9]{0,8})\]\.params\.([A-Za-z_][A-Za-z0-9_]{0,99})")
 JOB_NAME_MAX = 200
 
 
@@ -46,7 +49,7 @@ def _check_vary(body: SweepIn) -> None:
     errors: list[dict[str, Any]] = []
     for path, values in body.vary.items():
         loc: list[str | int] = ["body", "vary", path]
-        m = PATH_RE.match(path)
+        m = PATH_RE.fullmatch(path)
         if m is None:
             errors.append({"loc": loc, "msg": f"{path!r} is not a vary path: use steps[<i>].params.<name>, e.g. "
                            "steps[0].params.sparsity", "type": "invalid_vary_path"})
@@ -82,7 +85,7 @@ def grid(vary: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
 def _point_steps(steps: list[dict[str, Any]], values: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = copy.deepcopy(steps)
     for path, value in values.items():
-        m = PATH_RE.match(path)
+        m = PATH_RE.fullmatch(path)
         assert m is not None  # checked by _check_vary
         out[int(m.group(1))].setdefault("params", {})[m.group(2)] = copy.deepcopy(value)
     return out
@@ -105,6 +108,25 @@ def _point_error(e: Unprocessable, index: int, values: Mapping[str, Any], vary: 
                 loc = ["body", "vary", path, k, *loc[5:]]
         errors.append({**err, "loc": loc, "point": index})
     return Unprocessable(f"sweep point {index} ({_label(values)}) is invalid: {e.detail}", code=e.code, errors=errors)
+
+
+def _point_step_models(steps: list[dict[str, Any]], index: int, values: Mapping[str, Any],
+                       vary: Mapping[str, list[Any]]) -> list[StepIn]:
+    """The point's steps as request models: a varied value of the wrong JSON type (true for an
+    integer) is refused like one in ``steps`` (StepIn is strict), as a 422 naming the point."""
+    out = []
+    for j, step in enumerate(steps):
+        try:
+            out.append(StepIn.model_validate(step))
+        except ValidationError as e:
+            errors = []
+            for err in e.errors(include_url=False, include_input=False):
+                field = (err.get("ctx") or {}).get("field")
+                loc = ["body", "steps", j, "params", field] if field else ["body", "steps", j, *err["loc"]]
+                errors.append({"loc": loc, "msg": err["msg"], "type": err["type"]})
+            detail = "; ".join(e["msg"] for e in errors)
+            raise _point_error(Unprocessable(detail, errors=errors), index, values, vary) from None
+    return out
 
 
 def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[Job]]:
@@ -130,7 +152,7 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
     for i, values in enumerate(points):
         job_in = JobIn(
             model_id=body.model_id,
-            steps=[StepIn.model_validate(s) for s in _point_steps(base, values)],
+            steps=_point_step_models(_point_steps(base, values), i, values, body.vary),
             name=f"{body.name or 'sweep'} [{i}] {_label(values)}"[:JOB_NAME_MAX],
             dataset_id=body.dataset_id,
             eval_dataset_id=body.eval_dataset_id,
