@@ -29,7 +29,7 @@ from app.jobs.schemas import (
     WorkerOut,
 )
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.pagination import next_cursor
+from app.pagination import PageLimit, next_cursor, query_int
 from app.routing import DirectRoute
 from app.tables import Job
 from worker.methods import load_all
@@ -82,7 +82,7 @@ def list_jobs(
     caller: CurrentCaller,
     uow: UoW,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> JobPage:
     """List the caller's jobs, newest first, optionally by status."""
@@ -144,7 +144,7 @@ def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     return JobOut.from_row(job, service.stage(uow, job))
 
 
-_EVENT_ID = Annotated[int | None, Query(ge=0, le=2**63 - 1, description="resume after this event id (as Last-Event-ID)")]
+_EVENT_ID = Annotated[query_int(0, 2**63 - 1) | None, Query(description="resume after this event id (as Last-Event-ID)")]
 
 
 @router.get(
@@ -234,7 +234,7 @@ def job_report_link(
 )
 def job_report_view(
     job_id: str, uow: UoW,
-    expires: Annotated[int | None, Query(ge=0, le=2**40)] = None,
+    expires: Annotated[query_int(0, 2**40) | None, Query()] = None,
     signature: Annotated[str | None, Query(max_length=128)] = None,
 ) -> HTMLResponse:
     """The HTML report through a signed link (no Authorization header; see POST .../report/link)."""

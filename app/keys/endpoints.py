@@ -12,7 +12,7 @@ from app.db import UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.keys import service
 from app.keys.schemas import ApiKeyCreated, ApiKeyIn, ApiKeyOut, ApiKeyPage, RevokeIn
-from app.pagination import next_cursor
+from app.pagination import PageLimit, next_cursor
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])
 
@@ -23,7 +23,7 @@ def list_keys(
     uow: UoW,
     tenant: Annotated[str | None, Query(max_length=100, description="another tenant's keys, by name (admin)")] = None,
     all_tenants: Annotated[bool, Query(description="every tenant's keys (admin)")] = False,
-    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> ApiKeyPage:
     """List API keys, newest first: the caller's tenant's, or (admin) another tenant's or all."""
