@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, PrivateAttr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -44,13 +44,28 @@ class Settings(BaseSettings):
     body_read_timeout_s: float = Field(default=60.0, gt=0)
 
     job_time_limit_s: int = Field(default=6 * 3600, gt=0)
-    # A claimed job whose lease is not renewed within this many seconds may be claimed again.
-    job_lease_s: int = Field(default=15 * 60, gt=0)
-    # The reconciler (in every worker) re-sends the message of a job that is queued, or running
-    # with an expired lease, and was last sent this long ago: a message lost with a dead worker
-    # or a broker outage does not strand its job. Duplicates are harmless (the claim is a CAS).
+    # A claimed job whose lease is not renewed within this many seconds may be claimed again. The
+    # lease is renewed every job_lease_s / 6 seconds by a small keeper process next to the job's
+    # process (worker/heartbeat.py) that lives exactly as long as it: when the job's process
+    # dies the keeper ends the lease at once; when both die (a lost host) the renewals stop; a
+    # live job keeps its lease even through a long native step that holds the GIL. So a dead
+    # worker's job is claimable again at most job_lease_s after the kill, and re-sent by the
+    # next reconciler pass (at most reconcile_interval_s later): under 60 s at the defaults.
+    job_lease_s: int = Field(default=30, ge=3)
+    # The reconciler (in every worker, every reconcile_interval_s) re-sends the message of a job
+    # that is running with an expired lease at once (its worker died: the re-send goes ahead of
+    # queued jobs on Redis), and of a job that is still queued and was last sent over
+    # requeue_after_s ago (a message lost with a broker outage or a failed send). Duplicates are
+    # harmless (the claim is a compare-and-set).
     requeue_after_s: int = Field(default=300, gt=0)
-    reconcile_interval_s: int = Field(default=30, gt=0)
+    reconcile_interval_s: int = Field(default=10, gt=0)
+    # Leftovers of processes killed mid-work (app/sweeper.py, worker/sweep.py), swept when a
+    # worker or an API process starts and every sweep_interval_s: the scratch folders of job
+    # processes that are gone (or whose attempt was taken over), the API's staging folders of
+    # API processes that are gone, and unfinished S3 multipart uploads of dead job attempts or
+    # older than multipart_upload_max_age_s (an upload that takes longer would be aborted).
+    sweep_interval_s: int = Field(default=60, gt=0)
+    multipart_upload_max_age_s: int = Field(default=24 * 3600, gt=0)
     # A job whose worker died this many times while running it (each claim ended without a
     # result: a SIGKILL, an OOM kill, a lost node) is failed with error code too_many_attempts
     # instead of being claimed again: a poison job does not kill workers forever.
@@ -163,9 +178,24 @@ class Settings(BaseSettings):
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")
 
+    # Set by app/sweeper.py in an API process: its staging folder, named after the process.
+    _private_tmp: str | None = PrivateAttr(default=None)
+
+    @property
+    def tmp_root(self) -> Path:
+        """Scratch and staging of every process of this data_dir: job work folders (worker) and
+        the API processes' staging folders."""
+        return self.data_dir / "tmp"
+
     @property
     def tmp_dir(self) -> Path:
-        return self.data_dir / "tmp"
+        """This process's temporary folder: ``tmp_root``, or in an API process that called
+        :meth:`use_private_tmp` (app/sweeper.py) a folder of its own inside it, which the sweeper
+        removes whole once that process is gone."""
+        return self.tmp_root / self._private_tmp if self._private_tmp else self.tmp_root
+
+    def use_private_tmp(self, name: str | None) -> None:
+        self._private_tmp = name
 
 
 @lru_cache

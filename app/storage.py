@@ -11,6 +11,8 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
@@ -90,6 +92,41 @@ class Storage:
         if self.fs.exists(path):
             self.fs.rm(path)
 
+    @property
+    def is_s3(self) -> bool:
+        protocol = self.fs.protocol
+        return bool({"s3", "s3a"} & set(protocol if isinstance(protocol, (tuple, list)) else (protocol,)))
+
+    def multipart_uploads(self) -> list["MultipartUpload"]:
+        """The unfinished S3 multipart uploads under this storage's prefix (a writer killed
+        mid-upload leaves one; its parts are billed until it is aborted). [] when not on S3."""
+        if not self.is_s3:
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        prefix = f"{prefix}/" if prefix else ""
+        found: list[MultipartUpload] = []
+        markers: dict[str, str] = {}
+        while True:
+            page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
+            for u in page.get("Uploads") or []:
+                if u["Key"].startswith(prefix):
+                    found.append(MultipartUpload(u["Key"][len(prefix):], u["UploadId"], u["Initiated"]))
+            if not page.get("IsTruncated"):
+                return found
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+    def abort_multipart(self, upload: "MultipartUpload") -> None:
+        """Abort an unfinished multipart upload (its parts are deleted); one that was completed or
+        aborted meanwhile is left as it is."""
+        bucket, _, _ = self.root.partition("/")
+        try:
+            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=self._s3_key(upload.key), UploadId=upload.upload_id)
+        except FileNotFoundError:  # s3fs's NoSuchUpload: completed or aborted by someone else
+            pass
+
+    def _s3_key(self, key: str) -> str:
+        return self._path(key).partition("/")[2]
+
     def iter_range(self, key: str, start: int, end: int, chunk: int = 1 << 20) -> Iterator[bytes]:
         """Bytes [start, end] inclusive."""
         with self.open(key) as f:
@@ -101,6 +138,13 @@ class Storage:
                     break
                 left -= len(data)
                 yield data
+
+
+@dataclass(frozen=True)
+class MultipartUpload:
+    key: str  # relative to the storage's root, like every key of this module
+    upload_id: str
+    initiated: datetime
 
 
 class PendingObject:

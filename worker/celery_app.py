@@ -22,6 +22,12 @@ log = logging.getLogger("modelpress.queue")
 
 TASK_RUN_JOB = "modelpress.run_job"
 QUEUES = ("cpu", "gpu")
+# Message priorities on Redis (kombu keeps one list per priority step and a worker takes from the
+# lowest number first): a job taken back from a dead worker goes ahead of the queued ones, so its
+# next attempt starts as soon as a worker is free, not after the whole queue. kombu's SQLAlchemy
+# transport (embedded mode) has no priorities: there a reclaimed job waits its turn.
+PRIORITY_RECLAIM = 0
+PRIORITY_NORMAL = 5
 
 
 def make_celery() -> Celery:
@@ -75,7 +81,7 @@ def _our_logging(**_kw: object) -> None:
     configure_logging()
 
 
-def enqueue_job(job_id: str, queue: str) -> None:
+def enqueue_job(job_id: str, queue: str, *, reclaim: bool = False) -> None:
     """Send the job's message. Called after the job row is committed; if the broker is down the
     job stays ``queued`` in the database and the reconciler re-sends it, so the error is logged
     rather than turned into a failed request for a job that was recorded.
@@ -88,8 +94,9 @@ def enqueue_job(job_id: str, queue: str) -> None:
     with log_context(request_id=rid, job_id=job_id):
         try:
             celery_app.send_task(TASK_RUN_JOB, args=[job_id], queue=queue, headers={"request_id": rid}, retry=True,
+                                 priority=PRIORITY_RECLAIM if reclaim else PRIORITY_NORMAL,
                                  retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
         except Exception:
             log.exception("could not enqueue job %s; it stays queued for the reconciler", job_id)
         else:
-            log.info("job %s: message sent to queue %s", job_id, queue)
+            log.info("job %s: message sent to queue %s%s", job_id, queue, " (reclaimed: ahead of queued jobs)" if reclaim else "")

@@ -30,7 +30,7 @@ from app.db import get_sessionmaker
 from app.jobs import repository as jobs_repo
 from app.storage import Storage, get_storage
 from app.tables import Dataset, Job, Model
-from worker import evaluate, limits, memory, methods, model_io, stream
+from worker import evaluate, heartbeat, limits, memory, methods, model_io, stream, sweep
 
 log = logging.getLogger("modelpress.worker")
 
@@ -235,9 +235,26 @@ def run_job(job_id: str) -> None:
             # again; the CAS in give_up lets one of several workers (or the reconciler) do it.
             if jobs_repo.give_up(s, job_id, settings.max_attempts):
                 log.error("job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts)
+                sweep.drop_artifacts(storage, job_id)
             else:
                 log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
             return
+    # From here until the attempt's outcome is recorded, its lease is renewed by the keeper
+    # process (worker/heartbeat.py), which dies with this process; a thread renews it whenever
+    # the keeper is not running.
+    keeper = heartbeat.keeper()
+    keeper.hold(job_id, attempt, settings.job_lease_s)
+    beat_stop = threading.Event()
+    heartbeat.renew_from_thread(job_id, attempt, settings.job_lease_s, beat_stop, keeper)
+    try:
+        _run_attempt(job_id, attempt, settings, storage)
+    finally:
+        beat_stop.set()
+        keeper.release()
+
+
+def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage) -> None:
+    with get_sessionmaker()() as s:
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
@@ -253,18 +270,15 @@ def run_job(job_id: str) -> None:
             "format": model.format, "prefix": model.storage_prefix, "files": list(model.files),
             "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
         }
-    work = settings.tmp_dir / f"job-{job_id}-{attempt}"
-    # Earlier attempts of this job died (their claims expired): their scratch folders are garbage.
-    for k in range(1, attempt):
-        shutil.rmtree(settings.tmp_dir / f"job-{job_id}-{k}", ignore_errors=True)
+    # The scratch folder is named after this attempt and this process (worker/sweep.py): a
+    # sweeper removes it once the process is gone or the attempt lost the job.
+    work = sweep.scratch_dir(settings, job_id, attempt)
+    # Earlier attempts of this job died (their claims expired): their scratch folders on this
+    # host are garbage (the sweepers of other hosts remove theirs).
+    sweep.drop_earlier_scratch(settings, job_id, attempt)
     ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
     observability.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
-    # Renews the lease while a long step runs without reporting progress, so the reconciler does
-    # not hand a live job to another worker.
-    beat_stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(job_id, attempt, settings.job_lease_s, beat_stop), daemon=True)
-    beat.start()
     watchdog = limits.Watchdog(
         settings.job_time_limit_s, settings.job_memory_limit_mb * 2**20,
         lambda code, message: _record(job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed"),
@@ -296,7 +310,6 @@ def run_job(job_id: str) -> None:
                 error_message=f"internal error ({e.__class__.__name__})", progress_stage="failed")
         return
     finally:
-        beat_stop.set()
         shutil.rmtree(work, ignore_errors=True)
     if outcome is None:
         _record(job_id, attempt, "canceled", progress_stage="canceled")
@@ -310,16 +323,6 @@ def run_job(job_id: str) -> None:
     # a job keeps exactly one artifact.
     for k in range(1, attempt):
         storage.delete_prefix(f"artifacts/{job_id}/attempt-{k}")
-
-
-def _heartbeat(job_id: str, attempt: int, lease_s: int, stop: threading.Event) -> None:
-    while not stop.wait(max(1.0, lease_s / 3)):
-        try:
-            with get_sessionmaker()() as s:
-                if not jobs_repo.heartbeat(s, job_id, attempt, lease_s):
-                    return  # finished or fenced off
-        except Exception:  # the database is down: the next beat tries again
-            log.warning("job %s: heartbeat failed", job_id, extra={"job_id": job_id, "attempt": attempt})  # a thread: no log context
 
 
 def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:

@@ -18,6 +18,7 @@ log = logging.getLogger("modelpress.worker")
 
 _stop_reconciler = threading.Event()
 _stop_webhooks = threading.Event()
+_stop_sweeper = threading.Event()
 _registration: budget.BudgetRegistration | None = None
 # task id -> the token that restores the log context when the task is done.
 _log_tokens: dict[str, contextvars.Token] = {}
@@ -64,13 +65,15 @@ def _unbind_log_context(task_id: str, **_kw: object) -> None:
 
 @worker_ready.connect
 def _on_ready(**_kw: object) -> None:
-    """In the worker's main process: start the reconciler and the webhook dispatcher, and register
-    in the worker registry (the queues this worker consumes, and its device)."""
+    """In the worker's main process: start the reconciler, the sweeper (worker/sweep.py: its first
+    pass removes what killed job processes left) and the webhook dispatcher, and register in the
+    worker registry (the queues this worker consumes, and its device)."""
     global _registration
-    from worker import webhooks
+    from worker import sweep, webhooks
     from worker.reconcile import start_background
 
     start_background(_stop_reconciler)
+    sweep.start_background(_stop_sweeper)
     webhooks.start_background(_stop_webhooks)
     consumed = celery_app.amqp.queues.consume_from  # None: no -Q, every queue
     _registration = budget.BudgetRegistration(sorted(consumed or QUEUES), registry.describe(registry.device()))
@@ -81,6 +84,7 @@ def _on_ready(**_kw: object) -> None:
 def _on_shutdown(**_kw: object) -> None:
     _stop_reconciler.set()
     _stop_webhooks.set()
+    _stop_sweeper.set()
     if _registration is not None:
         _registration.stop()
 

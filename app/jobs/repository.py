@@ -12,6 +12,10 @@ a reader that saw event N of a job never later finds an event of that job below 
 repeats the last stage and fraction) and the reconciler's re-send (``take_stale``, which changes no
 status) write none.
 
+Leases: a running attempt's lease is renewed every few seconds by a keeper process that dies with
+the job's process (worker/heartbeat.py); an expired lease means the attempt's process is gone (or
+cut off from the database), and the reconciler re-sends the job at once (``take_stale``).
+
 Poison jobs: a job whose every attempt killed its worker is claimable again each time its lease
 expires. ``claim`` takes it only while ``attempt < max_attempts``; at the limit ``give_up`` fails
 it (``too_many_attempts``) by compare-and-set instead of running it again.
@@ -26,7 +30,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, or_, select, update
+from sqlalchemy import case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.pagination import page
@@ -239,24 +243,40 @@ def heartbeat(session: Session, job_id: str, attempt: int, lease_s: int) -> bool
     return res.rowcount == 1
 
 
-def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list[tuple[str, str]]:
-    """Jobs whose message may be lost: queued, or running with an expired lease, and last sent
-    more than ``requeue_after_s`` ago. Each is marked sent now with a compare-and-set on
-    ``enqueued_at``, so concurrent reconcilers re-send a job once. Returns (id, queue) pairs."""
+def end_lease(session: Session, job_id: str, attempt: int) -> bool:
+    """The attempt's process is known to be dead (its lease keeper saw it exit): its lease ends
+    now (fenced), so the job is claimable at once instead of when the lease would have run out."""
+    res = session.execute(_fenced(job_id, attempt).values(lease_expires_at=utcnow()))
+    session.commit()
+    return res.rowcount == 1
+
+
+def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list[tuple[str, str, bool]]:
+    """Jobs whose message may be lost, each marked sent now with a compare-and-set on
+    ``enqueued_at`` (so concurrent reconcilers re-send a job once). Returns (id, queue, reclaim)
+    triples; ``reclaim`` is true for a job taken back from a dead attempt.
+
+    * Running with an expired lease and not sent since it expired (``reclaim``): its worker died
+      (its message went with it, or was acknowledged by a worker whose claim the lease still
+      refused), so it is re-sent at once, once per expiry; each later attempt's lease expires
+      after this send, so a job that dies again is re-sent again at once.
+    * Queued (or a re-sent reclaim that no worker claimed) and last sent more than
+      ``requeue_after_s`` ago: a message lost with a broker outage or a failed send."""
     now = utcnow()
     cutoff = now - timedelta(seconds=requeue_after_s)
-    stale = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff)
+    expired = (Job.status == "running") & (Job.lease_expires_at < now)
+    stale = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff, expired & (Job.enqueued_at < Job.lease_expires_at))
     rows = session.execute(
-        select(Job.id, Job.queue, Job.enqueued_at)
+        select(Job.id, Job.queue, Job.enqueued_at, Job.status)
         .where(stale, _claimable(now))
-        .order_by(Job.created_at)
+        .order_by(case((expired, 0), else_=1), Job.created_at)  # reclaims first, however long the queue
         .limit(limit)
     ).all()
     taken = []
-    for job_id, queue, sent in rows:
+    for job_id, queue, sent, status in rows:
         same = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
         if session.execute(update(Job).where(Job.id == job_id, same).values(enqueued_at=now)).rowcount == 1:
-            taken.append((job_id, queue))
+            taken.append((job_id, queue, status == "running"))
     session.commit()
     return taken
 
