@@ -178,3 +178,56 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(beat, t
     ok = c.post("/v1/jobs", json={"model_id": model, "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
                                   "evaluation": {"enabled": False}}).json()
     assert wait_job(c, ok["id"], timeout=60)["status"] == "succeeded"
+
+
+def test_the_keeper_renews_and_ends_leases_on_sqlite(tmp_path):
+    """Embedded mode has no Redis and keeps its jobs in SQLite: the keeper of a (non-torch) job
+    process renews two leases there (a threads pool holds several), and ends both when that process
+    is SIGKILLed."""
+    import subprocess
+    import sys
+    import uuid
+    from datetime import timedelta
+
+    from sqlalchemy.orm import Session
+
+    from app.db import make_engine
+    from app.tables import Job, Tenant
+    from tests.helpers import MODELPRESS
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")},
+           "MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(tmp_path)}
+    subprocess.run([MODELPRESS, "migrate"], env=env, check=True, capture_output=True, timeout=120)
+    engine = make_engine(f"sqlite:///{tmp_path / 'modelpress.sqlite3'}")
+    jobs = [str(uuid.uuid4()) for _ in range(2)]
+    start = datetime.now(timezone.utc)
+    with Session(engine) as s:
+        tenant = Tenant(name=f"t-{uuid.uuid4().hex[:6]}")
+        s.add(tenant)
+        s.flush()
+        s.add_all([Job(id=j, tenant_id=tenant.id, steps=[], status="running", attempt=1,
+                       lease_expires_at=start + timedelta(seconds=LEASE_S)) for j in jobs])
+        s.commit()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom worker.heartbeat import keeper\nk = keeper()\n"
+         f"for j in {jobs!r}: k.hold(j, 1, {LEASE_S})\nprint(k.pid, flush=True)\ntime.sleep(600)\n"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        keeper_pid = int(holder.stdout.readline())
+
+        def leases() -> list:
+            with Session(engine) as s:
+                return [s.get(Job, j).lease_expires_at for j in jobs]
+
+        time.sleep(2 * LEASE_S)  # past the first lease: renewed all along
+        assert all(lease > datetime.now(timezone.utc) + timedelta(seconds=LEASE_S / 3) for lease in leases()), leases()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait()
+        deadline = time.monotonic() + 5
+        while pid_alive(keeper_pid) or any(lease > datetime.now(timezone.utc) for lease in leases()):
+            assert time.monotonic() < deadline, ("the keeper did not end the leases", leases())
+            time.sleep(0.05)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        engine.dispose()

@@ -18,8 +18,8 @@ first job).
   job keeps its lease. A job that hangs for good is bounded by ``MODELPRESS_JOB_TIME_LIMIT_S``
   (worker/limits.py, and Celery's hard time limit behind it), not by its lease.
 
-The job process tells its keeper over a pipe which attempt it holds (``hold <job> <attempt>
-<lease_s>``) and when it is done (``release``). A renewal is the fenced UPDATE of
+The job process tells its keeper over a pipe which attempts it holds (``hold <job> <attempt>
+<lease_s>``; several at once in a threads pool) and when one is done (``release <job> <attempt>``). A renewal is the fenced UPDATE of
 ``jobs_repo.heartbeat``: once the attempt lost its job (another attempt claimed it, or it ended)
 the keeper stops renewing it. When a keeper cannot be started, or has died, a thread of the job's
 process renews the lease instead (:func:`renew_from_thread`), and the next job starts a new keeper.
@@ -94,9 +94,9 @@ class LeaseKeeper:
         """Renew (job, attempt)'s lease from now on; False if no keeper runs (renew it yourself)."""
         return self._send(f"hold {job_id} {attempt} {lease_s}")
 
-    def release(self) -> None:
+    def release(self, job_id: str, attempt: int) -> None:
         if self.alive():
-            self._send("release")
+            self._send(f"release {job_id} {attempt}")
 
 
 _keeper: LeaseKeeper | None = None
@@ -153,29 +153,32 @@ def _parent_gone(parent: int, pidfd: int | None, wait_s: float = 0.0) -> bool:
     return True
 
 
-def _end(held: tuple[str, int, float] | None) -> None:
-    """The job's process died holding ``held``: end its lease now (fenced), so the reconciler
-    re-sends the job at its next pass instead of after the lease would have run out."""
-    if held is None:
+Held = dict[tuple[str, int], float]  # (job id, attempt) -> lease seconds
+
+
+def _end(held: Held) -> None:
+    """The job's process died holding ``held``: end those leases now (fenced), so the reconciler
+    re-sends the jobs at its next pass instead of after the leases would have run out."""
+    if not held:
         return
     from app.db import get_sessionmaker
     from app.jobs import repository as jobs_repo
 
-    job_id, attempt, _ = held
-    try:
-        with get_sessionmaker()() as s:
-            if jobs_repo.end_lease(s, job_id, attempt):
-                log.warning("job %s attempt %d: its process died; lease ended now, the job is claimable again", job_id, attempt)
-    except Exception:  # the database is down: the lease runs out on its own
-        log.warning("job %s attempt %d: its process died; could not end its lease (it runs out on its own)", job_id, attempt)
+    for job_id, attempt in held:
+        try:
+            with get_sessionmaker()() as s:
+                if jobs_repo.end_lease(s, job_id, attempt):
+                    log.warning("job %s attempt %d: its process died; lease ended now, the job is claimable again", job_id, attempt)
+        except Exception:  # the database is down: the lease runs out on its own
+            log.warning("job %s attempt %d: its process died; could not end its lease (it runs out on its own)", job_id, attempt)
 
 
 class _Orders:
-    """What the job's process said over the pipe: the attempt held now."""
+    """What the job's process said over the pipe: the attempts it holds now."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.held: tuple[str, int, float] | None = None
+        self.held: Held = {}
         self.next_beat = float("inf")
         self.closed = False
         self._buf = b""
@@ -189,16 +192,26 @@ class _Orders:
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             cmd = line.decode().split()
-            if cmd and cmd[0] == "hold" and len(cmd) == 4:
-                self.held = (cmd[1], int(cmd[2]), float(cmd[3]))
-                self.next_beat = time.monotonic() + beat_interval(self.held[2])
-            elif cmd and cmd[0] == "release":
-                self.held, self.next_beat = None, float("inf")
+            if len(cmd) == 4 and cmd[0] == "hold":
+                self.held[(cmd[1], int(cmd[2]))] = float(cmd[3])
+            elif len(cmd) == 3 and cmd[0] == "release":
+                self.held.pop((cmd[1], int(cmd[2])), None)
+        self.next_beat = min(self.next_beat, self._due()) if self.held else float("inf")
+
+    def _due(self) -> float:
+        return time.monotonic() + beat_interval(min(self.held.values()))
 
     def drain(self) -> None:
         """Everything written before the job's process died (it stays in the pipe)."""
         while not self.closed and select.select([self.fd], [], [], 0)[0]:
             self.read()
+
+    def beat(self) -> None:
+        for (job_id, attempt), lease_s in list(self.held.items()):
+            if not _renew(job_id, attempt, lease_s):
+                log.info("job %s attempt %d: no longer held by this attempt; lease no longer renewed", job_id, attempt)
+                self.held.pop((job_id, attempt), None)
+        self.next_beat = self._due() if self.held else float("inf")
 
 
 def main(argv: list[str]) -> int:
@@ -227,13 +240,8 @@ def main(argv: list[str]) -> int:
                 if _parent_gone(parent, pidfd, wait_s=2.0):
                     _end(orders.held)
                 return 0
-        if orders.held is not None and time.monotonic() >= orders.next_beat:
-            job_id, attempt, lease_s = orders.held
-            if _renew(job_id, attempt, lease_s):
-                orders.next_beat = time.monotonic() + beat_interval(lease_s)
-            else:
-                log.info("job %s attempt %d: no longer held by this attempt; lease no longer renewed", job_id, attempt)
-                orders.held, orders.next_beat = None, float("inf")
+        if orders.held and time.monotonic() >= orders.next_beat:
+            orders.beat()
 
 
 if __name__ == "__main__":

@@ -250,7 +250,7 @@ def run_job(job_id: str) -> None:
         _run_attempt(job_id, attempt, settings, storage)
     finally:
         beat_stop.set()
-        keeper.release()
+        keeper.release(job_id, attempt)
 
 
 def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage) -> None:
