@@ -55,6 +55,7 @@ class LeaseKeeper:
         self._proc: subprocess.Popen | None = None
         self._owner_pid = 0
         self._lock = threading.Lock()
+        self._held: dict[tuple[str, int], float] = {}  # told again to a keeper started anew
 
     def alive(self) -> bool:
         return self._proc is not None and self._owner_pid == os.getpid() and self._proc.poll() is None
@@ -77,26 +78,29 @@ class LeaseKeeper:
             self._proc = None
             return False
         self._owner_pid = os.getpid()
-        return True
+        # A keeper started after another died: it holds what this process still holds.
+        lines = "".join(f"hold {j} {a} {lease}\n" for (j, a), lease in self._held.items())
+        return self._write(lines) if lines else True
 
-    def _send(self, line: str) -> bool:
-        with self._lock:
-            if not self._ensure():
-                return False
-            try:
-                self._proc.stdin.write(line.encode() + b"\n")  # type: ignore[union-attr]
-                self._proc.stdin.flush()  # type: ignore[union-attr]
-                return True
-            except OSError:  # it died between the check and the write
-                return False
+    def _write(self, lines: str) -> bool:
+        try:
+            self._proc.stdin.write(lines.encode())  # type: ignore[union-attr]
+            self._proc.stdin.flush()  # type: ignore[union-attr]
+            return True
+        except OSError:  # it died between the check and the write
+            return False
 
     def hold(self, job_id: str, attempt: int, lease_s: float) -> bool:
         """Renew (job, attempt)'s lease from now on; False if no keeper runs (renew it yourself)."""
-        return self._send(f"hold {job_id} {attempt} {lease_s}")
+        with self._lock:
+            self._held[(job_id, attempt)] = lease_s
+            return self._ensure() and self._write(f"hold {job_id} {attempt} {lease_s}\n")
 
     def release(self, job_id: str, attempt: int) -> None:
-        if self.alive():
-            self._send(f"release {job_id} {attempt}")
+        with self._lock:
+            self._held.pop((job_id, attempt), None)
+            if self.alive():
+                self._write(f"release {job_id} {attempt}\n")
 
 
 _keeper: LeaseKeeper | None = None
