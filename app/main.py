@@ -17,6 +17,7 @@ from app.jobs.endpoints import router as jobs_router
 from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
+from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
 from app.webhooks.endpoints import router as webhooks_router
 
@@ -36,6 +37,8 @@ def create_app() -> FastAPI:
     # The upload routes stream multipart to disk and bound it themselves (app/uploads.py).
     app.add_middleware(BodyLimits, upload_paths=("/v1/models", "/v1/datasets"))
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
+    # A staging folder of this process's own, and the folders of API processes that are gone swept.
+    install_sweeper(app)
     app.include_router(models_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
