@@ -180,7 +180,10 @@ def record_throughput(job_id: str) -> None:
         # A small model's seconds are mostly set-up: no figure per byte to learn from it.
         if job.plan["model_bytes"] < planner.MIN_THROUGHPUT_SAMPLE_BYTES:
             return
-        secs = _work_seconds(job.metrics.get("stage_seconds") or {}) - planner.FIXED_SECONDS
+        work = _work_seconds(job.metrics.get("stage_seconds") or {})
+        # A job done in less than the plan's set-up allowance still says something: its whole
+        # time is an upper bound on its work time, so bytes over it a lower bound on the speed.
+        secs = work - planner.FIXED_SECONDS if work > 2 * planner.FIXED_SECONDS else work
         if secs <= 0:
             return
         path = job.plan["path"]
