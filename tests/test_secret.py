@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from tests.helpers import MODELPRESS, REDIS_URL, Service, safetensors_bytes, wait_job
+from tests.servers import private_database
 from tests.test_webhooks import receiver, verify  # noqa: F401 - receiver is a fixture
 
 PUBLIC = "https://press.example.com/mp"
@@ -123,7 +124,16 @@ class Hosts:
 
 
 @pytest.fixture(scope="module")
-def hosts(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+def hosts_database() -> Iterator[str]:
+    """A database of its own: the session's cluster stack shares ``pg_database``, and its worker's
+    webhook dispatcher (signing with that stack's secret) would deliver these jobs' webhooks too."""
+    with private_database() as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def hosts(hosts_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    pg_database = hosts_database
     root = tmp_path_factory.mktemp("hosts")
     shared = {
         "MODELPRESS_SECRET_KEY": "cluster-secret-" + uuid.uuid4().hex,
