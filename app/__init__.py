@@ -2,5 +2,3 @@
 
 Importing this package must stay light: no torch, no transformers (see tests/test_lean_import.py).
 """
-
-__version__ = "0.1.0"

@@ -45,10 +45,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.config import get_settings
-from app.db import read_uow
-from app.errors import ModelpressError, Unauthorized
-from app.tables import ApiKey, Tenant
+from core.config import get_settings
+from core.db import read_uow
+from core.errors import ModelpressError, Unauthorized
+from core.tables import ApiKey, Tenant
 
 log = logging.getLogger("modelpress.auth")
 

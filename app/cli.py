@@ -13,7 +13,7 @@ runs); given ``--url`` or ``--api-key`` they go through the API instead, with an
 (modelpress/_cli.py). A revocation is seen by every API process within a second (app/auth.py).
 
 ``serve``, ``worker`` and ``reconcile`` refuse to start (a message on stderr, exit 2) in cluster
-mode without ``MODELPRESS_SECRET_KEY`` (app/signing.py), and with a ``MODELPRESS_PUBLIC_BASE_URL``
+mode without ``MODELPRESS_SECRET_KEY`` (core/signing.py), and with a ``MODELPRESS_PUBLIC_BASE_URL``
 that is not an absolute http(s) URL. ``serve`` in embedded mode without a public base URL sets it
 from ``--host``/``--port``; in cluster mode links stay relative until one is configured.
 
@@ -45,7 +45,7 @@ def _alembic_config():  # noqa: ANN202
 def migrate() -> None:
     from alembic import command
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     get_settings().data_dir.mkdir(parents=True, exist_ok=True)
     command.upgrade(_alembic_config(), "head")
@@ -61,8 +61,8 @@ def _refuse_to_start(command: str) -> bool:
     """Print why this configuration may not run ``command`` (a long-running server process) and
     return True, or return False if it may. Checked before anything starts, so a misconfigured
     process exits at once with the reason instead of signing what no other host can verify."""
-    from app.config import get_settings
-    from app.signing import BadPublicBaseUrl, check_public_base_url, secret_key_problem
+    from core.config import get_settings
+    from core.signing import BadPublicBaseUrl, check_public_base_url, secret_key_problem
 
     s = get_settings()
     problems = [p for p in (secret_key_problem(s),) if p]
@@ -80,7 +80,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
     if _refuse_to_start("reconcile"):
         return 2
-    from worker.reconcile import reconcile_once, start_background
+    from core.reconcile import reconcile_once, start_background
 
     if args.once:
         for job_id in reconcile_once():
@@ -96,9 +96,9 @@ def _keys_on_db(args: argparse.Namespace, work: Any) -> int:
     errors an operator can fix are one line on stderr, not a traceback."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from app.config import get_settings
-    from app.db import get_sessionmaker
-    from app.errors import ModelpressError
+    from core.config import get_settings
+    from core.db import get_sessionmaker
+    from core.errors import ModelpressError
     from modelpress._cli import EXIT_API, EXIT_USAGE
 
     settings = get_settings()
@@ -166,7 +166,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         if args.tenant:
             tenant_id = repository.tenant_id_of(s, args.tenant)
             if tenant_id is None:
-                from app.errors import NotFound
+                from core.errors import NotFound
 
                 raise NotFound(f"no tenant {args.tenant}")
         rows = repository.list_page(s, tenant_id, args.limit or 10_000, None)
@@ -202,7 +202,7 @@ def _bootstrap_key(data_dir: Path) -> str:
     <data_dir> can use the database directly anyway; so `modelpress keys ...` through the API works
     with the key `serve` prints. A bootstrap key made before scopes existed is made admin here."""
     from app.auth import ADMIN, create_key, resolve_key
-    from app.db import get_sessionmaker
+    from core.db import get_sessionmaker
     from app.keys import repository
 
     path = data_dir / "api-key"
@@ -283,7 +283,7 @@ def run_uvicorn(app: Any, host: str, port: int) -> None:
     instant, once.)"""
     import uvicorn
 
-    from app.config import get_settings
+    from core.config import get_settings
 
     _freeze_heap()
     uvicorn.run(_FreezeWhenWarm(app, FREEZE_AFTER_REQUESTS), host=host, port=port, log_level=get_settings().log_level.lower(),
@@ -293,12 +293,12 @@ def run_uvicorn(app: Any, host: str, port: int) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import configure_mappers
 
-    from app.config import get_settings
+    from core.config import get_settings
     from app.main import create_app
 
     if _refuse_to_start("serve"):
         return 2
-    from app.signing import serve_base_url
+    from core.signing import serve_base_url
 
     s = get_settings()
     s.data_dir.mkdir(parents=True, exist_ok=True)
@@ -345,8 +345,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from app.config import get_settings
-    from worker.celery_app import QUEUES
+    """Check the configuration here, then become the worker: ``python -m worker`` (worker/__main__.py)
+    replaces this process (same pid), so the API's code never imports the worker's."""
+    from core.config import get_settings
+    from core.queue import QUEUES
 
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = [q for q in queues if q not in QUEUES]
@@ -365,28 +367,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
                   "run one process per GPU, e.g. CUDA_VISIBLE_DEVICES=0 modelpress worker --queues gpu", file=sys.stderr)
             return 2
         pool, concurrency = "solo", 1
-        from worker.registry import device
-
-        if device().type != "cuda" and not args.allow_no_gpu:
-            print("modelpress worker: no CUDA device: a gpu-queue worker needs one", file=sys.stderr)
-            return 1
     s.tmp_dir.mkdir(parents=True, exist_ok=True)
     if s.mode == "embedded":
         migrate()
-    from worker.celery_app import celery_app
-
-    argv = [
-        "worker",
-        "--queues", ",".join(queues),
-        "--concurrency", str(concurrency),
-        "--pool", pool,
-        "--loglevel", s.log_level,
-        "--hostname", f"modelpress-{'-'.join(queues)}-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ]
-    celery_app.worker_main(argv)
-    return 0
+    argv = [sys.executable, "-m", "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", pool]
+    if args.allow_no_gpu:
+        argv.append("--allow-no-gpu")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -450,8 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args.fn, "__name__", "") in _SERVER_COMMANDS:
         # Server processes log through our formatter (MODELPRESS_LOG_FORMAT json|text); the client
         # commands (modelpress/_cli.py) skip importing the server's settings and FastAPI.
-        from app.config import get_settings
-        from app.observability import configure_logging
+        from core.config import get_settings
+        from core.logs import configure_logging
 
         configure_logging(get_settings())
     return int(args.fn(args) or 0)

@@ -9,7 +9,7 @@ would buffer streamed responses).
   answered 408 ``request_timeout`` after ``body_read_timeout_s`` without a byte, instead of
   holding a connection and a worker thread forever.
 - **Strict JSON.** A JSON body (``application/json``, ``*+json``, or no Content-Type) must be
-  UTF-8 and pass app/jsonsafe.py: at most ``MAX_DEPTH`` levels, numbers of at most
+  UTF-8 and pass core/jsonsafe.py: at most ``MAX_DEPTH`` levels, numbers of at most
   ``MAX_NUMBER_CHARS`` characters, no NaN, no repeated key, no lone surrogate or NUL in a string.
   Refused here, with the place named (``errors[0].loc``), so that what FastAPI, pydantic, the
   idempotency digest and the database get is always JSON they can handle.
@@ -28,9 +28,9 @@ from collections.abc import Iterable
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import jsonsafe
-from app.config import get_settings
-from app.errors import PROBLEM_JSON, RequestTimeout
+from core import jsonsafe
+from core.config import get_settings
+from core.errors import PROBLEM_JSON, RequestTimeout
 
 _INLINE_PARSE_BYTES = 64 * 1024
 

@@ -36,9 +36,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from app.db import UnitOfWork
-from app.errors import Unprocessable
-from app.tables import IdempotencyKey, utcnow
+from core.db import UnitOfWork
+from core.errors import Unprocessable
+from core.tables import IdempotencyKey, utcnow
 from app.uploads import StagedFile
 
 TTL = timedelta(hours=24)

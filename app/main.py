@@ -8,8 +8,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from app import __version__
-from app.db import get_engine
+from core import __version__
+from core.db import get_engine
 from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.http_limits import BodyLimits
@@ -62,9 +62,9 @@ def create_app() -> FastAPI:
         except Exception as e:
             checks["database"] = f"error: {e.__class__.__name__}"
         try:
-            from worker.celery_app import celery_app
+            from core.queue import client
 
-            with celery_app.connection_for_write() as conn:
+            with client().connection_for_write() as conn:
                 conn.ensure_connection(max_retries=1, timeout=2)
             checks["broker"] = "ok"
         except Exception as e:

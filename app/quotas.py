@@ -13,9 +13,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.config import get_settings
-from app.errors import ModelpressError
-from app.tables import Dataset, Job, Model, Tenant
+from core.config import get_settings
+from core.errors import ModelpressError
+from core.tables import Dataset, Job, Model, Tenant
 
 
 class QuotaExceeded(ModelpressError):

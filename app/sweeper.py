@@ -2,7 +2,7 @@
 
 An upload is streamed to a staging folder (app/uploads.py) under ``settings.tmp_dir``. In an API
 process that runs :func:`install_sweeper`'s lifespan, that is a folder of its own,
-``<data_dir>/tmp/api.<process token>`` (app/procid.py: machine, pid, start time), so every staging
+``<data_dir>/tmp/api.<process token>`` (core/procid.py: machine, pid, start time), so every staging
 file has a known owner. When the process stops cleanly it removes its folder; when it was killed
 (kill -9, an OOM kill, a lost host), the next sweep by any API process of the same data folder
 removes it:
@@ -30,8 +30,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from app import procid
-from app.config import Settings, get_settings
+from core import procid
+from core.config import Settings, get_settings
 
 log = logging.getLogger("modelpress.sweeper")
 

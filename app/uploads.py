@@ -21,8 +21,8 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from app.jsonsafe import safe_text
-from app.errors import BadRequest, ModelpressError, PayloadTooLarge, UnsupportedMediaType
+from core.jsonsafe import safe_text
+from core.errors import BadRequest, ModelpressError, PayloadTooLarge, UnsupportedMediaType
 
 
 # Bytes kept from the start of each file for sniffing its real format: a tar archive's magic

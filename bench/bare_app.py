@@ -33,8 +33,8 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8123)
     args = p.parse_args()
     from app.cli import run_uvicorn
-    from app.config import get_settings
-    from app.observability import configure_logging
+    from core.config import get_settings
+    from core.logs import configure_logging
 
     configure_logging(get_settings())  # as `modelpress serve` (app.cli.main) does
     run_uvicorn(app, args.host, args.port)

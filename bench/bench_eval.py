@@ -103,9 +103,9 @@ def prepare_gemma(dest: Path, dtype: str) -> None:
 
 def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[str, Any],
             memory_budget_mb: int = 0) -> tuple[dict, list, float]:
-    from app.config import Settings
-    from app.jobs.schemas import EvaluationIn
-    from app.storage import Storage
+    from core.config import Settings
+    from core.jobs.schemas import EvaluationIn
+    from core.storage import Storage
     from worker import methods, pipeline
 
     methods.load_all()

@@ -266,7 +266,7 @@ class Result:
     load_after: float = 0.0
     timeline: list = dataclasses.field(default_factory=list)
     stage_peaks: dict = dataclasses.field(default_factory=dict)  # progress stage -> peak single-process anon
-    plan_peak: int = 0  # the job's plan (app/jobs/plan.py): peak memory, baseline included
+    plan_peak: int = 0  # the job's plan (core/jobs/plan.py): peak memory, baseline included
 
 
 def _ts(value: str) -> float:

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 from alembic import context
 
-from app.config import get_settings
-from app.db import make_engine
-from app.tables import Base
+from core.config import get_settings
+from core.db import make_engine
+from core.tables import Base
 
 target_metadata = Base.metadata
 

@@ -30,5 +30,5 @@ def hf_stats(d: str) -> dict:
 
 if __name__ == "__main__":
     stats = hf_stats(sys.argv[1])
-    stats["modelpress_imported"] = any(k.split(".")[0] in ("app", "worker", "modelpress") for k in sys.modules)
+    stats["modelpress_imported"] = any(k.split(".")[0] in ("app", "core", "worker", "modelpress") for k in sys.modules)
     print(json.dumps(stats))

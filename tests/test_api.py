@@ -336,7 +336,7 @@ def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()
     job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
-    from app.db import HOT_APPLICATION_NAME
+    from core.db import HOT_APPLICATION_NAME
 
     url = f"/v1/jobs/{job['id']}"
     with ThreadPoolExecutor(8) as pool:

@@ -71,7 +71,7 @@ def _sha(path: Path) -> str:
 
 def _victims(stack: Stack, workers: list[Worker]) -> list[tuple[Worker, str]]:
     """(worker, job) for each worker whose pool child runs a job on its first attempt: the job
-    folder in the worker's scratch named after that very process (app/procid.py's token)."""
+    folder in the worker's scratch named after that very process (core/procid.py's token)."""
     out = []
     for w in workers:
         child = w.pool_child()

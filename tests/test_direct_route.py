@@ -8,7 +8,8 @@ from fastapi import APIRouter, FastAPI, Query, Response
 from fastapi.testclient import TestClient
 
 from app.auth import CurrentCaller
-from app.errors import NotFound, install_error_handlers
+from core.errors import NotFound
+from app.errors import install_error_handlers
 from app.routing import DirectRoute
 
 

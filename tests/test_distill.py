@@ -146,7 +146,7 @@ def test_params_exactly_one_student_and_steps_or_epochs():
 
 
 def test_evenly_spaced_layers():
-    from worker.methods.distill import evenly_spaced
+    from core.methods.distill import evenly_spaced
 
     assert evenly_spaced(12, 6) == [0, 2, 4, 7, 9, 11]
     assert evenly_spaced(6, 3) == [0, 2, 5]
@@ -155,7 +155,7 @@ def test_evenly_spaced_layers():
 
 
 def test_submit_checks():
-    from worker.methods import ModelInfo
+    from core.methods import ModelInfo
 
     spec = _spec()
     P = spec.params

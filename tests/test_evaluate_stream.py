@@ -141,8 +141,8 @@ def test_the_artifact_loads_with_its_weights_on_disk(llama_int4, tmp_path):
 def _pipeline_job(src: Path, root: Path, steps: list[dict], budget_mb: int) -> dict:
     """One job through ``pipeline._execute`` with the worker's memory budget set (1 MB: below its
     baseline, so no model fits twice; 0: the machine's memory). Returns the job's metrics."""
-    from app.config import Settings
-    from app.storage import Storage
+    from core.config import Settings
+    from core.storage import Storage
     from tests.tokenizer_util import txt_dataset
     from worker import methods, pipeline
 

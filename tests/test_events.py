@@ -166,9 +166,9 @@ def test_repository_writes_one_event_per_visible_change(tmp_path):
     from sqlalchemy import select
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine  # the service's engine: SQLite with foreign keys on
-    from app.jobs import repository as repo
-    from app.tables import Base, Job, JobEvent, Tenant
+    from core.db import make_engine  # the service's engine: SQLite with foreign keys on
+    from core.jobs import repository as repo
+    from core.tables import Base, Job, JobEvent, Tenant
 
     engine = make_engine(f"sqlite:///{tmp_path / 'events.sqlite3'}")
     Base.metadata.create_all(engine)

@@ -125,7 +125,7 @@ def test_submitted_gpu_job_says_it_waits_for_a_gpu_worker(cluster_no_worker, llm
     gpu_methods = [m for m in c.get("/v1/methods").json() if m["needs_gpu"]]
     if not gpu_methods:
         pytest.fail("no registered method has needs_gpu=True, so no job routes to the gpu queue "
-                    "(quantize.awq, worker/methods/quantize_awq.py, is the first one)")
+                    "(quantize.awq, core/methods/quantize_awq.py, is the first one)")
     names = [m["name"] for m in gpu_methods]
     method = "quantize.awq" if "quantize.awq" in names else names[0]
     from tests.tokenizer_util import txt_dataset
@@ -180,7 +180,7 @@ def test_gpu_queue_worker_takes_gpu_jobs(cluster_no_worker, tiny, tmp_path):
         assert "(solo)" in log.read_text(), "one job at a time, in the worker's own process"
         assert _stage(c, job_id) == "queued"
 
-        send = f"from worker.celery_app import enqueue_job; enqueue_job({job_id!r}, 'gpu')"
+        send = f"from core.queue import enqueue_job; enqueue_job({job_id!r}, 'gpu')"
         subprocess.run([sys.executable, "-c", send], env=env, check=True, timeout=60)
         done = wait_job(c, job_id)
         assert (done["status"], done["queue"]) == ("succeeded", "gpu"), done

@@ -191,8 +191,8 @@ def test_the_keeper_renews_and_ends_leases_on_sqlite(tmp_path):
 
     from sqlalchemy.orm import Session
 
-    from app.db import make_engine
-    from app.tables import Job, Tenant
+    from core.db import make_engine
+    from core.tables import Job, Tenant
     from tests.helpers import MODELPRESS
 
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")},

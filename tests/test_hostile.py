@@ -31,10 +31,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app import jsonsafe
-from app.datasets.parsing import DatasetInvalid, iter_numbered
-from app.errors import ModelpressError
-from app.models.validation import FileRejected, check_safetensors, load_json_bytes
+from core import jsonsafe
+from core.datasets.parsing import DatasetInvalid, iter_numbered
+from core.errors import ModelpressError
+from core.models.validation import FileRejected, check_safetensors, load_json_bytes
 from tests.helpers import REDIS_URL, Service, stored_files
 
 TABLES = ("models", "datasets", "jobs", "sweeps", "idempotency_keys")

@@ -1,4 +1,4 @@
-"""app.db's hot read connection settings (asyncpg from the SQLAlchemy URL), against the real
+"""core.db's hot read connection settings (asyncpg from the SQLAlchemy URL), against the real
 PostgreSQL. (What the job GET does with them: tests/test_api.py, tests/test_outages.py.)"""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from tests.helpers import PG_ADMIN_URL
 
 
 def test_hot_read_dsn_keeps_what_asyncpg_reads_and_translates_the_rest():
-    """app.db.HotRead connects with asyncpg from the same URL as SQLAlchemy; libpq keywords
+    """core.db.HotRead connects with asyncpg from the same URL as SQLAlchemy; libpq keywords
     asyncpg would pass on as server settings (refused by the server: every poll would fail) are
     translated or left out."""
-    from app.db import HOT_APPLICATION_NAME, HOT_CONNECT_TIMEOUT_S, hot_dsn
+    from core.db import HOT_APPLICATION_NAME, HOT_CONNECT_TIMEOUT_S, hot_dsn
 
     assert hot_dsn("postgresql+psycopg://postgres@127.0.0.1:5432/test") == (
         "postgresql://postgres@127.0.0.1:5432/test", HOT_CONNECT_TIMEOUT_S, {"application_name": HOT_APPLICATION_NAME})
@@ -29,7 +29,7 @@ def test_translated_options_are_accepted_by_the_server():
     """The URL options a psycopg URL may carry reach PostgreSQL as settings asyncpg's pool applies."""
     import asyncpg
 
-    from app.db import HOT_APPLICATION_NAME, hot_dsn
+    from core.db import HOT_APPLICATION_NAME, hot_dsn
 
     url = PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://") + (
         "?connect_timeout=5&keepalives=1&options=-c%20statement_timeout%3D4321%20-c%20search_path%3Dpg_catalog")

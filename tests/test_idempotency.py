@@ -184,7 +184,7 @@ def test_expired_keys_are_replaced(idem):
 
     from sqlalchemy import create_engine, update
 
-    from app.tables import IdempotencyKey
+    from core.tables import IdempotencyKey
 
     engine = create_engine(stack.database_url)
     with engine.begin() as conn:

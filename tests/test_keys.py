@@ -262,7 +262,8 @@ def test_embedded_listing_through_the_cli_on_the_database(embedded):
 def test_a_bootstrap_key_from_before_scopes_becomes_admin(tmp_path, monkeypatch):
     """An embedded data folder whose api-key predates scopes (migration 0011 gives it none): the
     next `serve` keeps the same key and makes it admin."""
-    from app import cli, config, db
+    from app import cli
+    from core import config, db
     from app.auth import resolve_key
 
     for k in [k for k in os.environ if k.startswith("MODELPRESS_")]:

@@ -1,5 +1,5 @@
 """The API process stays light: importing it and building the app imports neither torch nor
-transformers (the method registry included)."""
+transformers (the method registry, core/methods, included)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ CODE = """
 import sys
 from app.main import create_app
 app = create_app()
-from worker.methods import load_all
+from core.methods import load_all
 assert load_all()
 heavy = sorted(m for m in ("torch", "transformers", "safetensors.torch", "numpy") if m in sys.modules)
 print(",".join(heavy))

@@ -18,7 +18,7 @@ HOSTILE = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwar
 
 
 def test_base_url_rules(monkeypatch):
-    from app import config, signing
+    from core import config, signing
 
     ok = {"https://press.example.com": "https://press.example.com", "https://press.example.com/mp/": "https://press.example.com/mp",
           "http://10.0.0.5:8000": "http://10.0.0.5:8000", "http://[::1]:8000": "http://[::1]:8000", "": ""}

@@ -137,7 +137,7 @@ def test_architecture_lists_match_llm_compressor():
     from llmcompressor.modifiers.transform.awq.mappings import AWQ_MAPPING_REGISTRY
     from llmcompressor.modifiers.transform.smoothquant.utils import MAPPINGS_REGISTRY
 
-    from worker.methods import quantize_awq, quantize_smoothquant
+    from core.methods import quantize_awq, quantize_smoothquant
 
     assert quantize_smoothquant.SUPPORTED <= set(MAPPINGS_REGISTRY)
     assert quantize_awq.SUPPORTED <= set(AWQ_MAPPING_REGISTRY)

@@ -171,8 +171,8 @@ def test_cluster_scrape_reads_postgres_and_logs_json_by_default(cluster):
 @pytest.fixture
 def fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Settings, engine and sessions from this test's environment (a data dir with no schema)."""
-    from app.config import get_settings
-    from app.db import get_engine, get_sessionmaker
+    from core.config import get_settings
+    from core.db import get_engine, get_sessionmaker
 
     for name in [k for k in os.environ if k.startswith("MODELPRESS_")]:
         monkeypatch.delenv(name)
@@ -201,24 +201,24 @@ def test_scrape_survives_a_database_error(fresh_settings, caplog):
 
 
 def test_log_formats_carry_the_context():
-    from app import observability
+    from core import logs
 
     record = logging.LogRecord("modelpress.worker", logging.INFO, __file__, 1, "job %s: %s", ("j1", "started"), None)
-    with observability.log_context(request_id="rid-1", job_id="j1"), observability.log_context(attempt=2):
-        observability.ContextFilter().filter(record)
-    assert observability.current_request_id() is None  # unbound on the way out
-    rec = json.loads(observability.JsonFormatter().format(record))
+    with logs.log_context(request_id="rid-1", job_id="j1"), logs.log_context(attempt=2):
+        logs.ContextFilter().filter(record)
+    assert logs.current_request_id() is None  # unbound on the way out
+    rec = json.loads(logs.JsonFormatter().format(record))
     assert rec["level"] == "INFO" and rec["logger"] == "modelpress.worker" and rec["message"] == "job j1: started"
     assert (rec["request_id"], rec["job_id"], rec["attempt"]) == ("rid-1", "j1", 2)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", rec["ts"])
-    assert observability.TextFormatter().format(record).endswith("job j1: started [request_id=rid-1 job_id=j1 attempt=2]")
+    assert logs.TextFormatter().format(record).endswith("job j1: started [request_id=rid-1 job_id=j1 attempt=2]")
 
 
 def test_an_unhandled_error_is_counted_and_logged_with_its_request_id(fresh_settings):
     from fastapi.testclient import TestClient
 
-    from app import observability
     from app.main import create_app
+    from core import logs
 
     app = create_app()
 
@@ -229,7 +229,7 @@ def test_an_unhandled_error_is_counted_and_logged_with_its_request_id(fresh_sett
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
-    handler.addFilter(observability.ContextFilter())
+    handler.addFilter(logs.ContextFilter())
     errors_log = logging.getLogger("modelpress.errors")
     errors_log.addHandler(handler)
     try:
@@ -243,14 +243,13 @@ def test_an_unhandled_error_is_counted_and_logged_with_its_request_id(fresh_sett
 
 
 def test_enqueue_sends_the_request_id_in_the_message_headers(monkeypatch):
-    from app import observability
-    from worker import celery_app as queue
+    from core import logs, queue
 
     sent: list[dict] = []
-    monkeypatch.setattr(queue.celery_app, "send_task", lambda *a, **kw: sent.append(kw))
-    with observability.log_context(request_id="rid-api"):
+    monkeypatch.setattr(queue.client(), "send_task", lambda *a, **kw: sent.append(kw))
+    with logs.log_context(request_id="rid-api"):
         queue.enqueue_job("job-1", "cpu")
     queue.enqueue_job("job-2", "cpu")  # outside a request: the reconciler's re-send
     assert sent[0]["headers"] == {"request_id": "rid-api"}
     assert re.fullmatch(r"reconcile-[0-9a-f]{32}", sent[1]["headers"]["request_id"])
-    assert observability.sane_request_id(sent[1]["headers"]["request_id"])  # the worker accepts it
+    assert logs.sane_request_id(sent[1]["headers"]["request_id"])  # the worker accepts it

@@ -10,7 +10,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
-from app.tables import Base
+from core.tables import Base
 from tests.helpers import MODELPRESS
 
 

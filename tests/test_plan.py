@@ -1,4 +1,4 @@
-"""Job plans and worker budgets (app/jobs/plan.py, worker/budget.py) on a cluster stack of its own
+"""Job plans and worker budgets (core/jobs/plan.py, worker/budget.py) on a cluster stack of its own
 (its own database: a worker with a tiny budget must not refuse another stack's jobs), with real
 workers started and stopped by the tests: ``POST /v1/jobs/estimate`` (checked like a submit),
 the plan on the job resource, the refusal at submit and at the worker when no worker's budget
@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import pytest
 
-from app.jobs import plan as planner
-from worker.methods import get as get_method
+from core.jobs import plan as planner
+from core.methods import get as get_method
 from tests.conftest import Stack, _cluster_env
 from tests.helpers import MODELPRESS, Service, stop_process, upload_dir, wait_job
 from tests.servers import private_database
@@ -108,7 +108,7 @@ def models(plan_stack: Stack, tmp_path_factory: pytest.TempPathFactory, tiny: di
 
 
 def _stream_expected(steps: list[dict]) -> str:
-    from worker.methods import load_all
+    from core.methods import load_all
 
     if planner.stream_capable(steps, load_all()):
         return "stream"
@@ -403,7 +403,7 @@ MEASURED = [
     ("llama-wide", PRUNE, QUICK_EVAL),
 ]
 # MODELPRESS_TEST_PLAN_CALIBRATE=1: every method, figures printed and not asserted (how the
-# constants of app/jobs/plan.py were measured).
+# constants of core/jobs/plan.py were measured).
 CALIBRATE = os.environ.get("MODELPRESS_TEST_PLAN_CALIBRATE") == "1"
 if CALIBRATE:
     MEASURED = [

@@ -31,7 +31,7 @@ def _events(stack, job_id: str) -> list[tuple[str, dict]]:
 
 
 def test_default_max_attempts_is_three():
-    from app.config import Settings
+    from core.config import Settings
 
     assert Settings().max_attempts == MAX
 
@@ -80,8 +80,8 @@ def test_reconciler_fails_a_job_whose_worker_died_max_times_and_retries_one_belo
 def test_give_up_is_one_compare_and_set(cluster, tiny):
     """Many workers receiving the (duplicated) message of a poison job at once: one fails it, one
     failed event is written. On the cluster's PostgreSQL (the stack's reconciler may be a racer too)."""
-    from app.db import make_engine
-    from app.jobs import repository as repo
+    from core.db import make_engine
+    from core.jobs import repository as repo
 
     c = cluster.client()
     model = upload_dir(c, tiny["gpt2"]).json()
@@ -113,9 +113,9 @@ def test_give_up_is_one_compare_and_set(cluster, tiny):
 def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeypatch):
     """run_job itself (the path of a re-sent or redelivered message), in this process on a private
     SQLite database: at attempt MAX it fails the job; below MAX, claim takes it as attempt N + 1."""
-    from app import config, db
-    from app.jobs import repository as repo
-    from app.tables import Base, Job, JobEvent, Tenant, utcnow
+    from core import config, db
+    from core.jobs import repository as repo
+    from core.tables import Base, Job, JobEvent, Tenant, utcnow
 
     for k in list(__import__("os").environ):
         if k.startswith("MODELPRESS_"):
@@ -161,6 +161,6 @@ def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeyp
 
 
 def test_message_for_one_attempt():
-    from app.jobs.repository import attempts_died_message
+    from core.jobs.repository import attempts_died_message
 
     assert attempts_died_message(1) == "the job's worker died once while running it (attempt 1); it is not retried again"

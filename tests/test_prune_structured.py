@@ -14,7 +14,8 @@ from torch import nn
 
 from tests.helpers import upload_dir, wait_job
 from worker import model_io
-from worker.methods import ModelInfo
+from core.methods import ModelInfo
+from core.methods import prune_structured as ps_core
 from worker.methods import prune_structured as ps
 from worker.ops import structured as ops
 
@@ -217,7 +218,7 @@ def test_ffn_pruning_shrinks_every_layer_and_reloads(tmp_path, kind):
     lm = _build(tmp_path, kind)
     n = FFN_WIDTH[kind]
     ctx = _Ctx()
-    res = ps.prune_structured(lm, ps.PruneStructuredParams(ffn=0.5), ctx)
+    res = ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.5), ctx)
     m = lm.module
     for ins, outs in _ffn_layers(m, kind):
         for x in ins:
@@ -260,7 +261,7 @@ def test_dead_neurons_are_the_ones_removed(tmp_path, kind):
     assert dead[0] != dead[1]
     _kill_neurons(lm.module, kind, dead)
     expect = _out(lm.module)
-    ps.prune_structured(lm, ps.PruneStructuredParams(ffn=0.25), _Ctx())
+    ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.25), _Ctx())
     assert all(ops.features(ins[0], "out") == n - n // 4 for ins, _ in _ffn_layers(lm.module, kind))
     assert torch.allclose(_out(lm.module), expect, atol=1e-5)
 
@@ -284,7 +285,7 @@ def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
     assert getattr(lm.module.config, "head_dim", None) == (None if kind == "qwen2" else 8)
     _kill_kv_groups(lm.module, [[1, 3], [0, 2]])
     expect = _out(lm.module)
-    res = ps.prune_structured(lm, ps.PruneStructuredParams(heads=0.5), _Ctx())
+    res = ps.prune_structured(lm, ps_core.PruneStructuredParams(heads=0.5), _Ctx())
     m = lm.module
     kept = [v["kept_kv_heads"] for v in res["heads"]["per_layer"].values()]
     assert kept == [[0, 2], [1, 3]]
@@ -309,7 +310,7 @@ def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
 def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
     lm = _build(tmp_path, "llama")
     lm.module.to(torch.bfloat16)
-    res = ps.prune_structured(lm, ps.PruneStructuredParams(ffn=0.5, heads=0.5, norm="l1"), _Ctx())
+    res = ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.5, heads=0.5, norm="l1"), _Ctx())
     assert res["norm"] == "l1" and res["ffn"]["neurons_after"] == 48 and res["heads"]["heads_after"] == 4
     assert {p.dtype for p in lm.module.parameters()} == {torch.bfloat16}
     back = _reload(lm.module, "llama", tmp_path / "out")
@@ -320,14 +321,14 @@ def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
 def test_only_the_requested_part_changes(tmp_path):
     lm = _build(tmp_path, "llama")
     attn = {k: v.clone() for k, v in lm.module.state_dict().items() if "self_attn" in k}
-    ps.prune_structured(lm, ps.PruneStructuredParams(ffn=0.25), _Ctx())
+    ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.25), _Ctx())
     sd = lm.module.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in attn.items())
     assert (lm.module.config.num_attention_heads, lm.module.config.num_key_value_heads) == (8, 4)
 
     lm = _build(tmp_path / "b", "llama")
     mlp = {k: v.clone() for k, v in lm.module.state_dict().items() if ".mlp." in k}
-    ps.prune_structured(lm, ps.PruneStructuredParams(heads=0.5), _Ctx())
+    ps.prune_structured(lm, ps_core.PruneStructuredParams(heads=0.5), _Ctx())
     sd = lm.module.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in mlp.items())
     assert lm.module.config.intermediate_size == 96
@@ -337,21 +338,21 @@ def test_mistral_takes_head_counts_that_llama_config_refuses(tmp_path):
     """Keeping 3 of 4 groups leaves 6 heads: MistralConfig accepts that, LlamaConfig requires
     hidden_size (64) to be a multiple of num_attention_heads and says which values work."""
     lm = _build(tmp_path, "mistral")
-    ps.prune_structured(lm, ps.PruneStructuredParams(heads=0.25), _Ctx())
+    ps.prune_structured(lm, ps_core.PruneStructuredParams(heads=0.25), _Ctx())
     back = _reload(lm.module, "mistral", tmp_path / "out")
     assert (back.config.num_attention_heads, back.config.num_key_value_heads, back.config.head_dim) == (6, 3, 8)
     assert torch.isfinite(_out(back)).all()
 
     lm = _build(tmp_path / "l", "llama")
     with pytest.raises(ValueError, match=r"possible 'heads' values: \[0\.5, 0\.75\]"):
-        ps.prune_structured(lm, ps.PruneStructuredParams(ffn=0.5, heads=0.25), _Ctx())
+        ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.5, heads=0.25), _Ctx())
     # Refused before any change: the FFN half of the request was not applied either.
     assert lm.module.config.intermediate_size == 96
     assert all(l.mlp.up_proj.weight.shape == (96, 64) for l in lm.module.model.layers)
     info = ModelInfo(format="hf", architecture="LlamaForCausalLM", config=lm.module.config.to_dict())
     with pytest.raises(ValueError, match="possible 'heads' values"):
-        ps.check(ps.PruneStructuredParams(heads=0.25), info)
-    ps.check(ps.PruneStructuredParams(heads=0.75), info)
+        ps_core.check(ps_core.PruneStructuredParams(heads=0.25), info)
+    ps_core.check(ps_core.PruneStructuredParams(heads=0.75), info)
 
 
 def test_norm_choice_changes_which_neuron_goes(tmp_path):
@@ -370,7 +371,7 @@ def test_norm_choice_changes_which_neuron_goes(tmp_path):
                 fc.weight[0, 0] = 3.0
                 fc.weight[:, 1] = 0.5  # l2 = 0.5 * sqrt(32) ≈ 2.83, l1 = 16
                 proj.weight[1] = proj.weight[0]
-        res = ps.prune_structured(lm, ps.PruneStructuredParams(ffn=1 / 128, norm=norm), _Ctx())
+        res = ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=1 / 128, norm=norm), _Ctx())
         assert res["ffn"]["removed_per_layer"] == 1
         kept_first[norm] = [b.mlp.c_fc.weight[:, 0].clone() for b in lm.module.transformer.h]
     for col in kept_first["l2"]:
@@ -380,10 +381,10 @@ def test_norm_choice_changes_which_neuron_goes(tmp_path):
 
 
 def test_params_are_strict():
-    assert ps.PruneStructuredParams(ffn=0.5).norm == "l2"
+    assert ps_core.PruneStructuredParams(ffn=0.5).norm == "l2"
     for bad in ({}, {"ffn": 0, "heads": 0}, {"ffn": 1.0}, {"heads": -0.1}, {"ffn": 0.5, "norm": "l3"}, {"ffn": 0.5, "sparsity": 0.5}):
         with pytest.raises(ValidationError):
-            ps.PruneStructuredParams.model_validate(bad)
+            ps_core.PruneStructuredParams.model_validate(bad)
 
 
 @pytest.mark.parametrize(
@@ -404,15 +405,15 @@ def test_params_are_strict():
 )
 def test_check_refuses(config, params, msg):
     with pytest.raises(ValueError, match=msg):
-        ps.check(ps.PruneStructuredParams(**params), ModelInfo(format="hf", config=config))
+        ps_core.check(ps_core.PruneStructuredParams(**params), ModelInfo(format="hf", config=config))
 
 
 def test_check_accepts():
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_inner": None}
-    ps.check(ps.PruneStructuredParams(ffn=1 / 256), ModelInfo(format="hf", config=gpt2))  # 4 * n_embd neurons
+    ps_core.check(ps_core.PruneStructuredParams(ffn=1 / 256), ModelInfo(format="hf", config=gpt2))  # 4 * n_embd neurons
     llama = {"model_type": "llama", "intermediate_size": 128, "hidden_size": 64, "num_attention_heads": 4,
              "num_key_value_heads": 2, "head_dim": 16}
-    ps.check(ps.PruneStructuredParams(ffn=0.5, heads=0.5), ModelInfo(format="hf", config=llama))
+    ps_core.check(ps_core.PruneStructuredParams(ffn=0.5, heads=0.5), ModelInfo(format="hf", config=llama))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +432,7 @@ def _stream_case(tmp_path: Path, src: Path, steps: list[tuple[str, dict]]):
 
     from tests.test_stream import _same, _specs, _stream
     from worker import evaluate, pipeline
-    from worker.methods import validate_steps
+    from core.methods import validate_steps
 
     validate_steps([{"method": m, "params": p} for m, p in steps])  # a recipe a job may have
     loaded = model_io.load(src, "hf")

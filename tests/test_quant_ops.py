@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.methods import ModelInfo, StepError, validate_steps
+from core.methods import ModelInfo, StepError, validate_steps
 from worker.ops import quant
 
 # float32 rounding of w / scale and of q * scale: a few ulps of |w| on top of scale / 2.

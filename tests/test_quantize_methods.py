@@ -58,7 +58,7 @@ m = cls.from_pretrained(d).eval()
 with torch.no_grad():
     out = m(torch.tensor(ids))[0]
 save_file({"out": out.contiguous()}, sys.argv[4])
-print(json.dumps({"modelpress_imported": any(k.split(".")[0] in ("app", "worker", "modelpress") for k in sys.modules)}))
+print(json.dumps({"modelpress_imported": any(k.split(".")[0] in ("app", "core", "worker", "modelpress") for k in sys.modules)}))
 """
 
 

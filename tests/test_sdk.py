@@ -374,7 +374,7 @@ def test_step_forms() -> None:
 
 def test_import_is_light() -> None:
     code = ("import sys; import modelpress; from modelpress import Client, AsyncClient; "
-            "print(','.join(sorted(m for m in ('torch', 'transformers', 'app', 'worker', 'fastapi', 'sqlalchemy', "
+            "print(','.join(sorted(m for m in ('torch', 'transformers', 'app', 'core', 'worker', 'fastapi', 'sqlalchemy', "
             "'celery', 'numpy') if m in sys.modules)))")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

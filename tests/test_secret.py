@@ -82,8 +82,8 @@ def test_a_worker_started_without_the_cli_stops_too(tmp_path):
 def test_no_fallback_to_a_host_key_in_cluster_mode(tmp_path, monkeypatch):
     """In-process: the key lookup itself refuses in cluster mode (whatever entry point was used),
     and embedded mode keeps its per-host key file."""
-    from app import config, signing
-    from app.webhooks.service import secret_for
+    from core import config, signing
+    from core.webhooks.signature import secret_for
 
     def use(**env: str) -> None:
         for k in [k for k in os.environ if k.startswith("MODELPRESS_")]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage import Storage
+from core.storage import Storage
 from worker.stream.sinks import FileSink, ZipSink
 
 

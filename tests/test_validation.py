@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.models.validation import FileRejected, check_filename, check_safetensors, find_remote_code, sniff_magic
+from core.models.validation import FileRejected, check_filename, check_safetensors, find_remote_code, sniff_magic
 from tests.helpers import safetensors_bytes
 
 MAX = 100 * 1024 * 1024

@@ -109,7 +109,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int =
     ],
 )
 def test_checker_refuses_non_global_targets(url, kind):
-    from app.webhooks import ssrf
+    from core.webhooks import ssrf
 
     with pytest.raises(ssrf.TargetRefused) as e:
         ssrf.check(url, "")
@@ -117,7 +117,7 @@ def test_checker_refuses_non_global_targets(url, kind):
 
 
 def test_checker_allow_list_and_url_rules():
-    from app.webhooks import ssrf
+    from core.webhooks import ssrf
 
     t = ssrf.check("http://127.0.0.1:9/hook", "127.0.0.1/32")
     assert (t.address, t.host, t.port, t.scheme) == ("127.0.0.1", "127.0.0.1", 9, "http")
@@ -139,8 +139,8 @@ def test_checker_allow_list_and_url_rules():
 
 
 def test_signature_and_backoff():
-    from app.config import Settings
-    from app.webhooks.service import signature
+    from core.config import Settings
+    from core.webhooks.signature import signature
     from worker.webhooks import backoff_s
 
     body = b'{"event":"job.succeeded"}'
@@ -154,7 +154,7 @@ def test_signature_and_backoff():
 def test_request_goes_to_the_checked_address_under_the_url_host():
     import httpx
 
-    from app.webhooks.ssrf import Target
+    from core.webhooks.ssrf import Target
     from worker.webhooks import _request
 
     with httpx.Client(trust_env=False) as client:
@@ -175,8 +175,8 @@ def test_request_goes_to_the_checked_address_under_the_url_host():
 def local(tmp_path, monkeypatch):
     """This process's settings, engine and secret pointed at a fresh SQLite database (the
     dispatcher's own ``get_sessionmaker``), restored afterwards."""
-    from app import config, db, signing
-    from app.tables import Base
+    from core import config, db, signing
+    from core.tables import Base
 
     def clear() -> None:
         for fn in (config.get_settings, db.get_engine, db.get_sessionmaker, signing._key):
@@ -196,7 +196,7 @@ def local(tmp_path, monkeypatch):
 
 
 def _running_job(session: Session, url: str | None, tenant: str = "t") -> str:
-    from app.tables import Job, Tenant
+    from core.tables import Job, Tenant
 
     t = session.scalar(select(Tenant).where(Tenant.name == tenant))
     if t is None:
@@ -210,16 +210,16 @@ def _running_job(session: Session, url: str | None, tenant: str = "t") -> str:
 
 
 def _deliveries(session: Session, job_id: str) -> list:
-    from app.tables import WebhookDelivery
+    from core.tables import WebhookDelivery
 
     session.expire_all()
     return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)))
 
 
 def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
-    from app.db import get_sessionmaker
-    from app.jobs import repository as jobs_repo
-    from app.tables import Job, utcnow
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
+    from core.tables import Job, utcnow
 
     with get_sessionmaker()() as s:
         plain = _running_job(s, None)
@@ -260,10 +260,10 @@ def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
 
 
 def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
-    from app.db import get_sessionmaker
-    from app.jobs import repository as jobs_repo
-    from app.tables import Job
-    from app.webhooks.service import secret_for
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
+    from core.tables import Job
+    from core.webhooks.signature import secret_for
     from worker.webhooks import dispatch_once
 
     settings = local.model_copy(update={"webhook_max_attempts": 3, "webhook_backoff_s": 0.05})
@@ -295,9 +295,9 @@ def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
 
 
 def test_dispatcher_refuses_a_private_target_at_delivery_and_never_sends_a_try_twice(local, receiver):
-    from app.db import get_sessionmaker
-    from app.jobs import repository as jobs_repo
-    from app.webhooks import repository as repo
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
+    from core.webhooks import repository as repo
     from worker.webhooks import dispatch_once
 
     with get_sessionmaker()() as s:

@@ -38,11 +38,12 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from app.config import Settings, get_settings
-from app.db import get_sessionmaker
-from app.jobs import plan as planner
-from app.jobs import repository as jobs_repo
-from app.tables import Job, Worker
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+from core.jobs import plan as planner
+from core.jobs import repository as jobs_repo
+from core.tables import Job, Worker
+from core.workers import live_since
 from worker import registry
 
 log = logging.getLogger("modelpress.budget")
@@ -147,7 +148,7 @@ def admit(job_id: str) -> bool:
         if planner.fits(plan, memory, scratch):
             return True
         me = own_worker_id()
-        others = [w for w in jobs_repo.live_workers(s, queue, registry.live_since()) if w.id != me]
+        others = [w for w in jobs_repo.live_workers(s, queue, live_since()) if w.id != me]
         bigger = [w for w in others if planner.fits(plan, w.memory_budget_bytes, w.scratch_budget_bytes)]
         if bigger:
             log.warning("job %s: its plan is over this worker's budget; left queued for a bigger worker (%s)",

@@ -333,7 +333,7 @@ class Evaluator:
         self.samples_available = len(self.samples)
 
     def _tokenizer(self) -> Any:
-        from worker.methods import has_tokenizer
+        from core.methods import has_tokenizer
 
         if not has_tokenizer([p.name for p in self.src_dir.iterdir()]):
             return "the upload has no tokenizer files (tokenizer.json, vocab.txt, vocab.json + merges.txt, ...)"

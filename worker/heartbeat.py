@@ -1,7 +1,7 @@
 """The job lease's heartbeat, from a small process that lives exactly as long as the job's process.
 
 A running attempt holds its job by a lease (``jobs.lease_expires_at``, fenced by the attempt
-number: app/jobs/repository.py). The lease is renewed every ``MODELPRESS_JOB_LEASE_S`` / 6 seconds
+number: core/jobs/repository.py). The lease is renewed every ``MODELPRESS_JOB_LEASE_S`` / 6 seconds
 (5 s at the default 30 s) by a *keeper*: this module run as ``python -m worker.heartbeat <pid>``, a
 child of the process that runs jobs (a Celery prefork pool child, or the worker process itself with
 the solo pool). It never imports torch (~50 MB resident, started once per job process, with its
@@ -130,8 +130,8 @@ def renew_from_thread(job_id: str, attempt: int, lease_s: float, stop: threading
 
 def _renew(job_id: str, attempt: int, lease_s: float) -> bool:
     """One fenced renewal; False once the attempt no longer holds the job."""
-    from app.db import get_sessionmaker
-    from app.jobs import repository as jobs_repo
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
 
     try:
         with get_sessionmaker()() as s:
@@ -165,8 +165,8 @@ def _end(held: Held) -> None:
     re-sends the jobs at its next pass instead of after the leases would have run out."""
     if not held:
         return
-    from app.db import get_sessionmaker
-    from app.jobs import repository as jobs_repo
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
 
     for job_id, attempt in held:
         try:
@@ -226,7 +226,7 @@ def main(argv: list[str]) -> int:
     except (AttributeError, OSError):
         pidfd = None  # getppid() is polled every second instead
 
-    from app.observability import configure_logging
+    from core.logs import configure_logging
 
     configure_logging()
     while True:

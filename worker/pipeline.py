@@ -1,5 +1,5 @@
 """One job: claim → load → run steps → save → store → record. Every write after the claim is
-fenced by the attempt number (app.jobs.repository)."""
+fenced by the attempt number (core.jobs.repository)."""
 
 from __future__ import annotations
 
@@ -23,13 +23,14 @@ import transformers
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
-import app
-from app import observability
-from app.config import Settings, get_settings
-from app.db import get_sessionmaker
-from app.jobs import repository as jobs_repo
-from app.storage import Storage, get_storage
-from app.tables import Dataset, Job, Model
+import core
+from core import logs
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+from core.jobs import repository as jobs_repo
+from core.reconcile import drop_artifacts
+from core.storage import Storage, get_storage
+from core.tables import Dataset, Job, Model
 from worker import evaluate, heartbeat, limits, memory, methods, model_io, stream, sweep
 
 log = logging.getLogger("modelpress.worker")
@@ -104,7 +105,7 @@ class JobContext:
             info = self.datasets.get(which)
             if info is None:
                 raise JobFailed("dataset_missing", f"the job has no {'eval_dataset_id' if which == 'eval' else 'dataset_id'} (or it was deleted)")
-            from app.datasets.parsing import load_samples
+            from core.datasets.parsing import load_samples
 
             path = self.work_dir / f"dataset-{which}.{info['format']}"
             _fetch(self.storage, info["storage_key"], path)
@@ -183,7 +184,7 @@ def _versions() -> dict[str, str]:
     import safetensors
 
     return {
-        "modelpress": app.__version__,
+        "modelpress": core.__version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "safetensors": safetensors.__version__,
@@ -235,7 +236,7 @@ def run_job(job_id: str) -> None:
             # again; the CAS in give_up lets one of several workers (or the reconciler) do it.
             if jobs_repo.give_up(s, job_id, settings.max_attempts):
                 log.error("job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts)
-                sweep.drop_artifacts(storage, job_id)
+                drop_artifacts(storage, job_id)
             else:
                 log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
             return
@@ -258,7 +259,7 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
-        from app.jobs.schemas import EvaluationIn
+        from core.jobs.schemas import EvaluationIn
 
         evaluation = EvaluationIn.model_validate(job.evaluation or {}).model_dump()
         datasets = {}
@@ -277,7 +278,7 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
     # host are garbage (the sweepers of other hosts remove theirs).
     sweep.drop_earlier_scratch(settings, job_id, attempt)
     ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
-    observability.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
+    logs.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
     watchdog = limits.Watchdog(
         settings.job_time_limit_s, settings.job_memory_limit_mb * 2**20,
@@ -546,7 +547,7 @@ def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
     their weights on disk (_evaluate_streamed). The job's memory is the least of the machine's
     available memory, the watchdog's limit and this worker's declared budget (less its own
     baseline): the plan (app/jobs/plan.evaluation_mode) makes the same choice from the budget."""
-    from app.jobs import plan as planner
+    from core.jobs import plan as planner
 
     avail = memory.available_bytes()
     if settings.job_memory_limit_mb:
@@ -560,7 +561,7 @@ def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
 def _compressed_cost(steps: list[dict[str, Any]]) -> float:
     """How dear the result's forward pass is against the original's, for the evaluator's counts:
     a quantized artifact re-quantizes its weights on every pass in transformers."""
-    from app.jobs import plan as planner
+    from core.jobs import plan as planner
 
     return evaluate.QUANTIZED_FORWARD_COST if planner.quantizes(steps) else 1.0
 

@@ -5,8 +5,8 @@ it is ready, renews ``last_seen_at`` every ``MODELPRESS_RECONCILE_INTERVAL_S`` f
 deletes the row when it shuts down cleanly. A row not renewed for ``LIVE_INTERVALS`` intervals is
 a worker that died or was cut off; live workers delete rows unseen for ``FORGET_AFTER``.
 
-The API reads the registry (``GET /v1/workers``, and whether a queued GPU job has a worker to wait
-for), so this module imports no torch at module level: only :func:`device` does, and only worker
+The reads (who is live; ``GET /v1/workers``; whether a queued GPU job has a worker to wait for) are
+in core/workers.py: the API uses them too. Only :func:`device` imports torch, and only worker
 processes call it.
 """
 
@@ -16,25 +16,19 @@ import logging
 import os
 import socket
 import threading
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
-from sqlalchemy import delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import delete
 
-from app.config import get_settings
-from app.db import get_sessionmaker
-from app.tables import Worker, utcnow
+from core.config import get_settings
+from core.db import get_sessionmaker
+from core.tables import Worker, utcnow
+from core.workers import FORGET_AFTER
 
 if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger("modelpress.registry")
-
-# A worker is live while its last renewal is under this many reconcile intervals old.
-LIVE_INTERVALS = 3
-FORGET_AFTER = timedelta(days=1)
-
 
 def device() -> "torch.device":
     """The device this worker computes on: the first visible CUDA device when there is one (pick
@@ -52,24 +46,6 @@ def describe(dev: "torch.device") -> str:
 
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
-
-
-def live_since() -> datetime:
-    """Workers seen at or after this time are live."""
-    return utcnow() - timedelta(seconds=LIVE_INTERVALS * get_settings().reconcile_interval_s)
-
-
-# --- reads (the API) ---------------------------------------------------------------------------
-
-
-def all_workers(session: Session) -> list[Worker]:
-    return list(session.scalars(select(Worker).order_by(Worker.hostname, Worker.pid)))
-
-
-def last_seen(session: Session, queue: str) -> datetime | None:
-    """When a worker serving ``queue`` was last seen (None: no registered worker serves it)."""
-    times = [seen for queues, seen in session.execute(select(Worker.queues, Worker.last_seen_at)) if queue in queues]
-    return max(times, default=None)
 
 
 # --- this worker -------------------------------------------------------------------------------

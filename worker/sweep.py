@@ -5,7 +5,7 @@ main process). Nothing is deleted on a guess: each thing swept has an owner whos
 
 * **Scratch folders** (``<data_dir>/tmp/job-<job id>-<attempt>.<process token>``, one per attempt,
   named by :func:`scratch_dir`) belong to the attempt and to the process that runs it
-  (app/procid.py: machine, pid, start time). A folder goes when its process is gone (known at once
+  (core/procid.py: machine, pid, start time). A folder goes when its process is gone (known at once
   on its own machine, whatever the job row says) or when the job row no longer has that attempt
   running (the attempt was taken over after its lease expired, or the job ended: true on any host
   sharing the folder). Folders of the older form ``job-<id>-<attempt>`` follow the second rule.
@@ -14,7 +14,8 @@ main process). Nothing is deleted on a guess: each thing swept has an owner whos
   attempt and is aborted once the job row no longer has it running; any other (a model or dataset
   upload of an API process) once it is older than ``MODELPRESS_MULTIPART_UPLOAD_MAX_AGE_S``.
 * **Artifacts of poison jobs**: a job failed with ``too_many_attempts`` keeps no artifact, so
-  whatever its dead attempts stored is deleted when it is given up (:func:`drop_artifacts`).
+  whatever its dead attempts stored is deleted when it is given up (core/reconcile.py
+  ``drop_artifacts``).
 
 The folder is listed before the job rows are read: a folder exists only after its attempt's claim
 committed, so the rows read afterwards show that attempt (or a later state) and a live attempt's
@@ -34,11 +35,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from app import procid
-from app.config import Settings, get_settings
-from app.db import get_sessionmaker
-from app.storage import Storage, get_storage
-from app.tables import Job, utcnow
+from core import procid
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+from core.storage import Storage, get_storage
+from core.tables import Job, utcnow
 
 log = logging.getLogger("modelpress.sweep")
 
@@ -131,14 +132,6 @@ def sweep_multipart(settings: Settings | None = None, storage: Storage | None = 
     if swept.items:
         log.warning("aborted %d unfinished multipart upload(s): %s", len(swept.items), ", ".join(swept.items))
     return swept
-
-
-def drop_artifacts(storage: Storage, job_id: str) -> None:
-    """Delete what the dead attempts of a job given up as poison stored (it keeps no artifact)."""
-    try:
-        storage.delete_prefix(f"artifacts/{job_id}")
-    except Exception:  # noqa: BLE001 - storage unreachable: the files stay, the job's state is right
-        log.exception("job %s: could not delete its dead attempts' artifacts", job_id)
 
 
 def sweep_once(settings: Settings | None = None) -> tuple[Swept, Swept]:

@@ -10,9 +10,10 @@ import threading
 from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
-from app import observability
+from core import logs
 from worker import budget, pipeline, registry  # imports torch once, when the worker starts
-from worker.celery_app import QUEUES, TASK_RUN_JOB, celery_app
+from core.queue import QUEUES, TASK_RUN_JOB
+from worker.celery_app import celery_app
 
 log = logging.getLogger("modelpress.worker")
 
@@ -52,15 +53,15 @@ def _bind_log_context(task_id: str, task: Task, args: tuple = (), **_kw: object)
     """Every log line of a job (the pipeline's and Celery's own "succeeded in" line) carries its
     job id and the request id that came in the message's ``request_id`` header."""
     if task.name == TASK_RUN_JOB:
-        rid = observability.sane_request_id(getattr(task.request, "request_id", None))
-        _log_tokens[task_id] = observability.bind(request_id=rid, job_id=args[0] if args else None)
+        rid = logs.sane_request_id(getattr(task.request, "request_id", None))
+        _log_tokens[task_id] = logs.bind(request_id=rid, job_id=args[0] if args else None)
 
 
 @task_postrun.connect
 def _unbind_log_context(task_id: str, **_kw: object) -> None:
     token = _log_tokens.pop(task_id, None)
     if token is not None:
-        observability.unbind(token)
+        logs.unbind(token)
 
 
 @worker_ready.connect
@@ -70,7 +71,7 @@ def _on_ready(**_kw: object) -> None:
     worker registry (the queues this worker consumes, and its device)."""
     global _registration
     from worker import sweep, webhooks
-    from worker.reconcile import start_background
+    from core.reconcile import start_background
 
     start_background(_stop_reconciler)
     sweep.start_background(_stop_sweeper)
@@ -93,6 +94,6 @@ def _on_shutdown(**_kw: object) -> None:
 def _fresh_db_pool(**_kw: object) -> None:
     """A pool child forked after the main process opened database connections (its reconciler)
     must not reuse those sockets: drop the inherited pool without closing the parent's."""
-    from app.db import get_engine
+    from core.db import get_engine
 
     get_engine().dispose(close=False)

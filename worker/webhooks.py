@@ -1,17 +1,17 @@
 """The webhook dispatcher: sends the deliveries that ended jobs left in the ``webhook_deliveries``
-outbox (app/webhooks/repository.py). Every worker runs it in a thread of its main process (so the
+outbox (core/webhooks/repository.py). Every worker runs it in a thread of its main process (so the
 embedded mode's worker subprocess does too); ``dispatch_once`` is one pass.
 
 A pass takes due tries one at a time (a compare-and-set, so of several workers exactly one sends a
 given try) and for each:
 
-1. checks the URL again (app/webhooks/ssrf.py) and connects to the address that check returned,
+1. checks the URL again (core/webhooks/ssrf.py) and connects to the address that check returned,
    not to a new resolution of the name (DNS rebinding); a refused target fails the delivery at
    once, with the reason in ``last_error``; a name that does not resolve is retried;
 2. POSTs the payload with ``Content-Type: application/json``, ``X-Modelpress-Event``,
    ``X-Modelpress-Delivery`` (the delivery id: the same on every retry, for de-duplication),
    ``X-Modelpress-Timestamp`` (unix seconds) and ``X-Modelpress-Signature: sha256=<hex>``
-   (app.webhooks.service.signature), within ``MODELPRESS_WEBHOOK_TIMEOUT_S`` per network
+   (core/webhooks/signature.py), within ``MODELPRESS_WEBHOOK_TIMEOUT_S`` per network
    operation, without following redirects or using proxies from the environment;
 3. records the outcome: a 2xx answer is ``delivered``; anything else (another status, a redirect,
    a timeout, a refused connection) is tried again after ``MODELPRESS_WEBHOOK_BACKOFF_S`` doubled
@@ -34,10 +34,11 @@ from dataclasses import dataclass
 import httpx
 from sqlalchemy.orm import Session
 
-from app.config import Settings, get_settings
-from app.db import get_sessionmaker
-from app.webhooks import repository as repo
-from app.webhooks import service, ssrf
+from core.config import Settings, get_settings
+from core.db import get_sessionmaker
+from core.webhooks import repository as repo
+from core.webhooks import signature
+from core.webhooks import ssrf
 
 log = logging.getLogger("modelpress.webhooks")
 
@@ -95,7 +96,7 @@ def send(client: httpx.Client, claim: repo.Claim, settings: Settings) -> Outcome
         "X-Modelpress-Event": claim.event,
         "X-Modelpress-Delivery": claim.id,
         "X-Modelpress-Timestamp": timestamp,
-        "X-Modelpress-Signature": service.signature(service.secret_for(claim.tenant_id), timestamp, body),
+        "X-Modelpress-Signature": signature.signature(signature.secret_for(claim.tenant_id), timestamp, body),
     }
     try:
         response = client.send(_request(client, target, body, headers), stream=True)
@@ -156,7 +157,7 @@ def start_background(stop: threading.Event) -> threading.Thread:
     The service key is checked first: a worker that would sign with a key of its own signs
     deliveries no receiver can verify. `modelpress worker` refuses to start without it already;
     this also stops a worker started some other way (``celery -A worker.celery_app worker``)."""
-    from app.signing import MissingSecretKey, secret_key
+    from core.signing import MissingSecretKey, secret_key
 
     try:
         secret_key()

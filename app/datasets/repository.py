@@ -3,8 +3,8 @@ from __future__ import annotations
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from app.pagination import page
-from app.tables import Dataset, Job
+from core.pagination import page
+from core.tables import Dataset, Job
 
 
 def get(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:

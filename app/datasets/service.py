@@ -10,12 +10,12 @@ from typing import Any
 from app import quotas
 from app.auth import Caller
 from app.datasets import repository
-from app.datasets.parsing import DatasetInvalid, dataset_format, iter_numbered
-from app.db import UnitOfWork
-from app.errors import Conflict, NotFound, Unprocessable
-from app.jsonsafe import safe_text
-from app.storage import Storage
-from app.tables import Dataset, new_id
+from core.datasets.parsing import DatasetInvalid, dataset_format, iter_numbered
+from core.db import UnitOfWork
+from core.errors import Conflict, NotFound, Unprocessable
+from core.jsonsafe import safe_text
+from core.storage import Storage
+from core.tables import Dataset, new_id
 from app.uploads import StagedFile
 
 # Used with fullmatch only ("$" matches before a trailing newline).

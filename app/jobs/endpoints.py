@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Annotated, Any
 
@@ -9,30 +8,24 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
-from app import idempotency, signing
+from app import idempotency
+from core import signing
 from app.auth import Caller, CurrentCaller
-from app.db import HotRead, UoW, hot_reads_available, read_uow
+from core.db import HotRead, hot_reads_available, read_uow
+from app.deps import UoW
 from app.deps import StorageDep
-from app.errors import API_ERRORS, BODY_ERRORS, Conflict, ModelpressError, NotFound, problem_responses
+from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
+from core.errors import Conflict, ModelpressError, NotFound
 from app.idempotency import IdempotencyKeyHeader
-from app.jobs import events, repository, service
-from app.jobs.schemas import (
-    JobEstimate,
-    JobIn,
-    JobOut,
-    JobPage,
-    JobReport,
-    JobStatus,
-    LinkIn,
-    LinkOut,
-    MethodOut,
-    WorkerOut,
-)
+from app.jobs import events, service
+from core.jobs import repository
+from core.jobs.schemas import JobEstimate, JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.pagination import PageLimit, next_cursor, query_int
+from app.deps import PageLimit
+from core.pagination import next_cursor, query_int
 from app.routing import DirectRoute
-from app.tables import Job
-from worker.methods import load_all
+from core.tables import Job
+from core.methods import load_all
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -309,12 +302,11 @@ def list_methods(caller: CurrentCaller) -> list[MethodOut]:
     """Every compression method with the JSON schema of its parameters."""
     out = []
     for spec in load_all().values():
-        module = inspect.getmodule(spec.handler)
         out.append(
             MethodOut(
                 name=spec.name,
                 summary=spec.summary,
-                description=inspect.cleandoc(module.__doc__ or "") if module else "",
+                description=spec.description,
                 needs_gpu=spec.needs_gpu,
                 needs_data=spec.needs_data,
                 formats=sorted(spec.formats),

@@ -1,6 +1,6 @@
 """The server-sent event stream of one job (GET /v1/jobs/{id}/events).
 
-The stream replays the job's stored events (app.jobs.repository writes one per change) after the
+The stream replays the job's stored events (core.jobs.repository writes one per change) after the
 client's last event id, then polls for new ones until the terminal event. Each poll runs in a
 worker thread with its own short-lived session, so an open stream holds no database connection
 while it waits, and at most ``_DB_SLOTS`` polls of all streams together use a connection (and a
@@ -17,8 +17,8 @@ from typing import Any
 
 import anyio
 
-from app.db import get_sessionmaker
-from app.jobs import repository
+from core.db import get_sessionmaker
+from core.jobs import repository
 
 POLL_S = 0.5
 KEEPALIVE_S = 15.0

@@ -5,21 +5,21 @@ from typing import Any
 
 from app import quotas
 from app.auth import Caller
-from app.config import get_settings
-from app.db import UnitOfWork
-from app.errors import Conflict, JobExceedsWorkerBudget, NotFound, Unprocessable
-from app.jobs import plan as planner
-from app.jobs import repository
-from app.jobs.schemas import JobIn
-from app.storage import get_storage
+from core.config import get_settings
+from core.db import UnitOfWork
+from core.errors import Conflict, JobExceedsWorkerBudget, NotFound, Unprocessable
+from core.jobs import plan as planner
+from core.jobs import repository
+from core.jobs.schemas import JobIn
+from core.storage import get_storage
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
-from app.tables import Job, Model, utcnow
+from core.tables import Job, Model, utcnow
 from app.webhooks import service as webhooks_service
-from worker import registry as worker_registry
-from worker.celery_app import enqueue_job
-from worker.methods import ModelInfo, StepError, load_all, validate_steps
-from worker.methods import get as get_method
+from core import workers as worker_registry
+from core.queue import enqueue_job
+from core.methods import ModelInfo, StepError, load_all, validate_steps
+from core.methods import get as get_method
 
 log = logging.getLogger("modelpress.jobs")
 
@@ -115,7 +115,7 @@ def _model_tensors(uow: UnitOfWork, model: Model) -> list[planner.Tensor]:
 
 
 def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str) -> dict[str, Any]:
-    """The job's plan (app/jobs/plan.py), with the live workers' measured throughput."""
+    """The job's plan (core/jobs/plan.py), with the live workers' measured throughput."""
     storage = get_storage()
     tensors = _model_tensors(uow, model)
     # MODELPRESS_STREAM_ENGINE false (the workers' setting, read here too) builds every model in memory.

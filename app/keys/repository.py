@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session
 
-from app.pagination import page
-from app.tables import ApiKey, Tenant, utcnow
+from core.pagination import page
+from core.tables import ApiKey, Tenant, utcnow
 
 
 def add(session: Session, tenant_name: str, scopes: list[str]) -> tuple[ApiKey, str]:

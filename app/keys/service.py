@@ -1,5 +1,5 @@
 """Who may see, create and revoke which keys. Services never commit (the request's unit of work
-does, app/db.py); the server CLI (app/cli.py) calls the same functions with a session of its own.
+does, core/db.py); the server CLI (app/cli.py) calls the same functions with a session of its own.
 
 * Any key may list its own tenant's keys (never a secret: id, prefix, scopes, times).
 * An ``admin`` key may also list another tenant's keys (``tenant=``) or every tenant's
@@ -14,11 +14,11 @@ import re
 from sqlalchemy.orm import Session
 
 from app.auth import Caller, Forbidden, invalidate
-from app.db import UnitOfWork
-from app.errors import NotFound, Unprocessable
+from core.db import UnitOfWork
+from core.errors import NotFound, Unprocessable
 from app.keys import repository
 from app.keys.schemas import SCOPES, TENANT_NAME_PATTERN, ApiKeyCreated, ApiKeyOut
-from app.tables import ApiKey
+from core.tables import ApiKey
 
 _TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
 

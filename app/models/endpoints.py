@@ -7,14 +7,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app.auth import CurrentCaller
-from app.db import UoW
+from app.deps import UoW
 from app.deps import SettingsDep, StorageDep
 from app import idempotency
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
-from app.pagination import PageLimit, next_cursor
+from app.deps import PageLimit
+from core.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
 
 router = APIRouter(prefix="/v1/models", tags=["models"])

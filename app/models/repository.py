@@ -3,8 +3,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.pagination import page
-from app.tables import Job, Model
+from core.pagination import page
+from core.tables import Job, Model
 
 
 def get(session: Session, tenant_id: str, model_id: str) -> Model | None:

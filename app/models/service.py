@@ -6,24 +6,16 @@ import hashlib
 import re
 from pathlib import Path
 
-from app import jsonsafe, quotas
+from core import jsonsafe
+from app import quotas
 from app.auth import Caller
-from app.config import Settings
-from app.db import UnitOfWork
-from app.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from core.config import Settings
+from core.db import UnitOfWork
+from core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from app.models import repository
-from app.models.validation import (
-    SHARD_RE,
-    FileRejected,
-    check_filename,
-    check_safetensors,
-    check_text_file,
-    find_remote_code,
-    load_json_file,
-    sniff_magic,
-)
-from app.storage import Storage
-from app.tables import Model, new_id
+from core.models.validation import SHARD_RE, FileRejected, check_filename, check_safetensors, check_text_file, find_remote_code, load_json_file, sniff_magic
+from core.storage import Storage
+from core.tables import Model, new_id
 from app.uploads import StagedFile
 
 INDEX_NAME = "model.safetensors.index.json"

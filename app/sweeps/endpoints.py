@@ -5,13 +5,15 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
-from app import idempotency, signing
+from app import idempotency
+from core import signing
 from app.auth import CurrentCaller
-from app.db import UoW
+from app.deps import UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.pagination import PageLimit, next_cursor, query_int
+from app.deps import PageLimit
+from core.pagination import next_cursor, query_int
 from app.sweeps import repository, service
 from app.sweeps.schemas import LinkIn, LinkOut, SweepIn, SweepOut, SweepPage
 

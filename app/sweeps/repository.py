@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from app.pagination import page
-from app.tables import Job, Sweep
+from core.pagination import page
+from core.tables import Job, Sweep
 
 
 def get(session: Session, tenant_id: str, sweep_id: str) -> Sweep | None:

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.jobs.schemas import STRICT, EvaluationIn, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
+from core.jobs.schemas import STRICT, EvaluationIn, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
 
 # A sweep varies at most this many parameters...
 MAX_VARY_PATHS = 4

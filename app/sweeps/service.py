@@ -14,10 +14,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.auth import Caller
-from app.db import UnitOfWork
-from app.errors import NotFound, Unprocessable
+from core.db import UnitOfWork
+from core.errors import NotFound, Unprocessable
 from app.jobs import service as jobs_service
-from app.jobs.schemas import JobIn, StepIn
+from core.jobs.schemas import JobIn, StepIn
 from app.models import repository as models_repo
 from app.sweeps import repository
 from app.sweeps.pareto import number, sweep_frontier
@@ -32,7 +32,7 @@ from app.sweeps.schemas import (
     SweepSpec,
     SweepSummary,
 )
-from app.tables import Job, Sweep
+from core.tables import Job, Sweep
 
 # Canonical: no leading zeros, so two different paths never name the same parameter.
 # Used with fullmatch only: "$" would also match before a trailing newline.

@@ -3,10 +3,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from app.auth import CurrentCaller
-from app.db import UoW
+from app.deps import UoW
 from app.errors import problem_responses
 from app.webhooks import service
-from app.webhooks.schemas import WebhookDeliveryList, WebhookDeliveryOut, WebhookSecretOut
+from core.webhooks import signature
+from core.webhooks.schemas import WebhookDeliveryList, WebhookDeliveryOut, WebhookSecretOut
 
 router = APIRouter(prefix="/v1", tags=["webhooks"])
 
@@ -15,7 +16,7 @@ router = APIRouter(prefix="/v1", tags=["webhooks"])
 def webhook_secret(caller: CurrentCaller, response: Response) -> WebhookSecretOut:
     """The caller's secret for checking the X-Modelpress-Signature of webhook deliveries."""
     response.headers["Cache-Control"] = "no-store"
-    return WebhookSecretOut(secret=service.secret_for(caller.tenant_id))
+    return WebhookSecretOut(secret=signature.secret_for(caller.tenant_id))
 
 
 @router.get("/jobs/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList, responses=problem_responses(401, 404))

@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0001'
@@ -20,7 +20,7 @@ def upgrade() -> None:
     op.create_table('tenants',
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('name', sa.String(length=200), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('name')
     )
@@ -29,8 +29,8 @@ def upgrade() -> None:
     sa.Column('tenant_id', sa.String(length=36), nullable=False),
     sa.Column('prefix', sa.String(length=16), nullable=False),
     sa.Column('secret_sha256', sa.String(length=64), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('revoked_at', app.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('revoked_at', core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('prefix')
@@ -49,7 +49,7 @@ def upgrade() -> None:
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('files', sa.JSON(), nullable=False),
     sa.Column('storage_prefix', sa.String(length=300), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )
@@ -75,10 +75,10 @@ def upgrade() -> None:
     sa.Column('artifact_filename', sa.String(length=200), nullable=True),
     sa.Column('artifact_size_bytes', sa.BigInteger(), nullable=True),
     sa.Column('artifact_sha256', sa.String(length=64), nullable=True),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('started_at', app.tables.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('finished_at', app.tables.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('lease_expires_at', app.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', core.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('finished_at', core.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('lease_expires_at', core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')

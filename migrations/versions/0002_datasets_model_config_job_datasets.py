@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0002'
@@ -28,7 +28,7 @@ def upgrade() -> None:
     sa.Column('size_bytes', sa.BigInteger(), nullable=False),
     sa.Column('sha256', sa.String(length=64), nullable=False),
     sa.Column('storage_key', sa.String(length=400), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )

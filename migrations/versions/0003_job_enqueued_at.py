@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0003'
@@ -18,7 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('enqueued_at', app.tables.UTCDateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column('enqueued_at', core.tables.UTCDateTime(timezone=True), nullable=True))
 
 
 

@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0004'
@@ -24,7 +24,7 @@ def upgrade() -> None:
     sa.Column('name', sa.String(length=200), nullable=True),
     sa.Column('spec', sa.JSON(), nullable=False),
     sa.Column('points', sa.Integer(), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['model_id'], ['models.id'], ondelete='SET NULL'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')

@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0005'
@@ -23,8 +23,8 @@ def upgrade() -> None:
     sa.Column('pid', sa.Integer(), nullable=False),
     sa.Column('queues', sa.JSON(), nullable=False),
     sa.Column('device', sa.String(length=200), nullable=False),
-    sa.Column('started_at', app.tables.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('last_seen_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('started_at', core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('last_seen_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id')
     )
 

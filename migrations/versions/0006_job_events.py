@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0006'
@@ -22,7 +22,7 @@ def upgrade() -> None:
     sa.Column('job_id', sa.String(length=36), nullable=False),
     sa.Column('type', sa.String(length=16), nullable=False),
     sa.Column('data', sa.JSON(), nullable=False),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name='fk_job_events_job_id', ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')
     )

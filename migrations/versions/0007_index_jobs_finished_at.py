@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0007'

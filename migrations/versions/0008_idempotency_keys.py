@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0008'
@@ -26,7 +26,7 @@ def upgrade() -> None:
     sa.Column('status_code', sa.Integer(), nullable=False),
     sa.Column('response_body', sa.JSON(), nullable=False),
     sa.Column('resource_id', sa.String(length=36), nullable=True),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name='fk_idempotency_keys_tenant_id', ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),
     sa.UniqueConstraint('tenant_id', 'route', 'key', name='uq_idempotency_keys_tenant_route_key')

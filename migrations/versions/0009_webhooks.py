@@ -7,7 +7,7 @@ Create Date: 2026-11-29
 
 from alembic import op
 import sqlalchemy as sa
-import app.tables
+import core.tables
 
 
 revision = '0009'
@@ -29,12 +29,12 @@ def upgrade() -> None:
     sa.Column('payload', sa.JSON(), nullable=False),
     sa.Column('status', sa.String(length=16), nullable=False),
     sa.Column('attempts', sa.Integer(), nullable=False),
-    sa.Column('next_attempt_at', app.tables.UTCDateTime(timezone=True), nullable=True),
-    sa.Column('last_attempt_at', app.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('next_attempt_at', core.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('last_attempt_at', core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.Column('last_status_code', sa.Integer(), nullable=True),
     sa.Column('last_error', sa.Text(), nullable=True),
-    sa.Column('created_at', app.tables.UTCDateTime(timezone=True), nullable=False),
-    sa.Column('delivered_at', app.tables.UTCDateTime(timezone=True), nullable=True),
+    sa.Column('created_at', core.tables.UTCDateTime(timezone=True), nullable=False),
+    sa.Column('delivered_at', core.tables.UTCDateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name='fk_webhook_deliveries_job_id', ondelete='CASCADE'),
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name='fk_webhook_deliveries_tenant_id', ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id')

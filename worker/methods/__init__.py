@@ -1,12 +1,12 @@
-"""The method registry.
+"""The worker's half of each method: the handler that runs it (and its streaming form).
 
-A compression method is one module in this package: a strict pydantic parameter model and a
-handler registered with :func:`register`. Every module here is imported by :func:`load_all`, so a
-new file is picked up by the API's validation, ``GET /v1/methods`` and the worker with no other
-change.
+``worker/methods/<name>.py`` registers a handler with :func:`handler` against the method that
+``core/methods/<name>.py`` registered (its parameter model and submit-time check; docs/ARCHITECTURE.md).
+:func:`load_all` imports both packages and joins them, failing loudly when a method has no handler,
+a handler no method, or a method that says it streams has no streaming form.
 
-Method modules must not import torch at module level: the API imports this registry to validate
-job specs and must stay light. Handlers import their tensor math (``worker.ops``) inside.
+Handler modules import torch inside their functions, not at module level: the worker imports them
+all when it starts, the tensor math (``worker.ops``) when a job runs.
 """
 
 from __future__ import annotations
@@ -14,156 +14,96 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
-
-class StrictParams(BaseModel):
-    """Base for method parameters: unknown keys are errors, values are not coerced from strings."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
-
-
-# Files from which AutoTokenizer builds an uploaded model's tokenizer (a fast tokenizer, a
-# WordPiece vocabulary, or a byte-level BPE pair): methods that tokenize text need one of them.
-TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.txt",), ("vocab.json", "merges.txt"))
-
-
-def has_tokenizer(files: tuple[str, ...] | list[str]) -> bool:
-    names = set(files)
-    return any(all(f in names for f in fs) for fs in TOKENIZER_FILE_SETS)
+from core import methods as core_methods
+from core.methods import MethodSpec
 
 
 @dataclass(frozen=True)
-class ModelInfo:
-    """What submit-time checks know of the job's model (no weights are read)."""
+class Method:
+    """A method as the worker runs it: the core spec, its handler and its streaming form."""
 
-    format: str  # "hf" | "safetensors"
-    architecture: str | None = None
-    config: dict[str, Any] | None = None  # config.json of an HF model
-    files: tuple[str, ...] = ()  # names of the uploaded files (e.g. to see a tokenizer is there)
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    name: str
-    params: type[StrictParams]
+    spec: MethodSpec
+    # ``handler(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics).
     handler: Callable[..., dict[str, Any]]
-    summary: str
-    needs_gpu: bool = False
-    needs_data: bool = False
-    # Model formats the method accepts: "hf" (a transformers directory) and/or "safetensors".
-    formats: frozenset[str] = field(default_factory=lambda: frozenset({"hf", "safetensors"}))
-    # Optional submit-time check against the model: raise ValueError("why") to refuse (422).
-    check: Callable[[Any, ModelInfo], None] | None = None
-    # True when the method leaves weights in a form other methods cannot change (packed integers):
-    # it must be the last weight-changing step of a job.
-    final: bool = False
-    # The method's streaming form (worker/stream): ``stream(params, ctx) -> TensorStep``, which
-    # transforms the checkpoint tensor by tensor from the shards without building the model.
-    # None: the method needs the model in memory (data, training, whole-layer math).
+    # ``stream(params, ctx) -> TensorStep`` (worker/stream), or None: the model must be in memory.
     stream: Callable[..., Any] | None = None
-    # True when the handler only changes the model through llm-compressor's sequential pipeline,
-    # which onloads one decoder block at a time: such steps run on a model whose weights stay on
-    # disk (the block path, worker/pipeline.py). Handlers that write weights in place must not.
-    blocks: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def params(self) -> type[core_methods.StrictParams]:
+        return self.spec.params
+
+    @property
+    def needs_data(self) -> bool:
+        return self.spec.needs_data
+
+    @property
+    def needs_gpu(self) -> bool:
+        return self.spec.needs_gpu
+
+    @property
+    def blocks(self) -> bool:
+        return self.spec.blocks
+
+    @property
+    def final(self) -> bool:
+        return self.spec.final
+
+    @property
+    def check(self) -> Callable[[Any, core_methods.ModelInfo], None] | None:
+        return self.spec.check
 
 
-_REGISTRY: dict[str, MethodSpec] = {}
+_HANDLERS: dict[str, tuple[Callable[..., dict[str, Any]], Callable[..., Any] | None]] = {}
 
 
-def register(
-    name: str,
-    *,
-    params: type[StrictParams],
-    needs_gpu: bool = False,
-    needs_data: bool = False,
-    formats: tuple[str, ...] = ("hf", "safetensors"),
-    check: Callable[[Any, ModelInfo], None] | None = None,
-    final: bool = False,
-    stream: Callable[..., Any] | None = None,
-    blocks: bool = False,
+def handler(
+    name: str, *, stream: Callable[..., Any] | None = None
 ) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
-    """Register ``fn(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics)."""
+    """Register ``fn(model: LoadedModel, params, ctx: JobContext) -> dict`` as the method ``name``'s
+    handler, with its streaming form ``stream(params, ctx) -> TensorStep`` if it has one."""
 
     def deco(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
-        if name in _REGISTRY:
-            raise RuntimeError(f"method {name!r} registered twice")
-        summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else name
-        _REGISTRY[name] = MethodSpec(name, params, fn, summary, needs_gpu, needs_data, frozenset(formats), check, final, stream, blocks)
+        if name in _HANDLERS:
+            raise RuntimeError(f"handler of method {name!r} registered twice")
+        _HANDLERS[name] = (fn, stream)
         return fn
 
     return deco
 
 
-_loaded = False
+_methods: dict[str, Method] | None = None
 
 
-def load_all() -> dict[str, MethodSpec]:
-    """Import every method module (failing loudly on a broken one) and return the registry."""
-    global _loaded
-    if not _loaded:
+def load_all() -> dict[str, Method]:
+    """Import every handler module (failing loudly on a broken one), join them with core's methods,
+    and return them by name."""
+    global _methods
+    if _methods is None:
         for info in pkgutil.iter_modules(__path__):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{__name__}.{info.name}")
-        _loaded = True
-    return dict(sorted(_REGISTRY.items()))
+        specs = core_methods.load_all()
+        missing = sorted(set(specs) - set(_HANDLERS))
+        orphans = sorted(set(_HANDLERS) - set(specs))
+        if missing or orphans:
+            raise RuntimeError(f"methods without a handler: {missing}; handlers without a method: {orphans}")
+        out: dict[str, Method] = {}
+        for name, spec in specs.items():
+            fn, stream = _HANDLERS[name]
+            if spec.streams != (stream is not None):
+                raise RuntimeError(f"method {name!r}: core says streams={spec.streams}, its handler "
+                                   f"{'has no' if stream is None else 'has a'} streaming form")
+            out[name] = Method(spec, fn, stream)
+        _methods = out
+    return dict(_methods)
 
 
-def get(name: str) -> MethodSpec | None:
+def get(name: str) -> Method | None:
     return load_all().get(name)
-
-
-class StepError(Exception):
-    def __init__(self, errors: list[dict[str, Any]]) -> None:
-        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
-        self.errors = errors
-
-
-def validate_steps(
-    steps: list[dict[str, Any]], model: ModelInfo | None = None, has_dataset: bool = True
-) -> list[dict[str, Any]]:
-    """Validate raw steps against the registry (and the model, when given); return them
-    normalised (defaults filled in).
-
-    Raises StepError with one entry per problem, each with a ``loc`` naming the field.
-    """
-    registry = load_all()
-    errors: list[dict[str, Any]] = []
-    out: list[dict[str, Any]] = []
-    final_at: int | None = None
-    for i, step in enumerate(steps):
-        loc = ["body", "steps", i]
-        spec = registry.get(step.get("method", ""))
-        if spec is None:
-            errors.append({"loc": [*loc, "method"], "msg": f"unknown method {step.get('method')!r}; see GET /v1/methods", "type": "unknown_method"})
-            continue
-        if model is not None and model.format not in spec.formats:
-            errors.append({"loc": [*loc, "method"], "msg": f"{spec.name} does not support {model.format!r} models", "type": "unsupported_model"})
-            continue
-        if spec.needs_data and not has_dataset:
-            errors.append({"loc": ["body", "dataset_id"], "msg": f"{spec.name} needs data: give the job a dataset_id", "type": "dataset_required"})
-            continue
-        if final_at is not None:
-            errors.append({"loc": [*loc, "method"], "msg": f"step {final_at} leaves packed weights; it must be the last step", "type": "step_order"})
-            continue
-        try:
-            params = spec.params.model_validate(step.get("params") or {})
-        except ValidationError as e:
-            for err in e.errors(include_url=False, include_input=False, include_context=False):
-                errors.append({"loc": [*loc, "params", *err["loc"]], "msg": err["msg"], "type": err["type"]})
-            continue
-        if model is not None and spec.check is not None:
-            try:
-                spec.check(params, model)
-            except ValueError as e:
-                errors.append({"loc": [*loc, "params"], "msg": str(e), "type": "unsupported_model"})
-                continue
-        if spec.final:
-            final_at = i
-        out.append({"method": spec.name, "params": params.model_dump(mode="json")})
-    if errors:
-        raise StepError(errors)
-    return out

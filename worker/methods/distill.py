@@ -1,35 +1,4 @@
-"""``distill``: knowledge distillation of the job's model (the teacher) into a smaller student,
-which then replaces the model (the artifact is the student, with the teacher's tokenizer files).
-
-The student is exactly one of:
-
-* ``layers: k`` -- the teacher with k layers, DistilBERT-style: embeddings, final norm and head are
-  copied, and student layer j starts as teacher layer ``round(j·(n−1)/(k−1))`` (k evenly spaced
-  layers, first and last included; k=1 takes layer 0). k must be below the teacher's layer count.
-* ``student_config`` -- overrides of the teacher's config fields, e.g.
-  ``{"num_hidden_layers": 1, "intermediate_size": 64}``; every weight whose shape still matches the
-  teacher's is copied (layers evenly spaced as above), the rest is randomly initialised. Size
-  fields may only shrink; ``vocab_size``, the labels and the model type cannot change (the student
-  must produce the teacher's logits).
-* ``student_model_id`` -- another uploaded HF model of the same tenant, with the same tokenizer
-  and vocabulary (checked when the job is submitted).
-
-Loss: ``α·CE + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T))`` (``worker.ops.distill``), KL averaged
-over the real (non-padding) token positions. CE is next-token prediction for a causal LM
-(``*ForCausalLM`` / ``*LMHeadModel``) or the dataset's labels for a sequence classifier
-(``*ForSequenceClassification``; the dataset must then be labeled, and its labels are mapped to the
-teacher's ``label2id`` when they are its label names, used as ids when they are in range, and
-otherwise numbered in sorted order). **Any other architecture -- a bare encoder such as
-``BertModel``, seq2seq, multiple-choice, token classification -- is refused at submit (422)**: there
-is either no output distribution to distill or no task loss defined for it here.
-
-Needs a dataset (``dataset_id``) and the model's tokenizer files (``tokenizer.json``, ``vocab.txt``,
-or ``vocab.json`` + ``merges.txt``) in the upload; texts are cut to ``max_length`` tokens (and to
-the model's position limit). Training is AdamW (no weight decay, gradients clipped to norm 1) in
-float32; the student is cast back to the teacher's dtype at the end.
-
-Example: ``{"method": "distill", "params": {"layers": 2, "steps": 500, "temperature": 2.0}}``
-"""
+"""``distill``: the handler (core/methods/distill.py has the method's parameters, checks and description)."""
 
 from __future__ import annotations
 
@@ -37,126 +6,11 @@ import math
 import time
 from typing import Any
 
-from pydantic import Field, model_validator
-
-from worker.methods import ModelInfo, StrictParams, has_tokenizer, register
-# Config fields a student_config may not change: the student must emit the teacher's logits over
-# the same vocabulary / classes, and the class and remote code are not the user's to pick.
-FROZEN_FIELDS = frozenset({
-    "model_type", "architectures", "auto_map", "vocab_size", "num_labels", "id2label", "label2id",
-    "problem_type", "is_encoder_decoder", "dtype", "torch_dtype", "transformers_version",
-})
-# Canonical names PretrainedConfig subclasses map onto their own (GPT-2: n_layer, n_embd, ...).
-CANONICAL_FIELDS = frozenset({"num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"})
-# Size fields, grouped by meaning across model families: a student may shrink them, not grow them.
-SIZE_GROUPS = (
-    ("num_hidden_layers", "n_layer", "num_layers"),
-    ("hidden_size", "n_embd", "d_model"),
-    ("intermediate_size", "n_inner", "ffn_dim"),
-    ("num_attention_heads", "n_head"),
-    ("num_key_value_heads",),
-)
-LAYER_FIELDS = SIZE_GROUPS[0]
+from core.methods.distill import DistillParams, evenly_spaced, head_kind
+from worker.methods import handler
 
 
-class DistillParams(StrictParams):
-    layers: int | None = Field(default=None, ge=1, le=1024, description="student = the teacher with this many (evenly spaced) layers")
-    student_config: dict[str, Any] | None = Field(
-        default=None, min_length=1, max_length=64,
-        description="student = the teacher's config with these fields overridden, e.g. {\"num_hidden_layers\": 1}",
-    )
-    student_model_id: str | None = Field(default=None, min_length=1, max_length=64, description="student = this uploaded model (same tokenizer)")
-    alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the task loss (CE); 1 − alpha weighs T²·KL")
-    temperature: float = Field(default=2.0, gt=0, le=100, description="softmax temperature T of the soft targets")
-    steps: int | None = Field(default=None, ge=1, le=10_000_000, description="optimizer steps (default 100 when epochs is not given)")
-    epochs: int | None = Field(default=None, ge=1, le=10_000, description="passes over the dataset (instead of steps)")
-    lr: float = Field(default=5e-5, gt=0, le=1, description="AdamW learning rate")
-    batch_size: int = Field(default=8, ge=1, le=4096)
-    max_length: int = Field(default=128, ge=2, le=131_072, description="tokens per sample (longer texts are cut)")
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _default_steps(cls, data: Any) -> Any:
-        # The default is filled in before validation so the stored (normalised) spec says 100.
-        if isinstance(data, dict) and data.get("steps") is None and data.get("epochs") is None:
-            data = {**data, "steps": 100}
-        return data
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "DistillParams":
-        given = [n for n in ("layers", "student_config", "student_model_id") if getattr(self, n) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of 'layers', 'student_config' or 'student_model_id' (got {given or 'none'})")
-        if self.steps is not None and self.epochs is not None:
-            raise ValueError("give either 'steps' or 'epochs', not both")
-        if self.student_config is not None:
-            bad = sorted(set(self.student_config) & FROZEN_FIELDS)
-            if bad:
-                raise ValueError(f"student_config cannot change {bad}: the student must produce the teacher's logits")
-        return self
-
-
-def head_kind(architecture: str | None) -> str | None:
-    """``causal_lm``, ``sequence_classification``, or None (no head distill can train)."""
-    if not architecture:
-        return None
-    if architecture.endswith("ForSequenceClassification"):
-        return "sequence_classification"
-    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal_lm"
-    return None
-
-
-def _config_int(config: dict[str, Any], keys: tuple[str, ...]) -> int | None:
-    for k in keys:
-        v = config.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
-
-
-def check(params: DistillParams, info: ModelInfo) -> None:
-    """Submit-time: a head to distill, a tokenizer, and a student smaller than the teacher."""
-    config = info.config or {}
-    kind = head_kind(info.architecture)
-    if kind is None or config.get("is_encoder_decoder"):
-        raise ValueError(
-            f"distill needs a causal LM (*ForCausalLM / *LMHeadModel) or a sequence classifier "
-            f"(*ForSequenceClassification); {info.architecture or 'this model'} has no such head"
-        )
-    if kind == "sequence_classification":
-        labels = config.get("id2label")
-        if config.get("problem_type") in ("regression", "multi_label_classification") or (isinstance(labels, dict) and len(labels) < 2):
-            raise ValueError("distill trains single-label classifiers (cross-entropy over >= 2 classes); this one is a regression or multi-label model")
-    if not has_tokenizer(info.files):
-        raise ValueError("distill tokenizes the dataset with the model's own tokenizer: upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model")
-    teacher_layers = _config_int(config, LAYER_FIELDS)
-    if params.layers is not None and teacher_layers is not None and params.layers >= teacher_layers:
-        raise ValueError(f"layers must be below the teacher's {teacher_layers} layers")
-    if params.student_config is not None:
-        for key, value in params.student_config.items():
-            if key not in config and key not in CANONICAL_FIELDS:
-                raise ValueError(f"student_config: {key!r} is not a field of the teacher's config")
-            for group in SIZE_GROUPS:
-                if key in group:
-                    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                        raise ValueError(f"student_config: {key!r} must be a positive integer")
-                    teacher = _config_int(config, group)
-                    if teacher is not None and value > teacher:
-                        raise ValueError(f"student_config: {key!r} = {value} is larger than the teacher's {teacher}")
-
-
-def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
-    """Teacher layer indices for student layers 0..k−1: first and last included, evenly spaced."""
-    if n_student >= n_teacher:  # same depth (a narrower student): layer j from layer j
-        return list(range(n_teacher))
-    if n_student == 1:
-        return [0]
-    return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
-
-
-@register("distill", params=DistillParams, needs_data=True, formats=("hf",), check=check)
+@handler("distill")
 def distill(model: Any, params: DistillParams, ctx: Any) -> dict[str, Any]:
     """Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model)."""
     import torch

@@ -1,51 +1,14 @@
-"""``quantize.awq``: AWQ, activation-aware weight quantization (Lin et al., 2023, "AWQ:
-Activation-aware Weight Quantization for LLM Compression and Acceleration", arXiv:2306.00978).
-
-About 1% of weight channels matter far more than the rest: those that multiply large activations.
-AWQ searches, per layer and on calibration data, the per-channel scales that protect them before
-4-bit group quantization (W4A16), without mixed precision.
-
-Runs through llm-compressor's ``AWQModifier`` followed by its ``QuantizationModifier`` (W4A16,
-``group_size`` 128 by default), sequential pipeline. **Needs a GPU worker**: jobs go to the ``gpu``
-queue (``modelpress worker --queues gpu``) and wait there, saying so, until one serves it. The
-scale search needs the architecture's norm→projection mappings: the architectures llm-compressor
-has them for (Llama, Mistral, Qwen2/3, Gemma 2/3, Granite, Phi-3, ...); others, bare state dicts,
-models without tokenizer files and already-quantized models are refused at submit. Must be the
-last step; the artifact is a compressed-tensors ``pack-quantized`` checkpoint.
-
-Example: ``{"method": "quantize.awq", "params": {"group_size": 128}}`` with a ``dataset_id``.
-"""
+"""``quantize.awq``: the handler (core/methods/quantize_awq.py has the method's parameters, checks and description)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from worker.llmc import QuantizeParams
-from worker.methods import ModelInfo, register
-
-# Architectures with AWQ mappings in llm-compressor 0.14 (a test checks each is in its registry).
-SUPPORTED = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "GraniteForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-})
+from core.methods.quantize_awq import QuantizeAWQParams
+from worker.methods import handler
 
 
-class QuantizeAWQParams(QuantizeParams):
-    scheme: Literal["W4A16"] = "W4A16"
-
-
-def _check(params: QuantizeAWQParams, info: ModelInfo) -> None:
-    from worker.llmc import check_group, check_model
-
-    check_model("quantize.awq", info, quantizes=True)
-    check_group("quantize.awq", info, params.effective_group("W4A16"))
-    if info.architecture not in SUPPORTED:
-        raise ValueError(f"quantize.awq has no scale-search mappings for {info.architecture or 'this model'} "
-                         f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq")
-
-
-@register("quantize.awq", params=QuantizeAWQParams, needs_gpu=True, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
+@handler("quantize.awq")
 def quantize_awq(model: Any, params: QuantizeAWQParams, ctx: Any) -> dict[str, Any]:
     """AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU)."""
     # The transform module's AWQModifier (the scale search alone): the old import path is a shim that

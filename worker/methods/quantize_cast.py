@@ -1,21 +1,11 @@
-"""``quantize.cast``: cast floating-point weights to ``float16`` or ``bfloat16``.
-
-Halves the bytes of fp32 weights. bfloat16 keeps fp32's range (no overflow) with fewer mantissa
-bits; float16 is more precise near 1 but overflows above 65504. Integer tensors and buffers are
-left as they are.
-
-Example: ``{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}``
-"""
+"""``quantize.cast``: the handler (core/methods/quantize_cast.py has the method's parameters, checks and description)."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
-from worker.methods import StrictParams, register
-
-
-class QuantizeCastParams(StrictParams):
-    dtype: Literal["float16", "bfloat16"]
+from core.methods.quantize_cast import QuantizeCastParams
+from worker.methods import handler
 
 
 def _stream(params: QuantizeCastParams, ctx: Any) -> Any:
@@ -24,7 +14,7 @@ def _stream(params: QuantizeCastParams, ctx: Any) -> Any:
     return CastStep(params.dtype)
 
 
-@register("quantize.cast", params=QuantizeCastParams, stream=_stream)
+@handler("quantize.cast", stream=_stream)
 def quantize_cast(model: Any, params: QuantizeCastParams, ctx: Any) -> dict[str, Any]:
     """Cast floating-point weights to float16 or bfloat16."""
     import torch

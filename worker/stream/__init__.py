@@ -2,7 +2,7 @@
 without ever building the model (the way llm-compressor's ``model_free_ptq`` works, but row chunk
 by row chunk, so memory does not grow with the shard or tensor size either).
 
-A job takes this path when every step's method has a streaming form (``MethodSpec.stream``):
+A job takes this path when every step's method has a streaming form (``worker.methods.Method.stream``):
 ``stream(params, ctx) -> StreamStep``. The engine
 
 1. reads the safetensors headers (validated, worker/stream/shards.py) and, for an HF model,
@@ -300,7 +300,7 @@ class _Background:
 
     # Bytes queued at most (one more buffer is always accepted when the queue is empty): enough
     # to keep the writer busy while the next chunk is computed, and what the memory plan counts
-    # (app/jobs/plan.py); computed chunks are fresh tensors, so each queued one is memory held.
+    # (core/jobs/plan.py); computed chunks are fresh tensors, so each queued one is memory held.
     MAX_QUEUED = 16 << 20
 
     def __init__(self, w: Any) -> None:

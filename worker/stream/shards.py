@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from app.models.validation import FileRejected, check_safetensors
+from core.models.validation import FileRejected, check_safetensors
 from worker.model_io import DEFAULT_SHARD_BYTES  # noqa: F401 - the engine's default, as save()'s
 
 # safetensors dtype names <-> torch dtypes (the subset the validator accepts and torch reads).

@@ -1,6 +1,6 @@
 """The data-free methods' streaming forms: the same tensor math as their in-memory handlers
 (worker/ops), applied to row chunks of one tensor at a time. Method files build these from their
-parameters (``MethodSpec.stream``); the equivalence with the in-memory path is tested bit for bit
+parameters (``worker.methods.Method.stream``); the equivalence with the in-memory path is tested bit for bit
 (tests/test_stream.py)."""
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ class QuantizeStep(StreamStep):
         self.notes: dict[str, Any] = {}
 
     def prepare(self, source: Source) -> None:
-        from worker.ct_format import CONV1D_REFUSAL
+        from core.methods._ct import CONV1D_REFUSAL
 
         self.skeleton = source.skeleton
         if self.skeleton is None:
@@ -323,7 +323,7 @@ class QuantizeStep(StreamStep):
             config["quantization_config"] = json.loads((Path(d) / "config.json").read_text())["quantization_config"]
 
     def metrics(self) -> dict[str, Any]:
-        from worker.ct_format import RUNS_DECOMPRESSED
+        from core.methods._ct import RUNS_DECOMPRESSED
 
         act = self.scheme.input_activations
         ignore = self._ignored()

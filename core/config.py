@@ -78,7 +78,7 @@ class Settings(BaseSettings):
     job_memory_limit_mb: int = Field(default=0, ge=0)
     # A worker's budget for one job (worker/budget.py): the memory its process may reach (peak
     # resident memory, the imported libraries included) and the scratch disk of its work folder.
-    # A worker never claims a job whose plan (app/jobs/plan.py) is over either; a job no live
+    # A worker never claims a job whose plan (core/jobs/plan.py) is over either; a job no live
     # worker can take is refused at submit (422 job_exceeds_worker_budget). 0: from the machine,
     # 80 % of its memory (or of the cgroup's limit) and 90 % of the free disk under data_dir/tmp,
     # each divided by worker_concurrency; job_memory_limit_mb, when set, caps that derived memory
@@ -126,7 +126,7 @@ class Settings(BaseSettings):
     # save_pretrained default, 5 GB; a tensor larger than that gets a shard of its own).
     shard_max_bytes: int = Field(default=5 * 10**9, ge=1 << 20)
 
-    # Signs short-lived links to HTML reports (app/signing.py) and webhook deliveries. Required in
+    # Signs short-lived links to HTML reports (core/signing.py) and webhook deliveries. Required in
     # cluster mode (every API host and worker must share it: a link or a signature made on one host
     # verifies on every other); in embedded mode, empty means a random key kept in
     # <data_dir>/secret_key.

@@ -1,6 +1,6 @@
 """Checks on uploaded files. Nothing here executes or unpickles a byte: safetensors headers are
 parsed as JSON by hand before any tensor library sees the file, JSON files are parsed as JSON (both
-by the strict loader, app/jsonsafe.py: depth, number length, lone surrogates), and text files must
+by the strict loader, core/jsonsafe.py: depth, number length, lone surrogates), and text files must
 be UTF-8 without NUL bytes.
 
 Uploaded files sit in the staging folder under names of the service's own (``part-0001``): every
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app import jsonsafe
+from core import jsonsafe
 
 # dtype -> bytes per element (safetensors names). Sub-byte and exotic types are refused.
 SAFETENSORS_DTYPES = {

@@ -8,12 +8,11 @@ from __future__ import annotations
 import logging
 import threading
 
-from app.config import get_settings
-from app.db import get_sessionmaker
-from app.jobs import repository as jobs_repo
-from app.storage import get_storage
-from worker import sweep
-from worker.celery_app import enqueue_job
+from core.config import get_settings
+from core.db import get_sessionmaker
+from core.jobs import repository as jobs_repo
+from core.queue import enqueue_job
+from core.storage import Storage, get_storage
 
 log = logging.getLogger("modelpress.reconcile")
 
@@ -36,7 +35,7 @@ def reconcile_once() -> list[str]:
         taken = jobs_repo.take_stale(s, settings.requeue_after_s)
     for job_id in given_up:
         log.error("job %s: failed with too_many_attempts (its worker died %d times; not re-sent)", job_id, settings.max_attempts)
-        sweep.drop_artifacts(get_storage(), job_id)
+        drop_artifacts(get_storage(), job_id)
     for job_id, queue, reclaim in taken:
         if reclaim:
             log.warning("job %s: its attempt's lease expired (the worker died); re-sending it ahead of queued jobs", job_id)
@@ -44,6 +43,14 @@ def reconcile_once() -> list[str]:
             log.warning("job %s: re-sending its message (queued, last sent over %d s ago)", job_id, settings.requeue_after_s)
         enqueue_job(job_id, queue, reclaim=reclaim)
     return [job_id for job_id, _, _ in taken]
+
+
+def drop_artifacts(storage: Storage, job_id: str) -> None:
+    """Delete what the dead attempts of a job given up as poison stored (it keeps no artifact)."""
+    try:
+        storage.delete_prefix(f"artifacts/{job_id}")
+    except Exception:  # noqa: BLE001 - storage unreachable: the files stay, the job's state is right
+        log.exception("job %s: could not delete its dead attempts' artifacts", job_id)
 
 
 def start_background(stop: threading.Event) -> threading.Thread:

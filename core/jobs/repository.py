@@ -21,7 +21,7 @@ expires. ``claim`` takes it only while ``attempt < max_attempts``; at the limit 
 it (``too_many_attempts``) by compare-and-set instead of running it again.
 
 Webhooks: every terminal transition (``finish``, ``give_up``, ``cancel_queued``) goes through
-``_record_end``, which also adds the job's webhook delivery (app/webhooks/repository.py) in the
+``_record_end``, which also adds the job's webhook delivery (core/webhooks/repository.py) in the
 same transaction: a job that ended has its delivery, a rolled-back end has none.
 """
 
@@ -33,9 +33,9 @@ from typing import Any
 from sqlalchemy import case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from app.pagination import page
-from app.tables import Job, JobEvent, Worker, utcnow
-from app.webhooks import repository as webhooks_repo
+from core.pagination import page
+from core.jobs.schemas import JobOut, WebhookPayload
+from core.tables import Job, JobEvent, WebhookDelivery, Worker, new_id, utcnow
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
@@ -90,7 +90,7 @@ def _record_end(session: Session, job_id: str) -> None:
     """A terminal status's status event and, for a job with a ``webhook_url``, its webhook delivery
     (the outbox row the dispatcher sends), both in the transaction of the status change."""
     _record_status(session, job_id)
-    webhooks_repo.add_for_job(session, job_id)
+    add_webhook_delivery(session, job_id)
 
 
 def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
@@ -337,3 +337,22 @@ def record_throughput(session: Session, worker_id: str, path: str, bytes_per_s: 
     seen[path] = {"bytes_per_s": round(avg, 1), "jobs": jobs + 1}
     worker.throughput = seen
     session.commit()
+
+
+def add_webhook_delivery(session: Session, job_id: str) -> str | None:
+    """In the transaction that just gave the job its terminal status (after its UPDATE): add the
+    delivery of a job that has a ``webhook_url``, with the job as that transaction sees it as its
+    payload. Returns the delivery id, or None when the job has no webhook."""
+    row = session.execute(select(Job.webhook_url, Job.tenant_id).where(Job.id == job_id)).first()
+    if row is None or not row.webhook_url:
+        return None
+    job = session.get(Job, job_id, populate_existing=True)  # the row after the UPDATE, not a stale copy
+    assert job is not None
+    delivery_id, now = new_id(), utcnow()
+    event = f"job.{job.status}"
+    payload = WebhookPayload(id=delivery_id, event=event, created_at=now, job=JobOut.from_row(job)).model_dump(mode="json")
+    session.execute(insert(WebhookDelivery).values(
+        id=delivery_id, job_id=job_id, tenant_id=row.tenant_id, url=row.webhook_url, event=event, payload=payload,
+        status="pending", attempts=0, next_attempt_at=now, created_at=now,
+    ))
+    return delivery_id

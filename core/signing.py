@@ -40,8 +40,8 @@ from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-from app.config import Settings, get_settings
-from app.errors import Gone, NotFound
+from core.config import Settings, get_settings
+from core.errors import Gone, NotFound
 
 # 32 characters: 128 bits and more from any sane generator; a short shared key could be found by
 # an offline search from one signed link.

@@ -1,4 +1,4 @@
-"""Engine, sessions, and the request-scoped unit of work.
+"""Engine, sessions, and the unit of work (the API wraps it in a request dependency: app/deps.py).
 
 The request's session commits at the boundary (after the endpoint returns, before the response is
 sent); work registered with ``after_commit`` (for example enqueueing a Celery task) runs only once
@@ -28,13 +28,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends
 from sqlalchemy import Engine, Select, create_engine, event, exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.config import get_settings
+from core.config import get_settings
 
 
 def make_engine(url: str) -> Engine:
@@ -329,7 +328,3 @@ def read_uow() -> Iterator[UnitOfWork]:
     with get_read_sessionmaker()() as session:
         yield UnitOfWork(session)
 
-
-# scope="function": exit code runs right after the endpoint, before the response is sent, so a
-# failed commit becomes an error response instead of a lost write behind a 2xx.
-UoW = Annotated[UnitOfWork, Depends(get_uow, scope="function")]

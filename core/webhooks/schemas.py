@@ -5,19 +5,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.jobs.schemas import JobOut
-
 WebhookEvent = Literal["job.succeeded", "job.failed", "job.canceled"]
 DeliveryStatus = Literal["pending", "delivered", "failed"]
-
-
-class WebhookPayload(BaseModel):
-    """The JSON body POSTed to a job's ``webhook_url`` when it ends."""
-
-    id: str = Field(description="the delivery id, also in X-Modelpress-Delivery: the same on every retry")
-    event: WebhookEvent
-    created_at: datetime = Field(description="when the job ended and this delivery was recorded")
-    job: JobOut = Field(description="the job as GET /v1/jobs/{id} returned it when it ended")
 
 
 class WebhookDeliveryOut(BaseModel):

@@ -7,8 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from app.jsonsafe import format_path
-from app.webhooks import ssrf
+from core.jsonsafe import format_path
+from core.webhooks import ssrf
+from core.webhooks.schemas import WebhookEvent
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "canceled"]
 
@@ -46,7 +47,7 @@ class StepIn(BaseModel):
         strict. Only the difference is reported here (a value pydantic's lax mode, which the job
         service validates with, would have converted); every other problem is the service's,
         which names its place."""
-        from worker.methods import get  # the registry: pydantic models, no torch
+        from core.methods import get  # the registry: pydantic models, no torch
 
         spec = get(self.method)
         if spec is None:
@@ -129,7 +130,7 @@ class Artifact(BaseModel):
 
 
 class JobPlan(BaseModel):
-    """What a job will take, computed before it runs (app/jobs/plan.py) from the safetensors
+    """What a job will take, computed before it runs (core/jobs/plan.py) from the safetensors
     headers of the model, the steps, the evaluation and the workers' measured throughput."""
 
     model_config = ConfigDict(extra="allow")
@@ -292,3 +293,12 @@ class LinkIn(BaseModel):
 class LinkOut(BaseModel):
     url: str = Field(description="opens in a browser with no Authorization header until expires_at")
     expires_at: datetime
+
+
+class WebhookPayload(BaseModel):
+    """The JSON body POSTed to a job's ``webhook_url`` when it ends."""
+
+    id: str = Field(description="the delivery id, also in X-Modelpress-Delivery: the same on every retry")
+    event: WebhookEvent
+    created_at: datetime = Field(description="when the job ended and this delivery was recorded")
+    job: JobOut = Field(description="the job as GET /v1/jobs/{id} returned it when it ended")

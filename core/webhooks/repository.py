@@ -1,5 +1,6 @@
-"""All SQL on webhook deliveries: the outbox row added when a job ends, and the dispatcher's
-claim / record pair (worker/webhooks.py).
+"""All SQL on webhook deliveries: the dispatcher's claim / record pair (worker/webhooks.py), and the
+list a job's owner reads. The outbox row itself is added with the job's end, in the same
+transaction (core/jobs/repository.py ``add_webhook_delivery``).
 
 A try is taken by compare-and-set on ``(status pending, attempts, due)``: the winner increments
 ``attempts`` and moves ``next_attempt_at`` to the end of a lease that outlasts the try, so no other
@@ -14,31 +15,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from app.jobs.schemas import JobOut
-from app.tables import Job, WebhookDelivery, new_id, utcnow
-from app.webhooks.schemas import WebhookPayload
-
-
-def add_for_job(session: Session, job_id: str) -> str | None:
-    """In the transaction that just gave the job its terminal status (after its UPDATE): add the
-    delivery of a job that has a ``webhook_url``, with the job as that transaction sees it as its
-    payload. Returns the delivery id, or None when the job has no webhook."""
-    row = session.execute(select(Job.webhook_url, Job.tenant_id).where(Job.id == job_id)).first()
-    if row is None or not row.webhook_url:
-        return None
-    job = session.get(Job, job_id, populate_existing=True)  # the row after the UPDATE, not a stale copy
-    assert job is not None
-    delivery_id, now = new_id(), utcnow()
-    event = f"job.{job.status}"
-    payload = WebhookPayload(id=delivery_id, event=event, created_at=now, job=JobOut.from_row(job)).model_dump(mode="json")
-    session.execute(insert(WebhookDelivery).values(
-        id=delivery_id, job_id=job_id, tenant_id=row.tenant_id, url=row.webhook_url, event=event, payload=payload,
-        status="pending", attempts=0, next_attempt_at=now, created_at=now,
-    ))
-    return delivery_id
+from core.tables import WebhookDelivery, utcnow
 
 
 def list_for_job(session: Session, job_id: str) -> list[WebhookDelivery]:

@@ -169,7 +169,7 @@ class Job(Base):
     artifact_size_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     artifact_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    # When the job's message was last sent; the reconciler re-sends stale ones (worker/reconcile.py).
+    # When the job's message was last sent; the reconciler re-sends stale ones (core/reconcile.py).
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     # Indexed: GET /metrics reads the jobs finished in its window at every scrape.
@@ -178,7 +178,7 @@ class Job(Base):
     # POSTed to when the job ends (app/webhooks): a webhook_deliveries row is added in the
     # transaction of the terminal status.
     webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)
-    # The job's plan (app/jobs/plan.py), computed at submit: peak memory, scratch disk, artifact
+    # The job's plan (core/jobs/plan.py), computed at submit: peak memory, scratch disk, artifact
     # bytes, seconds and their inputs. Null for jobs submitted before plans existed.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
 
@@ -187,7 +187,7 @@ class Job(Base):
 
 class JobEvent(Base):
     """One change of a job that a client sees (status or progress), written in the transaction of
-    the change (app.jobs.repository). ``id`` is the server-sent event id of GET /v1/jobs/{id}/events:
+    the change (core.jobs.repository). ``id`` is the server-sent event id of GET /v1/jobs/{id}/events:
     per job it grows in commit order, because every writer updates the job row (and so holds its
     lock) before it inserts the event."""
 
@@ -252,7 +252,7 @@ class IdempotencyKey(Base):
 
 class WebhookDelivery(Base):
     """The transactional outbox of job webhooks: added in the transaction that gives a job with a
-    ``webhook_url`` its terminal status (app.jobs.repository), so a job that ended always has its
+    ``webhook_url`` its terminal status (core.jobs.repository), so a job that ended always has its
     delivery and a rolled-back end has none; sent and retried by the dispatcher in every worker
     (worker/webhooks.py).
 

@@ -7,7 +7,7 @@ an object store), the job's steps and evaluation, and the fleet's measured throu
 
 Three paths (``path``):
 
-* ``stream``: every step's method has a streaming form (``MethodSpec.stream``): tensors are read
+* ``stream``: every step's method has a streaming form (``MethodSpec.streams``): tensors are read
   one at a time from the memory-mapped shards and written once into the artifact. Peak memory is
   the worker's baseline plus the method's factor (``STREAM_FACTORS``) times the largest tensor in
   float32 (at most one row chunk, ``STREAM_CHUNK_BYTES``).
@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 # safetensors dtype -> bytes per element (app.models.validation.SAFETENSORS_DTYPES, which refuses others).
-from app.models.validation import SAFETENSORS_DTYPES
+from core.models.validation import SAFETENSORS_DTYPES
 
 # Memory is anonymous memory (RssAnon: what the job allocates, what an OOM kill counts; the pages
 # of memory-mapped weight files are the kernel's to drop and are not counted), as the worker
@@ -286,9 +286,9 @@ def _blocks_above_baseline(tensors: list[Tensor], steps: list[Mapping[str, Any]]
 
 
 def stream_capable(steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
-    """Whether every step's method has a streaming form (``MethodSpec.stream``)."""
+    """Whether every step's method has a streaming form (``MethodSpec.streams``)."""
     specs = [registry.get(s["method"]) for s in steps]
-    return bool(specs) and all(spec is not None and spec.stream is not None for spec in specs)
+    return bool(specs) and all(spec is not None and spec.streams for spec in specs)
 
 
 # --- artifact bytes, tensor by tensor ----------------------------------------------------------

@@ -1,7 +1,7 @@
 """Dataset files: ``.txt`` (one sample a line, blank lines skipped) or ``.jsonl`` (one object a
 line with a string ``text`` and an optional ``label``, an int or a string). Used by the API to
 validate uploads and by workers to read them; pure Python, no torch. JSON lines go through the
-strict loader (app/jsonsafe.py): a line nested too deep, with a number too long to parse or a
+strict loader (core/jsonsafe.py): a line nested too deep, with a number too long to parse or a
 string that is not storable text is refused, naming the line and the field."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from app import jsonsafe
+from core import jsonsafe
 
 MAX_LINE_BYTES = 1 << 20
 

@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 import fsspec
 
-from app.config import get_settings
+from core.config import get_settings
 
 
 class Storage:

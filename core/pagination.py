@@ -10,12 +10,11 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from annotated_types import Ge, Le
-from fastapi import Query
 from pydantic import BeforeValidator
 from sqlalchemy import Select, and_, or_
 
-from app import jsonsafe
-from app.errors import Unprocessable
+from core import jsonsafe
+from core.errors import Unprocessable
 
 # Decimal digits, and a zero fraction (JSON Schema's integers include 5.0; a client generated
 # from the spec may write one so).
@@ -41,9 +40,6 @@ def query_int(ge: int, le: int) -> Any:
     "minimum"/"maximum"."""
     return Annotated[int, Ge(ge), Le(le), BeforeValidator(_decimal_digits)]
 
-
-# The page size of every list route.
-PageLimit = Annotated[query_int(1, 200), Query()]
 
 
 def encode_cursor(created_at: datetime, id_: str) -> str:

@@ -1,0 +1,44 @@
+"""``quantize.gptq``: GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", arXiv:2210.17323).
+
+Quantizes each layer's weights column by column, updating the not-yet-quantized columns to
+compensate the error, with the inverse Hessian of calibration inputs: at 4 bits it stays much
+closer to the original than round-to-nearest (``quantize.weight_only``).
+
+Runs through llm-compressor's ``GPTQModifier`` with its sequential pipeline (one decoder layer at
+a time). Parameters: ``scheme`` ``W4A16`` (4-bit weights; default groups of 128), ``W8A16``
+(8-bit weights, per channel) or ``W8A8`` (8-bit weights per channel and 8-bit activations
+quantized per token at run time); ``group_size`` 32/64/128 or null (per channel); ``ignore``:
+modules kept in float (``["lm_head"]`` by default); ``dampening_frac``; ``num_samples`` and
+``max_length`` of the calibration texts (the job's ``dataset_id``). The artifact is a
+compressed-tensors checkpoint (``pack-quantized`` or ``int-quantized``) that
+``AutoModel*.from_pretrained`` loads with compressed-tensors installed. Must be the last step.
+Refused at submit: bare state dicts, models without tokenizer files, GPT-2-style Conv1D models,
+already-quantized models, a group size that does not divide the layers' input widths.
+
+Example: ``{"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128}}`` with a ``dataset_id``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.methods._llmc import QuantizeParams
+from core.methods import ModelInfo, register
+
+
+class QuantizeGPTQParams(QuantizeParams):
+    scheme: Literal["W4A16", "W8A16", "W8A8"] = "W4A16"
+    dampening_frac: float = Field(default=0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal")
+
+
+def _check(params: QuantizeGPTQParams, info: ModelInfo) -> None:
+    from core.methods._llmc import check_group, check_model
+
+    check_model("quantize.gptq", info, quantizes=True)
+    check_group("quantize.gptq", info, params.effective_group(params.scheme))
+
+
+register("quantize.gptq", params=QuantizeGPTQParams, summary="GPTQ: error-compensating integer quantization on calibration data (llm-compressor).", needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)

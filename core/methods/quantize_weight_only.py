@@ -1,0 +1,46 @@
+"""``quantize.weight_only``: round-to-nearest integer weights (int8 or int4), float activations.
+
+``bits``: 8 or 4. ``group_size``: null (default) for one scale per output channel, or 32/64/128
+for one scale (and zero point, if asymmetric) per group of that many consecutive input columns;
+every Linear input width must be a multiple of it (refused at submit when the config shows it is
+not). ``symmetric`` (default true): zero point 0 and ``scale = max|w| / ((2^b - 1) / 2)``; false
+fits ``[min, max]`` with an int8 zero point per row/group. Rounding is to nearest
+(worker/ops/quant.py): ``|w - w'| <= scale / 2`` for every weight. No calibration data.
+
+Saved as compressed-tensors ``pack-quantized`` (the format it and llm-compressor use for W4A16 /
+W8A16): the integers are packed densely into int32 words, so 4-bit weights take half a byte,
+plus ``weight_scale`` (and ``weight_zero_point``) tensors and ``weight_shape``. The checkpoint
+loads with ``AutoModel*.from_pretrained`` wherever compressed-tensors is installed; on CPU the
+weights are dequantized on the first forward (see the step's ``runs``).
+
+Targets every ``nn.Linear`` except the LM head (``ignore`` list); embeddings, norms and biases
+stay in the model's float dtype. GPT-2-style models (transformers ``Conv1D``) and bare
+safetensors state dicts are refused at submit. It must be the last step.
+
+Example: ``{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}``
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from core.methods import ModelInfo, StrictParams, register
+
+
+class QuantizeWeightOnlyParams(StrictParams):
+    bits: Literal[8, 4] = Field(description="integer width of the stored weights")
+    group_size: Literal[32, 64, 128] | None = Field(
+        default=None, description="input columns per scale; null: one scale per output channel"
+    )
+    symmetric: bool = Field(default=True, strict=True, description="zero point 0 (true) or a fitted zero point per row/group")
+
+
+def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
+    from core.methods._ct import check_model
+
+    check_model("quantize.weight_only", info, params.group_size)
+
+
+register("quantize.weight_only", params=QuantizeWeightOnlyParams, summary="Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors).", formats=("hf",), check=_check, final=True, streams=True)
