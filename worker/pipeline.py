@@ -226,7 +226,9 @@ def _memory_bytes(loaded: model_io.LoadedModel) -> int:
     return sum(t.numel() * t.element_size() for t in loaded.state.values())
 
 
-def run_job(job_id: str) -> None:
+def run_job(job_id: str) -> bool:
+    """Claim the job and run the attempt; False when there was nothing to claim (finished,
+    canceled, held by another attempt, or given up), e.g. a message the reconciler re-sent."""
     settings = get_settings()
     storage = get_storage()
     with get_sessionmaker()() as s:
@@ -239,7 +241,7 @@ def run_job(job_id: str) -> None:
                 drop_artifacts(storage, job_id)
             else:
                 log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
-            return
+            return False
     # From here until the attempt's outcome is recorded, its lease is renewed by the keeper
     # process (worker/heartbeat.py), which dies with this process; a thread renews it whenever
     # the keeper is not running.
@@ -252,6 +254,7 @@ def run_job(job_id: str) -> None:
     finally:
         beat_stop.set()
         keeper.release(job_id, attempt)
+    return True
 
 
 def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage) -> None:

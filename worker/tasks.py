@@ -28,7 +28,8 @@ _log_tokens: dict[str, contextvars.Token] = {}
 @celery_app.task(name=TASK_RUN_JOB)
 def run_job(job_id: str) -> None:
     # A job whose plan is over this worker's budget is not claimed (worker/budget.py says what
-    # becomes of it); after a job, its measured throughput goes to the registry for later plans.
+    # becomes of it); after a job it ran, its measured throughput goes to the registry for later
+    # plans (not after a duplicate message for a job another task already ran: counted once).
     try:
         admitted = budget.admit(job_id)
     except Exception:  # e.g. the database is down: the claim (which retries nothing) decides
@@ -36,7 +37,8 @@ def run_job(job_id: str) -> None:
         admitted = True
     if not admitted:
         return
-    pipeline.run_job(job_id)
+    if not pipeline.run_job(job_id):
+        return
     try:
         budget.record_throughput(job_id)
     except Exception:  # a figure for estimates only: never fails the task
