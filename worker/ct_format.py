@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from core.methods._ct import CONV1D_REFUSAL, RUNS_DECOMPRESSED
+from worker.context import MethodContext
 
 
 
@@ -49,7 +50,7 @@ def quantize_linear_layers(
     weights: dict[str, Any],
     input_activations: dict[str, Any] | None,
     qparams: Callable[[Any], tuple[Any, Any]],
-    ctx: Any = None,
+    ctx: MethodContext | None = None,
 ) -> dict[str, Any]:
     """Attach the scheme, store RTN scales from ``qparams(weight) -> (scale fp32, zero_point
     int8)``, set the compressed-tensors saver. Returns the step's metrics."""

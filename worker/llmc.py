@@ -18,9 +18,13 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods._llmc import SCHEMES, CalibrationParams
+from worker.context import MethodContext, Metrics
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 def config_groups(scheme: str, group_size: int | None) -> dict[str, Any]:
@@ -38,7 +42,7 @@ def config_groups(scheme: str, group_size: int | None) -> dict[str, Any]:
 # --- worker side ----------------------------------------------------------------------------------
 
 
-def calibration_dataset(model: Any, ctx: Any, params: CalibrationParams) -> tuple[Any, dict[str, Any]]:
+def calibration_dataset(model: LoadedModel, ctx: MethodContext, params: CalibrationParams) -> tuple[Any, dict[str, Any]]:
     """The job's dataset, tokenized with the model's tokenizer, as the ``datasets.Dataset`` of
     ``input_ids``/``attention_mask`` that ``oneshot`` takes (no download, no remote code)."""
     from datasets import Dataset
@@ -60,7 +64,7 @@ def calibration_dataset(model: Any, ctx: Any, params: CalibrationParams) -> tupl
     return Dataset.from_dict(columns), info
 
 
-def run_oneshot(model: Any, ctx: Any, recipe: list[Any], params: CalibrationParams) -> dict[str, Any]:
+def run_oneshot(model: LoadedModel, ctx: MethodContext, recipe: list[Any], params: CalibrationParams) -> Metrics:
     """Calibrate and apply ``recipe`` to ``model.module`` in place, layer by layer."""
     import torch
 

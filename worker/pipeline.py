@@ -32,6 +32,7 @@ from core.reconcile import drop_artifacts
 from core.storage import Storage, get_storage
 from core.tables import Dataset, Job, Model
 from worker import evaluate, heartbeat, limits, memory, methods, model_io, stream, sweep
+from worker.context import JobPort, Sample, StoredModel
 
 log = logging.getLogger("modelpress.worker")
 
@@ -61,9 +62,40 @@ class LostLease(Exception):
     """This attempt no longer holds the job (it was claimed again): stop without writing."""
 
 
+class DbJobPort:
+    """The job's row in the database, for the attempt that runs it (fenced on the attempt)."""
+
+    def __init__(self, job_id: str, attempt: int, settings: Settings) -> None:
+        self.job_id, self.attempt, self.settings = job_id, attempt, settings
+
+    def record_progress(self, stage: str, fraction: float) -> bool | None:
+        try:
+            with get_sessionmaker()() as s:
+                return jobs_repo.progress(s, self.job_id, self.attempt, stage, fraction, self.settings.job_lease_s)
+        except OperationalError:
+            return None
+
+    def cancel_requested(self) -> bool:
+        try:
+            with get_sessionmaker()() as s:
+                return jobs_repo.cancel_requested(s, self.job_id)
+        except OperationalError:
+            return False  # asked again at the next step
+
+    def tenant_model(self, model_id: str) -> StoredModel | None:
+        from sqlalchemy import select
+
+        with get_sessionmaker()() as s:
+            # Scoped to the job's tenant here too: a spec is only checked at submit time.
+            tenant_id = select(Job.tenant_id).where(Job.id == self.job_id).scalar_subquery()
+            row = s.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
+            return None if row is None else StoredModel(row.format, row.storage_prefix, [f["name"] for f in row.files])
+
+
 @dataclass
 class JobContext:
-    """What a method's handler may use besides the model: data, progress, the job's settings."""
+    """What a method's handler may use besides the model (worker/context.py ``MethodContext``):
+    data, progress, the job's settings. It reaches the job's row only through ``port``."""
 
     job_id: str
     attempt: int
@@ -75,17 +107,21 @@ class JobContext:
     # Set by the pipeline around each step: the fraction range the step's own progress maps into.
     step_span: tuple[float, float] = (0.0, 1.0)
     step_label: str = ""
-    evaluation: dict[str, Any] = field(default_factory=dict)  # app.jobs.schemas.EvaluationIn
-    _samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)  # core.jobs.schemas.EvaluationIn
+    port: JobPort | None = None  # None: the database's (DbJobPort)
+    _samples: dict[str, list[Sample]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.port is None:
+            self.port = DbJobPort(self.job_id, self.attempt, self.settings)
 
     def progress(self, stage: str, fraction: float) -> None:
         if len(stage) > PROGRESS_STAGE_MAX:
             # The column holds 100 characters; a long fused recipe's label is cut, its note kept.
             stage = stage[: PROGRESS_STAGE_MAX - 1] + "…"
-        try:
-            with get_sessionmaker()() as s:
-                held = jobs_repo.progress(s, self.job_id, self.attempt, stage, round(fraction, 4), self.settings.job_lease_s)
-        except OperationalError:
+        assert self.port is not None
+        held = self.port.record_progress(stage, round(fraction, 4))
+        if held is None:
             # The database is down: the job goes on (its result is recorded once the database is
             # back, see _record); the heartbeat keeps trying to renew the lease meanwhile.
             log.warning("job %s: progress not recorded (database unreachable)", self.job_id)
@@ -98,7 +134,7 @@ class JobContext:
         lo, hi = self.step_span
         self.progress(f"{self.step_label}: {note}" if note else self.step_label, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
 
-    def samples(self, which: str = "train") -> list[dict[str, Any]]:
+    def samples(self, which: str = "train") -> list[Sample]:
         """The job's dataset (``train``: ``dataset_id``; ``eval``: ``eval_dataset_id``) as
         ``[{"text": str, "label"?: int | str}]``. Raises JobFailed when the job has none."""
         if which not in self._samples:
@@ -109,7 +145,7 @@ class JobContext:
 
             path = self.work_dir / f"dataset-{which}.{info['format']}"
             _fetch(self.storage, info["storage_key"], path)
-            self._samples[which] = load_samples(path, info["format"])
+            self._samples[which] = load_samples(path, info["format"])  # type: ignore[assignment]
         return self._samples[which]
 
     def has_samples(self, which: str = "train") -> bool:
@@ -118,31 +154,22 @@ class JobContext:
     def load_model(self, model_id: str) -> model_io.LoadedModel:
         """Another uploaded model of the job's tenant (e.g. a distillation student), fetched and
         loaded like the job's own. Raises JobFailed when it is gone or does not load."""
-        from sqlalchemy import select
-
-        with get_sessionmaker()() as s:
-            # Scoped to the job's tenant here too: a spec is only checked at submit time.
-            tenant_id = select(Job.tenant_id).where(Job.id == self.job_id).scalar_subquery()
-            row = s.scalar(select(Model).where(Model.id == model_id, Model.tenant_id == tenant_id))
-            found = None if row is None else (row.format, row.storage_prefix, [f["name"] for f in row.files])
+        assert self.port is not None
+        found = self.port.tenant_model(model_id)
         if found is None:
             raise JobFailed("model_missing", f"model {model_id} no longer exists (deleted after the job was submitted)")
-        fmt, prefix, names = found
         dest = self.work_dir / f"model-{model_id}"
         dest.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            _fetch(self.storage, f"{prefix}/{name}", dest / name)
+        for name in found.files:
+            _fetch(self.storage, f"{found.storage_prefix}/{name}", dest / name)
         try:
-            return model_io.load(dest, fmt)
+            return model_io.load(dest, found.format)
         except Exception as e:
             raise JobFailed("model_load_failed", f"model {model_id} could not be loaded: {e}") from e
 
     def cancel_requested(self) -> bool:
-        try:
-            with get_sessionmaker()() as s:
-                return jobs_repo.cancel_requested(s, self.job_id)
-        except OperationalError:
-            return False  # asked again at the next step
+        assert self.port is not None
+        return self.port.cancel_requested()
 
 
 def _fetch(storage: Storage, key: str, dest: Path) -> None:

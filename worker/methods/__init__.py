@@ -19,6 +19,7 @@ from typing import Any
 
 from core import methods as core_methods
 from core.methods import MethodSpec
+from worker.context import Metrics
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class Method:
     """A method as the worker runs it: the core spec, its handler and its streaming form."""
 
     spec: MethodSpec
-    # ``handler(model: LoadedModel, params, ctx: JobContext) -> dict`` (the step's metrics).
-    handler: Callable[..., dict[str, Any]]
+    # ``handler(model: LoadedModel, params, ctx: MethodContext) -> Metrics`` (worker/context.py).
+    handler: Callable[..., Metrics]
     # ``stream(params, ctx) -> TensorStep`` (worker/stream), or None: the model must be in memory.
     stream: Callable[..., Any] | None = None
 

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.distill import DistillParams, evenly_spaced, head_kind
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("distill")
-def distill(model: Any, params: DistillParams, ctx: Any) -> dict[str, Any]:
+def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Metrics:
     """Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model)."""
     import torch
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.prune_magnitude import PruneMagnitudeParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 def _stream(params: PruneMagnitudeParams, ctx: Any) -> Any:
@@ -15,7 +19,7 @@ def _stream(params: PruneMagnitudeParams, ctx: Any) -> Any:
 
 
 @handler("prune.magnitude", stream=_stream)
-def prune_magnitude(model: Any, params: PruneMagnitudeParams, ctx: Any) -> dict[str, Any]:
+def prune_magnitude(model: LoadedModel, params: PruneMagnitudeParams, ctx: MethodContext) -> Metrics:
     """Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold."""
     from worker.ops import sparsity as ops
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.methods.prune_sparsegpt import PruneSparseGPTParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("prune.sparsegpt")
-def prune_sparsegpt(model: Any, params: PruneSparseGPTParams, ctx: Any) -> dict[str, Any]:
+def prune_sparsegpt(model: LoadedModel, params: PruneSparseGPTParams, ctx: MethodContext) -> Metrics:
     """SparseGPT: one-shot pruning with second-order weight updates on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from core.methods.prune_structured import Heads, PruneStructuredParams, checked_removal, family_of, head_layout, heads_removal
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @dataclass
@@ -311,7 +315,7 @@ def _stream_step_class() -> type:
 
 
 @handler("prune.structured", stream=_stream)
-def prune_structured(model: Any, params: PruneStructuredParams, ctx: Any) -> dict[str, Any]:
+def prune_structured(model: LoadedModel, params: PruneStructuredParams, ctx: MethodContext) -> Metrics:
     """Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config."""
     from worker.ops import structured as ops
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.methods.prune_wanda import PruneWandaParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("prune.wanda")
-def prune_wanda(model: Any, params: PruneWandaParams, ctx: Any) -> dict[str, Any]:
+def prune_wanda(model: LoadedModel, params: PruneWandaParams, ctx: MethodContext) -> Metrics:
     """Wanda: prune by |weight| x input-activation norm on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.pruning import WandaPruningModifier
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.methods.quantize_awq import QuantizeAWQParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("quantize.awq")
-def quantize_awq(model: Any, params: QuantizeAWQParams, ctx: Any) -> dict[str, Any]:
+def quantize_awq(model: LoadedModel, params: QuantizeAWQParams, ctx: MethodContext) -> Metrics:
     """AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU)."""
     # The transform module's AWQModifier (the scale search alone): the old import path is a shim that
     # returns its own QuantizationModifier too, with no scheme, which refuses to initialize.

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.quantize_cast import QuantizeCastParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 def _stream(params: QuantizeCastParams, ctx: Any) -> Any:
@@ -15,7 +19,7 @@ def _stream(params: QuantizeCastParams, ctx: Any) -> Any:
 
 
 @handler("quantize.cast", stream=_stream)
-def quantize_cast(model: Any, params: QuantizeCastParams, ctx: Any) -> dict[str, Any]:
+def quantize_cast(model: LoadedModel, params: QuantizeCastParams, ctx: MethodContext) -> Metrics:
     """Cast floating-point weights to float16 or bfloat16."""
     import torch
 

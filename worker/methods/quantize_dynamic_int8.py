@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.quantize_dynamic_int8 import QuantizeDynamicInt8Params
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 WEIGHTS = {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False}
@@ -20,7 +24,7 @@ def _stream(params: QuantizeDynamicInt8Params, ctx: Any) -> Any:
 
 
 @handler("quantize.dynamic_int8", stream=_stream)
-def quantize_dynamic_int8(model: Any, params: QuantizeDynamicInt8Params, ctx: Any) -> dict[str, Any]:
+def quantize_dynamic_int8(model: LoadedModel, params: QuantizeDynamicInt8Params, ctx: MethodContext) -> Metrics:
     """Dynamic int8 (W8A8): per-channel int8 weights, per-token int8 activations at run time."""
     from worker.ct_format import quantize_linear_layers
     from worker.ops import quant

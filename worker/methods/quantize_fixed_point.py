@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import threading
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.quantize_fixed_point import QuantizeFixedPointParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 def _weights(bits: int) -> dict[str, Any]:
@@ -63,7 +67,7 @@ def _stream(params: QuantizeFixedPointParams, ctx: Any) -> Any:
 
 
 @handler("quantize.fixed_point", stream=_stream)
-def quantize_fixed_point(model: Any, params: QuantizeFixedPointParams, ctx: Any) -> dict[str, Any]:
+def quantize_fixed_point(model: LoadedModel, params: QuantizeFixedPointParams, ctx: MethodContext) -> Metrics:
     """Fixed-point weights round(w * 2^n) / 2^n in `bits` bits, clipped, packed (compressed-tensors)."""
     from worker.ct_format import quantize_linear_layers
     from worker.ops import quant

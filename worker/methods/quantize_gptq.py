@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.methods.quantize_gptq import QuantizeGPTQParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("quantize.gptq")
-def quantize_gptq(model: Any, params: QuantizeGPTQParams, ctx: Any) -> dict[str, Any]:
+def quantize_gptq(model: LoadedModel, params: QuantizeGPTQParams, ctx: MethodContext) -> Metrics:
     """GPTQ: error-compensating integer quantization on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.methods.quantize_smoothquant import QuantizeSmoothQuantParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 @handler("quantize.smoothquant")
-def quantize_smoothquant(model: Any, params: QuantizeSmoothQuantParams, ctx: Any) -> dict[str, Any]:
+def quantize_smoothquant(model: LoadedModel, params: QuantizeSmoothQuantParams, ctx: MethodContext) -> Metrics:
     """SmoothQuant: migrate activation outliers into the weights, then W8A8 (llm-compressor)."""
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.smoothquant import SmoothQuantModifier

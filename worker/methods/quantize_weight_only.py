@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.methods.quantize_weight_only import QuantizeWeightOnlyParams
+from worker.context import MethodContext, Metrics
 from worker.methods import handler
+
+if TYPE_CHECKING:
+    from worker.model_io import LoadedModel
 
 
 def _weights(params: QuantizeWeightOnlyParams) -> dict[str, Any]:
@@ -30,7 +34,7 @@ def _stream(params: QuantizeWeightOnlyParams, ctx: Any) -> Any:
 
 
 @handler("quantize.weight_only", stream=_stream)
-def quantize_weight_only(model: Any, params: QuantizeWeightOnlyParams, ctx: Any) -> dict[str, Any]:
+def quantize_weight_only(model: LoadedModel, params: QuantizeWeightOnlyParams, ctx: MethodContext) -> Metrics:
     """Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors)."""
     from worker.ct_format import quantize_linear_layers
     from worker.ops import quant
