@@ -331,7 +331,7 @@ def test_job_get_authenticates_exactly_like_dependency_routes(cluster, tiny):
 
 
 def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
-    """The job GET reads through its own asyncpg pool (app.db.HotRead). Connections the server
+    """The job GET reads through its own asyncpg pool (core.db.HotRead). Connections the server
     drops (a restart, a failover, an idle-connection killer) are replaced: no request fails."""
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()

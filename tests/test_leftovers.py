@@ -125,7 +125,7 @@ def _uploads(s3: SeaweedS3, prefix: str) -> list[str]:
 def _killed_s3_writer(stack: Stack, key: str) -> None:
     """A process streaming an object into storage through Storage.open_write (an S3 multipart
     upload: 60 MB, more than one 50 MiB part) is SIGKILLed before it commits."""
-    code = ("import sys, time\nfrom app.storage import get_storage\np = get_storage().open_write(sys.argv[1])\n"
+    code = ("import sys, time\nfrom core.storage import get_storage\np = get_storage().open_write(sys.argv[1])\n"
             "p.file.write(b'x' * (60 << 20)); p.file.flush()\nprint('part sent', flush=True)\ntime.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", code, key], env=stack.service.env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "part sent"

@@ -89,7 +89,7 @@ async def get_job(job_id: str, caller: CurrentCaller) -> Response:
     # What clients poll, so it is kept short (bench/bench_load.py, docs/BENCHMARKS.md): served as
     # an app.routing.DirectRoute (no per-request dependency solving); the caller usually comes
     # from app.auth's cache; on PostgreSQL the row is read on the event loop through asyncpg
-    # (app.db.HotRead); the body is serialized once, byte for byte what FastAPI would send for the
+    # (core.db.HotRead); the body is serialized once, byte for byte what FastAPI would send for the
     # JobOut (a Response is not validated again against response_model, which stays for the
     # OpenAPI spec).
     if not hot_reads_available():  # SQLite (embedded mode): read in the thread pool
