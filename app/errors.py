@@ -5,20 +5,7 @@ Every 4xx/5xx leaves the API as RFC 9457 ``application/problem+json``::
     {"type": "/problems/<code>", "title": ..., "status": ..., "detail": ..., "code": ...,
      "errors": [{"loc": [...], "msg": ..., "type": ...}]}   # "errors" on 422 only
 
-Error tree::
-
-    ModelpressError (500 internal_error)
-    ├── BadRequest (400 bad_request)
-    ├── Unauthorized (401 unauthorized)
-    ├── NotFound (404 not_found)
-    ├── RequestTimeout (408 request_timeout) -- a request body stalled (app/http_limits.py)
-    ├── Conflict (409 conflict)
-    ├── Gone (410 gone) -- e.g. an expired signed link
-    ├── PayloadTooLarge (413 payload_too_large)
-    ├── UnsupportedMediaType (415 unsupported_media_type)
-    ├── Unprocessable (422 validation_error) -- also refused uploads (``code`` says why)
-    │   └── JobExceedsWorkerBudget (422 job_exceeds_worker_budget) -- no live worker can take the job
-    └── ServiceUnavailable (503 service_unavailable)
+The error tree (each class with its status and code) is in core/errors.py's docstring.
 
 No stack trace ever reaches a client: unexpected exceptions are logged and answered with a bare 500.
 
