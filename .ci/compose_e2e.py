@@ -1,11 +1,11 @@
 """The client side of CI's compose check (.ci/images), run with the host's virtualenv.
 
-    compose_e2e.py --url URL --wait-ready SECONDS     wait until GET /readyz answers 200
-    compose_e2e.py --url URL --api-key KEY [--workers N]
-        a tiny GPT-2 (and its word-level tokenizer) saved here -> upload (SDK) -> job
-        (prune.magnitude 0.5, then quantize.cast to bfloat16) -> wait -> download -> the
-        artifact loads with transformers here, its weight matrices are largely zeros and it gives finite logits.
-        --workers N: first wait until N workers are live (GET /v1/workers).
+compose_e2e.py --url URL --wait-ready SECONDS     wait until GET /readyz answers 200
+compose_e2e.py --url URL --api-key KEY [--workers N]
+    a tiny GPT-2 (and its word-level tokenizer) saved here -> upload (SDK) -> job
+    (prune.magnitude 0.5, then quantize.cast to bfloat16) -> wait -> download -> the
+    artifact loads with transformers here, its weight matrices are largely zeros and it gives finite logits.
+    --workers N: first wait until N workers are live (GET /v1/workers).
 """
 
 from __future__ import annotations
@@ -47,11 +47,20 @@ def tiny_model(path: Path) -> Path:
     vocab = {t: i for i, t in enumerate(specials + sorted(set(TEXT.split())))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
-                            eos_token="[EOS]").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    ).save_pretrained(path)
     torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=len(vocab),
-                        pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        n_positions=64,
+        vocab_size=len(vocab),
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+    )
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
@@ -104,9 +113,14 @@ def run(url: str, key: str, workers: int) -> dict:
         assert torch.isfinite(logits).all(), "the artifact gives non-finite logits"
         assert zeros >= 0.3, f"the artifact's weight matrices are {zeros:.0%} zeros after pruning half"
         report = mp.report(job.id)
-        return {"job": job.id, "status": job.status, "artifact_bytes": dl.size_bytes,
-                "compression_ratio": report.size.get("compression_ratio"), "zeros": round(zeros, 3),
-                **{k: round(v, 2) for k, v in times.items()}}
+        return {
+            "job": job.id,
+            "status": job.status,
+            "artifact_bytes": dl.size_bytes,
+            "compression_ratio": report.size.get("compression_ratio"),
+            "zeros": round(zeros, 3),
+            **{k: round(v, 2) for k, v in times.items()},
+        }
 
 
 def main() -> int:

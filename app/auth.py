@@ -113,8 +113,12 @@ def resolve_key(session: Session, key: str) -> Caller | None:
     ok = hmac.compare_digest(expected, _digest(secret))
     if row is None or not ok:
         return None
-    return Caller(tenant_id=row.tenant_id, tenant_name=row.name, key_id=row.id,
-                  scopes=frozenset(s for s in (row.scopes or []) if isinstance(s, str)))
+    return Caller(
+        tenant_id=row.tenant_id,
+        tenant_name=row.name,
+        key_id=row.id,
+        scopes=frozenset(s for s in (row.scopes or []) if isinstance(s, str)),
+    )
 
 
 # auto_error=False: a missing header must be our 401 problem, not FastAPI's 403.
@@ -189,9 +193,16 @@ class _Invalidations:
         backoff, warned = 0.5, False
         while True:
             try:
-                with psycopg.connect(self._conninfo(), autocommit=True, connect_timeout=5,
-                                     application_name=LISTENER_APPLICATION_NAME,
-                                     keepalives=1, keepalives_idle=5, keepalives_interval=2, keepalives_count=2) as conn:
+                with psycopg.connect(
+                    self._conninfo(),
+                    autocommit=True,
+                    connect_timeout=5,
+                    application_name=LISTENER_APPLICATION_NAME,
+                    keepalives=1,
+                    keepalives_idle=5,
+                    keepalives_interval=2,
+                    keepalives_count=2,
+                ) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     invalidate()  # a revocation sent while nobody listened was lost
                     self._alive_until = time.monotonic() + _ALIVE_FOR_S
@@ -207,8 +218,12 @@ class _Invalidations:
             except Exception as e:  # the database restarted or is unreachable: reconnect
                 self._alive_until = 0.0
                 if not warned:
-                    log.warning("API key listener lost its connection (%s); keys are cached for at most %.1f s "
-                                "until it is back", e.__class__.__name__, REVOCATION_BOUND_S)
+                    log.warning(
+                        "API key listener lost its connection (%s); keys are cached for at most %.1f s "
+                        "until it is back",
+                        e.__class__.__name__,
+                        REVOCATION_BOUND_S,
+                    )
                     warned = True
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 10.0)
@@ -271,8 +286,10 @@ CurrentCaller = Annotated[Caller, Depends(current_caller)]
 async def admin_caller(caller: CurrentCaller) -> Caller:
     """The caller, if its key has the ``admin`` scope (403 otherwise)."""
     if not caller.is_admin:
-        raise Forbidden("this needs an API key with the admin scope (`modelpress keys create --tenant NAME --admin`)",
-                        code="admin_required")
+        raise Forbidden(
+            "this needs an API key with the admin scope (`modelpress keys create --tenant NAME --admin`)",
+            code="admin_required",
+        )
     return caller
 
 

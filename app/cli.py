@@ -108,8 +108,11 @@ def _keys_on_db(args: argparse.Namespace, work: Any) -> int:
         path = make_url(settings.database_url).database
         if path and path != ":memory:" and not Path(path).exists():
             # Not here: opening it would leave an empty database file behind (a client's folder).
-            print(f"Error: no modelpress database at {path}: run this where the server runs, with its MODELPRESS_* "
-                  "settings, or pass --url / --api-key to go through the API", file=sys.stderr)
+            print(
+                f"Error: no modelpress database at {path}: run this where the server runs, with its MODELPRESS_* "
+                "settings, or pass --url / --api-key to go through the API",
+                file=sys.stderr,
+            )
             return 1
     try:
         with get_sessionmaker()() as s:
@@ -122,9 +125,12 @@ def _keys_on_db(args: argparse.Namespace, work: Any) -> int:
         from sqlalchemy.engine import make_url
 
         db = make_url(get_settings().database_url).render_as_string(hide_password=True)
-        print(f"Error: cannot use the API keys of the database {db} ({type(e.orig or e).__name__}): run this where the "
-              "server runs, with its MODELPRESS_* settings (after `modelpress migrate`), or pass --url / --api-key "
-              "to go through the API", file=sys.stderr)
+        print(
+            f"Error: cannot use the API keys of the database {db} ({type(e.orig or e).__name__}): run this where the "
+            "server runs, with its MODELPRESS_* settings (after `modelpress migrate`), or pass --url / --api-key "
+            "to go through the API",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -202,8 +208,8 @@ def _bootstrap_key(data_dir: Path) -> str:
     <data_dir> can use the database directly anyway; so `modelpress keys ...` through the API works
     with the key `serve` prints. A bootstrap key made before scopes existed is made admin here."""
     from app.auth import ADMIN, create_key, resolve_key
-    from core.db import get_sessionmaker
     from app.keys import repository
+    from core.db import get_sessionmaker
 
     path = data_dir / "api-key"
     with get_sessionmaker()() as s:
@@ -286,15 +292,21 @@ def run_uvicorn(app: Any, host: str, port: int) -> None:
     from core.config import get_settings
 
     _freeze_heap()
-    uvicorn.run(_FreezeWhenWarm(app, FREEZE_AFTER_REQUESTS), host=host, port=port, log_level=get_settings().log_level.lower(),
-                access_log=False, log_config=None)
+    uvicorn.run(
+        _FreezeWhenWarm(app, FREEZE_AFTER_REQUESTS),
+        host=host,
+        port=port,
+        log_level=get_settings().log_level.lower(),
+        access_log=False,
+        log_config=None,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from sqlalchemy.orm import configure_mappers
 
-    from core.config import get_settings
     from app.main import create_app
+    from core.config import get_settings
 
     if _refuse_to_start("serve"):
         return 2
@@ -311,7 +323,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         logging.getLogger("modelpress.cli").warning(
             "MODELPRESS_PUBLIC_BASE_URL is not set: signed links are relative (/v1/...); the SDK and CLI "
-            "complete them with the address they use, a browser needs the service's public address in front")
+            "complete them with the address they use, a browser needs the service's public address in front"
+        )
     worker: subprocess.Popen | None = None
     if s.mode == "embedded":
         migrate()
@@ -353,7 +366,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     queues = [q.strip() for q in args.queues.split(",") if q.strip()]
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
-        print(f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; the queues are {', '.join(QUEUES)}", file=sys.stderr)
+        print(
+            f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; the queues are {', '.join(QUEUES)}",
+            file=sys.stderr,
+        )
         return 2
     if _refuse_to_start("worker"):
         return 2
@@ -363,14 +379,27 @@ def cmd_worker(args: argparse.Namespace) -> int:
         # One job at a time in the worker's own process: CUDA does not survive a fork, and one
         # process per GPU (CUDA_VISIBLE_DEVICES) keeps jobs from sharing a device's memory.
         if args.pool not in (None, "solo") or args.concurrency not in (None, 1):
-            print("modelpress worker: a gpu-queue worker runs one job at a time (--pool solo, --concurrency 1); "
-                  "run one process per GPU, e.g. CUDA_VISIBLE_DEVICES=0 modelpress worker --queues gpu", file=sys.stderr)
+            print(
+                "modelpress worker: a gpu-queue worker runs one job at a time (--pool solo, --concurrency 1); "
+                "run one process per GPU, e.g. CUDA_VISIBLE_DEVICES=0 modelpress worker --queues gpu",
+                file=sys.stderr,
+            )
             return 2
         pool, concurrency = "solo", 1
     s.tmp_dir.mkdir(parents=True, exist_ok=True)
     if s.mode == "embedded":
         migrate()
-    argv = [sys.executable, "-m", "worker", "--queues", ",".join(queues), "--concurrency", str(concurrency), "--pool", pool]
+    argv = [
+        sys.executable,
+        "-m",
+        "worker",
+        "--queues",
+        ",".join(queues),
+        "--concurrency",
+        str(concurrency),
+        "--pool",
+        pool,
+    ]
     if args.allow_no_gpu:
         argv.append("--allow-no-gpu")
     sys.stdout.flush()
@@ -389,14 +418,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_serve)
 
     wp = sub.add_parser("worker", help="run a Celery worker")
-    wp.add_argument("--queues", default="cpu", help="comma-separated queues: cpu, gpu (default cpu); "
-                    "with gpu: solo pool, one job at a time, and a CUDA device is required (one process per GPU)")
-    wp.add_argument("--concurrency", "-c", type=int, default=None, help="worker processes (default MODELPRESS_WORKER_CONCURRENCY; 1 with gpu)")
-    wp.add_argument("--pool", default=None, choices=["prefork", "solo", "threads"], help="Celery pool (default prefork; solo with gpu)")
-    wp.add_argument("--allow-no-gpu", action="store_true", help="serve the gpu queue without a CUDA device, on the CPU (tests, dry runs)")
+    wp.add_argument(
+        "--queues",
+        default="cpu",
+        help="comma-separated queues: cpu, gpu (default cpu); "
+        "with gpu: solo pool, one job at a time, and a CUDA device is required (one process per GPU)",
+    )
+    wp.add_argument(
+        "--concurrency",
+        "-c",
+        type=int,
+        default=None,
+        help="worker processes (default MODELPRESS_WORKER_CONCURRENCY; 1 with gpu)",
+    )
+    wp.add_argument(
+        "--pool",
+        default=None,
+        choices=["prefork", "solo", "threads"],
+        help="Celery pool (default prefork; solo with gpu)",
+    )
+    wp.add_argument(
+        "--allow-no-gpu",
+        action="store_true",
+        help="serve the gpu queue without a CUDA device, on the CPU (tests, dry runs)",
+    )
     wp.set_defaults(fn=cmd_worker)
 
-    rp = sub.add_parser("reconcile", help="re-send the messages of stale jobs (workers also do this every MODELPRESS_RECONCILE_INTERVAL_S)")
+    rp = sub.add_parser(
+        "reconcile",
+        help="re-send the messages of stale jobs (workers also do this every MODELPRESS_RECONCILE_INTERVAL_S)",
+    )
     rp.add_argument("--once", action="store_true", help="one pass; print the ids of the jobs re-sent")
     rp.set_defaults(fn=cmd_reconcile)
 
@@ -405,10 +456,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from modelpress._cli import common_flags
 
-    kp = sub.add_parser("keys", help="manage API keys (the database here; with --url/--api-key, the API)",
-                        description="Manage API keys. Without --url or --api-key: on the database of the server's "
-                        "MODELPRESS_* settings (run where the server runs). With either: through the API, with an "
-                        "admin key ($MODELPRESS_URL / $MODELPRESS_API_KEY fill in the other).")
+    kp = sub.add_parser(
+        "keys",
+        help="manage API keys (the database here; with --url/--api-key, the API)",
+        description="Manage API keys. Without --url or --api-key: on the database of the server's "
+        "MODELPRESS_* settings (run where the server runs). With either: through the API, with an "
+        "admin key ($MODELPRESS_URL / $MODELPRESS_API_KEY fill in the other).",
+    )
     ksub = kp.add_subparsers(dest="keys_command", required=True)
     common = [common_flags()]
     kc = ksub.add_parser("create", parents=common, help="create a key for a tenant (created if new) and print it")
@@ -416,8 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
     kc.add_argument("--admin", action="store_true", help="the admin scope: list, create and revoke every tenant's keys")
     kc.set_defaults(fn=cmd_keys_create)
     kl = ksub.add_parser("list", parents=common, help="list keys, newest first (never their secrets)")
-    kl.add_argument("--tenant", help="one tenant's keys (default: every tenant's on the database; "
-                    "the key's own tenant's through the API)")
+    kl.add_argument(
+        "--tenant",
+        help="one tenant's keys (default: every tenant's on the database; the key's own tenant's through the API)",
+    )
     kl.add_argument("--all", dest="all_tenants", action="store_true", help="through the API: every tenant's keys")
     kl.add_argument("--limit", type=int, default=None, help="at most N keys")
     kl.set_defaults(fn=cmd_keys_list)
@@ -431,8 +487,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_keys_create", "cmd_keys_list", "cmd_keys_revoke",
-                    "cmd_reconcile")
+_SERVER_COMMANDS = (
+    "cmd_serve",
+    "cmd_worker",
+    "cmd_migrate",
+    "cmd_keys_create",
+    "cmd_keys_list",
+    "cmd_keys_revoke",
+    "cmd_reconcile",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

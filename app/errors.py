@@ -145,13 +145,16 @@ def _allowed_methods(req: Request) -> list[str]:
     path = req.scope.get("path", "")
     root = req.scope.get("root_path", "")
     if root and path.startswith(root):
-        path = path[len(root):]
+        path = path[len(root) :]
     methods: set[str] = set()
     paths = req.app.openapi().get("paths", {})
     # A path the spec names literally (POST /v1/jobs/estimate) is that operation's, although a
     # template (GET /v1/jobs/{job_id}) matches it too.
-    matched = [paths[path]] if path in paths else [item for template, item in paths.items()
-                                                   if compile_path(template)[0].match(path)]
+    matched = (
+        [paths[path]]
+        if path in paths
+        else [item for template, item in paths.items() if compile_path(template)[0].match(path)]
+    )
     for item in matched:
         methods |= {m.upper() for m in item if m in _HTTP_METHODS}
     if "GET" in methods:
@@ -240,14 +243,23 @@ def install_error_handlers(app: FastAPI) -> None:
         # A value the database refuses (PostgreSQL text cannot hold NUL characters, nor jsonb
         # \u0000) is the client's to fix, whichever field it was in.
         log.warning("database refused a value: %s", type(exc.orig).__name__ if exc.orig else exc)
-        return problem(422, "invalid_value", "Request could not be processed",
-                       "a value of the request cannot be stored (e.g. it contains a NUL character)")
+        return problem(
+            422,
+            "invalid_value",
+            "Request could not be processed",
+            "a value of the request cannot be stored (e.g. it contains a NUL character)",
+        )
 
     @app.exception_handler(OperationalError)
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
-        return problem(503, "database_unavailable", "Service temporarily unavailable",
-                       "the database is unreachable; retry later", headers={"Retry-After": "5"})
+        return problem(
+            503,
+            "database_unavailable",
+            "Service temporarily unavailable",
+            "the database is unreachable; retry later",
+            headers={"Retry-After": "5"},
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:

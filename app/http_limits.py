@@ -50,12 +50,20 @@ def _is_json(content_type: str | None) -> bool:
     msg = email.message.Message()
     msg["content-type"] = content_type
     return msg.get_content_maintype() == "application" and (
-        msg.get_content_subtype() == "json" or msg.get_content_subtype().endswith("+json"))
+        msg.get_content_subtype() == "json" or msg.get_content_subtype().endswith("+json")
+    )
 
 
-async def _send_problem(send: Send, status: int, code: str, detail: str, errors: list[dict] | None = None,
-                        close: bool = False) -> None:
-    body = {"type": f"/problems/{code}", "title": _STATUS_TITLES[status], "status": status, "detail": detail, "code": code}
+async def _send_problem(
+    send: Send, status: int, code: str, detail: str, errors: list[dict] | None = None, close: bool = False
+) -> None:
+    body = {
+        "type": f"/problems/{code}",
+        "title": _STATUS_TITLES[status],
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
     if errors is not None:
         body["errors"] = errors
     raw = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
@@ -106,22 +114,34 @@ class BodyLimits:
         path = scope.get("path", "")
         root = scope.get("root_path", "")
         if root and path.startswith(root):
-            path = path[len(root):]
+            path = path[len(root) :]
         if scope.get("method") == "POST" and path in self.upload_paths:
             await self.app(scope, _stall_guard(receive, timeout), send)
             return
         if length is not None and length.isdigit() and int(length) > limit:
-            await _send_problem(send, 413, "payload_too_large", f"request body of {int(length)} bytes is over the limit of "
-                                f"{limit} bytes", close=True)
+            await _send_problem(
+                send,
+                413,
+                "payload_too_large",
+                f"request body of {int(length)} bytes is over the limit of {limit} bytes",
+                close=True,
+            )
             return
         try:
             body = await _read_body(receive, limit, timeout)
         except _TooLarge:
-            await _send_problem(send, 413, "payload_too_large", f"request body is over the limit of {limit} bytes", close=True)
+            await _send_problem(
+                send, 413, "payload_too_large", f"request body is over the limit of {limit} bytes", close=True
+            )
             return
         except _Stalled:
-            await _send_problem(send, 408, "request_timeout", f"no byte of the request body arrived for {timeout:g} s "
-                                "(a Content-Length larger than the body sent?)", close=True)
+            await _send_problem(
+                send,
+                408,
+                "request_timeout",
+                f"no byte of the request body arrived for {timeout:g} s (a Content-Length larger than the body sent?)",
+                close=True,
+            )
             return
         except _Disconnected:
             return
@@ -134,8 +154,9 @@ class BodyLimits:
             except jsonsafe.JSONRejected as e:
                 status = 400 if e.code == "json_not_utf8" else 422
                 loc = ["body", *e.path]
-                await _send_problem(send, status, e.code, f"request body: {e}",
-                                    [{"loc": loc, "msg": e.reason, "type": e.code}])
+                await _send_problem(
+                    send, status, e.code, f"request body: {e}", [{"loc": loc, "msg": e.reason, "type": e.code}]
+                )
                 return
         await self.app(scope, _replay(body, receive), send)
 
@@ -146,7 +167,7 @@ async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
     while True:
         try:
             message = await asyncio.wait_for(receive(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise _Stalled from None
         if message["type"] == "http.disconnect":
             raise _Disconnected
@@ -184,7 +205,7 @@ def _stall_guard(receive: Receive, timeout: float) -> Receive:
             return await receive()
         try:
             message = await asyncio.wait_for(receive(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise RequestTimeout(
                 f"no byte of the request body arrived for {timeout:g} s (a Content-Length larger than the body sent?)",
                 headers={"Connection": "close"},

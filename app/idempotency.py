@@ -36,10 +36,10 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from app.uploads import StagedFile
 from core.db import UnitOfWork
 from core.errors import Unprocessable
 from core.tables import IdempotencyKey, utcnow
-from app.uploads import StagedFile
 
 TTL = timedelta(hours=24)
 MAX_KEY_LENGTH = 200
@@ -64,7 +64,9 @@ IdempotencyKeyHeader = Annotated[
 
 
 def _header_error(code: str, detail: str) -> Unprocessable:
-    return Unprocessable(detail, code=code, errors=[{"loc": ["header", "Idempotency-Key"], "msg": detail, "type": code}])
+    return Unprocessable(
+        detail, code=code, errors=[{"loc": ["header", "Idempotency-Key"], "msg": detail, "type": code}]
+    )
 
 
 def check_key(key: str | None) -> str | None:
@@ -87,8 +89,11 @@ def _canonical_sha256(obj: Any) -> str:
     try:
         raw = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     except (RecursionError, ValueError, TypeError) as e:
-        raise Unprocessable(f"the request cannot be made idempotent: its body is not plain JSON ({e.__class__.__name__})",
-                            code="invalid_json", errors=[{"loc": ["body"], "msg": "not plain JSON", "type": "invalid_json"}]) from None
+        raise Unprocessable(
+            f"the request cannot be made idempotent: its body is not plain JSON ({e.__class__.__name__})",
+            code="invalid_json",
+            errors=[{"loc": ["body"], "msg": "not plain JSON", "type": "invalid_json"}],
+        ) from None
     return hashlib.sha256(raw).hexdigest()
 
 
@@ -155,14 +160,21 @@ def stored_response(uow: UnitOfWork, scope: Scope) -> JSONResponse | None:
     return _replay(scope, row)
 
 
-def record(uow: UnitOfWork, scope: Scope, status_code: int, resource_id: str | None, body: dict[str, Any]) -> JSONResponse | None:
+def record(
+    uow: UnitOfWork, scope: Scope, status_code: int, resource_id: str | None, body: dict[str, Any]
+) -> JSONResponse | None:
     """After the work, in its transaction: store the response. None when this request won (answer
     with its own response); when a concurrent duplicate committed first, this request's transaction
     is rolled back (its files deleted, its enqueue dropped) and the winner's response is returned."""
     uow.session.add(
         IdempotencyKey(
-            tenant_id=scope.tenant_id, route=scope.route, key=scope.key, request_sha256=scope.digest,
-            status_code=status_code, response_body=body, resource_id=resource_id,
+            tenant_id=scope.tenant_id,
+            route=scope.route,
+            key=scope.key,
+            request_sha256=scope.digest,
+            status_code=status_code,
+            response_body=body,
+            resource_id=resource_id,
         )
     )
     try:

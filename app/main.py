@@ -8,8 +8,6 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
-from core import __version__
-from core.db import get_engine
 from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.http_limits import BodyLimits
@@ -20,6 +18,8 @@ from app.observability import install_observability
 from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
 from app.webhooks.endpoints import router as webhooks_router
+from core import __version__
+from core.db import get_engine
 
 log = logging.getLogger("modelpress.api")
 

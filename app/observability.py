@@ -24,7 +24,7 @@ import hmac
 import logging
 import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, get_args
 
 from fastapi import APIRouter, FastAPI, Request, Response
@@ -37,10 +37,10 @@ from prometheus_client.process_collector import ProcessCollector
 from sqlalchemy import func, select
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.config import Settings, get_settings
-from core.logs import bind, new_request_id, sane_request_id, unbind
-from core.errors import Unauthorized
 from app.errors import problem_responses
+from core.config import Settings, get_settings
+from core.errors import Unauthorized
+from core.logs import bind, new_request_id, sane_request_id, unbind
 
 log = logging.getLogger("modelpress.observability")
 access_log = logging.getLogger("modelpress.access")
@@ -66,7 +66,7 @@ class ObservabilityMiddleware:
     (until its last body byte is sent: a server-sent event stream's duration is its lifetime);
     one access log line."""
 
-    def __init__(self, app: ASGIApp, metrics: "Metrics", access_log_enabled: bool = True) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, access_log_enabled: bool = True) -> None:
         self.app = app
         self.metrics = metrics
         self.access_log_enabled = access_log_enabled
@@ -109,15 +109,26 @@ class ObservabilityMiddleware:
         children = self._children.get((method, route, status))
         if children is None:
             children = self._children[(method, route, status)] = (
-                self.metrics.http_requests.labels(method, route, str(status)), self.metrics.http_duration.labels(method, route))
+                self.metrics.http_requests.labels(method, route, str(status)),
+                self.metrics.http_duration.labels(method, route),
+            )
         children[0].inc()
         children[1].observe(elapsed)
         if self.access_log_enabled:
             access_log.log(
                 logging.DEBUG if route in _QUIET_ROUTES else logging.INFO,
-                "%s %s %d %.1f ms", scope["method"], scope["path"], status, elapsed * 1000,
-                extra={"method": scope["method"], "route": route, "path": scope["path"], "status": status,
-                       "duration_ms": round(elapsed * 1000, 2)},
+                "%s %s %d %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed * 1000,
+                extra={
+                    "method": scope["method"],
+                    "route": route,
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
             )
 
 
@@ -135,18 +146,26 @@ class DatabaseCollector:
     def _families(self) -> dict[str, GaugeMetricFamily | GaugeHistogramMetricFamily]:
         hours = f"{self.window_s / 3600:g} h"
         return {
-            "jobs": GaugeMetricFamily("modelpress_jobs", "Jobs in the database by state (every state, 0 included).", labels=["state"]),
+            "jobs": GaugeMetricFamily(
+                "modelpress_jobs", "Jobs in the database by state (every state, 0 included).", labels=["state"]
+            ),
             "queue": GaugeMetricFamily(
-                "modelpress_queue_depth", "Jobs queued (waiting for a worker) per queue, from the database.", labels=["queue"]),
+                "modelpress_queue_depth",
+                "Jobs queued (waiting for a worker) per queue, from the database.",
+                labels=["queue"],
+            ),
             "duration": GaugeHistogramMetricFamily(
                 "modelpress_job_duration_seconds",
                 f"Run time (finished_at - started_at of the last attempt) of the jobs that finished in the last {hours}, "
                 "by the job's first step method and its final state. A sliding window, not a counter: "
                 "use histogram_quantile on the buckets directly, without rate().",
-                labels=["method", "state"]),
+                labels=["method", "state"],
+            ),
             "workers": GaugeMetricFamily(
-                "modelpress_workers", "Live workers (registry rows renewed in the last three reconcile intervals) per queue they consume.",
-                labels=["queue"]),
+                "modelpress_workers",
+                "Live workers (registry rows renewed in the last three reconcile intervals) per queue they consume.",
+                labels=["queue"],
+            ),
         }
 
     def describe(self) -> Iterator[GaugeMetricFamily | GaugeHistogramMetricFamily]:
@@ -157,24 +176,27 @@ class DatabaseCollector:
             families = self._read()
         except Exception as e:  # the database is down or not migrated: the rest of the scrape still answers
             self.scrape_errors.inc()
-            log.warning("metrics: could not read the database (%s); job and worker metrics left out of this scrape",
-                        e.__class__.__name__)
+            log.warning(
+                "metrics: could not read the database (%s); job and worker metrics left out of this scrape",
+                e.__class__.__name__,
+            )
             return
         yield from families.values()
 
     def _read(self) -> dict[str, GaugeMetricFamily | GaugeHistogramMetricFamily]:
+        from core import workers as registry
         from core.db import get_sessionmaker
         from core.jobs.schemas import JobStatus
-        from core.tables import Job, Worker
-        from core import workers as registry
         from core.queue import QUEUES
+        from core.tables import Job, Worker
 
-        since = datetime.now(timezone.utc) - timedelta(seconds=self.window_s)
+        since = datetime.now(UTC) - timedelta(seconds=self.window_s)
         with get_sessionmaker()() as s:
             counts = s.execute(select(Job.status, Job.queue, func.count()).group_by(Job.status, Job.queue)).all()
             finished = s.execute(
-                select(Job.steps, Job.status, Job.started_at, Job.finished_at)
-                .where(Job.finished_at >= since, Job.started_at.is_not(None))
+                select(Job.steps, Job.status, Job.started_at, Job.finished_at).where(
+                    Job.finished_at >= since, Job.started_at.is_not(None)
+                )
             ).all()
             worker_queues = s.scalars(select(Worker.queues).where(Worker.last_seen_at >= registry.live_since())).all()
 
@@ -214,15 +236,23 @@ class Metrics:
     def __init__(self, settings: Settings) -> None:
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
-            "modelpress_http_requests", "HTTP requests answered by this API process, by method, route template and status.",
-            ["method", "route", "status"], registry=self.registry)
+            "modelpress_http_requests",
+            "HTTP requests answered by this API process, by method, route template and status.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
         self.http_duration = Histogram(
             "modelpress_http_request_duration_seconds",
             "Time from a request's arrival until its response's last byte was sent (for a server-sent event stream: its lifetime).",
-            ["method", "route"], buckets=_HTTP_BUCKETS, registry=self.registry)
+            ["method", "route"],
+            buckets=_HTTP_BUCKETS,
+            registry=self.registry,
+        )
         self.scrape_errors = Counter(
-            "modelpress_scrape_errors", "Scrapes whose database read failed (their job and worker metrics were left out).",
-            registry=None)
+            "modelpress_scrape_errors",
+            "Scrapes whose database read failed (their job and worker metrics were left out).",
+            registry=None,
+        )
         # Collected in registration order: the database first, so a failed scrape already counts itself.
         self.registry.register(DatabaseCollector(self.scrape_errors, settings.metrics_job_window_s))
         self.registry.register(self.scrape_errors)
@@ -248,10 +278,16 @@ router = APIRouter(tags=["health"])
 @router.get(
     "/metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}},
-                                 "application/openmetrics-text": {"schema": {"type": "string"}}},
-                     "description": "Prometheus text (or OpenMetrics, when Accept asks for it) exposition"},
-               **problem_responses(401)},
+    responses={
+        200: {
+            "content": {
+                "text/plain": {"schema": {"type": "string"}},
+                "application/openmetrics-text": {"schema": {"type": "string"}},
+            },
+            "description": "Prometheus text (or OpenMetrics, when Accept asks for it) exposition",
+        },
+        **problem_responses(401),
+    },
 )
 def metrics(request: Request) -> Response:
     """Prometheus metrics; needs ``Authorization: Bearer <token>`` only when MODELPRESS_METRICS_TOKEN is set.

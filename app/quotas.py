@@ -32,16 +32,25 @@ def _lock_tenant(session: Session, tenant_id: str) -> None:
 
 
 def jobs_in_flight(session: Session, tenant_id: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status.in_(("queued", "running")))
+        )
+        or 0
+    )
 
 
 def storage_bytes(session: Session, tenant_id: str) -> int:
     models = session.scalar(select(func.coalesce(func.sum(Model.size_bytes), 0)).where(Model.tenant_id == tenant_id))
-    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id))
+    datasets = session.scalar(
+        select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
+    )
     artifacts = session.scalar(
-        select(func.coalesce(func.sum(Job.artifact_size_bytes), 0)).where(Job.tenant_id == tenant_id, Job.artifact_key.is_not(None))
+        select(func.coalesce(func.sum(Job.artifact_size_bytes), 0)).where(
+            Job.tenant_id == tenant_id, Job.artifact_key.is_not(None)
+        )
     )
     return int(models or 0) + int(datasets or 0) + int(artifacts or 0)
 
@@ -60,7 +69,8 @@ def check_job(session: Session, tenant_id: str) -> None:
             raise QuotaExceeded(
                 f"{n} jobs of this tenant are queued or running; the quota is {s.quota_jobs_in_flight}. "
                 "Retry when one has finished.",
-                code="quota_jobs_in_flight", headers={"Retry-After": str(s.quota_retry_after_s)},
+                code="quota_jobs_in_flight",
+                headers={"Retry-After": str(s.quota_retry_after_s)},
             )
     check_storage(session, tenant_id, 0)
 
@@ -76,5 +86,6 @@ def check_storage(session: Session, tenant_id: str, adding_bytes: int) -> None:
         raise QuotaExceeded(
             f"this tenant stores {used} bytes; with {adding_bytes} more it would pass its quota of "
             f"{s.quota_storage_bytes} bytes. Delete models or datasets to make room.",
-            code="quota_storage", headers={"Retry-After": str(s.quota_storage_retry_after_s)},
+            code="quota_storage",
+            headers={"Retry-After": str(s.quota_storage_retry_after_s)},
         )

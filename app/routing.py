@@ -42,8 +42,14 @@ class DirectRoute(APIRoute):
         callers = [d.name for d in dependant.dependencies if d.call is current_caller and d.name]
         if len(callers) != len(dependant.dependencies) or len(callers) > 1:
             raise TypeError(f"{where}: the only dependency allowed is one CurrentCaller parameter")
-        if (dependant.request_param_name or dependant.websocket_param_name or dependant.http_connection_param_name
-                or dependant.response_param_name or dependant.background_tasks_param_name or dependant.security_scopes_param_name):
+        if (
+            dependant.request_param_name
+            or dependant.websocket_param_name
+            or dependant.http_connection_param_name
+            or dependant.response_param_name
+            or dependant.background_tasks_param_name
+            or dependant.security_scopes_param_name
+        ):
             raise TypeError(f"{where}: no Request, Response, BackgroundTasks or SecurityScopes parameters")
 
         endpoint = self.endpoint

@@ -56,7 +56,7 @@ def _tree_bytes(path: Path) -> tuple[int, float]:
 
 
 def _owner_gone(path: Path, now: float) -> bool:
-    alive = procid.alive(path.name[len(PREFIX):])
+    alive = procid.alive(path.name[len(PREFIX) :])
     if alive is not None:
         return not alive
     try:

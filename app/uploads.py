@@ -10,10 +10,10 @@ one, and the checks of the parts name the client's file name instead.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 import uuid
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -21,9 +21,8 @@ from typing import BinaryIO
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from core.jsonsafe import safe_text
 from core.errors import BadRequest, ModelpressError, PayloadTooLarge, UnsupportedMediaType
-
+from core.jsonsafe import safe_text
 
 # Bytes kept from the start of each file for sniffing its real format: a tar archive's magic
 # ("ustar") sits at offset 257.
@@ -39,7 +38,9 @@ MAX_FILE_PARTS = 512
 _CLOSE = {"Connection": "close"}
 
 
-def _form_error(detail: str, code: str, status: type[ModelpressError] = PayloadTooLarge, field: str | None = None) -> ModelpressError:
+def _form_error(
+    detail: str, code: str, status: type[ModelpressError] = PayloadTooLarge, field: str | None = None
+) -> ModelpressError:
     err = {"loc": ["body", field] if field else ["body"], "msg": detail, "type": code}
     return status(detail, code=code, errors=[err], headers=_CLOSE if status is PayloadTooLarge else None)
 
@@ -60,7 +61,7 @@ class _Part:
     name: str = ""
     filename: str | None = None
     fh: BinaryIO | None = None
-    hasher: "hashlib._Hash | None" = None
+    hasher: hashlib._Hash | None = None
     size: int = 0
     head: bytes = b""
     path: Path | None = None
@@ -73,7 +74,7 @@ class StagingArea:
     def __init__(self, tmp_root: Path) -> None:
         self.dir = tmp_root / f"upload-{uuid.uuid4().hex}"
 
-    def __enter__(self) -> "StagingArea":
+    def __enter__(self) -> StagingArea:
         self.dir.mkdir(parents=True, exist_ok=False)
         return self
 
@@ -82,7 +83,12 @@ class StagingArea:
 
 
 async def parse_multipart(
-    request: Request, staging: StagingArea, max_bytes: int, *, max_fields: int = 64, max_field_bytes: int = 64 * 1024,
+    request: Request,
+    staging: StagingArea,
+    max_bytes: int,
+    *,
+    max_fields: int = 64,
+    max_field_bytes: int = 64 * 1024,
     read_fields: tuple[str, ...] = (),
 ) -> tuple[list[StagedFile], dict[str, str]]:
     """The file parts (staged on disk) and the form fields of a multipart body. Raises 413
@@ -125,7 +131,12 @@ async def parse_multipart(
             if state["fields"] > max_fields:
                 raise _form_error(f"more than {max_fields} form fields", "too_many_fields")
             if part.name in fields and part.name in read_fields:
-                raise _form_error(f"form field {safe_text(part.name)!r} is sent twice", "duplicate_field", BadRequest, safe_text(part.name))
+                raise _form_error(
+                    f"form field {safe_text(part.name)!r} is sent twice",
+                    "duplicate_field",
+                    BadRequest,
+                    safe_text(part.name),
+                )
         if b"filename" in opts:
             # Only the base name is kept; validation refuses anything that is not a plain name.
             part.filename = opts[b"filename"].decode("utf-8", "replace")
@@ -145,7 +156,9 @@ async def parse_multipart(
         if part.fh is None:
             if len(part.value) + len(chunk) > max_field_bytes:
                 name = safe_text(part.name)
-                raise _form_error(f"form field {name!r} is over {max_field_bytes} bytes", "form_field_too_large", field=name)
+                raise _form_error(
+                    f"form field {name!r} is over {max_field_bytes} bytes", "form_field_too_large", field=name
+                )
             part.value.extend(chunk)
             return
         if len(part.head) < HEAD_BYTES:
@@ -187,7 +200,9 @@ async def parse_multipart(
     except ModelpressError:  # ours, and app.http_limits' (a stalled or oversized body)
         raise
     except Exception as e:  # the parser raises its own errors on malformed bodies
-        raise _form_error(f"malformed multipart body ({e.__class__.__name__})", "malformed_multipart", BadRequest) from None
+        raise _form_error(
+            f"malformed multipart body ({e.__class__.__name__})", "malformed_multipart", BadRequest
+        ) from None
     finally:
         cur: _Part = state["cur"]
         if cur.fh is not None and not cur.fh.closed:
@@ -195,6 +210,9 @@ async def parse_multipart(
     if not state["ended"]:
         # python-multipart's finalize() does not check that the closing boundary came: without
         # this, a body cut short would be taken for a complete upload of its first bytes.
-        raise _form_error("the multipart body ends before its closing boundary (cut off, or a Content-Length shorter "
-                          "than the body)", "truncated_multipart", BadRequest)
+        raise _form_error(
+            "the multipart body ends before its closing boundary (cut off, or a Content-Length shorter than the body)",
+            "truncated_multipart",
+            BadRequest,
+        )
     return files, fields

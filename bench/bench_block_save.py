@@ -57,7 +57,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2GB", help="checkpoint size (bench/gen_checkpoint.py; default 2GB: 17 blocks)")
     ap.add_argument("--modes", default="new,old", help="new (module by module), old (llm-compressor's save_pretrained)")
-    ap.add_argument("--shard", type=int, default=512 << 20, help="max shard bytes (the block path's, worker/pipeline.py)")
+    ap.add_argument(
+        "--shard", type=int, default=512 << 20, help="max shard bytes (the block path's, worker/pipeline.py)"
+    )
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
     args = ap.parse_args()
 
@@ -75,21 +77,34 @@ def main() -> int:
         t = time.perf_counter()
         ckpt = generate(root / "ckpt", args.size)
         weights = sum(p.stat().st_size for p in (root / "ckpt").glob("*.safetensors"))
-        print(f"checkpoint: {ckpt.shape}, {weights / 1e9:.3f} GB of safetensors, "
-              f"{time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"checkpoint: {ckpt.shape}, {weights / 1e9:.3f} GB of safetensors, {time.perf_counter() - t:.1f} s",
+            flush=True,
+        )
         loaded = model_io.load(root / "ckpt", "hf", root / "offload")
         t = time.perf_counter()
-        oneshot(model=loaded.module, pipeline="datafree", output_dir=None, log_dir=None,
-                recipe=[QuantizationModifier(config_groups=llmc.config_groups("W4A16", 128), ignore=["lm_head"])])
+        oneshot(
+            model=loaded.module,
+            pipeline="datafree",
+            output_dir=None,
+            log_dir=None,
+            recipe=[QuantizationModifier(config_groups=llmc.config_groups("W4A16", 128), ignore=["lm_head"])],
+        )
         llmc.set_quantized_saver(loaded, "quantize.rtn")
-        print(f"W4A16 RTN: {time.perf_counter() - t:.1f} s; module by module: {model_io._saves_module_by_module(loaded)}",
-              flush=True)
+        print(
+            f"W4A16 RTN: {time.perf_counter() - t:.1f} s; module by module: {model_io._saves_module_by_module(loaded)}",
+            flush=True,
+        )
         results = {}
         for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
             gc.collect()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-            outside = subprocess.Popen([sys.executable, "-c", SAMPLER, str(os.getpid())], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True)
+            outside = subprocess.Popen(
+                [sys.executable, "-c", SAMPLER, str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
             time.sleep(0.2)
             peak = PeakMemory()
             base = peak._anon * 1024
@@ -101,13 +116,18 @@ def main() -> int:
             seconds = time.perf_counter() - t
             anon = peak.result()["peak_anon_bytes"]
             anon_outside = int(outside.communicate("\n")[0])
-            results[mode] = {"seconds": round(seconds, 1), "baseline_anon_mib": round(base / MiB),
-                             "peak_anon_mib": round(anon / MiB), "added_mib": round((anon - base) / MiB),
-                             "added_mib_outside": round((anon_outside - base) / MiB),
-                             "added_x_model": round((max(anon, anon_outside) - base) / weights, 3),
-                             "load_average": os.getloadavg()[0]}
+            results[mode] = {
+                "seconds": round(seconds, 1),
+                "baseline_anon_mib": round(base / MiB),
+                "peak_anon_mib": round(anon / MiB),
+                "added_mib": round((anon - base) / MiB),
+                "added_mib_outside": round((anon_outside - base) / MiB),
+                "added_x_model": round((max(anon, anon_outside) - base) / weights, 3),
+                "load_average": os.getloadavg()[0],
+            }
             print(f"{mode}: {json.dumps(results[mode])}", flush=True)
         if {"new", "old"} <= set(results):
+
             def names(d: Path) -> dict[str, Path]:
                 out = {}
                 for f in sorted(d.glob("*.safetensors")):
@@ -123,8 +143,13 @@ def main() -> int:
                     assert x.dtype == y.dtype and torch.equal(x, y), k
             same_cfg = (root / "old" / "config.json").read_text() == (root / "new" / "config.json").read_text()
             idx = "model.safetensors.index.json"
-            same_idx = not (root / "old" / idx).exists() or (root / "old" / idx).read_bytes() == (root / "new" / idx).read_bytes()
-            print(f"outputs: {len(a)} tensors bit-identical; config.json identical {same_cfg}; index identical {same_idx}")
+            same_idx = (
+                not (root / "old" / idx).exists()
+                or (root / "old" / idx).read_bytes() == (root / "new" / idx).read_bytes()
+            )
+            print(
+                f"outputs: {len(a)} tensors bit-identical; config.json identical {same_cfg}; index identical {same_idx}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -51,9 +51,17 @@ def _build(kind: str = "gpt2"):  # noqa: ANN202
         model = GPT2LMHeadModel(GPT2Config())  # GPT-2 small: 12 layers, 768 wide, 50257 vocab
     else:
         # GPT-2-small-sized, nn.Linear-based (the integer quantizers refuse GPT-2's Conv1D).
-        model = LlamaForCausalLM(LlamaConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            num_key_value_heads=12, vocab_size=50257, tie_word_embeddings=True))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                num_key_value_heads=12,
+                vocab_size=50257,
+                tie_word_embeddings=True,
+            )
+        )
     model.eval()
     from worker.model_io import LoadedModel
 
@@ -75,15 +83,16 @@ def _warm_up(case: str) -> None:
     """Run the case once on a tiny model first: lazy imports and allocator arenas of the first
     call are start-up costs of a process, not of the operation (workers are long-lived)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     from worker.model_io import LoadedModel
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     if case.startswith(("weight_only_", "llama_")):
-        module = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                              num_attention_heads=4, vocab_size=100))
+        module = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=256, intermediate_size=512, num_hidden_layers=1, num_attention_heads=4, vocab_size=100
+            )
+        )
     else:
         module = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=100))
     _apply(case, LoadedModel(format="hf", src_dir=Path("."), module=module), torch)
@@ -99,7 +108,11 @@ def _apply(case: str, loaded, torch):  # noqa: ANN001, ANN202
         from torch.nn.utils import prune
         from transformers.pytorch_utils import Conv1D
 
-        mods = [m for m in loaded.module.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not loaded.module.lm_head]
+        mods = [
+            m
+            for m in loaded.module.modules()
+            if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not loaded.module.lm_head
+        ]
         prune.global_unstructured([(m, "weight") for m in mods], pruning_method=prune.L1Unstructured, amount=0.5)
         for m in mods:
             prune.remove(m, "weight")
@@ -159,7 +172,9 @@ def _run_case(case: str) -> dict:
 def _child(case: str, repeats: int) -> dict:
     runs = []
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, __file__, "--child", case], capture_output=True, text=True, cwd=ROOT, timeout=1800)
+        out = subprocess.run(
+            [sys.executable, __file__, "--child", case], capture_output=True, text=True, cwd=ROOT, timeout=1800
+        )
         if out.returncode != 0:
             raise RuntimeError(f"{case} failed:\n{out.stderr[-3000:]}")
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -203,7 +218,9 @@ def bench_cast(repeats: int) -> list[str]:
         if "skipped" in r:
             lines.append(f"{case:14s}: skipped ({r['skipped']})")
             continue
-        lines.append(f"{case:14s}: {r['seconds']:7.3f} s = {r['seconds'] / clone['seconds']:5.2f}x clone  (target <= 2x)   extra {_mb(r['extra_peak_bytes'])}")
+        lines.append(
+            f"{case:14s}: {r['seconds']:7.3f} s = {r['seconds'] / clone['seconds']:5.2f}x clone  (target <= 2x)   extra {_mb(r['extra_peak_bytes'])}"
+        )
     return lines
 
 
@@ -214,20 +231,39 @@ def bench_e2e(repeats: int) -> list[str]:
     steps = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        subprocess.run([sys.executable, "-c", (
-            "import torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0);"
-            f"GPT2LMHeadModel(GPT2Config()).save_pretrained('{tmp / 'gpt2'}')")], check=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                (
+                    "import torch; from transformers import GPT2Config, GPT2LMHeadModel; torch.manual_seed(0);"
+                    f"GPT2LMHeadModel(GPT2Config()).save_pretrained('{tmp / 'gpt2'}')"
+                ),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
         # One process, like a worker: the first run pays the lazy imports and is dropped.
-        out = subprocess.run([sys.executable, __file__, "--inprocess", str(tmp / "gpt2"), json.dumps(steps), str(repeats + 1)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=3600)
+        out = subprocess.run(
+            [sys.executable, __file__, "--inprocess", str(tmp / "gpt2"), json.dumps(steps), str(repeats + 1)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=3600,
+        )
         if out.returncode != 0:
             raise RuntimeError(out.stderr[-3000:])
         inproc = json.loads(out.stdout.strip().splitlines()[-1])
         port = 18777
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
         env.update(MODELPRESS_DATA_DIR=str(tmp / "var"), MODELPRESS_MODE="embedded")
-        srv = subprocess.Popen([str(Path(sys.executable).parent / "modelpress"), "serve", "--port", str(port)], env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        srv = subprocess.Popen(
+            [str(Path(sys.executable).parent / "modelpress"), "serve", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
             for _ in range(300):
@@ -245,8 +281,9 @@ def bench_e2e(repeats: int) -> list[str]:
             for _ in range(repeats + 1):  # the first job warms the worker (lazy imports)
                 t0 = time.perf_counter()
                 # The same work as in-process: no report measuring (bench/bench_report.py times that).
-                job_id = c.post("/v1/jobs", json={"model_id": model_id, "steps": steps,
-                                                  "evaluation": {"enabled": False}}).json()["id"]
+                job_id = c.post(
+                    "/v1/jobs", json={"model_id": model_id, "steps": steps, "evaluation": {"enabled": False}}
+                ).json()["id"]
                 while (job := c.get(f"/v1/jobs/{job_id}").json())["status"] not in ("succeeded", "failed"):
                     time.sleep(0.1)  # a client polling faster would steal the worker's CPU on 2 cores
                 assert job["status"] == "succeeded", job
@@ -295,7 +332,9 @@ def main() -> None:
         return
     import platform
 
-    print(f"# modelpress compression benchmarks  ({platform.node()}, {os.cpu_count()} cores, python {platform.python_version()})")
+    print(
+        f"# modelpress compression benchmarks  ({platform.node()}, {os.cpu_count()} cores, python {platform.python_version()})"
+    )
     for name, fn in (("prune", bench_prune), ("cast", bench_cast), ("e2e", bench_e2e)):
         if name in args.only.split(","):
             print(f"\n## {name}")

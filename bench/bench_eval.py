@@ -65,9 +65,16 @@ def _gemma_tokenizer(vocab_scores: list[tuple[str, float]], bos: int, eos: int, 
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     b = vocab_scores[bos][0]
-    tok.post_processor = processors.TemplateProcessing(single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=b, eos_token=vocab_scores[eos][0],
-                                   pad_token=vocab_scores[pad][0], unk_token=vocab_scores[unk][0])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{b} $A", pair=f"{b} $A {b} $B", special_tokens=[(b, bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=b,
+        eos_token=vocab_scores[eos][0],
+        pad_token=vocab_scores[pad][0],
+        unk_token=vocab_scores[unk][0],
+    )
 
 
 def prepare_gemma(dest: Path, dtype: str) -> None:
@@ -90,19 +97,26 @@ def prepare_gemma(dest: Path, dtype: str) -> None:
         f = reader.fields[name]
         if len(f.data) == 1 and f.types[-1] != gguf.GGUFValueType.STRING:
             return f.parts[f.data[0]][0]
-        return [bytes(f.parts[i]).decode("utf-8") if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i][0]
-                for i in f.data]
+        return [
+            bytes(f.parts[i]).decode("utf-8") if f.types[-1] == gguf.GGUFValueType.STRING else f.parts[i][0]
+            for i in f.data
+        ]
 
     pieces, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores")
-    tok = _gemma_tokenizer(list(zip(pieces, map(float, scores))), int(field("tokenizer.ggml.bos_token_id")),
-                           int(field("tokenizer.ggml.eos_token_id")), int(field("tokenizer.ggml.padding_token_id")),
-                           int(field("tokenizer.ggml.unknown_token_id")))
+    tok = _gemma_tokenizer(
+        list(zip(pieces, map(float, scores))),
+        int(field("tokenizer.ggml.bos_token_id")),
+        int(field("tokenizer.ggml.eos_token_id")),
+        int(field("tokenizer.ggml.padding_token_id")),
+        int(field("tokenizer.ggml.unknown_token_id")),
+    )
     tok.save_pretrained(dest)
     shutil.rmtree(gdir, ignore_errors=True)
 
 
-def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[str, Any],
-            memory_budget_mb: int = 0) -> tuple[dict, list, float]:
+def run_job(
+    src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[str, Any], memory_budget_mb: int = 0
+) -> tuple[dict, list, float]:
     from core.config import Settings
     from core.jobs.schemas import EvaluationIn
     from core.storage import Storage
@@ -119,8 +133,14 @@ def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[s
         files.append({"name": p.name, "size": p.stat().st_size})
         size += p.stat().st_size
         h.update(p.name.encode())
-    model_info = {"format": "hf", "prefix": "models/bench", "files": files, "sha256": h.hexdigest(),
-                  "size_bytes": size, "parameters": None}
+    model_info = {
+        "format": "hf",
+        "prefix": "models/bench",
+        "files": files,
+        "sha256": h.hexdigest(),
+        "size_bytes": size,
+        "parameters": None,
+    }
     seen: list[tuple[float, str, float]] = []
     t_start = time.perf_counter()
 
@@ -147,6 +167,7 @@ def run_job(src: Path, work_root: Path, evaluation: dict[str, Any], step: dict[s
                 return fn(*a, **k)
             finally:
                 cpu["evaluation"] += time.process_time() - c0
+
         return run
 
     for name in ("measure_original", "measure_compressed", "measure_side_by_side"):
@@ -173,8 +194,12 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--keep", type=Path, default=None, help="folder to save the prepared model in, and reuse")
-    ap.add_argument("--memory-budget-mb", type=int, default=0,
-                    help="the worker's memory budget (0: the machine's); below baseline + 3x the weights: streamed evaluation")
+    ap.add_argument(
+        "--memory-budget-mb",
+        type=int,
+        default=0,
+        help="the worker's memory budget (0: the machine's); below baseline + 3x the weights: streamed evaluation",
+    )
     args = ap.parse_args()
 
     import torch
@@ -188,10 +213,14 @@ def main() -> None:
             prepare_gemma(src, args.dtype)
         t_prep = time.perf_counter() - t0
         cfg = json.loads((src / "config.json").read_text())
-        print(f"# evaluation-budget benchmark ({platform.node()}, {os.cpu_count()} cores, "
-              f"{torch.get_num_threads()} threads, torch {torch.__version__})")
-        print(f"# model: Gemma 3 270M, weights dequantized from Q4_K_M (GGUF), saved as {cfg.get('dtype') or cfg.get('torch_dtype')} "
-              f"in {t_prep:.0f} s; vocab {cfg['vocab_size']}")
+        print(
+            f"# evaluation-budget benchmark ({platform.node()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__})"
+        )
+        print(
+            f"# model: Gemma 3 270M, weights dequantized from Q4_K_M (GGUF), saved as {cfg.get('dtype') or cfg.get('torch_dtype')} "
+            f"in {t_prep:.0f} s; vocab {cfg['vocab_size']}"
+        )
         step = {"method": "quantize.weight_only", "params": {"bits": args.bits, "group_size": args.group_size}}
         evaluation = json.loads(args.evaluation)
         print(f"# job: {json.dumps(step)}, evaluation {json.dumps(evaluation) or 'defaults'}")
@@ -202,14 +231,23 @@ def main() -> None:
     st = metrics["stage_seconds"]
     ev_s = st.get("evaluate_original", 0.0) + st.get("evaluate_compressed", 0.0) + st.get("evaluate_streamed", 0.0)
     print()
-    how = (f"streamed, both models' weights on disk {st['evaluate_streamed']:.1f} s" if "evaluate_streamed" in st else
-           f"original {st.get('evaluate_original', 0):.1f} s, compressed {st.get('evaluate_compressed', 0):.1f} s")
-    print(f"total {st['total']:.1f} s (wall {wall:.1f} s); evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % ({how})")
+    how = (
+        f"streamed, both models' weights on disk {st['evaluate_streamed']:.1f} s"
+        if "evaluate_streamed" in st
+        else f"original {st.get('evaluate_original', 0):.1f} s, compressed {st.get('evaluate_compressed', 0):.1f} s"
+    )
+    print(
+        f"total {st['total']:.1f} s (wall {wall:.1f} s); evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % ({how})"
+    )
     cpu = metrics["bench_cpu_seconds"]
-    print(f"cpu: job {cpu['total']:.1f} s, evaluation {cpu['evaluation']:.1f} s = {100 * cpu['evaluation'] / cpu['total']:.0f} % "
-          f"(process CPU time, all threads; load average {' '.join(open('/proc/loadavg').read().split()[:3])})")
+    print(
+        f"cpu: job {cpu['total']:.1f} s, evaluation {cpu['evaluation']:.1f} s = {100 * cpu['evaluation'] / cpu['total']:.0f} % "
+        f"(process CPU time, all threads; load average {' '.join(open('/proc/loadavg').read().split()[:3])})"
+    )
     mem = metrics.get("memory") or {}
-    print(f"memory: peak_anon {(mem.get('peak_anon_bytes') or 0) / 2**20:.0f} MiB, peak_rss {(mem.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB")
+    print(
+        f"memory: peak_anon {(mem.get('peak_anon_bytes') or 0) / 2**20:.0f} MiB, peak_rss {(mem.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB"
+    )
     print("stage_seconds", json.dumps(st))
     q, f, sp = metrics["quality"], metrics["fidelity"], metrics["speed"]
     for name, sec in (("quality", q), ("fidelity", f), ("speed", sp)):
@@ -217,19 +255,25 @@ def main() -> None:
             print(f"{name}: unavailable: {sec.get('reason')}")
     if q.get("available"):
         ci = q.get("ci95") or {}
-        print(f"quality: {q['metric']} original {q['original']:.3f} ci95 {ci.get('original')} | compressed "
-              f"{q['compressed']:.3f} ci95 {ci.get('compressed')} | ratio {q.get('ratio')} ci95 {ci.get('ratio')}; "
-              f"samples {q.get('samples')} of {q.get('samples_requested')} requested ({q.get('samples_available')} "
-              f"available, limited by {q.get('limited_by')}); {q.get('budget_note') or ''}")
+        print(
+            f"quality: {q['metric']} original {q['original']:.3f} ci95 {ci.get('original')} | compressed "
+            f"{q['compressed']:.3f} ci95 {ci.get('compressed')} | ratio {q.get('ratio')} ci95 {ci.get('ratio')}; "
+            f"samples {q.get('samples')} of {q.get('samples_requested')} requested ({q.get('samples_available')} "
+            f"available, limited by {q.get('limited_by')}); {q.get('budget_note') or ''}"
+        )
         print(f"  ci method: {q.get('ci_method')}")
     if f.get("available"):
         ci = f.get("ci95") or {}
-        print(f"fidelity: kl_mean {f['kl_mean']:.5f} ci95 {ci.get('kl_mean')}, top1 {f['top1_agreement']:.4f} ci95 "
-              f"{ci.get('top1_agreement')}, cosine {f['output_cosine']:.5f}; samples {f['samples']}, tokens {f['tokens']}")
+        print(
+            f"fidelity: kl_mean {f['kl_mean']:.5f} ci95 {ci.get('kl_mean')}, top1 {f['top1_agreement']:.4f} ci95 "
+            f"{ci.get('top1_agreement')}, cosine {f['output_cosine']:.5f}; samples {f['samples']}, tokens {f['tokens']}"
+        )
     if sp.get("available"):
-        print(f"speed: original {sp['original']['median_ms']:.0f} ms, compressed {sp['compressed']['median_ms']:.0f} ms "
-              f"({sp['runs_as']}), runs {sp.get('runs')} of {sp.get('runs_requested')} requested, warmup "
-              f"{sp.get('warmup')} of {sp.get('warmup_requested')}; {sp.get('budget_note') or ''}")
+        print(
+            f"speed: original {sp['original']['median_ms']:.0f} ms, compressed {sp['compressed']['median_ms']:.0f} ms "
+            f"({sp['runs_as']}), runs {sp.get('runs')} of {sp.get('runs_requested')} requested, warmup "
+            f"{sp.get('warmup')} of {sp.get('warmup_requested')}; {sp.get('budget_note') or ''}"
+        )
         print(f"  seconds: latency {sp.get('seconds')}, samples {q.get('seconds') if q.get('available') else None}")
     budget = next((s_["budget"] for s_ in (q, f, sp) if s_.get("budget")), {})
     print("budget", json.dumps(budget))

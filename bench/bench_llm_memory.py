@@ -79,23 +79,43 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "llama"
-        save_with_tokenizer(LlamaForCausalLM(LlamaConfig(
-            num_hidden_layers=8, hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4,
-            vocab_size=len(vocab()), max_position_embeddings=512, **_special_ids())), model_dir)
+        save_with_tokenizer(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    num_hidden_layers=8,
+                    hidden_size=1024,
+                    intermediate_size=2816,
+                    num_attention_heads=16,
+                    num_key_value_heads=4,
+                    vocab_size=len(vocab()),
+                    max_position_embeddings=512,
+                    **_special_ids(),
+                )
+            ),
+            model_dir,
+        )
         print(f"# llm-compressor methods: extra peak memory (2 cores, torch {torch.__version__})")
         print("| method | model MB | RSS before MB | peak MB | extra MB | extra / model |")
         print("|---|---|---|---|---|---|")
         for method, params in CASES:
-            out = subprocess.run([sys.executable, __file__, "--child", str(model_dir), method, json.dumps(params)],
-                                 capture_output=True, text=True, cwd=ROOT, timeout=3600)
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", str(model_dir), method, json.dumps(params)],
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                timeout=3600,
+            )
             if out.returncode != 0:
                 print(f"| {method} | failed: {out.stderr[-500:]!r} |")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             extra = r["peak"] - r["rss_before"]
             mb = 1024 * 1024
-            print(f"| {method} | {r['model_bytes'] / mb:.0f} | {r['rss_before'] / mb:.0f} | {r['peak'] / mb:.0f} | "
-                  f"{extra / mb:.0f} | {extra / r['model_bytes']:.2f} |", flush=True)
+            print(
+                f"| {method} | {r['model_bytes'] / mb:.0f} | {r['rss_before'] / mb:.0f} | {r['peak'] / mb:.0f} | "
+                f"{extra / mb:.0f} | {extra / r['model_bytes']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -107,13 +107,21 @@ def tiny_safetensors() -> bytes:
     from safetensors.numpy import save
 
     rng = np.random.default_rng(0)
-    return save({"encoder.layer.0.weight": rng.standard_normal((64, 64), dtype=np.float32),
-                 "encoder.layer.1.weight": rng.standard_normal((64, 64), dtype=np.float32)})
+    return save(
+        {
+            "encoder.layer.0.weight": rng.standard_normal((64, 64), dtype=np.float32),
+            "encoder.layer.1.weight": rng.standard_normal((64, 64), dtype=np.float32),
+        }
+    )
 
 
 def job_body(model_id: str, name: str) -> dict:
-    return {"model_id": model_id, "name": name, "evaluation": {"enabled": False},
-            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]}
+    return {
+        "model_id": model_id,
+        "name": name,
+        "evaluation": {"enabled": False},
+        "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+    }
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
@@ -142,8 +150,10 @@ def tenant_id(db_url: str, name: str) -> str:
 
 
 def fmt_row(name: str, r: dict) -> str:
-    return (f"{name:<22} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} "
-            f"{r['requests']:>9} {r['non2xx']:>7} {r['socket_errors']:>7}")
+    return (
+        f"{name:<22} {r['rps']:>9.0f} {r['p50_ms']:>8.2f} {r['p90_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+        f"{r['requests']:>9} {r['non2xx']:>7} {r['socket_errors']:>7}"
+    )
 
 
 def polling_part(args: argparse.Namespace, wrk: str, svc: Service, bare_url: str, key: str, job_id: str) -> bool:
@@ -153,24 +163,35 @@ def polling_part(args: argparse.Namespace, wrk: str, svc: Service, bare_url: str
     # The same job as FastAPI serializes it in the list: the fast path must not change the answer.
     listed = [j for j in httpx.get(f"{svc.url}/v1/jobs", headers=auth).json()["items"] if j["id"] == job_id]
     same = listed == [json.loads(body)]
-    print(f"GET /v1/jobs/{{id}}: a succeeded job, {len(body)} bytes of JSON ({'the same' if same else 'NOT the same'} "
-          f"as its item in GET /v1/jobs); GET /bare: {len(httpx.get(bare_url).content)} bytes", flush=True)
-    print(f"wrk: {args.connections} connections, {args.threads} threads, warm-up {args.warmup:g} s, "
-          f"{args.rounds} round(s) of {args.duration:g} s per endpoint, alternating", flush=True)
+    print(
+        f"GET /v1/jobs/{{id}}: a succeeded job, {len(body)} bytes of JSON ({'the same' if same else 'NOT the same'} "
+        f"as its item in GET /v1/jobs); GET /bare: {len(httpx.get(bare_url).content)} bytes",
+        flush=True,
+    )
+    print(
+        f"wrk: {args.connections} connections, {args.threads} threads, warm-up {args.warmup:g} s, "
+        f"{args.rounds} round(s) of {args.duration:g} s per endpoint, alternating",
+        flush=True,
+    )
     run_wrk(wrk, bare_url, args.warmup, args.connections, args.threads, {})
     run_wrk(wrk, job_url, args.warmup, args.connections, args.threads, auth)
     bare_runs, job_runs = [], []
     for i in range(args.rounds):
         bare_runs.append(run_wrk(wrk, bare_url, args.duration, args.connections, args.threads, {}))
         job_runs.append(run_wrk(wrk, job_url, args.duration, args.connections, args.threads, auth))
-        print(f"  round {i + 1}: bare {bare_runs[-1]['rps']:.0f} req/s, job GET {job_runs[-1]['rps']:.0f} req/s "
-              f"(p99 {job_runs[-1]['p99_ms']:.2f} ms)", flush=True)
+        print(
+            f"  round {i + 1}: bare {bare_runs[-1]['rps']:.0f} req/s, job GET {job_runs[-1]['rps']:.0f} req/s "
+            f"(p99 {job_runs[-1]['p99_ms']:.2f} ms)",
+            flush=True,
+        )
     bare = max(bare_runs, key=lambda r: r["rps"])
     job = max(job_runs, key=lambda r: r["rps"])
     ratio = job["rps"] / bare["rps"]
     errors = sum(r["errors"] for r in job_runs + bare_runs)
     print()
-    print(f"{'endpoint':<22} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'requests':>9} {'non-2xx':>7} {'sockerr':>7}")
+    print(
+        f"{'endpoint':<22} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'requests':>9} {'non-2xx':>7} {'sockerr':>7}"
+    )
     print(fmt_row("bare FastAPI", bare))
     print(fmt_row("GET /v1/jobs/{id}", job))
     print()
@@ -192,8 +213,10 @@ async def _submit_all(url: str, key: str, model_id: str, n: int, in_flight: int)
     limits = httpx.Limits(max_connections=in_flight or n, max_keepalive_connections=in_flight or n)
     statuses: list[int] = []
     ids: list[str] = []
-    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120,
-                                 limits=limits) as client:
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120, limits=limits
+    ) as client:
+
         async def one(i: int) -> None:
             async with sem:
                 try:
@@ -231,27 +254,39 @@ def submissions_part(args: argparse.Namespace, svc: Service, db_url: str, key: s
     statuses, ids, took = asyncio.run(_submit_all(svc.url, key, model_id, n, args.in_flight))
     accepted = statuses.count(202)
     others = {s: statuses.count(s) for s in sorted(set(statuses)) if s != 202}
-    print(f"  answered in {took:.2f} s ({n / took:.0f} submissions/s): {accepted} x 202"
-          + (f", others {others}" if others else ""), flush=True)
+    print(
+        f"  answered in {took:.2f} s ({n / took:.0f} submissions/s): {accepted} x 202"
+        + (f", others {others}" if others else ""),
+        flush=True,
+    )
     tid = tenant_id(db_url, tenant)
     with svc.client(key) as client:
         listed = list_all(client)
     in_db = db_scalar(db_url, "SELECT count(*) FROM jobs WHERE tenant_id = %s", tid)
     listed_ids = {j["id"] for j in listed}
-    print(f"  jobs of the tenant: {len(listed)} in GET /v1/jobs, {in_db} in the database; "
-          f"{len(set(ids) - listed_ids)} accepted ids missing from the list", flush=True)
+    print(
+        f"  jobs of the tenant: {len(listed)} in GET /v1/jobs, {in_db} in the database; "
+        f"{len(set(ids) - listed_ids)} accepted ids missing from the list",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     deadline = t0 + args.drain_timeout
     done = 0
     while time.perf_counter() < deadline:
-        done = db_scalar(db_url, "SELECT count(*) FROM jobs WHERE tenant_id = %s AND status = ANY(%s)", tid, list(TERMINAL))
+        done = db_scalar(
+            db_url, "SELECT count(*) FROM jobs WHERE tenant_id = %s AND status = ANY(%s)", tid, list(TERMINAL)
+        )
         if done >= in_db:
             break
         time.sleep(0.5)
     drained = time.perf_counter() - t0
     with psycopg.connect(db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
-        by_status = dict(conn.execute("SELECT status, count(*) FROM jobs WHERE tenant_id = %s GROUP BY status ORDER BY status", (tid,)).fetchall())
+        by_status = dict(
+            conn.execute(
+                "SELECT status, count(*) FROM jobs WHERE tenant_id = %s GROUP BY status ORDER BY status", (tid,)
+            ).fetchall()
+        )
     print(f"  terminal after {drained:.1f} s more: {done} of {in_db}; by status {by_status}", flush=True)
     checks = [
         (f"202 answers = {accepted}", accepted == n, f"== {n}"),
@@ -272,7 +307,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="seconds of each measured wrk run (default 10)")
     ap.add_argument("--warmup", type=float, default=3.0, help="seconds of the wrk warm-up per endpoint (default 3)")
-    ap.add_argument("--rounds", type=int, default=2, help="measured runs per endpoint, alternating; the best counts (default 2)")
+    ap.add_argument(
+        "--rounds", type=int, default=2, help="measured runs per endpoint, alternating; the best counts (default 2)"
+    )
     ap.add_argument("--connections", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--submissions", type=int, default=200, help="concurrent POST /v1/jobs (0: skip that part)")
@@ -306,18 +343,28 @@ def main() -> int:
     ok = True
     try:
         svc.cli("migrate")
-        key, submit_key = svc.cli("keys", "create", "--tenant", "load-poll"), svc.cli("keys", "create", "--tenant", "load-submit")
+        key, submit_key = (
+            svc.cli("keys", "create", "--tenant", "load-poll"),
+            svc.cli("keys", "create", "--tenant", "load-submit"),
+        )
         svc.start()
         svc._spawn("worker", "worker", "--concurrency", str(args.worker_concurrency))
         bare_port = free_port()
         bare_log = data / "bare.log"
-        bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "bare_app.py"), "--port", str(bare_port)],
-                                env=svc.env, stdout=bare_log.open("ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        bare = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "bare_app.py"), "--port", str(bare_port)],
+            env=svc.env,
+            stdout=bare_log.open("ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         bare_url = f"http://127.0.0.1:{bare_port}/bare"
         wait_ready(bare_url, bare, bare_log)
 
         with svc.client(key) as client:
-            r = client.post("/v1/models", files=[("files", ("weights.safetensors", tiny_safetensors()))], data={"name": "tiny"})
+            r = client.post(
+                "/v1/models", files=[("files", ("weights.safetensors", tiny_safetensors()))], data={"name": "tiny"}
+            )
             r.raise_for_status()
             model_id = r.json()["id"]
             r = client.post("/v1/jobs", json=job_body(model_id, "polled"))
@@ -331,12 +378,17 @@ def main() -> int:
             if job["status"] != "succeeded":
                 raise RuntimeError(f"the first job {job['status']}: {job.get('error')}")
         with svc.client(submit_key) as client:
-            r = client.post("/v1/models", files=[("files", ("weights.safetensors", tiny_safetensors()))], data={"name": "tiny"})
+            r = client.post(
+                "/v1/models", files=[("files", ("weights.safetensors", tiny_safetensors()))], data={"name": "tiny"}
+            )
             r.raise_for_status()
             submit_model = r.json()["id"]
 
-        print(f"## GET /v1/jobs/{{id}} vs a bare FastAPI endpoint (cluster mode, {os.cpu_count()} CPUs, "
-              f"load average {os.getloadavg()[0]:.2f} before)", flush=True)
+        print(
+            f"## GET /v1/jobs/{{id}} vs a bare FastAPI endpoint (cluster mode, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.2f} before)",
+            flush=True,
+        )
         ok &= polling_part(args, wrk, svc, bare_url, key, job_id)
         if args.submissions:
             ok &= submissions_part(args, svc, db_url, submit_key, "load-submit", submit_model)

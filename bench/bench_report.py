@@ -55,16 +55,31 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-report-"))
     torch.manual_seed(0)
     src = root / "llama"
-    LlamaForCausalLM(LlamaConfig(num_hidden_layers=6, hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                 num_key_value_heads=4, head_dim=64, vocab_size=8000,
-                                 max_position_embeddings=256)).save_pretrained(src)
-    print(f"# report benchmark ({platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, engine {torch.backends.quantized.engine})")
-    print(f"# model: Llama 6x768, FFN 3072, vocab 8000; timed pass batch {SETTINGS['batch_size']} x {SETTINGS['seq_len']} "
-          f"tokens, median of {SETTINGS['runs']} after {SETTINGS['warmup']} warm-up")
+    LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=6,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            head_dim=64,
+            vocab_size=8000,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(src)
+    print(
+        f"# report benchmark ({platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, engine {torch.backends.quantized.engine})"
+    )
+    print(
+        f"# model: Llama 6x768, FFN 3072, vocab 8000; timed pass batch {SETTINGS['batch_size']} x {SETTINGS['seq_len']} "
+        f"tokens, median of {SETTINGS['runs']} after {SETTINGS['warmup']} warm-up"
+    )
     print()
-    print("| method | original ms | compressed ms | runs as | speed-up claimed | latency ratio | KL mean | top-1 agree | "
-          "measure s | method s |")
+    print(
+        "| method | original ms | compressed ms | runs as | speed-up claimed | latency ratio | KL mean | top-1 agree | "
+        "measure s | method s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, params in CASES:
         spec = methods.get(name)
@@ -85,12 +100,16 @@ def main() -> None:
         s = ev.sections()
         sp, f = s["speed"], s["fidelity"]
         speedup = f"{sp['speedup']:.2f}x" if sp.get("speedup") else "none"
-        print(f"| {name} {params or ''} | {sp['original']['median_ms']:.1f} | {sp['compressed']['median_ms']:.1f} | "
-              f"{sp['runs_as']} | {speedup} | {sp['latency_ratio']:.3f} | {f['kl_mean']:.2e} | {f['top1_agreement']:.3f} | "
-              f"{t_orig + t_comp:.1f} | {t_method:.1f} |")
+        print(
+            f"| {name} {params or ''} | {sp['original']['median_ms']:.1f} | {sp['compressed']['median_ms']:.1f} | "
+            f"{sp['runs_as']} | {speedup} | {sp['latency_ratio']:.3f} | {f['kl_mean']:.2e} | {f['top1_agreement']:.3f} | "
+            f"{t_orig + t_comp:.1f} | {t_method:.1f} |"
+        )
         if "decompressed" in sp:
-            print(f"|  ...same artifact as transformers runs it (decompressed) | | {sp['decompressed']['median_ms']:.1f} | | | "
-                  f"{sp['decompressed']['median_ms'] / sp['original']['median_ms']:.3f} | | | | |")
+            print(
+                f"|  ...same artifact as transformers runs it (decompressed) | | {sp['decompressed']['median_ms']:.1f} | | | "
+                f"{sp['decompressed']['median_ms'] / sp['original']['median_ms']:.3f} | | | | |"
+            )
         sys.stdout.flush()
 
 

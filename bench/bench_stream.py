@@ -78,8 +78,16 @@ JOBS: dict[str, tuple[list[dict], float, bool]] = {
     "wo4": ([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}], 0.3, False),
     "prune": ([{"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "global"}}], 1.0, False),
     "cast": ([{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}], 1.0, False),
-    "gptq": ([{"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128,
-                                                      "num_samples": 64, "max_length": 256}}], 0.3, True),
+    "gptq": (
+        [
+            {
+                "method": "quantize.gptq",
+                "params": {"scheme": "W4A16", "group_size": 128, "num_samples": 64, "max_length": 256},
+            }
+        ],
+        0.3,
+        True,
+    ),
 }
 
 
@@ -112,7 +120,7 @@ def descendants(root: int) -> list[int]:
         except OSError:
             continue
         # The command name may hold spaces and parentheses: the fields after the last ')' are fixed.
-        ppid = int(stat[stat.rindex(b")") + 2:].split()[1])
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
         children.setdefault(ppid, []).append(int(entry.name))
     out, todo = [], [root]
     while todo:
@@ -206,14 +214,14 @@ def io_floor(inputs: list[Path], out_dir: Path, out_bytes: int) -> tuple[float, 
                     if left > 0:
                         w = view[: min(n, left)]
                         while w:
-                            w = w[out.write(w):]
+                            w = w[out.write(w) :]
                         left -= min(n, left)
         # An output larger than the input (none of the methods here): write the rest as well.
         while left > 0:
             w = view[: min(len(buf), left)]
             left -= len(w)
             while w:
-                w = w[out.write(w):]
+                w = w[out.write(w) :]
     seconds = time.perf_counter() - t0
     dest.unlink()
     return seconds, read
@@ -273,8 +281,16 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id: str, dataset_id: str | None,
-            stored: list[Path], storage_dir: Path) -> Result:
+def run_job(
+    args: argparse.Namespace,
+    name: str,
+    http,
+    worker_pid: int,
+    model_id: str,
+    dataset_id: str | None,
+    stored: list[Path],
+    storage_dir: Path,
+) -> Result:
     steps = JOBS[name][0]
     res = Result(name, "?")
     res.cache = drop_caches()
@@ -308,7 +324,9 @@ def run_job(args: argparse.Namespace, name: str, http, worker_pid: int, model_id
         # stage for many minutes, and its memory so far is the figure worth seeing.
         if prog != last or time.monotonic() - last_at > 30:
             last, last_at = prog, time.monotonic()
-            print(f"    {time.perf_counter() - t0:7.1f} s  {prog}  anon peak {sampler.peak_one / GiB:.2f} GiB", flush=True)
+            print(
+                f"    {time.perf_counter() - t0:7.1f} s  {prog}  anon peak {sampler.peak_one / GiB:.2f} GiB", flush=True
+            )
         if time.monotonic() > deadline:
             http.post(f"/v1/jobs/{job_id}/cancel")
             sampler.stop()
@@ -361,7 +379,9 @@ def start_worker(svc: Service, http, data: Path):  # noqa: ANN001, ANN201 - http
 
 
 def block_bytes(shape, itemsize: int) -> int:  # noqa: ANN001 - a gen_checkpoint.Shape
-    return sum(v[0] * (v[1] if len(v) > 1 else 1) for k, v in tensor_shapes(shape).items() if ".layers.0." in k) * itemsize
+    return (
+        sum(v[0] * (v[1] if len(v) > 1 else 1) for k, v in tensor_shapes(shape).items() if ".layers.0." in k) * itemsize
+    )
 
 
 def main() -> int:
@@ -370,13 +390,23 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     ap.add_argument("--jobs", default="wo4,prune", help=f"comma-separated, from {','.join(JOBS)} (default wo4,prune)")
     ap.add_argument("--checkpoint", type=Path, help="use this HF folder instead of generating one (never deleted)")
-    ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()),
-                    help="where the checkpoint and the service's data folder go (one filesystem)")
-    ap.add_argument("--evaluation", choices=["on", "off"], default="off",
-                    help="off (default): the job spec says evaluation.enabled false")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()),
+        help="where the checkpoint and the service's data folder go (one filesystem)",
+    )
+    ap.add_argument(
+        "--evaluation",
+        choices=["on", "off"],
+        default="off",
+        help="off (default): the job spec says evaluation.enabled false",
+    )
     ap.add_argument("--sample-ms", type=float, default=50.0)
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per job")
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (if the disk allows) and the data folder")
+    ap.add_argument(
+        "--keep", action="store_true", help="keep the generated checkpoint (if the disk allows) and the data folder"
+    )
     ap.add_argument("--gptq-samples", type=int, default=64, help="GPTQ calibration texts (num_samples, default 64)")
     ap.add_argument("--gptq-length", type=int, default=256, help="GPTQ tokens per text (max_length, default 256)")
     ap.add_argument("--json", type=Path, help="also write the results (and each job's memory timeline) here")
@@ -394,8 +424,11 @@ def main() -> int:
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"## machine: {os.cpu_count()} CPUs, {mem_total / GiB:.1f} GiB memory, {free_bytes(args.workdir) / GiB:.1f} GiB "
-          f"free under {args.workdir}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print(
+        f"## machine: {os.cpu_count()} CPUs, {mem_total / GiB:.1f} GiB memory, {free_bytes(args.workdir) / GiB:.1f} GiB "
+        f"free under {args.workdir}, load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     generated = None
     if args.checkpoint is None:
@@ -409,11 +442,13 @@ def main() -> int:
         print(f"## generating {args.size} ({args.dtype}) in {ckpt}", flush=True)
         info = generate(ckpt, size, dtype=args.dtype, tokenizer=any(JOBS[n][2] for n in names), progress=True)
         shape, itemsize = info.shape, DTYPES[args.dtype][1]
-        print(f"   hidden {shape.hidden}, FFN {shape.intermediate}, {shape.layers} layers, {shape.heads} heads "
-              f"({shape.kv_heads} KV), vocab {shape.vocab}: {info.parameters / 1e9:.3f}B parameters, "
-              f"{info.file_bytes / GiB:.2f} GiB in {sum(f.endswith('.safetensors') for f in info.files)} shard(s), "
-              f"{info.seconds:.1f} s (tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / MiB:.0f} MiB/s)",
-              flush=True)
+        print(
+            f"   hidden {shape.hidden}, FFN {shape.intermediate}, {shape.layers} layers, {shape.heads} heads "
+            f"({shape.kv_heads} KV), vocab {shape.vocab}: {info.parameters / 1e9:.3f}B parameters, "
+            f"{info.file_bytes / GiB:.2f} GiB in {sum(f.endswith('.safetensors') for f in info.files)} shard(s), "
+            f"{info.seconds:.1f} s (tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / MiB:.0f} MiB/s)",
+            flush=True,
+        )
     else:
         ckpt = args.checkpoint
         shape, itemsize = None, None
@@ -451,8 +486,11 @@ def main() -> int:
             t0 = time.perf_counter()
             model = client.upload_model(ckpt, name="stream-bench")
             upload_s = time.perf_counter() - t0
-            print(f"   {upload_s:.1f} s ({input_bytes / upload_s / MiB:.0f} MiB/s): model {model.id}, "
-                  f"{model.parameters / 1e9:.3f}B parameters, {model.architecture}", flush=True)
+            print(
+                f"   {upload_s:.1f} s ({input_bytes / upload_s / MiB:.0f} MiB/s): model {model.id}, "
+                f"{model.parameters / 1e9:.3f}B parameters, {model.architecture}",
+                flush=True,
+            )
             stored = sorted((storage_dir / "models" / model.id).glob("*.safetensors"))
             # The streaming engine writes the output once (a stored-entry zip); the in-memory path
             # wrote a folder and then its zip: 2x. The larger is assumed unless the output fits once.
@@ -474,8 +512,10 @@ def main() -> int:
                 est = JOBS[n][1] * input_bytes * 1.1
                 free = free_bytes(args.workdir)
                 if free < est + 4 * GiB:
-                    print(f"## {n}: SKIPPED, {free / GiB:.1f} GiB free < ~{est / GiB:.1f} GiB of output + 4 GiB",
-                          flush=True)
+                    print(
+                        f"## {n}: SKIPPED, {free / GiB:.1f} GiB free < ~{est / GiB:.1f} GiB of output + 4 GiB",
+                        flush=True,
+                    )
                     results.append(Result(n, "skipped (disk)"))
                     continue
                 print(f"## {n}: {json.dumps(JOBS[n][0])}", flush=True)
@@ -487,10 +527,15 @@ def main() -> int:
                 finally:
                     stop_process(worker, timeout=120)
                 results.append(res)
-                save_json(args, input_bytes, upload_s, shape, results)  # each job as it ends: a long run may be cut short
-                print(f"   {res.status}: wall {res.wall_s:.1f} s, floor {res.floor_s:.1f} s, peak anon "
-                      f"{res.peak_anon / GiB:.2f} GiB (idle {res.base_anon / GiB:.2f})"
-                      + (f", error {res.error}" if res.error else ""), flush=True)
+                save_json(
+                    args, input_bytes, upload_s, shape, results
+                )  # each job as it ends: a long run may be cut short
+                print(
+                    f"   {res.status}: wall {res.wall_s:.1f} s, floor {res.floor_s:.1f} s, peak anon "
+                    f"{res.peak_anon / GiB:.2f} GiB (idle {res.base_anon / GiB:.2f})"
+                    + (f", error {res.error}" if res.error else ""),
+                    flush=True,
+                )
     finally:
         svc.stop()
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
@@ -518,30 +563,54 @@ def main() -> int:
 
 def save_json(args: argparse.Namespace, input_bytes: int, upload_s: float, shape, results: list[Result]) -> None:  # noqa: ANN001
     if args.json:
-        args.json.write_text(json.dumps({"size_bytes": input_bytes, "upload_s": upload_s,
-                                         "shape": dataclasses.asdict(shape) if shape else None,
-                                         "results": [dataclasses.asdict(r) for r in results]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size_bytes": input_bytes,
+                    "upload_s": upload_s,
+                    "shape": dataclasses.asdict(shape) if shape else None,
+                    "results": [dataclasses.asdict(r) for r in results],
+                },
+                indent=1,
+            )
+        )
 
 
-def report(args: argparse.Namespace, results: list[Result], input_bytes: int, upload_s: float, mem_total: int,
-           shape, itemsize: int | None) -> None:  # noqa: ANN001
-    print(f"\n## {input_bytes / GiB:.2f} GiB checkpoint ({input_bytes / mem_total:.2f}x this machine's "
-          f"{mem_total / GiB:.1f} GiB), cluster mode, evaluation {args.evaluation}, upload {upload_s:.1f} s")
-    print(f"{'job':<6} {'status':<10} {'wall s':>8} {'floor s':>8} {'wall/floor':>10} {'peak anon GiB':>13} "
-          f"{'idle GiB':>8} {'sum GiB':>8} {'peak file GiB':>13} {'artifact GiB':>12}  cache")
+def report(
+    args: argparse.Namespace,
+    results: list[Result],
+    input_bytes: int,
+    upload_s: float,
+    mem_total: int,
+    shape,
+    itemsize: int | None,
+) -> None:  # noqa: ANN001
+    print(
+        f"\n## {input_bytes / GiB:.2f} GiB checkpoint ({input_bytes / mem_total:.2f}x this machine's "
+        f"{mem_total / GiB:.1f} GiB), cluster mode, evaluation {args.evaluation}, upload {upload_s:.1f} s"
+    )
+    print(
+        f"{'job':<6} {'status':<10} {'wall s':>8} {'floor s':>8} {'wall/floor':>10} {'peak anon GiB':>13} "
+        f"{'idle GiB':>8} {'sum GiB':>8} {'peak file GiB':>13} {'artifact GiB':>12}  cache"
+    )
     for r in results:
         ratio = f"{r.wall_s / r.floor_s:.2f}" if r.floor_s else "-"
-        print(f"{r.name:<6} {r.status:<10} {r.wall_s:>8.1f} {r.floor_s:>8.1f} {ratio:>10} {r.peak_anon / GiB:>13.2f} "
-              f"{r.base_anon / GiB:>8.2f} {r.peak_sum / GiB:>8.2f} {r.peak_file / GiB:>13.2f} "
-              f"{r.artifact_bytes / GiB:>12.2f}  {r.cache}")
+        print(
+            f"{r.name:<6} {r.status:<10} {r.wall_s:>8.1f} {r.floor_s:>8.1f} {ratio:>10} {r.peak_anon / GiB:>13.2f} "
+            f"{r.base_anon / GiB:>8.2f} {r.peak_sum / GiB:>8.2f} {r.peak_file / GiB:>13.2f} "
+            f"{r.artifact_bytes / GiB:>12.2f}  {r.cache}"
+        )
     for r in results:
         if r.stage_seconds:
             own_anon = f"{r.metrics_peak_anon / GiB:.2f} GiB" if r.metrics_peak_anon is not None else "(not reported)"
-            print(f"  {r.name} stage_seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_seconds.items())
-                  + f"; engine {r.engine or '(not reported: in-memory)'}; the job's own metrics.memory: peak_rss_bytes "
-                  f"{(r.metrics_peak_rss or 0) / GiB:.2f} GiB, peak_anon_bytes {own_anon}; "
-                  f"{r.samples} samples, peak at {r.peak_at:.1f} s; load average {r.load_before:.2f} before, "
-                  f"{r.load_after:.2f} at the end")
+            print(
+                f"  {r.name} stage_seconds: "
+                + ", ".join(f"{k} {v:.1f}" for k, v in r.stage_seconds.items())
+                + f"; engine {r.engine or '(not reported: in-memory)'}; the job's own metrics.memory: peak_rss_bytes "
+                f"{(r.metrics_peak_rss or 0) / GiB:.2f} GiB, peak_anon_bytes {own_anon}; "
+                f"{r.samples} samples, peak at {r.peak_at:.1f} s; load average {r.load_before:.2f} before, "
+                f"{r.load_after:.2f} at the end"
+            )
         if r.error:
             print(f"  {r.name} error: {r.error}")
     print("\ntargets (issue 14):")
@@ -562,17 +631,24 @@ def report(args: argparse.Namespace, results: list[Result], input_bytes: int, up
             act = args_len["num_samples"] * args_len["max_length"] * shape.hidden * itemsize
             lim = 3 * blk + act + GiB
             so_far = " (so far: the job timed out)" if r.status == "timeout" else ""
-            print(f"  gptq: peak anon{so_far} {r.peak_anon / GiB:.2f} GiB vs 3 x block {blk / GiB:.3f} + activations "
-                  f"{act / GiB:.3f} ({args_len['num_samples']} x {args_len['max_length']} x {shape.hidden} x "
-                  f"{itemsize} B) + 1 GiB = {lim / GiB:.2f} GiB {'PASS' if r.peak_anon <= lim else 'FAIL'}"
-                  + ("" if shape.layers >= 16 and input_bytes >= 2e9 else "  [the target is for >= 2 GB, >= 16 blocks]"))
-            by_stage = ", ".join(f"{k} {v / GiB:.2f}" for k, v in r.stage_peaks.items() if k in ("loading", "saving", "storing")
-                                 or k.startswith("step"))
+            print(
+                f"  gptq: peak anon{so_far} {r.peak_anon / GiB:.2f} GiB vs 3 x block {blk / GiB:.3f} + activations "
+                f"{act / GiB:.3f} ({args_len['num_samples']} x {args_len['max_length']} x {shape.hidden} x "
+                f"{itemsize} B) + 1 GiB = {lim / GiB:.2f} GiB {'PASS' if r.peak_anon <= lim else 'FAIL'}"
+                + ("" if shape.layers >= 16 and input_bytes >= 2e9 else "  [the target is for >= 2 GB, >= 16 blocks]")
+            )
+            by_stage = ", ".join(
+                f"{k} {v / GiB:.2f}"
+                for k, v in r.stage_peaks.items()
+                if k in ("loading", "saving", "storing") or k.startswith("step")
+            )
             print(f"  gptq: peak anon by stage (GiB; stages as polled every 0.5 s): {by_stage}")
         if r.plan_peak and r.peak_anon:
             ratio = r.plan_peak / r.peak_anon
-            print(f"  {r.name}: plan's peak {r.plan_peak / GiB:.2f} GiB / measured {r.peak_anon / GiB:.2f} GiB = {ratio:.2f} "
-                  f"(within +-30 %: {'PASS' if 0.7 <= ratio <= 1.3 else 'FAIL'})")
+            print(
+                f"  {r.name}: plan's peak {r.plan_peak / GiB:.2f} GiB / measured {r.peak_anon / GiB:.2f} GiB = {ratio:.2f} "
+                f"(within +-30 %: {'PASS' if 0.7 <= ratio <= 1.3 else 'FAIL'})"
+            )
         elif r.status != "succeeded":
             print(f"  {r.name}: {r.status}")
 

@@ -84,8 +84,17 @@ def parse_size(text: str | int) -> int:
     if not m:
         raise ValueError(f"unreadable size {text!r} (e.g. 30GiB, 2GB, 500MiB, 123456)")
     unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    mult = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }[unit]
     return int(float(m.group(1)) * mult)
 
 
@@ -133,9 +142,17 @@ def _params_per_layer(hidden: int, intermediate: int, heads: int, kv_heads: int)
     return 2 * hidden * heads * hd + 2 * hidden * kv_heads * hd + 3 * hidden * intermediate + 2 * hidden
 
 
-def plan_shape(size_bytes: int | None = None, dtype: str = "bf16", *, hidden: int | None = None,
-               intermediate: int | None = None, layers: int | None = None, heads: int | None = None,
-               kv_heads: int | None = None, vocab: int = 32000) -> Shape:
+def plan_shape(
+    size_bytes: int | None = None,
+    dtype: str = "bf16",
+    *,
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    vocab: int = 32000,
+) -> Shape:
     """Shapes for a checkpoint of at least ``size_bytes`` of tensor data (the layer count rounds
     up), or exactly the ones given. Widths default to Llama's rules: heads of 128, FFN from
     :func:`llama_intermediate`, grouped-query attention (8 KV heads) from hidden 8192 up."""
@@ -169,7 +186,9 @@ def plan_shape(size_bytes: int | None = None, dtype: str = "bf16", *, hidden: in
         if v % 128:
             raise ValueError(f"{name} size {v} is not a multiple of 128 (group-128 quantization needs it)")
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
-        raise ValueError(f"hidden {shape.hidden} must divide into {shape.heads} heads, and those into {shape.kv_heads} KV heads")
+        raise ValueError(
+            f"hidden {shape.hidden} must divide into {shape.heads} heads, and those into {shape.kv_heads} KV heads"
+        )
     return shape
 
 
@@ -177,10 +196,18 @@ def llama_config(s: Shape, dtype: str):  # noqa: ANN201 - a transformers LlamaCo
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
-        hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, vocab_size=s.vocab,
-        max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=s.hidden,
+        intermediate_size=s.intermediate,
+        num_hidden_layers=s.layers,
+        num_attention_heads=s.heads,
+        num_key_value_heads=s.kv_heads,
+        vocab_size=s.vocab,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.dtype = TORCH_DTYPE_NAMES[dtype]
@@ -252,7 +279,7 @@ class _Filler:
             block = memoryview(self._block(int(rng.integers(POOL_BLOCKS))))
             off = int(rng.integers(BLOCK)) * self.itemsize
             want = n * self.itemsize
-            first = block[off: off + want]
+            first = block[off : off + want]
             yield first
             if len(first) < want:
                 yield block[: want - len(first)]
@@ -271,11 +298,23 @@ class GeneratedCheckpoint:
     write_seconds: float  # the tensor data alone (imports and config files excluded)
 
 
-def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtype: str = "bf16",
-             hidden: int | None = None, intermediate: int | None = None, layers: int | None = None,
-             heads: int | None = None, kv_heads: int | None = None, vocab: int = 32000,
-             max_shard_size: str | int = "5GB", seed: int = 0, fill: str = "pool",
-             tokenizer: bool = False, progress: bool = False) -> GeneratedCheckpoint:
+def generate(
+    out: str | os.PathLike[str],
+    size: str | int | None = None,
+    *,
+    dtype: str = "bf16",
+    hidden: int | None = None,
+    intermediate: int | None = None,
+    layers: int | None = None,
+    heads: int | None = None,
+    kv_heads: int | None = None,
+    vocab: int = 32000,
+    max_shard_size: str | int = "5GB",
+    seed: int = 0,
+    fill: str = "pool",
+    tokenizer: bool = False,
+    progress: bool = False,
+) -> GeneratedCheckpoint:
     """Write a Llama checkpoint folder at ``out`` (created; must be empty or absent)."""
     from huggingface_hub.serialization._base import split_state_dict_into_shards_factory
 
@@ -286,8 +325,16 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
     out.mkdir(parents=True, exist_ok=True)
     if any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty")
-    shape = plan_shape(parse_size(size) if size is not None else None, dtype, hidden=hidden,
-                       intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads, vocab=vocab)
+    shape = plan_shape(
+        parse_size(size) if size is not None else None,
+        dtype,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+    )
     st_dtype, itemsize = DTYPES[dtype]
     shapes = tensor_shapes(shape)
     parameters = sum(math.prod(s) for s in shapes.values())
@@ -302,8 +349,10 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
 
     # huggingface_hub's splitter over the sizes alone: the same boundaries save_pretrained picks.
     split = split_state_dict_into_shards_factory(
-        shapes, get_storage_size=lambda s: math.prod(s) * itemsize,
-        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
+        shapes,
+        get_storage_size=lambda s: math.prod(s) * itemsize,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size,
     )
     t_write = time.perf_counter()
     filler = _Filler(dtype, fill, seed)
@@ -320,21 +369,35 @@ def generate(out: str | os.PathLike[str], size: str | int | None = None, *, dtyp
                 for chunk in filler.chunks(name, math.prod(shapes[name])):
                     view = memoryview(chunk)
                     while view:  # a raw write may be partial
-                        view = view[f.write(view):]
+                        view = view[f.write(view) :]
                     written += len(chunk)
                 if progress and time.perf_counter() - last_print > 5:
                     last_print = time.perf_counter()
                     rate = written / (last_print - t_write) / 2**20
-                    print(f"  {written / 2**30:7.2f} / {total / 2**30:.2f} GiB  {rate:6.0f} MiB/s", file=sys.stderr, flush=True)
+                    print(
+                        f"  {written / 2**30:7.2f} / {total / 2**30:.2f} GiB  {rate:6.0f} MiB/s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         os.replace(tmp, out / filename)
     if split.is_sharded:
-        index = {"metadata": {"total_parameters": parameters, **split.metadata},
-                 "weight_map": dict(split.tensor_to_filename)}
+        index = {
+            "metadata": {"total_parameters": parameters, **split.metadata},
+            "weight_map": dict(split.tensor_to_filename),
+        }
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     files = sorted(p.name for p in out.iterdir())
-    return GeneratedCheckpoint(out, shape, dtype, parameters, total, files,
-                               sum((out / n).stat().st_size for n in files), time.perf_counter() - t_start,
-                               time.perf_counter() - t_write)
+    return GeneratedCheckpoint(
+        out,
+        shape,
+        dtype,
+        parameters,
+        total,
+        files,
+        sum((out / n).stat().st_size for n in files),
+        time.perf_counter() - t_start,
+        time.perf_counter() - t_write,
+    )
 
 
 def write_tokenizer(out: Path) -> None:
@@ -348,8 +411,9 @@ def write_tokenizer(out: Path) -> None:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
     fast.save_pretrained(out)
     # Only JSON reaches the service; anything else save_pretrained may add (e.g. a chat template
     # file) is not part of the checkpoint this generator promises.
@@ -360,8 +424,9 @@ def write_tokenizer(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("out", help="folder to create (must be empty or absent)")
     ap.add_argument("--size", help="tensor bytes, at least (e.g. 30GiB, 2GB): picks widths and depth")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -371,7 +436,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--heads", type=int)
     ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--max-shard-size", default="5GB", help="shard cap, as save_pretrained's max_shard_size (default 5GB)")
+    ap.add_argument(
+        "--max-shard-size", default="5GB", help="shard cap, as save_pretrained's max_shard_size (default 5GB)"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--fill", choices=["pool", "randn"], default="pool", help="see the module docstring")
     ap.add_argument("--tokenizer", action="store_true", help="also write a byte-level tokenizer.json")
@@ -382,15 +449,30 @@ def main(argv: list[str] | None = None) -> int:
         shard = int(args.max_shard_size)
     except ValueError:
         shard = args.max_shard_size
-    info = generate(args.out, args.size, dtype=args.dtype, hidden=args.hidden, intermediate=args.intermediate,
-                    layers=args.layers, heads=args.heads, kv_heads=args.kv_heads, vocab=args.vocab,
-                    max_shard_size=shard, seed=args.seed, fill=args.fill, tokenizer=args.tokenizer, progress=True)
+    info = generate(
+        args.out,
+        args.size,
+        dtype=args.dtype,
+        hidden=args.hidden,
+        intermediate=args.intermediate,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        vocab=args.vocab,
+        max_shard_size=shard,
+        seed=args.seed,
+        fill=args.fill,
+        tokenizer=args.tokenizer,
+        progress=True,
+    )
     s = info.shape
-    print(f"{info.path}: Llama hidden {s.hidden}, FFN {s.intermediate}, {s.layers} layers, {s.heads} heads "
-          f"({s.kv_heads} KV), vocab {s.vocab}, {args.dtype}: {info.parameters / 1e9:.3f}B parameters, "
-          f"{info.tensor_bytes / 2**30:.2f} GiB of tensors in {sum(n.endswith('.safetensors') for n in info.files)} "
-          f"shard(s), {info.file_bytes / 2**30:.2f} GiB on disk, {info.seconds:.1f} s "
-          f"(tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / 2**20:.0f} MiB/s)")
+    print(
+        f"{info.path}: Llama hidden {s.hidden}, FFN {s.intermediate}, {s.layers} layers, {s.heads} heads "
+        f"({s.kv_heads} KV), vocab {s.vocab}, {args.dtype}: {info.parameters / 1e9:.3f}B parameters, "
+        f"{info.tensor_bytes / 2**30:.2f} GiB of tensors in {sum(n.endswith('.safetensors') for n in info.files)} "
+        f"shard(s), {info.file_bytes / 2**30:.2f} GiB on disk, {info.seconds:.1f} s "
+        f"(tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / 2**20:.0f} MiB/s)"
+    )
     return 0
 
 

@@ -154,16 +154,12 @@ class Settings(BaseSettings):
     metrics_job_window_s: int = Field(default=86400, gt=0)
 
     @model_validator(mode="after")
-    def _derive(self) -> "Settings":
+    def _derive(self) -> Settings:
         self.data_dir = self.data_dir.resolve()
         if self.mode == "cluster":
-            missing = [
-                n for n in ("database_url", "broker_url") if not getattr(self, n)
-            ]
+            missing = [n for n in ("database_url", "broker_url") if not getattr(self, n)]
             if missing:
-                raise ValueError(
-                    "cluster mode needs " + ", ".join(f"MODELPRESS_{m.upper()}" for m in missing)
-                )
+                raise ValueError("cluster mode needs " + ", ".join(f"MODELPRESS_{m.upper()}" for m in missing))
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'modelpress.sqlite3'}"
         if not self.broker_url:

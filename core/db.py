@@ -128,10 +128,22 @@ async def _hot_pool() -> Any:
 
 # libpq connection keywords asyncpg does not read: it would send them to the server as settings,
 # which refuses them (every read failing). Client-side only, so left out here.
-_LIBPQ_CLIENT_ONLY = frozenset({
-    "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count", "tcp_user_timeout", "gssencmode",
-    "channel_binding", "requirepeer", "hostaddr", "load_balance_hosts", "fallback_application_name", "require_auth",
-})
+_LIBPQ_CLIENT_ONLY = frozenset(
+    {
+        "keepalives",
+        "keepalives_idle",
+        "keepalives_interval",
+        "keepalives_count",
+        "tcp_user_timeout",
+        "gssencmode",
+        "channel_binding",
+        "requirepeer",
+        "hostaddr",
+        "load_balance_hosts",
+        "fallback_application_name",
+        "require_auth",
+    }
+)
 
 
 def hot_dsn(url: str) -> tuple[str, float, dict[str, str]]:
@@ -179,8 +191,15 @@ async def _open_pool(url: str) -> Any:
 
     # min_size=0: nothing connects until a request needs it (creating the pool cannot fail while
     # the database is down); each statement is prepared once per connection (asyncpg's cache).
-    return await asyncpg.create_pool(dsn, min_size=0, max_size=HOT_POOL_SIZE, init=_init, reset=_reset,
-                                     timeout=connect_timeout, server_settings=settings)
+    return await asyncpg.create_pool(
+        dsn,
+        min_size=0,
+        max_size=HOT_POOL_SIZE,
+        init=_init,
+        reset=_reset,
+        timeout=connect_timeout,
+        server_settings=settings,
+    )
 
 
 def _hot_error(e: BaseException, sql: str, params: Any) -> tuple[exc.DBAPIError, bool] | None:
@@ -190,8 +209,16 @@ def _hot_error(e: BaseException, sql: str, params: Any) -> tuple[exc.DBAPIError,
     another); None if ``e`` is not a database error."""
     import asyncpg
 
-    if isinstance(e, (OSError, TimeoutError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
-                      asyncpg.exceptions.InsufficientResourcesError)):
+    if isinstance(
+        e,
+        (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.exceptions.OperatorInterventionError,
+            asyncpg.exceptions.InsufficientResourcesError,
+        ),
+    ):
         return exc.OperationalError(sql, params, e), True
     if isinstance(e, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
         # ConnectionDoesNotExistError, or a protocol caught between states: seen when the server
@@ -327,4 +354,3 @@ def read_uow() -> Iterator[UnitOfWork]:
     may see different snapshots. Closing it returns the connection to the pool."""
     with get_read_sessionmaker()() as session:
         yield UnitOfWork(session)
-

@@ -23,6 +23,7 @@ from typing import Any
 
 PROBLEM_JSON = "application/problem+json"
 
+
 class ModelpressError(Exception):
     status = 500
     code = "internal_error"

@@ -174,8 +174,9 @@ def _find(obj: Any, bad: Any) -> tuple[str | int, ...] | None:
     return None
 
 
-def loads(data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH,
-          max_number_chars: int = MAX_NUMBER_CHARS) -> Any:
+def loads(
+    data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH, max_number_chars: int = MAX_NUMBER_CHARS
+) -> Any:
     """Parse a JSON document (bytes must be UTF-8) or raise :class:`JSONRejected`: nothing else,
     whatever the input."""
     if isinstance(data, str):
@@ -220,5 +221,7 @@ def loads(data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DE
     if _SUSPECT.search(text):
         where = _find(obj, lambda v: isinstance(v, str) and _BAD_CHAR.search(v) is not None)
         if where is not None:
-            raise JSONRejected("json_invalid_string", "a string holds a lone surrogate or a NUL character (not storable text)", where)
+            raise JSONRejected(
+                "json_invalid_string", "a string holds a lone surrogate or a NUL character (not storable text)", where
+            )
     return obj

@@ -19,7 +19,7 @@ import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from core.config import Settings, get_settings
@@ -73,7 +73,12 @@ def log_context(**values: Any) -> Iterator[None]:
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=`` and is kept.
 # (uvicorn adds ``color_message``: the message with ANSI colours.)
-_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime", "taskName", "color_message"}
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 
 class ContextFilter(logging.Filter):
@@ -105,7 +110,7 @@ class JsonFormatter(logging.Formatter):
         if micros >= 1_000_000:
             whole, micros = whole + 1, micros - 1_000_000
         if self._second[0] != whole:
-            self._second = (whole, datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
+            self._second = (whole, datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S"))
         return f"{self._second[1]}.{micros // 1000:03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:

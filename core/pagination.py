@@ -41,7 +41,6 @@ def query_int(ge: int, le: int) -> Any:
     return Annotated[int, Ge(ge), Le(le), BeforeValidator(_decimal_digits)]
 
 
-
 def encode_cursor(created_at: datetime, id_: str) -> str:
     raw = json.dumps([created_at.isoformat(), id_]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")

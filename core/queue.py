@@ -94,10 +94,21 @@ def enqueue_job(job_id: str, queue: str, *, reclaim: bool = False) -> None:
     rid = current_request_id() or f"reconcile-{new_request_id()}"
     with log_context(request_id=rid, job_id=job_id):
         try:
-            client().send_task(TASK_RUN_JOB, args=[job_id], queue=queue, headers={"request_id": rid}, retry=True,
-                                 priority=PRIORITY_RECLAIM if reclaim else PRIORITY_NORMAL,
-                                 retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5})
+            client().send_task(
+                TASK_RUN_JOB,
+                args=[job_id],
+                queue=queue,
+                headers={"request_id": rid},
+                retry=True,
+                priority=PRIORITY_RECLAIM if reclaim else PRIORITY_NORMAL,
+                retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+            )
         except Exception:
             log.exception("could not enqueue job %s; it stays queued for the reconciler", job_id)
         else:
-            log.info("job %s: message sent to queue %s%s", job_id, queue, " (reclaimed: ahead of queued jobs)" if reclaim else "")
+            log.info(
+                "job %s: message sent to queue %s%s",
+                job_id,
+                queue,
+                " (reclaimed: ahead of queued jobs)" if reclaim else "",
+            )

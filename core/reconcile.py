@@ -34,13 +34,21 @@ def reconcile_once() -> list[str]:
         given_up = jobs_repo.give_up_exhausted(s, settings.max_attempts)
         taken = jobs_repo.take_stale(s, settings.requeue_after_s)
     for job_id in given_up:
-        log.error("job %s: failed with too_many_attempts (its worker died %d times; not re-sent)", job_id, settings.max_attempts)
+        log.error(
+            "job %s: failed with too_many_attempts (its worker died %d times; not re-sent)",
+            job_id,
+            settings.max_attempts,
+        )
         drop_artifacts(get_storage(), job_id)
     for job_id, queue, reclaim in taken:
         if reclaim:
-            log.warning("job %s: its attempt's lease expired (the worker died); re-sending it ahead of queued jobs", job_id)
+            log.warning(
+                "job %s: its attempt's lease expired (the worker died); re-sending it ahead of queued jobs", job_id
+            )
         else:
-            log.warning("job %s: re-sending its message (queued, last sent over %d s ago)", job_id, settings.requeue_after_s)
+            log.warning(
+                "job %s: re-sending its message (queued, last sent over %d s ago)", job_id, settings.requeue_after_s
+            )
         enqueue_job(job_id, queue, reclaim=reclaim)
     return [job_id for job_id, _, _ in taken]
 

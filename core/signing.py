@@ -35,7 +35,7 @@ import hmac
 import os
 import secrets
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -64,12 +64,16 @@ def secret_key_problem(settings: Settings) -> str | None:
     if settings.mode != "cluster":
         return None
     if not settings.secret_key:
-        return ("cluster mode needs MODELPRESS_SECRET_KEY, the same value on every API host and worker "
-                "(it signs report links and webhook deliveries; a key per host makes them fail to verify "
-                f"elsewhere). Generate one with: {_GENERATE}")
+        return (
+            "cluster mode needs MODELPRESS_SECRET_KEY, the same value on every API host and worker "
+            "(it signs report links and webhook deliveries; a key per host makes them fail to verify "
+            f"elsewhere). Generate one with: {_GENERATE}"
+        )
     if len(settings.secret_key) < MIN_SECRET_KEY_CHARS:
-        return (f"MODELPRESS_SECRET_KEY is {len(settings.secret_key)} characters; cluster mode needs at least "
-                f"{MIN_SECRET_KEY_CHARS}. Generate one with: {_GENERATE}")
+        return (
+            f"MODELPRESS_SECRET_KEY is {len(settings.secret_key)} characters; cluster mode needs at least "
+            f"{MIN_SECRET_KEY_CHARS}. Generate one with: {_GENERATE}"
+        )
     return None
 
 
@@ -172,14 +176,18 @@ def link(request: Any, route_name: str, kind: str, object_id: str, ttl_s: int | 
     expires, signature = sign(kind, object_id, ttl)
     path = request.app.url_path_for(route_name, **{f"{kind}_id": object_id})
     url = absolute(f"{path}?{urlencode({'expires': expires, 'signature': signature})}")
-    return url, datetime.fromtimestamp(expires, timezone.utc)
+    return url, datetime.fromtimestamp(expires, UTC)
 
 
 def verify(kind: str, object_id: str, expires: int | None, signature: str | None) -> None:
     # Bytes, not str: compare_digest refuses a str with non-ASCII characters (a fuzzed signature)
     # with TypeError, and a wrong signature must be a 404 whatever its characters.
-    if expires is None or not signature or not hmac.compare_digest(
-        _digest(kind, object_id, expires).encode(), signature.encode("utf-8", "surrogateescape")
+    if (
+        expires is None
+        or not signature
+        or not hmac.compare_digest(
+            _digest(kind, object_id, expires).encode(), signature.encode("utf-8", "surrogateescape")
+        )
     ):
         raise NotFound(f"no {kind} {object_id}")
     if expires < time.time():

@@ -57,7 +57,7 @@ class Storage:
         else:
             self.fs.put_file(str(src), dest)
 
-    def open_write(self, key: str) -> "PendingObject":
+    def open_write(self, key: str) -> PendingObject:
         """A writable object under ``key`` that becomes visible only at ``commit()`` and is gone
         after ``abort()``, so an artifact can be streamed into storage as it is produced (written
         once, not staged and copied). Local: a temporary name in the destination folder, renamed
@@ -97,7 +97,7 @@ class Storage:
         protocol = self.fs.protocol
         return bool({"s3", "s3a"} & set(protocol if isinstance(protocol, (tuple, list)) else (protocol,)))
 
-    def multipart_uploads(self) -> list["MultipartUpload"]:
+    def multipart_uploads(self) -> list[MultipartUpload]:
         """The unfinished S3 multipart uploads under this storage's prefix (a writer killed
         mid-upload leaves one; its parts are billed until it is aborted). [] when not on S3."""
         if not self.is_s3:
@@ -110,17 +110,19 @@ class Storage:
             page = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **markers)
             for u in page.get("Uploads") or []:
                 if u["Key"].startswith(prefix):
-                    found.append(MultipartUpload(u["Key"][len(prefix):], u["UploadId"], u["Initiated"]))
+                    found.append(MultipartUpload(u["Key"][len(prefix) :], u["UploadId"], u["Initiated"]))
             if not page.get("IsTruncated"):
                 return found
             markers = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
 
-    def abort_multipart(self, upload: "MultipartUpload") -> None:
+    def abort_multipart(self, upload: MultipartUpload) -> None:
         """Abort an unfinished multipart upload (its parts are deleted); one that was completed or
         aborted meanwhile is left as it is."""
         bucket, _, _ = self.root.partition("/")
         try:
-            self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=self._s3_key(upload.key), UploadId=upload.upload_id)
+            self.fs.call_s3(
+                "abort_multipart_upload", Bucket=bucket, Key=self._s3_key(upload.key), UploadId=upload.upload_id
+            )
         except FileNotFoundError:  # s3fs's NoSuchUpload: completed or aborted by someone else
             pass
 

@@ -68,8 +68,10 @@ exit codes (client commands):
   4 transport error (cannot connect; download fails its sha256)   5 --timeout ran out while waiting
 """
 
-STEP_HELP = ("METHOD[:key=value,...] (values parsed as JSON when they parse: 0.5, 8, true, null, "
-             "\"s\", [..]) or a JSON object {\"method\": ..., \"params\": {...}}; repeat for several steps")
+STEP_HELP = (
+    "METHOD[:key=value,...] (values parsed as JSON when they parse: 0.5, 8, true, null, "
+    '"s", [..]) or a JSON object {"method": ..., "params": {...}}; repeat for several steps'
+)
 
 
 # -- step parsing ------------------------------------------------------------------------------
@@ -122,9 +124,9 @@ def parse_step(spec: str) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"--step {spec!r}: not valid JSON ({e})") from None
         if not isinstance(step, dict) or not isinstance(step.get("method"), str):
-            raise ValueError(f"--step {spec!r}: a JSON step is {{\"method\": ..., \"params\": {{...}}}}")
+            raise ValueError(f'--step {spec!r}: a JSON step is {{"method": ..., "params": {{...}}}}')
         if not isinstance(step.get("params", {}), dict) or set(step) - {"method", "params"}:
-            raise ValueError(f"--step {spec!r}: a JSON step has only \"method\" and \"params\" (an object)")
+            raise ValueError(f'--step {spec!r}: a JSON step has only "method" and "params" (an object)')
         return {"method": step["method"], "params": step.get("params") or {}}
     method, _, rest = spec.partition(":")
     method = method.strip()
@@ -220,8 +222,15 @@ def _transfer_progress():  # noqa: ANN202
         TransferSpeedColumn,
     )
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                    TimeRemainingColumn(), console=_err(), transient=False)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=_err(),
+        transient=False,
+    )
 
 
 def _job_table(job: Any) -> Any:
@@ -252,19 +261,26 @@ def _job_table(job: Any) -> Any:
     if job.error:
         t.add_row("error", f"[red]{job.error.code}[/]: {job.error.message}")
     if job.artifact:
-        t.add_row("artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}, sha256 {job.artifact.sha256}")
+        t.add_row(
+            "artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}, sha256 {job.artifact.sha256}"
+        )
     size = (job.metrics or {}).get("size") or {}
     if size.get("compression_ratio"):
-        t.add_row("size", f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
-                  f"({size['compression_ratio']:.3g}× smaller)")
+        t.add_row(
+            "size",
+            f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
+            f"({size['compression_ratio']:.3g}× smaller)",
+        )
     if job.plan:
         t.add_row("plan", _plan_line(job.plan))
     return t
 
 
 def _plan_line(plan: Any) -> str:
-    return (f"{plan.path} path: peak memory {_size(plan.peak_memory_bytes)}, scratch {_size(plan.scratch_bytes)}, "
-            f"artifact {_size(plan.artifact_bytes)}, ~{plan.seconds:,.0f} s")
+    return (
+        f"{plan.path} path: peak memory {_size(plan.peak_memory_bytes)}, scratch {_size(plan.scratch_bytes)}, "
+        f"artifact {_size(plan.artifact_bytes)}, ~{plan.seconds:,.0f} s"
+    )
 
 
 def _estimate_table(est: Any) -> Any:
@@ -274,20 +290,29 @@ def _estimate_table(est: Any) -> Any:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("path", est.path + (" (tensor by tensor)" if est.path == "stream" else " (the model loaded whole)"))
-    t.add_row("peak memory", f"{_size(est.peak_memory_bytes)} (baseline {_size(est.baseline_bytes)} + "
-              f"{est.memory_factor:g}× {'largest tensor' if est.path == 'stream' else 'model'})")
+    t.add_row(
+        "peak memory",
+        f"{_size(est.peak_memory_bytes)} (baseline {_size(est.baseline_bytes)} + "
+        f"{est.memory_factor:g}× {'largest tensor' if est.path == 'stream' else 'model'})",
+    )
     t.add_row("scratch disk", _size(est.scratch_bytes))
     t.add_row("artifact", _size(est.artifact_bytes))
     t.add_row("seconds", f"~{est.seconds:,.1f}" + ("" if est.throughput_measured else " (default throughput)"))
-    t.add_row("model", f"{_size(est.model_bytes)}, {est.parameters:,} parameters, largest tensor "
-              f"{_size(est.largest_tensor_bytes)} (float32)")
+    t.add_row(
+        "model",
+        f"{_size(est.model_bytes)}, {est.parameters:,} parameters, largest tensor "
+        f"{_size(est.largest_tensor_bytes)} (float32)",
+    )
     if est.fleet is None:
         t.add_row("workers", "no live worker published a budget: a submit is accepted and the worker decides")
     else:
         f = est.fleet
         verdict = "[green]fits[/]" if f.fits else "[red]exceeds every worker's budget (a submit is refused)[/]"
-        t.add_row("workers", f"{verdict}: largest {f.queue} budget {_size(f.memory_bytes)} memory, "
-                  f"{_size(f.scratch_bytes)} scratch ({f.workers} live)")
+        t.add_row(
+            "workers",
+            f"{verdict}: largest {f.queue} budget {_size(f.memory_bytes)} memory, "
+            f"{_size(f.scratch_bytes)} scratch ({f.workers} live)",
+        )
     for note in est.notes:
         t.add_row("note", note)
     return t
@@ -297,8 +322,9 @@ def _report_table(rep: Any) -> Any:
     """Original against compressed, one row per measured quantity (docs/REPORTS.md)."""
     from rich.table import Table
 
-    t = Table(title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""),
-              title_justify="left")
+    t = Table(
+        title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""), title_justify="left"
+    )
     t.add_column("section", style="bold")
     t.add_column("metric")
     t.add_column("original", justify="right")
@@ -306,15 +332,27 @@ def _report_table(rep: Any) -> Any:
     t.add_column("change", max_width=60)
     size = rep.size or {}
     ratio = size.get("compression_ratio")
-    t.add_row("size", "artifact bytes", _size(size.get("original_bytes")), _size(size.get("artifact_bytes")),
-              f"{ratio:.3g}× smaller" if isinstance(ratio, (int, float)) else "")
+    t.add_row(
+        "size",
+        "artifact bytes",
+        _size(size.get("original_bytes")),
+        _size(size.get("artifact_bytes")),
+        f"{ratio:.3g}× smaller" if isinstance(ratio, (int, float)) else "",
+    )
     if size.get("original_weight_bytes") is not None:
         wr = size.get("weight_bytes_ratio")
-        t.add_row("", "weight bytes", _size(size.get("original_weight_bytes")), _size(size.get("artifact_weight_bytes")),
-                  f"{wr:.3g}×" if isinstance(wr, (int, float)) else "")
+        t.add_row(
+            "",
+            "weight bytes",
+            _size(size.get("original_weight_bytes")),
+            _size(size.get("artifact_weight_bytes")),
+            f"{wr:.3g}×" if isinstance(wr, (int, float)) else "",
+        )
     params = size.get("parameters") or {}
     if params:
-        t.add_row("", "parameters (nonzero)", _num(params.get("original"), "{:,}"), _num(params.get("nonzero"), "{:,}"), "")
+        t.add_row(
+            "", "parameters (nonzero)", _num(params.get("original"), "{:,}"), _num(params.get("nonzero"), "{:,}"), ""
+        )
     if size.get("mean_bits_per_weight") is not None:
         t.add_row("", "bits per weight", "", _num(size.get("mean_bits_per_weight")), "")
     sp = rep.sparsity or {}
@@ -329,7 +367,9 @@ def _report_table(rep: Any) -> Any:
     return t
 
 
-def _available_rows(t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple]]) -> None:
+def _available_rows(
+    t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple]]
+) -> None:
     if not data:
         t.add_row(section, "—", "", "", "not measured")
     elif not data.get("available", True):
@@ -352,15 +392,23 @@ def _quality_rows(q: dict[str, Any]) -> list[tuple]:
     delta = q.get("delta")
     better = q.get("higher_is_better")
     hint = "" if better is None else (" (higher is better)" if better else " (lower is better)")
-    return [(q.get("metric") or "quality", _num(q.get("original"), "{:.6g}"), _num(q.get("compressed"), "{:.6g}"),
-             (f"{delta:+.4g}" if isinstance(delta, (int, float)) else "") + hint)]
+    return [
+        (
+            q.get("metric") or "quality",
+            _num(q.get("original"), "{:.6g}"),
+            _num(q.get("compressed"), "{:.6g}"),
+            (f"{delta:+.4g}" if isinstance(delta, (int, float)) else "") + hint,
+        )
+    ]
 
 
 def _fidelity_rows(f: dict[str, Any]) -> list[tuple]:
     on = f.get("on") or "outputs"
-    return [(f"KL divergence ({on})", "0", _num(f.get("kl_mean")), ""),
-            ("top-1 agreement", "1", _num(f.get("top1_agreement")), ""),
-            ("output cosine", "1", _num(f.get("output_cosine")), "")]
+    return [
+        (f"KL divergence ({on})", "0", _num(f.get("kl_mean")), ""),
+        ("top-1 agreement", "1", _num(f.get("top1_agreement")), ""),
+        ("output cosine", "1", _num(f.get("output_cosine")), ""),
+    ]
 
 
 # -- commands ------------------------------------------------------------------------------------
@@ -380,10 +428,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
             return EXIT_OK
         with _transfer_progress() as bar:
             task = bar.add_task(f"upload {args.path}", total=None)
-            model = mp.upload_model(args.path, name=args.name,
-                                    on_progress=lambda sent, total: bar.update(task, completed=sent, total=total))
-    _out().print(f"model [bold]{model.id}[/] uploaded: {model.name}, {model.format}, "
-                 f"{model.architecture or 'no architecture'}, {model.parameters:,} parameters, {_size(model.size_bytes)}")
+            model = mp.upload_model(
+                args.path, name=args.name, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+            )
+    _out().print(
+        f"model [bold]{model.id}[/] uploaded: {model.name}, {model.format}, "
+        f"{model.architecture or 'no architecture'}, {model.parameters:,} parameters, {_size(model.size_bytes)}"
+    )
     return EXIT_OK
 
 
@@ -394,8 +445,9 @@ def cmd_upload_dataset(args: argparse.Namespace) -> int:
             return EXIT_OK
         with _transfer_progress() as bar:
             task = bar.add_task(f"upload {args.path}", total=None)
-            ds = mp.create_dataset(args.path, name=args.name,
-                                   on_progress=lambda sent, total: bar.update(task, completed=sent, total=total))
+            ds = mp.create_dataset(
+                args.path, name=args.name, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
+            )
     labels = f", labels {ds.labels}" if ds.labeled else ""
     _out().print(f"dataset [bold]{ds.id}[/] uploaded: {ds.name}, {ds.format}, {ds.samples:,} samples{labels}")
     return EXIT_OK
@@ -410,21 +462,31 @@ def _wait(mp: Any, args: argparse.Namespace, job_id: str) -> int:
         else:
             from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-            with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                          console=_err()) as live:
+            with Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=_err()
+            ) as live:
                 task = live.add_task(f"job {job_id}", total=1.0)
-                job = mp.wait(job_id, timeout=args.timeout, poll_interval=args.poll,
-                              on_progress=lambda j: live.update(task, completed=j.progress.fraction,
-                                                                description=_stage_line(j)))
+                job = mp.wait(
+                    job_id,
+                    timeout=args.timeout,
+                    poll_interval=args.poll,
+                    on_progress=lambda j: live.update(task, completed=j.progress.fraction, description=_stage_line(j)),
+                )
     except WaitTimeout as e:
         _report_job(args, e.job)
-        print(f"Error: timed out: job {e.job.id} is still {e.job.status} after {args.timeout} s "
-              f"(it goes on; `modelpress wait {e.job.id}`)", file=sys.stderr)
+        print(
+            f"Error: timed out: job {e.job.id} is still {e.job.status} after {args.timeout} s "
+            f"(it goes on; `modelpress wait {e.job.id}`)",
+            file=sys.stderr,
+        )
         return EXIT_TIMEOUT
     except JobError as e:
         _report_job(args, e.job)
         err = e.job.error
-        print(f"Error: job {e.job.status}: " + (f"{err.code}: {err.message}" if err else f"job {e.job.id}"), file=sys.stderr)
+        print(
+            f"Error: job {e.job.status}: " + (f"{err.code}: {err.message}" if err else f"job {e.job.id}"),
+            file=sys.stderr,
+        )
         return EXIT_JOB_FAILED
     _report_job(args, job)
     return EXIT_OK
@@ -451,8 +513,13 @@ def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
 def cmd_estimate(args: argparse.Namespace) -> int:
     steps = [parse_step(s) for s in args.step]
     with _client(args) as mp:
-        est = mp.estimate(args.model_id, steps, dataset_id=args.dataset, eval_dataset_id=args.eval_dataset,
-                          evaluation=_evaluation(args))
+        est = mp.estimate(
+            args.model_id,
+            steps,
+            dataset_id=args.dataset,
+            eval_dataset_id=args.eval_dataset,
+            evaluation=_evaluation(args),
+        )
     if args.json:
         _print_json(est)
     else:
@@ -464,8 +531,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     steps = [parse_step(s) for s in args.step]
     evaluation = _evaluation(args)
     with _client(args) as mp:
-        job = mp.submit(args.model_id, steps, name=args.name, dataset_id=args.dataset,
-                        eval_dataset_id=args.eval_dataset, evaluation=evaluation)
+        job = mp.submit(
+            args.model_id,
+            steps,
+            name=args.name,
+            dataset_id=args.dataset,
+            eval_dataset_id=args.eval_dataset,
+            evaluation=evaluation,
+        )
         if args.wait:
             if not args.json:
                 _err().print(f"job [bold]{job.id}[/] submitted ({job.queue} queue)")
@@ -473,8 +546,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(job)
     else:
-        _out().print(f"job [bold]{job.id}[/] {job.status} ({job.queue} queue): {_steps_text(job.steps)}\n"
-                     f"follow it: modelpress status {job.id}   or: modelpress wait {job.id}")
+        _out().print(
+            f"job [bold]{job.id}[/] {job.status} ({job.queue} queue): {_steps_text(job.steps)}\n"
+            f"follow it: modelpress status {job.id}   or: modelpress wait {job.id}"
+        )
     return EXIT_OK
 
 
@@ -490,9 +565,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     for col in ("id", "name", "status", "progress", "steps", "created", "artifact"):
         t.add_column(col, no_wrap=col in ("id", "created"))
     for j in jobs:
-        t.add_row(j.id, j.name or "", j.status, f"{j.progress.stage or ''} {j.progress.fraction * 100:.0f}%",
-                  _steps_text(j.steps), j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-                  _size(j.artifact.size_bytes) if j.artifact else "")
+        t.add_row(
+            j.id,
+            j.name or "",
+            j.status,
+            f"{j.progress.stage or ''} {j.progress.fraction * 100:.0f}%",
+            _steps_text(j.steps),
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _size(j.artifact.size_bytes) if j.artifact else "",
+        )
     out = _out()
     out.print(t)
     if not jobs:
@@ -529,7 +610,9 @@ def cmd_download(args: argparse.Namespace) -> int:
             return EXIT_OK
         with _transfer_progress() as bar:
             task = bar.add_task(f"download {args.job[:8]}", total=None)
-            got = mp.download(args.job, dest, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+            got = mp.download(
+                args.job, dest, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
+            )
     resumed = f", resumed at {_size(got.resumed_from)}" if got.resumed_from else ""
     _out().print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} verified{resumed})")
     return EXIT_OK
@@ -586,8 +669,14 @@ def print_keys(keys: list[Any], as_json: bool) -> None:
     for col in ("id", "prefix", "tenant", "scopes", "created", "revoked"):
         t.add_column(col, no_wrap=col in ("id", "prefix", "created", "revoked"))
     for k in rows:
-        t.add_row(k["id"], k["prefix"], k["tenant"], ",".join(k.get("scopes") or []) or "-",
-                  str(k["created_at"])[:19].replace("T", " "), str(k["revoked_at"] or "")[:19].replace("T", " "))
+        t.add_row(
+            k["id"],
+            k["prefix"],
+            k["tenant"],
+            ",".join(k.get("scopes") or []) or "-",
+            str(k["created_at"])[:19].replace("T", " "),
+            str(k["revoked_at"] or "")[:19].replace("T", " "),
+        )
     out = _out()
     out.print(t)
     if not rows:
@@ -653,12 +742,20 @@ def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> in
         for err in e.errors or []:
             loc = ".".join(str(p) for p in err.get("loc", []))
             lines.append(f"  {loc}: {err.get('msg', '')}")
-        return _fail(args, EXIT_API, "\n".join(lines), {"status": e.status, "code": e.code, "title": e.title,
-                                                        "detail": e.detail, "errors": e.errors})
+        return _fail(
+            args,
+            EXIT_API,
+            "\n".join(lines),
+            {"status": e.status, "code": e.code, "title": e.title, "detail": e.detail, "errors": e.errors},
+        )
     except TransportError as e:
-        return _fail(args, EXIT_TRANSPORT, f"Error: transport error: {e}", {"code": "transport_error", "detail": str(e)})
+        return _fail(
+            args, EXIT_TRANSPORT, f"Error: transport error: {e}", {"code": "transport_error", "detail": str(e)}
+        )
     except ChecksumMismatch as e:
-        return _fail(args, EXIT_TRANSPORT, f"Error: checksum mismatch: {e}", {"code": "checksum_mismatch", "detail": str(e)})
+        return _fail(
+            args, EXIT_TRANSPORT, f"Error: checksum mismatch: {e}", {"code": "checksum_mismatch", "detail": str(e)}
+        )
     except (ValueError, OSError) as e:
         return _fail(args, EXIT_USAGE, f"Error: {e}", {"code": "usage", "detail": str(e)})
     except KeyboardInterrupt:
@@ -689,7 +786,9 @@ def _common() -> argparse.ArgumentParser:
 
 
 def _wait_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=None, help="give up waiting after S seconds (exit 5; the job goes on)")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="give up waiting after S seconds (exit 5; the job goes on)"
+    )
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
 
 
@@ -705,45 +804,70 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
         p.set_defaults(fn=_command(fn))
         return p
 
-    p = add("upload", cmd_upload, "upload a model: a Hugging Face directory or one .safetensors file",
-            "Sends every regular file directly in the directory (hidden files and subdirectories are skipped).\n"
-            "example: modelpress upload gpt2/ --name tiny-gpt2")
+    p = add(
+        "upload",
+        cmd_upload,
+        "upload a model: a Hugging Face directory or one .safetensors file",
+        "Sends every regular file directly in the directory (hidden files and subdirectories are skipped).\n"
+        "example: modelpress upload gpt2/ --name tiny-gpt2",
+    )
     p.add_argument("path", help="model directory or .safetensors file")
     p.add_argument("--name", help="model name (default: the server's)")
 
-    p = add("upload-dataset", cmd_upload_dataset, "upload a dataset: .txt (a sample a line) or .jsonl ({\"text\", \"label\"?})",
-            "example: modelpress upload-dataset calib.txt   (then: compress ... --dataset ID)")
+    p = add(
+        "upload-dataset",
+        cmd_upload_dataset,
+        'upload a dataset: .txt (a sample a line) or .jsonl ({"text", "label"?})',
+        "example: modelpress upload-dataset calib.txt   (then: compress ... --dataset ID)",
+    )
     p.add_argument("path", help=".txt or .jsonl file")
     p.add_argument("--name", help="dataset name")
 
-    p = add("compress", cmd_compress, "submit a compression job (steps run in order)",
-            "examples:\n"
-            "  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.weight_only:bits=8 --wait\n"
-            "  modelpress compress MODEL_ID --step 'prune.wanda:mask=\"2:4\",ignore=[\"lm_head\"]' --dataset DATASET_ID\n"
-            "  modelpress compress MODEL_ID --step '{\"method\": \"quantize.cast\", \"params\": {\"dtype\": \"bfloat16\"}}'\n"
-            "methods and their parameters: GET /v1/methods\n"
-            "exit codes with --wait: 0 succeeded, 1 failed or canceled, 5 --timeout ran out")
+    p = add(
+        "compress",
+        cmd_compress,
+        "submit a compression job (steps run in order)",
+        "examples:\n"
+        "  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.weight_only:bits=8 --wait\n"
+        '  modelpress compress MODEL_ID --step \'prune.wanda:mask="2:4",ignore=["lm_head"]\' --dataset DATASET_ID\n'
+        '  modelpress compress MODEL_ID --step \'{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}\'\n'
+        "methods and their parameters: GET /v1/methods\n"
+        "exit codes with --wait: 0 succeeded, 1 failed or canceled, 5 --timeout ran out",
+    )
     p.add_argument("model_id", metavar="MODEL_ID")
     p.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
     p.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     p.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     p.add_argument("--name", help="job name")
-    p.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"runs\": 3, \"max_samples\": 8}'")
-    p.add_argument("--no-eval", action="store_true", help="report sizes and sparsity only (no speed, quality, fidelity)")
+    p.add_argument(
+        "--evaluation", metavar="JSON", help='how the report measures, e.g. \'{"runs": 3, "max_samples": 8}\''
+    )
+    p.add_argument(
+        "--no-eval", action="store_true", help="report sizes and sparsity only (no speed, quality, fidelity)"
+    )
     p.add_argument("--wait", action="store_true", help="wait for the job, showing its stage and progress live")
     _wait_flags(p)
 
-    p = add("jobs", cmd_jobs, "list jobs, newest first; `jobs estimate` plans a job without running it",
-            "examples:\n  modelpress jobs --status running --limit 50\n"
-            "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval")
+    p = add(
+        "jobs",
+        cmd_jobs,
+        "list jobs, newest first; `jobs estimate` plans a job without running it",
+        "examples:\n  modelpress jobs --status running --limit 50\n"
+        "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval",
+    )
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
     p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
     jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{estimate}")
     help_ = "a job's plan without running it: peak memory, scratch disk, artifact bytes, seconds"
     e = jobs_sub.add_parser(
-        "estimate", parents=common, help=help_, description=help_, formatter_class=raw,
+        "estimate",
+        parents=common,
+        help=help_,
+        description=help_,
+        formatter_class=raw,
         epilog="Takes the arguments of `compress` (POST /v1/jobs/estimate takes the body of POST /v1/jobs).\n"
-               "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json")
+        "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json",
+    )
     e.set_defaults(fn=_command(cmd_estimate))
     e.add_argument("model_id", metavar="MODEL_ID")
     e.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
@@ -755,25 +879,46 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     p = add("status", cmd_status, "show one job", "example: modelpress status JOB --json")
     p.add_argument("job", metavar="JOB")
 
-    p = add("wait", cmd_wait, "wait for a job to finish, showing its stage and progress live",
-            "exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out")
+    p = add(
+        "wait",
+        cmd_wait,
+        "wait for a job to finish, showing its stage and progress live",
+        "exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out",
+    )
     p.add_argument("job", metavar="JOB")
     _wait_flags(p)
 
-    p = add("cancel", cmd_cancel, "cancel a job (a running one stops at its next step)",
-            "A finished job cannot be canceled: exit 3 with 'Error: Conflict: ...'.")
+    p = add(
+        "cancel",
+        cmd_cancel,
+        "cancel a job (a running one stops at its next step)",
+        "A finished job cannot be canceled: exit 3 with 'Error: Conflict: ...'.",
+    )
     p.add_argument("job", metavar="JOB")
 
-    p = add("download", cmd_download, "download a succeeded job's artifact (resumable, sha256-verified)",
-            "Writes DEST.part first and renames it once its sha256 matches; run again to resume a broken download.\n"
-            "example: modelpress download JOB -o out/   (out/model.zip, or out/model.safetensors)")
+    p = add(
+        "download",
+        cmd_download,
+        "download a succeeded job's artifact (resumable, sha256-verified)",
+        "Writes DEST.part first and renames it once its sha256 matches; run again to resume a broken download.\n"
+        "example: modelpress download JOB -o out/   (out/model.zip, or out/model.safetensors)",
+    )
     p.add_argument("job", metavar="JOB")
-    p.add_argument("-o", "--output", default=".", metavar="DEST",
-                   help="a folder (default: the current one; created if missing), or a file path with a suffix")
+    p.add_argument(
+        "-o",
+        "--output",
+        default=".",
+        metavar="DEST",
+        help="a folder (default: the current one; created if missing), or a file path with a suffix",
+    )
 
-    p = add("report", cmd_report, "show what a job changed: size, sparsity, speed, quality, fidelity",
-            "--open asks for a signed link to the HTML report (no API key needed), prints it and opens it in a browser.\n"
-            "example: modelpress report JOB --open")
+    p = add(
+        "report",
+        cmd_report,
+        "show what a job changed: size, sparsity, speed, quality, fidelity",
+        "--open asks for a signed link to the HTML report (no API key needed), prints it and opens it in a browser.\n"
+        "example: modelpress report JOB --open",
+    )
     p.add_argument("job", metavar="JOB")
     p.add_argument("--open", action="store_true", help="open the HTML report in a browser (prints the signed URL)")
     p.add_argument("--ttl", type=int, default=None, metavar="S", help="with --open: seconds the link stays valid")

@@ -204,7 +204,7 @@ def upload_files(path: str | os.PathLike[str]) -> list[Path]:
 class _Reader:
     """A file that reports how far httpx has read it (httpx seeks to 0 before each attempt)."""
 
-    def __init__(self, f: Any, upload: "_Upload") -> None:
+    def __init__(self, f: Any, upload: _Upload) -> None:
         self._f, self._upload, self.pos = f, upload, 0
 
     def read(self, n: int = -1) -> bytes:
@@ -297,14 +297,19 @@ class _DownloadState:
     on_progress: ProgressFn | None = None
 
     @classmethod
-    def plan(cls, job: Job, dest: str | os.PathLike[str], on_progress: ProgressFn | None) -> "_DownloadState":
+    def plan(cls, job: Job, dest: str | os.PathLike[str], on_progress: ProgressFn | None) -> _DownloadState:
         assert job.artifact is not None
         target = Path(dest)
         if target.is_dir():
             target = target / _safe_filename(job.artifact.filename)
         target.parent.mkdir(parents=True, exist_ok=True)
-        st = cls(target, target.with_name(target.name + ".part"), job.artifact.sha256, job.artifact.size_bytes,
-                 on_progress=on_progress)
+        st = cls(
+            target,
+            target.with_name(target.name + ".part"),
+            job.artifact.sha256,
+            job.artifact.size_bytes,
+            on_progress=on_progress,
+        )
         if st.part.exists():
             size = st.part.stat().st_size
             if 0 < size <= st.total:
@@ -352,7 +357,10 @@ class _DownloadState:
             self.part.unlink(missing_ok=True)
             raise ChecksumMismatch(
                 f"{self.target.name}: sha256 {actual} does not match the artifact's {self.expected}; "
-                f"the partial file was deleted, download again", self.expected, actual)
+                f"the partial file was deleted, download again",
+                self.expected,
+                actual,
+            )
         os.replace(self.part, self.target)
         return Download(path=self.target, size_bytes=self.offset, sha256=actual, resumed_from=self.resumed_from)
 
@@ -391,8 +399,14 @@ class _BaseClient:
         d = min(self.backoff_max, self.backoff_base * (2**attempt))
         return random.uniform(d / 2, d)
 
-    def _retry_delay(self, attempt: int, *, response: httpx.Response | None = None,
-                     error: Exception | None = None, resendable: bool = False) -> float | None:
+    def _retry_delay(
+        self,
+        attempt: int,
+        *,
+        response: httpx.Response | None = None,
+        error: Exception | None = None,
+        resendable: bool = False,
+    ) -> float | None:
         """Seconds to wait before attempt ``attempt + 1``, or None: do not retry."""
         if attempt >= self.max_retries:
             return None
@@ -427,45 +441,98 @@ class _BaseClient:
     def _idem(key: str | None) -> dict[str, str]:
         return {"Idempotency-Key": key or str(uuid.uuid4())}
 
-    def _upload_model_call(self, path_or_dir: str | os.PathLike[str], name: str | None,
-                           on_progress: ProgressFn | None, idempotency_key: str | None) -> _Call:
+    def _upload_model_call(
+        self,
+        path_or_dir: str | os.PathLike[str],
+        name: str | None,
+        on_progress: ProgressFn | None,
+        idempotency_key: str | None,
+    ) -> _Call:
         up = _Upload("files", upload_files(path_or_dir), on_progress)
-        return _Call("POST", "/v1/models", _json_of(Model), data=_drop_none({"name": name}) or None, upload=up,
-                     headers=self._idem(idempotency_key))
+        return _Call(
+            "POST",
+            "/v1/models",
+            _json_of(Model),
+            data=_drop_none({"name": name}) or None,
+            upload=up,
+            headers=self._idem(idempotency_key),
+        )
 
-    def _create_dataset_call(self, path: str | os.PathLike[str], name: str | None,
-                             on_progress: ProgressFn | None, idempotency_key: str | None) -> _Call:
+    def _create_dataset_call(
+        self,
+        path: str | os.PathLike[str],
+        name: str | None,
+        on_progress: ProgressFn | None,
+        idempotency_key: str | None,
+    ) -> _Call:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file")
         up = _Upload("file", [p], on_progress)
-        return _Call("POST", "/v1/datasets", _json_of(Dataset), data=_drop_none({"name": name}) or None, upload=up,
-                     headers=self._idem(idempotency_key))
+        return _Call(
+            "POST",
+            "/v1/datasets",
+            _json_of(Dataset),
+            data=_drop_none({"name": name}) or None,
+            upload=up,
+            headers=self._idem(idempotency_key),
+        )
 
-    def _spec(self, model_id: Any, steps: Iterable[StepLike], name: str | None, dataset_id: Any,
-              eval_dataset_id: Any, evaluation: Mapping[str, Any] | None) -> dict[str, Any]:
-        return _drop_none({
-            "model_id": _id(model_id),
-            "steps": normalize_steps(steps),
-            "name": name,
-            "dataset_id": _id(dataset_id) if dataset_id is not None else None,
-            "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
-            "evaluation": dict(evaluation) if evaluation is not None else None,
-        })
+    def _spec(
+        self,
+        model_id: Any,
+        steps: Iterable[StepLike],
+        name: str | None,
+        dataset_id: Any,
+        eval_dataset_id: Any,
+        evaluation: Mapping[str, Any] | None,
+    ) -> dict[str, Any]:
+        return _drop_none(
+            {
+                "model_id": _id(model_id),
+                "steps": normalize_steps(steps),
+                "name": name,
+                "dataset_id": _id(dataset_id) if dataset_id is not None else None,
+                "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
+                "evaluation": dict(evaluation) if evaluation is not None else None,
+            }
+        )
 
-    def _submit_call(self, model_id: Any, steps: Iterable[StepLike], name: str | None, dataset_id: Any,
-                     eval_dataset_id: Any, evaluation: Mapping[str, Any] | None, idempotency_key: str | None) -> _Call:
+    def _submit_call(
+        self,
+        model_id: Any,
+        steps: Iterable[StepLike],
+        name: str | None,
+        dataset_id: Any,
+        eval_dataset_id: Any,
+        evaluation: Mapping[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> _Call:
         body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
         return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
 
-    def _estimate_call(self, model_id: Any, steps: Iterable[StepLike], dataset_id: Any, eval_dataset_id: Any,
-                       evaluation: Mapping[str, Any] | None) -> _Call:
+    def _estimate_call(
+        self,
+        model_id: Any,
+        steps: Iterable[StepLike],
+        dataset_id: Any,
+        eval_dataset_id: Any,
+        evaluation: Mapping[str, Any] | None,
+    ) -> _Call:
         body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation)
         return _Call("POST", "/v1/jobs/estimate", _json_of(Estimate), json=body, safe=True)
 
-    def _sweep_call(self, model_id: Any, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]],
-                    name: str | None, dataset_id: Any, eval_dataset_id: Any,
-                    evaluation: Mapping[str, Any] | None, idempotency_key: str | None) -> _Call:
+    def _sweep_call(
+        self,
+        model_id: Any,
+        steps: Iterable[StepLike],
+        vary: Mapping[str, Iterable[Any]],
+        name: str | None,
+        dataset_id: Any,
+        eval_dataset_id: Any,
+        evaluation: Mapping[str, Any] | None,
+        idempotency_key: str | None,
+    ) -> _Call:
         body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
         body["vary"] = {str(k): list(v) for k, v in vary.items()}
         return _Call("POST", "/v1/sweeps", _json_of(Sweep), json=body, headers=self._idem(idempotency_key))
@@ -499,7 +566,9 @@ class _BaseClient:
     def _create_key_call(tenant: str, admin: bool) -> _Call:
         # No Idempotency-Key and no resend after it may have arrived: the server does not keep a
         # key's secret to answer a repeat with, and a lost answer's key is simply never used.
-        return _Call("POST", "/v1/keys", _json_of(CreatedApiKey), json={"tenant": tenant, "scopes": ["admin"] if admin else []})
+        return _Call(
+            "POST", "/v1/keys", _json_of(CreatedApiKey), json={"tenant": tenant, "scopes": ["admin"] if admin else []}
+        )
 
     @staticmethod
     def _revoke_key_call(key: Any) -> _Call:
@@ -549,12 +618,24 @@ class Client(_BaseClient):
         transport: httpx.BaseTransport | None = None,
         event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff_base=backoff_base, backoff_max=backoff_max, headers=headers)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, timeout=timeout,
-                                  transport=transport, event_hooks=dict(event_hooks or {}))
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            headers=headers,
+        )
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=timeout,
+            transport=transport,
+            event_hooks=dict(event_hooks or {}),
+        )
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -569,8 +650,15 @@ class Client(_BaseClient):
             attempt = 0
             while True:
                 try:
-                    resp = self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                              data=call.data, files=files, headers=call.headers)
+                    resp = self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        json=call.json,
+                        data=call.data,
+                        files=files,
+                        headers=call.headers,
+                    )
                 except httpx.TransportError as e:
                     delay = self._retry_delay(attempt, error=e, resendable=call.resendable)
                     if delay is None:
@@ -586,13 +674,25 @@ class Client(_BaseClient):
 
     # -- models and datasets ---------------------------------------------------------------------
 
-    def upload_model(self, path_or_dir: str | os.PathLike[str], *, name: str | None = None,
-                     on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Model:
+    def upload_model(
+        self,
+        path_or_dir: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        on_progress: ProgressFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> Model:
         """Upload a Hugging Face model directory or one ``.safetensors`` file (streamed)."""
         return self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
 
-    def create_dataset(self, path: str | os.PathLike[str], *, name: str | None = None,
-                       on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Dataset:
+    def create_dataset(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        on_progress: ProgressFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> Dataset:
         """Upload a ``.txt`` (a sample a line) or ``.jsonl`` (``{"text", "label"?}``) dataset."""
         return self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
 
@@ -617,15 +717,31 @@ class Client(_BaseClient):
 
     # -- jobs ------------------------------------------------------------------------------------
 
-    def submit(self, model_id: str | Model, steps: Iterable[StepLike], *, name: str | None = None,
-               dataset_id: str | Dataset | None = None, eval_dataset_id: str | Dataset | None = None,
-               evaluation: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
+    def submit(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        *,
+        name: str | None = None,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
         """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples."""
-        return self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
-                                            idempotency_key))
+        return self._send(
+            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+        )
 
-    def estimate(self, model_id: str | Model, steps: Iterable[StepLike], *, dataset_id: str | Dataset | None = None,
-                 eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None) -> Estimate:
+    def estimate(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        *,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+    ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``): peak memory,
         scratch disk, artifact bytes, seconds, and whether a live worker's budget fits it."""
         return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
@@ -641,8 +757,14 @@ class Client(_BaseClient):
         """Cancel a job (a running one stops at its next step); ``Conflict`` if it has finished."""
         return self._send(_Call("POST", f"/v1/jobs/{_id(job_id)}/cancel", _json_of(Job)))
 
-    def wait(self, job_id: str | Job, *, timeout: float | None = None, poll_interval: float = 1.0,
-             on_progress: Callable[[Job], Any] | None = None) -> Job:
+    def wait(
+        self,
+        job_id: str | Job,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        on_progress: Callable[[Job], Any] | None = None,
+    ) -> Job:
         """Poll until the job finishes: the succeeded job, or ``JobFailed`` / ``JobCanceled``
         (``WaitTimeout`` after ``timeout`` seconds). ``on_progress(job)`` sees every change."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -659,8 +781,9 @@ class Client(_BaseClient):
                 raise WaitTimeout(f"job {job.id} is still {job.status} after {timeout} s", job)
             time.sleep(poll_interval if left is None else min(poll_interval, left))
 
-    def download(self, job_id: str | Job, dest: str | os.PathLike[str], *,
-                 on_progress: ProgressFn | None = None) -> Download:
+    def download(
+        self, job_id: str | Job, dest: str | os.PathLike[str], *, on_progress: ProgressFn | None = None
+    ) -> Download:
         """Download a succeeded job's artifact to ``dest`` (a file, or a directory: the artifact's
         file name), resuming ``<dest>.part``, verified against its sha256."""
         jid = _id(job_id)
@@ -709,13 +832,22 @@ class Client(_BaseClient):
 
     # -- sweeps ----------------------------------------------------------------------------------
 
-    def sweep(self, model_id: str | Model, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]], *,
-              name: str | None = None, dataset_id: str | Dataset | None = None,
-              eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None,
-              idempotency_key: str | None = None) -> Sweep:
+    def sweep(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        vary: Mapping[str, Iterable[Any]],
+        *,
+        name: str | None = None,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Sweep:
         """One job per combination of ``vary`` (``{"steps[0].params.sparsity": [0.3, 0.5]}``)."""
-        return self._send(self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation,
-                                           idempotency_key))
+        return self._send(
+            self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+        )
 
     def get_sweep(self, sweep_id: str | Sweep) -> Sweep:
         return self._send(self._get(f"/v1/sweeps/{_id(sweep_id)}", _json_of(Sweep)))
@@ -728,8 +860,9 @@ class Client(_BaseClient):
 
     # -- API keys --------------------------------------------------------------------------------
 
-    def keys(self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None,
-             page_size: int = 50) -> Iterator[ApiKey]:
+    def keys(
+        self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None, page_size: int = 50
+    ) -> Iterator[ApiKey]:
         """API keys, newest first: the caller's tenant's; with an admin key, ``tenant``'s or every
         tenant's (``all_tenants``). Never a secret."""
         return self._paginate("/v1/keys", ApiKey, self._keys_params(tenant, all_tenants), limit, page_size)
@@ -751,8 +884,9 @@ class Client(_BaseClient):
     def workers(self) -> list[Worker]:
         return self._send(self._get("/v1/workers", _list_of(Worker)))
 
-    def _paginate(self, path: str, item: type[R], params: dict[str, Any], limit: int | None,
-                  page_size: int) -> Iterator[R]:
+    def _paginate(
+        self, path: str, item: type[R], params: dict[str, Any], limit: int | None, page_size: int
+    ) -> Iterator[R]:
         cursor, n = None, 0
         while True:
             size = page_size if limit is None else max(1, min(page_size, limit - n))
@@ -788,12 +922,24 @@ class AsyncClient(_BaseClient):
         transport: httpx.AsyncBaseTransport | None = None,
         event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
-        super().__init__(base_url, api_key, timeout=timeout, max_retries=max_retries,
-                         backoff_base=backoff_base, backoff_max=backoff_max, headers=headers)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, timeout=timeout,
-                                       transport=transport, event_hooks=dict(event_hooks or {}))
+        super().__init__(
+            base_url,
+            api_key,
+            timeout=timeout,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
+            headers=headers,
+        )
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=self._headers,
+            timeout=timeout,
+            transport=transport,
+            event_hooks=dict(event_hooks or {}),
+        )
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -808,8 +954,15 @@ class AsyncClient(_BaseClient):
             attempt = 0
             while True:
                 try:
-                    resp = await self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                                    data=call.data, files=files, headers=call.headers)
+                    resp = await self._http.request(
+                        call.method,
+                        call.path,
+                        params=call.params,
+                        json=call.json,
+                        data=call.data,
+                        files=files,
+                        headers=call.headers,
+                    )
                 except httpx.TransportError as e:
                     delay = self._retry_delay(attempt, error=e, resendable=call.resendable)
                     if delay is None:
@@ -823,12 +976,24 @@ class AsyncClient(_BaseClient):
                 attempt += 1
                 await asyncio.sleep(delay)
 
-    async def upload_model(self, path_or_dir: str | os.PathLike[str], *, name: str | None = None,
-                           on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Model:
+    async def upload_model(
+        self,
+        path_or_dir: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        on_progress: ProgressFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> Model:
         return await self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
 
-    async def create_dataset(self, path: str | os.PathLike[str], *, name: str | None = None,
-                             on_progress: ProgressFn | None = None, idempotency_key: str | None = None) -> Dataset:
+    async def create_dataset(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        name: str | None = None,
+        on_progress: ProgressFn | None = None,
+        idempotency_key: str | None = None,
+    ) -> Dataset:
         return await self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
 
     async def get_model(self, model_id: str | Model) -> Model:
@@ -849,14 +1014,30 @@ class AsyncClient(_BaseClient):
     def datasets(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Dataset]:
         return self._paginate("/v1/datasets", Dataset, {}, limit, page_size)
 
-    async def submit(self, model_id: str | Model, steps: Iterable[StepLike], *, name: str | None = None,
-                     dataset_id: str | Dataset | None = None, eval_dataset_id: str | Dataset | None = None,
-                     evaluation: Mapping[str, Any] | None = None, idempotency_key: str | None = None) -> Job:
-        return await self._send(self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation,
-                                                  idempotency_key))
+    async def submit(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        *,
+        name: str | None = None,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        return await self._send(
+            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+        )
 
-    async def estimate(self, model_id: str | Model, steps: Iterable[StepLike], *, dataset_id: str | Dataset | None = None,
-                       eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None) -> Estimate:
+    async def estimate(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        *,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+    ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``)."""
         return await self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
 
@@ -869,8 +1050,14 @@ class AsyncClient(_BaseClient):
     async def cancel(self, job_id: str | Job) -> Job:
         return await self._send(_Call("POST", f"/v1/jobs/{_id(job_id)}/cancel", _json_of(Job)))
 
-    async def wait(self, job_id: str | Job, *, timeout: float | None = None, poll_interval: float = 1.0,
-                   on_progress: Callable[[Job], Any] | None = None) -> Job:
+    async def wait(
+        self,
+        job_id: str | Job,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        on_progress: Callable[[Job], Any] | None = None,
+    ) -> Job:
         deadline = None if timeout is None else time.monotonic() + timeout
         last = None
         while True:
@@ -887,8 +1074,9 @@ class AsyncClient(_BaseClient):
                 raise WaitTimeout(f"job {job.id} is still {job.status} after {timeout} s", job)
             await asyncio.sleep(poll_interval if left is None else min(poll_interval, left))
 
-    async def download(self, job_id: str | Job, dest: str | os.PathLike[str], *,
-                       on_progress: ProgressFn | None = None) -> Download:
+    async def download(
+        self, job_id: str | Job, dest: str | os.PathLike[str], *, on_progress: ProgressFn | None = None
+    ) -> Download:
         jid = _id(job_id)
         job = await self.get_job(jid)
         if job.artifact is None:
@@ -931,12 +1119,21 @@ class AsyncClient(_BaseClient):
     async def report_link(self, job_id: str | Job, *, ttl_s: int | None = None) -> str:
         return (await self._send(self._link_call(f"/v1/jobs/{_id(job_id)}/report/link", ttl_s))).url
 
-    async def sweep(self, model_id: str | Model, steps: Iterable[StepLike], vary: Mapping[str, Iterable[Any]], *,
-                    name: str | None = None, dataset_id: str | Dataset | None = None,
-                    eval_dataset_id: str | Dataset | None = None, evaluation: Mapping[str, Any] | None = None,
-                    idempotency_key: str | None = None) -> Sweep:
-        return await self._send(self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id,
-                                                 evaluation, idempotency_key))
+    async def sweep(
+        self,
+        model_id: str | Model,
+        steps: Iterable[StepLike],
+        vary: Mapping[str, Iterable[Any]],
+        *,
+        name: str | None = None,
+        dataset_id: str | Dataset | None = None,
+        eval_dataset_id: str | Dataset | None = None,
+        evaluation: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Sweep:
+        return await self._send(
+            self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+        )
 
     async def get_sweep(self, sweep_id: str | Sweep) -> Sweep:
         return await self._send(self._get(f"/v1/sweeps/{_id(sweep_id)}", _json_of(Sweep)))
@@ -947,8 +1144,9 @@ class AsyncClient(_BaseClient):
     async def sweep_link(self, sweep_id: str | Sweep, *, ttl_s: int | None = None) -> str:
         return (await self._send(self._link_call(f"/v1/sweeps/{_id(sweep_id)}/link", ttl_s))).url
 
-    def keys(self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None,
-             page_size: int = 50) -> AsyncIterator[ApiKey]:
+    def keys(
+        self, *, tenant: str | None = None, all_tenants: bool = False, limit: int | None = None, page_size: int = 50
+    ) -> AsyncIterator[ApiKey]:
         return self._paginate("/v1/keys", ApiKey, self._keys_params(tenant, all_tenants), limit, page_size)
 
     async def create_key(self, tenant: str, *, admin: bool = False) -> CreatedApiKey:
@@ -963,8 +1161,9 @@ class AsyncClient(_BaseClient):
     async def workers(self) -> list[Worker]:
         return await self._send(self._get("/v1/workers", _list_of(Worker)))
 
-    async def _paginate(self, path: str, item: type[R], params: dict[str, Any], limit: int | None,
-                        page_size: int) -> AsyncIterator[R]:
+    async def _paginate(
+        self, path: str, item: type[R], params: dict[str, Any], limit: int | None, page_size: int
+    ) -> AsyncIterator[R]:
         cursor, n = None, 0
         while True:
             size = page_size if limit is None else max(1, min(page_size, limit - n))

@@ -54,11 +54,15 @@ def required_extra(command: str, args: argparse.Namespace) -> tuple[str, tuple[s
 def _refusal(args: argparse.Namespace, extra: str, missing: list[str]) -> str:
     words = [args.command] + ([args.keys_command] if getattr(args, "keys_command", None) else [])
     shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-    line = f"modelpress {' '.join(words)}: needs the {extra} extra (missing: {shown}); " \
-           f"install it with: pip install 'modelpress[{extra}]'"
+    line = (
+        f"modelpress {' '.join(words)}: needs the {extra} extra (missing: {shown}); "
+        f"install it with: pip install 'modelpress[{extra}]'"
+    )
     if extra == "worker" and args.command == "serve":
-        line += (" (embedded mode runs a worker next to the API; for the API alone: "
-                 "MODELPRESS_MODE=cluster, or MODELPRESS_EMBEDDED_WORKER=false)")
+        line += (
+            " (embedded mode runs a worker next to the API; for the API alone: "
+            "MODELPRESS_MODE=cluster, or MODELPRESS_EMBEDDED_WORKER=false)"
+        )
     if args.command == "keys":
         line += " (or pass --url / --api-key to manage keys through a running API)"
     return line

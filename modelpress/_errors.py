@@ -103,7 +103,7 @@ class APIError(ModelpressError):
         return f"{type(self).__name__}(status={self.status}, code={self.code!r}, detail={self.detail!r})"
 
     @classmethod
-    def from_response(cls, response: "httpx.Response") -> "APIError":
+    def from_response(cls, response: httpx.Response) -> APIError:
         """The exception for an error response: its status's class, the body's fields. A body that
         is not problem+json (a proxy's HTML page) still gives a typed error, titled by the status."""
         body: Any = None
@@ -172,8 +172,20 @@ class ServiceUnavailable(APIError):
 
 _BY_STATUS: dict[int, type[APIError]] = {
     c.status: c
-    for c in (BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, PayloadTooLarge, UnsupportedMediaType,
-              RangeNotSatisfiable, Unprocessable, RateLimited, ServiceUnavailable)
+    for c in (
+        BadRequest,
+        Unauthorized,
+        Forbidden,
+        NotFound,
+        Conflict,
+        Gone,
+        PayloadTooLarge,
+        UnsupportedMediaType,
+        RangeNotSatisfiable,
+        Unprocessable,
+        RateLimited,
+        ServiceUnavailable,
+    )
 }
 
 
@@ -198,7 +210,7 @@ class ChecksumMismatch(ModelpressError):
 class JobError(ModelpressError):
     """``wait()`` ended without success; ``job`` is the job as last read."""
 
-    def __init__(self, message: str, job: "Job") -> None:
+    def __init__(self, message: str, job: Job) -> None:
         super().__init__(message)
         self.job = job
 

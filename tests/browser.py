@@ -38,8 +38,9 @@ def open_in_chromium(url: str) -> dict[str, Any]:
         browser = pw.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
         try:
             page = browser.new_page()
-            page.on("console", lambda m: console.append(f"{m.type}: {m.text}")
-                    if m.type in ("error", "warning") else None)
+            page.on(
+                "console", lambda m: console.append(f"{m.type}: {m.text}") if m.type in ("error", "warning") else None
+            )
             page.on("pageerror", lambda e: page_errors.append(str(e)))
             page.on("requestfailed", lambda r: failed.append(f"{r.url}: {r.failure}"))
             page.on("response", lambda r: bad.append(f"{r.status} {r.url}") if r.status >= 400 else None)
@@ -60,5 +61,11 @@ def open_in_chromium(url: str) -> dict[str, Any]:
             }
         finally:
             browser.close()
-    return {**result, "console_errors": console, "page_errors": page_errors, "failed_requests": failed,
-            "bad_responses": bad, "dialogs": dialogs}
+    return {
+        **result,
+        "console_errors": console,
+        "page_errors": page_errors,
+        "failed_requests": failed,
+        "bad_responses": bad,
+        "dialogs": dialogs,
+    }

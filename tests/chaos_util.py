@@ -15,8 +15,10 @@ from tests.helpers import MODELPRESS, Service, query
 
 def kill_stack(pg_database: str, tmp: Path, worker: bool = True, **env: str) -> Stack:
     """A cluster stack of its own (its own Redis key prefix and data folder) with extra settings."""
-    full = {**_cluster_env(pg_database, tmp, f"mptest-kill-{uuid.uuid4().hex[:8]}:"),
-            **{f"MODELPRESS_{k.upper()}": v for k, v in env.items()}}
+    full = {
+        **_cluster_env(pg_database, tmp, f"mptest-kill-{uuid.uuid4().hex[:8]}:"),
+        **{f"MODELPRESS_{k.upper()}": v for k, v in env.items()},
+    }
     svc = Service(full, tmp, worker=worker)
     svc.cli("migrate")
     key = svc.cli("keys", "create", "--tenant", f"kill-{uuid.uuid4().hex[:6]}")
@@ -37,13 +39,21 @@ class Worker:
     def tmp(self) -> Path:
         return self.data_dir / "tmp"
 
-    def start(self) -> "Worker":
+    def start(self) -> Worker:
         svc = self.stack.service
-        env = {**svc.env, "MODELPRESS_DATA_DIR": str(self.data_dir),
-               "MODELPRESS_STORAGE_URL": svc.env.get("MODELPRESS_STORAGE_URL") or str(self.stack.data_dir / "storage")}
+        env = {
+            **svc.env,
+            "MODELPRESS_DATA_DIR": str(self.data_dir),
+            "MODELPRESS_STORAGE_URL": svc.env.get("MODELPRESS_STORAGE_URL") or str(self.stack.data_dir / "storage"),
+        }
         log = (self.stack.data_dir / f"worker-{self.name}.log").open("ab")
-        self.proc = subprocess.Popen([MODELPRESS, "worker", "--concurrency", "1"], env=env, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [MODELPRESS, "worker", "--concurrency", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         svc.procs.append(self.proc)  # stopped with the stack
         return self
 
@@ -66,7 +76,7 @@ class Worker:
         """(job id, attempt) of the job folders in this worker's scratch."""
         out = []
         for p in self.tmp.glob("job-*") if self.tmp.is_dir() else []:
-            stem = p.name[len("job-"):].split(".", 1)[0]
+            stem = p.name[len("job-") :].split(".", 1)[0]
             job_id, _, attempt = stem.rpartition("-")
             out.append((job_id, int(attempt)))
         return out
@@ -104,12 +114,21 @@ def tree_bytes(path: Path) -> int:
 
 
 def job_row(stack: Stack, job_id: str) -> dict:
-    (row,) = query(stack, "SELECT status, attempt, lease_expires_at, enqueued_at, progress_stage, started_at FROM jobs WHERE id = %s", job_id)
+    (row,) = query(
+        stack,
+        "SELECT status, attempt, lease_expires_at, enqueued_at, progress_stage, started_at FROM jobs WHERE id = %s",
+        job_id,
+    )
     return dict(zip(("status", "attempt", "lease_expires_at", "enqueued_at", "stage", "started_at"), row))
 
 
 def attempt_started_at(stack: Stack, job_id: str, attempt: int):  # noqa: ANN201 - a datetime or None
     """When the job's ``attempt`` was claimed: its first status event with that attempt."""
-    rows = query(stack, "SELECT min(created_at) FROM job_events WHERE job_id = %s AND type = 'status'"
-                 " AND (data->>'attempt')::int = %s AND data->>'status' = 'running'", job_id, attempt)
+    rows = query(
+        stack,
+        "SELECT min(created_at) FROM job_events WHERE job_id = %s AND type = 'status'"
+        " AND (data->>'attempt')::int = %s AND data->>'status' = 'running'",
+        job_id,
+        attempt,
+    )
     return rows[0][0]

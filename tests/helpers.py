@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 import signal
 import socket
 import struct
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,29 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=500, n_positions=64))
     gpt2.save_pretrained(root / "gpt2")
     out["gpt2"] = root / "gpt2"
-    bert = BertModel(BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2, intermediate_size=128,
-                                vocab_size=500, max_position_embeddings=64))
+    bert = BertModel(
+        BertConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            num_attention_heads=2,
+            intermediate_size=128,
+            vocab_size=500,
+            max_position_embeddings=64,
+        )
+    )
     bert.save_pretrained(root / "bert")
     out["bert"] = root / "bert"
-    llama = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=500, max_position_embeddings=64))
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=500,
+            max_position_embeddings=64,
+        )
+    )
     llama.save_pretrained(root / "llama")
     out["llama"] = root / "llama"
     # Big enough that each pruning step takes a noticeable time (cancel-while-running test).
@@ -52,8 +69,12 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     # A bare state dict: one safetensors file, no config.
     from safetensors.torch import save_file
 
-    sd = {"encoder.layer.0.weight": torch.randn(64, 64), "encoder.layer.1.weight": torch.randn(32, 64),
-          "encoder.layer.0.bias": torch.randn(64), "embed.weight": torch.randn(100, 64)}
+    sd = {
+        "encoder.layer.0.weight": torch.randn(64, 64),
+        "encoder.layer.1.weight": torch.randn(32, 64),
+        "encoder.layer.0.bias": torch.randn(64),
+        "embed.weight": torch.randn(100, 64),
+    }
     (root / "bare").mkdir()
     save_file(sd, str(root / "bare" / "weights.safetensors"))
     out["bare"] = root / "bare" / "weights.safetensors"
@@ -87,11 +108,13 @@ class Service:
 
     def _spawn(self, name: str, *args: str) -> subprocess.Popen:
         log = (self.logdir / f"{name}.log").open("ab")
-        p = subprocess.Popen([MODELPRESS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        p = subprocess.Popen(
+            [MODELPRESS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.procs.append(p)
         return p
 
-    def start(self) -> "Service":
+    def start(self) -> Service:
         self.api = self._spawn("api", "serve", "--port", str(self.port))
         if self.want_worker:
             self.start_worker()
@@ -173,7 +196,11 @@ def query(stack, sql: str, *args: object) -> list[tuple]:
 
 def jobs_left(stack, job_ids: list[str]) -> int:
     """How many of these jobs are not finished yet."""
-    return query(stack, "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')", job_ids)[0][0]
+    return query(
+        stack,
+        "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status NOT IN ('succeeded', 'failed', 'canceled')",
+        job_ids,
+    )[0][0]
 
 
 def stored_files(stack) -> list[Path]:
@@ -183,7 +210,12 @@ def stored_files(stack) -> list[Path]:
     ]
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 180, until: tuple[str, ...] = ("succeeded", "failed", "canceled")) -> dict:
+def wait_job(
+    client: httpx.Client,
+    job_id: str,
+    timeout: float = 180,
+    until: tuple[str, ...] = ("succeeded", "failed", "canceled"),
+) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()

@@ -61,14 +61,26 @@ def _refusals(tiny):
     auto_map = json.loads(cfg)
     auto_map["auto_map"] = {"AutoModel": "modeling_evil.EvilModel"}
     h, d = _good_header()
-    overlap = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}
+    overlap = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+    }
     return {
         "pickle_bin": ([("pytorch_model.bin", pickle.dumps(_Evil()))], "pickle_refused"),
         "pickle_named_safetensors": ([("model.safetensors", pickle.dumps(_Evil()))], "pickle_refused"),
-        "pickle_protocol0_named_safetensors": ([("model.safetensors", pickle.dumps(_Evil(), protocol=0))], "invalid_safetensors"),
+        "pickle_protocol0_named_safetensors": (
+            [("model.safetensors", pickle.dumps(_Evil(), protocol=0))],
+            "invalid_safetensors",
+        ),
         "nested_pickle_named_safetensors": ([("model.safetensors", pickle.dumps(_Nested()))], "pickle_refused"),
-        **{f"pickle_protocol{p}_named_bin": ([("weights.bin", pickle.dumps(_Evil(), protocol=p))], "pickle_refused") for p in range(6)},
-        "pickle_protocol0_named_config": ([("config.json", pickle.dumps(_Evil(), protocol=0)), ("model.safetensors", weights)], "invalid_json"),
+        **{
+            f"pickle_protocol{p}_named_bin": ([("weights.bin", pickle.dumps(_Evil(), protocol=p))], "pickle_refused")
+            for p in range(6)
+        },
+        "pickle_protocol0_named_config": (
+            [("config.json", pickle.dumps(_Evil(), protocol=0)), ("model.safetensors", weights)],
+            "invalid_json",
+        ),
         "pt_file": ([("model.pt", b"anything")], "pickle_refused"),
         "ckpt_file": ([("weights.ckpt", b"anything")], "pickle_refused"),
         "zip_archive": ([("model.zip", _zip_bytes())], "archive_refused"),
@@ -78,23 +90,61 @@ def _refusals(tiny):
         "tar_dotdot_named_safetensors": ([("model.safetensors", _tar_bytes())], "archive_refused"),
         "7z_archive": ([("model.7z", SEVEN_ZIP)], "archive_refused"),
         "7z_named_safetensors": ([("model.safetensors", SEVEN_ZIP)], "archive_refused"),
-        "auto_map": ([("config.json", json.dumps(auto_map).encode()), ("model.safetensors", weights)], "remote_code_refused"),
-        "offsets_past_end": ([("w.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8))], "invalid_safetensors"),
+        "auto_map": (
+            [("config.json", json.dumps(auto_map).encode()), ("model.safetensors", weights)],
+            "remote_code_refused",
+        ),
+        "offsets_past_end": (
+            [
+                (
+                    "w.safetensors",
+                    safetensors_bytes({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8),
+                )
+            ],
+            "invalid_safetensors",
+        ),
         "overlapping_ranges": ([("w.safetensors", safetensors_bytes(overlap, b"\0" * 12))], "invalid_safetensors"),
         "header_past_end": ([("w.safetensors", safetensors_bytes(h, d, header_len=10_000))], "invalid_safetensors"),
-        "huge_header_declared": ([("w.safetensors", struct.pack("<Q", 200 * 1024 * 1024) + b"{}")], "invalid_safetensors"),
-        "unknown_dtype": ([("w.safetensors", safetensors_bytes({"a": {"dtype": "F4X", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4))], "invalid_safetensors"),
-        "absurd_shape": ([("w.safetensors", safetensors_bytes({"a": {"dtype": "F32", "shape": [2**39, 2**39], "data_offsets": [0, 4]}}, b"\0" * 4))], "invalid_safetensors"),
+        "huge_header_declared": (
+            [("w.safetensors", struct.pack("<Q", 200 * 1024 * 1024) + b"{}")],
+            "invalid_safetensors",
+        ),
+        "unknown_dtype": (
+            [
+                (
+                    "w.safetensors",
+                    safetensors_bytes({"a": {"dtype": "F4X", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4),
+                )
+            ],
+            "invalid_safetensors",
+        ),
+        "absurd_shape": (
+            [
+                (
+                    "w.safetensors",
+                    safetensors_bytes(
+                        {"a": {"dtype": "F32", "shape": [2**39, 2**39], "data_offsets": [0, 4]}}, b"\0" * 4
+                    ),
+                )
+            ],
+            "invalid_safetensors",
+        ),
         "truncated": ([("w.safetensors", safetensors_bytes(h, d)[:-5])], "invalid_safetensors"),
         "empty": ([("w.safetensors", b"")], "invalid_safetensors"),
         "config_not_json": ([("config.json", b"\x80\x04not json"), ("model.safetensors", weights)], "pickle_refused"),
         "config_bad_json": ([("config.json", b"{nope"), ("model.safetensors", weights)], "invalid_json"),
-        "text_with_nul": ([("config.json", cfg), ("model.safetensors", weights), ("vocab.txt", b"a\0b")], "invalid_text"),
+        "text_with_nul": (
+            [("config.json", cfg), ("model.safetensors", weights), ("vocab.txt", b"a\0b")],
+            "invalid_text",
+        ),
         "path_in_name": ([("../evil.safetensors", safetensors_bytes(h, d))], "bad_filename"),
         "unsupported_type": ([("model.onnx", b"onnx")], "unsupported_file_type"),
         "hf_without_weights": ([("config.json", cfg)], "missing_weights"),
         "no_config": ([("model.safetensors", weights), ("tokenizer.json", b"{}")], "missing_config"),
-        "shards_without_index": ([("config.json", cfg), ("model-00001-of-00001.safetensors", weights)], "missing_index"),
+        "shards_without_index": (
+            [("config.json", cfg), ("model-00001-of-00001.safetensors", weights)],
+            "missing_index",
+        ),
     }
 
 
@@ -132,8 +182,12 @@ def test_wrong_content_type_is_415(cluster):
     r = c.post("/v1/models", json={"files": []})
     assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type"
     for route in ("/v1/models", "/v1/datasets"):
-        for ctype, body in [("application/octet-stream", pickle.dumps(_Evil())), ("text/plain", b"hello"),
-                            ("application/x-www-form-urlencoded", b"files=x"), ("application/json", b"{}")]:
+        for ctype, body in [
+            ("application/octet-stream", pickle.dumps(_Evil())),
+            ("text/plain", b"hello"),
+            ("application/x-www-form-urlencoded", b"files=x"),
+            ("application/json", b"{}"),
+        ]:
             r = c.post(route, content=body, headers={"Content-Type": ctype})
             assert r.status_code == 415 and r.json()["code"] == "unsupported_media_type", (route, ctype, r.text)
     # JSON where a job spec's JSON belongs, in another form: refused, not guessed at.
@@ -167,7 +221,13 @@ def test_auth_is_required(cluster):
 def test_other_tenants_see_404_exactly_like_missing_ids(cluster, tiny):
     a, b = cluster.client(), cluster.client(cluster.other_key)
     m = upload_dir(a, tiny["gpt2"]).json()
-    job = wait_job(a, a.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    job = wait_job(
+        a,
+        a.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]},
+        ).json()["id"],
+    )
     for method, path in (
         ("GET", f"/v1/models/{m['id']}"),
         ("DELETE", f"/v1/models/{m['id']}"),
@@ -181,7 +241,9 @@ def test_other_tenants_see_404_exactly_like_missing_ids(cluster, tiny):
         assert theirs.json()["code"] == missing.json()["code"] == "not_found"
     assert all(x["id"] != m["id"] for x in b.get("/v1/models").json()["items"])
     assert all(x["id"] != job["id"] for x in b.get("/v1/jobs").json()["items"])
-    r = b.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]})
+    r = b.post(
+        "/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}
+    )
     assert r.status_code == 422 and r.json()["code"] == "unknown_model"
     assert a.get(f"/v1/models/{m['id']}").status_code == 200
 
@@ -192,8 +254,14 @@ def test_job_spec_is_validated_at_submit(cluster, tiny):
     cases = [
         ([{"method": "prune.nope"}], ["body", "steps", 0, "method"]),
         ([{"method": "prune.magnitude", "params": {"sparsity": 1.5}}], ["body", "steps", 0, "params", "sparsity"]),
-        ([{"method": "prune.magnitude", "params": {"sparsity": 0.5, "bogus": 1}}], ["body", "steps", 0, "params", "bogus"]),
-        ([{"method": "quantize.cast", "params": {}}, {"method": "quantize.cast", "params": {"dtype": "int3"}}], ["body", "steps", 0, "params", "dtype"]),
+        (
+            [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "bogus": 1}}],
+            ["body", "steps", 0, "params", "bogus"],
+        ),
+        (
+            [{"method": "quantize.cast", "params": {}}, {"method": "quantize.cast", "params": {"dtype": "int3"}}],
+            ["body", "steps", 0, "params", "dtype"],
+        ),
         ([{"method": "prune.magnitude", "params": {}}], ["body", "steps", 0, "params"]),
         ([], ["body", "steps"]),
     ]
@@ -219,23 +287,35 @@ def test_methods_are_listed_with_schemas(cluster):
 def test_failing_method_fails_the_job_and_the_worker_survives(cluster, tiny):
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()
-    bad = c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-        {"method": "prune.magnitude", "params": {"sparsity": 0.5, "targets": ["no.such.module*"]}}]}).json()
+    bad = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": m["id"],
+            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "targets": ["no.such.module*"]}}],
+        },
+    ).json()
     job = wait_job(c, bad["id"])
     assert job["status"] == "failed"
     assert job["error"]["code"] == "method_failed"
     assert "no target weights matched" in job["error"]["message"]
     assert job["artifact"] is None and job["metrics"] is None
     assert c.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409
-    ok = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-        {"method": "prune.magnitude", "params": {"sparsity": 0.5}}]}).json()["id"])
+    ok = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]},
+        ).json()["id"],
+    )
     assert ok["status"] == "succeeded"
 
 
 def test_cancel_queued_job_is_immediate(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()
+    job = c.post(
+        "/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}
+    ).json()
     assert c.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409
     r = c.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled" and r.json()["finished_at"]
@@ -285,10 +365,18 @@ def test_model_delete(cluster, tiny):
 def test_job_list_pages_by_cursor(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     m = upload_dir(c, tiny["bert"]).json()
-    ids = [c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"] for _ in range(5)]
+    ids = [
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]},
+        ).json()["id"]
+        for _ in range(5)
+    ]
     seen, cursor = [], None
     while True:
-        page = c.get("/v1/jobs", params={"limit": 2, "status": "queued", **({"cursor": cursor} if cursor else {})}).json()
+        page = c.get(
+            "/v1/jobs", params={"limit": 2, "status": "queued", **({"cursor": cursor} if cursor else {})}
+        ).json()
         seen += [j["id"] for j in page["items"]]
         cursor = page["next_cursor"]
         if not cursor:
@@ -310,10 +398,26 @@ def test_job_get_authenticates_exactly_like_dependency_routes(cluster, tiny):
     through the HTTPBearer dependency every other route uses. Same header, same answer."""
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]},
+        ).json()["id"],
+    )
     headers = [
-        None, "", "Bearer", f"Basic {cluster.key}", f"Token {cluster.key}", cluster.key, "Bearer mp_nope_nope",
-        f"Bearer {cluster.key}x", f"bearer {cluster.key}", f"BEARER {cluster.key}", f"Bearer  {cluster.key}", f"Bearer {cluster.key}",
+        None,
+        "",
+        "Bearer",
+        f"Basic {cluster.key}",
+        f"Token {cluster.key}",
+        cluster.key,
+        "Bearer mp_nope_nope",
+        f"Bearer {cluster.key}x",
+        f"bearer {cluster.key}",
+        f"BEARER {cluster.key}",
+        f"Bearer  {cluster.key}",
+        f"Bearer {cluster.key}",
         f"Bearer {cluster.other_key}",
     ]
     with httpx.Client(base_url=cluster.service.url, timeout=60) as raw:
@@ -326,8 +430,14 @@ def test_job_get_authenticates_exactly_like_dependency_routes(cluster, tiny):
                 assert direct.json() == via_dependency.json(), h
                 assert direct.headers.get("www-authenticate") == via_dependency.headers.get("www-authenticate")
             else:  # the owner sees both; the other tenant neither (404)
-                assert direct.status_code == via_dependency.status_code, (h, direct.status_code, via_dependency.status_code)
-    assert c.get(f"/v1/jobs/{job['id']}").json() == next(j for j in c.get("/v1/jobs").json()["items"] if j["id"] == job["id"])
+                assert direct.status_code == via_dependency.status_code, (
+                    h,
+                    direct.status_code,
+                    via_dependency.status_code,
+                )
+    assert c.get(f"/v1/jobs/{job['id']}").json() == next(
+        j for j in c.get("/v1/jobs").json()["items"] if j["id"] == job["id"]
+    )
 
 
 def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
@@ -335,7 +445,13 @@ def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
     drops (a restart, a failover, an idle-connection killer) are replaced: no request fails."""
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]},
+        ).json()["id"],
+    )
     from core.db import HOT_APPLICATION_NAME
 
     url = f"/v1/jobs/{job['id']}"
@@ -343,8 +459,12 @@ def test_job_get_survives_its_database_connections_being_killed(cluster, tiny):
         for _ in range(8):
             # several requests at once: several pooled connections
             assert {r.status_code for r in pool.map(lambda _: c.get(url), range(16))} == {200}
-            killed = query(cluster, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
-                           "AND datname = current_database()", HOT_APPLICATION_NAME)
+            killed = query(
+                cluster,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s "
+                "AND datname = current_database()",
+                HOT_APPLICATION_NAME,
+            )
             assert killed and all(ok for (ok,) in killed), killed
             # at once: some connections are caught with the server's FATAL read but not yet closed
             after = list(pool.map(lambda _: c.get(url), range(8)))

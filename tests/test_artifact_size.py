@@ -36,11 +36,21 @@ def linear_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=2, hidden_size=256, intermediate_size=1024, num_attention_heads=4, num_key_value_heads=4,
-        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=True,
-    ))
-    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=256,
+            intermediate_size=1024,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=128,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
+    linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"
+    )
     assert linear / sum(p.numel() for p in model.parameters()) > 0.98
     out = tmp_path_factory.mktemp("linear-llama")
     model.save_pretrained(out)
@@ -54,7 +64,9 @@ def uploaded(cluster, linear_llama) -> dict:
     return r.json()
 
 
-@pytest.mark.parametrize(("step", "limit", "min_cos"), LIMITS, ids=[f"{s['method']}-{s['params']}" for s, _, _ in LIMITS])
+@pytest.mark.parametrize(
+    ("step", "limit", "min_cos"), LIMITS, ids=[f"{s['method']}-{s['params']}" for s, _, _ in LIMITS]
+)
 def test_artifact_ratio(cluster, uploaded, linear_llama, tmp_path, step, limit, min_cos):
     c = cluster.client()
     job = wait_job(c, c.post("/v1/jobs", json={"model_id": uploaded["id"], "steps": [step]}).json()["id"], timeout=300)
@@ -75,8 +87,10 @@ def test_artifact_ratio(cluster, uploaded, linear_llama, tmp_path, step, limit, 
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "art").eval()(ids).logits
     cos = float(torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1).min())
     extra = job["metrics"]["steps"][0].get("clipped_fraction")
-    print(f"\n{step['method']} {step['params']}: artifact {len(served)} B / upload {uploaded['size_bytes']} B = {ratio:.4f}; "
-          f"min token cosine {cos:.5f}" + (f"; clipped fraction {extra:.4f}" if extra is not None else ""))
+    print(
+        f"\n{step['method']} {step['params']}: artifact {len(served)} B / upload {uploaded['size_bytes']} B = {ratio:.4f}; "
+        f"min token cosine {cos:.5f}" + (f"; clipped fraction {extra:.4f}" if extra is not None else "")
+    )
     assert ratio <= limit
     if min_cos is not None:
         assert cos >= min_cos

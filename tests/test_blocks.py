@@ -48,21 +48,29 @@ def _run(src: Path, out: Path, steps: list[tuple[str, dict]], offload: Path | No
     return res, counts, sparsity
 
 
-@pytest.mark.parametrize("steps", [
-    [("quantize.gptq", {"scheme": "W4A16", "group_size": 32, "num_samples": 8, "max_length": 32})],
-    [("prune.wanda", {"sparsity": 0.5, "num_samples": 8, "max_length": 32})],
-], ids=["gptq", "wanda"])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [("quantize.gptq", {"scheme": "W4A16", "group_size": 32, "num_samples": 8, "max_length": 32})],
+        [("prune.wanda", {"sparsity": 0.5, "num_samples": 8, "max_length": 32})],
+    ],
+    ids=["gptq", "wanda"],
+)
 def test_blocks_equal_whole(llama, tmp_path, steps):
     wres, wcounts, wsp = _run(llama, tmp_path / "whole", steps, None)
     bres, bcounts, bsp = _run(llama, tmp_path / "blocks", steps, tmp_path / "offload")
-    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(tmp_path / "blocks" / "model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "whole" / "model.safetensors")),
+        load_file(str(tmp_path / "blocks" / "model.safetensors")),
+    )
     assert sorted(a) == sorted(b)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     assert wcounts == bcounts and wsp == bsp
     for w, s in zip(wres, bres, strict=True):
-        assert {k: v for k, v in w.items() if k not in ("oneshot_seconds",)} == \
-               {k: v for k, v in s.items() if k not in ("oneshot_seconds",)}
+        assert {k: v for k, v in w.items() if k not in ("oneshot_seconds",)} == {
+            k: v for k, v in s.items() if k not in ("oneshot_seconds",)
+        }
 
 
 def _artifact(out: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -110,8 +118,16 @@ def tied_model(request, tmp_path_factory) -> Path:
     torch.manual_seed(1)
     prefix = {"llama": "Llama", "qwen2": "Qwen2"}[request.param]
     cfg = getattr(transformers, f"{prefix}Config")(
-        num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(vocab()), max_position_embeddings=64, tie_word_embeddings=True, **_special_ids())
+        num_hidden_layers=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab()),
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        **_special_ids(),
+    )
     model = getattr(transformers, f"{prefix}ForCausalLM")(cfg)
     return save_with_tokenizer(model, tmp_path_factory.mktemp("tied") / request.param)
 
@@ -179,9 +195,18 @@ def test_block_save_does_not_hold_the_model(tmp_path):
     # compressed-tensors' compressor, the same writer as GPTQ's packed int4): GPTQ's column loop
     # would take minutes here on two shared cores, and the save does not depend on how the scales
     # were found.
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=12, hidden_size=512, intermediate_size=1536,
-                                         num_attention_heads=8, num_key_value_heads=8, vocab_size=len(vocab()),
-                                         max_position_embeddings=64, **_special_ids()))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=12,
+            hidden_size=512,
+            intermediate_size=1536,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=len(vocab()),
+            max_position_embeddings=64,
+            **_special_ids(),
+        )
+    )
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     src = tmp_path / "src"
     model.save_pretrained(src)
@@ -216,8 +241,17 @@ def test_offloaded_counts_tie_once(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                 num_key_value_heads=2, vocab_size=100, tie_word_embeddings=True)).save_pretrained(tmp_path / "src")
+    LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+            tie_word_embeddings=True,
+        )
+    ).save_pretrained(tmp_path / "src")
     whole = model_io.load(tmp_path / "src", "hf")
     off = model_io.load(tmp_path / "src", "hf", tmp_path / "off")
     assert evaluate.parameter_counts(off.module, None) == evaluate.parameter_counts(whole.module, None)

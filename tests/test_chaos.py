@@ -26,7 +26,7 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -51,8 +51,13 @@ EVAL = {"evaluation": {"runs": 3, "warmup": 1, "max_samples": 8, "seq_len": 32, 
 SPECS = {
     "prune50": ("gpt2-big", [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]),
     "fp16": ("gpt2-big", [{"method": "quantize.cast", "params": {"dtype": "float16"}}]),
-    "llama-prune": ("llama", [{"method": "prune.magnitude", "params": {"sparsity": 0.4}},
-                              {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}]),
+    "llama-prune": (
+        "llama",
+        [
+            {"method": "prune.magnitude", "params": {"sparsity": 0.4}},
+            {"method": "quantize.cast", "params": {"dtype": "bfloat16"}},
+        ],
+    ),
 }
 
 
@@ -79,13 +84,17 @@ def _victims(stack: Stack, workers: list[Worker]) -> list[tuple[Worker, str]]:
             continue
         mine = [p.name for p in w.tmp.glob("job-*") if p.name.split(".", 1)[-1].split("-")[1:2] == [str(child)]]
         for name in mine:
-            job_id, _, attempt = name[len("job-"):].split(".", 1)[0].rpartition("-")
+            job_id, _, attempt = name[len("job-") :].split(".", 1)[0].rpartition("-")
             if attempt == "1":
                 out.append((w, job_id))
     if not out:
         return []
-    running = {r[0] for r in query(stack, "SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'running' AND attempt = 1",
-                                   [j for _, j in out])}
+    running = {
+        r[0]
+        for r in query(
+            stack, "SELECT id FROM jobs WHERE id = ANY(%s) AND status = 'running' AND attempt = 1", [j for _, j in out]
+        )
+    }
     return [(w, j) for w, j in out if j in running]
 
 
@@ -134,7 +143,7 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
                     os.killpg(w.proc.pid, signal.SIGKILL)  # main, pool child and the lease keeper at once
                 else:
                     os.kill(w.proc.pid if target == "main" else child, signal.SIGKILL)
-                kills.append({"at": datetime.now(timezone.utc), "job": job_id, "worker": w.name, "target": target})
+                kills.append({"at": datetime.now(UTC), "job": job_id, "worker": w.name, "target": target})
                 if target != "child":
                     w.proc.wait()
                     w.start()  # what systemd / Kubernetes would do, on the same host
@@ -161,31 +170,45 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
     assert left == 0, f"{left} jobs did not finish; kills: {kills}"
     assert len(kills) == KILLS and {k["target"] for k in kills} == set(KINDS), kills
 
-    rows = {r[0]: r[1:] for r in query(stack, "SELECT id, status, attempt, artifact_key, artifact_sha256 FROM jobs WHERE id = ANY(%s)", ids)}
+    rows = {
+        r[0]: r[1:]
+        for r in query(
+            stack, "SELECT id, status, attempt, artifact_key, artifact_sha256 FROM jobs WHERE id = ANY(%s)", ids
+        )
+    }
     assert len(rows) == len(jobs) >= JOBS
     killed = [k["job"] for k in kills]
     assert len(set(killed)) == KILLS, "a job was killed twice"
     # Exactly the killed jobs ran again, once: no live job lost its lease to a reclaim.
-    assert {j for j, r in rows.items() if r[1] > 1} == set(killed), ({j: r[1] for j, r in rows.items() if r[1] > 1}, killed)
+    assert {j for j, r in rows.items() if r[1] > 1} == set(killed), (
+        {j: r[1] for j, r in rows.items() if r[1] > 1},
+        killed,
+    )
     assert all(rows[j][1] == 2 for j in killed)
     # Each kill recovered: the killed job's next attempt was claimed within RECOVERY_S.
     for k in kills:
         started = attempt_started_at(stack, k["job"], 2)
         k["recovered_s"] = (started - k["at"]).total_seconds()
     for k in kills:
-        print(f"kill of {k['target']} of worker {k['worker']} at {k['at']:%H:%M:%S} running job {k['job']}: recovered in {k['recovered_s']:.1f} s")
+        print(
+            f"kill of {k['target']} of worker {k['worker']} at {k['at']:%H:%M:%S} running job {k['job']}: recovered in {k['recovered_s']:.1f} s"
+        )
     slow = [k for k in kills if not 0 < k["recovered_s"] <= RECOVERY_S]
     assert not slow, slow
 
     events: dict[str, list[tuple]] = defaultdict(list)
-    for job_id, etype, data, at in query(stack, "SELECT job_id, type, data, created_at FROM job_events WHERE job_id = ANY(%s) ORDER BY id", ids):
+    for job_id, etype, data, at in query(
+        stack, "SELECT job_id, type, data, created_at FROM job_events WHERE job_id = ANY(%s) ORDER BY id", ids
+    ):
         events[job_id].append((etype, data, at))
     storage = stack.data_dir / "storage"
     assert not [p for p in storage.rglob("*.tmp-*")], "a half-written file was left in storage"
     for job_id, spec in jobs.items():
         status, attempt, key, sha = rows[job_id]
         assert status == "succeeded", (job_id, rows[job_id], kills)
-        terminal = [d for e, d, _ in events[job_id] if e == "status" and d["status"] in ("succeeded", "failed", "canceled")]
+        terminal = [
+            d for e, d, _ in events[job_id] if e == "status" and d["status"] in ("succeeded", "failed", "canceled")
+        ]
         assert [d["status"] for d in terminal] == ["succeeded"], (job_id, terminal)
         # One artifact, the one the row names, byte for byte what a clean run made.
         files = [p for p in (storage / "artifacts" / job_id).rglob("*") if p.is_file()]
@@ -202,7 +225,9 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
             assert spans[a][1] <= spans[b][0], (job_id, spans)
     rec = sorted(k["recovered_s"] for k in kills)
     by_kind = {kind: sorted(k["recovered_s"] for k in kills if k["target"] == kind) for kind in KINDS}
-    print(f"\nchaos: {len(jobs)} jobs on {WORKERS} workers, {len(kills)} kills, 0 lost, 0 differing artifacts; recovery (kill -> "
-          f"next attempt claimed) max {rec[-1]:.1f} s, median {statistics.median(rec):.1f} s; "
-          + "; ".join(f"{kind} x{len(v)}: {', '.join(f'{x:.1f}' for x in v)} s" for kind, v in by_kind.items())
-          + f"; test {time.monotonic() - t_start:.0f} s")
+    print(
+        f"\nchaos: {len(jobs)} jobs on {WORKERS} workers, {len(kills)} kills, 0 lost, 0 differing artifacts; recovery (kill -> "
+        f"next attempt claimed) max {rec[-1]:.1f} s, median {statistics.median(rec):.1f} s; "
+        + "; ".join(f"{kind} x{len(v)}: {', '.join(f'{x:.1f}' for x in v)} s" for kind, v in by_kind.items())
+        + f"; test {time.monotonic() - t_start:.0f} s"
+    )

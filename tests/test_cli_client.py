@@ -19,8 +19,9 @@ from tests.helpers import MODELPRESS, free_port
 QUICK_EVAL = '{"runs": 1, "warmup": 0, "max_samples": 4}'
 
 
-def run(stack, *args: str, url: str | None = None, extra_env: dict[str, str] | None = None,
-        timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    stack, *args: str, url: str | None = None, extra_env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
     env.update({"MODELPRESS_URL": url or stack.service.url, "MODELPRESS_API_KEY": stack.key, **(extra_env or {})})
     return subprocess.run([MODELPRESS, *args], env=env, capture_output=True, text=True, timeout=timeout)
@@ -35,8 +36,20 @@ def run_json(stack, *args: str) -> Any:
 @pytest.fixture(scope="module")
 def cli_job(embedded, tiny: dict[str, Path]) -> dict[str, Any]:
     model = run_json(embedded, "upload", str(tiny["gpt2"]), "--name", "cli-gpt2")
-    job = run_json(embedded, "compress", model["id"], "--step", "prune.magnitude:sparsity=0.5,scope=global",
-                   "--name", "cli", "--evaluation", QUICK_EVAL, "--wait", "--poll", "0.2")
+    job = run_json(
+        embedded,
+        "compress",
+        model["id"],
+        "--step",
+        "prune.magnitude:sparsity=0.5,scope=global",
+        "--name",
+        "cli",
+        "--evaluation",
+        QUICK_EVAL,
+        "--wait",
+        "--poll",
+        "0.2",
+    )
     return {"model": model, "job": job}
 
 
@@ -65,7 +78,17 @@ def test_human_output(embedded, cli_job: dict[str, Any], tiny: dict[str, Path]) 
     assert "uploaded" in up.stdout and "safetensors" in up.stdout
     assert "upload" in up.stderr and "kB" in up.stderr  # the progress bar: bytes (and rate)
     model_id = up.stdout.split()[1]
-    res = run(embedded, "compress", model_id, "--step", "prune.magnitude:sparsity=0.25", "--no-eval", "--wait", "--poll", "0.2")
+    res = run(
+        embedded,
+        "compress",
+        model_id,
+        "--step",
+        "prune.magnitude:sparsity=0.25",
+        "--no-eval",
+        "--wait",
+        "--poll",
+        "0.2",
+    )
     assert res.returncode == 0, res.stderr
     assert "succeeded" in res.stdout and "%" in res.stderr  # the live line: stage and fraction
     status = run(embedded, "status", cli_job["job"]["id"])
@@ -109,8 +132,16 @@ def test_download_and_report(embedded, cli_job: dict[str, Any], tmp_path: Path) 
 
 def test_api_errors_exit_3(embedded, cli_job: dict[str, Any]) -> None:
     # GPT-2's Conv1D layers are refused by the integer quantizers at submit: a 422.
-    res = run(embedded, "compress", cli_job["model"]["id"], "--step", "prune.magnitude:sparsity=0.5",
-              "--step", "quantize.weight_only:bits=8", "--wait")
+    res = run(
+        embedded,
+        "compress",
+        cli_job["model"]["id"],
+        "--step",
+        "prune.magnitude:sparsity=0.5",
+        "--step",
+        "quantize.weight_only:bits=8",
+        "--wait",
+    )
     assert res.returncode == 3
     assert res.stderr.startswith("Error: Request could not be processed: ")
     assert "steps.1" in res.stderr  # the field the error is about
@@ -154,14 +185,22 @@ def test_step_parsing() -> None:
     from modelpress._cli import parse_step
 
     assert parse_step("prune.magnitude:sparsity=0.5,scope=layer") == {
-        "method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}
+        "method": "prune.magnitude",
+        "params": {"sparsity": 0.5, "scope": "layer"},
+    }
     assert parse_step('prune.wanda:mask=2:4,ignore=["lm_head", "x"],num_samples=8') == {
-        "method": "prune.wanda", "params": {"mask": "2:4", "ignore": ["lm_head", "x"], "num_samples": 8}}
-    assert parse_step("quantize.weight_only:bits=4,group_size=null,symmetric=false,tag=\"a,b\"") == {
-        "method": "quantize.weight_only", "params": {"bits": 4, "group_size": None, "symmetric": False, "tag": "a,b"}}
+        "method": "prune.wanda",
+        "params": {"mask": "2:4", "ignore": ["lm_head", "x"], "num_samples": 8},
+    }
+    assert parse_step('quantize.weight_only:bits=4,group_size=null,symmetric=false,tag="a,b"') == {
+        "method": "quantize.weight_only",
+        "params": {"bits": 4, "group_size": None, "symmetric": False, "tag": "a,b"},
+    }
     assert parse_step("quantize.dynamic_int8") == {"method": "quantize.dynamic_int8", "params": {}}
     assert parse_step('{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}') == {
-        "method": "quantize.cast", "params": {"dtype": "bfloat16"}}
+        "method": "quantize.cast",
+        "params": {"dtype": "bfloat16"},
+    }
     for bad in ("", "a b", "m:k", "m:k=1,k=2", '{"params": {}}'):
         with pytest.raises(ValueError):
             parse_step(bad)
@@ -172,12 +211,20 @@ def test_keys_go_through_the_api_only_when_the_command_line_says_so(embedded, tm
     # the API: it works on the server's database, and there is none here (nothing is created).
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
     env.update({"MODELPRESS_URL": embedded.service.url, "MODELPRESS_API_KEY": embedded.key})
-    res = subprocess.run([MODELPRESS, "keys", "list"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [MODELPRESS, "keys", "list"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 1 and "no modelpress database" in res.stderr and "--api-key" in res.stderr, res.stderr
     assert list(tmp_path.iterdir()) == []
     # --api-key on the command line: through the API ($MODELPRESS_URL fills in the address).
-    res = subprocess.run([MODELPRESS, "keys", "list", "--api-key", embedded.key, "--json"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [MODELPRESS, "keys", "list", "--api-key", embedded.key, "--json"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
     keys = json.loads(res.stdout)
     assert {k["tenant"] for k in keys} == {"default"} and embedded.key not in res.stdout

@@ -58,9 +58,7 @@ def _compose_cmd() -> list[str]:
         return [exe]
     docker = _tool("docker")
     if docker:
-        probe = subprocess.run(
-            [docker, "compose", "version"], capture_output=True, text=True, timeout=60
-        )
+        probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=60)
         if probe.returncode == 0:
             return [docker, "compose"]
     pytest.fail(
@@ -77,8 +75,9 @@ SECRET_ENV = {"MODELPRESS_SECRET_KEY": "compose-test-secret-" + "0" * 32}
 
 def _run(cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**base, **(SECRET_ENV if env is None else env)})
+    return subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**base, **(SECRET_ENV if env is None else env)}
+    )
 
 
 def _uncomment_gpu_block(text: str) -> str:
@@ -153,9 +152,7 @@ def test_compose_config_valid_with_gpu_block(tmp_path):
 
     path = tmp_path / "docker-compose.gpu.yml"
     path.write_text(_uncomment_gpu_block(COMPOSE.read_text()))
-    result = _run(
-        [*_compose_cmd(), "-f", str(path), "--project-directory", str(ROOT), "config", "-q"]
-    )
+    result = _run([*_compose_cmd(), "-f", str(path), "--project-directory", str(ROOT), "config", "-q"])
     assert result.returncode == 0, f"compose config (GPU block on):\n{result.stdout}{result.stderr}"
 
 
@@ -188,6 +185,7 @@ def test_s3_service_makes_its_bucket(services):
     script = _command(s3)
     assert "weed server" in script and "-s3" in script and "s3.bucket.create" in script
     assert "s3data" in " ".join(s3["volumes"])
+
 
 def test_api_migrates_before_serving(services):
     cmd = _command(services["api"])
@@ -273,8 +271,8 @@ def _stage(text: str, name: str) -> str:
     """The lines of one stage of the Dockerfile (from its FROM to the next FROM)."""
     m = re.search(rf"^FROM \S+ AS {name}$", text, re.M)
     assert m, f"no `{name}` stage"
-    end = re.search(r"^FROM ", text[m.end():], re.M)
-    return text[m.start(): m.end() + end.start()] if end else text[m.start():]
+    end = re.search(r"^FROM ", text[m.end() :], re.M)
+    return text[m.start() : m.end() + end.start()] if end else text[m.start() :]
 
 
 def test_dockerfile_essentials():
@@ -354,13 +352,16 @@ def test_extras_server_worker_dev():
     assert not missing, f"dev lacks {missing}"
 
 
-@pytest.mark.parametrize(("argv", "extra"), [
-    (["serve"], "worker"),                          # embedded mode starts a worker
-    (["worker"], "worker"),
-    (["migrate"], "server"),
-    (["reconcile", "--once"], "server"),
-    (["keys", "create", "--tenant", "t"], "server"),
-])
+@pytest.mark.parametrize(
+    ("argv", "extra"),
+    [
+        (["serve"], "worker"),  # embedded mode starts a worker
+        (["worker"], "worker"),
+        (["migrate"], "server"),
+        (["reconcile", "--once"], "server"),
+        (["keys", "create", "--tenant", "t"], "server"),
+    ],
+)
 def test_server_commands_name_the_missing_extra(monkeypatch, capsys, argv, extra):
     """With the SDK alone (here: every server package looked up as missing) a server command says
     which extra to install, exit 2, before importing anything of the server."""
@@ -375,8 +376,8 @@ def test_server_commands_name_the_missing_extra(monkeypatch, capsys, argv, extra
 
 
 def test_cluster_serve_needs_the_server_extra_only(monkeypatch):
-    from modelpress import _entry
     from app import cli
+    from modelpress import _entry
 
     monkeypatch.setenv("MODELPRESS_MODE", "cluster")
     args = cli.build_parser().parse_args(["serve"])

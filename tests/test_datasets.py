@@ -20,7 +20,9 @@ def _post(c, filename: str, data: bytes, **form):
 
 
 TXT = b"the cat sat on the mat\n\n  \na dog ran in the park\r\nthe sun was warm\n"
-LABELED = _jsonl({"text": "good day", "label": "pos"}, {"text": "bad day", "label": "neg"}, {"text": "fine", "label": "pos"})
+LABELED = _jsonl(
+    {"text": "good day", "label": "pos"}, {"text": "bad day", "label": "neg"}, {"text": "fine", "label": "pos"}
+)
 
 
 def test_upload_counts_and_reads_back(stack):
@@ -29,15 +31,29 @@ def test_upload_counts_and_reads_back(stack):
     assert r.status_code == 201, r.text
     txt = r.json()
     assert set(txt) == {"id", "name", "format", "samples", "labeled", "labels", "size_bytes", "sha256", "created_at"}
-    assert (txt["name"], txt["format"], txt["samples"], txt["labeled"], txt["labels"]) == ("corpus", "txt", 3, False, None)
+    assert (txt["name"], txt["format"], txt["samples"], txt["labeled"], txt["labels"]) == (
+        "corpus",
+        "txt",
+        3,
+        False,
+        None,
+    )
     assert txt["size_bytes"] == len(TXT) and txt["sha256"] == hashlib.sha256(TXT).hexdigest()
     stored = stack.data_dir / "storage" / "datasets" / txt["id"] / "data.txt"
     assert stored.read_bytes() == TXT
 
     lab = _post(c, "s.jsonl", LABELED, name="sentiment v1").json()
-    assert (lab["name"], lab["format"], lab["samples"], lab["labeled"], lab["labels"]) == ("sentiment v1", "jsonl", 3, True, ["neg", "pos"])
+    assert (lab["name"], lab["format"], lab["samples"], lab["labeled"], lab["labels"]) == (
+        "sentiment v1",
+        "jsonl",
+        3,
+        True,
+        ["neg", "pos"],
+    )
     assert (stack.data_dir / "storage" / "datasets" / lab["id"] / "data.jsonl").read_bytes() == LABELED
-    ints = _post(c, "i.jsonl", _jsonl({"text": "a", "label": 2}, {"text": "b", "label": 0}, {"text": "c", "label": 2})).json()
+    ints = _post(
+        c, "i.jsonl", _jsonl({"text": "a", "label": 2}, {"text": "b", "label": 0}, {"text": "c", "label": 2})
+    ).json()
     assert (ints["labeled"], ints["labels"]) == (True, [0, 2])
     # Some samples without a label: not a labeled dataset, and no label list.
     part = _post(c, "p.jsonl", _jsonl({"text": "a", "label": "x"}, {"text": "b"})).json()
@@ -72,10 +88,19 @@ def test_other_tenants_see_404_exactly_like_missing_ids(stack, tiny):
         assert theirs.headers["content-type"] == "application/problem+json"
     assert all(d["id"] != ds["id"] for d in b.get("/v1/datasets").json()["items"])
     m = upload_dir(b, tiny["gpt2"]).json()
-    r = b.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": ds["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]})
+    r = b.post(
+        "/v1/jobs",
+        json={
+            "model_id": m["id"],
+            "dataset_id": ds["id"],
+            "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+        },
+    )
     assert r.status_code == 422 and r.json()["code"] == "unknown_dataset"
     assert a.get(f"/v1/datasets/{ds['id']}").status_code == 200
-    assert b.get("/v1/datasets").status_code == 200 and stack.service.client(None).get("/v1/datasets").status_code == 401
+    assert (
+        b.get("/v1/datasets").status_code == 200 and stack.service.client(None).get("/v1/datasets").status_code == 401
+    )
 
 
 def test_delete_keeps_job_history(cluster, tiny):
@@ -84,8 +109,17 @@ def test_delete_keeps_job_history(cluster, tiny):
     folder = cluster.data_dir / "storage" / "datasets" / ds["id"]
     assert folder.is_dir()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": ds["id"], "steps": [
-        {"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={
+                "model_id": m["id"],
+                "dataset_id": ds["id"],
+                "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+            },
+        ).json()["id"],
+    )
     assert job["status"] == "succeeded" and job["dataset_id"] == ds["id"]
     assert c.delete(f"/v1/datasets/{ds['id']}").status_code == 204
     assert c.get(f"/v1/datasets/{ds['id']}").status_code == 404
@@ -100,8 +134,14 @@ def test_delete_while_a_job_waits_is_409(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     ds = _post(c, "d.txt", TXT).json()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = c.post("/v1/jobs", json={"model_id": m["id"], "eval_dataset_id": ds["id"], "steps": [
-        {"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()
+    job = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": m["id"],
+            "eval_dataset_id": ds["id"],
+            "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+        },
+    ).json()
     r = c.delete(f"/v1/datasets/{ds['id']}")
     assert r.status_code == 409 and r.json()["code"] == "dataset_in_use"
     assert c.post(f"/v1/jobs/{job['id']}/cancel").status_code == 200
@@ -117,10 +157,20 @@ BAD = {
     "non_utf8_jsonl": ("d.jsonl", _jsonl({"text": "ok"}) + b'{"text": "caf\xe9"}\n', 2, "invalid_dataset"),
     "non_utf8_txt": ("d.txt", b"fine\nalso fine\n\xff\xfe broken\n", 3, "invalid_dataset"),
     "nul_byte": ("d.txt", b"fine\nnul\x00here\n", 2, "invalid_dataset"),
-    "label_list": ("d.jsonl", _jsonl({"text": "a", "label": 1}, {"text": "b", "label": 2}, {"text": "c", "label": [1]}), 3, "invalid_dataset"),
+    "label_list": (
+        "d.jsonl",
+        _jsonl({"text": "a", "label": 1}, {"text": "b", "label": 2}, {"text": "c", "label": [1]}),
+        3,
+        "invalid_dataset",
+    ),
     "label_bool": ("d.jsonl", _jsonl({"text": "a", "label": True}), 1, "invalid_dataset"),
     "label_float": ("d.jsonl", _jsonl({"text": "a", "label": 0.5}), 1, "invalid_dataset"),
-    "labels_mixed_types": ("d.jsonl", _jsonl({"text": "a", "label": 1}, {"text": "b", "label": "1"}), 2, "invalid_dataset"),
+    "labels_mixed_types": (
+        "d.jsonl",
+        _jsonl({"text": "a", "label": 1}, {"text": "b", "label": "1"}),
+        2,
+        "invalid_dataset",
+    ),
     "line_too_long": ("d.txt", b"short\n" + b"x" * (1024 * 1024 + 10) + b"\n", 2, "invalid_dataset"),
     "wrong_extension": ("d.csv", b"text,label\nhello,1\n", None, "unsupported_file_type"),
     "no_extension": ("data", b"hello\n", None, "unsupported_file_type"),
@@ -151,8 +201,16 @@ def test_malformed_requests_leave_nothing(cluster):
     rows, files = table_rows(cluster, "datasets"), set(stored_files(cluster))
     cases = [
         (c.post("/v1/datasets", files=[("files", ("d.txt", b"a\n"))]), 422, "unexpected_part"),
-        (c.post("/v1/datasets", files=[("file", ("a.txt", b"a\n")), ("file", ("b.txt", b"b\n"))]), 422, "unexpected_part"),
-        (c.post("/v1/datasets", data={"name": "only a name"}, files=[("other", ("x.txt", b""))]), 422, "unexpected_part"),
+        (
+            c.post("/v1/datasets", files=[("file", ("a.txt", b"a\n")), ("file", ("b.txt", b"b\n"))]),
+            422,
+            "unexpected_part",
+        ),
+        (
+            c.post("/v1/datasets", data={"name": "only a name"}, files=[("other", ("x.txt", b""))]),
+            422,
+            "unexpected_part",
+        ),
         (_post(c, "d.txt", b"a\n", name="bad/name"), 422, "invalid_name"),
         (c.post("/v1/datasets", json={"file": "a"}), 415, "unsupported_media_type"),
     ]

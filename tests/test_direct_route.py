@@ -8,9 +8,9 @@ from fastapi import APIRouter, FastAPI, Query, Response
 from fastapi.testclient import TestClient
 
 from app.auth import CurrentCaller
-from core.errors import NotFound
 from app.errors import install_error_handlers
 from app.routing import DirectRoute
+from core.errors import NotFound
 
 
 def _app(endpoint, path: str = "/things/{thing_id}/{part}", route_class=DirectRoute) -> FastAPI:
@@ -32,9 +32,19 @@ def test_serves_path_parameters_and_errors_as_fastapi_does():
     from fastapi.routing import APIRoute
 
     direct, plain = TestClient(_app(_thing)), TestClient(_app(_thing, route_class=APIRoute))
-    for path in ("/v1/things/a/b", "/v1/things/caf%C3%A9/x%20y", "/v1/things/missing/b", "/v1/things/a", "/v1/things/a/b/c"):
+    for path in (
+        "/v1/things/a/b",
+        "/v1/things/caf%C3%A9/x%20y",
+        "/v1/things/missing/b",
+        "/v1/things/a",
+        "/v1/things/a/b/c",
+    ):
         d, p = direct.get(path), plain.get(path)
-        assert (d.status_code, d.content, d.headers.get("content-type")) == (p.status_code, p.content, p.headers.get("content-type")), path
+        assert (d.status_code, d.content, d.headers.get("content-type")) == (
+            p.status_code,
+            p.content,
+            p.headers.get("content-type"),
+        ), path
     assert direct.get("/v1/things/café/x y").text == "café/x y"
     assert direct.get("/v1/things/missing/b").json()["code"] == "not_found"
     assert direct.post("/v1/things/a/b").status_code == 405
@@ -71,14 +81,16 @@ async def _with_request(thing_id: str, part: str, request: Request) -> Response:
 from fastapi import Request
 
 
-@pytest.mark.parametrize(("endpoint", "message"), [
-    (_with_query, "only path parameters"),
-    (_with_int, "plain str"),
-    (_sync, "must be async"),
-    (_two_callers, "one CurrentCaller"),
-    (_with_request, "no Request"),
-])
+@pytest.mark.parametrize(
+    ("endpoint", "message"),
+    [
+        (_with_query, "only path parameters"),
+        (_with_int, "plain str"),
+        (_sync, "must be async"),
+        (_two_callers, "one CurrentCaller"),
+        (_with_request, "no Request"),
+    ],
+)
 def test_refuses_at_build_time_what_it_would_not_fill(endpoint, message):
     with pytest.raises(TypeError, match=message):
         _app(endpoint)
-

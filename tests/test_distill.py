@@ -36,10 +36,14 @@ def _ce(logits: list[float], target: int) -> float:
 
 
 # batch 2, length 3, vocab 4; the second sample's last position is padding.
-S = [[[0.2, -1.0, 0.5, 1.5], [1.0, 0.0, -0.5, 0.3], [0.1, 0.2, 0.3, 0.4]],
-     [[-0.3, 0.8, 0.0, 0.1], [2.0, -2.0, 0.5, 0.0], [9.0, -9.0, 9.0, -9.0]]]
-T = [[[1.0, 0.0, 0.2, 0.4], [0.0, 1.0, 0.0, -1.0], [0.5, 0.5, -0.5, 0.0]],
-     [[0.3, 0.3, 1.2, -0.4], [1.5, -1.0, 0.0, 0.2], [-7.0, 7.0, -7.0, 7.0]]]
+S = [
+    [[0.2, -1.0, 0.5, 1.5], [1.0, 0.0, -0.5, 0.3], [0.1, 0.2, 0.3, 0.4]],
+    [[-0.3, 0.8, 0.0, 0.1], [2.0, -2.0, 0.5, 0.0], [9.0, -9.0, 9.0, -9.0]],
+]
+T = [
+    [[1.0, 0.0, 0.2, 0.4], [0.0, 1.0, 0.0, -1.0], [0.5, 0.5, -0.5, 0.0]],
+    [[0.3, 0.3, 1.2, -0.4], [1.5, -1.0, 0.0, 0.2], [-7.0, 7.0, -7.0, 7.0]],
+]
 IDS = [[1, 3, 2], [0, 2, 0]]
 MASK = [[1, 1, 1], [1, 1, 0]]
 
@@ -168,8 +172,18 @@ def test_submit_checks():
         (P.model_validate({"student_config": {"n_embd": 64}}), gpt2, "larger"),
         (P.model_validate({"student_config": {"no_such_field": 1}}), gpt2, "not a field"),
         (P.model_validate({"layers": 1}), ModelInfo("hf", "BertModel", {"num_hidden_layers": 2}, tok), "head"),
-        (P.model_validate({"layers": 1}), ModelInfo("hf", "GPT2LMHeadModel", {"n_layer": 2}, ("config.json", "model.safetensors")), "tokenizer"),
-        (P.model_validate({"layers": 1}), ModelInfo("hf", "BertForSequenceClassification", {"num_hidden_layers": 2, "problem_type": "regression"}, tok), "regression"),
+        (
+            P.model_validate({"layers": 1}),
+            ModelInfo("hf", "GPT2LMHeadModel", {"n_layer": 2}, ("config.json", "model.safetensors")),
+            "tokenizer",
+        ),
+        (
+            P.model_validate({"layers": 1}),
+            ModelInfo(
+                "hf", "BertForSequenceClassification", {"num_hidden_layers": 2, "problem_type": "regression"}, tok
+            ),
+            "regression",
+        ),
     ]
     for params, info, why in refused:
         with pytest.raises(ValueError, match=why):
@@ -234,12 +248,17 @@ def test_a_few_steps_lower_the_loss(tok_models):
     # teacher layer 0 and everything outside the layer stack copied.
     cfg = teacher.config.__class__.from_dict({**teacher.config.to_dict(), "n_layer": 1})
     manual = GPT2LMHeadModel(cfg).eval()
-    missing = manual.load_state_dict({k: v for k, v in teacher.state_dict().items() if not k.startswith("transformer.h.1.")}, strict=False)
+    missing = manual.load_state_dict(
+        {k: v for k, v in teacher.state_dict().items() if not k.startswith("transformer.h.1.")}, strict=False
+    )
     assert not missing.missing_keys
 
     def loss(student) -> float:
         with torch.no_grad():
-            t, s = teacher(input_ids=ids, attention_mask=mask).logits, student(input_ids=ids, attention_mask=mask).logits
+            t, s = (
+                teacher(input_ids=ids, attention_mask=mask).logits,
+                student(input_ids=ids, attention_mask=mask).logits,
+            )
         return float(ops.causal_lm_loss(s, t, ids, mask, 0.5, 2.0).total)
 
     before = loss(manual)
@@ -269,7 +288,9 @@ def test_student_config_and_llama(tok_models):
     spec = _spec()
     samples = [{"text": s} for s in sentences()]
     m = model_io.load(tok_models["llama"], "hf")
-    p = spec.params.model_validate({"student_config": {"num_hidden_layers": 1, "intermediate_size": 16}, "steps": 15, "lr": 3e-3, "batch_size": 32})
+    p = spec.params.model_validate(
+        {"student_config": {"num_hidden_layers": 1, "intermediate_size": 16}, "steps": 15, "lr": 3e-3, "batch_size": 32}
+    )
     metrics = spec.handler(m, p, _Ctx(samples))
     cfg = m.module.config
     assert (cfg.num_hidden_layers, cfg.intermediate_size) == (1, 16)
@@ -285,7 +306,9 @@ def test_classifier_and_unlabeled_data(tok_models):
     spec = _spec()
     rows = [json.loads(line) for line in labeled_jsonl().decode().splitlines()]
     m = model_io.load(tok_models["bert-cls"], "hf")
-    metrics = spec.handler(m, spec.params.model_validate({"layers": 1, "steps": 15, "lr": 3e-3, "batch_size": 32}), _Ctx(rows))
+    metrics = spec.handler(
+        m, spec.params.model_validate({"layers": 1, "steps": 15, "lr": 3e-3, "batch_size": 32}), _Ctx(rows)
+    )
     assert metrics["label_map"] == {"neg": 0, "pos": 1}
     assert m.module.config.num_hidden_layers == 1 and metrics["head"] == "sequence_classification"
     assert metrics["final_loss"] < metrics["initial_loss"]
@@ -342,8 +365,14 @@ def test_distill_gpt2_end_to_end(stack, tok_models, tmp_path):
     c = stack.client()
     m = upload_dir(c, tok_models["gpt2"]).json()
     ds = _upload_dataset(c, "corpus.txt", txt_dataset())
-    r = c.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": ds["id"],
-                                 "steps": [{"method": "distill", "params": {"layers": 1, "steps": 20}}]})
+    r = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": m["id"],
+            "dataset_id": ds["id"],
+            "steps": [{"method": "distill", "params": {"layers": 1, "steps": 20}}],
+        },
+    )
     assert r.status_code == 202, r.text
     assert r.json()["steps"][0]["params"]["alpha"] == 0.5  # defaults are filled in
     job = wait_job(c, r.json()["id"])
@@ -369,8 +398,17 @@ def test_distill_bert_classifier_on_labeled_jsonl(cluster, tok_models, tmp_path)
     m = upload_dir(c, tok_models["bert-cls"]).json()
     ds = _upload_dataset(c, "sentiment.jsonl", labeled_jsonl())
     assert ds["labeled"] is True and ds["labels"] == ["neg", "pos"]
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": ds["id"], "steps": [
-        {"method": "distill", "params": {"layers": 1, "steps": 10, "batch_size": 4}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={
+                "model_id": m["id"],
+                "dataset_id": ds["id"],
+                "steps": [{"method": "distill", "params": {"layers": 1, "steps": 10, "batch_size": 4}}],
+            },
+        ).json()["id"],
+    )
     assert job["status"] == "succeeded", job
     assert job["metrics"]["steps"][0]["label_map"] == {"neg": 0, "pos": 1}
     out = _artifact(c, job, tmp_path / "cls")
@@ -380,8 +418,17 @@ def test_distill_bert_classifier_on_labeled_jsonl(cluster, tok_models, tmp_path)
 
     # The same classifier on unlabeled text fails the job, saying why.
     txt = _upload_dataset(c, "plain.txt", txt_dataset())
-    bad = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": txt["id"], "steps": [
-        {"method": "distill", "params": {"layers": 1, "steps": 2}}]}).json()["id"])
+    bad = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={
+                "model_id": m["id"],
+                "dataset_id": txt["id"],
+                "steps": [{"method": "distill", "params": {"layers": 1, "steps": 2}}],
+            },
+        ).json()["id"],
+    )
     assert bad["status"] == "failed" and bad["error"]["code"] == "method_failed"
     assert "labeled dataset" in bad["error"]["message"]
 
@@ -396,17 +443,37 @@ def test_distill_is_refused_at_submit(cluster, tok_models, tmp_path):
     ds = _upload_dataset(c, "corpus.txt", txt_dataset())
     # A GPT-2 without tokenizer files.
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab()), n_positions=64)).save_pretrained(tmp_path / "notok")
+    GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab()), n_positions=64)
+    ).save_pretrained(tmp_path / "notok")
     notok = upload_dir(c, tmp_path / "notok").json()
     layers1 = {"method": "distill", "params": {"layers": 1, "steps": 2}}
     cases = [
         ({"model_id": gpt2["id"], "steps": [layers1]}, ["body", "dataset_id"], "dataset_id"),
-        ({"model_id": bare["id"], "dataset_id": ds["id"], "steps": [layers1]}, ["body", "steps", 0, "params"], "BertModel has no such head"),
-        ({"model_id": notok["id"], "dataset_id": ds["id"], "steps": [layers1]}, ["body", "steps", 0, "params"], "tokenizer"),
-        ({"model_id": gpt2["id"], "dataset_id": ds["id"], "steps": [{"method": "distill", "params": {"layers": 1, "student_config": {"n_layer": 1}}}]},
-         ["body", "steps", 0, "params"], "exactly one"),
-        ({"model_id": gpt2["id"], "dataset_id": ds["id"], "steps": [{"method": "distill", "params": {"layers": 2}}]},
-         ["body", "steps", 0, "params"], "below"),
+        (
+            {"model_id": bare["id"], "dataset_id": ds["id"], "steps": [layers1]},
+            ["body", "steps", 0, "params"],
+            "BertModel has no such head",
+        ),
+        (
+            {"model_id": notok["id"], "dataset_id": ds["id"], "steps": [layers1]},
+            ["body", "steps", 0, "params"],
+            "tokenizer",
+        ),
+        (
+            {
+                "model_id": gpt2["id"],
+                "dataset_id": ds["id"],
+                "steps": [{"method": "distill", "params": {"layers": 1, "student_config": {"n_layer": 1}}}],
+            },
+            ["body", "steps", 0, "params"],
+            "exactly one",
+        ),
+        (
+            {"model_id": gpt2["id"], "dataset_id": ds["id"], "steps": [{"method": "distill", "params": {"layers": 2}}]},
+            ["body", "steps", 0, "params"],
+            "below",
+        ),
     ]
     for body, loc, words in cases:
         r = c.post("/v1/jobs", json=body)
@@ -424,9 +491,20 @@ def test_distill_then_prune_carries_both(cluster, tok_models, tmp_path):
     c = cluster.client()
     m = upload_dir(c, tok_models["gpt2"]).json()
     ds = _upload_dataset(c, "corpus.txt", txt_dataset())
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "dataset_id": ds["id"], "steps": [
-        {"method": "distill", "params": {"layers": 1, "steps": 10}},
-        {"method": "prune.magnitude", "params": {"sparsity": 0.5}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={
+                "model_id": m["id"],
+                "dataset_id": ds["id"],
+                "steps": [
+                    {"method": "distill", "params": {"layers": 1, "steps": 10}},
+                    {"method": "prune.magnitude", "params": {"sparsity": 0.5}},
+                ],
+            },
+        ).json()["id"],
+    )
     assert job["status"] == "succeeded", job
     model = AutoModelForCausalLM.from_pretrained(_artifact(c, job, tmp_path / "chain"))
     assert model.config.num_hidden_layers == 1
@@ -452,8 +530,14 @@ def test_distill_into_an_uploaded_student(cluster, tok_models, tmp_path):
     ds = _upload_dataset(a, "corpus.txt", txt_dataset())
 
     def submit(client, student_id):
-        return client.post("/v1/jobs", json={"model_id": teacher["id"], "dataset_id": ds["id"], "steps": [
-            {"method": "distill", "params": {"student_model_id": student_id, "steps": 10, "lr": 1e-3}}]})
+        return client.post(
+            "/v1/jobs",
+            json={
+                "model_id": teacher["id"],
+                "dataset_id": ds["id"],
+                "steps": [{"method": "distill", "params": {"student_model_id": student_id, "steps": 10, "lr": 1e-3}}],
+            },
+        )
 
     job = wait_job(a, submit(a, student["id"]).json()["id"])
     assert job["status"] == "succeeded", job
@@ -461,7 +545,9 @@ def test_distill_into_an_uploaded_student(cluster, tok_models, tmp_path):
     trained = load_file(str(out / "model.safetensors"))
     original = load_file(str(tok_models["gpt2-1layer"] / "model.safetensors"))
     assert set(trained) == set(original)
-    assert not torch.equal(trained["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"])
+    assert not torch.equal(
+        trained["transformer.h.0.attn.c_attn.weight"], original["transformer.h.0.attn.c_attn.weight"]
+    )
 
     # Another tenant's student answers like a missing one.
     other = upload_dir(b, tok_models["gpt2-1layer"]).json()
@@ -473,7 +559,10 @@ def test_distill_into_an_uploaded_student(cluster, tok_models, tmp_path):
     torch.manual_seed(1)
     bigger = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(vocab()) + 5, n_positions=64))
     bigger.save_pretrained(tmp_path / "bigger")
-    save_with_tokenizer(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(vocab()), n_positions=64)), tmp_path / "othertok")
+    save_with_tokenizer(
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=len(vocab()), n_positions=64)),
+        tmp_path / "othertok",
+    )
     spec = json.loads((tmp_path / "othertok" / "tokenizer.json").read_text())
     words = spec["model"]["vocab"]
     first, second = "cat", "dog"

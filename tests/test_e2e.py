@@ -17,6 +17,7 @@ from tests.hfcheck import hf_stats
 
 HFCHECK = Path(__file__).with_name("hfcheck.py")
 
+
 def load_artifact(zip_bytes: bytes, dest: Path, isolated: bool = False) -> dict:
     """Unzip and load with plain transformers; ``isolated`` does it in a fresh interpreter that
     never imports modelpress (slow: a new torch import), otherwise in this process."""
@@ -95,8 +96,13 @@ def test_bare_safetensors_round_trip(stack, tiny):
     assert m["format"] == "safetensors" and m["architecture"] is None
     assert m["parameters"] == 64 * 64 + 32 * 64 + 64 + 100 * 64
     assert m["sha256"] == __import__("hashlib").sha256(path.read_bytes()).hexdigest()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-        {"method": "prune.magnitude", "params": {"sparsity": 0.5}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]},
+        ).json()["id"],
+    )
     assert job["status"] == "succeeded", job
     data = c.get(f"/v1/jobs/{job['id']}/artifact").content
     sd = load(data)
@@ -110,8 +116,13 @@ def test_bare_safetensors_round_trip(stack, tiny):
 def test_range_download_and_resume(stack, tiny):
     c = stack.client()
     m = upload_dir(c, tiny["gpt2"]).json()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-        {"method": "quantize.cast", "params": {"dtype": "bfloat16"}}]}).json()["id"])
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}]},
+        ).json()["id"],
+    )
     full = c.get(f"/v1/jobs/{job['id']}/artifact").content
     size = len(full)
     part = c.get(f"/v1/jobs/{job['id']}/artifact", headers={"Range": "bytes=0-99"})
@@ -131,7 +142,12 @@ def test_artifact_is_deterministic(cluster, tiny):
     m = upload_dir(c, tiny["gpt2"]).json()
     shas = []
     for _ in range(2):
-        job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-            {"method": "prune.magnitude", "params": {"sparsity": 0.4}}]}).json()["id"])
+        job = wait_job(
+            c,
+            c.post(
+                "/v1/jobs",
+                json={"model_id": m["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.4}}]},
+            ).json()["id"],
+        )
         shas.append(job["artifact"]["sha256"])
     assert shas[0] == shas[1]

@@ -44,7 +44,9 @@ def _builtin():
     return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None}
 
 
-def _evaluate(src: Path, artifact: Path, settings: dict, progress=None, compressed_cost: float = 1.0) -> tuple[dict, evaluate.Evaluator]:
+def _evaluate(
+    src: Path, artifact: Path, settings: dict, progress=None, compressed_cost: float = 1.0
+) -> tuple[dict, evaluate.Evaluator]:
     from worker import model_io
 
     ev = evaluate.Evaluator(settings, src, _builtin, *([progress] if progress else []))
@@ -103,14 +105,20 @@ def test_t_quantiles_and_the_ratio_interval_match_hand_values():
     # Equal counts: the ratio interval is the plain t-interval of the values.
     r, lo, hi = m.ratio_t_interval([1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1])
     sd = math.sqrt(sum((x - 2.5) ** 2 for x in (1, 2, 3, 4)) / 3)
-    assert r == 2.5 and hi - r == pytest.approx(m.t_quantile(0.975, 3) * sd / 2, rel=1e-9) and r - lo == pytest.approx(hi - r)
+    assert (
+        r == 2.5
+        and hi - r == pytest.approx(m.t_quantile(0.975, 3) * sd / 2, rel=1e-9)
+        and r - lo == pytest.approx(hi - r)
+    )
     # Token-weighted: Σ sums / Σ counts, not the mean of per-sample means.
     r, lo, hi = m.ratio_t_interval([10.0, 1.0], [10, 2])
     assert r == pytest.approx(11 / 12) and lo < r < hi
     assert m.ratio_t_interval([1.0], [3]) is None  # one sample: no spread, no interval
     ppl = m.perplexity_interval([20.0, 26.0, 31.0], [10, 12, 15])
     point = m.perplexity(77.0, 37)
-    assert ppl[0] < point < ppl[1] and math.log(point) - math.log(ppl[0]) == pytest.approx(math.log(ppl[1]) - math.log(point))
+    assert ppl[0] < point < ppl[1] and math.log(point) - math.log(ppl[0]) == pytest.approx(
+        math.log(ppl[1]) - math.log(point)
+    )
     assert m.mean_interval([0.0, 0.0, 0.0], [4, 5, 6], lo=0.0) == [0.0, 0.0]  # an unchanged model: KL exactly 0
     assert m.runs_that_fit(1.0, 0.3, cap=7, minimum=3) == 3 and m.runs_that_fit(10.0, 0.3, cap=7, minimum=3) == 7
     assert m.runs_that_fit(0.0, 0.3, cap=2, minimum=3) == 2  # the cap wins over the minimum
@@ -215,8 +223,12 @@ def test_one_sample_has_no_interval_and_says_why(tok_models):
 
 def test_progress_moves_sample_by_sample(tok_models, changed_gpt2):
     seen: list[tuple[str, float | None]] = []
-    s, ev = _evaluate(tok_models["gpt2"], changed_gpt2, {**SETTINGS, "budget_s": 0.001},
-                      progress=lambda note, fraction=None: seen.append((note, fraction)))
+    s, ev = _evaluate(
+        tok_models["gpt2"],
+        changed_gpt2,
+        {**SETTINGS, "budget_s": 0.001},
+        progress=lambda note, fraction=None: seen.append((note, fraction)),
+    )
     n = ev.n_samples
     for which in ("original", "compressed"):
         notes = [(t, x) for t, x in seen if t.startswith(f"evaluating {which} model")]

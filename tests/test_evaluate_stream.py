@@ -15,7 +15,15 @@ from tests.tokenizer_util import build_models
 from worker import evaluate, model_io
 
 # Generous: every text runs in both evaluations, so they see the same inputs.
-SETTINGS = {"enabled": True, "batch_size": 1, "seq_len": 16, "runs": 3, "warmup": 1, "max_samples": 8, "budget_s": 3600.0}
+SETTINGS = {
+    "enabled": True,
+    "batch_size": 1,
+    "seq_len": 16,
+    "runs": 3,
+    "warmup": 1,
+    "max_samples": 8,
+    "budget_s": 3600.0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +116,13 @@ def test_weights_on_disk_give_the_in_memory_figures(tok_models, llama_int4, tmp_
 
 def test_weights_on_disk_follow_the_budget_and_progress(tok_models, llama_int4, tmp_path):
     seen: list[tuple[str, float | None]] = []
-    s, ev = _on_disk(tok_models["llama"], llama_int4, tmp_path, {**SETTINGS, "budget_s": 0.001},
-                     seen=lambda note, fraction=None: seen.append((note, fraction)))
+    s, ev = _on_disk(
+        tok_models["llama"],
+        llama_int4,
+        tmp_path,
+        {**SETTINGS, "budget_s": 0.001},
+        seen=lambda note, fraction=None: seen.append((note, fraction)),
+    )
     q = s["quality"]
     assert q["samples"] == evaluate.MIN_SAMPLES and q["limited_by"] == "budget" and "ran anyway" in q["budget_note"]
     assert q["budget"]["within_budget"] is False
@@ -156,9 +169,17 @@ def _pipeline_job(src: Path, root: Path, steps: list[dict], budget_mb: int) -> d
     data = root / "calib.txt"
     data.write_bytes(txt_dataset())
     storage.put_file(data, "datasets/calib.txt")
-    datasets = {"train": {"id": "calib", "format": "txt", "storage_key": "datasets/calib.txt", "samples": None, "labels": None}}
-    model_info = {"format": "hf", "prefix": "models/m", "files": files, "sha256": "0" * 64,
-                  "size_bytes": sum(f["size"] for f in files), "parameters": None}
+    datasets = {
+        "train": {"id": "calib", "format": "txt", "storage_key": "datasets/calib.txt", "samples": None, "labels": None}
+    }
+    model_info = {
+        "format": "hf",
+        "prefix": "models/m",
+        "files": files,
+        "sha256": "0" * 64,
+        "size_bytes": sum(f["size"] for f in files),
+        "parameters": None,
+    }
 
     class Ctx(pipeline.JobContext):
         def progress(self, stage: str, fraction: float) -> None:
@@ -174,10 +195,14 @@ def _pipeline_job(src: Path, root: Path, steps: list[dict], budget_mb: int) -> d
     return values["metrics"]
 
 
-@pytest.mark.parametrize("steps,path", [
-    ([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}}], "stream"),
-    ([{"method": "prune.wanda", "params": {"sparsity": 0.5, "num_samples": 8, "max_length": 32}}], "blocks"),
-], ids=["stream", "blocks"])
+@pytest.mark.parametrize(
+    "steps,path",
+    [
+        ([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}}], "stream"),
+        ([{"method": "prune.wanda", "params": {"sparsity": 0.5, "num_samples": 8, "max_length": 32}}], "blocks"),
+    ],
+    ids=["stream", "blocks"],
+)
 def test_the_pipeline_streams_evaluation_when_the_budget_cannot_hold_the_model_twice(tok_models, tmp_path, steps, path):
     whole = _pipeline_job(tok_models["llama"], tmp_path / "whole", steps, budget_mb=0)
     disk = _pipeline_job(tok_models["llama"], tmp_path / "disk", steps, budget_mb=1)
@@ -186,8 +211,10 @@ def test_the_pipeline_streams_evaluation_when_the_budget_cannot_hold_the_model_t
     assert "evaluate_streamed" not in whole["stage_seconds"]
     assert disk["quality"]["weights_on_disk"] is True and whole["quality"]["weights_on_disk"] is False
     assert disk["speed"]["available"] is False and whole["speed"]["available"] is True
-    for section, keys in (("quality", ("original", "compressed", "ratio", "samples")),
-                          ("fidelity", ("kl_mean", "top1_agreement", "output_cosine", "tokens"))):
+    for section, keys in (
+        ("quality", ("original", "compressed", "ratio", "samples")),
+        ("fidelity", ("kl_mean", "top1_agreement", "output_cosine", "tokens")),
+    ):
         for key in keys:
             assert disk[section][key] == pytest.approx(whole[section][key], rel=1e-9, abs=1e-12), (section, key)
     # The offload folders went with the evaluation.

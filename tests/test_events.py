@@ -84,10 +84,13 @@ def test_stream_of_a_job_in_embedded(embedded, tiny):
 
     # Resuming after an event in the middle gives exactly the events after it, by header or query.
     mid = len(evs) // 2
-    assert read_all(c, job["id"], headers={"Last-Event-ID": evs[mid]["id"]}) == full[mid + 1:]
-    assert read_all(c, job["id"], params={"last_event_id": evs[mid]["id"]}) == full[mid + 1:]
+    assert read_all(c, job["id"], headers={"Last-Event-ID": evs[mid]["id"]}) == full[mid + 1 :]
+    assert read_all(c, job["id"], params={"last_event_id": evs[mid]["id"]}) == full[mid + 1 :]
     # The header wins over the query (EventSource keeps the URL and sends the newest id).
-    assert read_all(c, job["id"], headers={"Last-Event-ID": evs[-2]["id"]}, params={"last_event_id": evs[0]["id"]}) == full[-2:]
+    assert (
+        read_all(c, job["id"], headers={"Last-Event-ID": evs[-2]["id"]}, params={"last_event_id": evs[0]["id"]})
+        == full[-2:]
+    )
     # After the terminal event: only `end`.
     assert read_all(c, job["id"], headers={"Last-Event-ID": evs[-1]["id"]}) == full[-1:]
 
@@ -96,7 +99,10 @@ def test_stream_of_a_job_in_embedded(embedded, tiny):
     theirs = other.get(f"/v1/jobs/{job['id']}/events")
     missing = other.get("/v1/jobs/00000000-0000-0000-0000-000000000000/events")
     assert theirs.status_code == missing.status_code == 404
-    assert theirs.json() == {**missing.json(), "detail": missing.json()["detail"].replace("00000000-0000-0000-0000-000000000000", job["id"])}
+    assert theirs.json() == {
+        **missing.json(),
+        "detail": missing.json()["detail"].replace("00000000-0000-0000-0000-000000000000", job["id"]),
+    }
     assert embedded.client(None).get(f"/v1/jobs/{job['id']}/events").status_code == 401
     bad = c.get(f"/v1/jobs/{job['id']}/events", headers={"Last-Event-ID": "abc"})
     assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
@@ -128,7 +134,7 @@ def test_stream_of_a_job_in_cluster(cluster, tiny):
     full = read_all(c, job["id"])
     evs = check_succeeded_run(full, wait_job(c, job["id"], timeout=5))
     mid = len(evs) // 2
-    assert read_all(c, job["id"], headers={"Last-Event-ID": evs[mid]["id"]}) == full[mid + 1:]
+    assert read_all(c, job["id"], headers={"Last-Event-ID": evs[mid]["id"]}) == full[mid + 1 :]
 
 
 def test_canceled_queued_job_streams_queued_then_canceled(cluster_no_worker, tiny):
@@ -185,7 +191,16 @@ def test_repository_writes_one_event_per_visible_change(tmp_path):
 
         def log() -> list[tuple]:
             rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
-            return [(e.type, e.data["status"], e.data.get("attempt"), e.data["progress"]["stage"], e.data.get("cancel_requested")) for e in rows]
+            return [
+                (
+                    e.type,
+                    e.data["status"],
+                    e.data.get("attempt"),
+                    e.data["progress"]["stage"],
+                    e.data.get("cancel_requested"),
+                )
+                for e in rows
+            ]
 
         assert repo.claim(s, job_id, 60) == 1
         assert repo.heartbeat(s, job_id, 1, 60)

@@ -62,7 +62,9 @@ def _safetensors(seed: int) -> bytes:
 
 
 def _upload_model(client: httpx.Client, seed: int) -> str:
-    r = client.post("/v1/models", files=[("files", ("weights.safetensors", _safetensors(seed)))], data={"name": f"fuzz-{seed}"})
+    r = client.post(
+        "/v1/models", files=[("files", ("weights.safetensors", _safetensors(seed)))], data={"name": f"fuzz-{seed}"}
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -85,11 +87,21 @@ def _seed_objects(client: httpx.Client) -> dict[str, dict[str, str]]:
     doomed_dataset = _upload_dataset(client, "fuzz-doomed")
     steps = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]
     # evaluation off: sizes and sparsity only, so the worker is done with it in a moment.
-    r = client.post("/v1/jobs", json={"model_id": model, "steps": steps, "evaluation": {"enabled": False}, "name": "fuzz"})
+    r = client.post(
+        "/v1/jobs", json={"model_id": model, "steps": steps, "evaluation": {"enabled": False}, "name": "fuzz"}
+    )
     assert r.status_code == 202, r.text
     job = r.json()["id"]
-    r = client.post("/v1/sweeps", json={"model_id": model, "steps": steps, "evaluation": {"enabled": False},
-                                        "vary": {"steps[0].params.sparsity": [0.25]}, "name": "fuzz"})
+    r = client.post(
+        "/v1/sweeps",
+        json={
+            "model_id": model,
+            "steps": steps,
+            "evaluation": {"enabled": False},
+            "vary": {"steps[0].params.sparsity": [0.25]},
+            "name": "fuzz",
+        },
+    )
     assert r.status_code == 202, r.text
     sweep = r.json()["id"]
     assert wait_job(client, job, timeout=180)["status"] == "succeeded"
@@ -141,7 +153,9 @@ def _operation_config(method: str, path: str, ids: dict[str, dict[str, str]]) ->
         return []  # the defaults
     lines = ["[[operations]]", f"include-name = {json.dumps(label)}"]
     if params:
-        inner = ", ".join(f"{json.dumps(k)} = {{ dictionary = {json.dumps(d)}, probability = {p} }}" for k, (d, p) in params.items())
+        inner = ", ".join(
+            f"{json.dumps(k)} = {{ dictionary = {json.dumps(d)}, probability = {p} }}" for k, (d, p) in params.items()
+        )
         lines.append(f"parameters = {{ {inner} }}")
     if extra:
         lines.append(f"checks.positive_data_acceptance.expected-statuses = {_toml_list([*_POSITIVE_DEFAULT, *extra])}")
@@ -213,17 +227,28 @@ def run_fuzz(url: str, keys: dict[str, str], workdir: Path, ids: dict[str, dict[
     spec = httpx.get(f"{url}/openapi.json", timeout=30).json()
     config.write_text(_config(spec, ids, auth_file))
     cmd = [
-        str(BIN / "st"), "--config-file", str(config), "--no-color", "run", f"{url}/openapi.json",
-        "--checks", "all",
+        str(BIN / "st"),
+        "--config-file",
+        str(config),
+        "--no-color",
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        "all",
         "--generation-deterministic",
-        "--max-examples", str(MAX_EXAMPLES),
+        "--max-examples",
+        str(MAX_EXAMPLES),
         # One worker: with two, schemathesis generates in two threads, and CPython 3.11.7's ast
         # module keeps its recursion depth in per-interpreter state, so hypothesis describing a
         # strategy (ast.parse) in both threads at once can fail with "SystemError: AST constructor
         # recursion depth mismatch" (cpython gh-106905, fixed in 3.11.8/3.12.1): a CI run failed so.
-        "--workers", "1",
+        "--workers",
+        "1",
         "--continue-on-failure",
-        "--report", "json", "--report-json-path", str(report),
+        "--report",
+        "json",
+        "--report-json-path",
+        str(report),
     ]
     started = time.monotonic()
     res = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
@@ -260,7 +285,9 @@ def test_schemathesis_all_checks(cluster, tmp_path: Path) -> None:
             left = _cancel_leftovers(client)
     cases = result["test_cases"]["generated"]
     print(f"schemathesis: {cases} cases in {elapsed:.1f} s; unfinished jobs canceled after it: {len(left)}")
-    summary = json.dumps({k: result[k] for k in ("stop_reason", "operations", "test_cases", "failures", "errors")}, indent=1)
+    summary = json.dumps(
+        {k: result[k] for k in ("stop_reason", "operations", "test_cases", "failures", "errors")}, indent=1
+    )
     assert result["complete"] and result["stop_reason"] == "completed", f"{summary}\n{output[-20000:]}"
     assert result["operations"]["tested"] == result["operations"]["selected"], summary
     assert not result["failures"] and not result["errors"], f"{summary}\n{output[-30000:]}"

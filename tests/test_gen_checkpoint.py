@@ -48,8 +48,10 @@ def test_sharded_checkpoint_matches_llama_and_loads(tmp_path: Path) -> None:
     index = json.loads(raw)
     assert raw == json.dumps(index, indent=2, sort_keys=True) + "\n"
     assert set(index["weight_map"]) == set(expected) and set(index["weight_map"].values()) == set(shards)
-    assert index["metadata"] == {"total_parameters": sum(math.prod(s) for s in expected.values()),
-                                 "total_size": sum(math.prod(s) * 2 for s in expected.values())}
+    assert index["metadata"] == {
+        "total_parameters": sum(math.prod(s) for s in expected.values()),
+        "total_size": sum(math.prod(s) * 2 for s in expected.values()),
+    }
     found = {}
     for shard in shards:
         with safe_open(out / shard, "pt") as f:

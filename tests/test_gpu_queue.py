@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -43,7 +43,11 @@ def _wait_worker(client, pid: int, timeout: float = 120) -> dict:
 
 def _stage(client, job_id: str) -> str:
     one = client.get(f"/v1/jobs/{job_id}").json()["progress"]["stage"]
-    listed = next(j for j in client.get("/v1/jobs", params={"status": "queued", "limit": 200}).json()["items"] if j["id"] == job_id)
+    listed = next(
+        j
+        for j in client.get("/v1/jobs", params={"status": "queued", "limit": 200}).json()["items"]
+        if j["id"] == job_id
+    )
     assert listed["progress"]["stage"] == one, "the list and the job agree"
     return one
 
@@ -52,7 +56,7 @@ def _insert_gpu_job(stack, model: dict, steps: list[dict]) -> str:
     """A queued job on the gpu queue, as submit would record it, with no message sent (only GPU
     methods route there, and the tree may have none yet)."""
     job_id = str(uuid.uuid4())
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     with _pg(stack) as conn:
         tenant = conn.execute("SELECT tenant_id FROM models WHERE id = %s", (model["id"],)).fetchone()[0]
         conn.execute(
@@ -73,8 +77,18 @@ def test_cluster_worker_is_registered_and_live(cluster):
     c = cluster.client()
     worker = next(p for p in cluster.service.procs if "worker" in p.args)
     row = _wait_worker(c, worker.pid)
-    assert set(row) == {"id", "hostname", "queues", "device", "started_at", "last_seen_at", "live",
-                        "memory_budget_bytes", "scratch_budget_bytes", "throughput"}
+    assert set(row) == {
+        "id",
+        "hostname",
+        "queues",
+        "device",
+        "started_at",
+        "last_seen_at",
+        "live",
+        "memory_budget_bytes",
+        "scratch_budget_bytes",
+        "throughput",
+    }
     # The budget a worker publishes (worker/budget.py): derived from the machine here, so positive.
     assert row["memory_budget_bytes"] > 0 and row["scratch_budget_bytes"] > 0
     assert row["hostname"] == socket.gethostname()
@@ -90,16 +104,25 @@ def test_gpu_worker_needs_cuda(cluster):
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA device")
-    res = subprocess.run([MODELPRESS, "worker", "--queues", "gpu"], env=cluster.service.env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [MODELPRESS, "worker", "--queues", "gpu"], env=cluster.service.env, capture_output=True, text=True, timeout=120
+    )
     assert res.returncode != 0
     assert "no CUDA device: a gpu-queue worker needs one" in res.stderr
 
 
 def test_gpu_worker_refuses_a_pool_and_unknown_queues(cluster):
-    res = subprocess.run([MODELPRESS, "worker", "--queues", "cpu,gpu", "--concurrency", "2"], env=cluster.service.env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [MODELPRESS, "worker", "--queues", "cpu,gpu", "--concurrency", "2"],
+        env=cluster.service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "one process per GPU" in res.stderr
-    res = subprocess.run([MODELPRESS, "worker", "--queues", "tpu"], env=cluster.service.env, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [MODELPRESS, "worker", "--queues", "tpu"], env=cluster.service.env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 2 and "unknown queue(s) tpu" in res.stderr
 
 
@@ -114,9 +137,18 @@ def llm(tmp_path_factory):
 
     torch.manual_seed(0)
     v = vocab()
-    config = LlamaConfig(num_hidden_layers=1, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=len(v), max_position_embeddings=64,
-                         pad_token_id=v["[PAD]"], bos_token_id=v["[BOS]"], eos_token_id=v["[EOS]"])
+    config = LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(v),
+        max_position_embeddings=64,
+        pad_token_id=v["[PAD]"],
+        bos_token_id=v["[BOS]"],
+        eos_token_id=v["[EOS]"],
+    )
     return save_with_tokenizer(LlamaForCausalLM(config), tmp_path_factory.mktemp("gpu-llm") / "llama")
 
 
@@ -124,15 +156,19 @@ def test_submitted_gpu_job_says_it_waits_for_a_gpu_worker(cluster_no_worker, llm
     c = cluster_no_worker.client()
     gpu_methods = [m for m in c.get("/v1/methods").json() if m["needs_gpu"]]
     if not gpu_methods:
-        pytest.fail("no registered method has needs_gpu=True, so no job routes to the gpu queue "
-                    "(quantize.awq, core/methods/quantize_awq.py, is the first one)")
+        pytest.fail(
+            "no registered method has needs_gpu=True, so no job routes to the gpu queue "
+            "(quantize.awq, core/methods/quantize_awq.py, is the first one)"
+        )
     names = [m["name"] for m in gpu_methods]
     method = "quantize.awq" if "quantize.awq" in names else names[0]
     from tests.tokenizer_util import txt_dataset
 
     model = upload_dir(c, llm).json()
     ds = c.post("/v1/datasets", files={"file": ("calib.txt", txt_dataset())}).json()
-    r = c.post("/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "steps": [{"method": method, "params": {}}]})
+    r = c.post(
+        "/v1/jobs", json={"model_id": model["id"], "dataset_id": ds["id"], "steps": [{"method": method, "params": {}}]}
+    )
     assert r.status_code == 202, r.text
     job = r.json()
     try:
@@ -150,9 +186,12 @@ def test_queued_gpu_job_stage_follows_the_registry(cluster_no_worker, tiny):
     try:
         assert _stage(c, job_id) == WAITING
         with _pg(cluster_no_worker) as conn:
-            now = datetime.now(timezone.utc)
-            conn.execute("INSERT INTO workers (id, hostname, pid, queues, device, started_at, last_seen_at)"
-                         " VALUES (%s, %s, 1, %s, 'cuda:0 (test)', %s, %s)", (f"{ghost}:1", ghost, json.dumps(["gpu"]), now, now))
+            now = datetime.now(UTC)
+            conn.execute(
+                "INSERT INTO workers (id, hostname, pid, queues, device, started_at, last_seen_at)"
+                " VALUES (%s, %s, 1, %s, 'cuda:0 (test)', %s, %s)",
+                (f"{ghost}:1", ghost, json.dumps(["gpu"]), now, now),
+            )
             assert _stage(c, job_id) == "queued"
             conn.execute("UPDATE workers SET last_seen_at = %s WHERE id = %s", (now - timedelta(hours=1), f"{ghost}:1"))
             assert _stage(c, job_id).startswith("waiting for a GPU worker (none seen since ")
@@ -172,8 +211,13 @@ def test_gpu_queue_worker_takes_gpu_jobs(cluster_no_worker, tiny, tmp_path):
     job_id = _insert_gpu_job(cluster_no_worker, model, [{"method": "quantize.cast", "params": {"dtype": "float16"}}])
     log = tmp_path / "gpu-worker.log"
     with log.open("wb") as out:
-        worker = subprocess.Popen([MODELPRESS, "worker", "--queues", "gpu", "--allow-no-gpu"], env=env,
-                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [MODELPRESS, "worker", "--queues", "gpu", "--allow-no-gpu"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         row = _wait_worker(c, worker.pid)
         assert (row["queues"], row["device"], row["live"]) == (["gpu"], "cpu", True)

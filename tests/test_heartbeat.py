@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -34,15 +34,23 @@ LEASE_S = 4
 RECONCILE_S = 1
 MAX_ATTEMPTS = 3
 # A report with many timed passes: long enough to be caught running.
-SLOW = {"steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-        "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8}}
+SLOW = {
+    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+    "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8},
+}
 
 
 @pytest.fixture(scope="module")
 def beat(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     with private_database() as db:
-        st = kill_stack(db, tmp_path_factory.mktemp("heartbeat"), job_lease_s=str(LEASE_S), requeue_after_s="2",
-                        reconcile_interval_s=str(RECONCILE_S), max_attempts=str(MAX_ATTEMPTS))
+        st = kill_stack(
+            db,
+            tmp_path_factory.mktemp("heartbeat"),
+            job_lease_s=str(LEASE_S),
+            requeue_after_s="2",
+            reconcile_interval_s=str(RECONCILE_S),
+            max_attempts=str(MAX_ATTEMPTS),
+        )
         yield st
         st.service.stop()
 
@@ -77,7 +85,7 @@ def test_a_stopped_but_live_job_process_keeps_its_lease(beat, tiny):
             row = job_row(beat, job_id)
             assert row["status"] == "running" and row["attempt"] == 1, row
             # Renewed every LEASE_S / 6 s: never more than a few beats behind.
-            left = (row["lease_expires_at"] - datetime.now(timezone.utc)).total_seconds()
+            left = (row["lease_expires_at"] - datetime.now(UTC)).total_seconds()
             assert left > LEASE_S / 3, (left, row)
             time.sleep(0.5)
     finally:
@@ -112,7 +120,7 @@ def test_a_killed_job_process_takes_its_keeper_along_which_ends_the_lease_at_onc
         time.sleep(0.02)
     # It ended the lease on its way out: claimable now, not LEASE_S after the last renewal; the
     # reconciler's next pass (or Celery's requeue of the lost task) starts attempt 2.
-    assert job_row(beat, job_id)["lease_expires_at"] <= datetime.now(timezone.utc)
+    assert job_row(beat, job_id)["lease_expires_at"] <= datetime.now(UTC)
     took = _reclaimed_after(beat, job_id, killed, RECONCILE_S + 8)
     done = wait_job(c, job_id, timeout=180)
     assert done["status"] == "succeeded" and done["attempt"] == 2, done
@@ -152,8 +160,14 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(beat, t
     c = chaos.client()
     model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
     # Slow enough to be caught running: a report with many timed passes.
-    poison = c.post("/v1/jobs", json={"model_id": model, "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-                                      "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8}}).json()["id"]
+    poison = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": model,
+            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+            "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8},
+        },
+    ).json()["id"]
     main = [p for p in chaos.service.procs if p is not chaos.service.api][-1]
     deadline = time.monotonic() + 60
     while not children(main.pid):
@@ -162,7 +176,7 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(beat, t
     killed: list[int] = []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        (status, attempt), = query(chaos, "SELECT status, attempt FROM jobs WHERE id = %s", poison)
+        ((status, attempt),) = query(chaos, "SELECT status, attempt FROM jobs WHERE id = %s", poison)
         if status in ("succeeded", "failed", "canceled"):
             break
         if status == "running" and attempt not in killed:
@@ -175,8 +189,14 @@ def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(beat, t
     assert killed == list(range(1, MAX_ATTEMPTS + 1)) and job["attempt"] == MAX_ATTEMPTS, (killed, job)
     # The worker's main process survived every kill of its child and serves the next job.
     assert main.poll() is None
-    ok = c.post("/v1/jobs", json={"model_id": model, "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
-                                  "evaluation": {"enabled": False}}).json()
+    ok = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": model,
+            "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+            "evaluation": {"enabled": False},
+        },
+    ).json()
     assert wait_job(c, ok["id"], timeout=60)["status"] == "succeeded"
 
 
@@ -195,23 +215,44 @@ def test_the_keeper_renews_and_ends_leases_on_sqlite(tmp_path):
     from core.tables import Job, Tenant
     from tests.helpers import MODELPRESS
 
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")},
-           "MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(tmp_path)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")},
+        "MODELPRESS_MODE": "embedded",
+        "MODELPRESS_DATA_DIR": str(tmp_path),
+    }
     subprocess.run([MODELPRESS, "migrate"], env=env, check=True, capture_output=True, timeout=120)
     engine = make_engine(f"sqlite:///{tmp_path / 'modelpress.sqlite3'}")
     jobs = [str(uuid.uuid4()) for _ in range(2)]
-    start = datetime.now(timezone.utc)
+    start = datetime.now(UTC)
     with Session(engine) as s:
         tenant = Tenant(name=f"t-{uuid.uuid4().hex[:6]}")
         s.add(tenant)
         s.flush()
-        s.add_all([Job(id=j, tenant_id=tenant.id, steps=[], status="running", attempt=1,
-                       lease_expires_at=start + timedelta(seconds=LEASE_S)) for j in jobs])
+        s.add_all(
+            [
+                Job(
+                    id=j,
+                    tenant_id=tenant.id,
+                    steps=[],
+                    status="running",
+                    attempt=1,
+                    lease_expires_at=start + timedelta(seconds=LEASE_S),
+                )
+                for j in jobs
+            ]
+        )
         s.commit()
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom worker.heartbeat import keeper\nk = keeper()\n"
-         f"for j in {jobs!r}: k.hold(j, 1, {LEASE_S})\nprint(k.pid, flush=True)\ntime.sleep(600)\n"],
-        env=env, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom worker.heartbeat import keeper\nk = keeper()\n"
+            f"for j in {jobs!r}: k.hold(j, 1, {LEASE_S})\nprint(k.pid, flush=True)\ntime.sleep(600)\n",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         keeper_pid = int(holder.stdout.readline())
 
@@ -220,11 +261,11 @@ def test_the_keeper_renews_and_ends_leases_on_sqlite(tmp_path):
                 return [s.get(Job, j).lease_expires_at for j in jobs]
 
         time.sleep(2 * LEASE_S)  # past the first lease: renewed all along
-        assert all(lease > datetime.now(timezone.utc) + timedelta(seconds=LEASE_S / 3) for lease in leases()), leases()
+        assert all(lease > datetime.now(UTC) + timedelta(seconds=LEASE_S / 3) for lease in leases()), leases()
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         deadline = time.monotonic() + 5
-        while pid_alive(keeper_pid) or any(lease > datetime.now(timezone.utc) for lease in leases()):
+        while pid_alive(keeper_pid) or any(lease > datetime.now(UTC) for lease in leases()):
             assert time.monotonic() < deadline, ("the keeper did not end the leases", leases())
             time.sleep(0.05)
     finally:

@@ -64,7 +64,11 @@ def config_bytes(**changes) -> bytes:
 
 
 def hf_files(config: bytes | None = None, **extra: bytes) -> list[tuple[str, bytes]]:
-    return [("config.json", config if config is not None else config_bytes()), ("model.safetensors", GOOD_ST), *extra.items()]
+    return [
+        ("config.json", config if config is not None else config_bytes()),
+        ("model.safetensors", GOOD_ST),
+        *extra.items(),
+    ]
 
 
 def shard(tensors: dict[str, int]) -> bytes:
@@ -80,7 +84,9 @@ def sharded(shards: list[dict[str, int]], weight_map: dict[str, str] | bytes) ->
     n = len(shards)
     files = [("config.json", config_bytes())]
     files += [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", shard(t)) for i, t in enumerate(shards)]
-    index = weight_map if isinstance(weight_map, bytes) else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    index = (
+        weight_map if isinstance(weight_map, bytes) else json.dumps({"metadata": {}, "weight_map": weight_map}).encode()
+    )
     return [*files, ("model.safetensors.index.json", index)]
 
 
@@ -104,8 +110,17 @@ class Raw:
         return json.loads(self.text)
 
 
-def raw_request(url: str, key: str, method: str, path: str, body: bytes, content_type: str,
-                content_length: int | None = None, send: bytes | None = None, timeout: float = 30) -> Raw:
+def raw_request(
+    url: str,
+    key: str,
+    method: str,
+    path: str,
+    body: bytes,
+    content_type: str,
+    content_length: int | None = None,
+    send: bytes | None = None,
+    timeout: float = 30,
+) -> Raw:
     """``body`` sent under a Content-Length of ``content_length`` (default: its length), then
     ``send`` (what actually goes on the wire; default: ``body``)."""
     host, port = url.removeprefix("http://").split(":")
@@ -174,25 +189,40 @@ def body(method: str, path: str, text: str | bytes, headers: dict | None = None)
 
     def send(c: httpx.Client, ctx: Ctx):  # noqa: ANN202
         raw = text.replace("{model}", ctx.model_id) if isinstance(text, str) else text
-        return c.request(method, path, content=raw.encode() if isinstance(raw, str) else raw,
-                         headers={"Content-Type": "application/json", **(headers or {})})
+        return c.request(
+            method,
+            path,
+            content=raw.encode() if isinstance(raw, str) else raw,
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
 
     return send
 
 
 def job(params: str, extra: str = "", method: str = "prune.magnitude", headers: dict | None = None) -> Send:
-    return body("POST", "/v1/jobs", '{"model_id":"{model}","steps":[{"method":"%s","params":%s}]%s}' % (method, params, extra), headers)
+    return body(
+        "POST",
+        "/v1/jobs",
+        '{"model_id":"{model}","steps":[{"method":"%s","params":%s}]%s}' % (method, params, extra),
+        headers,
+    )
 
 
 def sweep(vary: str, extra: str = "") -> Send:
-    return body("POST", "/v1/sweeps", '{"model_id":"{model}","steps":[{"method":"prune.magnitude","params":{}}],"vary":%s%s}' % (vary, extra))
+    return body(
+        "POST",
+        "/v1/sweeps",
+        '{"model_id":"{model}","steps":[{"method":"prune.magnitude","params":{}}],"vary":%s%s}' % (vary, extra),
+    )
 
 
 def get(path: str) -> Send:
     return lambda c, _ctx: c.get(path)
 
 
-def raw(path: str, payload: bytes, content_type: str, content_length: int | None = None, send: bytes | None = None) -> Send:
+def raw(
+    path: str, payload: bytes, content_type: str, content_length: int | None = None, send: bytes | None = None
+) -> Send:
     def go(_c: httpx.Client, ctx: Ctx) -> Raw:
         return raw_request(ctx.stack.service.url, ctx.key, "POST", path, payload, content_type, content_length, send)
 
@@ -212,32 +242,97 @@ def _corpus() -> list[Case]:
     # Safetensors headers (a bare state dict upload).
     sth = "safetensors_header"
     for id_, header, code_names in [
-        ("st_long_int_shape", '{"w":{"dtype":"F32","shape":[%s],"data_offsets":[0,8]}}' % BIG, ("w.safetensors", "w.shape[0]")),
-        ("st_long_int_offset", '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,%s]}}' % BIG, ("w.safetensors", "data_offsets[1]")),
-        ("st_long_float", '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8.%s]}}' % BIG, ("w.safetensors", "data_offsets[1]")),
+        (
+            "st_long_int_shape",
+            '{"w":{"dtype":"F32","shape":[%s],"data_offsets":[0,8]}}' % BIG,
+            ("w.safetensors", "w.shape[0]"),
+        ),
+        (
+            "st_long_int_offset",
+            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,%s]}}' % BIG,
+            ("w.safetensors", "data_offsets[1]"),
+        ),
+        (
+            "st_long_float",
+            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8.%s]}}' % BIG,
+            ("w.safetensors", "data_offsets[1]"),
+        ),
         ("st_deep_metadata", '{"__metadata__":%s,%s}' % (deep(), GOOD_TENSOR), ("w.safetensors", "__metadata__[0]")),
-        ("st_deep_tensor", '{"w":{"dtype":"F32","shape":%s,"data_offsets":[0,8]}}' % deep(), ("w.safetensors", "w.shape")),
-        ("st_surrogate_metadata_value", '{"__metadata__":{"format":"\\ud800"},%s}' % GOOD_TENSOR, ("w.safetensors", "__metadata__.format")),
-        ("st_surrogate_metadata_key", '{"__metadata__":{"\\udfff":"pt"},%s}' % GOOD_TENSOR, ("w.safetensors", "__metadata__")),
-        ("st_surrogate_tensor_name", '{"w\\ud83d":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}', ("w.safetensors",)),
-        ("st_nul_metadata", '{"__metadata__":{"format":"p\\u0000t"},%s}' % GOOD_TENSOR, ("w.safetensors", "__metadata__.format")),
+        (
+            "st_deep_tensor",
+            '{"w":{"dtype":"F32","shape":%s,"data_offsets":[0,8]}}' % deep(),
+            ("w.safetensors", "w.shape"),
+        ),
+        (
+            "st_surrogate_metadata_value",
+            '{"__metadata__":{"format":"\\ud800"},%s}' % GOOD_TENSOR,
+            ("w.safetensors", "__metadata__.format"),
+        ),
+        (
+            "st_surrogate_metadata_key",
+            '{"__metadata__":{"\\udfff":"pt"},%s}' % GOOD_TENSOR,
+            ("w.safetensors", "__metadata__"),
+        ),
+        (
+            "st_surrogate_tensor_name",
+            '{"w\\ud83d":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+            ("w.safetensors",),
+        ),
+        (
+            "st_nul_metadata",
+            '{"__metadata__":{"format":"p\\u0000t"},%s}' % GOOD_TENSOR,
+            ("w.safetensors", "__metadata__.format"),
+        ),
         ("st_nan_shape", '{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', ("w.safetensors", "w.shape[0]")),
-        ("st_float_overflow", '{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,8]}}', ("w.safetensors", "w.shape[0]")),
-        ("st_duplicate_tensor", '{%s,%s}' % (GOOD_TENSOR, GOOD_TENSOR), ("w.safetensors", "w")),
+        (
+            "st_float_overflow",
+            '{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,8]}}',
+            ("w.safetensors", "w.shape[0]"),
+        ),
+        ("st_duplicate_tensor", "{%s,%s}" % (GOOD_TENSOR, GOOD_TENSOR), ("w.safetensors", "w")),
         ("st_unhashable_dtype", '{"w":{"dtype":["F32"],"shape":[2],"data_offsets":[0,8]}}', ("w.safetensors", "'w'")),
-        ("st_metadata_number", '{"__metadata__":{"format":%s},%s}' % (BIG, GOOD_TENSOR), ("w.safetensors", "__metadata__.format")),
+        (
+            "st_metadata_number",
+            '{"__metadata__":{"format":%s},%s}' % (BIG, GOOD_TENSOR),
+            ("w.safetensors", "__metadata__.format"),
+        ),
     ]:
         add(id_, sth, upload([("w.safetensors", st_file(header, b"\0" * 8))]), 422, "invalid_safetensors", *code_names)
 
     # config.json and the other JSON files of a model directory.
     cfg = "config_json"
     for id_, content, fname, where in [
-        ("config_long_int", '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"n_layer":%s}' % BIG, "config.json", "n_layer"),
-        ("config_deep", '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"x":%s}' % deep(), "config.json", "x[0]"),
-        ("config_surrogate_value", '{"model_type":"gpt2\\ud800","architectures":["GPT2LMHeadModel"]}', "config.json", "model_type"),
-        ("config_surrogate_key", '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"\\ud800":1}', "config.json", "config.json"),
+        (
+            "config_long_int",
+            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"n_layer":%s}' % BIG,
+            "config.json",
+            "n_layer",
+        ),
+        (
+            "config_deep",
+            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"x":%s}' % deep(),
+            "config.json",
+            "x[0]",
+        ),
+        (
+            "config_surrogate_value",
+            '{"model_type":"gpt2\\ud800","architectures":["GPT2LMHeadModel"]}',
+            "config.json",
+            "model_type",
+        ),
+        (
+            "config_surrogate_key",
+            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"\\ud800":1}',
+            "config.json",
+            "config.json",
+        ),
         ("config_nan", '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"eps":NaN}', "config.json", "eps"),
-        ("config_duplicate_key", '{"model_type":"gpt2","model_type":"llama","architectures":["GPT2LMHeadModel"]}', "config.json", "model_type"),
+        (
+            "config_duplicate_key",
+            '{"model_type":"gpt2","model_type":"llama","architectures":["GPT2LMHeadModel"]}',
+            "config.json",
+            "model_type",
+        ),
         ("tokenizer_deep", deep("{}"), "tokenizer.json", "tokenizer.json"),
         ("tokenizer_long_int", '{"model":{"vocab":{"a":%s}}}' % BIG, "tokenizer.json", "model.vocab.a"),
         ("generation_config_surrogate", '{"bos":"\\udc00"}', "generation_config.json", "bos"),
@@ -255,26 +350,123 @@ def _corpus() -> list[Case]:
         ("arch_not_string", [7], "architectures"),
     ]:
         add(id_, arch, upload(hf_files(config_bytes(architectures=archs))), 422, "invalid_config", "config.json", where)
-    add("model_type_path", arch, upload(hf_files(config_bytes(model_type="gpt2/../../x"))), 422, "invalid_config", "config.json", "model_type")
+    add(
+        "model_type_path",
+        arch,
+        upload(hf_files(config_bytes(model_type="gpt2/../../x"))),
+        422,
+        "invalid_config",
+        "config.json",
+        "model_type",
+    )
 
     dt = "config_dtype"
-    add("torch_dtype_float64", dt, upload(hf_files(config_bytes(torch_dtype="float64"))), 422, "config_dtype_widens", "config.json", "torch_dtype")
-    add("dtype_double", dt, upload(hf_files(config_bytes(torch_dtype=None, dtype="double"))), 422, "config_dtype_widens", "config.json", "dtype")
-    add("torch_dtype_unknown", dt, upload(hf_files(config_bytes(torch_dtype="float128"))), 422, "invalid_config", "config.json", "torch_dtype")
-    add("torch_dtype_object", dt, upload(hf_files(config_bytes(torch_dtype={"a": 1}))), 422, "invalid_config", "config.json", "torch_dtype")
+    add(
+        "torch_dtype_float64",
+        dt,
+        upload(hf_files(config_bytes(torch_dtype="float64"))),
+        422,
+        "config_dtype_widens",
+        "config.json",
+        "torch_dtype",
+    )
+    add(
+        "dtype_double",
+        dt,
+        upload(hf_files(config_bytes(torch_dtype=None, dtype="double"))),
+        422,
+        "config_dtype_widens",
+        "config.json",
+        "dtype",
+    )
+    add(
+        "torch_dtype_unknown",
+        dt,
+        upload(hf_files(config_bytes(torch_dtype="float128"))),
+        422,
+        "invalid_config",
+        "config.json",
+        "torch_dtype",
+    )
+    add(
+        "torch_dtype_object",
+        dt,
+        upload(hf_files(config_bytes(torch_dtype={"a": 1}))),
+        422,
+        "invalid_config",
+        "config.json",
+        "torch_dtype",
+    )
 
     sh = "shards"
-    add("tensor_in_two_shards", sh, upload(sharded([{"a": 2, "b": 2}, {"b": 2}], {"a": "model-00001-of-00002.safetensors",
-        "b": "model-00002-of-00002.safetensors"})), 422, "inconsistent_weights", "'b'", "model-00001-of-00002.safetensors")
-    add("index_wrong_shard", sh, upload(sharded([{"a": 2}, {"b": 2}], {"a": "model-00002-of-00002.safetensors",
-        "b": "model-00001-of-00002.safetensors"})), 422, "inconsistent_weights", "model.safetensors.index.json", "'a'")
-    add("index_tensor_nowhere", sh, upload(sharded([{"a": 2}, {"b": 2}], {"a": "model-00001-of-00002.safetensors",
-        "b": "model-00002-of-00002.safetensors", "ghost": "model-00001-of-00002.safetensors"})), 422, "inconsistent_weights",
-        "model.safetensors.index.json", "'ghost'")
-    add("index_lacks_tensor", sh, upload(sharded([{"a": 2, "c": 1}, {"b": 2}], {"a": "model-00001-of-00002.safetensors",
-        "b": "model-00002-of-00002.safetensors"})), 422, "inconsistent_weights", "model.safetensors.index.json", "'c'")
-    add("index_deep", sh, upload(sharded([{"a": 2}], ('{"weight_map":%s}' % deep()).encode())), 422, "invalid_json",
-        "model.safetensors.index.json", "weight_map")
+    add(
+        "tensor_in_two_shards",
+        sh,
+        upload(
+            sharded(
+                [{"a": 2, "b": 2}, {"b": 2}],
+                {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+            )
+        ),
+        422,
+        "inconsistent_weights",
+        "'b'",
+        "model-00001-of-00002.safetensors",
+    )
+    add(
+        "index_wrong_shard",
+        sh,
+        upload(
+            sharded(
+                [{"a": 2}, {"b": 2}], {"a": "model-00002-of-00002.safetensors", "b": "model-00001-of-00002.safetensors"}
+            )
+        ),
+        422,
+        "inconsistent_weights",
+        "model.safetensors.index.json",
+        "'a'",
+    )
+    add(
+        "index_tensor_nowhere",
+        sh,
+        upload(
+            sharded(
+                [{"a": 2}, {"b": 2}],
+                {
+                    "a": "model-00001-of-00002.safetensors",
+                    "b": "model-00002-of-00002.safetensors",
+                    "ghost": "model-00001-of-00002.safetensors",
+                },
+            )
+        ),
+        422,
+        "inconsistent_weights",
+        "model.safetensors.index.json",
+        "'ghost'",
+    )
+    add(
+        "index_lacks_tensor",
+        sh,
+        upload(
+            sharded(
+                [{"a": 2, "c": 1}, {"b": 2}],
+                {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+            )
+        ),
+        422,
+        "inconsistent_weights",
+        "model.safetensors.index.json",
+        "'c'",
+    )
+    add(
+        "index_deep",
+        sh,
+        upload(sharded([{"a": 2}], ('{"weight_map":%s}' % deep()).encode())),
+        422,
+        "invalid_json",
+        "model.safetensors.index.json",
+        "weight_map",
+    )
 
     # Dataset lines.
     ds = "dataset_line"
@@ -302,14 +494,41 @@ def _corpus() -> list[Case]:
     add("dataset_name_newline", nm, dataset("d.txt", b"hello\n", {"name": "data\n"}), 422, "invalid_name", "name")
     add("filename_newline", nm, upload([("w.safetensors\n", GOOD_ST)]), 422, "bad_filename", "w.safetensors")
     add("filename_path", nm, upload([("../w.safetensors", GOOD_ST)]), 422, "bad_filename", "../w.safetensors")
-    add("shard_name_newline", nm, upload([*hf_files()[:1], ("model-00001-of-00001.safetensors\n", GOOD_ST)]), 422, "bad_filename",
-        "model-00001-of-00001.safetensors")
+    add(
+        "shard_name_newline",
+        nm,
+        upload([*hf_files()[:1], ("model-00001-of-00001.safetensors\n", GOOD_ST)]),
+        422,
+        "bad_filename",
+        "model-00001-of-00001.safetensors",
+    )
 
     # JSON request bodies: the strict loader in app/http_limits.py.
     jb = "json_body"
-    add("job_params_deep_idempotent", jb, job('{"x":%s}' % deep(), headers=IDEM), 422, "json_too_deep", "steps[0].params.x")
-    add("job_params_deep_900", jb, job('{"x":%s}' % deep(n=900), headers=IDEM), 422, "json_too_deep", "steps[0].params.x")
-    add("job_params_long_int", jb, job('{"sparsity":%s}' % BIG, headers=IDEM), 422, "json_number_too_long", "steps[0].params.sparsity")
+    add(
+        "job_params_deep_idempotent",
+        jb,
+        job('{"x":%s}' % deep(), headers=IDEM),
+        422,
+        "json_too_deep",
+        "steps[0].params.x",
+    )
+    add(
+        "job_params_deep_900",
+        jb,
+        job('{"x":%s}' % deep(n=900), headers=IDEM),
+        422,
+        "json_too_deep",
+        "steps[0].params.x",
+    )
+    add(
+        "job_params_long_int",
+        jb,
+        job('{"sparsity":%s}' % BIG, headers=IDEM),
+        422,
+        "json_number_too_long",
+        "steps[0].params.sparsity",
+    )
     add("job_params_surrogate_key", jb, job('{"\\ud800":1}'), 422, "json_invalid_string", "steps[0].params")
     add("job_name_surrogate", jb, job("{}", ',"name":"x\\udfff"'), 422, "json_invalid_string", "name")
     add("job_name_nul", jb, job("{}", ',"name":"x\\u0000"'), 422, "json_invalid_string", "name")
@@ -317,49 +536,197 @@ def _corpus() -> list[Case]:
     add("job_duplicate_key", jb, job("{}", ',"name":"a","name":"b"'), 422, "json_duplicate_key", "name")
     add("job_utf16", jb, body("POST", "/v1/jobs", '{"model_id":"x"}'.encode("utf-16")), 400, "json_not_utf8")
     add("sweep_vary_deep", jb, sweep('{"steps[0].params.sparsity":[%s]}' % deep()), 422, "json_too_deep", "vary")
-    add("sweep_vary_long_int", jb, sweep('{"steps[0].params.sparsity":[%s]}' % BIG), 422, "json_number_too_long", "vary")
-    add("sweep_vary_surrogate", jb, sweep('{"steps[0].params.sparsity\\ud800":[0.5]}'), 422, "json_invalid_string", "vary")
-    add("estimate_deep", jb, body("POST", "/v1/jobs/estimate", '{"model_id":"{model}","steps":%s}' % deep()), 422, "json_too_deep", "steps")
+    add(
+        "sweep_vary_long_int", jb, sweep('{"steps[0].params.sparsity":[%s]}' % BIG), 422, "json_number_too_long", "vary"
+    )
+    add(
+        "sweep_vary_surrogate",
+        jb,
+        sweep('{"steps[0].params.sparsity\\ud800":[0.5]}'),
+        422,
+        "json_invalid_string",
+        "vary",
+    )
+    add(
+        "estimate_deep",
+        jb,
+        body("POST", "/v1/jobs/estimate", '{"model_id":"{model}","steps":%s}' % deep()),
+        422,
+        "json_too_deep",
+        "steps",
+    )
     add("keys_revoke_long_int", jb, body("POST", "/v1/keys/revoke", '{"n":%s}' % BIG), 422, "json_number_too_long", "n")
 
     # Strict integers (and booleans): bodies and query strings.
     si = "strict_types"
-    add("sweep_link_ttl_true", si, body("POST", "/v1/sweeps/nope/link", '{"ttl_s":true}'), 422, "validation_error", "ttl_s")
-    add("report_link_ttl_string", si, body("POST", "/v1/jobs/nope/report/link", '{"ttl_s":"60"}'), 422, "validation_error", "ttl_s")
-    add("report_link_ttl_fraction", si, body("POST", "/v1/jobs/nope/report/link", '{"ttl_s":60.5}'), 422, "validation_error", "ttl_s")
-    add("job_batch_size_true", si, job("{}", ',"evaluation":{"batch_size":true}'), 422, "validation_error", "evaluation.batch_size")
+    add(
+        "sweep_link_ttl_true",
+        si,
+        body("POST", "/v1/sweeps/nope/link", '{"ttl_s":true}'),
+        422,
+        "validation_error",
+        "ttl_s",
+    )
+    add(
+        "report_link_ttl_string",
+        si,
+        body("POST", "/v1/jobs/nope/report/link", '{"ttl_s":"60"}'),
+        422,
+        "validation_error",
+        "ttl_s",
+    )
+    add(
+        "report_link_ttl_fraction",
+        si,
+        body("POST", "/v1/jobs/nope/report/link", '{"ttl_s":60.5}'),
+        422,
+        "validation_error",
+        "ttl_s",
+    )
+    add(
+        "job_batch_size_true",
+        si,
+        job("{}", ',"evaluation":{"batch_size":true}'),
+        422,
+        "validation_error",
+        "evaluation.batch_size",
+    )
     add("job_enabled_one", si, job("{}", ',"evaluation":{"enabled":1}'), 422, "validation_error", "evaluation.enabled")
-    add("job_seq_len_string", si, job("{}", ',"evaluation":{"seq_len":"128"}'), 422, "validation_error", "evaluation.seq_len")
-    add("job_method_param_true", si, job('{"num_samples":true}', method="prune.wanda"), 422, "validation_error", "num_samples")
+    add(
+        "job_seq_len_string",
+        si,
+        job("{}", ',"evaluation":{"seq_len":"128"}'),
+        422,
+        "validation_error",
+        "evaluation.seq_len",
+    )
+    add(
+        "job_method_param_true",
+        si,
+        job('{"num_samples":true}', method="prune.wanda"),
+        422,
+        "validation_error",
+        "num_samples",
+    )
     add("job_method_param_string", si, job('{"sparsity":"0.5"}'), 422, "validation_error", "sparsity")
-    add("sweep_vary_string_for_float", si, sweep('{"steps[0].params.sparsity":[0.5,"0.6"]}'), 422, "validation_error", "vary")
-    add("sweep_vary_true_for_int", si, body("POST", "/v1/sweeps", '{"model_id":"{model}","steps":[{"method":"quantize.fixed_point",'
-        '"params":{"frac_bits":4}}],"vary":{"steps[0].params.bits":[true,8]}}'), 422, "validation_error", "vary")
+    add(
+        "sweep_vary_string_for_float",
+        si,
+        sweep('{"steps[0].params.sparsity":[0.5,"0.6"]}'),
+        422,
+        "validation_error",
+        "vary",
+    )
+    add(
+        "sweep_vary_true_for_int",
+        si,
+        body(
+            "POST",
+            "/v1/sweeps",
+            '{"model_id":"{model}","steps":[{"method":"quantize.fixed_point",'
+            '"params":{"frac_bits":4}}],"vary":{"steps[0].params.bits":[true,8]}}',
+        ),
+        422,
+        "validation_error",
+        "vary",
+    )
     for q in ("true", "+5", "5.5", "%205", "1_0", "0x5"):
-        add(f"query_limit_{q.replace('%', '').replace('+', 'plus').replace('.', '_')}", si, get(f"/v1/models?limit={q}"), 422,
-            "validation_error", "limit")
-    add("query_expires_true", si, get("/v1/sweeps/nope/view?expires=true&signature=x"), 422, "validation_error", "expires")
+        add(
+            f"query_limit_{q.replace('%', '').replace('+', 'plus').replace('.', '_')}",
+            si,
+            get(f"/v1/models?limit={q}"),
+            422,
+            "validation_error",
+            "limit",
+        )
+    add(
+        "query_expires_true",
+        si,
+        get("/v1/sweeps/nope/view?expires=true&signature=x"),
+        422,
+        "validation_error",
+        "expires",
+    )
 
     # Multipart transport and resource bounds.
     tr = "multipart_transport"
     good = multipart([("files", "w.safetensors", GOOD_ST)])
-    add("multipart_no_closing_boundary", tr, raw("/v1/models", multipart([("files", "w.safetensors", GOOD_ST)], close=False), MP),
-        400, "truncated_multipart")
+    add(
+        "multipart_no_closing_boundary",
+        tr,
+        raw("/v1/models", multipart([("files", "w.safetensors", GOOD_ST)], close=False), MP),
+        400,
+        "truncated_multipart",
+    )
     add("multipart_cut_mid_file", tr, raw("/v1/models", good[: len(good) // 2], MP), 400, "truncated_multipart")
-    add("content_length_shorter", tr, raw("/v1/models", good, MP, content_length=len(good) - 12), 400, "truncated_multipart")
-    add("dataset_cut_off", tr, raw("/v1/datasets", multipart([("file", "d.txt", b"hello\n" * 100)], close=False), MP),
-        400, "truncated_multipart")
+    add(
+        "content_length_shorter",
+        tr,
+        raw("/v1/models", good, MP, content_length=len(good) - 12),
+        400,
+        "truncated_multipart",
+    )
+    add(
+        "dataset_cut_off",
+        tr,
+        raw("/v1/datasets", multipart([("file", "d.txt", b"hello\n" * 100)], close=False), MP),
+        400,
+        "truncated_multipart",
+    )
     rb = "resource_bounds"
-    add("too_many_fields", rb, raw("/v1/models", multipart([(f"f{i}", None, b"x" * 100) for i in range(70)]), MP), 413, "too_many_fields")
-    add("field_too_large", rb, raw("/v1/models", multipart([("name", None, b"x" * 70_000)]), MP), 413, "form_field_too_large", "name")
-    add("too_many_files", rb, raw("/v1/datasets", multipart([("file", f"d{i}.txt", b"") for i in range(600)]), MP), 413, "too_many_files")
-    add("duplicate_field", rb, raw("/v1/datasets", multipart([("name", None, b"a"), ("name", None, b"b"), ("file", "d.txt", b"hi\n")]), MP),
-        400, "duplicate_field", "name")
-    add("json_body_declared_too_large", rb, raw("/v1/jobs", b"{}", "application/json", content_length=64 * 1024**2, send=b"{}"),
-        413, "payload_too_large")
-    add("json_body_too_large", rb, body("POST", "/v1/jobs", '{"name":"%s"}' % ("x" * (5 * 1024**2))), 413, "payload_too_large")
-    add("json_body_chunked_too_large", rb, lambda _c, ctx: _chunked_post(ctx.stack.service.url, ctx.key, "/v1/sweeps",
-        (b" " * 65536 for _ in range(80)), "application/json"), 413, "payload_too_large")
+    add(
+        "too_many_fields",
+        rb,
+        raw("/v1/models", multipart([(f"f{i}", None, b"x" * 100) for i in range(70)]), MP),
+        413,
+        "too_many_fields",
+    )
+    add(
+        "field_too_large",
+        rb,
+        raw("/v1/models", multipart([("name", None, b"x" * 70_000)]), MP),
+        413,
+        "form_field_too_large",
+        "name",
+    )
+    add(
+        "too_many_files",
+        rb,
+        raw("/v1/datasets", multipart([("file", f"d{i}.txt", b"") for i in range(600)]), MP),
+        413,
+        "too_many_files",
+    )
+    add(
+        "duplicate_field",
+        rb,
+        raw("/v1/datasets", multipart([("name", None, b"a"), ("name", None, b"b"), ("file", "d.txt", b"hi\n")]), MP),
+        400,
+        "duplicate_field",
+        "name",
+    )
+    add(
+        "json_body_declared_too_large",
+        rb,
+        raw("/v1/jobs", b"{}", "application/json", content_length=64 * 1024**2, send=b"{}"),
+        413,
+        "payload_too_large",
+    )
+    add(
+        "json_body_too_large",
+        rb,
+        body("POST", "/v1/jobs", '{"name":"%s"}' % ("x" * (5 * 1024**2))),
+        413,
+        "payload_too_large",
+    )
+    add(
+        "json_body_chunked_too_large",
+        rb,
+        lambda _c, ctx: _chunked_post(
+            ctx.stack.service.url, ctx.key, "/v1/sweeps", (b" " * 65536 for _ in range(80)), "application/json"
+        ),
+        413,
+        "payload_too_large",
+    )
     return cases
 
 
@@ -370,8 +737,19 @@ CLASSES = sorted({c.cls for c in CASES})
 def test_the_corpus_covers_every_class_with_at_least_60_cases():
     assert len(CASES) >= 60, len(CASES)
     assert len({c.id for c in CASES}) == len(CASES)
-    assert set(CLASSES) == {"safetensors_header", "config_json", "architecture", "config_dtype", "shards", "dataset_line", "names",
-                            "json_body", "strict_types", "multipart_transport", "resource_bounds"}
+    assert set(CLASSES) == {
+        "safetensors_header",
+        "config_json",
+        "architecture",
+        "config_dtype",
+        "shards",
+        "dataset_line",
+        "names",
+        "json_body",
+        "strict_types",
+        "multipart_transport",
+        "resource_bounds",
+    }
 
 
 # --- against the service ------------------------------------------------------------------------
@@ -392,14 +770,24 @@ def test_valid_controls_are_accepted(hostile):
     """The corpus's building blocks, unaltered, are accepted: each refusal is for its hostile part."""
     ctx, c = hostile
     ids = []
-    for files in (hf_files(), sharded([{"a": 2}, {"b": 2}], {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"})):
+    for files in (
+        hf_files(),
+        sharded(
+            [{"a": 2}, {"b": 2}], {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+        ),
+    ):
         r = c.post("/v1/models", files=[("files", f) for f in files], data={"name": "control"})
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
-    r = c.post("/v1/datasets", files={"file": ("d.jsonl", b'{"text":"fine","label":1}\n{"text":"ok \\ud83d\\ude00","label":2}\n')})
+    r = c.post(
+        "/v1/datasets",
+        files={"file": ("d.jsonl", b'{"text":"fine","label":1}\n{"text":"ok \\ud83d\\ude00","label":2}\n')},
+    )
     assert r.status_code == 201, r.text
     assert c.delete(f"/v1/datasets/{r.json()['id']}").status_code == 204
-    r = raw_request(ctx.stack.service.url, ctx.key, "POST", "/v1/models", multipart([("files", "w.safetensors", GOOD_ST)]), MP)
+    r = raw_request(
+        ctx.stack.service.url, ctx.key, "POST", "/v1/models", multipart([("files", "w.safetensors", GOOD_ST)]), MP
+    )
     assert r.status_code == 201, r.text
     ids.append(r.json()["id"])
     for i in ids:
@@ -482,8 +870,11 @@ def impatient(cluster, tmp_path_factory):
     """The cluster stack's database (migrated), no worker, a 1 s body read timeout."""
     data = tmp_path_factory.mktemp("impatient")
     env = {
-        "MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": cluster.database_url, "MODELPRESS_BROKER_URL": REDIS_URL,
-        "MODELPRESS_BROKER_KEY_PREFIX": f"mptest-impatient-{uuid.uuid4().hex[:8]}:", "MODELPRESS_DATA_DIR": str(data),
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": cluster.database_url,
+        "MODELPRESS_BROKER_URL": REDIS_URL,
+        "MODELPRESS_BROKER_KEY_PREFIX": f"mptest-impatient-{uuid.uuid4().hex[:8]}:",
+        "MODELPRESS_DATA_DIR": str(data),
         "MODELPRESS_BODY_READ_TIMEOUT_S": "1",
     }
     svc = Service(env, data, worker=False)
@@ -493,11 +884,15 @@ def impatient(cluster, tmp_path_factory):
     svc.stop()
 
 
-@pytest.mark.parametrize(("path", "content_type", "payload"), [
-    ("/v1/models", MP, multipart([("files", "w.safetensors", GOOD_ST)])),
-    ("/v1/datasets", MP, multipart([("file", "d.txt", b"hello\n")])),
-    ("/v1/jobs", "application/json", b'{"model_id":"x","steps":[]}'),
-], ids=["model_upload", "dataset_upload", "json_body"])
+@pytest.mark.parametrize(
+    ("path", "content_type", "payload"),
+    [
+        ("/v1/models", MP, multipart([("files", "w.safetensors", GOOD_ST)])),
+        ("/v1/datasets", MP, multipart([("file", "d.txt", b"hello\n")])),
+        ("/v1/jobs", "application/json", b'{"model_id":"x","steps":[]}'),
+    ],
+    ids=["model_upload", "dataset_upload", "json_body"],
+)
 def test_a_body_shorter_than_its_content_length_is_a_408(impatient, path, content_type, payload):
     svc, key, data = impatient
     started = time.monotonic()
@@ -518,24 +913,67 @@ json_values = st.recursive(
     max_leaves=20,
 )
 # Fragments an attacker splices together: brackets, long numbers, escapes, constants.
-fragments = st.sampled_from([
-    "[", "]", "{", "}", ",", ":", '"', '"a"', "1", "-", "0.5", "e999", BIG[:50], BIG, "NaN", "Infinity", "true", "null",
-    '"\\ud800"', '"\\udc00\\ud800"', '"\\u0000"', '"\\ud83d\\ude00"', "\\", " ", "\n", '"k":', "[" * 70, "]" * 70, "{" * 70,
-])
+fragments = st.sampled_from(
+    [
+        "[",
+        "]",
+        "{",
+        "}",
+        ",",
+        ":",
+        '"',
+        '"a"',
+        "1",
+        "-",
+        "0.5",
+        "e999",
+        BIG[:50],
+        BIG,
+        "NaN",
+        "Infinity",
+        "true",
+        "null",
+        '"\\ud800"',
+        '"\\udc00\\ud800"',
+        '"\\u0000"',
+        '"\\ud83d\\ude00"',
+        "\\",
+        " ",
+        "\n",
+        '"k":',
+        "[" * 70,
+        "]" * 70,
+        "{" * 70,
+    ]
+)
 hostile_text = st.lists(fragments, max_size=40).map("".join)
 # Derandomized: the same examples every run (a CI failure reproduces), no example database.
-PROPS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+PROPS = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 
 @PROPS
-@given(st.one_of(st.binary(max_size=200), hostile_text.map(str.encode), json_values.map(lambda v: json.dumps(v).encode())))
+@given(
+    st.one_of(st.binary(max_size=200), hostile_text.map(str.encode), json_values.map(lambda v: json.dumps(v).encode()))
+)
 def test_strict_loader_raises_only_its_error(data):
     try:
         obj = jsonsafe.loads(data)
     except jsonsafe.JSONRejected as e:
-        assert e.code in {"invalid_json", "json_not_utf8", "json_too_deep", "json_number_too_long", "json_non_finite_number",
-                          "json_invalid_string", "json_duplicate_key"}
+        assert e.code in {
+            "invalid_json",
+            "json_not_utf8",
+            "json_too_deep",
+            "json_number_too_long",
+            "json_non_finite_number",
+            "json_invalid_string",
+            "json_duplicate_key",
+        }
         str(e).encode("utf-8")  # the message is itself storable text
         return
     # What it accepts, everything after it can handle: UTF-8, the database, json.dumps.
@@ -559,9 +997,14 @@ def test_strict_loader_caps_depth_and_number_length(depth, wrap, digits):
 
 
 @PROPS
-@given(header=st.one_of(st.binary(max_size=300), hostile_text.map(str.encode),
-                        json_values.map(lambda v: json.dumps({"w": v, "__metadata__": v}).encode())),
-       data=st.binary(max_size=16))
+@given(
+    header=st.one_of(
+        st.binary(max_size=300),
+        hostile_text.map(str.encode),
+        json_values.map(lambda v: json.dumps({"w": v, "__metadata__": v}).encode()),
+    ),
+    data=st.binary(max_size=16),
+)
 def test_safetensors_header_parser_raises_only_file_rejected(tmp_path_factory, header, data):
     p = tmp_path_factory.mktemp("st") / "part-0001"
     p.write_bytes(struct.pack("<Q", len(header)) + header + data)
@@ -573,9 +1016,16 @@ def test_safetensors_header_parser_raises_only_file_rejected(tmp_path_factory, h
 
 
 @PROPS
-@given(config=st.one_of(st.binary(max_size=300), hostile_text.map(str.encode),
-                        st.fixed_dictionaries({"model_type": json_values, "architectures": json_values, "torch_dtype": json_values},
-                                              optional={"dtype": json_values}).map(lambda v: json.dumps(v).encode())))
+@given(
+    config=st.one_of(
+        st.binary(max_size=300),
+        hostile_text.map(str.encode),
+        st.fixed_dictionaries(
+            {"model_type": json_values, "architectures": json_values, "torch_dtype": json_values},
+            optional={"dtype": json_values},
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
 def test_config_parser_raises_only_its_refusals(config):
     from app.models.service import _check_config
 
@@ -590,9 +1040,17 @@ def test_config_parser_raises_only_its_refusals(config):
 
 
 @PROPS
-@given(lines=st.lists(st.one_of(st.binary(max_size=80), hostile_text.map(str.encode),
-                                json_values.map(lambda v: json.dumps({"text": "t", "label": v}).encode())), max_size=5),
-       fmt=st.sampled_from(["jsonl", "txt"]))
+@given(
+    lines=st.lists(
+        st.one_of(
+            st.binary(max_size=80),
+            hostile_text.map(str.encode),
+            json_values.map(lambda v: json.dumps({"text": "t", "label": v}).encode()),
+        ),
+        max_size=5,
+    ),
+    fmt=st.sampled_from(["jsonl", "txt"]),
+)
 def test_dataset_line_parser_raises_only_dataset_invalid(tmp_path_factory, lines, fmt):
     p = tmp_path_factory.mktemp("ds") / "part-0001"
     p.write_bytes(b"\n".join(lines))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC
 from pathlib import Path
 
 import httpx
@@ -29,8 +30,12 @@ def idem(request):
 
 def _upload_bare(c: httpx.Client, path: Path, key: str | None, name: str | None = None) -> httpx.Response:
     headers = {"Idempotency-Key": key} if key is not None else {}
-    return c.post("/v1/models", files=[("files", (path.name, path.read_bytes()))],
-                  data={"name": name} if name else None, headers=headers)
+    return c.post(
+        "/v1/models",
+        files=[("files", (path.name, path.read_bytes()))],
+        data={"name": name} if name else None,
+        headers=headers,
+    )
 
 
 def _dataset(c: httpx.Client, text: bytes, key: str | None, name: str = "idem.txt") -> httpx.Response:
@@ -95,7 +100,10 @@ def test_invalid_keys_are_refused(idem, tiny):
         r = _upload_bare(c, tiny["bare"], bad)
         assert r.status_code == 422, (len(bad), r.text)
         assert r.json()["code"] == "invalid_idempotency_key"
-        assert c.post("/v1/jobs", json={"model_id": "x", "steps": CAST}, headers={"Idempotency-Key": bad}).json()["code"] == "invalid_idempotency_key"
+        assert (
+            c.post("/v1/jobs", json={"model_id": "x", "steps": CAST}, headers={"Idempotency-Key": bad}).json()["code"]
+            == "invalid_idempotency_key"
+        )
     assert table_rows(stack, "models") == before
     r = _upload_bare(c, tiny["bare"], "k" * 200)
     assert r.status_code == 201, r.text
@@ -135,8 +143,11 @@ def test_concurrent_duplicate_model_uploads_store_one(idem, tiny):
         f"models/{ids.pop()}/{tiny['bare'].name}"
     ]
     # Same key, other bytes: refused, and nothing new is kept.
-    r = c.post("/v1/models", files=[("files", ("other.safetensors", tiny["bare"].read_bytes()))],
-               headers={"Idempotency-Key": key})
+    r = c.post(
+        "/v1/models",
+        files=[("files", ("other.safetensors", tiny["bare"].read_bytes()))],
+        headers={"Idempotency-Key": key},
+    )
     assert r.status_code == 422 and r.json()["code"] == "idempotency_key_reused"
     assert table_rows(stack, "models") == models_before + 1
     assert len(set(stored_files(stack)) - files_before) == 1
@@ -180,7 +191,7 @@ def test_expired_keys_are_replaced(idem):
     first = _dataset(c, text, "aging")
     assert first.status_code == 201
     # Age the stored row past the TTL.
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from sqlalchemy import create_engine, update
 
@@ -188,8 +199,11 @@ def test_expired_keys_are_replaced(idem):
 
     engine = create_engine(stack.database_url)
     with engine.begin() as conn:
-        conn.execute(update(IdempotencyKey).where(IdempotencyKey.key == "aging")
-                     .values(created_at=datetime(2000, 1, 1, tzinfo=timezone.utc)))
+        conn.execute(
+            update(IdempotencyKey)
+            .where(IdempotencyKey.key == "aging")
+            .values(created_at=datetime(2000, 1, 1, tzinfo=UTC))
+        )
     engine.dispose()
     again = _dataset(c, b"new\n", "aging")
     assert again.status_code == 201 and "Idempotency-Replayed" not in again.headers
@@ -202,8 +216,11 @@ def test_sweep_replay(cluster_no_worker, tiny):
     c = stack.client(stack.service.cli("keys", "create", "--tenant", f"idem-sw-{uuid.uuid4().hex[:8]}"))
     try:
         m = _upload_bare(c, tiny["bare"], None).json()
-        body = {"model_id": m["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-                "vary": {"steps[0].params.sparsity": [0.3, 0.5]}}
+        body = {
+            "model_id": m["id"],
+            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+            "vary": {"steps[0].params.sparsity": [0.3, 0.5]},
+        }
         rs = _concurrently(lambda: c.post("/v1/sweeps", json=body, headers={"Idempotency-Key": "sweep"}), 8)
         assert [r.status_code for r in rs] == [202] * 8, [r.text for r in rs]
         assert len({r.json()["id"] for r in rs}) == 1

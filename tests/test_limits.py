@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Stack, _cluster_env
-from tests.tokenizer_util import build_models, txt_dataset
-from tests.servers import private_database
 from tests.helpers import Service, stored_files, table_rows, upload_dir, wait_job
+from tests.servers import private_database
+from tests.tokenizer_util import build_models, txt_dataset
 
 TIME_LIMIT_S = 3
 MEMORY_LIMIT_MB = 128
@@ -43,17 +43,22 @@ def private_db() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def limited(private_db: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    st = _stack(private_db, tmp_path_factory.mktemp("limited"), True,
-                MODELPRESS_JOB_TIME_LIMIT_S=str(TIME_LIMIT_S), MODELPRESS_JOB_MEMORY_LIMIT_MB=str(MEMORY_LIMIT_MB),
-                MODELPRESS_MAX_UPLOAD_BYTES=str(256 * 2**20),
-                # An explicit budget: the hog's plan is over the memory limit, and without this the
-                # worker's budget (capped by that limit) would refuse it at submit; this test is
-                # about the watchdog that stops a job whose plan was wrong (tests/test_plan.py
-                # covers the refusal).
-                MODELPRESS_WORKER_MEMORY_BUDGET_MB="65536",
-                # The in-memory path: the streaming engine would prune the hog tensor by tensor,
-                # far under the limit, and this test needs a job that outgrows it.
-                MODELPRESS_STREAM_ENGINE="false")
+    st = _stack(
+        private_db,
+        tmp_path_factory.mktemp("limited"),
+        True,
+        MODELPRESS_JOB_TIME_LIMIT_S=str(TIME_LIMIT_S),
+        MODELPRESS_JOB_MEMORY_LIMIT_MB=str(MEMORY_LIMIT_MB),
+        MODELPRESS_MAX_UPLOAD_BYTES=str(256 * 2**20),
+        # An explicit budget: the hog's plan is over the memory limit, and without this the
+        # worker's budget (capped by that limit) would refuse it at submit; this test is
+        # about the watchdog that stops a job whose plan was wrong (tests/test_plan.py
+        # covers the refusal).
+        MODELPRESS_WORKER_MEMORY_BUDGET_MB="65536",
+        # The in-memory path: the streaming engine would prune the hog tensor by tensor,
+        # far under the limit, and this test needs a job that outgrows it.
+        MODELPRESS_STREAM_ENGINE="false",
+    )
     yield st
     st.service.stop()
 
@@ -88,8 +93,15 @@ def test_time_and_memory_limits_fail_the_job_with_their_own_code_and_the_worker_
     tok = build_models(limited.data_dir / "tokmodels")["gpt2"]
     tm = upload_dir(c, tok).json()
     ds = c.post("/v1/datasets", files={"file": ("corpus.txt", txt_dataset())}).json()
-    slow = c.post("/v1/jobs", json={"model_id": tm["id"], "dataset_id": ds["id"], **CHEAP,
-                                    "steps": [{"method": "distill", "params": {"layers": 1, "steps": 10_000_000}}]}).json()
+    slow = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": tm["id"],
+            "dataset_id": ds["id"],
+            **CHEAP,
+            "steps": [{"method": "distill", "params": {"layers": 1, "steps": 10_000_000}}],
+        },
+    ).json()
     job = wait_job(c, slow["id"], timeout=60)
     assert job["status"] == "failed" and job["error"]["code"] == "time_limit", job
     assert f"time limit of {TIME_LIMIT_S} s" in job["error"]["message"]
@@ -116,9 +128,14 @@ def test_time_and_memory_limits_fail_the_job_with_their_own_code_and_the_worker_
 def quota(private_db: str, tmp_path_factory: pytest.TempPathFactory, tiny) -> Iterator[Stack]:
     model_bytes = sum(p.stat().st_size for p in tiny["gpt2"].iterdir())
     # Room for two tiny models and a bit, not three.
-    st = _stack(private_db, tmp_path_factory.mktemp("quota"), False,
-                MODELPRESS_QUOTA_JOBS_IN_FLIGHT="2", MODELPRESS_QUOTA_STORAGE_BYTES=str(int(model_bytes * 2.5)),
-                MODELPRESS_QUOTA_RETRY_AFTER_S="17")
+    st = _stack(
+        private_db,
+        tmp_path_factory.mktemp("quota"),
+        False,
+        MODELPRESS_QUOTA_JOBS_IN_FLIGHT="2",
+        MODELPRESS_QUOTA_STORAGE_BYTES=str(int(model_bytes * 2.5)),
+        MODELPRESS_QUOTA_RETRY_AFTER_S="17",
+    )
     yield st
     st.service.stop()
 
@@ -132,12 +149,20 @@ def test_jobs_in_flight_quota_is_429_with_retry_after_per_tenant(quota, tiny):
     r = c.post("/v1/jobs", json=body)
     assert r.status_code == 429, r.text
     assert r.headers["retry-after"] == "17"
-    assert r.json()["code"] == "quota_jobs_in_flight" and r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["code"] == "quota_jobs_in_flight" and r.headers["content-type"].startswith(
+        "application/problem+json"
+    )
     assert c.get("/v1/jobs").json()["items"].__len__() == 2, "the refused job was not recorded"
     # A sweep that would pass the quota is refused whole.
-    sweep = c.post("/v1/sweeps", json={"model_id": model["id"], **CHEAP,
-                                       "vary": {"steps[0].params.sparsity": [0.3, 0.5]},
-                                       "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.1}}]})
+    sweep = c.post(
+        "/v1/sweeps",
+        json={
+            "model_id": model["id"],
+            **CHEAP,
+            "vary": {"steps[0].params.sparsity": [0.3, 0.5]},
+            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.1}}],
+        },
+    )
     assert sweep.status_code == 429 and sweep.json()["code"] == "quota_jobs_in_flight", sweep.text
     # Another tenant has its own quota.
     m2 = upload_dir(other, tiny["gpt2"]).json()

@@ -13,19 +13,37 @@ import pytest
 
 from tests.helpers import safetensors_bytes
 
-HOSTILE = {"Host": "evil.example", "X-Forwarded-Host": "evil.example", "X-Forwarded-Proto": "https",
-           "Forwarded": "host=evil.example;proto=https"}
+HOSTILE = {
+    "Host": "evil.example",
+    "X-Forwarded-Host": "evil.example",
+    "X-Forwarded-Proto": "https",
+    "Forwarded": "host=evil.example;proto=https",
+}
 
 
 def test_base_url_rules(monkeypatch):
     from core import config, signing
 
-    ok = {"https://press.example.com": "https://press.example.com", "https://press.example.com/mp/": "https://press.example.com/mp",
-          "http://10.0.0.5:8000": "http://10.0.0.5:8000", "http://[::1]:8000": "http://[::1]:8000", "": ""}
+    ok = {
+        "https://press.example.com": "https://press.example.com",
+        "https://press.example.com/mp/": "https://press.example.com/mp",
+        "http://10.0.0.5:8000": "http://10.0.0.5:8000",
+        "http://[::1]:8000": "http://[::1]:8000",
+        "": "",
+    }
     for value, want in ok.items():
         assert signing.check_public_base_url(value) == want
-    for bad in ("press.example.com", "ftp://x.example", "https://", "https://x.example/?a=1", "https://x.example/#f",
-                "https://user:pw@x.example", "https://x.example:99999", "https://x.example/a b", "javascript:alert(1)"):
+    for bad in (
+        "press.example.com",
+        "ftp://x.example",
+        "https://",
+        "https://x.example/?a=1",
+        "https://x.example/#f",
+        "https://user:pw@x.example",
+        "https://x.example:99999",
+        "https://x.example/a b",
+        "javascript:alert(1)",
+    ):
         with pytest.raises(signing.BadPublicBaseUrl):
             signing.check_public_base_url(bad)
     assert signing.serve_base_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
@@ -45,8 +63,11 @@ def test_base_url_rules(monkeypatch):
             config.get_settings.cache_clear()
 
     assert base(MODELPRESS_MODE="embedded") == "http://127.0.0.1:8000"
-    cluster = {"MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": "postgresql+psycopg://x@h/db",
-               "MODELPRESS_BROKER_URL": "redis://h"}
+    cluster = {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": "postgresql+psycopg://x@h/db",
+        "MODELPRESS_BROKER_URL": "redis://h",
+    }
     assert base(**cluster) == ""
     assert base(**cluster, MODELPRESS_PUBLIC_BASE_URL="https://p.example/") == "https://p.example"
 
@@ -54,11 +75,19 @@ def test_base_url_rules(monkeypatch):
 def _sweep(client: httpx.Client) -> str:
     data = bytes(range(256))
     header = {"layer.weight": {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, len(data)]}}
-    r = client.post("/v1/models", files=[("files", ("w.safetensors", safetensors_bytes(header, data)))], data={"name": "links"})
+    r = client.post(
+        "/v1/models", files=[("files", ("w.safetensors", safetensors_bytes(header, data)))], data={"name": "links"}
+    )
     assert r.status_code == 201, r.text
-    r = client.post("/v1/sweeps", json={"model_id": r.json()["id"], "evaluation": {"enabled": False},
-                                        "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
-                                        "vary": {"steps[0].params.dtype": ["float16"]}})
+    r = client.post(
+        "/v1/sweeps",
+        json={
+            "model_id": r.json()["id"],
+            "evaluation": {"enabled": False},
+            "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+            "vary": {"steps[0].params.dtype": ["float16"]},
+        },
+    )
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -89,7 +118,10 @@ def test_cluster_links_are_relative_without_a_base_url(cluster_no_worker):
         with Client(cluster_no_worker.service.url, key) as mp:
             full = mp.sweep_link(sid)
         parts = urlsplit(full)
-        assert f"{parts.scheme}://{parts.netloc}" == cluster_no_worker.service.url and parts.path == f"/v1/sweeps/{sid}/view"
+        assert (
+            f"{parts.scheme}://{parts.netloc}" == cluster_no_worker.service.url
+            and parts.path == f"/v1/sweeps/{sid}/view"
+        )
     finally:
         for job in c.get(f"/v1/sweeps/{sid}").json().get("points", []):
             c.post(f"/v1/jobs/{job['job_id']}/cancel")  # nothing of this test stays queued

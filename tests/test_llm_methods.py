@@ -64,18 +64,48 @@ def test_methods_are_listed_with_their_needs(embedded):
     assert set(listed["quantize.gptq"]["params_schema"]["properties"]["scheme"]["enum"]) == {"W4A16", "W8A16", "W8A8"}
 
 
-@pytest.mark.parametrize(("model", "step", "check"), [
-    ("llama", {"method": "prune.wanda", "params": {"sparsity": 0.5}}, {"sparsity": 0.5, "structure": "unstructured"}),
-    ("llama", {"method": "prune.wanda", "params": {"mask": "2:4"}}, {"sparsity": 0.5, "structure": "2:4"}),
-    ("llama", {"method": "prune.sparsegpt", "params": {"mask": "4:8", "num_samples": 16, "max_length": 32}},
-     {"sparsity": 0.5, "structure": "4:8"}),
-    ("bert-bare", {"method": "prune.sparsegpt", "params": {"sparsity": 0.5}}, {"sparsity": 0.5, "structure": "unstructured"}),
-    ("llama", {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 32}},
-     {"bits": 4, "format": "pack-quantized", "isolated": True}),
-    ("llama", {"method": "quantize.gptq", "params": {"scheme": "W8A8"}}, {"bits": 8, "format": "int-quantized", "acts": True}),
-    ("bert-bare", {"method": "quantize.gptq", "params": {"scheme": "W8A16"}}, {"bits": 8, "format": "pack-quantized"}),
-    ("llama", {"method": "quantize.smoothquant", "params": {"smoothing_strength": 0.5}}, {"bits": 8, "format": "int-quantized", "acts": True}),
-], ids=lambda v: v if isinstance(v, str) else (f"{v['method']}-{v['params']}" if "method" in v else ""))
+@pytest.mark.parametrize(
+    ("model", "step", "check"),
+    [
+        (
+            "llama",
+            {"method": "prune.wanda", "params": {"sparsity": 0.5}},
+            {"sparsity": 0.5, "structure": "unstructured"},
+        ),
+        ("llama", {"method": "prune.wanda", "params": {"mask": "2:4"}}, {"sparsity": 0.5, "structure": "2:4"}),
+        (
+            "llama",
+            {"method": "prune.sparsegpt", "params": {"mask": "4:8", "num_samples": 16, "max_length": 32}},
+            {"sparsity": 0.5, "structure": "4:8"},
+        ),
+        (
+            "bert-bare",
+            {"method": "prune.sparsegpt", "params": {"sparsity": 0.5}},
+            {"sparsity": 0.5, "structure": "unstructured"},
+        ),
+        (
+            "llama",
+            {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 32}},
+            {"bits": 4, "format": "pack-quantized", "isolated": True},
+        ),
+        (
+            "llama",
+            {"method": "quantize.gptq", "params": {"scheme": "W8A8"}},
+            {"bits": 8, "format": "int-quantized", "acts": True},
+        ),
+        (
+            "bert-bare",
+            {"method": "quantize.gptq", "params": {"scheme": "W8A16"}},
+            {"bits": 8, "format": "pack-quantized"},
+        ),
+        (
+            "llama",
+            {"method": "quantize.smoothquant", "params": {"smoothing_strength": 0.5}},
+            {"bits": 8, "format": "int-quantized", "acts": True},
+        ),
+    ],
+    ids=lambda v: v if isinstance(v, str) else (f"{v['method']}-{v['params']}" if "method" in v else ""),
+)
 def test_artifact_loads_with_plain_transformers(embedded, ids, tmp_path, model, step, check):
     from transformers import AutoModel, AutoModelForCausalLM
 
@@ -92,8 +122,12 @@ def test_artifact_loads_with_plain_transformers(embedded, ids, tmp_path, model, 
 
         from tests.test_quantize_methods import ISOLATED
 
-        res = subprocess.run([sys.executable, "-c", ISOLATED, str(d), model, json.dumps(ids), str(tmp_path / "o.safetensors")],
-                             capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-c", ISOLATED, str(d), model, json.dumps(ids), str(tmp_path / "o.safetensors")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout.strip().splitlines()[-1]) == {"modelpress_imported": False}
     cfg = json.loads((d / "config.json").read_text())
@@ -139,16 +173,18 @@ def test_architecture_lists_match_llm_compressor():
 
     from core.methods import quantize_awq, quantize_smoothquant
 
-    assert quantize_smoothquant.SUPPORTED <= set(MAPPINGS_REGISTRY)
-    assert quantize_awq.SUPPORTED <= set(AWQ_MAPPING_REGISTRY)
+    assert set(MAPPINGS_REGISTRY) >= quantize_smoothquant.SUPPORTED
+    assert set(AWQ_MAPPING_REGISTRY) >= quantize_awq.SUPPORTED
 
 
 def test_refusals_at_submit(embedded, ids, tiny):
     c = embedded.client()
 
     def submit(model_id, method, params=None, data=ids["data"]):
-        return c.post("/v1/jobs", json={"model_id": model_id, "steps": [{"method": method, "params": params or {}}],
-                                        "dataset_id": data})
+        return c.post(
+            "/v1/jobs",
+            json={"model_id": model_id, "steps": [{"method": method, "params": params or {}}], "dataset_id": data},
+        )
 
     for method in LLM_METHODS:
         params = {"sparsity": 0.5} if method.startswith("prune") else {}
@@ -174,8 +210,16 @@ def test_refusals_at_submit(embedded, ids, tiny):
 
 
 def _report(c, model_id: str, step: dict, data: str, evaluation: dict) -> dict:
-    r = c.post("/v1/jobs", json={"model_id": model_id, "steps": [step], "dataset_id": data, "eval_dataset_id": data,
-                                 "evaluation": evaluation})
+    r = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": model_id,
+            "steps": [step],
+            "dataset_id": data,
+            "eval_dataset_id": data,
+            "evaluation": evaluation,
+        },
+    )
     assert r.status_code == 202, r.text
     job = wait_job(c, r.json()["id"], timeout=600)
     assert job["status"] == "succeeded", job
@@ -246,7 +290,10 @@ def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     out = {k: r["fidelity"]["output_cosine"] for k, r in reps.items()}
     emb = {k: r["quality"]["compressed"] for k, r in reps.items()}
     print("MiniLM output cosine:", out, "sentence-embedding cosine:", emb)
-    assert all(r["quality"]["metric"] == "embedding_cosine" and r["quality"]["dataset"]["source"] == "builtin" for r in reps.values())
+    assert all(
+        r["quality"]["metric"] == "embedding_cosine" and r["quality"]["dataset"]["source"] == "builtin"
+        for r in reps.values()
+    )
     for method in ("wanda", "sparsegpt"):
         assert out[method] > out["magnitude"] + 0.02 and emb[method] > emb["magnitude"] + 0.02, (out, emb)
     assert emb["gptq_w4_g128"] >= emb["rtn_w4_g128"], emb

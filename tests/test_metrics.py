@@ -24,8 +24,16 @@ TOKEN = "scrape-" + uuid.uuid4().hex
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str, Path]]:
     data = tmp_path_factory.mktemp("metrics")
-    service = Service({"MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(data), "MODELPRESS_LOG_FORMAT": "json",
-                       "MODELPRESS_METRICS_TOKEN": TOKEN}, data, worker=False)
+    service = Service(
+        {
+            "MODELPRESS_MODE": "embedded",
+            "MODELPRESS_DATA_DIR": str(data),
+            "MODELPRESS_LOG_FORMAT": "json",
+            "MODELPRESS_METRICS_TOKEN": TOKEN,
+        },
+        data,
+        worker=False,
+    )
     service.start()  # `serve` runs the worker as a subprocess: both log to api.log
     yield service, (data / "api-key").read_text().strip(), data / "api.log"
     service.stop()
@@ -35,8 +43,11 @@ def scrape(service: Service) -> dict[tuple[str, frozenset], float]:
     r = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain; version=")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(r.text)
+        for s in fam.samples
+    }
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
@@ -60,7 +71,10 @@ def test_metrics_change_when_a_job_runs(svc, tiny):
     before = scrape(service)
     with service.client(key) as c:
         model = upload_dir(c, tiny["gpt2"]).json()
-        r = c.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]})
+        r = c.post(
+            "/v1/jobs",
+            json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]},
+        )
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]
         assert wait_job(c, job_id)["status"] == "succeeded"
@@ -80,8 +94,14 @@ def test_metrics_change_when_a_job_runs(svc, tiny):
     for state in ("queued", "running", "failed", "canceled"):
         assert ("modelpress_jobs", frozenset({("state", state)})) in after  # every state, 0 included
     gcount = "modelpress_job_duration_seconds_gcount"
-    assert value(after, gcount, method="prune.magnitude", state="succeeded") == value(before, gcount, method="prune.magnitude", state="succeeded") + 1
-    assert value(after, "modelpress_job_duration_seconds_bucket", method="prune.magnitude", state="succeeded", le="+Inf") >= 1
+    assert (
+        value(after, gcount, method="prune.magnitude", state="succeeded")
+        == value(before, gcount, method="prune.magnitude", state="succeeded") + 1
+    )
+    assert (
+        value(after, "modelpress_job_duration_seconds_bucket", method="prune.magnitude", state="succeeded", le="+Inf")
+        >= 1
+    )
     for queue in ("cpu", "gpu"):
         assert ("modelpress_queue_depth", frozenset({("queue", queue)})) in after
     assert value(after, "modelpress_workers", queue="cpu") >= 1
@@ -93,8 +113,11 @@ def test_request_id_follows_the_job_into_the_worker(svc, tiny):
     service, key, log_path = svc
     with service.client(key) as c:
         model = upload_dir(c, tiny["gpt2"]).json()
-        r = c.post("/v1/jobs", headers={"X-Request-ID": "test-rid-123"},
-                   json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]})
+        r = c.post(
+            "/v1/jobs",
+            headers={"X-Request-ID": "test-rid-123"},
+            json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]},
+        )
         assert r.status_code == 202, r.text
         assert r.headers["X-Request-ID"] == "test-rid-123"
         job_id = r.json()["id"]
@@ -133,15 +156,22 @@ def test_request_id_is_generated_unless_sane(svc):
 
 def test_metrics_token(svc):
     service, key, _ = svc
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {key}"}):
+    for headers in (
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": f"Bearer {key}"},
+    ):
         r = httpx.get(f"{service.url}/metrics", headers=headers)
         assert r.status_code == 401, headers
         assert r.headers["content-type"] == "application/problem+json"
         assert r.json()["code"] == "unauthorized"
     assert httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
     # OpenMetrics when the scraper asks for it: job durations are a gauge histogram there.
-    r = httpx.get(f"{service.url}/metrics", headers={"Authorization": f"Bearer {TOKEN}",
-                                                    "Accept": "application/openmetrics-text;version=1.0.0"})
+    r = httpx.get(
+        f"{service.url}/metrics",
+        headers={"Authorization": f"Bearer {TOKEN}", "Accept": "application/openmetrics-text;version=1.0.0"},
+    )
     assert r.headers["content-type"].startswith("application/openmetrics-text")
     assert "# TYPE modelpress_job_duration_seconds gaugehistogram" in r.text
     assert r.text.rstrip().endswith("# EOF")
@@ -153,13 +183,20 @@ def test_cluster_scrape_reads_postgres_and_logs_json_by_default(cluster):
     while True:
         r = httpx.get(f"{cluster.service.url}/metrics", timeout=30)  # no MODELPRESS_METRICS_TOKEN: open
         assert r.status_code == 200
-        samples = {(s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
         if value(samples, "modelpress_workers", queue="cpu") >= 1 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     assert value(samples, "modelpress_workers", queue="cpu") >= 1
     assert value(samples, "modelpress_scrape_errors_total") == 0
-    assert {("modelpress_jobs", frozenset({("state", st)})) for st in ("queued", "running", "succeeded", "failed", "canceled")} <= samples.keys()
+    assert {
+        ("modelpress_jobs", frozenset({("state", st)}))
+        for st in ("queued", "running", "succeeded", "failed", "canceled")
+    } <= samples.keys()
     assert ("modelpress_queue_depth", frozenset({("queue", "cpu")})) in samples
     worker_records = log_lines(cluster.data_dir / "worker.log")
     assert any(rec["logger"] == "modelpress.registry" for rec in worker_records)
@@ -194,9 +231,15 @@ def test_scrape_survives_a_database_error(fresh_settings, caplog):
     with TestClient(create_app()) as client, caplog.at_level(logging.WARNING, "modelpress.observability"):
         r = client.get("/metrics")  # no token set: open
         assert r.status_code == 200
-        samples = {(s.name, frozenset(s.labels.items())): s.value for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+        samples = {
+            (s.name, frozenset(s.labels.items())): s.value
+            for fam in text_string_to_metric_families(r.text)
+            for s in fam.samples
+        }
         assert samples[("modelpress_scrape_errors_total", frozenset())] == 1
-        assert not any(name.startswith(("modelpress_jobs", "modelpress_workers", "modelpress_queue_depth")) for name, _ in samples)
+        assert not any(
+            name.startswith(("modelpress_jobs", "modelpress_workers", "modelpress_queue_depth")) for name, _ in samples
+        )
     assert "could not read the database" in caplog.text
 
 

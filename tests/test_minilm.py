@@ -36,7 +36,14 @@ SENTENCES = [
     "Children were playing football in the park.",
 ]
 # The files an HF directory upload takes (README.md would be accepted too; not needed).
-UPLOAD = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+UPLOAD = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+)
 
 # (step, lowest accepted mean cosine). weight-only int8 >= 0.999 is the acceptance bar; the other
 # two were measured (W8A8 0.9972: per-token int8 activations cost more than int8 weights; int4
@@ -118,7 +125,9 @@ def test_minilm_sentence_embeddings(embedded, uploaded, reference, tmp_path, ste
     enc, ref = reference
     got = _embed(AutoModel.from_pretrained(tmp_path / "art").eval(), enc)
     cos = torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1)
-    print(f"\nMiniLM {step['method']} {step['params']}: mean cosine {float(cos.mean()):.6f}, min {float(cos.min()):.6f}, "
-          f"artifact {len(data)} B / upload {uploaded['size_bytes']} B = {len(data) / uploaded['size_bytes']:.3f}")
+    print(
+        f"\nMiniLM {step['method']} {step['params']}: mean cosine {float(cos.mean()):.6f}, min {float(cos.min()):.6f}, "
+        f"artifact {len(data)} B / upload {uploaded['size_bytes']} B = {len(data) / uploaded['size_bytes']:.3f}"
+    )
     assert float(cos.mean()) >= min_mean_cos
     assert float(cos.mean()) < 1.0 - 1e-9, "identical embeddings: nothing was quantized"

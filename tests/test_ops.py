@@ -36,8 +36,11 @@ def test_kth_by_bit_patterns_is_exact(monkeypatch, dtype):
     and tensors gives exactly the sorted k-th magnitude, with signed zeros, ties and extremes."""
     monkeypatch.setattr(ops, "CHUNK", 4096)  # several chunks per tensor, counted on the pool
     g = torch.Generator().manual_seed(3)
-    ws = [(torch.randn(300, 70, generator=g) * 0.02).to(dtype), (torch.randn(5000, generator=g) * 3).to(dtype),
-          torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.5, 65504.0, -65504.0]).to(dtype)]
+    ws = [
+        (torch.randn(300, 70, generator=g) * 0.02).to(dtype),
+        (torch.randn(5000, generator=g) * 3).to(dtype),
+        torch.tensor([0.0, -0.0, 1e-30, -1e-30, 0.5, -0.5, 0.5, 65504.0, -65504.0]).to(dtype),
+    ]
     allv = torch.cat([w.float().abs().reshape(-1) for w in ws]).sort().values
     for k in (1, 2, 3, 777, 10_000, 21_000, allv.numel() - 1, allv.numel()):
         assert ops.kth_smallest_abs(ws, k) == float(allv[k - 1]), k

@@ -40,8 +40,12 @@ def outage(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]
     pg, rd = servers
     tmp = tmp_path_factory.mktemp("outage")
     env = {
-        "MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": pg.url, "MODELPRESS_BROKER_URL": rd.url,
-        "MODELPRESS_DATA_DIR": str(tmp), "MODELPRESS_REQUEUE_AFTER_S": "3", "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": pg.url,
+        "MODELPRESS_BROKER_URL": rd.url,
+        "MODELPRESS_DATA_DIR": str(tmp),
+        "MODELPRESS_REQUEUE_AFTER_S": "3",
+        "MODELPRESS_RECONCILE_INTERVAL_S": "1",
     }
     svc = Service(env, tmp, worker=True)
     svc.cli("migrate")
@@ -98,7 +102,9 @@ def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(ou
     pg, _ = servers
     c, model, ids = _running_jobs(outage, tiny, 4)
     jobs_before, models_before = _count(c, "jobs"), _count(c, "models")
-    stored_before = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
+    stored_before = sorted(
+        p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts
+    )
 
     pg.stop()
     t_stop = time.monotonic()
@@ -128,5 +134,7 @@ def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(ou
     # Nothing the API answered 503 to was recorded: no job, no model, no stored file.
     assert jobs_left(outage, ids) == 0
     assert (_count(c, "jobs"), _count(c, "models")) == (jobs_before, models_before)
-    stored_after = sorted(p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts)
+    stored_after = sorted(
+        p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts
+    )
     assert stored_after == stored_before

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from core.jobs import plan as planner
@@ -29,9 +28,23 @@ from tests.tokenizer_util import save_with_tokenizer, txt_dataset, vocab
 
 NO_EVAL = {"enabled": False}
 PRUNE = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]
-PLAN_FIELDS = {"path", "peak_memory_bytes", "scratch_bytes", "artifact_bytes", "seconds", "model_bytes", "parameters",
-               "largest_tensor_bytes", "baseline_bytes", "memory_factor", "evaluation", "throughput_bytes_per_s",
-               "throughput_measured", "notes", "evaluation_mode"}
+PLAN_FIELDS = {
+    "path",
+    "peak_memory_bytes",
+    "scratch_bytes",
+    "artifact_bytes",
+    "seconds",
+    "model_bytes",
+    "parameters",
+    "largest_tensor_bytes",
+    "baseline_bytes",
+    "memory_factor",
+    "evaluation",
+    "throughput_bytes_per_s",
+    "throughput_measured",
+    "notes",
+    "evaluation_mode",
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +52,13 @@ def plan_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """An API on a database of its own and no worker: each test starts the workers it needs."""
     data = tmp_path_factory.mktemp("plan")
     with private_database() as db:
-        env = {**_cluster_env(db, data, f"mptest-plan-{uuid.uuid4().hex[:8]}:"),
-               "MODELPRESS_MAX_UPLOAD_BYTES": str(512 * 2**20),
-               # A job one worker leaves for another is re-sent soon.
-               "MODELPRESS_REQUEUE_AFTER_S": "2", "MODELPRESS_RECONCILE_INTERVAL_S": "1"}
+        env = {
+            **_cluster_env(db, data, f"mptest-plan-{uuid.uuid4().hex[:8]}:"),
+            "MODELPRESS_MAX_UPLOAD_BYTES": str(512 * 2**20),
+            # A job one worker leaves for another is re-sent soon.
+            "MODELPRESS_REQUEUE_AFTER_S": "2",
+            "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+        }
         svc = Service(env, data, worker=False)
         svc.cli("migrate")
         key = svc.cli("keys", "create", "--tenant", f"plan-{uuid.uuid4().hex[:6]}")
@@ -56,8 +72,13 @@ class Worker:
 
     def __init__(self, stack: Stack, name: str, **env: str) -> None:
         log = (stack.data_dir / f"worker-{name}.log").open("ab")
-        self.proc = subprocess.Popen([MODELPRESS, "worker", "--concurrency", "1"], env={**stack.service.env, **env},
-                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(
+            [MODELPRESS, "worker", "--concurrency", "1"],
+            env={**stack.service.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.id: str | None = None
         c = stack.client()
         deadline = time.monotonic() + 90
@@ -86,19 +107,47 @@ def models(plan_stack: Stack, tmp_path_factory: pytest.TempPathFactory, tiny: di
     torch.manual_seed(0)
     n = len(vocab())
     ids = special_ids()
-    mid = save_with_tokenizer(GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=512, n_head=8, vocab_size=n, n_positions=128,
-                                                         **ids)), root / "gpt2-mid")
-    llama = save_with_tokenizer(LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=6, hidden_size=512, intermediate_size=1408, num_attention_heads=8, num_key_value_heads=8,
-        vocab_size=n, max_position_embeddings=128, **ids)), root / "llama-mid")
+    mid = save_with_tokenizer(
+        GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=512, n_head=8, vocab_size=n, n_positions=128, **ids)),
+        root / "gpt2-mid",
+    )
+    llama = save_with_tokenizer(
+        LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=6,
+                hidden_size=512,
+                intermediate_size=1408,
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                vocab_size=n,
+                max_position_embeddings=128,
+                **ids,
+            )
+        ),
+        root / "llama-mid",
+    )
     # Fewer, larger tensors (16.8 MB each in the MLP): the streaming path's memory follows the
     # largest tensor, not the model.
-    wide = save_with_tokenizer(LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=2, hidden_size=1024, intermediate_size=4096, num_attention_heads=8, num_key_value_heads=8,
-        vocab_size=n, max_position_embeddings=128, **ids)), root / "llama-wide")
+    wide = save_with_tokenizer(
+        LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=1024,
+                intermediate_size=4096,
+                num_attention_heads=8,
+                num_key_value_heads=8,
+                vocab_size=n,
+                max_position_embeddings=128,
+                **ids,
+            )
+        ),
+        root / "llama-wide",
+    )
     c = plan_stack.client()
-    out = {name: upload_dir(c, path).json() for name, path in
-           (("tiny", tiny["gpt2"]), ("gpt2-mid", mid), ("llama-mid", llama), ("llama-wide", wide))}
+    out = {
+        name: upload_dir(c, path).json()
+        for name, path in (("tiny", tiny["gpt2"]), ("gpt2-mid", mid), ("llama-mid", llama), ("llama-wide", wide))
+    }
     bare = tiny["bare"]
     out["bare"] = c.post("/v1/models", files=[("files", (bare.name, bare.read_bytes()))]).json()
     out["data"] = c.post("/v1/datasets", files={"file": ("calib.txt", txt_dataset())}).json()
@@ -124,7 +173,7 @@ def test_estimate_is_the_plan_from_the_headers(plan_stack: Stack, models: dict[s
     r = c.post("/v1/jobs/estimate", json={"model_id": tiny["id"], "steps": PRUNE, "evaluation": NO_EVAL})
     assert r.status_code == 200, r.text
     est = r.json()
-    assert PLAN_FIELDS <= set(est)
+    assert set(est) >= PLAN_FIELDS
     assert est["path"] == _stream_expected(PRUNE)
     # The tiny GPT-2 (2 layers, n_embd 64, vocab 500, 64 positions), fp32: its tensors' bytes.
     weights = next(f for f in tiny["files"] if f["name"] == "model.safetensors")["size_bytes"]
@@ -140,21 +189,37 @@ def test_estimate_is_the_plan_from_the_headers(plan_stack: Stack, models: dict[s
     assert c.get("/v1/jobs").json()["items"] == []
 
     # Evaluation adds its seconds (and may set the peak); casting halves fp32 weights.
-    ev = c.post("/v1/jobs/estimate", json={"model_id": tiny["id"], "steps": PRUNE,
-                                           "evaluation": {"budget_s": 10}}).json()
+    ev = c.post(
+        "/v1/jobs/estimate", json={"model_id": tiny["id"], "steps": PRUNE, "evaluation": {"budget_s": 10}}
+    ).json()
     assert ev["evaluation"] is True and ev["seconds"] >= est["seconds"] + 10
     assert ev["peak_memory_bytes"] >= est["peak_memory_bytes"]
-    cast = c.post("/v1/jobs/estimate", json={"model_id": models["bare"]["id"], "evaluation": NO_EVAL,
-                                             "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}).json()
+    cast = c.post(
+        "/v1/jobs/estimate",
+        json={
+            "model_id": models["bare"]["id"],
+            "evaluation": NO_EVAL,
+            "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+        },
+    ).json()
     assert cast["artifact_bytes"] == cast["model_bytes"] // 2, "a bare state dict is stored as is: fp32 -> fp16"
 
 
 def test_estimate_of_packed_quantization(plan_stack: Stack, models: dict[str, Any]) -> None:
     """4-bit weight-only: half a byte per targeted weight plus a scale per group of 128."""
     llama = models["llama-mid"]
-    est = plan_stack.client().post("/v1/jobs/estimate", json={
-        "model_id": llama["id"], "evaluation": NO_EVAL,
-        "steps": [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}]}).json()
+    est = (
+        plan_stack.client()
+        .post(
+            "/v1/jobs/estimate",
+            json={
+                "model_id": llama["id"],
+                "evaluation": NO_EVAL,
+                "steps": [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}],
+            },
+        )
+        .json()
+    )
     linear = 6 * (4 * 512 * 512 + 3 * 512 * 1408)
     assert est["artifact_bytes"] < 0.2 * est["model_bytes"]
     assert abs(est["artifact_bytes"] - (linear / 2 + linear / 128 * 4)) < 0.1 * est["artifact_bytes"]
@@ -165,12 +230,16 @@ BAD_BODIES = [
     pytest.param({"model_id": "MODEL"}, id="no-steps"),
     pytest.param({"model_id": "MODEL", "steps": []}, id="empty-steps"),
     pytest.param({"model_id": "MODEL", "steps": [{"method": "nope"}]}, id="unknown-method"),
-    pytest.param({"model_id": "MODEL", "steps": [{"method": "prune.magnitude", "params": {"sparsity": 2}}]}, id="bad-param"),
+    pytest.param(
+        {"model_id": "MODEL", "steps": [{"method": "prune.magnitude", "params": {"sparsity": 2}}]}, id="bad-param"
+    ),
     pytest.param({"model_id": "MODEL", "steps": PRUNE, "surprise": 1}, id="extra-field"),
     pytest.param({"model_id": "MODEL", "steps": PRUNE, "dataset_id": "no-such-dataset"}, id="unknown-dataset"),
     pytest.param({"model_id": "no-such-model", "steps": PRUNE}, id="unknown-model"),
-    pytest.param({"model_id": "MODEL", "steps": [{"method": "quantize.weight_only", "params": {"bits": 4}}]},
-                 id="unsupported-model"),  # GPT-2's Conv1D
+    pytest.param(
+        {"model_id": "MODEL", "steps": [{"method": "quantize.weight_only", "params": {"bits": 4}}]},
+        id="unsupported-model",
+    ),  # GPT-2's Conv1D
 ]
 
 
@@ -188,7 +257,9 @@ def test_estimate_refuses_what_submit_refuses(plan_stack: Stack, models: dict[st
 def test_estimate_refuses_an_unparseable_body_and_no_key(plan_stack: Stack) -> None:
     c = plan_stack.client()
     r = c.post("/v1/jobs/estimate", content=b"\xff{", headers={"content-type": "application/json"})
-    assert r.status_code == c.post("/v1/jobs", content=b"\xff{", headers={"content-type": "application/json"}).status_code
+    assert (
+        r.status_code == c.post("/v1/jobs", content=b"\xff{", headers={"content-type": "application/json"}).status_code
+    )
     assert r.status_code in (400, 422)
     assert plan_stack.service.client(None).post("/v1/jobs/estimate", json={}).status_code == 401
 
@@ -209,11 +280,15 @@ def test_the_job_resource_shows_its_plan(plan_stack: Stack, models: dict[str, An
 
 
 def _tensors(layers: int, hidden: int, vocab: int) -> list[planner.Tensor]:
-    t = [planner.Tensor("model.embed_tokens.weight", "F32", (vocab, hidden)),
-         planner.Tensor("lm_head.weight", "F32", (vocab, hidden))]
+    t = [
+        planner.Tensor("model.embed_tokens.weight", "F32", (vocab, hidden)),
+        planner.Tensor("lm_head.weight", "F32", (vocab, hidden)),
+    ]
     for i in range(layers):
-        t += [planner.Tensor(f"model.layers.{i}.mlp.up_proj.weight", "F32", (4 * hidden, hidden)),
-              planner.Tensor(f"model.layers.{i}.self_attn.q_proj.weight", "F32", (hidden, hidden))]
+        t += [
+            planner.Tensor(f"model.layers.{i}.mlp.up_proj.weight", "F32", (4 * hidden, hidden)),
+            planner.Tensor(f"model.layers.{i}.self_attn.q_proj.weight", "F32", (hidden, hidden)),
+        ]
     return t
 
 
@@ -223,8 +298,15 @@ def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     tensors = _tensors(8, 256, 1000)
     model_bytes = sum(t.nbytes for t in tensors)
     wo4 = [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}]
-    common = {"tensors": tensors, "other_bytes": 0, "input_bytes": model_bytes, "steps": wo4,
-              "evaluation": {"enabled": True, "seq_len": 32, "budget_s": 15}, "stream": True, "input_on_scratch": False}
+    common = {
+        "tensors": tensors,
+        "other_bytes": 0,
+        "input_bytes": model_bytes,
+        "steps": wo4,
+        "evaluation": {"enabled": True, "seq_len": 32, "budget_s": 15},
+        "stream": True,
+        "input_on_scratch": False,
+    }
     unknown = planner.compute(fmt="hf", **common)
     roomy = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 4 * model_bytes, **common)
     tight = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 2 * model_bytes, **common)
@@ -235,8 +317,11 @@ def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     assert any("no worker budget known" in n for n in unknown["notes"])
     assert tight["evaluation_mode"] == "streamed"
     largest = max(t.nbytes for t in tensors)
-    assert tight["evaluation_peak_bytes"] == (planner.BASELINE_BYTES + int(planner.EVAL_STREAMED_FACTOR * largest)
-                                              + planner.EVAL_LOGITS_COPIES * 32 * 1000 * 4)
+    assert tight["evaluation_peak_bytes"] == (
+        planner.BASELINE_BYTES
+        + int(planner.EVAL_STREAMED_FACTOR * largest)
+        + planner.EVAL_LOGITS_COPIES * 32 * 1000 * 4
+    )
     assert tight["evaluation_peak_bytes"] < roomy["evaluation_peak_bytes"]
     assert tight["peak_memory_bytes"] < roomy["peak_memory_bytes"]
     # The artifact decompressed into its offload folder: float bytes of scratch.
@@ -246,11 +331,15 @@ def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     assert bare["peak_memory_bytes"] == off["peak_memory_bytes"] < roomy["peak_memory_bytes"]
     assert off["evaluation_mode"] == "off"
     # The whole path holds the model for its steps anyway: it evaluates whole, whatever the budget.
-    whole = planner.compute(fmt="hf", memory_bytes=planner.BASELINE_BYTES + 2 * model_bytes, **{**common, "stream": False})
+    whole = planner.compute(
+        fmt="hf", memory_bytes=planner.BASELINE_BYTES + 2 * model_bytes, **{**common, "stream": False}
+    )
     assert whole["path"] == "whole" and whole["evaluation_mode"] == "whole"
 
 
-def test_a_worker_that_cannot_hold_the_model_twice_evaluates_it_on_disk(plan_stack: Stack, models: dict[str, Any]) -> None:
+def test_a_worker_that_cannot_hold_the_model_twice_evaluates_it_on_disk(
+    plan_stack: Stack, models: dict[str, Any]
+) -> None:
     """A worker whose memory budget is under its baseline + 3x the model's weights (but over the
     job's plan): the plan says ``streamed``, the job runs both models with their weights on disk
     and the report has quality and fidelity, no latency, and says how it measured."""
@@ -308,14 +397,24 @@ def test_a_job_over_every_budget_is_refused_and_a_queued_one_fails(plan_stack: S
 
         # Now the fleet's budget is known: the estimate says it does not fit, a submit is refused.
         est = c.post("/v1/jobs/estimate", json=body).json()
-        assert est["fleet"] == {"queue": "cpu", "workers": 1, "memory_bytes": budget_mb * 2**20,
-                                "scratch_bytes": small.row["scratch_budget_bytes"], "fits": False}
+        assert est["fleet"] == {
+            "queue": "cpu",
+            "workers": 1,
+            "memory_bytes": budget_mb * 2**20,
+            "scratch_bytes": small.row["scratch_budget_bytes"],
+            "fits": False,
+        }
         r = c.post("/v1/jobs", json=body)
         assert r.status_code == 422 and r.headers["content-type"] == "application/problem+json"
         problem = r.json()
-        assert problem["type"] == "/problems/job_exceeds_worker_budget" and problem["code"] == "job_exceeds_worker_budget"
-        assert problem["required"] == {"memory_bytes": plan["peak_memory_bytes"], "scratch_bytes": plan["scratch_bytes"],
-                                       "path": plan["path"]}
+        assert (
+            problem["type"] == "/problems/job_exceeds_worker_budget" and problem["code"] == "job_exceeds_worker_budget"
+        )
+        assert problem["required"] == {
+            "memory_bytes": plan["peak_memory_bytes"],
+            "scratch_bytes": plan["scratch_bytes"],
+            "path": plan["path"],
+        }
         assert problem["available"]["memory_bytes"] == budget_mb * 2**20
         assert f"{plan['peak_memory_bytes'] / 2**30:.2f} GiB of memory" in problem["detail"]
 
@@ -372,7 +471,9 @@ def test_sdk_and_cli_estimate(plan_stack: Stack, models: dict[str, Any]) -> None
     env.update({"MODELPRESS_URL": plan_stack.service.url, "MODELPRESS_API_KEY": plan_stack.key})
 
     def cli(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([MODELPRESS, "jobs", "estimate", tiny, *args], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [MODELPRESS, "jobs", "estimate", tiny, *args], env=env, capture_output=True, text=True, timeout=60
+        )
 
     res = cli("--step", "prune.magnitude:sparsity=0.5", "--no-eval", "--json")
     assert res.returncode == 0, res.stderr
@@ -385,7 +486,9 @@ def test_sdk_and_cli_estimate(plan_stack: Stack, models: dict[str, Any]) -> None
     res = cli("--step", "no.such.method", "--json")
     assert res.returncode == 3 and json.loads(res.stdout)["error"]["status"] == 422
     # `modelpress jobs` without the subcommand still lists jobs.
-    listed = subprocess.run([MODELPRESS, "jobs", "--json", "--limit", "5"], env=env, capture_output=True, text=True, timeout=60)
+    listed = subprocess.run(
+        [MODELPRESS, "jobs", "--json", "--limit", "5"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert listed.returncode == 0 and isinstance(json.loads(listed.stdout), list)
 
 
@@ -414,9 +517,17 @@ if CALIBRATE:
         ("llama-wide", [{"method": "quantize.fixed_point", "params": {"frac_bits": 6}}], NO_EVAL),
         ("llama-mid", WANDA, NO_EVAL),
         ("llama-mid", [{"method": "prune.structured", "params": {"ffn": 0.5}}], NO_EVAL),
-        ("llama-mid", [{"method": "quantize.gptq", "params": {"scheme": "W4A16", "num_samples": 16, "max_length": 32}}], NO_EVAL),
+        (
+            "llama-mid",
+            [{"method": "quantize.gptq", "params": {"scheme": "W4A16", "num_samples": 16, "max_length": 32}}],
+            NO_EVAL,
+        ),
         ("llama-mid", [{"method": "quantize.smoothquant", "params": {"num_samples": 16, "max_length": 32}}], NO_EVAL),
-        ("llama-mid", [{"method": "distill", "params": {"layers": 3, "steps": 5, "batch_size": 4, "max_length": 32}}], NO_EVAL),
+        (
+            "llama-mid",
+            [{"method": "distill", "params": {"layers": 3, "steps": 5, "batch_size": 4, "max_length": 32}}],
+            NO_EVAL,
+        ),
         ("llama-wide", PRUNE, QUICK_EVAL),
         ("llama-wide", W4, QUICK_EVAL),
         ("llama-mid", WANDA, QUICK_EVAL),
@@ -443,7 +554,9 @@ def test_plan_is_within_30_percent_of_the_measured_peak(plan_stack: Stack, model
         """The job (on a fresh worker) and the measured baseline (a tiny job's peak before it)."""
         worker = Worker(plan_stack, f"measure-{uuid.uuid4().hex[:6]}")
         try:
-            base_job = c.post("/v1/jobs", json={"model_id": models["tiny"]["id"], "steps": PRUNE, "evaluation": NO_EVAL}).json()
+            base_job = c.post(
+                "/v1/jobs", json={"model_id": models["tiny"]["id"], "steps": PRUNE, "evaluation": NO_EVAL}
+            ).json()
             base = wait_job(c, base_job["id"], timeout=120)
             assert base["status"] == "succeeded", base
             body = {"model_id": models[model]["id"], "steps": steps, "evaluation": evaluation}
@@ -469,20 +582,37 @@ def test_plan_is_within_30_percent_of_the_measured_peak(plan_stack: Stack, model
         plan = job["plan"]
         measured_above = _peak(job) - base_peak
         planned_above = plan["peak_memory_bytes"] - plan["baseline_bytes"]
-        rows.append((f"{model} {steps[0]['method']} ({plan['path']}{', eval' if evaluation.get('enabled', True) else ''})",
-                     plan["peak_memory_bytes"], _peak(job), planned_above, measured_above,
-                     plan["artifact_bytes"], job["artifact"]["size_bytes"]))
-        print(f"\n{rows[-1][0]}: base {base_peak / 2**20:.0f} MiB, model {plan['model_bytes'] / 2**20:.1f} MiB, largest "
-              f"tensor {plan['largest_tensor_bytes'] / 2**20:.1f} MiB, above base {measured_above / 2**20:.1f} MiB, "
-              f"stage_seconds {job['metrics']['stage_seconds']}, memory {job['metrics']['memory']}, scratch plan "
-              f"{plan['scratch_bytes'] / 2**20:.1f} MiB, seconds plan {plan['seconds']}", flush=True)
-    print("\njob | planned peak | measured peak | planned above baseline | measured above baseline | ratio | "
-          "planned artifact | artifact")
+        rows.append(
+            (
+                f"{model} {steps[0]['method']} ({plan['path']}{', eval' if evaluation.get('enabled', True) else ''})",
+                plan["peak_memory_bytes"],
+                _peak(job),
+                planned_above,
+                measured_above,
+                plan["artifact_bytes"],
+                job["artifact"]["size_bytes"],
+            )
+        )
+        print(
+            f"\n{rows[-1][0]}: base {base_peak / 2**20:.0f} MiB, model {plan['model_bytes'] / 2**20:.1f} MiB, largest "
+            f"tensor {plan['largest_tensor_bytes'] / 2**20:.1f} MiB, above base {measured_above / 2**20:.1f} MiB, "
+            f"stage_seconds {job['metrics']['stage_seconds']}, memory {job['metrics']['memory']}, scratch plan "
+            f"{plan['scratch_bytes'] / 2**20:.1f} MiB, seconds plan {plan['seconds']}",
+            flush=True,
+        )
+    print(
+        "\njob | planned peak | measured peak | planned above baseline | measured above baseline | ratio | "
+        "planned artifact | artifact"
+    )
     for name, pp, mp_, pa, ma, art_p, art in rows:
-        print(f"{name} | {pp / 2**20:.0f} MiB | {mp_ / 2**20:.0f} MiB | {pa / 2**20:.0f} MiB | {ma / 2**20:.0f} MiB | "
-              f"{pa / max(ma, 1):.2f} | {art_p / 1e6:.2f} MB | {art / 1e6:.2f} MB")
+        print(
+            f"{name} | {pp / 2**20:.0f} MiB | {mp_ / 2**20:.0f} MiB | {pa / 2**20:.0f} MiB | {ma / 2**20:.0f} MiB | "
+            f"{pa / max(ma, 1):.2f} | {art_p / 1e6:.2f} MB | {art / 1e6:.2f} MB"
+        )
     if CALIBRATE:
         return
     for name, pp, mp_, pa, ma, _art_p, _art in rows:
-        assert 0.7 * ma <= pa <= 1.3 * ma, f"{name}: planned {pa / 2**20:.0f} MiB above the baseline, measured {ma / 2**20:.0f} MiB"
+        assert 0.7 * ma <= pa <= 1.3 * ma, (
+            f"{name}: planned {pa / 2**20:.0f} MiB above the baseline, measured {ma / 2**20:.0f} MiB"
+        )
         assert 0.7 * mp_ <= pp <= 1.3 * mp_, name

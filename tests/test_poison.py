@@ -135,8 +135,17 @@ def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeyp
             s.add(tenant)
             s.flush()
             expired = utcnow() - timedelta(seconds=60)
-            dead = Job(tenant_id=tenant.id, model_id=None, steps=[], status="running", attempt=MAX, lease_expires_at=expired)
-            below = Job(tenant_id=tenant.id, model_id=None, steps=[], status="running", attempt=MAX - 1, lease_expires_at=expired)
+            dead = Job(
+                tenant_id=tenant.id, model_id=None, steps=[], status="running", attempt=MAX, lease_expires_at=expired
+            )
+            below = Job(
+                tenant_id=tenant.id,
+                model_id=None,
+                steps=[],
+                status="running",
+                attempt=MAX - 1,
+                lease_expires_at=expired,
+            )
             s.add_all([dead, below])
             s.commit()
             dead_id, below_id = dead.id, below.id
@@ -146,10 +155,15 @@ def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeyp
         with Session(engine) as s:
             job = s.get(Job, dead_id)
             assert (job.status, job.attempt, job.error_code) == ("failed", MAX, "too_many_attempts")
-            assert job.error_message == f"the job's worker died {MAX} times while running it (attempts 1-{MAX}); it is not retried again"
+            assert (
+                job.error_message
+                == f"the job's worker died {MAX} times while running it (attempts 1-{MAX}); it is not retried again"
+            )
             assert job.finished_at is not None and job.lease_expires_at is None
             events = s.scalars(select(JobEvent).where(JobEvent.job_id == dead_id)).all()
-            assert [(e.type, e.data["status"], e.data["error"]["code"]) for e in events] == [("status", "failed", "too_many_attempts")]
+            assert [(e.type, e.data["status"], e.data["error"]["code"]) for e in events] == [
+                ("status", "failed", "too_many_attempts")
+            ]
 
             # One attempt left: claimed as attempt MAX (run_job would then run it).
             assert repo.claim(s, below_id, 60, MAX) == MAX
@@ -163,4 +177,6 @@ def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeyp
 def test_message_for_one_attempt():
     from core.jobs.repository import attempts_died_message
 
-    assert attempts_died_message(1) == "the job's worker died once while running it (attempt 1); it is not retried again"
+    assert (
+        attempts_died_message(1) == "the job's worker died once while running it (attempt 1); it is not retried again"
+    )

@@ -12,10 +12,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from tests.helpers import upload_dir, wait_job
-from worker import model_io
 from core.methods import ModelInfo
 from core.methods import prune_structured as ps_core
+from tests.helpers import upload_dir, wait_job
+from worker import model_io
 from worker.methods import prune_structured as ps
 from worker.ops import structured as ops
 
@@ -44,7 +44,7 @@ def test_group_norms_rows_columns_bias_and_groups():
     assert ops.group_norms(w, 0, "l2", bias=b).tolist() == [5.0, 1.0, 2.0, 3.0]
     # Groups of consecutive rows: rows {0,1} and {2,3}.
     assert ops.group_norms(w, 0, "l1", group_size=2).tolist() == [8.0, 2.0]
-    assert ops.group_norms(w, 0, "l2", group_size=2).tolist() == pytest.approx([26 ** 0.5, 2.0])
+    assert ops.group_norms(w, 0, "l2", group_size=2).tolist() == pytest.approx([26**0.5, 2.0])
     with pytest.raises(ValueError):
         ops.group_norms(w, 0, "l2", group_size=3)
     # Half precision in, float32 scores out.
@@ -151,14 +151,34 @@ V = 100  # vocabulary
 def _config(kind: str, **over):
     import transformers as tf
 
-    llama_like = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=8,
-                      num_key_value_heads=4, vocab_size=V, max_position_embeddings=32)
+    llama_like = dict(
+        num_hidden_layers=2,
+        hidden_size=64,
+        intermediate_size=96,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=V,
+        max_position_embeddings=32,
+    )
     cfgs = {
         "gpt2": lambda: tf.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=V, n_positions=32),
-        "bert": lambda: tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                      vocab_size=V, max_position_embeddings=32),
-        "roberta": lambda: tf.RobertaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                                            vocab_size=V, max_position_embeddings=40, pad_token_id=1),
+        "bert": lambda: tf.BertConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=V,
+            max_position_embeddings=32,
+        ),
+        "roberta": lambda: tf.RobertaConfig(
+            num_hidden_layers=2,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            vocab_size=V,
+            max_position_embeddings=40,
+            pad_token_id=1,
+        ),
         "llama": lambda: tf.LlamaConfig(**llama_like),
         "mistral": lambda: tf.MistralConfig(**llama_like),
         "qwen2": lambda: tf.Qwen2Config(**llama_like),  # q/k/v carry biases
@@ -169,8 +189,14 @@ def _config(kind: str, **over):
     return cfg
 
 
-MODEL_CLASS = {"gpt2": "GPT2LMHeadModel", "bert": "BertModel", "roberta": "RobertaModel", "llama": "LlamaForCausalLM",
-               "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+MODEL_CLASS = {
+    "gpt2": "GPT2LMHeadModel",
+    "bert": "BertModel",
+    "roberta": "RobertaModel",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
 FFN_WIDTH = {"gpt2": 128, "bert": 64, "roberta": 64, "llama": 96, "mistral": 96, "qwen2": 96}
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")
 
@@ -229,7 +255,9 @@ def test_ffn_pruning_shrinks_every_layer_and_reloads(tmp_path, kind):
     key = "n_inner" if kind == "gpt2" else "intermediate_size"
     assert getattr(m.config, key) == n // 2
     assert res["ffn"]["neurons_before"] == n and res["ffn"]["neurons_after"] == n // 2
-    assert res["ffn"]["per_layer"] and all(v == {"before": n, "after": n // 2} for v in res["ffn"]["per_layer"].values())
+    assert res["ffn"]["per_layer"] and all(
+        v == {"before": n, "after": n // 2} for v in res["ffn"]["per_layer"].values()
+    )
     assert len(res["ffn"]["per_layer"]) == 2 and res["heads"] is None
     assert res["parameters_after"] == sum(p.numel() for p in m.parameters()) < res["parameters_before"]
     assert [f for _, f in ctx.notes] == [0.5, 1.0]
@@ -382,7 +410,14 @@ def test_norm_choice_changes_which_neuron_goes(tmp_path):
 
 def test_params_are_strict():
     assert ps_core.PruneStructuredParams(ffn=0.5).norm == "l2"
-    for bad in ({}, {"ffn": 0, "heads": 0}, {"ffn": 1.0}, {"heads": -0.1}, {"ffn": 0.5, "norm": "l3"}, {"ffn": 0.5, "sparsity": 0.5}):
+    for bad in (
+        {},
+        {"ffn": 0, "heads": 0},
+        {"ffn": 1.0},
+        {"heads": -0.1},
+        {"ffn": 0.5, "norm": "l3"},
+        {"ffn": 0.5, "sparsity": 0.5},
+    ):
         with pytest.raises(ValidationError):
             ps_core.PruneStructuredParams.model_validate(bad)
 
@@ -397,10 +432,30 @@ def test_params_are_strict():
         ({"model_type": "gpt2", "n_embd": 64, "n_inner": None}, {"ffn": 0.001}, "removes none of the 256"),
         ({"model_type": "bert", "intermediate_size": 64}, {"ffn": 0.995}, "would remove all 64"),
         ({"model_type": "bert"}, {"ffn": 0.5}, "no usable 'intermediate_size'"),
-        ({"model_type": "llama", "intermediate_size": 64, "hidden_size": 64, "num_attention_heads": 4,
-          "num_key_value_heads": 2, "head_dim": 16}, {"heads": 0.2}, "removes none of the 2 key-value head groups"),
-        ({"model_type": "llama", "intermediate_size": 64, "hidden_size": 64, "num_attention_heads": 6,
-          "num_key_value_heads": 4, "head_dim": 16}, {"heads": 0.5}, "not a multiple"),
+        (
+            {
+                "model_type": "llama",
+                "intermediate_size": 64,
+                "hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_key_value_heads": 2,
+                "head_dim": 16,
+            },
+            {"heads": 0.2},
+            "removes none of the 2 key-value head groups",
+        ),
+        (
+            {
+                "model_type": "llama",
+                "intermediate_size": 64,
+                "hidden_size": 64,
+                "num_attention_heads": 6,
+                "num_key_value_heads": 4,
+                "head_dim": 16,
+            },
+            {"heads": 0.5},
+            "not a multiple",
+        ),
     ],
 )
 def test_check_refuses(config, params, msg):
@@ -411,8 +466,14 @@ def test_check_refuses(config, params, msg):
 def test_check_accepts():
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_inner": None}
     ps_core.check(ps_core.PruneStructuredParams(ffn=1 / 256), ModelInfo(format="hf", config=gpt2))  # 4 * n_embd neurons
-    llama = {"model_type": "llama", "intermediate_size": 128, "hidden_size": 64, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "head_dim": 16}
+    llama = {
+        "model_type": "llama",
+        "intermediate_size": 128,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+    }
     ps_core.check(ps_core.PruneStructuredParams(ffn=0.5, heads=0.5), ModelInfo(format="hf", config=llama))
 
 
@@ -430,9 +491,9 @@ def _stream_case(tmp_path: Path, src: Path, steps: list[tuple[str, dict]]):
     metrics, parameter counts, sparsity and in-memory size of the result equal."""
     import json
 
+    from core.methods import validate_steps
     from tests.test_stream import _same, _specs, _stream
     from worker import evaluate, pipeline
-    from core.methods import validate_steps
 
     validate_steps([{"method": m, "params": p} for m, p in steps])  # a recipe a job may have
     loaded = model_io.load(src, "hf")
@@ -476,7 +537,10 @@ STREAM_CASES = [
     ("llama", [("prune.structured", {"heads": 0.5})]),
     ("qwen2", [("prune.structured", {"ffn": 0.5, "heads": 0.25})]),  # 8 heads over 4 key-value heads, biases
     # Fused: each tensor read once, shrunk, quantized, written once.
-    ("llama", [("prune.structured", {"ffn": 0.5, "heads": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})]),
+    (
+        "llama",
+        [("prune.structured", {"ffn": 0.5, "heads": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})],
+    ),
     ("llama", [("prune.structured", {"ffn": 0.5}), ("quantize.cast", {"dtype": "bfloat16"})]),
     # A step before it: the scores must see the weights as that step leaves them (two passes).
     ("llama", [("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}), ("prune.structured", {"ffn": 0.5})]),
@@ -484,8 +548,9 @@ STREAM_CASES = [
 
 
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["one-chunk", "3-row-chunks"])
-@pytest.mark.parametrize(("model", "steps"), STREAM_CASES,
-                         ids=[f"{m}-" + "+".join(f"{s[0]}{s[1]}" for s in st) for m, st in STREAM_CASES])
+@pytest.mark.parametrize(
+    ("model", "steps"), STREAM_CASES, ids=[f"{m}-" + "+".join(f"{s[0]}{s[1]}" for s in st) for m, st in STREAM_CASES]
+)
 def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, small_chunks):
     from worker import stream as engine
 
@@ -500,7 +565,10 @@ def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, sm
     if model == "gpt2":
         assert cfg["n_inner"] == metrics["ffn"]["neurons_after"] and metrics["ffn"]["neurons_before"] == 256
     if "heads" in steps[0][1]:
-        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (metrics["heads"]["heads_after"], metrics["heads"]["kv_heads_after"])
+        assert (cfg["num_attention_heads"], cfg["num_key_value_heads"]) == (
+            metrics["heads"]["heads_after"],
+            metrics["heads"]["kv_heads_after"],
+        )
 
 
 def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
@@ -518,8 +586,14 @@ def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     sink = ZipSink(tmp_path / "a.zip")
     try:
         shards.ShardReader.tensor = lambda self, name: (reads.append(name), orig(self, name))[1]
-        engine.run(tiny["llama"], "hf", [spec.stream(spec.params.model_validate({"heads": 0.5}), None)], sink,
-                   extra_files=[], manifest={})
+        engine.run(
+            tiny["llama"],
+            "hf",
+            [spec.stream(spec.params.model_validate({"heads": 0.5}), None)],
+            sink,
+            extra_files=[],
+            manifest={},
+        )
     finally:
         shards.ShardReader.tensor = orig
         sink.abort()
@@ -546,7 +620,9 @@ def test_streamed_refusals_and_fallback(tiny, tmp_path):
     def run(src: Path, params: dict) -> None:
         sink = ZipSink(tmp_path / "out.zip")
         try:
-            engine.run(src, "hf", [spec.stream(spec.params.model_validate(params), None)], sink, extra_files=[], manifest={})
+            engine.run(
+                src, "hf", [spec.stream(spec.params.model_validate(params), None)], sink, extra_files=[], manifest={}
+            )
         finally:
             sink.abort()
         assert not (tmp_path / "out.zip").exists()
@@ -555,7 +631,9 @@ def test_streamed_refusals_and_fallback(tiny, tmp_path):
     tf.LlamaForCausalLM(_config("llama")).save_pretrained(llama8)  # 8 heads over 4 groups, hidden 64
     with pytest.raises(ValueError, match=r"possible 'heads' values: \[0\.5, 0\.75\]"):
         run(llama8, {"ffn": 0.5, "heads": 0.25})
-    with pytest.raises(engine.NotStreamable, match=r"transformer\.h\.0\.mlp\.c_fc\.bias is not a tensor of the checkpoint"):
+    with pytest.raises(
+        engine.NotStreamable, match=r"transformer\.h\.0\.mlp\.c_fc\.bias is not a tensor of the checkpoint"
+    ):
         no_bias = tmp_path / "gpt2-no-bias"
         no_bias.mkdir()
         for p in tiny["gpt2"].iterdir():
@@ -613,19 +691,36 @@ def test_api_round_trip(stack, tiny, tmp_path, model, params):
     assert sum(p.numel() for p in back.parameters()) == step["parameters_after"]
     if model == "gpt2":
         assert cfg.n_inner == 128 and step["ffn"]["neurons_before"] == 256
-        assert all(b.mlp.c_fc.weight.shape == (64, 128) and b.mlp.c_proj.weight.shape == (128, 64) for b in back.transformer.h)
+        assert all(
+            b.mlp.c_fc.weight.shape == (64, 128) and b.mlp.c_proj.weight.shape == (128, 64) for b in back.transformer.h
+        )
     elif model == "bert":
         assert cfg.intermediate_size == 64
-        assert all(l.intermediate.dense.weight.shape == (64, 64) and l.output.dense.weight.shape == (64, 64) for l in back.encoder.layer)
+        assert all(
+            l.intermediate.dense.weight.shape == (64, 64) and l.output.dense.weight.shape == (64, 64)
+            for l in back.encoder.layer
+        )
     elif "ffn" in params:
         assert cfg.intermediate_size == 64 and (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
-        assert all(l.mlp.up_proj.weight.shape == (64, 64) and l.mlp.down_proj.weight.shape == (64, 64) for l in back.model.layers)
+        assert all(
+            l.mlp.up_proj.weight.shape == (64, 64) and l.mlp.down_proj.weight.shape == (64, 64)
+            for l in back.model.layers
+        )
     else:
-        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (2, 1, 16, 128)
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
+            2,
+            1,
+            16,
+            128,
+        )
         assert (step["heads"]["heads_before"], step["heads"]["heads_after"]) == (4, 2)
         for l in back.model.layers:
             a = l.self_attn
-            assert (a.q_proj.weight.shape, a.k_proj.weight.shape, a.o_proj.weight.shape) == ((32, 64), (16, 64), (64, 32))
+            assert (a.q_proj.weight.shape, a.k_proj.weight.shape, a.o_proj.weight.shape) == (
+                (32, 64),
+                (16, 64),
+                (64, 32),
+            )
     with torch.no_grad():
         out = back(input_ids=torch.randint(0, 500, (1, 9)))
     assert torch.isfinite(out.logits if hasattr(out, "logits") else out.last_hidden_state).all()
@@ -644,12 +739,37 @@ def test_api_refusals_at_submit(stack, tiny, tmp_path):
     bare = c.post("/v1/models", files=[("files", (tiny["bare"].name, tiny["bare"].read_bytes()))])
     assert bare.status_code == 201, bare.text
     ids["bare"] = bare.json()["id"]
-    opt = _save(tmp_path, "opt", OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-                                                        vocab_size=100, max_position_embeddings=32, word_embed_proj_dim=32)))
+    opt = _save(
+        tmp_path,
+        "opt",
+        OPTForCausalLM(
+            OPTConfig(
+                hidden_size=32,
+                num_hidden_layers=1,
+                ffn_dim=64,
+                num_attention_heads=2,
+                vocab_size=100,
+                max_position_embeddings=32,
+                word_embed_proj_dim=32,
+            )
+        ),
+    )
     ids["opt"] = upload_dir(c, opt).json()["id"]
-    llama8 = _save(tmp_path, "llama8", LlamaForCausalLM(LlamaConfig(
-        num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=8, num_key_value_heads=4,
-        vocab_size=100, max_position_embeddings=32)))
+    llama8 = _save(
+        tmp_path,
+        "llama8",
+        LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=1,
+                hidden_size=64,
+                intermediate_size=64,
+                num_attention_heads=8,
+                num_key_value_heads=4,
+                vocab_size=100,
+                max_position_embeddings=32,
+            )
+        ),
+    )
     ids["llama8"] = upload_dir(c, llama8).json()["id"]
 
     at = ["body", "steps", 0]
@@ -666,14 +786,19 @@ def test_api_refusals_at_submit(stack, tiny, tmp_path):
         ("gpt2", {}, [*at, "params"], "value_error", "nothing would be removed"),
     ]
     for model, params, loc, typ, msg in cases:
-        r = c.post("/v1/jobs", json={"model_id": ids[model], "steps": [{"method": "prune.structured", "params": params}]})
+        r = c.post(
+            "/v1/jobs", json={"model_id": ids[model], "steps": [{"method": "prune.structured", "params": params}]}
+        )
         assert r.status_code == 422, (model, params, r.text)
         assert r.headers["content-type"] == "application/problem+json"
         errs = r.json()["errors"]
         assert [e["loc"] for e in errs] == [loc], (model, params, errs)
         assert errs[0]["type"] == typ and msg in errs[0]["msg"], (model, params, errs)
     # The llama8 model accepts the fractions the refusal offers.
-    r = c.post("/v1/jobs", json={"model_id": ids["llama8"], "steps": [{"method": "prune.structured", "params": {"heads": 0.75}}]})
+    r = c.post(
+        "/v1/jobs",
+        json={"model_id": ids["llama8"], "steps": [{"method": "prune.structured", "params": {"heads": 0.75}}]},
+    )
     assert r.status_code == 202, r.text
     job = wait_job(c, r.json()["id"])
     assert job["status"] == "succeeded", job

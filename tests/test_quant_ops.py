@@ -70,20 +70,27 @@ def test_rtn_by_hand():
     assert quant.quantize(w, scale, zp, 4).tolist() == [[-8, 7, -1, 0]]
 
 
-@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (4, None, False), (8, 64, False)])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"),
+    [(8, None, True), (4, 32, True), (4, 32, False), (4, None, False), (8, 64, False)],
+)
 def test_integers_match_compressed_tensors(bits, group_size, symmetric):
     """The integers our metrics describe are the ones compressed-tensors stores, given our scales."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
     w = _weights(seed=bits + (group_size or 0))
-    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size)
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size
+    )
     scale, zp = quant.rtn_qparams(w, bits, group_size, symmetric)
     theirs = quantize(w, scale, None if symmetric else zp, args, dtype=torch.int8)
     ours = quant.quantize(w, scale, None if symmetric else zp, bits, group_size)
     assert torch.equal(ours, theirs)
-    assert torch.equal(quant.dequantize(ours, scale, None if symmetric else zp, group_size),
-                       dequantize(theirs, scale, None if symmetric else zp, args))
+    assert torch.equal(
+        quant.dequantize(ours, scale, None if symmetric else zp, group_size),
+        dequantize(theirs, scale, None if symmetric else zp, args),
+    )
     # And our scales equal the library's own min-max formula.
     from compressed_tensors.quantization.utils import calculate_qparams
 
@@ -113,12 +120,14 @@ def test_group_size_must_divide_columns():
 
 def test_fixed_point_is_the_studys_formula_and_counts_clipping():
     n, bits = 2, 4  # grid 0.25, integers -8..7: values -2.0 .. 1.75
-    w = torch.tensor([[0.3, -0.7, 1.26, 0.125, -2.2, 1.9, 0.0, -0.375],
-                      [5.0, -1.99, 0.624, 1.874, -0.126, 0.126, -2.0, 1.75]])
+    w = torch.tensor(
+        [[0.3, -0.7, 1.26, 0.125, -2.2, 1.9, 0.0, -0.375], [5.0, -1.99, 0.624, 1.874, -0.126, 0.126, -2.0, 1.75]]
+    )
     # round(w * 4) / 4 by hand (torch.round: half to even: 0.125*4 = 0.5 -> 0, -0.375*4 = -1.5 -> -2;
     # 0.624*4 = 2.496 -> 2, -0.126*4 = -0.504 -> -1)
-    expect = torch.tensor([[0.25, -0.75, 1.25, 0.0, -2.25, 2.0, 0.0, -0.5],
-                           [5.0, -2.0, 0.5, 1.75, -0.25, 0.25, -2.0, 1.75]])
+    expect = torch.tensor(
+        [[0.25, -0.75, 1.25, 0.0, -2.25, 2.0, 0.0, -0.5], [5.0, -2.0, 0.5, 1.75, -0.25, 0.25, -2.0, 1.75]]
+    )
     assert torch.equal(quant.fixed_point_round(w, n), expect)
     q, clipped = quant.fixed_point(w, n, bits)
     # Clipped: -2.2 -> -9, 1.9 -> 8 and 5.0 -> 20 fall outside -8..7; -2.0 -> -8 and 1.75 -> 7 fit.
@@ -167,17 +176,23 @@ def test_dynamic_int8_is_the_int8_w8a8_preset():
     assert preset.weights == ours_w and preset.input_activations == ours_a
 
 
-LLAMA = ModelInfo(format="hf", architecture="LlamaForCausalLM",
-                  config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4})
+LLAMA = ModelInfo(
+    format="hf",
+    architecture="LlamaForCausalLM",
+    config={"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+)
 GPT2 = ModelInfo(format="hf", architecture="GPT2LMHeadModel", config={"model_type": "gpt2", "n_embd": 64})
 BARE = ModelInfo(format="safetensors")
 
 
-@pytest.mark.parametrize("step", [
-    {"method": "quantize.dynamic_int8", "params": {}},
-    {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
-    {"method": "quantize.fixed_point", "params": {"frac_bits": 6, "bits": 8}},
-])
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"method": "quantize.dynamic_int8", "params": {}},
+        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
+        {"method": "quantize.fixed_point", "params": {"frac_bits": 6, "bits": 8}},
+    ],
+)
 def test_checks_at_submit(step):
     out = validate_steps([step], LLAMA)
     assert out[0]["method"] == step["method"]
@@ -196,8 +211,11 @@ def test_checks_at_submit(step):
     # A pruning step before is fine.
     validate_steps([{"method": "prune.magnitude", "params": {"sparsity": 0.5}}, step], LLAMA)
     # An already-quantized model is refused.
-    quantized = ModelInfo(format="hf", architecture="LlamaForCausalLM",
-                          config={**LLAMA.config, "quantization_config": {"quant_method": "compressed-tensors"}})
+    quantized = ModelInfo(
+        format="hf",
+        architecture="LlamaForCausalLM",
+        config={**LLAMA.config, "quantization_config": {"quant_method": "compressed-tensors"}},
+    )
     with pytest.raises(StepError, match="already quantized"):
         validate_steps([step], quantized)
 
@@ -208,18 +226,34 @@ def test_group_size_checked_against_config():
     validate_steps([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64}}], LLAMA)
 
 
-@pytest.mark.parametrize("params", [
-    {"bits": 3}, {"bits": 4, "group_size": 16}, {"bits": 4, "symmetric": "no"}, {"group_size": 32}, {"bits": 8, "extra": 1},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"bits": 3},
+        {"bits": 4, "group_size": 16},
+        {"bits": 4, "symmetric": "no"},
+        {"group_size": 32},
+        {"bits": 8, "extra": 1},
+    ],
+)
 def test_weight_only_params_refused(params):
     with pytest.raises(StepError):
         validate_steps([{"method": "quantize.weight_only", "params": params}])
 
 
-@pytest.mark.parametrize("params", [
-    {}, {"frac_bits": -1}, {"frac_bits": 17}, {"frac_bits": 4, "bits": 1}, {"frac_bits": 4, "bits": 9},
-    {"frac_bits": True}, {"frac_bits": "4"}, {"frac_bits": 4.5},
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"frac_bits": -1},
+        {"frac_bits": 17},
+        {"frac_bits": 4, "bits": 1},
+        {"frac_bits": 4, "bits": 9},
+        {"frac_bits": True},
+        {"frac_bits": "4"},
+        {"frac_bits": 4.5},
+    ],
+)
 def test_fixed_point_params_refused(params):
     with pytest.raises(StepError):
         validate_steps([{"method": "quantize.fixed_point", "params": params}])
@@ -230,7 +264,9 @@ def test_dynamic_int8_takes_no_params():
         validate_steps([{"method": "quantize.dynamic_int8", "params": {"bits": 8}}])
 
 
-@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)]
+)
 def test_quantize_error_matches_dequantize(bits, group_size, symmetric):
     torch.manual_seed(bits + (group_size or 0))
     scratch = quant.Scratch()
@@ -261,7 +297,9 @@ def test_pack_int32_is_compressed_tensors_packing(bits, cols):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)])
+@pytest.mark.parametrize(
+    ("bits", "group_size", "symmetric"), [(8, None, True), (4, 32, True), (4, 32, False), (8, 64, False)]
+)
 def test_quantize_rows_is_the_librarys_quantize_and_dequantize(dtype, bits, group_size, symmetric):
     """The fused kernel's integers are compressed-tensors' (given the stored scale, in the weight's
     dtype), and its error sums are those of the library's dequantization minus the weights."""
@@ -269,7 +307,9 @@ def test_quantize_rows_is_the_librarys_quantize_and_dequantize(dtype, bits, grou
     from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 
     w = _weights(rows=24, cols=128, seed=bits).to(dtype)
-    args = QuantizationArgs(num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size)
+    args = QuantizationArgs(
+        num_bits=bits, symmetric=symmetric, strategy="group" if group_size else "channel", group_size=group_size
+    )
     scale, zp = quant.rtn_qparams(w, bits, group_size, symmetric)
     scale = scale.to(dtype)
     zp = None if symmetric else zp

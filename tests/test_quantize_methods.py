@@ -26,26 +26,71 @@ from tests.helpers import upload_dir, wait_job
 # 0.9909, fixed point 6 bits / 9 fractional 0.9987. The random BERT's outputs are dominated by
 # its embeddings and LayerNorms (>= 0.99998 for all), so the weight-by-weight checks carry it.
 CASES = [
-    ("bert", {"method": "quantize.dynamic_int8", "params": {}},
-     {"format": "int-quantized", "bits": 8, "strategy": "channel", "act": "token"}, 0.999, False),
-    ("llama", {"method": "quantize.dynamic_int8", "params": {}},
-     {"format": "int-quantized", "bits": 8, "strategy": "channel", "act": "token"}, 0.999, True),
-    ("bert", {"method": "quantize.weight_only", "params": {"bits": 8}},
-     {"format": "pack-quantized", "bits": 8, "strategy": "channel"}, 0.999, False),
-    ("llama", {"method": "quantize.weight_only", "params": {"bits": 8}},
-     {"format": "pack-quantized", "bits": 8, "strategy": "channel"}, 0.999, False),
-    ("bert", {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
-     {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 32}, 0.97, False),
-    ("llama", {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
-     {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 32}, 0.97, True),
-    ("llama", {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64, "symmetric": False}},
-     {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 64, "symmetric": False}, 0.97, False),
-    ("bert", {"method": "quantize.fixed_point", "params": {"frac_bits": 7}},
-     {"format": "pack-quantized", "bits": 8, "strategy": "channel", "frac_bits": 7}, 0.97, False),
+    (
+        "bert",
+        {"method": "quantize.dynamic_int8", "params": {}},
+        {"format": "int-quantized", "bits": 8, "strategy": "channel", "act": "token"},
+        0.999,
+        False,
+    ),
+    (
+        "llama",
+        {"method": "quantize.dynamic_int8", "params": {}},
+        {"format": "int-quantized", "bits": 8, "strategy": "channel", "act": "token"},
+        0.999,
+        True,
+    ),
+    (
+        "bert",
+        {"method": "quantize.weight_only", "params": {"bits": 8}},
+        {"format": "pack-quantized", "bits": 8, "strategy": "channel"},
+        0.999,
+        False,
+    ),
+    (
+        "llama",
+        {"method": "quantize.weight_only", "params": {"bits": 8}},
+        {"format": "pack-quantized", "bits": 8, "strategy": "channel"},
+        0.999,
+        False,
+    ),
+    (
+        "bert",
+        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
+        {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 32},
+        0.97,
+        False,
+    ),
+    (
+        "llama",
+        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32}},
+        {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 32},
+        0.97,
+        True,
+    ),
+    (
+        "llama",
+        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64, "symmetric": False}},
+        {"format": "pack-quantized", "bits": 4, "strategy": "group", "group_size": 64, "symmetric": False},
+        0.97,
+        False,
+    ),
+    (
+        "bert",
+        {"method": "quantize.fixed_point", "params": {"frac_bits": 7}},
+        {"format": "pack-quantized", "bits": 8, "strategy": "channel", "frac_bits": 7},
+        0.97,
+        False,
+    ),
     # Q-3.9 in 6 bits: the range is +-0.0625, about 3 standard deviations of these weights, so
     # some are clipped.
-    ("llama", {"method": "quantize.fixed_point", "params": {"frac_bits": 9, "bits": 6}},
-     {"format": "pack-quantized", "bits": 6, "strategy": "channel", "frac_bits": 9, "clips": True}, 0.99, False),
+    (
+        "llama",
+        {"method": "quantize.fixed_point", "params": {"frac_bits": 9, "bits": 6}},
+        {"format": "pack-quantized", "bits": 6, "strategy": "channel", "frac_bits": 9, "clips": True},
+        0.99,
+        False,
+    ),
 ]
 
 ISOLATED = r"""
@@ -91,8 +136,11 @@ def _linear_targets(model) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
 
 
-@pytest.mark.parametrize(("kind", "step", "expect", "min_cos", "isolated"), CASES,
-                         ids=[f"{c[0]}-{c[1]['method']}-{json.dumps(c[1]['params'], sort_keys=True)}" for c in CASES])
+@pytest.mark.parametrize(
+    ("kind", "step", "expect", "min_cos", "isolated"),
+    CASES,
+    ids=[f"{c[0]}-{c[1]['method']}-{json.dumps(c[1]['params'], sort_keys=True)}" for c in CASES],
+)
 def test_quantize_round_trip(stack, tiny, tmp_path, kind, step, expect, min_cos, isolated):
     from safetensors import safe_open
 
@@ -153,7 +201,9 @@ def test_quantize_round_trip(stack, tiny, tmp_path, kind, step, expect, min_cos,
         assert bool(zps) == (not expect.get("symmetric", True))
         if kind == "llama":
             assert f.get_slice("lm_head.weight").get_dtype() == "F32"
-        emb = next(k for k in keys if k.endswith("embeddings.word_embeddings.weight") or k.endswith("embed_tokens.weight"))
+        emb = next(
+            k for k in keys if k.endswith("embeddings.word_embeddings.weight") or k.endswith("embed_tokens.weight")
+        )
         assert f.get_slice(emb).get_dtype() == "F32"
     if "frac_bits" in expect:
         # Fixed point: every scale is exactly 2^-n, no zero point.
@@ -176,10 +226,12 @@ def test_quantize_round_trip(stack, tiny, tmp_path, kind, step, expect, min_cos,
         assert notes["runs"] == "decompressed" and notes["memory_bytes"] == _tally(loaded)
     if "memory_bytes" in job["metrics"]["size"]:
         assert job["metrics"]["size"]["memory_bytes"] == _tally(loaded)
-    print(f"\n{kind} {step['method']} {step['params']}: min token cosine {cos:.6f}, "
-          f"weight rel. RMS error {sm['relative_rms_error']:.5f}, artifact {job['artifact']['size_bytes']} B "
-          f"/ upload {m['size_bytes']} B; memory {(notes or {}).get('memory_bytes')} B decompressed, "
-          f"{(notes or {}).get('memory_bytes_compressed')} B compressed")
+    print(
+        f"\n{kind} {step['method']} {step['params']}: min token cosine {cos:.6f}, "
+        f"weight rel. RMS error {sm['relative_rms_error']:.5f}, artifact {job['artifact']['size_bytes']} B "
+        f"/ upload {m['size_bytes']} B; memory {(notes or {}).get('memory_bytes')} B decompressed, "
+        f"{(notes or {}).get('memory_bytes_compressed')} B compressed"
+    )
     assert cos >= min_cos
     assert not torch.equal(ref, got), "outputs identical: nothing was quantized"
 
@@ -216,7 +268,9 @@ def test_quantize_round_trip(stack, tiny, tmp_path, kind, step, expect, min_cos,
     if isolated and stack.mode == "cluster":
         res = subprocess.run(
             [sys.executable, "-c", ISOLATED, str(out), kind, json.dumps(ids.tolist()), str(tmp_path / "o.safetensors")],
-            capture_output=True, text=True, timeout=300,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert res.returncode == 0, res.stderr[-3000:]
         assert json.loads(res.stdout.strip().splitlines()[-1]) == {"modelpress_imported": False}
@@ -229,9 +283,20 @@ def test_prune_then_quantize(cluster, tiny, tmp_path):
     """A pruning step may come first: its zeros survive int8 (0 quantizes to 0)."""
     c = cluster.client()
     m = upload_dir(c, tiny["llama"]).json()
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": m["id"], "steps": [
-        {"method": "prune.magnitude", "params": {"sparsity": 0.5}},
-        {"method": "quantize.weight_only", "params": {"bits": 8}}]}).json()["id"], timeout=240)
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={
+                "model_id": m["id"],
+                "steps": [
+                    {"method": "prune.magnitude", "params": {"sparsity": 0.5}},
+                    {"method": "quantize.weight_only", "params": {"bits": 8}},
+                ],
+            },
+        ).json()["id"],
+        timeout=240,
+    )
     assert job["status"] == "succeeded", job
     assert job["metrics"]["sparsity"]["sparsity"] >= 0.5
     loaded = _plain(_unzip(c.get(f"/v1/jobs/{job['id']}/artifact").content, tmp_path / "a"), "llama")
@@ -266,7 +331,10 @@ def test_refusals_at_submit(cluster, tiny, tmp_path, step):
     assert r.status_code == 422 and "does not support 'safetensors'" in r.json()["errors"][0]["msg"]
     # Nothing may follow a quantize step.
     llama = upload_dir(c, tiny["llama"]).json()
-    r = c.post("/v1/jobs", json={"model_id": llama["id"], "steps": [step, {"method": "prune.magnitude", "params": {"sparsity": 0.1}}]})
+    r = c.post(
+        "/v1/jobs",
+        json={"model_id": llama["id"], "steps": [step, {"method": "prune.magnitude", "params": {"sparsity": 0.1}}]},
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["type"] == "step_order"
 
 
@@ -274,17 +342,30 @@ def test_group_size_and_requantize_refused(cluster, tiny, tmp_path):
     c = cluster.client()
     llama = upload_dir(c, tiny["llama"]).json()
     # hidden_size 64 is not a multiple of 128.
-    r = c.post("/v1/jobs", json={"model_id": llama["id"], "steps": [
-        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}]})
+    r = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": llama["id"],
+            "steps": [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}],
+        },
+    )
     assert r.status_code == 422 and "group_size 128 does not divide" in r.json()["errors"][0]["msg"]
     # An artifact uploaded again is already quantized.
-    job = wait_job(c, c.post("/v1/jobs", json={"model_id": llama["id"], "steps": [
-        {"method": "quantize.weight_only", "params": {"bits": 8}}]}).json()["id"], timeout=240)
+    job = wait_job(
+        c,
+        c.post(
+            "/v1/jobs",
+            json={"model_id": llama["id"], "steps": [{"method": "quantize.weight_only", "params": {"bits": 8}}]},
+        ).json()["id"],
+        timeout=240,
+    )
     assert job["status"] == "succeeded", job
     art = _unzip(c.get(f"/v1/jobs/{job['id']}/artifact").content, tmp_path / "a")
     up = upload_dir(c, art)
     assert up.status_code == 201, up.text
-    r = c.post("/v1/jobs", json={"model_id": up.json()["id"], "steps": [{"method": "quantize.dynamic_int8", "params": {}}]})
+    r = c.post(
+        "/v1/jobs", json={"model_id": up.json()["id"], "steps": [{"method": "quantize.dynamic_int8", "params": {}}]}
+    )
     assert r.status_code == 422 and "already quantized" in r.json()["errors"][0]["msg"]
 
 
@@ -298,12 +379,16 @@ def _tally(model) -> int:
     return total
 
 
-@pytest.mark.parametrize("step", [
-    {"method": "quantize.dynamic_int8", "params": {}},
-    {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32, "symmetric": False}},
-    {"method": "quantize.weight_only", "params": {"bits": 8}},
-    {"method": "quantize.fixed_point", "params": {"frac_bits": 5, "bits": 3}},
-], ids=lambda s: f"{s['method']}-{s['params']}")
+@pytest.mark.parametrize(
+    "step",
+    [
+        {"method": "quantize.dynamic_int8", "params": {}},
+        {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 32, "symmetric": False}},
+        {"method": "quantize.weight_only", "params": {"bits": 8}},
+        {"method": "quantize.fixed_point", "params": {"frac_bits": 5, "bits": 3}},
+    ],
+    ids=lambda s: f"{s['method']}-{s['params']}",
+)
 def test_memory_notes_match_the_reloaded_model(tiny, tmp_path, step):
     """In-process (handler + saver, no service): the memory figures the method reports are what
     plain transformers holds, before the first forward (compressed) and after (decompressed)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 
@@ -16,7 +16,7 @@ STEPS = [{"method": "quantize.cast", "params": {"dtype": "float16"}}]
 
 
 def _insert_job(stack, model: dict, status: str, attempt: int, sent_ago_s: float, lease_ago_s: float | None) -> str:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     job_id = str(uuid.uuid4())
     url = stack.database_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url) as conn:
@@ -25,9 +25,19 @@ def _insert_job(stack, model: dict, status: str, attempt: int, sent_ago_s: float
             "INSERT INTO jobs (id, tenant_id, model_id, steps, queue, status, attempt, cancel_requested,"
             " progress_stage, progress_fraction, created_at, enqueued_at, started_at, lease_expires_at)"
             " VALUES (%s, %s, %s, %s, 'cpu', %s, %s, false, %s, 0, %s, %s, %s, %s)",
-            (job_id, tenant, model["id"], json.dumps(STEPS), status, attempt, status, now - timedelta(seconds=sent_ago_s),
-             now - timedelta(seconds=sent_ago_s), now - timedelta(seconds=sent_ago_s) if status == "running" else None,
-             now - timedelta(seconds=lease_ago_s) if lease_ago_s is not None else None),
+            (
+                job_id,
+                tenant,
+                model["id"],
+                json.dumps(STEPS),
+                status,
+                attempt,
+                status,
+                now - timedelta(seconds=sent_ago_s),
+                now - timedelta(seconds=sent_ago_s),
+                now - timedelta(seconds=sent_ago_s) if status == "running" else None,
+                now - timedelta(seconds=lease_ago_s) if lease_ago_s is not None else None,
+            ),
         )
     return job_id
 
@@ -36,7 +46,7 @@ def _sent_within(stack, job_id: str, seconds: float) -> bool:
     url = stack.database_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url) as conn:
         (sent,) = conn.execute("SELECT enqueued_at FROM jobs WHERE id = %s", (job_id,)).fetchone()
-    return sent is not None and sent > datetime.now(timezone.utc) - timedelta(seconds=seconds)
+    return sent is not None and sent > datetime.now(UTC) - timedelta(seconds=seconds)
 
 
 def test_reconciler_recovers_lost_messages(cluster, tiny):

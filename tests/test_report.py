@@ -154,8 +154,12 @@ def _report(c, job_id: str) -> dict:
 def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_models):
     c = stack.client()
     model = upload_dir(c, tok_models["gpt2"]).json()
-    job = _job(c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}],
-               evaluation={"batch_size": 2, "seq_len": 32, "runs": 3})
+    job = _job(
+        c,
+        model["id"],
+        [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "scope": "layer"}}],
+        evaluation={"batch_size": 2, "seq_len": 32, "runs": 3},
+    )
     rep = _report(c, job["id"])
     assert rep["job_id"] == job["id"] and rep["status"] == "succeeded" and rep["model_id"] == model["id"]
 
@@ -177,7 +181,12 @@ def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_mod
     assert speed["original"]["median_ms"] > 0 and speed["compressed"]["median_ms"] > 0
     assert speed["runs_as"] == "dense" and speed["speedup"] is None and speed["latency_ratio"] > 0
     q = rep["quality"]
-    assert q["metric"] == "perplexity" and q["dataset"]["source"] == "builtin" and q["original"] > 1 and q["compressed"] > 1
+    assert (
+        q["metric"] == "perplexity"
+        and q["dataset"]["source"] == "builtin"
+        and q["original"] > 1
+        and q["compressed"] > 1
+    )
     f = rep["fidelity"]
     assert f["kl_mean"] > 0 and 0 <= f["top1_agreement"] <= 1 and f["output_cosine"] < 1
     assert rep["memory"]["peak_rss_bytes"] > 50 * 2**20
@@ -200,7 +209,8 @@ def test_float16_cast_halves_the_weight_bytes(stack, tok_models):
     # (Both are rounded to 4 decimals: a float16 model ~100x slower on a loaded CPU has a speedup
     # of 0.0103 against 1 / 97.42 = 0.010265, hence the absolute tolerance too.)
     assert rep["speed"]["runs_as"] == "dense" and rep["speed"]["speedup"] == pytest.approx(
-        1 / rep["speed"]["latency_ratio"], rel=1e-3, abs=1e-4)
+        1 / rep["speed"]["latency_ratio"], rel=1e-3, abs=1e-4
+    )
     assert size["artifact_weight_bytes"] * 2 == size["original_weight_bytes"]
     assert size["weight_bytes_ratio"] == 0.5 and size["mean_bits_per_weight"] == 16.0
 
@@ -238,12 +248,22 @@ def test_what_cannot_be_measured_says_why(embedded, tiny, tok_models):
     assert rep["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.005)
 
     model = upload_dir(c, tok_models["gpt2"]).json()
-    off = _report(c, _job(c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-                          evaluation={"enabled": False})["id"])
+    off = _report(
+        c,
+        _job(
+            c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}], evaluation={"enabled": False}
+        )["id"],
+    )
     assert off["quality"]["available"] is False and "enabled" in off["quality"]["reason"]
 
-    r = c.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-                                 "evaluation": {"seq_len": 2}})
+    r = c.post(
+        "/v1/jobs",
+        json={
+            "model_id": model["id"],
+            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+            "evaluation": {"seq_len": 2},
+        },
+    )
     assert r.status_code == 422 and r.json()["errors"][0]["loc"][:3] == ["body", "evaluation", "seq_len"]
 
 
@@ -255,8 +275,12 @@ def test_classifier_accuracy_through_the_service(embedded, tok_models):
     model = upload_dir(c, tok_models["bert-cls"]).json()
     job = _job(c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.3}}], eval_dataset_id=ds["id"])
     q = _report(c, job["id"])["quality"]
-    assert q["metric"] == "accuracy" and q["dataset"] == {"source": "eval_dataset", "id": ds["id"], "samples": len(rows),
-                                                          "tokens": q["dataset"]["tokens"]}
+    assert q["metric"] == "accuracy" and q["dataset"] == {
+        "source": "eval_dataset",
+        "id": ds["id"],
+        "samples": len(rows),
+        "tokens": q["dataset"]["tokens"],
+    }
     assert q["labeled_samples"] == len(rows) and 0 <= q["compressed"] <= 1
 
 
@@ -267,7 +291,9 @@ def test_report_html_and_signed_link(embedded, tok_models):
 
     c = embedded.client()
     model = upload_dir(c, tok_models["gpt2"]).json()
-    job = _job(c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}], name="<script>alert(1)</script>")
+    job = _job(
+        c, model["id"], [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}], name="<script>alert(1)</script>"
+    )
     r = c.get(f"/v1/jobs/{job['id']}/report", headers={"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert "default-src 'none'" in r.headers["content-security-policy"]
@@ -292,7 +318,10 @@ def test_report_html_and_signed_link(embedded, tok_models):
 def test_report_of_an_unfinished_job_is_409(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     model = upload_dir(c, tiny["gpt2"]).json()
-    job = c.post("/v1/jobs", json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]}).json()
+    job = c.post(
+        "/v1/jobs",
+        json={"model_id": model["id"], "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}]},
+    ).json()
     r = c.get(f"/v1/jobs/{job['id']}/report")
     assert r.status_code == 409 and r.json()["code"] == "report_not_ready"
     assert c.post(f"/v1/jobs/{job['id']}/report/link").status_code == 409

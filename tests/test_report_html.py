@@ -24,42 +24,103 @@ FULL_REPORT = {
     "status": "succeeded",
     "created_at": "2026-11-29T16:00:00Z",
     "finished_at": "2026-11-29T16:00:02Z",
-    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5, "note": "<img src=x onerror=alert(2)>"},
-               "seconds": 0.12}],
-    "size": {"original_bytes": 1000000, "artifact_bytes": 500000, "compression_ratio": 2.0,
-             "original_weight_bytes": 900000, "artifact_weight_bytes": 450000, "weight_bytes_ratio": 0.5,
-             "memory_bytes": 800000, "parameters": {"original": 225000, "total": 225000, "nonzero": 112500},
-             "mean_bits_per_weight": 16.0},
-    "sparsity": {"overall": 0.5, "target_parameters": 200000, "target_zeros": 100000, "sparsity": 0.5,
-                 "per_layer": [{"name": "transformer.h.0.mlp.c_fc.weight", "parameters": 4096, "zeros": 2048,
-                                "sparsity": 0.5},
-                               {"name": "h.1.<b>$x^2$</b>", "parameters": 4096, "zeros": 1024, "sparsity": 0.25}]},
-    "speed": {"available": True, "reason": None, "device": "cpu", "threads": 2, "batch_size": 1, "seq_len": 128,
-              "runs": 5, "warmup": 1, "runs_requested": 7, "warmup_requested": 2, "limited_by": "budget",
-              "budget_note": None, "seconds": {"original": 0.06, "compressed": 0.03},
-              "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
-              "original": {"median_ms": 10.0, "min_ms": 9.5, "max_ms": 11.0,
-                           "samples_ms": [10.0, 9.5, 11.0, 10.2, 9.9]},
-              "compressed": {"median_ms": 5.0, "min_ms": 4.9, "max_ms": 5.5, "samples_ms": [5.0, 4.9, 5.5, 5.1, 5.0]},
-              "runs_as": "int8_kernels", "kernel": "torch._int_mm int8 x int8", "latency_ratio": 0.5, "speedup": 2.0,
-              "note": "measured on 2 threads"},
+    "steps": [
+        {
+            "method": "prune.magnitude",
+            "params": {"sparsity": 0.5, "note": "<img src=x onerror=alert(2)>"},
+            "seconds": 0.12,
+        }
+    ],
+    "size": {
+        "original_bytes": 1000000,
+        "artifact_bytes": 500000,
+        "compression_ratio": 2.0,
+        "original_weight_bytes": 900000,
+        "artifact_weight_bytes": 450000,
+        "weight_bytes_ratio": 0.5,
+        "memory_bytes": 800000,
+        "parameters": {"original": 225000, "total": 225000, "nonzero": 112500},
+        "mean_bits_per_weight": 16.0,
+    },
+    "sparsity": {
+        "overall": 0.5,
+        "target_parameters": 200000,
+        "target_zeros": 100000,
+        "sparsity": 0.5,
+        "per_layer": [
+            {"name": "transformer.h.0.mlp.c_fc.weight", "parameters": 4096, "zeros": 2048, "sparsity": 0.5},
+            {"name": "h.1.<b>$x^2$</b>", "parameters": 4096, "zeros": 1024, "sparsity": 0.25},
+        ],
+    },
+    "speed": {
+        "available": True,
+        "reason": None,
+        "device": "cpu",
+        "threads": 2,
+        "batch_size": 1,
+        "seq_len": 128,
+        "runs": 5,
+        "warmup": 1,
+        "runs_requested": 7,
+        "warmup_requested": 2,
+        "limited_by": "budget",
+        "budget_note": None,
+        "seconds": {"original": 0.06, "compressed": 0.03},
+        "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
+        "original": {"median_ms": 10.0, "min_ms": 9.5, "max_ms": 11.0, "samples_ms": [10.0, 9.5, 11.0, 10.2, 9.9]},
+        "compressed": {"median_ms": 5.0, "min_ms": 4.9, "max_ms": 5.5, "samples_ms": [5.0, 4.9, 5.5, 5.1, 5.0]},
+        "runs_as": "int8_kernels",
+        "kernel": "torch._int_mm int8 x int8",
+        "latency_ratio": 0.5,
+        "speedup": 2.0,
+        "note": "measured on 2 threads",
+    },
     "memory": {"peak_rss_bytes": 123456789, "how": "ru_maxrss of the worker child", "peak_cuda_bytes": None},
-    "quality": {"available": True, "reason": None, "metric": "perplexity", "higher_is_better": False,
-                "dataset": {"source": "builtin", "id": None, "samples": 32, "tokens": 3000},
-                "original": 50.1, "compressed": 52.3, "delta": 2.2, "ratio": 1.0439,
-                "samples": 32, "samples_requested": 40, "samples_available": 40, "limited_by": "budget",
-                "budget_note": "the minimum <4> ran anyway", "seconds": {"original": 0.4, "compressed": 0.45},
-                "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
-                "ci95": {"original": [41.25, 60.5], "compressed": [43.0, 63.1], "ratio": [1.01, 1.08]},
-                "ci_method": "t-interval on the mean NLL per token"},
-    "fidelity": {"available": True, "reason": None, "on": "logits", "samples": 32, "tokens": 3000,
-                 "kl_mean": 0.01, "top1_agreement": 0.98, "output_cosine": None,
-                 "samples_requested": 40, "samples_available": 40, "limited_by": "budget",
-                 "ci95": {"kl_mean": [0.0075, 0.0125], "top1_agreement": [0.97, 0.99], "output_cosine": None},
-                 "ci_method": "t-interval over samples",
-                 "reasons": {"output_cosine": "only for embedding models"}},
-    "stage_seconds": {"load": 0.1, "evaluate_original": 0.5, "step1:prune.magnitude": 0.2, "save": 0.3,
-                      "evaluate_compressed": 0.5, "store": 0.01, "total": 1.7},
+    "quality": {
+        "available": True,
+        "reason": None,
+        "metric": "perplexity",
+        "higher_is_better": False,
+        "dataset": {"source": "builtin", "id": None, "samples": 32, "tokens": 3000},
+        "original": 50.1,
+        "compressed": 52.3,
+        "delta": 2.2,
+        "ratio": 1.0439,
+        "samples": 32,
+        "samples_requested": 40,
+        "samples_available": 40,
+        "limited_by": "budget",
+        "budget_note": "the minimum <4> ran anyway",
+        "seconds": {"original": 0.4, "compressed": 0.45},
+        "budget": {"budget_s": 30.0, "seconds": 0.9, "within_budget": True},
+        "ci95": {"original": [41.25, 60.5], "compressed": [43.0, 63.1], "ratio": [1.01, 1.08]},
+        "ci_method": "t-interval on the mean NLL per token",
+    },
+    "fidelity": {
+        "available": True,
+        "reason": None,
+        "on": "logits",
+        "samples": 32,
+        "tokens": 3000,
+        "kl_mean": 0.01,
+        "top1_agreement": 0.98,
+        "output_cosine": None,
+        "samples_requested": 40,
+        "samples_available": 40,
+        "limited_by": "budget",
+        "ci95": {"kl_mean": [0.0075, 0.0125], "top1_agreement": [0.97, 0.99], "output_cosine": None},
+        "ci_method": "t-interval over samples",
+        "reasons": {"output_cosine": "only for embedding models"},
+    },
+    "stage_seconds": {
+        "load": 0.1,
+        "evaluate_original": 0.5,
+        "step1:prune.magnitude": 0.2,
+        "save": 0.3,
+        "evaluate_compressed": 0.5,
+        "store": 0.01,
+        "total": 1.7,
+    },
     "notes": {"any": "</pre><script>alert(3)</script>"},
     "evaluation": {"enabled": True, "batch_size": 1, "seq_len": 128, "runs": 5, "warmup": 1, "max_samples": 32},
 }
@@ -85,27 +146,66 @@ SWEEP = {
     "model_id": "24971735-1379-4eee-9619-e7a086abfb9c",
     "created_at": "2026-11-29T16:00:00Z",
     "status": "partial",
-    "spec": {"steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-             "vary": {"steps[0].params.sparsity": [0.3, 0.5, 0.7]}},
+    "spec": {
+        "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+        "vary": {"steps[0].params.sparsity": [0.3, 0.5, 0.7]},
+    },
     "counts": {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "canceled": 0},
     "points": [
-        {"index": 0, "values": {"steps[0].params.sparsity": 0.3}, "job_id": "job-0-5a0e9a7c-1111-4222-8333",
-         "status": "succeeded",
-         "metrics": {"artifact_bytes": 700000, "compression_ratio": 1.4286, "latency_ms": 7.25,
-                     "quality_metric": "perplexity", "quality": 50.0, "higher_is_better": False,
-                     "kl_mean": 0.01, "top1_agreement": 0.98, "sparsity": 0.3},
-         "error": None, "on_frontier": True},
-        {"index": 1, "values": {"steps[0].params.sparsity": 0.5}, "job_id": "job-1", "status": "succeeded",
-         "metrics": {"artifact_bytes": 500000, "compression_ratio": 2.0, "latency_ms": 5.5,
-                     "quality_metric": "perplexity", "quality": 61.5, "higher_is_better": False,
-                     "kl_mean": 0.2, "top1_agreement": 0.9, "sparsity": 0.5},
-         "error": None, "on_frontier": True},
-        {"index": 2, "values": {"steps[0].params.sparsity": 0.7}, "job_id": "job-2", "status": "failed",
-         "metrics": None, "error": {"code": "worker_error", "message": "out of memory <oom>"}, "on_frontier": False},
+        {
+            "index": 0,
+            "values": {"steps[0].params.sparsity": 0.3},
+            "job_id": "job-0-5a0e9a7c-1111-4222-8333",
+            "status": "succeeded",
+            "metrics": {
+                "artifact_bytes": 700000,
+                "compression_ratio": 1.4286,
+                "latency_ms": 7.25,
+                "quality_metric": "perplexity",
+                "quality": 50.0,
+                "higher_is_better": False,
+                "kl_mean": 0.01,
+                "top1_agreement": 0.98,
+                "sparsity": 0.3,
+            },
+            "error": None,
+            "on_frontier": True,
+        },
+        {
+            "index": 1,
+            "values": {"steps[0].params.sparsity": 0.5},
+            "job_id": "job-1",
+            "status": "succeeded",
+            "metrics": {
+                "artifact_bytes": 500000,
+                "compression_ratio": 2.0,
+                "latency_ms": 5.5,
+                "quality_metric": "perplexity",
+                "quality": 61.5,
+                "higher_is_better": False,
+                "kl_mean": 0.2,
+                "top1_agreement": 0.9,
+                "sparsity": 0.5,
+            },
+            "error": None,
+            "on_frontier": True,
+        },
+        {
+            "index": 2,
+            "values": {"steps[0].params.sparsity": 0.7},
+            "job_id": "job-2",
+            "status": "failed",
+            "metrics": None,
+            "error": {"code": "worker_error", "message": "out of memory <oom>"},
+            "on_frontier": False,
+        },
     ],
     "frontier": [0, 1],
-    "frontier_axes": {"size": "artifact_bytes (lower is better)", "latency": "latency_ms (lower is better)",
-                      "quality": "perplexity (lower is better)"},
+    "frontier_axes": {
+        "size": "artifact_bytes (lower is better)",
+        "latency": "latency_ms (lower is better)",
+        "quality": "perplexity (lower is better)",
+    },
     "frontier_note": "frontier over points with all three metrics",
 }
 
@@ -144,13 +244,37 @@ def test_full_job_report(tmp_path: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "&lt;img src=x onerror=alert(2)&gt;" in html
     assert "&lt;/pre&gt;&lt;script&gt;alert(3)&lt;/script&gt;" in html
-    for text in ("1.00 MB", "1,000,000 bytes", "500 kB", "500,000 bytes", "2×", "123 MB", "123,456,789 bytes",
-                 "50.1", "52.3", "+2.2 (worse)", "10 ms", "5 ms", "2× as fast", "50.00 %", "25.00 %",
-                 "transformer.h.0.mlp.c_fc.weight", "only for embedding models", "1.700 s", "perplexity",
-                 # The evaluation budget: counts against caps, confidence intervals, the minimum's note.
-                 "32 of 40 requested", "limited by budget", "95 % CI 41.25 – 60.5", "95 % CI 0.0075 – 0.0125",
-                 "95 % CI 1.01 – 1.08", "of 7 (2) requested", "30.000 s", "the minimum &lt;4&gt; ran anyway",
-                 "t-interval on the mean NLL per token"):
+    for text in (
+        "1.00 MB",
+        "1,000,000 bytes",
+        "500 kB",
+        "500,000 bytes",
+        "2×",
+        "123 MB",
+        "123,456,789 bytes",
+        "50.1",
+        "52.3",
+        "+2.2 (worse)",
+        "10 ms",
+        "5 ms",
+        "2× as fast",
+        "50.00 %",
+        "25.00 %",
+        "transformer.h.0.mlp.c_fc.weight",
+        "only for embedding models",
+        "1.700 s",
+        "perplexity",
+        # The evaluation budget: counts against caps, confidence intervals, the minimum's note.
+        "32 of 40 requested",
+        "limited by budget",
+        "95 % CI 41.25 – 60.5",
+        "95 % CI 0.0075 – 0.0125",
+        "95 % CI 1.01 – 1.08",
+        "of 7 (2) requested",
+        "30.000 s",
+        "the minimum &lt;4&gt; ran anyway",
+        "t-interval on the mean NLL per token",
+    ):
         assert text in html, text
 
     res = _open(tmp_path, "job.html", html)
@@ -164,24 +288,34 @@ def test_full_job_report(tmp_path: Path) -> None:
 def test_report_with_unavailable_sections(tmp_path: Path) -> None:
     html = render_job_report(copy.deepcopy(UNAVAILABLE_REPORT))
     _assert_standalone(html)
-    for reason in ("speed measurement &lt;disabled&gt; for this job",
-                   "no evaluation dataset &amp; the model has no LM head",
-                   "fidelity needs the original model&#x27;s logits"):
+    for reason in (
+        "speed measurement &lt;disabled&gt; for this job",
+        "no evaluation dataset &amp; the model has no LM head",
+        "fidelity needs the original model&#x27;s logits",
+    ):
         assert reason in html, reason
     assert "548 kB" in html and "548,428 bytes" in html
 
     res = _open(tmp_path, "job-partial.html", html)
     _assert_clean(res, svg_count=1)  # size (original only); the one layer has no sparsity value
-    for reason in ("speed measurement <disabled> for this job", "no evaluation dataset & the model has no LM head",
-                   "fidelity needs the original model's logits", "Not reported for this job."):
+    for reason in (
+        "speed measurement <disabled> for this job",
+        "no evaluation dataset & the model has no LM head",
+        "fidelity needs the original model's logits",
+        "Not reported for this job.",
+    ):
         assert reason in res["text"], reason
     assert res["title"] == "Job report: 0c4a1b2e-0000-4000-8000-000000000001"
 
 
 def test_decompressed_speed_claims_no_speedup() -> None:
     report = copy.deepcopy(FULL_REPORT)
-    report["speed"].update(runs_as="decompressed", speedup=None, latency_ratio=1.02,
-                           note="int4 weights are unpacked to float before matmul")
+    report["speed"].update(
+        runs_as="decompressed",
+        speedup=None,
+        latency_ratio=1.02,
+        note="int4 weights are unpacked to float before matmul",
+    )
     html = render_job_report(report)
     assert "as fast" not in html
     assert "No speed-up claimed" in html and "int4 weights are unpacked to float before matmul" in html
@@ -189,8 +323,17 @@ def test_decompressed_speed_claims_no_speedup() -> None:
 
 
 def test_empty_and_garbage_input_do_not_crash() -> None:
-    for report in ({}, {"size": "oops", "steps": "x", "speed": {"available": True}, "quality": {},
-                        "sparsity": {"per_layer": "no"}, "fidelity": {"kl_mean": "NaN"}}):
+    for report in (
+        {},
+        {
+            "size": "oops",
+            "steps": "x",
+            "speed": {"available": True},
+            "quality": {},
+            "sparsity": {"per_layer": "no"},
+            "fidelity": {"kl_mean": "NaN"},
+        },
+    ):
         html = render_job_report(report)
         assert html.startswith("<!DOCTYPE html>") and "</html>" in html
     for sweep in ({}, {"points": [None, {"index": 0, "metrics": {"artifact_bytes": None}}], "spec": {"vary": 3}}):
@@ -203,11 +346,19 @@ def test_sweep_page(tmp_path: Path) -> None:
     _assert_standalone(html)
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "out of memory &lt;oom&gt;" in html and "worker_error" in html
-    for text in ("700 kB", "700,000 bytes", "500,000 bytes", "7.25 ms", "61.5", "steps[0].params.sparsity",
-                 "perplexity (lower is better)", "frontier over points with all three metrics",
-                 "1 of 3 points are not plotted"):
+    for text in (
+        "700 kB",
+        "700,000 bytes",
+        "500,000 bytes",
+        "7.25 ms",
+        "61.5",
+        "steps[0].params.sparsity",
+        "perplexity (lower is better)",
+        "frontier over points with all three metrics",
+        "1 of 3 points are not plotted",
+    ):
         assert text in html, text
-    assert html.count('<tr class=frontier>') == 2
+    assert html.count("<tr class=frontier>") == 2
     assert 'title="job-0-5a0e9a7c-1111-4222-8333"' in html  # long job ids shortened, full on hover
 
     res = _open(tmp_path, "sweep.html", html)
@@ -235,8 +386,9 @@ def test_many_layers_chart_is_capped() -> None:
     height_pt = float(re.search(r'height="([\d.]+)pt"', svg).group(1))
     assert height_pt < 700
     report = copy.deepcopy(FULL_REPORT)
-    report["sparsity"]["per_layer"] = [{"name": n, "parameters": 100, "zeros": int(s * 100), "sparsity": s}
-                                       for n, s in layers]
+    report["sparsity"]["per_layer"] = [
+        {"name": n, "parameters": 100, "zeros": int(s * 100), "sparsity": s} for n, s in layers
+    ]
     html = render_job_report(report)
     assert "model.layers.399.mlp.up_proj.weight" in html  # the table has every layer
     assert "<details><summary>All 400 layers</summary>" in html
@@ -259,16 +411,20 @@ def test_charts_are_deterministic_inline_svg_with_unique_ids() -> None:
 
 def test_charts_same_bytes_in_another_process() -> None:
     point = {"index": 0, "artifact_bytes": 5, "quality": 1.0, "latency_ms": 2.0, "on_frontier": True}
-    code = ("from app.reports import charts; import hashlib; "
-            f"print(hashlib.sha256(charts.sweep_scatter([{point!r}]).encode()).hexdigest())")
+    code = (
+        "from app.reports import charts; import hashlib; "
+        f"print(hashlib.sha256(charts.sweep_scatter([{point!r}]).encode()).hexdigest())"
+    )
     here = hashlib.sha256(charts.sweep_scatter([point]).encode()).hexdigest()
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == here
 
 
 def test_importing_the_reports_is_light() -> None:
-    code = ("import sys; import app.reports.html, app.reports.charts; "
-            "print(','.join(m for m in ('matplotlib', 'numpy', 'torch') if m in sys.modules))")
+    code = (
+        "import sys; import app.reports.html, app.reports.charts; "
+        "print(','.join(m for m in ('matplotlib', 'numpy', 'torch') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == ""
 

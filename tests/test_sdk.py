@@ -72,7 +72,10 @@ def test_upload_submit_wait_report(mp: Client, finished: dict[str, Any], tiny: d
     total = sum((tiny["gpt2"] / n).stat().st_size for n in expected)
     assert finished["sent"] and finished["sent"][-1] == (total, total)  # the upload streamed every byte
 
-    assert finished["submitted"].status in ("queued", "running") and finished["submitted"].steps[0].method == "prune.magnitude"
+    assert (
+        finished["submitted"].status in ("queued", "running")
+        and finished["submitted"].steps[0].method == "prune.magnitude"
+    )
     assert isinstance(job, Job) and job.status == "succeeded" and job.done
     assert job.artifact is not None and job.artifact.filename == "model.zip"
     seen = finished["seen"]
@@ -98,8 +101,11 @@ def test_upload_submit_wait_report(mp: Client, finished: dict[str, Any], tiny: d
 
 
 def test_jobs_listing_pages(mp: Client, finished: dict[str, Any], tiny: dict[str, Path]) -> None:
-    other = mp.submit(finished["model"].id, [{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}],
-                      evaluation={"enabled": False})
+    other = mp.submit(
+        finished["model"].id,
+        [{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}],
+        evaluation={"enabled": False},
+    )
     mp.wait(other, timeout=300, poll_interval=0.2)
     pages: list[str] = []
     hooked = Client(mp.base_url, mp.api_key, event_hooks={"request": [lambda r: pages.append(str(r.url))]})
@@ -111,8 +117,13 @@ def test_jobs_listing_pages(mp: Client, finished: dict[str, Any], tiny: dict[str
 
 
 def test_sweep(mp: Client, finished: dict[str, Any]) -> None:
-    sweep = mp.sweep(finished["model"].id, [("prune.magnitude", {"sparsity": 0.5})],
-                     {"steps[0].params.sparsity": [0.3, 0.6]}, name="sdk-sweep", evaluation={"enabled": False})
+    sweep = mp.sweep(
+        finished["model"].id,
+        [("prune.magnitude", {"sparsity": 0.5})],
+        {"steps[0].params.sparsity": [0.3, 0.6]},
+        name="sdk-sweep",
+        evaluation={"enabled": False},
+    )
     assert isinstance(sweep, Sweep) and len(sweep.points) == 2 and sweep.name == "sdk-sweep"
     assert [p.values for p in sweep.points] == [{"steps[0].params.sparsity": 0.3}, {"steps[0].params.sparsity": 0.6}]
     for p in sweep.points:
@@ -244,10 +255,18 @@ def test_async_client_round_trip(embedded, tiny: dict[str, Path], tmp_path: Path
 
 
 _JOB = {
-    "id": "00000000-0000-4000-8000-000000000001", "name": None, "model_id": "m", "status": "queued",
-    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}], "queue": "cpu",
-    "progress": {"stage": "queued", "fraction": 0.0}, "attempt": 0, "cancel_requested": False,
-    "created_at": "2026-01-01T00:00:00Z", "started_at": None, "finished_at": None,
+    "id": "00000000-0000-4000-8000-000000000001",
+    "name": None,
+    "model_id": "m",
+    "status": "queued",
+    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+    "queue": "cpu",
+    "progress": {"stage": "queued", "fraction": 0.0},
+    "attempt": 0,
+    "cancel_requested": False,
+    "created_at": "2026-01-01T00:00:00Z",
+    "started_at": None,
+    "finished_at": None,
 }
 
 
@@ -287,7 +306,7 @@ class ScriptedServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> "ScriptedServer":
+    def __enter__(self) -> ScriptedServer:
         self.thread.start()
         return self
 
@@ -296,7 +315,11 @@ class ScriptedServer:
         self.httpd.server_close()
 
 
-UNAVAILABLE = (503, {"Retry-After": "0"}, _problem(503, "database_unavailable", "Service temporarily unavailable", "retry later"))
+UNAVAILABLE = (
+    503,
+    {"Retry-After": "0"},
+    _problem(503, "database_unavailable", "Service temporarily unavailable", "retry later"),
+)
 
 
 def test_retries_503_with_the_same_idempotency_key() -> None:
@@ -327,8 +350,12 @@ def test_retries_run_out_and_keys_differ_per_call() -> None:
 
 
 def test_wait_raises_typed_job_outcomes() -> None:
-    failed = {**_JOB, "status": "failed", "progress": {"stage": "step 1/1", "fraction": 0.4},
-              "error": {"code": "method_failed", "message": "boom"}}
+    failed = {
+        **_JOB,
+        "status": "failed",
+        "progress": {"stage": "step 1/1", "fraction": 0.4},
+        "error": {"code": "method_failed", "message": "boom"},
+    }
     running = {**_JOB, "status": "running", "progress": {"stage": "step 1/1", "fraction": 0.4}}
     with ScriptedServer([(200, {}, running), (200, {}, running), (200, {}, failed)]) as srv, Client(srv.url, "k") as c:
         seen: list[Job] = []
@@ -365,17 +392,23 @@ def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_step_forms() -> None:
     want = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}, {"method": "quantize.cast", "params": {}}]
     assert modelpress.normalize_steps([("prune.magnitude", {"sparsity": 0.5}), "quantize.cast"]) == want
-    assert modelpress.normalize_steps([{"method": "prune.magnitude", "params": {"sparsity": 0.5}},
-                                       {"method": "quantize.cast"}]) == want
+    assert (
+        modelpress.normalize_steps(
+            [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}, {"method": "quantize.cast"}]
+        )
+        == want
+    )
     assert modelpress.normalize_steps(("prune.magnitude", {"sparsity": 0.5})) == want[:1]
     with pytest.raises(ValueError):
         modelpress.normalize_steps([{"method": "x", "parms": {}}])
 
 
 def test_import_is_light() -> None:
-    code = ("import sys; import modelpress; from modelpress import Client, AsyncClient; "
-            "print(','.join(sorted(m for m in ('torch', 'transformers', 'app', 'core', 'worker', 'fastapi', 'sqlalchemy', "
-            "'celery', 'numpy') if m in sys.modules)))")
+    code = (
+        "import sys; import modelpress; from modelpress import Client, AsyncClient; "
+        "print(','.join(sorted(m for m in ('torch', 'transformers', 'app', 'core', 'worker', 'fastapi', 'sqlalchemy', "
+        "'celery', 'numpy') if m in sys.modules)))"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == ""

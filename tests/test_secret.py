@@ -36,8 +36,13 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 def _cluster(db_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    return {"MODELPRESS_MODE": "cluster", "MODELPRESS_DATABASE_URL": db_url, "MODELPRESS_BROKER_URL": REDIS_URL,
-            "MODELPRESS_DATA_DIR": str(data_dir), **extra}
+    return {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": db_url,
+        "MODELPRESS_BROKER_URL": REDIS_URL,
+        "MODELPRESS_DATA_DIR": str(data_dir),
+        **extra,
+    }
 
 
 # --- refusing to start -----------------------------------------------------------------------------
@@ -50,8 +55,11 @@ def _cluster(db_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
         (["worker"], {}, "MODELPRESS_SECRET_KEY"),
         (["reconcile"], {}, "MODELPRESS_SECRET_KEY"),
         (["serve", "--port", "9"], {"MODELPRESS_SECRET_KEY": "short"}, "at least 32"),
-        (["serve", "--port", "9"], {"MODELPRESS_SECRET_KEY": "k" * 40, "MODELPRESS_PUBLIC_BASE_URL": "press.example.com"},
-         "MODELPRESS_PUBLIC_BASE_URL"),
+        (
+            ["serve", "--port", "9"],
+            {"MODELPRESS_SECRET_KEY": "k" * 40, "MODELPRESS_PUBLIC_BASE_URL": "press.example.com"},
+            "MODELPRESS_PUBLIC_BASE_URL",
+        ),
     ],
     ids=["serve", "worker", "reconcile", "short-secret", "bad-public-url"],
 )
@@ -168,8 +176,11 @@ def hosts(hosts_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def _model(client: httpx.Client) -> str:
     data = bytes(range(256))
     header = {"layer.weight": {"dtype": "F32", "shape": [8, 8], "data_offsets": [0, len(data)]}}
-    r = client.post("/v1/models", files=[("files", ("weights.safetensors", safetensors_bytes(header, data)))],
-                    data={"name": "hosts"})
+    r = client.post(
+        "/v1/models",
+        files=[("files", ("weights.safetensors", safetensors_bytes(header, data)))],
+        data={"name": "hosts"},
+    )
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -180,9 +191,15 @@ def test_signatures_and_links_verify_on_every_host(hosts: Hosts, receiver):
     model = _model(a)
     jobs = []
     for i in range(JOBS):  # half through each API host
-        r = (a if i % 2 else b).post("/v1/jobs", json={
-            "model_id": model, "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
-            "evaluation": {"enabled": False}, "webhook_url": hook.url})
+        r = (a if i % 2 else b).post(
+            "/v1/jobs",
+            json={
+                "model_id": model,
+                "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}],
+                "evaluation": {"enabled": False},
+                "webhook_url": hook.url,
+            },
+        )
         assert r.status_code == 202, r.text
         jobs.append(r.json()["id"])
     for job in jobs:

@@ -39,20 +39,35 @@ def _whole(src: Path, fmt: str, steps, out: Path):
 def _stream(src: Path, fmt: str, steps, out: Path, shard_bytes: int = 5 * 10**9):
     if fmt == "hf":
         sink = ZipSink(out.with_suffix(".zip"))
-        extra = [p for p in src.iterdir() if p.name not in ("config.json",) and not p.name.endswith(".safetensors")
-                 and p.name != "model.safetensors.index.json"]
+        extra = [
+            p
+            for p in src.iterdir()
+            if p.name not in ("config.json",)
+            and not p.name.endswith(".safetensors")
+            and p.name != "model.safetensors.index.json"
+        ]
     else:
         sink = FileSink(out.with_suffix(".safetensors"))
         extra = []
-    result = engine.run_passes(src, fmt, [spec.stream(params, None) for spec, params in _specs(steps)], sink,
-                               scratch=out.parent / "scratch", extra_files=extra, manifest=MANIFEST, shard_bytes=shard_bytes)
+    result = engine.run_passes(
+        src,
+        fmt,
+        [spec.stream(params, None) for spec, params in _specs(steps)],
+        sink,
+        scratch=out.parent / "scratch",
+        extra_files=extra,
+        manifest=MANIFEST,
+        shard_bytes=shard_bytes,
+    )
     size, sha = sink.close()
     assert size == sink.path.stat().st_size
     if fmt == "hf":
         with zipfile.ZipFile(sink.path) as zf:
             assert zf.testzip() is None
             for info in zf.infolist():  # weights are stored, never deflated
-                assert info.compress_type == (zipfile.ZIP_STORED if info.filename.endswith(".safetensors") else zipfile.ZIP_DEFLATED)
+                assert info.compress_type == (
+                    zipfile.ZIP_STORED if info.filename.endswith(".safetensors") else zipfile.ZIP_DEFLATED
+                )
             zf.extractall(out)
     else:
         out.mkdir()
@@ -88,8 +103,14 @@ CASES = [
     ("llama", [("quantize.fixed_point", {"frac_bits": 7, "bits": 6})]),
     # Fused recipes: each tensor read once, through every step, written once.
     ("llama", [("quantize.cast", {"dtype": "bfloat16"}), ("prune.magnitude", {"sparsity": 0.3, "scope": "layer"})]),
-    ("llama", [("quantize.cast", {"dtype": "bfloat16"}), ("prune.magnitude", {"sparsity": 0.6}),
-               ("quantize.weight_only", {"bits": 4, "group_size": 32})]),
+    (
+        "llama",
+        [
+            ("quantize.cast", {"dtype": "bfloat16"}),
+            ("prune.magnitude", {"sparsity": 0.6}),
+            ("quantize.weight_only", {"bits": 4, "group_size": 32}),
+        ],
+    ),
     ("llama", [("prune.magnitude", {"sparsity": 0.5, "scope": "row"}), ("quantize.cast", {"dtype": "float16"})]),
     ("gpt2", [("prune.magnitude", {"sparsity": 0.5})]),
     ("gpt2", [("prune.magnitude", {"sparsity": 0.4, "scope": "row"})]),
@@ -133,18 +154,31 @@ def test_stream_equals_in_memory(tiny, tmp_path, model, steps):
     assert sres.sparsity == sparsity
 
 
-@pytest.mark.parametrize("steps", [
-    [("prune.magnitude", {"sparsity": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})],
-    [("quantize.dynamic_int8", {})],
-    [("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}), ("quantize.cast", {"dtype": "float16"})],
-], ids=["prune+w4", "w8a8", "prune+fp16"])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [("prune.magnitude", {"sparsity": 0.5}), ("quantize.weight_only", {"bits": 4, "group_size": 32})],
+        [("quantize.dynamic_int8", {})],
+        [("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}), ("quantize.cast", {"dtype": "float16"})],
+    ],
+    ids=["prune+w4", "w8a8", "prune+fp16"],
+)
 def test_bfloat16_checkpoint(tmp_path, steps):
     """Real checkpoints are bf16: the map's bf16 views go through the same math as the module's."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(2)
-    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=120, max_position_embeddings=64)).to(torch.bfloat16)
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=120,
+            max_position_embeddings=64,
+        )
+    ).to(torch.bfloat16)
     m.save_pretrained(tmp_path / "src")
     wres, counts, sparsity = _whole(tmp_path / "src", "hf", steps, tmp_path / "whole")
     sres = _stream(tmp_path / "src", "hf", steps, tmp_path / "stream")
@@ -157,8 +191,17 @@ def test_sharded_input_and_output_round_trip(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(1)
-    m = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=300, max_position_embeddings=64))
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=3,
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+            max_position_embeddings=64,
+        )
+    )
     src = tmp_path / "src"
     m.save_pretrained(src, max_shard_size="300KB")
     assert len(list(src.glob("model-*.safetensors"))) > 2
@@ -231,9 +274,18 @@ def test_disk_full_fails_cleanly_and_removes_the_partial_artifact(tiny, tmp_path
     try:
         sink = ZipSink(mnt / "model.zip")
         with pytest.raises(OSError) as e:
-            engine.run(tiny["gpt2"], "hf", [methods.get("quantize.cast").stream(
-                methods.get("quantize.cast").params.model_validate({"dtype": "float16"}), None)], sink,
-                extra_files=[], manifest=MANIFEST)
+            engine.run(
+                tiny["gpt2"],
+                "hf",
+                [
+                    methods.get("quantize.cast").stream(
+                        methods.get("quantize.cast").params.model_validate({"dtype": "float16"}), None
+                    )
+                ],
+                sink,
+                extra_files=[],
+                manifest=MANIFEST,
+            )
         import errno
 
         assert e.value.errno == errno.ENOSPC
@@ -248,32 +300,57 @@ def test_not_streamable_when_checkpoint_names_differ(tmp_path):
     the engine says so before writing, and the pipeline builds the model in memory instead."""
     from transformers import LlamaConfig, LlamaModel
 
-    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        max_position_embeddings=64,
+    )
     LlamaModel(cfg).save_pretrained(tmp_path / "base")
     c = json.loads((tmp_path / "base" / "config.json").read_text())
     c["architectures"] = ["LlamaForCausalLM"]
     (tmp_path / "base" / "config.json").write_text(json.dumps(c))
     sink = ZipSink(tmp_path / "a.zip")
     with pytest.raises(engine.NotStreamable):
-        engine.run(tmp_path / "base", "hf", [methods.get("quantize.cast").stream(
-            methods.get("quantize.cast").params.model_validate({"dtype": "float16"}), None)], sink,
-            extra_files=[], manifest=MANIFEST)
+        engine.run(
+            tmp_path / "base",
+            "hf",
+            [
+                methods.get("quantize.cast").stream(
+                    methods.get("quantize.cast").params.model_validate({"dtype": "float16"}), None
+                )
+            ],
+            sink,
+            extra_files=[],
+            manifest=MANIFEST,
+        )
     sink.abort()
     assert not (tmp_path / "a.zip").exists()
 
 
 def test_every_data_free_method_streams_and_the_others_do_not():
     streams = {n for n, s in methods.load_all().items() if s.stream is not None}
-    assert streams == {"quantize.cast", "quantize.weight_only", "quantize.fixed_point", "quantize.dynamic_int8", "prune.magnitude",
-                       "prune.structured"}  # data-free too: its equality is tested in tests/test_prune_structured.py
+    assert streams == {
+        "quantize.cast",
+        "quantize.weight_only",
+        "quantize.fixed_point",
+        "quantize.dynamic_int8",
+        "prune.magnitude",
+        "prune.structured",
+    }  # data-free too: its equality is tested in tests/test_prune_structured.py
 
 
-@pytest.mark.parametrize("steps", [
-    [("quantize.weight_only", {"bits": 4, "group_size": 32, "symmetric": False})],
-    [("quantize.dynamic_int8", {})],
-    [("quantize.cast", {"dtype": "float16"})],
-])
+@pytest.mark.parametrize(
+    "steps",
+    [
+        [("quantize.weight_only", {"bits": 4, "group_size": 32, "symmetric": False})],
+        [("quantize.dynamic_int8", {})],
+        [("quantize.cast", {"dtype": "float16"})],
+    ],
+)
 @pytest.mark.parametrize("model", ["llama", "bert"])
 def test_memory_bytes_is_what_transformers_loads(tiny, tmp_path, model, steps):
     """The report's in-memory size of the result: every parameter and buffer of the model as
@@ -281,8 +358,11 @@ def test_memory_bytes_is_what_transformers_loads(tiny, tmp_path, model, steps):
     from transformers import AutoModel
 
     res = _stream(tiny[model], "hf", steps, tmp_path / "stream")
-    loaded = AutoModel.from_pretrained(tmp_path / "stream") if model == "bert" else \
-        __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    loaded = (
+        AutoModel.from_pretrained(tmp_path / "stream")
+        if model == "bert"
+        else __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path / "stream")
+    )
     if steps[0][0] != "quantize.cast":
         loaded(torch.tensor([[1, 2, 3]]))  # the first forward decompresses
     seen: set[int] = set()
@@ -298,14 +378,19 @@ def test_a_global_prune_after_another_step_starts_a_new_pass(tiny, tmp_path):
     """Global pruning must rank the weights as the steps before it leave them: it starts a pass of
     its own over the previous pass's result (on scratch, removed once read), not a recomputation
     of every earlier step inside its pre-pass."""
-    steps = [("prune.magnitude", {"sparsity": 0.2}), ("quantize.cast", {"dtype": "bfloat16"}),
-             ("prune.magnitude", {"sparsity": 0.5}), ("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}),
-             ("prune.magnitude", {"sparsity": 0.7})]
+    steps = [
+        ("prune.magnitude", {"sparsity": 0.2}),
+        ("quantize.cast", {"dtype": "bfloat16"}),
+        ("prune.magnitude", {"sparsity": 0.5}),
+        ("prune.magnitude", {"sparsity": 0.3, "scope": "layer"}),
+        ("prune.magnitude", {"sparsity": 0.7}),
+    ]
     assert [len(p) for p in engine.passes([spec.stream(params, None) for spec, params in _specs(steps)])] == [2, 2, 1]
     wres, counts, sparsity = _whole(tiny["llama"], "hf", steps, tmp_path / "whole")
     sres = _stream(tiny["llama"], "hf", steps, tmp_path / "stream")
     _same(tmp_path / "whole", tmp_path / "stream")
-    assert [m.get("achieved_sparsity", 0.0) for m in sres.step_metrics] == \
-        pytest.approx([m.get("achieved_sparsity", 0.0) for m in wres])
+    assert [m.get("achieved_sparsity", 0.0) for m in sres.step_metrics] == pytest.approx(
+        [m.get("achieved_sparsity", 0.0) for m in wres]
+    )
     assert sres.parameters == counts and sres.sparsity == sparsity
     assert not (tmp_path / "scratch").exists() or not any((tmp_path / "scratch").iterdir())

@@ -27,10 +27,14 @@ AXIS_KEYS = {"size": "artifact_bytes", "latency": "latency_ms", "quality": "qual
 
 
 def _pt(index, size=None, latency=None, quality=None, metric="perplexity", hib=False, status="succeeded", speedup=1.5):
-    metrics = {"artifact_bytes": size, "latency_ms": latency, "quality": quality,
-               "speedup": speedup if latency is not None else None,
-               "quality_metric": metric if quality is not None else None,
-               "higher_is_better": hib if quality is not None else None}
+    metrics = {
+        "artifact_bytes": size,
+        "latency_ms": latency,
+        "quality": quality,
+        "speedup": speedup if latency is not None else None,
+        "quality_metric": metric if quality is not None else None,
+        "higher_is_better": hib if quality is not None else None,
+    }
     return {"index": index, "status": status, "metrics": metrics}
 
 
@@ -69,12 +73,24 @@ def test_non_dominated_ties():
 def test_sweep_frontier_three_axes_and_direction():
     pts = [_pt(0, 100, 5.0, 50.0), _pt(1, 80, 5.0, 60.0), _pt(2, 80, 6.0, 70.0), _pt(3, 120, 4.0, 55.0)]
     f = sweep_frontier(pts)
-    assert f.axes == {"size": "artifact_bytes (lower is better)", "latency": "latency_ms (lower is better)",
-                      "quality": "perplexity (lower is better)"}
+    assert f.axes == {
+        "size": "artifact_bytes (lower is better)",
+        "latency": "latency_ms (lower is better)",
+        "quality": "perplexity (lower is better)",
+    }
     assert f.indices == [0, 1, 3], "2 is beaten by 1 (same size, faster, lower perplexity)"
     # The same numbers as accuracy (higher is better) turn the quality axis around.
-    acc = [_pt(p["index"], p["metrics"]["artifact_bytes"], p["metrics"]["latency_ms"], p["metrics"]["quality"],
-               metric="accuracy", hib=True) for p in pts]
+    acc = [
+        _pt(
+            p["index"],
+            p["metrics"]["artifact_bytes"],
+            p["metrics"]["latency_ms"],
+            p["metrics"]["quality"],
+            metric="accuracy",
+            hib=True,
+        )
+        for p in pts
+    ]
     f = sweep_frontier(acc)
     assert f.axes["quality"] == "accuracy (higher is better)"
     assert f.indices == [1, 2, 3], "0 is beaten by 1 (smaller, as fast, more accurate)"
@@ -88,9 +104,12 @@ def test_sweep_frontier_single_point_and_ties():
 
 
 def test_sweep_frontier_leaves_out_points_without_metrics():
-    pts = [_pt(0, 100, 5.0, 50.0), _pt(1, 90, 6.0, 50.0),
-           {"index": 2, "status": "failed", "metrics": None},
-           {"index": 3, "status": "running", "metrics": None}]
+    pts = [
+        _pt(0, 100, 5.0, 50.0),
+        _pt(1, 90, 6.0, 50.0),
+        {"index": 2, "status": "failed", "metrics": None},
+        {"index": 3, "status": "running", "metrics": None},
+    ]
     f = sweep_frontier(pts)
     assert f.indices == [0, 1]
     assert "2 (failed)" in f.note
@@ -111,7 +130,9 @@ def test_sweep_frontier_missing_axes_are_dropped_and_said():
     # No quality anywhere: size and latency.
     f = sweep_frontier([_pt(0, 100, 1.0), _pt(1, 90, 2.0), _pt(2, 95, 2.0)])
     assert set(f.axes) == {"size", "latency"} and f.indices == [0, 1]
-    assert "no point has a quality score" in f.note and "3 points compared on size, latency; 2 on the frontier" in f.note
+    assert (
+        "no point has a quality score" in f.note and "3 points compared on size, latency; 2 on the frontier" in f.note
+    )
 
 
 def test_sweep_frontier_drops_latency_when_no_point_claims_a_speed_up():
@@ -151,14 +172,27 @@ def test_point_metrics_are_read_defensively():
         "sparsity": {"sparsity": 0.3},
     }
     assert point_metrics(full).model_dump() == {
-        "artifact_bytes": 500000, "compression_ratio": 2.0, "latency_ms": 5.0, "speedup": 1.4, "quality_metric": "perplexity",
-        "quality": 50.0, "higher_is_better": False, "kl_mean": 0.01, "top1_agreement": 0.98, "sparsity": 0.3}
+        "artifact_bytes": 500000,
+        "compression_ratio": 2.0,
+        "latency_ms": 5.0,
+        "speedup": 1.4,
+        "quality_metric": "perplexity",
+        "quality": 50.0,
+        "higher_is_better": False,
+        "kl_mean": 0.01,
+        "top1_agreement": 0.98,
+        "sparsity": 0.3,
+    }
     empty = dict.fromkeys(point_metrics(full).model_dump())
     assert point_metrics(None).model_dump() == empty
     assert point_metrics("nope").model_dump() == empty
-    odd = {"size": {"artifact_bytes": "big"}, "speed": {"available": False, "reason": "no torch"},
-           "quality": {"available": False, "reason": "no tokenizer", "metric": "perplexity", "compressed": 3.0},
-           "fidelity": [1, 2], "sparsity": {"sparsity": True}}
+    odd = {
+        "size": {"artifact_bytes": "big"},
+        "speed": {"available": False, "reason": "no torch"},
+        "quality": {"available": False, "reason": "no tokenizer", "metric": "perplexity", "compressed": 3.0},
+        "fidelity": [1, 2],
+        "sparsity": {"sparsity": True},
+    }
     assert point_metrics(odd).model_dump() == empty
 
 
@@ -175,16 +209,31 @@ def test_sweep_status_rules():
 
 def test_grid_is_the_cartesian_product_in_order():
     assert grid({"a": [1, 2], "b": ["x", "y", "z"]}) == [
-        {"a": 1, "b": "x"}, {"a": 1, "b": "y"}, {"a": 1, "b": "z"},
-        {"a": 2, "b": "x"}, {"a": 2, "b": "y"}, {"a": 2, "b": "z"}]
+        {"a": 1, "b": "x"},
+        {"a": 1, "b": "y"},
+        {"a": 1, "b": "z"},
+        {"a": 2, "b": "x"},
+        {"a": 2, "b": "y"},
+        {"a": 2, "b": "z"},
+    ]
 
 
-@pytest.mark.parametrize(("accept", "html"), [
-    (None, False), ("", False), ("*/*", False), ("application/json", False), ("text/html", True),
-    (BROWSER_ACCEPT, True), ("application/json, text/html", False), ("text/html, application/json;q=0.9", True),
-    ("text/html;q=0.5, */*", False), ("text/html;q=0", False),
-    ("text/html;q=bogus, application/json;q=0.2", False),
-])
+@pytest.mark.parametrize(
+    ("accept", "html"),
+    [
+        (None, False),
+        ("", False),
+        ("*/*", False),
+        ("application/json", False),
+        ("text/html", True),
+        (BROWSER_ACCEPT, True),
+        ("application/json, text/html", False),
+        ("text/html, application/json;q=0.9", True),
+        ("text/html;q=0.5, */*", False),
+        ("text/html;q=0", False),
+        ("text/html;q=bogus, application/json;q=0.2", False),
+    ],
+)
 def test_accept_negotiation(accept, html):
     """The rule GET /v1/sweeps/{id} answers by (app.negotiation, shared with the job reports)."""
     assert prefers_html(accept) is html
@@ -208,26 +257,44 @@ def _sweep(model_id, vary, steps=None, **extra):
     return {"model_id": model_id, "steps": steps or [PRUNE], "vary": vary, **extra}
 
 
-@pytest.mark.parametrize(("vary", "steps", "code", "loc"), [
-    ({"steps[0].sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[0].sparsity"]),
-    ({"steps[00].params.sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[00].params.sparsity"]),
-    ({"steps[1].params.sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[1].params.sparsity"]),
-    ({SPARSITY: [0.3, 0.3]}, None, "invalid_vary", ["body", "vary", SPARSITY, 1]),
-    # NaN is not JSON: the strict loader of request bodies (app/http_limits.py) refuses it first.
-    ({SPARSITY: [0.3, float("nan")]}, None, "json_non_finite_number", ["body", "vary", SPARSITY, 1]),
-    ({"steps[123456789].params.sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[123456789].params.sparsity"]),
-    ({SPARSITY: []}, None, "validation_error", ["body", "vary", SPARSITY]),
-    ({}, None, "validation_error", ["body", "vary"]),
-    ({f"steps[{i}].params.sparsity": [0.1] for i in range(MAX_VARY_PATHS + 1)}, [PRUNE] * (MAX_VARY_PATHS + 1),
-     "validation_error", ["body", "vary"]),
-    ({SPARSITY: [i / 100 for i in range(1, 9)], "steps[1].params.sparsity": [i / 100 for i in range(1, 10)]},
-     [PRUNE, PRUNE], "too_many_points", ["body", "vary"]),
-])
+@pytest.mark.parametrize(
+    ("vary", "steps", "code", "loc"),
+    [
+        ({"steps[0].sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[0].sparsity"]),
+        ({"steps[00].params.sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[00].params.sparsity"]),
+        ({"steps[1].params.sparsity": [0.3]}, None, "invalid_vary", ["body", "vary", "steps[1].params.sparsity"]),
+        ({SPARSITY: [0.3, 0.3]}, None, "invalid_vary", ["body", "vary", SPARSITY, 1]),
+        # NaN is not JSON: the strict loader of request bodies (app/http_limits.py) refuses it first.
+        ({SPARSITY: [0.3, float("nan")]}, None, "json_non_finite_number", ["body", "vary", SPARSITY, 1]),
+        (
+            {"steps[123456789].params.sparsity": [0.3]},
+            None,
+            "invalid_vary",
+            ["body", "vary", "steps[123456789].params.sparsity"],
+        ),
+        ({SPARSITY: []}, None, "validation_error", ["body", "vary", SPARSITY]),
+        ({}, None, "validation_error", ["body", "vary"]),
+        (
+            {f"steps[{i}].params.sparsity": [0.1] for i in range(MAX_VARY_PATHS + 1)},
+            [PRUNE] * (MAX_VARY_PATHS + 1),
+            "validation_error",
+            ["body", "vary"],
+        ),
+        (
+            {SPARSITY: [i / 100 for i in range(1, 9)], "steps[1].params.sparsity": [i / 100 for i in range(1, 10)]},
+            [PRUNE, PRUNE],
+            "too_many_points",
+            ["body", "vary"],
+        ),
+    ],
+)
 def test_invalid_vary_is_a_422_and_records_nothing(embedded, gpt2, vary, steps, code, loc):
     c = embedded.client()
     before = table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")
     # json.dumps, not httpx's encoder: it writes NaN the way some clients do.
-    r = c.post("/v1/sweeps", content=json.dumps(_sweep(gpt2, vary, steps)), headers={"Content-Type": "application/json"})
+    r = c.post(
+        "/v1/sweeps", content=json.dumps(_sweep(gpt2, vary, steps)), headers={"Content-Type": "application/json"}
+    )
     assert r.status_code == 422, r.text
     body = r.json()
     assert r.headers["content-type"] == "application/problem+json"
@@ -311,13 +378,19 @@ def test_sweep_end_to_end(embedded, finished_sweep):
 
     # The frontier is what pareto computes over the axes the report names.
     # Unstructured pruning keeps the shapes: no speed-up is claimed, so latency is no axis.
-    assert s["frontier"] and set(s["frontier_axes"]) == {"size", "quality"} and "latency axis is left out" in s["frontier_note"]
+    assert (
+        s["frontier"]
+        and set(s["frontier_axes"]) == {"size", "quality"}
+        and "latency axis is left out" in s["frontier_note"]
+    )
     assert all(p["metrics"]["speedup"] is None and p["metrics"]["latency_ms"] > 0 for p in s["points"])
     assert all(p["metrics"]["quality_metric"] == "perplexity" and p["metrics"]["kl_mean"] > 0 for p in s["points"])
     candidates = [p for p in s["points"] if p["metrics"]]
     keys = [AXIS_KEYS[a] for a in s["frontier_axes"]]
     minimize = [d.endswith("(lower is better)") for d in s["frontier_axes"].values()]
-    expect = [candidates[i]["index"] for i in non_dominated([[p["metrics"][k] for k in keys] for p in candidates], minimize)]
+    expect = [
+        candidates[i]["index"] for i in non_dominated([[p["metrics"][k] for k in keys] for p in candidates], minimize)
+    ]
     assert s["frontier"] == expect
     assert [p["index"] for p in s["points"] if p["on_frontier"]] == s["frontier"]
     # The smallest artifact cannot be beaten on size: one of those that size is on the frontier.
@@ -387,8 +460,12 @@ def test_link_ttl_and_tampering(embedded, finished_sweep):
     view = f"/v1/sweeps/{sid}/view"
     sig = q["signature"]
     tampered = ("0" if sig[0] != "0" else "1") + sig[1:]
-    for params in ({"expires": q["expires"], "signature": tampered}, {"expires": int(q["expires"]) + 1, "signature": sig},
-                   {"expires": q["expires"]}, {}):
+    for params in (
+        {"expires": q["expires"], "signature": tampered},
+        {"expires": int(q["expires"]) + 1, "signature": sig},
+        {"expires": q["expires"]},
+        {},
+    ):
         r = anon.get(view, params=params)
         assert r.status_code == 404 and r.json()["code"] == "not_found", (params, r.text)
     # The signature of one sweep opens no other.
@@ -442,8 +519,11 @@ def test_sweep_on_postgres_all_or_nothing(cluster, tiny):
     for p in got["points"]:
         c.post(f"/v1/jobs/{p['job_id']}/cancel")  # the listing below is all this test needs of them
     assert [p["values"] for p in got["points"]] == [
-        {SPARSITY: 0.1, "steps[0].params.scope": "global"}, {SPARSITY: 0.1, "steps[0].params.scope": "layer"},
-        {SPARSITY: 0.2, "steps[0].params.scope": "global"}, {SPARSITY: 0.2, "steps[0].params.scope": "layer"}]
+        {SPARSITY: 0.1, "steps[0].params.scope": "global"},
+        {SPARSITY: 0.1, "steps[0].params.scope": "layer"},
+        {SPARSITY: 0.2, "steps[0].params.scope": "global"},
+        {SPARSITY: 0.2, "steps[0].params.scope": "layer"},
+    ]
     assert len({p["job_id"] for p in got["points"]}) == 4 and None not in {p["job_id"] for p in got["points"]}
     for p in got["points"]:
         job = c.get(f"/v1/jobs/{p['job_id']}").json()

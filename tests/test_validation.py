@@ -29,7 +29,15 @@ def test_valid_header_counts_parameters(tmp_path):
     ("header", "data", "header_len", "msg"),
     [
         ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, None, "outside"),
-        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, b"\0" * 12, None, "overlaps"),
+        (
+            {
+                "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            None,
+            "overlaps",
+        ),
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, None, "gap"),
         ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 8, None, "trailing"),
         ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, b"\0" * 8, None, "do not match"),
@@ -52,9 +60,15 @@ def test_filenames_and_magic():
     assert check_filename("model-00001-of-00002.safetensors") == "safetensors"
     assert check_filename("tokenizer.json") == "json"
     assert check_filename("merges.txt") == "text"
-    for bad, code in [("x.bin", "pickle_refused"), ("a/b.json", "bad_filename"), ("..json", "bad_filename"),
-                      ("m.tar.gz", "archive_refused"), ("m.7z", "archive_refused"), (".hidden.json", "bad_filename"),
-                      ("tokenizer.model", "unsupported_file_type")]:
+    for bad, code in [
+        ("x.bin", "pickle_refused"),
+        ("a/b.json", "bad_filename"),
+        ("..json", "bad_filename"),
+        ("m.tar.gz", "archive_refused"),
+        ("m.7z", "archive_refused"),
+        (".hidden.json", "bad_filename"),
+        ("tokenizer.model", "unsupported_file_type"),
+    ]:
         with pytest.raises(FileRejected) as e:
             check_filename(bad)
         assert e.value.code == code, bad
@@ -84,12 +98,23 @@ def test_refusals_name_the_clients_file_and_the_field_never_the_staging_file(tmp
     assert "part-0001" not in str(e.value) and str(tmp_path) not in str(e.value)
 
 
-@pytest.mark.parametrize(("header", "kind", "field"), [
-    ('{"a":{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}}' % ("9" * 4301), "json_number_too_long", "a.shape[0]"),
-    ('{"__metadata__":%s}' % ("[" * 5000 + "]" * 5000), "json_too_deep", None),
-    ('{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', "json_duplicate_key", "a"),
-    ('{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', "json_non_finite_number", "a.shape[0]"),
-])
+@pytest.mark.parametrize(
+    ("header", "kind", "field"),
+    [
+        (
+            '{"a":{"dtype":"F32","shape":[%s],"data_offsets":[0,4]}}' % ("9" * 4301),
+            "json_number_too_long",
+            "a.shape[0]",
+        ),
+        ('{"__metadata__":%s}' % ("[" * 5000 + "]" * 5000), "json_too_deep", None),
+        (
+            '{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+            "json_duplicate_key",
+            "a",
+        ),
+        ('{"a":{"dtype":"F32","shape":[Infinity],"data_offsets":[0,4]}}', "json_non_finite_number", "a.shape[0]"),
+    ],
+)
 def test_header_json_is_parsed_strictly(tmp_path, header, kind, field):
     with pytest.raises(FileRejected) as e:
         check_safetensors(_write_raw(tmp_path, header.encode(), b"\0" * 4), MAX)
@@ -109,8 +134,10 @@ def test_names_that_end_in_a_newline_are_refused():
         with pytest.raises(FileRejected) as e:
             check_filename(bad)
         assert e.value.code == "bad_filename"
-    from app.models.service import NAME_RE, SHARD_RE
     from app.datasets.service import NAME_RE as DATASET_NAME_RE
+    from app.models.service import NAME_RE, SHARD_RE
 
-    assert not NAME_RE.fullmatch("mine\n") and not DATASET_NAME_RE.fullmatch("mine\n") and NAME_RE.fullmatch("mine v1.0")
+    assert (
+        not NAME_RE.fullmatch("mine\n") and not DATASET_NAME_RE.fullmatch("mine\n") and NAME_RE.fullmatch("mine v1.0")
+    )
     assert not SHARD_RE.fullmatch("model-00001-of-00002.safetensors\n")

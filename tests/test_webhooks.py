@@ -41,8 +41,14 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 with receiver.lock:
                     n = len(receiver.requests)
-                    receiver.requests.append({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
-                                              "body": body, "at": time.time()})
+                    receiver.requests.append(
+                        {
+                            "path": self.path,
+                            "headers": {k.lower(): v for k, v in self.headers.items()},
+                            "body": body,
+                            "at": time.time(),
+                        }
+                    )
                     status = receiver.script[min(n, len(receiver.script) - 1)]
                 self.send_response(status)
                 self.send_header("Content-Length", "2")
@@ -80,7 +86,10 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int =
     timestamp close to now."""
     timestamp = headers["x-modelpress-timestamp"]
     expected = "sha256=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return hmac.compare_digest(expected, headers["x-modelpress-signature"]) and abs(time.time() - int(timestamp)) <= tolerance_s
+    return (
+        hmac.compare_digest(expected, headers["x-modelpress-signature"])
+        and abs(time.time() - int(timestamp)) <= tolerance_s
+    )
 
 
 # --- the SSRF rule --------------------------------------------------------------------------------
@@ -128,8 +137,15 @@ def test_checker_allow_list_and_url_rules():
     with pytest.raises(ssrf.TargetRefused):
         ssrf.check("http://169.254.169.254/", "127.0.0.1/32")
     assert ssrf.check("https://93.184.215.14/x", "").address == "93.184.215.14"  # a public address
-    for bad in ("ftp://example.com/", "http:///path", "//example.com/", "http://exa mple.com/", "http://h:99999/",
-                "http://example.com/#frag", "http://" + "a" * 2000 + ".com/"):
+    for bad in (
+        "ftp://example.com/",
+        "http:///path",
+        "//example.com/",
+        "http://exa mple.com/",
+        "http://h:99999/",
+        "http://example.com/#frag",
+        "http://" + "a" * 2000 + ".com/",
+    ):
         with pytest.raises(ValueError):
             ssrf.parse(bad)
     with pytest.raises(ssrf.TargetUnresolvable):
@@ -146,7 +162,9 @@ def test_signature_and_backoff():
     body = b'{"event":"job.succeeded"}'
     sig = signature("s3cret", 1700000000, body)
     assert sig == "sha256=" + hmac.new(b"s3cret", b"1700000000." + body, hashlib.sha256).hexdigest()
-    assert verify("s3cret", {"x-modelpress-timestamp": "1700000000", "x-modelpress-signature": sig}, body, tolerance_s=10**10)
+    assert verify(
+        "s3cret", {"x-modelpress-timestamp": "1700000000", "x-modelpress-signature": sig}, body, tolerance_s=10**10
+    )
     s = Settings(webhook_backoff_s=2, webhook_backoff_max_s=10)
     assert [backoff_s(s, n) for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 10, 10]
 
@@ -182,10 +200,15 @@ def local(tmp_path, monkeypatch):
         for fn in (config.get_settings, db.get_engine, db.get_sessionmaker, signing._key):
             fn.cache_clear()
 
-    for k, v in {"MODELPRESS_MODE": "embedded", "MODELPRESS_DATA_DIR": str(tmp_path),
-                 "MODELPRESS_DATABASE_URL": f"sqlite:///{tmp_path / 'wh.sqlite3'}",
-                 "MODELPRESS_SECRET_KEY": "test-service-key", "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
-                 "MODELPRESS_WEBHOOK_BACKOFF_S": "0.05", "MODELPRESS_WEBHOOK_TIMEOUT_S": "5"}.items():
+    for k, v in {
+        "MODELPRESS_MODE": "embedded",
+        "MODELPRESS_DATA_DIR": str(tmp_path),
+        "MODELPRESS_DATABASE_URL": f"sqlite:///{tmp_path / 'wh.sqlite3'}",
+        "MODELPRESS_SECRET_KEY": "test-service-key",
+        "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
+        "MODELPRESS_WEBHOOK_BACKOFF_S": "0.05",
+        "MODELPRESS_WEBHOOK_TIMEOUT_S": "5",
+    }.items():
         monkeypatch.setenv(k, v)
     clear()
     Base.metadata.create_all(db.get_engine())
@@ -231,12 +254,18 @@ def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
         assert _deliveries(s, hooked) == []  # not terminal
         assert not jobs_repo.finish(s, hooked, 2, "failed", error_code="x", error_message="y")  # fenced off
         assert _deliveries(s, hooked) == []
-        assert jobs_repo.finish(s, hooked, 1, "failed", error_code="boom", error_message="it broke", progress_stage="failed")
+        assert jobs_repo.finish(
+            s, hooked, 1, "failed", error_code="boom", error_message="it broke", progress_stage="failed"
+        )
         [d] = _deliveries(s, hooked)
         assert (d.event, d.status, d.attempts, d.url) == ("job.failed", "pending", 0, "http://127.0.0.1:9/h")
         assert d.payload["id"] == d.id and d.payload["event"] == "job.failed"
         job = d.payload["job"]
-        assert job["id"] == hooked and job["status"] == "failed" and job["error"] == {"code": "boom", "message": "it broke"}
+        assert (
+            job["id"] == hooked
+            and job["status"] == "failed"
+            and job["error"] == {"code": "boom", "message": "it broke"}
+        )
         assert job["webhook_url"] == "http://127.0.0.1:9/h" and job["finished_at"]
 
         # A queued job canceled from the API: job.canceled in the cancel's transaction ...
@@ -252,7 +281,9 @@ def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
 
         # A poison job failed by give_up.
         poison = _running_job(s, "http://127.0.0.1:9/p")
-        s.execute(update(Job).where(Job.id == poison).values(attempt=3, lease_expires_at=utcnow() - timedelta(seconds=60)))
+        s.execute(
+            update(Job).where(Job.id == poison).values(attempt=3, lease_expires_at=utcnow() - timedelta(seconds=60))
+        )
         s.commit()
         assert jobs_repo.give_up(s, poison, 3)
         [d] = _deliveries(s, poison)
@@ -358,8 +389,10 @@ def test_job_webhook_is_signed_retried_and_recorded(stack, tiny, receiver):
     flaky = receiver(500, 502, 200)  # fails twice, then takes it
     model = upload_dir(c, tiny["gpt2"])
     assert model.status_code == 201, model.text
-    r = c.post("/v1/jobs", json={"model_id": model.json()["id"], "steps": STEPS, "evaluation": NO_EVAL,
-                                 "webhook_url": flaky.url})
+    r = c.post(
+        "/v1/jobs",
+        json={"model_id": model.json()["id"], "steps": STEPS, "evaluation": NO_EVAL, "webhook_url": flaky.url},
+    )
     assert r.status_code == 202, r.text
     assert r.json()["webhook_url"] == flaky.url
     job = wait_job(c, r.json()["id"])
@@ -396,16 +429,24 @@ def test_private_and_bad_webhook_urls_are_refused_at_submit(stack, tiny):
     model = upload_dir(c, tiny["gpt2"]).json()
 
     def submit(url: str):  # noqa: ANN202
-        return c.post("/v1/jobs", json={"model_id": model["id"], "steps": STEPS, "evaluation": NO_EVAL, "webhook_url": url})
+        return c.post(
+            "/v1/jobs", json={"model_id": model["id"], "steps": STEPS, "evaluation": NO_EVAL, "webhook_url": url}
+        )
 
-    for url, what in (("http://169.254.169.254/latest/meta-data/", "link-local"), ("http://10.0.0.1/hook", "private"),
-                      ("http://127.0.0.2:8080/hook", "loopback"), ("http://[::1]:8080/", "loopback")):
+    for url, what in (
+        ("http://169.254.169.254/latest/meta-data/", "link-local"),
+        ("http://10.0.0.1/hook", "private"),
+        ("http://127.0.0.2:8080/hook", "loopback"),
+        ("http://[::1]:8080/", "loopback"),
+    ):
         r = submit(url)
         assert r.status_code == 422, (url, r.text)
         assert r.headers["content-type"] == "application/problem+json"
         body = r.json()
         assert body["code"] == "webhook_url_refused" and what in body["detail"], body
-        assert body["errors"] == [{"loc": ["body", "webhook_url"], "msg": body["errors"][0]["msg"], "type": "webhook_url_refused"}]
+        assert body["errors"] == [
+            {"loc": ["body", "webhook_url"], "msg": body["errors"][0]["msg"], "type": "webhook_url_refused"}
+        ]
     r = submit("http://no-such-host.invalid/hook")
     assert r.status_code == 422 and r.json()["code"] == "webhook_url_unresolvable", r.text
     for url in ("ftp://example.com/hook", "not a url", "http://" + "a" * 2001):
@@ -413,5 +454,4 @@ def test_private_and_bad_webhook_urls_are_refused_at_submit(stack, tiny):
         assert r.status_code == 422 and r.json()["code"] == "validation_error", (url, r.text)
         assert r.json()["errors"][0]["loc"] == ["body", "webhook_url"]
     # Nothing was created by the refused submits.
-    assert not [j for j in c.get("/v1/jobs", params={"limit": 200}).json()["items"]
-                if j["model_id"] == model["id"]]
+    assert not [j for j in c.get("/v1/jobs", params={"limit": 200}).json()["items"] if j["model_id"] == model["id"]]

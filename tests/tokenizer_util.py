@@ -52,8 +52,14 @@ def build_tokenizer():  # noqa: ANN201 - a transformers PreTrainedTokenizerFast
     tok = Tokenizer(models.WordLevel(vocab(), unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]",
-        cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+        tokenizer_object=tok,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        bos_token="[BOS]",
+        eos_token="[EOS]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
     )
 
 
@@ -66,7 +72,13 @@ def save_with_tokenizer(model, path: Path) -> Path:  # noqa: ANN001
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     names = {p.name for p in path.iterdir()}
-    assert names <= {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}, names
+    assert names <= {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }, names
     assert "auto_map" not in (path / "tokenizer_config.json").read_text()
     return path
 
@@ -91,15 +103,39 @@ def build_models(root: Path) -> dict[str, Path]:
     ids = _special_ids()
     out: dict[str, Path] = {}
     out["gpt2"] = save_with_tokenizer(
-        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=n, n_positions=64, **ids)), root / "gpt2")
+        GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=n, n_positions=64, **ids)), root / "gpt2"
+    )
     out["gpt2-1layer"] = save_with_tokenizer(
-        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=n, n_positions=64, **ids)), root / "gpt2-1layer")
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=n, n_positions=64, **ids)),
+        root / "gpt2-1layer",
+    )
     out["llama"] = save_with_tokenizer(
-        LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=n, max_position_embeddings=64, **ids)), root / "llama")
-    bert_cfg = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=n,
-                    max_position_embeddings=64, pad_token_id=ids["pad_token_id"])
-    out["bert-cls"] = save_with_tokenizer(BertForSequenceClassification(BertConfig(num_labels=2, **bert_cfg)), root / "bert-cls")
+        LlamaForCausalLM(
+            LlamaConfig(
+                num_hidden_layers=2,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=n,
+                max_position_embeddings=64,
+                **ids,
+            )
+        ),
+        root / "llama",
+    )
+    bert_cfg = dict(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=n,
+        max_position_embeddings=64,
+        pad_token_id=ids["pad_token_id"],
+    )
+    out["bert-cls"] = save_with_tokenizer(
+        BertForSequenceClassification(BertConfig(num_labels=2, **bert_cfg)), root / "bert-cls"
+    )
     out["bert-bare"] = save_with_tokenizer(BertModel(BertConfig(**bert_cfg)), root / "bert-bare")
     return out
 
@@ -123,9 +159,18 @@ def build_trained_llama(path: Path, steps: int = 300) -> Path:
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                         num_key_value_heads=2, vocab_size=len(vocab()), max_position_embeddings=64,
-                                         **_special_ids()))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=len(vocab()),
+            max_position_embeddings=64,
+            **_special_ids(),
+        )
+    )
     enc = tok(sentences(), padding=True, return_tensors="pt")
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)

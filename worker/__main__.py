@@ -33,16 +33,23 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     from worker.celery_app import celery_app
 
-    celery_app.worker_main([
-        "worker",
-        "--queues", ",".join(queues),
-        "--concurrency", str(args.concurrency),
-        "--pool", args.pool,
-        "--loglevel", s.log_level,
-        "--hostname", f"modelpress-{'-'.join(queues)}-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-    ])
+    celery_app.worker_main(
+        [
+            "worker",
+            "--queues",
+            ",".join(queues),
+            "--concurrency",
+            str(args.concurrency),
+            "--pool",
+            args.pool,
+            "--loglevel",
+            s.log_level,
+            "--hostname",
+            f"modelpress-{'-'.join(queues)}-{os.getpid()}@%h",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 

@@ -97,13 +97,20 @@ class BudgetRegistration(registry.Registration):
     def beat(self) -> None:
         super().beat()
         with get_sessionmaker()() as s:
-            s.execute(update(Worker).where(Worker.id == self.id).values(
-                memory_budget_bytes=self.memory_budget, scratch_budget_bytes=self.scratch_budget))
+            s.execute(
+                update(Worker)
+                .where(Worker.id == self.id)
+                .values(memory_budget_bytes=self.memory_budget, scratch_budget_bytes=self.scratch_budget)
+            )
             s.commit()
 
     def start(self) -> None:
-        log.info("worker %s budget per job: %s of memory, %s of scratch disk", self.id,
-                 planner.gib(self.memory_budget), planner.gib(self.scratch_budget))
+        log.info(
+            "worker %s budget per job: %s of memory, %s of scratch disk",
+            self.id,
+            planner.gib(self.memory_budget),
+            planner.gib(self.scratch_budget),
+        )
         super().start()
 
 
@@ -129,7 +136,7 @@ def own_budget() -> tuple[int, int]:
     return memory_budget_bytes(settings), scratch_budget_bytes(settings)
 
 
-def _registration() -> "BudgetRegistration | None":
+def _registration() -> BudgetRegistration | None:
     from worker import tasks
 
     return tasks.registration()
@@ -151,13 +158,17 @@ def admit(job_id: str) -> bool:
         others = [w for w in jobs_repo.live_workers(s, queue, live_since()) if w.id != me]
         bigger = [w for w in others if planner.fits(plan, w.memory_budget_bytes, w.scratch_budget_bytes)]
         if bigger:
-            log.warning("job %s: its plan is over this worker's budget; left queued for a bigger worker (%s)",
-                        job_id, ", ".join(w.id for w in bigger))
+            log.warning(
+                "job %s: its plan is over this worker's budget; left queued for a bigger worker (%s)",
+                job_id,
+                ", ".join(w.id for w in bigger),
+            )
             return False
         fleet_memory = max([memory, *(w.memory_budget_bytes or 0 for w in others)])
         fleet_scratch = max([scratch, *(w.scratch_budget_bytes or 0 for w in others)])
-        message = planner.over_budget_message(plan, fleet_memory, fleet_scratch,
-                                              f"the largest live {queue} worker ({len(others) + 1} live)")
+        message = planner.over_budget_message(
+            plan, fleet_memory, fleet_scratch, f"the largest live {queue} worker ({len(others) + 1} live)"
+        )
         if jobs_repo.fail_over_budget(s, job_id, message):
             log.error("job %s: failed with job_exceeds_worker_budget: %s", job_id, message)
         return False

@@ -42,7 +42,6 @@ from core.methods._ct import CONV1D_REFUSAL, RUNS_DECOMPRESSED
 from worker.context import MethodContext
 
 
-
 def quantize_linear_layers(
     loaded: Any,
     *,
@@ -100,7 +99,9 @@ def quantize_linear_layers(
     # the model's float dtype and the loader skips it.
     wanted = set(names)
     ignore = sorted(n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and n not in wanted)
-    apply_quantization_config(module, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore), show_progress=False)
+    apply_quantization_config(
+        module, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore), show_progress=False
+    )
     attached = {n for n, m in module.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if attached != wanted:
         raise RuntimeError(f"compressed-tensors matched {sorted(attached ^ wanted)[:5]} differently from the targets")
@@ -129,20 +130,26 @@ def quantize_linear_layers(
     dtype = str(mods[names[0]].weight.dtype).removeprefix("torch.")
     running, stored = _memory(module, [mods[n] for n in names], args, fmt)
     loaded.saver = save_compressed
-    loaded.notes.update({
-        "format": f"compressed-tensors {fmt}",
-        "runs": RUNS_DECOMPRESSED,
-        # In memory once transformers has decompressed it (the first forward), and before that
-        # (or in an engine that keeps the integers): parameters and buffers, tied ones once.
-        "memory_bytes": running,
-        "memory_bytes_compressed": stored,
-        "runs_detail": (
-            f"transformers + compressed-tensors on CPU dequantize the integer weights to {dtype} on the "
-            "first forward pass; no integer matmul kernel runs"
-            + ("; int8 activations are simulated per token (quantize-dequantize in floating point)" if input_activations else "")
-        ),
-        "ignored_layers": ignore,
-    })
+    loaded.notes.update(
+        {
+            "format": f"compressed-tensors {fmt}",
+            "runs": RUNS_DECOMPRESSED,
+            # In memory once transformers has decompressed it (the first forward), and before that
+            # (or in an engine that keeps the integers): parameters and buffers, tied ones once.
+            "memory_bytes": running,
+            "memory_bytes_compressed": stored,
+            "runs_detail": (
+                f"transformers + compressed-tensors on CPU dequantize the integer weights to {dtype} on the "
+                "first forward pass; no integer matmul kernel runs"
+                + (
+                    "; int8 activations are simulated per token (quantize-dequantize in floating point)"
+                    if input_activations
+                    else ""
+                )
+            ),
+            "ignored_layers": ignore,
+        }
+    )
     return {
         "bits": args.num_bits,
         "group_size": group,
@@ -150,7 +157,8 @@ def quantize_linear_layers(
         "symmetric": args.symmetric,
         "activations": (
             f"int{scheme.input_activations.num_bits} dynamic per-{scheme.input_activations.strategy}"
-            if scheme.input_activations else None
+            if scheme.input_activations
+            else None
         ),
         "format": fmt,
         "layers_quantized": len(names),
@@ -186,7 +194,11 @@ def _memory(module: Any, quantized: list[Any], args: Any, fmt: str) -> tuple[int
             stored -= zp.numel() * zp.element_size()
             if not args.symmetric:
                 running += zp.numel()  # int8 once unpacked
-                stored += (zp.numel() if fmt != "pack-quantized" else math.ceil(zp.shape[0] * args.num_bits / 32) * zp.shape[1] * 4)
+                stored += (
+                    zp.numel()
+                    if fmt != "pack-quantized"
+                    else math.ceil(zp.shape[0] * args.num_bits / 32) * zp.shape[1] * 4
+                )
         stored -= m.weight.numel() * m.weight.element_size()
         if fmt == "pack-quantized":
             stored += out_f * math.ceil(in_f * args.num_bits / 32) * 4 + 16  # int32 words + weight_shape
@@ -397,7 +409,8 @@ def _format(module: Any, compressor: Any) -> Any:
 
     scheme = module.quantization_scheme
     scheme.format = CompressionFormat(
-        compressor.force_compression_format or scheme.format or infer_module_format(type(module), scheme))
+        compressor.force_compression_format or scheme.format or infer_module_format(type(module), scheme)
+    )
     return BaseCompressor.get_value_from_registry(scheme.format.value)
 
 
@@ -406,8 +419,11 @@ def _compressed_here(module: Any) -> bool:
     from compressed_tensors.quantization import QuantizationScheme, QuantizationStatus
     from compressed_tensors.quantization.utils.helpers import is_module_quantized
 
-    return (is_module_quantized(module) and isinstance(getattr(module, "quantization_scheme", None), QuantizationScheme)
-            and getattr(module, "quantization_status", None) != QuantizationStatus.COMPRESSED)
+    return (
+        is_module_quantized(module)
+        and isinstance(getattr(module, "quantization_scheme", None), QuantizationScheme)
+        and getattr(module, "quantization_status", None) != QuantizationStatus.COMPRESSED
+    )
 
 
 def _plan(model: Any, compressor: Any) -> list[_Out]:
@@ -427,6 +443,7 @@ def _plan(model: Any, compressor: Any) -> list[_Out]:
     # compressed output (fresh tensors, never tied).
     probe: dict[str, Any] = {}
     with disable_onloading(), torch.no_grad():
+
         def walk(module: Any, prefix: str) -> None:
             if _compressed_here(module):
                 cls = _format(module, compressor)
@@ -518,7 +535,9 @@ def _write_shards(plan: list[_Out], shards: list[Any], out_dir: Path, compressor
                         t = getattr(o.module, o.local)  # onloaded from the offload file
                     t = t.detach()
                     if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
-                        raise RuntimeError(f"{spec.name}: planned {spec.dtype} {spec.shape}, made {t.dtype} {tuple(t.shape)}")
+                        raise RuntimeError(
+                            f"{spec.name}: planned {spec.dtype} {spec.shape}, made {t.dtype} {tuple(t.shape)}"
+                        )
                     w.write(tensor_bytes(t))
                     del t
             finally:
@@ -534,8 +553,10 @@ def _write_index(shards: list[Any], plan: list[_Out], out_dir: Path) -> None:
     import json
 
     params = sum(_numel(o.spec.shape) for o in plan if o.compressed or o.local in o.module._parameters)
-    index = {"metadata": {"total_parameters": params, "total_size": sum(sh.data_bytes for sh in shards)},
-             "weight_map": {s.name: sh.filename for sh in shards for s in sh.specs}}
+    index = {
+        "metadata": {"total_parameters": params, "total_size": sum(sh.data_bytes for sh in shards)},
+        "weight_map": {s.name: sh.filename for sh in shards for s in sh.specs},
+    }
     with open(out_dir / "model.safetensors.index.json", "w", encoding="utf-8") as f:
         f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
 

@@ -112,7 +112,8 @@ def model_kind(module: torch.nn.Module) -> str:
 STREAMED_SPEED_REASON = (
     "the model is too large for this worker to hold twice, so both models ran with their weights on disk, onloaded "
     "one module at a time: a pass that reads every weight from disk measures the disk, not the model, so no "
-    "latency is reported")
+    "latency is reported"
+)
 
 
 def _load_offloaded_artifact(artifact_dir: Path, offload_dir: Path) -> torch.nn.Module:
@@ -126,8 +127,15 @@ def _load_offloaded_artifact(artifact_dir: Path, offload_dir: Path) -> torch.nn.
     cls = model_io.model_class(config)
     offload_dir.mkdir(parents=True, exist_ok=True)
     with load_offloaded_model(cls):
-        module = cls.from_pretrained(artifact_dir, trust_remote_code=False, use_safetensors=True, dtype="auto",
-                                     device_map="auto_offload", max_memory={"cpu": 1}, offload_folder=str(offload_dir))
+        module = cls.from_pretrained(
+            artifact_dir,
+            trust_remote_code=False,
+            use_safetensors=True,
+            dtype="auto",
+            device_map="auto_offload",
+            max_memory={"cpu": 1},
+            offload_folder=str(offload_dir),
+        )
     return module.eval()
 
 
@@ -151,8 +159,16 @@ QUANTIZED_FORWARD_COST = 2.0
 
 # tokenizer_config.json keys that make transformers encode differently from tokenizer.json alone
 # (it rewrites the post-processor, the normalizer or the returned fields).
-_ENCODING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "do_lower_case", "legacy",
-                  "model_input_names", "clean_up_tokenization_spaces_on_encode", "auto_map")
+_ENCODING_KEYS = (
+    "add_bos_token",
+    "add_eos_token",
+    "add_prefix_space",
+    "do_lower_case",
+    "legacy",
+    "model_input_names",
+    "clean_up_tokenization_spaces_on_encode",
+    "auto_map",
+)
 # transformers 5's generic class: it encodes with tokenizer.json's pipeline unchanged and returns
 # input_ids and attention_mask. Model-specific classes may build their own pipeline, and without a
 # tokenizer_class (or a tokenizer_config.json) AutoTokenizer picks one from the model's type.
@@ -172,15 +188,18 @@ class _PlainTokenizer:
         self.tok = Tokenizer.from_file(str(path))
         self.tok.no_padding()
 
-    def __call__(self, text: str, truncation: bool = True, max_length: int | None = None,
-                 return_tensors: str = "pt") -> dict[str, torch.Tensor]:
+    def __call__(
+        self, text: str, truncation: bool = True, max_length: int | None = None, return_tensors: str = "pt"
+    ) -> dict[str, torch.Tensor]:
         if truncation and max_length:
             self.tok.enable_truncation(max_length=max_length)
         else:
             self.tok.no_truncation()
         enc = self.tok.encode(text)
-        return {"input_ids": torch.tensor([enc.ids], dtype=torch.long),
-                "attention_mask": torch.tensor([enc.attention_mask], dtype=torch.long)}
+        return {
+            "input_ids": torch.tensor([enc.ids], dtype=torch.long),
+            "attention_mask": torch.tensor([enc.attention_mask], dtype=torch.long),
+        }
 
 
 def _plain_tokenizer(src_dir: Path) -> _PlainTokenizer | None:
@@ -318,7 +337,9 @@ class Evaluator:
                     self.samples = []
                     break
                 extra = {k: v for k, v in enc.items() if k == "token_type_ids"}
-                self.samples.append(_Sample(enc["input_ids"], enc["attention_mask"], extra, self._label(s.get("label"), config)))
+                self.samples.append(
+                    _Sample(enc["input_ids"], enc["attention_mask"], extra, self._label(s.get("label"), config))
+                )
             self.data_info = dict(info)
         if self.text_reason is not None:
             # Fidelity needs no text: the same random token ids go to both models.
@@ -326,7 +347,9 @@ class Evaluator:
             n = min(int(self.settings["max_samples"]), 8)
             hi = max(self.vocab, 2)
             self.samples = [
-                _Sample(torch.randint(0, hi, (1, self.seq_len), generator=g), torch.ones(1, self.seq_len, dtype=torch.long))
+                _Sample(
+                    torch.randint(0, hi, (1, self.seq_len), generator=g), torch.ones(1, self.seq_len, dtype=torch.long)
+                )
                 for _ in range(n)
             ]
             self.data_info = {"source": "random_token_ids", "id": None, "why": self.text_reason}
@@ -370,8 +393,12 @@ class Evaluator:
         return max(self.budget_s - self.prepare_s, 0.0) * part
 
     def _forward(self, module: torch.nn.Module, s: _Sample, hidden: bool) -> Any:
-        return module(input_ids=s.ids.to(self.device), attention_mask=s.mask.to(self.device),
-                      output_hidden_states=hidden, **{k: v.to(self.device) for k, v in s.extra.items()})
+        return module(
+            input_ids=s.ids.to(self.device),
+            attention_mask=s.mask.to(self.device),
+            output_hidden_states=hidden,
+            **{k: v.to(self.device) for k, v in s.extra.items()},
+        )
 
     def _latency(self, module: torch.nn.Module, which: str, lo: float, hi: float, plan: bool) -> dict[str, Any]:
         """Timed passes of ``batch_size x seq_len`` random ids. ``plan``: the original decides how
@@ -417,16 +444,20 @@ class Evaluator:
                 if plan and k == 0 and est is None:
                     self.runs = m.runs_that_fit(share - self.warmup * cost, cost, run_cap, MIN_RUNS)
             while len(times) < self.runs:
-                self._say(f"evaluating {which} model: latency run {len(times) + 1}/{self.runs}",
-                                 lo + (hi - lo) * len(times) / max(self.runs, 1))
+                self._say(
+                    f"evaluating {which} model: latency run {len(times) + 1}/{self.runs}",
+                    lo + (hi - lo) * len(times) / max(self.runs, 1),
+                )
                 times.append(one())
                 if plan and len(times) >= MIN_RUNS:
                     # Timed passes replace the estimate: as many more as the share still holds.
                     left = share - (_clock() - t_start)
                     self.runs = len(times) + m.runs_that_fit(left, statistics.median(times), run_cap - len(times), 0)
         if plan and (_clock() - t_start) > share and len(times) <= MIN_RUNS < run_cap:
-            self.budget_notes["speed"] = (f"the budget's latency share ({share:.1f} s for the original's passes) is smaller than "
-                                          f"{MIN_RUNS} timed passes, the fewest a median comes from: they ran anyway")
+            self.budget_notes["speed"] = (
+                f"the budget's latency share ({share:.1f} s for the original's passes) is smaller than "
+                f"{MIN_RUNS} timed passes, the fewest a median comes from: they ran anyway"
+            )
         return m.latency_stats(times)
 
     def _sample(self, module: torch.nn.Module, run: _Run, i: int, s: _Sample, hidden: bool) -> None:
@@ -516,9 +547,11 @@ class Evaluator:
         if plan:
             self.n_samples = run.samples
             if run.samples > 0 and (_clock() - t_start) > share and run.samples <= MIN_SAMPLES < cap:
-                self.budget_notes["samples"] = (f"the budget's share for samples ({share:.1f} s for both models) is "
-                                                f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
-                                                f"interval come from: they ran anyway")
+                self.budget_notes["samples"] = (
+                    f"the budget's share for samples ({share:.1f} s for both models) is "
+                    f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
+                    f"interval come from: they ran anyway"
+                )
         run.seconds["samples"] = _clock() - t_start
 
     def _run(self, module: torch.nn.Module, which: str, spans: tuple[float, float, float]) -> _Run:
@@ -547,8 +580,10 @@ class Evaluator:
 
     def measure_original(self, module: torch.nn.Module | None) -> None:
         if module is None:
-            self.skip_reason = ("a bare safetensors state dict has no architecture to run; upload a Hugging Face "
-                                "directory (config.json) to get speed, quality and fidelity")
+            self.skip_reason = (
+                "a bare safetensors state dict has no architecture to run; upload a Hugging Face "
+                "directory (config.json) to get speed, quality and fidelity"
+            )
             return
         self.device = next(module.parameters()).device
         self._say("evaluating original model: preparing the inputs", 0.0, new_stage=True)
@@ -572,8 +607,10 @@ class Evaluator:
         are not run: a pass that reads every weight from disk measures the disk, not the model
         (``speed`` says so), and their share of the budget goes to samples."""
         if original is None:
-            self.skip_reason = ("a bare safetensors state dict has no architecture to run; upload a Hugging Face "
-                                "directory (config.json) to get speed, quality and fidelity")
+            self.skip_reason = (
+                "a bare safetensors state dict has no architecture to run; upload a Hugging Face "
+                "directory (config.json) to get speed, quality and fidelity"
+            )
             return
         self.streamed = True
         self.device = torch.device("cpu")
@@ -590,8 +627,11 @@ class Evaluator:
             compressed = _load_offloaded_artifact(artifact_dir, offload_dir)
         except Exception as e:
             log.exception("loading the artifact (weights on disk) for evaluation")
-            self.compressed = _Run(kind="?", error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
-                                   latency_error=STREAMED_SPEED_REASON)
+            self.compressed = _Run(
+                kind="?",
+                error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
+                latency_error=STREAMED_SPEED_REASON,
+            )
             return
         rc = self.compressed = _Run(kind=model_kind(compressed), latency_error=STREAMED_SPEED_REASON)
         rc.seconds["load"] = _clock() - t0
@@ -605,9 +645,11 @@ class Evaluator:
             ro.error = rc.error = why
         qc = getattr(compressed.config, "quantization_config", None)
         if qc is not None:
-            self.kernel = {"runs_as": "decompressed",
-                           "kernel": "transformers + compressed-tensors decompress the integer weights to float on load",
-                           "note": None}
+            self.kernel = {
+                "runs_as": "decompressed",
+                "kernel": "transformers + compressed-tensors decompress the integer weights to float on load",
+                "note": None,
+            }
         del compressed
         gc.collect()
 
@@ -624,7 +666,9 @@ class Evaluator:
         with torch.inference_mode():
             i = 0
             while i < n:
-                self._say(f"evaluating both models, weights on disk: sample {i + 1}/{n}", lo + (hi - lo) * i / max(n, 1))
+                self._say(
+                    f"evaluating both models, weights on disk: sample {i + 1}/{n}", lo + (hi - lo) * i / max(n, 1)
+                )
                 self._sample(original, ro, i, self.samples[i], hidden)
                 self._sample(compressed, rc, i, self.samples[i], hidden)
                 i += 1
@@ -641,9 +685,11 @@ class Evaluator:
             r.seconds["samples"] = sum(r.forward_s) + sum(r.math_s)
             r.seconds["latency"] = 0.0
         if i > 0 and (_clock() - t_start) > share and i <= MIN_SAMPLES < cap:
-            self.budget_notes["samples"] = (f"the budget's share for samples ({share:.1f} s for both models) is "
-                                            f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
-                                            f"interval come from: they ran anyway")
+            self.budget_notes["samples"] = (
+                f"the budget's share for samples ({share:.1f} s for both models) is "
+                f"smaller than {MIN_SAMPLES} samples, the fewest a figure and its "
+                f"interval come from: they ran anyway"
+            )
 
     def measure_compressed(self, artifact_dir: Path) -> None:
         if self.skip_reason is not None or self.original is None:
@@ -655,13 +701,19 @@ class Evaluator:
 
             config = AutoConfig.from_pretrained(artifact_dir, trust_remote_code=False)
             # The artifact exactly as a user's transformers loads it: what they get is what we measure.
-            module = model_io.model_class(config).from_pretrained(
-                artifact_dir, trust_remote_code=False, use_safetensors=True, dtype="auto"
-            ).to(self.device).eval()
+            module = (
+                model_io.model_class(config)
+                .from_pretrained(artifact_dir, trust_remote_code=False, use_safetensors=True, dtype="auto")
+                .to(self.device)
+                .eval()
+            )
         except Exception as e:
             log.exception("loading the artifact for evaluation")
-            self.compressed = _Run(kind="?", error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
-                                   latency_error="the artifact did not load")
+            self.compressed = _Run(
+                kind="?",
+                error=f"the artifact did not load for evaluation: {e.__class__.__name__}: {str(e)[:300]}",
+                latency_error="the artifact did not load",
+            )
             return
         load_s = _clock() - t0
         qc = getattr(config, "quantization_config", None)
@@ -681,8 +733,10 @@ class Evaluator:
         qc = qc if isinstance(qc, dict) else qc.to_dict()
         groups = (qc.get("config_groups") or {}).values()
         w8a8 = bool(groups) and all(
-            (g.get("weights") or {}).get("num_bits") == 8 and (g.get("input_activations") or {}).get("num_bits") == 8
-            and (g.get("input_activations") or {}).get("dynamic") for g in groups
+            (g.get("weights") or {}).get("num_bits") == 8
+            and (g.get("input_activations") or {}).get("num_bits") == 8
+            and (g.get("input_activations") or {}).get("dynamic")
+            for g in groups
         )
         decompressed_latency = self.compressed.latency if self.compressed else None
         if not (w8a8 and self.device.type == "cpu" and torch.backends.quantized.engine in ("x86", "fbgemm")):
@@ -690,11 +744,13 @@ class Evaluator:
                 "runs_as": "decompressed",
                 "kernel": "transformers + compressed-tensors decompress the integer weights to float on load",
                 "note": "no kernel on this device runs this quantized form; latency is of the decompressed model, "
-                        "so no speed-up is claimed (a serving engine with compressed-tensors kernels would run it packed)",
+                "so no speed-up is claimed (a serving engine with compressed-tensors kernels would run it packed)",
             }
             return
         quantized = sorted(
-            name.removesuffix(".weight_scale") for name in _tensor_entries(artifact_dir) if name.endswith(".weight_scale")
+            name.removesuffix(".weight_scale")
+            for name in _tensor_entries(artifact_dir)
+            if name.endswith(".weight_scale")
         )
         try:
             import torch.ao.quantization as tq
@@ -706,15 +762,18 @@ class Evaluator:
             del kernel_model
         except Exception as e:
             log.exception("int8 kernel latency")
-            self.kernel = {"runs_as": "decompressed", "kernel": "transformers decompressed float",
-                           "note": f"int8 kernels failed ({e.__class__.__name__}: {str(e)[:200]}); latency is of the decompressed model"}
+            self.kernel = {
+                "runs_as": "decompressed",
+                "kernel": "transformers decompressed float",
+                "note": f"int8 kernels failed ({e.__class__.__name__}: {str(e)[:200]}); latency is of the decompressed model",
+            }
             return
         self.kernel = {
             "runs_as": "int8_kernels",
             "kernel": f"torch.ao dynamic int8 Linear ({torch.backends.quantized.engine}) on {len(quantized)} layers: "
-                      "per-channel int8 weights, activations quantized per tensor at run time",
+            "per-channel int8 weights, activations quantized per tensor at run time",
             "note": "latency is measured with int8 matmuls; quality and fidelity are of the artifact as transformers "
-                    "runs it (per-token activation quantization, simulated in float)",
+            "runs it (per-token activation quantization, simulated in float)",
             "decompressed": decompressed_latency,
         }
         if self.compressed is not None:
@@ -728,7 +787,11 @@ class Evaluator:
         if self.original is None or self.compressed is None:
             r = _unavailable("the evaluation did not run")
             return {"speed": r, "quality": r, "fidelity": r}
-        out = {"speed": self._guard(self._speed), "quality": self._guard(self._quality), "fidelity": self._guard(self._fidelity)}
+        out = {
+            "speed": self._guard(self._speed),
+            "quality": self._guard(self._quality),
+            "fidelity": self._guard(self._fidelity),
+        }
         if self.notes:
             out["speed"].setdefault("notes", self.notes)
         return out
@@ -744,8 +807,10 @@ class Evaluator:
 
     def _spent(self, key: str) -> dict[str, float | None]:
         o, c = self.original, self.compressed
-        return {"original": _round(o.seconds.get(key), 3) if o else None,
-                "compressed": _round(c.seconds.get(key), 3) if c else None}
+        return {
+            "original": _round(o.seconds.get(key), 3) if o else None,
+            "compressed": _round(c.seconds.get(key), 3) if c else None,
+        }
 
     def _budget(self) -> dict[str, Any]:
         """The whole evaluation's account, the same in every section: budget, shares, seconds."""
@@ -756,9 +821,11 @@ class Evaluator:
         return {
             "budget_s": self.budget_s,
             "prepare_s": _round(self.prepare_s, 3),
-            "shares_s": {"samples": _round(self._share(1.0 - RESERVE_SHARE - latency_share), 3),
-                         "latency": _round(self._share(latency_share), 3),
-                         "artifact_load": _round(self._share(RESERVE_SHARE), 3)},
+            "shares_s": {
+                "samples": _round(self._share(1.0 - RESERVE_SHARE - latency_share), 3),
+                "latency": _round(self._share(latency_share), 3),
+                "artifact_load": _round(self._share(RESERVE_SHARE), 3),
+            },
             "seconds": _round(total, 3),
             "within_budget": total <= self.budget_s,
             "artifact_load_s": _round(c.seconds.get("load"), 3) if c else None,
@@ -773,9 +840,13 @@ class Evaluator:
         else:
             limited = "budget"
         return {
-            "samples": n, "samples_requested": requested, "samples_available": self.samples_available,
-            "limited_by": limited, "budget_note": self.budget_notes.get("samples"),
-            "seconds": self._spent("samples"), "budget": self._budget(),
+            "samples": n,
+            "samples_requested": requested,
+            "samples_available": self.samples_available,
+            "limited_by": limited,
+            "budget_note": self.budget_notes.get("samples"),
+            "seconds": self._spent("samples"),
+            "budget": self._budget(),
             # True: both models ran with their weights on disk, text by text side by side
             # (measure_side_by_side); the figures are those of the in-memory evaluation.
             "weights_on_disk": self.streamed,
@@ -792,20 +863,29 @@ class Evaluator:
             # Same parameter count and dtypes: the same dense matmuls run, zeros or not. A measured
             # difference is noise, and calling it a speed-up would be a lie.
             claim = False
-            kernel["note"] = ("the compressed model has the original's shapes and dtypes and runs the same dense kernels "
-                              "(unstructured zeros need sparse kernels, which PyTorch on CPU does not use): no speed-up is "
-                              "claimed; the latency difference is run-to-run noise")
+            kernel["note"] = (
+                "the compressed model has the original's shapes and dtypes and runs the same dense kernels "
+                "(unstructured zeros need sparse kernels, which PyTorch on CPU does not use): no speed-up is "
+                "claimed; the latency difference is run-to-run noise"
+            )
         runs_requested = int(self.settings["runs"])
         return {
-            "available": True, "reason": None,
-            "device": self.device.type, "threads": torch.get_num_threads(),
-            "batch_size": int(self.settings["batch_size"]), "seq_len": self.seq_len,
-            "runs": self.runs, "warmup": self.warmup,
-            "runs_requested": runs_requested, "warmup_requested": int(self.settings["warmup"]),
+            "available": True,
+            "reason": None,
+            "device": self.device.type,
+            "threads": torch.get_num_threads(),
+            "batch_size": int(self.settings["batch_size"]),
+            "seq_len": self.seq_len,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "runs_requested": runs_requested,
+            "warmup_requested": int(self.settings["warmup"]),
             "limited_by": "budget" if self.runs < runs_requested else "runs",
             "budget_note": self.budget_notes.get("speed"),
-            "seconds": self._spent("latency"), "budget": self._budget(),
-            "original": o.latency, "compressed": c.latency,
+            "seconds": self._spent("latency"),
+            "budget": self._budget(),
+            "original": o.latency,
+            "compressed": c.latency,
             **{k: v for k, v in kernel.items() if k != "decompressed"},
             **({"decompressed": kernel["decompressed"]} if "decompressed" in kernel else {}),
             "latency_ratio": _round(ratio, 4),
@@ -831,29 +911,50 @@ class Evaluator:
             # Paired: the same tokens through both models; exp of the NLL difference is the ratio.
             ci_r = m.perplexity_interval([b - a for a, b in zip(o.nll, c.nll)], o.tokens)
             ci = {"original": ci_o, "compressed": ci_c, "ratio": ci_r}
-            return {**base, "metric": "perplexity", "higher_is_better": False,
-                    "original": _round(po, 6), "compressed": _round(pc, 6), "delta": _round(pc - po, 6),
-                    "ratio": _round(pc / po, 6),
-                    "ci95": {k: None if v is None else [_round(v[0], 6), _round(v[1], 6)] for k, v in ci.items()},
-                    "ci_method": "t-interval on the mean NLL per token (" + m.RATIO_CI_METHOD + "), through exp; "
-                                 "ratio: the same on the paired per-text NLL differences",
-                    **({"ci_reason": "fewer than 2 samples: no interval"} if ci_o is None else {})}
+            return {
+                **base,
+                "metric": "perplexity",
+                "higher_is_better": False,
+                "original": _round(po, 6),
+                "compressed": _round(pc, 6),
+                "delta": _round(pc - po, 6),
+                "ratio": _round(pc / po, 6),
+                "ci95": {k: None if v is None else [_round(v[0], 6), _round(v[1], 6)] for k, v in ci.items()},
+                "ci_method": "t-interval on the mean NLL per token (" + m.RATIO_CI_METHOD + "), through exp; "
+                "ratio: the same on the paired per-text NLL differences",
+                **({"ci_reason": "fewer than 2 samples: no interval"} if ci_o is None else {}),
+            }
         if o.kind == "classifier":
             labeled = [s for s in used if s.label is not None]
             if self.text_reason is not None or not labeled:
-                raise Unavailable("accuracy needs an eval dataset (eval_dataset_id) whose samples carry labels the model's "
-                                  "config maps (label2id or integer class ids)")
+                raise Unavailable(
+                    "accuracy needs an eval dataset (eval_dataset_id) whose samples carry labels the model's "
+                    "config maps (label2id or integer class ids)"
+                )
             n = len(labeled)
             ao, ac = o.correct / n, c.correct / n
-            return {**base, "metric": "accuracy", "higher_is_better": True, "labeled_samples": n,
-                    "original": _round(ao, 6), "compressed": _round(ac, 6), "delta": _round(ac - ao, 6)}
+            return {
+                **base,
+                "metric": "accuracy",
+                "higher_is_better": True,
+                "labeled_samples": n,
+                "original": _round(ao, 6),
+                "compressed": _round(ac, 6),
+                "delta": _round(ac - ao, 6),
+            }
         # Encoders and base models: how close each text's embedding stays to the original's.
         ref = torch.stack(o.embeddings)
         before = float(m.cosine_rows(ref, ref).mean())
         after = float(m.cosine_rows(torch.stack(c.embeddings), ref).mean())
-        return {**base, "metric": "embedding_cosine", "higher_is_better": True,
-                "definition": "mean cosine between each text's mean-pooled last hidden state and the original model's",
-                "original": _round(before), "compressed": _round(after), "delta": _round(after - before)}
+        return {
+            **base,
+            "metric": "embedding_cosine",
+            "higher_is_better": True,
+            "definition": "mean cosine between each text's mean-pooled last hidden state and the original model's",
+            "original": _round(before),
+            "compressed": _round(after),
+            "delta": _round(after - before),
+        }
 
     def _fidelity(self) -> dict[str, Any]:
         o, c = self.original, self.compressed
@@ -871,11 +972,14 @@ class Evaluator:
         if not has_logits:
             why = "the model outputs hidden states, not a distribution over tokens or classes"
             reasons = {"kl_mean": why, "top1_agreement": why}
-        ci = {"kl_mean": m.mean_interval(c.kl, c.positions, lo=0.0) if has_logits else None,
-              "top1_agreement": m.mean_interval(c.agree, c.positions, lo=0.0, hi=1.0) if has_logits else None,
-              "output_cosine": m.mean_interval(c.cos, c.positions, lo=-1.0, hi=1.0)}
+        ci = {
+            "kl_mean": m.mean_interval(c.kl, c.positions, lo=0.0) if has_logits else None,
+            "top1_agreement": m.mean_interval(c.agree, c.positions, lo=0.0, hi=1.0) if has_logits else None,
+            "output_cosine": m.mean_interval(c.cos, c.positions, lo=-1.0, hi=1.0),
+        }
         return {
-            "available": True, "reason": None,
+            "available": True,
+            "reason": None,
             "on": "logits" if has_logits else "last_hidden_state",
             "inputs": self.data_info.get("source"),
             **self._sample_counts("fidelity"),

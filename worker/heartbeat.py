@@ -71,8 +71,9 @@ class LeaseKeeper:
             self._proc.poll()  # reap a dead keeper
         try:
             # stdout/stderr are inherited: the keeper logs where the worker does.
-            self._proc = subprocess.Popen([sys.executable, "-m", "worker.heartbeat", str(os.getpid())],
-                                          stdin=subprocess.PIPE, close_fds=True)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "worker.heartbeat", str(os.getpid())], stdin=subprocess.PIPE, close_fds=True
+            )
         except OSError:
             log.exception("could not start the lease keeper process; leases are renewed from a thread")
             self._proc = None
@@ -113,7 +114,9 @@ def keeper() -> LeaseKeeper:
     return _keeper
 
 
-def renew_from_thread(job_id: str, attempt: int, lease_s: float, stop: threading.Event, keeper_: LeaseKeeper) -> threading.Thread:
+def renew_from_thread(
+    job_id: str, attempt: int, lease_s: float, stop: threading.Event, keeper_: LeaseKeeper
+) -> threading.Thread:
     """The fallback: renew from a thread of the job's process whenever its keeper is not alive."""
 
     def loop() -> None:
@@ -172,9 +175,15 @@ def _end(held: Held) -> None:
         try:
             with get_sessionmaker()() as s:
                 if jobs_repo.end_lease(s, job_id, attempt):
-                    log.warning("job %s attempt %d: its process died; lease ended now, the job is claimable again", job_id, attempt)
+                    log.warning(
+                        "job %s attempt %d: its process died; lease ended now, the job is claimable again",
+                        job_id,
+                        attempt,
+                    )
         except Exception:  # the database is down: the lease runs out on its own
-            log.warning("job %s attempt %d: its process died; could not end its lease (it runs out on its own)", job_id, attempt)
+            log.warning(
+                "job %s attempt %d: its process died; could not end its lease (it runs out on its own)", job_id, attempt
+            )
 
 
 class _Orders:

@@ -90,7 +90,7 @@ class Watchdog:
         self._target = 0
         self._lock = threading.Lock()
 
-    def start(self) -> "Watchdog":
+    def start(self) -> Watchdog:
         self._target = threading.get_ident()
         self._baseline = rss_bytes()
         self._t0 = time.monotonic()
@@ -104,7 +104,9 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        log.info("job memory growth peaked at %.1f MiB over %.1f s", self.peak_growth / 2**20, time.monotonic() - self._t0)
+        log.info(
+            "job memory growth peaked at %.1f MiB over %.1f s", self.peak_growth / 2**20, time.monotonic() - self._t0
+        )
         with self._lock:
             _async_raise(self._target, None)
 
@@ -112,9 +114,13 @@ class Watchdog:
         if self.memory_limit_bytes and growth > self.memory_limit_bytes:
             return MemoryLimitExceeded, (
                 f"the job used {growth / 2**20:.0f} MiB, over its memory limit of "
-                f"{self.memory_limit_bytes / 2**20:.0f} MiB (MODELPRESS_JOB_MEMORY_LIMIT_MB)")
+                f"{self.memory_limit_bytes / 2**20:.0f} MiB (MODELPRESS_JOB_MEMORY_LIMIT_MB)"
+            )
         if elapsed > self.time_limit_s:
-            return TimeLimitExceeded, f"the job ran past its time limit of {self.time_limit_s:g} s (MODELPRESS_JOB_TIME_LIMIT_S)"
+            return (
+                TimeLimitExceeded,
+                f"the job ran past its time limit of {self.time_limit_s:g} s (MODELPRESS_JOB_TIME_LIMIT_S)",
+            )
         return None
 
     def _run(self) -> None:
@@ -137,8 +143,11 @@ class Watchdog:
                 continue
             runaway = isinstance(self.fired, MemoryLimitExceeded) and growth > 2 * self.memory_limit_bytes
             if runaway or now - fired_at > GRACE_S:
-                log.error("the job did not stop within %.0f s of its limit; recording the failure%s", now - fired_at,
-                          " and killing this pool process" if _in_pool_child else "")
+                log.error(
+                    "the job did not stop within %.0f s of its limit; recording the failure%s",
+                    now - fired_at,
+                    " and killing this pool process" if _in_pool_child else "",
+                )
                 try:
                     self.on_hard_limit(self.fired.code, self.message)
                 finally:

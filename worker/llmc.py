@@ -33,16 +33,26 @@ def config_groups(scheme: str, group_size: int | None) -> dict[str, Any]:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     spec = SCHEMES[scheme]
-    weights = {**spec["weights"], **({"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"})}
+    weights = {
+        **spec["weights"],
+        **({"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"}),
+    }
     acts = spec["input_activations"]
-    return {"group_0": QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights),
-                                          input_activations=QuantizationArgs(**acts) if acts else None)}
+    return {
+        "group_0": QuantizationScheme(
+            targets=["Linear"],
+            weights=QuantizationArgs(**weights),
+            input_activations=QuantizationArgs(**acts) if acts else None,
+        )
+    }
 
 
 # --- worker side ----------------------------------------------------------------------------------
 
 
-def calibration_dataset(model: LoadedModel, ctx: MethodContext, params: CalibrationParams) -> tuple[Any, dict[str, Any]]:
+def calibration_dataset(
+    model: LoadedModel, ctx: MethodContext, params: CalibrationParams
+) -> tuple[Any, dict[str, Any]]:
     """The job's dataset, tokenized with the model's tokenizer, as the ``datasets.Dataset`` of
     ``input_ids``/``attention_mask`` that ``oneshot`` takes (no download, no remote code)."""
     from datasets import Dataset
@@ -57,8 +67,11 @@ def calibration_dataset(model: LoadedModel, ctx: MethodContext, params: Calibrat
     enc = tok(texts, truncation=True, max_length=max_len)
     rows = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > 0]
     columns = {k: [enc[k][i] for i in rows] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
-    info = {"calibration_samples": len(rows), "calibration_tokens": sum(len(enc["input_ids"][i]) for i in rows),
-            "max_length": max_len}
+    info = {
+        "calibration_samples": len(rows),
+        "calibration_tokens": sum(len(enc["input_ids"][i]) for i in rows),
+        "max_length": max_len,
+    }
     if not rows:
         raise ValueError("the dataset has no text to calibrate on")
     return Dataset.from_dict(columns), info
@@ -84,9 +97,14 @@ def run_oneshot(model: LoadedModel, ctx: MethodContext, recipe: list[Any], param
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the files were unlinked when mapped: the folder
     model.module.eval()
-    return {**info, "pipeline": "sequential", "oneshot_seconds": round(time.perf_counter() - t0, 4),
-            "device": str(next(model.module.parameters()).device),
-            "torch_threads": torch.get_num_threads(), **spill.summary()}
+    return {
+        **info,
+        "pipeline": "sequential",
+        "oneshot_seconds": round(time.perf_counter() - t0, 4),
+        "device": str(next(model.module.parameters()).device),
+        "torch_threads": torch.get_num_threads(),
+        **spill.summary(),
+    }
 
 
 def _oneshot(model: Any, dataset: Any, recipe: list[Any], info: dict[str, Any]) -> None:
@@ -133,10 +151,16 @@ def linear_zeros(model: Any) -> dict[str, int]:
     see which layers it pruned)."""
     from torch import nn
 
-    return {name: int((mod.weight.data == 0).sum()) for name, mod in model.module.named_modules() if isinstance(mod, nn.Linear)}
+    return {
+        name: int((mod.weight.data == 0).sum())
+        for name, mod in model.module.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
 
 
-def record_sparsity(model: Any, method: str, sparsity: float, mask: str | None, before: dict[str, int]) -> dict[str, Any]:
+def record_sparsity(
+    model: Any, method: str, sparsity: float, mask: str | None, before: dict[str, int]
+) -> dict[str, Any]:
     """Pruned weights stay dense (llm-compressor 0.14 no longer writes sparse-compressed
     checkpoints); the structure goes into config.json as ``sparsity_config`` (the shape of the
     compressed-tensors field, with ``format: dense``), where N:M-aware runtimes and people read it.
@@ -166,5 +190,10 @@ def record_sparsity(model: Any, method: str, sparsity: float, mask: str | None, 
         "method": method,
     }
     model.notes["sparsity_structure"] = mask or "unstructured"
-    return {"achieved_sparsity": round(achieved, 6), "requested_sparsity": sparsity, "mask": mask,
-            "mask_holds": nm_ok if mask else None, "pruned_layers": len(targets)}
+    return {
+        "achieved_sparsity": round(achieved, 6),
+        "requested_sparsity": sparsity,
+        "mask": mask,
+        "mask_holds": nm_ok if mask else None,
+        "pruned_layers": len(targets),
+    }

@@ -50,7 +50,7 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
-def _sample(ref: "weakref.ref[PeakMemory]", stop: threading.Event) -> None:
+def _sample(ref: weakref.ref[PeakMemory], stop: threading.Event) -> None:
     while not stop.wait(SAMPLE_S):
         obj = ref()
         v = _status_kb("RssAnon:")
@@ -105,6 +105,10 @@ class PeakMemory:
 
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         cuda = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        return {"peak_rss_bytes": peak, "peak_anon_bytes": self._anon * 1024 or None, "how": self.how,
-                "how_anon": f"RssAnon of the worker process, sampled every {int(SAMPLE_S * 1000)} ms during the job",
-                "peak_cuda_bytes": cuda}
+        return {
+            "peak_rss_bytes": peak,
+            "peak_anon_bytes": self._anon * 1024 or None,
+            "how": self.how,
+            "how_anon": f"RssAnon of the worker process, sampled every {int(SAMPLE_S * 1000)} ms during the job",
+            "peak_cuda_bytes": cuda,
+        }

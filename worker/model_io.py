@@ -37,7 +37,7 @@ class LoadedModel:
     extra_files: list[Path] = field(default_factory=list)
     # A method that changes how weights are stored (e.g. compressed-tensors quantization) sets
     # this; save() then calls saver(self, out_dir, max_shard_size) instead of save_pretrained/save_file.
-    saver: Callable[["LoadedModel", Path, int], None] | None = None
+    saver: Callable[[LoadedModel, Path, int], None] | None = None
     # Facts for the report about how the artifact's weights are stored / run.
     notes: dict[str, Any] = field(default_factory=dict)
     # Keys merged into the saved config.json whatever writes it (llm-compressor's save_pretrained
@@ -171,10 +171,15 @@ def load(src_dir: Path, fmt: str, offload_dir: Path | None = None) -> LoadedMode
         # No CPU memory for weights at all: every parameter is offloaded to disk, so what the
         # worker holds is one block being worked on, not the model.
         with load_offloaded_model(cls):
-            module = cls.from_pretrained(src_dir, device_map="auto_offload", max_memory={"cpu": 1},
-                                         offload_folder=str(offload_dir), **kwargs)
+            module = cls.from_pretrained(
+                src_dir, device_map="auto_offload", max_memory={"cpu": 1}, offload_folder=str(offload_dir), **kwargs
+            )
     module.eval()
-    extras = [p for p in src_dir.iterdir() if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in WEIGHT_FILE_PATTERNS)]
+    extras = [
+        p
+        for p in src_dir.iterdir()
+        if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in WEIGHT_FILE_PATTERNS)
+    ]
     return LoadedModel(format=fmt, src_dir=src_dir, module=module, extra_files=extras)
 
 
@@ -210,7 +215,9 @@ def _saves_module_by_module(model: LoadedModel) -> bool:
     return True
 
 
-def save(model: LoadedModel, out_dir: Path, manifest: dict[str, Any], max_shard_size: int = DEFAULT_SHARD_BYTES) -> None:
+def save(
+    model: LoadedModel, out_dir: Path, manifest: dict[str, Any], max_shard_size: int = DEFAULT_SHARD_BYTES
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if _saves_module_by_module(model):
         from worker import ct_format

@@ -132,7 +132,9 @@ class JobContext:
     def step_progress(self, note: str, fraction: float) -> None:
         """Progress inside the current step, e.g. ``ctx.step_progress("step 40/200 loss 2.31", 0.2)``."""
         lo, hi = self.step_span
-        self.progress(f"{self.step_label}: {note}" if note else self.step_label, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        self.progress(
+            f"{self.step_label}: {note}" if note else self.step_label, lo + (hi - lo) * min(max(fraction, 0.0), 1.0)
+        )
 
     def samples(self, which: str = "train") -> list[Sample]:
         """The job's dataset (``train``: ``dataset_id``; ``eval``: ``eval_dataset_id``) as
@@ -140,7 +142,10 @@ class JobContext:
         if which not in self._samples:
             info = self.datasets.get(which)
             if info is None:
-                raise JobFailed("dataset_missing", f"the job has no {'eval_dataset_id' if which == 'eval' else 'dataset_id'} (or it was deleted)")
+                raise JobFailed(
+                    "dataset_missing",
+                    f"the job has no {'eval_dataset_id' if which == 'eval' else 'dataset_id'} (or it was deleted)",
+                )
             from core.datasets.parsing import load_samples
 
             path = self.work_dir / f"dataset-{which}.{info['format']}"
@@ -231,8 +236,13 @@ def _sparsity(loaded: model_io.LoadedModel, counts: dict[str, int]) -> dict[str,
         zeros += z
         per_layer.append({"name": t.name, "parameters": n, "zeros": z, "sparsity": round(z / n, 6) if n else 0.0})
     overall = 1 - counts["nonzero"] / counts["total"] if counts["total"] else 0.0
-    return {"target_parameters": total, "target_zeros": zeros, "sparsity": zeros / total if total else 0.0,
-            "overall": round(overall, 6), "per_layer": per_layer}
+    return {
+        "target_parameters": total,
+        "target_zeros": zeros,
+        "sparsity": zeros / total if total else 0.0,
+        "overall": round(overall, 6),
+        "per_layer": per_layer,
+    }
 
 
 def _memory_bytes(loaded: model_io.LoadedModel) -> int:
@@ -264,7 +274,9 @@ def run_job(job_id: str) -> bool:
             # A poison job (every attempt so far killed its worker) is failed here rather than run
             # again; the CAS in give_up lets one of several workers (or the reconciler) do it.
             if jobs_repo.give_up(s, job_id, settings.max_attempts):
-                log.error("job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts)
+                log.error(
+                    "job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts
+                )
                 drop_artifacts(storage, job_id)
             else:
                 log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
@@ -296,11 +308,25 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
         for which, ds_id in (("train", job.dataset_id), ("eval", job.eval_dataset_id)):
             ds = s.get(Dataset, ds_id) if ds_id else None
             if ds is not None:
-                datasets[which] = {"id": ds.id, "format": ds.format, "storage_key": ds.storage_key, "samples": ds.samples, "labels": ds.labels}
-        model_info = None if model is None else {
-            "format": model.format, "prefix": model.storage_prefix, "files": list(model.files),
-            "sha256": model.sha256, "size_bytes": model.size_bytes, "parameters": model.parameters,
-        }
+                datasets[which] = {
+                    "id": ds.id,
+                    "format": ds.format,
+                    "storage_key": ds.storage_key,
+                    "samples": ds.samples,
+                    "labels": ds.labels,
+                }
+        model_info = (
+            None
+            if model is None
+            else {
+                "format": model.format,
+                "prefix": model.storage_prefix,
+                "files": list(model.files),
+                "sha256": model.sha256,
+                "size_bytes": model.size_bytes,
+                "parameters": model.parameters,
+            }
+        )
     # The scratch folder is named after this attempt and this process (worker/sweep.py): a
     # sweeper removes it once the process is gone or the attempt lost the job.
     work = sweep.scratch_dir(settings, job_id, attempt)
@@ -311,8 +337,11 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
     logs.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
     watchdog = limits.Watchdog(
-        settings.job_time_limit_s, settings.job_memory_limit_mb * 2**20,
-        lambda code, message: _record(job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed"),
+        settings.job_time_limit_s,
+        settings.job_memory_limit_mb * 2**20,
+        lambda code, message: _record(
+            job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed"
+        ),
     )
     try:
         watchdog.start()
@@ -323,7 +352,14 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
         finally:
             watchdog.stop()
     except limits.LimitExceeded as e:
-        _record(job_id, attempt, "failed", error_code=e.code, error_message=watchdog.message or str(e), progress_stage="failed")
+        _record(
+            job_id,
+            attempt,
+            "failed",
+            error_code=e.code,
+            error_message=watchdog.message or str(e),
+            progress_stage="failed",
+        )
         return
     except LostLease:
         log.warning("job %s attempt %d: lost its lease; stopping without writing", job_id, attempt)
@@ -332,13 +368,25 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
         _record(job_id, attempt, "failed", error_code=e.code, error_message=e.message, progress_stage="failed")
         return
     except SoftTimeLimitExceeded:
-        _record(job_id, attempt, "failed", error_code="time_limit",
-                error_message=f"the job ran past its time limit of {settings.job_time_limit_s} s", progress_stage="failed")
+        _record(
+            job_id,
+            attempt,
+            "failed",
+            error_code="time_limit",
+            error_message=f"the job ran past its time limit of {settings.job_time_limit_s} s",
+            progress_stage="failed",
+        )
         return
     except Exception as e:  # a bug of ours: record it, keep the worker alive
         log.exception("job %s attempt %d: internal error", job_id, attempt)
-        _record(job_id, attempt, "failed", error_code="internal_error",
-                error_message=f"internal error ({e.__class__.__name__})", progress_stage="failed")
+        _record(
+            job_id,
+            attempt,
+            "failed",
+            error_code="internal_error",
+            error_message=f"internal error ({e.__class__.__name__})",
+            progress_stage="failed",
+        )
         return
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -369,7 +417,13 @@ def _record(job_id: str, attempt: int, status: str, **values: Any) -> bool:
         except OperationalError:
             if waited > 3600:
                 raise
-            log.warning("job %s attempt %d: database unreachable; retrying the %s record in %.1f s", job_id, attempt, status, delay)
+            log.warning(
+                "job %s attempt %d: database unreachable; retrying the %s record in %.1f s",
+                job_id,
+                attempt,
+                status,
+                delay,
+            )
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 10.0)
@@ -382,7 +436,11 @@ def _eval_texts(ctx: JobContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     if ctx.has_samples("eval"):
         return ctx.samples("eval"), {"source": "eval_dataset", "id": ctx.datasets["eval"]["id"]}
     lines = evaluate.BUILTIN_CORPUS.read_text(encoding="utf-8").splitlines()
-    return [{"text": t} for t in lines if t.strip()], {"source": "builtin", "id": None, "name": "modelpress built-in English corpus"}
+    return [{"text": t} for t in lines if t.strip()], {
+        "source": "builtin",
+        "id": None,
+        "name": "modelpress built-in English corpus",
+    }
 
 
 def _span_progress(ctx: JobContext, lo: float, hi: float) -> Callable[..., None]:
@@ -455,7 +513,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
             raise JobFailed("method_failed", f"step {i + 1} ({spec.name}) failed: {e}") from e
         secs = time.perf_counter() - t0
         ctx.stage_seconds[f"step{i + 1}:{spec.name}"] = secs
-        step_metrics.append({"method": spec.name, "params": step["params"], "seconds": round(secs, 4), **(result or {})})
+        step_metrics.append(
+            {"method": spec.name, "params": step["params"], "seconds": round(secs, 4), **(result or {})}
+        )
     if ctx.cancel_requested():
         return None
 
@@ -521,7 +581,9 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
             # Tensor data alone (safetensors headers, config and tokenizer files excluded).
             "original_weight_bytes": original_weight_bytes,
             "artifact_weight_bytes": artifact_weight_bytes,
-            "weight_bytes_ratio": round(artifact_weight_bytes / original_weight_bytes, 6) if original_weight_bytes else None,
+            "weight_bytes_ratio": round(artifact_weight_bytes / original_weight_bytes, 6)
+            if original_weight_bytes
+            else None,
             # Bytes the result takes in memory once loaded, next to the bytes stored above.
             "memory_bytes": memory_bytes,
             "parameters": {"original": model_info["parameters"], **params},
@@ -531,9 +593,12 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         "sparsity": sparsity,
         **sections,
         "memory": peak.result(),
-        "engine": {"path": "blocks", "note": "weights stayed on disk; llm-compressor's sequential pipeline onloaded one "
-                   "decoder block at a time"} if blocks else
-                  {"path": "whole", "note": "the model was built in memory (a step has no streaming or block form)"},
+        "engine": {
+            "path": "blocks",
+            "note": "weights stayed on disk; llm-compressor's sequential pipeline onloaded one decoder block at a time",
+        }
+        if blocks
+        else {"path": "whole", "note": "the model was built in memory (a step has no streaming or block form)"},
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
         "evaluation": ctx.evaluation,
@@ -596,8 +661,15 @@ def _compressed_cost(steps: list[dict[str, Any]]) -> float:
     return evaluate.QUANTIZED_FORWARD_COST if planner.quantizes(steps) else 1.0
 
 
-def _evaluate_streamed(ctx: JobContext, evaluator: evaluate.Evaluator, src: Path, fmt: str, out: Path, work: Path,
-                       span: tuple[float, float]) -> dict[str, Any]:
+def _evaluate_streamed(
+    ctx: JobContext,
+    evaluator: evaluate.Evaluator,
+    src: Path,
+    fmt: str,
+    out: Path,
+    work: Path,
+    span: tuple[float, float],
+) -> dict[str, Any]:
     """The report's measurements of a model too large to hold twice: the original and the
     artifact in ``out`` both loaded with their weights on disk, every text through one then the
     other (one module onloaded at a time). Their offload folders are removed afterwards."""
@@ -628,9 +700,17 @@ def _unpack_artifact(artifact: Path, fmt: str, out: Path) -> Path:
     return out
 
 
-def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, model_info: dict[str, Any],
-                    steps: list[dict[str, Any]], streamed: list[tuple[Any, Any]], t_start: float,
-                    peak: memory.PeakMemory):
+def _execute_stream(
+    ctx: JobContext,
+    storage: Storage,
+    work: Path,
+    src: Path,
+    model_info: dict[str, Any],
+    steps: list[dict[str, Any]],
+    streamed: list[tuple[Any, Any]],
+    t_start: float,
+    peak: memory.PeakMemory,
+):
     """The streaming path (worker/stream): every step is data-free, so the checkpoint goes
     tensor by tensor from the input shards through all steps into the artifact, written once.
     Raises stream.NotStreamable before anything is written when the model does not allow it."""
@@ -651,14 +731,25 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
     filename = "model.zip" if fmt == "hf" else "model.safetensors"
     artifact = work / filename
     sink = ZipSink(artifact) if fmt == "hf" else FileSink(artifact)
-    extra = [p for p in src.iterdir() if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in model_io.WEIGHT_FILE_PATTERNS)]
+    extra = [
+        p
+        for p in src.iterdir()
+        if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in model_io.WEIGHT_FILE_PATTERNS)
+    ]
     t0 = time.perf_counter()
     try:
         try:
             result = stream.run_passes(
-                src, fmt, [spec.stream(params, ctx) for spec, params in streamed], sink, scratch=work,
-                extra_files=extra if fmt == "hf" else [], manifest=manifest, shard_bytes=ctx.settings.shard_max_bytes,
-                progress=ctx.step_progress, canceled=ctx.cancel_requested,
+                src,
+                fmt,
+                [spec.stream(params, ctx) for spec, params in streamed],
+                sink,
+                scratch=work,
+                extra_files=extra if fmt == "hf" else [],
+                manifest=manifest,
+                shard_bytes=ctx.settings.shard_max_bytes,
+                progress=ctx.step_progress,
+                canceled=ctx.cancel_requested,
             )
         except (LostLease, JobFailed, SoftTimeLimitExceeded, stream.NotStreamable):
             raise
@@ -666,7 +757,9 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
             raise JobFailed("model_load_failed", f"the model's weights could not be read: {e}") from e
         except OSError as e:
             if e.errno == errno.ENOSPC:
-                raise JobFailed("scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}") from e
+                raise JobFailed(
+                    "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
+                ) from e
             raise
         except ValueError as e:
             raise JobFailed("method_failed", f"{names} failed: {e}") from e
@@ -741,16 +834,23 @@ def _execute_stream(ctx: JobContext, storage: Storage, work: Path, src: Path, mo
             "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
             "original_weight_bytes": result.weight_bytes_in,
             "artifact_weight_bytes": result.weight_bytes_out,
-            "weight_bytes_ratio": round(result.weight_bytes_out / result.weight_bytes_in, 6) if result.weight_bytes_in else None,
+            "weight_bytes_ratio": round(result.weight_bytes_out / result.weight_bytes_in, 6)
+            if result.weight_bytes_in
+            else None,
             "memory_bytes": result.memory_bytes,
             "parameters": {"original": model_info["parameters"], **params},
-            "mean_bits_per_weight": round(8 * result.weight_bytes_out / params["total"], 4) if params["total"] else None,
+            "mean_bits_per_weight": round(8 * result.weight_bytes_out / params["total"], 4)
+            if params["total"]
+            else None,
         },
         "notes": result.notes,
         "sparsity": result.sparsity,
         **sections,
         "memory": peak.result(),
-        "engine": {"path": "stream", "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never built in memory"},
+        "engine": {
+            "path": "stream",
+            "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never built in memory",
+        },
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
         "evaluation": ctx.evaluation,

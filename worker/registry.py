@@ -30,7 +30,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelpress.registry")
 
-def device() -> "torch.device":
+
+def device() -> torch.device:
     """The device this worker computes on: the first visible CUDA device when there is one (pick
     it per process with ``CUDA_VISIBLE_DEVICES``), else the CPU."""
     import torch
@@ -38,7 +39,7 @@ def device() -> "torch.device":
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def describe(dev: "torch.device") -> str:
+def describe(dev: torch.device) -> str:
     """``cpu``, or ``cuda:<index> (<device name>)``."""
     if dev.type != "cuda":
         return dev.type
@@ -67,8 +68,17 @@ class Registration:
 
     def beat(self) -> None:
         with get_sessionmaker()() as s:
-            s.merge(Worker(id=self.id, hostname=self.hostname, pid=self.pid, queues=self.queues, device=self.device,
-                           started_at=self.started_at, last_seen_at=utcnow()))
+            s.merge(
+                Worker(
+                    id=self.id,
+                    hostname=self.hostname,
+                    pid=self.pid,
+                    queues=self.queues,
+                    device=self.device,
+                    started_at=self.started_at,
+                    last_seen_at=utcnow(),
+                )
+            )
             s.execute(delete(Worker).where(Worker.last_seen_at < utcnow() - FORGET_AFTER))
             s.commit()
 

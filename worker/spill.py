@@ -83,8 +83,12 @@ class ActivationSpill:
         return out
 
     def summary(self) -> dict[str, Any]:
-        return {"activation_budget_bytes": self.budget, "activation_peak_bytes_in_memory": self.peak_in_memory,
-                "activation_bytes_spilled": self.spilled, "activation_files": self.files}
+        return {
+            "activation_budget_bytes": self.budget,
+            "activation_peak_bytes_in_memory": self.peak_in_memory,
+            "activation_bytes_spilled": self.spilled,
+            "activation_files": self.files,
+        }
 
 
 @contextlib.contextmanager
@@ -98,8 +102,11 @@ def spill_activations(scratch: Path, budget_bytes: int) -> Iterator[ActivationSp
     inner = original.__func__
 
     def offload(cls: Any, value: Any, offload_device: Any, onload_device: Any = None) -> Any:
-        if isinstance(value, torch.Tensor) and (offload_device is None or torch.device(offload_device).type == "cpu") \
-                and spill.wants(value):
+        if (
+            isinstance(value, torch.Tensor)
+            and (offload_device is None or torch.device(offload_device).type == "cpu")
+            and spill.wants(value)
+        ):
             return IntermediateValue(value=spill.store(value.detach()), device=onload_device or value.device)
         return inner(cls, value, offload_device, onload_device)
 

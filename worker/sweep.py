@@ -107,8 +107,12 @@ def sweep_scratch(settings: Settings | None = None) -> Swept:
             shutil.rmtree(path, ignore_errors=True)
             swept.add(path.name, size)
     if swept.items:
-        log.warning("swept %d scratch folder(s) of dead or superseded job attempts, %d bytes: %s",
-                    len(swept.items), swept.bytes, ", ".join(swept.items))
+        log.warning(
+            "swept %d scratch folder(s) of dead or superseded job attempts, %d bytes: %s",
+            len(swept.items),
+            swept.bytes,
+            ", ".join(swept.items),
+        )
     return swept
 
 

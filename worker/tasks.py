@@ -11,8 +11,8 @@ from celery import Task
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
 from core import logs
-from worker import budget, pipeline, registry  # imports torch once, when the worker starts
 from core.queue import QUEUES, TASK_RUN_JOB
+from worker import budget, pipeline, registry  # imports torch once, when the worker starts
 from worker.celery_app import celery_app
 
 log = logging.getLogger("modelpress.worker")
@@ -72,8 +72,8 @@ def _on_ready(**_kw: object) -> None:
     pass removes what killed job processes left) and the webhook dispatcher, and register in the
     worker registry (the queues this worker consumes, and its device)."""
     global _registration
-    from worker import sweep, webhooks
     from core.reconcile import start_background
+    from worker import sweep, webhooks
 
     start_background(_stop_reconciler)
     sweep.start_background(_stop_sweeper)

@@ -37,8 +37,7 @@ from sqlalchemy.orm import Session
 from core.config import Settings, get_settings
 from core.db import get_sessionmaker
 from core.webhooks import repository as repo
-from core.webhooks import signature
-from core.webhooks import ssrf
+from core.webhooks import signature, ssrf
 
 log = logging.getLogger("modelpress.webhooks")
 
@@ -73,8 +72,11 @@ def _request(client: httpx.Client, target: ssrf.Target, body: bytes, headers: di
     if target.scheme == "https" and target.host != target.address:
         extensions["sni_hostname"] = target.host
     return client.build_request(
-        "POST", url.copy_with(host=target.address), content=body,
-        headers={**headers, "Host": url.netloc.decode("ascii")}, extensions=extensions,
+        "POST",
+        url.copy_with(host=target.address),
+        content=body,
+        headers={**headers, "Host": url.netloc.decode("ascii")},
+        extensions=extensions,
     )
 
 
@@ -139,14 +141,36 @@ def _try(s: Session, client: httpx.Client, claim: repo.Claim, settings: Settings
     outcome = send(client, claim, settings)
     final = outcome.final or claim.attempt >= settings.webhook_max_attempts
     wait = backoff_s(settings, claim.attempt)
-    kept = repo.record(s, claim, delivered=outcome.delivered, final=final, status_code=outcome.status_code,
-                       error=outcome.error, retry_in_s=wait)
+    kept = repo.record(
+        s,
+        claim,
+        delivered=outcome.delivered,
+        final=final,
+        status_code=outcome.status_code,
+        error=outcome.error,
+        retry_in_s=wait,
+    )
     if outcome.delivered:
-        log.info("webhook %s of job %s: delivered (try %d, HTTP %s)", claim.id, claim.job_id, claim.attempt, outcome.status_code)
+        log.info(
+            "webhook %s of job %s: delivered (try %d, HTTP %s)",
+            claim.id,
+            claim.job_id,
+            claim.attempt,
+            outcome.status_code,
+        )
     elif final:
-        log.warning("webhook %s of job %s: failed after try %d: %s", claim.id, claim.job_id, claim.attempt, outcome.error)
+        log.warning(
+            "webhook %s of job %s: failed after try %d: %s", claim.id, claim.job_id, claim.attempt, outcome.error
+        )
     else:
-        log.info("webhook %s of job %s: try %d failed (%s); next in %.1f s", claim.id, claim.job_id, claim.attempt, outcome.error, wait)
+        log.info(
+            "webhook %s of job %s: try %d failed (%s); next in %.1f s",
+            claim.id,
+            claim.job_id,
+            claim.attempt,
+            outcome.error,
+            wait,
+        )
     if not kept:
         log.warning("webhook %s: try %d outlived its lease; its outcome was not recorded", claim.id, claim.attempt)
 

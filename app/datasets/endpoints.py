@@ -6,17 +6,15 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from app import idempotency
 from app.auth import CurrentCaller
 from app.datasets import repository, service
 from app.datasets.schemas import DatasetOut, DatasetPage
-from app.deps import UoW
-from app.deps import SettingsDep, StorageDep
-from app import idempotency
+from app.deps import PageLimit, SettingsDep, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
-from app.deps import PageLimit
-from core.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
+from core.pagination import next_cursor
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -29,8 +27,11 @@ _UPLOAD_BODY = {
                     "type": "object",
                     "required": ["file"],
                     "properties": {
-                        "file": {"type": "string", "format": "binary",
-                                 "description": ".txt (one sample a line) or .jsonl ({\"text\", \"label\"?} a line)"},
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": '.txt (one sample a line) or .jsonl ({"text", "label"?} a line)',
+                        },
                         # The service's rule (app.datasets.service.NAME_RE; it also takes non-ASCII letters).
                         "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\w .:@+-]+$"},
                     },
@@ -53,7 +54,11 @@ def _out(ds) -> DatasetOut:  # noqa: ANN001
     responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
 )
 async def upload_dataset(
-    request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
+    request: Request,
+    caller: CurrentCaller,
+    uow: UoW,
+    storage: StorageDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut | JSONResponse:
     """Upload a dataset (multipart part `file`): validated line by line, counted, stored. With
@@ -62,11 +67,17 @@ async def upload_dataset(
     key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(
-            request, staging, settings.max_upload_bytes,
-            max_fields=settings.max_form_fields, max_field_bytes=settings.max_form_field_bytes, read_fields=("name",),
+            request,
+            staging,
+            settings.max_upload_bytes,
+            max_fields=settings.max_form_fields,
+            max_field_bytes=settings.max_form_field_bytes,
+            read_fields=("name",),
         )
-        scope = None if key is None else idempotency.Scope(
-            caller.tenant_id, "POST /v1/datasets", key, idempotency.upload_digest(files, fields)
+        scope = (
+            None
+            if key is None
+            else idempotency.Scope(caller.tenant_id, "POST /v1/datasets", key, idempotency.upload_digest(files, fields))
         )
 
         def create() -> tuple[str, DatasetOut]:

@@ -17,11 +17,14 @@ def list_page(session: Session, tenant_id: str, limit: int, cursor: str | None) 
 
 
 def active_job_count(session: Session, dataset_id: str) -> int:
-    return session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id),
-            Job.status.in_(("queued", "running")),
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(
+                or_(Job.dataset_id == dataset_id, Job.eval_dataset_id == dataset_id),
+                Job.status.in_(("queued", "running")),
+            )
         )
-    ) or 0
+        or 0
+    )

@@ -10,13 +10,13 @@ from typing import Any
 from app import quotas
 from app.auth import Caller
 from app.datasets import repository
+from app.uploads import StagedFile
 from core.datasets.parsing import DatasetInvalid, dataset_format, iter_numbered
 from core.db import UnitOfWork
 from core.errors import Conflict, NotFound, Unprocessable
 from core.jsonsafe import safe_text
 from core.storage import Storage
 from core.tables import Dataset, new_id
-from app.uploads import StagedFile
 
 # Used with fullmatch only ("$" matches before a trailing newline).
 NAME_RE = re.compile(r"[\w .:@+-]{1,200}")
@@ -24,8 +24,15 @@ NAME_RE = re.compile(r"[\w .:@+-]{1,200}")
 MAX_LABELS = 10_000
 
 
-def _reject(code: str, detail: str, loc: list[str | int] | None = None, line: int | None = None,
-            file: str | None = None, field: str | None = None, kind: str | None = None) -> Unprocessable:
+def _reject(
+    code: str,
+    detail: str,
+    loc: list[str | int] | None = None,
+    line: int | None = None,
+    file: str | None = None,
+    field: str | None = None,
+    kind: str | None = None,
+) -> Unprocessable:
     err: dict[str, Any] = {"loc": loc or ["body", "file"], "msg": detail, "type": kind or code}
     if line is not None:
         err["line"] = line
@@ -51,7 +58,10 @@ def inspect(path: Path, fmt: str) -> dict[str, Any]:
         elif type(label) is not label_type:
             # 1 and "1" would be two classes that look alike; a method mapping labels to ids
             # needs one kind.
-            raise DatasetInvalid(line, f"labels must be all integers or all strings; this one is {type(label).__name__}, earlier ones {label_type.__name__}")
+            raise DatasetInvalid(
+                line,
+                f"labels must be all integers or all strings; this one is {type(label).__name__}, earlier ones {label_type.__name__}",
+            )
         labeled += 1
         distinct.add(label)
         if len(distinct) > MAX_LABELS:
@@ -66,7 +76,9 @@ def validate_upload(files: list[StagedFile]) -> tuple[StagedFile, str, dict[str,
     if len(files) != 1 or files[0].field != "file":
         fields = sorted({f.field for f in files})
         got = safe_text(repr(fields), 200) if fields else "none"
-        raise _reject("no_file" if not files else "unexpected_part", f"send exactly one multipart part named 'file' (got {got})")
+        raise _reject(
+            "no_file" if not files else "unexpected_part", f"send exactly one multipart part named 'file' (got {got})"
+        )
     f = files[0]
     try:
         fmt = dataset_format(f.filename)
@@ -84,8 +96,12 @@ def validate_upload(files: list[StagedFile]) -> tuple[StagedFile, str, dict[str,
 def create(uow: UnitOfWork, caller: Caller, storage: Storage, files: list[StagedFile], name: str | None) -> Dataset:
     f, fmt, facts = validate_upload(files)
     if name is not None and not NAME_RE.fullmatch(name):
-        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
-                      ["body", "name"], field="name")
+        raise _reject(
+            "invalid_name",
+            "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
+            ["body", "name"],
+            field="name",
+        )
     if name is None:
         stem = Path(f.filename).stem
         name = stem if NAME_RE.fullmatch(stem) else "dataset"
@@ -101,8 +117,14 @@ def create(uow: UnitOfWork, caller: Caller, storage: Storage, files: list[Staged
         storage.delete_prefix(prefix)
         raise
     ds = Dataset(
-        id=dataset_id, tenant_id=caller.tenant_id, name=name, format=fmt, size_bytes=f.size_bytes,
-        sha256=f.sha256, storage_key=key, **facts,
+        id=dataset_id,
+        tenant_id=caller.tenant_id,
+        name=name,
+        format=fmt,
+        size_bytes=f.size_bytes,
+        sha256=f.sha256,
+        storage_key=key,
+        **facts,
     )
     uow.session.add(ds)
     uow.session.flush()

@@ -9,23 +9,32 @@ from sqlalchemy import bindparam, select
 from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
-from core import signing
 from app.auth import Caller, CurrentCaller
-from core.db import HotRead, hot_reads_available, read_uow
-from app.deps import UoW
-from app.deps import StorageDep
+from app.deps import PageLimit, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
-from core.errors import Conflict, ModelpressError, NotFound
 from app.idempotency import IdempotencyKeyHeader
 from app.jobs import events, service
-from core.jobs import repository
-from core.jobs.schemas import JobEstimate, JobIn, JobOut, JobPage, JobReport, JobStatus, LinkIn, LinkOut, MethodOut, WorkerOut
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.deps import PageLimit
-from core.pagination import next_cursor, query_int
 from app.routing import DirectRoute
-from core.tables import Job
+from core import signing
+from core.db import HotRead, hot_reads_available, read_uow
+from core.errors import Conflict, ModelpressError, NotFound
+from core.jobs import repository
+from core.jobs.schemas import (
+    JobEstimate,
+    JobIn,
+    JobOut,
+    JobPage,
+    JobReport,
+    JobStatus,
+    LinkIn,
+    LinkOut,
+    MethodOut,
+    WorkerOut,
+)
 from core.methods import load_all
+from core.pagination import next_cursor, query_int
+from core.tables import Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
@@ -51,8 +60,16 @@ def submit_job(
     """Submit a compression job; it is queued and runs on a worker. With `Idempotency-Key`, a retry
     of the same request returns the first response instead of submitting another job."""
     key = idempotency.check_key(idempotency_key)
-    scope = None if key is None else idempotency.Scope(
-        caller.tenant_id, "POST /v1/jobs", key, idempotency.json_digest(body.model_dump(mode="json")), "/v1/jobs/{id}"
+    scope = (
+        None
+        if key is None
+        else idempotency.Scope(
+            caller.tenant_id,
+            "POST /v1/jobs",
+            key,
+            idempotency.json_digest(body.model_dump(mode="json")),
+            "/v1/jobs/{id}",
+        )
     )
 
     def create() -> tuple[str, JobOut]:
@@ -102,8 +119,14 @@ async def get_job(job_id: str, caller: CurrentCaller) -> Response:
     return _json(JobOut.from_row(job, stage).model_dump_json().encode())
 
 
-router.add_api_route("/jobs/{job_id}", get_job, methods=["GET"], response_model=JobOut,
-                     responses=problem_responses(*API_ERRORS, 404), route_class_override=DirectRoute)
+router.add_api_route(
+    "/jobs/{job_id}",
+    get_job,
+    methods=["GET"],
+    response_model=JobOut,
+    responses=problem_responses(*API_ERRORS, 404),
+    route_class_override=DirectRoute,
+)
 
 
 # The job by id within the caller's tenant (as service.get), built once, read as a Core row on an
@@ -137,14 +160,18 @@ def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     return JobOut.from_row(job, service.stage(uow, job))
 
 
-_EVENT_ID = Annotated[query_int(0, 2**63 - 1) | None, Query(description="resume after this event id (as Last-Event-ID)")]
+_EVENT_ID = Annotated[
+    query_int(0, 2**63 - 1) | None, Query(description="resume after this event id (as Last-Event-ID)")
+]
 
 
 @router.get(
     "/jobs/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "Server-sent events until the job ends"},
-               **problem_responses(*API_ERRORS, 404)},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "Server-sent events until the job ends"},
+        **problem_responses(*API_ERRORS, 404),
+    },
 )
 def job_events(
     job_id: str,
@@ -179,7 +206,8 @@ def job_events(
     job = service.get(uow, caller, job_id)
     after = last_event_id_header if last_event_id_header is not None else (last_event_id or 0)
     return StreamingResponse(
-        events.stream(job.id, after), media_type="text/event-stream",
+        events.stream(job.id, after),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
@@ -195,20 +223,31 @@ def _html_report(report: dict) -> HTMLResponse:
 @router.get(
     "/jobs/{job_id}/report",
     response_model=JobReport,
-    responses={200: {"content": {"text/html": {}}, "description": "The report (JSON, or HTML for Accept: text/html)"},
-               **problem_responses(*API_ERRORS, 404, 409)},
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The report (JSON, or HTML for Accept: text/html)"},
+        **problem_responses(*API_ERRORS, 404, 409),
+    },
 )
-def job_report(job_id: str, caller: CurrentCaller, uow: UoW, accept: Annotated[str | None, Header()] = None) -> Response:
+def job_report(
+    job_id: str, caller: CurrentCaller, uow: UoW, accept: Annotated[str | None, Header()] = None
+) -> Response:
     """What the job changed: size, speed, quality and fidelity before and after; an HTML page with
     charts when the client prefers text/html."""
     report = service.report(service.get(uow, caller, job_id))
-    page = _html_report(report) if prefers_html(accept) else JSONResponse(JobReport.model_validate(report).model_dump(mode="json"))
+    page = (
+        _html_report(report)
+        if prefers_html(accept)
+        else JSONResponse(JobReport.model_validate(report).model_dump(mode="json"))
+    )
     page.headers["Vary"] = "Accept"  # one URL, two representations: caches must key on Accept
     return page
 
 
 @router.post(
-    "/jobs/{job_id}/report/link", status_code=201, response_model=LinkOut, responses=problem_responses(*BODY_ERRORS, 404, 409)
+    "/jobs/{job_id}/report/link",
+    status_code=201,
+    response_model=LinkOut,
+    responses=problem_responses(*BODY_ERRORS, 404, 409),
 )
 def job_report_link(
     job_id: str, caller: CurrentCaller, uow: UoW, request: Request, body: Annotated[LinkIn | None, Body()] = None
@@ -223,10 +262,14 @@ def job_report_link(
 @router.get(
     "/jobs/{job_id}/report/view",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}, "description": "The HTML report"}, **problem_responses(404, 409, 410, 422, 503)},
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The HTML report"},
+        **problem_responses(404, 409, 410, 422, 503),
+    },
 )
 def job_report_view(
-    job_id: str, uow: UoW,
+    job_id: str,
+    uow: UoW,
     expires: Annotated[query_int(0, 2**40) | None, Query()] = None,
     signature: Annotated[str | None, Query(max_length=128)] = None,
 ) -> HTMLResponse:
@@ -236,23 +279,38 @@ def job_report_view(
     return _html_report(service.report(service.get_unscoped(uow, job_id)))
 
 
-_ARTIFACT_TYPES = {"application/zip": {"schema": {"type": "string", "format": "binary"}},
-                   "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}
+_ARTIFACT_TYPES = {
+    "application/zip": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+}
 _ARTIFACT_HEADERS = {
     "ETag": {"description": "the artifact's sha256, quoted", "schema": {"type": "string"}, "required": True},
     "Accept-Ranges": {"description": "`bytes`", "schema": {"type": "string"}, "required": True},
-    "Content-Disposition": {"description": "`attachment; filename=...`", "schema": {"type": "string"}, "required": True},
+    "Content-Disposition": {
+        "description": "`attachment; filename=...`",
+        "schema": {"type": "string"},
+        "required": True,
+    },
 }
-_CONTENT_RANGE = {"Content-Range": {"description": "`bytes <start>-<end>/<size>`", "schema": {"type": "string"}, "required": True}}
+_CONTENT_RANGE = {
+    "Content-Range": {"description": "`bytes <start>-<end>/<size>`", "schema": {"type": "string"}, "required": True}
+}
 
 
 @router.get(
     "/jobs/{job_id}/artifact",
     response_class=StreamingResponse,
     responses={
-        200: {"content": _ARTIFACT_TYPES, "headers": _ARTIFACT_HEADERS,
-              "description": "The artifact: a zip (HF directory) or one safetensors file"},
-        206: {"content": _ARTIFACT_TYPES, "headers": {**_ARTIFACT_HEADERS, **_CONTENT_RANGE}, "description": "Part of the artifact"},
+        200: {
+            "content": _ARTIFACT_TYPES,
+            "headers": _ARTIFACT_HEADERS,
+            "description": "The artifact: a zip (HF directory) or one safetensors file",
+        },
+        206: {
+            "content": _ARTIFACT_TYPES,
+            "headers": {**_ARTIFACT_HEADERS, **_CONTENT_RANGE},
+            "description": "Part of the artifact",
+        },
         **problem_responses(*API_ERRORS, 404, 409, 416),
     },
 )
@@ -262,7 +320,9 @@ def download_artifact(
     uow: UoW,
     storage: StorageDep,
     # `str`, not `str | None`: a header has no null, and a nullable schema invites "null".
-    range_: Annotated[str, Header(alias="range", description="one `bytes=<start>-<end>` range; either end may be left out")] = None,  # type: ignore[assignment]
+    range_: Annotated[
+        str, Header(alias="range", description="one `bytes=<start>-<end>` range; either end may be left out")
+    ] = None,  # type: ignore[assignment]
 ) -> StreamingResponse:
     """Download the result: a zip of a Hugging Face directory, or one safetensors file."""
     job = service.get(uow, caller, job_id)
@@ -279,7 +339,9 @@ def download_artifact(
     if range_:
         m = _RANGE_RE.match(range_.strip())
         if not m or (m.group(1) == "" and m.group(2) == ""):
-            raise RangeNotSatisfiable("only a single 'bytes=start-end' range is supported", headers={"Content-Range": f"bytes */{size}"})
+            raise RangeNotSatisfiable(
+                "only a single 'bytes=start-end' range is supported", headers={"Content-Range": f"bytes */{size}"}
+            )
         if m.group(1) == "":  # suffix range: the last N bytes
             start = max(0, size - int(m.group(2)))
         else:
@@ -292,7 +354,9 @@ def download_artifact(
         headers["Content-Range"] = f"bytes {start}-{end}/{size}"
     headers["Content-Length"] = str(end - start + 1)
     return StreamingResponse(
-        storage.iter_range(job.artifact_key, start, end), status_code=status, headers=headers,
+        storage.iter_range(job.artifact_key, start, end),
+        status_code=status,
+        headers=headers,
         media_type="application/zip" if job.artifact_filename.endswith(".zip") else "application/octet-stream",
     )
 

@@ -81,8 +81,9 @@ def poll(job_id: str, after: int) -> Poll:
                 last = repository.last_event(s, job_id)
                 synthetic = None
                 if last is None or last.data.get("status") not in repository.TERMINAL:
-                    synthetic = _event(job_id, SYNTHETIC_ID, "status", job.finished_at or job.created_at,
-                                       repository.event_data(job))
+                    synthetic = _event(
+                        job_id, SYNTHETIC_ID, "status", job.finished_at or job.created_at, repository.event_data(job)
+                    )
                 return Poll([], done=True, status=job.status, synthetic=synthetic)
         return Poll([_event(job_id, r.id, r.type, r.created_at, r.data) for r in rows])
 

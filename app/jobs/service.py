@@ -5,21 +5,21 @@ from typing import Any
 
 from app import quotas
 from app.auth import Caller
+from app.datasets import repository as datasets_repo
+from app.models import repository as models_repo
+from app.webhooks import service as webhooks_service
+from core import workers as worker_registry
 from core.config import get_settings
 from core.db import UnitOfWork
 from core.errors import Conflict, JobExceedsWorkerBudget, NotFound, Unprocessable
 from core.jobs import plan as planner
 from core.jobs import repository
 from core.jobs.schemas import JobIn
-from core.storage import get_storage
-from app.datasets import repository as datasets_repo
-from app.models import repository as models_repo
-from core.tables import Job, Model, utcnow
-from app.webhooks import service as webhooks_service
-from core import workers as worker_registry
-from core.queue import enqueue_job
 from core.methods import ModelInfo, StepError, load_all, validate_steps
 from core.methods import get as get_method
+from core.queue import enqueue_job
+from core.storage import get_storage
+from core.tables import Job, Model, utcnow
 
 log = logging.getLogger("modelpress.jobs")
 
@@ -41,11 +41,20 @@ def submit(
         if fleet is not None and not fleet["fits"]:
             raise over_budget(plan, fleet)
     job = Job(
-        tenant_id=caller.tenant_id, model_id=model.id, name=body.name, steps=steps, queue=queue,
+        tenant_id=caller.tenant_id,
+        model_id=model.id,
+        name=body.name,
+        steps=steps,
+        queue=queue,
         progress_stage=_gpu_stage(uow) if queue == "gpu" else "queued",
-        dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id, enqueued_at=utcnow(),
-        evaluation=body.evaluation.model_dump(), sweep_id=sweep_id, sweep_point=sweep_point,
-        webhook_url=body.webhook_url, plan=plan,
+        dataset_id=body.dataset_id,
+        eval_dataset_id=body.eval_dataset_id,
+        enqueued_at=utcnow(),
+        evaluation=body.evaluation.model_dump(),
+        sweep_id=sweep_id,
+        sweep_point=sweep_point,
+        webhook_url=body.webhook_url,
+        plan=plan,
     )
     uow.session.add(job)
     uow.session.flush()
@@ -64,7 +73,9 @@ def estimate(uow: UnitOfWork, caller: Caller, body: JobIn) -> dict[str, Any]:
     try:
         plan = plan_job(uow, model, steps, body.evaluation.model_dump(), queue)
     except (OSError, planner.HeaderError) as e:
-        raise Conflict(f"the model's stored files cannot be read to plan the job ({e})", code="model_unreadable") from None
+        raise Conflict(
+            f"the model's stored files cannot be read to plan the job ({e})", code="model_unreadable"
+        ) from None
     return {**plan, "fleet": fleet_budget(uow, plan, queue)}
 
 
@@ -81,11 +92,14 @@ def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[
         ds_id = getattr(body, field)
         if ds_id is not None and datasets_repo.get(uow.session, caller.tenant_id, ds_id) is None:
             raise Unprocessable(
-                f"no dataset {ds_id}", code="unknown_dataset",
+                f"no dataset {ds_id}",
+                code="unknown_dataset",
                 errors=[{"loc": ["body", field], "msg": "no such dataset", "type": "unknown_dataset"}],
             )
     info = ModelInfo(
-        format=model.format, architecture=model.architecture, config=model.config,
+        format=model.format,
+        architecture=model.architecture,
+        config=model.config,
         files=tuple(f["name"] for f in model.files),
     )
     try:
@@ -123,15 +137,24 @@ def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict,
     stream = planner.stream_capable(steps, load_all()) and settings.stream_engine
     blocks = not stream and planner.blocks_capable(model.format, steps, load_all()) and settings.block_engine
     return planner.compute(
-        fmt=model.format, tensors=tensors,
+        fmt=model.format,
+        tensors=tensors,
         other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
-        input_bytes=model.size_bytes, steps=steps, evaluation=evaluation, stream=stream, blocks=blocks,
-        input_on_scratch=not storage.is_local, throughput=_fleet_throughput(uow, queue),
-        memory_bytes=_fleet_memory(uow, queue), activation_memory_bytes=settings.activation_memory_mb << 20,
+        input_bytes=model.size_bytes,
+        steps=steps,
+        evaluation=evaluation,
+        stream=stream,
+        blocks=blocks,
+        input_on_scratch=not storage.is_local,
+        throughput=_fleet_throughput(uow, queue),
+        memory_bytes=_fleet_memory(uow, queue),
+        activation_memory_bytes=settings.activation_memory_mb << 20,
     )
 
 
-def _plan_or_none(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str) -> dict[str, Any] | None:
+def _plan_or_none(
+    uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str
+) -> dict[str, Any] | None:
     """A submit's plan; None when the stored files cannot be read (the job is accepted unplanned:
     the worker's own load reports the problem)."""
     try:
@@ -172,7 +195,8 @@ def fleet_budget(uow: UnitOfWork, plan: dict[str, Any], queue: str) -> dict[str,
     if not workers or any(w.memory_budget_bytes is None or w.scratch_budget_bytes is None for w in workers):
         return None
     return {
-        "queue": queue, "workers": len(workers),
+        "queue": queue,
+        "workers": len(workers),
         "memory_bytes": max(w.memory_budget_bytes for w in workers),
         "scratch_bytes": max(w.scratch_budget_bytes for w in workers),
         "fits": any(planner.fits(plan, w.memory_budget_bytes, w.scratch_budget_bytes) for w in workers),
@@ -183,11 +207,21 @@ def over_budget(plan: dict[str, Any], fleet: dict[str, Any]) -> JobExceedsWorker
     who = f"the largest live {fleet['queue']} worker ({fleet['workers']} live)"
     return JobExceedsWorkerBudget(
         planner.over_budget_message(plan, fleet["memory_bytes"], fleet["scratch_bytes"], who),
-        errors=[{"loc": ["body"], "msg": "no live worker's budget fits the job's plan", "type": "job_exceeds_worker_budget"}],
+        errors=[
+            {"loc": ["body"], "msg": "no live worker's budget fits the job's plan", "type": "job_exceeds_worker_budget"}
+        ],
         extensions={
-            "required": {"memory_bytes": plan["peak_memory_bytes"], "scratch_bytes": plan["scratch_bytes"], "path": plan["path"]},
-            "available": {"memory_bytes": fleet["memory_bytes"], "scratch_bytes": fleet["scratch_bytes"],
-                          "queue": fleet["queue"], "workers": fleet["workers"]},
+            "required": {
+                "memory_bytes": plan["peak_memory_bytes"],
+                "scratch_bytes": plan["scratch_bytes"],
+                "path": plan["path"],
+            },
+            "available": {
+                "memory_bytes": fleet["memory_bytes"],
+                "scratch_bytes": fleet["scratch_bytes"],
+                "queue": fleet["queue"],
+                "workers": fleet["workers"],
+            },
         },
     )
 
@@ -218,11 +252,16 @@ def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps
             raise refuse("unsupported_model", "the student must be a Hugging Face model directory (with config.json)")
         t_vocab, s_vocab = (teacher.config or {}).get("vocab_size"), (student.config or {}).get("vocab_size")
         if t_vocab != s_vocab:
-            raise refuse("tokenizer_mismatch", f"the student's vocab_size {s_vocab} differs from the teacher's {t_vocab}")
+            raise refuse(
+                "tokenizer_mismatch", f"the student's vocab_size {s_vocab} differs from the teacher's {t_vocab}"
+            )
         for name in _TOKENIZER_FILES:
             sha = next((f["sha256"] for f in student.files if f["name"] == name), None)
             if sha is not None and teacher_files.get(name) != sha:
-                raise refuse("tokenizer_mismatch", f"the student's {name} differs from the teacher's: it must use the same tokenizer")
+                raise refuse(
+                    "tokenizer_mismatch",
+                    f"the student's {name} differs from the teacher's: it must use the same tokenizer",
+                )
 
 
 WAITING_FOR_GPU = "waiting for a GPU worker"
@@ -255,9 +294,18 @@ def workers(uow: UnitOfWork) -> list[dict]:
     """Every registered worker, for operators: the same list whatever the caller's tenant."""
     since = worker_registry.live_since()
     return [
-        {"id": w.id, "hostname": w.hostname, "queues": w.queues, "device": w.device, "started_at": w.started_at,
-         "last_seen_at": w.last_seen_at, "live": w.last_seen_at >= since, "memory_budget_bytes": w.memory_budget_bytes,
-         "scratch_budget_bytes": w.scratch_budget_bytes, "throughput": w.throughput}
+        {
+            "id": w.id,
+            "hostname": w.hostname,
+            "queues": w.queues,
+            "device": w.device,
+            "started_at": w.started_at,
+            "last_seen_at": w.last_seen_at,
+            "live": w.last_seen_at >= since,
+            "memory_budget_bytes": w.memory_budget_bytes,
+            "scratch_budget_bytes": w.scratch_budget_bytes,
+            "throughput": w.throughput,
+        }
         for w in worker_registry.all_workers(uow.session)
     ]
 
@@ -274,8 +322,12 @@ def report(job: Job) -> dict:
     if job.status != "succeeded" or not job.metrics:
         raise Conflict(f"the job is {job.status}; its report exists once it has succeeded", code="report_not_ready")
     return {
-        "job_id": job.id, "job_name": job.name, "model_id": job.model_id, "sweep_id": job.sweep_id,
-        "status": job.status, "created_at": job.created_at.isoformat(),
+        "job_id": job.id,
+        "job_name": job.name,
+        "model_id": job.model_id,
+        "sweep_id": job.sweep_id,
+        "status": job.status,
+        "created_at": job.created_at.isoformat(),
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         **job.metrics,
     }

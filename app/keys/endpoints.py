@@ -8,11 +8,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from app.auth import AdminCaller, CurrentCaller
-from app.deps import UoW
+from app.deps import PageLimit, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.keys import service
 from app.keys.schemas import ApiKeyCreated, ApiKeyIn, ApiKeyOut, ApiKeyPage, RevokeIn
-from app.deps import PageLimit
 from core.pagination import next_cursor
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"])

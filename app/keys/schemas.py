@@ -42,5 +42,9 @@ class ApiKeyIn(BaseModel):
 
 class RevokeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    id: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9-]+$",
-                    description="the key's id, or its prefix (the part between mp_ and the next _)")
+    id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="the key's id, or its prefix (the part between mp_ and the next _)",
+    )

@@ -14,10 +14,10 @@ import re
 from sqlalchemy.orm import Session
 
 from app.auth import Caller, Forbidden, invalidate
-from core.db import UnitOfWork
-from core.errors import NotFound, Unprocessable
 from app.keys import repository
 from app.keys.schemas import SCOPES, TENANT_NAME_PATTERN, ApiKeyCreated, ApiKeyOut
+from core.db import UnitOfWork
+from core.errors import NotFound, Unprocessable
 from core.tables import ApiKey
 
 _TENANT_NAME = re.compile(TENANT_NAME_PATTERN)
@@ -35,12 +35,23 @@ def check_tenant_name(name: str) -> str:
 
 def out(session: Session, rows: list[ApiKey]) -> list[ApiKeyOut]:
     names = repository.tenant_names(session, {r.tenant_id for r in rows})
-    return [ApiKeyOut(id=r.id, tenant=names.get(r.tenant_id, ""), tenant_id=r.tenant_id, prefix=r.prefix,
-                      scopes=list(r.scopes or []), created_at=r.created_at, revoked_at=r.revoked_at) for r in rows]
+    return [
+        ApiKeyOut(
+            id=r.id,
+            tenant=names.get(r.tenant_id, ""),
+            tenant_id=r.tenant_id,
+            prefix=r.prefix,
+            scopes=list(r.scopes or []),
+            created_at=r.created_at,
+            revoked_at=r.revoked_at,
+        )
+        for r in rows
+    ]
 
 
-def list_page(session: Session, caller: Caller, tenant: str | None, all_tenants: bool, limit: int,
-              cursor: str | None) -> list[ApiKey]:
+def list_page(
+    session: Session, caller: Caller, tenant: str | None, all_tenants: bool, limit: int, cursor: str | None
+) -> list[ApiKey]:
     """The page of keys the caller asked for and may see (403 for another tenant's without admin)."""
     if all_tenants or (tenant is not None and tenant != caller.tenant_name):
         if not caller.is_admin:

@@ -6,17 +6,15 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.auth import CurrentCaller
-from app.deps import UoW
-from app.deps import SettingsDep, StorageDep
 from app import idempotency
+from app.auth import CurrentCaller
+from app.deps import PageLimit, SettingsDep, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
-from app.deps import PageLimit
-from core.pagination import next_cursor
 from app.uploads import StagingArea, parse_multipart
+from core.pagination import next_cursor
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -48,7 +46,11 @@ _UPLOAD_BODY = {
     responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
 )
 async def upload_model(
-    request: Request, caller: CurrentCaller, uow: UoW, storage: StorageDep, settings: SettingsDep,
+    request: Request,
+    caller: CurrentCaller,
+    uow: UoW,
+    storage: StorageDep,
+    settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> ModelOut | JSONResponse:
     """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`).
@@ -57,12 +59,18 @@ async def upload_model(
     key = idempotency.check_key(idempotency_key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(
-            request, staging, settings.max_upload_bytes,
-            max_fields=settings.max_form_fields, max_field_bytes=settings.max_form_field_bytes, read_fields=("name",),
+            request,
+            staging,
+            settings.max_upload_bytes,
+            max_fields=settings.max_form_fields,
+            max_field_bytes=settings.max_form_field_bytes,
+            read_fields=("name",),
         )
         # The digest of an upload is known once it is streamed (sha256s computed on the way).
-        scope = None if key is None else idempotency.Scope(
-            caller.tenant_id, "POST /v1/models", key, idempotency.upload_digest(files, fields)
+        scope = (
+            None
+            if key is None
+            else idempotency.Scope(caller.tenant_id, "POST /v1/models", key, idempotency.upload_digest(files, fields))
         )
 
         def create() -> tuple[str, ModelOut]:

@@ -17,6 +17,9 @@ def list_page(session: Session, tenant_id: str, limit: int, cursor: str | None) 
 
 
 def active_job_count(session: Session, model_id: str) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running")))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count()).select_from(Job).where(Job.model_id == model_id, Job.status.in_(("queued", "running")))
+        )
+        or 0
+    )

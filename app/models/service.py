@@ -6,17 +6,26 @@ import hashlib
 import re
 from pathlib import Path
 
-from core import jsonsafe
 from app import quotas
 from app.auth import Caller
+from app.models import repository
+from app.uploads import StagedFile
+from core import jsonsafe
 from core.config import Settings
 from core.db import UnitOfWork
 from core.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from app.models import repository
-from core.models.validation import SHARD_RE, FileRejected, check_filename, check_safetensors, check_text_file, find_remote_code, load_json_file, sniff_magic
+from core.models.validation import (
+    SHARD_RE,
+    FileRejected,
+    check_filename,
+    check_safetensors,
+    check_text_file,
+    find_remote_code,
+    load_json_file,
+    sniff_magic,
+)
 from core.storage import Storage
 from core.tables import Model, new_id
-from app.uploads import StagedFile
 
 INDEX_NAME = "model.safetensors.index.json"
 # Used with fullmatch only ("$" matches before a trailing newline). A default name (the
@@ -31,14 +40,28 @@ MODEL_TYPE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 # The worker loads with dtype="auto", i.e. in the config's dtype: one wider than every stored
 # floating tensor would silently double (or quadruple) the model in memory.
 CONFIG_DTYPES = {
-    "float64": 8, "double": 8, "float32": 4, "float": 4, "float16": 2, "half": 2, "bfloat16": 2,
-    "float8_e4m3fn": 1, "float8_e5m2": 1,
+    "float64": 8,
+    "double": 8,
+    "float32": 4,
+    "float": 4,
+    "float16": 2,
+    "half": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
 }
 FLOAT_TENSOR_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _reject(code: str, detail: str, loc: list[str | int] | None = None, *, file: str | None = None,
-            field: str | None = None, kind: str | None = None) -> Unprocessable:
+def _reject(
+    code: str,
+    detail: str,
+    loc: list[str | int] | None = None,
+    *,
+    file: str | None = None,
+    field: str | None = None,
+    kind: str | None = None,
+) -> Unprocessable:
     err: dict[str, object] = {"loc": loc or ["body", "files"], "msg": detail, "type": kind or code}
     if file is not None:
         err["file"] = file
@@ -63,13 +86,22 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
     st_names = {n for n in by_name if n.endswith(".safetensors")}
     if "model.safetensors" in st_names:
         if len(st_names) != 1 or index is not None:
-            raise _reject("inconsistent_weights", "upload either model.safetensors or sharded model-0000k-of-0000n.safetensors files with model.safetensors.index.json, not both")
+            raise _reject(
+                "inconsistent_weights",
+                "upload either model.safetensors or sharded model-0000k-of-0000n.safetensors files with model.safetensors.index.json, not both",
+            )
         return
     if not st_names:
-        raise _reject("missing_weights", "a Hugging Face directory needs model.safetensors or sharded model-0000k-of-0000n.safetensors files")
+        raise _reject(
+            "missing_weights",
+            "a Hugging Face directory needs model.safetensors or sharded model-0000k-of-0000n.safetensors files",
+        )
     bad = sorted(n for n in st_names if not SHARD_RE.fullmatch(n))
     if bad:
-        raise _reject("unexpected_file", f"unexpected weight files {bad}: expected model.safetensors or model-0000k-of-0000n.safetensors")
+        raise _reject(
+            "unexpected_file",
+            f"unexpected weight files {bad}: expected model.safetensors or model-0000k-of-0000n.safetensors",
+        )
     totals = {int(SHARD_RE.fullmatch(n).group(2)) for n in st_names}
     if len(totals) != 1 or {int(SHARD_RE.fullmatch(n).group(1)) for n in st_names} != set(range(1, totals.pop() + 1)):
         raise _reject("inconsistent_weights", "shards must be numbered 1..n of n, all present")
@@ -80,48 +112,87 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
         for tname in tensors.get(shard, {}):
             if tname in holder:
                 t = jsonsafe.safe_text(tname, 100)
-                raise _reject("inconsistent_weights", f"tensor {t!r} is in two shards, {holder[tname]} and {shard}",
-                              file=shard, field=t)
+                raise _reject(
+                    "inconsistent_weights",
+                    f"tensor {t!r} is in two shards, {holder[tname]} and {shard}",
+                    file=shard,
+                    field=t,
+                )
             holder[tname] = shard
     if index is None:
         raise _reject("missing_index", f"sharded weights need {INDEX_NAME}")
     wm = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
-        raise _reject("invalid_index", f"{INDEX_NAME} needs a weight_map of tensor name -> shard file", file=INDEX_NAME, field="weight_map")
+        raise _reject(
+            "invalid_index",
+            f"{INDEX_NAME} needs a weight_map of tensor name -> shard file",
+            file=INDEX_NAME,
+            field="weight_map",
+        )
     if set(wm.values()) != st_names:
-        raise _reject("inconsistent_weights", f"{INDEX_NAME} names shards {_listing(set(wm.values()))} but the upload has {sorted(st_names)}",
-                      file=INDEX_NAME, field="weight_map")
+        raise _reject(
+            "inconsistent_weights",
+            f"{INDEX_NAME} names shards {_listing(set(wm.values()))} but the upload has {sorted(st_names)}",
+            file=INDEX_NAME,
+            field="weight_map",
+        )
     # The index is what transformers loads by: every entry must point at the shard that holds the
     # tensor, and every stored tensor must be in it.
     for tname, shard in wm.items():
         if holder.get(tname) != shard:
             t = jsonsafe.safe_text(tname, 100)
             where = f"it is in {holder[tname]}" if tname in holder else "no shard holds it"
-            raise _reject("inconsistent_weights", f"{INDEX_NAME}: weight_map puts tensor {t!r} in {shard}, but {where}",
-                          file=INDEX_NAME, field=f"weight_map[{jsonsafe.safe_text(tname, 100)!r}]")
+            raise _reject(
+                "inconsistent_weights",
+                f"{INDEX_NAME}: weight_map puts tensor {t!r} in {shard}, but {where}",
+                file=INDEX_NAME,
+                field=f"weight_map[{jsonsafe.safe_text(tname, 100)!r}]",
+            )
     missing = sorted(set(holder) - set(wm))
     if missing:
         t = jsonsafe.safe_text(missing[0], 100)
-        raise _reject("inconsistent_weights", f"{INDEX_NAME}: weight_map lacks {len(missing)} tensor(s) of the shards, e.g. {t!r} in {holder[missing[0]]}",
-                      file=INDEX_NAME, field="weight_map")
+        raise _reject(
+            "inconsistent_weights",
+            f"{INDEX_NAME}: weight_map lacks {len(missing)} tensor(s) of the shards, e.g. {t!r} in {holder[missing[0]]}",
+            file=INDEX_NAME,
+            field="weight_map",
+        )
 
 
 def _check_config(config: object, tensors: dict[str, dict[str, dict]]) -> str:
     """config.json's fields the service relies on; returns the architecture."""
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-        raise _reject("invalid_config", "config.json must be an object with a 'model_type'", file="config.json", field="model_type")
+        raise _reject(
+            "invalid_config",
+            "config.json must be an object with a 'model_type'",
+            file="config.json",
+            field="model_type",
+        )
     if not MODEL_TYPE_RE.fullmatch(config["model_type"]):
-        raise _reject("invalid_config", "config.json: model_type must be 1-100 letters, digits, '_', '.' or '-' (a transformers model type)",
-                      file="config.json", field="model_type")
+        raise _reject(
+            "invalid_config",
+            "config.json: model_type must be 1-100 letters, digits, '_', '.' or '-' (a transformers model type)",
+            file="config.json",
+            field="model_type",
+        )
     archs = config.get("architectures")
     architecture = archs[0] if isinstance(archs, list) and archs and isinstance(archs[0], str) else None
     if architecture is None:
-        raise _reject("invalid_config", "config.json must list the model class in 'architectures' (as save_pretrained writes it)",
-                      file="config.json", field="architectures")
+        raise _reject(
+            "invalid_config",
+            "config.json must list the model class in 'architectures' (as save_pretrained writes it)",
+            file="config.json",
+            field="architectures",
+        )
     for i, arch in enumerate(archs):
         if not isinstance(arch, str) or not ARCHITECTURE_RE.fullmatch(arch):
-            raise _reject("invalid_config", f"config.json: architectures[{i}] must be a model class name (a Python identifier of at most "
-                          f"200 characters), not {jsonsafe.safe_text(repr(arch), 60)}", file="config.json", field=f"architectures[{i}]")
+            raise _reject(
+                "invalid_config",
+                f"config.json: architectures[{i}] must be a model class name (a Python identifier of at most "
+                f"200 characters), not {jsonsafe.safe_text(repr(arch), 60)}",
+                file="config.json",
+                field=f"architectures[{i}]",
+            )
     widest = max((FLOAT_TENSOR_BYTES.get(t.get("dtype"), 0) for ts in tensors.values() for t in ts.values()), default=0)
     for key in ("torch_dtype", "dtype"):  # transformers 5 writes "dtype", older versions "torch_dtype"
         value = config.get(key)
@@ -129,12 +200,21 @@ def _check_config(config: object, tensors: dict[str, dict[str, dict]]) -> str:
             continue
         name = value.removeprefix("torch.") if isinstance(value, str) else None
         if name not in CONFIG_DTYPES:
-            raise _reject("invalid_config", f"config.json: {key} must be one of {sorted(CONFIG_DTYPES)} or null, not "
-                          f"{jsonsafe.safe_text(repr(value), 60)}", file="config.json", field=key)
+            raise _reject(
+                "invalid_config",
+                f"config.json: {key} must be one of {sorted(CONFIG_DTYPES)} or null, not "
+                f"{jsonsafe.safe_text(repr(value), 60)}",
+                file="config.json",
+                field=key,
+            )
         if widest and CONFIG_DTYPES[name] > widest:
-            raise _reject("config_dtype_widens", f"config.json: {key} {name} is wider than every floating tensor of the weights "
-                          f"({widest * 8}-bit at most): loading would silently widen the model; set it to the weights' dtype",
-                          file="config.json", field=key)
+            raise _reject(
+                "config_dtype_widens",
+                f"config.json: {key} {name} is wider than every floating tensor of the weights "
+                f"({widest * 8}-bit at most): loading would silently widen the model; set it to the weights' dtype",
+                file="config.json",
+                field=key,
+            )
     return architecture
 
 
@@ -146,7 +226,11 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
     for f in files:
         if f.field != "files":
             part = jsonsafe.safe_text(f.field, 60)
-            raise _reject("unexpected_part", f"unexpected multipart part {part!r}; files go in parts named 'files'", ["body", part])
+            raise _reject(
+                "unexpected_part",
+                f"unexpected multipart part {part!r}; files go in parts named 'files'",
+                ["body", part],
+            )
         try:
             check_filename(f.filename)
         except FileRejected as e:
@@ -183,18 +267,28 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
         fmt = "hf"
         config = configs["config.json"]
         if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-            raise _reject("invalid_config", "config.json must be an object with a 'model_type'", file="config.json", field="model_type")
+            raise _reject(
+                "invalid_config",
+                "config.json must be an object with a 'model_type'",
+                file="config.json",
+                field="model_type",
+            )
         _check_hf_weights(by_name, configs.get(INDEX_NAME), tensors)
         architecture = _check_config(config, tensors)
     else:
         if len(by_name) != 1 or not next(iter(by_name)).endswith(".safetensors"):
-            raise _reject("missing_config", "upload either one *.safetensors file (a bare state dict) or a Hugging Face directory with config.json")
+            raise _reject(
+                "missing_config",
+                "upload either one *.safetensors file (a bare state dict) or a Hugging Face directory with config.json",
+            )
         fmt, architecture = "safetensors", None
 
     listing = sorted((f.filename, f.sha256) for f in files)
-    digest = listing[0][1] if fmt == "safetensors" else hashlib.sha256(
-        "".join(f"{sha}  {name}\n" for name, sha in listing).encode()
-    ).hexdigest()
+    digest = (
+        listing[0][1]
+        if fmt == "safetensors"
+        else hashlib.sha256("".join(f"{sha}  {name}\n" for name, sha in listing).encode()).hexdigest()
+    )
     return {
         "format": fmt,
         "architecture": architecture,
@@ -202,15 +296,24 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
         "size_bytes": sum(f.size_bytes for f in files),
         "sha256": digest,
         "config": configs.get("config.json") if fmt == "hf" else None,
-        "files": [{"name": f.filename, "size_bytes": f.size_bytes, "sha256": f.sha256} for f in sorted(files, key=lambda f: f.filename)],
+        "files": [
+            {"name": f.filename, "size_bytes": f.size_bytes, "sha256": f.sha256}
+            for f in sorted(files, key=lambda f: f.filename)
+        ],
     }
 
 
-def create(uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings, files: list[StagedFile], name: str | None) -> Model:
+def create(
+    uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings, files: list[StagedFile], name: str | None
+) -> Model:
     info = validate_upload(files, settings)
     if name is not None and not NAME_RE.fullmatch(name):
-        raise _reject("invalid_name", "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
-                      ["body", "name"], field="name")
+        raise _reject(
+            "invalid_name",
+            "name must be 1-200 letters, digits, spaces or . : @ + - _ (nothing else, no newline)",
+            ["body", "name"],
+            field="name",
+        )
     quotas.check_storage(uow.session, caller.tenant_id, info["size_bytes"])
     model_id = new_id()
     prefix = f"models/{model_id}"
@@ -221,7 +324,9 @@ def create(uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings
     except BaseException:
         storage.delete_prefix(prefix)
         raise
-    default_name = Path(info["files"][0]["name"]).stem if info["format"] == "safetensors" else (info["architecture"] or "model")
+    default_name = (
+        Path(info["files"][0]["name"]).stem if info["format"] == "safetensors" else (info["architecture"] or "model")
+    )
     if not NAME_RE.fullmatch(default_name):  # a derived name obeys the rule of a given one
         default_name = "model"
     model = Model(id=model_id, tenant_id=caller.tenant_id, name=name or default_name, storage_prefix=prefix, **info)

@@ -163,19 +163,41 @@ def before_after_bars(
                 label = names[side] if i == 0 else None
                 if v is None:
                     ax.bar(x, 0, width, color=colour, label=label)
-                    ax.annotate("n/a", (x, 0), xytext=(0, 3), textcoords="offset points",
-                                ha="center", va="bottom", color="#666666")
+                    ax.annotate(
+                        "n/a",
+                        (x, 0),
+                        xytext=(0, 3),
+                        textcoords="offset points",
+                        ha="center",
+                        va="bottom",
+                        color="#666666",
+                    )
                     continue
                 err, label_y = None, v
                 rng = ranges[i][side] if ranges is not None and i < len(ranges) and ranges[i] else None
                 if rng is not None and _finite(rng[0]) is not None and _finite(rng[1]) is not None:
                     err = [[max(v - rng[0], 0.0)], [max(rng[1] - v, 0.0)]]
                     label_y = max(v, rng[1])
-                ax.bar(x, v, width, color=colour, label=label, yerr=err, capsize=4 if err else 0,
-                       error_kw={"elinewidth": 1, "ecolor": "#333333"})
+                ax.bar(
+                    x,
+                    v,
+                    width,
+                    color=colour,
+                    label=label,
+                    yerr=err,
+                    capsize=4 if err else 0,
+                    error_kw={"elinewidth": 1, "ecolor": "#333333"},
+                )
                 top = max(top, label_y)
-                ax.annotate(_plain(format_value(v, kind)), (x, label_y), xytext=(0, 3),
-                            textcoords="offset points", ha="center", va="bottom", fontsize=8)
+                ax.annotate(
+                    _plain(format_value(v, kind)),
+                    (x, label_y),
+                    xytext=(0, 3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=8,
+                )
         ax.set_xticks(range(len(groups)), [_plain(_shorten(g[0], 32)) for g in groups])
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), (top or 1.0) * 1.15)
@@ -224,9 +246,16 @@ def layer_sparsity_bars(
         for y, row in enumerate(shown):
             if row is None:
                 ax.axhline(y, color="#999999", linewidth=0.8, linestyle=(0, (2, 2)))
-                ax.text(0.5, y, f"… {omitted} layers between these not shown (see the table) …",
-                        ha="center", va="center", fontsize=8, color="#555555",
-                        bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
+                ax.text(
+                    0.5,
+                    y,
+                    f"… {omitted} layers between these not shown (see the table) …",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="#555555",
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+                )
                 continue
             name, s = row
             ticks.append(y)
@@ -236,8 +265,13 @@ def layer_sparsity_bars(
             else:
                 ax.barh(y, s, 0.72, color=AFTER_COLOUR)
         if overall_v is not None:
-            ax.axvline(overall_v, color=FRONTIER_COLOUR, linewidth=1, linestyle="--",
-                       label=_plain(f"overall sparsity {overall_v:.1%}"))
+            ax.axvline(
+                overall_v,
+                color=FRONTIER_COLOUR,
+                linewidth=1,
+                linestyle="--",
+                label=_plain(f"overall sparsity {overall_v:.1%}"),
+            )
             fig.legend(loc="outside lower center", frameon=False, fontsize=8)
         ax.set_yticks(ticks, labels, fontsize=7)
         ax.set_ylim(len(shown) - 0.5, -0.5)
@@ -283,32 +317,71 @@ def sweep_scatter(
         norm = Normalize(min(lat), max(lat) if max(lat) > min(lat) else min(lat) + 1.0) if lat else None
         front = sorted((p for p in pts if p[4]), key=lambda p: (p[1], p[2]))
         if len(front) > 1:
-            ax.plot([p[1] for p in front], [p[2] for p in front], color=FRONTIER_COLOUR,
-                    linewidth=1.4, zorder=1)
+            ax.plot([p[1] for p in front], [p[2] for p in front], color=FRONTIER_COLOUR, linewidth=1.4, zorder=1)
         with_lat = [p for p in pts if p[3] is not None]
         if with_lat:
             sizes = [40 + 160 * float(norm(p[3])) for p in with_lat]
-            sc = ax.scatter([p[1] for p in with_lat], [p[2] for p in with_lat], c=[p[3] for p in with_lat],
-                            s=sizes, cmap="viridis", norm=norm, edgecolors="white", linewidths=0.6, zorder=2)
+            sc = ax.scatter(
+                [p[1] for p in with_lat],
+                [p[2] for p in with_lat],
+                c=[p[3] for p in with_lat],
+                s=sizes,
+                cmap="viridis",
+                norm=norm,
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=2,
+            )
             fig.colorbar(sc, ax=ax, label="latency (ms), also marker size", pad=0.01)
         no_lat = [p for p in pts if p[3] is None]
         if no_lat:
-            ax.scatter([p[1] for p in no_lat], [p[2] for p in no_lat], s=40, color="#b0b0b0",
-                       edgecolors="white", linewidths=0.6, zorder=2)
+            ax.scatter(
+                [p[1] for p in no_lat],
+                [p[2] for p in no_lat],
+                s=40,
+                color="#b0b0b0",
+                edgecolors="white",
+                linewidths=0.6,
+                zorder=2,
+            )
         if front:
-            ax.scatter([p[1] for p in front], [p[2] for p in front], s=260, facecolors="none",
-                       edgecolors=FRONTIER_COLOUR, linewidths=1.6, zorder=3)
+            ax.scatter(
+                [p[1] for p in front],
+                [p[2] for p in front],
+                s=260,
+                facecolors="none",
+                edgecolors=FRONTIER_COLOUR,
+                linewidths=1.6,
+                zorder=3,
+            )
         for idx, x, y, _, on in pts:
-            ax.annotate(_plain(f"#{idx}"), (x, y), xytext=(7, 6), textcoords="offset points", fontsize=8,
-                        fontweight="bold" if on else "normal", color=FRONTIER_COLOUR if on else "#333333",
-                        zorder=4)
+            ax.annotate(
+                _plain(f"#{idx}"),
+                (x, y),
+                xytext=(7, 6),
+                textcoords="offset points",
+                fontsize=8,
+                fontweight="bold" if on else "normal",
+                color=FRONTIER_COLOUR if on else "#333333",
+                zorder=4,
+            )
         ax.margins(0.12)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v) if v >= 0 else ""))
         ax.set_xlabel("artifact size (lower is better)")
         direction = {True: " (higher is better)", False: " (lower is better)"}.get(higher_is_better, "")
         ax.set_ylabel(_plain(quality_label + direction))
-        handles = [Line2D([], [], color=FRONTIER_COLOUR, marker="o", markerfacecolor="none",
-                          markersize=9, linewidth=1.4, label="frontier")]
+        handles = [
+            Line2D(
+                [],
+                [],
+                color=FRONTIER_COLOUR,
+                marker="o",
+                markerfacecolor="none",
+                markersize=9,
+                linewidth=1.4,
+                label="frontier",
+            )
+        ]
         if no_lat:
             handles.append(Line2D([], [], color="#b0b0b0", marker="o", linestyle="none", label="no latency"))
         ax.legend(handles=handles, loc="best", frameon=True, fontsize=8)

@@ -6,16 +6,15 @@ from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from app import idempotency
-from core import signing
 from app.auth import CurrentCaller
-from app.deps import UoW
+from app.deps import PageLimit, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
-from app.deps import PageLimit
-from core.pagination import next_cursor, query_int
 from app.sweeps import repository, service
 from app.sweeps.schemas import LinkIn, LinkOut, SweepIn, SweepOut, SweepPage
+from core import signing
+from core.pagination import next_cursor, query_int
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 
@@ -33,8 +32,10 @@ _LOCATION = {"Location": {"description": "`/v1/sweeps/{id}`: where to poll the s
     "",
     status_code=202,
     response_model=SweepOut,
-    responses={202: {"description": "The sweep, its jobs queued", "headers": _LOCATION},
-               **problem_responses(*BODY_ERRORS, 429)},
+    responses={
+        202: {"description": "The sweep, its jobs queued", "headers": _LOCATION},
+        **problem_responses(*BODY_ERRORS, 429),
+    },
 )
 def create_sweep(
     body: SweepIn, caller: CurrentCaller, uow: UoW, response: Response, idempotency_key: IdempotencyKeyHeader = None
@@ -43,8 +44,16 @@ def create_sweep(
     `Idempotency-Key`, a retry of the same request returns the first response instead of starting
     another sweep."""
     key = idempotency.check_key(idempotency_key)
-    scope = None if key is None else idempotency.Scope(
-        caller.tenant_id, "POST /v1/sweeps", key, idempotency.json_digest(body.model_dump(mode="json")), "/v1/sweeps/{id}"
+    scope = (
+        None
+        if key is None
+        else idempotency.Scope(
+            caller.tenant_id,
+            "POST /v1/sweeps",
+            key,
+            idempotency.json_digest(body.model_dump(mode="json")),
+            "/v1/sweeps/{id}",
+        )
     )
 
     def create() -> tuple[str, SweepOut]:
@@ -71,8 +80,10 @@ def list_sweeps(
     "/{sweep_id}",
     response_model=SweepOut,
     responses={
-        200: {"content": {"text/html": {"schema": {"type": "string"}}},
-              "description": "The sweep as JSON, or as an HTML page when the Accept header prefers text/html"},
+        200: {
+            "content": {"text/html": {"schema": {"type": "string"}}},
+            "description": "The sweep as JSON, or as an HTML page when the Accept header prefers text/html",
+        },
         **problem_responses(*API_ERRORS, 404),
     },
 )
@@ -89,7 +100,9 @@ def get_sweep(
     return sweep
 
 
-@router.post("/{sweep_id}/link", status_code=201, response_model=LinkOut, responses=problem_responses(*BODY_ERRORS, 404))
+@router.post(
+    "/{sweep_id}/link", status_code=201, response_model=LinkOut, responses=problem_responses(*BODY_ERRORS, 404)
+)
 def create_link(
     sweep_id: str,
     request: Request,
@@ -106,7 +119,10 @@ def create_link(
 @router.get(
     "/{sweep_id}/view",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}, "description": "The sweep as an HTML page"}, **problem_responses(404, 410, 422, 503)},
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The sweep as an HTML page"},
+        **problem_responses(404, 410, 422, 503),
+    },
 )
 def view_sweep(
     sweep_id: str,

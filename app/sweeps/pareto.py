@@ -50,8 +50,7 @@ def non_dominated(vectors: Sequence[Sequence[float]], minimize: Sequence[bool]) 
         if len(v) != len(minimize):
             raise ValueError(f"a vector has {len(v)} values for {len(minimize)} axes")
     return [
-        i for i, v in enumerate(vectors)
-        if not any(dominates(w, v, minimize) for j, w in enumerate(vectors) if j != i)
+        i for i, v in enumerate(vectors) if not any(dominates(w, v, minimize) for j, w in enumerate(vectors) if j != i)
     ]
 
 
@@ -103,14 +102,18 @@ def sweep_frontier(points: Sequence[Mapping[str, Any]]) -> Frontier:
             notes.append(f"The {axis} axis is left out: no point has {what}.")
             continue
         if lacking:
-            notes.append(f"The {axis} axis is left out: point{'s' if len(lacking) > 1 else ''} {_list(lacking)} "
-                         f"{'have' if len(lacking) > 1 else 'has'} no {what}.")
+            notes.append(
+                f"The {axis} axis is left out: point{'s' if len(lacking) > 1 else ''} {_list(lacking)} "
+                f"{'have' if len(lacking) > 1 else 'has'} no {what}."
+            )
             continue
         if axis == "latency" and all(number(p["metrics"].get("speedup")) is None for p in candidates):
             # No point runs faster kernels or smaller shapes than the original (e.g. unstructured
             # pruning): their latencies differ by noise alone, which must not pick the frontier.
-            notes.append("The latency axis is left out: no point claims a speed-up (each runs the original's "
-                         "kernels), so latency differences are measurement noise.")
+            notes.append(
+                "The latency axis is left out: no point claims a speed-up (each runs the original's "
+                "kernels), so latency differences are measurement noise."
+            )
             continue
         lower = True
         label = key

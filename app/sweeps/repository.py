@@ -32,7 +32,9 @@ def status_counts(session: Session, sweep_ids: list[str]) -> dict[str, dict[str,
     if not sweep_ids:
         return out
     rows = session.execute(
-        select(Job.sweep_id, Job.status, func.count()).where(Job.sweep_id.in_(sweep_ids)).group_by(Job.sweep_id, Job.status)
+        select(Job.sweep_id, Job.status, func.count())
+        .where(Job.sweep_id.in_(sweep_ids))
+        .group_by(Job.sweep_id, Job.status)
     )
     for sweep_id, status, n in rows:
         out[sweep_id][status] = n

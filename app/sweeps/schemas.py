@@ -30,7 +30,9 @@ class SweepIn(BaseModel):
         examples=[{"steps[0].params.sparsity": [0.3, 0.5, 0.7]}],
     )
     name: str | None = Field(default=None, max_length=200)
-    dataset_id: str | None = Field(default=None, max_length=64, description="calibration / training data for methods that need it")
+    dataset_id: str | None = Field(
+        default=None, max_length=64, description="calibration / training data for methods that need it"
+    )
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the reports evaluate quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
 

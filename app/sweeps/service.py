@@ -14,10 +14,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from app.auth import Caller
-from core.db import UnitOfWork
-from core.errors import NotFound, Unprocessable
 from app.jobs import service as jobs_service
-from core.jobs.schemas import JobIn, StepIn
 from app.models import repository as models_repo
 from app.sweeps import repository
 from app.sweeps.pareto import number, sweep_frontier
@@ -32,6 +29,9 @@ from app.sweeps.schemas import (
     SweepSpec,
     SweepSummary,
 )
+from core.db import UnitOfWork
+from core.errors import NotFound, Unprocessable
+from core.jobs.schemas import JobIn, StepIn
 from core.tables import Job, Sweep
 
 # Canonical: no leading zeros, so two different paths never name the same parameter.
@@ -51,19 +51,32 @@ def _check_vary(body: SweepIn) -> None:
         loc: list[str | int] = ["body", "vary", path]
         m = PATH_RE.fullmatch(path)
         if m is None:
-            errors.append({"loc": loc, "msg": f"{path!r} is not a vary path: use steps[<i>].params.<name>, e.g. "
-                           "steps[0].params.sparsity", "type": "invalid_vary_path"})
+            errors.append(
+                {
+                    "loc": loc,
+                    "msg": f"{path!r} is not a vary path: use steps[<i>].params.<name>, e.g. steps[0].params.sparsity",
+                    "type": "invalid_vary_path",
+                }
+            )
             continue
         if int(m.group(1)) >= len(body.steps):
-            errors.append({"loc": loc, "msg": f"there is no steps[{m.group(1)}]: the sweep has {len(body.steps)} "
-                           f"step{'s' if len(body.steps) != 1 else ''}", "type": "vary_index_out_of_range"})
+            errors.append(
+                {
+                    "loc": loc,
+                    "msg": f"there is no steps[{m.group(1)}]: the sweep has {len(body.steps)} "
+                    f"step{'s' if len(body.steps) != 1 else ''}",
+                    "type": "vary_index_out_of_range",
+                }
+            )
             continue
         seen: set[str] = set()
         for k, value in enumerate(values):
             try:
                 json.dumps(value, allow_nan=False)
             except ValueError:
-                errors.append({"loc": [*loc, k], "msg": "NaN and infinities are not JSON values", "type": "invalid_value"})
+                errors.append(
+                    {"loc": [*loc, k], "msg": "NaN and infinities are not JSON values", "type": "invalid_value"}
+                )
                 continue
             if _key(value) in seen:
                 errors.append({"loc": [*loc, k], "msg": f"{_key(value)} is listed twice", "type": "duplicate_value"})
@@ -73,7 +86,9 @@ def _check_vary(body: SweepIn) -> None:
     n = math.prod(len(v) for v in body.vary.values())
     if n > MAX_POINTS:
         msg = f"the grid has {n} points; a sweep has at most {MAX_POINTS}"
-        raise Unprocessable(msg, code="too_many_points", errors=[{"loc": ["body", "vary"], "msg": msg, "type": "too_many_points"}])
+        raise Unprocessable(
+            msg, code="too_many_points", errors=[{"loc": ["body", "vary"], "msg": msg, "type": "too_many_points"}]
+        )
 
 
 def grid(vary: Mapping[str, list[Any]]) -> list[dict[str, Any]]:
@@ -95,7 +110,9 @@ def _label(values: Mapping[str, Any]) -> str:
     return " ".join(f"{path}={_key(value)}" for path, value in values.items())
 
 
-def _point_error(e: Unprocessable, index: int, values: Mapping[str, Any], vary: Mapping[str, list[Any]]) -> Unprocessable:
+def _point_error(
+    e: Unprocessable, index: int, values: Mapping[str, Any], vary: Mapping[str, list[Any]]
+) -> Unprocessable:
     """The job service's refusal of one point, re-addressed to the sweep: the detail names the
     point, and an error on a varied parameter points at its value in ``vary``."""
     errors = []
@@ -110,8 +127,9 @@ def _point_error(e: Unprocessable, index: int, values: Mapping[str, Any], vary: 
     return Unprocessable(f"sweep point {index} ({_label(values)}) is invalid: {e.detail}", code=e.code, errors=errors)
 
 
-def _point_step_models(steps: list[dict[str, Any]], index: int, values: Mapping[str, Any],
-                       vary: Mapping[str, list[Any]]) -> list[StepIn]:
+def _point_step_models(
+    steps: list[dict[str, Any]], index: int, values: Mapping[str, Any], vary: Mapping[str, list[Any]]
+) -> list[StepIn]:
     """The point's steps as request models: a varied value of the wrong JSON type (true for an
     integer) is refused like one in ``steps`` (StepIn is strict), as a 422 naming the point."""
     out = []
@@ -136,16 +154,22 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
     if models_repo.get(uow.session, caller.tenant_id, body.model_id) is None:
         # Checked before the sweep row is written: that row references the model.
         raise Unprocessable(
-            f"no model {body.model_id}", code="unknown_model",
+            f"no model {body.model_id}",
+            code="unknown_model",
             errors=[{"loc": ["body", "model_id"], "msg": "no such model", "type": "unknown_model"}],
         )
     base = [s.model_dump() for s in body.steps]
     points = grid(body.vary)
     spec = SweepSpec(
-        steps=base, vary=body.vary, dataset_id=body.dataset_id, eval_dataset_id=body.eval_dataset_id,
+        steps=base,
+        vary=body.vary,
+        dataset_id=body.dataset_id,
+        eval_dataset_id=body.eval_dataset_id,
         evaluation=body.evaluation.model_dump(),
     )
-    sweep = Sweep(tenant_id=caller.tenant_id, model_id=body.model_id, name=body.name, spec=spec.model_dump(), points=len(points))
+    sweep = Sweep(
+        tenant_id=caller.tenant_id, model_id=body.model_id, name=body.name, spec=spec.model_dump(), points=len(points)
+    )
     uow.session.add(sweep)
     uow.session.flush()
     jobs = []
@@ -238,31 +262,58 @@ def _counts(by_status: Mapping[str, int]) -> Counts:
 def report(uow: UnitOfWork, sweep: Sweep) -> SweepOut:
     """The sweep with every point's status and metrics, and the Pareto frontier of those."""
     spec = SweepSpec.model_validate(sweep.spec)
-    by_point = {_key(job.sweep_point): job for job in repository.jobs_of(uow.session, sweep.id) if job.sweep_point is not None}
+    by_point = {
+        _key(job.sweep_point): job for job in repository.jobs_of(uow.session, sweep.id) if job.sweep_point is not None
+    }
     points: list[PointOut] = []
     for i, values in enumerate(grid(spec.vary)):
         job = by_point.get(_key(values))
         if job is None:  # cannot happen while jobs are never deleted on their own; said plainly if it does
-            points.append(PointOut(index=i, values=values, job_id=None, status="failed",
-                                   error=PointError(code="job_missing", message="this point's job no longer exists")))
+            points.append(
+                PointOut(
+                    index=i,
+                    values=values,
+                    job_id=None,
+                    status="failed",
+                    error=PointError(code="job_missing", message="this point's job no longer exists"),
+                )
+            )
             continue
         error = None
         if job.status == "failed":
             error = PointError(code=job.error_code or "failed", message=job.error_message or "")
-        points.append(PointOut(
-            index=i, values=values, job_id=job.id, status=job.status,
-            metrics=point_metrics(job.metrics) if job.status == "succeeded" else None, error=error,
-        ))
+        points.append(
+            PointOut(
+                index=i,
+                values=values,
+                job_id=job.id,
+                status=job.status,
+                metrics=point_metrics(job.metrics) if job.status == "succeeded" else None,
+                error=error,
+            )
+        )
     counts = _counts({s: sum(1 for p in points if p.status == s) for s in Counts.model_fields})
-    front = sweep_frontier([{"index": p.index, "status": p.status, "metrics": p.metrics.model_dump() if p.metrics else None}
-                            for p in points])
+    front = sweep_frontier(
+        [
+            {"index": p.index, "status": p.status, "metrics": p.metrics.model_dump() if p.metrics else None}
+            for p in points
+        ]
+    )
     on = set(front.indices)
     for p in points:
         p.on_frontier = p.index in on
     return SweepOut(
-        id=sweep.id, name=sweep.name, model_id=sweep.model_id, created_at=sweep.created_at,
-        status=sweep_status(counts), spec=spec, counts=counts, points=points,
-        frontier=front.indices, frontier_axes=front.axes, frontier_note=front.note,
+        id=sweep.id,
+        name=sweep.name,
+        model_id=sweep.model_id,
+        created_at=sweep.created_at,
+        status=sweep_status(counts),
+        spec=spec,
+        counts=counts,
+        points=points,
+        frontier=front.indices,
+        frontier_axes=front.axes,
+        frontier_note=front.note,
     )
 
 
@@ -271,8 +322,16 @@ def summaries(uow: UnitOfWork, sweeps: list[Sweep]) -> list[SweepSummary]:
     out = []
     for s in sweeps:
         counts = _counts(by_sweep[s.id])
-        out.append(SweepSummary(
-            id=s.id, name=s.name, model_id=s.model_id, created_at=s.created_at, status=sweep_status(counts),
-            points=s.points, spec=SweepSpec.model_validate(s.spec), counts=counts,
-        ))
+        out.append(
+            SweepSummary(
+                id=s.id,
+                name=s.name,
+                model_id=s.model_id,
+                created_at=s.created_at,
+                status=sweep_status(counts),
+                points=s.points,
+                spec=SweepSpec.model_validate(s.spec),
+                counts=counts,
+            )
+        )
     return out

@@ -19,7 +19,9 @@ def webhook_secret(caller: CurrentCaller, response: Response) -> WebhookSecretOu
     return WebhookSecretOut(secret=signature.secret_for(caller.tenant_id))
 
 
-@router.get("/jobs/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList, responses=problem_responses(401, 404))
+@router.get(
+    "/jobs/{job_id}/webhook-deliveries", response_model=WebhookDeliveryList, responses=problem_responses(401, 404)
+)
 def job_webhook_deliveries(job_id: str, caller: CurrentCaller, uow: UoW) -> WebhookDeliveryList:
     """The job's webhook deliveries: status, tries, last HTTP status or error."""
     rows = service.deliveries(uow, caller, job_id)

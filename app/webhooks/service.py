@@ -17,9 +17,13 @@ def check_url(url: str) -> None:
     """At submit: 422 unless ``url`` resolves only to addresses the service may connect to
     (core/webhooks/ssrf.py). ``webhook_url_refused``: a private, loopback, link-local (...) address;
     ``webhook_url_unresolvable``: the host does not resolve."""
+
     def refuse(code: str, msg: str) -> Unprocessable:
-        return Unprocessable(f"webhook_url refused: {msg}", code=code,
-                             errors=[{"loc": ["body", "webhook_url"], "msg": msg, "type": code}])
+        return Unprocessable(
+            f"webhook_url refused: {msg}",
+            code=code,
+            errors=[{"loc": ["body", "webhook_url"], "msg": msg, "type": code}],
+        )
 
     try:
         ssrf.check(url, get_settings().webhook_allow_networks)

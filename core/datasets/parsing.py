@@ -33,7 +33,9 @@ def dataset_format(filename: str) -> str:
         return "txt"
     if lower.endswith(".jsonl"):
         return "jsonl"
-    raise DatasetInvalid(None, "dataset files are .txt (one sample a line) or .jsonl (objects with 'text' and optional 'label')")
+    raise DatasetInvalid(
+        None, "dataset files are .txt (one sample a line) or .jsonl (objects with 'text' and optional 'label')"
+    )
 
 
 def iter_samples(path: Path, fmt: str) -> Iterator[dict[str, Any]]:

@@ -168,11 +168,18 @@ MIN_THROUGHPUT_SAMPLE_BYTES = 32 << 20
 # from the seconds of the calibration jobs above (rough: the CI machine's 2 cores are shared, and
 # the calibrated methods' times varied 3-20x between runs). A method not listed costs 1.
 WHOLE_COST: dict[str, float] = {
-    "prune.wanda": 3.0, "prune.sparsegpt": 10.0, "quantize.gptq": 8.0, "quantize.smoothquant": 6.0,
-    "quantize.awq": 8.0, "prune.structured": 0.5,
+    "prune.wanda": 3.0,
+    "prune.sparsegpt": 10.0,
+    "quantize.gptq": 8.0,
+    "quantize.smoothquant": 6.0,
+    "quantize.awq": 8.0,
+    "prune.structured": 0.5,
 }
 STREAM_COST: dict[str, float] = {
-    "quantize.cast": 0.3, "quantize.weight_only": 1.1, "quantize.dynamic_int8": 1.0, "quantize.fixed_point": 1.3,
+    "quantize.cast": 0.3,
+    "quantize.weight_only": 1.1,
+    "quantize.dynamic_int8": 1.0,
+    "quantize.fixed_point": 1.3,
 }
 # distill: per optimizer step of the reference batch (4 x 32 tokens), on top of 1 (load, save);
 # 5 steps of 3 of 6 layers of the 78 MB Llama took ~3x a magnitude pruning of it.
@@ -183,7 +190,9 @@ DISTILL_DEFAULT_STEPS = 100
 def method_cost(method: str, params: Mapping[str, Any], path: str) -> float:
     """A step's cost weight: seconds = FIXED_SECONDS + model bytes x cost / throughput."""
     if method == "distill":
-        steps = params.get("steps") or (DISTILL_DEFAULT_STEPS if not params.get("epochs") else 10 * int(params["epochs"]))
+        steps = params.get("steps") or (
+            DISTILL_DEFAULT_STEPS if not params.get("epochs") else 10 * int(params["epochs"])
+        )
         tokens = int(params.get("batch_size", 8)) * int(params.get("max_length", 128))
         return 1.0 + DISTILL_COST_PER_STEP * steps * tokens / (4 * 32)
     return (STREAM_COST if path == "stream" else WHOLE_COST).get(method, 1.0)
@@ -250,8 +259,12 @@ def read_header(f: BinaryIO, max_bytes: int) -> list[Tensor]:
 
 def is_target(t: Tensor) -> bool:
     """A weight methods act on: a 2-D float ``*.weight`` that is not an embedding or head."""
-    return (len(t.shape) == 2 and t.is_float and t.name.endswith(".weight")
-            and not any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS))
+    return (
+        len(t.shape) == 2
+        and t.is_float
+        and t.name.endswith(".weight")
+        and not any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)
+    )
 
 
 def blocks_capable(fmt: str, steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
@@ -271,11 +284,21 @@ def _blocks_above_baseline(tensors: list[Tensor], steps: list[Mapping[str, Any]]
     block = 0
     for ts in by_layer.values():
         f32 = sum(t.numel * 4 for t in ts)
-        state = sum(t.shape[1] ** 2 * 4 for t in ts if hessian and len(t.shape) == 2 and t.name.endswith(".weight")) if hessian else 0
+        state = (
+            sum(t.shape[1] ** 2 * 4 for t in ts if hessian and len(t.shape) == 2 and t.name.endswith(".weight"))
+            if hessian
+            else 0
+        )
         block = max(block, f32 + state)
     largest_outside = max((t.nbytes for t in outside), default=0)
-    hidden = max((t.shape[1] for t in tensors if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)),
-                 default=0)
+    hidden = max(
+        (
+            t.shape[1]
+            for t in tensors
+            if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)
+        ),
+        default=0,
+    )
     itemsize = max((t.nbytes // max(t.numel, 1) for t in tensors if t.is_float), default=4)
     acts = 0
     for s in steps:
@@ -344,8 +367,12 @@ def quantizes(steps: Iterable[Mapping[str, Any]]) -> bool:
 def _ignored(name: str, params: Mapping[str, Any]) -> bool:
     module = name.removesuffix(".weight")
     for pat in params.get("ignore") or []:
-        if isinstance(pat, str) and (pat == module or module.endswith("." + pat) or pat == module.rsplit(".", 1)[-1]
-                                     or (pat.startswith("re:") and re.search(pat[3:], module))):
+        if isinstance(pat, str) and (
+            pat == module
+            or module.endswith("." + pat)
+            or pat == module.rsplit(".", 1)[-1]
+            or (pat.startswith("re:") and re.search(pat[3:], module))
+        ):
             return True
     return False
 
@@ -393,7 +420,11 @@ def _apply_step(outs: list[_Out], method: str, params: Mapping[str, Any], notes:
             continue
         out_f, in_f = t.shape
         scale_size = SAFETENSORS_DTYPES.get(t.dtype, 4) if o.nbytes == t.nbytes else 2
-        o.nbytes = _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric) if fmt == "pack" else _int8_bytes(out_f, in_f, scale_size)
+        o.nbytes = (
+            _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric)
+            if fmt == "pack"
+            else _int8_bytes(out_f, in_f, scale_size)
+        )
         o.quantized = True
 
 
@@ -467,24 +498,36 @@ def compute(
         eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
         eval_peak = BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes))
     elif mode == "streamed":
-        vocab = max((t.shape[0] for t in tensors if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)),
-                    default=0)
+        vocab = max(
+            (
+                t.shape[0]
+                for t in tensors
+                if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)
+            ),
+            default=0,
+        )
         seq_len = int(evaluation.get("seq_len", 128))
         largest_stored = max((t.nbytes for t in tensors), default=0)
-        eval_peak = BASELINE_BYTES + int(EVAL_STREAMED_FACTOR * largest_stored) + EVAL_LOGITS_COPIES * seq_len * vocab * 4
+        eval_peak = (
+            BASELINE_BYTES + int(EVAL_STREAMED_FACTOR * largest_stored) + EVAL_LOGITS_COPIES * seq_len * vocab * 4
+        )
     else:
         eval_peak = 0
     peak = max(steps_peak, eval_peak)
     if mode == "whole" and eval_peak > steps_peak:
         notes.append("peak: evaluation (each model loaded whole, one after the other)")
     if mode == "streamed":
-        notes.append("evaluation: streamed (the model is too large to hold twice in the largest worker's budget): both "
-                     "models with their weights on disk, one module at a time; no latency is measured")
+        notes.append(
+            "evaluation: streamed (the model is too large to hold twice in the largest worker's budget): both "
+            "models with their weights on disk, one module at a time; no latency is measured"
+        )
     elif mode == "skipped":
         notes.append("evaluation: a bare state dict has no architecture to run, so nothing is loaded to measure it")
     elif mode == "whole" and path != "whole" and memory_bytes is None:
-        notes.append("evaluation: planned whole (no worker budget known); a worker that cannot hold the model twice "
-                     "streams it with the weights on disk instead, with a smaller peak")
+        notes.append(
+            "evaluation: planned whole (no worker budget known); a worker that cannot hold the model twice "
+            "streams it with the weights on disk instead, with a smaller peak"
+        )
 
     # Scratch: the input when it is downloaded; stream: the artifact written once (and, for the
     # evaluation, its folder unpacked next to it); whole: the result folder and, for a directory, its zip.
@@ -543,8 +586,9 @@ def evaluation_mode(fmt: str, path: str, model_bytes: int, memory_bytes: int | N
 
 def fits(plan: Mapping[str, Any], memory_bytes: int | None, scratch_bytes: int | None) -> bool:
     """Whether a worker with these budgets may run the plan (None: no budget, anything fits)."""
-    return ((memory_bytes is None or plan["peak_memory_bytes"] <= memory_bytes)
-            and (scratch_bytes is None or plan["scratch_bytes"] <= scratch_bytes))
+    return (memory_bytes is None or plan["peak_memory_bytes"] <= memory_bytes) and (
+        scratch_bytes is None or plan["scratch_bytes"] <= scratch_bytes
+    )
 
 
 def gib(n: int | float) -> str:
@@ -552,7 +596,9 @@ def gib(n: int | float) -> str:
 
 
 def over_budget_message(plan: Mapping[str, Any], memory_bytes: int | None, scratch_bytes: int | None, who: str) -> str:
-    return (f"the job needs {gib(plan['peak_memory_bytes'])} of memory and {gib(plan['scratch_bytes'])} of scratch "
-            f"disk ({plan['path']} path); {who} has at most {gib(memory_bytes or 0)} of memory and "
-            f"{gib(scratch_bytes or 0)} of scratch disk (MODELPRESS_WORKER_MEMORY_BUDGET_MB, "
-            f"MODELPRESS_WORKER_SCRATCH_BUDGET_MB)")
+    return (
+        f"the job needs {gib(plan['peak_memory_bytes'])} of memory and {gib(plan['scratch_bytes'])} of scratch "
+        f"disk ({plan['path']} path); {who} has at most {gib(memory_bytes or 0)} of memory and "
+        f"{gib(scratch_bytes or 0)} of scratch disk (MODELPRESS_WORKER_MEMORY_BUDGET_MB, "
+        f"MODELPRESS_WORKER_SCRATCH_BUDGET_MB)"
+    )

@@ -33,16 +33,24 @@ from typing import Any
 from sqlalchemy import case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.pagination import page
 from core.jobs.schemas import JobOut, WebhookPayload
+from core.pagination import page
 from core.tables import Job, JobEvent, WebhookDelivery, Worker, new_id, utcnow
 
 TERMINAL = ("succeeded", "failed", "canceled")
 
 # The columns an event is built from (event_data).
 _EVENT_COLUMNS = (
-    Job.status, Job.attempt, Job.cancel_requested, Job.progress_stage, Job.progress_fraction, Job.error_code,
-    Job.error_message, Job.artifact_size_bytes, Job.artifact_sha256, Job.artifact_filename,
+    Job.status,
+    Job.attempt,
+    Job.cancel_requested,
+    Job.progress_stage,
+    Job.progress_fraction,
+    Job.error_code,
+    Job.error_message,
+    Job.artifact_size_bytes,
+    Job.artifact_sha256,
+    Job.artifact_filename,
 )
 
 
@@ -64,14 +72,19 @@ def event_data(job: Any) -> dict[str, Any]:
     """A status event's data from a job (a ``Job`` or a row of ``_EVENT_COLUMNS``): status,
     attempt, cancel_requested, progress; ``error`` when failed, ``artifact`` when succeeded."""
     data: dict[str, Any] = {
-        "status": job.status, "attempt": job.attempt, "cancel_requested": bool(job.cancel_requested),
+        "status": job.status,
+        "attempt": job.attempt,
+        "cancel_requested": bool(job.cancel_requested),
         "progress": {"stage": job.progress_stage, "fraction": job.progress_fraction},
     }
     if job.status == "failed" and job.error_code:
         data["error"] = {"code": job.error_code, "message": job.error_message or ""}
     if job.status == "succeeded" and job.artifact_sha256:
-        data["artifact"] = {"size_bytes": job.artifact_size_bytes, "sha256": job.artifact_sha256,
-                            "filename": job.artifact_filename}
+        data["artifact"] = {
+            "size_bytes": job.artifact_size_bytes,
+            "sha256": job.artifact_sha256,
+            "filename": job.artifact_filename,
+        }
     return data
 
 
@@ -95,9 +108,11 @@ def _record_end(session: Session, job_id: str) -> None:
 
 def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
     """The job's events with an id above ``after``, oldest first."""
-    return list(session.scalars(
-        select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
-    ))
+    return list(
+        session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(limit)
+        )
+    )
 
 
 def last_event(session: Session, job_id: str) -> JobEvent | None:
@@ -196,8 +211,12 @@ def give_up(session: Session, job_id: str, max_attempts: int) -> bool:
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, _claimable(now))
         .values(
-            status="failed", finished_at=now, lease_expires_at=None, progress_stage="failed",
-            error_code="too_many_attempts", error_message=attempts_died_message(attempt),
+            status="failed",
+            finished_at=now,
+            lease_expires_at=None,
+            progress_stage="failed",
+            error_code="too_many_attempts",
+            error_message=attempts_died_message(attempt),
         )
     )
     if res.rowcount == 1:
@@ -314,8 +333,14 @@ def fail_over_budget(session: Session, job_id: str, message: str) -> bool:
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, _claimable(now))
-        .values(status="failed", finished_at=now, lease_expires_at=None, progress_stage="failed",
-                error_code="job_exceeds_worker_budget", error_message=message)
+        .values(
+            status="failed",
+            finished_at=now,
+            lease_expires_at=None,
+            progress_stage="failed",
+            error_code="job_exceeds_worker_budget",
+            error_message=message,
+        )
     )
     if res.rowcount == 1:
         _record_end(session, job_id)
@@ -350,9 +375,21 @@ def add_webhook_delivery(session: Session, job_id: str) -> str | None:
     assert job is not None
     delivery_id, now = new_id(), utcnow()
     event = f"job.{job.status}"
-    payload = WebhookPayload(id=delivery_id, event=event, created_at=now, job=JobOut.from_row(job)).model_dump(mode="json")
-    session.execute(insert(WebhookDelivery).values(
-        id=delivery_id, job_id=job_id, tenant_id=row.tenant_id, url=row.webhook_url, event=event, payload=payload,
-        status="pending", attempts=0, next_attempt_at=now, created_at=now,
-    ))
+    payload = WebhookPayload(id=delivery_id, event=event, created_at=now, job=JobOut.from_row(job)).model_dump(
+        mode="json"
+    )
+    session.execute(
+        insert(WebhookDelivery).values(
+            id=delivery_id,
+            job_id=job_id,
+            tenant_id=row.tenant_id,
+            url=row.webhook_url,
+            event=event,
+            payload=payload,
+            status="pending",
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+        )
+    )
     return delivery_id

@@ -42,7 +42,7 @@ class StepIn(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict, examples=[{"sparsity": 0.5}])
 
     @model_validator(mode="after")
-    def _params_strictly_typed(self) -> "StepIn":
+    def _params_strictly_typed(self) -> StepIn:
         """A method's parameters with the same strictness: validated as the JSON they came as,
         strict. Only the difference is reported here (a value pydantic's lax mode, which the job
         service validates with, would have converted); every other problem is the service's,
@@ -63,7 +63,8 @@ class StepIn(BaseModel):
             coerced = [e for e in strict.errors(include_url=False) if tuple(e["loc"]) not in lax_locs]
             if coerced:
                 raise PydanticCustomError(
-                    "strict_type", "params.{field}: {msg} (a value of another JSON type is not converted)",
+                    "strict_type",
+                    "params.{field}: {msg} (a value of another JSON type is not converted)",
                     {"field": format_path(tuple(coerced[0]["loc"])), "msg": coerced[0]["msg"]},
                 ) from None
         return self
@@ -84,7 +85,9 @@ class EvaluationIn(BaseModel):
     warmup: JSONInt = Field(default=2, ge=0, le=20)
     max_samples: JSONInt = Field(default=32, ge=1, le=2000)
     budget_s: float = Field(
-        default=15.0, ge=1.0, le=86400.0,
+        default=15.0,
+        ge=1.0,
+        le=86400.0,
         description="seconds the report's measurements (latency, quality, fidelity of both models) may take "
         "in all; sample and run counts adapt to it, and the report says how many were used",
     )
@@ -95,13 +98,17 @@ class JobIn(BaseModel):
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepIn] = Field(min_length=1, max_length=32)
     name: str | None = Field(default=None, max_length=200)
-    dataset_id: str | None = Field(default=None, max_length=64, description="calibration / training data for methods that need it")
+    dataset_id: str | None = Field(
+        default=None, max_length=64, description="calibration / training data for methods that need it"
+    )
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
     webhook_url: str | None = Field(
-        default=None, max_length=ssrf.MAX_URL_LENGTH, examples=["https://example.com/hooks/modelpress"],
+        default=None,
+        max_length=ssrf.MAX_URL_LENGTH,
+        examples=["https://example.com/hooks/modelpress"],
         description="POSTed to, signed, when the job ends (succeeded, failed or canceled); see README "
-        "\"Webhooks\". http(s) only; a host that resolves to a private, loopback or link-local address "
+        '"Webhooks". http(s) only; a host that resolves to a private, loopback or link-local address '
         "is refused (422 webhook_url_refused) unless allowed by MODELPRESS_WEBHOOK_ALLOW_NETWORKS",
     )
 
@@ -137,9 +144,12 @@ class JobPlan(BaseModel):
     path: Literal["stream", "blocks", "whole"] = Field(
         description="stream: tensors are read and written one at a time (every step's method streams); "
         "blocks: llm-compressor's steps on the model with its weights on disk, one decoder block at a time; "
-        "whole: the model is loaded whole")
-    peak_memory_bytes: int = Field(description="peak anonymous memory of the job's worker process (what an OOM kill counts; "
-                                   "memory-mapped weight files excluded), its baseline included")
+        "whole: the model is loaded whole"
+    )
+    peak_memory_bytes: int = Field(
+        description="peak anonymous memory of the job's worker process (what an OOM kill counts; "
+        "memory-mapped weight files excluded), its baseline included"
+    )
     scratch_bytes: int = Field(description="disk the job's work folder takes at most (result, zip, downloaded input)")
     artifact_bytes: int = Field(description="size of the artifact (a zip for a model directory)")
     seconds: float = Field(description="expected wall time, evaluation included")
@@ -147,8 +157,10 @@ class JobPlan(BaseModel):
     parameters: int
     largest_tensor_bytes: int = Field(description="the largest tensor, in float32")
     baseline_bytes: int = Field(description="a worker process's own memory (torch, transformers) counted in the peak")
-    memory_factor: float = Field(description="peak above the baseline, per model byte (whole) or per byte of the largest "
-                                 "tensor in float32, at most a 32 MiB row chunk (stream)")
+    memory_factor: float = Field(
+        description="peak above the baseline, per model byte (whole) or per byte of the largest "
+        "tensor in float32, at most a 32 MiB row chunk (stream)"
+    )
     evaluation: bool = Field(description="whether the plan counts the report's evaluation")
     evaluation_peak_bytes: int | None = None
     throughput_bytes_per_s: float = Field(description="work bytes per second the seconds come from")
@@ -194,10 +206,12 @@ class JobOut(BaseModel):
     metrics: dict[str, Any] | None = None
     artifact: Artifact | None = None
     webhook_url: str | None = None
-    plan: JobPlan | None = Field(default=None, description="what the job takes, computed at submit (null: submitted before plans)")
+    plan: JobPlan | None = Field(
+        default=None, description="what the job takes, computed at submit (null: submitted before plans)"
+    )
 
     @classmethod
-    def from_row(cls, job: Any, stage: str | None = None) -> "JobOut":
+    def from_row(cls, job: Any, stage: str | None = None) -> JobOut:
         """``stage``: the progress stage as of now (app.jobs.service.stage), if not the row's."""
         return cls(
             id=job.id,
@@ -216,9 +230,13 @@ class JobOut(BaseModel):
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
-            error=JobError(code=job.error_code, message=job.error_message or "") if job.status == "failed" and job.error_code else None,
+            error=JobError(code=job.error_code, message=job.error_message or "")
+            if job.status == "failed" and job.error_code
+            else None,
             metrics=job.metrics if job.status == "succeeded" else None,
-            artifact=Artifact(size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256, filename=job.artifact_filename)
+            artifact=Artifact(
+                size_bytes=job.artifact_size_bytes, sha256=job.artifact_sha256, filename=job.artifact_filename
+            )
             if job.status == "succeeded" and job.artifact_sha256
             else None,
             webhook_url=job.webhook_url,
@@ -242,10 +260,15 @@ class WorkerOut(BaseModel):
     started_at: datetime
     last_seen_at: datetime
     live: bool
-    memory_budget_bytes: int | None = Field(default=None, description="memory one job's process may reach (MODELPRESS_WORKER_MEMORY_BUDGET_MB)")
-    scratch_budget_bytes: int | None = Field(default=None, description="scratch disk one job may take (MODELPRESS_WORKER_SCRATCH_BUDGET_MB)")
+    memory_budget_bytes: int | None = Field(
+        default=None, description="memory one job's process may reach (MODELPRESS_WORKER_MEMORY_BUDGET_MB)"
+    )
+    scratch_budget_bytes: int | None = Field(
+        default=None, description="scratch disk one job may take (MODELPRESS_WORKER_SCRATCH_BUDGET_MB)"
+    )
     throughput: dict[str, Any] | None = Field(
-        default=None, description='measured work bytes per second by plan path: {"whole": {"bytes_per_s", "jobs"}, ...}')
+        default=None, description='measured work bytes per second by plan path: {"whole": {"bytes_per_s", "jobs"}, ...}'
+    )
 
 
 class MethodOut(BaseModel):
@@ -287,7 +310,8 @@ class LinkIn(BaseModel):
     # The bounds on the int itself: on the union (around JSONInt's validator), pydantic would
     # write them into the spec as "ge"/"le", which JSON Schema does not know.
     ttl_s: Annotated[int, Field(ge=1, le=7 * 86400), BeforeValidator(_integral)] | None = Field(
-        default=None, description="seconds the link stays valid (default: settings)")
+        default=None, description="seconds the link stays valid (default: settings)"
+    )
 
 
 class LinkOut(BaseModel):

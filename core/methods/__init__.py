@@ -99,8 +99,9 @@ def register(
         raise RuntimeError(f"method {name!r} registered twice")
     module = sys.modules.get(params.__module__)
     description = inspect.cleandoc(module.__doc__ or "") if module else ""
-    spec = MethodSpec(name, params, summary, description, needs_gpu, needs_data, frozenset(formats), check, final,
-                      streams, blocks)
+    spec = MethodSpec(
+        name, params, summary, description, needs_gpu, needs_data, frozenset(formats), check, final, streams, blocks
+    )
     _REGISTRY[name] = spec
     return spec
 
@@ -145,16 +146,40 @@ def validate_steps(
         loc = ["body", "steps", i]
         spec = registry.get(step.get("method", ""))
         if spec is None:
-            errors.append({"loc": [*loc, "method"], "msg": f"unknown method {step.get('method')!r}; see GET /v1/methods", "type": "unknown_method"})
+            errors.append(
+                {
+                    "loc": [*loc, "method"],
+                    "msg": f"unknown method {step.get('method')!r}; see GET /v1/methods",
+                    "type": "unknown_method",
+                }
+            )
             continue
         if model is not None and model.format not in spec.formats:
-            errors.append({"loc": [*loc, "method"], "msg": f"{spec.name} does not support {model.format!r} models", "type": "unsupported_model"})
+            errors.append(
+                {
+                    "loc": [*loc, "method"],
+                    "msg": f"{spec.name} does not support {model.format!r} models",
+                    "type": "unsupported_model",
+                }
+            )
             continue
         if spec.needs_data and not has_dataset:
-            errors.append({"loc": ["body", "dataset_id"], "msg": f"{spec.name} needs data: give the job a dataset_id", "type": "dataset_required"})
+            errors.append(
+                {
+                    "loc": ["body", "dataset_id"],
+                    "msg": f"{spec.name} needs data: give the job a dataset_id",
+                    "type": "dataset_required",
+                }
+            )
             continue
         if final_at is not None:
-            errors.append({"loc": [*loc, "method"], "msg": f"step {final_at} leaves packed weights; it must be the last step", "type": "step_order"})
+            errors.append(
+                {
+                    "loc": [*loc, "method"],
+                    "msg": f"step {final_at} leaves packed weights; it must be the last step",
+                    "type": "step_order",
+                }
+            )
             continue
         try:
             params = spec.params.model_validate(step.get("params") or {})

@@ -44,7 +44,9 @@ def check_model(method: str, info: Any, group_size: int | None = None) -> None:
     config = info.config or {}
     if "quantization_config" in config:
         qm = (config.get("quantization_config") or {}).get("quant_method", "?")
-        raise ValueError(f"{method}: the model is already quantized (quant_method {qm!r}); upload the unquantized model")
+        raise ValueError(
+            f"{method}: the model is already quantized (quant_method {qm!r}); upload the unquantized model"
+        )
     model_type = config.get("model_type")
     if model_type in CONV1D_MODEL_TYPES:
         what = f"{info.architecture or 'this model'} (model_type {model_type!r})"

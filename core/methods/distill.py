@@ -33,20 +33,30 @@ Example: ``{"method": "distill", "params": {"layers": 2, "steps": 500, "temperat
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from pydantic import Field, model_validator
 
 from core.methods import ModelInfo, StrictParams, has_tokenizer, register
 
-
 # Config fields a student_config may not change: the student must emit the teacher's logits over
 # the same vocabulary / classes, and the class and remote code are not the user's to pick.
-FROZEN_FIELDS = frozenset({
-    "model_type", "architectures", "auto_map", "vocab_size", "num_labels", "id2label", "label2id",
-    "problem_type", "is_encoder_decoder", "dtype", "torch_dtype", "transformers_version",
-})
+FROZEN_FIELDS = frozenset(
+    {
+        "model_type",
+        "architectures",
+        "auto_map",
+        "vocab_size",
+        "num_labels",
+        "id2label",
+        "label2id",
+        "problem_type",
+        "is_encoder_decoder",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+    }
+)
 # Canonical names PretrainedConfig subclasses map onto their own (GPT-2: n_layer, n_embd, ...).
 CANONICAL_FIELDS = frozenset({"num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings"})
 # Size fields, grouped by meaning across model families: a student may shrink them, not grow them.
@@ -61,15 +71,23 @@ LAYER_FIELDS = SIZE_GROUPS[0]
 
 
 class DistillParams(StrictParams):
-    layers: int | None = Field(default=None, ge=1, le=1024, description="student = the teacher with this many (evenly spaced) layers")
-    student_config: dict[str, Any] | None = Field(
-        default=None, min_length=1, max_length=64,
-        description="student = the teacher's config with these fields overridden, e.g. {\"num_hidden_layers\": 1}",
+    layers: int | None = Field(
+        default=None, ge=1, le=1024, description="student = the teacher with this many (evenly spaced) layers"
     )
-    student_model_id: str | None = Field(default=None, min_length=1, max_length=64, description="student = this uploaded model (same tokenizer)")
+    student_config: dict[str, Any] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description='student = the teacher\'s config with these fields overridden, e.g. {"num_hidden_layers": 1}',
+    )
+    student_model_id: str | None = Field(
+        default=None, min_length=1, max_length=64, description="student = this uploaded model (same tokenizer)"
+    )
     alpha: float = Field(default=0.5, ge=0, le=1, description="weight of the task loss (CE); 1 − alpha weighs T²·KL")
     temperature: float = Field(default=2.0, gt=0, le=100, description="softmax temperature T of the soft targets")
-    steps: int | None = Field(default=None, ge=1, le=10_000_000, description="optimizer steps (default 100 when epochs is not given)")
+    steps: int | None = Field(
+        default=None, ge=1, le=10_000_000, description="optimizer steps (default 100 when epochs is not given)"
+    )
     epochs: int | None = Field(default=None, ge=1, le=10_000, description="passes over the dataset (instead of steps)")
     lr: float = Field(default=5e-5, gt=0, le=1, description="AdamW learning rate")
     batch_size: int = Field(default=8, ge=1, le=4096)
@@ -85,10 +103,12 @@ class DistillParams(StrictParams):
         return data
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "DistillParams":
+    def _exactly_one(self) -> DistillParams:
         given = [n for n in ("layers", "student_config", "student_model_id") if getattr(self, n) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of 'layers', 'student_config' or 'student_model_id' (got {given or 'none'})")
+            raise ValueError(
+                f"give exactly one of 'layers', 'student_config' or 'student_model_id' (got {given or 'none'})"
+            )
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either 'steps' or 'epochs', not both")
         if self.student_config is not None:
@@ -128,10 +148,16 @@ def check(params: DistillParams, info: ModelInfo) -> None:
         )
     if kind == "sequence_classification":
         labels = config.get("id2label")
-        if config.get("problem_type") in ("regression", "multi_label_classification") or (isinstance(labels, dict) and len(labels) < 2):
-            raise ValueError("distill trains single-label classifiers (cross-entropy over >= 2 classes); this one is a regression or multi-label model")
+        if config.get("problem_type") in ("regression", "multi_label_classification") or (
+            isinstance(labels, dict) and len(labels) < 2
+        ):
+            raise ValueError(
+                "distill trains single-label classifiers (cross-entropy over >= 2 classes); this one is a regression or multi-label model"
+            )
     if not has_tokenizer(info.files):
-        raise ValueError("distill tokenizes the dataset with the model's own tokenizer: upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model")
+        raise ValueError(
+            "distill tokenizes the dataset with the model's own tokenizer: upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model"
+        )
     teacher_layers = _config_int(config, LAYER_FIELDS)
     if params.layers is not None and teacher_layers is not None and params.layers >= teacher_layers:
         raise ValueError(f"layers must be below the teacher's {teacher_layers} layers")
@@ -157,4 +183,11 @@ def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
     return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
 
 
-register("distill", params=DistillParams, summary="Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model).", needs_data=True, formats=("hf",), check=check)
+register(
+    "distill",
+    params=DistillParams,
+    summary="Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model).",
+    needs_data=True,
+    formats=("hf",),
+    check=check,
+)

@@ -33,7 +33,7 @@ class PruneMagnitudeParams(StrictParams):
     exclude: list[str] | None = Field(default=None, max_length=64, description="module-name glob patterns to skip")
 
     @model_validator(mode="after")
-    def _one_of(self) -> "PruneMagnitudeParams":
+    def _one_of(self) -> PruneMagnitudeParams:
         if (self.sparsity is None) == (self.threshold is None):
             raise ValueError("give exactly one of 'sparsity' or 'threshold'")
         if self.threshold is not None and self.scope != "global":
@@ -41,4 +41,9 @@ class PruneMagnitudeParams(StrictParams):
         return self
 
 
-register("prune.magnitude", params=PruneMagnitudeParams, summary="Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold.", streams=True)
+register(
+    "prune.magnitude",
+    params=PruneMagnitudeParams,
+    summary="Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold.",
+    streams=True,
+)

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from core.methods._llmc import PruneParams
 from core.methods import ModelInfo, register
+from core.methods._llmc import PruneParams
 
 
 class PruneSparseGPTParams(PruneParams):
-    dampening_frac: float = Field(default=0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal")
+    dampening_frac: float = Field(
+        default=0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal"
+    )
     block_size: int = Field(default=128, ge=1, le=4096, description="columns pruned and compensated together")
 
 
@@ -37,4 +39,12 @@ def _check(params: PruneSparseGPTParams, info: ModelInfo) -> None:
     check_model("prune.sparsegpt", info, quantizes=False)
 
 
-register("prune.sparsegpt", params=PruneSparseGPTParams, summary="SparseGPT: one-shot pruning with second-order weight updates on calibration data (llm-compressor).", needs_data=True, formats=("hf",), check=_check, blocks=True)
+register(
+    "prune.sparsegpt",
+    params=PruneSparseGPTParams,
+    summary="SparseGPT: one-shot pruning with second-order weight updates on calibration data (llm-compressor).",
+    needs_data=True,
+    formats=("hf",),
+    check=_check,
+    blocks=True,
+)

@@ -65,13 +65,15 @@ from core.methods import ModelInfo, StrictParams, register
 class PruneStructuredParams(StrictParams):
     ffn: float = Field(default=0.0, ge=0, lt=1, description="fraction of each layer's feed-forward neurons to remove")
     heads: float = Field(
-        default=0.0, ge=0, lt=1,
+        default=0.0,
+        ge=0,
+        lt=1,
         description="fraction of each layer's attention heads to remove (key-value groups under grouped-query attention)",
     )
     norm: Literal["l1", "l2"] = Field(default="l2", description="vector norm of the importance scores")
 
     @model_validator(mode="after")
-    def _something(self) -> "PruneStructuredParams":
+    def _something(self) -> PruneStructuredParams:
         if self.ffn == 0 and self.heads == 0:
             raise ValueError("give 'ffn' and/or 'heads' above 0: nothing would be removed")
         return self
@@ -175,8 +177,17 @@ def check(params: PruneStructuredParams, info: ModelInfo) -> None:
     if params.heads > 0:
         if not fam.heads:
             heads_ok = sorted(k for k, f in FAMILIES.items() if f.heads)
-            raise ValueError(f"'heads' is supported for model types {heads_ok}; {cfg.get('model_type')} models support 'ffn' only")
+            raise ValueError(
+                f"'heads' is supported for model types {heads_ok}; {cfg.get('model_type')} models support 'ffn' only"
+            )
         heads_removal(params.heads, head_layout(cfg), fam)
 
 
-register("prune.structured", params=PruneStructuredParams, summary="Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config.", formats=("hf",), check=check, streams=True)
+register(
+    "prune.structured",
+    params=PruneStructuredParams,
+    summary="Structured pruning: remove whole FFN neurons and attention heads, shrinking matrices and config.",
+    formats=("hf",),
+    check=check,
+    streams=True,
+)

@@ -20,8 +20,8 @@ Example: ``{"method": "prune.wanda", "params": {"mask": "2:4", "num_samples": 64
 
 from __future__ import annotations
 
-from core.methods._llmc import PruneParams
 from core.methods import ModelInfo, register
+from core.methods._llmc import PruneParams
 
 
 class PruneWandaParams(PruneParams):
@@ -34,4 +34,12 @@ def _check(params: PruneWandaParams, info: ModelInfo) -> None:
     check_model("prune.wanda", info, quantizes=False)
 
 
-register("prune.wanda", params=PruneWandaParams, summary="Wanda: prune by |weight| x input-activation norm on calibration data (llm-compressor).", needs_data=True, formats=("hf",), check=_check, blocks=True)
+register(
+    "prune.wanda",
+    params=PruneWandaParams,
+    summary="Wanda: prune by |weight| x input-activation norm on calibration data (llm-compressor).",
+    needs_data=True,
+    formats=("hf",),
+    check=_check,
+    blocks=True,
+)

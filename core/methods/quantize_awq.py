@@ -20,16 +20,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from core.methods._llmc import QuantizeParams
 from core.methods import ModelInfo, register
-
+from core.methods._llmc import QuantizeParams
 
 # Architectures with AWQ mappings in llm-compressor 0.14 (a test checks each is in its registry).
-SUPPORTED = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "GraniteForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
-    "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-})
+SUPPORTED = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GraniteForCausalLM",
+        "Phi3ForCausalLM",
+        "BloomForCausalLM",
+        "CohereForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+    }
+)
 
 
 class QuantizeAWQParams(QuantizeParams):
@@ -42,8 +52,20 @@ def _check(params: QuantizeAWQParams, info: ModelInfo) -> None:
     check_model("quantize.awq", info, quantizes=True)
     check_group("quantize.awq", info, params.effective_group("W4A16"))
     if info.architecture not in SUPPORTED:
-        raise ValueError(f"quantize.awq has no scale-search mappings for {info.architecture or 'this model'} "
-                         f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq")
+        raise ValueError(
+            f"quantize.awq has no scale-search mappings for {info.architecture or 'this model'} "
+            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq"
+        )
 
 
-register("quantize.awq", params=QuantizeAWQParams, summary="AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU).", needs_gpu=True, needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
+register(
+    "quantize.awq",
+    params=QuantizeAWQParams,
+    summary="AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU).",
+    needs_gpu=True,
+    needs_data=True,
+    formats=("hf",),
+    check=_check,
+    final=True,
+    blocks=True,
+)

@@ -18,4 +18,9 @@ class QuantizeCastParams(StrictParams):
     dtype: Literal["float16", "bfloat16"]
 
 
-register("quantize.cast", params=QuantizeCastParams, summary="Cast floating-point weights to float16 or bfloat16.", streams=True)
+register(
+    "quantize.cast",
+    params=QuantizeCastParams,
+    summary="Cast floating-point weights to float16 or bfloat16.",
+    streams=True,
+)

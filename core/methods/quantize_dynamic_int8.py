@@ -35,4 +35,12 @@ def _check(params: QuantizeDynamicInt8Params, info: ModelInfo) -> None:
     check_model("quantize.dynamic_int8", info)
 
 
-register("quantize.dynamic_int8", params=QuantizeDynamicInt8Params, summary="Dynamic int8 (W8A8): per-channel int8 weights, per-token int8 activations at run time.", formats=("hf",), check=_check, final=True, streams=True)
+register(
+    "quantize.dynamic_int8",
+    params=QuantizeDynamicInt8Params,
+    summary="Dynamic int8 (W8A8): per-channel int8 weights, per-token int8 activations at run time.",
+    formats=("hf",),
+    check=_check,
+    final=True,
+    streams=True,
+)

@@ -41,4 +41,12 @@ def _check(params: QuantizeFixedPointParams, info: ModelInfo) -> None:
     check_model("quantize.fixed_point", info)
 
 
-register("quantize.fixed_point", params=QuantizeFixedPointParams, summary="Fixed-point weights round(w * 2^n) / 2^n in `bits` bits, clipped, packed (compressed-tensors).", formats=("hf",), check=_check, final=True, streams=True)
+register(
+    "quantize.fixed_point",
+    params=QuantizeFixedPointParams,
+    summary="Fixed-point weights round(w * 2^n) / 2^n in `bits` bits, clipped, packed (compressed-tensors).",
+    formats=("hf",),
+    check=_check,
+    final=True,
+    streams=True,
+)

@@ -25,13 +25,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.methods._llmc import QuantizeParams
 from core.methods import ModelInfo, register
+from core.methods._llmc import QuantizeParams
 
 
 class QuantizeGPTQParams(QuantizeParams):
     scheme: Literal["W4A16", "W8A16", "W8A8"] = "W4A16"
-    dampening_frac: float = Field(default=0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal")
+    dampening_frac: float = Field(
+        default=0.01, gt=0, le=1, description="Hessian dampening, a fraction of its mean diagonal"
+    )
 
 
 def _check(params: QuantizeGPTQParams, info: ModelInfo) -> None:
@@ -41,4 +43,13 @@ def _check(params: QuantizeGPTQParams, info: ModelInfo) -> None:
     check_group("quantize.gptq", info, params.effective_group(params.scheme))
 
 
-register("quantize.gptq", params=QuantizeGPTQParams, summary="GPTQ: error-compensating integer quantization on calibration data (llm-compressor).", needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
+register(
+    "quantize.gptq",
+    params=QuantizeGPTQParams,
+    summary="GPTQ: error-compensating integer quantization on calibration data (llm-compressor).",
+    needs_data=True,
+    formats=("hf",),
+    check=_check,
+    final=True,
+    blocks=True,
+)

@@ -24,21 +24,34 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.methods._llmc import QuantizeParams
 from core.methods import ModelInfo, register
-
+from core.methods._llmc import QuantizeParams
 
 # Architectures with SmoothQuant mappings in llm-compressor 0.14 (MAPPINGS_REGISTRY; a test checks
 # each is there). Written out so that the API's submit check needs no torch.
-SUPPORTED = frozenset({
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM", "GraniteForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
-    "Phi3ForCausalLM", "BloomForCausalLM", "CohereForCausalLM",
-})
+SUPPORTED = frozenset(
+    {
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "GraniteForCausalLM",
+        "MixtralForCausalLM",
+        "Qwen2MoeForCausalLM",
+        "Qwen3MoeForCausalLM",
+        "Phi3ForCausalLM",
+        "BloomForCausalLM",
+        "CohereForCausalLM",
+    }
+)
 
 
 class QuantizeSmoothQuantParams(QuantizeParams):
-    smoothing_strength: float = Field(default=0.8, gt=0, lt=1, description="α: how much of the activations' range moves into the weights")
+    smoothing_strength: float = Field(
+        default=0.8, gt=0, lt=1, description="α: how much of the activations' range moves into the weights"
+    )
     scheme: Literal["W8A8"] = "W8A8"
     quantizer: Literal["gptq", "rtn"] = Field(default="gptq", description="how the smoothed weights are quantized")
 
@@ -49,8 +62,19 @@ def _check(params: QuantizeSmoothQuantParams, info: ModelInfo) -> None:
     check_model("quantize.smoothquant", info, quantizes=True)
     params.effective_group("W8A8")
     if info.architecture not in SUPPORTED:
-        raise ValueError(f"quantize.smoothquant has no smoothing mappings for {info.architecture or 'this model'} "
-                         f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq with scheme W8A8")
+        raise ValueError(
+            f"quantize.smoothquant has no smoothing mappings for {info.architecture or 'this model'} "
+            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq with scheme W8A8"
+        )
 
 
-register("quantize.smoothquant", params=QuantizeSmoothQuantParams, summary="SmoothQuant: migrate activation outliers into the weights, then W8A8 (llm-compressor).", needs_data=True, formats=("hf",), check=_check, final=True, blocks=True)
+register(
+    "quantize.smoothquant",
+    params=QuantizeSmoothQuantParams,
+    summary="SmoothQuant: migrate activation outliers into the weights, then W8A8 (llm-compressor).",
+    needs_data=True,
+    formats=("hf",),
+    check=_check,
+    final=True,
+    blocks=True,
+)

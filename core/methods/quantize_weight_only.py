@@ -34,7 +34,9 @@ class QuantizeWeightOnlyParams(StrictParams):
     group_size: Literal[32, 64, 128] | None = Field(
         default=None, description="input columns per scale; null: one scale per output channel"
     )
-    symmetric: bool = Field(default=True, strict=True, description="zero point 0 (true) or a fitted zero point per row/group")
+    symmetric: bool = Field(
+        default=True, strict=True, description="zero point 0 (true) or a fitted zero point per row/group"
+    )
 
 
 def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
@@ -43,4 +45,12 @@ def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
     check_model("quantize.weight_only", info, params.group_size)
 
 
-register("quantize.weight_only", params=QuantizeWeightOnlyParams, summary="Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors).", formats=("hf",), check=_check, final=True, streams=True)
+register(
+    "quantize.weight_only",
+    params=QuantizeWeightOnlyParams,
+    summary="Round-to-nearest int8/int4 weights, per channel or per group, packed (compressed-tensors).",
+    formats=("hf",),
+    check=_check,
+    final=True,
+    streams=True,
+)

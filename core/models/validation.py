@@ -20,8 +20,21 @@ from core import jsonsafe
 
 # dtype -> bytes per element (safetensors names). Sub-byte and exotic types are refused.
 SAFETENSORS_DTYPES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-    "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "U16": 2,
+    "U32": 4,
+    "U64": 8,
 }
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz"}
 ARCHIVE_SUFFIXES = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar", ".zst"}
@@ -53,8 +66,16 @@ class FileRejected(Exception):
     names the place inside the file (``__metadata__.a``, ``architectures[0]``) where there is
     one, and ``kind`` the precise rule (e.g. ``json_too_deep``; defaults to ``code``)."""
 
-    def __init__(self, filename: str, code: str, reason: str, status: int = 422, *, field: str | None = None,
-                 kind: str | None = None) -> None:
+    def __init__(
+        self,
+        filename: str,
+        code: str,
+        reason: str,
+        status: int = 422,
+        *,
+        field: str | None = None,
+        kind: str | None = None,
+    ) -> None:
         shown = jsonsafe.safe_text(filename, 200)
         super().__init__(f"{shown}: {reason}")
         self.filename = shown
@@ -73,7 +94,9 @@ def load_json_bytes(raw: bytes, name: str, code: str, what: str = "") -> Any:
     except jsonsafe.JSONRejected as e:
         where = jsonsafe.format_path(e.path) if e.path else None
         at = f" at {where}" if where else ""
-        raise FileRejected(name, code, f"{what}{' ' if what else ''}{e.reason}{at}".strip(), field=where, kind=e.code) from None
+        raise FileRejected(
+            name, code, f"{what}{' ' if what else ''}{e.reason}{at}".strip(), field=where, kind=e.code
+        ) from None
 
 
 @dataclass
@@ -85,19 +108,31 @@ class SafetensorsInfo:
 def check_filename(name: str) -> str:
     """Return the suffix class of an acceptable file name, or raise."""
     if not FILENAME_RE.fullmatch(name) or ".." in name:
-        raise FileRejected(name, "bad_filename", "file names must be plain names of letters, digits, '.', '_' and '-' (no folders)")
+        raise FileRejected(
+            name, "bad_filename", "file names must be plain names of letters, digits, '.', '_' and '-' (no folders)"
+        )
     suffix = Path(name).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
-        raise FileRejected(name, "pickle_refused", f"'{suffix}' files may contain pickled code and are never accepted; convert the weights to safetensors")
+        raise FileRejected(
+            name,
+            "pickle_refused",
+            f"'{suffix}' files may contain pickled code and are never accepted; convert the weights to safetensors",
+        )
     if suffix in ARCHIVE_SUFFIXES or name.lower().endswith(".tar.gz"):
-        raise FileRejected(name, "archive_refused", "archives are not accepted; upload the files of the model directory as separate parts")
+        raise FileRejected(
+            name,
+            "archive_refused",
+            "archives are not accepted; upload the files of the model directory as separate parts",
+        )
     if suffix == ".safetensors":
         return "safetensors"
     if suffix == ".json":
         return "json"
     if suffix in TEXT_SUFFIXES:
         return "text"
-    raise FileRejected(name, "unsupported_file_type", "only *.safetensors, *.json and text files (*.txt, *.jinja, *.md) are accepted")
+    raise FileRejected(
+        name, "unsupported_file_type", "only *.safetensors, *.json and text files (*.txt, *.jinja, *.md) are accepted"
+    )
 
 
 def sniff_magic(name: str, head: bytes) -> None:
@@ -119,7 +154,9 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
     with path.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         if n == 0 or n > max_header:
-            raise FileRejected(name, "invalid_safetensors", f"declared header size {n} bytes is outside 1..{max_header}")
+            raise FileRejected(
+                name, "invalid_safetensors", f"declared header size {n} bytes is outside 1..{max_header}"
+            )
         if 8 + n > size:
             raise FileRejected(name, "invalid_safetensors", "declared header runs past the end of the file")
         raw = f.read(n)
@@ -129,8 +166,12 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
     if not isinstance(header, dict):
         raise FileRejected(name, "invalid_safetensors", "header is not a JSON object")
     meta = header.pop("__metadata__", None)
-    if meta is not None and not (isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())):
-        raise FileRejected(name, "invalid_safetensors", "__metadata__ must map strings to strings", field="__metadata__")
+    if meta is not None and not (
+        isinstance(meta, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items())
+    ):
+        raise FileRejected(
+            name, "invalid_safetensors", "__metadata__ must map strings to strings", field="__metadata__"
+        )
     if len(header) > MAX_TENSORS:
         raise FileRejected(name, "invalid_safetensors", "too many tensors")
     data_len = size - 8 - n
@@ -141,28 +182,53 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
         tfield = jsonsafe.safe_text(tname, 100)
         t = repr(tfield)
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: entry must have exactly dtype, shape, data_offsets", field=tfield)
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {t}: entry must have exactly dtype, shape, data_offsets",
+                field=tfield,
+            )
         dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
         if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: unknown dtype {jsonsafe.safe_text(repr(dtype), 40)}", field=tfield)
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {t}: unknown dtype {jsonsafe.safe_text(repr(dtype), 40)}",
+                field=tfield,
+            )
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_DIMS
             or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
         ):
-            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: shape must be at most {MAX_DIMS} non-negative integers", field=tfield)
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {t}: shape must be at most {MAX_DIMS} non-negative integers",
+                field=tfield,
+            )
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1] <= data_len
         ):
-            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: data offsets {jsonsafe.safe_text(repr(offsets), 60)} are outside the file's data", field=tfield)
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {t}: data offsets {jsonsafe.safe_text(repr(offsets), 60)} are outside the file's data",
+                field=tfield,
+            )
         numel = 1
         for d in shape:
             numel *= d
         if numel * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
-            raise FileRejected(name, "invalid_safetensors", f"tensor {t}: shape {shape} and dtype {dtype} do not match its byte range", field=tfield)
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {t}: shape {shape} and dtype {dtype} do not match its byte range",
+                field=tfield,
+            )
         params += numel
         ranges.append((offsets[0], offsets[1], tname))
     ranges.sort()
@@ -170,8 +236,12 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
     for begin, end, tname in ranges:
         if begin != pos:
             what = "overlaps another tensor" if begin < pos else "leaves a gap before it"
-            raise FileRejected(name, "invalid_safetensors", f"tensor {jsonsafe.safe_text(tname, 100)!r} {what}",
-                               field=jsonsafe.safe_text(tname, 100))
+            raise FileRejected(
+                name,
+                "invalid_safetensors",
+                f"tensor {jsonsafe.safe_text(tname, 100)!r} {what}",
+                field=jsonsafe.safe_text(tname, 100),
+            )
         pos = end
     if pos != data_len:
         raise FileRejected(name, "invalid_safetensors", "tensor data does not cover the file exactly (trailing bytes)")
@@ -203,7 +273,11 @@ def find_remote_code(name: str, obj: Any) -> None:
     """``auto_map`` points transformers at Python files in the repo: refuse it anywhere."""
     if isinstance(obj, dict):
         if "auto_map" in obj:
-            raise FileRejected(name, "remote_code_refused", "'auto_map' asks to run custom model code; modelpress never runs uploaded code")
+            raise FileRejected(
+                name,
+                "remote_code_refused",
+                "'auto_map' asks to run custom model code; modelpress never runs uploaded code",
+            )
         for v in obj.values():
             find_remote_code(name, v)
     elif isinstance(obj, list):

@@ -22,9 +22,13 @@ from core.tables import WebhookDelivery, utcnow
 
 
 def list_for_job(session: Session, job_id: str) -> list[WebhookDelivery]:
-    return list(session.scalars(
-        select(WebhookDelivery).where(WebhookDelivery.job_id == job_id).order_by(WebhookDelivery.created_at, WebhookDelivery.id)
-    ))
+    return list(
+        session.scalars(
+            select(WebhookDelivery)
+            .where(WebhookDelivery.job_id == job_id)
+            .order_by(WebhookDelivery.created_at, WebhookDelivery.id)
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -55,25 +59,39 @@ def claim_next(session: Session, max_attempts: int, lease_s: float, scan: int = 
     session.rollback()
     for delivery_id, attempts in rows:
         same = update(WebhookDelivery).where(
-            WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
-            WebhookDelivery.attempts == attempts, WebhookDelivery.next_attempt_at <= now,
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status == "pending",
+            WebhookDelivery.attempts == attempts,
+            WebhookDelivery.next_attempt_at <= now,
         )
         if attempts >= max_attempts:
-            session.execute(same.values(
-                status="failed", next_attempt_at=None,
-                last_error=f"gave up after {attempts} attempts (the last one did not report back)",
-            ))
+            session.execute(
+                same.values(
+                    status="failed",
+                    next_attempt_at=None,
+                    last_error=f"gave up after {attempts} attempts (the last one did not report back)",
+                )
+            )
             session.commit()
             continue
-        res = session.execute(same.values(
-            attempts=attempts + 1, last_attempt_at=now, next_attempt_at=now + timedelta(seconds=lease_s),
-        ))
+        res = session.execute(
+            same.values(
+                attempts=attempts + 1,
+                last_attempt_at=now,
+                next_attempt_at=now + timedelta(seconds=lease_s),
+            )
+        )
         if res.rowcount != 1:
             session.rollback()  # another dispatcher took this try
             continue
         d = session.execute(
-            select(WebhookDelivery.job_id, WebhookDelivery.tenant_id, WebhookDelivery.url, WebhookDelivery.event,
-                   WebhookDelivery.payload).where(WebhookDelivery.id == delivery_id)
+            select(
+                WebhookDelivery.job_id,
+                WebhookDelivery.tenant_id,
+                WebhookDelivery.url,
+                WebhookDelivery.event,
+                WebhookDelivery.payload,
+            ).where(WebhookDelivery.id == delivery_id)
         ).one()
         session.commit()
         return Claim(delivery_id, d.job_id, d.tenant_id, attempts + 1, d.url, d.event, d.payload)
@@ -81,7 +99,13 @@ def claim_next(session: Session, max_attempts: int, lease_s: float, scan: int = 
 
 
 def record(
-    session: Session, claim: Claim, *, delivered: bool, final: bool, status_code: int | None, error: str | None,
+    session: Session,
+    claim: Claim,
+    *,
+    delivered: bool,
+    final: bool,
+    status_code: int | None,
+    error: str | None,
     retry_in_s: float,
 ) -> bool:
     """The outcome of a claimed try, fenced on its attempt: ``delivered``; else failed for good
@@ -96,7 +120,11 @@ def record(
         values.update(next_attempt_at=now + timedelta(seconds=retry_in_s))
     res = session.execute(
         update(WebhookDelivery)
-        .where(WebhookDelivery.id == claim.id, WebhookDelivery.attempts == claim.attempt, WebhookDelivery.status == "pending")
+        .where(
+            WebhookDelivery.id == claim.id,
+            WebhookDelivery.attempts == claim.attempt,
+            WebhookDelivery.status == "pending",
+        )
         .values(**values)
     )
     session.commit()

@@ -16,12 +16,16 @@ class WebhookDeliveryOut(BaseModel):
     job_id: str
     event: WebhookEvent
     url: str
-    status: DeliveryStatus = Field(description="pending (a try is due or in flight), delivered (a 2xx answer) or failed (gave up)")
+    status: DeliveryStatus = Field(
+        description="pending (a try is due or in flight), delivered (a 2xx answer) or failed (gave up)"
+    )
     attempts: int = Field(description="tries started so far")
     next_attempt_at: datetime | None = Field(description="when the next try is due, while pending")
     last_attempt_at: datetime | None
     last_status_code: int | None = Field(description="the HTTP status of the last try, if the target answered")
-    last_error: str | None = Field(description="why the last try did not deliver (timeout, refused target, non-2xx status, ...)")
+    last_error: str | None = Field(
+        description="why the last try did not deliver (timeout, refused target, non-2xx status, ...)"
+    )
     created_at: datetime
     delivered_at: datetime | None
 

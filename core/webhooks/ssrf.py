@@ -183,5 +183,7 @@ def check(url: str, allow: str = "") -> Target:
         kind = refusal(ip, allowed)
         if kind is not None:
             shown = f"{ip} is {kind}" if ip == host else f"{host} resolves to {ip}, which is {kind}"
-            raise TargetRefused(f"{shown}: only public addresses, or those in MODELPRESS_WEBHOOK_ALLOW_NETWORKS, may receive webhooks")
+            raise TargetRefused(
+                f"{shown}: only public addresses, or those in MODELPRESS_WEBHOOK_ALLOW_NETWORKS, may receive webhooks"
+            )
     return Target(url=url, scheme=scheme, host=host, port=port, address=addresses[0])

@@ -99,8 +99,10 @@ def load_all() -> dict[str, Method]:
         for name, spec in specs.items():
             fn, stream = _HANDLERS[name]
             if spec.streams != (stream is not None):
-                raise RuntimeError(f"method {name!r}: core says streams={spec.streams}, its handler "
-                                   f"{'has no' if stream is None else 'has a'} streaming form")
+                raise RuntimeError(
+                    f"method {name!r}: core says streams={spec.streams}, its handler "
+                    f"{'has no' if stream is None else 'has a'} streaming form"
+                )
             out[name] = Method(spec, fn, stream)
         _methods = out
     return dict(_methods)

@@ -61,7 +61,9 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
         if not ids:
             continue
         if max(ids) >= vocab:
-            raise ValueError(f"the tokenizer produced token id {max(ids)} but the model's vocabulary has {vocab} entries: tokenizer and model do not match")
+            raise ValueError(
+                f"the tokenizer produced token id {max(ids)} but the model's vocabulary has {vocab} entries: tokenizer and model do not match"
+            )
         rows.append((ids, label))
     if not rows:
         raise ValueError("no sample of the dataset has a token after tokenization")
@@ -92,7 +94,9 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
             t_logits = forward(teacher, b)
         s_logits = forward(student, b)
         if kind == "causal_lm":
-            return ops.causal_lm_loss(s_logits, t_logits, b["input_ids"], b["attention_mask"], params.alpha, params.temperature)
+            return ops.causal_lm_loss(
+                s_logits, t_logits, b["input_ids"], b["attention_mask"], params.alpha, params.temperature
+            )
         return ops.classifier_loss(s_logits, t_logits, b["labels"], params.alpha, params.temperature)
 
     bs = params.batch_size
@@ -174,7 +178,11 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
         "teacher_parameters": teacher_params,
         "student_parameters": student_params,
         "parameter_ratio": round(student_params / teacher_params, 6) if teacher_params else None,
-        "layers": {"teacher": teacher_layers, "student": student_layers, "from_teacher_layers": init["from_teacher_layers"]},
+        "layers": {
+            "teacher": teacher_layers,
+            "student": student_layers,
+            "from_teacher_layers": init["from_teacher_layers"],
+        },
         "initialised_from_teacher": init["initialised_from_teacher"],
         "label_map": label_map,
     }
@@ -191,7 +199,11 @@ def _tokenizer(src_dir: Any) -> Any:
 
 
 def _pad_id(tok: Any, config: Any) -> int:
-    for v in (getattr(config, "pad_token_id", None) if config is not None else None, tok.pad_token_id, tok.eos_token_id):
+    for v in (
+        getattr(config, "pad_token_id", None) if config is not None else None,
+        tok.pad_token_id,
+        tok.eos_token_id,
+    ):
         if isinstance(v, int):
             return v
     # Causal LMs only: padded positions are masked out of attention and of both losses.
@@ -212,7 +224,9 @@ def _max_length(requested: int, *configs: Any) -> int:
 def _label_ids(samples: list[dict[str, Any]], config: Any) -> tuple[dict[str, int], list[int]]:
     missing = sum(1 for s in samples if "label" not in s)
     if missing:
-        raise ValueError(f"distilling a sequence classifier needs a labeled dataset: {missing} of {len(samples)} samples have no 'label'")
+        raise ValueError(
+            f"distilling a sequence classifier needs a labeled dataset: {missing} of {len(samples)} samples have no 'label'"
+        )
     distinct = sorted({s["label"] for s in samples})
     n = config.num_labels
     label2id = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
@@ -229,9 +243,13 @@ def _label_ids(samples: list[dict[str, Any]], config: Any) -> tuple[dict[str, in
 
 def _check_compatible(teacher: Any, student: Any, kind: str) -> None:
     if student.config.vocab_size != teacher.config.vocab_size:
-        raise ValueError(f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size})")
+        raise ValueError(
+            f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size})"
+        )
     if kind == "sequence_classification" and student.config.num_labels != teacher.config.num_labels:
-        raise ValueError(f"the student has {student.config.num_labels} classes, the teacher {teacher.config.num_labels}")
+        raise ValueError(
+            f"the student has {student.config.num_labels} classes, the teacher {teacher.config.num_labels}"
+        )
 
 
 def _layer_stack(module: Any, n: int) -> str | None:

@@ -20,8 +20,12 @@ def prune_sparsegpt(model: LoadedModel, params: PruneSparseGPTParams, ctx: Metho
     from worker import llmc
 
     before = llmc.linear_zeros(model)
-    mod = SparseGPTModifier(sparsity=params.target_sparsity, mask_structure=params.mask or "0:0",
-                            dampening_frac=params.dampening_frac, block_size=params.block_size,
-                            ignore=llmc.prune_ignore(model, params.ignore))
+    mod = SparseGPTModifier(
+        sparsity=params.target_sparsity,
+        mask_structure=params.mask or "0:0",
+        dampening_frac=params.dampening_frac,
+        block_size=params.block_size,
+        ignore=llmc.prune_ignore(model, params.ignore),
+    )
     run = llmc.run_oneshot(model, ctx, [mod], params)
     return {**llmc.record_sparsity(model, "prune.sparsegpt", params.target_sparsity, params.mask, before), **run}

@@ -7,7 +7,14 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from core.methods.prune_structured import Heads, PruneStructuredParams, checked_removal, family_of, head_layout, heads_removal
+from core.methods.prune_structured import (
+    Heads,
+    PruneStructuredParams,
+    checked_removal,
+    family_of,
+    head_layout,
+    heads_removal,
+)
 from worker.context import MethodContext, Metrics
 from worker.methods import handler
 
@@ -27,7 +34,11 @@ def _ffn_blocks(module: Any, kind: str) -> list[_Ffn]:
     for name, mod in module.named_modules():
         if kind == "conv1d" and hasattr(mod, "c_fc") and hasattr(mod, "c_proj"):
             out.append(_Ffn(name, [mod.c_fc], [mod.c_proj]))
-        elif kind == "bert" and hasattr(getattr(mod, "intermediate", None), "dense") and hasattr(getattr(mod, "output", None), "dense"):
+        elif (
+            kind == "bert"
+            and hasattr(getattr(mod, "intermediate", None), "dense")
+            and hasattr(getattr(mod, "output", None), "dense")
+        ):
             out.append(_Ffn(name, [mod.intermediate.dense], [mod.output.dense]))
         elif kind == "gated" and all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
             out.append(_Ffn(name, [mod.gate_proj, mod.up_proj], [mod.down_proj]))
@@ -35,7 +46,11 @@ def _ffn_blocks(module: Any, kind: str) -> list[_Ffn]:
 
 
 def _attention_blocks(module: Any) -> list[tuple[str, Any]]:
-    return [(n, m) for n, m in module.named_modules() if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    return [
+        (n, m)
+        for n, m in module.named_modules()
+        if all(hasattr(m, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    ]
 
 
 def _parameters(module: Any) -> int:
@@ -100,35 +115,60 @@ def _plan(m: Any, params: PruneStructuredParams) -> _Plan:
     if ffn_blocks:
         n = ops.features(ffn_blocks[0].inputs[0], "out")
         cfg_n = getattr(cfg, fam.ffn_key, None) or (4 * cfg.hidden_size if fam.ffn_key == "n_inner" else None)
-        widths = {ops.features(x, "out") for b in ffn_blocks for x in b.inputs} | {ops.features(x, "in") for b in ffn_blocks for x in b.outputs}
+        widths = {ops.features(x, "out") for b in ffn_blocks for x in b.inputs} | {
+            ops.features(x, "in") for b in ffn_blocks for x in b.outputs
+        }
         if widths != {n} or cfg_n != n:
             raise ValueError(f"feed-forward widths {sorted(widths)} do not match the config's {fam.ffn_key}={cfg_n}")
         remove = checked_removal(params.ffn, n, "ffn", "feed-forward neurons")
         for b in ffn_blocks:
-            parts = [(names[id(x)], x, "out", (1,)) for x in b.inputs] + [(names[id(x)], x, "in", (1,)) for x in b.outputs]
-            units.append(_Unit("ffn", b.name, remove, factors=parts, cuts=[(nm, x, side, ()) for nm, x, side, _ in parts]))
+            parts = [(names[id(x)], x, "out", (1,)) for x in b.inputs] + [
+                (names[id(x)], x, "in", (1,)) for x in b.outputs
+            ]
+            units.append(
+                _Unit("ffn", b.name, remove, factors=parts, cuts=[(nm, x, side, ()) for nm, x, side, _ in parts])
+            )
         changes[fam.ffn_key] = n - remove
         ffn = (n, remove)
     if attn_blocks:
-        lay = head_layout({
-            "hidden_size": cfg.hidden_size, "num_attention_heads": cfg.num_attention_heads,
-            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None), "head_dim": getattr(cfg, "head_dim", None),
-        })
+        lay = head_layout(
+            {
+                "hidden_size": cfg.hidden_size,
+                "num_attention_heads": cfg.num_attention_heads,
+                "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+                "head_dim": getattr(cfg, "head_dim", None),
+            }
+        )
         for name, a in attn_blocks:
-            shapes = (ops.features(a.q_proj, "out"), ops.features(a.k_proj, "out"), ops.features(a.v_proj, "out"), ops.features(a.o_proj, "in"))
+            shapes = (
+                ops.features(a.q_proj, "out"),
+                ops.features(a.k_proj, "out"),
+                ops.features(a.v_proj, "out"),
+                ops.features(a.o_proj, "in"),
+            )
             q, kv = lay.n_heads * lay.head_dim, lay.n_kv * lay.head_dim
             if shapes != (q, kv, kv, q):
                 raise ValueError(f"{name}: q/k/v/o widths {shapes} do not match the config's heads ({(q, kv, kv, q)})")
         remove = heads_removal(params.heads, lay, fam)
         for name, a in attn_blocks:
             q_rows, kv_rows = (lay.group, lay.head_dim), (lay.head_dim,)
-            units.append(_Unit(
-                "heads", name, remove,
-                factors=[(names[id(a.v_proj)], a.v_proj, "out", (lay.head_dim,)),
-                         (names[id(a.o_proj)], a.o_proj, "in", (lay.group * lay.head_dim,))],
-                cuts=[(names[id(a.q_proj)], a.q_proj, "out", q_rows), (names[id(a.k_proj)], a.k_proj, "out", kv_rows),
-                      (names[id(a.v_proj)], a.v_proj, "out", kv_rows), (names[id(a.o_proj)], a.o_proj, "in", q_rows)],
-            ))
+            units.append(
+                _Unit(
+                    "heads",
+                    name,
+                    remove,
+                    factors=[
+                        (names[id(a.v_proj)], a.v_proj, "out", (lay.head_dim,)),
+                        (names[id(a.o_proj)], a.o_proj, "in", (lay.group * lay.head_dim,)),
+                    ],
+                    cuts=[
+                        (names[id(a.q_proj)], a.q_proj, "out", q_rows),
+                        (names[id(a.k_proj)], a.k_proj, "out", kv_rows),
+                        (names[id(a.v_proj)], a.v_proj, "out", kv_rows),
+                        (names[id(a.o_proj)], a.o_proj, "in", q_rows),
+                    ],
+                )
+            )
         kept_kv = lay.n_kv - remove
         changes["num_attention_heads"] = kept_kv * lay.group
         changes["num_key_value_heads"] = kept_kv
@@ -168,21 +208,34 @@ def _metrics(plan: _Plan, params: PruneStructuredParams, keeps: list[Any], befor
     if plan.ffn is not None:
         n, remove = plan.ffn
         ffn_report = {
-            "requested_fraction": params.ffn, "achieved_fraction": remove / n, "removed_per_layer": remove,
-            "neurons_before": n, "neurons_after": n - remove,
+            "requested_fraction": params.ffn,
+            "achieved_fraction": remove / n,
+            "removed_per_layer": remove,
+            "neurons_before": n,
+            "neurons_after": n - remove,
             "per_layer": {u.name: {"before": n, "after": n - remove} for u in plan.units if u.kind == "ffn"},
         }
     if plan.heads is not None:
         lay, remove = plan.heads
         kept_kv = lay.n_kv - remove
         heads_report = {
-            "requested_fraction": params.heads, "achieved_fraction": remove / lay.n_kv,
-            "heads_before": lay.n_heads, "heads_after": kept_kv * lay.group,
-            "kv_heads_before": lay.n_kv, "kv_heads_after": kept_kv, "head_dim": lay.head_dim,
+            "requested_fraction": params.heads,
+            "achieved_fraction": remove / lay.n_kv,
+            "heads_before": lay.n_heads,
+            "heads_after": kept_kv * lay.group,
+            "kv_heads_before": lay.n_kv,
+            "kv_heads_after": kept_kv,
+            "head_dim": lay.head_dim,
             "per_layer": {
-                u.name: {"heads_before": lay.n_heads, "heads_after": kept_kv * lay.group,
-                         "kv_heads_before": lay.n_kv, "kv_heads_after": kept_kv, "kept_kv_heads": keep.tolist()}
-                for u, keep in zip(plan.units, keeps, strict=True) if u.kind == "heads"
+                u.name: {
+                    "heads_before": lay.n_heads,
+                    "heads_after": kept_kv * lay.group,
+                    "kv_heads_before": lay.n_kv,
+                    "kv_heads_after": kept_kv,
+                    "kept_kv_heads": keep.tolist(),
+                }
+                for u, keep in zip(plan.units, keeps, strict=True)
+                if u.kind == "heads"
             },
         }
     return {
@@ -259,7 +312,7 @@ def _stream_step_class() -> type:
                             # shrinks each stored tensor once, for one layer.
                             raise NotStreamable(f"prune.structured: {key} is shared ({shared[id(p)]})")
                         shape = tuple(p.shape)
-                        self.cuts[key] = (d, shape, shape[:d] + (kept,) + shape[d + 1:], k, sizes)
+                        self.cuts[key] = (d, shape, shape[:d] + (kept,) + shape[d + 1 :], k, sizes)
                         self.removed += p.numel() - math.prod(self.cuts[key][2])
 
         def select(self, spec: TensorSpec, target: Target | None) -> bool:
@@ -275,7 +328,9 @@ def _stream_step_class() -> type:
                 if key not in at:
                     raise NotStreamable(f"prune.structured: {key} is not a tensor of the checkpoint")
                 if source.spec(at[key]).shape != shape:
-                    raise NotStreamable(f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the module")
+                    raise NotStreamable(
+                        f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the module"
+                    )
             # The scored weights, read once each in checkpoint order; only their norms are kept.
             # Their biases (a few KB) are read first: a bias is part of its feature's vector.
             factor_of: dict[str, list[tuple[int, int]]] = {}
@@ -289,11 +344,15 @@ def _stream_step_class() -> type:
                     name, mod, side, (group,) = self.plan.units[k].factors[j]
                     norms[k, j] = _norms(mod, side, self.params.norm, group, w, biases.get(f"{name}.bias"))
                 del w
-            self.keeps = [_keep([norms[k, j] for j in range(len(u.factors))], u.remove) for k, u in enumerate(self.plan.units)]
+            self.keeps = [
+                _keep([norms[k, j] for j in range(len(u.factors))], u.remove) for k, u in enumerate(self.plan.units)
+            ]
             for key, (_, _, _, k, sizes) in self.cuts.items():
                 self.index[key] = _expand(self.keeps[k], sizes)
 
-        def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+        def rows(
+            self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True
+        ) -> torch.Tensor:
             dim = self.cuts[spec.name][0]
             index = self.index[spec.name]
             if dim == 1:
@@ -326,7 +385,10 @@ def prune_structured(model: LoadedModel, params: PruneStructuredParams, ctx: Met
     before = _parameters(m)
     keeps = []
     for k, u in enumerate(plan.units):
-        keep = _keep([_norms(mod, side, params.norm, group, mod.weight, mod.bias) for _, mod, side, (group,) in u.factors], u.remove)
+        keep = _keep(
+            [_norms(mod, side, params.norm, group, mod.weight, mod.bias) for _, mod, side, (group,) in u.factors],
+            u.remove,
+        )
         for _, mod, side, sizes in u.cuts:
             ops.shrink(mod, _expand(keep, sizes), side)
         keeps.append(keep)

@@ -20,7 +20,10 @@ def prune_wanda(model: LoadedModel, params: PruneWandaParams, ctx: MethodContext
     from worker import llmc
 
     before = llmc.linear_zeros(model)
-    mod = WandaPruningModifier(sparsity=params.target_sparsity, mask_structure=params.mask or "0:0",
-                               ignore=llmc.prune_ignore(model, params.ignore))
+    mod = WandaPruningModifier(
+        sparsity=params.target_sparsity,
+        mask_structure=params.mask or "0:0",
+        ignore=llmc.prune_ignore(model, params.ignore),
+    )
     run = llmc.run_oneshot(model, ctx, [mod], params)
     return {**llmc.record_sparsity(model, "prune.wanda", params.target_sparsity, params.mask, before), **run}

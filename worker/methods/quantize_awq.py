@@ -17,8 +17,8 @@ def quantize_awq(model: LoadedModel, params: QuantizeAWQParams, ctx: MethodConte
     """AWQ: activation-aware scales, then 4-bit group quantization (llm-compressor; GPU)."""
     # The transform module's AWQModifier (the scale search alone): the old import path is a shim that
     # returns its own QuantizationModifier too, with no scheme, which refuses to initialize.
-    from llmcompressor.modifiers.transform.awq import AWQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQModifier
 
     from worker import llmc
 

@@ -35,4 +35,8 @@ def quantize_cast(model: LoadedModel, params: QuantizeCastParams, ctx: MethodCon
             if t.is_floating_point():
                 model.state[k] = t.to(dtype)
                 cast += t.numel()
-    return {"dtype": params.dtype, "from_dtypes": sorted(str(d).removeprefix("torch.") for d in before), "cast_parameters": cast}
+    return {
+        "dtype": params.dtype,
+        "from_dtypes": sorted(str(d).removeprefix("torch.") for d in before),
+        "cast_parameters": cast,
+    }

@@ -20,7 +20,9 @@ def _stream(params: QuantizeDynamicInt8Params, ctx: Any) -> Any:
     from worker.ops import quant
     from worker.stream.steps import QuantizeStep
 
-    return QuantizeStep("quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w: quant.rtn_qparams(w, 8, None, True), "W8A8")
+    return QuantizeStep(
+        "quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w: quant.rtn_qparams(w, 8, None, True), "W8A8"
+    )
 
 
 @handler("quantize.dynamic_int8", stream=_stream)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-
 from typing import TYPE_CHECKING, Any
 
 from core.methods.quantize_fixed_point import QuantizeFixedPointParams

@@ -20,8 +20,11 @@ def quantize_gptq(model: LoadedModel, params: QuantizeGPTQParams, ctx: MethodCon
     from worker import llmc
 
     group = params.effective_group(params.scheme)
-    mod = GPTQModifier(config_groups=llmc.config_groups(params.scheme, group), ignore=params.ignore,
-                       dampening_frac=params.dampening_frac)
+    mod = GPTQModifier(
+        config_groups=llmc.config_groups(params.scheme, group),
+        ignore=params.ignore,
+        dampening_frac=params.dampening_frac,
+    )
     run = llmc.run_oneshot(model, ctx, [mod], params)
     llmc.set_quantized_saver(model, "quantize.gptq")
     return {"scheme": params.scheme, "group_size": group, "ignore": params.ignore, **run}

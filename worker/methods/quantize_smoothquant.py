@@ -21,9 +21,19 @@ def quantize_smoothquant(model: LoadedModel, params: QuantizeSmoothQuantParams, 
     from worker import llmc
 
     groups = llmc.config_groups("W8A8", None)
-    quant = (GPTQModifier(config_groups=groups, ignore=params.ignore) if params.quantizer == "gptq"
-             else QuantizationModifier(config_groups=groups, ignore=params.ignore))
-    run = llmc.run_oneshot(model, ctx, [SmoothQuantModifier(smoothing_strength=params.smoothing_strength), quant], params)
+    quant = (
+        GPTQModifier(config_groups=groups, ignore=params.ignore)
+        if params.quantizer == "gptq"
+        else QuantizationModifier(config_groups=groups, ignore=params.ignore)
+    )
+    run = llmc.run_oneshot(
+        model, ctx, [SmoothQuantModifier(smoothing_strength=params.smoothing_strength), quant], params
+    )
     llmc.set_quantized_saver(model, "quantize.smoothquant")
-    return {"scheme": "W8A8", "smoothing_strength": params.smoothing_strength, "quantizer": params.quantizer,
-            "ignore": params.ignore, **run}
+    return {
+        "scheme": "W8A8",
+        "smoothing_strength": params.smoothing_strength,
+        "quantizer": params.quantizer,
+        "ignore": params.ignore,
+        **run,
+    }

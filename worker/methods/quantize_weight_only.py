@@ -29,8 +29,13 @@ def _stream(params: QuantizeWeightOnlyParams, ctx: Any) -> Any:
     from worker.ops import quant
     from worker.stream.steps import QuantizeStep
 
-    return QuantizeStep("quantize.weight_only", _weights(params), None,
-                        lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric), _scheme(params))
+    return QuantizeStep(
+        "quantize.weight_only",
+        _weights(params),
+        None,
+        lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric),
+        _scheme(params),
+    )
 
 
 @handler("quantize.weight_only", stream=_stream)

@@ -33,8 +33,9 @@ def _valid(logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return flat[mask.reshape(-1).bool()]
 
 
-def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+def soft_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(softmax(t/T) ‖ softmax(s/T)), ``batchmean`` over the real positions (0 when there are none)."""
     s = _valid(student_logits, mask).float()
     t = _valid(teacher_logits, mask).float()
@@ -48,7 +49,9 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     )
 
 
-def causal_lm_ce(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def causal_lm_ce(
+    logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token CE: position i predicts token i+1; targets that are padding are ignored."""
     pred = logits[:, :-1, :].reshape(-1, logits.shape[-1]).float()
     target = input_ids[:, 1:].reshape(-1)
@@ -68,16 +71,23 @@ def combine(ce: torch.Tensor, kl: torch.Tensor, alpha: float, temperature: float
     return alpha * ce + (1.0 - alpha) * temperature**2 * kl
 
 
-def causal_lm_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor | None, alpha: float, temperature: float) -> DistillLoss:
+def causal_lm_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    alpha: float,
+    temperature: float,
+) -> DistillLoss:
     """Logits (batch, seq, vocab); KL over every real token position, CE over real next tokens."""
     ce = causal_lm_ce(student_logits, input_ids, attention_mask)
     kl = soft_kl(student_logits, teacher_logits, temperature, attention_mask)
     return DistillLoss(combine(ce, kl, alpha, temperature), ce, kl)
 
 
-def classifier_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                    alpha: float, temperature: float) -> DistillLoss:
+def classifier_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, alpha: float, temperature: float
+) -> DistillLoss:
     """Logits (batch, classes): one position per sample."""
     ce = classifier_ce(student_logits, labels)
     kl = soft_kl(student_logits, teacher_logits, temperature)

@@ -20,7 +20,6 @@ import math
 import statistics
 
 import torch
-import torch.nn.functional as F
 
 
 def _work(x: torch.Tensor) -> torch.Tensor:
@@ -121,8 +120,10 @@ def _beta_cf(a: float, b: float, x: float) -> float:
     d = 1.0 / (d if abs(d) > tiny else tiny)
     h = d
     for m in range(1, 300):
-        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
             d = 1.0 + num * d
             d = 1.0 / (d if abs(d) > tiny else tiny)
             c = 1.0 + num / c
@@ -167,11 +168,15 @@ def t_quantile(p: float, df: float) -> float:
     return (lo + hi) / 2.0
 
 
-RATIO_CI_METHOD = ("t-interval over samples (Student t, n-1 df) on the ratio estimator Σ value / Σ positions, "
-                   "with its linearized (delta-method) standard error")
+RATIO_CI_METHOD = (
+    "t-interval over samples (Student t, n-1 df) on the ratio estimator Σ value / Σ positions, "
+    "with its linearized (delta-method) standard error"
+)
 
 
-def ratio_t_interval(sums: list[float], counts: list[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
+def ratio_t_interval(
+    sums: list[float], counts: list[float], confidence: float = 0.95
+) -> tuple[float, float, float] | None:
     """``r = Σ sums / Σ counts`` (a token-weighted mean over samples: positions inside one text are
     not independent, samples are the unit) and its two-sided interval
     ``r ± t(n-1) · sqrt(n / (n-1) · Σ (s_i - r·c_i)²) / Σ c_i``. None when fewer than 2 samples
@@ -195,7 +200,9 @@ def perplexity_interval(nll_sums: list[float], counts: list[float]) -> list[floa
     return None if ci is None else [math.exp(ci[1]), math.exp(ci[2])]
 
 
-def mean_interval(sums: list[float], counts: list[float], lo: float | None = None, hi: float | None = None) -> list[float] | None:
+def mean_interval(
+    sums: list[float], counts: list[float], lo: float | None = None, hi: float | None = None
+) -> list[float] | None:
     """95 % interval of a position-weighted mean (``ratio_t_interval``), clipped to the value's
     range (KL >= 0, an agreement rate in [0, 1])."""
     ci = ratio_t_interval(sums, counts)

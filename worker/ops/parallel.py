@@ -40,7 +40,11 @@ def map_ordered(fn: Callable[[Any], T], items: Iterable[Any]) -> list[T]:
         return [fn(i) for i in items]
     with _lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(workers, thread_name_prefix="modelpress-block",
-                                                     initializer=torch.set_num_threads, initargs=(1,)))
+            _pool = (
+                os.getpid(),
+                ThreadPoolExecutor(
+                    workers, thread_name_prefix="modelpress-block", initializer=torch.set_num_threads, initargs=(1,)
+                ),
+            )
         pool = _pool[1]
     return list(pool.map(fn, items))

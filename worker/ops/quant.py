@@ -87,7 +87,9 @@ def rtn_qparams(
     return scale, torch.round(zp).to(torch.int8)
 
 
-def _broadcast(w: torch.Tensor, scale: torch.Tensor, group_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _broadcast(
+    w: torch.Tensor, scale: torch.Tensor, group_size: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     if group_size is None:
         return w, None  # (out, 1) or (1,) scales broadcast over the row as they are
     return _groups(w, group_size), scale.unsqueeze(-1)
@@ -117,7 +119,7 @@ def quantize_rows(
     zero_point: torch.Tensor | None,
     bits: int,
     group_size: int | None,
-    scratch: "Scratch",
+    scratch: Scratch,
     w_float: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float, float, float]:
     """``quantize`` and the error of what loads back, in one pass over reused buffers: the
@@ -169,11 +171,14 @@ def quantize_rows(
     return q.reshape(w.shape), sq_err, sq_w, max_err
 
 
-_SIGNLESS = {torch.bfloat16: (torch.int16, 0x7FFF), torch.float16: (torch.int16, 0x7FFF),
-             torch.float32: (torch.int32, 0x7FFFFFFF)}
+_SIGNLESS = {
+    torch.bfloat16: (torch.int16, 0x7FFF),
+    torch.float16: (torch.int16, 0x7FFF),
+    torch.float32: (torch.int32, 0x7FFFFFFF),
+}
 
 
-def count_nonzero(w: torch.Tensor, scratch: "Scratch") -> int:
+def count_nonzero(w: torch.Tensor, scratch: Scratch) -> int:
     """``torch.count_nonzero(w)`` for a float tensor, counted on its bit patterns with the sign
     cleared (so ``-0.0`` is a zero and NaN is not): integer ops run ~2x faster than the float
     comparison torch does."""
@@ -191,7 +196,7 @@ def quantize_error(
     zero_point: torch.Tensor | None,
     bits: int,
     group_size: int | None = None,
-    scratch: "Scratch | None" = None,
+    scratch: Scratch | None = None,
 ) -> torch.Tensor:
     """The error ``dequantize(quantize(w)) - w`` as float32, the dequantization done in the
     scale's dtype as compressed-tensors loads it (the same error ``quantize_rows`` sums). With
@@ -222,7 +227,11 @@ def pack_int32(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
     matters when a checkpoint streams through). Other layouts use the library's function.
     ``out``: where to write the words (rows x cols*bits/32 int32); ``q`` is clobbered."""
     rows, cols = q.shape
-    if sys.byteorder == "little" and q.is_contiguous() and ((bits == 8 and cols % 4 == 0) or (bits == 4 and cols % 8 == 0)):
+    if (
+        sys.byteorder == "little"
+        and q.is_contiguous()
+        and ((bits == 8 and cols % 4 == 0) or (bits == 4 and cols % 8 == 0))
+    ):
         u = q.view(torch.uint8)
         if out is None:
             out = torch.empty(rows, cols * bits // 32, dtype=torch.int32)
@@ -274,7 +283,7 @@ def dequantize(
 
 def fixed_point_scale(frac_bits: int) -> float:
     """``2^-n``: exact in every float dtype for the n the method accepts (0..16)."""
-    return 2.0 ** -frac_bits
+    return 2.0**-frac_bits
 
 
 @torch.no_grad()
@@ -318,7 +327,10 @@ class ErrorStats:
         self.elements += w.numel()
         self.sq_err += se
         self.sq_w += sw
-        self.max_abs_err = max(self.max_abs_err, float(torch.linalg.vector_norm(d, ord=float("inf"), dtype=torch.float32)) if d.numel() else 0.0)
+        self.max_abs_err = max(
+            self.max_abs_err,
+            float(torch.linalg.vector_norm(d, ord=float("inf"), dtype=torch.float32)) if d.numel() else 0.0,
+        )
         return (se / sw) ** 0.5 if sw else 0.0
 
     @property

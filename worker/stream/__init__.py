@@ -34,7 +34,15 @@ from typing import Any
 import torch
 
 from worker import model_io
-from worker.stream.shards import DEFAULT_SHARD_BYTES, ShardError, ShardReader, TensorSpec, index_json, layout, tensor_bytes
+from worker.stream.shards import (
+    DEFAULT_SHARD_BYTES,
+    ShardError,
+    ShardReader,
+    TensorSpec,
+    index_json,
+    layout,
+    tensor_bytes,
+)
 
 __all__ = ["NotStreamable", "ShardError", "StreamStep", "TensorSpec", "Source", "run"]
 
@@ -88,7 +96,7 @@ class StreamStep:
         bare state dict) and its targets, for a step whose selection and output shapes follow the
         model's structure (structured pruning selects the biases of the layers it shrinks)."""
 
-    def prepare(self, source: "Source") -> None:
+    def prepare(self, source: Source) -> None:
         """A pass over every selected tensor before anything is written (e.g. a global threshold)."""
 
     def whole_tensor(self, spec: TensorSpec, target: Target | None) -> bool:
@@ -109,7 +117,9 @@ class StreamStep:
     # (else None), so the engine does not read the rows once more to count them.
     output_nonzero: int | None = None
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+    def rows(
+        self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True
+    ) -> torch.Tensor:
         """Rows ``r0:r0+len(x)`` of the tensor, transformed (a new tensor; ``x`` stays as it is).
         ``record`` false: a look ahead for a later step (whole tensor), not counted in metrics."""
         raise NotImplementedError
@@ -132,7 +142,7 @@ class Source(Sequence[torch.Tensor]):
     Sequence so that the in-memory path's tensor math (worker/ops) takes it unchanged: iterating
     yields one tensor, which is dropped before the next."""
 
-    def __init__(self, engine: "_Engine", index: int) -> None:
+    def __init__(self, engine: _Engine, index: int) -> None:
         self._engine = engine
         self._index = index
         self.skeleton = engine.skeleton  # the HF model on the meta device (None for a bare state dict)
@@ -210,7 +220,9 @@ class _Engine:
             spec = self.reader.spec(name)
             for i in range(index):
                 if self.steps[i].select(spec, self.targets.get(name)):
-                    spec = TensorSpec(spec.name, self.steps[i].out_dtype(spec), self.steps[i].out_shape(spec, self.targets.get(name)))
+                    spec = TensorSpec(
+                        spec.name, self.steps[i].out_dtype(spec), self.steps[i].out_shape(spec, self.targets.get(name))
+                    )
             self._specs[key] = spec
         return self._specs[key]
 
@@ -268,7 +280,9 @@ def hf_targets(src_dir: Path, reader: ShardReader) -> tuple[dict[str, Target], A
         with torch.device("meta"):
             module = cls(config)
     except Exception as e:  # an architecture that cannot be built on meta: the in-memory path
-        raise NotStreamable(f"the model's skeleton could not be built on the meta device ({e.__class__.__name__}: {e})") from e
+        raise NotStreamable(
+            f"the model's skeleton could not be built on the meta device ({e.__class__.__name__}: {e})"
+        ) from e
     skeleton = model_io.LoadedModel(format="hf", src_dir=src_dir, module=module)
     mods = dict(module.named_modules())
     out: dict[str, Target] = {}
@@ -279,7 +293,9 @@ def hf_targets(src_dir: Path, reader: ShardReader) -> tuple[dict[str, Target], A
             raise NotStreamable(f"target {t.name} is not a tensor of the checkpoint (names differ from the module's)")
         mod = mods[t.name.removesuffix(".weight")]
         if tuple(t.weight.shape) != reader.spec(t.name).shape:
-            raise NotStreamable(f"{t.name}: checkpoint shape {reader.spec(t.name).shape} differs from the module's {tuple(t.weight.shape)}")
+            raise NotStreamable(
+                f"{t.name}: checkpoint shape {reader.spec(t.name).shape} differs from the module's {tuple(t.weight.shape)}"
+            )
         out[t.name] = Target(t.name, t.row_dim, "Conv1D" if isinstance(mod, Conv1D) else type(mod).__name__)
     return out, module
 
@@ -425,9 +441,17 @@ def run_passes(
         last = k == len(groups) - 1
         note = "" if len(groups) == 1 else f"pass {k + 1}/{len(groups)}: "
         out = sink if last else DirSink(scratch / f"pass-{k + 1}")
-        result = run(cur, fmt, group, out, extra_files=extra_files if last else [], manifest=manifest if last else {},
-                     shard_bytes=shard_bytes, canceled=canceled,
-                     progress=lambda n, f, k=k, note=note: report(f"{note}{n}", (k + f) / len(groups)))
+        result = run(
+            cur,
+            fmt,
+            group,
+            out,
+            extra_files=extra_files if last else [],
+            manifest=manifest if last else {},
+            shard_bytes=shard_bytes,
+            canceled=canceled,
+            progress=lambda n, f, k=k, note=note: report(f"{note}{n}", (k + f) / len(groups)),
+        )
         if prev is not None:
             shutil.rmtree(prev, ignore_errors=True)
         if result is None:
@@ -549,23 +573,38 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
                         zeros += counter.add(name, part)
                     del src
                     if target is not None:
-                        per_layer.append({"name": name, "parameters": in_spec.numel, "zeros": zeros,
-                                          "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0})
+                        per_layer.append(
+                            {
+                                "name": name,
+                                "parameters": in_spec.numel,
+                                "zeros": zeros,
+                                "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0,
+                            }
+                        )
                 else:
                     zeros = _stream_tensor(engine, name, chain, w, counter, pending, produced[name])
                     if target is not None:
                         # The weight as the steps leave it (a final step's packing aside): a
                         # step may have changed its shape (structured pruning).
                         n = engine.spec_entering(name, len(steps)).numel
-                        per_layer.append({"name": name, "parameters": n, "zeros": zeros,
-                                          "sparsity": round(zeros / n, 6) if n else 0.0})
+                        per_layer.append(
+                            {
+                                "name": name,
+                                "parameters": n,
+                                "zeros": zeros,
+                                "sparsity": round(zeros / n, 6) if n else 0.0,
+                            }
+                        )
                 # Once the writer has written it: the untouched tensors' chunks are views of the
                 # pages being dropped.
                 w.then(lambda name=name: reader.done_with(name))
                 done_in += in_spec.nbytes
                 if time.monotonic() - last_report > 2.0:
                     last_report = time.monotonic()
-                    report(f"streaming {done_in / 2**30:.2f} of {total_in / 2**30:.2f} GiB", done_in / total_in if total_in else 1.0)
+                    report(
+                        f"streaming {done_in / 2**30:.2f} of {total_in / 2**30:.2f} GiB",
+                        done_in / total_in if total_in else 1.0,
+                    )
         finally:
             w.close()
     if pending:
@@ -610,9 +649,13 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     return Result(
         step_metrics=step_metrics,
         parameters={"total": counter.total, "nonzero": counter.nonzero},
-        sparsity={"target_parameters": target_total, "target_zeros": target_zeros,
-                  "sparsity": target_zeros / target_total if target_total else 0.0,
-                  "overall": round(overall, 6), "per_layer": per_layer},
+        sparsity={
+            "target_parameters": target_total,
+            "target_zeros": target_zeros,
+            "sparsity": target_zeros / target_total if target_total else 0.0,
+            "overall": round(overall, 6),
+            "per_layer": per_layer,
+        },
         memory_bytes=memory,
         weight_bytes_in=total_in,
         weight_bytes_out=out_bytes,
@@ -640,8 +683,15 @@ def _check(t: torch.Tensor, spec: TensorSpec) -> None:
         raise RuntimeError(f"{spec.name}: produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
 
 
-def _stream_tensor(engine: _Engine, name: str, chain: list[int], w: Any, counter: _Counter,
-                   pending: dict[str, torch.Tensor], outs: list[TensorSpec]) -> int:
+def _stream_tensor(
+    engine: _Engine,
+    name: str,
+    chain: list[int],
+    w: Any,
+    counter: _Counter,
+    pending: dict[str, torch.Tensor],
+    outs: list[TensorSpec],
+) -> int:
     """One tensor through its chain of steps, row chunk by row chunk, written as it goes.
     Returns the target's zero count (of the values entering a final step, else of the output)."""
     steps = engine.steps

@@ -29,10 +29,21 @@ from worker.model_io import DEFAULT_SHARD_BYTES  # noqa: F401 - the engine's def
 
 # safetensors dtype names <-> torch dtypes (the subset the validator accepts and torch reads).
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
 }
 NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 # Headers of uploaded files were checked against the service's own limit at upload; this bound
@@ -92,7 +103,9 @@ class ShardReader:
                 if t["dtype"] not in DTYPES:
                     raise ShardError(f"{path.name}: tensor {tname!r}: dtype {t['dtype']} is not supported")
                 b, e = t["data_offsets"]
-                self.entries[tname] = _Entry(TensorSpec(tname, DTYPES[t["dtype"]], tuple(t["shape"])), path, base + b, base + e)
+                self.entries[tname] = _Entry(
+                    TensorSpec(tname, DTYPES[t["dtype"]], tuple(t["shape"])), path, base + b, base + e
+                )
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -124,7 +137,9 @@ class ShardReader:
         e = self.entries[name]
         m = self._map(e.file)
         if e.end > len(m):
-            raise ShardError(f"{e.file.name}: tensor {name!r} ends at byte {e.end} but the file has {len(m)} bytes (truncated)")
+            raise ShardError(
+                f"{e.file.name}: tensor {name!r} ends at byte {e.end} but the file has {len(m)} bytes (truncated)"
+            )
         spec = e.spec
         if spec.numel == 0:
             return torch.empty(spec.shape, dtype=spec.dtype)
@@ -189,8 +204,12 @@ class Shard:
         return sum(s.nbytes for s in self.specs)
 
 
-def layout(specs: list[TensorSpec], max_bytes: int, single_name: str = "model.safetensors",
-           metadata: dict[str, str] | None = None) -> list[Shard]:
+def layout(
+    specs: list[TensorSpec],
+    max_bytes: int,
+    single_name: str = "model.safetensors",
+    metadata: dict[str, str] | None = None,
+) -> list[Shard]:
     """Split output tensors, in order, into shards of at most ``max_bytes`` of data each (a tensor
     larger than that gets a shard of its own), named as save_pretrained names them."""
     groups: list[list[TensorSpec]] = [[]]
@@ -212,7 +231,9 @@ def index_json(shards: list[Shard]) -> bytes:
     """model.safetensors.index.json for a sharded output (HF's layout: total_size + weight_map)."""
     weight_map = {s.name: sh.filename for sh in shards for s in sh.specs}
     total = sum(sh.data_bytes for sh in shards)
-    return (json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n").encode()
+    return (
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+    ).encode()
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:

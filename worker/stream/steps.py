@@ -52,7 +52,9 @@ class CastStep(StreamStep):
         self.before.add(str(spec.dtype).removeprefix("torch."))
         self.cast[spec.name] = spec.numel
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+    def rows(
+        self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True
+    ) -> torch.Tensor:
         return x.to(self.dtype, copy=True)
 
     def update_config(self, config: dict[str, Any]) -> None:
@@ -62,15 +64,25 @@ class CastStep(StreamStep):
                 config[key] = self.dtype_name
 
     def metrics(self) -> dict[str, Any]:
-        return {"dtype": self.dtype_name, "from_dtypes": sorted(self.before), "cast_parameters": sum(self.cast.values())}
+        return {
+            "dtype": self.dtype_name,
+            "from_dtypes": sorted(self.before),
+            "cast_parameters": sum(self.cast.values()),
+        }
 
 
 class PruneStep(StreamStep):
     """prune.magnitude: threshold, global (exact k-th magnitude found in a pre-pass), per layer,
     per row."""
 
-    def __init__(self, sparsity: float | None, threshold: float | None, scope: str,
-                 include: list[str] | None, exclude: list[str] | None) -> None:
+    def __init__(
+        self,
+        sparsity: float | None,
+        threshold: float | None,
+        scope: str,
+        include: list[str] | None,
+        exclude: list[str] | None,
+    ) -> None:
         self.sparsity, self.threshold, self.scope = sparsity, threshold, scope
         self.include, self.exclude = include, exclude
         self.global_k = 0
@@ -105,7 +117,9 @@ class PruneStep(StreamStep):
             if k:
                 self.layer_theta = sp.kth_smallest_abs([whole()], k)
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+    def rows(
+        self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True
+    ) -> torch.Tensor:
         self.output_nonzero = None
         if self.threshold is not None:
             y, z = sp.prune_copy(x, self.threshold, inclusive=False)
@@ -151,9 +165,15 @@ class QuantizeStep(StreamStep):
     # rows() counts the non-zeros of its input (in ``input_nonzero``) on the copy it makes anyway.
     counts_input = True
 
-    def __init__(self, method: str, weights: dict[str, Any], input_activations: dict[str, Any] | None,
-                 qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], scheme_name: str,
-                 extra: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(
+        self,
+        method: str,
+        weights: dict[str, Any],
+        input_activations: dict[str, Any] | None,
+        qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        scheme_name: str,
+        extra: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
         from compressed_tensors.compressors.format import infer_module_format
         from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
@@ -161,7 +181,8 @@ class QuantizeStep(StreamStep):
         self.scheme_name = scheme_name
         self.extra = extra
         self.scheme = QuantizationScheme(
-            targets=["Linear"], weights=QuantizationArgs(**weights),
+            targets=["Linear"],
+            weights=QuantizationArgs(**weights),
             input_activations=QuantizationArgs(**input_activations) if input_activations else None,
         )
         self.args = self.scheme.weights
@@ -196,11 +217,15 @@ class QuantizeStep(StreamStep):
             spec, target = source.spec(i), source.target(i)
             name = spec.name.removesuffix(".weight")
             if target is not None and target.module_type == "Conv1D":
-                raise ValueError(CONV1D_REFUSAL.format(method=self.method, what=f"{type(self.skeleton).__name__} ({spec.name}, ...)"))
+                raise ValueError(
+                    CONV1D_REFUSAL.format(method=self.method, what=f"{type(self.skeleton).__name__} ({spec.name}, ...)")
+                )
             if not spec.dtype.is_floating_point:
                 raise ValueError(f"{self.method}: {name}.weight is {spec.dtype}, not floating point")
             if self.group and spec.shape[1] % self.group:
-                raise ValueError(f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size {self.group}")
+                raise ValueError(
+                    f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size {self.group}"
+                )
             self.names.append(name)
 
     def _scale_cols(self, spec: TensorSpec) -> int:
@@ -216,10 +241,15 @@ class QuantizeStep(StreamStep):
                 out.append(TensorSpec(f"{base}.weight_zero_point", torch.int8, scale.shape))
             return out
         bits = self.args.num_bits
-        out = [TensorSpec(f"{base}.weight_packed", torch.int32, (rows, math.ceil(cols * bits / 32))), scale,
-               TensorSpec(f"{base}.weight_shape", torch.int64, (2,))]
+        out = [
+            TensorSpec(f"{base}.weight_packed", torch.int32, (rows, math.ceil(cols * bits / 32))),
+            scale,
+            TensorSpec(f"{base}.weight_shape", torch.int64, (2,)),
+        ]
         if not self.args.symmetric:
-            out.append(TensorSpec(f"{base}.weight_zero_point", torch.int32, (math.ceil(rows * bits / 32), scale.shape[1])))
+            out.append(
+                TensorSpec(f"{base}.weight_zero_point", torch.int32, (math.ceil(rows * bits / 32), scale.shape[1]))
+            )
         return out
 
     def start(self, spec: TensorSpec, target: Target | None, whole: Callable[[], torch.Tensor]) -> None:
@@ -227,11 +257,17 @@ class QuantizeStep(StreamStep):
         self._scales, self._zps = [], []
         self.float_bytes += spec.nbytes
 
-    def rows(self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True) -> torch.Tensor:
+    def rows(
+        self, spec: TensorSpec, target: Target | None, x: torch.Tensor, r0: int, record: bool = True
+    ) -> torch.Tensor:
         n, width = x.shape
         cols = self._scale_cols(spec)
         bits = self.args.num_bits
-        out = torch.empty(n, math.ceil(width * bits / 32), dtype=torch.int32) if self.packed else torch.empty(n, width, dtype=torch.int8)
+        out = (
+            torch.empty(n, math.ceil(width * bits / 32), dtype=torch.int32)
+            if self.packed
+            else torch.empty(n, width, dtype=torch.int8)
+        )
         scales = torch.empty(n, cols, dtype=spec.dtype)  # stored in the parameter's dtype
         zps = None if self.args.symmetric else torch.empty(n, cols, dtype=self.args.zp_dtype or torch.int8)
 
@@ -251,8 +287,9 @@ class QuantizeStep(StreamStep):
                 zps[a:b].copy_(zp.reshape(b - a, cols))
             # The integers exactly as compressed-tensors' quantize makes them from the stored
             # scale (tests/test_stream.py compares the artifacts bit for bit).
-            q, se, sw, mx = quant.quantize_rows(xs, scales[a:b], None if zps is None else zps[a:b], bits, self.group,
-                                                scratch, w_float=wf)
+            q, se, sw, mx = quant.quantize_rows(
+                xs, scales[a:b], None if zps is None else zps[a:b], bits, self.group, scratch, w_float=wf
+            )
             if self.packed:
                 quant.pack_int32(q, bits, out=out[a:b])
             else:
@@ -261,7 +298,9 @@ class QuantizeStep(StreamStep):
 
         step = max(1, BLOCK_ELEMENTS // max(1, width))
         self.input_nonzero = 0
-        for count, nonzero, se, sw, mx in parallel.map_ordered(block, [(a, min(a + step, n)) for a in range(0, n, step)]):
+        for count, nonzero, se, sw, mx in parallel.map_ordered(
+            block, [(a, min(a + step, n)) for a in range(0, n, step)]
+        ):
             self.input_nonzero += nonzero
             # Summed in row order whatever thread finished first: the metrics do not vary run to run.
             self._layer.elements += count
@@ -310,8 +349,11 @@ class QuantizeStep(StreamStep):
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
         module = self.skeleton
-        apply_quantization_config(module, QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=self._ignored()),
-                                  show_progress=False)
+        apply_quantization_config(
+            module,
+            QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=self._ignored()),
+            show_progress=False,
+        )
         mods = dict(module.named_modules())
         for n in self.names:
             # What the in-memory path's modules say once compress_model ran before the config is written.
@@ -327,18 +369,24 @@ class QuantizeStep(StreamStep):
 
         act = self.scheme.input_activations
         ignore = self._ignored()
-        self.notes.update({
-            "format": f"compressed-tensors {self.fmt}",
-            "runs": RUNS_DECOMPRESSED,
-            "runs_detail": (
-                "transformers + compressed-tensors on CPU dequantize the integer weights to their float dtype on the "
-                "first forward pass; no integer matmul kernel runs"
-                + ("; int8 activations are simulated per token (quantize-dequantize in floating point)" if act else "")
-            ),
-            "ignored_layers": ignore,
-            "memory_bytes_extra": self.extra_bytes,
-            "memory_bytes_compressed_delta": self.packed_bytes - self.float_bytes + self.zp_delta,
-        })
+        self.notes.update(
+            {
+                "format": f"compressed-tensors {self.fmt}",
+                "runs": RUNS_DECOMPRESSED,
+                "runs_detail": (
+                    "transformers + compressed-tensors on CPU dequantize the integer weights to their float dtype on the "
+                    "first forward pass; no integer matmul kernel runs"
+                    + (
+                        "; int8 activations are simulated per token (quantize-dequantize in floating point)"
+                        if act
+                        else ""
+                    )
+                ),
+                "ignored_layers": ignore,
+                "memory_bytes_extra": self.extra_bytes,
+                "memory_bytes_compressed_delta": self.packed_bytes - self.float_bytes + self.zp_delta,
+            }
+        )
         return {
             "scheme": self.scheme_name,
             **(self.extra() if self.extra else {}),
