@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install run test tools
+.PHONY: install run test test-unit lint tools
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build. Then the
 # project with every other package at the version CI tested (constraints.txt).
@@ -26,5 +26,19 @@ tools:
 run: install
 	$(VENV)/bin/modelpress serve --host $(HOST) --port $(PORT)
 
+# Everything, on every core (pytest-xdist; tests/conftest.py keeps each xdist worker's servers,
+# databases and Redis keys apart). Tiers: -m unit (no server, no subprocess: <= 60 s),
+# integration (real PostgreSQL/Redis/Celery/API processes), e2e (whole flows through the CLI,
+# a browser or the images), slow (a test over ~20 s).
 test: install tools
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
+
+test-unit: install
+	$(PY) -m pytest -q -m unit -n auto
+
+# ruff (lint and format), mypy (strict on core and the SDK), the import contracts (.importlinter).
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy core modelpress
+	$(VENV)/bin/lint-imports
