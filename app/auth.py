@@ -15,7 +15,8 @@ sends ``NOTIFY modelpress_api_keys`` in the revoking transaction; PostgreSQL del
 to every API process, each of which keeps one connection LISTENing (:class:`_Invalidations`, a
 daemon thread started by the first authenticated request) and empties its cache on every
 notification: the next request of that key is looked up and refused, milliseconds after the
-commit. An entry is trusted for ``auth_cache_ttl_s`` only while that listener is known to be
+commit. An entry is trusted for ``Settings.auth_cache_ttl_s`` (core/config.py, env
+``MODELPRESS_AUTH_CACHE_TTL_S``, default 5 s, 0: no cache) only while that listener is known to be
 alive (it pings every ``_PING_S``); otherwise, and always on SQLite (embedded mode, one API
 process: a revocation through the API empties the cache at once, one made with the server CLI is
 seen within the bound), for at most ``REVOCATION_BOUND_S``. A listener that (re)connects empties
@@ -34,7 +35,6 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -92,14 +92,6 @@ def key_prefix(key: str) -> str | None:
     return parts[1] if len(parts) == 3 and parts[0] == "mp" and parts[1] else None
 
 
-def create_key(session: Session, tenant_name: str, scopes: Iterable[str] = ()) -> str:
-    """Create (or reuse) the tenant and return a new key with ``scopes``; the caller commits."""
-    from app.keys import repository
-
-    _row, key = repository.add(session, tenant_name, sorted(set(scopes)))
-    return key
-
-
 def resolve_key(session: Session, key: str) -> Caller | None:
     parts = key.split("_", 2)
     prefix, secret = (parts[1], parts[2]) if len(parts) == 3 and parts[0] == "mp" else ("", key)
@@ -125,7 +117,6 @@ def resolve_key(session: Session, key: str) -> Caller | None:
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer mp_...`")
 
 
-AUTH_CACHE_TTL_S = 5.0
 # The longest a revoked key may still be accepted by a process that cannot count on hearing of
 # the revocation (no listener, or one not known to be alive).
 REVOCATION_BOUND_S = 1.0

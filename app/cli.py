@@ -207,8 +207,9 @@ def _bootstrap_key(data_dir: Path) -> str:
     It is an admin key: embedded mode is one operator's service on one host, and whoever can read
     <data_dir> can use the database directly anyway; so `modelpress keys ...` through the API works
     with the key `serve` prints. A bootstrap key made before scopes existed is made admin here."""
-    from app.auth import ADMIN, create_key, resolve_key
+    from app.auth import ADMIN, resolve_key
     from app.keys import repository
+    from app.keys.service import create_key
     from core.db import get_sessionmaker
 
     path = data_dir / "api-key"
@@ -274,7 +275,7 @@ def _freeze_heap() -> None:
 def run_uvicorn(app: Any, host: str, port: int) -> None:
     """Serve ``app`` as ``modelpress serve`` does: one process, uvicorn's own access log off (the
     app's middleware writes one), uvicorn's loggers propagating to our root handler
-    (app/observability.py). bench/bare_app.py serves its bare endpoint through this too, so a load
+    (app/observability/). bench/bare_app.py serves its bare endpoint through this too, so a load
     comparison runs both apps under the same server configuration.
 
     The garbage collector: a full collection walks every object the process holds that could be
@@ -367,7 +368,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     unknown = [q for q in queues if q not in QUEUES]
     if not queues or unknown:
         print(
-            f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; the queues are {', '.join(QUEUES)}",
+            f"modelpress worker: unknown queue(s) {', '.join(unknown) or '(none given)'}; "
+            f"the queues are {', '.join(QUEUES)}",
             file=sys.stderr,
         )
         return 2

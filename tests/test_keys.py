@@ -319,7 +319,7 @@ def test_a_bootstrap_key_from_before_scopes_becomes_admin(tmp_path, monkeypatch)
     try:
         cli.migrate()
         with db.get_sessionmaker()() as s:
-            from app.auth import create_key
+            from app.keys.service import create_key
 
             old = create_key(s, "default")  # no scope, as every key before 0011
             s.commit()

@@ -1,4 +1,5 @@
-"""All SQL on API keys (the key format and the lookup of a presented key are app/auth.py's)."""
+"""All SQL on API keys (the key format and the lookup of a presented key are app/auth.py's: this
+module imports app.auth, never the reverse)."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ from typing import Any
 from sqlalchemy import or_, select, text, update
 from sqlalchemy.orm import Session
 
+from app.auth import CHANNEL, new_key
 from core.pagination import page
 from core.tables import ApiKey, Tenant, utcnow
 
 
 def add(session: Session, tenant_name: str, scopes: list[str]) -> tuple[ApiKey, str]:
     """A new key of the tenant (created if new): the row and the whole key. Flushes, never commits."""
-    from app.auth import new_key
-
     tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
     if tenant is None:
         tenant = Tenant(name=tenant_name)
@@ -65,8 +65,6 @@ def revoke(session: Session, key_id: str) -> bool:
 
 
 def notify_revoked(session: Session, key_id: str) -> None:
-    from app.auth import CHANNEL
-
     bind: Any = session.get_bind()
     if bind.dialect.name == "postgresql":
         session.execute(text("SELECT pg_notify(:channel, :key_id)"), {"channel": CHANNEL, "key_id": key_id})

@@ -10,6 +10,7 @@ does, core/db.py); the server CLI (app/cli.py) calls the same functions with a s
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
@@ -53,15 +54,22 @@ def list_page(
     session: Session, caller: Caller, tenant: str | None, all_tenants: bool, limit: int, cursor: str | None
 ) -> list[ApiKey]:
     """The page of keys the caller asked for and may see (403 for another tenant's without admin)."""
-    if all_tenants or (tenant is not None and tenant != caller.tenant_name):
-        if not caller.is_admin:
-            raise Forbidden("only an admin key may list another tenant's keys", code="admin_required")
+    other_tenants = all_tenants or (tenant is not None and tenant != caller.tenant_name)
+    if other_tenants and not caller.is_admin:
+        raise Forbidden("only an admin key may list another tenant's keys", code="admin_required")
     if all_tenants:
         return repository.list_page(session, None, limit, cursor)
     tenant_id = caller.tenant_id if tenant is None else repository.tenant_id_of(session, tenant)
     if tenant_id is None:
         raise NotFound(f"no tenant {tenant}")
     return repository.list_page(session, tenant_id, limit, cursor)
+
+
+def create_key(session: Session, tenant_name: str, scopes: Iterable[str] = ()) -> str:
+    """Create (or reuse) the tenant and return a new key with ``scopes``, unchecked (the server
+    CLI's bootstrap key); flushes, the caller commits."""
+    _row, key = repository.add(session, tenant_name, sorted(set(scopes)))
+    return key
 
 
 def create(session: Session, tenant: str, scopes: list[str]) -> ApiKeyCreated:
