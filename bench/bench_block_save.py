@@ -132,7 +132,7 @@ def main() -> int:
                 out = {}
                 for f in sorted(d.glob("*.safetensors")):
                     with safe_open(str(f), "pt") as h:
-                        out.update({k: f for k in h.keys()})
+                        out.update({k: f for k in h})
                 return out
 
             a, b = names(root / "old"), names(root / "new")

@@ -198,8 +198,10 @@ def bench_prune(repeats: int) -> list[str]:
     return [
         f"target weights: {_mb(tb)}",
         f"clone of targets        : {clone['seconds']:7.3f} s   extra {_mb(clone['extra_peak_bytes'])}",
-        f"study recipe (global_unstructured + remove): {study['seconds']:7.3f} s   extra {_mb(study['extra_peak_bytes'])}",
-        f"modelpress prune.magnitude (global 50%)    : {ours['seconds']:7.3f} s   extra {_mb(ours['extra_peak_bytes'])}",
+        f"study recipe (global_unstructured + remove): {study['seconds']:7.3f} s   extra "
+        f"{_mb(study['extra_peak_bytes'])}",
+        f"modelpress prune.magnitude (global 50%)    : {ours['seconds']:7.3f} s   extra "
+        f"{_mb(ours['extra_peak_bytes'])}",
         f"  speed-up vs study recipe : {study['seconds'] / ours['seconds']:6.1f}x   (target >= 20x)",
         f"  extra memory / targets   : {ours['extra_peak_bytes'] / tb:6.3f}    (target <= 0.1)",
         f"  time / one clone         : {ours['seconds'] / clone['seconds']:6.2f}x   (target <= 5x)",
@@ -210,7 +212,8 @@ def bench_cast(repeats: int) -> list[str]:
     clones = {"gpt2": _child("clone_all", repeats), "llama": _child("llama_clone_all", repeats)}
     lines = [
         f"GPT-2 small: all weights {_mb(clones['gpt2']['all_weight_bytes'])}, clone {clones['gpt2']['seconds']:.3f} s",
-        f"Llama, GPT-2-small-sized (Linear layers): all weights {_mb(clones['llama']['all_weight_bytes'])}, clone {clones['llama']['seconds']:.3f} s",
+        f"Llama, GPT-2-small-sized (Linear layers): all weights {_mb(clones['llama']['all_weight_bytes'])}, clone "
+        f"{clones['llama']['seconds']:.3f} s",
     ]
     for case in ("cast_fp16", "weight_only_8", "weight_only_4"):
         clone = clones["llama" if case.startswith("weight_only_") else "gpt2"]
@@ -219,7 +222,8 @@ def bench_cast(repeats: int) -> list[str]:
             lines.append(f"{case:14s}: skipped ({r['skipped']})")
             continue
         lines.append(
-            f"{case:14s}: {r['seconds']:7.3f} s = {r['seconds'] / clone['seconds']:5.2f}x clone  (target <= 2x)   extra {_mb(r['extra_peak_bytes'])}"
+            f"{case:14s}: {r['seconds']:7.3f} s = {r['seconds'] / clone['seconds']:5.2f}x clone  (target <= 2x)   "
+            f"extra {_mb(r['extra_peak_bytes'])}"
         )
     return lines
 
@@ -333,7 +337,8 @@ def main() -> None:
     import platform
 
     print(
-        f"# modelpress compression benchmarks  ({platform.node()}, {os.cpu_count()} cores, python {platform.python_version()})"
+        f"# modelpress compression benchmarks  ({platform.node()}, {os.cpu_count()} cores, python "
+        f"{platform.python_version()})"
     )
     for name, fn in (("prune", bench_prune), ("cast", bench_cast), ("e2e", bench_e2e)):
         if name in args.only.split(","):

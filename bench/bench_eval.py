@@ -104,7 +104,7 @@ def prepare_gemma(dest: Path, dtype: str) -> None:
 
     pieces, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores")
     tok = _gemma_tokenizer(
-        list(zip(pieces, map(float, scores))),
+        list(zip(pieces, map(float, scores), strict=True)),
         int(field("tokenizer.ggml.bos_token_id")),
         int(field("tokenizer.ggml.eos_token_id")),
         int(field("tokenizer.ggml.padding_token_id")),
@@ -218,7 +218,8 @@ def main() -> None:
             f"{torch.get_num_threads()} threads, torch {torch.__version__})"
         )
         print(
-            f"# model: Gemma 3 270M, weights dequantized from Q4_K_M (GGUF), saved as {cfg.get('dtype') or cfg.get('torch_dtype')} "
+            "# model: Gemma 3 270M, weights dequantized from Q4_K_M (GGUF), saved as "
+            f"{cfg.get('dtype') or cfg.get('torch_dtype')} "
             f"in {t_prep:.0f} s; vocab {cfg['vocab_size']}"
         )
         step = {"method": "quantize.weight_only", "params": {"bits": args.bits, "group_size": args.group_size}}
@@ -237,16 +238,21 @@ def main() -> None:
         else f"original {st.get('evaluate_original', 0):.1f} s, compressed {st.get('evaluate_compressed', 0):.1f} s"
     )
     print(
-        f"total {st['total']:.1f} s (wall {wall:.1f} s); evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % ({how})"
+        f"total {st['total']:.1f} s (wall {wall:.1f} s); "
+        f"evaluation {ev_s:.1f} s = {100 * ev_s / st['total']:.0f} % ({how})"
     )
     cpu = metrics["bench_cpu_seconds"]
+    with open("/proc/loadavg") as fh:
+        loadavg = " ".join(fh.read().split()[:3])
     print(
-        f"cpu: job {cpu['total']:.1f} s, evaluation {cpu['evaluation']:.1f} s = {100 * cpu['evaluation'] / cpu['total']:.0f} % "
-        f"(process CPU time, all threads; load average {' '.join(open('/proc/loadavg').read().split()[:3])})"
+        f"cpu: job {cpu['total']:.1f} s, "
+        f"evaluation {cpu['evaluation']:.1f} s = {100 * cpu['evaluation'] / cpu['total']:.0f} % "
+        f"(process CPU time, all threads; load average {loadavg})"
     )
     mem = metrics.get("memory") or {}
     print(
-        f"memory: peak_anon {(mem.get('peak_anon_bytes') or 0) / 2**20:.0f} MiB, peak_rss {(mem.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB"
+        f"memory: peak_anon {(mem.get('peak_anon_bytes') or 0) / 2**20:.0f} MiB, "
+        f"peak_rss {(mem.get('peak_rss_bytes') or 0) / 2**20:.0f} MiB"
     )
     print("stage_seconds", json.dumps(st))
     q, f, sp = metrics["quality"], metrics["fidelity"], metrics["speed"]

@@ -190,7 +190,8 @@ def polling_part(args: argparse.Namespace, wrk: str, svc: Service, bare_url: str
     errors = sum(r["errors"] for r in job_runs + bare_runs)
     print()
     print(
-        f"{'endpoint':<22} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'requests':>9} {'non-2xx':>7} {'sockerr':>7}"
+        f"{'endpoint':<22} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'requests':>9} {'non-2xx':>7} "
+        f"{'sockerr':>7}"
     )
     print(fmt_row("bare FastAPI", bare))
     print(fmt_row("GET /v1/jobs/{id}", job))

@@ -72,7 +72,8 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, engine {torch.backends.quantized.engine})"
     )
     print(
-        f"# model: Llama 6x768, FFN 3072, vocab 8000; timed pass batch {SETTINGS['batch_size']} x {SETTINGS['seq_len']} "
+        f"# model: Llama 6x768, FFN 3072, vocab 8000; timed pass batch {SETTINGS['batch_size']} x "
+        f"{SETTINGS['seq_len']} "
         f"tokens, median of {SETTINGS['runs']} after {SETTINGS['warmup']} warm-up"
     )
     print()
@@ -102,12 +103,14 @@ def main() -> None:
         speedup = f"{sp['speedup']:.2f}x" if sp.get("speedup") else "none"
         print(
             f"| {name} {params or ''} | {sp['original']['median_ms']:.1f} | {sp['compressed']['median_ms']:.1f} | "
-            f"{sp['runs_as']} | {speedup} | {sp['latency_ratio']:.3f} | {f['kl_mean']:.2e} | {f['top1_agreement']:.3f} | "
+            f"{sp['runs_as']} | {speedup} | {sp['latency_ratio']:.3f} | {f['kl_mean']:.2e} | "
+            f"{f['top1_agreement']:.3f} | "
             f"{t_orig + t_comp:.1f} | {t_method:.1f} |"
         )
         if "decompressed" in sp:
             print(
-                f"|  ...same artifact as transformers runs it (decompressed) | | {sp['decompressed']['median_ms']:.1f} | | | "
+                "|  ...same artifact as transformers runs it (decompressed) | | "
+                f"{sp['decompressed']['median_ms']:.1f} | | | "
                 f"{sp['decompressed']['median_ms'] / sp['original']['median_ms']:.3f} | | | | |"
             )
         sys.stdout.flush()

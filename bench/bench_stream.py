@@ -1,6 +1,6 @@
 """Real-size models through the service: worker memory and wall time against the I/O floor (issue 14).
 
-    .venv/bin/python bench/bench_stream.py --size 2GiB                          # weight_only 4-bit g128, global magnitude 50%
+    .venv/bin/python bench/bench_stream.py --size 2GiB     # weight_only 4-bit g128, global magnitude 50%
     .venv/bin/python bench/bench_stream.py --size 30GiB --jobs wo4,prune        # larger than RAM (24 GiB here)
     .venv/bin/python bench/bench_stream.py --size 2GiB --jobs gptq              # calibrated: GPTQ W4A16
     .venv/bin/python bench/bench_stream.py --checkpoint DIR --jobs cast         # an existing HF folder, kept
@@ -425,7 +425,8 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     mem_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     print(
-        f"## machine: {os.cpu_count()} CPUs, {mem_total / GiB:.1f} GiB memory, {free_bytes(args.workdir) / GiB:.1f} GiB "
+        f"## machine: {os.cpu_count()} CPUs, {mem_total / GiB:.1f} GiB memory, {free_bytes(args.workdir) / GiB:.1f} "
+        "GiB "
         f"free under {args.workdir}, load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
@@ -446,7 +447,8 @@ def main() -> int:
             f"   hidden {shape.hidden}, FFN {shape.intermediate}, {shape.layers} layers, {shape.heads} heads "
             f"({shape.kv_heads} KV), vocab {shape.vocab}: {info.parameters / 1e9:.3f}B parameters, "
             f"{info.file_bytes / GiB:.2f} GiB in {sum(f.endswith('.safetensors') for f in info.files)} shard(s), "
-            f"{info.seconds:.1f} s (tensor data {info.write_seconds:.1f} s, {info.tensor_bytes / info.write_seconds / MiB:.0f} MiB/s)",
+            f"{info.seconds:.1f} s (tensor data {info.write_seconds:.1f} s, "
+            f"{info.tensor_bytes / info.write_seconds / MiB:.0f} MiB/s)",
             flush=True,
         )
     else:
@@ -646,7 +648,8 @@ def report(
         if r.plan_peak and r.peak_anon:
             ratio = r.plan_peak / r.peak_anon
             print(
-                f"  {r.name}: plan's peak {r.plan_peak / GiB:.2f} GiB / measured {r.peak_anon / GiB:.2f} GiB = {ratio:.2f} "
+                f"  {r.name}: plan's peak {r.plan_peak / GiB:.2f} GiB / measured {r.peak_anon / GiB:.2f} GiB = "
+                f"{ratio:.2f} "
                 f"(within +-30 %: {'PASS' if 0.7 <= ratio <= 1.3 else 'FAIL'})"
             )
         elif r.status != "succeeded":

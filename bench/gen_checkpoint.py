@@ -418,9 +418,8 @@ def write_tokenizer(out: Path) -> None:
     # Only JSON reaches the service; anything else save_pretrained may add (e.g. a chat template
     # file) is not part of the checkpoint this generator promises.
     for p in out.iterdir():
-        if p.name.startswith("tokenizer") or p.name == "special_tokens_map.json":
-            if p.suffix != ".json":
-                p.unlink()
+        if (p.name.startswith("tokenizer") or p.name == "special_tokens_map.json") and p.suffix != ".json":
+            p.unlink()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -598,8 +598,9 @@ class Evaluator:
         """For a model too large to hold twice: ``original`` was loaded with its weights on disk
         (model_io.load with an offload folder), and the artifact is loaded the same way
         (compressed-tensors' disk offload: the folders link to the models' files; the artifact's
-        integer layers are decompressed on its first pass into ``offload_dir``, not into memory). Every forward pass onloads one module at a time, so
-        the process holds about one layer of each model, plus one text's outputs of each.
+        integer layers are decompressed on its first pass into ``offload_dir``, not into memory).
+        Every forward pass onloads one module at a time, so the process holds about one layer of
+        each model, plus one text's outputs of each.
 
         Each text goes through the original, then the compressed model, and is compared at once:
         nothing of the original is kept across texts. The budget and the minimums are the
@@ -765,7 +766,8 @@ class Evaluator:
             self.kernel = {
                 "runs_as": "decompressed",
                 "kernel": "transformers decompressed float",
-                "note": f"int8 kernels failed ({e.__class__.__name__}: {str(e)[:200]}); latency is of the decompressed model",
+                "note": f"int8 kernels failed ({e.__class__.__name__}: {str(e)[:200]}); latency is of the "
+                "decompressed model",
             }
             return
         self.kernel = {
@@ -909,7 +911,7 @@ class Evaluator:
             po, pc = m.perplexity(sum(o.nll), sum(o.tokens)), m.perplexity(sum(c.nll), sum(c.tokens))
             ci_o, ci_c = m.perplexity_interval(o.nll, o.tokens), m.perplexity_interval(c.nll, c.tokens)
             # Paired: the same tokens through both models; exp of the NLL difference is the ratio.
-            ci_r = m.perplexity_interval([b - a for a, b in zip(o.nll, c.nll)], o.tokens)
+            ci_r = m.perplexity_interval([b - a for a, b in zip(o.nll, c.nll, strict=True)], o.tokens)
             ci = {"original": ci_o, "compressed": ci_c, "ratio": ci_r}
             return {
                 **base,

@@ -115,9 +115,7 @@ def _weights_on_disk(module: nn.Module) -> bool:
 def _selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
     if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
         return False
-    if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
-        return False
-    return True
+    return not (exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude))
 
 
 def model_class(config: Any) -> type:

@@ -849,7 +849,8 @@ def _execute_stream(
         "memory": peak.result(),
         "engine": {
             "path": "stream",
-            "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never built in memory",
+            "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never "
+            "built in memory",
         },
         "steps": step_metrics,
         "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},

@@ -24,6 +24,7 @@ folder is never taken for an old one.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -74,10 +75,8 @@ def tree_bytes(path: Path) -> int:
     total = 0
     for root, _dirs, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:
-                pass
     return total
 
 

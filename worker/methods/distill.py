@@ -62,7 +62,8 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
             continue
         if max(ids) >= vocab:
             raise ValueError(
-                f"the tokenizer produced token id {max(ids)} but the model's vocabulary has {vocab} entries: tokenizer and model do not match"
+                f"the tokenizer produced token id {max(ids)} but the model's vocabulary has {vocab} entries: "
+                "tokenizer and model do not match"
             )
         rows.append((ids, label))
     if not rows:
@@ -225,7 +226,8 @@ def _label_ids(samples: list[dict[str, Any]], config: Any) -> tuple[dict[str, in
     missing = sum(1 for s in samples if "label" not in s)
     if missing:
         raise ValueError(
-            f"distilling a sequence classifier needs a labeled dataset: {missing} of {len(samples)} samples have no 'label'"
+            f"distilling a sequence classifier needs a labeled dataset: {missing} of {len(samples)} samples have no "
+            "'label'"
         )
     distinct = sorted({s["label"] for s in samples})
     n = config.num_labels
@@ -244,7 +246,8 @@ def _label_ids(samples: list[dict[str, Any]], config: Any) -> tuple[dict[str, in
 def _check_compatible(teacher: Any, student: Any, kind: str) -> None:
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(
-            f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's ({teacher.config.vocab_size})"
+            f"the student's vocabulary ({student.config.vocab_size}) differs from the teacher's "
+            f"({teacher.config.vocab_size})"
         )
     if kind == "sequence_classification" and student.config.num_labels != teacher.config.num_labels:
         raise ValueError(

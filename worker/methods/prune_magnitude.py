@@ -1,4 +1,5 @@
-"""``prune.magnitude``: the handler (core/methods/prune_magnitude.py has the method's parameters, checks and description)."""
+"""``prune.magnitude``: the handler (core/methods/prune_magnitude.py has the method's parameters,
+checks and description)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``prune.sparsegpt``: the handler (core/methods/prune_sparsegpt.py has the method's parameters, checks and description)."""
+"""``prune.sparsegpt``: the handler (core/methods/prune_sparsegpt.py has the method's parameters,
+checks and description)."""
 
 from __future__ import annotations
 

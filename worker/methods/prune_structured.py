@@ -1,4 +1,5 @@
-"""``prune.structured``: the handler (core/methods/prune_structured.py has the method's parameters, checks and description)."""
+"""``prune.structured``: the handler (core/methods/prune_structured.py has the method's parameters,
+checks and description)."""
 
 from __future__ import annotations
 
@@ -329,7 +330,8 @@ def _stream_step_class() -> type:
                     raise NotStreamable(f"prune.structured: {key} is not a tensor of the checkpoint")
                 if source.spec(at[key]).shape != shape:
                     raise NotStreamable(
-                        f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the module"
+                        f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the "
+                        "module"
                     )
             # The scored weights, read once each in checkpoint order; only their norms are kept.
             # Their biases (a few KB) are read first: a bias is part of its feature's vector.

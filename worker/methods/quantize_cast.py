@@ -1,4 +1,5 @@
-"""``quantize.cast``: the handler (core/methods/quantize_cast.py has the method's parameters, checks and description)."""
+"""``quantize.cast``: the handler (core/methods/quantize_cast.py has the method's parameters,
+checks and description)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``quantize.dynamic_int8``: the handler (core/methods/quantize_dynamic_int8.py has the method's parameters, checks and description)."""
+"""``quantize.dynamic_int8``: the handler (core/methods/quantize_dynamic_int8.py has the method's
+parameters, checks and description)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``quantize.fixed_point``: the handler (core/methods/quantize_fixed_point.py has the method's parameters, checks and description)."""
+"""``quantize.fixed_point``: the handler (core/methods/quantize_fixed_point.py has the method's
+parameters, checks and description)."""
 
 from __future__ import annotations
 

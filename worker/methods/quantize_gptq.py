@@ -1,4 +1,5 @@
-"""``quantize.gptq``: the handler (core/methods/quantize_gptq.py has the method's parameters, checks and description)."""
+"""``quantize.gptq``: the handler (core/methods/quantize_gptq.py has the method's parameters,
+checks and description)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``quantize.smoothquant``: the handler (core/methods/quantize_smoothquant.py has the method's parameters, checks and description)."""
+"""``quantize.smoothquant``: the handler (core/methods/quantize_smoothquant.py has the method's
+parameters, checks and description)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""``quantize.weight_only``: the handler (core/methods/quantize_weight_only.py has the method's parameters, checks and description)."""
+"""``quantize.weight_only``: the handler (core/methods/quantize_weight_only.py has the method's
+parameters, checks and description)."""
 
 from __future__ import annotations
 

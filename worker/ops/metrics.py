@@ -181,7 +181,7 @@ def ratio_t_interval(
     not independent, samples are the unit) and its two-sided interval
     ``r ± t(n-1) · sqrt(n / (n-1) · Σ (s_i - r·c_i)²) / Σ c_i``. None when fewer than 2 samples
     have positions (no spread to measure)."""
-    pairs = [(float(s), float(c)) for s, c in zip(sums, counts) if c > 0]
+    pairs = [(float(s), float(c)) for s, c in zip(sums, counts, strict=True) if c > 0]
     n = len(pairs)
     total = sum(c for _, c in pairs)
     if n < 2 or total <= 0:

@@ -294,7 +294,8 @@ def hf_targets(src_dir: Path, reader: ShardReader) -> tuple[dict[str, Target], A
         mod = mods[t.name.removesuffix(".weight")]
         if tuple(t.weight.shape) != reader.spec(t.name).shape:
             raise NotStreamable(
-                f"{t.name}: checkpoint shape {reader.spec(t.name).shape} differs from the module's {tuple(t.weight.shape)}"
+                f"{t.name}: checkpoint shape {reader.spec(t.name).shape} differs from the module's "
+                f"{tuple(t.weight.shape)}"
             )
         out[t.name] = Target(t.name, t.row_dim, "Conv1D" if isinstance(mod, Conv1D) else type(mod).__name__)
     return out, module

@@ -15,6 +15,7 @@ artifact) or any non-seekable sink: nothing is written twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import mmap
 import struct
@@ -124,10 +125,8 @@ class ShardReader:
             # ACCESS_COPY: a writable (private) view torch.frombuffer accepts without copying;
             # nothing ever writes to it, so every page stays a file page.
             m = self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            try:
+            with contextlib.suppress(AttributeError, OSError):
                 m.madvise(mmap.MADV_SEQUENTIAL)
-            except (AttributeError, OSError):
-                pass
         return m
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -166,17 +165,14 @@ class ShardReader:
         a kernel or platform without it changes nothing)."""
         e = self.entries[name]
         start = e.start - e.start % mmap.PAGESIZE
-        try:
+        with contextlib.suppress(AttributeError, OSError, ValueError):
             m.madvise(advice, start, max(0, min(e.end, len(m)) - start))
-        except (AttributeError, OSError, ValueError):
-            pass
 
     def close(self) -> None:
         for m in self._maps.values():
-            try:
+            # A view still alive somewhere keeps it open (BufferError); the GC closes it.
+            with contextlib.suppress(BufferError):
                 m.close()
-            except BufferError:  # a view is still alive somewhere; the GC closes it
-                pass
         for f in self._fds:
             f.close()
         self._maps.clear()

@@ -10,6 +10,7 @@ state dict's single safetensors file the same way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import zipfile
 from pathlib import Path
@@ -74,10 +75,8 @@ class ZipSink:
 
 def _close_quietly(f: BinaryIO) -> None:
     # Closing flushes the buffer, which fails again on a full disk: the file is deleted anyway.
-    try:
+    with contextlib.suppress(OSError):
         f.close()
-    except OSError:
-        pass
 
 
 class _File:

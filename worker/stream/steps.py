@@ -224,7 +224,8 @@ class QuantizeStep(StreamStep):
                 raise ValueError(f"{self.method}: {name}.weight is {spec.dtype}, not floating point")
             if self.group and spec.shape[1] % self.group:
                 raise ValueError(
-                    f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size {self.group}"
+                    f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size "
+                    f"{self.group}"
                 )
             self.names.append(name)
 
@@ -374,8 +375,8 @@ class QuantizeStep(StreamStep):
                 "format": f"compressed-tensors {self.fmt}",
                 "runs": RUNS_DECOMPRESSED,
                 "runs_detail": (
-                    "transformers + compressed-tensors on CPU dequantize the integer weights to their float dtype on the "
-                    "first forward pass; no integer matmul kernel runs"
+                    "transformers + compressed-tensors on CPU dequantize the integer weights to their float dtype "
+                    "on the first forward pass; no integer matmul kernel runs"
                     + (
                         "; int8 activations are simulated per token (quantize-dequantize in floating point)"
                         if act
