@@ -45,22 +45,16 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
+from app.errors import Forbidden
 from core.config import get_settings
 from core.db import read_uow
-from core.errors import ModelpressError, Unauthorized
+from core.errors import Unauthorized
 from core.tables import ApiKey, Tenant
 
 log = logging.getLogger("modelpress.auth")
 
 _DUMMY_DIGEST = hashlib.sha256(b"no-such-key").hexdigest()
 ADMIN = "admin"
-
-
-class Forbidden(ModelpressError):
-    """A valid key without the scope the route needs (403). Here rather than in app/errors.py
-    because only key management needs it so far."""
-
-    status, code, title = 403, "forbidden", "Forbidden"
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,11 @@ Every 4xx/5xx leaves the API as RFC 9457 ``application/problem+json``::
     {"type": "/problems/<code>", "title": ..., "status": ..., "detail": ..., "code": ...,
      "errors": [{"loc": [...], "msg": ..., "type": ...}]}   # "errors" on 422 only
 
-The error tree (each class with its status and code) is in core/errors.py's docstring.
+The error tree (each class with its status and code) is in core/errors.py's docstring; the one
+app-only error, ``Forbidden`` (403), is here. A status's code and title are written once, on its
+class: the handlers below and ``_STATUS_CODES`` (Starlette's own HTTPExceptions) read them from
+there. ``_ERROR_DESCRIPTIONS`` is something else: what a status means on this API, for the
+OpenAPI spec.
 
 No stack trace ever reaches a client: unexpected exceptions are logged and answered with a bare 500.
 
@@ -27,7 +31,19 @@ from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
-from core.errors import PROBLEM_JSON, ModelpressError
+from core.errors import (
+    PROBLEM_JSON,
+    BadRequest,
+    Conflict,
+    ModelpressError,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ServiceUnavailable,
+    Unauthorized,
+    Unprocessable,
+    UnsupportedMediaType,
+)
 
 log = logging.getLogger("modelpress.errors")
 
@@ -113,19 +129,34 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
-_STATUS_CODES = {
-    400: ("bad_request", "Bad request"),
-    401: ("unauthorized", "Missing or invalid API key"),
-    403: ("forbidden", "Forbidden"),
-    404: ("not_found", "Not found"),
+class Forbidden(ModelpressError):
+    """A valid key without the scope the route needs (403): only key management needs it so far
+    (app/auth.py re-exports it)."""
+
+    status, code, title = 403, "forbidden", "Forbidden"
+
+
+# The code and title of an HTTPException that Starlette or FastAPI raised (a 404 of no route, a 405,
+# a body FastAPI could not parse), taken from the typed error of the same status: one source.
+# 405, 406 and 416 have no typed error (nothing of ours raises them), hence their own line.
+_STATUS_CODES: dict[int, tuple[str, str]] = {
+    **{
+        cls.status: (cls.code, cls.title)
+        for cls in (
+            BadRequest,
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            RequestTimeout,
+            Conflict,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            Unprocessable,
+        )
+    },
     405: ("method_not_allowed", "Method not allowed"),
     406: ("not_acceptable", "Not acceptable"),
-    408: ("request_timeout", "Request timeout"),
-    409: ("conflict", "Conflict"),
-    413: ("payload_too_large", "Payload too large"),
-    415: ("unsupported_media_type", "Unsupported media type"),
     416: ("range_not_satisfiable", "Range not satisfiable"),
-    422: ("validation_error", "Request could not be processed"),
 }
 
 
@@ -225,7 +256,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
         errors = _clean_validation_errors(exc)
         fields = ", ".join(".".join(str(p) for p in e["loc"]) for e in errors)
-        return problem(422, "validation_error", "Request could not be processed", f"invalid fields: {fields}", errors)
+        return problem(
+            Unprocessable.status, Unprocessable.code, Unprocessable.title, f"invalid fields: {fields}", errors
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -244,9 +277,9 @@ def install_error_handlers(app: FastAPI) -> None:
         # \u0000) is the client's to fix, whichever field it was in.
         log.warning("database refused a value: %s", type(exc.orig).__name__ if exc.orig else exc)
         return problem(
-            422,
+            Unprocessable.status,
             "invalid_value",
-            "Request could not be processed",
+            Unprocessable.title,
             "a value of the request cannot be stored (e.g. it contains a NUL character)",
         )
 
@@ -254,9 +287,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _db_down(_req: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database unavailable: %s", type(exc.orig).__name__ if exc.orig else exc)
         return problem(
-            503,
+            ServiceUnavailable.status,
             "database_unavailable",
-            "Service temporarily unavailable",
+            ServiceUnavailable.title,
             "the database is unreachable; retry later",
             headers={"Retry-After": "5"},
         )
@@ -264,4 +297,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(_req: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", exc_info=exc)
-        return problem(500, "internal_error", "Internal server error", "an unexpected error occurred")
+        return problem(
+            ModelpressError.status, ModelpressError.code, ModelpressError.title, "an unexpected error occurred"
+        )

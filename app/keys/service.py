@@ -14,7 +14,8 @@ from collections.abc import Iterable
 
 from sqlalchemy.orm import Session
 
-from app.auth import Caller, Forbidden, invalidate
+from app.auth import Caller, invalidate
+from app.errors import Forbidden
 from app.keys import repository
 from app.keys.schemas import SCOPES, TENANT_NAME_PATTERN, ApiKeyCreated, ApiKeyOut
 from core.db import UnitOfWork
