@@ -30,8 +30,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, Select, create_engine, event, exc
+from sqlalchemy import CursorResult, Engine, Select, create_engine, event, exc
+from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.sql.dml import UpdateBase
 
 from core.config import get_settings
 
@@ -46,7 +49,7 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
 
         @event.listens_for(engine, "connect")
-        def _sqlite_pragmas(dbapi_conn, _record):
+        def _sqlite_pragmas(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
             cur = dbapi_conn.cursor()
             # WAL lets the API read while the worker process writes; FKs are off by default.
             cur.execute("PRAGMA journal_mode=WAL")
@@ -66,11 +69,11 @@ IDLE_PING_S = 1.0
 
 def _ping_when_idle(engine: Engine) -> None:
     @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_conn, record) -> None:
+    def _checked_in(_dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         record.info["idle_since"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_conn, record, _proxy) -> None:
+    def _checked_out(dbapi_conn: DBAPIConnection, record: ConnectionPoolEntry, _proxy: PoolProxiedConnection) -> None:
         idle_since = record.info.pop("idle_since", None)
         if idle_since is None or time.monotonic() - idle_since < IDLE_PING_S:
             return  # a new connection, or one in steady use
@@ -103,7 +106,9 @@ def get_read_sessionmaker() -> sessionmaker[Session]:
 
 # One asyncpg pool per event loop (its connections belong to the loop that opened them), for the
 # database URL it was made for: (url, the task creating the pool).
-_hot_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Task]] = weakref.WeakKeyDictionary()
+_hot_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[str, asyncio.Task[Any]]] = (
+    weakref.WeakKeyDictionary()
+)
 HOT_POOL_SIZE = 10  # as the sync engine's pool_size: one connection per request in flight under load
 HOT_CONNECT_TIMEOUT_S = 10.0
 # So an operator (and tests/test_api.py) can tell these connections apart in pg_stat_activity.
@@ -154,7 +159,8 @@ def hot_dsn(url: str) -> tuple[str, float, dict[str, str]]:
 
     u = make_url(url)
     query = dict(u.query)
-    timeout = float(query.pop("connect_timeout", HOT_CONNECT_TIMEOUT_S) or HOT_CONNECT_TIMEOUT_S)
+    connect_timeout = query.pop("connect_timeout", None)  # a str (a tuple only if given twice)
+    timeout = float(connect_timeout) if isinstance(connect_timeout, str) and connect_timeout else HOT_CONNECT_TIMEOUT_S
     settings: dict[str, str] = {}
     words = iter(str(query.pop("options", "")).split())  # libpq's: "-c name=value", "-cname=value", "--name=value"
     for word in words:
@@ -174,7 +180,7 @@ def hot_dsn(url: str) -> tuple[str, float, dict[str, str]]:
 
 
 async def _open_pool(url: str) -> Any:
-    import asyncpg
+    import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type information
 
     dsn, connect_timeout, settings = hot_dsn(url)
 
@@ -250,10 +256,10 @@ class HotRead:
     the read is tried once more on a fresh one: a read is safe to repeat, and the first request
     after a restart need not fail. PostgreSQL only (:func:`hot_reads_available`)."""
 
-    def __init__(self, stmt: Select) -> None:
+    def __init__(self, stmt: Select[*tuple[Any, ...]]) -> None:
         from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 
-        dialect = PGDialect_asyncpg()
+        dialect = PGDialect_asyncpg()  # type: ignore[no-untyped-call]  # SQLAlchemy leaves it untyped
         compiled = stmt.compile(dialect=dialect)
         self.sql: str = compiled.string
         self._param_names = list(compiled.positiontup or ())
@@ -265,7 +271,7 @@ class HotRead:
 
     def _set_processors(self, oids: list[int]) -> None:
         d = self._dialect
-        self._processors = [c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids)]
+        self._processors = [c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids, strict=True)]
         self._plain = not any(self._processors)
 
     async def first(self, params: dict[str, Any]) -> Any:
@@ -299,9 +305,17 @@ class HotRead:
                 raise error from e
         if record is None:
             return None
-        if self._plain:
+        processors = self._processors
+        if self._plain or processors is None:
             return self.row_type(*record)
-        return self.row_type(*[p(v) if p is not None else v for p, v in zip(self._processors, record)])
+        return self.row_type(*[p(v) if p is not None else v for p, v in zip(processors, record, strict=True)])
+
+
+def rowcount(session: Session, stmt: UpdateBase) -> int:
+    """Run an INSERT, UPDATE or DELETE in ``session``; the number of rows it matched."""
+    result = session.execute(stmt)
+    assert isinstance(result, CursorResult)  # what a DML statement's execution always gives
+    return result.rowcount
 
 
 class UnitOfWork:

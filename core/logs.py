@@ -17,10 +17,11 @@ import math
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
+from types import MappingProxyType
+from typing import Any, TextIO
 
 from core.config import Settings, get_settings
 
@@ -31,7 +32,9 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 
 # request_id, job_id, attempt: whatever is known where the record is made. One immutable dict, so
 # binding in a task or request never leaks into another (each asyncio task and thread has its own).
-_log_context: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("modelpress_log_context", default={})
+_log_context: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "modelpress_log_context", default=MappingProxyType({})
+)
 CONTEXT_FIELDS = ("request_id", "job_id", "attempt")
 
 
@@ -49,14 +52,14 @@ def current_request_id() -> str | None:
     return _log_context.get().get("request_id")
 
 
-def bind(**values: Any) -> contextvars.Token:
+def bind(**values: Any) -> contextvars.Token[Mapping[str, Any]]:
     """Add fields to the log context of this thread or task; None values are left out. Returns
     the token that :func:`unbind` takes to restore what was there before."""
     merged = {**_log_context.get(), **{k: v for k, v in values.items() if v is not None}}
     return _log_context.set(merged)
 
 
-def unbind(token: contextvars.Token) -> None:
+def unbind(token: contextvars.Token[Mapping[str, Any]]) -> None:
     _log_context.reset(token)
 
 
@@ -145,7 +148,7 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{ctx}]{sep}{rest}"
 
 
-class _Handler(logging.StreamHandler):
+class _Handler(logging.StreamHandler[TextIO]):
     """Marks the handler configure_logging installed, so calling it again replaces it."""
 
 

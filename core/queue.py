@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 from functools import lru_cache
 
-from celery import Celery
-from kombu import Queue
+from celery import Celery  # type: ignore[import-untyped]  # Celery ships no type information
+from kombu.entity import Queue
 
 from core.config import get_settings
 from core.logs import current_request_id, log_context, new_request_id
@@ -38,7 +38,7 @@ def make_celery(include: list[str] | None = None) -> Celery:
     """A Celery app on the configured broker; ``include`` names the task modules (the worker's)."""
     s = get_settings()
     app = Celery("modelpress", broker=s.broker_url, include=include or [])
-    transport_options: dict = {}
+    transport_options: dict[str, object] = {}
     if s.broker_url.startswith(("redis://", "rediss://")):
         # Unacked messages come back after this long: above the job time limit, or a long job
         # would be delivered a second time while it still runs.
@@ -60,7 +60,7 @@ def make_celery(include: list[str] | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        task_queues=[Queue(q) for q in QUEUES],
+        task_queues=[Queue(q) for q in QUEUES],  # type: ignore[no-untyped-call]  # kombu leaves Queue() untyped
         task_default_queue="cpu",
         task_create_missing_queues=False,
         broker_transport_options=transport_options,

@@ -7,6 +7,7 @@ or relies on the object store's all-or-nothing PUT (S3), so a reader never sees 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import uuid
@@ -17,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-import fsspec
+import fsspec  # type: ignore[import-untyped]  # fsspec ships no type information
 
 from core.config import get_settings
 
@@ -74,7 +75,8 @@ class Storage:
         self.fs.get_file(self._path(key), str(dest))
 
     def open(self, key: str) -> BinaryIO:
-        return self.fs.open(self._path(key), "rb")
+        f: BinaryIO = self.fs.open(self._path(key), "rb")
+        return f
 
     def size(self, key: str) -> int:
         return int(self.fs.size(self._path(key)))
@@ -119,12 +121,10 @@ class Storage:
         """Abort an unfinished multipart upload (its parts are deleted); one that was completed or
         aborted meanwhile is left as it is."""
         bucket, _, _ = self.root.partition("/")
-        try:
+        with contextlib.suppress(FileNotFoundError):  # s3fs's NoSuchUpload: completed or aborted by someone else
             self.fs.call_s3(
                 "abort_multipart_upload", Bucket=bucket, Key=self._s3_key(upload.key), UploadId=upload.upload_id
             )
-        except FileNotFoundError:  # s3fs's NoSuchUpload: completed or aborted by someone else
-            pass
 
     def _s3_key(self, key: str) -> str:
         return self._path(key).partition("/")[2]

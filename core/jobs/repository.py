@@ -30,9 +30,10 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, insert, or_, select, update
+from sqlalchemy import ColumnElement, Update, case, insert, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.db import rowcount
 from core.jobs.schemas import JobOut, WebhookPayload
 from core.pagination import page
 from core.tables import Job, JobEvent, WebhookDelivery, Worker, new_id, utcnow
@@ -128,32 +129,34 @@ def get_unscoped(session: Session, job_id: str) -> Job | None:
 
 def cancel_queued(session: Session, job_id: str) -> bool:
     now = utcnow()
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "queued")
-        .values(status="canceled", cancel_requested=True, finished_at=now, progress_stage="canceled")
+        .values(status="canceled", cancel_requested=True, finished_at=now, progress_stage="canceled"),
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_end(session, job_id)
-    return res.rowcount == 1
+    return matched == 1
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
     """Flag a running job for cancellation; False if it is not running or already flagged."""
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.cancel_requested.is_(False))
-        .values(cancel_requested=True)
+        .values(cancel_requested=True),
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_status(session, job_id)
-    return res.rowcount == 1
+    return matched == 1
 
 
 # --- worker side -------------------------------------------------------------------------------
 
 
-def _claimable(now: datetime):  # noqa: ANN202
+def _claimable(now: datetime) -> ColumnElement[bool]:
     """Queued, or running with an expired lease (its worker died or hung)."""
     return or_(Job.status == "queued", (Job.status == "running") & (Job.lease_expires_at < now))
 
@@ -170,7 +173,8 @@ def claim(session: Session, job_id: str, lease_s: int, max_attempts: int | None 
     if max_attempts is not None and attempt >= max_attempts:
         session.rollback()
         return None
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, _claimable(now))
         .values(
@@ -180,12 +184,12 @@ def claim(session: Session, job_id: str, lease_s: int, max_attempts: int | None 
             lease_expires_at=now + timedelta(seconds=lease_s),
             progress_stage="starting",
             progress_fraction=0.0,
-        )
+        ),
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_status(session, job_id)
     session.commit()
-    return attempt + 1 if res.rowcount == 1 else None
+    return attempt + 1 if matched == 1 else None
 
 
 def attempts_died_message(attempts: int) -> str:
@@ -207,7 +211,8 @@ def give_up(session: Session, job_id: str, max_attempts: int) -> bool:
         session.rollback()
         return False
     attempt = row[0]
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, _claimable(now))
         .values(
@@ -217,12 +222,12 @@ def give_up(session: Session, job_id: str, max_attempts: int) -> bool:
             progress_stage="failed",
             error_code="too_many_attempts",
             error_message=attempts_died_message(attempt),
-        )
+        ),
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_end(session, job_id)
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 def give_up_exhausted(session: Session, max_attempts: int, limit: int = 100) -> list[str]:
@@ -235,7 +240,7 @@ def give_up_exhausted(session: Session, max_attempts: int, limit: int = 100) -> 
     return [job_id for job_id in ids if give_up(session, job_id, max_attempts)]
 
 
-def _fenced(job_id: str, attempt: int):  # noqa: ANN202
+def _fenced(job_id: str, attempt: int) -> Update:
     return update(Job).where(Job.id == job_id, Job.attempt == attempt, Job.status == "running")
 
 
@@ -243,31 +248,32 @@ def progress(session: Session, job_id: str, attempt: int, stage: str, fraction: 
     """Record progress and renew the lease; False if this attempt no longer holds the job. A
     progress event is written when the stage or fraction changed."""
     before = session.execute(select(Job.progress_stage, Job.progress_fraction).where(Job.id == job_id)).first()
-    res = session.execute(
+    matched = rowcount(
+        session,
         _fenced(job_id, attempt).values(
             progress_stage=stage, progress_fraction=fraction, lease_expires_at=utcnow() + timedelta(seconds=lease_s)
-        )
+        ),
     )
-    if res.rowcount == 1 and (before is None or tuple(before) != (stage, fraction)):
+    if matched == 1 and (before is None or tuple(before) != (stage, fraction)):
         data = {"status": "running", "attempt": attempt, "progress": {"stage": stage, "fraction": fraction}}
         session.execute(insert(JobEvent).values(job_id=job_id, type="progress", data=data))
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 def heartbeat(session: Session, job_id: str, attempt: int, lease_s: int) -> bool:
     """Renew the lease of a running attempt (fenced); False if the attempt lost the job."""
-    res = session.execute(_fenced(job_id, attempt).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
+    matched = rowcount(session, _fenced(job_id, attempt).values(lease_expires_at=utcnow() + timedelta(seconds=lease_s)))
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 def end_lease(session: Session, job_id: str, attempt: int) -> bool:
     """The attempt's process is known to be dead (its lease keeper saw it exit): its lease ends
     now (fenced), so the job is claimable at once instead of when the lease would have run out."""
-    res = session.execute(_fenced(job_id, attempt).values(lease_expires_at=utcnow()))
+    matched = rowcount(session, _fenced(job_id, attempt).values(lease_expires_at=utcnow()))
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list[tuple[str, str, bool]]:
@@ -294,7 +300,7 @@ def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list
     taken = []
     for job_id, queue, sent, status in rows:
         same = Job.enqueued_at.is_(None) if sent is None else Job.enqueued_at == sent
-        if session.execute(update(Job).where(Job.id == job_id, same).values(enqueued_at=now)).rowcount == 1:
+        if rowcount(session, update(Job).where(Job.id == job_id, same).values(enqueued_at=now)) == 1:
             taken.append((job_id, queue, status == "running"))
     session.commit()
     return taken
@@ -307,13 +313,13 @@ def cancel_requested(session: Session, job_id: str) -> bool:
 def finish(session: Session, job_id: str, attempt: int, status: str, **values: Any) -> bool:
     assert status in TERMINAL
     now: datetime = utcnow()
-    res = session.execute(
-        _fenced(job_id, attempt).values(status=status, finished_at=now, lease_expires_at=None, **values)
+    matched = rowcount(
+        session, _fenced(job_id, attempt).values(status=status, finished_at=now, lease_expires_at=None, **values)
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_end(session, job_id)
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 # --- plans and budgets -------------------------------------------------------------------------
@@ -330,7 +336,8 @@ def fail_over_budget(session: Session, job_id: str, message: str) -> bool:
     attempt ran it: a compare-and-set on a claimable state (queued, or running with an expired
     lease), so a worker that claimed it meanwhile wins. True if this call failed it."""
     now = utcnow()
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(Job)
         .where(Job.id == job_id, _claimable(now))
         .values(
@@ -340,12 +347,12 @@ def fail_over_budget(session: Session, job_id: str, message: str) -> bool:
             progress_stage="failed",
             error_code="job_exceeds_worker_budget",
             error_message=message,
-        )
+        ),
     )
-    if res.rowcount == 1:
+    if matched == 1:
         _record_end(session, job_id)
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
 
 
 def record_throughput(session: Session, worker_id: str, path: str, bytes_per_s: float, weight: float = 0.3) -> None:

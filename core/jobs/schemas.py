@@ -57,7 +57,7 @@ class StepIn(BaseModel):
         except ValidationError as strict:
             try:
                 spec.params.model_validate(self.params)
-                lax_locs: set[tuple] = set()
+                lax_locs: set[tuple[int | str, ...]] = set()
             except ValidationError as lax:
                 lax_locs = {tuple(e["loc"]) for e in lax.errors(include_url=False)}
             coerced = [e for e in strict.errors(include_url=False) if tuple(e["loc"]) not in lax_locs]

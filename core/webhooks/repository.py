@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from core.db import rowcount
 from core.tables import WebhookDelivery, utcnow
 
 
@@ -74,14 +75,15 @@ def claim_next(session: Session, max_attempts: int, lease_s: float, scan: int = 
             )
             session.commit()
             continue
-        res = session.execute(
+        matched = rowcount(
+            session,
             same.values(
                 attempts=attempts + 1,
                 last_attempt_at=now,
                 next_attempt_at=now + timedelta(seconds=lease_s),
-            )
+            ),
         )
-        if res.rowcount != 1:
+        if matched != 1:
             session.rollback()  # another dispatcher took this try
             continue
         d = session.execute(
@@ -118,14 +120,15 @@ def record(
         values.update(status="failed", next_attempt_at=None)
     else:
         values.update(next_attempt_at=now + timedelta(seconds=retry_in_s))
-    res = session.execute(
+    matched = rowcount(
+        session,
         update(WebhookDelivery)
         .where(
             WebhookDelivery.id == claim.id,
             WebhookDelivery.attempts == claim.attempt,
             WebhookDelivery.status == "pending",
         )
-        .values(**values)
+        .values(**values),
     )
     session.commit()
-    return res.rowcount == 1
+    return matched == 1
