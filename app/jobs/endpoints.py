@@ -75,7 +75,7 @@ def submit_job(
     def create() -> tuple[str, JobOut]:
         job = service.submit(uow, caller, body)
         response.headers["Location"] = f"/v1/jobs/{job.id}"
-        return job.id, JobOut.from_row(job, service.stage(uow, job))
+        return job.id, service.job_out(uow, job)
 
     return idempotency.run(uow, scope, 202, create)
 
@@ -98,7 +98,7 @@ def list_jobs(
     """List the caller's jobs, newest first, optionally by status."""
     rows = repository.list_page(uow.session, caller.tenant_id, status, limit, cursor)
     nxt = next_cursor(rows, limit)
-    return JobPage(items=[JobOut.from_row(j, service.stage(uow, j)) for j in rows[:limit]], next_cursor=nxt)
+    return JobPage(items=[service.job_out(uow, j) for j in rows[:limit]], next_cursor=nxt)
 
 
 async def get_job(job_id: str, caller: CurrentCaller) -> Response:
@@ -108,15 +108,16 @@ async def get_job(job_id: str, caller: CurrentCaller) -> Response:
     # from app.auth's cache; on PostgreSQL the row is read on the event loop through asyncpg
     # (core.db.HotRead); the body is serialized once, byte for byte what FastAPI would send for the
     # JobOut (a Response is not validated again against response_model, which stays for the
-    # OpenAPI spec).
-    if not hot_reads_available():  # SQLite (embedded mode): read in the thread pool
+    # OpenAPI spec). Either way the body is service.job_out's, as for every route that answers a job.
+    if not hot_reads_available():  # SQLite (embedded mode): the usual read, in the thread pool
         return _json(await run_in_threadpool(_job_json, caller, job_id))
     job = await _HOT_JOB_BY_ID.first({"job_id": job_id, "tenant_id": caller.tenant_id})
     if job is None:
         raise NotFound(f"no job {job_id}")
-    # service.stage reads the database only for a queued job (a GPU one: the worker registry).
-    stage = await run_in_threadpool(_stage, job) if job.status == "queued" else job.progress_stage
-    return _json(JobOut.from_row(job, stage).model_dump_json().encode())
+    # service.stage reads the database only for a queued job (a GPU one: the worker registry), so
+    # only a queued job's JobOut is built in the thread pool, with a session.
+    out = await run_in_threadpool(_queued_job_out, job) if job.status == "queued" else JobOut.from_row(job)
+    return _json(out.model_dump_json().encode())
 
 
 router.add_api_route(
@@ -129,35 +130,35 @@ router.add_api_route(
 )
 
 
-# The job by id within the caller's tenant (as service.get), built once, read as a Core row on an
-# autocommit connection (one round trip): building an ORM select per request, and loading the row
-# into a session, cost more than the round trip itself. JobOut.from_row reads the row's attributes.
-_JOB_BY_ID = select(*Job.__table__.c).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
-_HOT_JOB_BY_ID = HotRead(_JOB_BY_ID)
+# The job by id within the caller's tenant (as service.get), built once, read as a Core row of every
+# column on an autocommit connection (one round trip): building an ORM select per request, and
+# loading the row into a session, cost more than the round trip itself. Kept because it builds the
+# same JobOut as service.job_out (JobOut.from_row reads the row's attributes, which a Core row of
+# all columns has, with the same column types' result processors).
+_HOT_JOB_BY_ID = HotRead(
+    select(*Job.__table__.c).where(Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+)
 
 
 def _json(body: bytes) -> Response:
     return Response(body, media_type="application/json")
 
 
-def _stage(job: Any) -> str | None:
+def _queued_job_out(job: Any) -> JobOut:
     with read_uow() as uow:
-        return service.stage(uow, job)
+        return service.job_out(uow, job)
 
 
 def _job_json(caller: Caller, job_id: str) -> bytes:
     with read_uow() as uow:
-        job = uow.session.connection().execute(_JOB_BY_ID, {"job_id": job_id, "tenant_id": caller.tenant_id}).first()
-        if job is None:
-            raise NotFound(f"no job {job_id}")
-        return JobOut.from_row(job, service.stage(uow, job)).model_dump_json().encode()
+        return service.job_out(uow, service.get(uow, caller, job_id)).model_dump_json().encode()
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=problem_responses(*API_ERRORS, 404, 409))
 def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     """Cancel a job: a queued one at once, a running one at its next step boundary."""
     job = service.cancel(uow, caller, job_id)
-    return JobOut.from_row(job, service.stage(uow, job))
+    return service.job_out(uow, job)
 
 
 _EVENT_ID = Annotated[

@@ -14,7 +14,7 @@ from core.db import UnitOfWork
 from core.errors import Conflict, JobExceedsWorkerBudget, NotFound, Unprocessable
 from core.jobs import plan as planner
 from core.jobs import repository
-from core.jobs.schemas import JobIn
+from core.jobs.schemas import JobIn, JobOut
 from core.methods import ModelInfo, StepError, load_all, validate_steps
 from core.methods import get as get_method
 from core.queue import enqueue_job
@@ -234,34 +234,37 @@ def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps
     """A step naming another model (``student_model_id``, distillation) may only name an HF model
     of the caller's tenant whose logits mean what the teacher's mean: same vocabulary size and,
     where it ships tokenizer files, the same files (by sha256)."""
-    teacher_files = {f["name"]: f["sha256"] for f in teacher.files}
     for i, step in enumerate(steps):
         student_id = step["params"].get("student_model_id")
         if student_id is None:
             continue
-        loc = ["body", "steps", i, "params", "student_model_id"]
+        refusal = _student_refusal(uow, caller, teacher, student_id)
+        if refusal is not None:
+            code, msg = refusal
+            loc = ["body", "steps", i, "params", "student_model_id"]
+            raise Unprocessable(f"invalid job spec: {msg}", code=code, errors=[{"loc": loc, "msg": msg, "type": code}])
 
-        def refuse(code: str, msg: str) -> Unprocessable:
-            return Unprocessable(f"invalid job spec: {msg}", code=code, errors=[{"loc": loc, "msg": msg, "type": code}])
 
-        student = models_repo.get(uow.session, caller.tenant_id, student_id)
-        if student is None:
-            # Another tenant's model answers exactly like a missing one.
-            raise refuse("unknown_model", f"no model {student_id}")
-        if student.format != "hf":
-            raise refuse("unsupported_model", "the student must be a Hugging Face model directory (with config.json)")
-        t_vocab, s_vocab = (teacher.config or {}).get("vocab_size"), (student.config or {}).get("vocab_size")
-        if t_vocab != s_vocab:
-            raise refuse(
-                "tokenizer_mismatch", f"the student's vocab_size {s_vocab} differs from the teacher's {t_vocab}"
+def _student_refusal(uow: UnitOfWork, caller: Caller, teacher: Model, student_id: str) -> tuple[str, str] | None:
+    """Why ``student_id`` cannot be the teacher's student, as ``(code, message)``; None if it can."""
+    student = models_repo.get(uow.session, caller.tenant_id, student_id)
+    if student is None:
+        # Another tenant's model answers exactly like a missing one.
+        return "unknown_model", f"no model {student_id}"
+    if student.format != "hf":
+        return "unsupported_model", "the student must be a Hugging Face model directory (with config.json)"
+    t_vocab, s_vocab = (teacher.config or {}).get("vocab_size"), (student.config or {}).get("vocab_size")
+    if t_vocab != s_vocab:
+        return "tokenizer_mismatch", f"the student's vocab_size {s_vocab} differs from the teacher's {t_vocab}"
+    teacher_files = {f["name"]: f["sha256"] for f in teacher.files}
+    for name in _TOKENIZER_FILES:
+        sha = next((f["sha256"] for f in student.files if f["name"] == name), None)
+        if sha is not None and teacher_files.get(name) != sha:
+            return (
+                "tokenizer_mismatch",
+                f"the student's {name} differs from the teacher's: it must use the same tokenizer",
             )
-        for name in _TOKENIZER_FILES:
-            sha = next((f["sha256"] for f in student.files if f["name"] == name), None)
-            if sha is not None and teacher_files.get(name) != sha:
-                raise refuse(
-                    "tokenizer_mismatch",
-                    f"the student's {name} differs from the teacher's: it must use the same tokenizer",
-                )
+    return None
 
 
 WAITING_FOR_GPU = "waiting for a GPU worker"
@@ -283,11 +286,17 @@ def _gpu_stage(uow: UnitOfWork) -> str:
     return cache["gpu_stage"]
 
 
-def stage(uow: UnitOfWork, job: Job) -> str | None:
+def stage(uow: UnitOfWork, job: Any) -> str | None:
     """The job's progress stage as of now: a queued GPU job's says whether a GPU worker is live."""
     if job.status == "queued" and job.queue == "gpu":
         return _gpu_stage(uow)
     return job.progress_stage
+
+
+def job_out(uow: UnitOfWork, job: Any) -> JobOut:
+    """The job as every route that answers a job sends it (``JobOut``): the row, an ORM ``Job``
+    or a Core row of all its columns (GET /v1/jobs/{id}'s hot read), with its stage as of now."""
+    return JobOut.from_row(job, stage(uow, job))
 
 
 def workers(uow: UnitOfWork) -> list[dict]:
