@@ -489,20 +489,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_SERVER_COMMANDS = (
-    "cmd_serve",
-    "cmd_worker",
-    "cmd_migrate",
-    "cmd_keys_create",
-    "cmd_keys_list",
-    "cmd_keys_revoke",
-    "cmd_reconcile",
-)
+# The commands that run server code in this process (by their function's name): the API, a worker,
+# the schema, the reconciler, and `keys` on the database. Everything else is a client command
+# (modelpress/_cli.py). `keys ... --url/--api-key` is a client too: see :func:`runs_server`.
+KEYS_COMMANDS = ("cmd_keys_create", "cmd_keys_list", "cmd_keys_revoke")
+SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_reconcile", *KEYS_COMMANDS)
+_SERVER_COMMANDS = SERVER_COMMANDS  # the old name: modelpress/_entry.py reads it
+
+
+def runs_server(args: argparse.Namespace) -> bool:
+    """Whether the parsed command runs server code here: a server command, except a ``keys``
+    command sent through the API (``--url``/``--api-key``), which is a client of it."""
+    command = getattr(args.fn, "__name__", "")
+    if command in KEYS_COMMANDS:
+        from modelpress._cli import through_api
+
+        return not through_api(args)
+    return command in SERVER_COMMANDS
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args.fn, "__name__", "") in _SERVER_COMMANDS:
+    if runs_server(args):
         # Server processes log through our formatter (MODELPRESS_LOG_FORMAT json|text); the client
         # commands (modelpress/_cli.py) skip importing the server's settings and FastAPI.
         from core.config import get_settings
