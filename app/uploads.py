@@ -82,6 +82,129 @@ class StagingArea:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class _Collector:
+    """The parser's callbacks for one multipart body: stages file parts, collects form fields and
+    enforces the limits as bytes arrive (see :func:`parse_multipart`)."""
+
+    def __init__(
+        self,
+        staging: StagingArea,
+        max_bytes: int,
+        max_fields: int,
+        max_field_bytes: int,
+        read_fields: tuple[str, ...],
+    ) -> None:
+        self.staging = staging
+        self.max_bytes = max_bytes
+        self.max_fields = max_fields
+        self.max_field_bytes = max_field_bytes
+        self.read_fields = read_fields
+        self.files: list[StagedFile] = []
+        self.fields: dict[str, str] = {}
+        self.cur = _Part()
+        self.hname = b""
+        self.hval = b""
+        self.total = 0  # bytes of every part so far
+        self.n_files = 0
+        self.n_fields = 0
+        self.ended = False  # the closing boundary came
+
+    def callbacks(self) -> dict[str, object]:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_end": self.on_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self.cur = _Part()
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.hname += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.hval += data[start:end]
+
+    def on_header_end(self) -> None:
+        self.cur.headers[self.hname.lower()] = self.hval
+        self.hname, self.hval = b"", b""
+
+    def on_headers_finished(self) -> None:
+        part = self.cur
+        _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
+        if b"name" not in opts:
+            raise BadRequest("a multipart part has no Content-Disposition name")
+        part.name = opts[b"name"].decode("utf-8", "replace")
+        if b"filename" in opts:
+            self._begin_file(part, opts[b"filename"])
+        else:
+            self._begin_field(part)
+
+    def _begin_field(self, part: _Part) -> None:
+        self.n_fields += 1
+        if self.n_fields > self.max_fields:
+            raise _form_error(f"more than {self.max_fields} form fields", "too_many_fields")
+        if part.name in self.fields and part.name in self.read_fields:
+            raise _form_error(
+                f"form field {safe_text(part.name)!r} is sent twice",
+                "duplicate_field",
+                BadRequest,
+                safe_text(part.name),
+            )
+
+    def _begin_file(self, part: _Part, filename: bytes) -> None:
+        # Only the base name is kept; validation refuses anything that is not a plain name.
+        part.filename = filename.decode("utf-8", "replace")
+        self.n_files += 1
+        if self.n_files > MAX_FILE_PARTS:
+            raise _form_error(f"more than {MAX_FILE_PARTS} files in one upload", "too_many_files")
+        part.path = self.staging.dir / f"part-{self.n_files:04d}"
+        part.fh = part.path.open("wb")
+        part.hasher = hashlib.sha256()
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        part = self.cur
+        chunk = data[start:end]
+        self.total += len(chunk)
+        if self.total > self.max_bytes:
+            raise PayloadTooLarge(f"upload is over the limit of {self.max_bytes} bytes", headers=_CLOSE)
+        if part.fh is None:
+            if len(part.value) + len(chunk) > self.max_field_bytes:
+                name = safe_text(part.name)
+                raise _form_error(
+                    f"form field {name!r} is over {self.max_field_bytes} bytes", "form_field_too_large", field=name
+                )
+            part.value.extend(chunk)
+            return
+        if len(part.head) < HEAD_BYTES:
+            part.head += chunk[: HEAD_BYTES - len(part.head)]
+        part.fh.write(chunk)
+        part.hasher.update(chunk)
+        part.size += len(chunk)
+
+    def on_end(self) -> None:
+        self.ended = True
+
+    def on_part_end(self) -> None:
+        part = self.cur
+        if part.fh is None:
+            self.fields[part.name] = part.value.decode("utf-8", "replace")
+            return
+        part.fh.close()
+        self.files.append(
+            StagedFile(part.name, part.filename or "", part.path, part.size, part.hasher.hexdigest(), part.head)
+        )
+
+    def close_current(self) -> None:
+        if self.cur.fh is not None and not self.cur.fh.closed:
+            self.cur.fh.close()
+
+
 async def parse_multipart(
     request: Request,
     staging: StagingArea,
@@ -103,96 +226,8 @@ async def parse_multipart(
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"upload of {declared} bytes is over the limit of {max_bytes} bytes", headers=_CLOSE)
 
-    files: list[StagedFile] = []
-    fields: dict[str, str] = {}
-    state = {"cur": _Part(), "hname": b"", "hval": b"", "total": 0, "n": 0, "fields": 0, "ended": False}
-
-    def on_part_begin() -> None:
-        state["cur"] = _Part()
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["hname"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["hval"] += data[start:end]
-
-    def on_header_end() -> None:
-        state["cur"].headers[state["hname"].lower()] = state["hval"]
-        state["hname"], state["hval"] = b"", b""
-
-    def on_headers_finished() -> None:
-        part: _Part = state["cur"]
-        _, opts = parse_options_header(part.headers.get(b"content-disposition", b""))
-        if b"name" not in opts:
-            raise BadRequest("a multipart part has no Content-Disposition name")
-        part.name = opts[b"name"].decode("utf-8", "replace")
-        if b"filename" not in opts:
-            state["fields"] += 1
-            if state["fields"] > max_fields:
-                raise _form_error(f"more than {max_fields} form fields", "too_many_fields")
-            if part.name in fields and part.name in read_fields:
-                raise _form_error(
-                    f"form field {safe_text(part.name)!r} is sent twice",
-                    "duplicate_field",
-                    BadRequest,
-                    safe_text(part.name),
-                )
-        if b"filename" in opts:
-            # Only the base name is kept; validation refuses anything that is not a plain name.
-            part.filename = opts[b"filename"].decode("utf-8", "replace")
-            state["n"] += 1
-            if state["n"] > MAX_FILE_PARTS:
-                raise _form_error(f"more than {MAX_FILE_PARTS} files in one upload", "too_many_files")
-            part.path = staging.dir / f"part-{state['n']:04d}"
-            part.fh = part.path.open("wb")
-            part.hasher = hashlib.sha256()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        part: _Part = state["cur"]
-        chunk = data[start:end]
-        state["total"] += len(chunk)
-        if state["total"] > max_bytes:
-            raise PayloadTooLarge(f"upload is over the limit of {max_bytes} bytes", headers=_CLOSE)
-        if part.fh is None:
-            if len(part.value) + len(chunk) > max_field_bytes:
-                name = safe_text(part.name)
-                raise _form_error(
-                    f"form field {name!r} is over {max_field_bytes} bytes", "form_field_too_large", field=name
-                )
-            part.value.extend(chunk)
-            return
-        if len(part.head) < HEAD_BYTES:
-            part.head += chunk[: HEAD_BYTES - len(part.head)]
-        part.fh.write(chunk)
-        part.hasher.update(chunk)
-        part.size += len(chunk)
-
-    def on_end() -> None:
-        state["ended"] = True
-
-    def on_part_end() -> None:
-        part: _Part = state["cur"]
-        if part.fh is None:
-            fields[part.name] = part.value.decode("utf-8", "replace")
-            return
-        part.fh.close()
-        files.append(
-            StagedFile(part.name, part.filename or "", part.path, part.size, part.hasher.hexdigest(), part.head)
-        )
-
-    parser = MultipartParser(
-        params[b"boundary"],
-        {
-            "on_part_begin": on_part_begin,
-            "on_part_data": on_part_data,
-            "on_part_end": on_part_end,
-            "on_header_field": on_header_field,
-            "on_header_value": on_header_value,
-            "on_header_end": on_header_end,
-            "on_headers_finished": on_headers_finished,
-            "on_end": on_end,
-        },
-    )
+    body = _Collector(staging, max_bytes, max_fields, max_field_bytes, read_fields)
+    parser = MultipartParser(params[b"boundary"], body.callbacks())
     try:
         async for chunk in request.stream():
             parser.write(chunk)
@@ -204,10 +239,8 @@ async def parse_multipart(
             f"malformed multipart body ({e.__class__.__name__})", "malformed_multipart", BadRequest
         ) from None
     finally:
-        cur: _Part = state["cur"]
-        if cur.fh is not None and not cur.fh.closed:
-            cur.fh.close()
-    if not state["ended"]:
+        body.close_current()
+    if not body.ended:
         # python-multipart's finalize() does not check that the closing boundary came: without
         # this, a body cut short would be taken for a complete upload of its first bytes.
         raise _form_error(
@@ -215,4 +248,4 @@ async def parse_multipart(
             "truncated_multipart",
             BadRequest,
         )
-    return files, fields
+    return body.files, body.fields
