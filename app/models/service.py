@@ -88,7 +88,8 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
         if len(st_names) != 1 or index is not None:
             raise _reject(
                 "inconsistent_weights",
-                "upload either model.safetensors or sharded model-0000k-of-0000n.safetensors files with model.safetensors.index.json, not both",
+                "upload either model.safetensors or sharded model-0000k-of-0000n.safetensors files "
+                "with model.safetensors.index.json, not both",
             )
         return
     if not st_names:
@@ -105,8 +106,12 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
     totals = {int(SHARD_RE.fullmatch(n).group(2)) for n in st_names}
     if len(totals) != 1 or {int(SHARD_RE.fullmatch(n).group(1)) for n in st_names} != set(range(1, totals.pop() + 1)):
         raise _reject("inconsistent_weights", "shards must be numbered 1..n of n, all present")
-    # Which shard holds each tensor: a tensor in two shards is loaded from whichever the loader
-    # meets last, so the upload is ambiguous.
+    _check_index(index, st_names, _tensor_holders(st_names, tensors))
+
+
+def _tensor_holders(st_names: set[str], tensors: dict[str, dict[str, dict]]) -> dict[str, str]:
+    """Which shard holds each tensor: a tensor in two shards is loaded from whichever the loader
+    meets last, so the upload is ambiguous (refused)."""
     holder: dict[str, str] = {}
     for shard in sorted(st_names):
         for tname in tensors.get(shard, {}):
@@ -119,6 +124,12 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
                     field=t,
                 )
             holder[tname] = shard
+    return holder
+
+
+def _check_index(index: dict | None, st_names: set[str], holder: dict[str, str]) -> None:
+    """The index of sharded weights names exactly the uploaded shards, and each tensor in the shard
+    that holds it."""
     if index is None:
         raise _reject("missing_index", f"sharded weights need {INDEX_NAME}")
     wm = index.get("weight_map") if isinstance(index, dict) else None
@@ -153,7 +164,8 @@ def _check_hf_weights(by_name: dict[str, StagedFile], index: dict | None, tensor
         t = jsonsafe.safe_text(missing[0], 100)
         raise _reject(
             "inconsistent_weights",
-            f"{INDEX_NAME}: weight_map lacks {len(missing)} tensor(s) of the shards, e.g. {t!r} in {holder[missing[0]]}",
+            f"{INDEX_NAME}: weight_map lacks {len(missing)} tensor(s) of the shards, "
+            f"e.g. {t!r} in {holder[missing[0]]}",
             file=INDEX_NAME,
             field="weight_map",
         )
@@ -220,69 +232,9 @@ def _check_config(config: object, tensors: dict[str, dict[str, dict]]) -> str:
 
 def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
     """Return the model's descriptive fields, or raise a 4xx error saying what is wrong."""
-    if not files:
-        raise _reject("no_files", "send one or more multipart parts named 'files'")
-    by_name: dict[str, StagedFile] = {}
-    for f in files:
-        if f.field != "files":
-            part = jsonsafe.safe_text(f.field, 60)
-            raise _reject(
-                "unexpected_part",
-                f"unexpected multipart part {part!r}; files go in parts named 'files'",
-                ["body", part],
-            )
-        try:
-            check_filename(f.filename)
-        except FileRejected as e:
-            raise _rejected(e) from None
-        if f.filename in by_name:
-            raise _reject("duplicate_file", f"{f.filename} is uploaded twice", file=f.filename)
-        by_name[f.filename] = f
-
-    def checked(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
-        try:
-            return fn(*args, **kw)
-        except FileRejected as e:
-            raise _rejected(e) from None
-
-    parameters = 0
-    configs: dict[str, object] = {}
-    tensors: dict[str, dict[str, dict]] = {}
-    for name, f in by_name.items():
-        checked(sniff_magic, name, f.head)
-        kind = check_filename(name)
-        # f.path is the staging file ("part-0001"): the checks name the client's file instead.
-        if kind == "safetensors":
-            info = checked(check_safetensors, f.path, settings.max_safetensors_header_bytes, name=name)
-            parameters += info.parameters
-            tensors[name] = info.tensors
-        elif kind == "json":
-            obj = checked(load_json_file, f.path, settings.max_json_file_bytes, name=name)
-            checked(find_remote_code, name, obj)
-            configs[name] = obj
-        else:
-            checked(check_text_file, f.path, name=name)
-
-    if "config.json" in by_name:
-        fmt = "hf"
-        config = configs["config.json"]
-        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
-            raise _reject(
-                "invalid_config",
-                "config.json must be an object with a 'model_type'",
-                file="config.json",
-                field="model_type",
-            )
-        _check_hf_weights(by_name, configs.get(INDEX_NAME), tensors)
-        architecture = _check_config(config, tensors)
-    else:
-        if len(by_name) != 1 or not next(iter(by_name)).endswith(".safetensors"):
-            raise _reject(
-                "missing_config",
-                "upload either one *.safetensors file (a bare state dict) or a Hugging Face directory with config.json",
-            )
-        fmt, architecture = "safetensors", None
-
+    by_name = _files_by_name(files)
+    parameters, configs, tensors = _inspect_files(by_name, settings)
+    fmt, architecture = _format_of(by_name, configs, tensors)
     listing = sorted((f.filename, f.sha256) for f in files)
     digest = (
         listing[0][1]
@@ -301,6 +253,83 @@ def validate_upload(files: list[StagedFile], settings: Settings) -> dict:
             for f in sorted(files, key=lambda f: f.filename)
         ],
     }
+
+
+def _files_by_name(files: list[StagedFile]) -> dict[str, StagedFile]:
+    """The uploaded files by their (checked, unique) names: every part must be a ``files`` part."""
+    if not files:
+        raise _reject("no_files", "send one or more multipart parts named 'files'")
+    by_name: dict[str, StagedFile] = {}
+    for f in files:
+        if f.field != "files":
+            part = jsonsafe.safe_text(f.field, 60)
+            raise _reject(
+                "unexpected_part",
+                f"unexpected multipart part {part!r}; files go in parts named 'files'",
+                ["body", part],
+            )
+        _checked(check_filename, f.filename)
+        if f.filename in by_name:
+            raise _reject("duplicate_file", f"{f.filename} is uploaded twice", file=f.filename)
+        by_name[f.filename] = f
+    return by_name
+
+
+def _checked(fn, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+    """``fn(*args, **kw)``, its ``FileRejected`` turned into the API's error."""
+    try:
+        return fn(*args, **kw)
+    except FileRejected as e:
+        raise _rejected(e) from None
+
+
+def _inspect_files(
+    by_name: dict[str, StagedFile], settings: Settings
+) -> tuple[int, dict[str, object], dict[str, dict[str, dict]]]:
+    """Check each file by its kind: the parameter count, the JSON files read, and each safetensors
+    file's tensors (name -> header entry)."""
+    parameters = 0
+    configs: dict[str, object] = {}
+    tensors: dict[str, dict[str, dict]] = {}
+    for name, f in by_name.items():
+        _checked(sniff_magic, name, f.head)
+        kind = check_filename(name)
+        # f.path is the staging file ("part-0001"): the checks name the client's file instead.
+        if kind == "safetensors":
+            info = _checked(check_safetensors, f.path, settings.max_safetensors_header_bytes, name=name)
+            parameters += info.parameters
+            tensors[name] = info.tensors
+        elif kind == "json":
+            obj = _checked(load_json_file, f.path, settings.max_json_file_bytes, name=name)
+            _checked(find_remote_code, name, obj)
+            configs[name] = obj
+        else:
+            _checked(check_text_file, f.path, name=name)
+    return parameters, configs, tensors
+
+
+def _format_of(
+    by_name: dict[str, StagedFile], configs: dict[str, object], tensors: dict[str, dict[str, dict]]
+) -> tuple[str, str | None]:
+    """``("hf", architecture)`` for a checked Hugging Face directory, ``("safetensors", None)`` for
+    one bare state dict."""
+    if "config.json" not in by_name:
+        if len(by_name) != 1 or not next(iter(by_name)).endswith(".safetensors"):
+            raise _reject(
+                "missing_config",
+                "upload either one *.safetensors file (a bare state dict) or a Hugging Face directory with config.json",
+            )
+        return "safetensors", None
+    config = configs["config.json"]
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise _reject(
+            "invalid_config",
+            "config.json must be an object with a 'model_type'",
+            file="config.json",
+            field="model_type",
+        )
+    _check_hf_weights(by_name, configs.get(INDEX_NAME), tensors)
+    return "hf", _check_config(config, tensors)
 
 
 def create(
