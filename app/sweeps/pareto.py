@@ -74,6 +74,37 @@ def sweep_frontier(points: Sequence[Mapping[str, Any]]) -> Frontier:
     with metrics as in the sweep report (``artifact_bytes``, ``latency_ms``, ``quality``,
     ``quality_metric``, ``higher_is_better``)."""
     notes: list[str] = []
+    candidates = _candidates(points, notes)
+    if not candidates:
+        notes.append("No point has metrics yet, so there is no frontier.")
+        return Frontier([], {}, " ".join(notes))
+
+    axes: dict[str, str] = {}
+    keys: list[str] = []
+    minimize: list[bool] = []
+    for axis, key in AXES:
+        compared = _axis(axis, key, candidates, notes)
+        if compared is not None:
+            label, lower = compared
+            axes[axis] = f"{label} ({'lower' if lower else 'higher'} is better)"
+            keys.append(key)
+            minimize.append(lower)
+
+    if not axes:
+        notes.append("No axis is measured for every point, so there is no frontier.")
+        return Frontier([], {}, " ".join(notes))
+
+    vectors = [[float(number(p["metrics"][k])) for k in keys] for p in candidates]  # type: ignore[arg-type]
+    on = sorted(candidates[i]["index"] for i in non_dominated(vectors, minimize))
+    notes.append(
+        f"{_plural(len(candidates), 'point')} compared on {', '.join(axes)}; {len(on)} on the frontier "
+        "(a point is left off when another is at least as good on every axis and better on one)."
+    )
+    return Frontier(on, axes, " ".join(notes))
+
+
+def _candidates(points: Sequence[Mapping[str, Any]], notes: list[str]) -> list[Mapping[str, Any]]:
+    """The points measured on at least one axis; a note for each kind of point left out."""
     no_metrics = [p for p in points if not p.get("metrics")]
     if no_metrics:
         by_status: dict[str, list[int]] = {}
@@ -88,59 +119,40 @@ def sweep_frontier(points: Sequence[Mapping[str, Any]]) -> Frontier:
     bare = [p["index"] for p in measured if id(p) not in kept]
     if bare:
         notes.append(f"Left out, measured on none of the axes: point{'s' if len(bare) > 1 else ''} {_list(bare)}.")
-    if not candidates:
-        notes.append("No point has metrics yet, so there is no frontier.")
-        return Frontier([], {}, " ".join(notes))
+    return candidates
 
-    axes: dict[str, str] = {}
-    keys: list[str] = []
-    minimize: list[bool] = []
-    for axis, key in AXES:
-        lacking = [p["index"] for p in candidates if number(p["metrics"].get(key)) is None]
-        what = "a quality score" if axis == "quality" else key
-        if len(lacking) == len(candidates):
-            notes.append(f"The {axis} axis is left out: no point has {what}.")
-            continue
-        if lacking:
-            notes.append(
-                f"The {axis} axis is left out: point{'s' if len(lacking) > 1 else ''} {_list(lacking)} "
-                f"{'have' if len(lacking) > 1 else 'has'} no {what}."
-            )
-            continue
-        if axis == "latency" and all(number(p["metrics"].get("speedup")) is None for p in candidates):
-            # No point runs faster kernels or smaller shapes than the original (e.g. unstructured
-            # pruning): their latencies differ by noise alone, which must not pick the frontier.
-            notes.append(
-                "The latency axis is left out: no point claims a speed-up (each runs the original's "
-                "kernels), so latency differences are measurement noise."
-            )
-            continue
-        lower = True
-        label = key
-        if axis == "quality":
-            names = {p["metrics"].get("quality_metric") for p in candidates}
-            directions = {p["metrics"].get("higher_is_better") for p in candidates}
-            if len(names) != 1:
-                shown = ", ".join(sorted(str(n) for n in names))
-                notes.append(f"The quality axis is left out: the points report different metrics ({shown}).")
-                continue
-            if len(directions) != 1 or not isinstance(next(iter(directions)), bool):
-                notes.append("The quality axis is left out: the points do not agree whether higher is better.")
-                continue
-            lower = not next(iter(directions))
-            label = str(next(iter(names)) or "quality")
-        axes[axis] = f"{label} ({'lower' if lower else 'higher'} is better)"
-        keys.append(key)
-        minimize.append(lower)
 
-    if not axes:
-        notes.append("No axis is measured for every point, so there is no frontier.")
-        return Frontier([], {}, " ".join(notes))
-
-    vectors = [[float(number(p["metrics"][k])) for k in keys] for p in candidates]  # type: ignore[arg-type]
-    on = sorted(candidates[i]["index"] for i in non_dominated(vectors, minimize))
-    notes.append(
-        f"{_plural(len(candidates), 'point')} compared on {', '.join(axes)}; {len(on)} on the frontier "
-        "(a point is left off when another is at least as good on every axis and better on one)."
-    )
-    return Frontier(on, axes, " ".join(notes))
+def _axis(axis: str, key: str, candidates: Sequence[Mapping[str, Any]], notes: list[str]) -> tuple[str, bool] | None:
+    """``(label, lower is better)`` when every candidate can be compared on the axis; else None,
+    with a note saying why it is left out."""
+    lacking = [p["index"] for p in candidates if number(p["metrics"].get(key)) is None]
+    what = "a quality score" if axis == "quality" else key
+    if len(lacking) == len(candidates):
+        notes.append(f"The {axis} axis is left out: no point has {what}.")
+        return None
+    if lacking:
+        notes.append(
+            f"The {axis} axis is left out: point{'s' if len(lacking) > 1 else ''} {_list(lacking)} "
+            f"{'have' if len(lacking) > 1 else 'has'} no {what}."
+        )
+        return None
+    if axis == "latency" and all(number(p["metrics"].get("speedup")) is None for p in candidates):
+        # No point runs faster kernels or smaller shapes than the original (e.g. unstructured
+        # pruning): their latencies differ by noise alone, which must not pick the frontier.
+        notes.append(
+            "The latency axis is left out: no point claims a speed-up (each runs the original's "
+            "kernels), so latency differences are measurement noise."
+        )
+        return None
+    if axis != "quality":
+        return key, True
+    names = {p["metrics"].get("quality_metric") for p in candidates}
+    directions = {p["metrics"].get("higher_is_better") for p in candidates}
+    if len(names) != 1:
+        shown = ", ".join(sorted(str(n) for n in names))
+        notes.append(f"The quality axis is left out: the points report different metrics ({shown}).")
+        return None
+    if len(directions) != 1 or not isinstance(next(iter(directions)), bool):
+        notes.append("The quality axis is left out: the points do not agree whether higher is better.")
+        return None
+    return str(next(iter(names)) or "quality"), not next(iter(directions))
