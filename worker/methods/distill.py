@@ -19,8 +19,6 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
     """Knowledge distillation into a smaller student (fewer layers, a smaller config, or an uploaded model)."""
     import torch
 
-    from worker.ops import distill as ops
-
     teacher = model.module
     kind = head_kind(type(teacher).__name__)
     if kind is None:
@@ -28,35 +26,81 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
     torch.manual_seed(params.seed)  # random parts of a student, and the batch order
     tok = _tokenizer(model.src_dir)
     samples = ctx.samples("train")
-
-    out_dtype = next(teacher.parameters()).dtype
-    if params.student_model_id is not None:
-        student_loaded = ctx.load_model(params.student_model_id)
-        student = student_loaded.module
-        if student is None or head_kind(type(student).__name__) != kind:
-            raise ValueError(f"the student model must have the teacher's kind of head ({kind})")
-        out_dtype = next(student.parameters()).dtype
-        init = {"source": "student_model_id", "from_teacher_layers": None, "initialised_from_teacher": 0.0}
-    else:
-        student, init = _build_student(teacher, params)
+    student, init, out_dtype = _student(teacher, kind, params, ctx)
     _check_compatible(teacher, student, kind)
+    pad_id = _pad_both(tok, teacher, student, kind)
+    max_len = _max_length(params.max_length, teacher.config, student.config)
+    rows, label_map = _encode(tok, samples, teacher.config, kind, max_len)
 
-    # Decoder classifiers find each sample's last token through config.pad_token_id: without one
-    # they refuse batches > 1. Padding with that id (or the tokenizer's) keeps both models right.
+    device = next(teacher.parameters()).device
+    teacher.eval()
+    student.to(device=device, dtype=torch.float32)  # train in fp32 whatever the stored dtype
+    run = _Distiller(teacher, student, kind, params, rows, pad_id, device)
+    initial = run.probe_loss()
+    run.train(ctx)
+    final = run.probe_loss()
+    student.eval()
+
+    student.config.architectures = [type(student).__name__]
+    if out_dtype.is_floating_point and out_dtype != torch.float32:
+        student.to(out_dtype)
+    # save() writes model.module with save_pretrained: the artifact's config.json is the student's.
+    model.module = student
+    return {
+        "student": init["source"],
+        "head": kind,
+        "initial_loss": round(initial, 6),
+        "final_loss": round(final, 6),
+        "first_step_loss": None if run.first is None else round(run.first, 6),
+        "last_step_loss": None if run.last is None else round(run.last, 6),
+        "steps": run.done,
+        "planned_steps": run.total,
+        "stopped_by_cancel": run.stopped,
+        "samples": len(rows),
+        "max_length": max_len,
+        **_sizes(teacher, student, init),
+        "label_map": label_map,
+    }
+
+
+def _student(teacher: Any, kind: str, params: DistillParams, ctx: MethodContext) -> tuple[Any, dict[str, Any], Any]:
+    """The student (uploaded, or built from the teacher), how it was made, and the dtype the
+    artifact is saved in (the uploaded student's own, else the teacher's)."""
+    out_dtype = next(teacher.parameters()).dtype
+    if params.student_model_id is None:
+        student, init = _build_student(teacher, params)
+        return student, init, out_dtype
+    student = ctx.load_model(params.student_model_id).module
+    if student is None or head_kind(type(student).__name__) != kind:
+        raise ValueError(f"the student model must have the teacher's kind of head ({kind})")
+    init = {"source": "student_model_id", "from_teacher_layers": None, "initialised_from_teacher": 0.0}
+    return student, init, next(student.parameters()).dtype
+
+
+def _pad_both(tok: Any, teacher: Any, student: Any, kind: str) -> int:
+    """The padding id of the batches. Decoder classifiers find each sample's last token through
+    config.pad_token_id: without one they refuse batches > 1. Padding with that id (or the
+    tokenizer's) keeps both models right."""
     pad_id = _pad_id(tok, teacher.config if kind == "sequence_classification" else None)
     if kind == "sequence_classification":
         for m in (teacher, student):
             if m.config.pad_token_id is None:
                 m.config.pad_token_id = pad_id
+    return pad_id
 
-    max_len = _max_length(params.max_length, teacher.config, student.config)
+
+def _encode(
+    tok: Any, samples: list[dict[str, Any]], config: Any, kind: str, max_len: int
+) -> tuple[list[tuple[list[int], int | None]], dict[str, int] | None]:
+    """The training rows (token ids, label id) of every sample with a token, and the label map
+    of a classifier (None for a causal LM)."""
     encoded = tok([s["text"] for s in samples], truncation=True, max_length=max_len)["input_ids"]
-    vocab = teacher.config.vocab_size
+    vocab = config.vocab_size
     rows: list[tuple[list[int], int | None]] = []
     label_map: dict[str, int] | None = None
     labels: list[int | None] = [None] * len(samples)
     if kind == "sequence_classification":
-        label_map, labels = _label_ids(samples, teacher.config)
+        label_map, labels = _label_ids(samples, config)
     for ids, label in zip(encoded, labels, strict=True):
         if not ids:
             continue
@@ -68,125 +112,139 @@ def distill(model: LoadedModel, params: DistillParams, ctx: MethodContext) -> Me
         rows.append((ids, label))
     if not rows:
         raise ValueError("no sample of the dataset has a token after tokenization")
+    return rows, label_map
 
-    device = next(teacher.parameters()).device
-    teacher.eval()
-    student.to(device=device, dtype=torch.float32)  # train in fp32 whatever the stored dtype
 
-    def batch_of(idx: list[int]) -> dict[str, Any]:
+def _sizes(teacher: Any, student: Any, init: dict[str, Any]) -> Metrics:
+    """Parameter counts and layer counts of both models, for the job's metrics."""
+    teacher_params = sum(p.numel() for p in teacher.parameters())
+    student_params = sum(p.numel() for p in student.parameters())
+    return {
+        "teacher_parameters": teacher_params,
+        "student_parameters": student_params,
+        "parameter_ratio": round(student_params / teacher_params, 6) if teacher_params else None,
+        "layers": {
+            "teacher": getattr(teacher.config, "num_hidden_layers", None),
+            "student": getattr(student.config, "num_hidden_layers", None),
+            "from_teacher_layers": init["from_teacher_layers"],
+        },
+        "initialised_from_teacher": init["initialised_from_teacher"],
+    }
+
+
+class _Distiller:
+    """The training loop: batches of the rows, the teacher's and the student's logits, the
+    distillation loss (worker/ops/distill.py has the math), the optimizer's steps."""
+
+    def __init__(
+        self,
+        teacher: Any,
+        student: Any,
+        kind: str,
+        params: DistillParams,
+        rows: list[tuple[list[int], int | None]],
+        pad_id: int,
+        device: Any,
+    ) -> None:
+        self.teacher, self.student, self.kind, self.params = teacher, student, kind, params
+        self.rows, self.pad_id, self.device = rows, pad_id, device
+        bs = params.batch_size
+        per_epoch = math.ceil(len(rows) / bs)
+        self.total = params.steps if params.steps is not None else params.epochs * per_epoch
+        # Initial / final loss on the same fixed batches (dataset order, no dropout): comparable
+        # numbers, unlike single noisy training batches.
+        self.probe = [
+            self.batch_of(list(range(i, min(i + bs, len(rows))))) for i in range(0, min(len(rows), 4 * bs), bs)
+        ]
+        self.first: float | None = None
+        self.last: float | None = None
+        self.done = 0
+        self.stopped = False
+
+    def batch_of(self, idx: list[int]) -> dict[str, Any]:
+        import torch
+
+        rows = self.rows
         width = max(len(rows[i][0]) for i in idx)
-        ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(idx), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(idx), width), dtype=torch.long)
         for r, i in enumerate(idx):
             seq = rows[i][0]
             ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
             mask[r, : len(seq)] = 1
-        out = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if kind == "sequence_classification":
-            out["labels"] = torch.tensor([rows[i][1] for i in idx], dtype=torch.long, device=device)
+        out = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        if self.kind == "sequence_classification":
+            out["labels"] = torch.tensor([rows[i][1] for i in idx], dtype=torch.long, device=self.device)
         return out
 
-    def forward(m: Any, b: dict[str, Any]) -> Any:
-        kw = {"use_cache": False} if kind == "causal_lm" else {}
+    def _forward(self, m: Any, b: dict[str, Any]) -> Any:
+        kw = {"use_cache": False} if self.kind == "causal_lm" else {}
         return m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **kw).logits
 
-    def loss_of(b: dict[str, Any]) -> Any:
-        with torch.no_grad():
-            t_logits = forward(teacher, b)
-        s_logits = forward(student, b)
-        if kind == "causal_lm":
-            return ops.causal_lm_loss(
-                s_logits, t_logits, b["input_ids"], b["attention_mask"], params.alpha, params.temperature
-            )
-        return ops.classifier_loss(s_logits, t_logits, b["labels"], params.alpha, params.temperature)
+    def loss_of(self, b: dict[str, Any]) -> Any:
+        import torch
 
-    bs = params.batch_size
-    per_epoch = math.ceil(len(rows) / bs)
-    total = params.steps if params.steps is not None else params.epochs * per_epoch
-    # Initial / final loss on the same fixed batches (dataset order, no dropout): comparable
-    # numbers, unlike single noisy training batches.
-    probe = [batch_of(list(range(i, min(i + bs, len(rows))))) for i in range(0, min(len(rows), 4 * bs), bs)]
+        from worker.ops import distill as ops
 
-    def probe_loss() -> float:
-        student.eval()
+        p = self.params
         with torch.no_grad():
-            value = sum(float(loss_of(b).total) for b in probe) / len(probe)
-        student.train()
+            t_logits = self._forward(self.teacher, b)
+        s_logits = self._forward(self.student, b)
+        if self.kind == "causal_lm":
+            return ops.causal_lm_loss(s_logits, t_logits, b["input_ids"], b["attention_mask"], p.alpha, p.temperature)
+        return ops.classifier_loss(s_logits, t_logits, b["labels"], p.alpha, p.temperature)
+
+    def probe_loss(self) -> float:
+        import torch
+
+        self.student.eval()
+        with torch.no_grad():
+            value = sum(float(self.loss_of(b).total) for b in self.probe) / len(self.probe)
+        self.student.train()
         return value
 
-    gen = torch.Generator().manual_seed(params.seed)
+    def _batches(self):  # noqa: ANN202 - endless shuffled epochs
+        import torch
 
-    def batches():  # noqa: ANN202 - endless shuffled epochs
+        gen = torch.Generator().manual_seed(self.params.seed)
+        bs = self.params.batch_size
         while True:
-            order = torch.randperm(len(rows), generator=gen).tolist()
+            order = torch.randperm(len(self.rows), generator=gen).tolist()
             for i in range(0, len(order), bs):
                 yield order[i : i + bs]
 
-    initial = probe_loss()
-    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=params.lr, weight_decay=0.0)
-    student.train()
-    first = last = None
-    done = 0
-    stopped = False
-    t_report = t_cancel = time.monotonic()
-    it = batches()
-    for step in range(1, total + 1):
-        loss = loss_of(batch_of(next(it)))
-        value = float(loss.total.detach())
-        if not math.isfinite(value):
-            raise ValueError(f"the loss became {value} at step {step}; try a lower lr")
-        opt.zero_grad(set_to_none=True)
-        loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        done, last = step, value
-        first = value if first is None else first
-        now = time.monotonic()
-        if now - t_report >= 0.5 or step == total:
-            ctx.step_progress(f"step {step}/{total} loss {value:.4f}", step / total)
-            t_report = now
-        # The pipeline only looks for a cancel between steps: a long training run looks itself.
-        if now - t_cancel >= 5.0 and step < total:
-            t_cancel = now
-            if ctx.cancel_requested():
-                stopped = True
-                break
-    student.eval()
-    final = probe_loss()
-    student.eval()
+    def train(self, ctx: MethodContext) -> None:
+        """Up to ``total`` optimizer steps; stops early when the job is cancelled."""
+        import torch
 
-    student.config.architectures = [type(student).__name__]
-    if out_dtype.is_floating_point and out_dtype != torch.float32:
-        student.to(out_dtype)
-    teacher_params = sum(p.numel() for p in teacher.parameters())
-    student_params = sum(p.numel() for p in student.parameters())
-    teacher_layers = getattr(teacher.config, "num_hidden_layers", None)
-    student_layers = getattr(student.config, "num_hidden_layers", None)
-    # save() writes model.module with save_pretrained: the artifact's config.json is the student's.
-    model.module = student
-    return {
-        "student": init["source"],
-        "head": kind,
-        "initial_loss": round(initial, 6),
-        "final_loss": round(final, 6),
-        "first_step_loss": None if first is None else round(first, 6),
-        "last_step_loss": None if last is None else round(last, 6),
-        "steps": done,
-        "planned_steps": total,
-        "stopped_by_cancel": stopped,
-        "samples": len(rows),
-        "max_length": max_len,
-        "teacher_parameters": teacher_params,
-        "student_parameters": student_params,
-        "parameter_ratio": round(student_params / teacher_params, 6) if teacher_params else None,
-        "layers": {
-            "teacher": teacher_layers,
-            "student": student_layers,
-            "from_teacher_layers": init["from_teacher_layers"],
-        },
-        "initialised_from_teacher": init["initialised_from_teacher"],
-        "label_map": label_map,
-    }
+        student, total = self.student, self.total
+        trainable = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=self.params.lr, weight_decay=0.0)
+        student.train()
+        t_report = t_cancel = time.monotonic()
+        it = self._batches()
+        for step in range(1, total + 1):
+            loss = self.loss_of(self.batch_of(next(it)))
+            value = float(loss.total.detach())
+            if not math.isfinite(value):
+                raise ValueError(f"the loss became {value} at step {step}; try a lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            opt.step()
+            self.done, self.last = step, value
+            self.first = value if self.first is None else self.first
+            now = time.monotonic()
+            if now - t_report >= 0.5 or step == total:
+                ctx.step_progress(f"step {step}/{total} loss {value:.4f}", step / total)
+                t_report = now
+            # The pipeline only looks for a cancel between steps: a long training run looks itself.
+            if now - t_cancel >= 5.0 and step < total:
+                t_cancel = now
+                if ctx.cancel_requested():
+                    self.stopped = True
+                    break
+        student.eval()
 
 
 def _tokenizer(src_dir: Any) -> Any:
@@ -286,10 +344,17 @@ def _build_student(teacher: Any, params: DistillParams) -> tuple[Any, dict[str, 
     n_student = getattr(cfg, "num_hidden_layers", None)
     src = evenly_spaced(n_teacher, n_student) if isinstance(n_teacher, int) and isinstance(n_student, int) else None
     # Per-layer config lists (e.g. layer_types: sliding vs full attention) follow the copied layers.
+    # A layer_types the user set in student_config is kept as given.
     layer_types = getattr(cfg, "layer_types", None)
-    if src is not None and isinstance(layer_types, list) and len(layer_types) == n_teacher and n_student != n_teacher:
-        if not (params.student_config and "layer_types" in params.student_config):
-            cfg.layer_types = [layer_types[i] for i in src[:n_student]]
+    user_set = bool(params.student_config and "layer_types" in params.student_config)
+    if (
+        src is not None
+        and isinstance(layer_types, list)
+        and len(layer_types) == n_teacher
+        and n_student != n_teacher
+        and not user_set
+    ):
+        cfg.layer_types = [layer_types[i] for i in src[:n_student]]
     try:
         student = type(teacher)(cfg)
     except Exception as e:
