@@ -297,12 +297,61 @@ def run_job(job_id: str) -> bool:
 
 
 def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage) -> None:
+    steps, evaluation, datasets, model_info = _read_job(job_id)
+    # The scratch folder is named after this attempt and this process (worker/sweep.py): a
+    # sweeper removes it once the process is gone or the attempt lost the job.
+    work = sweep.scratch_dir(settings, job_id, attempt)
+    # Earlier attempts of this job died (their claims expired): their scratch folders on this
+    # host are garbage (the sweepers of other hosts remove theirs).
+    sweep.drop_earlier_scratch(settings, job_id, attempt)
+    ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
+    logs.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
+    log.info("job %s attempt %d: started", job_id, attempt)
+
+    def fail(code: str, message: str) -> None:
+        _record(job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed")
+
+    watchdog = limits.Watchdog(settings.job_time_limit_s, settings.job_memory_limit_mb * 2**20, fail)
+    try:
+        watchdog.start()
+        try:
+            if model_info is None:
+                raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
+            outcome = _execute(ctx, storage, work, model_info, steps)
+        finally:
+            watchdog.stop()
+    except limits.LimitExceeded as e:
+        fail(e.code, watchdog.message or str(e))
+        return
+    except LostLease:
+        log.warning("job %s attempt %d: lost its lease; stopping without writing", job_id, attempt)
+        return
+    except JobFailed as e:
+        fail(e.code, e.message)
+        return
+    except SoftTimeLimitExceeded:
+        fail("time_limit", f"the job ran past its time limit of {settings.job_time_limit_s} s")
+        return
+    except Exception as e:  # a bug of ours: record it, keep the worker alive
+        log.exception("job %s attempt %d: internal error", job_id, attempt)
+        fail("internal_error", f"internal error ({e.__class__.__name__})")
+        return
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _record_outcome(job_id, attempt, storage, outcome)
+
+
+def _read_job(
+    job_id: str,
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """What the attempt needs of the job's rows, read in one session: its steps, its evaluation
+    settings (the defaults filled in), its datasets and its model (None when it was deleted)."""
+    from core.jobs.schemas import EvaluationIn
+
     with get_sessionmaker()() as s:
         job = s.get(Job, job_id)
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
-        from core.jobs.schemas import EvaluationIn
-
         evaluation = EvaluationIn.model_validate(job.evaluation or {}).model_dump()
         datasets = {}
         for which, ds_id in (("train", job.dataset_id), ("eval", job.eval_dataset_id)):
@@ -327,69 +376,11 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
                 "parameters": model.parameters,
             }
         )
-    # The scratch folder is named after this attempt and this process (worker/sweep.py): a
-    # sweeper removes it once the process is gone or the attempt lost the job.
-    work = sweep.scratch_dir(settings, job_id, attempt)
-    # Earlier attempts of this job died (their claims expired): their scratch folders on this
-    # host are garbage (the sweepers of other hosts remove theirs).
-    sweep.drop_earlier_scratch(settings, job_id, attempt)
-    ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
-    logs.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
-    log.info("job %s attempt %d: started", job_id, attempt)
-    watchdog = limits.Watchdog(
-        settings.job_time_limit_s,
-        settings.job_memory_limit_mb * 2**20,
-        lambda code, message: _record(
-            job_id, attempt, "failed", error_code=code, error_message=message, progress_stage="failed"
-        ),
-    )
-    try:
-        watchdog.start()
-        try:
-            if model_info is None:
-                raise JobFailed("model_deleted", "the job's model was deleted before the job ran")
-            outcome = _execute(ctx, storage, work, model_info, steps)
-        finally:
-            watchdog.stop()
-    except limits.LimitExceeded as e:
-        _record(
-            job_id,
-            attempt,
-            "failed",
-            error_code=e.code,
-            error_message=watchdog.message or str(e),
-            progress_stage="failed",
-        )
-        return
-    except LostLease:
-        log.warning("job %s attempt %d: lost its lease; stopping without writing", job_id, attempt)
-        return
-    except JobFailed as e:
-        _record(job_id, attempt, "failed", error_code=e.code, error_message=e.message, progress_stage="failed")
-        return
-    except SoftTimeLimitExceeded:
-        _record(
-            job_id,
-            attempt,
-            "failed",
-            error_code="time_limit",
-            error_message=f"the job ran past its time limit of {settings.job_time_limit_s} s",
-            progress_stage="failed",
-        )
-        return
-    except Exception as e:  # a bug of ours: record it, keep the worker alive
-        log.exception("job %s attempt %d: internal error", job_id, attempt)
-        _record(
-            job_id,
-            attempt,
-            "failed",
-            error_code="internal_error",
-            error_message=f"internal error ({e.__class__.__name__})",
-            progress_stage="failed",
-        )
-        return
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return steps, evaluation, datasets, model_info
+
+
+def _record_outcome(job_id: str, attempt: int, storage: Storage, outcome: tuple[str, dict[str, Any]] | None) -> None:
+    """Record a finished attempt: canceled (``outcome`` None) or succeeded with its artifact."""
     if outcome is None:
         _record(job_id, attempt, "canceled", progress_stage="canceled")
         return
@@ -450,10 +441,43 @@ def _span_progress(ctx: JobContext, lo: float, hi: float) -> Callable[..., None]
     return report
 
 
+class _Canceled(Exception):
+    """The job was canceled between two stages: :func:`_execute` returns None."""
+
+
+def _stop_if_canceled(ctx: JobContext) -> None:
+    if ctx.cancel_requested():
+        raise _Canceled
+
+
+def _evaluation_off() -> dict[str, Any]:
+    """The report's speed, quality and fidelity sections of a job that turned evaluation off (a
+    fresh dict per job: the metrics are the job's own)."""
+    off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
+    return {"speed": off, "quality": off, "fidelity": off}
+
+
 def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any], steps: list[dict[str, Any]]):
     """Run the job; return (artifact key, row values), or None when canceled."""
     t_start = time.perf_counter()
     peak = memory.PeakMemory()
+    try:
+        src = _fetch_model(ctx, storage, work, model_info)
+        streamed = _stream_steps(steps)
+        if streamed is not None and ctx.settings.stream_engine:
+            try:
+                return _execute_stream(ctx, storage, work, src, model_info, steps, streamed, t_start, peak)
+            except stream.NotStreamable as e:
+                # Decided before anything is written: the in-memory path runs the same steps.
+                log.info("job %s: in-memory path (%s)", ctx.job_id, e)
+                ctx.stage_seconds.pop("stream", None)
+        return _execute_in_memory(ctx, storage, work, src, model_info, steps, t_start, peak)
+    except _Canceled:
+        return None
+
+
+def _fetch_model(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str, Any]) -> Path:
+    """The model's files from storage into ``work/in``."""
     src = work / "in"
     src.mkdir(parents=True, exist_ok=True)
     ctx.progress("loading", 0.02)
@@ -461,16 +485,24 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     for f in model_info["files"]:
         _fetch(storage, f"{model_info['prefix']}/{f['name']}", src / f["name"])
     ctx.stage_seconds["fetch"] = time.perf_counter() - t0
-    streamed = _stream_steps(steps)
-    if streamed is not None and ctx.settings.stream_engine:
-        try:
-            return _execute_stream(ctx, storage, work, src, model_info, steps, streamed, t_start, peak)
-        except stream.NotStreamable as e:
-            # Decided before anything is written: the in-memory path runs the same steps.
-            log.info("job %s: in-memory path (%s)", ctx.job_id, e)
-            ctx.stage_seconds.pop("stream", None)
+    return src
+
+
+def _execute_in_memory(
+    ctx: JobContext,
+    storage: Storage,
+    work: Path,
+    src: Path,
+    model_info: dict[str, Any],
+    steps: list[dict[str, Any]],
+    t_start: float,
+    peak: memory.PeakMemory,
+):
+    """The in-memory path: the model loaded whole (or block by block, its weights on disk), the
+    steps' handlers run on it one after the other, then it is saved, evaluated and stored."""
+    fmt = model_info["format"]
     original_weight_bytes = evaluate.tensor_bytes(src)
-    blocks = _block_steps(model_info["format"], steps, ctx.settings)
+    blocks = _block_steps(fmt, steps, ctx.settings)
     enabled = ctx.evaluation.get("enabled", True)
     # Too large to hold whole twice: evaluated after saving, both models with their weights on
     # disk, side by side (Evaluator.measure_side_by_side).
@@ -478,25 +510,106 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
     # The evaluator reports (note, fraction of its own stage done); each stage maps it into its span.
     evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.02, 0.05))
     evaluator.compressed_cost = _compressed_cost(steps)
-    if blocks and enabled and not streamed_eval:
+    loaded = _load_measured(ctx, evaluator, src, fmt, work, blocks, measure=enabled and not streamed_eval)
+    step_metrics = _run_steps(ctx, loaded, steps)
+    _stop_if_canceled(ctx)
+
+    # Measured before saving: a saver may replace weights by their packed form.
+    # One pass over every parameter: counting non-zeros of a 7B model twice is seconds of work.
+    params = evaluate.parameter_counts(loaded.module, loaded.state)
+    sparsity = _sparsity(loaded, params)
+    memory_bytes = _memory_bytes(loaded)
+    out = work / "out"
+    _save(ctx, loaded, out, _manifest(steps, model_info), blocks)
+    artifact_weight_bytes = evaluate.tensor_bytes(out)
+    notes = loaded.notes
+    # The pipeline is done with the in-memory model: free it before the artifact loads.
+    del loaded
+    sections = _evaluate_saved(ctx, evaluator, src, fmt, out, work, enabled, streamed_eval)
+    t0 = time.perf_counter()
+    filename, artifact = _package(ctx, out, work, fmt)
+    size, sha = artifact.stat().st_size, _sha256(artifact)
+    key = _store(ctx, storage, artifact, filename, t0, t_start)
+    metrics = {
+        "size": _size_metrics(model_info, size, original_weight_bytes, artifact_weight_bytes, memory_bytes, params),
+        "notes": notes,
+        "sparsity": sparsity,
+        **sections,
+        "memory": peak.result(),
+        "engine": dict(_ENGINE_BLOCKS if blocks else _ENGINE_WHOLE),
+        "steps": step_metrics,
+        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
+        "evaluation": ctx.evaluation,
+    }
+    return key, _row_values(key, filename, size, sha, metrics)
+
+
+_ENGINE_BLOCKS = {
+    "path": "blocks",
+    "note": "weights stayed on disk; llm-compressor's sequential pipeline onloaded one decoder block at a time",
+}
+_ENGINE_WHOLE = {"path": "whole", "note": "the model was built in memory (a step has no streaming or block form)"}
+
+
+def _evaluate_saved(
+    ctx: JobContext,
+    evaluator: evaluate.Evaluator,
+    src: Path,
+    fmt: str,
+    out: Path,
+    work: Path,
+    enabled: bool,
+    side_by_side: bool,
+) -> dict[str, Any]:
+    """The report's speed, quality and fidelity sections of the in-memory path, once the result is
+    saved in ``out``: the original was measured before the steps, or both are measured now side by
+    side with their weights on disk."""
+    if not enabled:
+        return _evaluation_off()
+    _stop_if_canceled(ctx)
+    if side_by_side:
+        return _evaluate_streamed(ctx, evaluator, src, fmt, out, work, (0.88, 0.96))
+    t0 = time.perf_counter()
+    evaluator.on_progress = _span_progress(ctx, 0.88, 0.96)
+    evaluator.measure_compressed(out)
+    ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
+    return evaluator.sections()
+
+
+def _load_measured(
+    ctx: JobContext,
+    evaluator: evaluate.Evaluator,
+    src: Path,
+    fmt: str,
+    work: Path,
+    blocks: bool,
+    measure: bool,
+) -> model_io.LoadedModel:
+    """The model the steps run on, and the evaluator's measurement of the original before any
+    step (``measure``; the side-by-side evaluation measures it after saving instead)."""
+    if blocks and measure:
         # The steps will see the weights on disk; the original is measured whole, then freed.
         t0 = time.perf_counter()
-        evaluator.measure_original(_load(src, model_info["format"]).module)
+        evaluator.measure_original(_load(src, fmt).module)
         ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    loaded = _load(src, model_info["format"], work / "offload" if blocks else None)
+    loaded = _load(src, fmt, work / "offload" if blocks else None)
     ctx.stage_seconds["load"] = time.perf_counter() - t0
-    if enabled and not blocks:
+    if measure and not blocks:
         # Before any step: methods change the module in place.
         t0 = time.perf_counter()
         evaluator.measure_original(loaded.module)
         ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
+    return loaded
 
+
+def _run_steps(ctx: JobContext, loaded: model_io.LoadedModel, steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every step's handler on the loaded model, in order; each step's metrics. A handler's error
+    fails the job as ``method_failed`` (the pipeline's own exceptions pass through)."""
     step_metrics = []
     n = len(steps)
     for i, step in enumerate(steps):
-        if ctx.cancel_requested():
-            return None
+        _stop_if_canceled(ctx)
         spec = methods.get(step["method"])
         if spec is None:
             raise JobFailed("unknown_method", f"method {step['method']!r} is not installed on this worker")
@@ -516,94 +629,78 @@ def _execute(ctx: JobContext, storage: Storage, work: Path, model_info: dict[str
         step_metrics.append(
             {"method": spec.name, "params": step["params"], "seconds": round(secs, 4), **(result or {})}
         )
-    if ctx.cancel_requested():
-        return None
+    return step_metrics
 
-    # Measured before saving: a saver may replace weights by their packed form.
-    # One pass over every parameter: counting non-zeros of a 7B model twice is seconds of work.
-    params = evaluate.parameter_counts(loaded.module, loaded.state)
-    sparsity = _sparsity(loaded, params)
-    memory_bytes = _memory_bytes(loaded)
-    ctx.progress("saving", 0.87)
-    t0 = time.perf_counter()
-    manifest = {
+
+def _manifest(steps: list[dict[str, Any]], model_info: dict[str, Any]) -> dict[str, Any]:
+    """modelpress.json of the artifact: the steps, the input and the libraries' versions."""
+    return {
         "modelpress_manifest": 1,
         "steps": steps,
         "input": {"sha256": model_info["sha256"], "format": model_info["format"]},
         "versions": _versions(),
     }
-    out = work / "out"
+
+
+def _save(ctx: JobContext, loaded: model_io.LoadedModel, out: Path, manifest: dict[str, Any], blocks: bool) -> None:
+    ctx.progress("saving", 0.87)
+    t0 = time.perf_counter()
     # The block path's fallback save (save_pretrained) holds one output shard in memory: that must
     # stay near a block's size, not the model's.
     shard = min(ctx.settings.shard_max_bytes, BLOCK_SAVE_SHARD_BYTES) if blocks else ctx.settings.shard_max_bytes
     model_io.save(loaded, out, manifest, max_shard_size=shard)
     ctx.stage_seconds["save"] = time.perf_counter() - t0
-    artifact_weight_bytes = evaluate.tensor_bytes(out)
-    notes = loaded.notes
-    # The pipeline is done with the in-memory model: free it before the artifact loads.
-    del loaded
-    if enabled and streamed_eval:
-        if ctx.cancel_requested():
-            return None
-        sections = _evaluate_streamed(ctx, evaluator, src, model_info["format"], out, work, (0.88, 0.96))
-    elif enabled:
-        if ctx.cancel_requested():
-            return None
-        t0 = time.perf_counter()
-        evaluator.on_progress = _span_progress(ctx, 0.88, 0.96)
-        evaluator.measure_compressed(out)
-        ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
-        sections = evaluator.sections()
-    else:
-        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
-        sections = {"speed": off, "quality": off, "fidelity": off}
-    t0 = time.perf_counter()
-    if model_info["format"] == "hf":
+
+
+def _package(ctx: JobContext, out: Path, work: Path, fmt: str) -> tuple[str, Path]:
+    """(filename, path) of the artifact: the saved folder zipped (HF), or its one safetensors file."""
+    if fmt == "hf":
         filename = "model.zip"
         artifact = work / filename
         _zip_dir(out, artifact, ctx.settings.artifact_zip_level)
-    else:
-        filename = "model.safetensors"
-        artifact = out / filename
-    size = artifact.stat().st_size
-    sha = _sha256(artifact)
+        return filename, artifact
+    filename = "model.safetensors"
+    return filename, out / filename
+
+
+def _store(ctx: JobContext, storage: Storage, artifact: Path, filename: str, t0: float, t_start: float) -> str:
+    """Move the artifact into storage under this attempt's key; the key. ``t0`` starts the
+    "store" stage, ``t_start`` the job."""
     key = f"artifacts/{ctx.job_id}/attempt-{ctx.attempt}/{filename}"
     ctx.progress("storing", 0.97)
     storage.put_file(artifact, key, move=True)
     ctx.stage_seconds["store"] = time.perf_counter() - t0
     ctx.stage_seconds["total"] = time.perf_counter() - t_start
+    return key
 
-    metrics = {
-        "size": {
-            "original_bytes": model_info["size_bytes"],
-            "artifact_bytes": size,
-            "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
-            # Tensor data alone (safetensors headers, config and tokenizer files excluded).
-            "original_weight_bytes": original_weight_bytes,
-            "artifact_weight_bytes": artifact_weight_bytes,
-            "weight_bytes_ratio": round(artifact_weight_bytes / original_weight_bytes, 6)
-            if original_weight_bytes
-            else None,
-            # Bytes the result takes in memory once loaded, next to the bytes stored above.
-            "memory_bytes": memory_bytes,
-            "parameters": {"original": model_info["parameters"], **params},
-            "mean_bits_per_weight": round(8 * artifact_weight_bytes / params["total"], 4) if params["total"] else None,
-        },
-        "notes": notes,
-        "sparsity": sparsity,
-        **sections,
-        "memory": peak.result(),
-        "engine": {
-            "path": "blocks",
-            "note": "weights stayed on disk; llm-compressor's sequential pipeline onloaded one decoder block at a time",
-        }
-        if blocks
-        else {"path": "whole", "note": "the model was built in memory (a step has no streaming or block form)"},
-        "steps": step_metrics,
-        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
-        "evaluation": ctx.evaluation,
+
+def _size_metrics(
+    model_info: dict[str, Any],
+    size: int,
+    weight_bytes_in: int,
+    weight_bytes_out: int,
+    memory_bytes: int,
+    params: dict[str, Any],
+) -> dict[str, Any]:
+    """The report's size section, the same for every path."""
+    return {
+        "original_bytes": model_info["size_bytes"],
+        "artifact_bytes": size,
+        "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
+        # Tensor data alone (safetensors headers, config and tokenizer files excluded).
+        "original_weight_bytes": weight_bytes_in,
+        "artifact_weight_bytes": weight_bytes_out,
+        "weight_bytes_ratio": round(weight_bytes_out / weight_bytes_in, 6) if weight_bytes_in else None,
+        # Bytes the result takes in memory once loaded, next to the bytes stored above.
+        "memory_bytes": memory_bytes,
+        "parameters": {"original": model_info["parameters"], **params},
+        "mean_bits_per_weight": round(8 * weight_bytes_out / params["total"], 4) if params["total"] else None,
     }
-    return key, {
+
+
+def _row_values(key: str, filename: str, size: int, sha: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The job row's columns of a succeeded attempt."""
+    return {
         "artifact_key": key,
         "artifact_filename": filename,
         "artifact_size_bytes": size,
@@ -714,29 +811,67 @@ def _execute_stream(
     """The streaming path (worker/stream): every step is data-free, so the checkpoint goes
     tensor by tensor from the input shards through all steps into the artifact, written once.
     Raises stream.NotStreamable before anything is written when the model does not allow it."""
-    from worker.stream.sinks import FileSink, ZipSink
-
     fmt = model_info["format"]
     n = len(steps)
     names = ", ".join(spec.name for spec, _ in streamed)
     ctx.step_label = f"steps 1-{n} fused" if n > 1 else f"step 1/1: {names}"
     ctx.step_span = (0.05, 0.85)
     ctx.progress(ctx.step_label, 0.05)
-    manifest = {
-        "modelpress_manifest": 1,
-        "steps": steps,
-        "input": {"sha256": model_info["sha256"], "format": fmt},
-        "versions": _versions(),
-    }
     filename = "model.zip" if fmt == "hf" else "model.safetensors"
     artifact = work / filename
+    t0 = time.perf_counter()
+    result, size, sha = _stream_to(ctx, artifact, src, fmt, streamed, _manifest(steps, model_info), work, names)
+    secs = time.perf_counter() - t0
+    ctx.stage_seconds["stream"] = secs
+    step_metrics = [
+        # The steps ran fused, in one pass: the pass's time is theirs together.
+        {"method": spec.name, "params": step["params"], "seconds": None, "fused_seconds": round(secs, 4), **(m or {})}
+        for (spec, _), step, m in zip(streamed, steps, result.step_metrics, strict=True)
+    ]
+    sections = _evaluate_stream_artifact(ctx, src, fmt, artifact, work, steps, result.weight_bytes_in)
+
+    key = _store(ctx, storage, artifact, filename, time.perf_counter(), t_start)
+    metrics = {
+        "size": _size_metrics(
+            model_info, size, result.weight_bytes_in, result.weight_bytes_out, result.memory_bytes, result.parameters
+        ),
+        "notes": result.notes,
+        "sparsity": result.sparsity,
+        **sections,
+        "memory": peak.result(),
+        "engine": {
+            "path": "stream",
+            "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never "
+            "built in memory",
+        },
+        "steps": step_metrics,
+        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
+        "evaluation": ctx.evaluation,
+    }
+    return key, _row_values(key, filename, size, sha, metrics)
+
+
+def _stream_to(
+    ctx: JobContext,
+    artifact: Path,
+    src: Path,
+    fmt: str,
+    streamed: list[tuple[Any, Any]],
+    manifest: dict[str, Any],
+    work: Path,
+    names: str,
+) -> tuple[Any, int, str]:
+    """One pass of the streaming engine into ``artifact`` (a zip for HF, else one safetensors
+    file); (the engine's result, size, sha256). A half-written artifact is removed, whatever
+    stops the pass; a cancel raises _Canceled. The engine's errors become the job's codes."""
+    from worker.stream.sinks import FileSink, ZipSink
+
     sink = ZipSink(artifact) if fmt == "hf" else FileSink(artifact)
     extra = [
         p
         for p in src.iterdir()
         if p.is_file() and not any(fnmatch.fnmatch(p.name, pat) for pat in model_io.WEIGHT_FILE_PATTERNS)
     ]
-    t0 = time.perf_counter()
     try:
         try:
             result = stream.run_passes(
@@ -765,101 +900,54 @@ def _execute_stream(
             raise JobFailed("method_failed", f"{names} failed: {e}") from e
         if result is None:
             sink.abort()
-            return None
+            raise _Canceled
         size, sha = sink.close()
+    except _Canceled:
+        raise
     except BaseException:
         sink.abort()
         raise
-    secs = time.perf_counter() - t0
-    ctx.stage_seconds["stream"] = secs
-    step_metrics = [
-        # The steps ran fused, in one pass: the pass's time is theirs together.
-        {"method": spec.name, "params": step["params"], "seconds": None, "fused_seconds": round(secs, 4), **(m or {})}
-        for (spec, _), step, m in zip(streamed, steps, result.step_metrics, strict=True)
-    ]
+    return result, size, sha
 
+
+def _evaluate_stream_artifact(
+    ctx: JobContext, src: Path, fmt: str, artifact: Path, work: Path, steps: list[dict[str, Any]], weight_bytes_in: int
+) -> dict[str, Any]:
+    """The report's speed, quality and fidelity sections of a streamed job: the original and the
+    artifact side by side with their weights on disk when both do not fit in memory, else one
+    after the other, whole."""
     enabled = ctx.evaluation.get("enabled", True)
-    if enabled and not _fits_twice(result.weight_bytes_in, ctx.settings):
-        if ctx.cancel_requested():
-            return None
+    if not enabled:
+        return _evaluation_off()
+    _stop_if_canceled(ctx)
+    if not _fits_twice(weight_bytes_in, ctx.settings):
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx))
         evaluator.compressed_cost = _compressed_cost(steps)
         out = _unpack_artifact(artifact, fmt, work / "out")
         try:
-            sections = _evaluate_streamed(ctx, evaluator, src, fmt, out, work, (0.85, 0.96))
+            return _evaluate_streamed(ctx, evaluator, src, fmt, out, work, (0.85, 0.96))
         finally:
             shutil.rmtree(out, ignore_errors=True)
-    elif enabled:
-        if ctx.cancel_requested():
-            return None
-        evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.85, 0.9))
-        evaluator.compressed_cost = _compressed_cost(steps)
-        t0 = time.perf_counter()
-        if fmt == "hf":
-            try:
-                original = model_io.load(src, fmt)
-            except Exception as e:
-                raise JobFailed("model_load_failed", f"the model could not be loaded for evaluation: {e}") from e
-            evaluator.measure_original(original.module)
-            del original
-        else:
-            # A bare state dict has no architecture to run (the report says so): loading its
-            # tensors would only cost memory (the plan counts none, app/jobs/plan.evaluation_mode).
-            evaluator.measure_original(None)
-        ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
-        if ctx.cancel_requested():
-            return None
-        t0 = time.perf_counter()
-        out = _unpack_artifact(artifact, fmt, work / "out")
-        evaluator.on_progress = _span_progress(ctx, 0.9, 0.96)
-        evaluator.measure_compressed(out)
-        shutil.rmtree(out, ignore_errors=True)
-        ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
-        sections = evaluator.sections()
-    else:
-        off = {"available": False, "reason": "evaluation was turned off for this job (evaluation.enabled false)"}
-        sections = {"speed": off, "quality": off, "fidelity": off}
-
+    evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.85, 0.9))
+    evaluator.compressed_cost = _compressed_cost(steps)
     t0 = time.perf_counter()
-    key = f"artifacts/{ctx.job_id}/attempt-{ctx.attempt}/{filename}"
-    ctx.progress("storing", 0.97)
-    storage.put_file(artifact, key, move=True)
-    ctx.stage_seconds["store"] = time.perf_counter() - t0
-    ctx.stage_seconds["total"] = time.perf_counter() - t_start
-    params = result.parameters
-    metrics = {
-        "size": {
-            "original_bytes": model_info["size_bytes"],
-            "artifact_bytes": size,
-            "compression_ratio": round(model_info["size_bytes"] / size, 4) if size else None,
-            "original_weight_bytes": result.weight_bytes_in,
-            "artifact_weight_bytes": result.weight_bytes_out,
-            "weight_bytes_ratio": round(result.weight_bytes_out / result.weight_bytes_in, 6)
-            if result.weight_bytes_in
-            else None,
-            "memory_bytes": result.memory_bytes,
-            "parameters": {"original": model_info["parameters"], **params},
-            "mean_bits_per_weight": round(8 * result.weight_bytes_out / params["total"], 4)
-            if params["total"]
-            else None,
-        },
-        "notes": result.notes,
-        "sparsity": result.sparsity,
-        **sections,
-        "memory": peak.result(),
-        "engine": {
-            "path": "stream",
-            "note": "tensor by tensor from the input shards, every step fused in one pass; the model was never "
-            "built in memory",
-        },
-        "steps": step_metrics,
-        "stage_seconds": {k: round(v, 4) for k, v in ctx.stage_seconds.items()},
-        "evaluation": ctx.evaluation,
-    }
-    return key, {
-        "artifact_key": key,
-        "artifact_filename": filename,
-        "artifact_size_bytes": size,
-        "artifact_sha256": sha,
-        "metrics": metrics,
-    }
+    if fmt == "hf":
+        try:
+            original = model_io.load(src, fmt)
+        except Exception as e:
+            raise JobFailed("model_load_failed", f"the model could not be loaded for evaluation: {e}") from e
+        evaluator.measure_original(original.module)
+        del original
+    else:
+        # A bare state dict has no architecture to run (the report says so): loading its
+        # tensors would only cost memory (the plan counts none, app/jobs/plan.evaluation_mode).
+        evaluator.measure_original(None)
+    ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
+    _stop_if_canceled(ctx)
+    t0 = time.perf_counter()
+    out = _unpack_artifact(artifact, fmt, work / "out")
+    evaluator.on_progress = _span_progress(ctx, 0.9, 0.96)
+    evaluator.measure_compressed(out)
+    shutil.rmtree(out, ignore_errors=True)
+    ctx.stage_seconds["evaluate_compressed"] = time.perf_counter() - t0
+    return evaluator.sections()
