@@ -36,6 +36,7 @@ import torch
 from worker import model_io
 from worker.stream.shards import (
     DEFAULT_SHARD_BYTES,
+    Shard,
     ShardError,
     ShardReader,
     TensorSpec,
@@ -494,6 +495,37 @@ def run(
 
 def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, progress, canceled):  # noqa: ANN001
     report = progress or (lambda note, frac: None)
+    try:
+        engine = _prepared_engine(reader, src_dir, fmt, steps, report, canceled)
+        out_specs, produced = _planned_outputs(engine)
+        config: dict[str, Any] | None = None
+        if fmt == "hf":
+            config = json.loads((src_dir / "config.json").read_text())
+            for s in steps:
+                s.update_config(config)
+            shards = layout(out_specs, shard_bytes)
+        else:
+            shards = layout(out_specs, 2**62, metadata={"modelpress": json.dumps(manifest, sort_keys=True)})
+        writer = _ShardWriter(engine, produced, shards, report)
+        writer.write(sink, shards)
+    except _Canceled:
+        return None
+    if fmt == "hf":
+        assert config is not None
+        _write_hf_files(sink, shards, config, extra_files, manifest)
+    return _result(engine, writer, shards)
+
+
+def _prepared_engine(
+    reader: ShardReader,
+    src_dir: Path,
+    fmt: str,
+    steps: list[StreamStep],
+    report: Callable[[str, float], None],
+    canceled: Callable[[], bool] | None,
+) -> _Engine:
+    """The engine over the checkpoint's targets, every step bound and its pre-pass (if any) run.
+    Raises _Canceled when the job was canceled during a pre-pass."""
     skeleton = None
     if fmt == "hf":
         targets, skeleton = hf_targets(src_dir, reader)
@@ -510,12 +542,13 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
         source = Source(engine, i)
         if len(source):
             report(f"pre-pass over {len(source)} tensors", 0.0)
-        try:
-            s.prepare(source)
-        except _Canceled:
-            return None
+        s.prepare(source)
+    return engine
 
-    # Every output tensor, in input order, so headers can be written first.
+
+def _planned_outputs(engine: _Engine) -> tuple[list[TensorSpec], dict[str, list[TensorSpec]]]:
+    """Every output tensor, in input order, so headers can be written first; and the outputs of
+    each input tensor."""
     out_specs: list[TensorSpec] = []
     produced: dict[str, list[TensorSpec]] = {}
     for name in engine.order:
@@ -525,108 +558,123 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     names = [s.name for s in out_specs]
     if len(set(names)) != len(names):
         raise NotStreamable("two output tensors would have the same name")
+    return out_specs, produced
 
-    config: dict[str, Any] | None = None
-    if fmt == "hf":
-        config = json.loads((src_dir / "config.json").read_text())
-        for s in steps:
-            s.update_config(config)
-        shards = layout(out_specs, shard_bytes)
-    else:
-        shards = layout(out_specs, 2**62, metadata={"modelpress": json.dumps(manifest, sort_keys=True)})
 
-    counter = _Counter()
-    per_layer: list[dict[str, Any]] = []
-    total_in = sum(reader.spec(n).nbytes for n in engine.order)
-    done_in = 0
-    last_report = time.monotonic()
-    owner = {s.name: name for name, specs in produced.items() for s in specs}
-    pending: dict[str, torch.Tensor] = {}  # trailing outputs of the tensor being written
+class _ShardWriter:
+    """The output shards written in one sequential pass: every input tensor read once, copied as
+    stored or through its chain of steps, and counted on the way (parameters, zeros, per layer)."""
 
-    # The input tensors in the order they are read, to start reading the next one ahead.
-    sequence = list(dict.fromkeys(owner[spec.name] for shard in shards for spec in shard.specs))
-    following = dict(zip(sequence, sequence[1:], strict=False))
-    for shard in shards:
-        w = _Background(sink.open(shard.filename, len(shard.header()) + shard.data_bytes, weights=True))
-        try:
-            w.write(shard.header())
-            for spec in shard.specs:
-                if spec.name in pending:
-                    t = pending.pop(spec.name)
-                    _check(t, spec)
-                    w.write(tensor_bytes(t))
-                    continue
-                name = owner[spec.name]
-                if canceled is not None and canceled():
-                    return None
-                if name in following:
-                    reader.prefetch(following[name])
-                chain = engine.chain(name)
-                target = targets.get(name)
-                in_spec = reader.spec(name)
-                if not chain:
-                    # Copied as stored, counted on the way: each byte is read once.
-                    zeros = 0
-                    src = reader.tensor(name)
-                    for r0, r1 in _row_chunks(in_spec, False):
-                        part = src[r0:r1] if src.ndim else src
-                        w.write(tensor_bytes(part))
-                        zeros += counter.add(name, part)
-                    del src
-                    if target is not None:
-                        per_layer.append(
-                            {
-                                "name": name,
-                                "parameters": in_spec.numel,
-                                "zeros": zeros,
-                                "sparsity": round(zeros / in_spec.numel, 6) if in_spec.numel else 0.0,
-                            }
-                        )
-                else:
-                    zeros = _stream_tensor(engine, name, chain, w, counter, pending, produced[name])
-                    if target is not None:
-                        # The weight as the steps leave it (a final step's packing aside): a
-                        # step may have changed its shape (structured pruning).
-                        n = engine.spec_entering(name, len(steps)).numel
-                        per_layer.append(
-                            {
-                                "name": name,
-                                "parameters": n,
-                                "zeros": zeros,
-                                "sparsity": round(zeros / n, 6) if n else 0.0,
-                            }
-                        )
-                # Once the writer has written it: the untouched tensors' chunks are views of the
-                # pages being dropped.
-                w.then(lambda name=name: reader.done_with(name))
-                done_in += in_spec.nbytes
-                if time.monotonic() - last_report > 2.0:
-                    last_report = time.monotonic()
-                    report(
-                        f"streaming {done_in / 2**30:.2f} of {total_in / 2**30:.2f} GiB",
-                        done_in / total_in if total_in else 1.0,
-                    )
-        finally:
-            w.close()
-    if pending:
-        raise RuntimeError(f"outputs planned but not written: {sorted(pending)[:3]}")
+    def __init__(
+        self,
+        engine: _Engine,
+        produced: dict[str, list[TensorSpec]],
+        shards: list[Shard],
+        report: Callable[[str, float], None],
+    ) -> None:
+        self.engine, self.reader, self.produced, self.report = engine, engine.reader, produced, report
+        self.counter = _Counter()
+        self.per_layer: list[dict[str, Any]] = []
+        self.total_in = sum(self.reader.spec(n).nbytes for n in engine.order)
+        self.done_in = 0
+        self.last_report = time.monotonic()
+        self.owner = {s.name: name for name, specs in produced.items() for s in specs}
+        self.pending: dict[str, torch.Tensor] = {}  # trailing outputs of the tensor being written
+        # The input tensors in the order they are read, to start reading the next one ahead.
+        sequence = list(dict.fromkeys(self.owner[spec.name] for shard in shards for spec in shard.specs))
+        self.following = dict(zip(sequence, sequence[1:], strict=False))
 
-    if fmt == "hf":
-        assert config is not None
-        if len(shards) > 1:
-            _write_small(sink, "model.safetensors.index.json", index_json(shards))
-        _write_small(sink, "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
-        for p in extra_files:
-            with p.open("rb") as f:
-                w = sink.open(p.name, p.stat().st_size, weights=p.suffix == ".safetensors")
-                try:
-                    while chunk := f.read(1 << 20):
-                        w.write(chunk)
-                finally:
-                    w.close()
-        _write_small(sink, "modelpress.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    def write(self, sink: Sink, shards: list[Shard]) -> None:
+        """Every shard into ``sink``. Raises _Canceled when the job was canceled (checked between
+        tensors)."""
+        for shard in shards:
+            w = _Background(sink.open(shard.filename, len(shard.header()) + shard.data_bytes, weights=True))
+            try:
+                w.write(shard.header())
+                for spec in shard.specs:
+                    self._write_tensor(w, spec)
+            finally:
+                w.close()
+        if self.pending:
+            raise RuntimeError(f"outputs planned but not written: {sorted(self.pending)[:3]}")
 
-    rank = {n: i for i, n in enumerate(targets)}  # the module's order, as the in-memory path lists them
+    def _write_tensor(self, w: _Background, spec: TensorSpec) -> None:
+        if spec.name in self.pending:
+            t = self.pending.pop(spec.name)
+            _check(t, spec)
+            w.write(tensor_bytes(t))
+            return
+        engine, reader = self.engine, self.reader
+        name = self.owner[spec.name]
+        if engine.canceled is not None and engine.canceled():
+            raise _Canceled
+        if name in self.following:
+            reader.prefetch(self.following[name])
+        chain = engine.chain(name)
+        in_spec = reader.spec(name)
+        if not chain:
+            zeros = self._copy(w, name, in_spec)
+            if engine.targets.get(name) is not None:
+                self._per_layer(name, in_spec.numel, zeros)
+        else:
+            zeros = _stream_tensor(engine, name, chain, w, self.counter, self.pending, self.produced[name])
+            if engine.targets.get(name) is not None:
+                # The weight as the steps leave it (a final step's packing aside): a step may
+                # have changed its shape (structured pruning).
+                self._per_layer(name, engine.spec_entering(name, len(engine.steps)).numel, zeros)
+        # Once the writer has written it: the untouched tensors' chunks are views of the pages
+        # being dropped.
+        w.then(lambda name=name: reader.done_with(name))
+        self.done_in += in_spec.nbytes
+        if time.monotonic() - self.last_report > 2.0:
+            self.last_report = time.monotonic()
+            self.report(
+                f"streaming {self.done_in / 2**30:.2f} of {self.total_in / 2**30:.2f} GiB",
+                self.done_in / self.total_in if self.total_in else 1.0,
+            )
+
+    def _copy(self, w: _Background, name: str, in_spec: TensorSpec) -> int:
+        """A tensor no step changes, copied as stored and counted on the way (each byte is read
+        once); its zero count."""
+        zeros = 0
+        src = self.reader.tensor(name)
+        for r0, r1 in _row_chunks(in_spec, False):
+            part = src[r0:r1] if src.ndim else src
+            w.write(tensor_bytes(part))
+            zeros += self.counter.add(name, part)
+        del src
+        return zeros
+
+    def _per_layer(self, name: str, n: int, zeros: int) -> None:
+        self.per_layer.append(
+            {"name": name, "parameters": n, "zeros": zeros, "sparsity": round(zeros / n, 6) if n else 0.0}
+        )
+
+
+def _write_hf_files(
+    sink: Sink, shards: list[Shard], config: dict[str, Any], extra_files: list[Path], manifest: dict[str, Any]
+) -> None:
+    """The files of an HF folder besides the weights: the shard index, config.json (as the steps
+    updated it), the model's other files as they are, and modelpress.json."""
+    if len(shards) > 1:
+        _write_small(sink, "model.safetensors.index.json", index_json(shards))
+    _write_small(sink, "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
+    for p in extra_files:
+        with p.open("rb") as f:
+            w = sink.open(p.name, p.stat().st_size, weights=p.suffix == ".safetensors")
+            try:
+                while chunk := f.read(1 << 20):
+                    w.write(chunk)
+            finally:
+                w.close()
+    _write_small(sink, "modelpress.json", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def _result(engine: _Engine, writer: _ShardWriter, shards: list[Shard]) -> Result:
+    """The pass's result: the steps' metrics and notes, parameter counts, sparsity, the bytes the
+    result takes in memory and on disk."""
+    steps, counter, per_layer = engine.steps, writer.counter, writer.per_layer
+    rank = {n: i for i, n in enumerate(engine.targets)}  # the module's order, as the in-memory path lists them
     per_layer.sort(key=lambda x: rank[x["name"]])
     target_total = sum(x["parameters"] for x in per_layer)
     target_zeros = sum(x["zeros"] for x in per_layer)
@@ -636,14 +684,7 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
     for s in steps:
         notes.update(s.notes)
     out_bytes = sum(sh.data_bytes for sh in shards)
-    if skeleton is not None:
-        # As transformers loads the result: every parameter and buffer of the module (tied ones
-        # once, non-persistent buffers too) in the dtype the steps leave, plus what a quantizing
-        # step attaches (scales, shapes); packed weights count as the floats they unpack to.
-        final_spec = lambda n: engine.spec_entering(n, len(steps)) if n in reader else None  # noqa: E731
-        memory = _module_bytes(skeleton, final_spec) + notes.pop("memory_bytes_extra", 0)
-    else:
-        memory = out_bytes
+    memory = _result_memory(engine, notes, out_bytes)
     if "memory_bytes_compressed_delta" in notes:
         notes["memory_bytes"] = memory
         notes["memory_bytes_compressed"] = memory + notes.pop("memory_bytes_compressed_delta")
@@ -658,10 +699,24 @@ def _run(reader, src_dir, fmt, steps, sink, extra_files, manifest, shard_bytes, 
             "per_layer": per_layer,
         },
         memory_bytes=memory,
-        weight_bytes_in=total_in,
+        weight_bytes_in=writer.total_in,
         weight_bytes_out=out_bytes,
         notes=notes,
     )
+
+
+def _result_memory(engine: _Engine, notes: dict[str, Any], out_bytes: int) -> int:
+    """Bytes the result takes once loaded (a bare state dict: its tensor data). Takes
+    ``memory_bytes_extra`` out of ``notes``."""
+    if engine.skeleton is None:
+        return out_bytes
+    # As transformers loads the result: every parameter and buffer of the module (tied ones
+    # once, non-persistent buffers too) in the dtype the steps leave, plus what a quantizing
+    # step attaches (scales, shapes); packed weights count as the floats they unpack to.
+    reader, n_steps = engine.reader, len(engine.steps)
+    return _module_bytes(
+        engine.skeleton, lambda n: engine.spec_entering(n, n_steps) if n in reader else None
+    ) + notes.pop("memory_bytes_extra", 0)
 
 
 def _module_bytes(module: torch.nn.Module, spec_of: Callable[[str], TensorSpec | None]) -> int:
