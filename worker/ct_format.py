@@ -55,16 +55,50 @@ def quantize_linear_layers(
     int8)``, set the compressed-tensors saver. Returns the step's metrics."""
     import torch
     from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-        apply_quantization_config,
-    )
-    from transformers.pytorch_utils import Conv1D
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    from worker.ops import quant
+    module, mods, names = _linear_targets(loaded, method)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(**weights),
+        input_activations=QuantizationArgs(**input_activations) if input_activations else None,
+    )
+    args = scheme.weights
+    group = args.group_size if args.strategy == "group" else None
+    _check_weights(method, mods, names, group)
+    ignore = _attach_scheme(module, mods, names, scheme)
+    stats, per_layer = _store_scales(mods, names, qparams, args, group, ctx)
+
+    fmt = infer_module_format(torch.nn.Linear, scheme).value
+    dtype = str(mods[names[0]].weight.dtype).removeprefix("torch.")
+    running, stored = _memory(module, [mods[n] for n in names], args, fmt)
+    loaded.saver = save_compressed
+    loaded.notes.update(_notes(fmt, dtype, running, stored, bool(input_activations), ignore))
+    return {
+        "bits": args.num_bits,
+        "group_size": group,
+        "strategy": args.strategy,
+        "symmetric": args.symmetric,
+        "activations": (
+            f"int{scheme.input_activations.num_bits} dynamic per-{scheme.input_activations.strategy}"
+            if scheme.input_activations
+            else None
+        ),
+        "format": fmt,
+        "layers_quantized": len(names),
+        "quantized_parameters": stats.elements,
+        "ignored_layers": ignore,
+        "relative_rms_error": round(stats.relative_rms_error, 8),
+        "max_abs_error": stats.max_abs_err,
+        "per_layer_relative_error": per_layer,
+        "runs": RUNS_DECOMPRESSED,
+    }
+
+
+def _linear_targets(loaded: Any, method: str) -> tuple[Any, dict[str, Any], list[str]]:
+    """(module, its modules by name, the names of the Linear layers to quantize). Refuses a bare
+    state dict, an already quantized model, and Conv1D models (see the module's docstring)."""
+    from transformers.pytorch_utils import Conv1D
 
     module = loaded.module
     if module is None:
@@ -79,21 +113,23 @@ def quantize_linear_layers(
         raise ValueError(CONV1D_REFUSAL.format(method=method, what=f"{type(module).__name__} ({convs[0]}, ...)"))
     if not targets:
         raise ValueError(f"{method}: the model has no Linear layers to quantize")
+    return module, mods, [t.name.removesuffix(".weight") for t in targets]
 
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(**weights),
-        input_activations=QuantizationArgs(**input_activations) if input_activations else None,
-    )
-    args = scheme.weights
-    group = args.group_size if args.strategy == "group" else None
-    names = [t.name.removesuffix(".weight") for t in targets]
+
+def _check_weights(method: str, mods: dict[str, Any], names: list[str], group: int | None) -> None:
     for name in names:
         w = mods[name].weight
         if not w.is_floating_point():
             raise ValueError(f"{method}: {name}.weight is {w.dtype}, not floating point")
         if group and w.shape[1] % group:
             raise ValueError(f"{method}: {name} has {w.shape[1]} input features, not a multiple of group_size {group}")
+
+
+def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], scheme: Any) -> list[str]:
+    """Attach ``scheme`` to exactly the named layers (compressed-tensors creates their scale and
+    zero point parameters); the names of the Linear layers left out."""
+    import torch
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
     # The LM head (and any other Linear the targets leave out) is named in `ignore`: it stays in
     # the model's float dtype and the loader skips it.
@@ -105,6 +141,23 @@ def quantize_linear_layers(
     attached = {n for n, m in module.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if attached != wanted:
         raise RuntimeError(f"compressed-tensors matched {sorted(attached ^ wanted)[:5]} differently from the targets")
+    return ignore
+
+
+def _store_scales(
+    mods: dict[str, Any],
+    names: list[str],
+    qparams: Callable[[Any], tuple[Any, Any]],
+    args: Any,
+    group: int | None,
+    ctx: MethodContext | None,
+) -> tuple[Any, dict[str, float]]:
+    """Write every layer's scale and zero point into the parameters the library created, freeze
+    the layer, and measure its quantization error; (error stats, relative error per layer)."""
+    import torch
+    from compressed_tensors.quantization import QuantizationStatus
+
+    from worker.ops import quant
 
     stats = quant.ErrorStats()
     scratch = quant.Scratch()
@@ -125,49 +178,28 @@ def quantize_linear_layers(
             m.quantization_status = QuantizationStatus.FROZEN
             if ctx is not None and (i + 1) % every == 0:
                 ctx.step_progress(f"{i + 1}/{len(names)} layers", (i + 1) / len(names))
+    return stats, per_layer
 
-    fmt = infer_module_format(torch.nn.Linear, scheme).value
-    dtype = str(mods[names[0]].weight.dtype).removeprefix("torch.")
-    running, stored = _memory(module, [mods[n] for n in names], args, fmt)
-    loaded.saver = save_compressed
-    loaded.notes.update(
-        {
-            "format": f"compressed-tensors {fmt}",
-            "runs": RUNS_DECOMPRESSED,
-            # In memory once transformers has decompressed it (the first forward), and before that
-            # (or in an engine that keeps the integers): parameters and buffers, tied ones once.
-            "memory_bytes": running,
-            "memory_bytes_compressed": stored,
-            "runs_detail": (
-                f"transformers + compressed-tensors on CPU dequantize the integer weights to {dtype} on the "
-                "first forward pass; no integer matmul kernel runs"
-                + (
-                    "; int8 activations are simulated per token (quantize-dequantize in floating point)"
-                    if input_activations
-                    else ""
-                )
-            ),
-            "ignored_layers": ignore,
-        }
-    )
+
+def _notes(fmt: str, dtype: str, running: int, stored: int, activations: bool, ignore: list[str]) -> dict[str, Any]:
+    """The LoadedModel's notes of a quantized result: its format, how it runs, its memory."""
     return {
-        "bits": args.num_bits,
-        "group_size": group,
-        "strategy": args.strategy,
-        "symmetric": args.symmetric,
-        "activations": (
-            f"int{scheme.input_activations.num_bits} dynamic per-{scheme.input_activations.strategy}"
-            if scheme.input_activations
-            else None
-        ),
-        "format": fmt,
-        "layers_quantized": len(names),
-        "quantized_parameters": stats.elements,
-        "ignored_layers": ignore,
-        "relative_rms_error": round(stats.relative_rms_error, 8),
-        "max_abs_error": stats.max_abs_err,
-        "per_layer_relative_error": per_layer,
+        "format": f"compressed-tensors {fmt}",
         "runs": RUNS_DECOMPRESSED,
+        # In memory once transformers has decompressed it (the first forward), and before that
+        # (or in an engine that keeps the integers): parameters and buffers, tied ones once.
+        "memory_bytes": running,
+        "memory_bytes_compressed": stored,
+        "runs_detail": (
+            f"transformers + compressed-tensors on CPU dequantize the integer weights to {dtype} on the "
+            "first forward pass; no integer matmul kernel runs"
+            + (
+                "; int8 activations are simulated per token (quantize-dequantize in floating point)"
+                if activations
+                else ""
+            )
+        ),
+        "ignored_layers": ignore,
     }
 
 

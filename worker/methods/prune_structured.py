@@ -254,14 +254,80 @@ def _stream(params: PruneStructuredParams, ctx: Any) -> Any:
     return _stream_step_class()(params)
 
 
+# Per shrunk tensor of the streaming form: (the dim its features are on, its shape before and
+# after, the unit, the expansion from kept groups to kept features).
+_Cut = tuple[int, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]
+
+
+def _stream_cuts(skeleton: Any, plan: _Plan) -> tuple[dict[str, _Cut], int]:
+    """Every tensor the plan shrinks, with its cut; and the number of parameters removed.
+    Raises NotStreamable for a tensor tied to another module or cut by two units."""
+    from worker.ops import structured as ops
+    from worker.stream import NotStreamable
+
+    cuts: dict[str, _Cut] = {}
+    removed = 0
+    shared: dict[int, list[str]] = {}
+    for name, p in skeleton.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    for k, u in enumerate(plan.units):
+        for name, mod, side, sizes in u.cuts:
+            dim = ops.feature_dim(mod, side)
+            kept = mod.weight.shape[dim] - u.remove * math.prod(sizes)
+            tensors = [("weight", dim)] + ([("bias", 0)] if side == "out" and mod.bias is not None else [])
+            for attr, d in tensors:
+                p = getattr(mod, attr)
+                key = f"{name}.{attr}"
+                if len(shared[id(p)]) > 1 or key in cuts:
+                    # Tied to another module, or cut by two units: the streaming form shrinks
+                    # each stored tensor once, for one layer.
+                    raise NotStreamable(f"prune.structured: {key} is shared ({shared[id(p)]})")
+                shape = tuple(p.shape)
+                cuts[key] = (d, shape, shape[:d] + (kept,) + shape[d + 1 :], k, sizes)
+                removed += p.numel() - math.prod(cuts[key][2])
+    return cuts, removed
+
+
+def _check_checkpoint(cuts: dict[str, _Cut], source: Any, at: dict[str, int]) -> None:
+    """Every tensor to cut is in the checkpoint, with the module's shape (else NotStreamable)."""
+    from worker.stream import NotStreamable
+
+    for key, (_, shape, _, _, _) in cuts.items():
+        if key not in at:
+            raise NotStreamable(f"prune.structured: {key} is not a tensor of the checkpoint")
+        if source.spec(at[key]).shape != shape:
+            raise NotStreamable(
+                f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the module"
+            )
+
+
+def _stream_norms(
+    plan: _Plan, params: PruneStructuredParams, cuts: dict[str, _Cut], source: Any, at: dict[str, int]
+) -> dict[tuple[int, int], Any]:
+    """The per-feature norms of every unit's scored factors, keyed (unit, factor): the scored
+    weights read once each in checkpoint order, only their norms kept. Their biases (a few KB) are
+    read first: a bias is part of its feature's vector."""
+    factor_of: dict[str, list[tuple[int, int]]] = {}
+    for k, u in enumerate(plan.units):
+        for j, (name, _, _, _) in enumerate(u.factors):
+            factor_of.setdefault(f"{name}.weight", []).append((k, j))
+    biases = {n: source[at[n]].clone() for n in cuts if n.endswith(".bias")}
+    norms: dict[tuple[int, int], Any] = {}
+    for i, w in source.subset(sorted(at[n] for n in factor_of)):
+        for k, j in factor_of[source.names[i]]:
+            name, mod, side, (group,) = plan.units[k].factors[j]
+            norms[k, j] = _norms(mod, side, params.norm, group, w, biases.get(f"{name}.bias"))
+        del w
+    return norms
+
+
 @functools.cache
 def _stream_step_class() -> type:
     """The streaming form's class, made on first use: its base (worker.stream) imports torch,
     which this module must not at import time (the API imports the method registry)."""
     import torch
 
-    from worker.ops import structured as ops
-    from worker.stream import NotStreamable, Source, StreamStep, Target, TensorSpec
+    from worker.stream import Source, StreamStep, Target, TensorSpec
 
     class PruneStructuredStep(StreamStep):
         """prune.structured without building the model (see the module docstring for the math).
@@ -283,9 +349,7 @@ def _stream_step_class() -> type:
         def __init__(self, params: PruneStructuredParams) -> None:
             self.params = params
             self.plan: _Plan | None = None
-            # Per shrunk tensor: (the dim its features are on, its shape before and after, the
-            # unit, the expansion from kept groups to kept features).
-            self.cuts: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int, tuple[int, ...]]] = {}
+            self.cuts: dict[str, _Cut] = {}
             self.index: dict[str, torch.Tensor] = {}
             self.keeps: list[torch.Tensor] = []
             self.before = 0
@@ -297,24 +361,7 @@ def _stream_step_class() -> type:
                 raise ValueError("prune.structured needs a transformers model, not a bare state dict")
             self.plan = _plan(skeleton, self.params)
             self.before = _parameters(skeleton)
-            shared: dict[int, list[str]] = {}
-            for name, p in skeleton.named_parameters(remove_duplicate=False):
-                shared.setdefault(id(p), []).append(name)
-            for k, u in enumerate(self.plan.units):
-                for name, mod, side, sizes in u.cuts:
-                    dim = ops.feature_dim(mod, side)
-                    kept = mod.weight.shape[dim] - u.remove * math.prod(sizes)
-                    tensors = [("weight", dim)] + ([("bias", 0)] if side == "out" and mod.bias is not None else [])
-                    for attr, d in tensors:
-                        p = getattr(mod, attr)
-                        key = f"{name}.{attr}"
-                        if len(shared[id(p)]) > 1 or key in self.cuts:
-                            # Tied to another module, or cut by two units: the streaming form
-                            # shrinks each stored tensor once, for one layer.
-                            raise NotStreamable(f"prune.structured: {key} is shared ({shared[id(p)]})")
-                        shape = tuple(p.shape)
-                        self.cuts[key] = (d, shape, shape[:d] + (kept,) + shape[d + 1 :], k, sizes)
-                        self.removed += p.numel() - math.prod(self.cuts[key][2])
+            self.cuts, self.removed = _stream_cuts(skeleton, self.plan)
 
         def select(self, spec: TensorSpec, target: Target | None) -> bool:
             return spec.name in self.cuts
@@ -325,27 +372,8 @@ def _stream_step_class() -> type:
         def prepare(self, source: Source) -> None:
             assert self.plan is not None
             at = {n: i for i, n in enumerate(source.names)}
-            for key, (_, shape, _, _, _) in self.cuts.items():
-                if key not in at:
-                    raise NotStreamable(f"prune.structured: {key} is not a tensor of the checkpoint")
-                if source.spec(at[key]).shape != shape:
-                    raise NotStreamable(
-                        f"prune.structured: {key} is {source.spec(at[key]).shape} in the checkpoint, {shape} in the "
-                        "module"
-                    )
-            # The scored weights, read once each in checkpoint order; only their norms are kept.
-            # Their biases (a few KB) are read first: a bias is part of its feature's vector.
-            factor_of: dict[str, list[tuple[int, int]]] = {}
-            for k, u in enumerate(self.plan.units):
-                for j, (name, _, _, _) in enumerate(u.factors):
-                    factor_of.setdefault(f"{name}.weight", []).append((k, j))
-            biases = {n: source[at[n]].clone() for n in self.cuts if n.endswith(".bias")}
-            norms: dict[tuple[int, int], torch.Tensor] = {}
-            for i, w in source.subset(sorted(at[n] for n in factor_of)):
-                for k, j in factor_of[source.names[i]]:
-                    name, mod, side, (group,) = self.plan.units[k].factors[j]
-                    norms[k, j] = _norms(mod, side, self.params.norm, group, w, biases.get(f"{name}.bias"))
-                del w
+            _check_checkpoint(self.cuts, source, at)
+            norms = _stream_norms(self.plan, self.params, self.cuts, source, at)
             self.keeps = [
                 _keep([norms[k, j] for j in range(len(u.factors))], u.remove) for k, u in enumerate(self.plan.units)
             ]
