@@ -122,7 +122,7 @@ def own_budget() -> tuple[int, int]:
     (a prefork pool child reads its main process's row, so the API and the worker judge a plan
     by the same figures), else computed here."""
     global _published
-    reg = _registration()
+    reg = registration()
     if reg is not None:
         return reg.memory_budget, reg.scratch_budget
     if _published is None:
@@ -136,10 +136,18 @@ def own_budget() -> tuple[int, int]:
     return memory_budget_bytes(settings), scratch_budget_bytes(settings)
 
 
-def _registration() -> BudgetRegistration | None:
-    from worker import tasks
+# This process's registry row: set by the worker's main process when it is ready
+# (worker/tasks.py); None in a prefork pool child, and outside a worker.
+_current: BudgetRegistration | None = None
 
-    return tasks.registration()
+
+def set_registration(reg: BudgetRegistration | None) -> None:
+    global _current
+    _current = reg
+
+
+def registration() -> BudgetRegistration | None:
+    return _current
 
 
 def admit(job_id: str) -> bool:
@@ -177,7 +185,7 @@ def admit(job_id: str) -> bool:
 def own_worker_id() -> str:
     """This worker's registry id: its main process's (a prefork pool child's parent, or the
     process itself in a solo pool)."""
-    reg = _registration()
+    reg = registration()
     return reg.id if reg is not None else f"{socket.gethostname()}:{os.getppid()}"
 
 

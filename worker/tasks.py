@@ -20,7 +20,6 @@ log = logging.getLogger("modelpress.worker")
 _stop_reconciler = threading.Event()
 _stop_webhooks = threading.Event()
 _stop_sweeper = threading.Event()
-_registration: budget.BudgetRegistration | None = None
 # task id -> the token that restores the log context when the task is done.
 _log_tokens: dict[str, contextvars.Token] = {}
 
@@ -46,8 +45,9 @@ def run_job(job_id: str) -> None:
 
 
 def registration() -> budget.BudgetRegistration | None:
-    """This process's registry row, in a worker's main process (None in a prefork pool child)."""
-    return _registration
+    """This process's registry row, in a worker's main process (None in a prefork pool child).
+    worker/budget.py holds it, so that module need not import this one."""
+    return budget.registration()
 
 
 @task_prerun.connect
@@ -71,7 +71,6 @@ def _on_ready(**_kw: object) -> None:
     """In the worker's main process: start the reconciler, the sweeper (worker/sweep.py: its first
     pass removes what killed job processes left) and the webhook dispatcher, and register in the
     worker registry (the queues this worker consumes, and its device)."""
-    global _registration
     from core.reconcile import start_background
     from worker import sweep, webhooks
 
@@ -79,8 +78,9 @@ def _on_ready(**_kw: object) -> None:
     sweep.start_background(_stop_sweeper)
     webhooks.start_background(_stop_webhooks)
     consumed = celery_app.amqp.queues.consume_from  # None: no -Q, every queue
-    _registration = budget.BudgetRegistration(sorted(consumed or QUEUES), registry.describe(registry.device()))
-    _registration.start()
+    reg = budget.BudgetRegistration(sorted(consumed or QUEUES), registry.describe(registry.device()))
+    budget.set_registration(reg)
+    reg.start()
 
 
 @worker_shutdown.connect
@@ -88,8 +88,9 @@ def _on_shutdown(**_kw: object) -> None:
     _stop_reconciler.set()
     _stop_webhooks.set()
     _stop_sweeper.set()
-    if _registration is not None:
-        _registration.stop()
+    reg = budget.registration()
+    if reg is not None:
+        reg.stop()
 
 
 @worker_process_init.connect
