@@ -21,8 +21,9 @@ first job).
 The job process tells its keeper over a pipe which attempts it holds (``hold <job> <attempt>
 <lease_s>``; several at once in a threads pool) and when one is done (``release <job>
 <attempt>``). A renewal is the fenced UPDATE of ``jobs_repo.heartbeat``: once the attempt lost
-its job (another attempt claimed it, or it ended) the keeper stops renewing it. When a keeper cannot be started, or has died, a thread of the job's
-process renews the lease instead (:func:`renew_from_thread`), and the next job starts a new keeper.
+its job (another attempt claimed it, or it ended) the keeper stops renewing it. When a keeper
+cannot be started, or has died, a thread of the job's process renews the lease instead
+(:func:`renew_from_thread`), and the next job starts a new keeper.
 """
 
 from __future__ import annotations
