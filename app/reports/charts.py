@@ -158,46 +158,9 @@ def before_after_bars(
             for side, (value, colour, offset) in enumerate(
                 ((before, BEFORE_COLOUR, -width / 2), (after, AFTER_COLOUR, width / 2))
             ):
-                v = _finite(value)
-                x = i + offset
-                label = names[side] if i == 0 else None
-                if v is None:
-                    ax.bar(x, 0, width, color=colour, label=label)
-                    ax.annotate(
-                        "n/a",
-                        (x, 0),
-                        xytext=(0, 3),
-                        textcoords="offset points",
-                        ha="center",
-                        va="bottom",
-                        color="#666666",
-                    )
-                    continue
-                err, label_y = None, v
                 rng = ranges[i][side] if ranges is not None and i < len(ranges) and ranges[i] else None
-                if rng is not None and _finite(rng[0]) is not None and _finite(rng[1]) is not None:
-                    err = [[max(v - rng[0], 0.0)], [max(rng[1] - v, 0.0)]]
-                    label_y = max(v, rng[1])
-                ax.bar(
-                    x,
-                    v,
-                    width,
-                    color=colour,
-                    label=label,
-                    yerr=err,
-                    capsize=4 if err else 0,
-                    error_kw={"elinewidth": 1, "ecolor": "#333333"},
-                )
-                top = max(top, label_y)
-                ax.annotate(
-                    _plain(format_value(v, kind)),
-                    (x, label_y),
-                    xytext=(0, 3),
-                    textcoords="offset points",
-                    ha="center",
-                    va="bottom",
-                    fontsize=8,
-                )
+                label = names[side] if i == 0 else None
+                top = max(top, _bar(ax, i + offset, width, _finite(value), colour, label, rng, kind))
         ax.set_xticks(range(len(groups)), [_plain(_shorten(g[0], 32)) for g in groups])
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), (top or 1.0) * 1.15)
@@ -213,6 +176,56 @@ def before_after_bars(
     return _render(draw, title)
 
 
+def _bar(
+    ax,  # noqa: ANN001
+    x: float,
+    width: float,
+    v: float | None,
+    colour: str,
+    label: str | None,
+    rng: tuple[float, float] | None,
+    kind: ValueKind,
+) -> float:
+    """One bar of :func:`before_after_bars` with its value above it (with whiskers over ``rng``),
+    or "n/a" for a missing value; the height its label sits at (0 for "n/a")."""
+    if v is None:
+        ax.bar(x, 0, width, color=colour, label=label)
+        ax.annotate(
+            "n/a",
+            (x, 0),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            color="#666666",
+        )
+        return 0.0
+    err, label_y = None, v
+    if rng is not None and _finite(rng[0]) is not None and _finite(rng[1]) is not None:
+        err = [[max(v - rng[0], 0.0)], [max(rng[1] - v, 0.0)]]
+        label_y = max(v, rng[1])
+    ax.bar(
+        x,
+        v,
+        width,
+        color=colour,
+        label=label,
+        yerr=err,
+        capsize=4 if err else 0,
+        error_kw={"elinewidth": 1, "ecolor": "#333333"},
+    )
+    ax.annotate(
+        _plain(format_value(v, kind)),
+        (x, label_y),
+        xytext=(0, 3),
+        textcoords="offset points",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
+    return label_y
+
+
 def layer_sparsity_bars(
     layers: Sequence[tuple[str, float | None]],
     *,
@@ -226,15 +239,7 @@ def layer_sparsity_bars(
     rows = [(str(name), _finite(s)) for name, s in layers]
     if not rows:
         raise ValueError("layer_sparsity_bars needs at least one layer")
-    omitted = 0
-    if len(rows) > max_layers:
-        half = max(max_layers // 2, 1)
-        order = sorted(range(len(rows)), key=lambda i: (rows[i][1] is None, -(rows[i][1] or 0.0), i))
-        most, least = sorted(order[:half]), sorted(order[-half:])
-        omitted = len(rows) - len(most) - len(least)
-        shown: list[tuple[str, float | None] | None] = [rows[i] for i in most] + [None] + [rows[i] for i in least]
-    else:
-        shown = list(rows)
+    shown, omitted = _sampled_layers(rows, max_layers)
     overall_v = _finite(overall)
 
     def draw(fig) -> None:  # noqa: ANN001
@@ -242,28 +247,7 @@ def layer_sparsity_bars(
 
         fig.set_size_inches(6.4, 1.2 + 0.19 * len(shown))
         ax = fig.add_subplot()
-        ticks, labels = [], []
-        for y, row in enumerate(shown):
-            if row is None:
-                ax.axhline(y, color="#999999", linewidth=0.8, linestyle=(0, (2, 2)))
-                ax.text(
-                    0.5,
-                    y,
-                    f"… {omitted} layers between these not shown (see the table) …",
-                    ha="center",
-                    va="center",
-                    fontsize=8,
-                    color="#555555",
-                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
-                )
-                continue
-            name, s = row
-            ticks.append(y)
-            labels.append(_plain(_shorten(name)))
-            if s is None:
-                ax.text(0.005, y, "n/a", va="center", fontsize=7, color="#666666")
-            else:
-                ax.barh(y, s, 0.72, color=AFTER_COLOUR)
+        ticks, labels = _sparsity_rows(ax, shown, omitted)
         if overall_v is not None:
             ax.axvline(
                 overall_v,
@@ -288,6 +272,54 @@ def layer_sparsity_bars(
     return _render(draw, "Sparsity per layer")
 
 
+def _sampled_layers(
+    rows: list[tuple[str, float | None]], max_layers: int
+) -> tuple[list[tuple[str, float | None] | None], int]:
+    """The rows :func:`layer_sparsity_bars` draws (None: the gap where layers are left out) and how
+    many it leaves out: all of them up to ``max_layers``, else the most and the least sparse."""
+    if len(rows) <= max_layers:
+        return list(rows), 0
+    half = max(max_layers // 2, 1)
+    order = sorted(range(len(rows)), key=lambda i: (rows[i][1] is None, -(rows[i][1] or 0.0), i))
+    most, least = sorted(order[:half]), sorted(order[-half:])
+    omitted = len(rows) - len(most) - len(least)
+    return [rows[i] for i in most] + [None] + [rows[i] for i in least], omitted
+
+
+def _sparsity_rows(
+    ax,  # noqa: ANN001
+    shown: list[tuple[str, float | None] | None],
+    omitted: int,
+) -> tuple[list[int], list[str]]:
+    """Draw one bar (or "n/a", or the gap) per row; the y ticks and labels of the layers."""
+    ticks, labels = [], []
+    for y, row in enumerate(shown):
+        if row is None:
+            ax.axhline(y, color="#999999", linewidth=0.8, linestyle=(0, (2, 2)))
+            ax.text(
+                0.5,
+                y,
+                f"… {omitted} layers between these not shown (see the table) …",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="#555555",
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1},
+            )
+            continue
+        name, s = row
+        ticks.append(y)
+        labels.append(_plain(_shorten(name)))
+        if s is None:
+            ax.text(0.005, y, "n/a", va="center", fontsize=7, color="#666666")
+        else:
+            ax.barh(y, s, 0.72, color=AFTER_COLOUR)
+    return ticks, labels
+
+
+_ScatterPoint = tuple[Any, float, float, float | None, bool]  # index, bytes, quality, latency, on frontier
+
+
 def sweep_scatter(
     points: Sequence[Mapping[str, Any]],
     *,
@@ -298,7 +330,7 @@ def sweep_scatter(
     "latency_ms", "on_frontier"}`` each. Colour and marker size encode latency (grey when a point
     has none); frontier points are ringed and joined by a line in order of size; every point is
     labelled with its index. Points without both size and quality are left out."""
-    pts = []
+    pts: list[_ScatterPoint] = []
     for p in points:
         x, y = _finite(p.get("artifact_bytes")), _finite(p.get("quality"))
         if x is not None and y is not None:
@@ -307,53 +339,11 @@ def sweep_scatter(
         raise ValueError("sweep_scatter needs at least one point with artifact_bytes and quality")
 
     def draw(fig) -> None:  # noqa: ANN001
-        from matplotlib.colors import Normalize
-        from matplotlib.lines import Line2D
         from matplotlib.ticker import FuncFormatter
 
         fig.set_size_inches(6.8, 4.2)
         ax = fig.add_subplot()
-        lat = [p[3] for p in pts if p[3] is not None]
-        norm = Normalize(min(lat), max(lat) if max(lat) > min(lat) else min(lat) + 1.0) if lat else None
-        front = sorted((p for p in pts if p[4]), key=lambda p: (p[1], p[2]))
-        if len(front) > 1:
-            ax.plot([p[1] for p in front], [p[2] for p in front], color=FRONTIER_COLOUR, linewidth=1.4, zorder=1)
-        with_lat = [p for p in pts if p[3] is not None]
-        if with_lat:
-            sizes = [40 + 160 * float(norm(p[3])) for p in with_lat]
-            sc = ax.scatter(
-                [p[1] for p in with_lat],
-                [p[2] for p in with_lat],
-                c=[p[3] for p in with_lat],
-                s=sizes,
-                cmap="viridis",
-                norm=norm,
-                edgecolors="white",
-                linewidths=0.6,
-                zorder=2,
-            )
-            fig.colorbar(sc, ax=ax, label="latency (ms), also marker size", pad=0.01)
-        no_lat = [p for p in pts if p[3] is None]
-        if no_lat:
-            ax.scatter(
-                [p[1] for p in no_lat],
-                [p[2] for p in no_lat],
-                s=40,
-                color="#b0b0b0",
-                edgecolors="white",
-                linewidths=0.6,
-                zorder=2,
-            )
-        if front:
-            ax.scatter(
-                [p[1] for p in front],
-                [p[2] for p in front],
-                s=260,
-                facecolors="none",
-                edgecolors=FRONTIER_COLOUR,
-                linewidths=1.6,
-                zorder=3,
-            )
+        no_lat = _scatter_points(fig, ax, pts)
         for idx, x, y, _, on in pts:
             ax.annotate(
                 _plain(f"#{idx}"),
@@ -370,21 +360,76 @@ def sweep_scatter(
         ax.set_xlabel("artifact size (lower is better)")
         direction = {True: " (higher is better)", False: " (lower is better)"}.get(higher_is_better, "")
         ax.set_ylabel(_plain(quality_label + direction))
-        handles = [
-            Line2D(
-                [],
-                [],
-                color=FRONTIER_COLOUR,
-                marker="o",
-                markerfacecolor="none",
-                markersize=9,
-                linewidth=1.4,
-                label="frontier",
-            )
-        ]
-        if no_lat:
-            handles.append(Line2D([], [], color="#b0b0b0", marker="o", linestyle="none", label="no latency"))
-        ax.legend(handles=handles, loc="best", frameon=True, fontsize=8)
+        _scatter_legend(ax, with_no_latency=bool(no_lat))
         ax.set_title("Sweep: size vs quality (colour and size = latency)", loc="left")
 
     return _render(draw, "Sweep: size vs quality")
+
+
+def _scatter_points(fig, ax, pts: list[_ScatterPoint]) -> list[_ScatterPoint]:  # noqa: ANN001
+    """The frontier's line, the points coloured and sized by latency (with its colour bar), the
+    points without latency in grey, and rings on the frontier's; returns the grey ones."""
+    from matplotlib.colors import Normalize
+
+    lat = [p[3] for p in pts if p[3] is not None]
+    norm = Normalize(min(lat), max(lat) if max(lat) > min(lat) else min(lat) + 1.0) if lat else None
+    front = sorted((p for p in pts if p[4]), key=lambda p: (p[1], p[2]))
+    if len(front) > 1:
+        ax.plot([p[1] for p in front], [p[2] for p in front], color=FRONTIER_COLOUR, linewidth=1.4, zorder=1)
+    with_lat = [p for p in pts if p[3] is not None]
+    if with_lat:
+        sizes = [40 + 160 * float(norm(p[3])) for p in with_lat]
+        sc = ax.scatter(
+            [p[1] for p in with_lat],
+            [p[2] for p in with_lat],
+            c=[p[3] for p in with_lat],
+            s=sizes,
+            cmap="viridis",
+            norm=norm,
+            edgecolors="white",
+            linewidths=0.6,
+            zorder=2,
+        )
+        fig.colorbar(sc, ax=ax, label="latency (ms), also marker size", pad=0.01)
+    no_lat = [p for p in pts if p[3] is None]
+    if no_lat:
+        ax.scatter(
+            [p[1] for p in no_lat],
+            [p[2] for p in no_lat],
+            s=40,
+            color="#b0b0b0",
+            edgecolors="white",
+            linewidths=0.6,
+            zorder=2,
+        )
+    if front:
+        ax.scatter(
+            [p[1] for p in front],
+            [p[2] for p in front],
+            s=260,
+            facecolors="none",
+            edgecolors=FRONTIER_COLOUR,
+            linewidths=1.6,
+            zorder=3,
+        )
+    return no_lat
+
+
+def _scatter_legend(ax, *, with_no_latency: bool) -> None:  # noqa: ANN001
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=FRONTIER_COLOUR,
+            marker="o",
+            markerfacecolor="none",
+            markersize=9,
+            linewidth=1.4,
+            label="frontier",
+        )
+    ]
+    if with_no_latency:
+        handles.append(Line2D([], [], color="#b0b0b0", marker="o", linestyle="none", label="no latency"))
+    ax.legend(handles=handles, loc="best", frameon=True, fontsize=8)
