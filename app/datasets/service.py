@@ -60,7 +60,8 @@ def inspect(path: Path, fmt: str) -> dict[str, Any]:
             # needs one kind.
             raise DatasetInvalid(
                 line,
-                f"labels must be all integers or all strings; this one is {type(label).__name__}, earlier ones {label_type.__name__}",
+                f"labels must be all integers or all strings; this one is {type(label).__name__}, "
+                f"earlier ones {label_type.__name__}",
             )
         labeled += 1
         distinct.add(label)
