@@ -471,39 +471,52 @@ def _job_speed(r: dict) -> str:
     if sp is None:
         return "<h2>Speed</h2>" + _reason(why or "")
     orig, comp = sp.get("original"), sp.get("compressed")
+    chart = _latency_chart(orig, comp)
+    parts = ["<h2>Speed</h2>", _speedup_claim(sp)]
+    if sp.get("note"):
+        parts.append(f'<p class="note">{_e(sp.get("note"))}</p>')
+    parts.append(chart)
+    parts.append(_kv(_speed_rows(sp)))
+    parts.append(_latency_table(orig, comp))
+    return "".join(parts)
+
+
+def _latency_chart(orig: Any, comp: Any) -> str:
     (b, b_rng), (a, a_rng) = _latency_group(orig), _latency_group(comp)
-    if _n(b) is not None or _n(a) is not None:
-        chart = _figure(
-            charts.before_after_bars(
-                "Latency (median; whiskers: min to max)",
-                [("median latency", b, a)],
-                kind="ms",
-                axis_label="ms",
-                ranges=[(b_rng, a_rng)],
-            )
+    if _n(b) is None and _n(a) is None:
+        return _reason("No latency was measured.", "No chart")
+    return _figure(
+        charts.before_after_bars(
+            "Latency (median; whiskers: min to max)",
+            [("median latency", b, a)],
+            kind="ms",
+            axis_label="ms",
+            ranges=[(b_rng, a_rng)],
         )
-    else:
-        chart = _reason("No latency was measured.", "No chart")
-    parts = ["<h2>Speed</h2>"]
-    speedup, runs_as, note = _n(sp.get("speedup")), sp.get("runs_as"), sp.get("note")
+    )
+
+
+def _speedup_claim(sp: dict) -> str:
+    """The speed-up, or why none is claimed."""
+    speedup = _n(sp.get("speedup"))
     if speedup is not None:
-        parts.append(
+        return (
             f"<p>The compressed model ran <b>{speedup:.3g}× as fast</b> as the original "
             f"(latency ratio {_fmt(sp.get('latency_ratio'), '.3g')}).</p>"
         )
-    else:
-        why_not = (
-            "the compressed model runs decompressed, with the same dense kernels as the original, so "
-            "its latency is no evidence of a speed-up"
-            if runs_as == "decompressed"
-            else "the worker reported none"
-        )
-        parts.append(_reason(why_not + ". Both latencies are shown for reference.", "No speed-up claimed"))
-    if note:
-        parts.append(f'<p class="note">{_e(note)}</p>')
-    parts.append(chart)
-    rows = [
-        ("Runs as", _code(runs_as)),
+    why_not = (
+        "the compressed model runs decompressed, with the same dense kernels as the original, so "
+        "its latency is no evidence of a speed-up"
+        if sp.get("runs_as") == "decompressed"
+        else "the worker reported none"
+    )
+    return _reason(why_not + ". Both latencies are shown for reference.", "No speed-up claimed")
+
+
+def _speed_rows(sp: dict) -> list[tuple[str, str]]:
+    """How the latency was measured, and the ratios."""
+    return [
+        ("Runs as", _code(sp.get("runs_as"))),
         ("Kernel", _e(sp.get("kernel"))),
         ("Device", _e(sp.get("device"))),
         ("Threads", _e(sp.get("threads"))),
@@ -522,7 +535,10 @@ def _job_speed(r: dict) -> str:
         ("Speed-up", _ratio(sp.get("speedup"))),
         *_budget_rows(sp, "latency"),
     ]
-    parts.append(_kv(rows))
+
+
+def _latency_table(orig: Any, comp: Any) -> str:
+    """Median, min, max and every sample of each model's latency."""
     head = [("Model", False), ("Median", True), ("Min", True), ("Max", True), ("Samples (ms)", False)]
     trs = []
     for label, run in (("original", orig), ("compressed", comp)):
@@ -535,8 +551,7 @@ def _job_speed(r: dict) -> str:
             f"<tr>{_td(label)}{_td(_ms(run.get('median_ms')), True)}{_td(_ms(run.get('min_ms')), True)}"
             f"{_td(_ms(run.get('max_ms')), True)}{_td(samples_html)}</tr>"
         )
-    parts.append(_table(head, trs))
-    return "".join(parts)
+    return _table(head, trs)
 
 
 def _job_memory(r: dict) -> str:
