@@ -414,6 +414,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modelpress", description="Compression as a service for transformer models.")
     sub = p.add_subparsers(dest="command", required=True)
 
+    _add_server_commands(sub)
+    _add_keys_commands(sub)
+
+    from modelpress._cli import add_client_commands
+
+    add_client_commands(p, sub)
+    return p
+
+
+def _add_server_commands(sub: Any) -> None:
+    """serve, worker, reconcile, migrate."""
     sp = sub.add_parser("serve", help="run the API (embedded mode also runs a worker subprocess)")
     sp.add_argument("--host", default="127.0.0.1")
     sp.add_argument("--port", type=int, default=8000)
@@ -456,6 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     mp = sub.add_parser("migrate", help="upgrade the database schema to the latest revision")
     mp.set_defaults(fn=cmd_migrate)
 
+
+def _add_keys_commands(sub: Any) -> None:
+    """keys create / list / revoke: on the database, or through the API with --url/--api-key."""
     from modelpress._cli import common_flags
 
     kp = sub.add_parser(
@@ -482,11 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ksub.add_parser("revoke", parents=common, help="revoke a key; every API process refuses it within a second")
     kr.add_argument("key", metavar="KEY", help="the key's id, its prefix, or the whole key (only its prefix is used)")
     kr.set_defaults(fn=cmd_keys_revoke)
-
-    from modelpress._cli import add_client_commands
-
-    add_client_commands(p, sub)
-    return p
 
 
 # The commands that run server code in this process (by their function's name): the API, a worker,
