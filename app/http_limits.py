@@ -127,38 +127,47 @@ class BodyLimits:
                 close=True,
             )
             return
-        try:
-            body = await _read_body(receive, limit, timeout)
-        except _TooLarge:
-            await _send_problem(
-                send, 413, "payload_too_large", f"request body is over the limit of {limit} bytes", close=True
-            )
+        body = await _read_body_or_refuse(receive, send, limit, timeout)
+        if body is None:
             return
-        except _Stalled:
-            await _send_problem(
-                send,
-                408,
-                "request_timeout",
-                f"no byte of the request body arrived for {timeout:g} s (a Content-Length larger than the body sent?)",
-                close=True,
-            )
+        if body and _is_json(content_type) and not await _json_or_refuse(body, send):
             return
-        except _Disconnected:
-            return
-        if body and _is_json(content_type):
-            # A leading byte order mark is ignored, as FastAPI's parse (utf-8-sig) ignores it.
-            doc = body.removeprefix(b"\xef\xbb\xbf")
-            try:
-                # A large body is parsed off the event loop (a few MB take tens of milliseconds).
-                await run_in_threadpool(jsonsafe.loads, doc) if len(doc) > _INLINE_PARSE_BYTES else jsonsafe.loads(doc)
-            except jsonsafe.JSONRejected as e:
-                status = 400 if e.code == "json_not_utf8" else 422
-                loc = ["body", *e.path]
-                await _send_problem(
-                    send, status, e.code, f"request body: {e}", [{"loc": loc, "msg": e.reason, "type": e.code}]
-                )
-                return
         await self.app(scope, _replay(body, receive), send)
+
+
+async def _read_body_or_refuse(receive: Receive, send: Send, limit: int, timeout: float) -> bytes | None:
+    """The whole body, or None once a 413 or 408 was sent (or the client left)."""
+    try:
+        return await _read_body(receive, limit, timeout)
+    except _TooLarge:
+        detail = f"request body is over the limit of {limit} bytes"
+        await _send_problem(send, 413, "payload_too_large", detail, close=True)
+    except _Stalled:
+        await _send_problem(
+            send,
+            408,
+            "request_timeout",
+            f"no byte of the request body arrived for {timeout:g} s (a Content-Length larger than the body sent?)",
+            close=True,
+        )
+    except _Disconnected:
+        pass
+    return None
+
+
+async def _json_or_refuse(body: bytes, send: Send) -> bool:
+    """True if the body is JSON the strict loader takes; else sends the 400/422 and returns False."""
+    # A leading byte order mark is ignored, as FastAPI's parse (utf-8-sig) ignores it.
+    doc = body.removeprefix(b"\xef\xbb\xbf")
+    try:
+        # A large body is parsed off the event loop (a few MB take tens of milliseconds).
+        await run_in_threadpool(jsonsafe.loads, doc) if len(doc) > _INLINE_PARSE_BYTES else jsonsafe.loads(doc)
+    except jsonsafe.JSONRejected as e:
+        status = 400 if e.code == "json_not_utf8" else 422
+        loc = ["body", *e.path]
+        await _send_problem(send, status, e.code, f"request body: {e}", [{"loc": loc, "msg": e.reason, "type": e.code}])
+        return False
+    return True
 
 
 async def _read_body(receive: Receive, limit: int, timeout: float) -> bytes:
