@@ -1,4 +1,4 @@
-"""The block path's save alone, in-process: module by module (worker/ct_format.save_offloaded, what
+"""The block path's save alone, in-process: module by module (worker/ct_offload.save_offloaded, what
 model_io.save runs on the block path) against llm-compressor's save_pretrained of the same model
 (what it ran before), on one generated Llama checkpoint loaded with its weights on disk.
 

@@ -15,6 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from worker import ct_offload
+
 # Tensors of a bare state dict that are embeddings or output heads, by name: never pruned.
 EMBEDDING_NAME_PATTERNS = ("*embed*", "*wte*", "*wpe*", "*lm_head*", "*shared.weight", "*position*")
 # Files of an HF directory copied through to the result unchanged (tokenizer, generation config).
@@ -183,7 +185,7 @@ def load(src_dir: Path, fmt: str, offload_dir: Path | None = None) -> LoadedMode
 
 # Output shards hold at most this many bytes (HF's 5 GB; transformers 5's own default is 50 GB).
 # save_pretrained holds one shard's tensors in memory at a time; the block path's module-by-module
-# writer (ct_format.save_offloaded) holds one module whatever the shard size.
+# writer (ct_offload.save_offloaded) holds one module whatever the shard size.
 DEFAULT_SHARD_BYTES = 5 * 10**9
 
 
@@ -191,9 +193,9 @@ def _saves_module_by_module(model: LoadedModel) -> bool:
     """The block path's save: the model's weights are on disk (``load(..., offload_dir)``) and what
     would write them is llm-compressor's ``save_pretrained`` (every block method runs through
     llm-compressor: its saver, worker/llmc.py ``set_quantized_saver``, or no saver at all), which
-    compresses and gathers the whole model in memory (~the model's size). ct_format.save_offloaded
+    compresses and gathers the whole model in memory (~the model's size). ct_offload.save_offloaded
     writes the same files one module at a time. Another saver, or a model that writer cannot
-    reproduce exactly (ct_format.offloaded_save_refusal), keeps the gathering save."""
+    reproduce exactly (ct_offload.offloaded_save_refusal), keeps the gathering save."""
     if model.module is None or not _weights_on_disk(model.module):
         # In memory (llm-compressor's pipeline leaves it in a CPU offload cache) the weights are
         # held anyway: the in-memory path keeps the library's own save, the reference of the tests.
@@ -202,9 +204,7 @@ def _saves_module_by_module(model: LoadedModel) -> bool:
     # tests/test_blocks.py asserts every block method's result is saved here, so a rename fails there.
     if model.saver is not None and getattr(model.saver, "__qualname__", "") != "set_quantized_saver.<locals>.saver":
         return False
-    from worker import ct_format
-
-    reason = ct_format.offloaded_save_refusal(model.module)
+    reason = ct_offload.offloaded_save_refusal(model.module)
     if reason is not None:
         import logging
 
@@ -218,10 +218,8 @@ def save(
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     if _saves_module_by_module(model):
-        from worker import ct_format
-
         assert model.module is not None
-        ct_format.save_offloaded(model.module, out_dir, max_shard_size)
+        ct_offload.save_offloaded(model.module, out_dir, max_shard_size)
         # As after the saver or save_pretrained it stands for: the source's files where those did
         # not write their own (a saver's generation_config.json is kept, save_pretrained's is not).
         for p in model.extra_files:

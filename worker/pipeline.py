@@ -39,7 +39,7 @@ log = logging.getLogger("modelpress.worker")
 model_io.preload()
 memory.return_freed_memory()
 
-# Output shard size when an offloaded (block path) model is saved. ct_format.save_offloaded holds
+# Output shard size when an offloaded (block path) model is saved. ct_offload.save_offloaded holds
 # one module whatever the shard size; the fallback it leaves some models to (save_pretrained: fused
 # MoE experts, MTP layers, quantized embeddings) gathers a whole shard's tensors in memory.
 BLOCK_SAVE_SHARD_BYTES = 512 << 20
@@ -864,7 +864,7 @@ def _stream_to(
     """One pass of the streaming engine into ``artifact`` (a zip for HF, else one safetensors
     file); (the engine's result, size, sha256). A half-written artifact is removed, whatever
     stops the pass; a cancel raises _Canceled. The engine's errors become the job's codes."""
-    from worker.stream.sinks import FileSink, ZipSink
+    from worker.sinks import FileSink, ZipSink
 
     sink = ZipSink(artifact) if fmt == "hf" else FileSink(artifact)
     extra = [

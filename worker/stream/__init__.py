@@ -5,7 +5,7 @@ by row chunk, so memory does not grow with the shard or tensor size either).
 A job takes this path when every step's method has a streaming form (``worker.methods.Method.stream``):
 ``stream(params, ctx) -> StreamStep``. The engine
 
-1. reads the safetensors headers (validated, worker/stream/shards.py) and, for an HF model,
+1. reads the safetensors headers (validated, worker/shards.py) and, for an HF model,
    builds the model's skeleton on the ``meta`` device: no weights, but the same module tree, so
    the methods' targets (every Linear/Conv1D weight but embeddings and the LM head) are exactly
    those of the in-memory path (``LoadedModel.targets``);
@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from worker import model_io
-from worker.stream.shards import (
-    DEFAULT_SHARD_BYTES,
+from worker.model_io import DEFAULT_SHARD_BYTES
+from worker.shards import (
     Shard,
     ShardError,
     ShardReader,
@@ -431,7 +431,7 @@ def run_passes(
 ) -> Result | None:
     """Every pass of the recipe (:func:`passes`, usually one) into ``sink``: a pass before the
     last writes its result to ``scratch`` for the next to read, removed once read."""
-    from worker.stream.sinks import DirSink
+    from worker.sinks import DirSink
 
     groups = passes(steps)
     report = progress or (lambda note, frac: None)
