@@ -17,7 +17,7 @@ characters; the bench rebuilds Gemma's byte-fallback BPE from the same vocabular
 as Gemma needs.
 
 The job: one ``quantize.weight_only`` step (bits 4, group_size 128) at default evaluation settings
-(``app.jobs.schemas.EvaluationIn()``), run by ``worker.pipeline._execute``: load → evaluate the
+(``core.jobs.schemas.EvaluationIn()``), run by ``worker.pipeline._execute``: load → evaluate the
 original → the method → save → evaluate the compressed artifact → zip → store, exactly the code a
 worker runs; only the job's database (progress, cancel) and the broker are left out: progress is
 printed here instead. Prints total seconds, evaluation seconds and their share, stage_seconds, the

@@ -278,7 +278,7 @@ class Evaluator:
         texts: Callable[[], tuple[list[dict[str, Any]], dict[str, Any]]],
         progress: Callable[..., None] = lambda note, fraction=None: None,
     ) -> None:
-        """``settings``: app.jobs.schemas.EvaluationIn as a dict. ``texts()`` returns the eval
+        """``settings``: core.jobs.schemas.EvaluationIn as a dict. ``texts()`` returns the eval
         samples (``[{"text", "label"?}]``) and a description of where they come from.
         ``progress(note, fraction)``: ``fraction`` (0..1, or None) of the current stage (the
         original's measurement, then the compressed model's)."""
@@ -297,7 +297,6 @@ class Evaluator:
         self.compressed: _Run | None = None
         self.kernel: dict[str, Any] = {"runs_as": "dense", "kernel": "PyTorch dense float matmuls", "note": None}
         self.skip_reason: str | None = None
-        self.label_map: dict[Any, int] | None = None
         # Fixed while the original is measured; the compressed model runs the same counts.
         self.n_samples = 0
         self.samples_available = 0

@@ -738,7 +738,7 @@ def _fits_twice(weight_bytes: int, settings: Settings) -> bool:
     """Can evaluation hold the original and then the compressed model whole? Else both run with
     their weights on disk (_evaluate_streamed). The job's memory is the least of the machine's
     available memory, the watchdog's limit and this worker's declared budget (less its own
-    baseline): the plan (app/jobs/plan.evaluation_mode) makes the same choice from the budget."""
+    baseline): the plan (core/jobs/plan.evaluation_mode) makes the same choice from the budget."""
     from core.jobs import plan as planner
 
     avail = memory.available_bytes()
@@ -940,7 +940,7 @@ def _evaluate_stream_artifact(
         del original
     else:
         # A bare state dict has no architecture to run (the report says so): loading its
-        # tensors would only cost memory (the plan counts none, app/jobs/plan.evaluation_mode).
+        # tensors would only cost memory (the plan counts none, core/jobs/plan.evaluation_mode).
         evaluator.measure_original(None)
     ctx.stage_seconds["evaluate_original"] = time.perf_counter() - t0
     _stop_if_canceled(ctx)
