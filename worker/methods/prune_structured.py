@@ -94,8 +94,6 @@ class _Plan:
 def _plan(m: Any, params: PruneStructuredParams) -> _Plan:
     """Every check before the first change (a refusal must not leave a half-pruned model), and
     the units to prune, FFN blocks first, then attention blocks."""
-    from worker.ops import structured as ops
-
     cfg = m.config
     fam = family_of(getattr(cfg, "model_type", None))
     n_layers = cfg.num_hidden_layers
@@ -114,69 +112,91 @@ def _plan(m: Any, params: PruneStructuredParams) -> _Plan:
     changes: dict[str, int] = {}
     ffn = heads = None
     if ffn_blocks:
-        n = ops.features(ffn_blocks[0].inputs[0], "out")
-        cfg_n = getattr(cfg, fam.ffn_key, None) or (4 * cfg.hidden_size if fam.ffn_key == "n_inner" else None)
-        widths = {ops.features(x, "out") for b in ffn_blocks for x in b.inputs} | {
-            ops.features(x, "in") for b in ffn_blocks for x in b.outputs
-        }
-        if widths != {n} or cfg_n != n:
-            raise ValueError(f"feed-forward widths {sorted(widths)} do not match the config's {fam.ffn_key}={cfg_n}")
-        remove = checked_removal(params.ffn, n, "ffn", "feed-forward neurons")
-        for b in ffn_blocks:
-            parts = [(names[id(x)], x, "out", (1,)) for x in b.inputs] + [
-                (names[id(x)], x, "in", (1,)) for x in b.outputs
-            ]
-            units.append(
-                _Unit("ffn", b.name, remove, factors=parts, cuts=[(nm, x, side, ()) for nm, x, side, _ in parts])
-            )
-        changes[fam.ffn_key] = n - remove
-        ffn = (n, remove)
+        ffn = _ffn_units(cfg, fam, ffn_blocks, names, params, units, changes)
     if attn_blocks:
-        lay = head_layout(
-            {
-                "hidden_size": cfg.hidden_size,
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
-                "head_dim": getattr(cfg, "head_dim", None),
-            }
-        )
-        for name, a in attn_blocks:
-            shapes = (
-                ops.features(a.q_proj, "out"),
-                ops.features(a.k_proj, "out"),
-                ops.features(a.v_proj, "out"),
-                ops.features(a.o_proj, "in"),
-            )
-            q, kv = lay.n_heads * lay.head_dim, lay.n_kv * lay.head_dim
-            if shapes != (q, kv, kv, q):
-                raise ValueError(f"{name}: q/k/v/o widths {shapes} do not match the config's heads ({(q, kv, kv, q)})")
-        remove = heads_removal(params.heads, lay, fam)
-        for name, a in attn_blocks:
-            q_rows, kv_rows = (lay.group, lay.head_dim), (lay.head_dim,)
-            units.append(
-                _Unit(
-                    "heads",
-                    name,
-                    remove,
-                    factors=[
-                        (names[id(a.v_proj)], a.v_proj, "out", (lay.head_dim,)),
-                        (names[id(a.o_proj)], a.o_proj, "in", (lay.group * lay.head_dim,)),
-                    ],
-                    cuts=[
-                        (names[id(a.q_proj)], a.q_proj, "out", q_rows),
-                        (names[id(a.k_proj)], a.k_proj, "out", kv_rows),
-                        (names[id(a.v_proj)], a.v_proj, "out", kv_rows),
-                        (names[id(a.o_proj)], a.o_proj, "in", q_rows),
-                    ],
-                )
-            )
-        kept_kv = lay.n_kv - remove
-        changes["num_attention_heads"] = kept_kv * lay.group
-        changes["num_key_value_heads"] = kept_kv
-        # Explicit: with fewer heads, hidden_size // num_attention_heads is no longer the head size.
-        changes["head_dim"] = lay.head_dim
-        heads = (lay, remove)
+        heads = _head_units(cfg, fam, attn_blocks, names, params, units, changes)
     return _Plan(n_layers, units, changes, ffn, heads)
+
+
+def _ffn_units(
+    cfg: Any,
+    fam: Any,
+    ffn_blocks: list[Any],
+    names: dict[int, str],
+    params: PruneStructuredParams,
+    units: list[_Unit],
+    changes: dict[str, int],
+) -> tuple[int, int]:
+    """The feed-forward blocks' units (appended to ``units``, the config change to ``changes``)
+    once their widths match the config; (neurons per layer, removed per layer)."""
+    from worker.ops import structured as ops
+
+    n = ops.features(ffn_blocks[0].inputs[0], "out")
+    cfg_n = getattr(cfg, fam.ffn_key, None) or (4 * cfg.hidden_size if fam.ffn_key == "n_inner" else None)
+    widths = {ops.features(x, "out") for b in ffn_blocks for x in b.inputs} | {
+        ops.features(x, "in") for b in ffn_blocks for x in b.outputs
+    }
+    if widths != {n} or cfg_n != n:
+        raise ValueError(f"feed-forward widths {sorted(widths)} do not match the config's {fam.ffn_key}={cfg_n}")
+    remove = checked_removal(params.ffn, n, "ffn", "feed-forward neurons")
+    for b in ffn_blocks:
+        parts = [(names[id(x)], x, "out", (1,)) for x in b.inputs] + [(names[id(x)], x, "in", (1,)) for x in b.outputs]
+        units.append(_Unit("ffn", b.name, remove, factors=parts, cuts=[(nm, x, side, ()) for nm, x, side, _ in parts]))
+    changes[fam.ffn_key] = n - remove
+    return n, remove
+
+
+def _head_units(
+    cfg: Any,
+    fam: Any,
+    attn_blocks: list[tuple[str, Any]],
+    names: dict[int, str],
+    params: PruneStructuredParams,
+    units: list[_Unit],
+    changes: dict[str, int],
+) -> tuple[Heads, int]:
+    """The attention blocks' units (appended to ``units``, the config changes to ``changes``)
+    once their q/k/v/o widths match the config's heads; (layout, key-value groups removed)."""
+    from worker.ops import structured as ops
+
+    lay = head_layout(
+        {
+            "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+            "head_dim": getattr(cfg, "head_dim", None),
+        }
+    )
+    for name, a in attn_blocks:
+        shapes = (
+            ops.features(a.q_proj, "out"),
+            ops.features(a.k_proj, "out"),
+            ops.features(a.v_proj, "out"),
+            ops.features(a.o_proj, "in"),
+        )
+        q, kv = lay.n_heads * lay.head_dim, lay.n_kv * lay.head_dim
+        if shapes != (q, kv, kv, q):
+            raise ValueError(f"{name}: q/k/v/o widths {shapes} do not match the config's heads ({(q, kv, kv, q)})")
+    remove = heads_removal(params.heads, lay, fam)
+    q_rows, kv_rows = (lay.group, lay.head_dim), (lay.head_dim,)
+    for name, a in attn_blocks:
+        factors = [
+            (names[id(a.v_proj)], a.v_proj, "out", (lay.head_dim,)),
+            (names[id(a.o_proj)], a.o_proj, "in", (lay.group * lay.head_dim,)),
+        ]
+        cuts = [
+            (names[id(a.q_proj)], a.q_proj, "out", q_rows),
+            (names[id(a.k_proj)], a.k_proj, "out", kv_rows),
+            (names[id(a.v_proj)], a.v_proj, "out", kv_rows),
+            (names[id(a.o_proj)], a.o_proj, "in", q_rows),
+        ]
+        units.append(_Unit("heads", name, remove, factors=factors, cuts=cuts))
+    kept_kv = lay.n_kv - remove
+    changes["num_attention_heads"] = kept_kv * lay.group
+    changes["num_key_value_heads"] = kept_kv
+    # Explicit: with fewer heads, hidden_size // num_attention_heads is no longer the head size.
+    changes["head_dim"] = lay.head_dim
+    return lay, remove
 
 
 def _norms(module: Any, side: Literal["out", "in"], norm: str, group: int, weight: Any, bias: Any) -> Any:
