@@ -172,6 +172,8 @@ class Settings(BaseSettings):
 
     @property
     def is_sqlite(self) -> bool:
+        """The database is SQLite: decided by the URL, not by ``mode`` (an embedded install may
+        point MODELPRESS_DATABASE_URL at PostgreSQL, and a cluster one at a SQLite file)."""
         return self.database_url.startswith("sqlite")
 
     # Set by app/sweeper.py in an API process: its staging folder, named after the process.

@@ -118,7 +118,7 @@ HOT_APPLICATION_NAME = "modelpress-api-hot-read"
 def hot_reads_available() -> bool:
     """Whether :class:`HotRead` can run here: PostgreSQL only (SQLite, the embedded mode, has no
     asyncio driver installed; such code reads through :func:`read_uow` in the thread pool)."""
-    return not get_settings().database_url.startswith("sqlite")
+    return not get_settings().is_sqlite
 
 
 async def _hot_pool() -> Any:
@@ -271,7 +271,9 @@ class HotRead:
 
     def _set_processors(self, oids: list[int]) -> None:
         d = self._dialect
-        self._processors = [c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids, strict=True)]
+        self._processors = [
+            c.type.dialect_impl(d).result_processor(d, oid) for c, oid in zip(self._columns, oids, strict=True)
+        ]
         self._plain = not any(self._processors)
 
     async def first(self, params: dict[str, Any]) -> Any:

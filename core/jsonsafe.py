@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import re
 from array import array
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any
 
@@ -174,20 +175,17 @@ def _find(obj: Any, bad: Any) -> tuple[str | int, ...] | None:
     return None
 
 
-def loads(
-    data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH, max_number_chars: int = MAX_NUMBER_CHARS
-) -> Any:
-    """Parse a JSON document (bytes must be UTF-8) or raise :class:`JSONRejected`: nothing else,
-    whatever the input."""
+def _text(data: bytes | bytearray | memoryview | str) -> str:
     if isinstance(data, str):
-        text = data
-    else:
-        try:
-            text = bytes(data).decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise JSONRejected("json_not_utf8", f"not UTF-8 (byte {e.start})") from None
-    if _depth_over(text, max_depth):
-        raise JSONRejected("json_too_deep", f"nested deeper than {max_depth} levels", _path_at_depth(text, max_depth))
+        return data
+    try:
+        return bytes(data).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise JSONRejected("json_not_utf8", f"not UTF-8 (byte {e.start})") from None
+
+
+def _number_parser(max_number_chars: int) -> Callable[[str], Any]:
+    """json.loads's ``parse_int`` and ``parse_float``: refuses over-long and non-finite numbers."""
 
     def number(s: str) -> Any:
         if len(s) > max_number_chars:
@@ -199,17 +197,33 @@ def loads(
             return f
         return int(s)
 
-    def constant(s: str) -> Any:
-        raise _Refused("json_non_finite_number", f"{s} is not a JSON number")
+    return number
 
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        d = dict(items)
-        if len(d) != len(items):
-            raise _Refused("json_duplicate_key", "a key is repeated in an object")
-        return d
 
+def _refuse_constant(s: str) -> Any:
+    raise _Refused("json_non_finite_number", f"{s} is not a JSON number")
+
+
+def _unique_pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    d = dict(items)
+    if len(d) != len(items):
+        raise _Refused("json_duplicate_key", "a key is repeated in an object")
+    return d
+
+
+def loads(
+    data: bytes | bytearray | memoryview | str, *, max_depth: int = MAX_DEPTH, max_number_chars: int = MAX_NUMBER_CHARS
+) -> Any:
+    """Parse a JSON document (bytes must be UTF-8) or raise :class:`JSONRejected`: nothing else,
+    whatever the input."""
+    text = _text(data)
+    if _depth_over(text, max_depth):
+        raise JSONRejected("json_too_deep", f"nested deeper than {max_depth} levels", _path_at_depth(text, max_depth))
+    number = _number_parser(max_number_chars)
     try:
-        obj = json.loads(text, parse_int=number, parse_float=number, parse_constant=constant, object_pairs_hook=pairs)
+        obj = json.loads(
+            text, parse_int=number, parse_float=number, parse_constant=_refuse_constant, object_pairs_hook=_unique_pairs
+        )
     except _Refused as e:
         raise JSONRejected(e.code, e.reason, _locate(text, max_number_chars)) from None
     except json.JSONDecodeError as e:

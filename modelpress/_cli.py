@@ -46,7 +46,13 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # rich and the client are imported only when a command runs
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from modelpress._client import Client
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
@@ -165,14 +171,14 @@ def _print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _out():  # noqa: ANN202 - rich is imported only when a command prints
+def _out() -> Console:  # rich is imported only when a command prints
     from rich.console import Console
 
     # Piped output: wide enough that ids and tables are not cut.
     return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
 
 
-def _err():  # noqa: ANN202
+def _err() -> Console:
     from rich.console import Console
 
     return Console(stderr=True, width=None if sys.stderr.isatty() else 120, highlight=False)
@@ -212,7 +218,7 @@ def _stage_line(job: Any) -> str:
     return f"{job.status} · {stage} … {job.progress.fraction * 100:.0f}%"
 
 
-def _transfer_progress():  # noqa: ANN202
+def _transfer_progress() -> Progress:
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -368,7 +374,7 @@ def _report_table(rep: Any) -> Any:
 
 
 def _available_rows(
-    t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple]]
+    t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple[str, ...]]]
 ) -> None:
     if not data:
         t.add_row(section, "—", "", "", "not measured")
@@ -379,7 +385,7 @@ def _available_rows(
             t.add_row(section if i == 0 else "", *row)
 
 
-def _speed_rows(s: dict[str, Any]) -> list[tuple]:
+def _speed_rows(s: dict[str, Any]) -> list[tuple[str, ...]]:
     orig, comp = (s.get("original") or {}).get("median_ms"), (s.get("compressed") or {}).get("median_ms")
     if s.get("speedup") is not None:
         change = f"{s['speedup']:.3g}× faster" if s["speedup"] >= 1 else f"{1 / s['speedup']:.3g}× slower"
@@ -388,7 +394,7 @@ def _speed_rows(s: dict[str, Any]) -> list[tuple]:
     return [(f"median latency ({s.get('device') or '?'})", _num(orig, "{:.4g} ms"), _num(comp, "{:.4g} ms"), change)]
 
 
-def _quality_rows(q: dict[str, Any]) -> list[tuple]:
+def _quality_rows(q: dict[str, Any]) -> list[tuple[str, ...]]:
     delta = q.get("delta")
     better = q.get("higher_is_better")
     hint = "" if better is None else (" (higher is better)" if better else " (lower is better)")
@@ -402,7 +408,7 @@ def _quality_rows(q: dict[str, Any]) -> list[tuple]:
     ]
 
 
-def _fidelity_rows(f: dict[str, Any]) -> list[tuple]:
+def _fidelity_rows(f: dict[str, Any]) -> list[tuple[str, ...]]:
     on = f.get("on") or "outputs"
     return [
         (f"KL divergence ({on})", "0", _num(f.get("kl_mean")), ""),
@@ -414,7 +420,7 @@ def _fidelity_rows(f: dict[str, Any]) -> list[tuple]:
 # -- commands ------------------------------------------------------------------------------------
 
 
-def _client(args: argparse.Namespace):  # noqa: ANN202
+def _client(args: argparse.Namespace) -> Client:
     from modelpress import Client
 
     return Client(args.url, args.api_key)
@@ -792,18 +798,38 @@ def _wait_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
 
 
-def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
+_Command = Callable[[argparse.Namespace], int]
+# add(name, command, help, epilog) -> the command's parser (see add_client_commands)
+_Add = Callable[[str, _Command, str, str], argparse.ArgumentParser]
+_Subparsers = argparse._SubParsersAction  # the type of ArgumentParser.add_subparsers()
+
+
+def add_client_commands(parser: argparse.ArgumentParser, sub: _Subparsers[argparse.ArgumentParser]) -> None:
     """Add the client subcommands to the ``modelpress`` parser and its subparsers."""
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = EPILOG
     common = [_common()]
-    raw = argparse.RawDescriptionHelpFormatter
 
-    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str, epilog: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=common, help=help_, description=help_, epilog=epilog, formatter_class=raw)
+    def add(name: str, fn: _Command, help_: str, epilog: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name,
+            parents=common,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(fn=_command(fn))
         return p
 
+    _add_upload_commands(add)
+    _add_compress_command(add)
+    _add_jobs_commands(add, common)
+    _add_job_commands(add)
+    _add_result_commands(add)
+
+
+def _add_upload_commands(add: _Add) -> None:
     p = add(
         "upload",
         cmd_upload,
@@ -823,6 +849,8 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("path", help=".txt or .jsonl file")
     p.add_argument("--name", help="dataset name")
 
+
+def _add_compress_command(add: _Add) -> None:
     p = add(
         "compress",
         cmd_compress,
@@ -848,6 +876,8 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     p.add_argument("--wait", action="store_true", help="wait for the job, showing its stage and progress live")
     _wait_flags(p)
 
+
+def _add_jobs_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None:
     p = add(
         "jobs",
         cmd_jobs,
@@ -864,7 +894,7 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
         parents=common,
         help=help_,
         description=help_,
-        formatter_class=raw,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Takes the arguments of `compress` (POST /v1/jobs/estimate takes the body of POST /v1/jobs).\n"
         "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json",
     )
@@ -876,6 +906,9 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
     e.add_argument("--no-eval", action="store_true", help="plan without the report's evaluation")
 
+
+def _add_job_commands(add: _Add) -> None:
+    """status, wait and cancel: one job each."""
     p = add("status", cmd_status, "show one job", "example: modelpress status JOB --json")
     p.add_argument("job", metavar="JOB")
 
@@ -896,6 +929,9 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: Any) -> None:
     )
     p.add_argument("job", metavar="JOB")
 
+
+def _add_result_commands(add: _Add) -> None:
+    """download and report: what a succeeded job made."""
     p = add(
         "download",
         cmd_download,

@@ -59,6 +59,7 @@ Importing this module imports httpx and pydantic, never torch or the server's co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
 import hashlib
 import os
@@ -70,9 +71,10 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import httpx
+from pydantic import BaseModel
 
 from modelpress._errors import (
     APIError,
@@ -111,6 +113,7 @@ _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
 _CHUNK = 1 << 20
 
 R = TypeVar("R")
+M = TypeVar("M", bound=BaseModel)
 ProgressFn = Callable[[int, int], Any]
 StepLike = Mapping[str, Any] | tuple[str, Mapping[str, Any]] | str | Any
 
@@ -136,6 +139,8 @@ def normalize_steps(steps: Iterable[StepLike]) -> list[dict[str, Any]]:
     ):
         steps = [steps]  # one step given alone
     out = []
+    method: object
+    params: object
     for i, step in enumerate(steps):
         if isinstance(step, str):
             method, params = step, {}
@@ -204,7 +209,7 @@ def upload_files(path: str | os.PathLike[str]) -> list[Path]:
 class _Reader:
     """A file that reports how far httpx has read it (httpx seeks to 0 before each attempt)."""
 
-    def __init__(self, f: Any, upload: _Upload) -> None:
+    def __init__(self, f: BinaryIO, upload: _Upload) -> None:
         self._f, self._upload, self.pos = f, upload, 0
 
     def read(self, n: int = -1) -> bytes:
@@ -232,7 +237,7 @@ class _Upload:
     field: str
     paths: list[Path]
     on_progress: ProgressFn | None = None
-    readers: list[_Reader] = field(default_factory=list)
+    readers: list[_Reader] = dataclasses.field(default_factory=list)  # `field` is a part name here
 
     @property
     def total(self) -> int:
@@ -241,7 +246,7 @@ class _Upload:
     def open(self, stack: ExitStack) -> list[tuple[str, tuple[str, Any]]]:
         self._total = self.total
         self.readers = [_Reader(stack.enter_context(p.open("rb")), self) for p in self.paths]
-        return [(self.field, (p.name, r)) for p, r in zip(self.paths, self.readers)]
+        return [(self.field, (p.name, r)) for p, r in zip(self.paths, self.readers, strict=True)]
 
     def report(self) -> None:
         if self.on_progress is not None:
@@ -249,12 +254,13 @@ class _Upload:
 
 
 @dataclass
-class _Call:
-    """One API request, built once and sent by either client (with its retries)."""
+class _Call(Generic[R]):
+    """One API request, built once and sent by either client (with its retries); ``parse`` makes
+    the result of a 2xx answer (``_no_body``: None)."""
 
     method: str
     path: str
-    parse: Callable[[httpx.Response], Any] | None = None
+    parse: Callable[[httpx.Response], R]
     params: dict[str, Any] | None = None
     json: Any = None
     data: dict[str, str] | None = None
@@ -271,12 +277,17 @@ class _Call:
         return self.method in ("GET", "HEAD") or self.safe or "Idempotency-Key" in self.headers
 
 
-def _json_of(model: type[R]) -> Callable[[httpx.Response], R]:
-    return lambda r: model.model_validate(r.json())  # type: ignore[attr-defined]
+def _json_of(model: type[M]) -> Callable[[httpx.Response], M]:
+    return lambda r: model.model_validate(r.json())
 
 
-def _list_of(model: type[R]) -> Callable[[httpx.Response], list[R]]:
-    return lambda r: [model.model_validate(x) for x in r.json()]  # type: ignore[attr-defined]
+def _list_of(model: type[M]) -> Callable[[httpx.Response], list[M]]:
+    return lambda r: [model.model_validate(x) for x in r.json()]
+
+
+def _no_body(_r: httpx.Response) -> None:
+    """The result of a call whose answer is not read (a DELETE, a probe)."""
+    return None
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -447,7 +458,7 @@ class _BaseClient:
         name: str | None,
         on_progress: ProgressFn | None,
         idempotency_key: str | None,
-    ) -> _Call:
+    ) -> _Call[Model]:
         up = _Upload("files", upload_files(path_or_dir), on_progress)
         return _Call(
             "POST",
@@ -464,7 +475,7 @@ class _BaseClient:
         name: str | None,
         on_progress: ProgressFn | None,
         idempotency_key: str | None,
-    ) -> _Call:
+    ) -> _Call[Dataset]:
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: no such file")
@@ -507,7 +518,7 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
-    ) -> _Call:
+    ) -> _Call[Job]:
         body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
         return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
 
@@ -518,7 +529,7 @@ class _BaseClient:
         dataset_id: Any,
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
-    ) -> _Call:
+    ) -> _Call[Estimate]:
         body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation)
         return _Call("POST", "/v1/jobs/estimate", _json_of(Estimate), json=body, safe=True)
 
@@ -532,25 +543,27 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
-    ) -> _Call:
+    ) -> _Call[Sweep]:
         body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
         body["vary"] = {str(k): list(v) for k, v in vary.items()}
         return _Call("POST", "/v1/sweeps", _json_of(Sweep), json=body, headers=self._idem(idempotency_key))
 
     @staticmethod
-    def _get(path: str, parse: Callable[[httpx.Response], Any]) -> _Call:
+    def _get(path: str, parse: Callable[[httpx.Response], R]) -> _Call[R]:
         return _Call("GET", path, parse)
 
     @staticmethod
-    def _page_call(path: str, item: type, params: dict[str, Any]) -> _Call:
-        return _Call("GET", path, _json_of(Page[item]), params=_drop_none(params))  # type: ignore[valid-type]
+    def _page_call(path: str, item: type[M], params: dict[str, Any]) -> _Call[Page[M]]:
+        # Parametrized at run time, so the items are validated as ``item``.
+        page: type[Page[M]] = Page[item]  # type: ignore[valid-type]
+        return _Call("GET", path, _json_of(page), params=_drop_none(params))
 
     def _absolute(self, url: str) -> str:
         """A link the server gave as a path (``/v1/...``: a cluster without a configured public
         base URL) made absolute on the address this client reaches the service at."""
         return f"{self.base_url}{url}" if url.startswith("/") else url
 
-    def _link_call(self, path: str, ttl_s: int | None) -> _Call:
+    def _link_call(self, path: str, ttl_s: int | None) -> _Call[Link]:
         def parse(r: httpx.Response) -> Link:
             link = Link.model_validate(r.json())
             link.url = self._absolute(link.url)
@@ -563,7 +576,7 @@ class _BaseClient:
         return {"tenant": tenant, "all_tenants": "true" if all_tenants else None}
 
     @staticmethod
-    def _create_key_call(tenant: str, admin: bool) -> _Call:
+    def _create_key_call(tenant: str, admin: bool) -> _Call[CreatedApiKey]:
         # No Idempotency-Key and no resend after it may have arrived: the server does not keep a
         # key's secret to answer a repeat with, and a lost answer's key is simply never used.
         return _Call(
@@ -571,7 +584,7 @@ class _BaseClient:
         )
 
     @staticmethod
-    def _revoke_key_call(key: Any) -> _Call:
+    def _revoke_key_call(key: Any) -> _Call[ApiKey]:
         ident = _id(key)
         parts = ident.split("_", 2)
         if len(parts) == 3 and parts[0] == "mp":
@@ -644,7 +657,7 @@ class Client(_BaseClient):
     def close(self) -> None:
         self._http.close()
 
-    def _send(self, call: _Call) -> Any:
+    def _send(self, call: _Call[R]) -> R:
         with ExitStack() as stack:
             files = call.upload.open(stack) if call.upload else None
             attempt = 0
@@ -665,7 +678,7 @@ class Client(_BaseClient):
                         raise self._transport_error(e, self._url(call.path), attempt + 1) from e
                 else:
                     if resp.is_success:
-                        return call.parse(resp) if call.parse else None
+                        return call.parse(resp)
                     delay = self._retry_delay(attempt, response=resp)
                     if delay is None:
                         raise APIError.from_response(resp)
@@ -703,10 +716,10 @@ class Client(_BaseClient):
         return self._send(self._get(f"/v1/datasets/{_id(dataset_id)}", _json_of(Dataset)))
 
     def delete_model(self, model_id: str | Model) -> None:
-        self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}"))
+        self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}", _no_body))
 
     def delete_dataset(self, dataset_id: str | Dataset) -> None:
-        self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}"))
+        self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}", _no_body))
 
     def models(self, *, limit: int | None = None, page_size: int = 50) -> Iterator[Model]:
         """Every model, newest first (at most ``limit``), fetched ``page_size`` at a time."""
@@ -789,7 +802,7 @@ class Client(_BaseClient):
         jid = _id(job_id)
         job = self.get_job(jid)
         if job.artifact is None:  # the server says why (409 artifact_not_ready), or it just finished
-            self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", headers={"Range": "bytes=0-0"}))
+            self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", _no_body, headers={"Range": "bytes=0-0"}))
             job = self.get_job(jid)
             if job.artifact is None:
                 raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
@@ -885,8 +898,8 @@ class Client(_BaseClient):
         return self._send(self._get("/v1/workers", _list_of(Worker)))
 
     def _paginate(
-        self, path: str, item: type[R], params: dict[str, Any], limit: int | None, page_size: int
-    ) -> Iterator[R]:
+        self, path: str, item: type[M], params: dict[str, Any], limit: int | None, page_size: int
+    ) -> Iterator[M]:
         cursor, n = None, 0
         while True:
             size = page_size if limit is None else max(1, min(page_size, limit - n))
@@ -948,7 +961,7 @@ class AsyncClient(_BaseClient):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def _send(self, call: _Call) -> Any:
+    async def _send(self, call: _Call[R]) -> R:
         with ExitStack() as stack:
             files = call.upload.open(stack) if call.upload else None
             attempt = 0
@@ -969,7 +982,7 @@ class AsyncClient(_BaseClient):
                         raise self._transport_error(e, self._url(call.path), attempt + 1) from e
                 else:
                     if resp.is_success:
-                        return call.parse(resp) if call.parse else None
+                        return call.parse(resp)
                     delay = self._retry_delay(attempt, response=resp)
                     if delay is None:
                         raise APIError.from_response(resp)
@@ -1003,10 +1016,10 @@ class AsyncClient(_BaseClient):
         return await self._send(self._get(f"/v1/datasets/{_id(dataset_id)}", _json_of(Dataset)))
 
     async def delete_model(self, model_id: str | Model) -> None:
-        await self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}"))
+        await self._send(_Call("DELETE", f"/v1/models/{_id(model_id)}", _no_body))
 
     async def delete_dataset(self, dataset_id: str | Dataset) -> None:
-        await self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}"))
+        await self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}", _no_body))
 
     def models(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Model]:
         return self._paginate("/v1/models", Model, {}, limit, page_size)
@@ -1080,7 +1093,7 @@ class AsyncClient(_BaseClient):
         jid = _id(job_id)
         job = await self.get_job(jid)
         if job.artifact is None:
-            await self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", headers={"Range": "bytes=0-0"}))
+            await self._send(_Call("GET", f"/v1/jobs/{jid}/artifact", _no_body, headers={"Range": "bytes=0-0"}))
             job = await self.get_job(jid)
             if job.artifact is None:
                 raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
@@ -1162,8 +1175,8 @@ class AsyncClient(_BaseClient):
         return await self._send(self._get("/v1/workers", _list_of(Worker)))
 
     async def _paginate(
-        self, path: str, item: type[R], params: dict[str, Any], limit: int | None, page_size: int
-    ) -> AsyncIterator[R]:
+        self, path: str, item: type[M], params: dict[str, Any], limit: int | None, page_size: int
+    ) -> AsyncIterator[M]:
         cursor, n = None, 0
         while True:
             size = page_size if limit is None else max(1, min(page_size, limit - n))

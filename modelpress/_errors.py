@@ -33,6 +33,7 @@ request (a missing file, an empty directory, a bad step) are ``ValueError`` / ``
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -107,10 +108,8 @@ class APIError(ModelpressError):
         """The exception for an error response: its status's class, the body's fields. A body that
         is not problem+json (a proxy's HTML page) still gives a typed error, titled by the status."""
         body: Any = None
-        try:
+        with contextlib.suppress(ValueError):
             body = response.json()
-        except ValueError:
-            pass
         if not isinstance(body, dict):
             body = {}
         status = response.status_code

@@ -378,36 +378,48 @@ def _ignored(name: str, params: Mapping[str, Any]) -> bool:
 
 
 def _apply_step(outs: list[_Out], method: str, params: Mapping[str, Any], notes: list[str], layers: int | None) -> None:
+    """The bytes each tensor has after ``method`` (in place on ``outs``)."""
     if method == "quantize.cast":
         for o in outs:
             if o.tensor.dtype in ("F32", "F64") and not o.quantized:
                 o.nbytes = o.tensor.numel * 2
-        return
-    if method in ("prune.magnitude", "prune.wanda", "prune.sparsegpt"):
-        return  # zeros are stored densely
-    if method == "prune.structured":
-        ffn, heads = float(params.get("ffn", 0.0)), float(params.get("heads", 0.0))
-        # Feed-forward weights lose ``ffn`` of their rows or columns, attention projections ``heads``.
+    elif method in ("prune.magnitude", "prune.wanda", "prune.sparsegpt"):
+        pass  # zeros are stored densely
+    elif method == "prune.structured":
+        _apply_structured(outs, params, notes)
+    elif method == "distill":
+        _apply_distill(outs, params, notes, layers)
+    else:
+        _apply_quantize(outs, method, params, notes)
+
+
+def _apply_structured(outs: list[_Out], params: Mapping[str, Any], notes: list[str]) -> None:
+    ffn, heads = float(params.get("ffn", 0.0)), float(params.get("heads", 0.0))
+    # Feed-forward weights lose ``ffn`` of their rows or columns, attention projections ``heads``.
+    for o in outs:
+        if not is_target(o.tensor):
+            continue
+        name = o.tensor.name
+        if any(k in name for k in ("mlp", "intermediate", "ffn", "fc", "output.dense")) and "attention" not in name:
+            o.nbytes = int(o.nbytes * (1 - ffn))
+        elif any(k in name for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
+            o.nbytes = int(o.nbytes * (1 - heads))
+    notes.append("prune.structured: removed rows and columns estimated by tensor name (mlp/attention)")
+
+
+def _apply_distill(outs: list[_Out], params: Mapping[str, Any], notes: list[str], layers: int | None) -> None:
+    keep = params.get("layers")
+    if keep and layers:
         for o in outs:
-            if not is_target(o.tensor):
-                continue
-            name = o.tensor.name
-            if any(k in name for k in ("mlp", "intermediate", "ffn", "fc", "output.dense")) and "attention" not in name:
-                o.nbytes = int(o.nbytes * (1 - ffn))
-            elif any(k in name for k in ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")):
-                o.nbytes = int(o.nbytes * (1 - heads))
-        notes.append("prune.structured: removed rows and columns estimated by tensor name (mlp/attention)")
-        return
-    if method == "distill":
-        keep = params.get("layers")
-        if keep and layers:
-            for o in outs:
-                m = _LAYER_RE.search(o.tensor.name)
-                if m and int(m.group(1)) >= int(keep):  # a count of layers stays; which ones does not matter to bytes
-                    o.dropped = True
-        else:
-            notes.append("distill: the student's size is counted as the teacher's (an upper bound)")
-        return
+            m = _LAYER_RE.search(o.tensor.name)
+            if m and int(m.group(1)) >= int(keep):  # a count of layers stays; which ones does not matter to bytes
+                o.dropped = True
+    else:
+        notes.append("distill: the student's size is counted as the teacher's (an upper bound)")
+
+
+def _apply_quantize(outs: list[_Out], method: str, params: Mapping[str, Any], notes: list[str]) -> None:
+    """A weight quantization method; any other method's output is counted at the input's size."""
     scheme = _quant_scheme(method, params)
     if scheme is None:
         if method:
@@ -442,6 +454,79 @@ def _step_factor(method: str, params: Mapping[str, Any], model_bytes: int, stude
     return WHOLE_FACTORS.get(method, DEFAULT_WHOLE_FACTOR)
 
 
+def _steps_peak(
+    path: str,
+    tensors: list[Tensor],
+    steps: list[Mapping[str, Any]],
+    student_fraction: float,
+    activation_memory_bytes: int,
+) -> tuple[float, int]:
+    """The steps' memory factor and peak bytes on ``path`` (stream, blocks or whole)."""
+    model_bytes = sum(t.nbytes for t in tensors)
+    if path == "stream":
+        largest_f32 = max((t.numel * 4 for t in tensors), default=0)
+        factor = max(STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps)
+        return factor, BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
+    if path == "blocks":
+        return BLOCK_FACTOR, BASELINE_BYTES + _blocks_above_baseline(tensors, steps, activation_memory_bytes)
+    factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
+    return factor, BASELINE_BYTES + int(factor * model_bytes)
+
+
+def _eval_peak(mode: str, tensors: list[Tensor], outs: list[_Out], evaluation: Mapping[str, Any]) -> int:
+    """The evaluation's peak bytes in ``mode`` (0 when nothing is loaded)."""
+    if mode == "whole":
+        model_bytes = sum(t.nbytes for t in tensors)
+        float_bytes = sum(t.nbytes for t in tensors if t.is_float)
+        eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
+        return BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes))
+    if mode == "streamed":
+        vocab = max(
+            (
+                t.shape[0]
+                for t in tensors
+                if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)
+            ),
+            default=0,
+        )
+        seq_len = int(evaluation.get("seq_len", 128))
+        largest_stored = max((t.nbytes for t in tensors), default=0)
+        return BASELINE_BYTES + int(EVAL_STREAMED_FACTOR * largest_stored) + EVAL_LOGITS_COPIES * seq_len * vocab * 4
+    return 0
+
+
+def _evaluation_notes(mode: str, path: str, memory_bytes: int | None) -> list[str]:
+    if mode == "streamed":
+        return [
+            "evaluation: streamed (the model is too large to hold twice in the largest worker's budget): both "
+            "models with their weights on disk, one module at a time; no latency is measured"
+        ]
+    if mode == "skipped":
+        return ["evaluation: a bare state dict has no architecture to run, so nothing is loaded to measure it"]
+    if mode == "whole" and path != "whole" and memory_bytes is None:
+        return [
+            "evaluation: planned whole (no worker budget known); a worker that cannot hold the model twice "
+            "streams it with the weights on disk instead, with a smaller peak"
+        ]
+    return []
+
+
+def _scratch_bytes(artifact: int, *, fmt: str, stream: bool, enabled: bool, mode: str, float_bytes: int) -> int:
+    """Scratch disk but the input's (counted when it is downloaded): stream: the artifact written
+    once (and, for the evaluation, its folder unpacked next to it); whole: the result folder and,
+    for a directory, its zip."""
+    if stream:
+        scratch = artifact + (artifact if enabled and fmt == "hf" else 0)
+    else:
+        scratch = artifact + (artifact if fmt == "hf" else 0)
+    if mode == "streamed":
+        # The artifact's quantized layers, decompressed into its offload folder on the first pass
+        # (the offload folders otherwise link to the files). An upper bound: layers left in float
+        # (the embedding) are not written; Gemma 3 270M: 195 MB written, 536 MB counted.
+        scratch += float_bytes
+    return scratch
+
+
 def compute(
     *,
     fmt: str,
@@ -472,74 +557,26 @@ def compute(
     model_bytes = sum(t.nbytes for t in tensors)
     float_bytes = sum(t.nbytes for t in tensors if t.is_float)
     largest_f32 = max((t.numel * 4 for t in tensors), default=0)
-    layers = _layer_count(tensors)
 
     outs = [_Out(t, t.nbytes) for t in tensors]
+    layers = _layer_count(tensors)
     for step in steps:
         _apply_step(outs, step["method"], step.get("params") or {}, notes, layers)
-    kept = [o for o in outs if not o.dropped]
-    weight_out = sum(o.nbytes for o in kept)
+    weight_out = sum(o.nbytes for o in outs if not o.dropped)
     student_fraction = weight_out / model_bytes if model_bytes else 1.0
     # The artifact: a zip of the result folder (weight files stored, not deflated) for a model
     # directory, the safetensors file for a bare state dict.
     artifact = weight_out + (other_bytes + ZIP_OVERHEAD_BYTES if fmt == "hf" else 0)
 
-    if stream:
-        factor = max(STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps)
-        steps_peak = BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
-    elif blocks:
-        factor = BLOCK_FACTOR
-        steps_peak = BASELINE_BYTES + _blocks_above_baseline(tensors, steps, activation_memory_bytes)
-    else:
-        factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
-        steps_peak = BASELINE_BYTES + int(factor * model_bytes)
+    factor, steps_peak = _steps_peak(path, tensors, steps, student_fraction, activation_memory_bytes)
     mode = evaluation_mode(fmt, path, model_bytes, memory_bytes) if enabled else "off"
-    if mode == "whole":
-        eval_factor = EVAL_DECOMPRESSED_FACTOR if any(o.quantized for o in outs) else EVAL_MAPPED_FACTOR
-        eval_peak = BASELINE_BYTES + int(eval_factor * max(model_bytes, float_bytes))
-    elif mode == "streamed":
-        vocab = max(
-            (
-                t.shape[0]
-                for t in tensors
-                if len(t.shape) == 2 and any(fnmatch.fnmatch(t.name, p) for p in _EMBEDDING_PATTERNS)
-            ),
-            default=0,
-        )
-        seq_len = int(evaluation.get("seq_len", 128))
-        largest_stored = max((t.nbytes for t in tensors), default=0)
-        eval_peak = (
-            BASELINE_BYTES + int(EVAL_STREAMED_FACTOR * largest_stored) + EVAL_LOGITS_COPIES * seq_len * vocab * 4
-        )
-    else:
-        eval_peak = 0
+    eval_peak = _eval_peak(mode, tensors, outs, evaluation)
     peak = max(steps_peak, eval_peak)
     if mode == "whole" and eval_peak > steps_peak:
         notes.append("peak: evaluation (each model loaded whole, one after the other)")
-    if mode == "streamed":
-        notes.append(
-            "evaluation: streamed (the model is too large to hold twice in the largest worker's budget): both "
-            "models with their weights on disk, one module at a time; no latency is measured"
-        )
-    elif mode == "skipped":
-        notes.append("evaluation: a bare state dict has no architecture to run, so nothing is loaded to measure it")
-    elif mode == "whole" and path != "whole" and memory_bytes is None:
-        notes.append(
-            "evaluation: planned whole (no worker budget known); a worker that cannot hold the model twice "
-            "streams it with the weights on disk instead, with a smaller peak"
-        )
+    notes.extend(_evaluation_notes(mode, path, memory_bytes))
 
-    # Scratch: the input when it is downloaded; stream: the artifact written once (and, for the
-    # evaluation, its folder unpacked next to it); whole: the result folder and, for a directory, its zip.
-    if stream:
-        scratch = artifact + (artifact if enabled and fmt == "hf" else 0)
-    else:
-        scratch = artifact + (artifact if fmt == "hf" else 0)
-    if mode == "streamed":
-        # The artifact's quantized layers, decompressed into its offload folder on the first pass
-        # (the offload folders otherwise link to the files). An upper bound: layers left in float
-        # (the embedding) are not written; Gemma 3 270M: 195 MB written, 536 MB counted.
-        scratch += float_bytes
+    scratch = _scratch_bytes(artifact, fmt=fmt, stream=stream, enabled=enabled, mode=mode, float_bytes=float_bytes)
     scratch += input_bytes if input_on_scratch else 0
     if not input_on_scratch:
         notes.append("scratch: the input is hard-linked from local storage (no copy)")

@@ -102,8 +102,9 @@ def check_model(method: str, info: ModelInfo, *, quantizes: bool) -> None:
     if config.get("model_type") in CONV1D_MODEL_TYPES:
         raise ValueError(
             f"{method} runs through llm-compressor, which prunes and quantizes torch.nn.Linear layers only; "
-            f"{info.architecture or 'this model'} (model_type {config.get('model_type')!r}) keeps its attention and MLP "
-            "weights in transformers' Conv1D layers, so nothing would be compressed. Use prune.magnitude or quantize.cast"
+            f"{info.architecture or 'this model'} (model_type {config.get('model_type')!r}) keeps its attention "
+            "and MLP weights in transformers' Conv1D layers, so nothing would be compressed. "
+            "Use prune.magnitude or quantize.cast"
         )
     if quantizes and "quantization_config" in config:
         raise ValueError(f"{method}: the model is already quantized; upload the unquantized model")

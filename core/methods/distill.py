@@ -152,11 +152,13 @@ def check(params: DistillParams, info: ModelInfo) -> None:
             isinstance(labels, dict) and len(labels) < 2
         ):
             raise ValueError(
-                "distill trains single-label classifiers (cross-entropy over >= 2 classes); this one is a regression or multi-label model"
+                "distill trains single-label classifiers (cross-entropy over >= 2 classes); "
+                "this one is a regression or multi-label model"
             )
     if not has_tokenizer(info.files):
         raise ValueError(
-            "distill tokenizes the dataset with the model's own tokenizer: upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model"
+            "distill tokenizes the dataset with the model's own tokenizer: "
+            "upload tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model"
         )
     teacher_layers = _config_int(config, LAYER_FIELDS)
     if params.layers is not None and teacher_layers is not None and params.layers >= teacher_layers:

@@ -68,7 +68,9 @@ class PruneStructuredParams(StrictParams):
         default=0.0,
         ge=0,
         lt=1,
-        description="fraction of each layer's attention heads to remove (key-value groups under grouped-query attention)",
+        description=(
+            "fraction of each layer's attention heads to remove (key-value groups under grouped-query attention)"
+        ),
     )
     norm: Literal["l1", "l2"] = Field(default="l2", description="vector norm of the importance scores")
 
@@ -156,7 +158,8 @@ def heads_removal(fraction: float, lay: Heads, fam: _Family) -> int:
         ok = [round(k / lay.n_kv, 4) for k in range(1, lay.n_kv) if lay.hidden % ((lay.n_kv - k) * lay.group) == 0]
         raise ValueError(
             f"heads={fraction} would keep {(lay.n_kv - r) * lay.group} attention heads, but this config needs "
-            f"hidden_size ({lay.hidden}) to be a multiple of num_attention_heads; possible 'heads' values: {ok or 'none'}"
+            f"hidden_size ({lay.hidden}) to be a multiple of num_attention_heads; "
+            f"possible 'heads' values: {ok or 'none'}"
         )
     return r
 

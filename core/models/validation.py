@@ -149,6 +149,20 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
     messages (the client's, not the staging file's)."""
     name = name or path.name
     size = path.stat().st_size
+    header_len, header = _safetensors_header(path, size, max_header, name)
+    data_len = size - 8 - header_len
+    ranges: list[tuple[int, int, str]] = []
+    params = 0
+    for tname, info in header.items():
+        numel, begin, end = _check_tensor_entry(name, tname, info, data_len)
+        params += numel
+        ranges.append((begin, end, tname))
+    _check_coverage(name, ranges, data_len)
+    return SafetensorsInfo(parameters=params, tensors=header)
+
+
+def _safetensors_header(path: Path, size: int, max_header: int, name: str) -> tuple[int, dict[str, Any]]:
+    """The declared header length and the header's tensor entries (``__metadata__`` checked and removed)."""
     if size < 8:
         raise FileRejected(name, "invalid_safetensors", "file is too short to be safetensors")
     with path.open("rb") as f:
@@ -174,66 +188,49 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
         )
     if len(header) > MAX_TENSORS:
         raise FileRejected(name, "invalid_safetensors", "too many tensors")
-    data_len = size - 8 - n
-    ranges: list[tuple[int, int, str]] = []
-    params = 0
-    for tname, info in header.items():
-        # A tensor name is the client's: quoted short and printable in messages.
-        tfield = jsonsafe.safe_text(tname, 100)
-        t = repr(tfield)
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise FileRejected(
-                name,
-                "invalid_safetensors",
-                f"tensor {t}: entry must have exactly dtype, shape, data_offsets",
-                field=tfield,
-            )
-        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
-            raise FileRejected(
-                name,
-                "invalid_safetensors",
-                f"tensor {t}: unknown dtype {jsonsafe.safe_text(repr(dtype), 40)}",
-                field=tfield,
-            )
-        if (
-            not isinstance(shape, list)
-            or len(shape) > MAX_DIMS
-            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
-        ):
-            raise FileRejected(
-                name,
-                "invalid_safetensors",
-                f"tensor {t}: shape must be at most {MAX_DIMS} non-negative integers",
-                field=tfield,
-            )
-        if (
-            not isinstance(offsets, list)
-            or len(offsets) != 2
-            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-            or not 0 <= offsets[0] <= offsets[1] <= data_len
-        ):
-            raise FileRejected(
-                name,
-                "invalid_safetensors",
-                f"tensor {t}: data offsets {jsonsafe.safe_text(repr(offsets), 60)} are outside the file's data",
-                field=tfield,
-            )
-        numel = 1
-        for d in shape:
-            numel *= d
-        if numel * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
-            raise FileRejected(
-                name,
-                "invalid_safetensors",
-                f"tensor {t}: shape {shape} and dtype {dtype} do not match its byte range",
-                field=tfield,
-            )
-        params += numel
-        ranges.append((offsets[0], offsets[1], tname))
-    ranges.sort()
+    return n, header
+
+
+def _check_tensor_entry(name: str, tname: str, info: Any, data_len: int) -> tuple[int, int, int]:
+    """One tensor's entry checked (its fields, dtype, shape, and byte range within the data):
+    its element count and byte range."""
+    # A tensor name is the client's: quoted short and printable in messages.
+    tfield = jsonsafe.safe_text(tname, 100)
+    t = repr(tfield)
+
+    def refuse(message: str) -> FileRejected:
+        return FileRejected(name, "invalid_safetensors", f"tensor {t}: {message}", field=tfield)
+
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise refuse("entry must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise refuse(f"unknown dtype {jsonsafe.safe_text(repr(dtype), 40)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+    ):
+        raise refuse(f"shape must be at most {MAX_DIMS} non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_len
+    ):
+        raise refuse(f"data offsets {jsonsafe.safe_text(repr(offsets), 60)} are outside the file's data")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if numel * SAFETENSORS_DTYPES[dtype] != offsets[1] - offsets[0]:
+        raise refuse(f"shape {shape} and dtype {dtype} do not match its byte range")
+    return numel, offsets[0], offsets[1]
+
+
+def _check_coverage(name: str, ranges: list[tuple[int, int, str]], data_len: int) -> None:
+    """The tensors' byte ranges tile the data exactly: no overlap, no gap, no trailing bytes."""
     pos = 0
-    for begin, end, tname in ranges:
+    for begin, end, tname in sorted(ranges):
         if begin != pos:
             what = "overlaps another tensor" if begin < pos else "leaves a gap before it"
             raise FileRejected(
@@ -245,7 +242,6 @@ def check_safetensors(path: Path, max_header: int, name: str | None = None) -> S
         pos = end
     if pos != data_len:
         raise FileRejected(name, "invalid_safetensors", "tensor data does not cover the file exactly (trailing bytes)")
-    return SafetensorsInfo(parameters=params, tensors=header)
 
 
 def load_json_file(path: Path, max_bytes: int, name: str | None = None) -> Any:
