@@ -119,7 +119,7 @@ def job_row(stack: Stack, job_id: str) -> dict:
         "SELECT status, attempt, lease_expires_at, enqueued_at, progress_stage, started_at FROM jobs WHERE id = %s",
         job_id,
     )
-    return dict(zip(("status", "attempt", "lease_expires_at", "enqueued_at", "stage", "started_at"), row))
+    return dict(zip(("status", "attempt", "lease_expires_at", "enqueued_at", "stage", "started_at"), row, strict=True))
 
 
 def attempt_started_at(stack: Stack, job_id: str, attempt: int):  # noqa: ANN201 - a datetime or None

@@ -14,6 +14,26 @@ import pytest
 from tests.helpers import REDIS_URL, Service, build_tiny_models
 from tests.servers import private_database
 
+TIERS = ("unit", "integration", "e2e")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Each test carries exactly one tier (pyproject's markers): ``unit`` (in-process: no server,
+    no subprocess, no network; ``make test-unit``), ``integration`` (real PostgreSQL, Redis,
+    Celery and API processes) or ``e2e`` (whole flows: the CLI, a browser, the images, chaos).
+    ``slow`` is orthogonal. A test with no tier or two fails the collection."""
+    wrong = []
+    for item in items:
+        tiers = sorted({m.name for m in item.iter_markers() if m.name in TIERS})
+        if len(tiers) != 1:
+            wrong.append(f"  {item.nodeid}: {', '.join(tiers) or 'no tier'}")
+    if wrong:
+        raise pytest.UsageError(
+            f"every test needs exactly one of the tier markers {', '.join(TIERS)} "
+            "(pytestmark = pytest.mark.<tier> in its module, or on the test):\n" + "\n".join(wrong)
+        )
+
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """``@pytest.mark.gpu`` tests need CUDA. Without it they are skipped with the reason, and

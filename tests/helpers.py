@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -141,14 +142,11 @@ class Service:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-            try:  # whatever is left in the group (a stuck worker, a pool child) goes
+            # Whatever is left in the group (a stuck worker, a pool child) goes.
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             p.wait()
 
     def client(self, key: str | None) -> httpx.Client:

@@ -14,8 +14,11 @@ from io import BytesIO
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import query, safetensors_bytes, stored_files, table_rows, upload_dir, wait_job
+
+pytestmark = pytest.mark.integration
 
 
 class _Evil:

@@ -12,10 +12,12 @@ import pytest
 
 from tests.helpers import upload_dir, wait_job
 
+pytestmark = pytest.mark.integration
+
 # (step, largest accepted artifact / upload ratio, lowest accepted per-token cosine of the
 # artifact's logits to the original's, loaded with plain transformers; None: printed only).
-# Measured: ratios 0.2467, 0.1297, 1.0000 (0.5397 when weights were deflated), 0.2466, 0.1221; cosines 0.99976, 0.9540, (0.788), 0.99958,
-# (0.441, with 43.5% of the weights clipped).
+# Measured: ratios 0.2467, 0.1297, 1.0000 (0.5397 when weights were deflated), 0.2466, 0.1221;
+# cosines 0.99976, 0.9540, (0.788), 0.99958, (0.441, with 43.5% of the weights clipped).
 LIMITS = [
     ({"method": "quantize.weight_only", "params": {"bits": 8}}, 0.30, 0.999),
     ({"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}, 0.20, 0.94),
@@ -88,7 +90,8 @@ def test_artifact_ratio(cluster, uploaded, linear_llama, tmp_path, step, limit, 
     cos = float(torch.nn.functional.cosine_similarity(ref.double(), got.double(), dim=-1).min())
     extra = job["metrics"]["steps"][0].get("clipped_fraction")
     print(
-        f"\n{step['method']} {step['params']}: artifact {len(served)} B / upload {uploaded['size_bytes']} B = {ratio:.4f}; "
+        f"\n{step['method']} {step['params']}: artifact {len(served)} B / upload {uploaded['size_bytes']} B "
+        f"= {ratio:.4f}; "
         f"min token cosine {cos:.5f}" + (f"; clipped fraction {extra:.4f}" if extra is not None else "")
     )
     assert ratio <= limit

@@ -4,6 +4,7 @@ in memory, and the pipeline's counts read an offloaded model correctly (ties onc
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ from safetensors.torch import load_file
 
 from tests.tokenizer_util import build_models, txt_dataset
 from worker import evaluate, methods, model_io, pipeline
+
+pytestmark = pytest.mark.unit
 
 
 class _Ctx:
@@ -218,12 +221,10 @@ def test_block_save_does_not_hold_the_model(tmp_path):
     spec.handler(loaded, spec.params.model_validate({"quantizer": "rtn", "num_samples": 2, "max_length": 16}), _Ctx())
     assert model_io._saves_module_by_module(loaded)
     gc.collect()
-    try:
-        # Hand the heap's free pages back to the system: calibration leaves hundreds of MB freed but
-        # resident, which a gathering save would reuse unseen; the baseline is what is really held.
+    # Hand the heap's free pages back to the system: calibration leaves hundreds of MB freed but
+    # resident, which a gathering save would reuse unseen; the baseline is what is really held.
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
     peak = PeakMemory()
     base = peak._anon * 1024
     model_io.save(loaded, tmp_path / "out", {"test": True})

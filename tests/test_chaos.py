@@ -18,6 +18,7 @@ Poison jobs and the lease's keeper on its own: tests/test_heartbeat.py.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import random
 import signal
@@ -35,6 +36,8 @@ from tests.chaos_util import Worker, attempt_started_at, kill_stack
 from tests.conftest import Stack
 from tests.helpers import jobs_left, query, upload_dir, wait_job
 from tests.servers import private_database
+
+pytestmark = pytest.mark.e2e
 
 WORKERS = 3
 JOBS = 50
@@ -191,7 +194,8 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
         k["recovered_s"] = (started - k["at"]).total_seconds()
     for k in kills:
         print(
-            f"kill of {k['target']} of worker {k['worker']} at {k['at']:%H:%M:%S} running job {k['job']}: recovered in {k['recovered_s']:.1f} s"
+            f"kill of {k['target']} of worker {k['worker']} at {k['at']:%H:%M:%S} running job {k['job']}: "
+            f"recovered in {k['recovered_s']:.1f} s"
         )
     slow = [k for k in kills if not 0 < k["recovered_s"] <= RECOVERY_S]
     assert not slow, slow
@@ -221,13 +225,13 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
                 spans.setdefault(d["attempt"], [at, at])[1] = at
         order = sorted(spans)
         assert order[-1] == attempt
-        for a, b in zip(order, order[1:]):
+        for a, b in itertools.pairwise(order):
             assert spans[a][1] <= spans[b][0], (job_id, spans)
     rec = sorted(k["recovered_s"] for k in kills)
     by_kind = {kind: sorted(k["recovered_s"] for k in kills if k["target"] == kind) for kind in KINDS}
     print(
-        f"\nchaos: {len(jobs)} jobs on {WORKERS} workers, {len(kills)} kills, 0 lost, 0 differing artifacts; recovery (kill -> "
-        f"next attempt claimed) max {rec[-1]:.1f} s, median {statistics.median(rec):.1f} s; "
+        f"\nchaos: {len(jobs)} jobs on {WORKERS} workers, {len(kills)} kills, 0 lost, 0 differing artifacts; "
+        f"recovery (kill -> next attempt claimed) max {rec[-1]:.1f} s, median {statistics.median(rec):.1f} s; "
         + "; ".join(f"{kind} x{len(v)}: {', '.join(f'{x:.1f}' for x in v)} s" for kind, v in by_kind.items())
         + f"; test {time.monotonic() - t_start:.0f} s"
     )

@@ -53,6 +53,7 @@ def cli_job(embedded, tiny: dict[str, Path]) -> dict[str, Any]:
     return {"model": model, "job": job}
 
 
+@pytest.mark.e2e
 def test_upload_and_compress_wait_json(cli_job: dict[str, Any]) -> None:
     model, job = cli_job["model"], cli_job["job"]
     assert model["architecture"] == "GPT2LMHeadModel" and model["name"] == "cli-gpt2"
@@ -61,6 +62,7 @@ def test_upload_and_compress_wait_json(cli_job: dict[str, Any]) -> None:
     assert job["artifact"]["filename"] == "model.zip"
 
 
+@pytest.mark.e2e
 def test_status_and_jobs_json(embedded, cli_job: dict[str, Any]) -> None:
     job = cli_job["job"]
     status = run_json(embedded, "status", job["id"])
@@ -72,6 +74,7 @@ def test_status_and_jobs_json(embedded, cli_job: dict[str, Any]) -> None:
     assert all(j["status"] == "succeeded" for j in succeeded)
 
 
+@pytest.mark.e2e
 def test_human_output(embedded, cli_job: dict[str, Any], tiny: dict[str, Path]) -> None:
     up = run(embedded, "upload", str(tiny["bare"]))
     assert up.returncode == 0, up.stderr
@@ -97,6 +100,7 @@ def test_human_output(embedded, cli_job: dict[str, Any], tiny: dict[str, Path]) 
     assert jobs.returncode == 0 and cli_job["job"]["id"] in jobs.stdout
 
 
+@pytest.mark.e2e
 def test_download_and_report(embedded, cli_job: dict[str, Any], tmp_path: Path) -> None:
     job = cli_job["job"]
     out = tmp_path / "out"
@@ -130,6 +134,7 @@ def test_download_and_report(embedded, cli_job: dict[str, Any], tmp_path: Path) 
     assert f"/v1/jobs/{job['id']}/report/view?expires=" in opened.stdout
 
 
+@pytest.mark.e2e
 def test_api_errors_exit_3(embedded, cli_job: dict[str, Any]) -> None:
     # GPT-2's Conv1D layers are refused by the integer quantizers at submit: a 422.
     res = run(
@@ -154,6 +159,7 @@ def test_api_errors_exit_3(embedded, cli_job: dict[str, Any]) -> None:
     assert res.returncode == 3 and res.stderr.startswith("Error: Missing or invalid API key")
 
 
+@pytest.mark.e2e
 def test_canceled_job_exits_1(embedded, tiny: dict[str, Path]) -> None:
     model = run_json(embedded, "upload", str(tiny["gpt2-big"]))
     steps = [a for s in ("0.2", "0.4", "0.6") for a in ("--step", f"prune.magnitude:sparsity={s}")]
@@ -165,6 +171,7 @@ def test_canceled_job_exits_1(embedded, tiny: dict[str, Path]) -> None:
     assert "Error: job canceled" in res.stderr and "canceled" in res.stdout
 
 
+@pytest.mark.e2e
 def test_usage_errors_exit_2(embedded, cli_job: dict[str, Any]) -> None:
     mid = cli_job["model"]["id"]
     for step in ("prune.magnitude:sparsity", "prune.magnitude:sparsity=[0.5", "{not json"):
@@ -176,11 +183,13 @@ def test_usage_errors_exit_2(embedded, cli_job: dict[str, Any]) -> None:
     assert res.returncode == 2 and "no such file" in res.stderr
 
 
+@pytest.mark.e2e
 def test_unreachable_server_exits_4(embedded) -> None:
     res = run(embedded, "jobs", url=f"http://127.0.0.1:{free_port()}")
     assert res.returncode == 4 and res.stderr.startswith("Error: transport error: cannot connect")
 
 
+@pytest.mark.unit
 def test_step_parsing() -> None:
     from modelpress._cli import parse_step
 
@@ -206,6 +215,7 @@ def test_step_parsing() -> None:
             parse_step(bad)
 
 
+@pytest.mark.e2e
 def test_keys_go_through_the_api_only_when_the_command_line_says_so(embedded, tmp_path) -> None:
     # The client's environment alone (MODELPRESS_URL / MODELPRESS_API_KEY) does not switch `keys` to
     # the API: it works on the server's database, and there is none here (nothing is created).

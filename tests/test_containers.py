@@ -121,6 +121,7 @@ def _environment(service: dict) -> dict[str, str]:
 # --- external linters ------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_hadolint_clean():
     exe = _tool("hadolint")
     if exe is None:
@@ -132,11 +133,13 @@ def test_hadolint_clean():
     assert result.returncode == 0, f"hadolint:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.e2e
 def test_compose_config_valid():
     result = _run([*_compose_cmd(), "-f", str(COMPOSE), "config", "-q"])
     assert result.returncode == 0, f"compose config:\n{result.stdout}{result.stderr}"
 
 
+@pytest.mark.e2e
 def test_compose_refuses_to_start_without_the_secret():
     """No default secret in the file: without MODELPRESS_SECRET_KEY compose stops before starting
     anything, naming the variable (a default would be one public secret for every deployment)."""
@@ -145,6 +148,7 @@ def test_compose_refuses_to_start_without_the_secret():
     assert "MODELPRESS_SECRET_KEY" in result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_compose_config_valid_with_gpu_block(tmp_path):
     gpu = yaml.safe_load(_uncomment_gpu_block(COMPOSE.read_text()))
     devices = gpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"]
@@ -159,16 +163,19 @@ def test_compose_config_valid_with_gpu_block(tmp_path):
 # --- compose structure -----------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_services_present(services):
     assert {"postgres", "redis", "s3", "api", "worker"} <= set(services)
 
 
+@pytest.mark.unit
 def test_every_service_has_healthcheck(services):
     for name, svc in services.items():
         check = svc.get("healthcheck") or {}
         assert check.get("test") and not check.get("disable"), f"{name}: no healthcheck"
 
 
+@pytest.mark.unit
 def test_healthcheck_commands(services):
     flat = {name: " ".join(svc["healthcheck"]["test"]) for name, svc in services.items()}
     assert "pg_isready" in flat["postgres"]
@@ -179,6 +186,7 @@ def test_healthcheck_commands(services):
     assert "s3-ready" in flat["s3"]  # written once the bucket exists
 
 
+@pytest.mark.unit
 def test_s3_service_makes_its_bucket(services):
     s3 = services["s3"]
     assert s3["image"].startswith("chrislusf/seaweedfs:")
@@ -187,6 +195,7 @@ def test_s3_service_makes_its_bucket(services):
     assert "s3data" in " ".join(s3["volumes"])
 
 
+@pytest.mark.unit
 def test_api_migrates_before_serving(services):
     cmd = _command(services["api"])
     assert "modelpress migrate" in cmd and "modelpress serve" in cmd
@@ -197,6 +206,7 @@ def test_api_migrates_before_serving(services):
     assert "--host 0.0.0.0" in cmd and "--port 8000" in cmd
 
 
+@pytest.mark.unit
 def test_worker_command_and_replicas(services):
     worker = services["worker"]
     cmd = _command(worker)
@@ -206,6 +216,7 @@ def test_worker_command_and_replicas(services):
     assert "ports" not in worker, "worker has no HTTP port; ports would also break --scale"
 
 
+@pytest.mark.unit
 def test_gpu_reservation_is_commented_out(services):
     worker = services["worker"]
     assert "resources" not in worker.get("deploy", {}), "GPU reservation must stay commented"
@@ -213,6 +224,7 @@ def test_gpu_reservation_is_commented_out(services):
     assert re.search(r"^\s*#\s*- driver: nvidia\s*$", text, re.M)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_depends_on_healthy_backends(services, name):
     deps = services[name].get("depends_on")
@@ -221,6 +233,7 @@ def test_app_depends_on_healthy_backends(services, name):
         assert deps.get(backend, {}).get("condition") == "service_healthy", (name, backend)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_app_environment(services, name):
     env = _environment(services[name])
@@ -241,6 +254,7 @@ def test_app_environment(services, name):
     assert env["MODELPRESS_PUBLIC_BASE_URL"].startswith("${MODELPRESS_PUBLIC_BASE_URL:-http")
 
 
+@pytest.mark.unit
 def test_api_and_worker_share_data_volume(compose, services):
     def data_volume(svc: dict) -> str:
         for vol in svc.get("volumes", []):
@@ -254,6 +268,7 @@ def test_api_and_worker_share_data_volume(compose, services):
     assert api_vol in (compose.get("volumes") or {}), "shared /data must be a named volume"
 
 
+@pytest.mark.unit
 def test_api_and_worker_are_two_images(services):
     """The API image has no torch (target api), the workers' has it (target worker): one build
     context and Dockerfile, two targets, two tags."""
@@ -275,6 +290,7 @@ def _stage(text: str, name: str) -> str:
     return text[m.start() : m.end() + end.start()] if end else text[m.start() :]
 
 
+@pytest.mark.unit
 def test_dockerfile_essentials():
     text = DOCKERFILE.read_text()
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11", text, re.M)
@@ -289,6 +305,7 @@ def test_dockerfile_essentials():
     assert not re.search(r"^(COPY|ADD) .*(cert|\.crt|\.pem)", text, re.M | re.I)
 
 
+@pytest.mark.unit
 def test_api_image_has_no_torch_and_worker_image_installs_it_first():
     text = DOCKERFILE.read_text()
     api_builder, worker_builder = _stage(text, "api-builder"), _stage(text, "worker-builder")
@@ -303,6 +320,7 @@ def test_api_image_has_no_torch_and_worker_image_installs_it_first():
     assert "COPY --from=worker-builder /opt/venv" in _stage(text, "worker")
 
 
+@pytest.mark.unit
 def test_dockerignore_excludes_local_state():
     entries = {
         line.strip().rstrip("/")
@@ -332,12 +350,14 @@ def _name(req: str) -> str:
     return re.split(r"[\[=<>!~ ;]", req, maxsplit=1)[0].lower().replace("_", "-")
 
 
+@pytest.mark.unit
 def test_base_install_is_the_sdk_only():
     base, _ = _extras()
     assert {_name(r) for r in base} == {"httpx", "pydantic", "rich"}
     assert not {_name(r) for r in base} & set(_HEAVY)
 
 
+@pytest.mark.unit
 def test_extras_server_worker_dev():
     _, extras = _extras()
     server = {_name(r) for r in extras["server"]}
@@ -352,6 +372,7 @@ def test_extras_server_worker_dev():
     assert not missing, f"dev lacks {missing}"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("argv", "extra"),
     [
@@ -375,6 +396,7 @@ def test_server_commands_name_the_missing_extra(monkeypatch, capsys, argv, extra
     assert f"pip install 'modelpress[{extra}]'" in err, err
 
 
+@pytest.mark.unit
 def test_cluster_serve_needs_the_server_extra_only(monkeypatch):
     from app import cli
     from modelpress import _entry

@@ -10,6 +10,8 @@ import pytest
 
 from tests.helpers import stored_files, table_rows, upload_dir, wait_job
 
+pytestmark = pytest.mark.integration
+
 
 def _jsonl(*rows) -> bytes:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows).encode()

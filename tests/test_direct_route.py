@@ -4,13 +4,15 @@ serves matches FastAPI's own handling of the same endpoint (no database: no call
 from __future__ import annotations
 
 import pytest
-from fastapi import APIRouter, FastAPI, Query, Response
+from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.testclient import TestClient
 
 from app.auth import CurrentCaller
 from app.errors import install_error_handlers
 from app.routing import DirectRoute
 from core.errors import NotFound
+
+pytestmark = pytest.mark.unit
 
 
 def _app(endpoint, path: str = "/things/{thing_id}/{part}", route_class=DirectRoute) -> FastAPI:
@@ -77,8 +79,6 @@ async def _two_callers(thing_id: str, part: str, a: CurrentCaller, b: CurrentCal
 async def _with_request(thing_id: str, part: str, request: Request) -> Response:
     return Response(b"")
 
-
-from fastapi import Request
 
 
 @pytest.mark.parametrize(

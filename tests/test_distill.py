@@ -28,7 +28,7 @@ def _softmax(xs: list[float], t: float) -> list[float]:
 def _kl(teacher: list[float], student: list[float], t: float) -> float:
     """KL(p_t ‖ p_s) = Σ_v p_t(v) · (log p_t(v) − log p_s(v))."""
     pt, ps = _softmax(teacher, t), _softmax(student, t)
-    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps))
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(pt, ps, strict=True))
 
 
 def _ce(logits: list[float], target: int) -> float:
@@ -57,6 +57,7 @@ def _hand_causal(alpha: float, temp: float) -> tuple[float, float, float]:
     return alpha * ce + (1 - alpha) * temp**2 * kl, ce, kl
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("alpha", "temp"), [(0.5, 2.0), (1.0, 2.0), (0.0, 2.0), (0.3, 1.0), (0.0, 4.0)])
 def test_causal_loss_matches_hand_computation(alpha, temp):
     import torch
@@ -75,6 +76,7 @@ def test_causal_loss_matches_hand_computation(alpha, temp):
         assert float(got.total) == pytest.approx(temp**2 * kl, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_padding_is_masked_out_of_both_terms():
     import torch
 
@@ -93,6 +95,7 @@ def test_padding_is_masked_out_of_both_terms():
     assert abs(float(unmasked.total) - float(base.total)) > 1.0
 
 
+@pytest.mark.unit
 def test_classifier_loss_matches_hand_computation():
     import torch
 
@@ -108,6 +111,7 @@ def test_classifier_loss_matches_hand_computation():
         assert float(got.total) == pytest.approx(alpha * ce + (1 - alpha) * temp**2 * kl, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_zero_kl_when_student_equals_teacher():
     import torch
 
@@ -127,6 +131,7 @@ def _spec():
     return load_all()["distill"]
 
 
+@pytest.mark.unit
 def test_params_exactly_one_student_and_steps_or_epochs():
     from pydantic import ValidationError
 
@@ -149,6 +154,7 @@ def test_params_exactly_one_student_and_steps_or_epochs():
             P.model_validate(bad)
 
 
+@pytest.mark.unit
 def test_evenly_spaced_layers():
     from core.methods.distill import evenly_spaced
 
@@ -158,6 +164,7 @@ def test_evenly_spaced_layers():
     assert evenly_spaced(4, 4) == [0, 1, 2, 3]
 
 
+@pytest.mark.unit
 def test_submit_checks():
     from core.methods import ModelInfo
 
@@ -234,6 +241,7 @@ def _batch(tok, texts):
     return ids, mask
 
 
+@pytest.mark.unit
 def test_a_few_steps_lower_the_loss(tok_models):
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -282,6 +290,7 @@ def test_a_few_steps_lower_the_loss(tok_models):
     assert len(ctx.notes) <= 25
 
 
+@pytest.mark.unit
 def test_student_config_and_llama(tok_models):
     from worker import model_io
 
@@ -300,6 +309,7 @@ def test_student_config_and_llama(tok_models):
     assert metrics["final_loss"] < metrics["initial_loss"]
 
 
+@pytest.mark.unit
 def test_classifier_and_unlabeled_data(tok_models):
     from worker import model_io
 
@@ -318,6 +328,7 @@ def test_classifier_and_unlabeled_data(tok_models):
         spec.handler(m, spec.params.model_validate({"layers": 1, "steps": 2}), _Ctx([{"text": s} for s in sentences()]))
 
 
+@pytest.mark.unit
 def test_student_model(tok_models):
     import torch
     from safetensors.torch import load_file
@@ -359,6 +370,7 @@ def _finite_logits(model, tok) -> None:
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.integration
 def test_distill_gpt2_end_to_end(stack, tok_models, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -391,6 +403,7 @@ def test_distill_gpt2_end_to_end(stack, tok_models, tmp_path):
     _finite_logits(model, tok)
 
 
+@pytest.mark.integration
 def test_distill_bert_classifier_on_labeled_jsonl(cluster, tok_models, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -433,6 +446,7 @@ def test_distill_bert_classifier_on_labeled_jsonl(cluster, tok_models, tmp_path)
     assert "labeled dataset" in bad["error"]["message"]
 
 
+@pytest.mark.integration
 def test_distill_is_refused_at_submit(cluster, tok_models, tmp_path):
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -483,6 +497,7 @@ def test_distill_is_refused_at_submit(cluster, tok_models, tmp_path):
         assert any(e["loc"] == loc and words in e["msg"] for e in errs), (loc, words, errs)
 
 
+@pytest.mark.integration
 def test_distill_then_prune_carries_both(cluster, tok_models, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -517,6 +532,7 @@ def test_distill_then_prune_carries_both(cluster, tok_models, tmp_path):
     assert job["metrics"]["sparsity"]["sparsity"] == pytest.approx(0.5, abs=0.005)
 
 
+@pytest.mark.integration
 def test_distill_into_an_uploaded_student(cluster, tok_models, tmp_path):
     import torch
     from safetensors.torch import load_file

@@ -15,6 +15,8 @@ import pytest
 from tests.helpers import upload_dir, wait_job
 from tests.hfcheck import hf_stats
 
+pytestmark = pytest.mark.e2e
+
 HFCHECK = Path(__file__).with_name("hfcheck.py")
 
 

@@ -18,6 +18,8 @@ from tests.tokenizer_util import build_models
 from worker import evaluate
 from worker.ops import metrics as m
 
+pytestmark = pytest.mark.unit
+
 SETTINGS = {"enabled": True, "batch_size": 2, "seq_len": 16, "runs": 5, "warmup": 2, "max_samples": 12}
 
 

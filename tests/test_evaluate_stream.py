@@ -14,6 +14,8 @@ import torch
 from tests.tokenizer_util import build_models
 from worker import evaluate, model_io
 
+pytestmark = pytest.mark.unit
+
 # Generous: every text runs in both evaluations, so they see the same inputs.
 SETTINGS = {
     "enabled": True,

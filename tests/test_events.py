@@ -3,6 +3,7 @@ resumed with Last-Event-ID / ?last_event_id=, scoped to the tenant."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import threading
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
+import pytest
 
 from tests.helpers import upload_dir, wait_job
 
@@ -51,7 +53,7 @@ def check_succeeded_run(events: list[dict], job: dict) -> list[dict]:
     *evs, end = events
     assert end == {"event": "end", "data": {"job_id": job["id"], "status": "succeeded"}}  # no id
     ids = [int(e["id"]) for e in evs]
-    assert ids[0] > 0 and all(a < b for a, b in zip(ids, ids[1:])), ids
+    assert ids[0] > 0 and all(a < b for a, b in itertools.pairwise(ids)), ids
     assert all(e["event"] in ("status", "progress") and e["data"]["job_id"] == job["id"] for e in evs)
     first = evs[0]
     assert first["event"] == "status" and first["data"]["status"] == "queued" and first["data"]["attempt"] == 0
@@ -69,6 +71,7 @@ def check_succeeded_run(events: list[dict], job: dict) -> list[dict]:
     return evs
 
 
+@pytest.mark.integration
 def test_stream_of_a_job_in_embedded(embedded, tiny):
     c = embedded.client()
     m = upload_dir(c, tiny["gpt2"]).json()
@@ -108,6 +111,7 @@ def test_stream_of_a_job_in_embedded(embedded, tiny):
     assert bad.status_code == 422 and bad.headers["content-type"].startswith("application/problem+json")
 
 
+@pytest.mark.integration
 def test_finished_job_without_history_gets_one_synthetic_event(embedded, tiny):
     """A job that finished before events were recorded: one status event with id 0, then end."""
     import sqlite3
@@ -127,6 +131,7 @@ def test_finished_job_without_history_gets_one_synthetic_event(embedded, tiny):
     assert read_all(c, job["id"], headers={"Last-Event-ID": "0"}) == events
 
 
+@pytest.mark.integration
 def test_stream_of_a_job_in_cluster(cluster, tiny):
     c = cluster.client()
     m = upload_dir(c, tiny["gpt2"]).json()
@@ -137,6 +142,7 @@ def test_stream_of_a_job_in_cluster(cluster, tiny):
     assert read_all(c, job["id"], headers={"Last-Event-ID": evs[mid]["id"]}) == full[mid + 1 :]
 
 
+@pytest.mark.integration
 def test_canceled_queued_job_streams_queued_then_canceled(cluster_no_worker, tiny):
     # A tenant of its own: the stack's tenant is shared with tests that count its canceled jobs.
     key = cluster_no_worker.service.cli("keys", "create", "--tenant", f"events-{uuid.uuid4().hex[:6]}")
@@ -166,6 +172,7 @@ def test_canceled_queued_job_streams_queued_then_canceled(cluster_no_worker, tin
     assert read_all(c, job["id"]) == [queued, canceled, end]
 
 
+@pytest.mark.unit
 def test_repository_writes_one_event_per_visible_change(tmp_path):
     """The write rules on a bare SQLite database: lease renewals, repeated progress, a second
     cancel request and writes of a fenced-off attempt record nothing."""

@@ -41,8 +41,11 @@ import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.helpers import safetensors_bytes, wait_job
+
+pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 SEED = 20261129

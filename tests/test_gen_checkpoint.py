@@ -12,6 +12,8 @@ import pytest
 
 from bench.gen_checkpoint import generate, parse_size, plan_shape, tensor_shapes
 
+pytestmark = pytest.mark.unit
+
 TINY = dict(hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2, vocab=1000)
 
 
@@ -56,7 +58,8 @@ def test_sharded_checkpoint_matches_llama_and_loads(tmp_path: Path) -> None:
     for shard in shards:
         with safe_open(out / shard, "pt") as f:
             assert f.metadata() == {"format": "pt"}
-            for k in f.keys():
+            names = f.keys()  # safe_open is not iterable itself
+            for k in names:
                 assert index["weight_map"][k] == shard
                 t = f.get_tensor(k)
                 assert t.dtype == torch.bfloat16

@@ -17,6 +17,8 @@ import pytest
 
 from tests.helpers import MODELPRESS, stop_process, upload_dir, wait_job
 
+pytestmark = pytest.mark.integration
+
 WAITING = "waiting for a GPU worker (none has been seen)"
 
 

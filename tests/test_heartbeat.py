@@ -30,6 +30,8 @@ from tests.chaos_util import children, job_row, keeper_of, kill_stack, pid_alive
 from tests.helpers import query, upload_dir, wait_job
 from tests.servers import private_database
 
+pytestmark = pytest.mark.integration
+
 LEASE_S = 4
 RECONCILE_S = 1
 MAX_ATTEMPTS = 3
@@ -72,11 +74,23 @@ def _running_job_process(stack, job_id: str, timeout: float = 120) -> int:
     raise AssertionError(f"job {job_id} was not seen running: {job_row(stack, job_id)}")
 
 
-def test_a_stopped_but_live_job_process_keeps_its_lease(beat, tiny):
-    c = beat.client()
+def _submit_slow(stack, tiny) -> tuple:  # noqa: ANN001
+    """A client, the uploaded gpt2-big model and a SLOW job on it (queued, not yet seen running)."""
+    c = stack.client()
     model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
     job_id = c.post("/v1/jobs", json={"model_id": model, **SLOW}).json()["id"]
-    child = _running_job_process(beat, job_id)
+    return c, model, job_id
+
+
+def _start_slow(stack, tiny) -> tuple:  # noqa: ANN001
+    """A SLOW job seen running: the client, its id, its job process and that process's keeper."""
+    c, _model, job_id = _submit_slow(stack, tiny)
+    child = _running_job_process(stack, job_id)
+    return c, job_id, child, keeper_of(child)
+
+
+def test_a_stopped_but_live_job_process_keeps_its_lease(beat, tiny):
+    c, job_id, child, _keeper = _start_slow(beat, tiny)
     sent_before = job_row(beat, job_id)["enqueued_at"]
     os.kill(child, signal.SIGSTOP)
     try:
@@ -101,14 +115,6 @@ def _reclaimed_after(stack, job_id: str, since: float, limit_s: float) -> float:
         assert time.monotonic() - since < limit_s, job_row(stack, job_id)
         time.sleep(0.05)
     return time.monotonic() - since
-
-
-def _start_slow(stack, tiny) -> tuple:  # noqa: ANN001
-    c = stack.client()
-    model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
-    job_id = c.post("/v1/jobs", json={"model_id": model, **SLOW}).json()["id"]
-    child = _running_job_process(stack, job_id)
-    return c, job_id, child, keeper_of(child)
 
 
 def test_a_killed_job_process_takes_its_keeper_along_which_ends_the_lease_at_once(beat, tiny):
@@ -157,17 +163,7 @@ def test_a_job_whose_keeper_dies_keeps_its_lease_from_a_thread(beat, tiny):
 
 def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(beat, tiny):
     chaos = beat
-    c = chaos.client()
-    model = upload_dir(c, tiny["gpt2-big"]).json()["id"]
-    # Slow enough to be caught running: a report with many timed passes.
-    poison = c.post(
-        "/v1/jobs",
-        json={
-            "model_id": model,
-            "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
-            "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8},
-        },
-    ).json()["id"]
+    c, model, poison = _submit_slow(chaos, tiny)  # slow enough to be caught running
     main = [p for p in chaos.service.procs if p is not chaos.service.api][-1]
     deadline = time.monotonic() + 60
     while not children(main.pid):

@@ -18,6 +18,7 @@ fields; oversized JSON bodies.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import struct
@@ -130,10 +131,9 @@ def raw_request(
     conn.putheader("Content-Type", content_type)
     conn.putheader("Content-Length", str(len(body) if content_length is None else content_length))
     conn.endheaders()
-    try:
+    # The server may answer (and close) before it has read everything.
+    with contextlib.suppress(OSError):
         conn.send(body if send is None else send)
-    except OSError:
-        pass  # the server may answer (and close) before it has read everything
     r = conn.getresponse()
     out = Raw(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read().decode())
     conn.close()
@@ -203,7 +203,7 @@ def job(params: str, extra: str = "", method: str = "prune.magnitude", headers: 
     return body(
         "POST",
         "/v1/jobs",
-        '{"model_id":"{model}","steps":[{"method":"%s","params":%s}]%s}' % (method, params, extra),
+        '{"model_id":"{model}","steps":[{"method":"' + method + '","params":' + params + "}]" + extra + "}",
         headers,
     )
 
@@ -212,7 +212,7 @@ def sweep(vary: str, extra: str = "") -> Send:
     return body(
         "POST",
         "/v1/sweeps",
-        '{"model_id":"{model}","steps":[{"method":"prune.magnitude","params":{}}],"vary":%s%s}' % (vary, extra),
+        '{"model_id":"{model}","steps":[{"method":"prune.magnitude","params":{}}],"vary":' + vary + extra + "}",
     )
 
 
@@ -244,33 +244,37 @@ def _corpus() -> list[Case]:
     for id_, header, code_names in [
         (
             "st_long_int_shape",
-            '{"w":{"dtype":"F32","shape":[%s],"data_offsets":[0,8]}}' % BIG,
+            '{"w":{"dtype":"F32","shape":[' + BIG + '],"data_offsets":[0,8]}}',
             ("w.safetensors", "w.shape[0]"),
         ),
         (
             "st_long_int_offset",
-            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,%s]}}' % BIG,
+            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,' + BIG + "]}}",
             ("w.safetensors", "data_offsets[1]"),
         ),
         (
             "st_long_float",
-            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8.%s]}}' % BIG,
+            '{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8.' + BIG + "]}}",
             ("w.safetensors", "data_offsets[1]"),
         ),
-        ("st_deep_metadata", '{"__metadata__":%s,%s}' % (deep(), GOOD_TENSOR), ("w.safetensors", "__metadata__[0]")),
+        (
+            "st_deep_metadata",
+            '{"__metadata__":' + deep() + "," + GOOD_TENSOR + "}",
+            ("w.safetensors", "__metadata__[0]"),
+        ),
         (
             "st_deep_tensor",
-            '{"w":{"dtype":"F32","shape":%s,"data_offsets":[0,8]}}' % deep(),
+            '{"w":{"dtype":"F32","shape":' + deep() + ',"data_offsets":[0,8]}}',
             ("w.safetensors", "w.shape"),
         ),
         (
             "st_surrogate_metadata_value",
-            '{"__metadata__":{"format":"\\ud800"},%s}' % GOOD_TENSOR,
+            '{"__metadata__":{"format":"\\ud800"},' + GOOD_TENSOR + "}",
             ("w.safetensors", "__metadata__.format"),
         ),
         (
             "st_surrogate_metadata_key",
-            '{"__metadata__":{"\\udfff":"pt"},%s}' % GOOD_TENSOR,
+            '{"__metadata__":{"\\udfff":"pt"},' + GOOD_TENSOR + "}",
             ("w.safetensors", "__metadata__"),
         ),
         (
@@ -280,7 +284,7 @@ def _corpus() -> list[Case]:
         ),
         (
             "st_nul_metadata",
-            '{"__metadata__":{"format":"p\\u0000t"},%s}' % GOOD_TENSOR,
+            '{"__metadata__":{"format":"p\\u0000t"},' + GOOD_TENSOR + "}",
             ("w.safetensors", "__metadata__.format"),
         ),
         ("st_nan_shape", '{"w":{"dtype":"F32","shape":[NaN],"data_offsets":[0,8]}}', ("w.safetensors", "w.shape[0]")),
@@ -289,11 +293,11 @@ def _corpus() -> list[Case]:
             '{"w":{"dtype":"F32","shape":[1e999],"data_offsets":[0,8]}}',
             ("w.safetensors", "w.shape[0]"),
         ),
-        ("st_duplicate_tensor", "{%s,%s}" % (GOOD_TENSOR, GOOD_TENSOR), ("w.safetensors", "w")),
+        ("st_duplicate_tensor", "{" + GOOD_TENSOR + "," + GOOD_TENSOR + "}", ("w.safetensors", "w")),
         ("st_unhashable_dtype", '{"w":{"dtype":["F32"],"shape":[2],"data_offsets":[0,8]}}', ("w.safetensors", "'w'")),
         (
             "st_metadata_number",
-            '{"__metadata__":{"format":%s},%s}' % (BIG, GOOD_TENSOR),
+            '{"__metadata__":{"format":' + BIG + "}," + GOOD_TENSOR + "}",
             ("w.safetensors", "__metadata__.format"),
         ),
     ]:
@@ -304,13 +308,13 @@ def _corpus() -> list[Case]:
     for id_, content, fname, where in [
         (
             "config_long_int",
-            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"n_layer":%s}' % BIG,
+            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"n_layer":' + BIG + "}",
             "config.json",
             "n_layer",
         ),
         (
             "config_deep",
-            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"x":%s}' % deep(),
+            '{"model_type":"gpt2","architectures":["GPT2LMHeadModel"],"x":' + deep() + "}",
             "config.json",
             "x[0]",
         ),
@@ -334,7 +338,7 @@ def _corpus() -> list[Case]:
             "model_type",
         ),
         ("tokenizer_deep", deep("{}"), "tokenizer.json", "tokenizer.json"),
-        ("tokenizer_long_int", '{"model":{"vocab":{"a":%s}}}' % BIG, "tokenizer.json", "model.vocab.a"),
+        ("tokenizer_long_int", '{"model":{"vocab":{"a":' + BIG + "}}}", "tokenizer.json", "model.vocab.a"),
         ("generation_config_surrogate", '{"bos":"\\udc00"}', "generation_config.json", "bos"),
     ]:
         files = hf_files(content.encode()) if fname == "config.json" else hf_files(**{fname: content.encode()})
@@ -461,7 +465,7 @@ def _corpus() -> list[Case]:
     add(
         "index_deep",
         sh,
-        upload(sharded([{"a": 2}], ('{"weight_map":%s}' % deep()).encode())),
+        upload(sharded([{"a": 2}], ('{"weight_map":' + deep() + "}").encode())),
         422,
         "invalid_json",
         "model.safetensors.index.json",
@@ -471,10 +475,10 @@ def _corpus() -> list[Case]:
     # Dataset lines.
     ds = "dataset_line"
     for id_, line, where in [
-        ("ds_long_int_label", '{"text":"a","label":%s}' % BIG, "label"),
-        ("ds_long_int_extra", '{"text":"a","n":-%s}' % BIG, "n"),
-        ("ds_long_float", '{"text":"a","x":0.%s}' % BIG, "x"),
-        ("ds_deep", '{"text":"a","x":%s}' % deep(), "x[0]"),
+        ("ds_long_int_label", '{"text":"a","label":' + BIG + "}", "label"),
+        ("ds_long_int_extra", '{"text":"a","n":-' + BIG + "}", "n"),
+        ("ds_long_float", '{"text":"a","x":0.' + BIG + "}", "x"),
+        ("ds_deep", '{"text":"a","x":' + deep() + "}", "x[0]"),
         ("ds_deep_top", deep(), "line 2"),
         ("ds_surrogate_text", '{"text":"hello \\ud800"}', "text"),
         ("ds_surrogate_label", '{"text":"a","label":"\\udbff"}', "label"),
@@ -508,7 +512,7 @@ def _corpus() -> list[Case]:
     add(
         "job_params_deep_idempotent",
         jb,
-        job('{"x":%s}' % deep(), headers=IDEM),
+        job('{"x":' + deep() + "}", headers=IDEM),
         422,
         "json_too_deep",
         "steps[0].params.x",
@@ -516,7 +520,7 @@ def _corpus() -> list[Case]:
     add(
         "job_params_deep_900",
         jb,
-        job('{"x":%s}' % deep(n=900), headers=IDEM),
+        job('{"x":' + deep(n=900) + "}", headers=IDEM),
         422,
         "json_too_deep",
         "steps[0].params.x",
@@ -524,7 +528,7 @@ def _corpus() -> list[Case]:
     add(
         "job_params_long_int",
         jb,
-        job('{"sparsity":%s}' % BIG, headers=IDEM),
+        job('{"sparsity":' + BIG + "}", headers=IDEM),
         422,
         "json_number_too_long",
         "steps[0].params.sparsity",
@@ -535,9 +539,14 @@ def _corpus() -> list[Case]:
     add("job_nan", jb, job('{"sparsity":NaN}'), 422, "json_non_finite_number", "steps[0].params.sparsity")
     add("job_duplicate_key", jb, job("{}", ',"name":"a","name":"b"'), 422, "json_duplicate_key", "name")
     add("job_utf16", jb, body("POST", "/v1/jobs", '{"model_id":"x"}'.encode("utf-16")), 400, "json_not_utf8")
-    add("sweep_vary_deep", jb, sweep('{"steps[0].params.sparsity":[%s]}' % deep()), 422, "json_too_deep", "vary")
+    add("sweep_vary_deep", jb, sweep('{"steps[0].params.sparsity":[' + deep() + "]}"), 422, "json_too_deep", "vary")
     add(
-        "sweep_vary_long_int", jb, sweep('{"steps[0].params.sparsity":[%s]}' % BIG), 422, "json_number_too_long", "vary"
+        "sweep_vary_long_int",
+        jb,
+        sweep('{"steps[0].params.sparsity":[' + BIG + "]}"),
+        422,
+        "json_number_too_long",
+        "vary",
     )
     add(
         "sweep_vary_surrogate",
@@ -550,12 +559,19 @@ def _corpus() -> list[Case]:
     add(
         "estimate_deep",
         jb,
-        body("POST", "/v1/jobs/estimate", '{"model_id":"{model}","steps":%s}' % deep()),
+        body("POST", "/v1/jobs/estimate", '{"model_id":"{model}","steps":' + deep() + "}"),
         422,
         "json_too_deep",
         "steps",
     )
-    add("keys_revoke_long_int", jb, body("POST", "/v1/keys/revoke", '{"n":%s}' % BIG), 422, "json_number_too_long", "n")
+    add(
+        "keys_revoke_long_int",
+        jb,
+        body("POST", "/v1/keys/revoke", '{"n":' + BIG + "}"),
+        422,
+        "json_number_too_long",
+        "n",
+    )
 
     # Strict integers (and booleans): bodies and query strings.
     si = "strict_types"
@@ -714,7 +730,7 @@ def _corpus() -> list[Case]:
     add(
         "json_body_too_large",
         rb,
-        body("POST", "/v1/jobs", '{"name":"%s"}' % ("x" * (5 * 1024**2))),
+        body("POST", "/v1/jobs", '{"name":"' + ("x" * (5 * 1024**2)) + '"}'),
         413,
         "payload_too_large",
     )
@@ -734,6 +750,7 @@ CASES = _corpus()
 CLASSES = sorted({c.cls for c in CASES})
 
 
+@pytest.mark.unit
 def test_the_corpus_covers_every_class_with_at_least_60_cases():
     assert len(CASES) >= 60, len(CASES)
     assert len({c.id for c in CASES}) == len(CASES)
@@ -766,6 +783,7 @@ def hostile(stack):
     c.close()
 
 
+@pytest.mark.integration
 def test_valid_controls_are_accepted(hostile):
     """The corpus's building blocks, unaltered, are accepted: each refusal is for its hostile part."""
     ctx, c = hostile
@@ -795,6 +813,7 @@ def test_valid_controls_are_accepted(hostile):
     assert c.get("/v1/models", params={"limit": "5"}).status_code == 200
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_hostile_input_is_a_clean_4xx(hostile, case):
     ctx, c = hostile
@@ -846,6 +865,7 @@ def form_fields(n: int, size: int):  # noqa: ANN201
     yield f"--{B}--\r\n".encode()
 
 
+@pytest.mark.integration
 def test_form_fields_do_not_grow_the_api(hostile):
     """5,000 fields of 60 KB (300 MB) used to be read whole (the API grew 180 -> 460 MB): refused
     at the 65th field, the process holds at most 64 x 64 KB of them."""
@@ -884,6 +904,7 @@ def impatient(cluster, tmp_path_factory):
     svc.stop()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("path", "content_type", "payload"),
     [
@@ -957,6 +978,7 @@ PROPS = settings(
 )
 
 
+@pytest.mark.unit
 @PROPS
 @given(
     st.one_of(st.binary(max_size=200), hostile_text.map(str.encode), json_values.map(lambda v: json.dumps(v).encode()))
@@ -980,6 +1002,7 @@ def test_strict_loader_raises_only_its_error(data):
     json.dumps(obj, ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
+@pytest.mark.unit
 @PROPS
 @given(depth=st.integers(0, 3000), wrap=st.sampled_from(["[%s]", '{"k":%s}']), digits=st.integers(1, 6000))
 def test_strict_loader_caps_depth_and_number_length(depth, wrap, digits):
@@ -996,6 +1019,7 @@ def test_strict_loader_caps_depth_and_number_length(depth, wrap, digits):
         assert depth <= jsonsafe.MAX_DEPTH and digits <= jsonsafe.MAX_NUMBER_CHARS
 
 
+@pytest.mark.unit
 @PROPS
 @given(
     header=st.one_of(
@@ -1015,6 +1039,7 @@ def test_safetensors_header_parser_raises_only_file_rejected(tmp_path_factory, h
         str(e).encode("utf-8")
 
 
+@pytest.mark.unit
 @PROPS
 @given(
     config=st.one_of(
@@ -1039,6 +1064,7 @@ def test_config_parser_raises_only_its_refusals(config):
         json.dumps({"detail": e.detail, "errors": e.errors}, ensure_ascii=False).encode("utf-8")
 
 
+@pytest.mark.unit
 @PROPS
 @given(
     lines=st.lists(

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.helpers import PG_ADMIN_URL
 
 
+@pytest.mark.unit
 def test_hot_read_dsn_keeps_what_asyncpg_reads_and_translates_the_rest():
     """core.db.HotRead connects with asyncpg from the same URL as SQLAlchemy; libpq keywords
     asyncpg would pass on as server settings (refused by the server: every poll would fail) are
@@ -33,6 +36,7 @@ def test_hot_read_dsn_keeps_what_asyncpg_reads_and_translates_the_rest():
     }
 
 
+@pytest.mark.integration
 def test_translated_options_are_accepted_by_the_server():
     """The URL options a psycopg URL may carry reach PostgreSQL as settings asyncpg's pool applies."""
     import asyncpg

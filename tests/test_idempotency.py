@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import stored_files, table_rows
 
+pytestmark = pytest.mark.integration
+
 CAST = [{"method": "quantize.cast", "params": {"dtype": "float16"}}]
 N = 20
 

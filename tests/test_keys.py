@@ -84,6 +84,7 @@ def _warm(url: str, key: str) -> None:
         assert _ok(url, key) == 200
 
 
+@pytest.mark.integration
 def test_revocation_reaches_the_other_replica_within_a_second(replicas: Replicas):
     admin_a = replicas.a.client(replicas.admin)
     latencies = []
@@ -100,11 +101,13 @@ def test_revocation_reaches_the_other_replica_within_a_second(replicas: Replicas
         assert _ok(replicas.a.url, victim["key"]) == 401  # the revoking replica: at once
     print(
         f"\nrevoked through replica A, refused by replica B after (s): "
-        f"{', '.join(f'{x:.3f}' for x in latencies)}; median {statistics.median(latencies):.3f}, max {max(latencies):.3f}"
+        f"{', '.join(f'{x:.3f}' for x in latencies)}; "
+        f"median {statistics.median(latencies):.3f}, max {max(latencies):.3f}"
     )
     assert max(latencies) < BOUND_S
 
 
+@pytest.mark.integration
 def test_revocation_by_the_server_cli_reaches_every_replica(replicas: Replicas):
     key = replicas.a.cli("keys", "create", "--tenant", _tenant())
     for svc in (replicas.a, replicas.b):
@@ -120,6 +123,7 @@ def test_revocation_by_the_server_cli_reaches_every_replica(replicas: Replicas):
     assert max(seen) < BOUND_S
 
 
+@pytest.mark.integration
 def test_a_lost_listener_still_refuses_within_the_bound(replicas: Replicas):
     """Kill both replicas' listening connections, then revoke at once: the notification is lost,
     and the replicas still refuse the key within the bound (a reconnecting listener empties the
@@ -158,6 +162,7 @@ def test_a_lost_listener_still_refuses_within_the_bound(replicas: Replicas):
         time.sleep(0.2)
 
 
+@pytest.mark.integration
 def test_who_may_list_create_and_revoke(replicas: Replicas):
     admin = replicas.a.client(replicas.admin)
     t1, t2 = _tenant(), _tenant()
@@ -225,6 +230,7 @@ def test_who_may_list_create_and_revoke(replicas: Replicas):
     assert _ok(replicas.a.url, k1b) == 200, "only that key"
 
 
+@pytest.mark.integration
 def test_cli_and_sdk_through_the_api(replicas: Replicas):
     from modelpress import Client
     from modelpress._errors import Forbidden
@@ -260,12 +266,14 @@ def test_cli_and_sdk_through_the_api(replicas: Replicas):
         assert mp.revoke_key(created.key).revoked  # a whole key: only its prefix is sent
         assert mp.revoke_key(created).revoked_at == mp.revoke_key(created.id).revoked_at
         with Client(replicas.a.url, replicas.a.cli("keys", "create", "--tenant", _tenant())) as user:
-            assert [k.tenant for k in user.keys()] and all(not k.revoked for k in user.keys())
+            listed = user.keys()  # the SDK's key listing, not a dict's
+            assert [k.tenant for k in listed] and all(not k.revoked for k in listed)
             with pytest.raises(Forbidden) as e:
                 user.revoke_key(created.id)
             assert e.value.code == "admin_required"
 
 
+@pytest.mark.integration
 def test_embedded_bootstrap_key_is_admin_and_revocation_is_immediate(embedded):
     admin = embedded.client()
     me = admin.get("/v1/keys").json()["items"]
@@ -284,6 +292,7 @@ def test_embedded_bootstrap_key_is_admin_and_revocation_is_immediate(embedded):
     assert took < BOUND_S + 0.1
 
 
+@pytest.mark.integration
 def test_embedded_listing_through_the_cli_on_the_database(embedded):
     listed = json.loads(embedded.service.cli("keys", "list", "--json"))
     assert {"default", "other"} <= {k["tenant"] for k in listed}
@@ -299,6 +308,7 @@ def test_embedded_listing_through_the_cli_on_the_database(embedded):
     assert Path(embedded.data_dir / "api-key").read_text().strip() == embedded.key
 
 
+@pytest.mark.unit
 def test_a_bootstrap_key_from_before_scopes_becomes_admin(tmp_path, monkeypatch):
     """An embedded data folder whose api-key predates scopes (migration 0011 gives it none): the
     next `serve` keeps the same key and makes it admin."""

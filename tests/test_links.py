@@ -21,6 +21,7 @@ HOSTILE = {
 }
 
 
+@pytest.mark.unit
 def test_base_url_rules(monkeypatch):
     from core import config, signing
 
@@ -92,6 +93,7 @@ def _sweep(client: httpx.Client) -> str:
     return r.json()["id"]
 
 
+@pytest.mark.integration
 def test_embedded_links_ignore_the_host_header(embedded):
     c = embedded.client()
     sid = _sweep(c)
@@ -103,6 +105,7 @@ def test_embedded_links_ignore_the_host_header(embedded):
     assert httpx.get(url, timeout=60).status_code == 200
 
 
+@pytest.mark.integration
 def test_cluster_links_are_relative_without_a_base_url(cluster_no_worker):
     from modelpress import Client
 

@@ -53,6 +53,7 @@ def _artifact(c, job: dict, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.integration
 def test_methods_are_listed_with_their_needs(embedded):
     listed = {m["name"]: m for m in embedded.client().get("/v1/methods").json()}
     for name in LLM_METHODS:
@@ -64,6 +65,7 @@ def test_methods_are_listed_with_their_needs(embedded):
     assert set(listed["quantize.gptq"]["params_schema"]["properties"]["scheme"]["enum"]) == {"W4A16", "W8A16", "W8A8"}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("model", "step", "check"),
     [
@@ -165,6 +167,7 @@ def test_artifact_loads_with_plain_transformers(embedded, ids, tmp_path, model, 
         assert metrics["size"]["artifact_weight_bytes"] < metrics["size"]["original_weight_bytes"]
 
 
+@pytest.mark.unit
 def test_architecture_lists_match_llm_compressor():
     """The submit checks name architectures without importing llm-compressor (the API stays
     light); each one must really have mappings there."""
@@ -177,6 +180,7 @@ def test_architecture_lists_match_llm_compressor():
     assert set(AWQ_MAPPING_REGISTRY) >= quantize_awq.SUPPORTED
 
 
+@pytest.mark.integration
 def test_refusals_at_submit(embedded, ids, tiny):
     c = embedded.client()
 
@@ -226,6 +230,7 @@ def _report(c, model_id: str, step: dict, data: str, evaluation: dict) -> dict:
     return c.get(f"/v1/jobs/{job['id']}/report").json()
 
 
+@pytest.mark.integration
 def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, tmp_path):
     """The papers' ordering on a tiny Llama trained for a few seconds, measured by the jobs' own
     fidelity reports on the same texts: Wanda and SparseGPT at 50% keep the outputs closer than
@@ -259,6 +264,7 @@ def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, 
     assert kl["gptq_w4"] <= kl["rtn_w4"], kl
 
 
+@pytest.mark.integration
 def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     """Real pretrained weights (all-MiniLM-L6-v2, a BertModel): the reports' output cosine (every
     token's last hidden state against the original's) for 50% pruning, and the sentence-embedding
@@ -299,6 +305,7 @@ def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     assert emb["gptq_w4_g128"] >= emb["rtn_w4_g128"], emb
 
 
+@pytest.mark.unit
 @pytest.mark.gpu
 def test_awq_on_a_gpu(tok_models, tmp_path):
     """AWQ needs a GPU worker; here the handler runs in-process on CUDA and the artifact loads."""

@@ -18,6 +18,8 @@ from worker import methods, model_io
 from worker.context import JobPort, MethodContext, Metrics, Sample, StoredModel
 from worker.model_io import LoadedModel
 
+pytestmark = pytest.mark.unit
+
 
 @dataclass
 class FakeContext:

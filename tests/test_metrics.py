@@ -66,6 +66,7 @@ def log_lines(path: Path) -> list[dict]:
     return out
 
 
+@pytest.mark.integration
 def test_metrics_change_when_a_job_runs(svc, tiny):
     service, key, _ = svc
     before = scrape(service)
@@ -109,6 +110,7 @@ def test_metrics_change_when_a_job_runs(svc, tiny):
     assert value(after, "process_resident_memory_bytes") > 0
 
 
+@pytest.mark.integration
 def test_request_id_follows_the_job_into_the_worker(svc, tiny):
     service, key, log_path = svc
     with service.client(key) as c:
@@ -141,6 +143,7 @@ def test_request_id_follows_the_job_into_the_worker(svc, tiny):
     assert any(rec["logger"].startswith("uvicorn") for rec in lines)
 
 
+@pytest.mark.integration
 def test_request_id_is_generated_unless_sane(svc):
     service, _, _ = svc
     plain = httpx.get(f"{service.url}/healthz")
@@ -154,6 +157,7 @@ def test_request_id_is_generated_unless_sane(svc):
     assert httpx.get(f"{service.url}/v1/jobs", headers={"X-Request-ID": "rid-401"}).headers["X-Request-ID"] == "rid-401"
 
 
+@pytest.mark.integration
 def test_metrics_token(svc):
     service, key, _ = svc
     for headers in (
@@ -177,6 +181,7 @@ def test_metrics_token(svc):
     assert r.text.rstrip().endswith("# EOF")
 
 
+@pytest.mark.integration
 def test_cluster_scrape_reads_postgres_and_logs_json_by_default(cluster):
     """The same queries on PostgreSQL; cluster mode logs JSON without being told to."""
     deadline = time.monotonic() + 60
@@ -223,6 +228,7 @@ def fresh_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[
         fn.cache_clear()
 
 
+@pytest.mark.unit
 def test_scrape_survives_a_database_error(fresh_settings, caplog):
     from fastapi.testclient import TestClient
 
@@ -243,6 +249,7 @@ def test_scrape_survives_a_database_error(fresh_settings, caplog):
     assert "could not read the database" in caplog.text
 
 
+@pytest.mark.unit
 def test_log_formats_carry_the_context():
     from core import logs
 
@@ -257,6 +264,7 @@ def test_log_formats_carry_the_context():
     assert logs.TextFormatter().format(record).endswith("job j1: started [request_id=rid-1 job_id=j1 attempt=2]")
 
 
+@pytest.mark.unit
 def test_an_unhandled_error_is_counted_and_logged_with_its_request_id(fresh_settings):
     from fastapi.testclient import TestClient
 
@@ -285,6 +293,7 @@ def test_an_unhandled_error_is_counted_and_logged_with_its_request_id(fresh_sett
     assert [getattr(r, "request_id", None) for r in records if r.getMessage() == "unhandled error"] == ["rid-boom"]
 
 
+@pytest.mark.unit
 def test_enqueue_sends_the_request_id_in_the_message_headers(monkeypatch):
     from core import logs, queue
 

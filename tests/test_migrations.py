@@ -13,6 +13,8 @@ from sqlalchemy import create_engine, inspect
 from core.tables import Base
 from tests.helpers import MODELPRESS
 
+pytestmark = pytest.mark.integration
+
 
 def _migrate(url: str) -> None:
     env = {"MODELPRESS_DATABASE_URL": url, "MODELPRESS_MODE": "embedded", "PATH": "/usr/bin:/bin"}
@@ -22,10 +24,8 @@ def _migrate(url: str) -> None:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def migrated_url(request, tmp_path, pg_database):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'm.sqlite3'}"
-    else:
-        url = pg_database  # session database; `migrate` is idempotent at head
+    # PostgreSQL: the session database; `migrate` is idempotent at head.
+    url = f"sqlite:///{tmp_path / 'm.sqlite3'}" if request.param == "sqlite" else pg_database
     _migrate(url)
     return url
 

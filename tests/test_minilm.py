@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration
+
 SENTENCES = [
     "The cat sat on the mat.",
     "A quick brown fox jumps over the lazy dog.",

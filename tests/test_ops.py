@@ -7,6 +7,8 @@ import torch
 
 from worker.ops import sparsity as ops
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("k", [1, 7, 500, 1999, 2000])
 def test_kth_smallest_abs_matches_sort(k):
@@ -69,8 +71,8 @@ def test_global_prune_hits_requested_sparsity_exactly():
     total = sum(w.numel() for w in ws)
     assert zeros == total // 2 == sum(int((w == 0).sum()) for w in ws)
     # The pruned ones are the smallest: every survivor is larger than every pruned original.
-    pruned = torch.cat([o[w == 0].abs() for o, w in zip(originals, ws)])
-    kept = torch.cat([o[w != 0].abs() for o, w in zip(originals, ws)])
+    pruned = torch.cat([o[w == 0].abs() for o, w in zip(originals, ws, strict=True)])
+    kept = torch.cat([o[w != 0].abs() for o, w in zip(originals, ws, strict=True)])
     assert pruned.max() < kept.min()
 
 

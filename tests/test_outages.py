@@ -20,6 +20,8 @@ from tests.conftest import Stack
 from tests.helpers import Service, jobs_left, upload_dir, wait_job
 from tests.servers import PrivatePostgres, PrivateRedis
 
+pytestmark = pytest.mark.e2e
+
 CHEAP = {"evaluation": {"enabled": False}}
 # A second or so per job on the tiny GPT-2 (a few timed passes): several are queued when a
 # server goes down.

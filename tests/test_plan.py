@@ -167,6 +167,7 @@ def _stream_expected(steps: list[dict]) -> str:
 # --- the estimate endpoint ---------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_estimate_is_the_plan_from_the_headers(plan_stack: Stack, models: dict[str, Any]) -> None:
     c = plan_stack.client()
     tiny = models["tiny"]
@@ -205,6 +206,7 @@ def test_estimate_is_the_plan_from_the_headers(plan_stack: Stack, models: dict[s
     assert cast["artifact_bytes"] == cast["model_bytes"] // 2, "a bare state dict is stored as is: fp32 -> fp16"
 
 
+@pytest.mark.integration
 def test_estimate_of_packed_quantization(plan_stack: Stack, models: dict[str, Any]) -> None:
     """4-bit weight-only: half a byte per targeted weight plus a scale per group of 128."""
     llama = models["llama-mid"]
@@ -243,6 +245,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("body", BAD_BODIES)
 def test_estimate_refuses_what_submit_refuses(plan_stack: Stack, models: dict[str, Any], body: dict[str, Any]) -> None:
     c = plan_stack.client()
@@ -254,6 +257,7 @@ def test_estimate_refuses_what_submit_refuses(plan_stack: Stack, models: dict[st
     assert [e["loc"] for e in est.json().get("errors", [])] == [e["loc"] for e in sub.json().get("errors", [])]
 
 
+@pytest.mark.integration
 def test_estimate_refuses_an_unparseable_body_and_no_key(plan_stack: Stack) -> None:
     c = plan_stack.client()
     r = c.post("/v1/jobs/estimate", content=b"\xff{", headers={"content-type": "application/json"})
@@ -264,6 +268,7 @@ def test_estimate_refuses_an_unparseable_body_and_no_key(plan_stack: Stack) -> N
     assert plan_stack.service.client(None).post("/v1/jobs/estimate", json={}).status_code == 401
 
 
+@pytest.mark.integration
 def test_the_job_resource_shows_its_plan(plan_stack: Stack, models: dict[str, Any]) -> None:
     c = plan_stack.client()
     body = {"model_id": models["tiny"]["id"], "steps": PRUNE, "evaluation": NO_EVAL}
@@ -292,6 +297,7 @@ def _tensors(layers: int, hidden: int, vocab: int) -> list[planner.Tensor]:
     return t
 
 
+@pytest.mark.unit
 def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     """Whole (both models loaded in turn), streamed (weights on disk: a module at a time, when the
     worker's budget cannot hold the model 3x) or skipped (a bare state dict has nothing to run)."""
@@ -337,6 +343,7 @@ def test_the_plan_counts_evaluation_as_it_will_run() -> None:
     assert whole["path"] == "whole" and whole["evaluation_mode"] == "whole"
 
 
+@pytest.mark.integration
 def test_a_worker_that_cannot_hold_the_model_twice_evaluates_it_on_disk(
     plan_stack: Stack, models: dict[str, Any]
 ) -> None:
@@ -375,6 +382,7 @@ def test_a_worker_that_cannot_hold_the_model_twice_evaluates_it_on_disk(
 # --- budgets -----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_job_over_every_budget_is_refused_and_a_queued_one_fails(plan_stack: Stack, models: dict[str, Any]) -> None:
     c = plan_stack.client()
     body = {"model_id": models["gpt2-mid"]["id"], "steps": PRUNE, "evaluation": NO_EVAL}
@@ -452,6 +460,7 @@ def test_a_job_over_every_budget_is_refused_and_a_queued_one_fails(plan_stack: S
 # --- SDK and CLI -------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_sdk_and_cli_estimate(plan_stack: Stack, models: dict[str, Any]) -> None:
     from modelpress import Client, Estimate, Unprocessable
 
@@ -539,6 +548,7 @@ def _peak(job: dict[str, Any]) -> int:
     return memory.get("peak_anon_bytes") or memory["peak_rss_bytes"]
 
 
+@pytest.mark.integration
 def test_plan_is_within_30_percent_of_the_measured_peak(plan_stack: Stack, models: dict[str, Any]) -> None:
     """The plan's peak above the baseline against the measured peak above the measured baseline,
     within ±30 %. The part above the baseline is what the plan predicts from the model: the

@@ -13,6 +13,7 @@ import uuid
 from datetime import timedelta
 
 import psycopg
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -30,12 +31,14 @@ def _events(stack, job_id: str) -> list[tuple[str, dict]]:
     return [(t, d) for t, d in rows]
 
 
+@pytest.mark.unit
 def test_default_max_attempts_is_three():
     from core.config import Settings
 
     assert Settings().max_attempts == MAX
 
 
+@pytest.mark.integration
 def test_reconciler_fails_a_job_whose_worker_died_max_times_and_retries_one_below(cluster, tiny):
     c = cluster.client()
     model = upload_dir(c, tiny["gpt2"]).json()
@@ -77,6 +80,7 @@ def test_reconciler_fails_a_job_whose_worker_died_max_times_and_retries_one_belo
     assert [d["status"] for _, d in _events(cluster, poison)] == ["failed"]
 
 
+@pytest.mark.integration
 def test_give_up_is_one_compare_and_set(cluster, tiny):
     """Many workers receiving the (duplicated) message of a poison job at once: one fails it, one
     failed event is written. On the cluster's PostgreSQL (the stack's reconciler may be a racer too)."""
@@ -110,6 +114,7 @@ def test_give_up_is_one_compare_and_set(cluster, tiny):
     assert [d["status"] for _, d in _events(cluster, job_id)] == ["failed"]
 
 
+@pytest.mark.unit
 def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeypatch):
     """run_job itself (the path of a re-sent or redelivered message), in this process on a private
     SQLite database: at attempt MAX it fails the job; below MAX, claim takes it as attempt N + 1."""
@@ -174,6 +179,7 @@ def test_worker_claim_fails_a_poison_job_instead_of_running_it(tmp_path, monkeyp
             fn.cache_clear()
 
 
+@pytest.mark.unit
 def test_message_for_one_attempt():
     from core.jobs.repository import attempts_died_message
 

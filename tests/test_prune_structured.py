@@ -34,6 +34,7 @@ class _Ctx:
 # (a) the math on tiny tensors
 
 
+@pytest.mark.unit
 def test_group_norms_rows_columns_bias_and_groups():
     w = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, -2.0], [0.0, 0.0]])
     assert ops.group_norms(w, 0, "l2").tolist() == [5.0, 1.0, 2.0, 0.0]
@@ -51,6 +52,7 @@ def test_group_norms_rows_columns_bias_and_groups():
     assert ops.group_norms(w.half(), 0, "l2").dtype == torch.float32
 
 
+@pytest.mark.unit
 def test_keep_indices_drops_the_lowest_keeps_order_and_breaks_ties_by_index():
     s = torch.tensor([0.5, 0.1, 0.9, 0.1, 0.3])
     assert ops.keep_indices(s, 2).tolist() == [0, 2, 4]
@@ -61,11 +63,13 @@ def test_keep_indices_drops_the_lowest_keeps_order_and_breaks_ties_by_index():
         ops.keep_indices(s, 5)
 
 
+@pytest.mark.unit
 def test_expand_groups():
     assert ops.expand_groups(torch.tensor([0, 2]), 3).tolist() == [0, 1, 2, 6, 7, 8]
     assert ops.expand_groups(ops.expand_groups(torch.tensor([1]), 2), 2).tolist() == [4, 5, 6, 7]
 
 
+@pytest.mark.unit
 def test_linear_pair_loses_the_known_weakest_neurons():
     torch.manual_seed(0)
     fc, proj = nn.Linear(4, 5), nn.Linear(5, 3)
@@ -94,6 +98,7 @@ def test_linear_pair_loses_the_known_weakest_neurons():
         assert torch.allclose(proj(torch.relu(fc(x))), expect, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_conv1d_layout_is_in_out():
     from transformers.pytorch_utils import Conv1D
 
@@ -124,6 +129,7 @@ def test_conv1d_layout_is_in_out():
     assert got.shape == (2, 6, 3) and torch.allclose(got, expect, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_product_scores_zero_factor_wins_and_l1_l2_rank_differently():
     # A spike (l1 = l2 = 3) against a flat row (l2 = 1.6, l1 = 3.2): each norm drops the other.
     w = torch.stack([torch.tensor([3.0, 0, 0, 0]), torch.full((4,), 0.8), torch.full((4,), 5.0)])
@@ -135,6 +141,7 @@ def test_product_scores_zero_factor_wins_and_l1_l2_rank_differently():
         ops.product_scores([torch.ones(2), torch.ones(3)])
 
 
+@pytest.mark.unit
 def test_shrink_refuses_other_modules_and_bad_indices():
     with pytest.raises(TypeError):
         ops.shrink(nn.Conv2d(2, 2, 1), torch.tensor([0]), "out")
@@ -226,8 +233,8 @@ def _ffn_layers(module: nn.Module, kind: str) -> list[tuple[list[nn.Module], lis
     if kind == "gpt2":
         return [([b.mlp.c_fc], [b.mlp.c_proj]) for b in module.transformer.h]
     if kind in ("bert", "roberta"):
-        return [([l.intermediate.dense], [l.output.dense]) for l in module.encoder.layer]
-    return [([l.mlp.gate_proj, l.mlp.up_proj], [l.mlp.down_proj]) for l in module.model.layers]
+        return [([layer.intermediate.dense], [layer.output.dense]) for layer in module.encoder.layer]
+    return [([layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj]) for layer in module.model.layers]
 
 
 def _reload(module: nn.Module, kind: str, d: Path) -> nn.Module:
@@ -239,6 +246,7 @@ def _reload(module: nn.Module, kind: str, d: Path) -> nn.Module:
     return auto.from_pretrained(d).eval()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", list(MODEL_CLASS))
 def test_ffn_pruning_shrinks_every_layer_and_reloads(tmp_path, kind):
     lm = _build(tmp_path, kind)
@@ -273,11 +281,12 @@ def test_ffn_pruning_shrinks_every_layer_and_reloads(tmp_path, kind):
 def _kill_neurons(module: nn.Module, kind: str, per_layer: list[list[int]]) -> None:
     """Zero the output-projection weights of the given neurons: they then contribute nothing."""
     with torch.no_grad():
-        for (_, outs), dead in zip(_ffn_layers(module, kind), per_layer):
+        for (_, outs), dead in zip(_ffn_layers(module, kind), per_layer, strict=True):
             for x in outs:
                 x.weight.index_fill_(ops.feature_dim(x, "in"), torch.tensor(dead), 0.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", list(MODEL_CLASS))
 def test_dead_neurons_are_the_ones_removed(tmp_path, kind):
     """Neurons with a zero output column score zero, so they go and the outputs do not change;
@@ -300,11 +309,12 @@ def _kill_kv_groups(module: nn.Module, per_layer: list[list[int]]) -> None:
     group = cfg.num_attention_heads // cfg.num_key_value_heads
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # Qwen2Config has no field
     with torch.no_grad():
-        for layer, dead in zip(module.model.layers, per_layer):
+        for layer, dead in zip(module.model.layers, per_layer, strict=True):
             cols = ops.expand_groups(ops.expand_groups(torch.tensor(dead), group), hd)
             layer.self_attn.o_proj.weight[:, cols] = 0
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", LLAMA_FAMILY)
 def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
     lm = _build(tmp_path, kind, seed=3)  # 8 query heads, 4 key-value heads, head_dim 8
@@ -335,6 +345,7 @@ def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
     assert torch.allclose(_out(back), y, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
     lm = _build(tmp_path, "llama")
     lm.module.to(torch.bfloat16)
@@ -346,6 +357,7 @@ def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
     assert torch.isfinite(_out(back).float()).all()
 
 
+@pytest.mark.unit
 def test_only_the_requested_part_changes(tmp_path):
     lm = _build(tmp_path, "llama")
     attn = {k: v.clone() for k, v in lm.module.state_dict().items() if "self_attn" in k}
@@ -362,6 +374,7 @@ def test_only_the_requested_part_changes(tmp_path):
     assert lm.module.config.intermediate_size == 96
 
 
+@pytest.mark.unit
 def test_mistral_takes_head_counts_that_llama_config_refuses(tmp_path):
     """Keeping 3 of 4 groups leaves 6 heads: MistralConfig accepts that, LlamaConfig requires
     hidden_size (64) to be a multiple of num_attention_heads and says which values work."""
@@ -376,13 +389,14 @@ def test_mistral_takes_head_counts_that_llama_config_refuses(tmp_path):
         ps.prune_structured(lm, ps_core.PruneStructuredParams(ffn=0.5, heads=0.25), _Ctx())
     # Refused before any change: the FFN half of the request was not applied either.
     assert lm.module.config.intermediate_size == 96
-    assert all(l.mlp.up_proj.weight.shape == (96, 64) for l in lm.module.model.layers)
+    assert all(layer.mlp.up_proj.weight.shape == (96, 64) for layer in lm.module.model.layers)
     info = ModelInfo(format="hf", architecture="LlamaForCausalLM", config=lm.module.config.to_dict())
     with pytest.raises(ValueError, match="possible 'heads' values"):
         ps_core.check(ps_core.PruneStructuredParams(heads=0.25), info)
     ps_core.check(ps_core.PruneStructuredParams(heads=0.75), info)
 
 
+@pytest.mark.unit
 def test_norm_choice_changes_which_neuron_goes(tmp_path):
     """Neuron 0's input column is one spike (l1 = l2 = 3), neuron 1's is flat (l2 = 2, l1 = 16),
     every other neuron is much larger, and both share the same output row: l2 drops neuron 1,
@@ -408,6 +422,7 @@ def test_norm_choice_changes_which_neuron_goes(tmp_path):
         assert (col == 0.5).all()  # the spike went; the flat one is first now
 
 
+@pytest.mark.unit
 def test_params_are_strict():
     assert ps_core.PruneStructuredParams(ffn=0.5).norm == "l2"
     for bad in (
@@ -422,6 +437,7 @@ def test_params_are_strict():
             ps_core.PruneStructuredParams.model_validate(bad)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("config", "params", "msg"),
     [
@@ -463,6 +479,7 @@ def test_check_refuses(config, params, msg):
         ps_core.check(ps_core.PruneStructuredParams(**params), ModelInfo(format="hf", config=config))
 
 
+@pytest.mark.unit
 def test_check_accepts():
     gpt2 = {"model_type": "gpt2", "n_embd": 64, "n_inner": None}
     ps_core.check(ps_core.PruneStructuredParams(ffn=1 / 256), ModelInfo(format="hf", config=gpt2))  # 4 * n_embd neurons
@@ -547,6 +564,7 @@ STREAM_CASES = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["one-chunk", "3-row-chunks"])
 @pytest.mark.parametrize(
     ("model", "steps"), STREAM_CASES, ids=[f"{m}-" + "+".join(f"{s[0]}{s[1]}" for s in st) for m, st in STREAM_CASES]
@@ -571,6 +589,7 @@ def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, sm
         )
 
 
+@pytest.mark.unit
 def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     """The registry gives the method a streaming form (so a job of data-free steps with it takes
     the stream path), and its pre-pass reads only the weights it scores, once each."""
@@ -604,6 +623,7 @@ def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     assert all(reads.count(n) == 1 for n in reads if n not in scored)
 
 
+@pytest.mark.unit
 def test_streamed_refusals_and_fallback(tiny, tmp_path):
     """The plan's checks refuse as the in-memory handler does (before anything is written); a
     checkpoint the streaming form cannot express (a bias the module has, missing from the
@@ -655,6 +675,7 @@ def _unzip(data: bytes, dest: Path) -> Path:
     return dest
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("model", "params"),
     [("gpt2", {"ffn": 0.5}), ("bert", {"ffn": 0.5}), ("llama", {"ffn": 0.5}), ("llama", {"heads": 0.5})],
@@ -697,14 +718,14 @@ def test_api_round_trip(stack, tiny, tmp_path, model, params):
     elif model == "bert":
         assert cfg.intermediate_size == 64
         assert all(
-            l.intermediate.dense.weight.shape == (64, 64) and l.output.dense.weight.shape == (64, 64)
-            for l in back.encoder.layer
+            layer.intermediate.dense.weight.shape == (64, 64) and layer.output.dense.weight.shape == (64, 64)
+            for layer in back.encoder.layer
         )
     elif "ffn" in params:
         assert cfg.intermediate_size == 64 and (cfg.num_attention_heads, cfg.num_key_value_heads) == (4, 2)
         assert all(
-            l.mlp.up_proj.weight.shape == (64, 64) and l.mlp.down_proj.weight.shape == (64, 64)
-            for l in back.model.layers
+            layer.mlp.up_proj.weight.shape == (64, 64) and layer.mlp.down_proj.weight.shape == (64, 64)
+            for layer in back.model.layers
         )
     else:
         assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (
@@ -714,8 +735,8 @@ def test_api_round_trip(stack, tiny, tmp_path, model, params):
             128,
         )
         assert (step["heads"]["heads_before"], step["heads"]["heads_after"]) == (4, 2)
-        for l in back.model.layers:
-            a = l.self_attn
+        for layer in back.model.layers:
+            a = layer.self_attn
             assert (a.q_proj.weight.shape, a.k_proj.weight.shape, a.o_proj.weight.shape) == (
                 (32, 64),
                 (16, 64),
@@ -731,6 +752,7 @@ def _save(tmp_path: Path, name: str, model: nn.Module) -> Path:
     return tmp_path / name
 
 
+@pytest.mark.integration
 def test_api_refusals_at_submit(stack, tiny, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
@@ -805,6 +827,7 @@ def test_api_refusals_at_submit(stack, tiny, tmp_path):
     assert job["metrics"]["steps"][0]["heads"]["heads_after"] == 2
 
 
+@pytest.mark.integration
 def test_method_is_listed(cluster):
     methods = {m["name"]: m for m in cluster.client().get("/v1/methods").json()}
     schema = methods["prune.structured"]["params_schema"]

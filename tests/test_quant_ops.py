@@ -10,6 +10,8 @@ import torch
 from core.methods import ModelInfo, StepError, validate_steps
 from worker.ops import quant
 
+pytestmark = pytest.mark.unit
+
 # float32 rounding of w / scale and of q * scale: a few ulps of |w| on top of scale / 2.
 ULPS = 4 * 2.0**-24
 

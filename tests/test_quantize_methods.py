@@ -103,7 +103,8 @@ m = cls.from_pretrained(d).eval()
 with torch.no_grad():
     out = m(torch.tensor(ids))[0]
 save_file({"out": out.contiguous()}, sys.argv[4])
-print(json.dumps({"modelpress_imported": any(k.split(".")[0] in ("app", "core", "worker", "modelpress") for k in sys.modules)}))
+ours = ("app", "core", "worker", "modelpress")
+print(json.dumps({"modelpress_imported": any(k.split(".")[0] in ours for k in sys.modules)}))
 """
 
 
@@ -136,6 +137,7 @@ def _linear_targets(model) -> dict[str, torch.nn.Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("kind", "step", "expect", "min_cos", "isolated"),
     CASES,
@@ -279,6 +281,7 @@ def test_quantize_round_trip(stack, tiny, tmp_path, kind, step, expect, min_cos,
         assert torch.allclose(load_file(str(tmp_path / "o.safetensors"))["out"], got, atol=1e-5)
 
 
+@pytest.mark.integration
 def test_prune_then_quantize(cluster, tiny, tmp_path):
     """A pruning step may come first: its zeros survive int8 (0 quantizes to 0)."""
     c = cluster.client()
@@ -314,6 +317,7 @@ STEPS = [
 ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("step", STEPS, ids=[s["method"] for s in STEPS])
 def test_refusals_at_submit(cluster, tiny, tmp_path, step):
     c = cluster.client()
@@ -338,6 +342,7 @@ def test_refusals_at_submit(cluster, tiny, tmp_path, step):
     assert r.status_code == 422 and r.json()["errors"][0]["type"] == "step_order"
 
 
+@pytest.mark.integration
 def test_group_size_and_requantize_refused(cluster, tiny, tmp_path):
     c = cluster.client()
     llama = upload_dir(c, tiny["llama"]).json()
@@ -379,6 +384,7 @@ def _tally(model) -> int:
     return total
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     "step",
     [

@@ -9,8 +9,11 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import psycopg
+import pytest
 
 from tests.helpers import upload_dir, wait_job
+
+pytestmark = pytest.mark.integration
 
 STEPS = [{"method": "quantize.cast", "params": {"dtype": "float16"}}]
 

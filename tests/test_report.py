@@ -16,6 +16,7 @@ from worker.ops import metrics as m
 
 
 # -- math ---------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_perplexity_matches_a_hand_computed_value_on_a_tiny_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -42,6 +43,7 @@ def test_perplexity_matches_a_hand_computed_value_on_a_tiny_model():
     assert m.perplexity(total, count) == pytest.approx(math.exp(float(loss)), rel=1e-5)
 
 
+@pytest.mark.unit
 def test_kl_agreement_and_cosine_on_known_values():
     p = torch.log(torch.tensor([[0.6, 0.4], [0.2, 0.8]], dtype=torch.float64))
     q = torch.log(torch.tensor([[0.1, 0.9], [0.2, 0.8]], dtype=torch.float64))
@@ -82,6 +84,7 @@ def _evaluate(src: Path, artifact: Path, texts=None, settings=SETTINGS) -> dict:
     return ev.sections()
 
 
+@pytest.mark.unit
 def test_an_unchanged_model_has_perfect_fidelity(tok_models):
     s = _evaluate(tok_models["gpt2"], tok_models["gpt2"])
     f, q, sp = s["fidelity"], s["quality"], s["speed"]
@@ -95,6 +98,7 @@ def test_an_unchanged_model_has_perfect_fidelity(tok_models):
     assert sp["speedup"] is None and "noise" in sp["note"]  # same shapes, same kernels: nothing to claim
 
 
+@pytest.mark.unit
 def test_a_changed_model_shows_in_fidelity(tok_models, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -106,6 +110,7 @@ def test_a_changed_model_shows_in_fidelity(tok_models, tmp_path):
     assert f["kl_mean"] > 0 and f["output_cosine"] < 1.0 and 0 <= f["top1_agreement"] <= 1.0
 
 
+@pytest.mark.unit
 def test_classifier_accuracy_needs_labels_and_encoders_report_embedding_cosine(tok_models):
     rows = [json.loads(line) for line in labeled_jsonl().decode().splitlines()]
     # Integer labels: the tiny classifier's config maps LABEL_0/1, not pos/neg.
@@ -127,6 +132,7 @@ def test_classifier_accuracy_needs_labels_and_encoders_report_embedding_cosine(t
     assert "hidden states" in f["reasons"]["kl_mean"] and f["output_cosine"] == 1.0
 
 
+@pytest.mark.unit
 def test_without_a_tokenizer_fidelity_uses_random_ids_and_perplexity_says_why(tiny):
     s = _evaluate(tiny["gpt2"], tiny["gpt2"], settings={**SETTINGS, "seq_len": 100})
     assert s["quality"]["available"] is False and "tokenizer" in s["quality"]["reason"]
@@ -151,6 +157,7 @@ def _report(c, job_id: str) -> dict:
     return r.json()
 
 
+@pytest.mark.integration
 def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_models):
     c = stack.client()
     model = upload_dir(c, tok_models["gpt2"]).json()
@@ -199,6 +206,7 @@ def test_pruned_job_reports_sizes_sparsity_speed_quality_fidelity(stack, tok_mod
     assert q["budget"]["budget_s"] == 15.0 and q["ci95"]["original"][0] < q["original"] < q["ci95"]["original"][1]
 
 
+@pytest.mark.integration
 def test_float16_cast_halves_the_weight_bytes(stack, tok_models):
     c = stack.client()
     model = upload_dir(c, tok_models["llama"]).json()
@@ -215,6 +223,7 @@ def test_float16_cast_halves_the_weight_bytes(stack, tok_models):
     assert size["weight_bytes_ratio"] == 0.5 and size["mean_bits_per_weight"] == 16.0
 
 
+@pytest.mark.integration
 def test_an_identity_job_is_perfectly_faithful(embedded, tok_models):
     c = embedded.client()
     model = upload_dir(c, tok_models["llama"]).json()
@@ -227,6 +236,7 @@ def test_an_identity_job_is_perfectly_faithful(embedded, tok_models):
     assert q["original"] == q["compressed"]
 
 
+@pytest.mark.integration
 def test_int8_kernels_are_claimed_only_where_they_run(embedded, tok_models):
     c = embedded.client()
     model = upload_dir(c, tok_models["llama"]).json()
@@ -239,6 +249,7 @@ def test_int8_kernels_are_claimed_only_where_they_run(embedded, tok_models):
     assert wo["fidelity"]["kl_mean"] > 0 and wo["size"]["mean_bits_per_weight"] < 32
 
 
+@pytest.mark.integration
 def test_what_cannot_be_measured_says_why(embedded, tiny, tok_models):
     c = embedded.client()
     bare = c.post("/v1/models", files=[("files", ("w.safetensors", tiny["bare"].read_bytes()))]).json()
@@ -267,6 +278,7 @@ def test_what_cannot_be_measured_says_why(embedded, tiny, tok_models):
     assert r.status_code == 422 and r.json()["errors"][0]["loc"][:3] == ["body", "evaluation", "seq_len"]
 
 
+@pytest.mark.integration
 def test_classifier_accuracy_through_the_service(embedded, tok_models):
     c = embedded.client()
     rows = [json.loads(line) for line in labeled_jsonl().decode().splitlines()]
@@ -284,6 +296,7 @@ def test_classifier_accuracy_through_the_service(embedded, tok_models):
     assert q["labeled_samples"] == len(rows) and 0 <= q["compressed"] <= 1
 
 
+@pytest.mark.e2e
 def test_report_html_and_signed_link(embedded, tok_models):
     import httpx
 
@@ -315,6 +328,7 @@ def test_report_html_and_signed_link(embedded, tok_models):
     assert "perplexity" in page["text"].lower()
 
 
+@pytest.mark.integration
 def test_report_of_an_unfinished_job_is_409(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     model = upload_dir(c, tiny["gpt2"]).json()

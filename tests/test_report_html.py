@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from app.reports import charts
 from app.reports.html import PAGE_CSP, render_job_report, render_sweep
 from tests.browser import open_in_chromium
@@ -238,6 +240,7 @@ def _assert_standalone(html: str) -> None:
     assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls
 
 
+@pytest.mark.e2e
 def test_full_job_report(tmp_path: Path) -> None:
     html = render_job_report(copy.deepcopy(FULL_REPORT))
     _assert_standalone(html)
@@ -285,6 +288,7 @@ def test_full_job_report(tmp_path: Path) -> None:
     assert "h.1.<b>$x^2$</b>" in res["text"]
 
 
+@pytest.mark.e2e
 def test_report_with_unavailable_sections(tmp_path: Path) -> None:
     html = render_job_report(copy.deepcopy(UNAVAILABLE_REPORT))
     _assert_standalone(html)
@@ -308,6 +312,7 @@ def test_report_with_unavailable_sections(tmp_path: Path) -> None:
     assert res["title"] == "Job report: 0c4a1b2e-0000-4000-8000-000000000001"
 
 
+@pytest.mark.unit
 def test_decompressed_speed_claims_no_speedup() -> None:
     report = copy.deepcopy(FULL_REPORT)
     report["speed"].update(
@@ -322,6 +327,7 @@ def test_decompressed_speed_claims_no_speedup() -> None:
     assert "10 ms" in html and "5 ms" in html  # both latencies still shown
 
 
+@pytest.mark.unit
 def test_empty_and_garbage_input_do_not_crash() -> None:
     for report in (
         {},
@@ -341,6 +347,7 @@ def test_empty_and_garbage_input_do_not_crash() -> None:
         assert html.startswith("<!DOCTYPE html>") and "</html>" in html
 
 
+@pytest.mark.e2e
 def test_sweep_page(tmp_path: Path) -> None:
     html = render_sweep(copy.deepcopy(SWEEP))
     _assert_standalone(html)
@@ -367,6 +374,7 @@ def test_sweep_page(tmp_path: Path) -> None:
     assert "out of memory <oom>" in res["text"]
 
 
+@pytest.mark.e2e
 def test_sweep_without_metrics_shows_reason(tmp_path: Path) -> None:
     sweep = copy.deepcopy(SWEEP)
     for p in sweep["points"]:
@@ -379,6 +387,7 @@ def test_sweep_without_metrics_shows_reason(tmp_path: Path) -> None:
     _assert_clean(res, svg_count=0)
 
 
+@pytest.mark.unit
 def test_many_layers_chart_is_capped() -> None:
     layers = [(f"model.layers.{i}.mlp.up_proj.weight", (i % 13) / 13) for i in range(400)]
     svg = charts.layer_sparsity_bars(layers, overall=0.4, max_layers=40)
@@ -394,6 +403,7 @@ def test_many_layers_chart_is_capped() -> None:
     assert "<details><summary>All 400 layers</summary>" in html
 
 
+@pytest.mark.unit
 def test_charts_are_deterministic_inline_svg_with_unique_ids() -> None:
     a = charts.before_after_bars("Size", [("file", 1_000_000, 500_000)], kind="bytes")
     b = charts.before_after_bars("Size", [("file", 1_000_000, 500_000)], kind="bytes")
@@ -409,6 +419,7 @@ def test_charts_are_deterministic_inline_svg_with_unique_ids() -> None:
     assert charts.human_bytes(999) == "999 B" and charts.human_bytes(1_234_567) == "1.23 MB"
 
 
+@pytest.mark.integration
 def test_charts_same_bytes_in_another_process() -> None:
     point = {"index": 0, "artifact_bytes": 5, "quality": 1.0, "latency_ms": 2.0, "on_frontier": True}
     code = (
@@ -420,6 +431,7 @@ def test_charts_same_bytes_in_another_process() -> None:
     assert out.stdout.strip() == here
 
 
+@pytest.mark.integration
 def test_importing_the_reports_is_light() -> None:
     code = (
         "import sys; import app.reports.html, app.reports.charts; "
@@ -429,6 +441,7 @@ def test_importing_the_reports_is_light() -> None:
     assert out.stdout.strip() == ""
 
 
+@pytest.mark.unit
 def test_page_csp_is_in_the_page() -> None:
     html = render_sweep({})
     assert 'http-equiv="Content-Security-Policy"' in html

@@ -64,6 +64,7 @@ def finished(mp: Client, tiny: dict[str, Path]) -> dict[str, Any]:
     return {"model": model, "submitted": job, "job": done, "seen": seen, "sent": sent}
 
 
+@pytest.mark.integration
 def test_upload_submit_wait_report(mp: Client, finished: dict[str, Any], tiny: dict[str, Path]) -> None:
     model, job = finished["model"], finished["job"]
     assert isinstance(model, Model) and model.architecture == "GPT2LMHeadModel" and model.format == "hf"
@@ -100,6 +101,7 @@ def test_upload_submit_wait_report(mp: Client, finished: dict[str, Any], tiny: d
     assert any(m.name == "prune.magnitude" for m in mp.methods())
 
 
+@pytest.mark.integration
 def test_jobs_listing_pages(mp: Client, finished: dict[str, Any], tiny: dict[str, Path]) -> None:
     other = mp.submit(
         finished["model"].id,
@@ -116,6 +118,7 @@ def test_jobs_listing_pages(mp: Client, finished: dict[str, Any], tiny: dict[str
         assert {j.id for j in hooked.jobs(status="succeeded")} >= {other.id, finished["job"].id}
 
 
+@pytest.mark.integration
 def test_sweep(mp: Client, finished: dict[str, Any]) -> None:
     sweep = mp.sweep(
         finished["model"].id,
@@ -134,6 +137,7 @@ def test_sweep(mp: Client, finished: dict[str, Any]) -> None:
     assert f"/v1/sweeps/{sweep.id}/view?" in mp.sweep_link(sweep.id)
 
 
+@pytest.mark.integration
 def test_create_dataset(mp: Client, tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"text": f"sample {i}", "label": i % 2}) + "\n" for i in range(5)))
@@ -147,6 +151,7 @@ def test_create_dataset(mp: Client, tmp_path: Path) -> None:
     assert e.value.status == 422 and "2" in e.value.detail  # the bad line is named
 
 
+@pytest.mark.integration
 def test_download_resume_and_verification(mp: Client, finished: dict[str, Any], tmp_path: Path) -> None:
     job = finished["job"]
     ranges: list[str | None] = []
@@ -192,6 +197,7 @@ def test_download_resume_and_verification(mp: Client, finished: dict[str, Any], 
         assert c.download(job.id, bad).sha256 == job.artifact.sha256  # a fresh download then succeeds
 
 
+@pytest.mark.integration
 def test_typed_errors(mp: Client, finished: dict[str, Any], embedded) -> None:
     with pytest.raises(Conflict) as e:
         mp.cancel(finished["job"].id)
@@ -227,9 +233,11 @@ def test_typed_errors(mp: Client, finished: dict[str, Any], embedded) -> None:
     with Client(embedded.service.url, embedded.other_key) as plain, pytest.raises(Forbidden) as e:
         plain.create_key("someone")
     assert (e.value.status, e.value.code) == (403, "admin_required")
-    assert {k.tenant for k in mp.keys()} == {"default"} and any("admin" in k.scopes for k in mp.keys())
+    listed = mp.keys()  # the SDK's key listing, not a dict's
+    assert {k.tenant for k in listed} == {"default"} and any("admin" in k.scopes for k in listed)
 
 
+@pytest.mark.integration
 def test_async_client_round_trip(embedded, tiny: dict[str, Path], tmp_path: Path) -> None:
     async def main() -> tuple[Model, Job, Any, Report, list[Job], list[str]]:
         seen: list[Job] = []
@@ -322,6 +330,7 @@ UNAVAILABLE = (
 )
 
 
+@pytest.mark.unit
 def test_retries_503_with_the_same_idempotency_key() -> None:
     with ScriptedServer([UNAVAILABLE, UNAVAILABLE, (201, {}, _JOB)]) as srv, Client(srv.url, "k") as c:
         job = c.submit("m", [("prune.magnitude", {"sparsity": 0.5})])
@@ -332,6 +341,7 @@ def test_retries_503_with_the_same_idempotency_key() -> None:
     assert all(h.get("Authorization") == "Bearer k" for _, _, h in srv.requests)
 
 
+@pytest.mark.unit
 def test_retries_run_out_and_keys_differ_per_call() -> None:
     limited = (429, {"Retry-After": "0"}, _problem(429, "rate_limited", "Too many requests", "slow down"))
     with ScriptedServer([limited]) as srv, Client(srv.url, "k", max_retries=2) as c:
@@ -349,6 +359,7 @@ def test_retries_run_out_and_keys_differ_per_call() -> None:
     assert len(keys) == 6 and len(set(keys[:3])) == 1 and len(set(keys[3:])) == 1 and keys[0] != keys[3]
 
 
+@pytest.mark.unit
 def test_wait_raises_typed_job_outcomes() -> None:
     failed = {
         **_JOB,
@@ -372,6 +383,7 @@ def test_wait_raises_typed_job_outcomes() -> None:
         assert isinstance(t.value, TimeoutError) and t.value.job.status == "running"
 
 
+@pytest.mark.integration
 def test_unreachable_server_is_a_transport_error() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     with Client(url, "k", max_retries=1, backoff_base=0.01) as c, pytest.raises(TransportError) as e:
@@ -379,6 +391,7 @@ def test_unreachable_server_is_a_transport_error() -> None:
     assert "cannot connect" in str(e.value) and isinstance(e.value.__cause__, httpx.ConnectError)
 
 
+@pytest.mark.unit
 def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MODELPRESS_URL", "http://example.invalid:9000/")
     monkeypatch.setenv("MODELPRESS_API_KEY", "mp_env_key")
@@ -389,6 +402,7 @@ def test_defaults_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         assert c.base_url == modelpress.DEFAULT_URL and c.api_key == "x"
 
 
+@pytest.mark.unit
 def test_step_forms() -> None:
     want = [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}, {"method": "quantize.cast", "params": {}}]
     assert modelpress.normalize_steps([("prune.magnitude", {"sparsity": 0.5}), "quantize.cast"]) == want
@@ -403,6 +417,7 @@ def test_step_forms() -> None:
         modelpress.normalize_steps([{"method": "x", "parms": {}}])
 
 
+@pytest.mark.integration
 def test_import_is_light() -> None:
     code = (
         "import sys; import modelpress; from modelpress import Client, AsyncClient; "

@@ -22,9 +22,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
+from tests import test_webhooks
 from tests.helpers import MODELPRESS, REDIS_URL, Service, safetensors_bytes, wait_job
 from tests.servers import private_database
-from tests.test_webhooks import receiver, verify  # noqa: F401 - receiver is a fixture
+from tests.test_webhooks import verify
+
+receiver = test_webhooks.receiver  # the webhook receiver fixture, shared
 
 PUBLIC = "https://press.example.com/mp"
 JOBS = 10
@@ -48,6 +51,7 @@ def _cluster(db_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
 # --- refusing to start -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("args", "env", "says"),
     [
@@ -75,18 +79,23 @@ def test_cluster_processes_refuse_to_start(tmp_path, args, env, says):
     assert not (tmp_path / "secret_key").exists()
 
 
+@pytest.mark.integration
 def test_a_worker_started_without_the_cli_stops_too(tmp_path):
     """``celery -A worker.celery_app worker`` skips `modelpress worker`'s check; the webhook
     dispatcher, started when the worker is ready, stops the process before it signs anything."""
     import sys
 
     cfg = _cluster("postgresql+psycopg://nobody@127.0.0.1:1/none", tmp_path)
-    code = "import threading; from worker.webhooks import start_background; start_background(threading.Event()); print('ran')"
+    code = (
+        "import threading; from worker.webhooks import start_background; "
+        "start_background(threading.Event()); print('ran')"
+    )
     res = subprocess.run([sys.executable, "-c", code], env=_env(**cfg), capture_output=True, text=True, timeout=60)
     assert res.returncode == 78 and "ran" not in res.stdout, (res.returncode, res.stdout, res.stderr)
     assert "MODELPRESS_SECRET_KEY" in res.stderr
 
 
+@pytest.mark.unit
 def test_no_fallback_to_a_host_key_in_cluster_mode(tmp_path, monkeypatch):
     """In-process: the key lookup itself refuses in cluster mode (whatever entry point was used),
     and embedded mode keeps its per-host key file."""
@@ -185,6 +194,7 @@ def _model(client: httpx.Client) -> str:
     return r.json()["id"]
 
 
+@pytest.mark.integration
 def test_signatures_and_links_verify_on_every_host(hosts: Hosts, receiver):
     hook = receiver(200)
     a, b = hosts.a.client(hosts.key), hosts.b.client(hosts.key)

@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from tests.tokenizer_util import build_models, txt_dataset
 from worker import methods, model_io, spill
 
+pytestmark = pytest.mark.unit
+
 
 def _mapped(folder: Path) -> int:
     return open("/proc/self/maps").read().count(str(folder))

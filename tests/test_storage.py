@@ -13,6 +13,8 @@ import pytest
 from core.storage import Storage
 from worker.stream.sinks import FileSink, ZipSink
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(params=["local", "memory"])
 def storage(request, tmp_path: Path) -> Storage:

@@ -38,6 +38,7 @@ def _pt(index, size=None, latency=None, quality=None, metric="perplexity", hib=F
     return {"index": index, "status": status, "metrics": metrics}
 
 
+@pytest.mark.unit
 def test_dominates_needs_no_worse_everywhere_and_better_somewhere():
     assert dominates([1, 1], [2, 2], [True, True])
     assert dominates([1, 2], [2, 2], [True, True])
@@ -49,6 +50,7 @@ def test_dominates_needs_no_worse_everywhere_and_better_somewhere():
         dominates([1, 2], [1], [True, True])
 
 
+@pytest.mark.unit
 def test_non_dominated_basics():
     assert non_dominated([], [True]) == []
     assert non_dominated([[5.0]], [True]) == [0], "a single point is the frontier"
@@ -60,6 +62,7 @@ def test_non_dominated_basics():
         non_dominated([[1, 2], [1]], [True, True])
 
 
+@pytest.mark.unit
 def test_non_dominated_ties():
     # Identical points do not dominate each other: both stay.
     assert non_dominated([[1, 1], [1, 1], [2, 2]], [True, True]) == [0, 1]
@@ -70,6 +73,7 @@ def test_non_dominated_ties():
     assert non_dominated([[], []], []) == [0, 1]
 
 
+@pytest.mark.unit
 def test_sweep_frontier_three_axes_and_direction():
     pts = [_pt(0, 100, 5.0, 50.0), _pt(1, 80, 5.0, 60.0), _pt(2, 80, 6.0, 70.0), _pt(3, 120, 4.0, 55.0)]
     f = sweep_frontier(pts)
@@ -96,6 +100,7 @@ def test_sweep_frontier_three_axes_and_direction():
     assert f.indices == [1, 2, 3], "0 is beaten by 1 (smaller, as fast, more accurate)"
 
 
+@pytest.mark.unit
 def test_sweep_frontier_single_point_and_ties():
     f = sweep_frontier([_pt(7, 10, 1.0, 3.0)])
     assert f.indices == [7] and set(f.axes) == {"size", "latency", "quality"}
@@ -103,6 +108,7 @@ def test_sweep_frontier_single_point_and_ties():
     assert f.indices == [0, 1]
 
 
+@pytest.mark.unit
 def test_sweep_frontier_leaves_out_points_without_metrics():
     pts = [
         _pt(0, 100, 5.0, 50.0),
@@ -120,6 +126,7 @@ def test_sweep_frontier_leaves_out_points_without_metrics():
     assert "none of the axes: point 2" in f.note
 
 
+@pytest.mark.unit
 def test_sweep_frontier_missing_axes_are_dropped_and_said():
     # Point 1 has no latency: the frontier uses size and quality only.
     pts = [_pt(0, 100, 1.0, 50.0), _pt(1, 100, None, 40.0), _pt(2, 90, 9.0, 60.0)]
@@ -135,6 +142,7 @@ def test_sweep_frontier_missing_axes_are_dropped_and_said():
     )
 
 
+@pytest.mark.unit
 def test_sweep_frontier_drops_latency_when_no_point_claims_a_speed_up():
     pts = [_pt(0, 100, 5.0, 10.0, speedup=None), _pt(1, 200, 4.0, 10.0, speedup=None)]
     f = sweep_frontier(pts)
@@ -145,6 +153,7 @@ def test_sweep_frontier_drops_latency_when_no_point_claims_a_speed_up():
     assert set(f.axes) == {"size", "latency", "quality"} and f.indices == [0, 1]
 
 
+@pytest.mark.unit
 def test_sweep_frontier_quality_dropped_when_points_disagree():
     f = sweep_frontier([_pt(0, 100, 1.0, 50.0, metric="perplexity"), _pt(1, 90, 2.0, 0.9, metric="accuracy", hib=True)])
     assert "quality" not in f.axes and "different metrics" in f.note
@@ -153,6 +162,7 @@ def test_sweep_frontier_quality_dropped_when_points_disagree():
     assert "quality" not in f.axes and "higher is better" in f.note
 
 
+@pytest.mark.unit
 def test_sweep_frontier_without_candidates_or_common_axis():
     f = sweep_frontier([{"index": 0, "status": "queued", "metrics": None}])
     assert f.indices == [] and f.axes == {} and "no frontier" in f.note
@@ -163,6 +173,7 @@ def test_sweep_frontier_without_candidates_or_common_axis():
     assert f.axes == {"size": "artifact_bytes (lower is better)"} and f.indices == [1]
 
 
+@pytest.mark.unit
 def test_point_metrics_are_read_defensively():
     full = {
         "size": {"artifact_bytes": 500000, "compression_ratio": 2.0},
@@ -196,6 +207,7 @@ def test_point_metrics_are_read_defensively():
     assert point_metrics(odd).model_dump() == empty
 
 
+@pytest.mark.unit
 def test_sweep_status_rules():
     assert sweep_status(Counts(queued=3)) == "queued"
     assert sweep_status(Counts(queued=2, succeeded=1)) == "running"
@@ -207,6 +219,7 @@ def test_sweep_status_rules():
     assert sweep_status(Counts(canceled=3)) == "canceled"
 
 
+@pytest.mark.unit
 def test_grid_is_the_cartesian_product_in_order():
     assert grid({"a": [1, 2], "b": ["x", "y", "z"]}) == [
         {"a": 1, "b": "x"},
@@ -218,6 +231,7 @@ def test_grid_is_the_cartesian_product_in_order():
     ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("accept", "html"),
     [
@@ -257,6 +271,7 @@ def _sweep(model_id, vary, steps=None, **extra):
     return {"model_id": model_id, "steps": steps or [PRUNE], "vary": vary, **extra}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("vary", "steps", "code", "loc"),
     [
@@ -303,12 +318,14 @@ def test_invalid_vary_is_a_422_and_records_nothing(embedded, gpt2, vary, steps, 
     assert (table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")) == before
 
 
+@pytest.mark.integration
 def test_too_many_points_names_the_limit(embedded, gpt2):
     vary = {SPARSITY: [i / 100 for i in range(1, 9)], "steps[1].params.sparsity": [i / 100 for i in range(1, 10)]}
     r = embedded.client().post("/v1/sweeps", json=_sweep(gpt2, vary, [PRUNE, PRUNE]))
     assert "72 points" in r.json()["detail"] and str(MAX_POINTS) in r.json()["detail"]
 
 
+@pytest.mark.integration
 def test_one_invalid_point_refuses_the_whole_sweep(embedded, gpt2):
     c = embedded.client()
     before = table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")
@@ -331,6 +348,7 @@ def test_one_invalid_point_refuses_the_whole_sweep(embedded, gpt2):
     assert (table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")) == before
 
 
+@pytest.mark.integration
 def test_sweep_routes_are_in_openapi(embedded):
     paths = embedded.client().get("/openapi.json").json()["paths"]
     assert set(paths["/v1/sweeps"]) == {"get", "post"}
@@ -363,6 +381,7 @@ def finished_sweep(embedded, gpt2) -> dict:
     return c.get(f"/v1/sweeps/{sweep['id']}").json()
 
 
+@pytest.mark.integration
 def test_sweep_end_to_end(embedded, finished_sweep):
     s = finished_sweep
     assert s["status"] == "succeeded", s
@@ -401,6 +420,7 @@ def test_sweep_end_to_end(embedded, finished_sweep):
     assert mine["status"] == "succeeded" and mine["points"] == 3 and mine["counts"]["succeeded"] == 3
 
 
+@pytest.mark.integration
 def test_sweeps_list_pages_newest_first(embedded, gpt2):
     a, other = embedded.client(), embedded.client(embedded.other_key)
     ids = []
@@ -417,6 +437,7 @@ def test_sweeps_list_pages_newest_first(embedded, gpt2):
     assert all(x["id"] not in ids for x in other.get("/v1/sweeps").json()["items"])
 
 
+@pytest.mark.integration
 def test_other_tenant_gets_404_like_a_missing_id(embedded, finished_sweep):
     a, b = embedded.client(), embedded.client(embedded.other_key)
     sid = finished_sweep["id"]
@@ -429,6 +450,7 @@ def test_other_tenant_gets_404_like_a_missing_id(embedded, finished_sweep):
     assert embedded.client(None).get(f"/v1/sweeps/{sid}").status_code == 401
 
 
+@pytest.mark.integration
 def test_json_unless_html_is_preferred(embedded, finished_sweep):
     c = embedded.client()
     for accept in ("*/*", "application/json", "application/json, text/html"):
@@ -443,6 +465,7 @@ def _link(client, sweep_id, **body):
     return r.json()
 
 
+@pytest.mark.integration
 def test_link_ttl_and_tampering(embedded, finished_sweep):
     c, anon = embedded.client(), embedded.client(None)
     sid = finished_sweep["id"]
@@ -481,6 +504,7 @@ def test_link_ttl_and_tampering(embedded, finished_sweep):
 # These render through app.reports.html (the HTML report module).
 
 
+@pytest.mark.integration
 def test_html_page_for_a_browser(embedded, finished_sweep):
     r = embedded.client().get(f"/v1/sweeps/{finished_sweep['id']}", headers={"Accept": BROWSER_ACCEPT})
     assert r.status_code == 200, r.text
@@ -490,6 +514,7 @@ def test_html_page_for_a_browser(embedded, finished_sweep):
     assert "<html" in r.text.lower()
 
 
+@pytest.mark.integration
 def test_signed_link_opens_the_page_without_a_key(embedded, finished_sweep):
     link = _link(embedded.client(), finished_sweep["id"])
     import httpx
@@ -501,6 +526,7 @@ def test_signed_link_opens_the_page_without_a_key(embedded, finished_sweep):
     assert r.headers["cache-control"] == "no-store"
 
 
+@pytest.mark.integration
 def test_sweep_on_postgres_all_or_nothing(cluster, tiny):
     """The same contract on PostgreSQL: the points map back to their jobs, a bad point records nothing."""
     c = cluster.client()

@@ -13,6 +13,8 @@ import pytest
 
 from tests.helpers import upload_dir, wait_job
 
+pytestmark = pytest.mark.integration
+
 # Tenant-free by design (no tenant's objects in them), so not checked as tenant lists:
 TENANT_FREE = {
     "/metrics",  # Prometheus, aggregated over all tenants; own token (MODELPRESS_METRICS_TOKEN)

@@ -7,6 +7,8 @@ import pytest
 from core.models.validation import FileRejected, check_filename, check_safetensors, find_remote_code, sniff_magic
 from tests.helpers import safetensors_bytes
 
+pytestmark = pytest.mark.unit
+
 MAX = 100 * 1024 * 1024
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import threading
 import time
@@ -95,6 +96,7 @@ def verify(secret: str, headers: dict[str, str], body: bytes, tolerance_s: int =
 # --- the SSRF rule --------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("url", "kind"),
     [
@@ -125,6 +127,7 @@ def test_checker_refuses_non_global_targets(url, kind):
     assert kind in e.value.reason
 
 
+@pytest.mark.unit
 def test_checker_allow_list_and_url_rules():
     from core.webhooks import ssrf
 
@@ -154,6 +157,7 @@ def test_checker_allow_list_and_url_rules():
         ssrf.check("http://127.0.0.1/", "not-a-network")
 
 
+@pytest.mark.unit
 def test_signature_and_backoff():
     from core.config import Settings
     from core.webhooks.signature import signature
@@ -169,6 +173,7 @@ def test_signature_and_backoff():
     assert [backoff_s(s, n) for n in (1, 2, 3, 4, 5)] == [2, 4, 8, 10, 10]
 
 
+@pytest.mark.integration
 def test_request_goes_to_the_checked_address_under_the_url_host():
     import httpx
 
@@ -239,6 +244,7 @@ def _deliveries(session: Session, job_id: str) -> list:
     return list(session.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)))
 
 
+@pytest.mark.unit
 def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
     from core.db import get_sessionmaker
     from core.jobs import repository as jobs_repo
@@ -290,6 +296,7 @@ def test_outbox_row_is_written_with_the_terminal_status_and_only_then(local):
         assert d.event == "job.failed" and d.payload["job"]["error"]["code"] == "too_many_attempts"
 
 
+@pytest.mark.integration
 def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
     from core.db import get_sessionmaker
     from core.jobs import repository as jobs_repo
@@ -311,7 +318,7 @@ def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
     assert (d.status, d.attempts, d.last_status_code, d.last_error) == ("failed", 3, 503, "HTTP 503")
     assert d.next_attempt_at is None and d.delivered_at is None
     assert len(down.requests) == 3
-    gaps = [b["at"] - a["at"] for a, b in zip(down.requests, down.requests[1:])]
+    gaps = [b["at"] - a["at"] for a, b in itertools.pairwise(down.requests)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.1, gaps  # doubling backoff
     ids = {r["headers"]["x-modelpress-delivery"] for r in down.requests}
     assert ids == {d.id}, "every retry is the same delivery"
@@ -325,6 +332,7 @@ def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
     assert dispatch_once(settings) == 0  # nothing left to do
 
 
+@pytest.mark.integration
 def test_dispatcher_refuses_a_private_target_at_delivery_and_never_sends_a_try_twice(local, receiver):
     from core.db import get_sessionmaker
     from core.jobs import repository as jobs_repo
@@ -384,6 +392,7 @@ def _wait_delivery(client, job_id: str, timeout: float = 30) -> dict:
     raise AssertionError(f"no final delivery for job {job_id}: {items}")
 
 
+@pytest.mark.integration
 def test_job_webhook_is_signed_retried_and_recorded(stack, tiny, receiver):
     c = stack.client()
     flaky = receiver(500, 502, 200)  # fails twice, then takes it
@@ -424,6 +433,7 @@ def test_job_webhook_is_signed_retried_and_recorded(stack, tiny, receiver):
     assert r.status_code == 404 and r.headers["content-type"] == "application/problem+json"
 
 
+@pytest.mark.integration
 def test_private_and_bad_webhook_urls_are_refused_at_submit(stack, tiny):
     c = stack.client()
     model = upload_dir(c, tiny["gpt2"]).json()
