@@ -142,11 +142,13 @@ _current: BudgetRegistration | None = None
 
 
 def set_registration(reg: BudgetRegistration | None) -> None:
+    """Called by worker/tasks.py once the worker is ready (this module does not import tasks)."""
     global _current
     _current = reg
 
 
 def registration() -> BudgetRegistration | None:
+    """This process's registry row, or None (a prefork pool child, or not a worker)."""
     return _current
 
 
