@@ -321,6 +321,23 @@ def test_api_image_has_no_torch_and_worker_image_installs_it_first():
 
 
 @pytest.mark.unit
+def test_images_carry_no_caches_or_build_tools():
+    """What keeps the api image under its 400 MB aim (docs/CONTAINERS.md): apt's caches gone in
+    the layer that made them, no pip or setuptools, and bytecode only for the modules imported at
+    start (the rest of the API's ~70 MB of it never ran)."""
+    text = DOCKERFILE.read_text()
+    base = _stage(text, "base")
+    assert "apt-get clean" in base and "/var/cache/apt/*.bin" in base and "/var/lib/apt/lists/*" in base
+    assert "--no-log-init" in base
+    api_builder = _stage(text, "api-builder")
+    assert "--no-compile" in api_builder
+    assert "uninstall -y -q pip setuptools" in api_builder
+    assert "py_compile" in api_builder and "app.main" in api_builder
+    # torch 2.13 requires setuptools: the worker keeps it.
+    assert "uninstall -y -q pip \\" in _stage(text, "worker-builder")
+
+
+@pytest.mark.unit
 def test_dockerignore_excludes_local_state():
     entries = {
         line.strip().rstrip("/")
