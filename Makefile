@@ -31,7 +31,7 @@ run: install
 # integration (real PostgreSQL/Redis/Celery/API processes), e2e (whole flows through the CLI,
 # a browser or the images), slow (a test over ~20 s).
 test: install tools
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist loadgroup --no-loadscope-reorder
 
 test-unit: install
 	$(PY) -m pytest -q -m unit -n auto

@@ -19,9 +19,11 @@ TIERS = ("unit", "integration", "e2e")
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: every collected test is checked
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Each test carries exactly one tier (pyproject's markers): ``unit`` (in-process: no server,
-    no subprocess, no network; ``make test-unit``), ``integration`` (real PostgreSQL, Redis,
-    Celery and API processes) or ``e2e`` (whole flows: the CLI, a browser, the images, chaos).
+    """Each test carries exactly one tier (pyproject's markers): ``unit`` (in-process and quick: no
+    server, no subprocess, no network, no whole method run on a model; ``make test-unit``),
+    ``integration`` (real PostgreSQL, Redis, Celery and API processes, subprocesses, or whole
+    methods run in-process on tiny models) or ``e2e`` (whole flows: the CLI, a browser,
+    docker-compose, chaos).
     ``slow`` is orthogonal. A test with no tier or two fails the collection."""
     wrong = []
     for item in items:
@@ -33,6 +35,73 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             f"every test needs exactly one of the tier markers {', '.join(TIERS)} "
             "(pytestmark = pytest.mark.<tier> in its module, or on the test):\n" + "\n".join(wrong)
         )
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        _schedule_for_xdist(items)
+
+
+class _LoadGroupIds:
+    """pytest 9.2 keeps node ids structured, and xdist 3.8.0 still writes the group suffix into the
+    old ``_nodeid`` field: ``--dist loadgroup`` silently stops grouping (pytest-dev/pytest-xdist
+    #1386, fix in #1388). Until that is released, write the ``@group`` suffix the scheduler reads
+    into the structured id, where xdist did not already (trylast: after xdist's own hook)."""
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]) -> None:
+        if not getattr(config.option, "loadgroup", False):
+            return
+        from _pytest.nodeid import coerce_node_id
+
+        for item in items:
+            marks = item.iter_markers("xdist_group")
+            names = sorted({str(m.args[0] if m.args else m.kwargs.get("name", "default")) for m in marks})
+            if names and "@" not in item.nodeid.rsplit("]", 1)[-1]:
+                item._id = coerce_node_id(f"{item.nodeid}@{'_'.join(names)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_LoadGroupIds(), "modelpress-loadgroup-ids")
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Under ``--dist loadgroup`` a non-unit test without an ``xdist_group`` joins its module's
+    group (see _schedule_for_xdist); marked here, before any collection_modifyitems hook reads it."""
+    grouped = any(item.iter_markers("xdist_group")) or item.get_closest_marker("unit") is not None
+    if getattr(item.config.option, "loadgroup", False) and not grouped:
+        item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
+def _schedule_for_xdist(items: list[pytest.Item]) -> None:
+    """``make test`` runs ``-n auto --dist loadgroup``. Each xdist worker has its own session
+    fixtures (a private database, Redis key prefix, ports, tmp dirs: nothing here is shared by
+    name), so a test may run on either worker; what is grouped is for speed or for timing:
+
+    * a test with an ``xdist_group`` mark goes, with its whole group, to one worker. The modules
+      that kill processes or servers and bound how fast things recover (chaos, heartbeat,
+      outages, leftovers, limits) share the group "kills": they run one after another on one
+      worker, never two of them at once on this machine's cores;
+    * every other non-unit test is grouped by its module: module-scoped fixtures start servers
+      (plan_stack, replicas, beat, ...), which a module split over two workers would start twice;
+    * unit tests stay ungrouped: scheduled one by one, they fill the end of the run.
+
+    (xdist 3.8.0 does not group under pytest 9.2 by itself: _LoadGroupIds below.) Order (the
+    scheduler hands groups out in collection order, ``--no-loadscope-reorder``): groups
+    with a ``slow`` test first (the longest tests start first), then the other groups, then the
+    unit tests."""
+    groups: dict[str, int] = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is not None:
+            name = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+            slow = item.get_closest_marker("slow") is not None
+            groups[name] = min(groups.get(name, 1), 0 if slow else 1)
+
+    def rank(item: pytest.Item) -> int:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            return 2
+        return groups[mark.args[0] if mark.args else mark.kwargs.get("name", "default")]
+
+    items.sort(key=rank)  # stable: collection order within each rank
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

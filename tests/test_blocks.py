@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.tokenizer_util import build_models, txt_dataset
 from worker import evaluate, methods, model_io, pipeline
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # whole methods run in-process on real tiny models
 
 
 class _Ctx:

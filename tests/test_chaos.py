@@ -37,7 +37,10 @@ from tests.conftest import Stack
 from tests.helpers import jobs_left, query, upload_dir, wait_job
 from tests.servers import private_database
 
-pytestmark = pytest.mark.e2e
+# xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
+# recovery time share one group, so they run one after another on one worker, never two at once
+# (tests/conftest.py, _schedule_for_xdist).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("kills")]
 
 WORKERS = 3
 JOBS = 50

@@ -80,7 +80,6 @@ async def _with_request(thing_id: str, part: str, request: Request) -> Response:
     return Response(b"")
 
 
-
 @pytest.mark.parametrize(
     ("endpoint", "message"),
     [

@@ -241,7 +241,7 @@ def _batch(tok, texts):
     return ids, mask
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_a_few_steps_lower_the_loss(tok_models):
     import torch
     from transformers import AutoTokenizer, GPT2LMHeadModel
@@ -290,7 +290,7 @@ def test_a_few_steps_lower_the_loss(tok_models):
     assert len(ctx.notes) <= 25
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_student_config_and_llama(tok_models):
     from worker import model_io
 
@@ -309,7 +309,7 @@ def test_student_config_and_llama(tok_models):
     assert metrics["final_loss"] < metrics["initial_loss"]
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_classifier_and_unlabeled_data(tok_models):
     from worker import model_io
 
@@ -328,7 +328,7 @@ def test_classifier_and_unlabeled_data(tok_models):
         spec.handler(m, spec.params.model_validate({"layers": 1, "steps": 2}), _Ctx([{"text": s} for s in sentences()]))
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_student_model(tok_models):
     import torch
     from safetensors.torch import load_file

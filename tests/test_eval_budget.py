@@ -18,7 +18,7 @@ from tests.tokenizer_util import build_models
 from worker import evaluate
 from worker.ops import metrics as m
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # whole methods run in-process on real tiny models
 
 SETTINGS = {"enabled": True, "batch_size": 2, "seq_len": 16, "runs": 5, "warmup": 2, "max_samples": 12}
 

@@ -14,7 +14,7 @@ import torch
 from tests.tokenizer_util import build_models
 from worker import evaluate, model_io
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # whole methods run in-process on real tiny models
 
 # Generous: every text runs in both evaluations, so they see the same inputs.
 SETTINGS = {

@@ -12,7 +12,7 @@ import pytest
 
 from bench.gen_checkpoint import generate, parse_size, plan_shape, tensor_shapes
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # whole methods run in-process on real tiny models
 
 TINY = dict(hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2, vocab=1000)
 

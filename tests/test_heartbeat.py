@@ -30,7 +30,10 @@ from tests.chaos_util import children, job_row, keeper_of, kill_stack, pid_alive
 from tests.helpers import query, upload_dir, wait_job
 from tests.servers import private_database
 
-pytestmark = pytest.mark.integration
+# xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
+# recovery time share one group, so they run one after another on one worker, never two at once
+# (tests/conftest.py, _schedule_for_xdist).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kills")]
 
 LEASE_S = 4
 RECONCILE_S = 1

@@ -34,7 +34,10 @@ from tests.conftest import Stack, _cluster_env
 from tests.helpers import BIN, Service, free_port, upload_dir, wait_job
 from tests.servers import private_database
 
-pytestmark = pytest.mark.integration
+# xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
+# recovery time share one group, so they run one after another on one worker, never two at once
+# (tests/conftest.py, _schedule_for_xdist).
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("kills")]
 
 BUCKET = "modelpress"
 KEY_ID, SECRET = "mp-test-key", "mp-test-secret-" + uuid.uuid4().hex

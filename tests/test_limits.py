@@ -21,7 +21,10 @@ from tests.helpers import Service, stored_files, table_rows, upload_dir, wait_jo
 from tests.servers import private_database
 from tests.tokenizer_util import build_models, txt_dataset
 
-pytestmark = pytest.mark.integration
+# xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
+# recovery time share one group, so they run one after another on one worker, never two at once
+# (tests/conftest.py, _schedule_for_xdist).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("kills")]
 
 TIME_LIMIT_S = 3
 MEMORY_LIMIT_MB = 128

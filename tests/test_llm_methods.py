@@ -305,7 +305,7 @@ def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     assert emb["gptq_w4_g128"] >= emb["rtn_w4_g128"], emb
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.gpu
 def test_awq_on_a_gpu(tok_models, tmp_path):
     """AWQ needs a GPU worker; here the handler runs in-process on CUDA and the artifact loads."""

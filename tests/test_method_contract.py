@@ -18,7 +18,7 @@ from worker import methods, model_io
 from worker.context import JobPort, MethodContext, Metrics, Sample, StoredModel
 from worker.model_io import LoadedModel
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration  # whole methods run in-process on real tiny models
 
 
 @dataclass

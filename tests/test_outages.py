@@ -20,7 +20,10 @@ from tests.conftest import Stack
 from tests.helpers import Service, jobs_left, upload_dir, wait_job
 from tests.servers import PrivatePostgres, PrivateRedis
 
-pytestmark = pytest.mark.e2e
+# xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
+# recovery time share one group, so they run one after another on one worker, never two at once
+# (tests/conftest.py, _schedule_for_xdist).
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("kills")]
 
 CHEAP = {"evaluation": {"enabled": False}}
 # A second or so per job on the tiny GPT-2 (a few timed passes): several are queued when a

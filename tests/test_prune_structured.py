@@ -246,7 +246,7 @@ def _reload(module: nn.Module, kind: str, d: Path) -> nn.Module:
     return auto.from_pretrained(d).eval()
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", list(MODEL_CLASS))
 def test_ffn_pruning_shrinks_every_layer_and_reloads(tmp_path, kind):
     lm = _build(tmp_path, kind)
@@ -286,7 +286,7 @@ def _kill_neurons(module: nn.Module, kind: str, per_layer: list[list[int]]) -> N
                 x.weight.index_fill_(ops.feature_dim(x, "in"), torch.tensor(dead), 0.0)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", list(MODEL_CLASS))
 def test_dead_neurons_are_the_ones_removed(tmp_path, kind):
     """Neurons with a zero output column score zero, so they go and the outputs do not change;
@@ -314,7 +314,7 @@ def _kill_kv_groups(module: nn.Module, per_layer: list[list[int]]) -> None:
             layer.self_attn.o_proj.weight[:, cols] = 0
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", LLAMA_FAMILY)
 def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
     lm = _build(tmp_path, kind, seed=3)  # 8 query heads, 4 key-value heads, head_dim 8
@@ -345,7 +345,7 @@ def test_dead_head_groups_are_removed_with_their_query_heads(tmp_path, kind):
     assert torch.allclose(_out(back), y, atol=1e-5)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
     lm = _build(tmp_path, "llama")
     lm.module.to(torch.bfloat16)
@@ -357,7 +357,7 @@ def test_ffn_and_heads_together_on_llama_bf16(tmp_path):
     assert torch.isfinite(_out(back).float()).all()
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_only_the_requested_part_changes(tmp_path):
     lm = _build(tmp_path, "llama")
     attn = {k: v.clone() for k, v in lm.module.state_dict().items() if "self_attn" in k}
@@ -374,7 +374,7 @@ def test_only_the_requested_part_changes(tmp_path):
     assert lm.module.config.intermediate_size == 96
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_mistral_takes_head_counts_that_llama_config_refuses(tmp_path):
     """Keeping 3 of 4 groups leaves 6 heads: MistralConfig accepts that, LlamaConfig requires
     hidden_size (64) to be a multiple of num_attention_heads and says which values work."""
@@ -396,7 +396,7 @@ def test_mistral_takes_head_counts_that_llama_config_refuses(tmp_path):
     ps_core.check(ps_core.PruneStructuredParams(heads=0.75), info)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_norm_choice_changes_which_neuron_goes(tmp_path):
     """Neuron 0's input column is one spike (l1 = l2 = 3), neuron 1's is flat (l2 = 2, l1 = 16),
     every other neuron is much larger, and both share the same output row: l2 drops neuron 1,
@@ -564,7 +564,7 @@ STREAM_CASES = [
 ]
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize("small_chunks", [False, True], ids=["one-chunk", "3-row-chunks"])
 @pytest.mark.parametrize(
     ("model", "steps"), STREAM_CASES, ids=[f"{m}-" + "+".join(f"{s[0]}{s[1]}" for s in st) for m, st in STREAM_CASES]
@@ -589,7 +589,7 @@ def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, sm
         )
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     """The registry gives the method a streaming form (so a job of data-free steps with it takes
     the stream path), and its pre-pass reads only the weights it scores, once each."""
@@ -623,7 +623,7 @@ def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     assert all(reads.count(n) == 1 for n in reads if n not in scored)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_streamed_refusals_and_fallback(tiny, tmp_path):
     """The plan's checks refuse as the in-memory handler does (before anything is written); a
     checkpoint the streaming form cannot express (a bias the module has, missing from the

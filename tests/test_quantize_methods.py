@@ -384,7 +384,7 @@ def _tally(model) -> int:
     return total
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "step",
     [

@@ -16,7 +16,7 @@ from worker.ops import metrics as m
 
 
 # -- math ---------------------------------------------------------------------------------------
-@pytest.mark.unit
+@pytest.mark.integration
 def test_perplexity_matches_a_hand_computed_value_on_a_tiny_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -84,7 +84,7 @@ def _evaluate(src: Path, artifact: Path, texts=None, settings=SETTINGS) -> dict:
     return ev.sections()
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_an_unchanged_model_has_perfect_fidelity(tok_models):
     s = _evaluate(tok_models["gpt2"], tok_models["gpt2"])
     f, q, sp = s["fidelity"], s["quality"], s["speed"]
@@ -98,7 +98,7 @@ def test_an_unchanged_model_has_perfect_fidelity(tok_models):
     assert sp["speedup"] is None and "noise" in sp["note"]  # same shapes, same kernels: nothing to claim
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_a_changed_model_shows_in_fidelity(tok_models, tmp_path):
     from transformers import GPT2LMHeadModel
 
@@ -110,7 +110,7 @@ def test_a_changed_model_shows_in_fidelity(tok_models, tmp_path):
     assert f["kl_mean"] > 0 and f["output_cosine"] < 1.0 and 0 <= f["top1_agreement"] <= 1.0
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_classifier_accuracy_needs_labels_and_encoders_report_embedding_cosine(tok_models):
     rows = [json.loads(line) for line in labeled_jsonl().decode().splitlines()]
     # Integer labels: the tiny classifier's config maps LABEL_0/1, not pos/neg.
@@ -132,7 +132,7 @@ def test_classifier_accuracy_needs_labels_and_encoders_report_embedding_cosine(t
     assert "hidden states" in f["reasons"]["kl_mean"] and f["output_cosine"] == 1.0
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_without_a_tokenizer_fidelity_uses_random_ids_and_perplexity_says_why(tiny):
     s = _evaluate(tiny["gpt2"], tiny["gpt2"], settings={**SETTINGS, "seq_len": 100})
     assert s["quality"]["available"] is False and "tokenizer" in s["quality"]["reason"]

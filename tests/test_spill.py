@@ -16,13 +16,12 @@ from safetensors.torch import load_file
 from tests.tokenizer_util import build_models, txt_dataset
 from worker import methods, model_io, spill
 
-pytestmark = pytest.mark.unit
-
 
 def _mapped(folder: Path) -> int:
     return open("/proc/self/maps").read().count(str(folder))
 
 
+@pytest.mark.unit
 def test_cache_spills_past_the_budget(tmp_path: Path) -> None:
     from llmcompressor.pipelines.cache import IntermediatesCache
 
@@ -42,6 +41,7 @@ def test_cache_spills_past_the_budget(tmp_path: Path) -> None:
     assert IntermediatesCache.__dict__["_offload_value"].__func__.__module__.startswith("llmcompressor")
 
 
+@pytest.mark.unit
 def test_full_scratch_is_an_oserror_not_a_crash(tmp_path: Path, monkeypatch) -> None:
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(28, "No space left on device")
@@ -67,6 +67,7 @@ class _Ctx:
         pass
 
 
+@pytest.mark.integration  # GPTQ on real tiny models
 def test_gptq_with_every_activation_spilled_equals_in_memory(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(spill, "MIN_SPILL_BYTES", 0)  # the tiny model's activations are small
     src = build_models(tmp_path / "m")["llama"]

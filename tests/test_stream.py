@@ -121,7 +121,7 @@ CASES = [
 ]
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize(("model", "steps"), CASES, ids=[f"{m}-" + "+".join(s[0] for s in st) for m, st in CASES])
 def test_stream_equals_in_memory(tiny, tmp_path, model, steps):
     src = tiny[model] if model != "bare" else tiny["bare"].parent
@@ -155,7 +155,7 @@ def test_stream_equals_in_memory(tiny, tmp_path, model, steps):
     assert sres.sparsity == sparsity
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "steps",
     [
@@ -188,7 +188,7 @@ def test_bfloat16_checkpoint(tmp_path, steps):
     assert sres.parameters == counts and sres.sparsity == sparsity
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_sharded_input_and_output_round_trip(tmp_path):
     """A sharded upload (index.json) in, shards of a capped size out: HF's layout, loadable."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -229,7 +229,7 @@ def _truncate(src: Path, dest: Path, cut: int) -> Path:
     return dest
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_truncated_shard_names_file_and_tensor(tiny, tmp_path):
     src = _truncate(tiny["llama"], tmp_path / "src", 1000)
     with pytest.raises(engine.ShardError, match=r"model\.safetensors: tensor '[^']+'"):
@@ -252,7 +252,7 @@ def test_header_whose_offsets_lie(tmp_path):
         ShardReader([bad / "weights.safetensors"])
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_file_shrunk_after_its_header_was_read(tiny, tmp_path):
     """A shard cut short between the check and the read (a disk filling up, a bad copy): the read
     fails naming the file and the tensor; nothing is mapped past the end."""
@@ -302,7 +302,7 @@ def test_disk_full_fails_cleanly_and_removes_the_partial_artifact(tiny, tmp_path
         subprocess.run(["umount", str(mnt)], check=False)
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_not_streamable_when_checkpoint_names_differ(tmp_path):
     """A checkpoint whose names are not the module's (a base-model checkpoint under a task head):
     the engine says so before writing, and the pipeline builds the model in memory instead."""
@@ -352,7 +352,7 @@ def test_every_data_free_method_streams_and_the_others_do_not():
     }  # data-free too: its equality is tested in tests/test_prune_structured.py
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "steps",
     [
@@ -384,7 +384,7 @@ def test_memory_bytes_is_what_transformers_loads(tiny, tmp_path, model, steps):
     assert res.memory_bytes == total
 
 
-@pytest.mark.unit
+@pytest.mark.integration
 def test_a_global_prune_after_another_step_starts_a_new_pass(tiny, tmp_path):
     """Global pruning must rank the weights as the steps before it leave them: it starts a pass of
     its own over the previous pass's result (on scratch, removed once read), not a recomputation
