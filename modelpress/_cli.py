@@ -23,8 +23,9 @@ it goes through the API with that (admin) key, like every command here. The envi
 (``$MODELPRESS_URL``, ``$MODELPRESS_API_KEY``) fills in the other flag but never chooses the path.
 
 Every one takes ``--url`` (else ``$MODELPRESS_URL``, else http://127.0.0.1:8000), ``--api-key``
-(else ``$MODELPRESS_API_KEY``) and ``--json``. Human output is rich tables on stdout; progress
-bars and the live ``--wait`` line go to stderr. ``--json`` prints JSON only on stdout (the API's
+(else ``$MODELPRESS_API_KEY``) and ``--json``. Human output is plain-text tables on stdout
+(modelpress/_term.py); progress bars (tqdm, on a terminal only) and the live ``--wait`` line go to
+stderr. ``--json`` prints JSON only on stdout (the API's
 objects as the server sent them; on an error ``{"error": {...}}``) and draws nothing live.
 
 A step is ``METHOD`` or ``METHOD:key=value,key=value``. Values are read as JSON when they parse
@@ -48,11 +49,9 @@ import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # rich and the client are imported only when a command runs
-    from rich.console import Console
-    from rich.progress import Progress
-
+if TYPE_CHECKING:  # tqdm and the client are imported only when a command runs
     from modelpress._client import Client
+    from modelpress._term import Table, TransferBar
 
 EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
 
@@ -171,23 +170,22 @@ def _print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def _out() -> Console:  # rich is imported only when a command prints
-    from rich.console import Console
-
-    # Piped output: wide enough that ids and tables are not cut.
-    return Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+# No rich: it pulls Pygments (9.5 MiB of the SDK's install) for highlighting we never use. Output is
+# plain text (modelpress/_term.py): tables never wrap or cut, so ids stay whole when piped.
 
 
-def _err() -> Console:
-    from rich.console import Console
+def _print(text: Any = "") -> None:
+    print(str(text), flush=True)
 
-    return Console(stderr=True, width=None if sys.stderr.isatty() else 120, highlight=False)
+
+def _eprint(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def _size(n: Any) -> str:
-    from rich.filesize import decimal
+    from modelpress._term import filesize
 
-    return decimal(int(n)) if isinstance(n, (int, float)) else "—"
+    return filesize(n) if isinstance(n, (int, float)) else "—"
 
 
 def _num(v: Any, fmt: str = "{:,.4g}") -> str:
@@ -218,33 +216,24 @@ def _stage_line(job: Any) -> str:
     return f"{job.status} · {stage} … {job.progress.fraction * 100:.0f}%"
 
 
-def _transfer_progress() -> Progress:
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+def _transfer_progress(desc: str) -> TransferBar:
+    """Bytes, rate and time left on stderr (tqdm); one summary line there when not a terminal."""
+    from modelpress._term import TransferBar
 
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=_err(),
-        transient=False,
-    )
+    return TransferBar(desc)
 
 
-def _job_table(job: Any) -> Any:
-    from rich.table import Table
+def _kv_table() -> Table:
+    from modelpress._term import Table
 
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
+    t = Table(header=False)
     t.add_column()
+    t.add_column()
+    return t
+
+
+def _job_table(job: Any) -> Table:
+    t = _kv_table()
     t.add_row("job", job.id)
     if job.name:
         t.add_row("name", job.name)
@@ -265,7 +254,7 @@ def _job_table(job: Any) -> Any:
     if job.cancel_requested and job.status not in ("canceled",):
         t.add_row("cancel", "requested")
     if job.error:
-        t.add_row("error", f"[red]{job.error.code}[/]: {job.error.message}")
+        t.add_row("error", f"{job.error.code}: {job.error.message}")
     if job.artifact:
         t.add_row(
             "artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}, sha256 {job.artifact.sha256}"
@@ -289,12 +278,8 @@ def _plan_line(plan: Any) -> str:
     )
 
 
-def _estimate_table(est: Any) -> Any:
-    from rich.table import Table
-
-    t = Table(show_header=False, box=None, pad_edge=False)
-    t.add_column(style="bold")
-    t.add_column()
+def _estimate_table(est: Any) -> Table:
+    t = _kv_table()
     t.add_row("path", est.path + (" (tensor by tensor)" if est.path == "stream" else " (the model loaded whole)"))
     t.add_row(
         "peak memory",
@@ -313,7 +298,7 @@ def _estimate_table(est: Any) -> Any:
         t.add_row("workers", "no live worker published a budget: a submit is accepted and the worker decides")
     else:
         f = est.fleet
-        verdict = "[green]fits[/]" if f.fits else "[red]exceeds every worker's budget (a submit is refused)[/]"
+        verdict = "fits" if f.fits else "exceeds every worker's budget (a submit is refused)"
         t.add_row(
             "workers",
             f"{verdict}: largest {f.queue} budget {_size(f.memory_bytes)} memory, "
@@ -324,18 +309,16 @@ def _estimate_table(est: Any) -> Any:
     return t
 
 
-def _report_table(rep: Any) -> Any:
+def _report_table(rep: Any) -> Table:
     """Original against compressed, one row per measured quantity (docs/REPORTS.md)."""
-    from rich.table import Table
+    from modelpress._term import Table
 
-    t = Table(
-        title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""), title_justify="left"
-    )
-    t.add_column("section", style="bold")
+    t = Table(title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""))
+    t.add_column("section")
     t.add_column("metric")
     t.add_column("original", justify="right")
     t.add_column("compressed", justify="right")
-    t.add_column("change", max_width=60)
+    t.add_column("change")
     size = rep.size or {}
     ratio = size.get("compression_ratio")
     t.add_row(
@@ -374,12 +357,12 @@ def _report_table(rep: Any) -> Any:
 
 
 def _available_rows(
-    t: Any, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple[str, ...]]]
+    t: Table, section: str, data: dict[str, Any] | None, rows: Callable[[dict[str, Any]], list[tuple[str, ...]]]
 ) -> None:
     if not data:
         t.add_row(section, "—", "", "", "not measured")
     elif not data.get("available", True):
-        t.add_row(section, "—", "", "", f"[dim]{data.get('reason') or 'not available'}[/]")
+        t.add_row(section, "—", "", "", data.get("reason") or "not available")
     else:
         for i, row in enumerate(rows(data)):
             t.add_row(section if i == 0 else "", *row)
@@ -432,13 +415,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
             model = mp.upload_model(args.path, name=args.name)
             _print_json(model)
             return EXIT_OK
-        with _transfer_progress() as bar:
-            task = bar.add_task(f"upload {args.path}", total=None)
-            model = mp.upload_model(
-                args.path, name=args.name, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
-            )
-    _out().print(
-        f"model [bold]{model.id}[/] uploaded: {model.name}, {model.format}, "
+        with _transfer_progress(f"upload {args.path}") as bar:
+            model = mp.upload_model(args.path, name=args.name, on_progress=bar.update)
+    _print(
+        f"model {model.id} uploaded: {model.name}, {model.format}, "
         f"{model.architecture or 'no architecture'}, {model.parameters:,} parameters, {_size(model.size_bytes)}"
     )
     return EXIT_OK
@@ -449,13 +429,10 @@ def cmd_upload_dataset(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(mp.create_dataset(args.path, name=args.name))
             return EXIT_OK
-        with _transfer_progress() as bar:
-            task = bar.add_task(f"upload {args.path}", total=None)
-            ds = mp.create_dataset(
-                args.path, name=args.name, on_progress=lambda sent, total: bar.update(task, completed=sent, total=total)
-            )
+        with _transfer_progress(f"upload {args.path}") as bar:
+            ds = mp.create_dataset(args.path, name=args.name, on_progress=bar.update)
     labels = f", labels {ds.labels}" if ds.labeled else ""
-    _out().print(f"dataset [bold]{ds.id}[/] uploaded: {ds.name}, {ds.format}, {ds.samples:,} samples{labels}")
+    _print(f"dataset {ds.id} uploaded: {ds.name}, {ds.format}, {ds.samples:,} samples{labels}")
     return EXIT_OK
 
 
@@ -466,17 +443,15 @@ def _wait(mp: Any, args: argparse.Namespace, job_id: str) -> int:
         if args.json:
             job = mp.wait(job_id, timeout=args.timeout, poll_interval=args.poll)
         else:
-            from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+            from modelpress._term import StageBar
 
-            with Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=_err()
-            ) as live:
-                task = live.add_task(f"job {job_id}", total=1.0)
+            # The live line on stderr: a tqdm bar on a terminal, else the last stage line at the end.
+            with StageBar(f"job {job_id}") as live:
                 job = mp.wait(
                     job_id,
                     timeout=args.timeout,
                     poll_interval=args.poll,
-                    on_progress=lambda j: live.update(task, completed=j.progress.fraction, description=_stage_line(j)),
+                    on_progress=lambda j: live.update(j.progress.fraction, _stage_line(j)),
                 )
     except WaitTimeout as e:
         _report_job(args, e.job)
@@ -502,7 +477,7 @@ def _report_job(args: argparse.Namespace, job: Any) -> None:
     if args.json:
         _print_json(job)
     else:
-        _out().print(_job_table(job))
+        _print(_job_table(job))
 
 
 def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -529,7 +504,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(est)
     else:
-        _out().print(_estimate_table(est))
+        _print(_estimate_table(est))
     return EXIT_OK
 
 
@@ -547,20 +522,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
         )
         if args.wait:
             if not args.json:
-                _err().print(f"job [bold]{job.id}[/] submitted ({job.queue} queue)")
+                _eprint(f"job {job.id} submitted ({job.queue} queue)")
             return _wait(mp, args, job.id)
     if args.json:
         _print_json(job)
     else:
-        _out().print(
-            f"job [bold]{job.id}[/] {job.status} ({job.queue} queue): {_steps_text(job.steps)}\n"
+        _print(
+            f"job {job.id} {job.status} ({job.queue} queue): {_steps_text(job.steps)}\n"
             f"follow it: modelpress status {job.id}   or: modelpress wait {job.id}"
         )
     return EXIT_OK
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from modelpress._term import Table
 
     with _client(args) as mp:
         jobs = list(mp.jobs(status=args.status, limit=args.limit))
@@ -569,7 +544,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return EXIT_OK
     t = Table()
     for col in ("id", "name", "status", "progress", "steps", "created", "artifact"):
-        t.add_column(col, no_wrap=col in ("id", "created"))
+        t.add_column(col)
     for j in jobs:
         t.add_row(
             j.id,
@@ -580,10 +555,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
             _size(j.artifact.size_bytes) if j.artifact else "",
         )
-    out = _out()
-    out.print(t)
+    _print(t)
     if not jobs:
-        out.print("no jobs" + (f" with status {args.status}" if args.status else ""))
+        _print("no jobs" + (f" with status {args.status}" if args.status else ""))
     return EXIT_OK
 
 
@@ -614,13 +588,10 @@ def cmd_download(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(mp.download(args.job, dest))
             return EXIT_OK
-        with _transfer_progress() as bar:
-            task = bar.add_task(f"download {args.job[:8]}", total=None)
-            got = mp.download(
-                args.job, dest, on_progress=lambda done, total: bar.update(task, completed=done, total=total)
-            )
+        with _transfer_progress(f"download {args.job[:8]}") as bar:
+            got = mp.download(args.job, dest, on_progress=bar.update)
     resumed = f", resumed at {_size(got.resumed_from)}" if got.resumed_from else ""
-    _out().print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} verified{resumed})")
+    _print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} verified{resumed})")
     return EXIT_OK
 
 
@@ -633,18 +604,17 @@ def cmd_report(args: argparse.Namespace) -> int:
             if args.json:
                 _print_json({"url": url})
             else:
-                _out().print(url, soft_wrap=True)
+                _print(url)
             webbrowser.open(url)
             return EXIT_OK
         rep = mp.report(args.job)
     if args.json:
         _print_json(rep)
     else:
-        out = _out()
-        out.print(_report_table(rep))
+        _print(_report_table(rep))
         note = (rep.speed or {}).get("note")
         if note:
-            out.print(f"[dim]speed: {note}[/]")
+            _print(f"speed: {note}")
     return EXIT_OK
 
 
@@ -669,11 +639,11 @@ def print_keys(keys: list[Any], as_json: bool) -> None:
     if as_json:
         _print_json(rows)
         return
-    from rich.table import Table
+    from modelpress._term import Table
 
     t = Table()
     for col in ("id", "prefix", "tenant", "scopes", "created", "revoked"):
-        t.add_column(col, no_wrap=col in ("id", "prefix", "created", "revoked"))
+        t.add_column(col)
     for k in rows:
         t.add_row(
             k["id"],
@@ -683,10 +653,9 @@ def print_keys(keys: list[Any], as_json: bool) -> None:
             str(k["created_at"])[:19].replace("T", " "),
             str(k["revoked_at"] or "")[:19].replace("T", " "),
         )
-    out = _out()
-    out.print(t)
+    _print(t)
     if not rows:
-        out.print("no keys")
+        _print("no keys")
 
 
 def print_revoked(key: Any, as_json: bool) -> None:
@@ -694,7 +663,7 @@ def print_revoked(key: Any, as_json: bool) -> None:
     if as_json:
         _print_json(k)
     else:
-        _out().print(f"key {k['prefix']} (id {k['id']}, tenant {k['tenant']}) revoked at {k['revoked_at']}")
+        _print(f"key {k['prefix']} (id {k['id']}, tenant {k['tenant']}) revoked at {k['revoked_at']}")
 
 
 def print_created(key: Any, as_json: bool) -> None:
