@@ -233,7 +233,7 @@ def test_typed_errors(mp: Client, finished: dict[str, Any], embedded) -> None:
     with Client(embedded.service.url, embedded.other_key) as plain, pytest.raises(Forbidden) as e:
         plain.create_key("someone")
     assert (e.value.status, e.value.code) == (403, "admin_required")
-    listed = mp.keys()  # the SDK's key listing, not a dict's
+    listed = list(mp.keys())  # the SDK's key listing (an iterator), not a dict's
     assert {k.tenant for k in listed} == {"default"} and any("admin" in k.scopes for k in listed)
 
 
