@@ -45,7 +45,7 @@ import pytest
 
 from tests.helpers import safetensors_bytes, wait_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 SEED = 20261129

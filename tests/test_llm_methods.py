@@ -230,6 +230,7 @@ def _report(c, model_id: str, step: dict, data: str, evaluation: dict) -> dict:
     return c.get(f"/v1/jobs/{job['id']}/report").json()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, tmp_path):
     """The papers' ordering on a tiny Llama trained for a few seconds, measured by the jobs' own
