@@ -266,7 +266,7 @@ def test_cli_and_sdk_through_the_api(replicas: Replicas):
         assert mp.revoke_key(created.key).revoked  # a whole key: only its prefix is sent
         assert mp.revoke_key(created).revoked_at == mp.revoke_key(created.id).revoked_at
         with Client(replicas.a.url, replicas.a.cli("keys", "create", "--tenant", _tenant())) as user:
-            listed = user.keys()  # the SDK's key listing, not a dict's
+            listed = list(user.keys())  # the SDK's key listing (an iterator), not a dict's
             assert [k.tenant for k in listed] and all(not k.revoked for k in listed)
             with pytest.raises(Forbidden) as e:
                 user.revoke_key(created.id)
