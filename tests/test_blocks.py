@@ -145,7 +145,7 @@ def _skip_without_accelerator(method: str) -> None:
 @pytest.mark.parametrize("shard", [model_io.DEFAULT_SHARD_BYTES, 20_000], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("method", list(CALIBRATED))
 def test_block_save_equals_whole_save(llama, tmp_path, method, shard):
-    """The block path's save (module by module, ct_format.save_offloaded) writes what the in-memory
+    """The block path's save (module by module, ct_offload.save_offloaded) writes what the in-memory
     path's save_pretrained writes: every tensor bit for bit, config.json (quantization_config,
     sparsity_config) key for key, the same files, the same shard index."""
     _skip_without_accelerator(method)

@@ -593,10 +593,9 @@ def test_streamed_equals_in_memory(tiny, tmp_path, monkeypatch, model, steps, sm
 def test_streamed_step_is_chosen_and_reads_no_weight_twice(tiny, tmp_path):
     """The registry gives the method a streaming form (so a job of data-free steps with it takes
     the stream path), and its pre-pass reads only the weights it scores, once each."""
-    from worker import methods
+    from worker import methods, shards
     from worker import stream as engine
-    from worker.stream import shards
-    from worker.stream.sinks import ZipSink
+    from worker.sinks import ZipSink
 
     spec = methods.get("prune.structured")
     assert spec.stream is not None
@@ -633,7 +632,7 @@ def test_streamed_refusals_and_fallback(tiny, tmp_path):
 
     from worker import methods
     from worker import stream as engine
-    from worker.stream.sinks import ZipSink
+    from worker.sinks import ZipSink
 
     spec = methods.get("prune.structured")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from core.storage import Storage
-from worker.stream.sinks import FileSink, ZipSink
+from worker.sinks import FileSink, ZipSink
 
 pytestmark = pytest.mark.unit
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from worker import evaluate, methods, model_io, pipeline
 from worker import stream as engine
-from worker.stream.shards import ShardReader
-from worker.stream.sinks import FileSink, ZipSink
+from worker.shards import ShardReader
+from worker.sinks import FileSink, ZipSink
 
 MANIFEST = {"modelpress_manifest": 1, "test": True}
 

@@ -41,7 +41,6 @@ from core.methods._ct import CONV1D_REFUSAL, RUNS_DECOMPRESSED
 from worker.context import MethodContext
 
 # The block path's save (module by module) is worker/ct_offload.py's; its names stay importable here.
-from worker.ct_offload import offloaded_save_refusal, save_offloaded  # noqa: F401
 
 
 def quantize_linear_layers(
