@@ -11,7 +11,7 @@ parser with :func:`add_client_commands`; the logic is here, on :class:`modelpres
     modelpress status JOB
     modelpress wait JOB [--timeout S]
     modelpress cancel JOB
-    modelpress download JOB [-o DEST]
+    modelpress download JOB [-o DEST] [--file NAME]    (also: modelpress jobs download ...)
     modelpress report JOB [--open [--ttl S]]
     modelpress keys list [--tenant NAME | --all] [--limit N]      (with --url / --api-key: through the API)
     modelpress keys create --tenant NAME [--admin]
@@ -57,7 +57,8 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EX
 
 EPILOG = """\
 client commands (talk to a running service over HTTP):
-  upload, upload-dataset, compress, jobs, jobs estimate, status, wait, cancel, download, report;
+  upload, upload-dataset, compress, jobs, jobs estimate, jobs download, status, wait, cancel, download,
+  report;
   keys list|create|revoke when given --url or --api-key (without: on the server's database)
   The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
   (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
@@ -579,19 +580,26 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
+    import functools
     from pathlib import Path
 
     dest = Path(args.output)
     if args.output.endswith(("/", "\\")) or args.output in (".", "..") or not dest.suffix:
         dest.mkdir(parents=True, exist_ok=True)  # a folder: the artifact keeps its own name
     with _client(args) as mp:
+        if args.file:
+            fetch = functools.partial(mp.download_file, args.job, args.file, dest)
+        else:
+            fetch = functools.partial(mp.download, args.job, dest)
         if args.json:
-            _print_json(mp.download(args.job, dest))
+            _print_json(fetch())
             return EXIT_OK
         with _transfer_progress(f"download {args.job[:8]}") as bar:
-            got = mp.download(args.job, dest, on_progress=bar.update)
+            got = fetch(on_progress=bar.update)
     resumed = f", resumed at {_size(got.resumed_from)}" if got.resumed_from else ""
-    _print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} verified{resumed})")
+    # A file of a zip is checked against the zip's CRC-32 (no sha256 of it exists on the server).
+    checked = "verified" if not args.file else "(checked against the server's sha256 or CRC-32)"
+    _print(f"saved {got.path} ({_size(got.size_bytes)}, sha256 {got.sha256} {checked}{resumed})")
     return EXIT_OK
 
 
@@ -850,13 +858,13 @@ def _add_jobs_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None
     p = add(
         "jobs",
         cmd_jobs,
-        "list jobs, newest first; `jobs estimate` plans a job without running it",
+        "list jobs, newest first; `jobs estimate` plans a job without running it; `jobs download` gets its artifact",
         "examples:\n  modelpress jobs --status running --limit 50\n"
         "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval",
     )
     p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
     p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
-    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{estimate}")
+    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{estimate,download}")
     help_ = "a job's plan without running it: peak memory, scratch disk, artifact bytes, seconds"
     e = jobs_sub.add_parser(
         "estimate",
@@ -874,6 +882,17 @@ def _add_jobs_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None
     e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
     e.add_argument("--no-eval", action="store_true", help="plan without the report's evaluation")
+
+    d = jobs_sub.add_parser(
+        "download",
+        parents=common,
+        help=_DOWNLOAD_HELP,
+        description=_DOWNLOAD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_DOWNLOAD_EPILOG,
+    )
+    d.set_defaults(fn=_command(cmd_download))
+    _download_args(d)
 
 
 def _add_job_commands(add: _Add) -> None:
@@ -899,15 +918,16 @@ def _add_job_commands(add: _Add) -> None:
     p.add_argument("job", metavar="JOB")
 
 
-def _add_result_commands(add: _Add) -> None:
-    """download and report: what a succeeded job made."""
-    p = add(
-        "download",
-        cmd_download,
-        "download a succeeded job's artifact (resumable, sha256-verified)",
-        "Writes DEST.part first and renames it once its sha256 matches; run again to resume a broken download.\n"
-        "example: modelpress download JOB -o out/   (out/model.zip, or out/model.safetensors)",
-    )
+_DOWNLOAD_HELP = "download a succeeded job's artifact (resumable, sha256-verified)"
+_DOWNLOAD_EPILOG = (
+    "Writes DEST.part (and DEST.part.etag, the artifact it holds) and renames it once its sha256 matches;\n"
+    "run again to resume a broken download (a .part of another artifact starts over, never appended to).\n"
+    "example: modelpress jobs download JOB -o out/   (out/model.zip, or out/model.safetensors)\n"
+    "         modelpress download JOB -o out/        (the same)"
+)
+
+
+def _download_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", metavar="JOB")
     p.add_argument(
         "-o",
@@ -916,6 +936,17 @@ def _add_result_commands(add: _Add) -> None:
         metavar="DEST",
         help="a folder (default: the current one; created if missing), or a file path with a suffix",
     )
+    p.add_argument(
+        "--file",
+        metavar="NAME",
+        help="only this file of the artifact (e.g. config.json; GET /v1/jobs/JOB/artifact/files lists them)",
+    )
+
+
+def _add_result_commands(add: _Add) -> None:
+    """download and report: what a succeeded job made."""
+    p = add("download", cmd_download, _DOWNLOAD_HELP, _DOWNLOAD_EPILOG)
+    _download_args(p)
 
     p = add(
         "report",

@@ -36,9 +36,14 @@ to the artifact's file name in it (the job's ``artifact.filename``, the name the
 in ``Content-Disposition``; known before the first byte, so a ``.part`` can be found again). They
 write ``<dest>.part`` and rename it into place only once its sha256 equals the artifact's (the
 ``ETag``, which is the job's ``artifact.sha256``). A
-``.part`` left by an earlier attempt is resumed: its bytes are hashed, then the rest is asked for
-with ``Range: bytes=<size>-`` and ``If-Range: "<sha256>"``; a 200 answer (the server ignored the
-range) starts over. A file that does not verify is deleted and ``ChecksumMismatch`` raised.
+``.part`` left by an earlier attempt is resumed only if ``<dest>.part.etag`` (written before the
+first byte of the ``.part``) names this artifact's ETag, so a ``.part`` of another artifact is
+never appended to (it starts over): its bytes are hashed, then the rest is asked for with
+``Range: bytes=<size>-`` and ``If-Range: "<sha256>"``; a 200 answer (the server ignored the range,
+or the tag did not match) starts over. A file that does not verify is deleted and
+``ChecksumMismatch`` raised. When the server redirects to a presigned object-storage URL (307), the
+bytes come from there (``Range`` without the API key or ``If-Range``: the store's ETag is not the
+sha256); a failure there asks the API again for a fresh URL.
 
 Links (``report_link``, ``sweep_link``) are absolute: a service without a configured public base
 URL (a cluster without ``MODELPRESS_PUBLIC_BASE_URL``) answers a path, which the client completes
@@ -59,6 +64,7 @@ Importing this module imports httpx and pydantic, never torch or the server's co
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import email.utils
 import hashlib
@@ -67,11 +73,13 @@ import random
 import re
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Generic, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel
@@ -290,19 +298,29 @@ def _no_body(_r: httpx.Response) -> None:
     return None
 
 
+def _response(r: httpx.Response) -> httpx.Response:
+    """The result of a call whose headers are what is wanted (a HEAD)."""
+    return r
+
+
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
 @dataclass
 class _DownloadState:
-    """A download in progress: where it goes, what it must hash to, and how far it got."""
+    """A download in progress: where it goes, the ETag its ``.part`` is of, what it must hash to
+    (``expected``, a sha256; or, for a file inside a zip artifact, ``crc32``), how far it got."""
 
     target: Path
     part: Path
-    expected: str
+    expected: str | None
     total: int
+    etag: str = ""  # quoted; "" before the server named one
+    crc32: int | None = None
+    etag_is_sha: bool = True  # the whole artifact: its ETag is its sha256
     hasher: Any = field(default_factory=hashlib.sha256)
+    crc: int = 0
     offset: int = 0
     resumed_from: int = 0
     on_progress: ProgressFn | None = None
@@ -310,43 +328,102 @@ class _DownloadState:
     @classmethod
     def plan(cls, job: Job, dest: str | os.PathLike[str], on_progress: ProgressFn | None) -> _DownloadState:
         assert job.artifact is not None
+        sha = job.artifact.sha256
+        return cls.start(
+            cls._target(dest, job.artifact.filename), sha, job.artifact.size_bytes, f'"{sha}"', None, True, on_progress
+        )
+
+    @staticmethod
+    def _target(dest: str | os.PathLike[str], filename: str | None) -> Path:
         target = Path(dest)
         if target.is_dir():
-            target = target / _safe_filename(job.artifact.filename)
+            target = target / _safe_filename(filename)
         target.parent.mkdir(parents=True, exist_ok=True)
+        return target
+
+    @classmethod
+    def start(
+        cls,
+        target: Path,
+        expected: str | None,
+        total: int,
+        etag: str,
+        crc32: int | None,
+        etag_is_sha: bool,
+        on_progress: ProgressFn | None,
+    ) -> _DownloadState:
         st = cls(
             target,
             target.with_name(target.name + ".part"),
-            job.artifact.sha256,
-            job.artifact.size_bytes,
+            expected,
+            total,
+            etag=etag,
+            crc32=crc32,
+            etag_is_sha=etag_is_sha,
             on_progress=on_progress,
         )
         if st.part.exists():
             size = st.part.stat().st_size
-            if 0 < size <= st.total:
+            # Resumed only when <dest>.part.etag says the bytes are of this very representation: a
+            # .part of another job's artifact (or of unknown origin) is never appended to.
+            if 0 < size <= st.total and st._recorded_etag() == st.etag:
                 with st.part.open("rb") as f:
                     while chunk := f.read(_CHUNK):
-                        st.hasher.update(chunk)
+                        st._hash(chunk)
                 st.offset = st.resumed_from = size
             else:
-                st.part.unlink()
+                st.restart()
+        else:
+            st.etag_file.unlink(missing_ok=True)
         return st
+
+    @property
+    def etag_file(self) -> Path:
+        """``<dest>.part.etag``: the ETag of what the ``.part`` holds the first bytes of."""
+        return self.part.with_name(self.part.name + ".etag")
+
+    def _recorded_etag(self) -> str | None:
+        try:
+            return self.etag_file.read_text().strip() or None
+        except (OSError, UnicodeDecodeError):
+            return None
+
+    def _hash(self, chunk: bytes) -> None:
+        self.hasher.update(chunk)
+        self.crc = zlib.crc32(chunk, self.crc)
 
     def restart(self) -> None:
         self.part.unlink(missing_ok=True)
-        self.hasher, self.offset, self.resumed_from = hashlib.sha256(), 0, 0
+        self.etag_file.unlink(missing_ok=True)
+        self.hasher, self.crc, self.offset, self.resumed_from = hashlib.sha256(), 0, 0, 0
 
-    def headers(self) -> dict[str, str]:
+    def headers(self, *, conditional: bool = True) -> dict[str, str]:
+        """``Range`` from the offset, with ``If-Range`` (the API's ETag); ``conditional=False`` for
+        a presigned object-storage URL, whose own ETag is not the artifact's sha256."""
         if not self.offset:
             return {}
-        return {"Range": f"bytes={self.offset}-", "If-Range": f'"{self.expected}"'}
+        h = {"Range": f"bytes={self.offset}-"}
+        if conditional and self.etag:
+            h["If-Range"] = self.etag
+        return h
 
-    def accept(self, resp: httpx.Response) -> str | None:
+    def request(self, http: httpx.Client | httpx.AsyncClient, path: str, location: str | None) -> httpx.Request:
+        """The next GET: the API's route, or the presigned URL it redirected to (sent without the
+        API key: object storage refuses a second authentication)."""
+        if location is None:
+            return http.build_request("GET", path, headers=self.headers())
+        req = http.build_request("GET", location, headers=self.headers(conditional=False))
+        req.headers.pop("Authorization", None)
+        return req
+
+    def accept(self, resp: httpx.Response, *, from_api: bool = True) -> str | None:
         """Check a 2xx answer against the plan: the mode to open the .part with, or None to ask
         again from the start (a range that is not the one asked for)."""
-        etag = _etag_sha(resp.headers.get("etag"))
+        etag = resp.headers.get("etag") if from_api else None
         if etag:
-            self.expected = etag
+            self.etag = etag.strip()
+            if self.etag_is_sha:
+                self.expected = _etag_sha(etag)
         if resp.status_code == 206:
             m = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
             if m and int(m.group(1)) == self.offset:
@@ -354,26 +431,56 @@ class _DownloadState:
             self.restart()
             return None
         self.restart()  # the whole file: the server ignored the range (or If-Range did not match)
+        if self.etag:
+            self.etag_file.write_text(self.etag)  # before the first byte of the .part
         return "wb"
 
     def wrote(self, chunk: bytes) -> None:
-        self.hasher.update(chunk)
+        self._hash(chunk)
         self.offset += len(chunk)
         if self.on_progress is not None:
             self.on_progress(self.offset, self.total)
 
     def finish(self) -> Download:
         actual = self.hasher.hexdigest()
-        if actual != self.expected:
-            self.part.unlink(missing_ok=True)
-            raise ChecksumMismatch(
-                f"{self.target.name}: sha256 {actual} does not match the artifact's {self.expected}; "
-                f"the partial file was deleted, download again",
-                self.expected,
-                actual,
+        if self.expected is not None and actual != self.expected:
+            self._mismatch(f"sha256 {actual} does not match the artifact's {self.expected}", self.expected, actual)
+        if self.expected is None and self.crc32 is not None and self.crc != self.crc32:
+            self._mismatch(
+                f"CRC-32 {self.crc:08x} does not match the zip's {self.crc32:08x}",
+                f"crc32:{self.crc32:08x}",
+                f"crc32:{self.crc:08x}",
             )
         os.replace(self.part, self.target)
+        self.etag_file.unlink(missing_ok=True)
         return Download(path=self.target, size_bytes=self.offset, sha256=actual, resumed_from=self.resumed_from)
+
+    def _mismatch(self, what: str, expected: str, actual: str) -> None:
+        self.restart()
+        raise ChecksumMismatch(
+            f"{self.target.name}: {what}; the partial file was deleted, download again", expected, actual
+        )
+
+
+def _file_state(
+    head: httpx.Response, name: str, dest: str | os.PathLike[str], on_progress: ProgressFn | None
+) -> _DownloadState:
+    """The plan of ``download_file`` from the HEAD of the file: its ETag, size and digest (the
+    RFC 9530 ``Repr-Digest`` sha-256 of a single-file artifact, else a zip entry's CRC-32)."""
+    sha = None
+    m = re.search(r"sha-256=:([A-Za-z0-9+/=]+):", head.headers.get("repr-digest", ""))
+    if m:
+        sha = base64.b64decode(m.group(1)).hex()
+    crc = head.headers.get("modelpress-crc32")
+    return _DownloadState.start(
+        _DownloadState._target(dest, name),
+        sha,
+        int(head.headers.get("content-length", "0")),
+        head.headers.get("etag", "").strip(),
+        int(crc, 16) if crc else None,
+        False,
+        on_progress,
+    )
 
 
 class _BaseClient:
@@ -807,15 +914,35 @@ class Client(_BaseClient):
             if job.artifact is None:
                 raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
         st = _DownloadState.plan(job, dest, on_progress)
-        attempt = 0
+        return self._fetch(st, f"/v1/jobs/{jid}/artifact")
+
+    def download_file(
+        self, job_id: str | Job, name: str, dest: str | os.PathLike[str], *, on_progress: ProgressFn | None = None
+    ) -> Download:
+        """Download one file of a succeeded job's artifact (``config.json``, a weight file...) to
+        ``dest`` (a file, or a directory: ``name`` in it), resuming ``<dest>.part`` when its
+        ``.etag`` is the file's, verified against the sha256 the server gives (``Repr-Digest``,
+        a single-file artifact) or else the zip entry's CRC-32 (``Modelpress-CRC32``)."""
+        path = f"/v1/jobs/{_id(job_id)}/artifact/files/{quote(name, safe='')}"
+        head = self._send(_Call("HEAD", path, _response))
+        return self._fetch(_file_state(head, name, dest, on_progress), path)
+
+    def _fetch(self, st: _DownloadState, path: str) -> Download:
+        """GET ``path`` into ``st``'s .part (resuming, following a redirect to object storage,
+        retrying), then verify and rename it."""
+        attempt, location = 0, None
         while st.offset < st.total or st.offset == 0:
             try:
-                with self._http.stream("GET", f"/v1/jobs/{jid}/artifact", headers=st.headers()) as resp:
+                resp = self._http.send(st.request(self._http, path, location), stream=True)
+                try:
+                    if resp.is_redirect and location is None:  # presigned object-storage URL
+                        location = resp.headers["location"]
+                        continue
                     if resp.status_code == 416 and st.offset:
                         st.restart()
                         continue
                     if resp.is_success:
-                        mode = st.accept(resp)
+                        mode = st.accept(resp, from_api=location is None)
                         if mode is None:
                             continue
                         with st.part.open(mode) as f:
@@ -825,12 +952,17 @@ class Client(_BaseClient):
                         break
                     resp.read()
                     delay = self._retry_delay(attempt, response=resp)
+                    if location is not None and attempt < self.max_retries:
+                        delay = 0.0  # the presigned URL failed (expired?): ask the API for a fresh one
                     if delay is None:
                         raise APIError.from_response(resp)
+                finally:
+                    resp.close()
             except httpx.TransportError as e:
                 delay = self._retry_delay(attempt, error=e, resendable=True)
                 if delay is None:
-                    raise self._transport_error(e, self._url(f"/v1/jobs/{jid}/artifact"), attempt + 1) from e
+                    raise self._transport_error(e, self._url(path), attempt + 1) from e
+            location = None  # a retry asks the API again (a presigned URL may have expired)
             attempt += 1
             time.sleep(delay)
         return st.finish()
@@ -1098,15 +1230,29 @@ class AsyncClient(_BaseClient):
             if job.artifact is None:
                 raise APIError(409, "artifact_not_ready", "Conflict", f"job {jid} has no artifact")
         st = _DownloadState.plan(job, dest, on_progress)
-        attempt = 0
+        return await self._fetch(st, f"/v1/jobs/{jid}/artifact")
+
+    async def download_file(
+        self, job_id: str | Job, name: str, dest: str | os.PathLike[str], *, on_progress: ProgressFn | None = None
+    ) -> Download:
+        path = f"/v1/jobs/{_id(job_id)}/artifact/files/{quote(name, safe='')}"
+        head = await self._send(_Call("HEAD", path, _response))
+        return await self._fetch(_file_state(head, name, dest, on_progress), path)
+
+    async def _fetch(self, st: _DownloadState, path: str) -> Download:
+        attempt, location = 0, None
         while st.offset < st.total or st.offset == 0:
             try:
-                async with self._http.stream("GET", f"/v1/jobs/{jid}/artifact", headers=st.headers()) as resp:
+                resp = await self._http.send(st.request(self._http, path, location), stream=True)
+                try:
+                    if resp.is_redirect and location is None:  # presigned object-storage URL
+                        location = resp.headers["location"]
+                        continue
                     if resp.status_code == 416 and st.offset:
                         st.restart()
                         continue
                     if resp.is_success:
-                        mode = st.accept(resp)
+                        mode = st.accept(resp, from_api=location is None)
                         if mode is None:
                             continue
                         with st.part.open(mode) as f:
@@ -1116,12 +1262,17 @@ class AsyncClient(_BaseClient):
                         break
                     await resp.aread()
                     delay = self._retry_delay(attempt, response=resp)
+                    if location is not None and attempt < self.max_retries:
+                        delay = 0.0  # the presigned URL failed (expired?): ask the API for a fresh one
                     if delay is None:
                         raise APIError.from_response(resp)
+                finally:
+                    await resp.aclose()
             except httpx.TransportError as e:
                 delay = self._retry_delay(attempt, error=e, resendable=True)
                 if delay is None:
-                    raise self._transport_error(e, self._url(f"/v1/jobs/{jid}/artifact"), attempt + 1) from e
+                    raise self._transport_error(e, self._url(path), attempt + 1) from e
+            location = None  # a retry asks the API again (a presigned URL may have expired)
             attempt += 1
             await asyncio.sleep(delay)
         return st.finish()

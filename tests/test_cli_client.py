@@ -117,9 +117,13 @@ def test_download_and_report(embedded, cli_job: dict[str, Any], tmp_path: Path) 
     data = artifact.read_bytes()
     artifact.unlink()
     (out / "model.zip.part").write_bytes(data[: len(data) // 2])
-    got = run_json(embedded, "download", job["id"], "-o", str(out))
+    (out / "model.zip.part.etag").write_text(f'"{job["artifact"]["sha256"]}"')  # the artifact it holds
+    got = run_json(embedded, "jobs", "download", job["id"], "-o", str(out))
     assert got["resumed_from"] == len(data) // 2 and got["sha256"] == job["artifact"]["sha256"]
-    assert artifact.read_bytes() == data
+    assert artifact.read_bytes() == data and not (out / "model.zip.part.etag").exists()
+    # One file of the artifact.
+    got = run_json(embedded, "jobs", "download", job["id"], "--file", "config.json", "-o", str(tmp_path / "one"))
+    assert (tmp_path / "one" / "config.json").read_bytes() == zipfile.ZipFile(artifact).read("config.json")
 
     rep = run(embedded, "report", job["id"])
     assert rep.returncode == 0, rep.stderr

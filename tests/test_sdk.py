@@ -174,6 +174,8 @@ def test_download_resume_and_verification(mp: Client, finished: dict[str, Any], 
         dest = tmp_path / "resumed.zip"
         half = len(data) // 2
         dest.with_name("resumed.zip.part").write_bytes(data[:half])
+        tag = f'"{job.artifact.sha256}"'  # <dest>.part.etag: the artifact the .part is of
+        dest.with_name("resumed.zip.part.etag").write_text(tag)
         ranges.clear()
         got = c.download(job.id, dest)
         assert ranges == [f"bytes={half}-"]
@@ -183,17 +185,20 @@ def test_download_resume_and_verification(mp: Client, finished: dict[str, Any], 
         # A complete .part is verified and renamed without asking for any bytes.
         dest.unlink()
         dest.with_name("resumed.zip.part").write_bytes(data)
+        dest.with_name("resumed.zip.part.etag").write_text(tag)
         ranges.clear()
         assert c.download(job.id, dest).sha256 == job.artifact.sha256 and ranges == [] and dest.read_bytes() == data
 
         # A corrupted .part: the resumed file does not verify; it is deleted and nothing lands at dest.
         bad = tmp_path / "bad.zip"
         bad.with_name("bad.zip.part").write_bytes(bytes(b ^ 0xFF for b in data[:half]))
+        bad.with_name("bad.zip.part.etag").write_text(tag)
         ranges.clear()
         with pytest.raises(ChecksumMismatch) as e:
             c.download(job.id, bad)
         assert ranges == [f"bytes={half}-"] and e.value.expected == job.artifact.sha256
         assert not bad.exists() and not bad.with_name("bad.zip.part").exists()
+        assert not bad.with_name("bad.zip.part.etag").exists()
         assert c.download(job.id, bad).sha256 == job.artifact.sha256  # a fresh download then succeeds
 
 

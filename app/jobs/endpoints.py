@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -13,12 +12,13 @@ from app.auth import Caller, CurrentCaller
 from app.deps import PageLimit, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
-from app.jobs import events, service
+from app.jobs import downloads, events, service
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.routing import DirectRoute
 from core import signing
+from core.config import get_settings
 from core.db import HotRead, hot_reads_available, read_uow
-from core.errors import Conflict, ModelpressError, NotFound
+from core.errors import Conflict, NotFound
 from core.jobs import repository
 from core.jobs.schemas import (
     JobEstimate,
@@ -38,14 +38,8 @@ from core.tables import Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
 
-_RANGE_RE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
 # The Location of a created job, which clients (and schemathesis's stateful phase) follow.
 _LOCATION = {"Location": {"description": "`/v1/jobs/{id}`: where to poll the job", "schema": {"type": "string"}}}
-
-
-class RangeNotSatisfiable(ModelpressError):
-    status, code, title = 416, "range_not_satisfiable", "Range not satisfiable"
 
 
 @router.post(
@@ -284,81 +278,152 @@ _ARTIFACT_TYPES = {
     "application/zip": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
 }
+_FILE_TYPES = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+
+
+def _h(description: str, required: bool = True) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}, "required": required}
+
+
 _ARTIFACT_HEADERS = {
-    "ETag": {"description": "the artifact's sha256, quoted", "schema": {"type": "string"}, "required": True},
-    "Accept-Ranges": {"description": "`bytes`", "schema": {"type": "string"}, "required": True},
-    "Content-Disposition": {
-        "description": "`attachment; filename=...`",
-        "schema": {"type": "string"},
-        "required": True,
-    },
+    "ETag": _h("the artifact's sha256, quoted (strong)"),
+    "Repr-Digest": _h("RFC 9530: `sha-256=:<base64 of the sha256>:` of the whole artifact"),
+    "Accept-Ranges": _h("`bytes`"),
+    "Content-Disposition": _h("`attachment; filename=...`"),
+    "Content-Length": _h("bytes in this response's body (HEAD: that GET would send)"),
 }
-_CONTENT_RANGE = {
-    "Content-Range": {"description": "`bytes <start>-<end>/<size>`", "schema": {"type": "string"}, "required": True}
+_FILE_HEADERS = {
+    "ETag": _h("strong: sha256 of `<artifact sha256>/<name>` for a file of a zip; the artifact's for a single file"),
+    "Repr-Digest": _h("RFC 9530 sha-256 of the file: only for a single-file artifact", required=False),
+    "Modelpress-CRC32": _h("a zip entry's CRC-32 (8 hex digits) as the zip records it", required=False),
+    "Accept-Ranges": _h("`bytes`"),
+    "Content-Disposition": _h("`attachment; filename=...`"),
+    "Content-Length": _h("bytes in this response's body (HEAD: that GET would send)"),
 }
+_CONTENT_RANGE = {"Content-Range": _h("`bytes <start>-<end>/<size>`")}
+_NOT_MODIFIED = {"ETag": _h("the current ETag")}
+# `str`, not `str | None`: a header has no null, and a nullable schema invites "null".
+_RangeHeader = Annotated[
+    str, Header(alias="range", description="one `bytes=<start>-<end>` range; either end may be left out")
+]
+_IfNoneMatch = Annotated[
+    str, Header(alias="if-none-match", description="ETags (or `*`): 304 Not Modified when one matches")
+]
+_IfRange = Annotated[
+    str,
+    Header(alias="if-range", description="an ETag: the Range is honoured only if it is the current one, else 200"),
+]
+
+
+def _download_responses(
+    types: dict[str, Any], headers: dict[str, Any], what: str, redirect: bool
+) -> dict[int | str, Any]:
+    out: dict[int | str, Any] = {
+        200: {"content": types, "headers": headers, "description": what},
+        206: {"content": types, "headers": {**headers, **_CONTENT_RANGE}, "description": f"Part of {what}"},
+        304: {"headers": _NOT_MODIFIED, "description": "Not modified: If-None-Match named the current ETag"},
+    }
+    if redirect:
+        out[307] = {
+            "headers": {"Location": _h("a presigned object-storage URL of the artifact"), **_NOT_MODIFIED},
+            "description": "With S3 storage and `storage_presign_downloads`: get the bytes from `Location`",
+        }
+    return {**out, **problem_responses(*API_ERRORS, 404, 409, 416)}
+
+
+def _succeeded(uow: Any, caller: Caller, job_id: str) -> Job:
+    job = service.get(uow, caller, job_id)
+    if job.status != "succeeded" or not job.artifact_key:
+        raise Conflict(f"the job is {job.status}; the artifact exists once it has succeeded", code="artifact_not_ready")
+    return job
+
+
+def _presigned(storage: Any, key: str) -> str | None:
+    """A presigned URL of the artifact when downloads are redirected (S3 storage and the setting)."""
+    settings = get_settings()
+    if not (getattr(settings, "storage_presign_downloads", False) and storage.is_s3):
+        return None
+    url: str | None = storage.presigned_url(key, settings.storage_presign_expiry_s)
+    return url
 
 
 @router.get(
     "/jobs/{job_id}/artifact",
     response_class=StreamingResponse,
-    responses={
-        200: {
-            "content": _ARTIFACT_TYPES,
-            "headers": _ARTIFACT_HEADERS,
-            "description": "The artifact: a zip (HF directory) or one safetensors file",
-        },
-        206: {
-            "content": _ARTIFACT_TYPES,
-            "headers": {**_ARTIFACT_HEADERS, **_CONTENT_RANGE},
-            "description": "Part of the artifact",
-        },
-        **problem_responses(*API_ERRORS, 404, 409, 416),
-    },
+    responses=_download_responses(
+        _ARTIFACT_TYPES, _ARTIFACT_HEADERS, "The artifact: a zip (HF directory) or one safetensors file", True
+    ),
+)
+@router.head(
+    "/jobs/{job_id}/artifact",
+    response_class=Response,
+    responses=_download_responses({}, _ARTIFACT_HEADERS, "The artifact's headers (no body)", False),
 )
 def download_artifact(
     job_id: str,
+    request: Request,
     caller: CurrentCaller,
     uow: UoW,
     storage: StorageDep,
-    # `str`, not `str | None`: a header has no null, and a nullable schema invites "null".
-    range_: Annotated[
-        str, Header(alias="range", description="one `bytes=<start>-<end>` range; either end may be left out")
-    ] = None,  # type: ignore[assignment]
-) -> StreamingResponse:
-    """Download the result: a zip of a Hugging Face directory, or one safetensors file."""
-    job = service.get(uow, caller, job_id)
-    if job.status != "succeeded" or not job.artifact_key:
-        raise Conflict(f"the job is {job.status}; the artifact exists once it has succeeded", code="artifact_not_ready")
-    size = job.artifact_size_bytes
-    etag = f'"{job.artifact_sha256}"'
-    headers = {
-        "ETag": etag,
-        "Accept-Ranges": "bytes",
-        "Content-Disposition": f'attachment; filename="{job.artifact_filename}"',
-    }
-    start, end, status = 0, size - 1, 200
-    if range_:
-        m = _RANGE_RE.match(range_.strip())
-        if not m or (m.group(1) == "" and m.group(2) == ""):
-            raise RangeNotSatisfiable(
-                "only a single 'bytes=start-end' range is supported", headers={"Content-Range": f"bytes */{size}"}
-            )
-        if m.group(1) == "":  # suffix range: the last N bytes
-            start = max(0, size - int(m.group(2)))
-        else:
-            start = int(m.group(1))
-            if m.group(2):
-                end = min(int(m.group(2)), size - 1)
-        if start > end or start >= size:
-            raise RangeNotSatisfiable(f"range outside 0-{size - 1}", headers={"Content-Range": f"bytes */{size}"})
-        status = 206
-        headers["Content-Range"] = f"bytes {start}-{end}/{size}"
-    headers["Content-Length"] = str(end - start + 1)
-    return StreamingResponse(
-        storage.iter_range(job.artifact_key, start, end),
-        status_code=status,
-        headers=headers,
-        media_type="application/zip" if job.artifact_filename.endswith(".zip") else "application/octet-stream",
+    range_: _RangeHeader = None,  # type: ignore[assignment]
+    if_none_match: _IfNoneMatch = None,  # type: ignore[assignment]
+    if_range: _IfRange = None,  # type: ignore[assignment]
+) -> Response:
+    """Download the result: a zip of a Hugging Face directory, or one safetensors file
+    (docs/API_DOWNLOADS.md: Range, If-None-Match, If-Range, Repr-Digest; HEAD for the headers)."""
+    job = _succeeded(uow, caller, job_id)
+    redirect = _presigned(storage, job.artifact_key) if request.method == "GET" else None
+    return downloads.serve(
+        downloads.whole(job, storage),
+        method=request.method,
+        range_=range_,
+        if_none_match=if_none_match,
+        if_range=if_range,
+        redirect=redirect,
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/artifact/files",
+    response_model=downloads.ArtifactFiles,
+    responses=problem_responses(*API_ERRORS, 404, 409),
+)
+def list_artifact_files(job_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> downloads.ArtifactFiles:
+    """The files in the artifact (a zip's entries, or the one safetensors file): name, size, ETag."""
+    job = _succeeded(uow, caller, job_id)
+    return downloads.list_files(job, storage)
+
+
+@router.get(
+    "/jobs/{job_id}/artifact/files/{name}",
+    response_class=StreamingResponse,
+    responses=_download_responses(_FILE_TYPES, _FILE_HEADERS, "One file of the artifact", False),
+)
+@router.head(
+    "/jobs/{job_id}/artifact/files/{name}",
+    response_class=Response,
+    responses=_download_responses({}, _FILE_HEADERS, "One file's headers (no body)", False),
+)
+def download_artifact_file(
+    job_id: str,
+    name: str,
+    request: Request,
+    caller: CurrentCaller,
+    uow: UoW,
+    storage: StorageDep,
+    range_: _RangeHeader = None,  # type: ignore[assignment]
+    if_none_match: _IfNoneMatch = None,  # type: ignore[assignment]
+    if_range: _IfRange = None,  # type: ignore[assignment]
+) -> Response:
+    """One file of the artifact (`config.json`, `model.safetensors`, ...): a name is one path
+    segment (an artifact is flat); a weight file is served as a byte range of the zip, no copy."""
+    job = _succeeded(uow, caller, job_id)
+    return downloads.serve(
+        downloads.one_file(job, storage, name),
+        method=request.method,
+        range_=range_,
+        if_none_match=if_none_match,
+        if_range=if_range,
     )
 
 
