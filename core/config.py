@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,6 +29,28 @@ class Settings(BaseSettings):
     storage_url: str = ""
     # Redis key prefix for the broker; lets several deployments (or test runs) share one Redis.
     broker_key_prefix: str = ""
+
+    # Object storage (storage_url = "s3://bucket/prefix"; docs/STORAGE.md). Empty endpoint: AWS
+    # S3 itself (or botocore's AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL); any S3-compatible server
+    # otherwise, e.g. "http://127.0.0.1:8333". Empty region: botocore's own (AWS_DEFAULT_REGION,
+    # the shared config file). Empty keys: botocore's default credential chain (AWS_* variables,
+    # AWS_PROFILE and the shared credentials/config files, SSO, container and instance roles).
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    s3_addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: SecretStr = SecretStr("")
+    s3_session_token: SecretStr = SecretStr("")
+    # Puts and gets go in parts of s3_part_size_mb, at most s3_max_concurrency of them in flight
+    # at once: one transfer holds at most part size x concurrency bytes in memory (64 MB at the
+    # defaults). A put whose file would need over 10,000 parts (S3's limit: 160 GB at the
+    # default) uses larger parts, size / 10,000. A failed put aborts its multipart upload.
+    s3_part_size_mb: int = Field(default=16, ge=5, le=512)
+    s3_max_concurrency: int = Field(default=4, ge=1, le=16)
+    # Downloads of artifacts from S3 storage may be answered with a redirect to a presigned URL
+    # (the bytes never pass through the API), valid this many seconds.
+    storage_presign_downloads: bool = False
+    storage_presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 86400)
 
     max_upload_bytes: int = Field(default=20 * 1024**3, gt=0)
     max_json_file_bytes: int = Field(default=64 * 1024**2, gt=0)
@@ -166,6 +188,13 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite3'}"
         if not self.storage_url:
             self.storage_url = str(self.data_dir / "storage")
+        if bool(self.s3_access_key_id) != bool(self.s3_secret_access_key.get_secret_value()):
+            raise ValueError(
+                "MODELPRESS_S3_ACCESS_KEY_ID and MODELPRESS_S3_SECRET_ACCESS_KEY go together "
+                "(leave both empty for the AWS default credential chain)"
+            )
+        if self.s3_session_token.get_secret_value() and not self.s3_access_key_id:
+            raise ValueError("MODELPRESS_S3_SESSION_TOKEN needs MODELPRESS_S3_ACCESS_KEY_ID and _SECRET_ACCESS_KEY")
         if not self.log_format:
             self.log_format = "json" if self.mode == "cluster" else "text"
         return self

