@@ -14,6 +14,7 @@ import contextlib
 import io
 import logging
 import math
+import mmap
 import os
 import shutil
 import uuid
@@ -95,9 +96,9 @@ class _PartStream(io.RawIOBase):
     way one more part-sized buffer per part in flight (measured: 2 x part x concurrency). A
     stream goes out in 64 KiB reads."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: memoryview) -> None:
         super().__init__()
-        self._view = memoryview(data)
+        self._view = data
         self._pos = 0
 
     def __len__(self) -> int:  # botocore's Content-Length
@@ -130,18 +131,25 @@ class _PartStream(io.RawIOBase):
         return n
 
 
-def _read_full(f: BinaryIO, n: int) -> bytes:
-    """Up to ``n`` bytes: fewer only at the end of the stream (a pipe or socket reads short)."""
-    data = f.read(n)
-    if len(data) == n or not data:
-        return data
-    buf = bytearray(data)
-    while len(buf) < n:
-        more = f.read(n - len(buf))
-        if not more:
+def _read_part(f: BinaryIO, n: int) -> memoryview:
+    """Up to ``n`` bytes of ``f`` (fewer only at its end: a pipe or socket reads short), in an
+    anonymous mapping of their own: unmapped as soon as the last reference goes, whereas freed
+    part-sized heap blocks are kept by the allocator and grow the resident memory."""
+    mm = mmap.mmap(-1, max(n, 1))
+    view = memoryview(mm)
+    got = 0
+    readinto = getattr(f, "readinto", None)
+    while got < n:
+        if readinto is not None:
+            k = readinto(view[got:n])
+        else:
+            data = f.read(n - got)
+            k = len(data)
+            view[got : got + k] = data
+        if not k:
             break
-        buf += more
-    return bytes(buf)
+        got += k
+    return view[:got]
 
 
 class Storage:
@@ -234,9 +242,9 @@ class Storage:
         if size is not None and size > part * MAX_PARTS:
             part = math.ceil(size / MAX_PARTS / MiB) * MiB
         with self._explained():
-            chunk = _read_full(f, part)
+            chunk = _read_part(f, part)
             if len(chunk) < part:
-                self.fs.call_s3("put_object", Bucket=bucket, Key=obj, Body=chunk)
+                self.fs.call_s3("put_object", Bucket=bucket, Key=obj, Body=chunk.tobytes())
                 self.fs.invalidate_cache(dest)
                 return
             upload_id = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=obj)["UploadId"]
@@ -245,7 +253,7 @@ class Storage:
             etags: dict[int, str] = {}
             in_flight: set[Future[tuple[int, str]]] = set()
 
-            def send(number: int, body: bytes) -> tuple[int, str]:
+            def send(number: int, body: memoryview) -> tuple[int, str]:
                 etag: str = fsspec.asyn.sync(self.fs.loop, self._upload_part, bucket, obj, upload_id, number, body)
                 return number, etag
 
@@ -258,7 +266,7 @@ class Storage:
                     while len(in_flight) >= self.max_concurrency:
                         done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                         etags.update(d.result() for d in done)
-                    chunk = _read_full(f, part)
+                    chunk = _read_part(f, part)
                     if not chunk:
                         break
                     if number > MAX_PARTS:  # a stream longer than its declared size, or of none
@@ -283,7 +291,7 @@ class Storage:
             pool.shutdown(wait=True)
         self.fs.invalidate_cache(dest)
 
-    async def _upload_part(self, bucket: str, obj: str, upload_id: str, number: int, body: bytes) -> str:
+    async def _upload_part(self, bucket: str, obj: str, upload_id: str, number: int, body: memoryview) -> str:
         """One part, sent from a stream over ``body`` (``_PartStream``). botocore's own retries
         rewind the stream (s3fs's retries would resend it from where it stopped: not used)."""
         try:
