@@ -11,6 +11,7 @@ import json
 import re
 import threading
 import zipfile
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,8 @@ import pytest
 
 import modelpress
 from modelpress import Client
-from tests.helpers import upload_dir, wait_job
+from tests.helpers import Service, upload_dir, wait_job
+from tests.servers import SeaweedS3
 
 pytestmark = pytest.mark.integration
 
@@ -344,3 +346,66 @@ def test_sdk_follows_a_presigned_redirect(tmp_path: Path) -> None:
     assert [p for p, _ in srv.store_requests] == ["/bucket/model.zip?X-Amz-Signature=abc"] * 2
     for _, h in srv.store_requests:
         assert h.get("range") == "bytes=5000-" and "authorization" not in h and "if-range" not in h
+
+
+@pytest.fixture(scope="module")
+def s3_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Service, str, SeaweedS3]]:
+    """An embedded service whose storage is a real S3 server (SeaweedFS), downloads redirected."""
+    root = tmp_path_factory.mktemp("s3dl")
+    s3 = SeaweedS3(root / "seaweed").start()
+    (root / "data").mkdir()
+    svc = Service(
+        {
+            "AWS_CONFIG_FILE": str(root / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(root / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "MODELPRESS_MODE": "embedded",
+            "MODELPRESS_DATA_DIR": str(root / "data"),
+            "MODELPRESS_STORAGE_URL": f"s3://{s3.bucket}/dl",
+            "MODELPRESS_STORAGE_PRESIGN_DOWNLOADS": "true",
+            "MODELPRESS_STORAGE_PRESIGN_EXPIRY_S": "600",
+            **s3.settings_env(),
+        },
+        root / "data",
+        worker=False,
+    )
+    try:
+        svc.start()
+        yield svc, (root / "data" / "api-key").read_text().strip(), s3
+    finally:
+        svc.stop()
+        s3.stop()
+
+
+def test_s3_redirect_to_a_presigned_url(s3_stack, tiny: dict[str, Path], tmp_path: Path) -> None:
+    svc, key, s3 = s3_stack
+    c = svc.client(key)
+    m = upload_dir(c, tiny["gpt2"])
+    assert m.status_code == 201, m.text
+    job = _run(c, m.json()["id"], {"method": "quantize.cast", "params": {"dtype": "bfloat16"}})
+    sha, url = job["artifact"]["sha256"], f"/v1/jobs/{job['id']}/artifact"
+
+    r = c.get(url)
+    assert r.status_code == 307 and r.headers["etag"] == f'"{sha}"' and _digest(r) == sha
+    location = r.headers["location"]
+    assert location.startswith(s3.endpoint) and "Signature" in location
+    data = httpx.get(location, timeout=60).content  # no credentials: the URL carries them
+    assert hashlib.sha256(data).hexdigest() == sha
+    # HEAD and 304 are the API's own; a file of the zip is served by the API from S3.
+    head = c.head(url)
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(data)) and _digest(head) == sha
+    assert c.get(url, headers={"If-None-Match": f'"{sha}"'}).status_code == 304
+    z = zipfile.ZipFile(io.BytesIO(data))
+    weights = next(n for n in z.namelist() if n.endswith(".safetensors"))
+    for name in ("config.json", weights):
+        assert c.get(f"{url}/files/{name}").content == z.read(name), name
+    part = c.get(f"{url}/files/{weights}", headers={"Range": "bytes=100-199"})
+    assert part.status_code == 206 and part.content == z.read(weights)[100:200]
+
+    # The SDK follows the redirect, and resumes through it.
+    with Client(svc.url, key) as sdk:
+        dest = tmp_path / "model.zip"
+        Path(f"{dest}.part").write_bytes(data[:1000])
+        Path(f"{dest}.part.etag").write_text(f'"{sha}"')
+        got = sdk.download(job["id"], dest)
+        assert got.resumed_from == 1000 and got.sha256 == sha and dest.read_bytes() == data

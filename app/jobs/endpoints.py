@@ -34,6 +34,7 @@ from core.jobs.schemas import (
 )
 from core.methods import load_all
 from core.pagination import next_cursor, query_int
+from core.storage import Storage
 from core.tables import Job
 
 router = APIRouter(prefix="/v1", tags=["jobs"])
@@ -338,13 +339,12 @@ def _succeeded(uow: Any, caller: Caller, job_id: str) -> Job:
     return job
 
 
-def _presigned(storage: Any, key: str) -> str | None:
+def _presigned(storage: Storage, key: str) -> str | None:
     """A presigned URL of the artifact when downloads are redirected (S3 storage and the setting)."""
     settings = get_settings()
-    if not (getattr(settings, "storage_presign_downloads", False) and storage.is_s3):
+    if not (settings.storage_presign_downloads and storage.is_s3):
         return None
-    url: str | None = storage.presigned_url(key, settings.storage_presign_expiry_s)
-    return url
+    return storage.presigned_url(key, settings.storage_presign_expiry_s)
 
 
 @router.get(
