@@ -95,7 +95,13 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
     b_ds = b.post("/v1/datasets", files={"file": ("b.txt", b"tenant b\n")})
     assert b_ds.status_code == 201, b_ds.text
 
-    ids = {"model_id": model_id, "job_id": job_id, "dataset_id": dataset_id, "sweep_id": sweep_id}
+    ids = {
+        "model_id": model_id,
+        "job_id": job_id,
+        "dataset_id": dataset_id,
+        "sweep_id": sweep_id,
+        "name": "config.json",
+    }
     spec = _spec(anon)
     checked: list[str] = []
     for path, ops in spec["paths"].items():
