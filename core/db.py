@@ -279,10 +279,17 @@ class HotRead:
     async def first(self, params: dict[str, Any]) -> Any:
         args = [params[n] for n in self._param_names]
         pool = None
-        for attempt in (1, 2):
+        # A read that failed on a pooled connection the server had dropped (a restart, a failover,
+        # pg_terminate_backend) is tried again: each failure closes its connection, and up to
+        # HOT_POOL_SIZE of them may have been dropped at once, so one retry is not enough when
+        # several requests race for the stale ones. A connect that fails (the server is down)
+        # is retried once only: nothing is gained by knocking on a closed door ten times.
+        for attempt in range(1, HOT_POOL_SIZE + 2):
+            on_pooled = False
             try:
                 pool = pool or await _hot_pool()
                 async with pool.acquire() as conn:
+                    on_pooled = True
                     try:
                         if self._processors is None:  # first use: the result column types, from the server
                             self._set_processors([a.type.oid for a in (await conn.prepare(self.sql)).get_attributes()])
@@ -300,9 +307,12 @@ class HotRead:
                 if known is None:
                     raise
                 error, lost = known
-                if lost and attempt == 1:
-                    if pool is not None:
-                        pool.expire_connections()  # the others were most likely lost too
+                if lost and (attempt == 1 or (on_pooled and attempt <= HOT_POOL_SIZE)):
+                    if pool is not None and attempt == 1:
+                        # The others were most likely lost too: each is replaced at its next
+                        # acquire. (A coroutine: not awaited, it expired nothing, and a request
+                        # racing for the dropped connections could get two stale ones in a row.)
+                        await pool.expire_connections()
                     continue
                 raise error from e
         if record is None:
