@@ -11,10 +11,12 @@ from sqlalchemy import text
 from app.datasets.endpoints import router as datasets_router
 from app.errors import install_error_handlers
 from app.http_limits import BodyLimits
+from app.imports.endpoints import router as imports_router
 from app.jobs.endpoints import router as jobs_router
 from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
+from app.resumable.endpoints import router as uploads_router
 from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
 from app.webhooks.endpoints import router as webhooks_router
@@ -39,7 +41,11 @@ def create_app() -> FastAPI:
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
     # A staging folder of this process's own, and the folders of API processes that are gone swept.
     install_sweeper(app)
+    # POST /v1/models/import before the models router (its paths take no {model_id} POST, but a
+    # route added there later must not shadow it).
+    app.include_router(imports_router)
     app.include_router(models_router)
+    app.include_router(uploads_router)
     app.include_router(jobs_router)
     app.include_router(datasets_router)
     app.include_router(sweeps_router)

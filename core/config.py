@@ -53,6 +53,22 @@ class Settings(BaseSettings):
     storage_presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 86400)
 
     max_upload_bytes: int = Field(default=20 * 1024**3, gt=0)
+    # Resumable uploads (tus 1.0 at /v1/uploads, app/resumable): the bytes of unfinished uploads
+    # sit in data_dir/uploads (shared by every API process of this data_dir, kept across
+    # restarts); an upload not finished and consumed by a model or dataset within upload_expiry_s
+    # of its creation is removed (tus's expiration extension: the Upload-Expires header).
+    upload_expiry_s: int = Field(default=24 * 3600, gt=0)
+    # Imports by reference (POST /v1/models/import, app/imports). S3 sources are read with the
+    # server's own S3 settings above; a tenant may import only from buckets allowed here, as JSON
+    # {"<tenant id or name>": ["bucket", ...], "*": [...every tenant...]}. https sources pass the
+    # webhooks' SSRF guard (webhook_allow_networks lets private addresses through, as for webhooks).
+    import_s3_buckets: dict[str, list[str]] = Field(default_factory=dict)
+    import_https: bool = True
+    # Imports run at once per API process (each is network and disk bound); more wait their turn.
+    import_concurrency: int = Field(default=2, ge=1, le=16)
+    # An import process renews its lease this often (a third of import_lease_s); an import whose
+    # lease ran out (its process died) is resumed by another API process's sweeper.
+    import_lease_s: int = Field(default=60, ge=3)
     max_json_file_bytes: int = Field(default=64 * 1024**2, gt=0)
     max_safetensors_header_bytes: int = Field(default=100 * 1024**2, gt=0)
 

@@ -95,8 +95,45 @@ class Model(Base):
     config: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     storage_prefix: Mapped[str] = mapped_column(String(300))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # "ready" (usable by jobs) | "importing" (POST /v1/models/import: the server is fetching it;
+    # files, sizes and digests are placeholders until ready) | "failed" (``error`` says why).
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default=text("'ready'"))
+    # Where an import fetches from ("s3://bucket/prefix/", "https://..."); null for an upload.
+    source: Mapped[str | None] = mapped_column(String(2000), default=None)
+    # An import's progress: {"bytes_done", "bytes_total", "files_done", "files_total"}.
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # Why a failed import failed: the problem body an upload of the same bytes would have got.
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The importing process renews it while it works: an import whose lease ran out (its process
+    # died) is taken over or failed by the sweeper, never left "importing" for ever.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
 
     __table_args__ = (Index("ix_models_tenant_created", "tenant_id", "created_at"),)
+
+
+class Upload(Base):
+    """A resumable upload (tus 1.0, /v1/uploads): its bytes go to a staging file of the API's
+    upload folder, its offset is that file's length once committed here. A finished upload is
+    consumed by ``POST /v1/models`` or ``POST /v1/datasets`` (JSON ``files``); an unfinished or
+    unconsumed one is removed when it expires."""
+
+    __tablename__ = "uploads"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    length: Mapped[int] = mapped_column(BigInteger)  # Upload-Length: declared at creation
+    offset: Mapped[int] = mapped_column(BigInteger, default=0)  # bytes received and durable
+    # Upload-Metadata, decoded ({"filename": ...}); what the client said, checked again on use.
+    meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # sha256 of the whole file once complete (hashed as the bytes arrive; the state of an
+    # interrupted hash is not kept: it is recomputed from the staging file on resume).
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column()
+    # Set when a model or dataset took the upload's bytes (it can be used once).
+    consumed_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    __table_args__ = (Index("ix_uploads_expires", "expires_at"),)
 
 
 class Dataset(Base):
