@@ -87,6 +87,8 @@ from pydantic import BaseModel
 from modelpress._errors import (
     APIError,
     ChecksumMismatch,
+    ImportFailed,
+    ImportTimeout,
     JobCanceled,
     JobFailed,
     TransportError,
@@ -107,6 +109,22 @@ from modelpress._models import (
     Sweep,
     SweepSummary,
     Worker,
+)
+from modelpress._upload import (
+    DEFAULT_CHUNK_SIZE,
+    Progress,
+    Sleep,
+    Steps,
+    TusUnsupported,
+    UploadPlan,
+    UploadState,
+    create_key,
+    json_req,
+    plan_upload,
+    request,
+    single_file_plan,
+    slices,
+    upload_all_steps,
 )
 from modelpress._version import __version__
 
@@ -301,6 +319,11 @@ def _no_body(_r: httpx.Response) -> None:
 def _response(r: httpx.Response) -> httpx.Response:
     """The result of a call whose headers are what is wanted (a HEAD)."""
     return r
+
+
+async def _aiter(pieces: Iterable[bytes]) -> AsyncIterator[bytes]:
+    for piece in pieces:
+        yield piece
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -565,8 +588,9 @@ class _BaseClient:
         name: str | None,
         on_progress: ProgressFn | None,
         idempotency_key: str | None,
+        files: list[Path] | None = None,
     ) -> _Call[Model]:
-        up = _Upload("files", upload_files(path_or_dir), on_progress)
+        up = _Upload("files", files if files is not None else upload_files(path_or_dir), on_progress)
         return _Call(
             "POST",
             "/v1/models",
@@ -595,6 +619,84 @@ class _BaseClient:
             upload=up,
             headers=self._idem(idempotency_key),
         )
+
+    # -- resumable uploads (modelpress/_upload.py: the protocol, as steps both clients perform) --
+
+    @staticmethod
+    def _plan(path: str | os.PathLike[str] | UploadPlan, include: Iterable[str], exclude: Iterable[str]) -> UploadPlan:
+        if isinstance(path, UploadPlan):
+            return path
+        return plan_upload(path, include=include, exclude=exclude)
+
+    def _resumable_create_steps(
+        self,
+        plan: UploadPlan,
+        path: str,
+        parse: Callable[[httpx.Response], R],
+        name: str | None,
+        on_progress: ProgressFn | None,
+        on_start: Callable[[int, int], Any] | None,
+        idempotency_key: str | None,
+        chunk_size: int,
+        restart: bool,
+    ) -> Steps[R]:
+        """Upload every file of ``plan`` (resuming what its state file remembers, unless
+        ``restart``), then create the model or dataset from the uploads (``POST path`` with
+        ``{"name", "files": {name: upload id}}``); the state file goes once that succeeded."""
+        state = UploadState(self.base_url, plan.root)
+        if restart:
+            state.forget()
+        progress = Progress(plan.total, on_progress)
+        ids = yield from upload_all_steps(self, plan, state, progress, chunk_size, on_start)
+        key = idempotency_key or create_key(self.base_url, ids, name)
+        body = _drop_none({"name": name, "files": ids})
+        resp = yield from request(self, json_req("POST", path, body, self._idem(key)), resendable=True)
+        if not resp.is_success:
+            raise APIError.from_response(resp)
+        state.forget()
+        return parse(resp)
+
+    def _upload_file_steps(
+        self, path: str | os.PathLike[str], on_progress: ProgressFn | None, chunk_size: int, restart: bool
+    ) -> Steps[str]:
+        plan = single_file_plan(path)
+        state = UploadState(self.base_url, plan.root)
+        if restart:
+            state.forget()
+        progress = Progress(plan.total, on_progress)
+        ids = yield from upload_all_steps(self, plan, state, progress, chunk_size)
+        return ids[plan.files[0].name]
+
+    @staticmethod
+    def _tus_refused(e: TusUnsupported, resumable: bool | None) -> None:
+        """A server without /v1/uploads: fall back to one multipart request (``resumable=None``),
+        else raise its answer."""
+        if resumable:
+            raise APIError.from_response(e.response) from None
+
+    def _import_call(self, name: str, source: str, idempotency_key: str | None) -> _Call[Model]:
+        body = {"name": name, "source": source}
+        return _Call("POST", "/v1/models/import", _json_of(Model), json=body, headers=self._idem(idempotency_key))
+
+    @staticmethod
+    def _model_key(model: Model) -> tuple[Any, ...]:
+        p = model.progress
+        return (model.status, p.bytes_done, p.files_done) if p else (model.status,)
+
+    @staticmethod
+    def _model_wait_delay(model: Model, deadline: float | None, timeout: float | None, poll: float) -> float | None:
+        """None when ``model`` is ready; raise when it failed or ``timeout`` ran out; else the
+        seconds to wait before asking again."""
+        if model.status == "failed":
+            err = model.error or {}
+            why = f"{err.get('code', 'failed')}: {err.get('detail') or err.get('title') or ''}".rstrip(": ")
+            raise ImportFailed(f"import of model {model.id} failed: {why}", model)
+        if model.done:
+            return None
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise ImportTimeout(f"model {model.id} is still {model.status} after {timeout} s", model)
+        return poll if left is None else min(poll, left)
 
     def _spec(
         self,
@@ -794,16 +896,83 @@ class Client(_BaseClient):
 
     # -- models and datasets ---------------------------------------------------------------------
 
+    def _drive(self, steps: Steps[R]) -> R:
+        """Perform the steps of a resumable upload (modelpress/_upload.py) with this client."""
+        got: Any = None
+        try:
+            while True:
+                try:
+                    op = steps.send(got)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                if isinstance(op, Sleep):
+                    time.sleep(op.seconds)
+                    got = None
+                    continue
+                body = op.body if op.on_sent is None or op.body is None else slices(op.body, op.on_sent)
+                try:
+                    got = self._http.request(op.method, op.url, headers=op.headers, content=body)
+                except httpx.TransportError as e:
+                    got = e
+        finally:
+            steps.close()
+
     def upload_model(
         self,
-        path_or_dir: str | os.PathLike[str],
+        path_or_dir: str | os.PathLike[str] | UploadPlan,
         *,
         name: str | None = None,
         on_progress: ProgressFn | None = None,
         idempotency_key: str | None = None,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        resumable: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
+        on_start: Callable[[int, int], Any] | None = None,
     ) -> Model:
-        """Upload a Hugging Face model directory or one ``.safetensors`` file (streamed)."""
-        return self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
+        """Upload a Hugging Face model directory or one ``.safetensors`` file, resumably.
+
+        The files are those of ``plan_upload(path_or_dir, include=, exclude=)`` (pass a plan to
+        use one already shown to the user): files the server would refuse are left out before any
+        byte is sent. Each is sent in ``chunk_size`` chunks to ``/v1/uploads`` (tus), remembered in
+        a state file, so calling this again after an interruption sends only what the server does
+        not have yet (``restart=True``: start over); ``on_start(bytes already there, total)`` is
+        called before the first byte, ``on_progress(bytes on the server, total)`` as they go.
+        ``resumable``: None (default) falls back to one multipart request when the server has no
+        ``/v1/uploads``; True requires it; False always sends one multipart request."""
+        plan = self._plan(path_or_dir, include, exclude)
+        if resumable is not False:
+            try:
+                return self._drive(
+                    self._resumable_create_steps(
+                        plan,
+                        "/v1/models",
+                        _json_of(Model),
+                        name,
+                        on_progress,
+                        on_start,
+                        idempotency_key,
+                        chunk_size,
+                        restart,
+                    )
+                )
+            except TusUnsupported as e:
+                self._tus_refused(e, resumable)
+        files = [f.path for f in plan.files]
+        return self._send(self._upload_model_call(plan.root, name, on_progress, idempotency_key, files))
+
+    def upload_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        on_progress: ProgressFn | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
+    ) -> str:
+        """Upload one file to ``/v1/uploads`` (tus, resumable as ``upload_model``): its upload id,
+        for ``POST /v1/models`` / ``POST /v1/datasets`` with ``{"files": {name: id}}``."""
+        return self._drive(self._upload_file_steps(path, on_progress, chunk_size, restart))
 
     def create_dataset(
         self,
@@ -812,9 +981,58 @@ class Client(_BaseClient):
         name: str | None = None,
         on_progress: ProgressFn | None = None,
         idempotency_key: str | None = None,
+        resumable: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
     ) -> Dataset:
-        """Upload a ``.txt`` (a sample a line) or ``.jsonl`` (``{"text", "label"?}``) dataset."""
+        """Upload a ``.txt`` (a sample a line) or ``.jsonl`` (``{"text", "label"?}``) dataset
+        (resumable, as ``upload_model``)."""
+        plan = single_file_plan(path)
+        if resumable is not False:
+            try:
+                return self._drive(
+                    self._resumable_create_steps(
+                        plan,
+                        "/v1/datasets",
+                        _json_of(Dataset),
+                        name,
+                        on_progress,
+                        None,
+                        idempotency_key,
+                        chunk_size,
+                        restart,
+                    )
+                )
+            except TusUnsupported as e:
+                self._tus_refused(e, resumable)
         return self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
+
+    def import_model(self, name: str, source: str, *, idempotency_key: str | None = None) -> Model:
+        """Have the server fetch a model from ``source`` (``s3://bucket/prefix/`` or an
+        ``https://`` URL): the model, ``status="importing"``; ``wait_model`` follows it."""
+        return self._send(self._import_call(name, source, idempotency_key))
+
+    def wait_model(
+        self,
+        model_id: str | Model,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        on_progress: Callable[[Model], Any] | None = None,
+    ) -> Model:
+        """Poll until an import finishes: the ready model, or ``ImportFailed`` (``ImportTimeout``
+        after ``timeout`` seconds; the import goes on). ``on_progress(model)`` sees every change."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            model = self.get_model(model_id)
+            if on_progress is not None and self._model_key(model) != last:
+                last = self._model_key(model)
+                on_progress(model)
+            delay = self._model_wait_delay(model, deadline, timeout, poll_interval)
+            if delay is None:
+                return model
+            time.sleep(delay)
 
     def get_model(self, model_id: str | Model) -> Model:
         return self._send(self._get(f"/v1/models/{_id(model_id)}", _json_of(Model)))
@@ -1121,15 +1339,70 @@ class AsyncClient(_BaseClient):
                 attempt += 1
                 await asyncio.sleep(delay)
 
+    async def _drive(self, steps: Steps[R]) -> R:
+        got: Any = None
+        try:
+            while True:
+                try:
+                    op = steps.send(got)
+                except StopIteration as done:
+                    return done.value  # type: ignore[no-any-return]
+                if isinstance(op, Sleep):
+                    await asyncio.sleep(op.seconds)
+                    got = None
+                    continue
+                body = op.body if op.on_sent is None or op.body is None else _aiter(slices(op.body, op.on_sent))
+                try:
+                    got = await self._http.request(op.method, op.url, headers=op.headers, content=body)
+                except httpx.TransportError as e:
+                    got = e
+        finally:
+            steps.close()
+
     async def upload_model(
         self,
-        path_or_dir: str | os.PathLike[str],
+        path_or_dir: str | os.PathLike[str] | UploadPlan,
         *,
         name: str | None = None,
         on_progress: ProgressFn | None = None,
         idempotency_key: str | None = None,
+        include: Iterable[str] = (),
+        exclude: Iterable[str] = (),
+        resumable: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
+        on_start: Callable[[int, int], Any] | None = None,
     ) -> Model:
-        return await self._send(self._upload_model_call(path_or_dir, name, on_progress, idempotency_key))
+        plan = self._plan(path_or_dir, include, exclude)
+        if resumable is not False:
+            try:
+                return await self._drive(
+                    self._resumable_create_steps(
+                        plan,
+                        "/v1/models",
+                        _json_of(Model),
+                        name,
+                        on_progress,
+                        on_start,
+                        idempotency_key,
+                        chunk_size,
+                        restart,
+                    )
+                )
+            except TusUnsupported as e:
+                self._tus_refused(e, resumable)
+        files = [f.path for f in plan.files]
+        return await self._send(self._upload_model_call(plan.root, name, on_progress, idempotency_key, files))
+
+    async def upload_file(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        on_progress: ProgressFn | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
+    ) -> str:
+        return await self._drive(self._upload_file_steps(path, on_progress, chunk_size, restart))
 
     async def create_dataset(
         self,
@@ -1138,8 +1411,54 @@ class AsyncClient(_BaseClient):
         name: str | None = None,
         on_progress: ProgressFn | None = None,
         idempotency_key: str | None = None,
+        resumable: bool | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        restart: bool = False,
     ) -> Dataset:
+        plan = single_file_plan(path)
+        if resumable is not False:
+            try:
+                return await self._drive(
+                    self._resumable_create_steps(
+                        plan,
+                        "/v1/datasets",
+                        _json_of(Dataset),
+                        name,
+                        on_progress,
+                        None,
+                        idempotency_key,
+                        chunk_size,
+                        restart,
+                    )
+                )
+            except TusUnsupported as e:
+                self._tus_refused(e, resumable)
         return await self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
+
+    async def import_model(self, name: str, source: str, *, idempotency_key: str | None = None) -> Model:
+        return await self._send(self._import_call(name, source, idempotency_key))
+
+    async def wait_model(
+        self,
+        model_id: str | Model,
+        *,
+        timeout: float | None = None,
+        poll_interval: float = 1.0,
+        on_progress: Callable[[Model], Any] | None = None,
+    ) -> Model:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last = None
+        while True:
+            model = await self.get_model(model_id)
+            if on_progress is not None and self._model_key(model) != last:
+                last = self._model_key(model)
+                res = on_progress(model)
+                if asyncio.iscoroutine(res):
+                    await res
+            delay = self._model_wait_delay(model, deadline, timeout, poll_interval)
+            if delay is None:
+                return model
+            await asyncio.sleep(delay)
 
     async def get_model(self, model_id: str | Model) -> Model:
         return await self._send(self._get(f"/v1/models/{_id(model_id)}", _json_of(Model)))

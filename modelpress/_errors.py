@@ -22,10 +22,17 @@ as ``__cause__``. Exception tree::
     │   └── ServiceUnavailable (503) -- retried first, raised when retries run out
     ├── TransportError -- the request did not complete (wraps httpx.TransportError)
     ├── ChecksumMismatch -- a download's bytes do not hash to the artifact's sha256
-    └── JobError (job) -- raised by ``wait()``; ``job`` is the final :class:`~modelpress.Job`
-        ├── JobFailed -- the job failed: ``job.error.code`` / ``job.error.message``
-        ├── JobCanceled -- the job was canceled
-        └── WaitTimeout -- ``wait(timeout=...)`` ran out; the job goes on (also a TimeoutError)
+    ├── JobError (job) -- raised by ``wait()``; ``job`` is the final :class:`~modelpress.Job`
+    │   ├── JobFailed -- the job failed: ``job.error.code`` / ``job.error.message``
+    │   ├── JobCanceled -- the job was canceled
+    │   └── WaitTimeout -- ``wait(timeout=...)`` ran out; the job goes on (also a TimeoutError)
+    └── ModelImportError (model) -- raised by ``wait_model()``; ``model`` is the model as last read
+        ├── ImportFailed -- the import failed: ``model.error`` is the problem body
+        └── ImportTimeout -- ``wait_model(timeout=...)`` ran out; the import goes on (a TimeoutError)
+
+A resumable upload that gives up (``upload_model``, ``upload_file``: connections failing
+``max_retries`` times in a row without progress) raises ``TransportError``; what was sent stays on
+the server, and the same call again resumes from there.
 
 Another 4xx/5xx status (500, 405, ...) raises a plain :class:`APIError`. Errors made before any
 request (a missing file, an empty directory, a bad step) are ``ValueError`` / ``OSError``.
@@ -39,13 +46,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import httpx
 
-    from modelpress._models import Job
+    from modelpress._models import Job, Model
 
 __all__ = [
     "APIError",
     "BadRequest",
     "ChecksumMismatch",
     "Conflict",
+    "ImportFailed",
+    "ImportTimeout",
+    "ModelImportError",
     "Forbidden",
     "Gone",
     "JobCanceled",
@@ -224,3 +234,19 @@ class JobCanceled(JobError):
 
 class WaitTimeout(JobError, TimeoutError):
     """``wait(timeout=...)`` ran out before the job finished; the job itself goes on."""
+
+
+class ModelImportError(ModelpressError):
+    """``wait_model()`` ended without a ready model; ``model`` is the model as last read."""
+
+    def __init__(self, message: str, model: Model) -> None:
+        super().__init__(message)
+        self.model = model
+
+
+class ImportFailed(ModelImportError):
+    """The import failed; ``model.error`` is the problem body (``code``, ``detail``) saying why."""
+
+
+class ImportTimeout(ModelImportError, TimeoutError):
+    """``wait_model(timeout=...)`` ran out before the import finished; the import itself goes on."""

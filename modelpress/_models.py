@@ -4,7 +4,7 @@ Every model keeps fields it does not declare (``extra="allow"``): a newer server
 lost, and ``model_dump(mode="json")`` gives back what the server sent. Statuses are plain strings
 (a newer server may add one); the known values are the ``*_STATUSES`` constants.
 
-    Model (ModelFile)            POST/GET /v1/models
+    Model (ModelFile, ImportProgress)   POST/GET /v1/models, POST /v1/models/import
     Dataset                      POST/GET /v1/datasets
     Job (Step, Progress, ErrorInfo, Artifact, Plan)   POST/GET /v1/jobs
     Estimate (FleetBudget)       POST /v1/jobs/estimate
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "JOB_STATUSES",
+    "MODEL_STATUSES",
     "TERMINAL_STATUSES",
     "ApiKey",
     "Artifact",
@@ -37,6 +38,7 @@ __all__ = [
     "ErrorInfo",
     "Estimate",
     "FleetBudget",
+    "ImportProgress",
     "Job",
     "Link",
     "Method",
@@ -57,6 +59,8 @@ __all__ = [
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "canceled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+MODEL_STATUSES = ("importing", "ready", "failed")
+MODEL_DONE_STATUSES = frozenset({"ready", "failed"})
 
 T = TypeVar("T")
 
@@ -71,18 +75,45 @@ class ModelFile(_Base):
     sha256: str
 
 
+class ImportProgress(_Base):
+    """How far an import got: bytes and files fetched of the totals (a total is None until known)."""
+
+    bytes_done: int = 0
+    bytes_total: int | None = None
+    files_done: int = 0
+    files_total: int | None = None
+
+
 class Model(_Base):
-    """An uploaded model. ``format``: ``hf`` (a directory) or ``safetensors`` (one bare file)."""
+    """An uploaded or imported model. ``format``: ``hf`` (a directory) or ``safetensors`` (one bare
+    file). ``status``: ``importing``, ``ready`` or ``failed`` (None from a server older than
+    imports: the model is ready); while an import runs, ``format``, ``parameters``, ``size_bytes``
+    and ``sha256`` may be None, ``source`` is where it comes from, ``progress`` how far it got, and
+    a failed import's ``error`` is the problem body (``code``, ``detail``) saying why."""
 
     id: str
     name: str
-    format: str
+    format: str | None = None
     architecture: str | None = None
-    parameters: int
-    size_bytes: int
-    sha256: str
+    parameters: int | None = None
+    size_bytes: int | None = None
+    sha256: str | None = None
     created_at: datetime
     files: list[ModelFile] = Field(default_factory=list)
+    status: str | None = None
+    source: str | None = None
+    progress: ImportProgress | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """True once the model can be used (every model of a server older than imports is)."""
+        return self.status in (None, "ready")
+
+    @property
+    def done(self) -> bool:
+        """True unless an import is still running."""
+        return self.status in MODEL_DONE_STATUSES or self.status is None
 
 
 class Dataset(_Base):
