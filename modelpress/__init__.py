@@ -3,7 +3,7 @@
     from modelpress import Client
 
     with Client("http://127.0.0.1:8000", api_key="mp_...") as mp:   # or $MODELPRESS_URL / $MODELPRESS_API_KEY
-        model = mp.upload_model("gpt2/", on_progress=lambda sent, total: ...)
+        model = mp.upload_model("gpt2/", on_progress=lambda sent, total: ...)   # resumable (tus)
         job = mp.submit(model.id, [("prune.magnitude", {"sparsity": 0.5}), ("quantize.cast", {"dtype": "bfloat16"})])
         job = mp.wait(job.id, on_progress=lambda j: print(j.progress.stage, j.progress.fraction))
         mp.download(job.id, "out/")          # out/model.zip, resumable, sha256-verified
@@ -12,6 +12,9 @@
 ``AsyncClient`` has the same methods as coroutines. Results are pydantic models (``Model``,
 ``Dataset``, ``Job``, ``Report``, ``Sweep``, ...); errors are typed (``NotFound``, ``Conflict``,
 ``Unprocessable``, ``JobFailed``, ``TransportError``, ...: the tree is in ``modelpress._errors``).
+Uploads are resumable (``/v1/uploads``, tus 1.0): ``plan_upload(path, include=, exclude=)`` says
+what an upload sends and what it skips, and why; an interrupted ``upload_model`` called again
+sends only the bytes the server does not have (``modelpress._upload`` describes the state file).
 Importing this package loads httpx and pydantic only: no torch and none of the server's code.
 """
 
@@ -23,9 +26,12 @@ from modelpress._errors import (
     Conflict,
     Forbidden,
     Gone,
+    ImportFailed,
+    ImportTimeout,
     JobCanceled,
     JobError,
     JobFailed,
+    ModelImportError,
     ModelpressError,
     NotFound,
     PayloadTooLarge,
@@ -48,6 +54,7 @@ from modelpress._models import (
     ErrorInfo,
     Estimate,
     FleetBudget,
+    ImportProgress,
     Job,
     Link,
     Method,
@@ -65,9 +72,11 @@ from modelpress._models import (
     SweepSummary,
     Worker,
 )
+from modelpress._upload import DEFAULT_CHUNK_SIZE, PlannedFile, SkippedFile, UploadPlan, plan_upload
 from modelpress._version import __version__
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "DEFAULT_URL",
     "APIError",
     "ApiKey",
@@ -86,6 +95,9 @@ __all__ = [
     "FleetBudget",
     "Forbidden",
     "Gone",
+    "ImportFailed",
+    "ImportProgress",
+    "ImportTimeout",
     "Job",
     "JobCanceled",
     "JobError",
@@ -94,17 +106,20 @@ __all__ = [
     "Method",
     "Model",
     "ModelFile",
+    "ModelImportError",
     "ModelpressError",
     "NotFound",
     "Page",
     "Plan",
     "PayloadTooLarge",
+    "PlannedFile",
     "PointMetrics",
     "Progress",
     "RangeNotSatisfiable",
     "RateLimited",
     "Report",
     "ServiceUnavailable",
+    "SkippedFile",
     "Step",
     "Sweep",
     "SweepPoint",
@@ -114,8 +129,10 @@ __all__ = [
     "Unauthorized",
     "Unprocessable",
     "UnsupportedMediaType",
+    "UploadPlan",
     "WaitTimeout",
     "Worker",
     "__version__",
     "normalize_steps",
+    "plan_upload",
 ]

@@ -1,7 +1,11 @@
 """The client subcommands of the ``modelpress`` console script (``app/cli.py`` adds them to its
 parser with :func:`add_client_commands`; the logic is here, on :class:`modelpress.Client`).
 
-    modelpress upload PATH [--name N]                  a model directory or one .safetensors file
+    modelpress models upload PATH [--name N] [--include GLOB ...] [--exclude GLOB ...] [--chunk-size SIZE]
+                        [--dry-run] [--restart]       a model directory or one .safetensors file, resumable
+                                                       (also: modelpress upload PATH ..., the same command)
+    modelpress models [--limit N]                      list models
+    modelpress models import NAME SOURCE [--wait [--timeout S]]   the server fetches s3://... or https://...
     modelpress upload-dataset FILE [--name N]          a .txt or .jsonl dataset
     modelpress compress MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
                         [--name N] [--no-eval | --evaluation JSON] [--wait [--timeout S]]
@@ -33,11 +37,15 @@ A step is ``METHOD`` or ``METHOD:key=value,key=value``. Values are read as JSON 
 (``mask=2:4``); commas inside brackets or quotes do not split. A step may also be one JSON object:
 ``--step '{"method": "prune.magnitude", "params": {"sparsity": 0.5}}'``.
 
+Uploads are resumable (modelpress/_upload.py): what is skipped is printed on stderr before any
+byte is sent, and after an interruption the same command sends only what the server lacks.
+
 Exit codes (``EXIT_*``): 0 success; 1 the job failed or was canceled (``compress --wait``,
-``wait``); 2 usage error (bad flags, a bad ``--step``, a missing file); 3 the API answered an
-error (``Error: <title>: <detail>``); 4 transport error (cannot connect, connection lost, a
-download that fails its sha256 check); 5 ``--timeout`` ran out while waiting (the job goes on);
-130 interrupted.
+``wait``), or an import failed (``models import --wait``); 2 usage error (bad flags, a bad
+``--step``, a missing file, nothing left to upload); 3 the API answered an error (``Error: <title>:
+<detail>``); 4 transport error (cannot connect, connection lost, a download that fails its sha256
+check, an upload that gave up: run it again to resume); 5 ``--timeout`` ran out while waiting (the
+job or import goes on); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -57,20 +65,20 @@ EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EX
 
 EPILOG = """\
 client commands (talk to a running service over HTTP):
-  upload, upload-dataset, compress, jobs, jobs estimate, jobs download, status, wait, cancel, download,
-  report;
+  models, models upload (or upload), models import, upload-dataset, compress, jobs, jobs estimate,
+  jobs download, status, wait, cancel, download, report;
   keys list|create|revoke when given --url or --api-key (without: on the server's database)
   The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
   (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
 
 example:
   export MODELPRESS_URL=http://127.0.0.1:8000 MODELPRESS_API_KEY=$(cat var/api-key)
-  modelpress upload gpt2/
+  modelpress models upload gpt2/        (resumable: after Ctrl-C, run it again)
   modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.cast:dtype=bfloat16 --wait
   modelpress download JOB -o out/ && modelpress report JOB
 
 exit codes (client commands):
-  0 success   1 job failed or canceled   2 usage error   3 API error ("Error: <title>: <detail>")
+  0 success   1 job failed or canceled, import failed   2 usage error   3 API error ("Error: <title>: <detail>")
   4 transport error (cannot connect; download fails its sha256)   5 --timeout ran out while waiting
 """
 
@@ -410,18 +418,167 @@ def _client(args: argparse.Namespace) -> Client:
     return Client(args.url, args.api_key)
 
 
-def cmd_upload(args: argparse.Namespace) -> int:
-    with _client(args) as mp:
-        if args.json:
-            model = mp.upload_model(args.path, name=args.name)
-            _print_json(model)
-            return EXIT_OK
-        with _transfer_progress(f"upload {args.path}") as bar:
-            model = mp.upload_model(args.path, name=args.name, on_progress=bar.update)
-    _print(
-        f"model {model.id} uploaded: {model.name}, {model.format}, "
-        f"{model.architecture or 'no architecture'}, {model.parameters:,} parameters, {_size(model.size_bytes)}"
+def _model_line(model: Any) -> str:
+    params = f"{model.parameters:,} parameters" if model.parameters is not None else "parameters unknown"
+    return (
+        f"{model.name}, {model.format or '—'}, {model.architecture or 'no architecture'}, "
+        f"{params}, {_size(model.size_bytes)}"
     )
+
+
+def _print_skipped(plan: Any) -> None:
+    """The files an upload leaves out and why, on stderr, before any byte is sent."""
+    if not plan.skipped:
+        return
+    width = max(len(s.name) for s in plan.skipped)
+    n = len(plan.skipped)
+    lines = [f"skipping {n} file{'s' if n != 1 else ''} (not sent):"]
+    lines += [f"  {s.name.ljust(width)}  {s.reason}" for s in plan.skipped]
+    _eprint("\n".join(lines))
+
+
+def _dry_run(args: argparse.Namespace, plan: Any) -> int:
+    if args.json:
+        _print_json(
+            {
+                "files": [{"name": f.name, "size_bytes": f.size} for f in plan.files],
+                "skipped": [{"name": s.name, "reason": s.reason} for s in plan.skipped],
+                "total_bytes": plan.total,
+            }
+        )
+        return EXIT_OK
+    from modelpress._term import Table
+
+    t = Table(title=f"would send {len(plan.files)} file(s), {_size(plan.total)} (--dry-run: nothing sent)")
+    t.add_column("file")
+    t.add_column("size", justify="right")
+    for f in plan.files:
+        t.add_row(f.name, _size(f.size))
+    _print(t)
+    return EXIT_OK
+
+
+def _on_start(already: int, total: int) -> None:
+    if already:
+        _eprint(
+            f"resuming: {_size(already)} of {_size(total)} already on the server "
+            f"({already} of {total} bytes); sending the remaining {_size(total - already)}"
+        )
+
+
+_RESUME_HINT = "run the same command again to resume: the bytes already sent are kept on the server for a while"
+
+
+def cmd_upload(args: argparse.Namespace) -> int:
+    from modelpress import TransportError
+    from modelpress._upload import DEFAULT_CHUNK_SIZE, plan_upload
+
+    plan = plan_upload(args.path, include=args.include or (), exclude=args.exclude or ())
+    _print_skipped(plan)  # before any byte is sent
+    if args.dry_run:
+        return _dry_run(args, plan)
+    opts: dict[str, Any] = {
+        "name": args.name,
+        "chunk_size": args.chunk_size or DEFAULT_CHUNK_SIZE,
+        "restart": args.restart,
+        "on_start": _on_start,
+    }
+    try:
+        with _client(args) as mp:
+            if args.json:
+                _print_json(mp.upload_model(plan, **opts))
+                return EXIT_OK
+            n = len(plan.files)
+            _eprint(f"sending {n} file{'s' if n != 1 else ''}, {_size(plan.total)}")
+            with _transfer_progress(f"upload {args.path}") as bar:
+                model = mp.upload_model(plan, on_progress=bar.update, **opts)
+    except KeyboardInterrupt:
+        _eprint(f"upload interrupted; {_RESUME_HINT}")
+        raise
+    except TransportError as e:
+        if "again" not in str(e):
+            raise TransportError(f"{e}; {_RESUME_HINT}", e.url) from e
+        raise
+    _print(f"model {model.id} uploaded: {_model_line(model)}")
+    return EXIT_OK
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from modelpress._term import Table
+
+    with _client(args) as mp:
+        models = list(mp.models(limit=args.limit))
+    if args.json:
+        _print_json(models)
+        return EXIT_OK
+    t = Table()
+    for col in ("id", "name", "format", "status", "size", "created"):
+        t.add_column(col)
+    for m in models:
+        t.add_row(
+            m.id,
+            m.name,
+            m.format or "",
+            m.status or "ready",
+            _size(m.size_bytes),
+            m.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+        )
+    _print(t)
+    if not models:
+        _print("no models")
+    return EXIT_OK
+
+
+def _import_progress(bar: Any, model: Any) -> None:
+    p = model.progress
+    if p is not None:
+        bar.update(p.bytes_done, p.bytes_total)
+
+
+def cmd_models_import(args: argparse.Namespace) -> int:
+    from modelpress import ImportFailed, ImportTimeout
+
+    with _client(args) as mp:
+        model = mp.import_model(args.name, args.source)
+        if not args.wait:
+            if args.json:
+                _print_json(model)
+            else:
+                _print(
+                    f"model {model.id} {model.status or 'ready'}: {model.name} from {model.source or args.source}\n"
+                    f"follow it: modelpress models import ... --wait, or GET /v1/models/{model.id}"
+                )
+            return EXIT_OK
+        try:
+            if args.json:
+                model = mp.wait_model(model.id, timeout=args.timeout, poll_interval=args.poll)
+            else:
+                _eprint(f"model {model.id} importing from {model.source or args.source}")
+                with _transfer_progress(f"import {args.name}") as bar:
+                    model = mp.wait_model(
+                        model.id,
+                        timeout=args.timeout,
+                        poll_interval=args.poll,
+                        on_progress=lambda m: _import_progress(bar, m),
+                    )
+        except ImportTimeout as e:
+            if args.json:
+                _print_json(e.model)
+            print(
+                f"Error: timed out: model {e.model.id} is still {e.model.status} after {args.timeout} s "
+                "(the import goes on)",
+                file=sys.stderr,
+            )
+            return EXIT_TIMEOUT
+        except ImportFailed as e:
+            if args.json:
+                _print_json(e.model)
+            print(f"Error: {e}", file=sys.stderr)
+            return EXIT_JOB_FAILED
+    if args.json:
+        _print_json(model)
+    else:
+        _print(f"model {model.id} imported: {_model_line(model)}")
     return EXIT_OK
 
 
@@ -800,22 +957,65 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: _Subparsers[argpar
         return p
 
     _add_upload_commands(add)
+    _add_models_commands(add, common)
     _add_compress_command(add)
     _add_jobs_commands(add, common)
     _add_job_commands(add)
     _add_result_commands(add)
 
 
-def _add_upload_commands(add: _Add) -> None:
-    p = add(
-        "upload",
-        cmd_upload,
-        "upload a model: a Hugging Face directory or one .safetensors file",
-        "Sends every regular file directly in the directory (hidden files and subdirectories are skipped).\n"
-        "example: modelpress upload gpt2/ --name tiny-gpt2",
-    )
+_UPLOAD_HELP = "upload a model, resumably: a Hugging Face directory or one .safetensors file"
+_UPLOAD_EPILOG = (
+    "Sends the regular files directly in the directory. Before any byte is sent it lists, on stderr, what it\n"
+    "skips and why: hidden files, subdirectories, --exclude / --include, and what the server refuses (pickle\n"
+    "weights *.bin *.pt *.pth *.ckpt ..., other weights *.h5 *.msgpack *.gguf *.onnx ..., archives, any type\n"
+    "but .safetensors .json .txt .jinja .md, e.g. tokenizer.model).\n"
+    "Resumable: each file goes in --chunk-size chunks (sha256-checked) to /v1/uploads; after Ctrl-C or a cut\n"
+    "connection, run the same command again and only the bytes the server lacks are sent (a file whose size\n"
+    "or mtime changed starts over). The uploads are remembered in $MODELPRESS_CACHE_DIR (default\n"
+    "~/.cache/modelpress)/uploads/, never in the model folder.\n"
+    "examples:\n"
+    "  modelpress models upload gpt2/ --name tiny-gpt2\n"
+    "  modelpress models upload llama/ --exclude 'original*' --dry-run\n"
+    "  modelpress upload weights.safetensors          (the same command, by its older name)"
+)
+
+
+def _upload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="model directory or .safetensors file")
     p.add_argument("--name", help="model name (default: the server's)")
+    p.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="send only files matching GLOB (relative to the directory; repeatable)",
+    )
+    p.add_argument(
+        "--exclude", action="append", metavar="GLOB", help="skip files matching GLOB (repeatable; wins over --include)"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=_chunk_size,
+        default=None,
+        metavar="SIZE",
+        help="bytes per request, e.g. 16MiB (the default), 8M, 1048576",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list what would be sent and skipped; send nothing")
+    p.add_argument("--restart", action="store_true", help="forget an earlier interrupted upload; start over")
+
+
+def _chunk_size(text: str) -> int:
+    from modelpress._upload import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_upload_commands(add: _Add) -> None:
+    p = add("upload", cmd_upload, _UPLOAD_HELP, _UPLOAD_EPILOG)
+    _upload_args(p)
 
     p = add(
         "upload-dataset",
@@ -825,6 +1025,46 @@ def _add_upload_commands(add: _Add) -> None:
     )
     p.add_argument("path", help=".txt or .jsonl file")
     p.add_argument("--name", help="dataset name")
+
+
+def _add_models_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None:
+    p = add(
+        "models",
+        cmd_models,
+        "list models, newest first; `models upload` uploads one (resumable), `models import` has the server fetch one",
+        "examples:\n  modelpress models --limit 50\n  modelpress models upload gpt2/ --name tiny-gpt2\n"
+        "  modelpress models import llama s3://bucket/llama/ --wait",
+    )
+    p.add_argument("--limit", type=int, default=20, help="at most N models (default 20)")
+    models_sub = p.add_subparsers(dest="models_command", metavar="{upload,import}")
+
+    def sub(name: str, fn: _Command, help_: str, epilog: str) -> argparse.ArgumentParser:
+        q = models_sub.add_parser(
+            name,
+            parents=common,
+            help=help_,
+            description=help_,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        q.set_defaults(fn=_command(fn))
+        return q
+
+    _upload_args(sub("upload", cmd_upload, _UPLOAD_HELP, _UPLOAD_EPILOG))
+    q = sub(
+        "import",
+        cmd_models_import,
+        "have the server fetch a model from S3 or an https URL (POST /v1/models/import)",
+        "The model is listed at once with status importing; --wait follows it (bytes fetched) until it is\n"
+        "ready (exit 0) or failed (exit 1, with the server's reason); --timeout ends the wait (exit 5),\n"
+        "not the import.\n"
+        "examples:\n  modelpress models import llama s3://bucket/models/llama/ --wait\n"
+        "  modelpress models import gpt2 https://example.org/gpt2/ --json",
+    )
+    q.add_argument("name", metavar="NAME", help="model name")
+    q.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix/ or an https:// URL")
+    q.add_argument("--wait", action="store_true", help="wait until the import is ready or failed, showing progress")
+    _wait_flags(q)
 
 
 def _add_compress_command(add: _Add) -> None:
