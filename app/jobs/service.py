@@ -88,6 +88,7 @@ def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[
             code="unknown_model",
             errors=[{"loc": ["body", "model_id"], "msg": "no such model", "type": "unknown_model"}],
         )
+    _check_ready(model)
     for field in ("dataset_id", "eval_dataset_id"):
         ds_id = getattr(body, field)
         if ds_id is not None and datasets_repo.get(uow.session, caller.tenant_id, ds_id) is None:
@@ -230,6 +231,14 @@ def over_budget(plan: dict[str, Any], fleet: dict[str, Any]) -> JobExceedsWorker
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "vocab.txt")
 
 
+def _check_ready(model: Model) -> None:
+    """Jobs run only on a ready model: 409 ``model_not_ready`` while it is importing or after its
+    import failed (POST /v1/models/import)."""
+    if model.status != "ready":
+        why = "its import failed (see the model's error)" if model.status == "failed" else "it is still importing"
+        raise Conflict(f"model {model.id} is not ready: {why}", code="model_not_ready")
+
+
 def _check_student_models(uow: UnitOfWork, caller: Caller, teacher: Model, steps: list[dict]) -> None:
     """A step naming another model (``student_model_id``, distillation) may only name an HF model
     of the caller's tenant whose logits mean what the teacher's mean: same vocabulary size and,
@@ -251,6 +260,7 @@ def _student_refusal(uow: UnitOfWork, caller: Caller, teacher: Model, student_id
     if student is None:
         # Another tenant's model answers exactly like a missing one.
         return "unknown_model", f"no model {student_id}"
+    _check_ready(student)
     if student.format != "hf":
         return "unsupported_model", "the student must be a Hugging Face model directory (with config.json)"
     t_vocab, s_vocab = (teacher.config or {}).get("vocab_size"), (student.config or {}).get("vocab_size")

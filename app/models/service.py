@@ -332,10 +332,8 @@ def _format_of(
     return "hf", _check_config(config, tensors)
 
 
-def create(
-    uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings, files: list[StagedFile], name: str | None
-) -> Model:
-    info = validate_upload(files, settings)
+def check_name(name: str | None) -> None:
+    """A given model name obeys NAME_RE (422 ``invalid_name`` otherwise)."""
     if name is not None and not NAME_RE.fullmatch(name):
         raise _reject(
             "invalid_name",
@@ -343,22 +341,43 @@ def create(
             ["body", "name"],
             field="name",
         )
-    quotas.check_storage(uow.session, caller.tenant_id, info["size_bytes"])
-    model_id = new_id()
-    prefix = f"models/{model_id}"
-    uow.on_rollback(lambda: storage.delete_prefix(prefix))
+
+
+def check_file_names(names: list[str]) -> None:
+    """The checks an upload of files with these names meets before any byte is read (plain names,
+    accepted types, no duplicates), with the same errors: an import runs them before fetching."""
+    _files_by_name([StagedFile("files", n, Path(), 0, "", b"") for n in names])
+
+
+def store_files(storage: Storage, files: list[StagedFile], prefix: str) -> None:
+    """Store the staged (validated) files under ``prefix``; on any failure none stays stored."""
     try:
         for f in files:
             storage.put_file(f.path, f"{prefix}/{f.filename}", move=True)
     except BaseException:
         storage.delete_prefix(prefix)
         raise
-    default_name = (
-        Path(info["files"][0]["name"]).stem if info["format"] == "safetensors" else (info["architecture"] or "model")
+
+
+def default_name(info: dict) -> str:
+    """An upload's name when none is given: the file's stem (bare safetensors) or the architecture."""
+    name = Path(info["files"][0]["name"]).stem if info["format"] == "safetensors" else (info["architecture"] or "model")
+    return name if NAME_RE.fullmatch(name) else "model"  # a derived name obeys the rule of a given one
+
+
+def create(
+    uow: UnitOfWork, caller: Caller, storage: Storage, settings: Settings, files: list[StagedFile], name: str | None
+) -> Model:
+    info = validate_upload(files, settings)
+    check_name(name)
+    quotas.check_storage(uow.session, caller.tenant_id, info["size_bytes"])
+    model_id = new_id()
+    prefix = f"models/{model_id}"
+    uow.on_rollback(lambda: storage.delete_prefix(prefix))
+    store_files(storage, files, prefix)
+    model = Model(
+        id=model_id, tenant_id=caller.tenant_id, name=name or default_name(info), storage_prefix=prefix, **info
     )
-    if not NAME_RE.fullmatch(default_name):  # a derived name obeys the rule of a given one
-        default_name = "model"
-    model = Model(id=model_id, tenant_id=caller.tenant_id, name=name or default_name, storage_prefix=prefix, **info)
     uow.session.add(model)
     uow.session.flush()
     return model
@@ -376,5 +395,13 @@ def delete(uow: UnitOfWork, caller: Caller, storage: Storage, model_id: str) -> 
     if repository.active_job_count(uow.session, model.id):
         raise Conflict("the model has queued or running jobs; cancel them first", code="model_in_use")
     uow.session.delete(model)
-    prefix = model.storage_prefix
-    uow.after_commit(lambda: storage.delete_prefix(prefix))
+    # models/<id>: an upload's storage_prefix; for an import, the folder of its attempts (the
+    # storage_prefix of a ready one is models/<id>/import-<attempt>, and a killed attempt may have
+    # left another beside it).
+    prefixes = dict.fromkeys((model.storage_prefix, f"models/{model.id}"))
+
+    def remove() -> None:
+        for prefix in prefixes:
+            storage.delete_prefix(prefix)
+
+    uow.after_commit(remove)
