@@ -75,12 +75,14 @@ _ERROR_DESCRIPTIONS = {
     404: "No such object (or not the caller's)",
     408: "The request body stopped arriving (``body_read_timeout_s``)",
     409: "Conflict with the object's state",
-    410: "Gone (an expired link)",
+    410: "Gone (an expired link, an expired or consumed upload)",
+    412: "Precondition failed (a tus request without `Tus-Resumable: 1.0.0`)",
     413: "Payload too large",
     415: "Unsupported media type",
     416: "Range not satisfiable",
     422: "Invalid request (``errors`` lists the fields)",
     429: "Over a quota of the tenant (``Retry-After`` says when to retry)",
+    460: "Checksum mismatch (tus checksum extension): the chunk was discarded",
     503: "A dependency (the database) is unavailable; retry later",
 }
 

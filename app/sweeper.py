@@ -15,6 +15,9 @@ removes it:
 Sweeps run when an API process starts and every ``MODELPRESS_SWEEP_INTERVAL_S``. Staging folders
 of the older layout (``<data_dir>/tmp/upload-*``, no owner) are removed once nothing in them was
 written for ``LEGACY_IDLE_S``. Job scratch folders (``job-*``) are the workers' (worker/sweep.py).
+
+The same rounds remove expired resumable uploads (tus, ``<data_dir>/uploads``): their rows and
+staging files (app/resumable/service.py, ``sweep_expired``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from app.resumable.service import sweep_expired
 from core import procid
 from core.config import Settings, get_settings
 
@@ -96,6 +100,14 @@ def sweep_staging(settings: Settings | None = None, own: str | None = None) -> t
     return folders, size
 
 
+def sweep_uploads(settings: Settings) -> None:
+    """Expired resumable uploads removed; a failure (the database down) waits for the next round."""
+    try:
+        sweep_expired(settings)
+    except Exception:  # noqa: BLE001 - logged; the next round tries again
+        log.exception("upload expiry sweep failed")
+
+
 class Staging:
     """This process's staging folder: claimed at start, its heartbeat renewed, removed at stop."""
 
@@ -110,6 +122,7 @@ class Staging:
         self.path.mkdir(parents=True, exist_ok=True)
         self.settings.use_private_tmp(self.name)
         sweep_staging(self.settings, own=self.name)
+        sweep_uploads(self.settings)
         interval = self.settings.sweep_interval_s
 
         def loop() -> None:
@@ -120,6 +133,7 @@ class Staging:
                     os.utime(self.path)
                     if time.monotonic() >= next_sweep:
                         sweep_staging(self.settings, own=self.name)
+                        sweep_uploads(self.settings)
                         next_sweep = time.monotonic() + interval
                 except Exception:  # noqa: BLE001 - a full or unmounted disk: try again next round
                     log.exception("staging sweep failed")

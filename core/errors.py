@@ -10,10 +10,12 @@ Error tree::
     ├── RequestTimeout (408 request_timeout) -- a request body stalled (app/http_limits.py)
     ├── Conflict (409 conflict)
     ├── Gone (410 gone) -- e.g. an expired signed link
+    ├── PreconditionFailed (412 precondition_failed) -- e.g. a tus request of another protocol version
     ├── PayloadTooLarge (413 payload_too_large)
     ├── UnsupportedMediaType (415 unsupported_media_type)
     ├── Unprocessable (422 validation_error) -- also refused uploads (``code`` says why)
     │   └── JobExceedsWorkerBudget (422 job_exceeds_worker_budget) -- no live worker can take the job
+    ├── ChecksumMismatch (460 checksum_mismatch) -- a tus PATCH body whose Upload-Checksum differs
     └── ServiceUnavailable (503 service_unavailable)
 """
 
@@ -76,6 +78,10 @@ class Gone(ModelpressError):
     status, code, title = 410, "gone", "Gone"
 
 
+class PreconditionFailed(ModelpressError):
+    status, code, title = 412, "precondition_failed", "Precondition failed"
+
+
 class PayloadTooLarge(ModelpressError):
     status, code, title = 413, "payload_too_large", "Payload too large"
 
@@ -94,6 +100,13 @@ class JobExceedsWorkerBudget(Unprocessable):
     ``available`` (the largest budgets of the fleet), besides ``detail``."""
 
     code, title = "job_exceeds_worker_budget", "The job exceeds every worker's budget"
+
+
+class ChecksumMismatch(ModelpressError):
+    """The tus checksum extension's own status (not an IANA one): the body of a PATCH does not
+    match its ``Upload-Checksum``; the chunk was discarded."""
+
+    status, code, title = 460, "checksum_mismatch", "Checksum mismatch"
 
 
 class ServiceUnavailable(ModelpressError):

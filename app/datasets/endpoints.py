@@ -7,14 +7,20 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
-from app.auth import CurrentCaller
+from app.auth import Caller, CurrentCaller
 from app.datasets import repository, service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import PageLimit, SettingsDep, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
+from app.resumable import service as resumable
+from app.resumable.schemas import FROM_UPLOADS_SCHEMA
 from app.uploads import StagingArea, parse_multipart
+from core.config import Settings
+from core.db import UnitOfWork
+from core.errors import Unprocessable
 from core.pagination import next_cursor
+from core.storage import Storage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -36,7 +42,17 @@ _UPLOAD_BODY = {
                         "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\w .:@+-]+$"},
                     },
                 }
-            }
+            },
+            # Or the file of a finished resumable upload (/v1/uploads, docs/UPLOADS.md): one entry.
+            "application/json": {
+                "schema": {
+                    **FROM_UPLOADS_SCHEMA,
+                    "properties": {
+                        **FROM_UPLOADS_SCHEMA["properties"],
+                        "files": {**FROM_UPLOADS_SCHEMA["properties"]["files"], "maxProperties": 1},
+                    },
+                }
+            },
         },
     }
 }
@@ -51,7 +67,7 @@ def _out(ds) -> DatasetOut:  # noqa: ANN001
     status_code=201,
     response_model=DatasetOut,
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
+    responses=problem_responses(*BODY_ERRORS, 404, 409, 413, 415, 429),
 )
 async def upload_dataset(
     request: Request,
@@ -61,10 +77,13 @@ async def upload_dataset(
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> DatasetOut | JSONResponse:
-    """Upload a dataset (multipart part `file`): validated line by line, counted, stored. With
+    """Upload a dataset (multipart part `file`), or make it from a finished resumable upload (JSON
+    `{"name"?, "files": {file name: upload id}}`): validated line by line, counted, stored. With
     `Idempotency-Key`, a retry of the same upload returns the first response instead of storing
     the dataset again."""
     key = idempotency.check_key(idempotency_key)
+    if resumable.is_json(request):
+        return await _dataset_from_upload(request, caller, uow, storage, settings, key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(
             request,
@@ -85,6 +104,31 @@ async def upload_dataset(
             return ds.id, _out(ds)
 
         # Validation reads every line of a possibly multi-GB file: keep it off the event loop.
+        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
+
+
+async def _dataset_from_upload(
+    request: Request, caller: Caller, uow: UnitOfWork, storage: Storage, settings: Settings, key: str | None
+) -> DatasetOut | JSONResponse:
+    """``POST /v1/datasets`` with JSON: the upload becomes the multipart upload's staged file."""
+    body = await resumable.read_from_uploads(request, settings)
+    if len(body.files) != 1:
+        detail = f"a dataset is one file: name exactly one upload in 'files' (got {len(body.files)})"
+        raise Unprocessable(
+            detail, code="unexpected_part", errors=[{"loc": ["body", "files"], "msg": detail, "type": "one_file"}]
+        )
+    scope = (
+        None
+        if key is None
+        else idempotency.Scope(caller.tenant_id, "POST /v1/datasets", key, idempotency.json_digest(body.model_dump()))
+    )
+    with StagingArea(settings.tmp_dir) as staging:
+
+        def create() -> tuple[str, DatasetOut]:
+            files = resumable.take(uow, caller, settings, staging, body.files, "file")
+            ds = service.create(uow, caller, storage, files, body.name)
+            return ds.id, _out(ds)
+
         return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 

@@ -7,14 +7,19 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
-from app.auth import CurrentCaller
+from app.auth import Caller, CurrentCaller
 from app.deps import PageLimit, SettingsDep, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
+from app.resumable import service as resumable
+from app.resumable.schemas import FROM_UPLOADS_SCHEMA
 from app.uploads import StagingArea, parse_multipart
+from core.config import Settings
+from core.db import UnitOfWork
 from core.pagination import next_cursor
+from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -32,7 +37,9 @@ _UPLOAD_BODY = {
                         "name": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": r"^[\w .:@+-]+$"},
                     },
                 }
-            }
+            },
+            # Or the files of finished resumable uploads (/v1/uploads, docs/UPLOADS.md).
+            "application/json": {"schema": FROM_UPLOADS_SCHEMA},
         },
     }
 }
@@ -43,7 +50,7 @@ _UPLOAD_BODY = {
     status_code=201,
     response_model=ModelOut,
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(*BODY_ERRORS, 413, 415, 429),
+    responses=problem_responses(*BODY_ERRORS, 404, 409, 413, 415, 429),
 )
 async def upload_model(
     request: Request,
@@ -53,10 +60,13 @@ async def upload_model(
     settings: SettingsDep,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> ModelOut | JSONResponse:
-    """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`).
+    """Upload a Hugging Face model directory or one bare safetensors file (multipart parts `files`),
+    or make it from finished resumable uploads (JSON `{"name"?, "files": {file name: upload id}}`).
     With `Idempotency-Key`, a retry of the same upload returns the first response instead of
     storing the model again."""
     key = idempotency.check_key(idempotency_key)
+    if resumable.is_json(request):
+        return await _model_from_uploads(request, caller, uow, storage, settings, key)
     with StagingArea(settings.tmp_dir) as staging:
         files, fields = await parse_multipart(
             request,
@@ -78,6 +88,26 @@ async def upload_model(
             return model.id, ModelOut.model_validate(model, from_attributes=True)
 
         # Validation hashes and reads headers of multi-GB files: keep it off the event loop.
+        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
+
+
+async def _model_from_uploads(
+    request: Request, caller: Caller, uow: UnitOfWork, storage: Storage, settings: Settings, key: str | None
+) -> ModelOut | JSONResponse:
+    """``POST /v1/models`` with JSON: the uploads become the multipart upload's staged files."""
+    body = await resumable.read_from_uploads(request, settings)
+    scope = (
+        None
+        if key is None
+        else idempotency.Scope(caller.tenant_id, "POST /v1/models", key, idempotency.json_digest(body.model_dump()))
+    )
+    with StagingArea(settings.tmp_dir) as staging:
+
+        def create() -> tuple[str, ModelOut]:
+            files = resumable.take(uow, caller, settings, staging, body.files, "files")
+            model = service.create(uow, caller, storage, settings, files, body.name)
+            return model.id, ModelOut.model_validate(model, from_attributes=True)
+
         return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
 
 

@@ -1,0 +1,347 @@
+"""Resumable uploads (tus 1.0 at /v1/uploads) against the real cluster stack (API process,
+PostgreSQL, Redis, a worker): the protocol (creation, HEAD, PATCH in chunks, checksum, termination,
+expiration), its refusals (409, 412, 413, 415, 460, another tenant's 404), a PATCH cut off midway
+then resumed, concurrent PATCHes, and models and datasets made from finished uploads, which must
+be the same as the multipart upload of the same files and refused the same way.
+
+After every test the staging folder (``<data_dir>/uploads``) holds exactly one file per live
+upload, as long as its offset: no failure leaves bytes behind."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+
+from tests.helpers import Service, query, safetensors_bytes, upload_dir, wait_job
+
+pytestmark = pytest.mark.integration
+
+TUS = {"Tus-Resumable": "1.0.0"}
+OCTETS = "application/offset+octet-stream"
+CAST = [{"method": "quantize.cast", "params": {"dtype": "float16"}}]
+
+
+def _b64(s: str | bytes) -> str:
+    return base64.b64encode(s.encode() if isinstance(s, str) else s).decode()
+
+
+def _create(c: httpx.Client, length: int, filename: str | None = "model.safetensors", **meta: str) -> httpx.Response:
+    pairs = ({"filename": filename} if filename is not None else {}) | meta
+    headers = {**TUS, "Upload-Length": str(length)}
+    if pairs:
+        headers["Upload-Metadata"] = ",".join(f"{k} {_b64(v)}" for k, v in pairs.items())
+    return c.post("/v1/uploads", headers=headers)
+
+
+def _new(c: httpx.Client, length: int, filename: str = "model.safetensors") -> str:
+    r = _create(c, length, filename)
+    assert r.status_code == 201, r.text
+    return r.headers["Location"]
+
+
+def _patch(c: httpx.Client, url: str, offset: int, data: bytes, **headers: str) -> httpx.Response:
+    h = {**TUS, "Upload-Offset": str(offset), "Content-Type": OCTETS, **headers}
+    return c.patch(url, content=data, headers=h)
+
+
+def _offset(c: httpx.Client, url: str) -> int:
+    r = c.head(url, headers=TUS)
+    assert r.status_code == 200, (r.status_code, r.headers)
+    return int(r.headers["Upload-Offset"])
+
+
+def _send(c: httpx.Client, data: bytes, filename: str, chunk: int = 64 * 1024) -> str:
+    """A whole file through tus in chunks; the upload's id."""
+    url = _new(c, len(data), filename)
+    for start in range(0, len(data), chunk):
+        r = _patch(c, url, start, data[start : start + chunk])
+        assert r.status_code == 204, r.text
+        assert int(r.headers["Upload-Offset"]) == min(start + chunk, len(data))
+    return url.rsplit("/", 1)[1]
+
+
+def _upload_files(c: httpx.Client, folder: Path) -> dict[str, str]:
+    return {p.name: _send(c, p.read_bytes(), p.name) for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _cut_patch(base_url: str, key: str, path: str, offset: int, declared: int, sent: bytes) -> None:
+    """A PATCH that declares ``declared`` bytes, sends ``sent`` and hangs up (a client cut off)."""
+    u = urlsplit(base_url)
+    head = (
+        f"PATCH {path} HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {key}\r\nTus-Resumable: 1.0.0\r\n"
+        f"Upload-Offset: {offset}\r\nContent-Type: {OCTETS}\r\nContent-Length: {declared}\r\n\r\n"
+    )
+    with socket.create_connection((u.hostname, u.port)) as s:
+        s.sendall(head.encode() + sent)
+        time.sleep(0.3)
+
+
+def _staging(stack) -> Path:
+    return stack.data_dir / "uploads"
+
+
+def _check_staging(stack) -> None:
+    """One staging file per live upload, as long as its offset; none for a consumed one."""
+    rows = {
+        uid: (offset, consumed)
+        for uid, offset, consumed in query(stack, 'SELECT id, "offset", consumed_at FROM uploads')
+    }
+    files = {p.name: p.stat().st_size for p in _staging(stack).iterdir()} if _staging(stack).is_dir() else {}
+    live = {uid: offset for uid, (offset, consumed) in rows.items() if consumed is None}
+    assert files == live, (files, live)
+
+
+@pytest.fixture
+def c(cluster):
+    with cluster.client() as client:
+        yield client
+    _check_staging(cluster)
+
+
+def test_options_create_head_and_patch_in_chunks(cluster, c):
+    r = c.options("/v1/uploads")
+    assert r.status_code == 204, r.text
+    assert r.headers["Tus-Resumable"] == "1.0.0" and r.headers["Tus-Version"] == "1.0.0"
+    assert r.headers["Tus-Extension"] == "creation,checksum,expiration,termination"
+    assert r.headers["Tus-Checksum-Algorithm"] == "sha256"
+    assert int(r.headers["Tus-Max-Size"]) == 24 * 1024 * 1024  # the stack's max_upload_bytes
+
+    data = bytes(range(256)) * 1000  # 256,000 bytes
+    r = _create(c, len(data), "notes.txt", note="hé, a note")
+    assert r.status_code == 201, r.text
+    url = r.headers["Location"]
+    assert url.startswith("/v1/uploads/") and r.headers["Tus-Resumable"] == "1.0.0" and r.headers["Upload-Expires"]
+    h = c.head(url, headers=TUS)
+    assert h.status_code == 200 and h.headers["Cache-Control"] == "no-store"
+    assert (h.headers["Upload-Offset"], h.headers["Upload-Length"]) == ("0", str(len(data)))
+    assert h.headers["Upload-Expires"] == r.headers["Upload-Expires"]
+    meta = dict(p.split(" ") for p in h.headers["Upload-Metadata"].split(","))
+    assert base64.b64decode(meta["note"]).decode() == "hé, a note"
+    # Three chunks, the second with a checksum; the upload's sha256 is recorded once complete.
+    cuts = [0, 100_000, 200_000, len(data)]
+    for i, (a, b) in enumerate(zip(cuts, cuts[1:], strict=False)):
+        extra = {"Upload-Checksum": f"sha256 {_b64(hashlib.sha256(data[a:b]).digest())}"} if i == 1 else {}
+        r = _patch(c, url, a, data[a:b], **extra)
+        assert r.status_code == 204 and r.headers["Upload-Offset"] == str(b) and r.headers["Tus-Resumable"] == "1.0.0"
+        assert _offset(c, url) == b
+    uid = url.rsplit("/", 1)[1]
+    assert query(cluster, "SELECT sha256 FROM uploads WHERE id = %s", uid)[0][0] == hashlib.sha256(data).hexdigest()
+    assert (_staging(cluster) / uid).read_bytes() == data
+    # An empty PATCH at the end changes nothing; DELETE removes the row and the bytes.
+    assert _patch(c, url, len(data), b"").status_code == 204
+    r = c.delete(url, headers=TUS)
+    assert r.status_code == 204 and r.headers["Tus-Resumable"] == "1.0.0"
+    assert c.head(url, headers=TUS).status_code == 404 and not (_staging(cluster) / uid).exists()
+    assert c.delete(url, headers=TUS).status_code == 404
+
+
+def test_a_patch_cut_off_midway_is_resumed_from_head(cluster, c):
+    data = hashlib.sha256(b"seed").digest() * 4096  # 128 KiB
+    url = _new(c, len(data))
+    assert _patch(c, url, 0, data[:40_000]).status_code == 204
+    _cut_patch(cluster.service.url, cluster.key, url, 40_000, len(data) - 40_000, data[40_000:90_000])
+    # The bytes that arrived may be kept (then they are on disk and counted) or not; the client
+    # resumes wherever HEAD says, retrying while the cut request is still being wound up.
+    for _ in range(50):
+        offset = _offset(c, url)
+        assert 40_000 <= offset <= 90_000
+        r = _patch(c, url, offset, data[offset:])
+        if r.status_code == 204:
+            break
+        assert r.status_code == 409 and r.json()["code"] in ("upload_busy", "offset_mismatch"), r.text
+        time.sleep(0.1)
+    assert r.status_code == 204 and _offset(c, url) == len(data)
+    uid = url.rsplit("/", 1)[1]
+    assert query(cluster, "SELECT sha256 FROM uploads WHERE id = %s", uid)[0][0] == hashlib.sha256(data).hexdigest()
+    assert c.delete(url, headers=TUS).status_code == 204
+
+
+def _problem(r: httpx.Response, status: int, code: str) -> None:
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/problem+json" and r.json()["code"] == code, r.text
+    assert r.headers["Tus-Resumable"] == "1.0.0"
+
+
+def test_refusals(cluster, c):
+    url = _new(c, 1000)
+    assert _patch(c, url, 0, b"a" * 300).status_code == 204
+    # 409: a stale offset; 413: past the declared length (nothing of it kept).
+    _problem(_patch(c, url, 0, b"b" * 10), 409, "offset_mismatch")
+    _problem(_patch(c, url, 300, b"c" * 701), 413, "payload_too_large")
+    # 460: the chunk does not match its checksum; discarded, the offset unchanged.
+    bad = {"Upload-Checksum": f"sha256 {_b64(hashlib.sha256(b'other').digest())}"}
+    _problem(_patch(c, url, 300, b"d" * 100, **bad), 460, "checksum_mismatch")
+    _problem(_patch(c, url, 300, b"d" * 100, **{"Upload-Checksum": "md5 AAAA"}), 400, "unsupported_checksum_algorithm")
+    assert _offset(c, url) == 300
+    # 412: no or another Tus-Resumable, on every method but OPTIONS.
+    for version in (None, "0.2.2"):
+        h = {"Tus-Resumable": version} if version else {}
+        _problem(c.post("/v1/uploads", headers={**h, "Upload-Length": "5"}), 412, "tus_version_unsupported")
+        _problem(_patch(c, url, 300, b"e", **{"Tus-Resumable": version or ""}), 412, "tus_version_unsupported")
+        _problem(c.delete(url, headers=h), 412, "tus_version_unsupported")
+        r = c.head(url, headers=h)
+        assert r.status_code == 412 and r.headers["Tus-Version"] == "1.0.0"
+    # 415: not application/offset+octet-stream.
+    _problem(_patch(c, url, 300, b"f", **{"Content-Type": "application/octet-stream"}), 415, "unsupported_media_type")
+    assert _offset(c, url) == 300
+    # Creation: 413 over max_upload_bytes, 400 without Upload-Length or filename, 422 for a name
+    # that multipart refuses too.
+    _problem(_create(c, 24 * 1024 * 1024 + 1), 413, "payload_too_large")
+    _problem(c.post("/v1/uploads", headers=TUS), 400, "missing_upload_length")
+    _problem(_create(c, 10, None), 400, "missing_filename")
+    _problem(_create(c, 10, "weights.pt"), 422, "pickle_refused")
+    _problem(_create(c, 10, "../config.json"), 422, "bad_filename")
+    _problem(
+        c.post("/v1/uploads", headers={**TUS, "Upload-Length": "1", "Upload-Metadata": "filename %%%"}),
+        400,
+        "invalid_metadata",
+    )
+    # Another tenant (or no key): 404 (401), with the protocol header all the same.
+    with cluster.client(cluster.other_key) as b:
+        r = b.head(url, headers=TUS)
+        assert r.status_code == 404 and r.headers["Tus-Resumable"] == "1.0.0"
+        _problem(_patch(b, url, 300, b"g"), 404, "not_found")
+        _problem(b.delete(url, headers=TUS), 404, "not_found")
+    with cluster.client(None) as anon:
+        r = anon.patch(url, headers=TUS)
+        assert r.status_code == 401 and r.headers["Tus-Resumable"] == "1.0.0"
+    assert _offset(c, url) == 300
+    assert c.delete(url, headers=TUS).status_code == 204
+
+
+def test_concurrent_patches_one_wins(cluster, c):
+    data = b"x" * 50_000
+    url = _new(c, len(data))
+
+    def one(_: int) -> httpx.Response:
+        with cluster.client() as cc:
+            return _patch(cc, url, 0, data)
+
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(one, range(6)))
+    statuses = sorted(r.status_code for r in results)
+    assert statuses == [204] + [409] * 5, [(r.status_code, r.text) for r in results]
+    assert {r.json()["code"] for r in results if r.status_code == 409} <= {"upload_busy", "offset_mismatch"}
+    assert _offset(c, url) == len(data)
+    assert c.delete(url, headers=TUS).status_code == 204
+
+
+def test_model_from_uploads_is_the_multipart_model(cluster, c, tiny):
+    files = _upload_files(c, tiny["gpt2"])
+    by_tus = c.post("/v1/models", json={"name": "by-tus", "files": files})
+    assert by_tus.status_code == 201, by_tus.text
+    by_multipart = upload_dir(c, tiny["gpt2"], name="by-multipart")
+    assert by_multipart.status_code == 201, by_multipart.text
+    a, b = by_tus.json(), by_multipart.json()
+    for field in ("sha256", "files", "size_bytes", "format", "architecture", "parameters"):
+        assert a[field] == b[field], field
+    # The uploads are consumed: their bytes moved into the model, and they cannot be used again.
+    for uid in files.values():
+        assert not (_staging(cluster) / uid).exists()
+        assert c.head(f"/v1/uploads/{uid}", headers=TUS).status_code == 410
+    again = c.post("/v1/models", json={"files": files})
+    assert again.status_code == 409 and again.json()["code"] == "upload_consumed", again.text
+    # A job runs on it.
+    job = c.post("/v1/jobs", json={"model_id": a["id"], "steps": CAST})
+    assert job.status_code == 202, job.text
+    assert wait_job(c, job.json()["id"])["status"] == "succeeded"
+
+
+def test_unusable_uploads_are_refused_and_nothing_is_taken(cluster, c):
+    st = safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, b"\0" * 16)
+    whole = _send(c, st, "w.safetensors")
+    part = _new(c, 100).rsplit("/", 1)[1]
+    # Incomplete, unknown, another tenant's.
+    r = c.post("/v1/models", json={"files": {"w.safetensors": part}})
+    assert r.status_code == 409 and r.json()["code"] == "upload_incomplete", r.text
+    r = c.post("/v1/models", json={"files": {"w.safetensors": "00000000-0000-4000-8000-000000000000"}})
+    assert r.status_code == 404 and r.json()["code"] == "unknown_upload", r.text
+    with cluster.client(cluster.other_key) as b:
+        r = b.post("/v1/models", json={"files": {"w.safetensors": whole}})
+        assert r.status_code == 404 and r.json()["code"] == "unknown_upload", r.text
+    # Bad bodies: 422 like any JSON route; a file name multipart refuses, refused the same way.
+    for body in ({}, {"files": {}}, {"files": {"w.safetensors": 5}}, {"files": {"a": whole}, "x": 1}):
+        assert c.post("/v1/models", json=body).status_code == 422, body
+    r = c.post("/v1/models", json={"files": {"w.pt": whole}})
+    assert r.status_code == 422 and r.json()["code"] == "pickle_refused", r.text
+    # Invalid safetensors: the same 422 as multipart; the upload stays usable (not consumed).
+    bad = safetensors_bytes({"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 12]}}, b"\0" * 16)
+    bad_id = _send(c, bad, "w.safetensors")
+    by_tus = c.post("/v1/models", json={"files": {"w.safetensors": bad_id}})
+    by_multipart = c.post("/v1/models", files=[("files", ("w.safetensors", bad))])
+    assert by_tus.status_code == by_multipart.status_code == 422
+    assert by_tus.json()["code"] == by_multipart.json()["code"] == "invalid_safetensors"
+    assert by_tus.json()["errors"] == by_multipart.json()["errors"]
+    assert _offset(c, f"/v1/uploads/{bad_id}") == len(bad)
+    # The good one still works, once.
+    ok = c.post("/v1/models", json={"files": {"w.safetensors": whole}})
+    assert ok.status_code == 201 and ok.json()["sha256"] == hashlib.sha256(st).hexdigest(), ok.text
+    for uid in (part, bad_id):
+        assert c.delete(f"/v1/uploads/{uid}", headers=TUS).status_code == 204
+
+
+def test_dataset_from_an_upload_and_idempotency(cluster, c):
+    text = b"first sample\nsecond sample\nthird\n"
+    uid = _send(c, text, "corpus.txt")
+    key = {"Idempotency-Key": f"tus-{uid}"}
+    r = c.post("/v1/datasets", json={"name": "from-tus", "files": {"corpus.txt": uid}}, headers=key)
+    assert r.status_code == 201, r.text
+    ds = r.json()
+    assert (ds["name"], ds["samples"], ds["sha256"]) == ("from-tus", 3, hashlib.sha256(text).hexdigest())
+    replay = c.post("/v1/datasets", json={"name": "from-tus", "files": {"corpus.txt": uid}}, headers=key)
+    assert replay.status_code == 201 and replay.json()["id"] == ds["id"], replay.text
+    assert replay.headers["Idempotency-Replayed"] == "true"
+    # One file only; a model file name is no dataset.
+    a, b = _send(c, b"x\n", "a.txt"), _send(c, b"y\n", "b.txt")
+    r = c.post("/v1/datasets", json={"files": {"a.txt": a, "b.txt": b}})
+    assert r.status_code == 422 and r.json()["code"] == "unexpected_part", r.text
+    r = c.post("/v1/datasets", json={"files": {"a.json": a}})
+    assert r.status_code == 422 and r.json()["code"] == "unsupported_file_type", r.text
+    for u in (a, b):
+        assert c.delete(f"/v1/uploads/{u}", headers=TUS).status_code == 204
+
+
+def test_a_large_patch_streams(cluster, c):
+    """One PATCH larger than a JSON body may be (``max_json_body_bytes``, 4 MiB): streamed to disk."""
+    url = _new(c, 6 * 1024 * 1024)
+    data = hashlib.sha256(b"big").digest() * (6 * 1024 * 1024 // 32)
+    r = _patch(c, url, 0, data)
+    if r.status_code == 413 and "Tus-Resumable" not in r.headers:
+        c.delete(url, headers=TUS)
+        pytest.skip("app/http_limits.py buffers PATCH bodies as JSON bodies (see docs/UPLOADS.md)")
+    assert r.status_code == 204, r.text
+    assert _offset(c, url) == len(data)
+    assert c.delete(url, headers=TUS).status_code == 204
+
+
+def test_expired_uploads_are_swept(cluster, tmp_path):
+    """An API process with a 2 s expiry and 1 s sweeps: the row and the staging file go."""
+    env = {
+        **{k: v for k, v in cluster.service.env.items() if k.startswith("MODELPRESS_")},
+        "MODELPRESS_DATA_DIR": str(cluster.data_dir),
+        "MODELPRESS_UPLOAD_EXPIRY_S": "2",
+        "MODELPRESS_SWEEP_INTERVAL_S": "1",
+    }
+    svc = Service(env, tmp_path, worker=False).start()
+    try:
+        with svc.client(cluster.key) as c:
+            url = _new(c, 100)
+            assert _patch(c, url, 0, b"z" * 40).status_code == 204
+            uid = url.rsplit("/", 1)[1]
+            assert (_staging(cluster) / uid).exists()
+            deadline = time.monotonic() + 15
+            while query(cluster, "SELECT count(*) FROM uploads WHERE id = %s", uid)[0][0]:
+                assert time.monotonic() < deadline, "the expired upload was not swept"
+                time.sleep(0.3)
+            assert not (_staging(cluster) / uid).exists()
+            assert c.head(url, headers=TUS).status_code == 404
+    finally:
+        svc.stop()
