@@ -674,8 +674,8 @@ class _BaseClient:
         if resumable:
             raise APIError.from_response(e.response) from None
 
-    def _import_call(self, name: str, source: str, idempotency_key: str | None) -> _Call[Model]:
-        body = {"name": name, "source": source}
+    def _import_call(self, name: str | None, source: str, idempotency_key: str | None) -> _Call[Model]:
+        body = _drop_none({"name": name, "source": source})
         return _Call("POST", "/v1/models/import", _json_of(Model), json=body, headers=self._idem(idempotency_key))
 
     @staticmethod
@@ -1007,9 +1007,10 @@ class Client(_BaseClient):
                 self._tus_refused(e, resumable)
         return self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
 
-    def import_model(self, name: str, source: str, *, idempotency_key: str | None = None) -> Model:
-        """Have the server fetch a model from ``source`` (``s3://bucket/prefix/`` or an
-        ``https://`` URL): the model, ``status="importing"``; ``wait_model`` follows it."""
+    def import_model(self, name: str | None, source: str, *, idempotency_key: str | None = None) -> Model:
+        """Have the server fetch a model from ``source`` (``s3://bucket/prefix/``, ``s3://bucket/key``
+        or an ``https://`` URL of one file; ``name`` None: the source's last path segment): the
+        model, ``status="importing"``; ``wait_model`` follows it until it is ready or failed."""
         return self._send(self._import_call(name, source, idempotency_key))
 
     def wait_model(
@@ -1435,7 +1436,7 @@ class AsyncClient(_BaseClient):
                 self._tus_refused(e, resumable)
         return await self._send(self._create_dataset_call(path, name, on_progress, idempotency_key))
 
-    async def import_model(self, name: str, source: str, *, idempotency_key: str | None = None) -> Model:
+    async def import_model(self, name: str | None, source: str, *, idempotency_key: str | None = None) -> Model:
         return await self._send(self._import_call(name, source, idempotency_key))
 
     async def wait_model(
