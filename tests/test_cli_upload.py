@@ -534,9 +534,10 @@ def test_cli_models_import_wait(cli: tuple[FakeTus, list[str]], capsys: pytest.C
 # -- against the real service ----------------------------------------------------------------------
 
 
-def _tus_ready(url: str) -> bool:
+def _tus_ready(url: str, key: str) -> bool:
     try:
-        return httpx.options(f"{url}/v1/uploads", timeout=5).status_code in (200, 204)
+        headers = {"Authorization": f"Bearer {key}"}
+        return httpx.options(f"{url}/v1/uploads", headers=headers, timeout=5).status_code in (200, 204)
     except httpx.HTTPError:
         return False
 
@@ -552,7 +553,7 @@ def _run(stack: Any, *args: str, cache_dir: Path) -> subprocess.CompletedProcess
 
 @pytest.fixture(scope="module")
 def live(cluster: Any) -> Any:
-    if not _tus_ready(cluster.service.url):
+    if not _tus_ready(cluster.service.url, cluster.key):
         pytest.skip("the server has no /v1/uploads yet (app/resumable in progress)")
     return cluster
 
