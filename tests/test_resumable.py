@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,13 +21,12 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from tests.helpers import Service, query, safetensors_bytes, upload_dir, wait_job
+from tests.helpers import query, safetensors_bytes, upload_dir
 
 pytestmark = pytest.mark.integration
 
 TUS = {"Tus-Resumable": "1.0.0"}
 OCTETS = "application/offset+octet-stream"
-CAST = [{"method": "quantize.cast", "params": {"dtype": "float16"}}]
 
 
 def _b64(s: str | bytes) -> str:
@@ -164,10 +164,12 @@ def test_a_patch_cut_off_midway_is_resumed_from_head(cluster, c):
     assert c.delete(url, headers=TUS).status_code == 204
 
 
-def _problem(r: httpx.Response, status: int, code: str) -> None:
+def _problem(r: httpx.Response, status: int, code: str, body: bool = True) -> None:
+    """A refusal with its status, problem code (not on HEAD: no body) and the protocol header."""
     assert r.status_code == status, (r.status_code, r.text)
-    assert r.headers["content-type"] == "application/problem+json" and r.json()["code"] == code, r.text
     assert r.headers["Tus-Resumable"] == "1.0.0"
+    if body:
+        assert r.headers["content-type"] == "application/problem+json" and r.json()["code"] == code, r.text
 
 
 def test_refusals(cluster, c):
@@ -234,25 +236,48 @@ def test_concurrent_patches_one_wins(cluster, c):
     assert c.delete(url, headers=TUS).status_code == 204
 
 
-def test_model_from_uploads_is_the_multipart_model(cluster, c, tiny):
-    files = _upload_files(c, tiny["gpt2"])
+def _hf_dir(root: Path) -> Path:
+    """A small Hugging Face directory (no torch needed): config, weights, tokenizer files."""
+    d = root / "hf"
+    d.mkdir()
+    cfg = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "torch_dtype": "float32", "n_embd": 8}
+    (d / "config.json").write_text(json.dumps(cfg))
+    (d / "generation_config.json").write_text('{"bos_token_id": 0}')
+    (d / "tokenizer.json").write_text(
+        json.dumps({"version": "1.0", "model": {"vocab": {str(i): i for i in range(50)}}})
+    )
+    wte, ln = bytes(range(256)) * 5 + bytes(256), bytes(32)  # 16x8 and 8 float32s
+    header = {
+        "transformer.wte.weight": {"dtype": "F32", "shape": [48, 8], "data_offsets": [0, len(wte)]},
+        "transformer.ln_f.weight": {"dtype": "F32", "shape": [8], "data_offsets": [len(wte), len(wte) + len(ln)]},
+    }
+    (d / "model.safetensors").write_bytes(safetensors_bytes(header, wte + ln))
+    return d
+
+
+def test_model_from_uploads_is_the_multipart_model(cluster, c, tmp_path):
+    d = _hf_dir(tmp_path)
+    files = _upload_files(c, d)
     by_tus = c.post("/v1/models", json={"name": "by-tus", "files": files})
     assert by_tus.status_code == 201, by_tus.text
-    by_multipart = upload_dir(c, tiny["gpt2"], name="by-multipart")
+    by_multipart = upload_dir(c, d, name="by-multipart")
     assert by_multipart.status_code == 201, by_multipart.text
     a, b = by_tus.json(), by_multipart.json()
+    assert a["name"] == "by-tus"
     for field in ("sha256", "files", "size_bytes", "format", "architecture", "parameters"):
         assert a[field] == b[field], field
-    # The uploads are consumed: their bytes moved into the model, and they cannot be used again.
+    # The bytes moved into the model's storage, byte for byte.
+    stored = cluster.data_dir / "storage" / "models" / a["id"]
+    assert {p.name: p.read_bytes() for p in stored.iterdir()} == {p.name: p.read_bytes() for p in d.iterdir()}
+    # The uploads are consumed: their staging files are gone, and they cannot be used again.
     for uid in files.values():
         assert not (_staging(cluster) / uid).exists()
-        assert c.head(f"/v1/uploads/{uid}", headers=TUS).status_code == 410
+        _problem(c.head(f"/v1/uploads/{uid}", headers=TUS), 410, "upload_consumed", body=False)
     again = c.post("/v1/models", json={"files": files})
     assert again.status_code == 409 and again.json()["code"] == "upload_consumed", again.text
-    # A job runs on it.
-    job = c.post("/v1/jobs", json={"model_id": a["id"], "steps": CAST})
-    assert job.status_code == 202, job.text
-    assert wait_job(c, job.json()["id"])["status"] == "succeeded"
+    # Consumed uploads are still records until they expire: DELETE forgets them.
+    for uid in files.values():
+        assert c.delete(f"/v1/uploads/{uid}", headers=TUS).status_code == 204
 
 
 def test_unusable_uploads_are_refused_and_nothing_is_taken(cluster, c):
@@ -322,26 +347,40 @@ def test_a_large_patch_streams(cluster, c):
     assert c.delete(url, headers=TUS).status_code == 204
 
 
-def test_expired_uploads_are_swept(cluster, tmp_path):
-    """An API process with a 2 s expiry and 1 s sweeps: the row and the staging file go."""
-    env = {
-        **{k: v for k, v in cluster.service.env.items() if k.startswith("MODELPRESS_")},
-        "MODELPRESS_DATA_DIR": str(cluster.data_dir),
-        "MODELPRESS_UPLOAD_EXPIRY_S": "2",
-        "MODELPRESS_SWEEP_INTERVAL_S": "1",
-    }
-    svc = Service(env, tmp_path, worker=False).start()
-    try:
-        with svc.client(cluster.key) as c:
-            url = _new(c, 100)
-            assert _patch(c, url, 0, b"z" * 40).status_code == 204
-            uid = url.rsplit("/", 1)[1]
-            assert (_staging(cluster) / uid).exists()
-            deadline = time.monotonic() + 15
-            while query(cluster, "SELECT count(*) FROM uploads WHERE id = %s", uid)[0][0]:
-                assert time.monotonic() < deadline, "the expired upload was not swept"
-                time.sleep(0.3)
-            assert not (_staging(cluster) / uid).exists()
-            assert c.head(url, headers=TUS).status_code == 404
-    finally:
-        svc.stop()
+@pytest.fixture
+def sweeper_env(cluster, monkeypatch):
+    """This process's settings and engine on the cluster's database and data folder, as an API
+    process of the stack has them (the sweep runs here: no wait for the API's 60 s rounds)."""
+    from core.config import get_settings
+    from core.db import get_engine, get_sessionmaker
+
+    for name in [k for k in cluster.service.env if k.startswith("MODELPRESS_")]:
+        monkeypatch.setenv(name, cluster.service.env[name])
+    caches = (get_settings, get_engine, get_sessionmaker)
+    for fn in caches:
+        fn.cache_clear()
+    yield get_settings()
+    get_engine().dispose()
+    for fn in caches:
+        fn.cache_clear()
+
+
+def test_expired_uploads_are_refused_then_swept(cluster, c, sweeper_env):
+    from app.sweeper import sweep_uploads
+
+    done = _send(c, b"a finished upload\n", "late.txt")
+    part = _new(c, 100).rsplit("/", 1)[1]
+    assert _patch(c, f"/v1/uploads/{part}", 0, b"z" * 40).status_code == 204
+    import psycopg
+
+    with psycopg.connect(cluster.database_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+        conn.execute("UPDATE uploads SET expires_at = now() - interval '1 second' WHERE id = ANY(%s)", [[done, part]])
+    # Expired, not swept yet: HEAD and PATCH 410, a model or dataset from it 409.
+    _problem(c.head(f"/v1/uploads/{part}", headers=TUS), 410, "upload_expired", body=False)
+    _problem(_patch(c, f"/v1/uploads/{part}", 40, b"z"), 410, "upload_expired")
+    r = c.post("/v1/datasets", json={"files": {"late.txt": done}})
+    assert r.status_code == 409 and r.json()["code"] == "upload_expired", r.text
+    sweep_uploads(sweeper_env)
+    assert query(cluster, "SELECT count(*) FROM uploads WHERE id = ANY(%s)", [done, part])[0][0] == 0
+    assert not (_staging(cluster) / done).exists() and not (_staging(cluster) / part).exists()
+    assert c.head(f"/v1/uploads/{part}", headers=TUS).status_code == 404
