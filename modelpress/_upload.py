@@ -28,8 +28,10 @@ filename``), then ``PATCH`` chunks of ``chunk_size`` bytes (default 16 MiB; one 
 memory, the file is never read whole), each with ``Upload-Checksum: sha256 <base64>``. A chunk whose
 connection breaks is retried after a backoff (the offset re-read with HEAD first: part of it may
 have arrived); 409 (offset mismatch) re-reads the offset; 460 (checksum mismatch) resends the chunk;
-404/410 starts that file over; 429/503 wait (``Retry-After``). ``max_retries`` failures in a row
-without progress end the upload with :class:`TransportError` saying to run it again to resume.
+404/410 starts that file over; 429/503 wait (``Retry-After``); 413 on a chunk within the
+upload's length (a limit on request bodies, the server's or a proxy's) halves the chunk size for
+the rest of the file, down to 64 KiB. ``max_retries`` failures in a row without progress end the
+upload with :class:`TransportError` saying to run it again to resume.
 
 The code here performs no I/O on the network: each protocol step is a generator that yields
 :class:`Req` (a request to send) and :class:`Sleep`, and receives the ``httpx.Response`` or the
@@ -70,6 +72,7 @@ __all__ = [
 ]
 
 DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
+MIN_CHUNK = 64 * 1024  # a 413 halves the chunk size down to this
 TUS_VERSION = "1.0.0"
 # The server's rules (core/models/validation.py); tests/test_cli_upload.py checks they agree.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz"})
@@ -515,6 +518,11 @@ def send_steps(
                 progress.sent += max(0, moved - offset)
                 offset, failures = moved, 0
                 progress.at(f.name, offset)
+                continue
+            if not isinstance(got, httpx.TransportError) and got.status_code == 413 and len(chunk) > MIN_CHUNK:
+                # Within the upload's length, a 413 is a limit on the request body (the server's, a
+                # proxy's): halve the chunks for the rest of the file; nothing of this one was kept.
+                chunk_size = max(MIN_CHUNK, len(chunk) // 2)
                 continue
             delay, why = _failure(policy, got, failures)
             failures += 1

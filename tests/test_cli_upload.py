@@ -52,6 +52,7 @@ class FakeTus:
         self.patched = 0  # bytes stored by PATCHes
         self.fail: Callable[[dict[str, Any], int, bytes], int | None] | None = None
         self.checksum_failures = 0  # answer 460 to this many PATCHes
+        self.max_body: int | None = None  # a limit on request bodies (413 before anything is read)
         self.tus = True
         self.models: list[dict[str, Any]] = []
         self.model_status: list[dict[str, Any]] = []  # GET /v1/models/{id} answers, in order
@@ -93,6 +94,8 @@ class FakeTus:
             return httpx.Response(204)
         assert request.method == "PATCH" and h["content-type"] == "application/offset+octet-stream"
         assert int(h["content-length"]) == len(body)
+        if self.max_body is not None and len(body) > self.max_body:
+            return _problem(413, "payload_too_large")
         if int(h["upload-offset"]) != len(up["data"]):
             return _problem(409, "offset_mismatch")
         if len(up["data"]) + len(body) > up["length"]:
@@ -357,6 +360,19 @@ def test_checksum_mismatch_offset_mismatch_and_expired_uploads(cache: Path, fold
     with _client(srv) as mp:
         model = mp.upload_model(folder / "model.safetensors", chunk_size=100_000)
     assert model.files[0].size_bytes == 300_000 and srv.requests("HEAD")
+
+
+@pytest.mark.unit
+def test_a_body_limit_halves_the_chunks(cache: Path, folder: Path) -> None:
+    srv = FakeTus()
+    srv.max_body = 80_000  # e.g. a proxy's client_max_body_size
+    with _client(srv) as mp:
+        model = mp.upload_model(folder / "model.safetensors", chunk_size=300_000)
+    assert model.files[0].size_bytes == 300_000 and srv.patched == 300_000
+    assert [n for *_, n in srv.requests("PATCH")] == [300_000, 150_000, 75_000, 75_000, 75_000, 75_000]
+    srv.max_body = 1000  # below the smallest chunk (64 KiB): the 413 is raised
+    with _client(srv) as mp, pytest.raises(Exception, match="payload_too_large"):
+        mp.upload_model(folder / "model.safetensors", restart=True)
 
 
 @pytest.mark.unit
