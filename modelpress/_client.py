@@ -23,13 +23,19 @@ Retries (``max_retries``, default 3, so at most 4 attempts):
   (``Idempotency-Replayed: true``), so a retried create never creates twice. Other POSTs (cancel,
   links) are not retried after they may have arrived. A download that breaks mid-stream resumes
   with a Range request.
-* Every POST that creates something (``upload_model``, ``create_dataset``, ``submit``, ``sweep``)
-  sends an ``Idempotency-Key`` header: the caller's ``idempotency_key``, or a fresh uuid4, the same
-  on every retry of that call.
+* Every POST that creates something (``upload_model``, ``create_dataset``, ``import_model``,
+  ``submit``, ``sweep``) sends an ``Idempotency-Key`` header: the caller's ``idempotency_key``, or
+  a fresh uuid4, the same on every retry of that call.
 
-Uploads stream from the files (never whole in memory): a directory is one multipart part ``files``
-per regular file directly in it (hidden files and subdirectories are skipped); a single file is one
-part. ``on_progress(bytes_sent, total)`` follows the file bytes.
+Uploads (``upload_model``, ``create_dataset``, ``upload_file``) are resumable: tus 1.0 at
+``/v1/uploads``, in chunks of ``chunk_size`` bytes with a sha256 each, remembered in a state file in
+the user's cache, so the same call after an interruption sends only what the server lacks; then
+``POST /v1/models`` (or ``/v1/datasets``) with ``{"name", "files": {name: upload id}}`` and an
+``Idempotency-Key`` derived from the upload ids. ``modelpress/_upload.py`` has the rules (which
+files are skipped and why, ``plan_upload``), the state file and the protocol, as steps both clients
+perform with ``_drive``. A server without ``/v1/uploads`` gets the older multipart upload (one part
+``files`` per file, streamed, never whole in memory). ``on_progress(bytes, total)`` follows the
+bytes on the server (resumed ones included).
 
 Downloads (``download(job_id, dest)``) go to ``dest``, or, when ``dest`` is an existing directory,
 to the artifact's file name in it (the job's ``artifact.filename``, the name the server also sends
@@ -52,6 +58,9 @@ with its own ``base_url``.
 API keys: ``keys()`` lists the caller's tenant's keys (an admin key: ``tenant=`` or
 ``all_tenants=True``); ``create_key`` and ``revoke_key`` need an admin key (``Forbidden``, 403,
 otherwise). ``revoke_key`` takes an id, a prefix or a whole key, of which only the prefix is sent.
+
+``wait_model(model_id)`` follows an import (``import_model``) the same way: the ready model, or
+``ImportFailed`` / ``ImportTimeout``.
 
 ``wait(job_id)`` polls ``GET /v1/jobs/{id}`` every ``poll_interval`` seconds, calls
 ``on_progress(job)`` whenever status, stage or fraction changed, and returns the succeeded job or
