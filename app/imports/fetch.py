@@ -170,6 +170,16 @@ class Remote:
     locator: str  # s3: "bucket/key"; http(s): the URL
 
 
+def check_s3_available() -> None:
+    """422 ``s3_unavailable`` unless the s3 extra is installed (found, not imported: cheap)."""
+    import importlib.util
+
+    if importlib.util.find_spec("s3fs") is None:
+        raise Unprocessable(
+            "S3 imports need the s3 extra on the API (pip install 'modelpress[s3]')", code="s3_unavailable"
+        )
+
+
 def require_s3() -> Any:
     """The s3fs module (the s3 extra), or 422 ``s3_unavailable``."""
     try:
@@ -181,9 +191,21 @@ def require_s3() -> Any:
     return s3fs
 
 
+_local = threading.local()
+
+
 def _s3fs(settings: Settings) -> Any:
-    # A filesystem of its own (no instance cache): no listing cached from an earlier import.
-    return require_s3().S3FileSystem(**s3_options(settings), skip_instance_cache=True)
+    """The S3 filesystem of this thread's current import (``fresh_s3()`` starts a new one)."""
+    fs = getattr(_local, "fs", None)
+    if fs is None:
+        # An instance of its own (no instance cache): no listing cached from an earlier import.
+        fs = _local.fs = require_s3().S3FileSystem(**s3_options(settings), skip_instance_cache=True)
+    return fs
+
+
+def fresh_s3() -> None:
+    """Forget this thread's S3 filesystem: the next import lists and reads with a new one."""
+    _local.fs = None
 
 
 @contextmanager
@@ -333,7 +355,7 @@ def _fetch_http(remote: Remote, sink: _Sink, settings: Settings, progress: Progr
     try:
         with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
             response = _open_http(client, remote.locator, settings)
-            with response:
+            try:
                 _check_answer(response, remote)
                 length = response.headers.get("content-length")
                 identity = response.headers.get("content-encoding", "identity").lower() == "identity"
@@ -346,8 +368,10 @@ def _fetch_http(remote: Remote, sink: _Sink, settings: Settings, progress: Progr
                     sink.remote = Remote(remote.name, size, remote.locator)
                     with progress.lock:
                         progress.bytes_total = size
-                for chunk in response.iter_bytes(HTTP_CHUNK):
+                for chunk in response.iter_bytes():  # as they arrive (a chunk size would buffer)
                     sink.write(chunk)
+            finally:
+                response.close()
     except httpx.TimeoutException as e:
         raise SourceUnavailable(f"{shown(remote.locator)}: timed out ({type(e).__name__})") from None
     except httpx.HTTPError as e:

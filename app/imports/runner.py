@@ -224,6 +224,7 @@ def run(model_id: str, settings: Settings, storage: Storage, stopping: threading
     c = claim(model_id, settings)
     if c is None:
         return
+    fetch.fresh_s3()
     progress = fetch.Progress()
     keeper = Keeper(c, settings, progress).start()
     prefix = f"models/{model_id}/import-{uuid.uuid4().hex[:12]}"

@@ -58,7 +58,7 @@ def check_source(body: ImportIn, caller: Caller, settings: Settings) -> fetch.So
                 "(the buckets allowed are the server's import_s3_buckets setting)",
                 code="import_bucket_forbidden",
             )
-        fetch.require_s3()
+        fetch.check_s3_available()
     else:
         if not settings.import_https:
             raise Forbidden("http(s) imports are disabled on this server (import_https)", code="import_https_disabled")
