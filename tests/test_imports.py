@@ -448,3 +448,49 @@ def test_nothing_is_left_in_staging(api: dict[str, Any]) -> None:
     tmp = api["root"] / "tmp"
     assert [p for p in tmp.rglob("*") if p.is_file()] == []
     assert not any(p.name.startswith("upload-") for p in tmp.rglob("*"))
+
+
+@pytest.fixture(scope="module")
+def embedded_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The embedded mode (SQLite), without its worker subprocess."""
+    data = tmp_path_factory.mktemp("imports-embedded")
+    env = {
+        "MODELPRESS_MODE": "embedded",
+        "MODELPRESS_DATA_DIR": str(data),
+        "MODELPRESS_EMBEDDED_WORKER": "false",
+        "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
+        "MODELPRESS_IMPORT_LEASE_S": "3",
+    }
+    svc = Service(env, data, worker=False).start()
+    try:
+        with svc.client((data / "api-key").read_text().strip()) as c:
+            yield {"c": c, "db": data / "modelpress.sqlite3", "root": data}
+    finally:
+        svc.stop()
+
+
+@integration
+def test_embedded_mode_imports_and_takes_over(
+    embedded_api: dict[str, Any], http_files: str, tiny: dict[str, Path]
+) -> None:
+    import sqlite3
+
+    c, url = embedded_api["c"], f"{http_files}/files/weights.safetensors"
+    done = _wait(c, _import(c, url).json()["id"])
+    assert done["status"] == "ready" and done["sha256"] == hashlib.sha256(tiny["bare"].read_bytes()).hexdigest()
+    assert _wait(c, _import(c, f"{http_files}/files/nope.safetensors").json()["id"])["status"] == "failed"
+    # A row as a killed API process leaves it: taken over on SQLite too.
+    model_id = str(uuid.uuid4())
+    with sqlite3.connect(embedded_api["db"]) as conn:
+        tenant = conn.execute("SELECT tenant_id FROM models LIMIT 1").fetchone()[0]
+        past = (datetime.now(UTC) - timedelta(minutes=5)).strftime("%Y-%m-%d %H:%M:%S.%f")
+        conn.execute(
+            "INSERT INTO models (id, tenant_id, name, format, parameters, size_bytes, sha256, files, storage_prefix, "
+            "created_at, status, source, progress, lease_expires_at) VALUES (?, ?, 'dead', 'safetensors', 0, 0, '', "
+            "'[]', ?, ?, 'importing', ?, '{}', ?)",
+            (model_id, tenant, f"models/{model_id}", past, url, past),
+        )
+    taken = _wait(c, model_id, timeout=20)
+    assert taken["status"] == "ready" and taken["sha256"] == done["sha256"], taken
+    tmp = embedded_api["root"] / "tmp"
+    assert [p for p in tmp.rglob("*") if p.is_file()] == []
