@@ -21,7 +21,9 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -463,7 +465,9 @@ def cli(monkeypatch: pytest.MonkeyPatch, cache: Path) -> Iterator[tuple[FakeTus,
         return handle(request)
 
     srv.handle = logged  # type: ignore[method-assign]
-    monkeypatch.setattr(_cli, "_client", lambda args: Client(args.url, "k", transport=srv.transport()))
+    monkeypatch.setattr(
+        _cli, "_client", lambda args: Client(args.url, "k", transport=srv.transport(), backoff_base=0.001)
+    )
     real = _cli._eprint
     monkeypatch.setattr(_cli, "_eprint", lambda text: (events.append(f"stderr {text}"), real(text)))
     yield srv, events
@@ -651,6 +655,45 @@ def test_cli_rerun_after_a_cut_resumes(
     assert f"({on_server} of {total} bytes)" in res.stderr  # what the rerun found on the server
     assert json.loads(res.stdout)["architecture"] == "LlamaForCausalLM"
     assert not list((cache_dir / "uploads").glob("*.json")), "the state file goes once the model exists"
+
+
+@pytest.mark.integration
+def test_ctrl_c_then_the_same_command_resumes(live: Any, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The CLI as a user runs it: Ctrl-C (SIGINT) once the server has part of the weights, then the
+    same command sends what is left."""
+    from tests.helpers import MODELPRESS
+
+    cache_dir, d = tmp_path / "c", tiny["gpt2-big"]
+    total = plan_upload(d).total
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MODELPRESS_")}
+    env.update({"MODELPRESS_URL": live.service.url, "MODELPRESS_API_KEY": live.key})
+    env["MODELPRESS_CACHE_DIR"] = str(cache_dir)
+    tus = {"Tus-Resumable": "1.0.0"}
+    args = [MODELPRESS, "models", "upload", str(d), "--chunk-size", "64KiB", "--json"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    with live.client() as c:
+        while True:
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the upload did not start"
+            state = [json.loads(p.read_text()) for p in (cache_dir / "uploads").glob("*.json")]
+            entry = state[0]["files"].get("model.safetensors") if state else None
+            if entry and int(c.head(entry["url"], headers=tus).headers.get("upload-offset", "0")) > 0:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, err
+        assert "run the same command again to resume" in err
+        urls = [
+            e["url"] for e in json.loads(next((cache_dir / "uploads").glob("*.json")).read_text())["files"].values()
+        ]
+        on_server = sum(int(c.head(u, headers=tus).headers["upload-offset"]) for u in urls)
+    assert 0 < on_server < total
+    res = _run(live, "models", "upload", str(d), "--json", cache_dir=cache_dir)
+    assert res.returncode == 0, res.stderr
+    assert f"({on_server} of {total} bytes)" in res.stderr
+    assert json.loads(res.stdout)["size_bytes"] == total
 
 
 @pytest.mark.integration
