@@ -228,19 +228,19 @@ async def patch_upload(
             description="`sha256 <base64 digest of this body>`: a mismatch is 460 and the chunk is discarded",
         ),
     ] = None,
-    content_type: Annotated[
-        str | None, Header(alias="Content-Type", description=f"Required: `{OFFSET_OCTET_STREAM}` (415 otherwise)")
-    ] = None,
 ) -> Response:
-    """Append bytes at `Upload-Offset`. Bytes of a body cut off midway are kept (HEAD, then resume)."""
+    """Append bytes at `Upload-Offset` (`Content-Type: application/offset+octet-stream`). Bytes of a
+    body cut off midway are kept (HEAD, then resume)."""
     upload = await run_in_threadpool(service.get, uow, caller, upload_id)
     await run_in_threadpool(uow.commit)  # no transaction (nor connection) held while the body streams
     _check_version(tus_resumable)
-    if (content_type or "").split(";", 1)[0].strip().lower() != OFFSET_OCTET_STREAM:
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";", 1)[0].strip().lower() != OFFSET_OCTET_STREAM:
         raise UnsupportedMediaType(f"send Content-Type: {OFFSET_OCTET_STREAM}", headers={"Connection": "close"})
     offset = service.parse_offset(upload_offset)
     checksum = service.parse_checksum(upload_checksum)
     service.check_open(upload)
+    service.check_offset(upload, offset)  # again under the lock: this read may be stale
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and offset + int(declared) > upload.length:
         raise PayloadTooLarge(

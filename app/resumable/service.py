@@ -158,9 +158,9 @@ def create(uow: UnitOfWork, caller: Caller, settings: Settings, length: int, met
     """A new upload of ``length`` bytes and its empty staging file."""
     check_upload_filename(meta.get("filename"))
     # Bytes already promised to other uploads count: they will be stored once consumed.
-    quotas.check_storage(
-        uow.session, caller.tenant_id, length + repository.pending_bytes(uow.session, caller.tenant_id)
-    )
+    if settings.quota_storage_bytes:
+        pending = repository.pending_bytes(uow.session, caller.tenant_id)
+        quotas.check_storage(uow.session, caller.tenant_id, length + pending)
     now = utcnow()
     upload = Upload(
         id=new_id(),
@@ -196,6 +196,15 @@ def check_open(upload: Upload) -> None:
         raise Gone(f"upload {upload.id} was consumed by a model or dataset", code="upload_consumed")
     if upload.expires_at <= utcnow():
         raise Gone(f"upload {upload.id} expired at {upload.expires_at.isoformat()}", code="upload_expired")
+
+
+def check_offset(upload: Upload, offset: int) -> None:
+    if upload.offset != offset:
+        raise Conflict(
+            f"Upload-Offset {offset} is not the upload's offset {upload.offset}; HEAD, then resume there",
+            code="offset_mismatch",
+            headers=_CLOSE,
+        )
 
 
 def parse_offset(header: str | None) -> int:
@@ -278,12 +287,7 @@ async def receive(
     # The row as of now, under the lock: a PATCH that held it before us may have moved it.
     upload = await run_in_threadpool(get, uow, caller, upload.id, fresh=True)
     check_open(upload)
-    if upload.offset != offset:
-        raise Conflict(
-            f"Upload-Offset {offset} is not the upload's offset {upload.offset}; HEAD, then resume there",
-            code="offset_mismatch",
-            headers=_CLOSE,
-        )
+    check_offset(upload, offset)
     room = upload.length - offset
     fh.truncate(offset)  # bytes past the committed offset are from a PATCH that did not commit
     fh.seek(offset)
