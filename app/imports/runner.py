@@ -254,6 +254,8 @@ def run(model_id: str, settings: Settings, storage: Storage, stopping: threading
             log.info("import %s: given back at shutdown", model_id)
     except Exception as e:
         _fail(model_id, keeper, storage, prefix, e)
+    finally:
+        keeper.stop()  # whatever ended the attempt (even an interrupt), its lease is no longer renewed
 
 
 def _fail(model_id: str, keeper: Keeper, storage: Storage, prefix: str, e: Exception) -> None:
