@@ -23,11 +23,12 @@ sends only what the server does not have yet (from its ``Upload-Offset``); a fil
 mtime changed, or whose upload the server no longer knows (404/410, expired), starts over. The
 state file is deleted once the model (or dataset) has been created.
 
-The protocol (``upload_steps``): ``POST /v1/uploads`` (``Upload-Length``, ``Upload-Metadata:
+The protocol (``upload_all_steps``, ``send_steps``): ``POST /v1/uploads`` (``Upload-Length``, ``Upload-Metadata:
 filename``), then ``PATCH`` chunks of ``chunk_size`` bytes (default 16 MiB; one chunk at a time in
 memory, the file is never read whole), each with ``Upload-Checksum: sha256 <base64>``. A chunk whose
 connection breaks is retried after a backoff (the offset re-read with HEAD first: part of it may
-have arrived); 409 (offset mismatch) re-reads the offset; 460 (checksum mismatch) resends the chunk;
+have arrived; so after 408 and 502/504); 409 re-reads the offset (``upload_busy``: after a backoff,
+the server is still writing the cut PATCH); 460 (checksum mismatch) resends the chunk;
 404/410 starts that file over; 429/503 wait (``Retry-After``); 413 on a chunk within the
 upload's length (a limit on request bodies, the server's or a proxy's) halves the chunk size for
 the rest of the file, down to 64 KiB. ``max_retries`` failures in a row without progress end the
@@ -477,8 +478,11 @@ def _failure(policy: Policy, got: httpx.Response | httpx.TransportError, failure
     if isinstance(got, httpx.TransportError):
         return policy._backoff(failures), f"{type(got).__name__}: {got or type(got).__name__}"
     status = got.status_code
-    if status == 409:  # the server has another offset: ask it, go on from there
-        return 0.0, "409 offset mismatch"
+    if status == 409:  # another offset (ask it, go on from there), or a PATCH still running: wait
+        busy = _code(got) == "upload_busy"
+        return (policy._backoff(failures) if busy else 0.0), "409 upload busy" if busy else "409 offset mismatch"
+    if status in (408, 502, 504):  # the body stalled, a gateway gave up: part of it may be kept
+        return policy._backoff(failures), f"{status} {got.reason_phrase}"
     if status == 460:  # the chunk arrived damaged: send it again
         return None, "460 checksum mismatch"
     if status in (404, 410):  # expired or unknown: this file starts over
@@ -486,6 +490,13 @@ def _failure(policy: Policy, got: httpx.Response | httpx.TransportError, failure
     if status in (429, 503):
         return policy._retry_delay(0, response=got) or policy._backoff(failures), str(status)
     raise APIError.from_response(got)
+
+
+def _code(resp: httpx.Response) -> str | None:
+    with contextlib.suppress(ValueError):
+        body = resp.json()
+        return str(body.get("code")) if isinstance(body, dict) else None
+    return None
 
 
 def send_steps(

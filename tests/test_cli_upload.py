@@ -55,6 +55,7 @@ class FakeTus:
         self.fail: Callable[[dict[str, Any], int, bytes], int | None] | None = None
         self.checksum_failures = 0  # answer 460 to this many PATCHes
         self.max_body: int | None = None  # a limit on request bodies (413 before anything is read)
+        self.busy = 0  # answer 409 upload_busy to this many PATCHes (the cut one is still being written)
         self.tus = True
         self.models: list[dict[str, Any]] = []
         self.model_status: list[dict[str, Any]] = []  # GET /v1/models/{id} answers, in order
@@ -100,6 +101,9 @@ class FakeTus:
             return _problem(413, "payload_too_large")
         if int(h["upload-offset"]) != len(up["data"]):
             return _problem(409, "offset_mismatch")
+        if self.busy:
+            self.busy -= 1
+            return _problem(409, "upload_busy")
         if len(up["data"]) + len(body) > up["length"]:
             return _problem(413, "too_large")
         algo, digest = h["upload-checksum"].split(" ")
@@ -351,6 +355,12 @@ def test_checksum_mismatch_offset_mismatch_and_expired_uploads(cache: Path, fold
     with _client(srv) as mp:
         mp.upload_model(folder / "model.safetensors", chunk_size=200_000)
     assert len(srv.requests("PATCH")) == 2 + 2
+
+    srv = FakeTus()
+    srv.busy = 2  # 409 upload_busy: wait, ask the offset, go on
+    with _client(srv) as mp:
+        mp.upload_model(folder / "model.safetensors", chunk_size=200_000)
+    assert len(srv.requests("PATCH")) == 2 + 2 and len(srv.requests("HEAD")) == 2
 
     # An upload the server forgot (expired: 404) starts that file over; a stale offset (409) asks.
     srv = FakeTus()
