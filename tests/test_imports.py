@@ -43,7 +43,7 @@ class _Files(BaseHTTPRequestHandler):
     gate = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        kind, _, name = self.path.lstrip("/").partition("/")
+        kind, _, name = self.path.lstrip("/").partition("?")[0].partition("/")
         if kind == "to-private":
             self._redirect("http://169.254.169.254/latest/weights.safetensors")
             return
@@ -210,7 +210,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> Iter
                 raise s3_error[0]
             try:
                 with svc.client(key_a) as ca, svc.client(key_b) as cb:
-                    yield {"svc": svc, "a": ca, "b": cb, "db": db, "root": root / "data"}
+                    yield {"svc": svc, "a": ca, "b": cb, "db": db, "root": root / "data", "log": root / "api.log"}
             finally:
                 svc.stop()
     finally:
@@ -344,10 +344,13 @@ def test_a_bad_object_fails_with_the_upload_s_error_and_leaves_nothing(api: dict
 @integration
 def test_http_import_through_the_ssrf_guard(api: dict[str, Any], http_files: str, tiny: dict[str, Path]) -> None:
     a = api["a"]
-    r = _import(a, f"{http_files}/files/weights.safetensors", name="from-http")
+    # A presigned-style URL: its query string is kept in `source`, never written to the log.
+    source = f"{http_files}/files/weights.safetensors?X-Amz-Signature=s3cr3t-{uuid.uuid4().hex}"
+    r = _import(a, source, name="from-http")
     assert r.status_code == 202, r.text
     done = _wait(a, r.json()["id"])
-    assert done["status"] == "ready" and done["name"] == "from-http", done
+    assert done["status"] == "ready" and done["name"] == "from-http" and done["source"] == source, done
+    assert "s3cr3t" not in api["log"].read_text()
     assert done["sha256"] == hashlib.sha256(tiny["bare"].read_bytes()).hexdigest()
     # Redirects are followed, each target checked again; the file keeps the URL's name.
     redirected = _wait(a, _import(a, f"{http_files}/to-file/weights.safetensors").json()["id"])

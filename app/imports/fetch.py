@@ -25,6 +25,7 @@ Errors (raised as the typed errors of core/errors.py; a failed import keeps the 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import threading
 from collections.abc import Callable, Iterator
@@ -50,6 +51,21 @@ MAX_REDIRECTS = 5
 HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
 HTTP_CHUNK = 1 * MiB
 USER_AGENT = "modelpress-import"
+
+
+class _NoQueryInLogs(logging.Filter):
+    """httpx logs each request's URL (INFO "HTTP Request: GET <url>"); an import's URL may be a
+    presigned one whose query string is a credential: it is logged without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                a.copy_with(query=None) if isinstance(a, httpx.URL) and a.query else a for a in record.args
+            )
+        return True
+
+
+logging.getLogger("httpx").addFilter(_NoQueryInLogs())
 
 
 class SourceUnavailable(ModelpressError):
