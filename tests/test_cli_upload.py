@@ -715,3 +715,47 @@ def test_cli_include_exclude_against_the_server(live: Any, tiny: dict[str, Path]
     assert res.returncode == 0, res.stderr
     assert "generation_config.json" in res.stderr
     assert "generation_config.json" not in [f["name"] for f in json.loads(res.stdout)["files"]]
+
+
+@pytest.mark.integration
+def test_cli_models_import_from_http_wait(live: Any, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """``models import --wait`` against the real import (an http file on loopback, which the
+    cluster's ``webhook_allow_networks`` lets through): ready with the file's digest; a missing
+    file fails with the server's code (exit 1)."""
+    import threading
+    from functools import partial
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=str(tiny["bare"].parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        cache_dir = tmp_path / "c"
+        res = _run(live, "models", "import", "from-http", f"{base}/weights.safetensors", "--wait", "--poll", "0.1",
+                   "--json", cache_dir=cache_dir)  # fmt: skip
+        assert res.returncode == 0, res.stderr
+        model = json.loads(res.stdout)
+        assert model["status"] == "ready" and model["name"] == "from-http" and model["source"].startswith(base)
+        assert model["sha256"] == hashlib.sha256(tiny["bare"].read_bytes()).hexdigest()
+        res = _run(live, "models", "import", "nope", f"{base}/nope.safetensors", "--wait", "--poll", "0.1",
+                   cache_dir=cache_dir)  # fmt: skip
+        assert res.returncode == 1 and "import_source_not_found" in res.stderr, res.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.integration
+def test_sdk_dataset_through_uploads(live: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MODELPRESS_CACHE_DIR", str(tmp_path / "c"))
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sample {i}", "label": i % 2}) + "\n" for i in range(200)))
+    counting = _Cut()
+    with Client(live.service.url, live.key, transport=counting) as mp:
+        ds = mp.create_dataset(data, name="calib", chunk_size=1024)
+    assert ds.samples == 200 and ds.labeled and ds.name == "calib"
+    assert counting.sent == data.stat().st_size  # the bytes went through PATCH /v1/uploads
