@@ -655,12 +655,27 @@ class _BaseClient:
         state = UploadState(self.base_url, plan.root)
         if restart:
             state.forget()
+        pending = state.pending_create(plan, name)
+        if pending is not None:  # a create was sent and its answer never came: ask again, same key
+            again = json_req("POST", path, pending["body"], self._idem(pending["key"]))
+            resp = yield from request(self, again, resendable=True)
+            if resp.is_success:
+                state.forget()
+                for fn in (on_start, on_progress):
+                    if fn is not None:
+                        fn(plan.total, plan.total)
+                return parse(resp)
+            # Not made (the uploads unused, or gone): upload what is missing, then create.
         progress = Progress(plan.total, on_progress)
         ids = yield from upload_all_steps(self, plan, state, progress, chunk_size, on_start)
         key = idempotency_key or create_key(self.base_url, ids, name)
         body = _drop_none({"name": name, "files": ids})
+        state.create = {"key": key, "body": body}
+        state.save()
         resp = yield from request(self, json_req("POST", path, body, self._idem(key)), resendable=True)
         if not resp.is_success:
+            state.create = None
+            state.save()
             raise APIError.from_response(resp)
         state.forget()
         return parse(resp)

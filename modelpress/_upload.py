@@ -20,8 +20,11 @@ server would receive is ever written. It maps each file name to its size, mtime 
 URL; it is written (atomically) as soon as an upload is created, so an interrupted run (Ctrl-C,
 a cut connection, a killed process) leaves it complete. A rerun HEADs each remembered upload and
 sends only what the server does not have yet (from its ``Upload-Offset``); a file whose size or
-mtime changed, or whose upload the server no longer knows (404/410, expired), starts over. The
-state file is deleted once the model (or dataset) has been created.
+mtime changed, or whose upload the server no longer knows (404/410, expired), starts over. Before
+the create (``POST /v1/models`` or ``/v1/datasets``) is sent, its body and ``Idempotency-Key`` are
+written there too: a rerun after a create whose answer was lost sends it again with the same key,
+and the server answers with the model it made (nothing uploaded twice, no second model). The state
+file is deleted once the model (or dataset) has been created.
 
 The protocol (``upload_all_steps``, ``send_steps``): ``POST /v1/uploads`` (``Upload-Length``, ``Upload-Metadata:
 filename``), then ``PATCH`` chunks of ``chunk_size`` bytes (default 16 MiB; one chunk at a time in
@@ -247,6 +250,10 @@ class UploadState:
         key = hashlib.sha256(f"{self.server}\n{self.root}".encode()).hexdigest()[:32]
         self.path = (directory or state_dir()) / "uploads" / f"{key}.json"
         self.files: dict[str, dict[str, Any]] = {}
+        # The create about to be sent (``{"key", "body"}``), kept until it succeeded: a rerun after
+        # a create whose answer was lost sends it again with the same Idempotency-Key (the server
+        # answers with the model it made) instead of uploading everything again.
+        self.create: dict[str, Any] | None = None
         self._load()
 
     def _load(self) -> None:
@@ -262,6 +269,8 @@ class UploadState:
             and isinstance(data.get("files"), dict)
         ):
             self.files = {k: v for k, v in data["files"].items() if isinstance(v, dict)}
+            create = data.get("create")
+            self.create = create if isinstance(create, dict) else None
 
     def url_for(self, f: PlannedFile) -> str | None:
         """The upload URL of ``f`` if one was created for the file as it is now (same size and mtime)."""
@@ -282,7 +291,13 @@ class UploadState:
         self.save()
 
     def save(self) -> None:
-        data = {"version": self.VERSION, "server": self.server, "root": str(self.root), "files": self.files}
+        data = {
+            "version": self.VERSION,
+            "server": self.server,
+            "root": str(self.root),
+            "files": self.files,
+            "create": self.create,
+        }
         with contextlib.suppress(OSError):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state-", suffix=".tmp")
@@ -295,9 +310,20 @@ class UploadState:
                     os.unlink(tmp)
                 raise
 
+    def pending_create(self, plan: UploadPlan, name: str | None) -> dict[str, Any] | None:
+        """The create remembered for these very files (unchanged) and name, if any."""
+        c = self.create
+        if not c or not isinstance(c.get("body"), dict) or not isinstance(c.get("key"), str):
+            return None
+        body = c["body"]
+        same_files = isinstance(body.get("files"), dict) and set(body["files"]) == {f.name for f in plan.files}
+        if body.get("name") != name or not same_files or not all(self.url_for(f) for f in plan.files):
+            return None
+        return c
+
     def forget(self) -> None:
         """Delete the state file (the uploads were used)."""
-        self.files = {}
+        self.files, self.create = {}, None
         with contextlib.suppress(OSError):
             self.path.unlink()
 

@@ -58,6 +58,8 @@ class FakeTus:
         self.busy = 0  # answer 409 upload_busy to this many PATCHes (the cut one is still being written)
         self.tus = True
         self.models: list[dict[str, Any]] = []
+        self.replays: dict[str, dict[str, Any]] = {}  # Idempotency-Key -> the model it made
+        self.lose_answers = 0  # make the model, then drop the connection before the answer
         self.model_status: list[dict[str, Any]] = []  # GET /v1/models/{id} answers, in order
 
     def transport(self) -> httpx.MockTransport:
@@ -124,14 +126,24 @@ class FakeTus:
         if request.headers.get("content-type", "").startswith("multipart/"):
             self.models.append({"multipart": True})
             return httpx.Response(201, json=_model("multipart"))
+        key = request.headers.get("idempotency-key", "")
+        if key in self.replays:
+            if self.lose_answers:
+                self.lose_answers -= 1
+                raise httpx.ReadError("connection lost before the answer")
+            return httpx.Response(201, json=self.replays[key], headers={"Idempotency-Replayed": "true"})
         spec = json.loads(body)
         files = []
         for name, uid in sorted(spec["files"].items()):
             up = self.uploads.pop(uid)
             assert up["name"] == name and len(up["data"]) == up["length"], "an upload used before it was complete"
             files.append({"name": name, "size_bytes": up["length"], "sha256": hashlib.sha256(up["data"]).hexdigest()})
-        model = _model(spec.get("name") or "model", files=files, key=request.headers.get("idempotency-key"))
+        model = _model(spec.get("name") or "model", files=files, key=key)
         self.models.append(model)
+        self.replays[key] = model
+        if self.lose_answers:
+            self.lose_answers -= 1
+            raise httpx.ReadError("connection lost before the answer")
         return httpx.Response(201, json=model)
 
     def requests(self, method: str) -> list[tuple[str, str, dict[str, str], int]]:
@@ -372,6 +384,20 @@ def test_checksum_mismatch_offset_mismatch_and_expired_uploads(cache: Path, fold
     with _client(srv) as mp:
         model = mp.upload_model(folder / "model.safetensors", chunk_size=100_000)
     assert model.files[0].size_bytes == 300_000 and srv.requests("HEAD")
+
+
+@pytest.mark.unit
+def test_a_rerun_after_a_lost_create_answer_gets_the_same_model(cache: Path, folder: Path) -> None:
+    srv = FakeTus()
+    srv.lose_answers = 2  # the create and its one retry: made, but no answer reaches the client
+    with _client(srv, max_retries=1) as mp, pytest.raises(TransportError):
+        mp.upload_model(folder, name="m")
+    assert len(srv.models) == 1 and not srv.uploads  # made once; its uploads used
+    before = srv.patched
+    with _client(srv) as mp:
+        again = mp.upload_model(folder, name="m")
+    assert again.id == srv.models[0]["id"] and len(srv.models) == 1 and srv.patched == before
+    assert not list((cache / "uploads").glob("*.json"))
 
 
 @pytest.mark.unit
@@ -651,6 +677,31 @@ def test_sdk_upload_cut_midway_then_rerun_sends_exactly_the_rest(
         from tests.helpers import upload_dir
 
         assert model.sha256 == upload_dir(c, d).json()["sha256"]
+
+
+class _LoseCreate(httpx.HTTPTransport):
+    """Sends POST /v1/models, then drops the answer (the model is made; the client never hears)."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = super().handle_request(request)
+        if request.method == "POST" and request.url.path == "/v1/models":
+            response.close()
+            raise httpx.ReadError("connection lost before the answer")
+        return response
+
+
+@pytest.mark.integration
+def test_the_server_replays_a_lost_create_to_the_rerun(
+    live: Any, tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MODELPRESS_CACHE_DIR", str(tmp_path / "c"))
+    lossy = Client(live.service.url, live.key, transport=_LoseCreate(), max_retries=0)
+    with lossy as mp, pytest.raises(TransportError):
+        mp.upload_model(tiny["bare"], name="lost-answer")
+    with Client(live.service.url, live.key) as mp:
+        model = mp.upload_model(tiny["bare"], name="lost-answer")
+        named = [m for m in mp.models(limit=200) if m.name == "lost-answer"]
+    assert [m.id for m in named] == [model.id]  # one model: the rerun got the first one's answer
 
 
 @pytest.mark.integration
