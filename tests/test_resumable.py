@@ -407,3 +407,26 @@ def test_expired_uploads_are_refused_then_swept(cluster, c, sweeper_env):
     assert query(cluster, "SELECT count(*) FROM uploads WHERE id = ANY(%s)", [done, part])[0][0] == 0
     assert not (_staging(cluster) / done).exists() and not (_staging(cluster) / part).exists()
     assert c.head(f"/v1/uploads/{part}", headers=TUS).status_code == 404
+
+
+def test_embedded_mode_sqlite(embedded, tmp_path):
+    """The same flow on the embedded stack (SQLite): a model from uploads, one of them sent in two
+    PATCHes, equals the multipart upload; an upload is used once; nothing stays staged."""
+    d = _hf_dir(tmp_path)
+    with embedded.client() as c:
+        files = {p.name: _send(c, p.read_bytes(), p.name) for p in d.iterdir() if p.suffix == ".json"}
+        data = (d / "model.safetensors").read_bytes()
+        files["model.safetensors"] = _send(c, data, "model.safetensors", chunk=len(data) // 2 + 1)
+        by_tus = c.post("/v1/models", json={"files": files})
+        assert by_tus.status_code == 201, by_tus.text
+        by_multipart = upload_dir(c, d)
+        assert by_tus.json()["sha256"] == by_multipart.json()["sha256"]
+        assert by_tus.json()["files"] == by_multipart.json()["files"]
+        again = c.post("/v1/models", json={"files": files})
+        assert again.status_code == 409 and again.json()["code"] == "upload_consumed", again.text
+        left = _new(c, 10, "x.txt")
+        _problem(_patch(c, left, 0, b"0123456789", **{"Upload-Offset": "3"}), 409, "offset_mismatch")
+        assert c.delete(left, headers=TUS).status_code == 204
+        for uid in files.values():
+            assert c.delete(f"/v1/uploads/{uid}", headers=TUS).status_code == 204
+    assert not list(_staging(embedded).iterdir())
