@@ -161,23 +161,51 @@ def _fill(server: SeaweedS3, tiny: dict[str, Path]) -> None:
     fs.mkdir("secret")
 
 
+class _Started(threading.Thread):
+    """``start()`` a server in a thread while the test sets up the rest; ``get()`` joins it."""
+
+    def __init__(self, fn: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.value, self.error = fn, None, None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn()
+        except BaseException as e:  # noqa: BLE001 - raised by get()
+            self.error = e
+
+    def get(self) -> Any:
+        self.join()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _embedded(data: Path) -> Service:
+    """The embedded mode (SQLite), without its worker subprocess."""
+    env = {
+        "MODELPRESS_MODE": "embedded",
+        "MODELPRESS_DATA_DIR": str(data),
+        "MODELPRESS_EMBEDDED_WORKER": "false",
+        "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
+        "MODELPRESS_IMPORT_LEASE_S": "3",
+    }
+    return Service(env, data, worker=False)
+
+
 @pytest.fixture(scope="module")
 def api(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> Iterator[dict[str, Any]]:
-    """A real S3 server (started meanwhile in a thread) and an API on a database of its own (its
-    short import lease takes over what it finds there), no worker (jobs stay queued: accepted is
-    what these tests need). Tenant ``a`` may import from the bucket, tenant ``b`` from nothing."""
+    """A real S3 server and an embedded API (SQLite), each started meanwhile in a thread, and an
+    API on PostgreSQL, a database of its own (its short import lease takes over what it finds
+    there); no worker (jobs stay queued: accepted is what these tests need). Tenant ``a`` may
+    import from the bucket, tenant ``b`` from nothing."""
     root = tmp_path_factory.mktemp("imports")
     s3 = SeaweedS3(root / "seaweed")
-    s3_error: list[BaseException] = []
-
-    def start_s3() -> None:
-        try:
-            _fill(s3.start(), tiny)
-        except BaseException as e:  # noqa: BLE001 - raised in the fixture below
-            s3_error.append(e)
-
-    s3_thread = threading.Thread(target=start_s3)
-    s3_thread.start()
+    emb = _embedded(root / "embedded")
+    (root / "embedded").mkdir()
+    started = [_Started(lambda: _fill(s3.start(), tiny)), _Started(emb.start)]
+    for t in started:
+        t.start()
     a, b = f"imp-a-{uuid.uuid4().hex[:6]}", f"imp-b-{uuid.uuid4().hex[:6]}"
     try:
         with private_database() as db:
@@ -200,21 +228,35 @@ def api(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Path]) -> Iter
                 root,
                 worker=False,
             )
-            svc.cli("migrate")
-            key_a = svc.cli("keys", "create", "--tenant", a, "--admin")
-            svc.start()
-            with svc.client(key_a) as admin:
-                key_b = admin.post("/v1/keys", json={"tenant": b}).json()["key"]
-            s3_thread.join()
-            if s3_error:
-                raise s3_error[0]
             try:
-                with svc.client(key_a) as ca, svc.client(key_b) as cb:
-                    yield {"svc": svc, "a": ca, "b": cb, "db": db, "root": root / "data", "log": root / "api.log"}
+                svc.cli("migrate")
+                key_a = svc.cli("keys", "create", "--tenant", a, "--admin")
+                svc.start()
+                with svc.client(key_a) as admin:
+                    key_b = admin.post("/v1/keys", json={"tenant": b}).json()["key"]
+                for t in started:
+                    t.get()
+                emb_key = (root / "embedded" / "api-key").read_text().strip()
+                with svc.client(key_a) as ca, svc.client(key_b) as cb, emb.client(emb_key) as ce:
+                    yield {
+                        "svc": svc,
+                        "a": ca,
+                        "b": cb,
+                        "db": db,
+                        "root": root / "data",
+                        "log": root / "api.log",
+                        "embedded": {
+                            "c": ce,
+                            "db": root / "embedded" / "modelpress.sqlite3",
+                            "root": root / "embedded",
+                        },
+                    }
             finally:
                 svc.stop()
     finally:
-        s3_thread.join()
+        for t in started:
+            t.join()
+        emb.stop()
         s3.stop()
 
 
@@ -454,22 +496,8 @@ def test_nothing_is_left_in_staging(api: dict[str, Any]) -> None:
 
 
 @pytest.fixture(scope="module")
-def embedded_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    """The embedded mode (SQLite), without its worker subprocess."""
-    data = tmp_path_factory.mktemp("imports-embedded")
-    env = {
-        "MODELPRESS_MODE": "embedded",
-        "MODELPRESS_DATA_DIR": str(data),
-        "MODELPRESS_EMBEDDED_WORKER": "false",
-        "MODELPRESS_WEBHOOK_ALLOW_NETWORKS": "127.0.0.1/32",
-        "MODELPRESS_IMPORT_LEASE_S": "3",
-    }
-    svc = Service(env, data, worker=False).start()
-    try:
-        with svc.client((data / "api-key").read_text().strip()) as c:
-            yield {"c": c, "db": data / "modelpress.sqlite3", "root": data}
-    finally:
-        svc.stop()
+def embedded_api(api: dict[str, Any]) -> dict[str, Any]:
+    return api["embedded"]
 
 
 @integration
