@@ -41,6 +41,14 @@ def pending_bytes(session: Session, tenant_id: str) -> int:
     return int(total or 0)
 
 
+def open_count(session: Session, tenant_id: str) -> int:
+    """The tenant's uploads not consumed (unfinished, or finished and waiting to be used)."""
+    n = session.scalar(
+        select(func.count()).select_from(Upload).where(Upload.tenant_id == tenant_id, Upload.consumed_at.is_(None))
+    )
+    return int(n or 0)
+
+
 def advance(session: Session, upload_id: str, old_offset: int, new_offset: int, sha256: str | None) -> bool:
     """Move the offset from ``old_offset`` to ``new_offset`` (and record the file's sha256 once
     complete); False if the row is gone or its offset is not ``old_offset`` any more."""

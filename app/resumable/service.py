@@ -71,6 +71,10 @@ _KEY_RE = re.compile(r"[!-+\--~]{1,100}")  # printable ASCII without space or co
 # crash, a consumed upload whose removal failed): the sweep removes it.
 ORPHAN_AFTER_S = 3600.0
 SWEEP_BATCH = 500
+# Uploads of a tenant not used yet: each is a row and a staging file, so without a cap a client
+# could create them by the million (empty ones cost nothing against the storage quota). Eight
+# checkpoints of the largest sharded models fit.
+MAX_OPEN_UPLOADS = 4096
 _CLOSE = {"Connection": "close"}
 
 
@@ -157,6 +161,13 @@ def parse_length(header: str | None, settings: Settings) -> int:
 def create(uow: UnitOfWork, caller: Caller, settings: Settings, length: int, meta: dict[str, str | None]) -> Upload:
     """A new upload of ``length`` bytes and its empty staging file."""
     check_upload_filename(meta.get("filename"))
+    if repository.open_count(uow.session, caller.tenant_id) >= MAX_OPEN_UPLOADS:
+        raise quotas.QuotaExceeded(
+            f"this tenant has {MAX_OPEN_UPLOADS} uploads not used by a model or dataset yet; "
+            "use or DELETE some (unused ones expire on their own)",
+            code="quota_uploads",
+            headers={"Retry-After": str(settings.quota_storage_retry_after_s)},
+        )
     # Bytes already promised to other uploads count: they will be stored once consumed.
     if settings.quota_storage_bytes:
         pending = repository.pending_bytes(uow.session, caller.tenant_id)
