@@ -24,7 +24,8 @@ mtime changed, or whose upload the server no longer knows (404/410, expired), st
 the create (``POST /v1/models`` or ``/v1/datasets``) is sent, its body and ``Idempotency-Key`` are
 written there too: a rerun after a create whose answer was lost sends it again with the same key,
 and the server answers with the model it made (nothing uploaded twice, no second model). The state
-file is deleted once the model (or dataset) has been created.
+file is deleted once the model (or dataset) has been created; state files untouched for 30 days
+are deleted whenever another upload starts.
 
 The protocol (``upload_all_steps``, ``send_steps``): ``POST /v1/uploads`` (``Upload-Length``, ``Upload-Metadata:
 filename``), then ``PATCH`` chunks of ``chunk_size`` bytes (default 16 MiB; one chunk at a time in
@@ -243,6 +244,7 @@ class UploadState:
     One that cannot be written (a read-only cache) only loses the ability to resume."""
 
     VERSION = 1
+    STALE_S = 30 * 24 * 3600
 
     def __init__(self, server: str, root: Path, directory: Path | None = None) -> None:
         self.server = server.rstrip("/")
@@ -255,6 +257,16 @@ class UploadState:
         # answers with the model it made) instead of uploading everything again.
         self.create: dict[str, Any] | None = None
         self._load()
+        self._prune()
+
+    def _prune(self) -> None:
+        """State files untouched for ``STALE_S`` go (their uploads expired on the server long ago)."""
+        cutoff = time.time() - self.STALE_S
+        with contextlib.suppress(OSError):
+            for old in self.path.parent.glob("*.json"):
+                with contextlib.suppress(OSError):
+                    if old != self.path and old.stat().st_mtime < cutoff:
+                        old.unlink()
 
     def _load(self) -> None:
         try:

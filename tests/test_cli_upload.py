@@ -298,6 +298,11 @@ def test_state_file_lives_in_the_cache_keyed_by_server_and_path(cache: Path, fol
     assert again.url_for(changed) is None and again.stale_url(changed) == "/v1/uploads/u1"
     st.path.write_text("{not json")
     assert UploadState("http://a.test", folder).files == {}  # damaged: ignored, the upload starts over
+    stale = st.path.with_name("0" * 32 + ".json")
+    stale.write_text("{}")
+    os.utime(stale, (0, 0))
+    UploadState("http://a.test", folder)
+    assert not stale.exists() and st.path.exists()  # a month untouched: gone
 
 
 # -- the protocol ----------------------------------------------------------------------------------
