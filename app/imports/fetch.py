@@ -49,7 +49,6 @@ from core.webhooks import ssrf
 BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9._-]{1,62}")
 MAX_REDIRECTS = 5
 HTTP_TIMEOUT_S = 30.0  # per network operation (connect, each read)
-HTTP_CHUNK = 1 * MiB
 USER_AGENT = "modelpress-import"
 
 
