@@ -3,8 +3,10 @@ would buffer streamed responses).
 
 - **Size.** A body other than a streamed upload is at most ``max_json_body_bytes``: a larger
   ``Content-Length`` is refused before a byte is read, a chunked body as soon as it passes the
-  limit (413 ``payload_too_large``). Uploads (multipart to the routes in ``upload_paths``) are
-  streamed to disk and bounded by app/uploads.py (``max_upload_bytes``, form fields).
+  limit (413 ``payload_too_large``). Uploads are streamed to disk and bounded by their routes:
+  multipart POSTs to the routes in ``upload_paths`` by app/uploads.py (``max_upload_bytes``, form
+  fields), tus PATCHes under ``patch_prefixes`` by app/resumable (the declared Upload-Length).
+  A JSON POST to an upload path (a model from finished uploads) is bounded as any JSON body.
 - **Time.** A client that stops sending mid-body (it declared more than it sends, or stalls) is
   answered 408 ``request_timeout`` after ``body_read_timeout_s`` without a byte, instead of
   holding a connection and a worker thread forever.
@@ -87,11 +89,13 @@ class _Disconnected(Exception):
 
 
 class BodyLimits:
-    """See the module docstring. ``upload_paths``: the routes that stream multipart uploads."""
+    """See the module docstring. ``upload_paths``: the routes that stream multipart uploads;
+    ``patch_prefixes``: the path prefixes whose PATCH bodies are streamed (tus chunks)."""
 
-    def __init__(self, app: ASGIApp, upload_paths: Iterable[str] = ()) -> None:
+    def __init__(self, app: ASGIApp, upload_paths: Iterable[str] = (), patch_prefixes: Iterable[str] = ()) -> None:
         self.app = app
         self.upload_paths = frozenset(upload_paths)
+        self.patch_prefixes = tuple(patch_prefixes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -115,7 +119,10 @@ class BodyLimits:
         root = scope.get("root_path", "")
         if root and path.startswith(root):
             path = path[len(root) :]
-        if scope.get("method") == "POST" and path in self.upload_paths:
+        method = scope.get("method")
+        if (method == "POST" and path in self.upload_paths and not _is_json(content_type)) or (
+            method == "PATCH" and self.patch_prefixes and path.startswith(self.patch_prefixes)
+        ):
             await self.app(scope, _stall_guard(receive, timeout), send)
             return
         if length is not None and length.isdigit() and int(length) > limit:

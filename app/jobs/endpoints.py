@@ -47,7 +47,10 @@ _LOCATION = {"Location": {"description": "`/v1/jobs/{id}`: where to poll the job
     "/jobs",
     status_code=202,
     response_model=JobOut,
-    responses={202: {"description": "The job, queued", "headers": _LOCATION}, **problem_responses(*BODY_ERRORS, 429)},
+    responses={
+        202: {"description": "The job, queued", "headers": _LOCATION},
+        **problem_responses(*BODY_ERRORS, 409, 429),  # 409 model_not_ready: an import not finished
+    },
 )
 def submit_job(
     body: JobIn, caller: CurrentCaller, uow: UoW, response: Response, idempotency_key: IdempotencyKeyHeader = None

@@ -34,7 +34,7 @@ _LOCATION = {"Location": {"description": "`/v1/sweeps/{id}`: where to poll the s
     response_model=SweepOut,
     responses={
         202: {"description": "The sweep, its jobs queued", "headers": _LOCATION},
-        **problem_responses(*BODY_ERRORS, 429),
+        **problem_responses(*BODY_ERRORS, 409, 429),  # 409 model_not_ready
     },
 )
 def create_sweep(
