@@ -231,8 +231,7 @@ async def patch_upload(
 ) -> Response:
     """Append bytes at `Upload-Offset` (`Content-Type: application/offset+octet-stream`). Bytes of a
     body cut off midway are kept (HEAD, then resume)."""
-    upload = await run_in_threadpool(service.get, uow, caller, upload_id)
-    await run_in_threadpool(uow.commit)  # no transaction (nor connection) held while the body streams
+    upload = await run_in_threadpool(service.snapshot, caller, upload_id)
     _check_version(tus_resumable)
     content_type = request.headers.get("content-type", "")
     if content_type.split(";", 1)[0].strip().lower() != OFFSET_OCTET_STREAM:

@@ -13,12 +13,8 @@ from core.db import rowcount
 from core.tables import Upload
 
 
-def get(session: Session, tenant_id: str, upload_id: str, *, fresh: bool = False) -> Upload | None:
-    """The tenant's upload; ``fresh``: read again from the database, not the session's copy."""
-    stmt = select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)
-    if fresh:
-        stmt = stmt.execution_options(populate_existing=True)
-    return session.scalars(stmt).one_or_none()
+def get(session: Session, tenant_id: str, upload_id: str) -> Upload | None:
+    return session.scalars(select(Upload).where(Upload.id == upload_id, Upload.tenant_id == tenant_id)).one_or_none()
 
 
 def get_many(session: Session, tenant_id: str, upload_ids: Sequence[str]) -> dict[str, Upload]:

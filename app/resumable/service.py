@@ -41,7 +41,7 @@ from app.uploads import HEAD_BYTES, MAX_FILE_PARTS, StagedFile, StagingArea
 from core import jsonsafe
 from core.config import Settings
 from core.datasets.parsing import DatasetInvalid, dataset_format
-from core.db import UnitOfWork, get_sessionmaker
+from core.db import UnitOfWork, get_sessionmaker, read_uow
 from core.errors import (
     BadRequest,
     ChecksumMismatch,
@@ -191,14 +191,21 @@ def create(uow: UnitOfWork, caller: Caller, settings: Settings, length: int, met
     return upload
 
 
-def get(uow: UnitOfWork, caller: Caller, upload_id: str, *, fresh: bool = False) -> Upload:
+def get(uow: UnitOfWork, caller: Caller, upload_id: str) -> Upload:
     """The caller's upload (404 for a missing id and for another tenant's alike)."""
     upload = None
     if _ID_RE.fullmatch(upload_id):
-        upload = repository.get(uow.session, caller.tenant_id, upload_id, fresh=fresh)
+        upload = repository.get(uow.session, caller.tenant_id, upload_id)
     if upload is None:
         raise NotFound(f"no upload {safe_text(upload_id, 60)}")
     return upload
+
+
+def snapshot(caller: Caller, upload_id: str) -> Upload:
+    """The caller's upload as of now, read outside any transaction: a PATCH holds none (nor a
+    connection) while its body streams, which may take hours."""
+    with read_uow() as reader:
+        return get(reader, caller, upload_id)
 
 
 def check_open(upload: Upload) -> None:
@@ -296,7 +303,7 @@ async def receive(
     a checksum, which they cannot match); a refused body (413, 460) leaves the file and offset as
     they were. The caller commits while it still holds the lock."""
     # The row as of now, under the lock: a PATCH that held it before us may have moved it.
-    upload = await run_in_threadpool(get, uow, caller, upload.id, fresh=True)
+    upload = await run_in_threadpool(snapshot, caller, upload.id)
     check_open(upload)
     check_offset(upload, offset)
     room = upload.length - offset
@@ -459,15 +466,16 @@ def sweep_expired(settings: Settings) -> tuple[int, int]:
 
 
 def is_json(request: Request) -> bool:
-    """Whether a create route's body is the JSON of :class:`FromUploads` (else multipart)."""
+    """Whether a create route's body is the JSON of :class:`FromUploads` (``application/json`` or
+    ``application/*+json``, as app/http_limits.py decides); else it is multipart (or a 415)."""
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-    return ctype == "application/json"
+    return ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))
 
 
 async def read_from_uploads(request: Request, settings: Settings) -> FromUploads:
-    """The JSON body of a create route that names finished uploads, read as app/http_limits.py
-    reads other JSON bodies (which it leaves to the upload routes): at most
-    ``max_json_body_bytes``, through the strict loader, then checked."""
+    """The JSON body of a create route that names finished uploads: at most
+    ``max_json_body_bytes``, through the strict loader, then checked. (app/http_limits.py has
+    bounded and checked it already; this route does not count on it.)"""
     limit = settings.max_json_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
