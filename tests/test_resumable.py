@@ -314,16 +314,30 @@ def test_unusable_uploads_are_refused_and_nothing_is_taken(cluster, c):
 
 
 def test_dataset_from_an_upload_and_idempotency(cluster, c):
-    text = b"first sample\nsecond sample\nthird\n"
-    uid = _send(c, text, "corpus.txt")
+    # Long enough that its validation overlaps the concurrent duplicates below.
+    text = b"".join(b"sample %d of the corpus\n" % i for i in range(100_000))
+    uid = _send(c, text, "corpus.txt", chunk=1024 * 1024)
     key = {"Idempotency-Key": f"tus-{uid}"}
-    r = c.post("/v1/datasets", json={"name": "from-tus", "files": {"corpus.txt": uid}}, headers=key)
-    assert r.status_code == 201, r.text
-    ds = r.json()
-    assert (ds["name"], ds["samples"], ds["sha256"]) == ("from-tus", 3, hashlib.sha256(text).hexdigest())
-    replay = c.post("/v1/datasets", json={"name": "from-tus", "files": {"corpus.txt": uid}}, headers=key)
+    body = {"name": "from-tus", "files": {"corpus.txt": uid}}
+
+    def post(_: int) -> httpx.Response:
+        with cluster.client() as cc:
+            return cc.post("/v1/datasets", json=body, headers=key)
+
+    # Concurrent duplicates: one dataset, every one of them answered with it.
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(post, range(6)))
+    assert [r.status_code for r in results] == [201] * 6, [r.text for r in results]
+    ds = results[0].json()
+    assert {r.json()["id"] for r in results} == {ds["id"]}
+    assert sum(r.headers.get("Idempotency-Replayed") == "true" for r in results) == 5
+    assert (ds["name"], ds["samples"], ds["sha256"]) == ("from-tus", 100_000, hashlib.sha256(text).hexdigest())
+    replay = post(0)
     assert replay.status_code == 201 and replay.json()["id"] == ds["id"], replay.text
     assert replay.headers["Idempotency-Replayed"] == "true"
+    # The same uploads under another key: used already.
+    r = c.post("/v1/datasets", json=body, headers={"Idempotency-Key": f"other-{uid}"})
+    assert r.status_code == 409 and r.json()["code"] == "upload_consumed", r.text
     # One file only; a model file name is no dataset.
     a, b = _send(c, b"x\n", "a.txt"), _send(c, b"y\n", "b.txt")
     r = c.post("/v1/datasets", json={"files": {"a.txt": a, "b.txt": b}})

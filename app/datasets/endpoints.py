@@ -129,7 +129,7 @@ async def _dataset_from_upload(
             ds = service.create(uow, caller, storage, files, body.name)
             return ds.id, _out(ds)
 
-        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
+        return await run_in_threadpool(resumable.create_once, uow, scope, create)
 
 
 @router.get("", response_model=DatasetPage, responses=problem_responses(*API_ERRORS))

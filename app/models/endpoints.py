@@ -108,7 +108,7 @@ async def _model_from_uploads(
             model = service.create(uow, caller, storage, settings, files, body.name)
             return model.id, ModelOut.model_validate(model, from_attributes=True)
 
-        return await run_in_threadpool(idempotency.run, uow, scope, 201, create)
+        return await run_in_threadpool(resumable.create_once, uow, scope, create)
 
 
 @router.get("", response_model=ModelPage, responses=problem_responses(*API_ERRORS))

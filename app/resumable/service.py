@@ -23,17 +23,17 @@ import os
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 
-from app import quotas
+from app import idempotency, quotas
 from app.auth import Caller
 from app.resumable import repository
 from app.resumable.schemas import FromUploads
@@ -432,6 +432,23 @@ def take(
 
     uow.after_commit(remove_sources)
     return staged
+
+
+def create_once(uow: UnitOfWork, scope: idempotency.Scope | None, create: Callable[[], tuple[str, Any]]) -> Any:
+    """``idempotency.run`` for a create from uploads. Concurrent duplicates (same key, same body)
+    do not all get as far as the key's row: the first to mark the uploads consumed holds them (on
+    PostgreSQL the others wait for its commit, then find them consumed), so a duplicate refused
+    with ``upload_consumed`` looks for the winner's stored response and answers with it."""
+    try:
+        return idempotency.run(uow, scope, 201, create)
+    except Conflict as e:
+        if scope is None or e.code != "upload_consumed":
+            raise
+        uow.rollback()
+        replay = idempotency.stored_response(uow, scope)
+        if replay is None:
+            raise
+        return replay
 
 
 def sweep_expired(settings: Settings) -> tuple[int, int]:
