@@ -214,7 +214,9 @@ def test_malformed_requests_leave_nothing(cluster):
             "unexpected_part",
         ),
         (_post(c, "d.txt", b"a\n", name="bad/name"), 422, "invalid_name"),
-        (c.post("/v1/datasets", json={"file": "a"}), 415, "unsupported_media_type"),
+        # JSON is the body that names a finished upload (/v1/uploads): checked as such.
+        (c.post("/v1/datasets", json={"file": "a"}), 422, "validation_error"),
+        (c.post("/v1/datasets", content=b"a", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type"),
     ]
     for r, status, code in cases:
         assert r.status_code == status and r.json()["code"] == code, r.text

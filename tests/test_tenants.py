@@ -48,6 +48,9 @@ def _body(op: dict[str, Any]) -> dict[str, Any]:
     content = op.get("requestBody", {}).get("content", {})
     if not content:
         return {}
+    if "application/offset+octet-stream" in content:  # a tus PATCH: a chunk at offset 0
+        headers = {"Content-Type": "application/offset+octet-stream", "Tus-Resumable": "1.0.0", "Upload-Offset": "0"}
+        return {"content": b"x", "headers": headers}
     assert "application/json" in content, f"no minimal body known for {list(content)}: extend _body"
     return {"json": {}}
 
@@ -94,6 +97,11 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
     # Tenant B owns something too, so its lists are not trivially empty.
     b_ds = b.post("/v1/datasets", files={"file": ("b.txt", b"tenant b\n")})
     assert b_ds.status_code == 201, b_ds.text
+    # A resumable upload of tenant A (tus, /v1/uploads), not finished.
+    tus = {"Tus-Resumable": "1.0.0"}
+    up = a.post("/v1/uploads", headers={**tus, "Upload-Length": "5", "Upload-Metadata": "filename ZC50eHQ="})
+    assert up.status_code == 201, up.text
+    upload_id = up.headers["Location"].rsplit("/", 1)[1]
 
     ids = {
         "model_id": model_id,
@@ -101,6 +109,7 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
         "dataset_id": dataset_id,
         "sweep_id": sweep_id,
         "name": "config.json",
+        "upload_id": upload_id,
     }
     spec = _spec(anon)
     checked: list[str] = []
@@ -146,6 +155,8 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
         "GET /v1/datasets/{dataset_id}",
         "GET /v1/sweeps/{sweep_id}",
         "GET /v1/sweeps/{sweep_id}/view",
+        "PATCH /v1/uploads/{upload_id}",
+        "DELETE /v1/uploads/{upload_id}",
     ):
         assert must in checked, (must, checked)
 
@@ -153,6 +164,7 @@ def test_other_tenant_gets_404_on_every_id_route_and_sees_nothing_in_lists(embed
     for url in (f"/v1/models/{model_id}", f"/v1/datasets/{dataset_id}", f"/v1/sweeps/{sweep_id}", f"/v1/jobs/{job_id}"):
         assert a.get(url).status_code == 200, url
     assert a.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+    assert a.head(f"/v1/uploads/{upload_id}", headers=tus).headers["Upload-Offset"] == "0"
     assert a.get(f"/v1/jobs/{job_id}/artifact").status_code == 200
 
     # Lists: every GET route without path parameters, except the tenant-free ones.
