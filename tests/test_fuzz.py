@@ -50,10 +50,11 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 BIN = Path(sys.executable).parent
 SEED = 20261129
-# Per operation and phase. With the 29 operations of the spec: ~2,450 cases, in 30-60 s of
-# schemathesis on the 2-core machine (about 85 s for the whole test, the stack's start included).
-MAX_EXAMPLES = 50
-MIN_CASES = 2000
+# Per operation and phase. 50 gave ~2,450 cases on the 29 operations the spec had, in 30-60 s of
+# schemathesis on the 2-core machine; 131 s under CI's load with 35 operations. 30 keeps every
+# phase and check on every operation at about 60 % of that time.
+MAX_EXAMPLES = 30
+MIN_CASES = 1200
 # A hang or an endless stream must fail the test, not stall CI.
 RUN_TIMEOUT_S = 300
 

