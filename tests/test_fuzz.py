@@ -179,8 +179,9 @@ def _operation_config(method: str, path: str, ids: dict[str, dict[str, str]]) ->
 #   parameter schema, listed at GET /v1/methods);
 # - list routes (GET /v1/{models,datasets,jobs,sweeps,keys}), 422: `cursor` must be a token the
 #   service issued;
-# - the artifact's `Range` header, 416: any string to the schema; whether a range can be served
-#   depends on its syntax (one `bytes=a-b`) and on the artifact's size (RFC 9110's 416).
+# - the `Range` header of the artifact and of its files (GET and HEAD), 416: any string to the
+#   schema; whether a range can be served depends on its syntax (one `bytes=a-b`) and on the
+#   object's size (RFC 9110's 416).
 _POSITIVE_DEFAULT = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 _POSITIVE_EXTRA = {
     **{f"POST /v1/{kind}": ["422"] for kind in ("models", "datasets", "jobs", "sweeps")},
@@ -188,7 +189,11 @@ _POSITIVE_EXTRA = {
     "POST /v1/jobs/estimate": ["422"],
     # A random schema-valid source is no reachable, allowed object: refused with 422.
     "POST /v1/models/import": ["422"],
-    "GET /v1/jobs/{job_id}/artifact": ["416"],
+    **{
+        f"{method} /v1/jobs/{{job_id}}/artifact{path}": ["416"]
+        for method in ("GET", "HEAD")
+        for path in ("", "/files/{name}")
+    },
     # tus (/v1/uploads, docs/UPLOADS.md): the protocol's own statuses for headers the spec leaves
     # optional (declared required, schemathesis would expect a 400-family answer to a missing one,
     # where tus answers 412): Tus-Resumable missing (412); Upload-Length over Tus-Max-Size, a body
