@@ -216,6 +216,12 @@ def test_refusals(cluster, c):
         r = anon.patch(url, headers=TUS)
         assert r.status_code == 401 and r.headers["Tus-Resumable"] == "1.0.0"
     assert _offset(c, url) == 300
+    # None of the refused bodies got into the file or into the sha256 the server carries between
+    # PATCHes (app/resumable/service.py _HASHES): the finished upload's digest is its bytes'.
+    assert _patch(c, url, 300, b"z" * 700).status_code == 204
+    uid = url.rsplit("/", 1)[1]
+    want = hashlib.sha256(b"a" * 300 + b"z" * 700).hexdigest()
+    assert query(cluster, "SELECT sha256 FROM uploads WHERE id = %s", uid)[0][0] == want
     assert c.delete(url, headers=TUS).status_code == 204
 
 

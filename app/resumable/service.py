@@ -13,6 +13,7 @@ gets 409 ``upload_busy``; one whose ``Upload-Offset`` is stale gets 409 ``offset
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -22,7 +23,9 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -288,6 +291,82 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The whole file's sha256 so far, per upload, between its PATCHes: {upload id: (offset, hash of
+# the bytes before it)}. Without it the last PATCH of a file sent in chunks read the whole file
+# back to hash it (10.5 s of a 5 GB upload's 98 s: docs/BENCHMARKS.md). Bytes below a committed
+# offset never change, so a hash kept at that offset stays right; one of another offset (a PATCH
+# of this upload served by another API process) is not used, and the file is read back as before.
+# Bounded: a sha256 state is ~200 bytes, and the oldest are dropped past _HASHES_MAX.
+_HASHES: OrderedDict[str, tuple[int, Any]] = OrderedDict()
+_HASHES_MAX = 1024
+_hashes_lock = threading.Lock()
+
+
+def _take_hash(upload_id: str, offset: int) -> Any:
+    if offset == 0:
+        return hashlib.sha256()
+    with _hashes_lock:
+        held = _HASHES.pop(upload_id, None)
+    return held[1] if held is not None and held[0] == offset else None
+
+
+def _keep_hash(upload_id: str, offset: int, file_hash: Any) -> None:
+    if file_hash is None:
+        return
+    with _hashes_lock:
+        _HASHES[upload_id] = (offset, file_hash)
+        _HASHES.move_to_end(upload_id)
+        while len(_HASHES) > _HASHES_MAX:
+            _HASHES.popitem(last=False)
+
+
+# Bytes gathered from the body before they are written and hashed in a thread: the write and the
+# two sha256 passes (hashlib lets the GIL go for such buffers) run on the second core while the
+# event loop receives the next batch. At most two batches of a PATCH are in memory.
+_BATCH_BYTES = 4 * 1024 * 1024
+
+
+class _Sink:
+    """Writes and hashes a PATCH body's batches in a worker thread, one batch at a time, while the
+    caller gathers the next."""
+
+    def __init__(self, fh: BinaryIO, hashes: list[Any]) -> None:
+        self.fh, self.hashes = fh, hashes
+        self.parts: list[bytes] = []
+        self.gathered = 0
+        self.pending: asyncio.Future[None] | None = None
+
+    def _sink(self, data: bytes) -> None:
+        self.fh.write(data)
+        for h in self.hashes:
+            h.update(data)
+
+    async def add(self, chunk: bytes) -> None:
+        self.parts.append(chunk)
+        self.gathered += len(chunk)
+        if self.gathered >= _BATCH_BYTES:
+            await self.flush(wait=False)
+
+    async def flush(self, wait: bool = True) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+        if self.parts:
+            data = b"".join(self.parts) if len(self.parts) > 1 else self.parts[0]
+            self.parts, self.gathered = [], 0
+            self.pending = asyncio.ensure_future(run_in_threadpool(self._sink, data))
+        if wait and self.pending is not None:
+            pending, self.pending = self.pending, None
+            await pending
+
+    async def settle(self) -> None:
+        """Wait for a batch in flight, whatever it raised: before the file is cut back."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            with contextlib.suppress(BaseException):
+                await pending
+
+
 async def receive(
     uow: UnitOfWork,
     caller: Caller,
@@ -310,35 +389,55 @@ async def receive(
     fh.truncate(offset)  # bytes past the committed offset are from a PATCH that did not commit
     fh.seek(offset)
     chunk_hash = hashlib.sha256() if checksum is not None else None
-    file_hash = hashlib.sha256() if offset == 0 else None  # the whole file's, when this PATCH has it all
-    written, cut, stalled = 0, False, False
+    file_hash = _take_hash(upload.id, offset)  # the whole file's so far, if this process has it
+    base = file_hash.copy() if file_hash is not None else None  # kept again if nothing is kept
+    sink = _Sink(fh, [h for h in (chunk_hash, file_hash) if h is not None])
+
+    def undo() -> None:  # nothing of this PATCH is kept
+        fh.truncate(offset)
+        _keep_hash(upload.id, offset, base)
+
+    received, cut, stalled = 0, False, False
     try:
         async for chunk in body:
-            if written + len(chunk) > room:
+            if received + len(chunk) > room:
                 raise PayloadTooLarge(
                     f"the body goes past the declared Upload-Length of {upload.length} bytes", headers=_CLOSE
                 )
-            fh.write(chunk)
-            written += len(chunk)
-            if chunk_hash is not None:
-                chunk_hash.update(chunk)
-            if file_hash is not None:
-                file_hash.update(chunk)
+            received += len(chunk)
+            await sink.add(chunk)
     except ClientDisconnect:
         cut = True
     except RequestTimeout:  # app/http_limits.py: no byte for body_read_timeout_s
         cut = stalled = True
     except BaseException:
-        fh.truncate(offset)
+        await sink.settle()
+        undo()
         raise
+    try:
+        await sink.flush()
+    except BaseException:
+        undo()
+        raise
+    written = received
     if checksum is not None and (cut or chunk_hash is None or chunk_hash.digest() != checksum):
-        fh.truncate(offset)
+        undo()
         if cut:  # a partial body cannot match its checksum: nothing of it is kept
             return Received(offset, cut=True, stalled=stalled)
         raise ChecksumMismatch("the body does not match Upload-Checksum; the chunk was discarded")
     if written == 0:
+        _keep_hash(upload.id, offset, base)
         return Received(offset, cut=cut, stalled=stalled)
     new_offset = offset + written
+    await _advance(uow, settings, upload, fh, offset, new_offset, file_hash)
+    return Received(new_offset, cut=cut, stalled=stalled)
+
+
+async def _advance(
+    uow: UnitOfWork, settings: Settings, upload: Upload, fh: BinaryIO, offset: int, new_offset: int, file_hash: Any
+) -> None:
+    """The bytes up to ``new_offset`` made durable, then the row's offset moved (compare-and-set
+    from ``offset``) with the file's sha256 once it is complete."""
     fh.flush()
     await run_in_threadpool(os.fsync, fh.fileno())
     sha256 = None
@@ -348,7 +447,10 @@ async def receive(
     if not await run_in_threadpool(repository.advance, uow.session, upload.id, offset, new_offset, sha256):
         # Removed (DELETE, expiry) or consumed meanwhile: another process's doing, not ours to undo.
         raise NotFound(f"no upload {upload.id}")
-    return Received(new_offset, cut=cut, stalled=stalled)
+    if new_offset < upload.length:
+        # Kept before the caller commits: if that commit fails, the next PATCH comes at the old
+        # offset, which this entry does not match (the file is read back instead).
+        _keep_hash(upload.id, new_offset, file_hash)
 
 
 def terminate(uow: UnitOfWork, caller: Caller, settings: Settings, upload_id: str) -> None:
