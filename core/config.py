@@ -42,10 +42,12 @@ class Settings(BaseSettings):
     s3_secret_access_key: SecretStr = SecretStr("")
     s3_session_token: SecretStr = SecretStr("")
     # Puts and gets go in parts of s3_part_size_mb, at most s3_max_concurrency of them in flight
-    # at once: one transfer holds at most part size x concurrency bytes in memory (64 MB at the
-    # defaults). A put whose file would need over 10,000 parts (S3's limit: 160 GB at the
+    # at once: one transfer holds at most part size x concurrency bytes in memory (32 MB at the
+    # defaults). A put whose file would need over 10,000 parts (S3's limit: 80 GB at the
     # default) uses larger parts, size / 10,000. A failed put aborts its multipart upload.
-    s3_part_size_mb: int = Field(default=16, ge=5, le=512)
+    # 8, not 16: a 1 GB model stored to S3 grew the API by 114 MB at 16 MB parts, 74 MB at 8, for
+    # 7 % less throughput (bench/bench_transfer.py, docs/BENCHMARKS.md).
+    s3_part_size_mb: int = Field(default=8, ge=5, le=512)
     s3_max_concurrency: int = Field(default=4, ge=1, le=16)
     # Downloads of artifacts from S3 storage may be answered with a redirect to a presigned URL
     # (the bytes never pass through the API), valid this many seconds.

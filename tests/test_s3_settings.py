@@ -241,7 +241,7 @@ def test_presigned_url_downloads_without_credentials(s3: SeaweedS3, tmp_path: Pa
 
 
 def test_put_memory_is_bounded_by_part_size_times_concurrency(s3: SeaweedS3, tmp_path: Path) -> None:
-    """A 300 MB put at the default settings (16 MB parts, 4 in flight): the process's peak
+    """A 300 MB put at the default settings (8 MB parts, 4 in flight): the process's peak
     resident memory during the put exceeds its resident memory before it by at most
     part x concurrency + 48 MB (the HTTP client's buffers and threads)."""
     src = tmp_path / "big.bin"
@@ -271,7 +271,7 @@ def test_put_memory_is_bounded_by_part_size_times_concurrency(s3: SeaweedS3, tmp
     """
     got = _run(code, _env(s3, tmp_path, _prefix()), str(src))
     assert got["size"] == 300 * MiB and got["uploads"] == 0
-    assert (got["part"], got["concurrency"]) == (16 * MiB, 4)
+    assert (got["part"], got["concurrency"]) == (8 * MiB, 4)
     growth = got["peak"] - got["before"]
     bound = got["part"] * got["concurrency"] + 48 * MiB
     print(f"RSS before {got['before'] / MiB:.0f} MiB, peak {got['peak'] / MiB:.0f} MiB, growth {growth / MiB:.0f} MiB")
