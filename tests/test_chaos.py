@@ -158,7 +158,11 @@ def test_sigkill_chaos_at_default_settings_loses_nothing_and_recovers_within_60s
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    deadline = time.monotonic() + 300
+    # How long the 50 jobs may take in all: a test timeout, not a claim of the service (the
+    # claims are the assertions below: nothing lost, each kill recovered within RECOVERY_S).
+    # Alone on the 2-core machine the whole test takes ~210 s; under `make test` the other xdist
+    # worker's tests share the cores and 300 s left 8 of the jobs still running (twice, in CI).
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline and not failure:
         left = jobs_left(stack, ids)
         if len(kills) >= KILLS and left == 0:
