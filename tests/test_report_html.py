@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.reports import charts
+from app.reports import charts, units
 from app.reports.html import PAGE_CSP, render_job_report, render_sweep
 from tests.browser import open_in_chromium
 
@@ -248,24 +248,24 @@ def test_full_job_report(tmp_path: Path) -> None:
     assert "&lt;img src=x onerror=alert(2)&gt;" in html
     assert "&lt;/pre&gt;&lt;script&gt;alert(3)&lt;/script&gt;" in html
     for text in (
-        "1.00 MB",
+        "1.0 MB",
         "1,000,000 bytes",
-        "500 kB",
+        "500.0 kB",
         "500,000 bytes",
-        "2×",
-        "123 MB",
+        "0.5×",  # size ratio: compressed ÷ original (the JSON's compression_ratio is 2.0)
+        "123.5 MB",
         "123,456,789 bytes",
         "50.1",
         "52.3",
         "+2.2 (worse)",
-        "10 ms",
-        "5 ms",
-        "2× as fast",
-        "50.00 %",
-        "25.00 %",
+        "10.0 ms",
+        "5.00 ms",
+        "0.5× the original",  # latency ratio (the JSON's speedup is 2.0)
+        "50.0 %",
+        "25.0 %",
         "transformer.h.0.mlp.c_fc.weight",
         "only for embedding models",
-        "1.700 s",
+        "1.70 s",
         "perplexity",
         # The evaluation budget: counts against caps, confidence intervals, the minimum's note.
         "32 of 40 requested",
@@ -274,8 +274,8 @@ def test_full_job_report(tmp_path: Path) -> None:
         "95 % CI 0.0075 – 0.0125",
         "95 % CI 1.01 – 1.08",
         "of 7 (2) requested",
-        "30.000 s",
-        "the minimum &lt;4&gt; ran anyway",
+        "30.0 s",
+        "The minimum &lt;4&gt; ran anyway.",
         "t-interval on the mean NLL per token",
     ):
         assert text in html, text
@@ -295,13 +295,13 @@ def test_report_with_unavailable_sections(tmp_path: Path) -> None:
     for reason in (
         "speed measurement &lt;disabled&gt; for this job",
         "no evaluation dataset &amp; the model has no LM head",
-        "fidelity needs the original model&#x27;s logits",
+        "fidelity needs the original model&#39;s logits",
     ):
         assert reason in html, reason
-    assert "548 kB" in html and "548,428 bytes" in html
+    assert "548.4 kB" in html and "548,428 bytes" in html
 
     res = _open(tmp_path, "job-partial.html", html)
-    _assert_clean(res, svg_count=1)  # size (original only); the one layer has no sparsity value
+    _assert_clean(res, svg_count=0)  # one side of the size is unknown, and no step pruned
     for reason in (
         "speed measurement <disabled> for this job",
         "no evaluation dataset & the model has no LM head",
@@ -324,7 +324,7 @@ def test_decompressed_speed_claims_no_speedup() -> None:
     html = render_job_report(report)
     assert "as fast" not in html
     assert "No speed-up claimed" in html and "int4 weights are unpacked to float before matmul" in html
-    assert "10 ms" in html and "5 ms" in html  # both latencies still shown
+    assert "10.0 ms" in html and "5.00 ms" in html  # both latencies still shown
 
 
 @pytest.mark.unit
@@ -354,18 +354,19 @@ def test_sweep_page(tmp_path: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "out of memory &lt;oom&gt;" in html and "worker_error" in html
     for text in (
-        "700 kB",
+        "700.0 kB",
         "700,000 bytes",
+        "0.7×",  # size ratio of a point whose compression_ratio (original ÷ artifact) is 1.4286
         "500,000 bytes",
         "7.25 ms",
         "61.5",
         "steps[0].params.sparsity",
         "perplexity (lower is better)",
-        "frontier over points with all three metrics",
+        "Frontier over points with all three metrics.",
         "1 of 3 points are not plotted",
     ):
         assert text in html, text
-    assert html.count("<tr class=frontier>") == 2
+    assert html.count('<tr class="frontier">') == 2
     assert 'title="job-0-5a0e9a7c-1111-4222-8333"' in html  # long job ids shortened, full on hover
 
     res = _open(tmp_path, "sweep.html", html)
@@ -416,7 +417,7 @@ def test_charts_are_deterministic_inline_svg_with_unique_ids() -> None:
     for svg in (a, c, scatter):  # every url(#…) and href="#…" still points at an element of the same chart
         refs = set(re.findall(r'(?:url\(#|href="#)([^)"]+)', svg))
         assert refs and refs <= set(re.findall(r'id="([^"]+)"', svg))
-    assert charts.human_bytes(999) == "999 B" and charts.human_bytes(1_234_567) == "1.23 MB"
+    assert charts.format_value(1_234_567, "bytes") == "1.2 MB" and charts.format_value(13_830, "ms") == "13.8 s"
 
 
 @pytest.mark.integration
@@ -445,4 +446,132 @@ def test_importing_the_reports_is_light() -> None:
 def test_page_csp_is_in_the_page() -> None:
     html = render_sweep({})
     assert 'http-equiv="Content-Security-Policy"' in html
-    assert "default-src &#x27;none&#x27;" in html and "script-src" not in PAGE_CSP
+    assert "default-src &#39;none&#39;" in html and "script-src" not in PAGE_CSP
+
+
+# --- what people read: units, one ratio convention, charts that mean something, notes as sentences
+
+
+def _text_outside_charts(html: str) -> str:
+    """The page without its <style> and its SVGs: what the report itself writes."""
+    html = re.sub(r"<style>.*?</style>", "", html, flags=re.S)
+    return re.sub(r"<svg.*?</svg>", "", html, flags=re.S)
+
+
+QUANTIZE_ONLY = {
+    "job_id": "q-1",
+    "job_name": "4-bit",
+    "status": "succeeded",
+    "steps": [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64}, "seconds": 1.2}],
+    "size": {"original_bytes": 541_600_000, "artifact_bytes": 135_400_000, "compression_ratio": 4.0},
+    # A quantizer leaves a few exact zeros: no result of the job, so no chart of them.
+    "sparsity": {
+        "overall": 0.0004,
+        "sparsity": 0.0004,
+        "per_layer": [{"name": "model.layers.0.mlp.up_proj", "parameters": 1000, "zeros": 1, "sparsity": 0.001}],
+    },
+    "speed": {
+        "available": True,
+        "runs_as": "decompressed",
+        "speedup": None,
+        "latency_ratio": 1.31,
+        "original": {"median_ms": 13_830.0, "min_ms": 13_000.0, "max_ms": 14_000.0, "samples_ms": [13_830.0]},
+        "compressed": {"median_ms": 18_117.3, "min_ms": 17_000.0, "max_ms": 19_000.0, "samples_ms": [18_117.3]},
+        "notes": ["seq_len 128 cut to the model's 64 positions"],
+    },
+    "quality": {"available": False, "reason": "evaluation was turned off"},
+    "fidelity": {"available": False, "reason": "evaluation was turned off"},
+    "stage_seconds": {"load": 0.412, "step1:quantize.weight_only": 125.2, "total": 3_840.0},
+    "notes": {
+        "format": "compressed-tensors pack-quantized",
+        "runs": "decompressed",
+        "runs_detail": "transformers dequantizes the integer weights to bfloat16 on the first forward pass",
+        "memory_bytes": 1_083_000_000,
+        "memory_bytes_compressed": 270_000_000,
+        "ignored_layers": ["lm_head"],
+        "future_key": {"a": 1, "b": [2, 3]},
+    },
+    "engine": {"path": "stream", "note": "tensor by tensor from the input shards"},
+}
+
+
+@pytest.mark.unit
+def test_units_people_read() -> None:
+    assert [units.millis(ms) for ms in (0.41, 4.123, 41.23, 412.3, 13_830, 125_000, 3_840_000)] == [
+        "0.41 ms",
+        "4.12 ms",
+        "41.2 ms",
+        "412 ms",
+        "13.8 s",
+        "2 min 5 s",
+        "1 h 4 min",
+    ]
+    assert units.size(541_600_000) == "541.6 MB" and units.size(999) == "999 B" and units.size(1_000) == "1.0 kB"
+    assert units.count(1_234_567) == "1,234,567" and units.plain(13_830.2) == "13,830"
+    assert units.plain(1.234e-7) == "0.0000001234" and units.ratio(0.25) == "0.25×"
+    assert units.text(float("nan")) == units.DASH and units.percent(0.5) == "50.0 %"
+
+    text = _text_outside_charts(render_job_report(copy.deepcopy(QUANTIZE_ONLY)))
+    for shown in ("13.8 s", "18.1 s", "412 ms", "2 min 5 s", "1 h 4 min", "541.6 MB", "541,600,000 bytes"):
+        assert shown in text, shown
+    assert not re.search(r"\d[eE][+-]?\d", text), re.search(r".{40}\d[eE][+-]?\d.{20}", text)
+
+
+@pytest.mark.unit
+def test_one_ratio_convention_stated_in_the_header() -> None:
+    html = render_job_report(copy.deepcopy(FULL_REPORT))
+    header = html.split("<section>", 1)[0]
+    assert units.RATIO_CONVENTION in header and "compressed ÷ original" in units.RATIO_CONVENTION
+    text = _text_outside_charts(html).split("<section>", 1)[1]
+    assert "original ÷" not in text and "as fast" not in text
+    # Every ratio on the page is labelled with the one convention; the JSON's inverse fields
+    # (compression_ratio 2.0, speedup 2.0) appear only as their inverses.
+    labels = re.findall(r">([^<>]*[Rr]atio[^<>]*)<", text)
+    assert labels and all("(compressed ÷ original)" in label for label in labels), labels
+    assert "2×" not in text and text.count("0.5×") >= 4  # size and latency, card and table each
+    sweep_text = _text_outside_charts(render_sweep(copy.deepcopy(SWEEP)))
+    assert "Size ratio (compressed ÷ original)" in sweep_text and "0.5×" in sweep_text and "2×" not in sweep_text
+
+
+@pytest.mark.unit
+def test_sparsity_chart_only_when_a_step_pruned() -> None:
+    html = render_job_report(copy.deepcopy(QUANTIZE_ONLY))
+    assert 'aria-label="Sparsity per layer"' not in html
+    assert "No step of this job pruned weights" in html and "Sparsity of the pruned layers" not in html
+    # Decompressed: no speed-up claimed, the latencies still charted; quality is off: no chart.
+    assert "No speed-up claimed" in html and html.count("<svg") == 2  # size, latency
+    pruned = copy.deepcopy(QUANTIZE_ONLY)
+    pruned["steps"].insert(0, {"method": "prune.magnitude", "params": {"sparsity": 0.5}})
+    assert 'aria-label="Sparsity per layer"' in render_job_report(pruned)
+
+
+@pytest.mark.unit
+def test_notes_are_sentences() -> None:
+    html = render_job_report(copy.deepcopy(QUANTIZE_ONLY))
+    notes = html.split("<h2>Notes</h2>", 1)[1].split("</section>", 1)[0]
+    items = re.findall(r"<li>(.*?)</li>", notes)
+    assert items == [
+        "The artifact is stored as compressed-tensors pack-quantized.",
+        "It runs decompressed: transformers dequantizes the integer weights to bfloat16 on the first forward pass.",
+        "Once loaded, it takes 1.1 GB in memory (270.0 MB before its weights are decompressed, or in an "
+        "engine that keeps them packed).",
+        "1 Linear layer was left in the original dtype: lm_head.",
+        "Future key: a: 1; b: 2, 3.",
+        "Built on the stream path: tensor by tensor from the input shards.",
+    ]
+    assert "{" not in notes and "&#34;" not in notes  # no JSON
+    assert "seq_len 128 cut to the model&#39;s 64 positions." in html  # the evaluator's notes too
+
+
+@pytest.mark.unit
+def test_hostile_strings_are_escaped_by_the_templates() -> None:
+    report = copy.deepcopy(QUANTIZE_ONLY)
+    report["job_name"] = EVIL
+    report["steps"][0]["method"] = EVIL
+    report["notes"] = {EVIL: EVIL, "format": '"><script>alert(4)</script>'}
+    report["speed"]["notes"] = [EVIL]
+    html = render_job_report(report)
+    assert "<script" not in html.lower()
+    assert "<title>Job report: &lt;script&gt;alert(1)&lt;/script&gt;</title>" in html
+    assert "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code>" in html  # the step's method
+    assert "&#34;&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in html

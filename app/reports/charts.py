@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from typing import Any, Literal
 
+from app.reports import units
+
 SVG_HASH_SALT = "modelpress-reports"
 
 ValueKind = Literal["bytes", "ms", "number"]
@@ -55,29 +57,14 @@ _RC = {
 }
 
 
-def human_bytes(n: float) -> str:
-    """``1234567`` → ``"1.23 MB"`` (decimal units, three significant digits)."""
-    n = float(n)
-    sign = "-" if n < 0 else ""
-    n = abs(n)
-    if n < 1000:
-        return f"{sign}{n:.0f} B"
-    for unit in ("kB", "MB", "GB", "TB", "PB"):
-        n /= 1000.0
-        if n < 999.5 or unit == "PB":
-            digits = 2 if n < 9.995 else 1 if n < 99.95 else 0
-            return f"{sign}{n:.{digits}f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def format_value(value: float, kind: ValueKind) -> str:
-    """A number as shown on a chart: bytes human-readable, milliseconds and plain values with
-    four significant digits."""
+    """A number as shown on a chart, in the page's units (``units``): ``541.6 MB``, ``13.8 s``,
+    ``52.31``."""
     if kind == "bytes":
-        return human_bytes(value)
+        return units.size(value)
     if kind == "ms":
-        return f"{value:.4g} ms"
-    return f"{value:.4g}"
+        return units.millis(value)
+    return units.plain(value)
 
 
 def _finite(x: Any) -> float | None:
@@ -165,8 +152,8 @@ def before_after_bars(
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.set_ylim(min(0.0, ax.get_ylim()[0]), (top or 1.0) * 1.15)
         ax.grid(axis="x", visible=False)
-        if kind == "bytes":
-            ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: human_bytes(y)))
+        # Ticks in the labels' units, never a "1e4" offset above the axis.
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: format_value(y, kind)))
         if axis_label:
             ax.set_ylabel(_plain(axis_label))
         ax.set_title(_plain(title), loc="left")
@@ -356,10 +343,11 @@ def sweep_scatter(
                 zorder=4,
             )
         ax.margins(0.12)
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v) if v >= 0 else ""))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: units.size(v) if v >= 0 else ""))
         ax.set_xlabel("artifact size (lower is better)")
         direction = {True: " (higher is better)", False: " (lower is better)"}.get(higher_is_better, "")
         ax.set_ylabel(_plain(quality_label + direction))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: units.plain(v)))
         _scatter_legend(ax, with_no_latency=bool(no_lat))
         ax.set_title("Sweep: size vs quality (colour and size = latency)", loc="left")
 
@@ -390,7 +378,10 @@ def _scatter_points(fig, ax, pts: list[_ScatterPoint]) -> list[_ScatterPoint]:  
             linewidths=0.6,
             zorder=2,
         )
-        fig.colorbar(sc, ax=ax, label="latency (ms), also marker size", pad=0.01)
+        from matplotlib.ticker import FuncFormatter
+
+        bar = fig.colorbar(sc, ax=ax, label="latency, also marker size", pad=0.01)
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: units.millis(v)))
     no_lat = [p for p in pts if p[3] is None]
     if no_lat:
         ax.scatter(
