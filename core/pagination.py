@@ -1,19 +1,21 @@
-"""Opaque keyset cursors over (created_at, id), newest first, and the strict integers of query
-strings (the page size of every list route among them)."""
+"""Opaque keyset cursors over (created_at, id), newest first, the RFC 8288 ``Link`` header of a
+list page, and the strict integers of query strings (the page size of every list route among them)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import re
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Annotated, Any
+from urllib.parse import quote, urlencode
 
 from annotated_types import Ge, Le
 from pydantic import BeforeValidator
 from sqlalchemy import Select, and_, or_
 
-from core import jsonsafe
+from core import jsonsafe, signing
 from core.errors import Unprocessable
 
 # Decimal digits, and a zero fraction (JSON Schema's integers include 5.0; a client generated
@@ -71,3 +73,34 @@ def page(stmt: Select[Any], table: Any, limit: int, cursor: str | None) -> Selec
         ts, id_ = decode_cursor(cursor)
         stmt = stmt.where(or_(table.created_at < ts, and_(table.created_at == ts, table.id < id_)))
     return stmt.order_by(table.created_at.desc(), table.id.desc()).limit(limit + 1)
+
+
+# What may stay unescaped in a Link target: RFC 3986's reserved and unreserved characters, and
+# escapes already made. "<", ">", '"', spaces and the rest are escaped: a target ends at ">".
+_URI_SAFE = ":/?#[]@!$&'()*+,;=%~"
+
+
+def page_links(base: str, path: str, query: Iterable[tuple[str, str]], next_cursor: str | None) -> str:
+    """The ``Link`` value of a list page: ``rel="first"`` (the query without ``cursor``) and, unless
+    ``next_cursor`` is None (the last page), ``rel="next"`` (the query with ``cursor`` set to it).
+    The query keeps the request's other parameters (``limit``, filters) in their order."""
+    kept = [(k, v) for k, v in query if k != "cursor"]
+
+    def target(items: list[tuple[str, str]]) -> str:
+        url = base + path + (f"?{urlencode(items)}" if items else "")
+        return quote(url, safe=_URI_SAFE)
+
+    links = [f'<{target(kept)}>; rel="first"']
+    if next_cursor is not None:
+        links.append(f'<{target([*kept, ("cursor", next_cursor)])}>; rel="next"')
+    return ", ".join(links)
+
+
+def link_header(request: Any, next_cursor: str | None) -> str:
+    """:func:`page_links` for the list route serving ``request`` (a Starlette request). As for
+    signed links (core/signing.py), only the route and the query string are taken from the
+    request (the path from the route table, without a root path); the base is the public base
+    URL, never the request's ``Host``: the links are relative where there is none (cluster mode
+    without one), which a client resolves against the URL it asked."""
+    path = str(request.app.url_path_for(request.scope["route"].name, **request.path_params))
+    return page_links(signing.public_base_url(), path, request.query_params.multi_items(), next_cursor)

@@ -321,8 +321,16 @@ def test_cancel_queued_job_is_immediate(cluster_no_worker, tiny):
         "/v1/jobs", json={"model_id": m["id"], "steps": [{"method": "quantize.cast", "params": {"dtype": "float16"}}]}
     ).json()
     assert c.get(f"/v1/jobs/{job['id']}/artifact").status_code == 409
+    # The job read's ETag (PostgreSQL: the hot read): 304 while the job is as it was, a new one once
+    # it has changed.
+    first = c.get(f"/v1/jobs/{job['id']}")
+    etag = first.headers["etag"]
+    same = c.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag})
+    assert (same.status_code, same.content, same.headers["etag"]) == (304, b"", etag)
     r = c.post(f"/v1/jobs/{job['id']}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "canceled" and r.json()["finished_at"]
+    changed = c.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag})
+    assert changed.status_code == 200 and changed.json()["status"] == "canceled" and changed.headers["etag"] != etag
     again = c.post(f"/v1/jobs/{job['id']}/cancel")
     assert again.status_code == 409 and again.json()["code"] == "job_finished"
     # The stack is shared (tests/test_gpu_queue.py cancels jobs in it too): this job is listed under
@@ -361,8 +369,10 @@ def test_model_delete(cluster, tiny):
     m = upload_dir(c, tiny["bert"]).json()
     prefix = cluster.data_dir / "storage" / "models" / m["id"]
     assert prefix.is_dir()
+    etag = c.get(f"/v1/models/{m['id']}").headers["etag"]
+    assert c.get(f"/v1/models/{m['id']}", headers={"If-None-Match": etag}).status_code == 304
     assert c.delete(f"/v1/models/{m['id']}").status_code == 204
-    assert c.get(f"/v1/models/{m['id']}").status_code == 404
+    assert c.get(f"/v1/models/{m['id']}", headers={"If-None-Match": etag}).status_code == 404
     assert not prefix.exists()
 
 
@@ -385,6 +395,15 @@ def test_job_list_pages_by_cursor(cluster_no_worker, tiny):
         cursor = page["next_cursor"]
         if not cursor:
             break
+    assert seen == list(reversed(ids))
+    # The same pages by their Link headers (relative here: no public base URL), to the last one.
+    seen, url = [], "/v1/jobs?status=queued&limit=2"
+    while url:
+        r = c.get(url)
+        seen += [j["id"] for j in r.json()["items"]]
+        assert r.links["first"]["url"] == "/v1/jobs?status=queued&limit=2", r.headers["link"]
+        url = r.links.get("next", {}).get("url")
+        assert (url is None) == (r.json()["next_cursor"] is None)
     assert seen == list(reversed(ids))
     assert c.get("/v1/jobs", params={"cursor": "!!"}).status_code == 422
 

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
 from app.auth import Caller, CurrentCaller
+from app.conditional import PAGE_LINK_HEADERS
 from app.datasets import repository, service
 from app.datasets.schemas import DatasetOut, DatasetPage
 from app.deps import PageLimit, SettingsDep, StorageDep, UoW
@@ -15,11 +16,12 @@ from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.resumable import service as resumable
 from app.resumable.schemas import FROM_UPLOADS_SCHEMA
+from app.routing import etag_get
 from app.uploads import StagingArea, parse_multipart
 from core.config import Settings
 from core.db import UnitOfWork
 from core.errors import Unprocessable
-from core.pagination import next_cursor
+from core.pagination import link_header, next_cursor
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -132,22 +134,27 @@ async def _dataset_from_upload(
         return await run_in_threadpool(resumable.create_once, uow, scope, create)
 
 
-@router.get("", response_model=DatasetPage, responses=problem_responses(*API_ERRORS))
+@router.get(
+    "", response_model=DatasetPage, responses={200: {"headers": PAGE_LINK_HEADERS}, **problem_responses(*API_ERRORS)}
+)
 def list_datasets(
     caller: CurrentCaller,
     uow: UoW,
+    request: Request,
+    response: Response,
     limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> DatasetPage:
     """List the caller's datasets, newest first."""
     rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
     nxt = next_cursor(rows, limit)
+    response.headers["Link"] = link_header(request, nxt)
     return DatasetPage(items=[_out(d) for d in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/{dataset_id}", response_model=DatasetOut, responses=problem_responses(*API_ERRORS, 404))
+@etag_get(router, "/{dataset_id}", response_model=DatasetOut, responses=problem_responses(*API_ERRORS, 404))
 def get_dataset(dataset_id: str, caller: CurrentCaller, uow: UoW) -> DatasetOut:
-    """One dataset."""
+    """One dataset (with an `ETag`: `If-None-Match` gets 304 while it is unchanged)."""
     return _out(service.get(uow, caller, dataset_id))
 
 

@@ -1,9 +1,9 @@
 """Serving a job's artifact: the whole of it, or one file inside it (docs/API_DOWNLOADS.md).
 
 Both answer ``GET`` and ``HEAD`` with the same headers, a single ``Range`` (``bytes=a-b``,
-``bytes=a-``, ``bytes=-n``), ``If-None-Match`` (304; ``*`` too) and ``If-Range`` (a range is
-honoured only when the tag given is the representation's strong ETag; anything else, a date
-included, gets the whole 200).
+``bytes=a-``, ``bytes=-n``), ``If-None-Match`` (304; ``*`` too; compared as every read's is, by
+app/conditional.py) and ``If-Range`` (a range is honoured only when the tag given is the
+representation's strong ETag; anything else, a date included, gets the whole 200).
 
 The whole artifact: ``ETag`` is its sha256, quoted, and ``Repr-Digest`` (RFC 9530) carries the
 same sha-256. One file of a zip artifact (a Hugging Face folder): the zip's central directory is
@@ -31,6 +31,7 @@ from fastapi import Response
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from app.conditional import none_match
 from core.errors import ModelpressError, NotFound, Unprocessable
 from core.storage import Storage
 from core.tables import Job
@@ -85,16 +86,6 @@ def _disposition(name: str) -> str:
     return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
-def _tags(header: str) -> list[str]:
-    return [t.strip() for t in header.split(",") if t.strip()]
-
-
-def _weak_match(header: str, etag: str) -> bool:
-    """If-None-Match: weak comparison (W/ ignored); ``*`` matches any current representation."""
-    plain = etag.removeprefix("W/")
-    return any(t == "*" or t.removeprefix("W/") == plain for t in _tags(header))
-
-
 def serve(
     rep: Representation,
     *,
@@ -114,7 +105,7 @@ def serve(
         headers["Repr-Digest"] = repr_digest(rep.sha256)
     if rep.crc32 is not None:
         headers["Modelpress-CRC32"] = f"{rep.crc32:08x}"
-    if if_none_match and _weak_match(if_none_match, rep.etag):
+    if if_none_match and none_match(if_none_match, rep.etag):
         return Response(status_code=304, headers=headers)
     if redirect is not None and method == "GET":
         return Response(status_code=307, headers={**headers, "Location": redirect})

@@ -9,6 +9,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
 from app.auth import Caller, CurrentCaller
+from app.conditional import PAGE_LINK_HEADERS
 from app.deps import PageLimit, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
@@ -33,7 +34,7 @@ from core.jobs.schemas import (
     WorkerOut,
 )
 from core.methods import load_all
-from core.pagination import next_cursor, query_int
+from core.pagination import link_header, next_cursor, query_int
 from core.storage import Storage
 from core.tables import Job
 
@@ -85,10 +86,16 @@ def estimate_job(body: JobIn, caller: CurrentCaller, uow: UoW) -> JobEstimate:
     return JobEstimate.model_validate(service.estimate(uow, caller, body))
 
 
-@router.get("/jobs", response_model=JobPage, responses=problem_responses(*API_ERRORS))
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    responses={200: {"headers": PAGE_LINK_HEADERS}, **problem_responses(*API_ERRORS)},
+)
 def list_jobs(
     caller: CurrentCaller,
     uow: UoW,
+    request: Request,
+    response: Response,
     status: JobStatus | None = None,
     limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -96,11 +103,13 @@ def list_jobs(
     """List the caller's jobs, newest first, optionally by status."""
     rows = repository.list_page(uow.session, caller.tenant_id, status, limit, cursor)
     nxt = next_cursor(rows, limit)
+    response.headers["Link"] = link_header(request, nxt)
     return JobPage(items=[service.job_out(uow, j) for j in rows[:limit]], next_cursor=nxt)
 
 
 async def get_job(job_id: str, caller: CurrentCaller) -> Response:
-    """One job: status, progress, error, metrics and artifact."""
+    """One job: status, progress, error, metrics and artifact. Its `ETag` changes whenever any of
+    that does: poll with `If-None-Match` and get 304 while nothing has."""
     # What clients poll, so it is kept short (bench/bench_load.py, docs/BENCHMARKS.md): served as
     # an app.routing.DirectRoute (no per-request dependency solving); the caller usually comes
     # from app.auth's cache; on PostgreSQL the row is read on the event loop through asyncpg

@@ -8,6 +8,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app import idempotency
 from app.auth import Caller, CurrentCaller
+from app.conditional import PAGE_LINK_HEADERS
 from app.deps import PageLimit, SettingsDep, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
@@ -15,10 +16,11 @@ from app.models import repository, service
 from app.models.schemas import ModelOut, ModelPage
 from app.resumable import service as resumable
 from app.resumable.schemas import FROM_UPLOADS_SCHEMA
+from app.routing import etag_get
 from app.uploads import StagingArea, parse_multipart
 from core.config import Settings
 from core.db import UnitOfWork
-from core.pagination import next_cursor
+from core.pagination import link_header, next_cursor
 from core.storage import Storage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -111,22 +113,27 @@ async def _model_from_uploads(
         return await run_in_threadpool(resumable.create_once, uow, scope, create)
 
 
-@router.get("", response_model=ModelPage, responses=problem_responses(*API_ERRORS))
+@router.get(
+    "", response_model=ModelPage, responses={200: {"headers": PAGE_LINK_HEADERS}, **problem_responses(*API_ERRORS)}
+)
 def list_models(
     caller: CurrentCaller,
     uow: UoW,
+    request: Request,
+    response: Response,
     limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> ModelPage:
     """List the caller's models, newest first."""
     rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
     nxt = next_cursor(rows, limit)
+    response.headers["Link"] = link_header(request, nxt)
     return ModelPage(items=[ModelOut.model_validate(m, from_attributes=True) for m in rows[:limit]], next_cursor=nxt)
 
 
-@router.get("/{model_id}", response_model=ModelOut, responses=problem_responses(*API_ERRORS, 404))
+@etag_get(router, "/{model_id}", response_model=ModelOut, responses=problem_responses(*API_ERRORS, 404))
 def get_model(model_id: str, caller: CurrentCaller, uow: UoW) -> ModelOut:
-    """One model."""
+    """One model (with an `ETag`: `If-None-Match` gets 304 while it is unchanged)."""
     return ModelOut.model_validate(service.get(uow, caller, model_id), from_attributes=True)
 
 

@@ -7,14 +7,16 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from app import idempotency
 from app.auth import CurrentCaller
+from app.conditional import PAGE_LINK_HEADERS
 from app.deps import PageLimit, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
+from app.routing import etag_get
 from app.sweeps import repository, service
 from app.sweeps.schemas import LinkIn, LinkOut, SweepIn, SweepOut, SweepPage
 from core import signing
-from core.pagination import next_cursor, query_int
+from core.pagination import link_header, next_cursor, query_int
 
 router = APIRouter(prefix="/v1/sweeps", tags=["sweeps"])
 
@@ -64,19 +66,26 @@ def create_sweep(
     return idempotency.run(uow, scope, 202, create)
 
 
-@router.get("", response_model=SweepPage, responses=problem_responses(*API_ERRORS))
+@router.get(
+    "", response_model=SweepPage, responses={200: {"headers": PAGE_LINK_HEADERS}, **problem_responses(*API_ERRORS)}
+)
 def list_sweeps(
     caller: CurrentCaller,
     uow: UoW,
+    request: Request,
+    response: Response,
     limit: PageLimit = 50,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> SweepPage:
     """List the caller's sweeps, newest first, with their status and counts."""
     rows = repository.list_page(uow.session, caller.tenant_id, limit, cursor)
-    return SweepPage(items=service.summaries(uow, rows[:limit]), next_cursor=next_cursor(rows, limit))
+    nxt = next_cursor(rows, limit)
+    response.headers["Link"] = link_header(request, nxt)
+    return SweepPage(items=service.summaries(uow, rows[:limit]), next_cursor=nxt)
 
 
-@router.get(
+@etag_get(
+    router,
     "/{sweep_id}",
     response_model=SweepOut,
     responses={
@@ -90,7 +99,8 @@ def list_sweeps(
 def get_sweep(
     sweep_id: str, caller: CurrentCaller, uow: UoW, response: Response, accept: Annotated[str | None, Header()] = None
 ) -> SweepOut | HTMLResponse:
-    """One sweep: every point's metrics and the Pareto frontier; HTML when the client prefers it."""
+    """One sweep: every point's metrics and the Pareto frontier; HTML when the client prefers it.
+    With an `ETag` (JSON and HTML apart): `If-None-Match` gets 304 while it is unchanged."""
     sweep = service.report(uow, service.get(uow, caller, sweep_id))
     if prefers_html(accept):
         page = _html(sweep)
