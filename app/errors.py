@@ -14,8 +14,10 @@ OpenAPI spec.
 No stack trace ever reaches a client: unexpected exceptions are logged and answered with a bare 500.
 
 The OpenAPI spec declares these errors on every route that can answer them (``problem_responses``,
-``API_ERRORS``, ``BODY_ERRORS``): tests/test_fuzz.py checks with schemathesis that the running
-service answers nothing it does not declare.
+``API_ERRORS``, ``BODY_ERRORS``), each as a ``$ref`` to the one ``Problem`` schema (the model
+below), so a generated client has one problem class: tests/test_fuzz.py checks with schemathesis
+that the running service answers nothing it does not declare, tests/test_openapi.py that no
+problem schema is inlined. Every 429 and 503 carries ``Retry-After`` (:func:`problem`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from sqlalchemy.exc import DataError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
@@ -47,26 +51,48 @@ from core.errors import (
 
 log = logging.getLogger("modelpress.errors")
 
-PROBLEM_SCHEMA = {
-    "type": "object",
-    "required": ["type", "title", "status", "detail"],
-    "properties": {
-        "type": {"type": "string"},
-        "title": {"type": "string"},
-        "status": {"type": "integer"},
-        "detail": {"type": "string"},
-        "code": {"type": "string"},
-        "errors": {"type": "array", "items": {"type": "object"}},
-    },
-}
 
+class ProblemFieldError(BaseModel):
+    """One invalid field of a 422 ``validation_error``."""
+
+    loc: list[str | int] = Field(
+        description='where the value is: `["body", "steps", 0, "method"]`, `["query", "limit"]`'
+    )
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. `missing`, `string_too_long`")
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem (``application/problem+json``): every 4xx and 5xx of the API. Some
+    carry more members (RFC 9457 extensions) with the figures of a refusal."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(description="`/problems/<code>`", examples=["/problems/not_found"])
+    title: str = Field(description="the status's title", examples=["Not found"])
+    status: int = Field(description="the HTTP status", examples=[404])
+    detail: str = Field(description="what went wrong, for a person", examples=["no job 0c4a1b2e-..."])
+    code: str = Field(description="what went wrong, for a program (stable)", examples=["not_found"])
+    errors: list[ProblemFieldError] | None = Field(default=None, description="the invalid fields (422 only)")
+
+
+# The one schema every problem response refers to (declare_problem_errors adds it to the spec).
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+# Every 429 and 503 says when to retry (:func:`problem` adds it where the error did not say).
+DEFAULT_RETRY_AFTER_S = 5
+RETRY_AFTER_HEADER: dict[str, Any] = {
+    "description": "seconds to wait before retrying",
+    "required": True,
+    "schema": {"type": "string", "pattern": "^[0-9]+$", "examples": ["5"]},
+}
 
 # Headers some errors carry, declared with them in the spec.
 _ERROR_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
     401: {"WWW-Authenticate": {"description": "`Bearer`", "schema": {"type": "string"}}},
     416: {"Content-Range": {"description": "`bytes */<size>`", "schema": {"type": "string"}}},
-    429: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
-    503: {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}}},
+    429: {"Retry-After": RETRY_AFTER_HEADER},
+    503: {"Retry-After": RETRY_AFTER_HEADER},
 }
 
 _ERROR_DESCRIPTIONS = {
@@ -93,7 +119,7 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     for s in statuses:
         entry: dict[str, Any] = {
             "description": _ERROR_DESCRIPTIONS.get(s, "Error (RFC 9457 problem)"),
-            "content": {PROBLEM_JSON: {"schema": PROBLEM_SCHEMA}},
+            "content": {PROBLEM_JSON: {"schema": PROBLEM_REF}},
         }
         if s in _ERROR_HEADERS:
             entry["headers"] = _ERROR_HEADERS[s]
@@ -128,6 +154,8 @@ def problem(
     }
     if errors is not None:
         body["errors"] = errors
+    if status in (429, 503) and not any(k.lower() == "retry-after" for k in headers or {}):
+        headers = {**(headers or {}), "Retry-After": str(DEFAULT_RETRY_AFTER_S)}
     return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
 
 
@@ -201,7 +229,8 @@ def declare_problem_errors(spec: dict[str, Any]) -> dict[str, Any]:
     this module sends; an operation that needs an API key (it declares security) also answers 401
     (no or a bad key) and 503 (the key is looked up in the database); one that reads a JSON body
     answers 400 when the body cannot be parsed (e.g. not UTF-8), 408 when it stops arriving and 413
-    when it is too large (app/http_limits.py)."""
+    when it is too large (app/http_limits.py). Every one of them refers to the one ``Problem``
+    schema, added to the components here."""
     for path_item in spec.get("paths", {}).values():
         for method in _HTTP_METHODS:
             op = path_item.get(method)
@@ -219,7 +248,9 @@ def declare_problem_errors(spec: dict[str, Any]) -> dict[str, Any]:
                 needed += [400, 408, 413]
             for status, entry in problem_responses(*needed).items():
                 responses.setdefault(str(status), entry)
-    schemas = spec.get("components", {}).get("schemas", {})
+    _, defs = models_json_schema([(Problem, "serialization")], ref_template="#/components/schemas/{model}")
+    spec.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+    schemas = spec["components"]["schemas"]
     if schemas and "HTTPValidationError" in schemas:
         text = json.dumps(spec.get("paths", {}))
         if "#/components/schemas/HTTPValidationError" not in text:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import logging
+from typing import Literal
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from app.datasets.endpoints import router as datasets_router
-from app.errors import install_error_handlers
+from app.errors import DEFAULT_RETRY_AFTER_S, RETRY_AFTER_HEADER, install_error_handlers
 from app.http_limits import BodyLimits
 from app.imports.endpoints import router as imports_router
 from app.jobs.endpoints import router as jobs_router
 from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
+from app.openapi import install_openapi, operation_id
 from app.resumable.endpoints import router as uploads_router
 from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
@@ -26,12 +29,24 @@ from core.db import get_engine
 log = logging.getLogger("modelpress.api")
 
 
+class Readiness(BaseModel):
+    """What GET /readyz found."""
+
+    status: Literal["ok", "unavailable"]
+    checks: dict[str, str] = Field(description='per dependency (`database`, `broker`): "ok" or "error: <type>"')
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="modelpress",
         version=__version__,
         description="Compression as a service for transformer and LLM models. "
         "Every /v1 route needs `Authorization: Bearer <api key>`; errors are RFC 9457 problem+json.",
+        # Served from local files by install_openapi (app/openapi.py), not from a CDN.
+        docs_url=None,
+        redoc_url=None,
+        # createJob, not submit_job_v1_jobs_post: what generated clients name their functions.
+        generate_unique_id_function=operation_id,
     )
     install_error_handlers(app)
     # Body size, read timeout and strict JSON (app/http_limits.py); added first so the
@@ -51,13 +66,25 @@ def create_app() -> FastAPI:
     app.include_router(sweeps_router)
     app.include_router(webhooks_router)
     app.include_router(keys_router)
+    install_openapi(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz() -> dict[str, str]:
         """The process is up."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"], responses={503: {"description": "A dependency is down"}})
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        response_model=Readiness,
+        responses={
+            503: {
+                "model": Readiness,
+                "description": "A dependency is down",
+                "headers": {"Retry-After": RETRY_AFTER_HEADER},
+            }
+        },
+    )
     def readyz() -> JSONResponse:
         """The database and the broker are reachable."""
         checks: dict[str, str] = {}
@@ -75,7 +102,12 @@ def create_app() -> FastAPI:
             checks["broker"] = "ok"
         except Exception as e:
             checks["broker"] = f"error: {e.__class__.__name__}"
-        ok = all(v == "ok" for v in checks.values())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "checks": checks}, status_code=200 if ok else 503)
+        if all(v == "ok" for v in checks.values()):
+            return JSONResponse({"status": "ok", "checks": checks})
+        return JSONResponse(
+            {"status": "unavailable", "checks": checks},
+            status_code=503,
+            headers={"Retry-After": str(DEFAULT_RETRY_AFTER_S)},
+        )
 
     return app

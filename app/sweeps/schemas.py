@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
 
-from core.jobs.schemas import STRICT, EvaluationIn, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
+from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
 
 # A sweep varies at most this many parameters...
 MAX_VARY_PATHS = 4
@@ -70,9 +70,8 @@ class PointMetrics(BaseModel):
     sparsity: float | None = None
 
 
-class PointError(BaseModel):
-    code: str
-    message: str
+# A failed point's error is its job's: one schema for both (a generated client has one class).
+PointError = JobError
 
 
 class PointOut(BaseModel):
