@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from core.config import Settings
+from core.methods import Refusal
 from tests.helpers import build_tiny_models
 from worker import methods, model_io
 from worker.context import JobPort, MethodContext, Metrics, Sample, StoredModel
@@ -112,6 +113,19 @@ def test_quantize_weight_only_with_a_fake_context(tiny_models: dict[str, Path], 
     ctx = FakeContext(tmp_path)
     metrics = _run("quantize.weight_only", {"bits": 8}, model, ctx)
     assert metrics and model.saver is not None, metrics  # compressed-tensors writes the artifact
+
+
+def test_the_worker_refuses_a_group_size_naming_every_blocking_layer(
+    tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    # The submit check may have had only the config; the worker sees every layer (hidden 64, MLP 128).
+    model = model_io.load(tiny_models["llama"], "hf")
+    with pytest.raises(Refusal) as e:
+        _run("quantize.weight_only", {"bits": 4, "group_size": 128}, model, FakeContext(tmp_path))
+    names = [b["name"] for b in e.value.fields["blocking_layers"]]
+    assert e.value.fields["blocking_count"] == 12 and e.value.fields["valid_group_sizes"] == [32, 64]
+    assert "model.layers.1.mlp.up_proj" in names and not any("down_proj" in n for n in names)
+    assert "Group sizes that divide every input width: 32, 64" in str(e.value)
 
 
 def test_job_context_reaches_the_job_row_only_through_its_port(tmp_path: Path) -> None:

@@ -355,6 +355,9 @@ def test_group_size_and_requantize_refused(cluster, tiny, tmp_path):
         },
     )
     assert r.status_code == 422 and "group_size 128 does not divide" in r.json()["errors"][0]["msg"]
+    # The refusal says which limit, and the group sizes that would work (docs/METHODS.md).
+    err = r.json()["errors"][0]
+    assert err["constraint"] == "group_divides_inputs" and err["valid_group_sizes"] == [32, 64], err
     # An artifact uploaded again is already quantized.
     job = wait_job(
         c,

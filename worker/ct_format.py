@@ -118,12 +118,16 @@ def _linear_targets(loaded: Any, method: str) -> tuple[Any, dict[str, Any], list
 
 
 def _check_weights(method: str, mods: dict[str, Any], names: list[str], group: int | None) -> None:
+    from core.methods._ct import group_refusal
+
     for name in names:
         w = mods[name].weight
         if not w.is_floating_point():
             raise ValueError(f"{method}: {name}.weight is {w.dtype}, not floating point")
-        if group and w.shape[1] % group:
-            raise ValueError(f"{method}: {name} has {w.shape[1]} input features, not a multiple of group_size {group}")
+    # One refusal naming every layer it does not divide and the sizes that would (as at submit).
+    refusal = group_refusal(method, group, {n: mods[n].weight.shape[1] for n in names}) if group else None
+    if refusal is not None:
+        raise refusal
 
 
 def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], scheme: Any) -> list[str]:

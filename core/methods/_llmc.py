@@ -8,9 +8,41 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.methods import ModelInfo, StrictParams, has_tokenizer
-from core.methods._ct import CONV1D_MODEL_TYPES
-from core.methods._ct import check_model as ct_check
+from core.methods import NEEDS_TOKENIZER, MethodConstraint, ModelInfo, Refusal, StrictParams, has_tokenizer
+from core.methods._ct import CONV1D_MODEL_TYPES, GROUP_SIZES, NOT_QUANTIZED
+from core.methods._ct import check_group as ct_check_group
+
+# The limits every llm-compressor method has (each method's file lists them with its own).
+LINEAR_ONLY = MethodConstraint(
+    id="linear_layers_only",
+    rule=(
+        "Compresses the torch.nn.Linear layers of the model's blocks, never the LM head (llm-compressor); "
+        "models whose projections are transformers' Conv1D (GPT-2 style) are refused."
+    ),
+    values={"layer_types": ["torch.nn.Linear"], "refused_model_types": sorted(CONV1D_MODEL_TYPES)},
+)
+SPARSITY_OR_MASK = MethodConstraint(
+    id="sparsity_or_mask",
+    rule="Give sparsity or mask (N:M); a mask sets the sparsity (2:4 and 4:8 are 0.5), so both must agree.",
+    params=("sparsity", "mask"),
+    values={"masks": ["2:4", "4:8"]},
+)
+PRUNE_CONSTRAINTS = (SPARSITY_OR_MASK, NEEDS_TOKENIZER, LINEAR_ONLY)
+QUANTIZE_CONSTRAINTS = (NEEDS_TOKENIZER, LINEAR_ONLY, NOT_QUANTIZED)
+W8A8_PER_CHANNEL = MethodConstraint(
+    id="w8a8_per_channel",
+    rule="Scheme W8A8 quantizes weights per output channel: group_size must be left out or null.",
+    params=("scheme", "group_size"),
+)
+
+
+def architecture_constraint(method: str, supported: frozenset[str], what: str) -> MethodConstraint:
+    """The architectures llm-compressor has ``what`` for (AWQ, SmoothQuant); others are refused."""
+    return MethodConstraint(
+        id="architectures",
+        rule=f"{method} needs llm-compressor's {what} for the model's architecture: the ones listed.",
+        values={"architectures": sorted(supported)},
+    )
 
 
 class CalibrationParams(StrictParams):
@@ -80,8 +112,8 @@ class QuantizeParams(CalibrationParams):
 
     @model_validator(mode="after")
     def _group(self) -> QuantizeParams:
-        if self.group_size is not None and self.group_size not in (32, 64, 128):
-            raise ValueError("group_size must be 32, 64, 128 or null")
+        if self.group_size is not None and self.group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size must be {', '.join(map(str, GROUP_SIZES))} or null")
         return self
 
     def effective_group(self, scheme: str) -> int | None:
@@ -95,23 +127,33 @@ def check_model(method: str, info: ModelInfo, *, quantizes: bool) -> None:
     """Submit-time refusals shared by the llm-compressor methods (ValueError -> 422)."""
     config = info.config or {}
     if not has_tokenizer(info.files):
-        raise ValueError(
+        raise Refusal(
             f"{method} calibrates on the job's dataset tokenized with the model's own tokenizer: upload "
-            "tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model"
+            "tokenizer.json (or vocab.txt, or vocab.json + merges.txt) with the model",
+            constraint=NEEDS_TOKENIZER.id,
         )
     if config.get("model_type") in CONV1D_MODEL_TYPES:
-        raise ValueError(
+        raise Refusal(
             f"{method} runs through llm-compressor, which prunes and quantizes torch.nn.Linear layers only; "
             f"{info.architecture or 'this model'} (model_type {config.get('model_type')!r}) keeps its attention "
             "and MLP weights in transformers' Conv1D layers, so nothing would be compressed. "
-            "Use prune.magnitude or quantize.cast"
+            "Use prune.magnitude or quantize.cast",
+            constraint=LINEAR_ONLY.id,
         )
     if quantizes and "quantization_config" in config:
-        raise ValueError(f"{method}: the model is already quantized; upload the unquantized model")
+        raise Refusal(
+            f"{method}: the model is already quantized; upload the unquantized model", constraint=NOT_QUANTIZED.id
+        )
 
 
-def check_group(method: str, info: ModelInfo, group_size: int | None) -> None:
-    ct_check(method, info, group_size)
+def check_group(method: str, info: ModelInfo, params: QuantizeParams, scheme: str) -> None:
+    """Refuse a group size (given, or the scheme's default) that does not divide the input width of
+    every Linear layer the step quantizes (its ``ignore`` left out): core/methods/_ct.py."""
+    try:
+        group = params.effective_group(scheme)
+    except ValueError as e:
+        raise Refusal(str(e), constraint=W8A8_PER_CHANNEL.id, param="group_size") from None
+    ct_check_group(method, info, group, params.ignore)
 
 
 def nm_sparsity(mask: str) -> float:

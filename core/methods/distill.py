@@ -37,7 +37,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from core.methods import ModelInfo, StrictParams, has_tokenizer, register
+from core.methods import NEEDS_TOKENIZER, MethodConstraint, ModelInfo, StrictParams, has_tokenizer, register
 
 # Config fields a student_config may not change: the student must emit the teacher's logits over
 # the same vocabulary / classes, and the class and remote code are not the user's to pick.
@@ -185,6 +185,38 @@ def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
     return [round(j * (n_teacher - 1) / (n_student - 1)) for j in range(n_student)]
 
 
+CONSTRAINTS = [
+    MethodConstraint(
+        id="one_student",
+        rule="Give exactly one of layers, student_config and student_model_id, and at most one of steps and epochs.",
+        params=("layers", "student_config", "student_model_id", "steps", "epochs"),
+    ),
+    MethodConstraint(
+        id="architectures",
+        rule=(
+            "The teacher is a causal LM (*ForCausalLM / *LMHeadModel) or a single-label sequence classifier "
+            "(*ForSequenceClassification, >= 2 classes); encoders without a head, seq2seq and other heads are refused."
+        ),
+        values={"architecture_suffixes": ["ForCausalLM", "LMHeadModel", "ForSequenceClassification"]},
+    ),
+    NEEDS_TOKENIZER,
+    MethodConstraint(
+        id="student_smaller",
+        rule=(
+            "The student is smaller: layers below the teacher's layer count; student_config fields are the "
+            "teacher's, size fields only shrink, and the fields that fix the logits cannot change."
+        ),
+        params=("layers", "student_config"),
+        values={"frozen_fields": sorted(FROZEN_FIELDS)},
+    ),
+    MethodConstraint(
+        id="same_tokenizer",
+        rule="student_model_id is another uploaded model of the tenant with the teacher's tokenizer and vocabulary.",
+        params=("student_model_id",),
+    ),
+]
+
+
 register(
     "distill",
     params=DistillParams,
@@ -192,4 +224,5 @@ register(
     needs_data=True,
     formats=("hf",),
     check=check,
+    constraints=CONSTRAINTS,
 )

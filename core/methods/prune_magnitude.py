@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from core.methods import StrictParams, register
+from core.methods import MethodConstraint, StrictParams, register
 
 
 class PruneMagnitudeParams(StrictParams):
@@ -46,4 +46,21 @@ register(
     params=PruneMagnitudeParams,
     summary="Unstructured magnitude pruning: global, per-layer or per-row sparsity, or a threshold.",
     streams=True,
+    constraints=[
+        MethodConstraint(
+            id="sparsity_or_threshold",
+            rule="Give exactly one of sparsity and threshold; scope applies to sparsity only.",
+            params=("sparsity", "threshold", "scope"),
+        ),
+        MethodConstraint(
+            id="target_layers",
+            rule=(
+                "Prunes every torch.nn.Linear and GPT-2 Conv1D weight except the input embeddings and the LM "
+                "head (of a bare state dict: every 2-D float *.weight not named like an embedding or head), "
+                "narrowed by targets / exclude."
+            ),
+            checked=None,
+            values={"layer_types": ["torch.nn.Linear", "transformers Conv1D"]},
+        ),
+    ],
 )

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from core.methods import ModelInfo, register
-from core.methods._llmc import PruneParams
+from core.methods._llmc import PRUNE_CONSTRAINTS, PruneParams, check_model
 
 
 class PruneSparseGPTParams(PruneParams):
@@ -34,8 +34,6 @@ class PruneSparseGPTParams(PruneParams):
 
 
 def _check(params: PruneSparseGPTParams, info: ModelInfo) -> None:
-    from core.methods._llmc import check_model
-
     check_model("prune.sparsegpt", info, quantizes=False)
 
 
@@ -47,4 +45,5 @@ register(
     formats=("hf",),
     check=_check,
     blocks=True,
+    constraints=PRUNE_CONSTRAINTS,
 )

@@ -59,7 +59,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.methods import ModelInfo, StrictParams, register
+from core.methods import MethodConstraint, ModelInfo, StrictParams, register
 
 
 class PruneStructuredParams(StrictParams):
@@ -186,6 +186,33 @@ def check(params: PruneStructuredParams, info: ModelInfo) -> None:
         heads_removal(params.heads, head_layout(cfg), fam)
 
 
+CONSTRAINTS = [
+    MethodConstraint(
+        id="model_types",
+        rule="ffn works on the model types listed under ffn, heads only on those under heads (config model_type).",
+        params=("ffn", "heads"),
+        values={"ffn": sorted(FAMILIES), "heads": sorted(k for k, f in FAMILIES.items() if f.heads)},
+    ),
+    MethodConstraint(
+        id="removes_some_not_all",
+        rule=(
+            "A fraction f of n neurons or head groups removes floor(f*n + 0.5) of them: at least one, and "
+            "not all; under grouped-query attention heads counts key-value groups."
+        ),
+        params=("ffn", "heads"),
+    ),
+    MethodConstraint(
+        id="heads_divide_hidden",
+        rule=(
+            "Llama configs need hidden_size to be a multiple of num_attention_heads: heads may only keep a "
+            "head count that divides it (the refusal lists the fractions that do)."
+        ),
+        params=("heads",),
+        values={"model_types": sorted(k for k, f in FAMILIES.items() if f.heads_divide_hidden)},
+    ),
+]
+
+
 register(
     "prune.structured",
     params=PruneStructuredParams,
@@ -193,4 +220,5 @@ register(
     formats=("hf",),
     check=check,
     streams=True,
+    constraints=CONSTRAINTS,
 )

@@ -21,7 +21,7 @@ Example: ``{"method": "prune.wanda", "params": {"mask": "2:4", "num_samples": 64
 from __future__ import annotations
 
 from core.methods import ModelInfo, register
-from core.methods._llmc import PruneParams
+from core.methods._llmc import PRUNE_CONSTRAINTS, PruneParams, check_model
 
 
 class PruneWandaParams(PruneParams):
@@ -29,8 +29,6 @@ class PruneWandaParams(PruneParams):
 
 
 def _check(params: PruneWandaParams, info: ModelInfo) -> None:
-    from core.methods._llmc import check_model
-
     check_model("prune.wanda", info, quantizes=False)
 
 
@@ -42,4 +40,5 @@ register(
     formats=("hf",),
     check=_check,
     blocks=True,
+    constraints=PRUNE_CONSTRAINTS,
 )

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from core.methods import ModelInfo, register
-from core.methods._llmc import QuantizeParams
+from core.methods import ModelInfo, Refusal, register
+from core.methods._ct import GROUP_DIVIDES
+from core.methods._llmc import QUANTIZE_CONSTRAINTS, QuantizeParams, architecture_constraint, check_group, check_model
 
 # Architectures with AWQ mappings in llm-compressor 0.14 (a test checks each is in its registry).
 SUPPORTED = frozenset(
@@ -47,15 +48,17 @@ class QuantizeAWQParams(QuantizeParams):
 
 
 def _check(params: QuantizeAWQParams, info: ModelInfo) -> None:
-    from core.methods._llmc import check_group, check_model
-
     check_model("quantize.awq", info, quantizes=True)
-    check_group("quantize.awq", info, params.effective_group("W4A16"))
+    check_group("quantize.awq", info, params, "W4A16")
     if info.architecture not in SUPPORTED:
-        raise ValueError(
+        raise Refusal(
             f"quantize.awq has no scale-search mappings for {info.architecture or 'this model'} "
-            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq"
+            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq",
+            constraint=ARCHITECTURES.id,
         )
+
+
+ARCHITECTURES = architecture_constraint("quantize.awq", SUPPORTED, "scale-search mappings (norm -> projections)")
 
 
 register(
@@ -68,4 +71,5 @@ register(
     check=_check,
     final=True,
     blocks=True,
+    constraints=[GROUP_DIVIDES, ARCHITECTURES, *QUANTIZE_CONSTRAINTS],
 )

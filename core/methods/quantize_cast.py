@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from core.methods import StrictParams, register
+from core.methods import MethodConstraint, StrictParams, register
 
 
 class QuantizeCastParams(StrictParams):
@@ -23,4 +23,11 @@ register(
     params=QuantizeCastParams,
     summary="Cast floating-point weights to float16 or bfloat16.",
     streams=True,
+    constraints=[
+        MethodConstraint(
+            id="float_tensors_only",
+            rule="Casts floating-point tensors only: integer tensors and buffers are left as they are.",
+            checked=None,
+        )
+    ],
 )

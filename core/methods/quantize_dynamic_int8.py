@@ -23,6 +23,7 @@ Example: ``{"method": "quantize.dynamic_int8", "params": {}}``
 from __future__ import annotations
 
 from core.methods import ModelInfo, StrictParams, register
+from core.methods._ct import CT_CONSTRAINTS, check_model
 
 
 class QuantizeDynamicInt8Params(StrictParams):
@@ -30,8 +31,6 @@ class QuantizeDynamicInt8Params(StrictParams):
 
 
 def _check(params: QuantizeDynamicInt8Params, info: ModelInfo) -> None:
-    from core.methods._ct import check_model
-
     check_model("quantize.dynamic_int8", info)
 
 
@@ -43,4 +42,5 @@ register(
     check=_check,
     final=True,
     streams=True,
+    constraints=CT_CONSTRAINTS,
 )

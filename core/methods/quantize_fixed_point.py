@@ -27,6 +27,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from core.methods import ModelInfo, StrictParams, register
+from core.methods._ct import CT_CONSTRAINTS, check_model
 
 
 class QuantizeFixedPointParams(StrictParams):
@@ -36,8 +37,6 @@ class QuantizeFixedPointParams(StrictParams):
 
 
 def _check(params: QuantizeFixedPointParams, info: ModelInfo) -> None:
-    from core.methods._ct import check_model
-
     check_model("quantize.fixed_point", info)
 
 
@@ -49,4 +48,5 @@ register(
     check=_check,
     final=True,
     streams=True,
+    constraints=CT_CONSTRAINTS,
 )

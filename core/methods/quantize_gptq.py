@@ -14,7 +14,8 @@ modules kept in float (``["lm_head"]`` by default); ``dampening_frac``; ``num_sa
 compressed-tensors checkpoint (``pack-quantized`` or ``int-quantized``) that
 ``AutoModel*.from_pretrained`` loads with compressed-tensors installed. Must be the last step.
 Refused at submit: bare state dicts, models without tokenizer files, GPT-2-style Conv1D models,
-already-quantized models, a group size that does not divide the layers' input widths.
+already-quantized models, a group size that does not divide the layers' input widths (the refusal
+names the blocking layers and the group sizes that would work: docs/METHODS.md).
 
 Example: ``{"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128}}`` with a ``dataset_id``.
 """
@@ -26,7 +27,8 @@ from typing import Literal
 from pydantic import Field
 
 from core.methods import ModelInfo, register
-from core.methods._llmc import QuantizeParams
+from core.methods._ct import GROUP_DIVIDES
+from core.methods._llmc import QUANTIZE_CONSTRAINTS, W8A8_PER_CHANNEL, QuantizeParams, check_group, check_model
 
 
 class QuantizeGPTQParams(QuantizeParams):
@@ -37,10 +39,8 @@ class QuantizeGPTQParams(QuantizeParams):
 
 
 def _check(params: QuantizeGPTQParams, info: ModelInfo) -> None:
-    from core.methods._llmc import check_group, check_model
-
     check_model("quantize.gptq", info, quantizes=True)
-    check_group("quantize.gptq", info, params.effective_group(params.scheme))
+    check_group("quantize.gptq", info, params, params.scheme)
 
 
 register(
@@ -52,4 +52,5 @@ register(
     check=_check,
     final=True,
     blocks=True,
+    constraints=[GROUP_DIVIDES, W8A8_PER_CHANNEL, *QUANTIZE_CONSTRAINTS],
 )

@@ -24,8 +24,15 @@ from typing import Literal
 
 from pydantic import Field
 
-from core.methods import ModelInfo, register
-from core.methods._llmc import QuantizeParams
+from core.methods import ModelInfo, Refusal, register
+from core.methods._llmc import (
+    QUANTIZE_CONSTRAINTS,
+    W8A8_PER_CHANNEL,
+    QuantizeParams,
+    architecture_constraint,
+    check_group,
+    check_model,
+)
 
 # Architectures with SmoothQuant mappings in llm-compressor 0.14 (MAPPINGS_REGISTRY; a test checks
 # each is there). Written out so that the API's submit check needs no torch.
@@ -57,15 +64,17 @@ class QuantizeSmoothQuantParams(QuantizeParams):
 
 
 def _check(params: QuantizeSmoothQuantParams, info: ModelInfo) -> None:
-    from core.methods._llmc import check_model
-
     check_model("quantize.smoothquant", info, quantizes=True)
-    params.effective_group("W8A8")
+    check_group("quantize.smoothquant", info, params, "W8A8")
     if info.architecture not in SUPPORTED:
-        raise ValueError(
+        raise Refusal(
             f"quantize.smoothquant has no smoothing mappings for {info.architecture or 'this model'} "
-            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq with scheme W8A8"
+            f"(supported: {', '.join(sorted(SUPPORTED))}); use quantize.gptq with scheme W8A8",
+            constraint=ARCHITECTURES.id,
         )
+
+
+ARCHITECTURES = architecture_constraint("quantize.smoothquant", SUPPORTED, "smoothing mappings (norm -> projections)")
 
 
 register(
@@ -77,4 +86,5 @@ register(
     check=_check,
     final=True,
     blocks=True,
+    constraints=[W8A8_PER_CHANNEL, ARCHITECTURES, *QUANTIZE_CONSTRAINTS],
 )

@@ -2,9 +2,10 @@
 
 ``bits``: 8 or 4. ``group_size``: null (default) for one scale per output channel, or 32/64/128
 for one scale (and zero point, if asymmetric) per group of that many consecutive input columns;
-every Linear input width must be a multiple of it (refused at submit when the config shows it is
-not). ``symmetric`` (default true): zero point 0 and ``scale = max|w| / ((2^b - 1) / 2)``; false
-fits ``[min, max]`` with an int8 zero point per row/group. Rounding is to nearest
+every Linear input width must be a multiple of it (refused at submit when the model's shapes show
+it is not, naming the blocking layers and the group sizes that would work: docs/METHODS.md).
+``symmetric`` (default true): zero point 0 and ``scale = max|w| / ((2^b - 1) / 2)``; false fits
+``[min, max]`` with an int8 zero point per row/group. Rounding is to nearest
 (worker/ops/quant.py): ``|w - w'| <= scale / 2`` for every weight. No calibration data.
 
 Saved as compressed-tensors ``pack-quantized`` (the format it and llm-compressor use for W4A16 /
@@ -22,11 +23,12 @@ Example: ``{"method": "quantize.weight_only", "params": {"bits": 4, "group_size"
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field
 
-from core.methods import ModelInfo, StrictParams, register
+from core.methods import MethodConstraint, ModelInfo, StrictParams, register
+from core.methods._ct import CT_CONSTRAINTS, GROUP_DIVIDES, check_model
 
 
 class QuantizeWeightOnlyParams(StrictParams):
@@ -40,9 +42,15 @@ class QuantizeWeightOnlyParams(StrictParams):
 
 
 def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
-    from core.methods._ct import check_model
-
     check_model("quantize.weight_only", info, params.group_size)
+
+
+BITS = MethodConstraint(
+    id="bits",
+    rule="bits is 8 (int8) or 4 (int4, two weights a byte); activations stay in float.",
+    params=("bits",),
+    values={"bits": list(get_args(QuantizeWeightOnlyParams.model_fields["bits"].annotation))},
+)
 
 
 register(
@@ -53,4 +61,5 @@ register(
     check=_check,
     final=True,
     streams=True,
+    constraints=[BITS, GROUP_DIVIDES, *CT_CONSTRAINTS],
 )

@@ -204,7 +204,7 @@ class QuantizeStep(StreamStep):
         self.notes: dict[str, Any] = {}
 
     def prepare(self, source: Source) -> None:
-        from core.methods._ct import CONV1D_REFUSAL
+        from core.methods._ct import CONV1D_REFUSAL, group_refusal
 
         self.skeleton = source.skeleton
         if self.skeleton is None:
@@ -213,6 +213,7 @@ class QuantizeStep(StreamStep):
             raise ValueError(f"{self.method}: the model is already quantized")
         if not len(source):
             raise ValueError(f"{self.method}: the model has no Linear layers to quantize")
+        widths: dict[str, int] = {}
         for i in range(len(source)):
             spec, target = source.spec(i), source.target(i)
             name = spec.name.removesuffix(".weight")
@@ -222,12 +223,12 @@ class QuantizeStep(StreamStep):
                 )
             if not spec.dtype.is_floating_point:
                 raise ValueError(f"{self.method}: {name}.weight is {spec.dtype}, not floating point")
-            if self.group and spec.shape[1] % self.group:
-                raise ValueError(
-                    f"{self.method}: {name} has {spec.shape[1]} input features, not a multiple of group_size "
-                    f"{self.group}"
-                )
             self.names.append(name)
+            widths[name] = spec.shape[1]
+        # One refusal naming every layer the group size does not divide and the sizes that would.
+        refusal = group_refusal(self.method, self.group, widths) if self.group else None
+        if refusal is not None:
+            raise refusal
 
     def _scale_cols(self, spec: TensorSpec) -> int:
         return spec.shape[1] // self.group if self.group else 1
