@@ -26,6 +26,7 @@ from app.jobs.schemas import JobMetrics, JobReport
 from app.main import create_app
 from app.openapi import CAMEL_CASE
 from app.quotas import QuotaExceeded
+from app.sweeps.schemas import SweepIn
 from core.errors import PROBLEM_JSON, ServiceUnavailable
 from core.jobs.schemas import JobIn
 
@@ -217,12 +218,14 @@ def test_no_schema_is_written_twice(spec: dict[str, Any]) -> None:
 
 
 @unit
-def test_job_spec_examples_are_valid_job_specs(spec: dict[str, Any]) -> None:
+def test_request_body_examples_are_valid(spec: dict[str, Any]) -> None:
     for path in ("/v1/jobs", "/v1/jobs/estimate"):
         examples = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["examples"]
         assert len(examples) >= 2
         for example in examples.values():
             JobIn.model_validate(example["value"])
+    for example in spec["components"]["schemas"]["SweepIn"]["examples"]:
+        SweepIn.model_validate(example)
 
 
 @unit

@@ -3,7 +3,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
 
@@ -19,7 +19,19 @@ VaryValues = Annotated[list[Any], Field(min_length=1, max_length=MAX_POINTS)]
 
 
 class SweepIn(BaseModel):
-    model_config = STRICT
+    model_config = ConfigDict(
+        **STRICT,
+        json_schema_extra={
+            "examples": [
+                {
+                    "model_id": "0c4a1b2e-6f1d-4d8e-9d6a-2b1f3c4d5e6f",
+                    "name": "gpt2-sparsity",
+                    "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
+                    "vary": {"steps[0].params.sparsity": [0.3, 0.5, 0.7]},
+                }
+            ]
+        },
+    )
     model_id: str = Field(min_length=1, max_length=64)
     steps: list[StepIn] = Field(min_length=1, max_length=32, description="the base steps every point starts from")
     vary: dict[str, VaryValues] = Field(
