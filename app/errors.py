@@ -3,7 +3,7 @@
 Every 4xx/5xx leaves the API as RFC 9457 ``application/problem+json``::
 
     {"type": "/problems/<code>", "title": ..., "status": ..., "detail": ..., "code": ...,
-     "errors": [{"loc": [...], "msg": ..., "type": ...}]}   # "errors" on 422 only
+     "errors": [{"loc": [...], "msg": ..., "type": ...}]}   # "errors": every 422, some others
 
 The error tree (each class with its status and code) is in core/errors.py's docstring; the one
 app-only error, ``Forbidden`` (403), is here. A status's code and title are written once, on its
@@ -53,7 +53,9 @@ log = logging.getLogger("modelpress.errors")
 
 
 class ProblemFieldError(BaseModel):
-    """One invalid field of a 422 ``validation_error``."""
+    """One invalid field, header or file of the request; some carry more (``file``, ``line``)."""
+
+    model_config = ConfigDict(extra="allow")
 
     loc: list[str | int] = Field(
         description='where the value is: `["body", "steps", 0, "method"]`, `["query", "limit"]`'
@@ -72,7 +74,9 @@ class Problem(BaseModel):
     status: int = Field(description="the HTTP status", examples=[404])
     detail: str = Field(description="what went wrong, for a person", examples=["no job 0c4a1b2e-..."])
     code: str = Field(description="what went wrong, for a program (stable)", examples=["not_found"])
-    errors: list[ProblemFieldError] | None = Field(default=None, description="the invalid fields (422 only)")
+    errors: list[ProblemFieldError] | None = Field(
+        default=None, description="what of the request is wrong, where it says (every 422, some 400, 404, 409 and 413)"
+    )
 
 
 # The one schema every problem response refers to (declare_problem_errors adds it to the spec).

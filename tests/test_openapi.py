@@ -381,6 +381,7 @@ def test_generated_client_runs_a_job(embedded, tiny: dict[str, Path], tmp_path: 
         for raw, schema in (
             (get_job_report.sync_detailed(client=client, job_id=job.id).content, "JobReport"),
             (get_job.sync_detailed(client=client, job_id=job.id).content, "JobOut"),
+            (get_job.sync_detailed(client=client, job_id="no-such-job").content, "Problem"),
         ):
             validator = Draft202012Validator({"$ref": f"#/components/schemas/{schema}", **served})
             assert [e.message for e in validator.iter_errors(json.loads(raw))] == [], schema
