@@ -312,6 +312,7 @@ def test_generated_client_runs_a_job(embedded, tiny: dict[str, Path], tmp_path: 
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"post_hooks": []}))  # no ruff run on the generated code: not needed to import it
     generator = Path(sys.executable).parent / "openapi-python-client"
+    assert generator.is_file(), "openapi-python-client is not installed (pyproject.toml's dev extra pins it)"
     out = tmp_path / "modelpress_client"
     run = subprocess.run(
         [
