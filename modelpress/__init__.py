@@ -15,65 +15,163 @@
 Uploads are resumable (``/v1/uploads``, tus 1.0): ``plan_upload(path, include=, exclude=)`` says
 what an upload sends and what it skips, and why; an interrupted ``upload_model`` called again
 sends only the bytes the server does not have (``modelpress._upload`` describes the state file).
-Importing this package loads httpx and pydantic only: no torch and none of the server's code.
+Importing this package loads httpx and pydantic only: no torch and none of the server's code; and
+only when a name is first used (PEP 562), so ``modelpress --help`` and shell completion, which
+import ``modelpress._cli``, start without them.
 """
 
-from modelpress._client import DEFAULT_URL, AsyncClient, Client, normalize_steps
-from modelpress._errors import (
-    APIError,
-    BadRequest,
-    ChecksumMismatch,
-    Conflict,
-    Forbidden,
-    Gone,
-    ImportFailed,
-    ImportTimeout,
-    JobCanceled,
-    JobError,
-    JobFailed,
-    ModelImportError,
-    ModelpressError,
-    NotFound,
-    PayloadTooLarge,
-    RangeNotSatisfiable,
-    RateLimited,
-    ServiceUnavailable,
-    TransportError,
-    Unauthorized,
-    Unprocessable,
-    UnsupportedMediaType,
-    WaitTimeout,
-)
-from modelpress._models import (
-    ApiKey,
-    Artifact,
-    Counts,
-    CreatedApiKey,
-    Dataset,
-    Download,
-    ErrorInfo,
-    Estimate,
-    FleetBudget,
-    ImportProgress,
-    Job,
-    Link,
-    Method,
-    Model,
-    ModelFile,
-    Page,
-    Plan,
-    PointMetrics,
-    Progress,
-    Report,
-    Step,
-    Sweep,
-    SweepPoint,
-    SweepSpec,
-    SweepSummary,
-    Worker,
-)
-from modelpress._upload import DEFAULT_CHUNK_SIZE, PlannedFile, SkippedFile, UploadPlan, plan_upload
-from modelpress._version import __version__
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelpress._client import (
+        DEFAULT_URL,
+        AsyncClient,
+        Client,
+        normalize_steps,
+    )
+    from modelpress._errors import (
+        APIError,
+        BadRequest,
+        ChecksumMismatch,
+        Conflict,
+        Forbidden,
+        Gone,
+        ImportFailed,
+        ImportTimeout,
+        JobCanceled,
+        JobError,
+        JobFailed,
+        ModelImportError,
+        ModelpressError,
+        NotFound,
+        PayloadTooLarge,
+        RangeNotSatisfiable,
+        RateLimited,
+        ServiceUnavailable,
+        TransportError,
+        Unauthorized,
+        Unprocessable,
+        UnsupportedMediaType,
+        WaitTimeout,
+    )
+    from modelpress._models import (
+        ApiKey,
+        Artifact,
+        Counts,
+        CreatedApiKey,
+        Dataset,
+        Download,
+        ErrorInfo,
+        Estimate,
+        FleetBudget,
+        ImportProgress,
+        Job,
+        Link,
+        Method,
+        Model,
+        ModelFile,
+        Page,
+        Plan,
+        PointMetrics,
+        Progress,
+        Report,
+        Step,
+        Sweep,
+        SweepPoint,
+        SweepSpec,
+        SweepSummary,
+        Worker,
+    )
+    from modelpress._upload import (
+        DEFAULT_CHUNK_SIZE,
+        PlannedFile,
+        SkippedFile,
+        UploadPlan,
+        plan_upload,
+    )
+    from modelpress._version import (
+        __version__,
+    )
+
+# Where each public name lives: imported by __getattr__ on first use.
+_WHERE = {
+    "DEFAULT_URL": "modelpress._client",
+    "AsyncClient": "modelpress._client",
+    "Client": "modelpress._client",
+    "normalize_steps": "modelpress._client",
+    "APIError": "modelpress._errors",
+    "BadRequest": "modelpress._errors",
+    "ChecksumMismatch": "modelpress._errors",
+    "Conflict": "modelpress._errors",
+    "Forbidden": "modelpress._errors",
+    "Gone": "modelpress._errors",
+    "ImportFailed": "modelpress._errors",
+    "ImportTimeout": "modelpress._errors",
+    "JobCanceled": "modelpress._errors",
+    "JobError": "modelpress._errors",
+    "JobFailed": "modelpress._errors",
+    "ModelImportError": "modelpress._errors",
+    "ModelpressError": "modelpress._errors",
+    "NotFound": "modelpress._errors",
+    "PayloadTooLarge": "modelpress._errors",
+    "RangeNotSatisfiable": "modelpress._errors",
+    "RateLimited": "modelpress._errors",
+    "ServiceUnavailable": "modelpress._errors",
+    "TransportError": "modelpress._errors",
+    "Unauthorized": "modelpress._errors",
+    "Unprocessable": "modelpress._errors",
+    "UnsupportedMediaType": "modelpress._errors",
+    "WaitTimeout": "modelpress._errors",
+    "ApiKey": "modelpress._models",
+    "Artifact": "modelpress._models",
+    "Counts": "modelpress._models",
+    "CreatedApiKey": "modelpress._models",
+    "Dataset": "modelpress._models",
+    "Download": "modelpress._models",
+    "ErrorInfo": "modelpress._models",
+    "Estimate": "modelpress._models",
+    "FleetBudget": "modelpress._models",
+    "ImportProgress": "modelpress._models",
+    "Job": "modelpress._models",
+    "Link": "modelpress._models",
+    "Method": "modelpress._models",
+    "Model": "modelpress._models",
+    "ModelFile": "modelpress._models",
+    "Page": "modelpress._models",
+    "Plan": "modelpress._models",
+    "PointMetrics": "modelpress._models",
+    "Progress": "modelpress._models",
+    "Report": "modelpress._models",
+    "Step": "modelpress._models",
+    "Sweep": "modelpress._models",
+    "SweepPoint": "modelpress._models",
+    "SweepSpec": "modelpress._models",
+    "SweepSummary": "modelpress._models",
+    "Worker": "modelpress._models",
+    "DEFAULT_CHUNK_SIZE": "modelpress._upload",
+    "PlannedFile": "modelpress._upload",
+    "SkippedFile": "modelpress._upload",
+    "UploadPlan": "modelpress._upload",
+    "plan_upload": "modelpress._upload",
+    "__version__": "modelpress._version",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'modelpress' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # the next access is a plain global
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

@@ -1,22 +1,25 @@
 """The client subcommands of the ``modelpress`` console script (``app/cli.py`` adds them to its
-parser with :func:`add_client_commands`; the logic is here, on :class:`modelpress.Client`).
+parser with :func:`add_client_commands`; the logic is here and in modelpress/_cli_resources.py, on
+:class:`modelpress.Client`). Every command, with examples: docs/CLI.md.
 
+    modelpress --version | completion bash|zsh|fish
+    modelpress models [list] [--limit N] | models show MODEL | models delete MODEL [-y]
     modelpress models upload PATH [--name N] [--include GLOB ...] [--exclude GLOB ...] [--chunk-size SIZE]
                         [--dry-run] [--restart]       a model directory or one .safetensors file, resumable
                                                        (also: modelpress upload PATH ..., the same command)
-    modelpress models [--limit N]                      list models
     modelpress models import NAME SOURCE [--wait [--timeout S]]   the server fetches s3://... or https://...
-    modelpress upload-dataset FILE [--name N]          a .txt or .jsonl dataset
+    modelpress datasets [list] | datasets show ID | datasets delete ID [-y]
+    modelpress datasets upload FILE [--name N]         a .txt or .jsonl dataset (also: upload-dataset FILE)
     modelpress compress MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
                         [--name N] [--no-eval | --evaluation JSON] [--wait [--timeout S]]
-    modelpress jobs [--status S] [--limit N]
+    modelpress jobs [list] [--status S] [--limit N]
     modelpress jobs estimate MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
                         [--no-eval | --evaluation JSON]
-    modelpress status JOB
-    modelpress wait JOB [--timeout S]
-    modelpress cancel JOB
+    modelpress jobs show|watch|wait|cancel|report JOB  (also: status, watch, wait, cancel, report JOB)
     modelpress download JOB [-o DEST] [--file NAME]    (also: modelpress jobs download ...)
     modelpress report JOB [--open [--ttl S]]
+    modelpress sweeps [list] | sweeps show SWEEP
+    modelpress methods [list] | methods show METHOD
     modelpress keys list [--tenant NAME | --all] [--limit N]      (with --url / --api-key: through the API)
     modelpress keys create --tenant NAME [--admin]
     modelpress keys revoke KEY                                    (an id, a prefix or the whole key)
@@ -27,9 +30,10 @@ it goes through the API with that (admin) key, like every command here. The envi
 (``$MODELPRESS_URL``, ``$MODELPRESS_API_KEY``) fills in the other flag but never chooses the path.
 
 Every one takes ``--url`` (else ``$MODELPRESS_URL``, else http://127.0.0.1:8000), ``--api-key``
-(else ``$MODELPRESS_API_KEY``) and ``--json``. Human output is plain-text tables on stdout
-(modelpress/_term.py); progress bars (tqdm, on a terminal only) and the live ``--wait`` line go to
-stderr. ``--json`` prints JSON only on stdout (the API's
+(else ``$MODELPRESS_API_KEY``), ``--json`` and its newer spelling ``--output json`` (not
+``download``: its ``-o/--output`` is the destination). Human output is plain-text tables on stdout,
+fitted to the terminal's width (modelpress/_term.py); progress bars (tqdm, on a terminal only) and
+the live ``--wait`` / ``watch`` line go to stderr. ``--json`` prints JSON only on stdout (the API's
 objects as the server sent them; on an error ``{"error": {...}}``) and draws nothing live.
 
 A step is ``METHOD`` or ``METHOD:key=value,key=value``. Values are read as JSON when they parse
@@ -55,26 +59,51 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:  # tqdm and the client are imported only when a command runs
-    from modelpress._client import Client
-    from modelpress._term import Table, TransferBar
+from modelpress._cli_base import (
+    EXIT_API,
+    EXIT_INTERRUPTED,
+    EXIT_JOB_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_TRANSPORT,
+    EXIT_USAGE,
+    _client,
+    _dump,
+    _eprint,
+    _fill,
+    _kv_table,
+    _model_line,
+    _num,
+    _pct,
+    _print,
+    _print_json,
+    _report_job,
+    _size,
+    _steps_text,
+    _transfer_progress,
+    _wait,
+)
 
-EXIT_OK, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_API, EXIT_TRANSPORT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 5, 130
+if TYPE_CHECKING:  # the tables are imported only when a command runs
+    from modelpress._term import Table
 
 EPILOG = """\
-client commands (talk to a running service over HTTP):
-  models, models upload (or upload), models import, upload-dataset, compress, jobs, jobs estimate,
-  jobs download, status, wait, cancel, download, report;
-  keys list|create|revoke when given --url or --api-key (without: on the server's database)
+client commands (talk to a running service over HTTP; docs/CLI.md has them all):
+  models, datasets, jobs, sweeps, methods: list (the group alone), show, delete where the API can;
+  models upload|import, datasets upload, compress, jobs estimate|watch|wait|cancel|report|download;
+  the older status, watch, wait, cancel, download, report, upload, upload-dataset;
+  keys list|create|revoke when given --url or --api-key (without: on the server's database);
+  completion bash|zsh|fish prints a shell completion script.
   The server URL and API key come from --url / --api-key, else $MODELPRESS_URL
-  (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --json prints JSON only.
+  (default http://127.0.0.1:8000) / $MODELPRESS_API_KEY. --output json (or --json) prints JSON only.
 
 example:
   export MODELPRESS_URL=http://127.0.0.1:8000 MODELPRESS_API_KEY=$(cat var/api-key)
   modelpress models upload gpt2/        (resumable: after Ctrl-C, run it again)
-  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.cast:dtype=bfloat16 --wait
+  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.cast:dtype=bfloat16
+  modelpress jobs watch JOB
   modelpress download JOB -o out/ && modelpress report JOB
 
 exit codes (client commands):
@@ -163,130 +192,6 @@ def parse_step(spec: str) -> dict[str, Any]:
     return {"method": method, "params": params}
 
 
-# -- output helpers ----------------------------------------------------------------------------
-
-
-def _dump(obj: Any) -> Any:
-    if hasattr(obj, "model_dump"):
-        return obj.model_dump(mode="json")
-    if isinstance(obj, list):
-        return [_dump(o) for o in obj]
-    return obj
-
-
-def _print_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(_dump(obj), indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-# No rich: it pulls Pygments (9.5 MiB of the SDK's install) for highlighting we never use. Output is
-# plain text (modelpress/_term.py): tables never wrap or cut, so ids stay whole when piped.
-
-
-def _print(text: Any = "") -> None:
-    print(str(text), flush=True)
-
-
-def _eprint(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _size(n: Any) -> str:
-    from modelpress._term import filesize
-
-    return filesize(n) if isinstance(n, (int, float)) else "—"
-
-
-def _num(v: Any, fmt: str = "{:,.4g}") -> str:
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v).lower()
-    if isinstance(v, (int, float)):
-        return fmt.format(v)
-    return str(v)
-
-
-def _pct(v: Any) -> str:
-    return f"{v * 100:.1f}%" if isinstance(v, (int, float)) else "—"
-
-
-def _steps_text(steps: list[Any]) -> str:
-    out = []
-    for s in steps:
-        d = _dump(s)
-        params = ",".join(f"{k}={json.dumps(v)}" for k, v in (d.get("params") or {}).items() if v is not None)
-        out.append(d.get("method", "?") + (f":{params}" if params else ""))
-    return " → ".join(out)
-
-
-def _stage_line(job: Any) -> str:
-    stage = job.progress.stage or job.status
-    return f"{job.status} · {stage} … {job.progress.fraction * 100:.0f}%"
-
-
-def _transfer_progress(desc: str) -> TransferBar:
-    """Bytes, rate and time left on stderr (tqdm); one summary line there when not a terminal."""
-    from modelpress._term import TransferBar
-
-    return TransferBar(desc)
-
-
-def _kv_table() -> Table:
-    from modelpress._term import Table
-
-    t = Table(header=False)
-    t.add_column()
-    t.add_column()
-    return t
-
-
-def _job_table(job: Any) -> Table:
-    t = _kv_table()
-    t.add_row("job", job.id)
-    if job.name:
-        t.add_row("name", job.name)
-    t.add_row("status", job.status)
-    t.add_row("progress", f"{job.progress.stage or '—'} ({job.progress.fraction * 100:.0f}%)")
-    t.add_row("model", job.model_id or "—")
-    t.add_row("steps", _steps_text(job.steps))
-    if job.dataset_id:
-        t.add_row("dataset", job.dataset_id)
-    if job.eval_dataset_id:
-        t.add_row("eval dataset", job.eval_dataset_id)
-    t.add_row("queue / attempt", f"{job.queue or '—'} / {job.attempt}")
-    t.add_row("created", job.created_at.isoformat(timespec="seconds"))
-    if job.started_at:
-        t.add_row("started", job.started_at.isoformat(timespec="seconds"))
-    if job.finished_at:
-        t.add_row("finished", job.finished_at.isoformat(timespec="seconds"))
-    if job.cancel_requested and job.status not in ("canceled",):
-        t.add_row("cancel", "requested")
-    if job.error:
-        t.add_row("error", f"{job.error.code}: {job.error.message}")
-    if job.artifact:
-        t.add_row(
-            "artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}, sha256 {job.artifact.sha256}"
-        )
-    size = (job.metrics or {}).get("size") or {}
-    if size.get("compression_ratio"):
-        t.add_row(
-            "size",
-            f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
-            f"({size['compression_ratio']:.3g}× smaller)",
-        )
-    if job.plan:
-        t.add_row("plan", _plan_line(job.plan))
-    return t
-
-
-def _plan_line(plan: Any) -> str:
-    return (
-        f"{plan.path} path: peak memory {_size(plan.peak_memory_bytes)}, scratch {_size(plan.scratch_bytes)}, "
-        f"artifact {_size(plan.artifact_bytes)}, ~{plan.seconds:,.0f} s"
-    )
-
-
 def _estimate_table(est: Any) -> Table:
     t = _kv_table()
     t.add_row("path", est.path + (" (tensor by tensor)" if est.path == "stream" else " (the model loaded whole)"))
@@ -324,10 +229,10 @@ def _report_table(rep: Any) -> Table:
 
     t = Table(title=f"Report of job {rep.job_id}" + (f" ({rep.job_name})" if rep.job_name else ""))
     t.add_column("section")
-    t.add_column("metric")
+    t.add_column("metric", overflow="wrap", min_width=12)
     t.add_column("original", justify="right")
     t.add_column("compressed", justify="right")
-    t.add_column("change")
+    t.add_column("change", overflow="wrap", min_width=12)
     size = rep.size or {}
     ratio = size.get("compression_ratio")
     t.add_row(
@@ -410,20 +315,6 @@ def _fidelity_rows(f: dict[str, Any]) -> list[tuple[str, ...]]:
 
 
 # -- commands ------------------------------------------------------------------------------------
-
-
-def _client(args: argparse.Namespace) -> Client:
-    from modelpress import Client
-
-    return Client(args.url, args.api_key)
-
-
-def _model_line(model: Any) -> str:
-    params = f"{model.parameters:,} parameters" if model.parameters is not None else "parameters unknown"
-    return (
-        f"{model.name}, {model.format or '—'}, {model.architecture or 'no architecture'}, "
-        f"{params}, {_size(model.size_bytes)}"
-    )
 
 
 def _print_skipped(plan: Any) -> None:
@@ -512,8 +403,12 @@ def cmd_models(args: argparse.Namespace) -> int:
         _print_json(models)
         return EXIT_OK
     t = Table()
-    for col in ("id", "name", "format", "status", "size", "created"):
-        t.add_column(col)
+    t.add_column("id")
+    t.add_column("name", overflow="ellipsis", min_width=8)
+    t.add_column("format", drop=1)
+    t.add_column("status")
+    t.add_column("size", justify="right")
+    t.add_column("created", drop=2)
     for m in models:
         t.add_row(
             m.id,
@@ -594,50 +489,6 @@ def cmd_upload_dataset(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _wait(mp: Any, args: argparse.Namespace, job_id: str) -> int:
-    from modelpress import JobError, WaitTimeout
-
-    try:
-        if args.json:
-            job = mp.wait(job_id, timeout=args.timeout, poll_interval=args.poll)
-        else:
-            from modelpress._term import StageBar
-
-            # The live line on stderr: a tqdm bar on a terminal, else the last stage line at the end.
-            with StageBar(f"job {job_id}") as live:
-                job = mp.wait(
-                    job_id,
-                    timeout=args.timeout,
-                    poll_interval=args.poll,
-                    on_progress=lambda j: live.update(j.progress.fraction, _stage_line(j)),
-                )
-    except WaitTimeout as e:
-        _report_job(args, e.job)
-        print(
-            f"Error: timed out: job {e.job.id} is still {e.job.status} after {args.timeout} s "
-            f"(it goes on; `modelpress wait {e.job.id}`)",
-            file=sys.stderr,
-        )
-        return EXIT_TIMEOUT
-    except JobError as e:
-        _report_job(args, e.job)
-        err = e.job.error
-        print(
-            f"Error: job {e.job.status}: " + (f"{err.code}: {err.message}" if err else f"job {e.job.id}"),
-            file=sys.stderr,
-        )
-        return EXIT_JOB_FAILED
-    _report_job(args, job)
-    return EXIT_OK
-
-
-def _report_job(args: argparse.Namespace, job: Any) -> None:
-    if args.json:
-        _print_json(job)
-    else:
-        _print(_job_table(job))
-
-
 def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
     evaluation = None
     if args.evaluation:
@@ -692,28 +543,40 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
+def jobs_table(jobs: list[Any]) -> Table:
+    """The jobs list. At 80 columns: the artifact's size, then the date, the stage and the steps
+    go; the name ends in "…"; the id is always whole. A live job's fraction is in its status."""
     from modelpress._term import Table
 
+    t = Table()
+    t.add_column("id")
+    t.add_column("name", overflow="ellipsis", min_width=8, drop=1)
+    t.add_column("status")
+    t.add_column("steps", overflow="ellipsis", min_width=11, drop=2)
+    t.add_column("stage", overflow="ellipsis", min_width=10, drop=3)
+    t.add_column("created", drop=4)
+    t.add_column("artifact", justify="right", drop=5)
+    for j in jobs:
+        live = j.status in ("queued", "running") and j.progress.fraction > 0
+        t.add_row(
+            j.id,
+            j.name or "",
+            f"{j.status} {j.progress.fraction * 100:.0f}%" if live else j.status,
+            " → ".join(s.method for s in j.steps),  # the parameters: `modelpress jobs show JOB`
+            (j.progress.stage or "") if not j.done else "",
+            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+            _size(j.artifact.size_bytes) if j.artifact else "",
+        )
+    return t
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
     with _client(args) as mp:
         jobs = list(mp.jobs(status=args.status, limit=args.limit))
     if args.json:
         _print_json(jobs)
         return EXIT_OK
-    t = Table()
-    for col in ("id", "name", "status", "progress", "steps", "created", "artifact"):
-        t.add_column(col)
-    for j in jobs:
-        t.add_row(
-            j.id,
-            j.name or "",
-            j.status,
-            f"{j.progress.stage or ''} {j.progress.fraction * 100:.0f}%",
-            _steps_text(j.steps),
-            j.created_at.strftime("%Y-%m-%d %H:%M:%S"),
-            _size(j.artifact.size_bytes) if j.artifact else "",
-        )
-    _print(t)
+    _print(jobs_table(jobs))
     if not jobs:
         _print("no jobs" + (f" with status {args.status}" if args.status else ""))
     return EXIT_OK
@@ -779,7 +642,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _print(_report_table(rep))
         note = (rep.speed or {}).get("note")
         if note:
-            _print(f"speed: {note}")
+            _print(_fill(f"speed: {note}"))
     return EXIT_OK
 
 
@@ -807,8 +670,12 @@ def print_keys(keys: list[Any], as_json: bool) -> None:
     from modelpress._term import Table
 
     t = Table()
-    for col in ("id", "prefix", "tenant", "scopes", "created", "revoked"):
-        t.add_column(col)
+    t.add_column("id")
+    t.add_column("prefix")
+    t.add_column("tenant", overflow="ellipsis", min_width=8)
+    t.add_column("scopes", drop=1)
+    t.add_column("created", drop=2)
+    t.add_column("revoked")
     for k in rows:
         t.add_row(
             k["id"],
@@ -912,16 +779,44 @@ def _command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Name
 
 
 def common_flags() -> argparse.ArgumentParser:
-    """The ``--url`` / ``--api-key`` / ``--json`` parent parser (app/cli.py's ``keys`` uses it)."""
+    """The ``--url`` / ``--api-key`` / ``--json`` / ``--output`` parent parser (app/cli.py's ``keys`` uses it)."""
     return _common()
 
 
-def _common() -> argparse.ArgumentParser:
+class _OutputAction(argparse.Action):
+    """``--output json`` is ``--json``; ``--output table`` (the default) undoes an earlier ``--json``."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: str | None = None
+    ) -> None:
+        namespace.json = values == "json"
+
+
+def _common(*, nested: bool = False, output: bool = True) -> argparse.ArgumentParser:
+    """The flags every client command takes. ``nested``: for a command under a group (``models
+    show``), whose group parser has the same flags: argparse copies a subcommand's defaults over
+    what the group parsed, so here they are suppressed (``models --json show ID`` keeps --json).
+    ``output=False``: no ``--output`` (``download``'s ``-o/--output`` is where the file goes)."""
+    unset = argparse.SUPPRESS if nested else None
     c = argparse.ArgumentParser(add_help=False)
     g = c.add_argument_group("connection and output")
-    g.add_argument("--url", default=None, help="server URL (default $MODELPRESS_URL, else http://127.0.0.1:8000)")
-    g.add_argument("--api-key", default=None, help="API key (default $MODELPRESS_API_KEY)")
-    g.add_argument("--json", action="store_true", help="print JSON only, for scripts (no tables or progress bars)")
+    g.add_argument("--url", default=unset, help="server URL (default $MODELPRESS_URL, else http://127.0.0.1:8000)")
+    g.add_argument("--api-key", default=unset, help="API key (default $MODELPRESS_API_KEY)")
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if nested else False,
+        help="print JSON only, for scripts (no tables or progress bars)",
+    )
+    if output:
+        g.add_argument(
+            "--output",
+            action=_OutputAction,
+            dest="json",
+            choices=("table", "json"),
+            default=argparse.SUPPRESS,
+            help="table (the default) or json (the same as --json)",
+        )
     return c
 
 
@@ -932,22 +827,33 @@ def _wait_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll", type=float, default=1.0, help="seconds between polls (default 1)")
 
 
+def _limit_flag(p: argparse.ArgumentParser, what: str, *, nested: bool = False) -> None:
+    p.add_argument(
+        "--limit", type=int, default=argparse.SUPPRESS if nested else 20, help=f"at most N {what} (default 20)"
+    )
+
+
+def _yes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask (needed where there is no terminal to ask on)")
+
+
 _Command = Callable[[argparse.Namespace], int]
-# add(name, command, help, epilog) -> the command's parser (see add_client_commands)
-_Add = Callable[[str, _Command, str, str], argparse.ArgumentParser]
 _Subparsers = argparse._SubParsersAction  # the type of ArgumentParser.add_subparsers()
 
 
-def add_client_commands(parser: argparse.ArgumentParser, sub: _Subparsers[argparse.ArgumentParser]) -> None:
-    """Add the client subcommands to the ``modelpress`` parser and its subparsers."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = EPILOG
-    common = [_common()]
+class _Add(Protocol):
+    """add(name, command, help, epilog) -> the command's parser (see add_client_commands)."""
 
-    def add(name: str, fn: _Command, help_: str, epilog: str) -> argparse.ArgumentParser:
+    def __call__(
+        self, name: str, fn: _Command, help_: str, epilog: str = "", *, output: bool = True
+    ) -> argparse.ArgumentParser: ...
+
+
+def _adder(sub: _Subparsers[argparse.ArgumentParser], *, nested: bool) -> _Add:
+    def add(name: str, fn: _Command, help_: str, epilog: str = "", *, output: bool = True) -> argparse.ArgumentParser:
         p = sub.add_parser(
             name,
-            parents=common,
+            parents=[_common(nested=nested, output=output)],
             help=help_,
             description=help_,
             epilog=epilog,
@@ -956,12 +862,32 @@ def add_client_commands(parser: argparse.ArgumentParser, sub: _Subparsers[argpar
         p.set_defaults(fn=_command(fn))
         return p
 
+    return add
+
+
+def _group(p: argparse.ArgumentParser, dest: str) -> _Add:
+    """The subcommands of a group (``models list``): the group alone runs its own command (list)."""
+    return _adder(p.add_subparsers(dest=dest, title="commands"), nested=True)
+
+
+def add_client_commands(parser: argparse.ArgumentParser, sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    """Add the client subcommands, ``--version`` and ``completion`` to the ``modelpress`` parser."""
+    from modelpress._version import __version__
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
+    parser.add_argument("-V", "--version", action="version", version=f"modelpress {__version__}")
+    add = _adder(sub, nested=False)
+
     _add_upload_commands(add)
-    _add_models_commands(add, common)
+    _add_models_commands(add)
+    _add_datasets_commands(add)
     _add_compress_command(add)
-    _add_jobs_commands(add, common)
+    _add_jobs_commands(add)
     _add_job_commands(add)
     _add_result_commands(add)
+    _add_sweeps_and_methods_commands(add)
+    _add_completion_command(sub)
 
 
 _UPLOAD_HELP = "upload a model, resumably: a Hugging Face directory or one .safetensors file"
@@ -1013,6 +939,9 @@ def _chunk_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+_DATASET_HELP = 'upload a dataset: .txt (a sample a line) or .jsonl ({"text", "label"?})'
+
+
 def _add_upload_commands(add: _Add) -> None:
     p = add("upload", cmd_upload, _UPLOAD_HELP, _UPLOAD_EPILOG)
     _upload_args(p)
@@ -1020,36 +949,40 @@ def _add_upload_commands(add: _Add) -> None:
     p = add(
         "upload-dataset",
         cmd_upload_dataset,
-        'upload a dataset: .txt (a sample a line) or .jsonl ({"text", "label"?})',
-        "example: modelpress upload-dataset calib.txt   (then: compress ... --dataset ID)",
+        _DATASET_HELP,
+        "example: modelpress upload-dataset calib.txt   (then: compress ... --dataset ID)\n"
+        "(also: modelpress datasets upload FILE, the same command)",
     )
     p.add_argument("path", help=".txt or .jsonl file")
     p.add_argument("--name", help="dataset name")
 
 
-def _add_models_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None:
+def _add_models_commands(add: _Add) -> None:
+    from modelpress import _cli_resources as res
+
     p = add(
         "models",
         cmd_models,
-        "list models, newest first; `models upload` uploads one (resumable), `models import` has the server fetch one",
-        "examples:\n  modelpress models --limit 50\n  modelpress models upload gpt2/ --name tiny-gpt2\n"
+        "models: list them (the default), show, delete, upload (resumable), import (the server fetches one)",
+        "examples:\n  modelpress models --limit 50        (the same as: modelpress models list --limit 50)\n"
+        "  modelpress models show MODEL\n  modelpress models delete MODEL --yes\n"
+        "  modelpress models upload gpt2/ --name tiny-gpt2\n"
         "  modelpress models import llama s3://bucket/llama/ --wait",
     )
-    p.add_argument("--limit", type=int, default=20, help="at most N models (default 20)")
-    models_sub = p.add_subparsers(dest="models_command", metavar="{upload,import}")
-
-    def sub(name: str, fn: _Command, help_: str, epilog: str) -> argparse.ArgumentParser:
-        q = models_sub.add_parser(
-            name,
-            parents=common,
-            help=help_,
-            description=help_,
-            epilog=epilog,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        q.set_defaults(fn=_command(fn))
-        return q
-
+    _limit_flag(p, "models")
+    sub = _group(p, "models_command")
+    _limit_flag(sub("list", cmd_models, "list models, newest first"), "models", nested=True)
+    q = sub("show", res.cmd_models_show, "show one model: format, architecture, parameters, size, files")
+    q.add_argument("model", metavar="MODEL", help="the model's id")
+    q = sub(
+        "delete",
+        res.cmd_models_delete,
+        "delete a model and its files (DELETE /v1/models/MODEL)",
+        "Asks first on a terminal; elsewhere it needs --yes. The server refuses (exit 3, Conflict) while a\n"
+        "queued or running job uses the model.",
+    )
+    q.add_argument("model", metavar="MODEL", help="the model's id")
+    _yes_flag(q)
     _upload_args(sub("upload", cmd_upload, _UPLOAD_HELP, _UPLOAD_EPILOG))
     q = sub(
         "import",
@@ -1065,6 +998,35 @@ def _add_models_commands(add: _Add, common: list[argparse.ArgumentParser]) -> No
     q.add_argument("source", metavar="SOURCE", help="s3://bucket/prefix/ or an https:// URL")
     q.add_argument("--wait", action="store_true", help="wait until the import is ready or failed, showing progress")
     _wait_flags(q)
+
+
+def _add_datasets_commands(add: _Add) -> None:
+    from modelpress import _cli_resources as res
+
+    p = add(
+        "datasets",
+        res.cmd_datasets_list,
+        "datasets: list them (the default), show, delete, upload",
+        "examples:\n  modelpress datasets\n  modelpress datasets upload calib.txt --name calib\n"
+        "  modelpress datasets show DATASET --output json\n  modelpress datasets delete DATASET --yes",
+    )
+    _limit_flag(p, "datasets")
+    sub = _group(p, "datasets_command")
+    _limit_flag(sub("list", res.cmd_datasets_list, "list datasets, newest first"), "datasets", nested=True)
+    q = sub("show", res.cmd_datasets_show, "show one dataset: format, samples, labels, size")
+    q.add_argument("dataset", metavar="DATASET", help="the dataset's id")
+    q = sub(
+        "delete",
+        res.cmd_datasets_delete,
+        "delete a dataset (DELETE /v1/datasets/DATASET)",
+        "Asks first on a terminal; elsewhere it needs --yes. The server refuses (exit 3, Conflict) while a\n"
+        "queued or running job uses the dataset.",
+    )
+    q.add_argument("dataset", metavar="DATASET", help="the dataset's id")
+    _yes_flag(q)
+    q = sub("upload", cmd_upload_dataset, _DATASET_HELP, "(also: modelpress upload-dataset FILE, the same command)")
+    q.add_argument("path", help=".txt or .jsonl file")
+    q.add_argument("--name", help="dataset name")
 
 
 def _add_compress_command(add: _Add) -> None:
@@ -1094,67 +1056,84 @@ def _add_compress_command(add: _Add) -> None:
     _wait_flags(p)
 
 
-def _add_jobs_commands(add: _Add, common: list[argparse.ArgumentParser]) -> None:
+def _jobs_filters(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
+    p.add_argument(
+        "--status",
+        choices=["queued", "running", "succeeded", "failed", "canceled"],
+        default=argparse.SUPPRESS if nested else None,
+    )
+    _limit_flag(p, "jobs", nested=nested)
+
+
+def _add_jobs_commands(add: _Add) -> None:
+    from modelpress import _cli_resources as res
+
     p = add(
         "jobs",
         cmd_jobs,
-        "list jobs, newest first; `jobs estimate` plans a job without running it; `jobs download` gets its artifact",
-        "examples:\n  modelpress jobs --status running --limit 50\n"
-        "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval",
+        "jobs: list them (the default), show, watch, wait, cancel, report, estimate, download",
+        "examples:\n  modelpress jobs --status running --limit 50      (the same as: modelpress jobs list ...)\n"
+        "  modelpress jobs watch JOB\n"
+        "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval\n"
+        "jobs cannot be deleted (the API has no DELETE /v1/jobs/JOB): cancel stops one.",
     )
-    p.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "canceled"])
-    p.add_argument("--limit", type=int, default=20, help="at most N jobs (default 20)")
-    jobs_sub = p.add_subparsers(dest="jobs_command", metavar="{estimate,download}")
-    help_ = "a job's plan without running it: peak memory, scratch disk, artifact bytes, seconds"
-    e = jobs_sub.add_parser(
+    _jobs_filters(p)
+    sub = _group(p, "jobs_command")
+    _jobs_filters(sub("list", cmd_jobs, "list jobs, newest first"), nested=True)
+    sub("show", cmd_status, "show one job (also: modelpress status JOB)").add_argument("job", metavar="JOB")
+    q = sub("watch", res.cmd_watch, _WATCH_HELP, _WATCH_EPILOG)
+    q.add_argument("job", metavar="JOB")
+    _wait_flags(q)
+    q = sub("wait", cmd_wait, "wait for a job to finish (also: modelpress wait JOB)", _WAIT_EPILOG)
+    q.add_argument("job", metavar="JOB")
+    _wait_flags(q)
+    q = sub("cancel", cmd_cancel, "cancel a job (also: modelpress cancel JOB)", _CANCEL_EPILOG)
+    q.add_argument("job", metavar="JOB")
+    _report_args(sub("report", cmd_report, _REPORT_HELP + " (also: modelpress report JOB)", _REPORT_EPILOG))
+    e = sub(
         "estimate",
-        parents=common,
-        help=help_,
-        description=help_,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Takes the arguments of `compress` (POST /v1/jobs/estimate takes the body of POST /v1/jobs).\n"
+        cmd_estimate,
+        "a job's plan without running it: peak memory, scratch disk, artifact bytes, seconds",
+        "Takes the arguments of `compress` (POST /v1/jobs/estimate takes the body of POST /v1/jobs).\n"
         "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json",
     )
-    e.set_defaults(fn=_command(cmd_estimate))
     e.add_argument("model_id", metavar="MODEL_ID")
     e.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
     e.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
     e.add_argument("--no-eval", action="store_true", help="plan without the report's evaluation")
+    _download_args(sub("download", cmd_download, _DOWNLOAD_HELP, _DOWNLOAD_EPILOG, output=False))
 
-    d = jobs_sub.add_parser(
-        "download",
-        parents=common,
-        help=_DOWNLOAD_HELP,
-        description=_DOWNLOAD_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=_DOWNLOAD_EPILOG,
-    )
-    d.set_defaults(fn=_command(cmd_download))
-    _download_args(d)
+
+_WATCH_HELP = "follow a job live until it ends: a progress bar with its stage (and sample i/N)"
+_WATCH_EPILOG = (
+    "On a terminal: a bar on stderr with the fraction done and the worker's stage (e.g. 'evaluating\n"
+    "compressed model: sample 3/8'); elsewhere a line per new stage or tenth of the way, for logs.\n"
+    "Then the job's table on stdout. With --output json: one JSON object per change (JSON Lines), the\n"
+    "last one the finished job. Exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out.\n"
+    "example: modelpress jobs watch JOB   (also: modelpress watch JOB)"
+)
+_WAIT_EPILOG = "exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out"
+_CANCEL_EPILOG = "A finished job cannot be canceled: exit 3 with 'Error: Conflict: ...'."
 
 
 def _add_job_commands(add: _Add) -> None:
-    """status, wait and cancel: one job each."""
+    """status, watch, wait and cancel: one job each (``jobs show|watch|wait|cancel`` are the same)."""
+    from modelpress import _cli_resources as res
+
     p = add("status", cmd_status, "show one job", "example: modelpress status JOB --json")
     p.add_argument("job", metavar="JOB")
 
-    p = add(
-        "wait",
-        cmd_wait,
-        "wait for a job to finish, showing its stage and progress live",
-        "exit codes: 0 succeeded, 1 failed or canceled, 5 --timeout ran out",
-    )
+    p = add("watch", res.cmd_watch, _WATCH_HELP, _WATCH_EPILOG)
     p.add_argument("job", metavar="JOB")
     _wait_flags(p)
 
-    p = add(
-        "cancel",
-        cmd_cancel,
-        "cancel a job (a running one stops at its next step)",
-        "A finished job cannot be canceled: exit 3 with 'Error: Conflict: ...'.",
-    )
+    p = add("wait", cmd_wait, "wait for a job to finish, showing its stage and progress live", _WAIT_EPILOG)
+    p.add_argument("job", metavar="JOB")
+    _wait_flags(p)
+
+    p = add("cancel", cmd_cancel, "cancel a job (a running one stops at its next step)", _CANCEL_EPILOG)
     p.add_argument("job", metavar="JOB")
 
 
@@ -1183,18 +1162,63 @@ def _download_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_result_commands(add: _Add) -> None:
-    """download and report: what a succeeded job made."""
-    p = add("download", cmd_download, _DOWNLOAD_HELP, _DOWNLOAD_EPILOG)
-    _download_args(p)
+_REPORT_HELP = "show what a job changed: size, sparsity, speed, quality, fidelity"
+_REPORT_EPILOG = (
+    "--open asks for a signed link to the HTML report (no API key needed), prints it and opens it in a browser.\n"
+    "example: modelpress report JOB --open"
+)
 
-    p = add(
-        "report",
-        cmd_report,
-        "show what a job changed: size, sparsity, speed, quality, fidelity",
-        "--open asks for a signed link to the HTML report (no API key needed), prints it and opens it in a browser.\n"
-        "example: modelpress report JOB --open",
-    )
+
+def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("job", metavar="JOB")
     p.add_argument("--open", action="store_true", help="open the HTML report in a browser (prints the signed URL)")
     p.add_argument("--ttl", type=int, default=None, metavar="S", help="with --open: seconds the link stays valid")
+
+
+def _add_result_commands(add: _Add) -> None:
+    """download and report: what a succeeded job made."""
+    _download_args(add("download", cmd_download, _DOWNLOAD_HELP, _DOWNLOAD_EPILOG, output=False))
+    _report_args(add("report", cmd_report, _REPORT_HELP, _REPORT_EPILOG))
+
+
+def _add_sweeps_and_methods_commands(add: _Add) -> None:
+    from modelpress import _cli_resources as res
+
+    p = add(
+        "sweeps",
+        res.cmd_sweeps_list,
+        "sweeps: list them (the default), show one with its points and Pareto frontier",
+        "examples:\n  modelpress sweeps\n  modelpress sweeps show SWEEP\n"
+        "sweeps are created with the SDK (Client.sweep) or POST /v1/sweeps; the API cannot delete one.",
+    )
+    _limit_flag(p, "sweeps")
+    sub = _group(p, "sweeps_command")
+    _limit_flag(sub("list", res.cmd_sweeps_list, "list sweeps, newest first"), "sweeps", nested=True)
+    q = sub("show", res.cmd_sweeps_show, "show a sweep: what it varies, its points, which are on the frontier (*)")
+    q.add_argument("sweep", metavar="SWEEP", help="the sweep's id")
+
+    p = add(
+        "methods",
+        res.cmd_methods_list,
+        "compression methods: list them (the default), show one's parameters and limits",
+        "examples:\n  modelpress methods\n  modelpress methods show quantize.weight_only",
+    )
+    sub = _group(p, "methods_command")
+    sub("list", res.cmd_methods_list, "list the methods: what each needs and does")
+    q = sub("show", res.cmd_methods_show, "show a method: its description and every parameter (type, default)")
+    q.add_argument("method", metavar="METHOD", help="e.g. prune.magnitude")
+
+
+def _add_completion_command(sub: _Subparsers[argparse.ArgumentParser]) -> None:
+    from modelpress import _cli_resources as res
+
+    help_ = "print a shell completion script: bash, zsh or fish"
+    p = sub.add_parser(
+        "completion",
+        help=help_,
+        description=help_,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="install it:\n" + "\n".join(f"  {shell}: {line}" for shell, line in res.INSTALL.items()),
+    )
+    p.add_argument("shell", choices=res.SHELLS)
+    p.set_defaults(fn=_command(res.cmd_completion), json=False)

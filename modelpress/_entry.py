@@ -10,6 +10,9 @@ library and ``modelpress._cli`` at its top, so building the parser works with th
 a server command runs, the packages of the extra it needs are looked up (``find_spec``, nothing
 imported): when one is missing the command prints which extra to install and exits 2, instead of
 a traceback from deep inside the server's imports.
+
+Shell completion (``modelpress completion bash|zsh|fish``) runs this same entry point at each TAB
+with ``_ARGCOMPLETE`` set: :func:`complete` answers from the parser and exits before any command.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import argparse
 import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, TextIO
 
 EXIT_MISSING_EXTRA = 2
 
@@ -68,10 +73,37 @@ def _refusal(args: argparse.Namespace, extra: str, missing: list[str]) -> str:
     return line
 
 
+def complete(
+    parser: argparse.ArgumentParser, *, output: TextIO | None = None, exit_method: Callable[[int], Any] = os._exit
+) -> None:
+    """Answer the shell's TAB, when this process was started for one (``modelpress completion``
+    printed the script that does so): argcomplete writes the candidates (to fd 8, or ``output``)
+    and exits. argcomplete is imported only then: otherwise this is one environment lookup."""
+    if "_ARGCOMPLETE" not in os.environ:
+        return
+    try:
+        from argcomplete.finders import CompletionFinder  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return  # no completions rather than a traceback under the user's prompt
+
+    class Finder(CompletionFinder):  # type: ignore[misc,unused-ignore]
+        def _init_debug_stream(self) -> None:
+            """argcomplete writes its debug output to fd 9, which the shell's script opens; with
+            ``output`` given (in-process, tests) fd 9 may be some other file (pytest's), which
+            argcomplete's wrapper would close: debug output goes to stderr then (argcomplete's
+            documented override)."""
+            if output is None:
+                super()._init_debug_stream()  # type: ignore[no-untyped-call,unused-ignore]
+
+    Finder()(parser, output_stream=output, exit_method=exit_method)
+
+
 def main(argv: list[str] | None = None) -> int:
     from app import cli
 
-    args = cli.build_parser().parse_args(argv)
+    parser = cli.build_parser()
+    complete(parser)
+    args = parser.parse_args(argv)
     command = getattr(args.fn, "__name__", "")
     if command in cli._SERVER_COMMANDS:
         needed = required_extra(command, args)
@@ -84,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(_refusal(args, extra, missing), file=sys.stderr)
             return EXIT_MISSING_EXTRA
-    return cli.main(argv)
+        return cli.main(argv)
+    # A client command: what cli.main would do with it (no server logging), without a second parse.
+    return int(args.fn(args) or 0)
 
 
 if __name__ == "__main__":

@@ -243,3 +243,110 @@ def test_keys_go_through_the_api_only_when_the_command_line_says_so(embedded, tm
     keys = json.loads(res.stdout)
     assert {k["tenant"] for k in keys} == {"default"} and embedded.key not in res.stdout
     assert any(k["prefix"] == embedded.key.split("_")[1] and k["scopes"] == ["admin"] for k in keys)
+
+
+@pytest.fixture
+def cli(embedded, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path):
+    """The console script's main() in this process (no interpreter start per command): argv ->
+    (exit code, stdout, stderr)."""
+    from modelpress._entry import main
+
+    monkeypatch.setenv("MODELPRESS_URL", embedded.service.url)
+    monkeypatch.setenv("MODELPRESS_API_KEY", embedded.key)
+    monkeypatch.setenv("MODELPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("COLUMNS", raising=False)
+
+    def call(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        got = capsys.readouterr()
+        return code, got.out, got.err
+
+    return call
+
+
+@pytest.mark.e2e
+def test_models_jobs_watch_methods_and_80_columns(
+    cli, embedded, cli_job: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, model = cli_job["job"], cli_job["model"]
+    code, out, _ = cli("models", "show", model["id"], "--output", "json")
+    assert code == 0 and json.loads(out)["id"] == model["id"]
+    code, out, _ = cli("jobs", "list", "--limit", "100", "--output", "json")
+    assert job["id"] in [j["id"] for j in json.loads(out)]
+    monkeypatch.setenv("COLUMNS", "80")
+    for argv in (("jobs",), ("jobs", "show", job["id"]), ("models",), ("report", job["id"])):
+        code, out, err = cli(*argv)
+        assert code == 0, err
+        assert job["id"] in out or argv == ("models",)
+        assert max(len(line) for line in out.splitlines()) <= 80, out
+    monkeypatch.delenv("COLUMNS")
+
+    # watch a finished job: its state at once, the exit code of its outcome.
+    code, out, _ = cli("jobs", "watch", job["id"], "--output", "json")
+    assert code == 0 and [json.loads(line)["status"] for line in out.splitlines()] == ["succeeded"]
+    code, out, err = cli("watch", job["id"])
+    assert code == 0 and job["id"] in out and "100% succeeded" in err  # the log line: not a terminal
+
+    code, out, _ = cli("methods")
+    assert code == 0 and "prune.magnitude" in out
+    code, out, _ = cli("methods", "show", "prune.magnitude")
+    assert code == 0 and "sparsity" in out and "parameters" in out
+    code, out, _ = cli("methods", "show", "prune.magnitude", "--output", "json")
+    assert json.loads(out)["name"] == "prune.magnitude"
+    code, _, err = cli("methods", "show", "prune.magnitud")
+    assert code == 2 and "did you mean prune.magnitude" in err
+
+    code, out, _ = cli("sweeps", "--output", "json")
+    assert code == 0 and isinstance(json.loads(out), list)
+    code, _, err = cli("sweeps", "show", "no-such-sweep")
+    assert code == 3 and err.startswith("Error: Not found")
+    code, out, _ = cli("keys", "list", "--api-key", embedded.key, "--output", "json")
+    assert code == 0 and any(k["scopes"] == ["admin"] for k in json.loads(out))
+
+
+@pytest.mark.e2e
+def test_datasets_and_models_show_and_delete(cli, tiny: dict[str, Path], tmp_path: Path) -> None:
+    calib = tmp_path / "calib.txt"
+    calib.write_text("the first sample\nthe second sample\n")
+    code, out, err = cli("datasets", "upload", str(calib), "--name", "cli-calib", "--json")
+    assert code == 0, err
+    ds = json.loads(out)
+    code, out, _ = cli("datasets", "--output", "json")
+    assert ds["id"] in [d["id"] for d in json.loads(out)]
+    code, out, _ = cli("datasets", "show", ds["id"])
+    assert code == 0 and "cli-calib" in out and ds["sha256"] in out
+    code, _, err = cli("datasets", "delete", ds["id"])  # no terminal here: --yes is needed
+    assert code == 2 and "without --yes" in err
+    code, out, _ = cli("datasets", "delete", ds["id"], "--yes", "--output", "json")
+    assert code == 0 and json.loads(out) == {"id": ds["id"], "kind": "dataset", "deleted": True}
+    code, _, err = cli("datasets", "show", ds["id"])
+    assert code == 3 and err.startswith("Error: Not found")
+
+    code, out, err = cli("models", "upload", str(tiny["bare"]), "--name", "to-delete", "--json")
+    assert code == 0, err
+    model = json.loads(out)
+    code, out, _ = cli("models", "show", model["id"])
+    assert code == 0 and "to-delete" in out and model["sha256"] in out
+    code, out, _ = cli("models", "delete", model["id"], "-y")
+    assert code == 0 and out.strip() == f"model {model['id']} deleted"
+    code, _, err = cli("models", "show", model["id"], "--json")
+    assert code == 3 and err.startswith("Error: Not found")
+
+
+@pytest.mark.integration
+def test_the_console_script_answers_a_tab_and_version(tmp_path: Path) -> None:
+    res = subprocess.run([MODELPRESS, "--version"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("modelpress ")
+    # What the completion script does at a TAB (argcomplete's protocol), answered through a file.
+    answer = tmp_path / "answer"
+    env = {
+        **os.environ,
+        "_ARGCOMPLETE": "1",
+        "_ARGCOMPLETE_IFS": " ",
+        "_ARGCOMPLETE_STDOUT_FILENAME": str(answer),
+        "COMP_LINE": "modelpress datasets ",
+        "COMP_POINT": "20",
+    }
+    res = subprocess.run([MODELPRESS], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert {"list", "show", "delete", "upload"} <= set(answer.read_text().split())
