@@ -63,6 +63,8 @@ def test_methods_are_listed_with_their_needs(embedded):
         assert {"num_samples", "max_length"} <= set(props), name
     assert "mask" in listed["prune.wanda"]["params_schema"]["properties"]
     assert set(listed["quantize.gptq"]["params_schema"]["properties"]["scheme"]["enum"]) == {"W4A16", "W8A16", "W8A8"}
+    # Limits told up front (docs/METHODS.md): the group size must divide every Linear input width.
+    assert "group_divides_inputs" in {c["id"] for c in listed["quantize.gptq"]["constraints"]}
 
 
 @pytest.mark.integration

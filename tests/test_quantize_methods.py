@@ -358,6 +358,7 @@ def test_group_size_and_requantize_refused(cluster, tiny, tmp_path):
     # The refusal says which limit, and the group sizes that would work (docs/METHODS.md).
     err = r.json()["errors"][0]
     assert err["constraint"] == "group_divides_inputs" and err["valid_group_sizes"] == [32, 64], err
+    assert err["blocking_count"] == 12, err  # 2 layers x 6 projections of the tiny Llama, from the headers
     # An artifact uploaded again is already quantized.
     job = wait_job(
         c,

@@ -441,21 +441,8 @@ def download_artifact_file(
 
 @router.get("/methods", response_model=list[MethodOut], tags=["methods"], responses=problem_responses(401, 503))
 def list_methods(caller: CurrentCaller) -> list[MethodOut]:
-    """Every compression method with the JSON schema of its parameters."""
-    out = []
-    for spec in load_all().values():
-        out.append(
-            MethodOut(
-                name=spec.name,
-                summary=spec.summary,
-                description=spec.description,
-                needs_gpu=spec.needs_gpu,
-                needs_data=spec.needs_data,
-                formats=sorted(spec.formats),
-                params_schema=spec.params.model_json_schema(),
-            )
-        )
-    return out
+    """Every compression method with the JSON schema of its parameters and its constraints."""
+    return [MethodOut(**spec.describe()) for spec in load_all().values()]
 
 
 @router.get("/workers", response_model=list[WorkerOut], tags=["workers"], responses=problem_responses(401, 503))

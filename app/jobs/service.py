@@ -102,6 +102,8 @@ def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[
         architecture=model.architecture,
         config=model.config,
         files=tuple(f["name"] for f in model.files),
+        # Every layer's shape, for the group-size check (read only when a step has one).
+        tensors=lambda: _model_tensors(uow, model),
     )
     try:
         steps = validate_steps([s.model_dump() for s in body.steps], info, has_dataset=body.dataset_id is not None)

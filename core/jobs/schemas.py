@@ -8,6 +8,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from core.jsonsafe import format_path
+from core.methods import MethodConstraint
 from core.webhooks import ssrf
 from core.webhooks.schemas import WebhookEvent
 
@@ -279,6 +280,11 @@ class MethodOut(BaseModel):
     needs_data: bool
     formats: list[str]
     params_schema: dict[str, Any]
+    constraints: list[MethodConstraint] = Field(
+        default_factory=list,
+        description="the method's limits beyond its parameters' types (docs/METHODS.md); "
+        "a 422 names the one it hit in errors[].constraint",
+    )
 
 
 class JobReport(BaseModel):
