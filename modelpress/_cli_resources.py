@@ -226,9 +226,9 @@ def sweep_points_table(sweep: Any) -> Any:
     t.add_column("values", overflow="wrap", min_width=12)
     t.add_column("status")
     t.add_column("ratio", justify="right")
-    t.add_column("quality", justify="right", drop=2)
+    t.add_column("quality", justify="right", drop=1)
     t.add_column("frontier")
-    t.add_column("job", drop=1)
+    t.add_column("job", drop=2)  # the widest goes first; a wider terminal or --output json has it
     for p in sweep.points:
         m = p.metrics
         t.add_row(

@@ -15,10 +15,10 @@ from typing import Any
 import pytest
 
 from app.cli import build_parser
-from modelpress import Job
+from modelpress import Job, Sweep
 from modelpress._cli import jobs_table, run
 from modelpress._cli_base import EXIT_USAGE, _job_table, watch_key, watch_line
-from modelpress._cli_resources import _param_rows, cmd_models_delete, completion_script
+from modelpress._cli_resources import _param_rows, cmd_models_delete, completion_script, sweep_points_table
 from modelpress._entry import complete
 from modelpress._term import Table
 
@@ -170,6 +170,28 @@ def test_jobs_list_and_job_table_fit_80_columns(monkeypatch: pytest.MonkeyPatch)
     wide = _lines(jobs_table(jobs))
     assert wide[0].split() == ["id", "name", "status", "steps", "stage", "created", "artifact"]
     assert "…" not in "\n".join(wide)
+
+
+def test_sweep_points_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    points = [
+        {
+            "index": i,
+            "values": {"steps[0].params.sparsity": s, "steps[1].params.bits": 8},
+            "job_id": str(uuid.uuid4()),
+            "status": "succeeded",
+            "metrics": {"compression_ratio": 0.4, "quality": 31.25},
+            "on_frontier": i == 1,
+        }
+        for i, s in enumerate((0.3, 0.5))
+    ]
+    spec = {"steps": [], "vary": {"steps[0].params.sparsity": [0.3, 0.5]}}
+    sweep = Sweep(id="s", created_at=datetime.now(UTC), status="succeeded", spec=spec, counts={}, points=points)
+    monkeypatch.setenv("COLUMNS", "80")
+    lines = _lines(sweep_points_table(sweep))
+    assert lines[0].split() == ["#", "values", "status", "ratio", "quality", "frontier"]  # the job ids went
+    assert lines[3] == "1  sparsity=0.5, bits=8  succeeded   0.4×    31.25  *"
+    monkeypatch.setenv("COLUMNS", "120")
+    assert _lines(sweep_points_table(sweep))[2].endswith(points[0]["job_id"])
 
 
 def test_tables_are_not_fitted_when_piped(monkeypatch: pytest.MonkeyPatch) -> None:
