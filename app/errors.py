@@ -62,6 +62,19 @@ class ProblemFieldError(BaseModel):
     )
     msg: str
     type: str = Field(description="pydantic's error type, e.g. `missing`, `string_too_long`")
+    # A method's refusal (docs/METHODS.md): which of its constraints, and the figures.
+    constraint: str | None = Field(None, description="the method constraint refused (GET /v1/methods)")
+    group_size: int | None = Field(None, description="the refused group size")
+    blocking_layers: list[dict[str, Any]] | None = Field(
+        None, description="the layers whose input width the group size does not divide (`name`, `in_features`)"
+    )
+    blocking_count: int | None = Field(None, description="how many layers block it in all")
+    valid_group_sizes: list[int | None] | None = Field(
+        None, description="the accepted group sizes that divide every input width (null: per channel)"
+    )
+    blocking_config: dict[str, int] | None = Field(
+        None, description="the config widths checked when the headers could not be read"
+    )
 
 
 class Problem(BaseModel):
