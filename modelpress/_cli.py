@@ -748,7 +748,9 @@ def run(fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> in
         lines = [f"Error: {e.title}: {e.detail}"]
         for err in e.errors or []:
             loc = ".".join(str(p) for p in err.get("loc", []))
-            lines.append(f"  {loc}: {err.get('msg', '')}")
+            # The method's limit it broke (`modelpress methods show METHOD` lists them).
+            limit = f" [limit: {err['constraint']}]" if err.get("constraint") else ""
+            lines.append(f"  {loc}: {err.get('msg', '')}{limit}")
         return _fail(
             args,
             EXIT_API,

@@ -29,6 +29,7 @@ from modelpress._cli_base import (
     EXIT_USAGE,
     _client,
     _dump,
+    _fill,
     _kv_table,
     _model_line,
     _num,
@@ -344,8 +345,12 @@ def method_tables(m: Any) -> list[Any]:
     t.add_row("formats", ", ".join(m.formats) or "—")
     for key, value in (m.model_extra or {}).items():  # what a newer server adds (limits, ...)
         t.add_row(key.replace("_", " "), _extra_text(value))
-    if m.description:
-        t.add_row("description", m.description)
+    limits = Table(title="limits (a job that breaks one checked at submit is refused with a 422 naming it)")
+    limits.add_column("limit")
+    limits.add_column("checked")
+    limits.add_column("rule", overflow="wrap", min_width=24)
+    for c in m.constraints:
+        limits.add_row(c.id, c.checked or "—", c.rule)
     params = Table(title="parameters (--step METHOD:name=value,...)")
     params.add_column("name")
     params.add_column("type", overflow="wrap", min_width=8)
@@ -353,7 +358,13 @@ def method_tables(m: Any) -> list[Any]:
     params.add_column("description", overflow="wrap", min_width=20)
     for row in _param_rows(m.params_schema):
         params.add_row(*row)
-    return [t, params]
+    return [t, params, limits] if m.constraints else [t, params]
+
+
+def description_text(text: str) -> str:
+    """A method's description (hard-wrapped RST-ish paragraphs) reflowed to the output's width."""
+    paragraphs = [" ".join(p.split()).replace("``", "`") for p in text.split("\n\n") if p.strip()]
+    return "\n\n".join(_fill(p) for p in paragraphs)
 
 
 def cmd_methods_show(args: argparse.Namespace) -> int:
@@ -367,10 +378,10 @@ def cmd_methods_show(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(m)
         return EXIT_OK
-    first, params = method_tables(m)
-    _print(first)
-    _print()
-    _print(params)
+    parts = [str(t) for t in method_tables(m)]
+    if m.description:
+        parts.append(description_text(m.description))
+    _print("\n\n".join(parts))
     return EXIT_OK
 
 
@@ -426,6 +437,7 @@ __all__ = [
     "cmd_sweeps_show",
     "cmd_watch",
     "completion_script",
+    "description_text",
     "method_tables",
     "model_table",
     "sweep_points_table",

@@ -11,7 +11,7 @@ lost, and ``model_dump(mode="json")`` gives back what the server sent. Statuses 
     Report                       GET /v1/jobs/{id}/report (sections are dicts: docs/REPORTS.md)
     Link                         POST /v1/jobs/{id}/report/link, /v1/sweeps/{id}/link
     Sweep (SweepPoint, PointMetrics, Counts, SweepSpec), SweepSummary   /v1/sweeps
-    Method, Worker               GET /v1/methods, /v1/workers
+    Method (MethodConstraint), Worker   GET /v1/methods, /v1/workers
     ApiKey, CreatedApiKey        GET/POST /v1/keys, POST /v1/keys/revoke
     Page[T]                      one page of a list: items, next_cursor
     Download                     what Client.download wrote
@@ -42,6 +42,7 @@ __all__ = [
     "Job",
     "Link",
     "Method",
+    "MethodConstraint",
     "Model",
     "ModelFile",
     "Page",
@@ -327,6 +328,18 @@ class SweepSummary(_Base):
     counts: Counts
 
 
+class MethodConstraint(_Base):
+    """One limit of a method beyond its parameters' types (docs/METHODS.md): ``rule`` says it in a
+    sentence; ``checked``: ``submit`` (a job that breaks it is refused with a 422 whose error entry
+    names it in ``constraint``), ``run`` (the worker enforces it) or None (nothing is refused)."""
+
+    id: str
+    rule: str
+    params: list[str] = Field(default_factory=list)
+    checked: str | None = "submit"
+    values: dict[str, Any] = Field(default_factory=dict)
+
+
 class Method(_Base):
     name: str
     summary: str = ""
@@ -335,6 +348,7 @@ class Method(_Base):
     needs_data: bool = False
     formats: list[str] = Field(default_factory=list)
     params_schema: dict[str, Any] = Field(default_factory=dict)
+    constraints: list[MethodConstraint] = Field(default_factory=list)  # [] from a server older than them
 
 
 class Worker(_Base):

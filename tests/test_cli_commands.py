@@ -15,10 +15,17 @@ from typing import Any
 import pytest
 
 from app.cli import build_parser
-from modelpress import Job, Sweep
+from modelpress import Job, Method, Sweep
 from modelpress._cli import jobs_table, run
 from modelpress._cli_base import EXIT_USAGE, _job_table, watch_key, watch_line
-from modelpress._cli_resources import _param_rows, cmd_models_delete, completion_script, sweep_points_table
+from modelpress._cli_resources import (
+    _param_rows,
+    cmd_models_delete,
+    completion_script,
+    description_text,
+    method_tables,
+    sweep_points_table,
+)
 from modelpress._entry import complete
 from modelpress._term import Table
 
@@ -251,8 +258,44 @@ def test_method_parameters_from_the_json_schema() -> None:
     ]
 
 
+def test_a_methods_limits_and_description_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
+    rule = "group_size must divide the input width (in_features) of every quantized Linear layer: " * 2
+    method = Method(
+        name="quantize.weight_only",
+        summary="Round-to-nearest int8/int4 weights",
+        description="``bits``: 8 or 4.\nA second line of the same paragraph.\n\nAnother paragraph.",
+        params_schema={"properties": {"bits": {"enum": [8, 4]}}, "required": ["bits"]},
+        constraints=[{"id": "group_divides_inputs", "rule": rule, "params": ["group_size"], "checked": "submit"}],
+    )
+    monkeypatch.setenv("COLUMNS", "80")
+    kv, params, limits = (_lines(t) for t in method_tables(method))
+    assert params[-1].split() == ["bits", "8", "|", "4", "required"]
+    assert limits[3].startswith("group_divides_inputs  submit   group_size must divide")
+    assert len(limits) > 5 and max(len(line) for line in limits) <= 80  # the rule wraps under itself
+    assert description_text(method.description) == (
+        "`bits`: 8 or 4. A second line of the same paragraph.\n\nAnother paragraph."
+    )
+    no_limits = method.model_copy(update={"constraints": []})
+    assert len(method_tables(no_limits)) == 2  # (an older server lists none)
+
+
 def test_delete_without_yes_where_nobody_can_be_asked(capsys: pytest.CaptureFixture[str]) -> None:
     # pytest's stdin is not a terminal, as in a script; no request is sent (port 9: discard).
     args = argparse.Namespace(model="m1", yes=False, url="http://127.0.0.1:9", api_key="k", json=False)
     assert run(cmd_models_delete, args) == EXIT_USAGE
     assert "not deleting model m1 without --yes" in capsys.readouterr().err
+
+
+def test_a_refusal_names_the_limit_it_broke(capsys: pytest.CaptureFixture[str]) -> None:
+    from modelpress import Unprocessable
+
+    msg = "group_size 128 does not divide 576"
+    entry = {"loc": ["body", "steps", 1], "msg": msg, "constraint": "group_divides_inputs"}
+
+    def refused(_args: argparse.Namespace) -> int:
+        raise Unprocessable(422, "validation_error", "Request could not be processed", "1 error", errors=[entry])
+
+    assert run(refused, argparse.Namespace(json=False)) == 3
+    assert capsys.readouterr().err.splitlines()[1] == (
+        "  body.steps.1: group_size 128 does not divide 576 [limit: group_divides_inputs]"
+    )
