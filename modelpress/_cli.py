@@ -682,8 +682,8 @@ def print_keys(keys: list[Any], as_json: bool) -> None:
             k["prefix"],
             k["tenant"],
             ",".join(k.get("scopes") or []) or "-",
-            str(k["created_at"])[:19].replace("T", " "),
-            str(k["revoked_at"] or "")[:19].replace("T", " "),
+            str(k["created_at"])[:16].replace("T", " "),  # to the minute: a revoked key's row fits 80 columns
+            str(k["revoked_at"] or "")[:16].replace("T", " "),
         )
     _print(t)
     if not rows:

@@ -16,7 +16,7 @@ import pytest
 
 from app.cli import build_parser
 from modelpress import Job, Method, Sweep
-from modelpress._cli import jobs_table, run
+from modelpress._cli import jobs_table, print_keys, run
 from modelpress._cli_base import EXIT_USAGE, _job_table, watch_key, watch_line
 from modelpress._cli_resources import (
     _param_rows,
@@ -199,6 +199,16 @@ def test_sweep_points_at_80_columns(monkeypatch: pytest.MonkeyPatch) -> None:
     assert lines[3] == "1  sparsity=0.5, bits=8  succeeded   0.4×    31.25  *"
     monkeypatch.setenv("COLUMNS", "120")
     assert _lines(sweep_points_table(sweep))[2].endswith(points[0]["job_id"])
+
+
+def test_keys_at_80_columns(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    at = "2026-12-07T02:31:05.123456+00:00"
+    key = {"id": str(uuid.uuid4()), "prefix": "0123456789ab", "tenant": "acme", "scopes": ["admin"], "created_at": at}
+    monkeypatch.setenv("COLUMNS", "80")
+    print_keys([{**key, "revoked_at": at}, {**key, "revoked_at": None}], as_json=False)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["id", "prefix", "tenant", "revoked"] and max(map(len, lines)) <= 80
+    assert lines[2].endswith("2026-12-07 02:31")
 
 
 def test_tables_are_not_fitted_when_piped(monkeypatch: pytest.MonkeyPatch) -> None:
