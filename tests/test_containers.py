@@ -370,7 +370,7 @@ def _name(req: str) -> str:
 @pytest.mark.unit
 def test_base_install_is_the_sdk_only():
     base, _ = _extras()
-    assert {_name(r) for r in base} == {"httpx", "pydantic", "tqdm"}
+    assert {_name(r) for r in base} == {"httpx", "pydantic", "tqdm", "argcomplete"}
     assert not {_name(r) for r in base} & set(_HEAVY)
 
 
