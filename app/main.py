@@ -22,6 +22,7 @@ from app.openapi import install_openapi, operation_id
 from app.resumable.endpoints import router as uploads_router
 from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
+from app.ui.endpoints import router as ui_router
 from app.webhooks.endpoints import router as webhooks_router
 from core import __version__
 from core.db import get_engine
@@ -66,6 +67,7 @@ def create_app() -> FastAPI:
     app.include_router(sweeps_router)
     app.include_router(webhooks_router)
     app.include_router(keys_router)
+    app.include_router(ui_router)  # the web dashboard at /ui (docs/UI.md); not in the OpenAPI document
     install_openapi(app)
 
     @app.get("/healthz", tags=["health"])
