@@ -100,20 +100,19 @@ def _check_live_stream(base: str, key: str, job_id: str) -> None:
     assert f'"job_id":"{job_id}","status":"succeeded"' in body
 
 
-def _gpt2_with_tokenizer(path: Path) -> list[str]:
-    """A 2-layer GPT-2 with its tokenizer (so its report has perplexity, and its sweep a frontier
-    plot): the files a person picks in the upload form."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _gpt2_with_tokenizer(tiny: dict[str, Path], path: Path) -> list[str]:
+    """The session's tiny GPT-2 with a tokenizer beside it (so its report has perplexity, and its
+    sweep a frontier plot): the files a person picks in the upload form. (The tokenizer's ids fit
+    the model's vocabulary of 500; transformers is imported already, by the ``tiny`` fixture.)"""
+    from tests.tokenizer_util import build_tokenizer
 
-    from tests.tokenizer_util import _special_ids, save_with_tokenizer, vocab
-
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(vocab()), n_positions=64, **_special_ids())
-    save_with_tokenizer(GPT2LMHeadModel(config), path)
+    shutil.copytree(tiny["gpt2"], path)
+    build_tokenizer().save_pretrained(path)
     return [str(p) for p in sorted(path.iterdir())]
 
 
 @pytest.mark.e2e
-def test_dashboard_in_chromium(embedded, tmp_path: Path) -> None:
+def test_dashboard_in_chromium(embedded, tiny: dict[str, Path], tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
 
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -156,7 +155,7 @@ def test_dashboard_in_chromium(embedded, tmp_path: Path) -> None:
 
             # Upload a model through the form.
             page.goto(f"{base}/ui/models")
-            page.set_input_files("#files", _gpt2_with_tokenizer(tmp_path / "gpt2"))
+            page.set_input_files("#files", _gpt2_with_tokenizer(tiny, tmp_path / "gpt2"))
             page.fill("#name", "ui-gpt2")
             page.click("#upload button[type=submit]")
             page.wait_for_url(f"{base}/ui/models/*")
