@@ -53,7 +53,9 @@ def create_app() -> FastAPI:
     # Body size, read timeout and strict JSON (app/http_limits.py); added first so the
     # observability middleware wraps it (its refusals get a request id and are counted).
     # The upload routes stream multipart to disk and bound it themselves (app/uploads.py).
-    app.add_middleware(BodyLimits, upload_paths=("/v1/models", "/v1/datasets"), patch_prefixes=("/v1/uploads/",))
+    app.add_middleware(
+        BodyLimits, upload_paths=("/v1/models", "/v1/datasets", "/ui/models"), patch_prefixes=("/v1/uploads/",)
+    )
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
     # A staging folder of this process's own, and the folders of API processes that are gone swept.
     install_sweeper(app)
