@@ -2,6 +2,8 @@
 # `make test` (installs everything, runs the test suite). CI (.ci/run): make install, lint, test.
 SHELL := /bin/bash
 VENV ?= .venv
+# The interpreter .venv is made with (3.11 or newer): `make run PYTHON=python3.12`.
+PYTHON ?= python3
 PY := $(VENV)/bin/python
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -11,7 +13,7 @@ PORT ?= 8000
 #   cpu:  2.13.0+cpu, from a wheel pip already finds without an index (its find-links: CI's machine
 #         has one on disk), else from PyTorch's CPU index (about 200 MB instead of several GB).
 #   cuda: PyPI's torch==2.13.0, which on Linux x86_64 is the CUDA build (with its nvidia-* wheels);
-#         TORCH_INDEX=https://download.pytorch.org/whl/cu130 picks another CUDA build.
+#         TORCH_INDEX=https://download.pytorch.org/whl/cuXYZ picks another CUDA build.
 # A bare `torch` requirement would pull the CUDA build everywhere, so torch goes in first, pinned.
 TORCH_VERSION := 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -41,7 +43,7 @@ DEV_STAMP := $(VENV)/.installed
 .PHONY: install runtime run test test-unit lint tools
 
 $(TORCH_STAMP):
-	@test -x $(PY) || { echo "make: creating $(VENV)"; python3 -m venv $(VENV); }
+	@test -x $(PY) || { echo "make: creating $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	@rm -f $(VENV)/.torch-*
 	@$(HAS_TORCH) || { echo "make: installing torch $(TORCH_VERSION), the $(TORCH) build (TORCH=cpu or cuda picks it)"; \
 	  $(PY) -m pip uninstall -q -y torch 2>/dev/null; $(TORCH_INSTALL); }
