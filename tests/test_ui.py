@@ -197,7 +197,7 @@ def test_dashboard_in_chromium(embedded, tiny: dict[str, Path], tmp_path: Path) 
             page.wait_for_url(f"{base}/ui/jobs/{job_id}")
             report = page.frame_locator("#report")
             expect(report.locator("h1")).to_contain_text("Job report", timeout=TIMEOUT_MS)
-            expect(report.locator("svg.chart").first).to_be_visible()
+            expect(report.locator("svg.chart").first).to_be_visible(timeout=TIMEOUT_MS)
             shot(page, "4-job")
             with page.expect_download() as download:
                 page.click("#download")
@@ -206,12 +206,16 @@ def test_dashboard_in_chromium(embedded, tiny: dict[str, Path], tmp_path: Path) 
             with zipfile.ZipFile(path) as z:
                 assert "config.json" in z.namelist()
 
-            # The sweep's page: its frontier plot.
+            # The sweep's page: its frontier plot, drawn once the sweep has its point's figures
+            # (the sweep settles just after its job: wait for that, not for the job alone).
+            deadline = time.monotonic() + TIMEOUT_MS / 1000
+            while api.get(f"/v1/sweeps/{sweep_id}").json()["status"] != "succeeded" and time.monotonic() < deadline:
+                time.sleep(0.2)
             page.goto(f"{base}/ui/sweeps")
             page.click(f'a[href="/ui/sweeps/{sweep_id}"]')
             frontier = page.frame_locator("#report")
             expect(frontier.locator("h1")).to_contain_text("Sweep", timeout=TIMEOUT_MS)
-            expect(frontier.locator("svg").first).to_be_visible()
+            expect(frontier.locator("svg").first).to_be_visible(timeout=TIMEOUT_MS)
             shot(page, "5-sweep")
 
             # Sign out: the cookie is gone and the pages ask to sign in again.
