@@ -79,6 +79,7 @@ from modelpress._cli_base import (
     _pct,
     _print,
     _print_json,
+    _ratio,
     _report_job,
     _size,
     _steps_text,
@@ -232,15 +233,16 @@ def _report_table(rep: Any) -> Table:
     t.add_column("metric", overflow="wrap", min_width=12)
     t.add_column("original", justify="right")
     t.add_column("compressed", justify="right")
-    t.add_column("change", overflow="wrap", min_width=12)
+    # One convention, the HTML report's: ratios are compressed ÷ original (below 1: smaller, faster).
+    t.add_column("compressed ÷ original", overflow="wrap", min_width=12)
     size = rep.size or {}
-    ratio = size.get("compression_ratio")
+    ratio = size.get("compression_ratio")  # original ÷ artifact in the JSON
     t.add_row(
         "size",
         "artifact bytes",
         _size(size.get("original_bytes")),
         _size(size.get("artifact_bytes")),
-        f"{ratio:.3g}× smaller" if isinstance(ratio, (int, float)) else "",
+        _ratio(1 / ratio) if isinstance(ratio, (int, float)) and ratio > 0 else "",
     )
     if size.get("original_weight_bytes") is not None:
         wr = size.get("weight_bytes_ratio")
@@ -249,7 +251,7 @@ def _report_table(rep: Any) -> Table:
             "weight bytes",
             _size(size.get("original_weight_bytes")),
             _size(size.get("artifact_weight_bytes")),
-            f"{wr:.3g}×" if isinstance(wr, (int, float)) else "",
+            _ratio(wr),
         )
     params = size.get("parameters") or {}
     if params:
@@ -284,8 +286,9 @@ def _available_rows(
 
 def _speed_rows(s: dict[str, Any]) -> list[tuple[str, ...]]:
     orig, comp = (s.get("original") or {}).get("median_ms"), (s.get("compressed") or {}).get("median_ms")
-    if s.get("speedup") is not None:
-        change = f"{s['speedup']:.3g}× faster" if s["speedup"] >= 1 else f"{1 / s['speedup']:.3g}× slower"
+    if s.get("speedup"):
+        # Latency, compressed ÷ original: below 1 is faster.
+        change = _ratio(s["latency_ratio"] if s.get("latency_ratio") is not None else 1 / s["speedup"]) + " latency"
     else:
         change = f"no speed-up claimed (runs {s.get('runs_as') or 'as the original'})"
     return [(f"median latency ({s.get('device') or '?'})", _num(orig, "{:.4g} ms"), _num(comp, "{:.4g} ms"), change)]

@@ -80,6 +80,13 @@ def _pct(v: Any) -> str:
     return f"{v * 100:.1f}%" if isinstance(v, (int, float)) else "—"
 
 
+def _ratio(r: Any) -> str:
+    """A ratio as every report states it, compressed ÷ original (docs/REPORTS.md): ``0.646× (-35.4%)``."""
+    if not isinstance(r, (int, float)) or isinstance(r, bool) or r <= 0:
+        return ""
+    return f"{r:.3g}× ({(r - 1) * 100:+.1f}%)"
+
+
 def _steps_text(steps: list[Any]) -> str:
     out = []
     for s in steps:
@@ -138,11 +145,11 @@ def _job_table(job: Any) -> Table:
         t.add_row("artifact", f"{job.artifact.filename}, {_size(job.artifact.size_bytes)}")
         t.add_row("sha256", job.artifact.sha256)
     size = (job.metrics or {}).get("size") or {}
-    if size.get("compression_ratio"):
+    if size.get("compression_ratio"):  # original ÷ artifact in the JSON; shown the reports' way round
         t.add_row(
             "size",
             f"{_size(size.get('original_bytes'))} → {_size(size.get('artifact_bytes'))} "
-            f"({size['compression_ratio']:.3g}× smaller)",
+            f"({_ratio(1 / size['compression_ratio'])})",
         )
     if job.plan:
         t.add_row("plan", _plan_line(job.plan))
