@@ -46,13 +46,13 @@ _UPLOAD_BODY = {
                 }
             },
             # Or the file of a finished resumable upload (/v1/uploads, docs/UPLOADS.md): one entry.
+            # The models' schema itself (one FilesFromUploads component, one class in a generated
+            # client); the one-file rule is in its description and answered 422 `unexpected_part`.
             "application/json": {
                 "schema": {
                     **FROM_UPLOADS_SCHEMA,
-                    "properties": {
-                        **FROM_UPLOADS_SCHEMA["properties"],
-                        "files": {**FROM_UPLOADS_SCHEMA["properties"]["files"], "maxProperties": 1},
-                    },
+                    "description": "a dataset is one file: `files` names exactly one finished upload "
+                    "(more: 422 `unexpected_part`)",
                 }
             },
         },
