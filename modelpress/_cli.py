@@ -16,9 +16,10 @@ parser with :func:`add_client_commands`; the logic is here and in modelpress/_cl
     modelpress jobs estimate MODEL_ID --step SPEC [--step SPEC ...] [--dataset ID] [--eval-dataset ID]
                         [--no-eval | --evaluation JSON]
     modelpress jobs show|watch|wait|cancel|report JOB  (also: status, watch, wait, cancel, report JOB)
+    modelpress jobs delete JOB [-y]                     a finished job and its artifact
     modelpress download JOB [-o DEST] [--file NAME]    (also: modelpress jobs download ...)
     modelpress report JOB [--open [--ttl S]]
-    modelpress sweeps [list] | sweeps show SWEEP
+    modelpress sweeps [list] | sweeps show SWEEP | sweeps delete SWEEP [-y]
     modelpress methods [list] | methods show METHOD
     modelpress keys list [--tenant NAME | --all] [--limit N]      (with --url / --api-key: through the API)
     modelpress keys create --tenant NAME [--admin]
@@ -1076,11 +1077,11 @@ def _add_jobs_commands(add: _Add) -> None:
     p = add(
         "jobs",
         cmd_jobs,
-        "jobs: list them (the default), show, watch, wait, cancel, report, estimate, download",
+        "jobs: list them (the default), show, watch, wait, cancel, delete, report, estimate, download",
         "examples:\n  modelpress jobs --status running --limit 50      (the same as: modelpress jobs list ...)\n"
         "  modelpress jobs watch JOB\n"
         "  modelpress jobs estimate MODEL_ID --step prune.magnitude:sparsity=0.5 --no-eval\n"
-        "jobs cannot be deleted (the API has no DELETE /v1/jobs/JOB): cancel stops one.",
+        "  modelpress jobs delete JOB --yes      (a finished job: cancel a queued or running one first)",
     )
     _jobs_filters(p)
     sub = _group(p, "jobs_command")
@@ -1094,6 +1095,15 @@ def _add_jobs_commands(add: _Add) -> None:
     _wait_flags(q)
     q = sub("cancel", cmd_cancel, "cancel a job (also: modelpress cancel JOB)", _CANCEL_EPILOG)
     q.add_argument("job", metavar="JOB")
+    q = sub(
+        "delete",
+        res.cmd_jobs_delete,
+        "delete a finished job and its artifact (DELETE /v1/jobs/JOB)",
+        "Asks first on a terminal; elsewhere it needs --yes. The server refuses (exit 3, Conflict) while the\n"
+        "job is queued or running (cancel it first), and for a sweep's point (delete the sweep).",
+    )
+    q.add_argument("job", metavar="JOB", help="the job's id")
+    _yes_flag(q)
     _report_args(sub("report", cmd_report, _REPORT_HELP + " (also: modelpress report JOB)", _REPORT_EPILOG))
     e = sub(
         "estimate",
@@ -1192,15 +1202,24 @@ def _add_sweeps_and_methods_commands(add: _Add) -> None:
     p = add(
         "sweeps",
         res.cmd_sweeps_list,
-        "sweeps: list them (the default), show one with its points and Pareto frontier",
-        "examples:\n  modelpress sweeps\n  modelpress sweeps show SWEEP\n"
-        "sweeps are created with the SDK (Client.sweep) or POST /v1/sweeps; the API cannot delete one.",
+        "sweeps: list them (the default), show one with its points and Pareto frontier, delete",
+        "examples:\n  modelpress sweeps\n  modelpress sweeps show SWEEP\n  modelpress sweeps delete SWEEP --yes\n"
+        "sweeps are created with the SDK (Client.sweep) or POST /v1/sweeps.",
     )
     _limit_flag(p, "sweeps")
     sub = _group(p, "sweeps_command")
     _limit_flag(sub("list", res.cmd_sweeps_list, "list sweeps, newest first"), "sweeps", nested=True)
     q = sub("show", res.cmd_sweeps_show, "show a sweep: what it varies, its points, which are on the frontier (*)")
     q.add_argument("sweep", metavar="SWEEP", help="the sweep's id")
+    q = sub(
+        "delete",
+        res.cmd_sweeps_delete,
+        "delete a sweep and its points' jobs with their artifacts (DELETE /v1/sweeps/SWEEP)",
+        "Asks first on a terminal; elsewhere it needs --yes. The server refuses (exit 3, Conflict) while a\n"
+        "point's job is queued or running (cancel them first).",
+    )
+    q.add_argument("sweep", metavar="SWEEP", help="the sweep's id")
+    _yes_flag(q)
 
     p = add(
         "methods",

@@ -1,5 +1,6 @@
 """The CLI's resource commands: ``show`` and ``delete`` of models and datasets, ``list`` and
-``show`` of datasets, sweeps and methods, ``jobs watch``, and ``completion``. Their parsers are
+``show`` of datasets, sweeps and methods, ``delete`` of jobs and sweeps, ``jobs watch``, and
+``completion``. Their parsers are
 wired in modelpress/_cli.py beside the older commands; what both use is in modelpress/_cli_base.py.
 
 What the HTTP API has, and so what the CLI can do (nothing here is done client-side but the
@@ -7,8 +8,9 @@ What the HTTP API has, and so what the CLI can do (nothing here is done client-s
 
     models     list  show  delete          GET /v1/models, GET|DELETE /v1/models/{id}
     datasets   list  show  delete          GET /v1/datasets, GET|DELETE /v1/datasets/{id}
-    jobs       list  show  cancel  watch   GET /v1/jobs, GET /v1/jobs/{id}, POST .../cancel (no DELETE)
-    sweeps     list  show                  GET /v1/sweeps, GET /v1/sweeps/{id} (no DELETE)
+    jobs       list  show  cancel  watch   GET /v1/jobs, GET|DELETE /v1/jobs/{id}, POST .../cancel
+               delete
+    sweeps     list  show  delete          GET /v1/sweeps, GET|DELETE /v1/sweeps/{id}
     methods    list  show                  GET /v1/methods
     keys       list  create  revoke        app/cli.py; GET|POST /v1/keys, POST /v1/keys/revoke
 
@@ -183,6 +185,21 @@ def cmd_datasets_delete(args: argparse.Namespace) -> int:
     return _deleted(args, "dataset", args.dataset)
 
 
+# -- jobs --------------------------------------------------------------------------------------
+
+
+def cmd_jobs_delete(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        what = f"job {args.job}"
+        if not args.yes and sys.stdin.isatty():
+            job = mp.get_job(args.job)
+            what = f"job {args.job} ({job.status}{', ' + job.name if job.name else ''}) and its artifact"
+        if not _confirm(args, what):
+            return _not_deleted("job", args.job)
+        mp.delete_job(args.job)
+    return _deleted(args, "job", args.job)
+
+
 # -- sweeps ------------------------------------------------------------------------------------
 
 
@@ -267,6 +284,19 @@ def cmd_sweeps_show(args: argparse.Namespace) -> int:
     _print()
     _print(sweep_points_table(sweep))
     return EXIT_OK
+
+
+def cmd_sweeps_delete(args: argparse.Namespace) -> int:
+    with _client(args) as mp:
+        what = f"sweep {args.sweep}"
+        if not args.yes and sys.stdin.isatty():
+            sweep = mp.get_sweep(args.sweep)
+            name = f", {sweep.name}" if sweep.name else ""
+            what = f"sweep {args.sweep} ({sweep.status}{name}) with its {len(sweep.points)} jobs and their artifacts"
+        if not _confirm(args, what):
+            return _not_deleted("sweep", args.sweep)
+        mp.delete_sweep(args.sweep)
+    return _deleted(args, "sweep", args.sweep)
 
 
 # -- methods -----------------------------------------------------------------------------------

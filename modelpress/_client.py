@@ -1071,6 +1071,14 @@ class Client(_BaseClient):
     def delete_dataset(self, dataset_id: str | Dataset) -> None:
         self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}", _no_body))
 
+    def delete_job(self, job_id: str | Job) -> None:
+        """Delete a finished job and its artifact (409 while it is queued or running, or a sweep's point)."""
+        self._send(_Call("DELETE", f"/v1/jobs/{_id(job_id)}", _no_body))
+
+    def delete_sweep(self, sweep_id: str | Sweep) -> None:
+        """Delete a sweep and its points' jobs (409 while a point is queued or running)."""
+        self._send(_Call("DELETE", f"/v1/sweeps/{_id(sweep_id)}", _no_body))
+
     def models(self, *, limit: int | None = None, page_size: int = 50) -> Iterator[Model]:
         """Every model, newest first (at most ``limit``), fetched ``page_size`` at a time."""
         return self._paginate("/v1/models", Model, {}, limit, page_size)
@@ -1496,6 +1504,14 @@ class AsyncClient(_BaseClient):
 
     async def delete_dataset(self, dataset_id: str | Dataset) -> None:
         await self._send(_Call("DELETE", f"/v1/datasets/{_id(dataset_id)}", _no_body))
+
+    async def delete_job(self, job_id: str | Job) -> None:
+        """Delete a finished job and its artifact (409 while it is queued or running, or a sweep's point)."""
+        await self._send(_Call("DELETE", f"/v1/jobs/{_id(job_id)}", _no_body))
+
+    async def delete_sweep(self, sweep_id: str | Sweep) -> None:
+        """Delete a sweep and its points' jobs (409 while a point is queued or running)."""
+        await self._send(_Call("DELETE", f"/v1/sweeps/{_id(sweep_id)}", _no_body))
 
     def models(self, *, limit: int | None = None, page_size: int = 50) -> AsyncIterator[Model]:
         return self._paginate("/v1/models", Model, {}, limit, page_size)

@@ -376,6 +376,30 @@ def test_model_delete(cluster, tiny):
     assert not prefix.exists()
 
 
+def test_job_delete(cluster, tiny):
+    c, other = cluster.client(), cluster.client(cluster.other_key)
+    m = upload_dir(c, tiny["gpt2-big"]).json()
+    # 32 steps over ~5M weights take seconds: the delete finds the job queued or running.
+    steps = [{"method": "prune.magnitude", "params": {"sparsity": round(0.02 * (i + 1), 2)}} for i in range(32)]
+    busy = c.post("/v1/jobs", json={"model_id": m["id"], "steps": steps}).json()
+    r = c.delete(f"/v1/jobs/{busy['id']}")
+    assert r.status_code == 409 and r.json()["code"] == "job_not_finished", r.text
+    assert c.post(f"/v1/jobs/{busy['id']}/cancel").status_code == 200
+    assert wait_job(c, busy["id"])["status"] == "canceled"
+    assert c.delete(f"/v1/jobs/{busy['id']}").status_code == 204
+
+    job = c.post("/v1/jobs", json={"model_id": m["id"], "steps": steps[:1]}).json()
+    assert wait_job(c, job["id"])["status"] == "succeeded"
+    artifacts = cluster.data_dir / "storage" / "artifacts" / job["id"]
+    assert any(p.is_file() for p in artifacts.rglob("*"))
+    assert other.delete(f"/v1/jobs/{job['id']}").status_code == 404  # another tenant's: not found
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert c.get(f"/v1/jobs/{job['id']}").status_code == 404
+    assert c.get(f"/v1/jobs/{job['id']}/events").status_code == 404
+    assert not artifacts.exists()
+    assert c.delete(f"/v1/jobs/{job['id']}").status_code == 404
+
+
 def test_job_list_pages_by_cursor(cluster_no_worker, tiny):
     c = cluster_no_worker.client()
     m = upload_dir(c, tiny["bert"]).json()

@@ -20,7 +20,9 @@ from modelpress._cli import jobs_table, print_keys, run
 from modelpress._cli_base import EXIT_USAGE, _job_table, watch_key, watch_line
 from modelpress._cli_resources import (
     _param_rows,
+    cmd_jobs_delete,
     cmd_models_delete,
+    cmd_sweeps_delete,
     completion_script,
     description_text,
     method_tables,
@@ -46,6 +48,8 @@ SPELLINGS: list[tuple[list[str], str, dict[str, Any]]] = [
     (["datasets"], "cmd_datasets_list", {"limit": 20}),
     (["datasets", "show", "D", "--output", "json"], "cmd_datasets_show", {"dataset": "D", "json": True}),
     (["datasets", "delete", "D"], "cmd_datasets_delete", {"dataset": "D", "yes": False}),
+    (["jobs", "delete", "J", "--yes"], "cmd_jobs_delete", {"job": "J", "yes": True}),
+    (["sweeps", "delete", "S"], "cmd_sweeps_delete", {"sweep": "S", "yes": False}),
     (["jobs", "--status", "running"], "cmd_jobs", {"status": "running", "limit": 20}),
     (["jobs", "list", "--status", "failed", "--limit", "2"], "cmd_jobs", {"status": "failed", "limit": 2}),
     (["status", "J"], "cmd_status", {"job": "J"}),
@@ -294,6 +298,10 @@ def test_delete_without_yes_where_nobody_can_be_asked(capsys: pytest.CaptureFixt
     args = argparse.Namespace(model="m1", yes=False, url="http://127.0.0.1:9", api_key="k", json=False)
     assert run(cmd_models_delete, args) == EXIT_USAGE
     assert "not deleting model m1 without --yes" in capsys.readouterr().err
+    for fn, attr in ((cmd_jobs_delete, "job"), (cmd_sweeps_delete, "sweep")):
+        args = argparse.Namespace(**{attr: "x1"}, yes=False, url="http://127.0.0.1:9", api_key="k", json=False)
+        assert run(fn, args) == EXIT_USAGE
+        assert f"not deleting {attr} x1 without --yes" in capsys.readouterr().err
 
 
 def test_a_refusal_names_the_limit_it_broke(capsys: pytest.CaptureFixture[str]) -> None:

@@ -421,6 +421,26 @@ def test_sweep_end_to_end(embedded, finished_sweep):
 
 
 @pytest.mark.integration
+def test_sweep_delete_takes_its_jobs(embedded, gpt2):
+    c = embedded.client()
+    r = c.post("/v1/sweeps", json=_sweep(gpt2, {SPARSITY: [0.2, 0.4]}, evaluation={"enabled": False}))
+    assert r.status_code == 202, r.text
+    sweep = r.json()
+    job_ids = [p["job_id"] for p in sweep["points"]]
+    r = c.delete(f"/v1/jobs/{job_ids[0]}")  # a point goes only with its sweep
+    assert r.status_code == 409 and r.json()["code"] == "job_in_sweep", r.text
+    assert all(wait_job(c, j)["status"] == "succeeded" for j in job_ids)
+    artifacts = [embedded.data_dir / "storage" / "artifacts" / j for j in job_ids]
+    assert all(a.is_dir() for a in artifacts)
+    assert embedded.client(embedded.other_key).delete(f"/v1/sweeps/{sweep['id']}").status_code == 404
+    assert c.delete(f"/v1/sweeps/{sweep['id']}").status_code == 204
+    assert c.get(f"/v1/sweeps/{sweep['id']}").status_code == 404
+    assert all(c.get(f"/v1/jobs/{j}").status_code == 404 for j in job_ids)
+    assert not any(a.exists() for a in artifacts)
+    assert c.delete(f"/v1/sweeps/{sweep['id']}").status_code == 404
+
+
+@pytest.mark.integration
 def test_sweeps_list_pages_newest_first(embedded, gpt2):
     a, other = embedded.client(), embedded.client(embedded.other_key)
     ids = []

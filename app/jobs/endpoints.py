@@ -168,6 +168,13 @@ def cancel_job(job_id: str, caller: CurrentCaller, uow: UoW) -> JobOut:
     return service.job_out(uow, job)
 
 
+@router.delete("/jobs/{job_id}", status_code=204, responses=problem_responses(*API_ERRORS, 404, 409))
+def delete_job(job_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
+    """Delete a finished job and its artifact (409 while it is queued or running, or a sweep's point)."""
+    service.delete(uow, caller, storage, job_id)
+    return Response(status_code=204)
+
+
 _EVENT_ID = Annotated[
     query_int(0, 2**63 - 1) | None, Query(description="resume after this event id (as Last-Event-ID)")
 ]

@@ -18,7 +18,7 @@ from core.jobs.schemas import JobIn, JobOut
 from core.methods import ModelInfo, StepError, load_all, validate_steps
 from core.methods import get as get_method
 from core.queue import enqueue_job
-from core.storage import get_storage
+from core.storage import Storage, get_storage
 from core.tables import Job, Model, utcnow
 
 log = logging.getLogger("modelpress.jobs")
@@ -370,3 +370,27 @@ def cancel(uow: UnitOfWork, caller: Caller, job_id: str) -> Job:
         repository.request_cancel(uow.session, job.id)
     uow.session.refresh(job)
     return job
+
+
+def delete(uow: UnitOfWork, caller: Caller, storage: Storage, job_id: str) -> None:
+    """Delete a finished job (its events, webhook deliveries and, once committed, its artifact);
+    a sweep's point goes only with its sweep."""
+    job = get(uow, caller, job_id)
+    if job.sweep_id is not None:
+        raise Conflict(f"the job is a point of sweep {job.sweep_id}; delete the sweep instead", code="job_in_sweep")
+    delete_finished(uow, storage, [job], "the job is queued or running; cancel it first (POST /v1/jobs/{id}/cancel)")
+
+
+def delete_finished(uow: UnitOfWork, storage: Storage, jobs: list[Job], busy: str) -> None:
+    """Delete these jobs, all or none: 409 ``job_not_finished`` (saying ``busy``) while one is
+    queued or running. Their artifacts (every attempt's, under ``artifacts/<id>``) are deleted
+    once the transaction has committed."""
+    if not repository.delete_finished(uow.session, [j.id for j in jobs]):
+        raise Conflict(busy, code="job_not_finished")
+    prefixes = [f"artifacts/{j.id}" for j in jobs]
+
+    def remove() -> None:
+        for prefix in prefixes:
+            storage.delete_prefix(prefix)
+
+    uow.after_commit(remove)

@@ -8,7 +8,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from app import idempotency
 from app.auth import CurrentCaller
 from app.conditional import PAGE_LINK_HEADERS
-from app.deps import PageLimit, UoW
+from app.deps import PageLimit, StorageDep, UoW
 from app.errors import API_ERRORS, BODY_ERRORS, problem_responses
 from app.idempotency import IdempotencyKeyHeader
 from app.negotiation import HTML_HEADERS, prefers_html
@@ -108,6 +108,13 @@ def get_sweep(
         return page
     response.headers["Vary"] = "Accept"
     return sweep
+
+
+@router.delete("/{sweep_id}", status_code=204, responses=problem_responses(*API_ERRORS, 404, 409))
+def delete_sweep(sweep_id: str, caller: CurrentCaller, uow: UoW, storage: StorageDep) -> Response:
+    """Delete a sweep and its points' jobs with their artifacts (409 while a point is queued or running)."""
+    service.delete(uow, caller, storage, sweep_id)
+    return Response(status_code=204)
 
 
 @router.post(

@@ -32,6 +32,7 @@ from app.sweeps.schemas import (
 from core.db import UnitOfWork
 from core.errors import NotFound, Unprocessable
 from core.jobs.schemas import JobIn, StepIn
+from core.storage import Storage
 from core.tables import Job, Sweep
 
 # Canonical: no leading zeros, so two different paths never name the same parameter.
@@ -196,6 +197,19 @@ def get(uow: UnitOfWork, caller: Caller, sweep_id: str) -> Sweep:
     if sweep is None:
         raise NotFound(f"no sweep {sweep_id}")
     return sweep
+
+
+def delete(uow: UnitOfWork, caller: Caller, storage: Storage, sweep_id: str) -> None:
+    """Delete a sweep and its points' jobs (with their artifacts, after the commit): 409
+    ``job_not_finished`` while a point is queued or running."""
+    sweep = get(uow, caller, sweep_id)
+    jobs_service.delete_finished(
+        uow,
+        storage,
+        repository.jobs_of(uow.session, sweep.id),
+        "a point of the sweep is queued or running; cancel its jobs first (POST /v1/jobs/{id}/cancel)",
+    )
+    uow.session.delete(sweep)
 
 
 def get_unscoped(uow: UnitOfWork, sweep_id: str) -> Sweep:

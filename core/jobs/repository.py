@@ -30,7 +30,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Update, case, insert, or_, select, update
+from sqlalchemy import ColumnElement, Update, case, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import rowcount
@@ -57,6 +57,21 @@ _EVENT_COLUMNS = (
 
 def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+
+
+def delete_finished(session: Session, job_ids: list[str]) -> bool:
+    """Delete these jobs with their events and webhook deliveries, all or none: False (nothing
+    deleted) unless every one of them is terminal (a job that is not cannot be deleted)."""
+    if not job_ids:
+        return True
+    # Locked first: a worker's write (which updates the row) waits for this transaction.
+    ended = session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.status.in_(TERMINAL)).with_for_update()).all()
+    if len(ended) != len(set(job_ids)):
+        return False
+    session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
+    session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(job_ids)))
+    session.execute(delete(Job).where(Job.id.in_(job_ids)))
+    return True
 
 
 def list_page(session: Session, tenant_id: str, status: str | None, limit: int, cursor: str | None) -> list[Job]:
