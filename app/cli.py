@@ -6,6 +6,7 @@
     modelpress reconcile [--once]              re-send messages of stale jobs
     modelpress keys create --tenant NAME [--admin]   print a new API key for the tenant
     modelpress keys list [--tenant NAME]       the keys (every tenant's unless --tenant), never secrets
+    modelpress keys show KEY                   one key by id, prefix or the whole key, never its secret
     modelpress keys revoke KEY                 revoke a key by id, prefix or the whole key
 
 The ``keys`` commands work on the database of the server's settings (run them where the server
@@ -177,6 +178,24 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
                 raise NotFound(f"no tenant {args.tenant}")
         rows = repository.list_page(s, tenant_id, args.limit or 10_000, None)
         print_keys(service.out(s, rows), args.json)
+
+    return _keys_on_db(args, work)
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    from modelpress._cli import find_key, print_key, through_api
+
+    if through_api(args):
+        return _client_keys_command("cmd_keys_show")(args)
+    from app.keys import repository, service
+
+    def work(s: Any) -> None:
+        key = find_key(service.out(s, repository.list_page(s, None, 100_000, None)), args.key)
+        if key is None:
+            from core.errors import NotFound
+
+            raise NotFound(f"no key {args.key}")
+        print_key(key, args.json)
 
     return _keys_on_db(args, work)
 
@@ -518,6 +537,12 @@ def _add_keys_commands(sub: Any) -> None:
     kl.add_argument("--all", dest="all_tenants", action="store_true", help="through the API: every tenant's keys")
     kl.add_argument("--limit", type=int, default=None, help="at most N keys")
     kl.set_defaults(fn=cmd_keys_list)
+    ks = ksub.add_parser(
+        "show", parents=common, help="one key: its id, prefix, tenant, scopes, dates (never its secret)"
+    )
+    ks.add_argument("key", metavar="KEY", help="the key's id, its prefix, or the whole key (only its prefix is used)")
+    ks.add_argument("--all", dest="all_tenants", action="store_true", help="through the API: among every tenant's keys")
+    ks.set_defaults(fn=cmd_keys_show)
     kr = ksub.add_parser("revoke", parents=common, help="revoke a key; every API process refuses it within a second")
     kr.add_argument("key", metavar="KEY", help="the key's id, its prefix, or the whole key (only its prefix is used)")
     kr.set_defaults(fn=cmd_keys_revoke)
@@ -526,7 +551,7 @@ def _add_keys_commands(sub: Any) -> None:
 # The commands that run server code in this process (by their function's name): the API, a worker,
 # the schema, the reconciler, and `keys` on the database. Everything else is a client command
 # (modelpress/_cli.py). `keys ... --url/--api-key` is a client too: see :func:`runs_server`.
-KEYS_COMMANDS = ("cmd_keys_create", "cmd_keys_list", "cmd_keys_revoke")
+KEYS_COMMANDS = ("cmd_keys_create", "cmd_keys_list", "cmd_keys_show", "cmd_keys_revoke")
 SERVER_COMMANDS = ("cmd_serve", "cmd_worker", "cmd_migrate", "cmd_reconcile", *KEYS_COMMANDS)
 _SERVER_COMMANDS = SERVER_COMMANDS  # the old name: modelpress/_entry.py reads it
 

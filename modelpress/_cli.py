@@ -717,6 +717,35 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def find_key(keys: list[Any], key: str) -> Any | None:
+    """The key named by an id, a prefix or the whole key (only its prefix is compared)."""
+    wanted = key_prefix_or_id(key)
+    return next((k for k in keys if wanted in (_dump(k)["id"], _dump(k)["prefix"])), None)
+
+
+def print_key(key: Any, as_json: bool) -> None:
+    k = _dump(key)
+    if as_json:
+        _print_json(k)
+        return
+    t = _kv_table()
+    for field in ("id", "prefix", "tenant", "scopes", "created_at", "revoked_at"):
+        value = k.get(field)
+        t.add_row(field, ",".join(value) or "-" if isinstance(value, list) else str(value or "-"))
+    _print(t)
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    # No one-key route: the key is found in the list the caller may read (--all: every tenant's).
+    with _client(args) as mp:
+        key = find_key(list(mp.keys(all_tenants=args.all_tenants)), args.key)
+    if key is None:
+        _eprint(f"Error: no key {key_prefix_or_id(args.key)} among the keys this API key may list")
+        return EXIT_API
+    print_key(key, args.json)
+    return EXIT_OK
+
+
 def cmd_keys_create(args: argparse.Namespace) -> int:
     with _client(args) as mp:
         print_created(mp.create_key(args.tenant, admin=args.admin), args.json)

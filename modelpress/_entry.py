@@ -30,7 +30,7 @@ EXIT_MISSING_EXTRA = 2
 SERVER_MODULES = ("fastapi", "uvicorn", "pydantic_settings", "sqlalchemy", "alembic", "psycopg", "celery", "kombu")
 WORKER_MODULES = (*SERVER_MODULES, "torch", "transformers", "safetensors", "compressed_tensors")
 
-_DB_KEYS_COMMANDS = ("cmd_keys_create", "cmd_keys_list", "cmd_keys_revoke")
+_DB_KEYS_COMMANDS = ("cmd_keys_create", "cmd_keys_list", "cmd_keys_show", "cmd_keys_revoke")
 
 
 def missing_modules(modules: tuple[str, ...]) -> list[str]:

@@ -70,6 +70,7 @@ SPELLINGS: list[tuple[list[str], str, dict[str, Any]]] = [
     (["methods"], "cmd_methods_list", {}),
     (["methods", "show", "prune.magnitude", "--output", "json"], "cmd_methods_show", {"json": True}),
     (["keys", "list", "--output", "json"], "cmd_keys_list", {"json": True}),
+    (["keys", "show", "K", "--all", "--json"], "cmd_keys_show", {"key": "K", "all_tenants": True, "json": True}),
     (["keys", "revoke", "K", "--api-key", "k"], "cmd_keys_revoke", {"key": "K", "api_key": "k"}),
     (["completion", "fish"], "cmd_completion", {"shell": "fish"}),
 ]

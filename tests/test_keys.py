@@ -255,6 +255,11 @@ def test_cli_and_sdk_through_the_api(replicas: Replicas):
     assert table.returncode == 0 and key.split("_")[1] in table.stdout and key not in table.stdout
     denied = cli("list", "--all", key=key)
     assert denied.returncode == 3 and denied.stderr.startswith("Error: Forbidden: "), denied.stderr
+    shown = cli("show", key, "--all", "--json")  # found in the list by the whole key's prefix
+    assert shown.returncode == 0 and json.loads(shown.stdout)["tenant"] == tenant, shown.stderr
+    assert "key" not in json.loads(shown.stdout), "never the secret"
+    unknown = cli("show", "mp_nosuchprefix_x")
+    assert unknown.returncode == 3 and "no key nosuchprefix" in unknown.stderr, unknown.stderr
     revoked = cli("revoke", key)
     assert revoked.returncode == 0 and "revoked at" in revoked.stdout, revoked.stderr
     assert _ok(replicas.a.url, key) == 401
@@ -297,6 +302,9 @@ def test_embedded_listing_through_the_cli_on_the_database(embedded):
     listed = json.loads(embedded.service.cli("keys", "list", "--json"))
     assert {"default", "other"} <= {k["tenant"] for k in listed}
     assert all("key" not in k for k in listed)
+    one = listed[0]
+    assert json.loads(embedded.service.cli("keys", "show", one["prefix"], "--json")) == one
+    assert one["id"] in embedded.service.cli("keys", "show", one["id"])
     res = subprocess.run(
         [MODELPRESS, "keys", "list", "--tenant", "no-such-tenant"],
         env=embedded.service.env,
