@@ -16,13 +16,16 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from core.errors import BadRequest, ModelpressError, PayloadTooLarge, UnsupportedMediaType
 from core.jsonsafe import safe_text
+
+if TYPE_CHECKING:
+    from core.config import Settings
 
 # Bytes kept from the start of each file for sniffing its real format: a tar archive's magic
 # ("ustar") sits at offset 257.
@@ -249,3 +252,18 @@ async def parse_multipart(
             BadRequest,
         )
     return body.files, body.fields
+
+
+async def parse_upload_form(
+    request: Request, staging: StagingArea, settings: Settings
+) -> tuple[list[StagedFile], dict[str, str]]:
+    """An upload form (``POST /v1/models``, ``/v1/datasets``, the dashboard's ``/ui/models``):
+    its files staged and its ``name`` field, under the settings' upload and form limits."""
+    return await parse_multipart(
+        request,
+        staging,
+        settings.max_upload_bytes,
+        max_fields=settings.max_form_fields,
+        max_field_bytes=settings.max_form_field_bytes,
+        read_fields=("name",),
+    )

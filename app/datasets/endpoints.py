@@ -17,7 +17,7 @@ from app.idempotency import IdempotencyKeyHeader
 from app.resumable import service as resumable
 from app.resumable.schemas import FROM_UPLOADS_SCHEMA
 from app.routing import etag_get
-from app.uploads import StagingArea, parse_multipart
+from app.uploads import StagingArea, parse_upload_form
 from core.config import Settings
 from core.db import UnitOfWork
 from core.errors import Unprocessable
@@ -87,14 +87,7 @@ async def upload_dataset(
     if resumable.is_json(request):
         return await _dataset_from_upload(request, caller, uow, storage, settings, key)
     with StagingArea(settings.tmp_dir) as staging:
-        files, fields = await parse_multipart(
-            request,
-            staging,
-            settings.max_upload_bytes,
-            max_fields=settings.max_form_fields,
-            max_field_bytes=settings.max_form_field_bytes,
-            read_fields=("name",),
-        )
+        files, fields = await parse_upload_form(request, staging, settings)
         scope = (
             None
             if key is None

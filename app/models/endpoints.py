@@ -17,7 +17,7 @@ from app.models.schemas import ModelOut, ModelPage
 from app.resumable import service as resumable
 from app.resumable.schemas import FROM_UPLOADS_SCHEMA
 from app.routing import etag_get
-from app.uploads import StagingArea, parse_multipart
+from app.uploads import StagingArea, parse_upload_form
 from core.config import Settings
 from core.db import UnitOfWork
 from core.pagination import link_header, next_cursor
@@ -70,14 +70,7 @@ async def upload_model(
     if resumable.is_json(request):
         return await _model_from_uploads(request, caller, uow, storage, settings, key)
     with StagingArea(settings.tmp_dir) as staging:
-        files, fields = await parse_multipart(
-            request,
-            staging,
-            settings.max_upload_bytes,
-            max_fields=settings.max_form_fields,
-            max_field_bytes=settings.max_form_field_bytes,
-            read_fields=("name",),
-        )
+        files, fields = await parse_upload_form(request, staging, settings)
         # The digest of an upload is known once it is streamed (sha256s computed on the way).
         scope = (
             None

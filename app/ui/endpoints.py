@@ -31,7 +31,7 @@ from app.negotiation import HTML_HEADERS
 from app.reports import units
 from app.sweeps import service as sweeps
 from app.ui import service, session
-from app.uploads import StagingArea, parse_multipart
+from app.uploads import StagingArea, parse_upload_form
 from core.errors import ModelpressError, NotFound
 from core.jobs.schemas import JobStatus
 from core.signing import public_base_url
@@ -304,14 +304,7 @@ async def upload_model(
     limits); a refusal is shown above the form."""
     try:
         with StagingArea(settings.tmp_dir) as staging:
-            files, fields = await parse_multipart(
-                request,
-                staging,
-                settings.max_upload_bytes,
-                max_fields=settings.max_form_fields,
-                max_field_bytes=settings.max_form_field_bytes,
-                read_fields=("name",),
-            )
+            files, fields = await parse_upload_form(request, staging, settings)
             files = [f for f in files if f.filename]  # a form's empty file input sends a part with no name
             name = fields.get("name", "").strip() or None
             model = await run_in_threadpool(models.create, uow, caller, storage, settings, files, name)
