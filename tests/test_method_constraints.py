@@ -82,7 +82,7 @@ def test_when_no_accepted_size_divides_only_per_channel_is_offered() -> None:
     assert refusal.fields["blocking_layers"] == [{"name": "a", "in_features": 1000}]
     assert "None of 32, 64, 128 divides every input width: use null" in str(refusal)
     # A worker's refusal survives pickling (a pool process hands it back) with its facts.
-    again = pickle.loads(pickle.dumps(refusal))
+    again = pickle.loads(pickle.dumps(refusal))  # safe: bytes this test pickled itself, no upload
     assert (str(again), again.constraint, again.fields) == (str(refusal), refusal.constraint, refusal.fields)
     assert _ct.group_refusal("quantize.weight_only", 32, {"a": 96, "b": 1024}) is None
 
