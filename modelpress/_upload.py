@@ -54,6 +54,7 @@ import json
 import os
 import re
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -495,9 +496,10 @@ def resume_point(policy: Policy, f: PlannedFile, state: UploadState | None) -> S
     return None, 0
 
 
-def _patch(url: str, offset: int, chunk: bytes, progress: Progress, name: str) -> Req:
-    """The PATCH of ``chunk`` at ``offset``, with its sha256 (``Upload-Checksum``)."""
-    digest = base64.b64encode(hashlib.sha256(chunk).digest()).decode()
+def _patch(url: str, offset: int, chunk: bytes, progress: Progress, name: str, sha256: bytes | None = None) -> Req:
+    """The PATCH of ``chunk`` at ``offset``, with its sha256 (``Upload-Checksum``; ``sha256``:
+    the digest when the caller has it already)."""
+    digest = base64.b64encode(sha256 or hashlib.sha256(chunk).digest()).decode()
     headers = _tus(
         {
             "Content-Type": "application/offset+octet-stream",
@@ -554,13 +556,15 @@ def send_steps(
         offset = 0
     progress.at(f.name, offset)
     failures = 0  # in a row, without progress
-    with f.path.open("rb") as fh:
+    with ReadAhead(f.path) as reader:
         while offset < f.size:
-            fh.seek(offset)
-            chunk = fh.read(min(chunk_size, f.size - offset))
+            chunk, digest = reader.take(offset, min(chunk_size, f.size - offset))
             if not chunk:
                 raise ValueError(f"{f.path}: the file shrank while it was being uploaded; upload it again")
-            got = yield _patch(url, offset, chunk, progress, f.name)
+            end = offset + len(chunk)
+            if end < f.size:  # read and hashed while this chunk is on the wire
+                reader.ask(end, min(chunk_size, f.size - end))
+            got = yield _patch(url, offset, chunk, progress, f.name, digest)
             if not isinstance(got, httpx.TransportError) and got.is_success:
                 new = got.headers.get("upload-offset")
                 moved = int(new) if new is not None and new.isdigit() else offset + len(chunk)
@@ -591,6 +595,51 @@ def send_steps(
                 offset = head
                 progress.at(f.name, offset)
     return upload_id(url)
+
+
+class ReadAhead:
+    """The next chunk of a file read and hashed on a thread while the current one is sent: reading
+    and sha256 let the GIL go, so they overlap the PATCH in flight instead of following it (the
+    client then has the next request ready when the server answers). At most two chunks are in
+    memory: the one being sent and the next."""
+
+    def __init__(self, path: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._fh = path.open("rb")
+        # seek + read as one (a read asked for and not taken may still be running; os.pread would
+        # need no lock but does not exist on Windows).
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="modelpress-read")
+        self._next: tuple[int, int, Any] | None = None  # (offset, size, future)
+
+    def _read(self, offset: int, size: int) -> tuple[bytes, bytes]:
+        with self._lock:
+            self._fh.seek(offset)
+            chunk = self._fh.read(size)
+        return chunk, hashlib.sha256(chunk).digest()
+
+    def ask(self, offset: int, size: int) -> None:
+        """Start reading ``size`` bytes at ``offset`` for a later ``take``."""
+        self._next = (offset, size, self._pool.submit(self._read, offset, size))
+
+    def take(self, offset: int, size: int) -> tuple[bytes, bytes]:
+        """The chunk at ``offset`` and its sha256: the one asked for, or read now (a retry, a
+        resume elsewhere, a smaller chunk after a 413)."""
+        asked, self._next = self._next, None
+        if asked is not None and asked[:2] == (offset, size):
+            result: tuple[bytes, bytes] = asked[2].result()
+            return result
+        if asked is not None:
+            asked[2].cancel()
+        return self._read(offset, size)
+
+    def __enter__(self) -> ReadAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._fh.close()
 
 
 def _start(policy: Policy, f: PlannedFile, state: UploadState | None) -> Steps[str]:

@@ -336,10 +336,14 @@ class _Sink:
         self.gathered = 0
         self.pending: asyncio.Future[None] | None = None
 
-    def _sink(self, data: bytes) -> None:
-        self.fh.write(data)
+    def _sink(self, parts: list[bytes]) -> None:
+        # Part by part, not joined: a join copies the batch once more, and its fresh multi-MB
+        # buffer page-faults on every batch (profiled: a third of the event loop's time).
+        for data in parts:
+            self.fh.write(data)
         for h in self.hashes:
-            h.update(data)
+            for data in parts:
+                h.update(data)
 
     async def add(self, chunk: bytes) -> None:
         self.parts.append(chunk)
@@ -352,9 +356,8 @@ class _Sink:
             pending, self.pending = self.pending, None
             await pending
         if self.parts:
-            data = b"".join(self.parts) if len(self.parts) > 1 else self.parts[0]
-            self.parts, self.gathered = [], 0
-            self.pending = asyncio.ensure_future(run_in_threadpool(self._sink, data))
+            parts, self.parts, self.gathered = self.parts, [], 0
+            self.pending = asyncio.ensure_future(run_in_threadpool(self._sink, parts))
         if wait and self.pending is not None:
             pending, self.pending = self.pending, None
             await pending
