@@ -1,0 +1,659 @@
+"""A Hugging Face model folder -> one GGUF file for llama.cpp, written with the ``gguf`` package.
+
+What llama.cpp's own ``convert_hf_to_gguf.py`` does, for the families core/exports/gguf.py lists,
+tensor by tensor from the memory-mapped safetensors (the model is never held whole):
+
+* metadata: the architecture's hyperparameters under ``{arch}.*`` keys, the tokenizer (tokens,
+  types, merges or scores, special token ids, add_bos/add_eos) and the chat template;
+* tensor names: HF -> GGUF through ``gguf.get_tensor_name_map``; Llama/Mistral q and k rows are
+  permuted into llama.cpp's rotary layout (each head's two halves interleaved); GPT-2's Conv1D
+  weights are transposed into (out, in); an LM head tied to the embeddings is not written
+  (llama.cpp reuses ``token_embd``);
+* types: 1-D tensors (norms, biases) and learned positions stay float32; matrices are F16, BF16,
+  Q8_0 or Q4_0 (``gguf.quants``; Q4_0 files keep ``output.weight`` in Q8_0, as llama.cpp keeps
+  the head at higher precision). Q4_K_M is llama.cpp's own quantizer (``llama_model_quantize``
+  through llama-cpp-python) run on a 16-bit file written first: gguf-py has no K-quantizer.
+
+Compressed-tensors sources (``quantization_config``: pack-quantized, int-quantized,
+naive-quantized). Where the stored integers are symmetric with a scale per row or per group of a
+multiple of 32 columns and fit the block (int8 for Q8_0, -8..7 for Q4_0), the GGUF blocks are
+built from those integers and scales directly: no second rounding. The block scale is float16,
+so a tensor is exact when every stored scale is a float16 value (a bfloat16 scale of normal
+magnitude is); ``inexact_tensors`` names the others. Exact means: GGUF's dequantized weight
+(``d * q``, computed exactly in float32) rounded to the artifact's scale dtype is bit-identical
+to the artifact's own dequantized weight (``q * scale`` in the scale dtype). Tensors the steps
+left in float (embeddings, the LM head) keep their stored float type in such a file, so the whole
+model is the job's model. Any other quantized source is dequantized (``q - zero_point) * scale``)
+and converted as a float model (reported inexact). Sparse formats are refused (GGUF is dense).
+
+Failures raise ``ExportError`` naming the tensor (or the tokenizer / quantizer step) and leave no
+file behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from core.exports import gguf as spec
+
+# Buffers some checkpoints carry that are not weights (recomputed by every runtime).
+_SKIP = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
+_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
+class ExportError(Exception):
+    """The model cannot be written as GGUF; the message names the tensor or step that failed."""
+
+
+@dataclass
+class _Scheme:
+    """The compressed-tensors weight scheme of a quantized source (one for all layers)."""
+
+    fmt: str
+    bits: int
+    symmetric: bool
+    group: int | None  # None: one scale per row
+
+
+@dataclass
+class _Item:
+    """One GGUF tensor: its name, logical shape (rows, cols) numpy order, type and producer."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: Any
+    make: Callable[[], Any]  # -> numpy array in the bytes the type stores
+    source: str
+
+
+@dataclass
+class _Report:
+    exact: list[str] = field(default_factory=list)
+    inexact: list[str] = field(default_factory=list)
+
+
+class _Source:
+    """The folder's safetensors, memory-mapped; tensors read on demand."""
+
+    def __init__(self, src_dir: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(src_dir.glob("*.safetensors"))
+        if not files:
+            raise ExportError(f"{src_dir} has no .safetensors file")
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {n: h for h in self.handles for n in h.keys()}  # noqa: SIM118 - a safe_open handle is not iterable
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, name: str) -> Any:
+        return self.where[name].get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.where[name].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        return str(self.where[name].get_slice(name).get_dtype())
+
+    def headers(self) -> dict[str, tuple[str, list[int]]]:
+        return {n: (self.dtype(n), self.shape(n)) for n in self.where}
+
+
+def export_gguf(src_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Any]:
+    """Write ``out_path`` (one .gguf) from the HF model folder ``src_dir`` in ``gguf_type``.
+
+    Returns {"file", "bytes", "gguf_type", "tensors", "exact", "inexact_tensors", "seconds",
+    "write_seconds", ...}; ``exact`` is None for a float source, else whether every quantized
+    tensor kept its integers and scales. Raises ExportError; the partial file is removed."""
+    t0 = time.perf_counter()
+    src_dir, out_path = Path(src_dir), Path(out_path)
+    config = _config(src_dir)
+    source = _Source(src_dir)
+    reasons = spec.refusals(config, source.headers(), gguf_type)
+    if reasons:
+        raise ExportError("; ".join(reasons))
+    tmp = out_path.with_name(out_path.name + ".f16.tmp") if gguf_type == "Q4_K_M" else None
+    try:
+        if tmp is None:
+            info = _write(src_dir, config, source, out_path, gguf_type)
+        else:
+            info = _write(src_dir, config, source, tmp, _float_type(config))
+            info.update(_k_quantize(tmp, out_path, gguf_type))
+    except BaseException:
+        out_path.unlink(missing_ok=True)
+        raise
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    report: _Report = info.pop("report")
+    quantized = config.get("quantization_config") is not None
+    return {
+        "file": out_path.name,
+        "bytes": out_path.stat().st_size,
+        "gguf_type": gguf_type,
+        "arch": spec.arch(config),
+        "exact": (not report.inexact) if quantized else None,
+        "exact_tensors": len(report.exact),
+        "inexact_tensors": report.inexact,
+        "seconds": round(time.perf_counter() - t0, 3),
+        **info,
+    }
+
+
+def _config(src_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((src_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ExportError(f"config.json: {e}") from e
+
+
+def _float_type(config: dict[str, Any]) -> str:
+    """The 16-bit type of the intermediate file a K-quant is made from: BF16 for a bfloat16 model
+    (no range lost), F16 otherwise."""
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+    return "BF16" if dtype == "bfloat16" else "F16"
+
+
+# --- the file -------------------------------------------------------------------------------------
+
+
+def _write(src_dir: Path, config: dict[str, Any], source: _Source, path: Path, gguf_type: str) -> dict[str, Any]:
+    import gguf
+
+    arch = spec.arch(config)
+    assert arch is not None
+    writer = gguf.GGUFWriter(path, arch)
+    try:
+        _metadata(writer, config, src_dir, gguf_type)
+        vocab = _vocab(writer, src_dir, config)
+        report = _Report()
+        items = list(_plan(config, source, gguf_type, report))
+        for it in items:
+            writer.add_tensor_info(it.name, _byte_shape(it), _np_dtype(it.qtype), _nbytes(it), raw_dtype=it.qtype)
+        t_write = time.perf_counter()
+        writer.write_header_to_file(path)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for it in items:
+            writer.write_tensor_data(_produce(it))
+        writer.close()
+    except ExportError:
+        writer.close()
+        raise
+    except Exception as e:
+        writer.close()
+        raise ExportError(f"writing {path.name}: {type(e).__name__}: {e}") from e
+    return {
+        "tensors": len(items),
+        "write_seconds": round(time.perf_counter() - t_write, 3),
+        "tokenizer": vocab,
+        "report": report,
+    }
+
+
+def _produce(it: _Item) -> Any:
+    try:
+        data = it.make()
+    except ExportError:
+        raise
+    except Exception as e:
+        raise ExportError(f"tensor {it.source} -> {it.name} ({it.qtype.name}): {type(e).__name__}: {e}") from e
+    if data.nbytes != _nbytes(it):
+        raise ExportError(f"tensor {it.source} -> {it.name}: {data.nbytes} bytes, expected {_nbytes(it)}")
+    return data
+
+
+def _byte_shape(it: _Item) -> tuple[int, ...]:
+    from gguf.quants import quant_shape_to_byte_shape
+
+    return tuple(quant_shape_to_byte_shape(it.shape, it.qtype)) if _is_block(it.qtype) else it.shape
+
+
+def _is_block(qtype: Any) -> bool:
+    return qtype.name in ("Q8_0", "Q4_0")
+
+
+def _np_dtype(qtype: Any) -> Any:
+    import numpy as np
+
+    return {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}.get(qtype.name, np.uint8)
+
+
+def _nbytes(it: _Item) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[it.qtype]
+    return math.prod(it.shape) // block * size
+
+
+# --- metadata -------------------------------------------------------------------------------------
+
+_FILE_TYPES = {"F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0", "Q4_0": "MOSTLY_Q4_0"}
+
+
+def _metadata(w: Any, config: dict[str, Any], src_dir: Path, gguf_type: str) -> None:
+    import gguf
+
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(str(config.get("_name_or_path") or src_dir.name).rstrip("/").split("/")[-1] or "model")
+    w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
+    if gguf_type in ("Q8_0", "Q4_0"):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if spec.arch(config) == "gpt2":
+        _gpt2_metadata(w, config)
+    else:
+        _llama_metadata(w, config)
+
+
+def _gpt2_metadata(w: Any, c: dict[str, Any]) -> None:
+    w.add_context_length(c.get("n_positions") or c.get("n_ctx") or 1024)
+    w.add_embedding_length(c["n_embd"])
+    w.add_feed_forward_length(c.get("n_inner") or 4 * c["n_embd"])
+    w.add_block_count(c["n_layer"])
+    w.add_head_count(c["n_head"])
+    w.add_layer_norm_eps(c.get("layer_norm_epsilon", 1e-5))
+    w.add_vocab_size(c["vocab_size"])
+
+
+def _llama_metadata(w: Any, c: dict[str, Any]) -> None:
+    import gguf
+
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    kind, rope = spec.rope(c)
+    w.add_context_length(c.get("max_position_embeddings") or 2048)
+    w.add_embedding_length(c["hidden_size"])
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(c.get("num_key_value_heads") or heads)
+    w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
+    w.add_rope_freq_base(float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0))
+    w.add_rope_dimension_count(head_dim)
+    if head_dim != c["hidden_size"] // heads:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_vocab_size(c["vocab_size"])
+    if kind == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+
+# Pre-tokenizer regexes llama.cpp knows by name (tokenizer.ggml.pre), told apart by their digits
+# rule; anything else gets "default" (llama.cpp's GPT-2-like split) and the result says so.
+_PRE_DIGITS = {r"\p{N}{1,3}": "llama-bpe", r"\p{N}|": "qwen2"}
+
+
+def _vocab(w: Any, src_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Tokens, types, merges/scores, special ids, add_bos/eos and chat template into ``w``."""
+    import gguf
+
+    path = src_dir / "tokenizer.json"
+    if not path.is_file():
+        raise ExportError("tokenizer: no tokenizer.json (GGUF carries the tokenizer; a fast tokenizer is needed)")
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model = tok.get("model") or {}
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"tokenizer: a {model.get('type')} tokenizer has no llama.cpp equivalent here "
+            "(BPE tokenizers are exported: byte-level like GPT-2/Llama 3/Qwen, "
+            "or SentencePiece-style with byte fallback)"
+        )
+    n_vocab = config["vocab_size"]
+    spm = bool(model.get("byte_fallback"))
+    tokens, types = _tokens(tok, n_vocab, spm)
+    w.add_tokenizer_model("llama" if spm else "gpt2")
+    pre = "default" if spm else _pre_name(tok)
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    if spm:
+        # llama.cpp's SentencePiece merges by score: earlier merges (lower rank) score higher.
+        w.add_token_scores(_spm_scores(model, tokens))
+    special = gguf.SpecialVocab(src_dir, load_merges=not spm, n_vocab=n_vocab)
+    special.add_to_gguf(w, quiet=True)
+    return {
+        "model": "llama" if spm else "gpt2",
+        "pre": pre,
+        "tokens": len(tokens),
+        "chat_template": special.chat_template is not None,
+    }
+
+
+def _tokens(tok: dict[str, Any], n_vocab: int, spm: bool) -> tuple[list[str], list[int]]:
+    import gguf
+
+    tokens: list[str | None] = [None] * n_vocab
+    types = [int(gguf.TokenType.NORMAL)] * n_vocab
+    for text, i in tok["model"]["vocab"].items():
+        _put(tokens, i, text)
+        if spm and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+            types[i] = int(gguf.TokenType.BYTE)
+    for a in tok.get("added_tokens") or []:
+        _put(tokens, a["id"], a["content"])
+        types[a["id"]] = int(gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+    for i, t in enumerate(tokens):
+        if t is None:  # embedding rows past the tokenizer (padded vocabularies), as convert_hf_to_gguf
+            tokens[i] = f"[PAD{i}]"
+            types[i] = int(gguf.TokenType.UNUSED)
+    return [t for t in tokens if t is not None], types
+
+
+def _put(tokens: list[str | None], i: int, text: str) -> None:
+    if not 0 <= i < len(tokens):
+        raise ExportError(f"tokenizer: token {text!r} has id {i}, outside the model's vocab_size {len(tokens)}")
+    tokens[i] = text
+
+
+def _spm_scores(model: dict[str, Any], tokens: list[str]) -> list[float]:
+    rank: dict[str, int] = {}
+    for k, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, k)
+    return [-float(rank.get(t, 0)) for t in tokens]
+
+
+def _pre_name(tok: dict[str, Any]) -> str:
+    pre = json.dumps(tok.get("pre_tokenizer") or {})
+    if '"Split"' in pre:
+        for digits, name in _PRE_DIGITS.items():
+            if json.dumps(digits)[1:-1] in pre:
+                return name
+        return "default"
+    return "gpt-2" if '"ByteLevel"' in pre else "default"
+
+
+# --- tensors --------------------------------------------------------------------------------------
+
+
+def _plan(config: dict[str, Any], source: _Source, gguf_type: str, report: _Report) -> Iterator[_Item]:
+    """The GGUF tensors in the source's order, each with a producer that reads it when written."""
+    import gguf
+
+    arch = spec.arch(config)
+    n_layers = config.get("num_hidden_layers") or config.get("n_layer")
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), n_layers)
+    scheme = _scheme(config)
+    modules = {n.rsplit(".", 1)[0] for n in source.names() if n.endswith(".weight_scale")}
+    tied = _tied(config, source)
+    for name in source.names():
+        module, _, leaf = name.rpartition(".")
+        if _SKIP.search(name) or (module in modules and leaf in _QUANT_SUFFIXES[1:]):
+            continue
+        quantized = module in modules and leaf in ("weight", "weight_packed")
+        hf = f"{module}.weight" if quantized else name
+        if tied and hf == "lm_head.weight":
+            continue
+        new = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ExportError(f"tensor {name}: no GGUF name for it in llama.cpp's {arch} architecture")
+        if quantized:
+            yield _quantized_item(config, source, scheme, module, new, gguf_type, report)
+        else:
+            yield _float_item(config, source, name, new, gguf_type, scheme is not None)
+    if spec.rope(config)[0] == "llama3" and arch == "llama":
+        yield _rope_freqs(config)
+
+
+def _tied(config: dict[str, Any], source: _Source) -> bool:
+    if config.get("tie_word_embeddings", spec.arch(config) == "gpt2"):
+        return True
+    return "lm_head.weight" not in source.where
+
+
+def _scheme(config: dict[str, Any]) -> _Scheme | None:
+    qc = config.get("quantization_config")
+    if not qc:
+        return None
+    groups = [g.get("weights") or {} for g in (qc.get("config_groups") or {}).values()]
+    keys = {(w.get("num_bits"), w.get("symmetric", True), w.get("strategy"), w.get("group_size")) for w in groups}
+    if len(keys) != 1:
+        raise ExportError(f"quantization_config: {len(keys)} different weight schemes; one is converted")
+    bits, symmetric, strategy, group = keys.pop()
+    if strategy not in ("channel", "group", "tensor"):
+        raise ExportError(f"quantization_config: weight strategy {strategy!r} is not converted to GGUF")
+    return _Scheme(qc.get("format") or "dense", int(bits), bool(symmetric), group if strategy == "group" else None)
+
+
+def _row_transform(config: dict[str, Any], hf: str) -> tuple[Callable[[Any], Any], bool]:
+    """Rows rearranged the way llama.cpp expects, and whether that transposes: Llama q/k permuted
+    into its rotary layout, GPT-2 Conv1D (in, out) transposed. Applies alike to weights, biases,
+    integers and scales."""
+    arch = spec.arch(config)
+    if arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
+        heads = config["num_attention_heads"]
+        if ".k_proj." in hf:
+            heads = config.get("num_key_value_heads") or heads
+        return (lambda t: _permute(t, heads)), False
+    if arch == "gpt2" and hf.endswith(spec.CONV1D_SUFFIXES):
+        return (lambda t: t.t()), True
+    return (lambda t: t), False
+
+
+def _permute(t: Any, heads: int) -> Any:
+    shape = t.shape
+    return t.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+def _float_qtype(gguf_type: str, new: str, shape: list[int], dtype: str, quantized_source: bool) -> Any:
+    import gguf
+
+    q = gguf.GGMLQuantizationType
+    if len(shape) < 2 or new.startswith("position_embd") or new.startswith("rope_freqs"):
+        return q.F32
+    if quantized_source and gguf_type in ("Q8_0", "Q4_0"):
+        # the steps left this matrix in float: keep it as stored, so the file is the job's model
+        return {"BF16": q.BF16, "F16": q.F16}.get(dtype, q.F32)
+    if gguf_type == "Q4_0" and new == "output.weight":
+        return q.Q8_0
+    return getattr(q, gguf_type)
+
+
+def _float_item(config: dict[str, Any], source: _Source, name: str, new: str, gguf_type: str, qsrc: bool) -> _Item:
+    shape = source.shape(name)
+    qtype = _float_qtype(gguf_type, new, shape, source.dtype(name), qsrc)
+    transform, transposes = _row_transform(config, name)
+    if transposes:
+        shape = shape[::-1]
+
+    def make() -> Any:
+        return _encode(transform(source.get(name)), qtype)
+
+    return _Item(new, tuple(shape), qtype, make, name)
+
+
+def _encode(t: Any, qtype: Any) -> Any:
+    """A float torch tensor in the bytes of ``qtype`` (numpy)."""
+    import torch
+    from gguf import quants
+
+    name = qtype.name
+    if name == "F32":
+        return t.to(torch.float32).contiguous().numpy()
+    if name == "F16":
+        return t.to(torch.float16).contiguous().numpy()
+    if name == "BF16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view("uint16")
+    return quants.quantize(t.to(torch.float32).contiguous().numpy(), qtype)
+
+
+def _rope_freqs(config: dict[str, Any]) -> _Item:
+    """Llama 3's long-context rotary factors, one per frequency (as convert_hf_to_gguf computes them)."""
+    import gguf
+
+    _, rope = spec.rope(config)
+    base = float(config.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    factor, lo, hi = (
+        float(rope.get("factor", 8.0)),
+        float(rope.get("low_freq_factor", 1.0)),
+        float(rope.get("high_freq_factor", 4.0)),
+    )
+    old = float(rope.get("original_max_position_embeddings", 8192))
+    factors = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old / hi:
+            factors.append(1.0)
+        elif wavelen > old / lo:
+            factors.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+
+    def make() -> Any:
+        import numpy as np
+
+        return np.asarray(factors, dtype=np.float32)
+
+    return _Item("rope_freqs.weight", (len(factors),), gguf.GGMLQuantizationType.F32, make, "rope_scaling")
+
+
+# --- compressed-tensors sources -------------------------------------------------------------------
+
+
+def _quantized_item(
+    config: dict[str, Any],
+    source: _Source,
+    scheme: _Scheme | None,
+    module: str,
+    new: str,
+    gguf_type: str,
+    report: _Report,
+) -> _Item:
+    import gguf
+
+    assert scheme is not None
+    if f"{module}.weight_g_idx" in source.where:
+        raise ExportError(f"tensor {module}: activation-ordered groups (weight_g_idx) are not converted to GGUF")
+    rows, cols = _int_shape(source, scheme, module)
+    transform, transposes = _row_transform(config, f"{module}.weight")
+    if transposes:
+        raise ExportError(f"tensor {module}: quantized Conv1D weights are not converted to GGUF")
+    exact = _exact_block(scheme, gguf_type)
+    q = gguf.GGMLQuantizationType
+    qtype = getattr(q, gguf_type) if gguf_type != "Q4_K_M" else getattr(q, _float_type(config))
+
+    def make() -> Any:
+        ints, scale, zp = _ints(source, scheme, module, rows, cols)
+        if exact is not None and (zp is None or not zp.any()):
+            data, ok = _blocks(transform(ints), transform(scale), exact, scheme, cols)
+            (report.exact if ok else report.inexact).append(module)
+            return data
+        report.inexact.append(module)
+        return _encode(transform(_dequantize(ints, scale, zp, cols)), qtype)
+
+    return _Item(new, (rows, cols), qtype, make, f"{module}.weight")
+
+
+def _exact_block(scheme: _Scheme, gguf_type: str) -> str | None:
+    """The block type the stored integers go into as they are, None when they do not fit."""
+    if not scheme.symmetric or (scheme.group is not None and scheme.group % 32):
+        return None
+    if gguf_type == "Q8_0" and scheme.bits <= 8:
+        return "Q8_0"
+    if gguf_type == "Q4_0" and scheme.bits <= 4:
+        return "Q4_0"
+    return None
+
+
+def _int_shape(source: _Source, scheme: _Scheme, module: str) -> tuple[int, int]:
+    if scheme.fmt == "pack-quantized":
+        rows, cols = (int(x) for x in source.get(f"{module}.weight_shape").tolist())
+        return rows, cols
+    shape = source.shape(f"{module}.weight")
+    if len(shape) != 2:
+        raise ExportError(f"tensor {module}.weight: shape {shape}, expected a matrix")
+    return shape[0], shape[1]
+
+
+def _ints(source: _Source, scheme: _Scheme, module: str, rows: int, cols: int) -> tuple[Any, Any, Any]:
+    """(int8 integers (rows, cols), scale (rows, groups) in its stored dtype, zero point or None)."""
+    import torch
+
+    if scheme.fmt == "pack-quantized":
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        ints = unpack_from_int32(source.get(f"{module}.weight_packed"), scheme.bits, torch.Size([rows, cols]))
+    else:
+        ints = source.get(f"{module}.weight")
+    if ints.dtype != torch.int8:
+        ints = ints.to(torch.int8)
+    scale = source.get(f"{module}.weight_scale")
+    zp_name = f"{module}.weight_zero_point"
+    zp = source.get(zp_name) if zp_name in source.where else None
+    scale = scale.reshape(rows, -1) if scale.numel() > 1 else scale.reshape(1, 1).expand(rows, 1)
+    return ints, scale, zp
+
+
+def _expand(scale: Any, cols: int, per: int) -> Any:
+    """(rows, groups) scales -> one per ``per`` columns (rows, cols / per)."""
+    groups = scale.shape[1]
+    return scale.repeat_interleave(cols // per // groups, dim=1)
+
+
+def _dequantize(ints: Any, scale: Any, zp: Any, cols: int) -> Any:
+    """compressed-tensors' dequantization: ``(q - zero_point) * scale`` in the scale's dtype."""
+    q = ints.to(scale.dtype)
+    full = _expand(scale, cols, 1)
+    if zp is not None:
+        q = q - _expand(zp.reshape(scale.shape).to(scale.dtype), cols, 1)
+    return q * full
+
+
+def _blocks(ints: Any, scale: Any, kind: str, scheme: _Scheme, cols: int) -> tuple[Any, bool]:
+    """Q8_0 / Q4_0 bytes straight from the integers and scales; whether every scale is exact in
+    float16. A block: float16 ``d`` then 32 int8 (Q8_0) or 16 bytes of nibbles ``q + 8``, element
+    j in the low nibble of byte j and element j + 16 in the high one (Q4_0)."""
+    import numpy as np
+    import torch
+
+    if cols % 32:
+        raise ExportError(f"rows of {cols} weights are not a multiple of 32")
+    d = _expand(scale, cols, 32).reshape(-1, 1)
+    d16 = d.to(torch.float16)
+    ok = bool(torch.equal(d16.to(d.dtype), d)) and bool(torch.isfinite(d16).all())
+    q = ints.reshape(-1, 32)
+    if kind == "Q8_0":
+        qs = q.numpy().view(np.uint8)
+    else:
+        if int(q.min()) < -8 or int(q.max()) > 7:
+            raise ExportError("4-bit integers outside -8..7")
+        u = (q + 8).to(torch.uint8)
+        qs = (u[:, :16] | (u[:, 16:] << 4)).numpy()
+    head = d16.numpy().view(np.uint8)
+    rows = ints.shape[0]
+    return np.concatenate([head, qs], axis=1).reshape(rows, -1), ok
+
+
+# --- K-quants -------------------------------------------------------------------------------------
+
+_LLAMA_FTYPES = {"Q4_K_M": 15}  # llama.h's LLAMA_FTYPE_MOSTLY_Q4_K_M
+
+
+def _k_quantize(src: Path, out: Path, gguf_type: str) -> dict[str, Any]:
+    """llama.cpp's quantizer on the 16-bit file ``src`` (its own K-quant mix and fallbacks)."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise ExportError(f"{gguf_type} needs llama.cpp's quantizer (llama-cpp-python), which is not installed") from e
+    t0 = time.perf_counter()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _LLAMA_FTYPES[gguf_type]
+    params.nthread = os.cpu_count() or 1
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0 or not out.is_file():
+        raise ExportError(f"llama.cpp's quantizer ({gguf_type}) failed with status {rc}")
+    return {"quantize_seconds": round(time.perf_counter() - t0, 3), "intermediate_type": src.name}
