@@ -48,6 +48,8 @@ def _tokenizer():  # noqa: ANN202 - a transformers PreTrainedTokenizerFast
 
 def _models() -> dict:
     from transformers import (
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
@@ -66,17 +68,22 @@ def _models() -> dict:
         "tiny-mistral": MistralForCausalLM(MistralConfig(**dec)),
         "qwen2": Qwen2ForCausalLM(Qwen2Config(**dec)),
         "gpt2": GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=64, **ids)),
+        "gemma3": Gemma3ForCausalLM(Gemma3TextConfig(**dec, head_dim=256, sliding_window=4)),
     }
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory) -> dict[str, Path]:
-    """The four tiny models (float32) and a bfloat16 Llama, each saved with the tokenizer."""
+    """The five tiny models (float32) and a bfloat16 Llama, each saved with the tokenizer."""
     root = tmp_path_factory.mktemp("gguf-zoo")
     tok = _tokenizer()
     torch.manual_seed(0)
     out = {}
     for name, model in _models().items():
+        with torch.no_grad():  # norms are initialized to 1 (0 for Gemma's 1 + w): make them matter
+            for n, p in model.named_parameters():
+                if "norm" in n or "ln_" in n:
+                    p.normal_(float(p.mean()), 0.3)
         out[name] = root / name
         model.save_pretrained(out[name])
         tok.save_pretrained(out[name])
@@ -196,7 +203,7 @@ TOLERANCE = {"F16": 2e-3, "BF16": 1e-2, "Q8_0": 3e-2}
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["llama", "tiny-mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "tiny-mistral", "qwen2", "gpt2", "gemma3"])
 def test_gguf_reads_back_and_loads_in_transformers(zoo, tmp_path, name) -> None:
     import gguf
 
@@ -384,7 +391,7 @@ def test_failures_name_the_tensor_and_leave_no_file(zoo, tmp_path, monkeypatch) 
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "gpt2", "gemma3"])
 def test_llama_cpp_runs_the_files(zoo, tmp_path, name) -> None:
     """llama.cpp loads F16 / Q8_0 / Q4_0 files; its logits match transformers' on the original
     (F16 within 1e-2, Q8_0 within 5e-2) and its tokenizer reads the vocabulary back."""

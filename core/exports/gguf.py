@@ -33,6 +33,8 @@ MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "gpt2": "gpt2",
+    # Gemma 3's text model (Gemma3ForCausalLM): norms store w with x * (1 + w), llama.cpp stores 1 + w
+    "gemma3_text": "gemma3",
 }
 
 # Rows must be a multiple of this for each type (0: any length).
@@ -43,6 +45,7 @@ _REQUIRED = {
     "llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
     "qwen2": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
     "gpt2": ("n_embd", "n_layer", "n_head", "vocab_size"),
+    "gemma3": ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"),
 }
 
 # Conv1D (GPT-2) weights are stored (in, out): the GGUF row is the first axis.
@@ -85,6 +88,8 @@ def refusals(config: dict[str, Any], tensors: dict[str, tuple[str, list[int]]], 
         out.append(f"config.json lacks {', '.join(missing)} (positive integers), needed for the GGUF metadata")
         return out
     out += _head_refusals(config, a)
+    if a == "gemma3":
+        out += _gemma3_refusals(config)
     out += _quant_config_refusals(config)
     out += _vocab_refusals(config, tensors)
     if gguf_type in BLOCK:
@@ -112,10 +117,24 @@ def _head_refusals(config: dict[str, Any], a: str) -> list[str]:
 
 
 def rope(config: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(rope type, its parameters) from ``rope_parameters`` (transformers 5) or ``rope_scaling``."""
+    """(rope type, its parameters) from ``rope_parameters`` (transformers 5) or ``rope_scaling``;
+    for models with per-layer-type parameters (Gemma 3), those of the full-attention layers."""
     params = dict(config.get("rope_scaling") or {})
     params.update(config.get("rope_parameters") or {})
+    if isinstance(params.get("full_attention"), dict):
+        params = dict(params["full_attention"])
     return str(params.get("rope_type") or params.get("type") or "default"), params
+
+
+def _gemma3_refusals(config: dict[str, Any]) -> list[str]:
+    """llama.cpp's gemma3 scales attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the
+    62-layer 27B), where transformers uses ``query_pre_attn_scalar``: they must agree."""
+    head_dim = config.get("head_dim") or 256
+    scalar = config.get("query_pre_attn_scalar", head_dim)
+    want = config["hidden_size"] // config["num_attention_heads"] if config["num_hidden_layers"] == 62 else head_dim
+    if scalar != want:
+        return [f"query_pre_attn_scalar {scalar} differs from {want}, the attention scale llama.cpp's gemma3 uses"]
+    return []
 
 
 def _quant_config_refusals(config: dict[str, Any]) -> list[str]:

@@ -249,10 +249,13 @@ def _metadata(w: Any, config: dict[str, Any], src_dir: Path, gguf_type: str) -> 
     w.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[gguf_type]))
     if gguf_type in ("Q8_0", "Q4_0"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    if spec.arch(config) == "gpt2":
+    arch = spec.arch(config)
+    if arch == "gpt2":
         _gpt2_metadata(w, config)
     else:
         _llama_metadata(w, config)
+    if arch == "gemma3":
+        _gemma3_metadata(w, config)
 
 
 def _gpt2_metadata(w: Any, c: dict[str, Any]) -> None:
@@ -280,13 +283,29 @@ def _llama_metadata(w: Any, c: dict[str, Any]) -> None:
     w.add_layer_norm_rms_eps(c.get("rms_norm_eps", 1e-6))
     w.add_rope_freq_base(float(c.get("rope_theta") or rope.get("rope_theta") or 10000.0))
     w.add_rope_dimension_count(head_dim)
-    if head_dim != c["hidden_size"] // heads:
+    if head_dim != c["hidden_size"] // heads and spec.arch(c) != "gemma3":
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
     w.add_vocab_size(c["vocab_size"])
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _gemma3_metadata(w: Any, c: dict[str, Any]) -> None:
+    """What Gemma 3 adds: explicit head size, the local layers' window, which layers are local and
+    their rope base, and the final logit soft-cap."""
+    head_dim = c.get("head_dim") or 256
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if c.get("sliding_window"):
+        w.add_sliding_window(c["sliding_window"])
+        if c.get("layer_types"):  # which layers are local, as the config says (llama.cpp assumes 5 of 6)
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in c["layer_types"]])
+        local = (c.get("rope_parameters") or {}).get("sliding_attention") or {}
+        w.add_rope_freq_base_swa(float(local.get("rope_theta", 10000.0)))
+    if c.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
 
 
 # --- tokenizer ------------------------------------------------------------------------------------
@@ -428,9 +447,9 @@ def _scheme(config: dict[str, Any]) -> _Scheme | None:
 
 
 def _row_transform(config: dict[str, Any], hf: str) -> tuple[Callable[[Any], Any], bool]:
-    """Rows rearranged the way llama.cpp expects, and whether that transposes: Llama q/k permuted
-    into its rotary layout, GPT-2 Conv1D (in, out) transposed. Applies alike to weights, biases,
-    integers and scales."""
+    """Tensors rearranged the way llama.cpp expects, and whether that transposes: Llama q/k rows
+    permuted into its rotary layout (alike for weights, biases, integers and scales), GPT-2
+    Conv1D (in, out) transposed, Gemma 3 norms shifted by 1."""
     arch = spec.arch(config)
     if arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias")):
         heads = config["num_attention_heads"]
@@ -439,6 +458,9 @@ def _row_transform(config: dict[str, Any], hf: str) -> tuple[Callable[[Any], Any
         return (lambda t: _permute(t, heads)), False
     if arch == "gpt2" and hf.endswith(spec.CONV1D_SUFFIXES):
         return (lambda t: t.t()), True
+    if arch == "gemma3" and hf.endswith("norm.weight"):
+        # Gemma3RMSNorm scales by (1 + w) in float32; llama.cpp's norm scales by its weight
+        return (lambda t: t.float() + 1.0), False
     return (lambda t: t), False
 
 
