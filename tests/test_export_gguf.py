@@ -396,9 +396,12 @@ def test_llama_cpp_runs_the_files(zoo, tmp_path, name) -> None:
     """llama.cpp loads F16 / Q8_0 / Q4_0 files; its logits match transformers' on the original
     (F16 within 1e-2, Q8_0 within 5e-2) and its tokenizer reads the vocabulary back."""
     pytest.importorskip("llama_cpp")
+    from transformers import AutoTokenizer
+
     from worker.export.gguf import export_gguf
     from worker.runtimes.llamacpp import LlamaCppRunner
 
+    hf_tok = AutoTokenizer.from_pretrained(zoo[name])
     ref = _logits(_hf(zoo[name]), IDS).numpy()
     for gguf_type, tol in (("F16", 1e-2), ("Q8_0", 5e-2), ("Q4_0", None)):
         export_gguf(zoo[name], tmp_path / f"{gguf_type}.gguf", gguf_type)
@@ -409,7 +412,9 @@ def test_llama_cpp_runs_the_files(zoo, tmp_path, name) -> None:
             if tol is not None:
                 assert abs(got[0] - ref).max() <= tol, (name, gguf_type, abs(got[0] - ref).max())
             assert run.tokens_per_second(IDS[:3], 8) > 0
-            assert run.llm.tokenize(b"the cat", add_bos=True, special=False)[:1] == [0]
+            # llama.cpp's tokenizer, built from the GGUF's vocabulary, splits text as the HF one
+            for text in sentences()[:5]:
+                assert run.llm.tokenize(text.encode(), add_bos=True, special=False) == hf_tok(text).input_ids
 
 
 @pytest.mark.integration
@@ -432,3 +437,45 @@ def test_q4_k_m_through_llama_cpp(zoo, tmp_path) -> None:
         got = run.logits([IDS])[0]
         cos = (got * ref).sum(-1) / ((got**2).sum(-1) ** 0.5 * (ref**2).sum(-1) ** 0.5)
         assert cos.min() > 0.8
+
+
+@pytest.mark.unit
+def test_tokenizer_pre_and_sentencepiece_style_vocab() -> None:
+    """The pre-tokenizer name llama.cpp needs, told from the regex; a byte-fallback BPE
+    (Llama 2 / Gemma style) becomes llama.cpp's "llama" vocabulary: <0xXX> pieces are BYTE tokens
+    and earlier merges score higher."""
+    from worker.export import gguf as exporter
+
+    def split(regex: str) -> dict:
+        return {
+            "pre_tokenizer": {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Split", "pattern": {"Regex": regex}},
+                    {"type": "ByteLevel", "use_regex": False},
+                ],
+            }
+        }
+
+    llama3 = r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+"
+    qwen2 = r"(?i:'s|'t)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+"
+    assert exporter._pre_name(split(llama3)) == "llama-bpe"
+    assert exporter._pre_name(split(qwen2)) == "qwen2"
+    assert exporter._pre_name(split(r"\w+")) == "default"
+    assert exporter._pre_name({"pre_tokenizer": {"type": "ByteLevel"}}) == "gpt-2"
+
+    tok = {
+        "model": {
+            "type": "BPE",
+            "byte_fallback": True,
+            "vocab": {"<unk>": 0, "<0x41>": 1, "▁": 2, "a": 3, "▁a": 4, "aa": 5},
+            "merges": [["▁", "a"], ["a", "a"]],
+        },
+        "added_tokens": [{"id": 0, "content": "<unk>", "special": True}],
+    }
+    tokens, types = exporter._tokens(tok, 7, spm=True)
+    assert tokens == ["<unk>", "<0x41>", "▁", "a", "▁a", "aa", "[PAD6]"]
+    assert types == [3, 6, 1, 1, 1, 1, 5]  # control, byte, normal..., unused padding row
+    assert exporter._spm_scores(tok["model"], tokens) == [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, 0.0]
+    with pytest.raises(exporter.ExportError, match="outside the model's vocab_size 5"):
+        exporter._tokens(tok, 5, spm=True)

@@ -47,7 +47,9 @@ from core.exports import gguf as spec
 
 # Buffers some checkpoints carry that are not weights (recomputed by every runtime).
 _SKIP = re.compile(r"(\.attn\.bias|\.attn\.masked_bias|rotary_emb\.inv_freq)$")
-_QUANT_SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+# A quantized module's tensors besides its integers: read with them, never written on their own
+# (activation scales too: llama.cpp quantizes activations its own way).
+_QUANT_LEAVES = ("weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", "input_scale", "input_zero_point")
 
 
 class ExportError(Exception):
@@ -381,7 +383,8 @@ def _spm_scores(model: dict[str, Any], tokens: list[str]) -> list[float]:
     for k, m in enumerate(model.get("merges") or []):
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rank.setdefault(a + b, k)
-    return [-float(rank.get(t, 0)) for t in tokens]
+    # merged pieces below every single character (0), the first merge highest
+    return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
 
 
 def _pre_name(tok: dict[str, Any]) -> str:
@@ -409,7 +412,7 @@ def _plan(config: dict[str, Any], source: _Source, gguf_type: str, report: _Repo
     tied = _tied(config, source)
     for name in source.names():
         module, _, leaf = name.rpartition(".")
-        if _SKIP.search(name) or (module in modules and leaf in _QUANT_SUFFIXES[1:]):
+        if _SKIP.search(name) or (module in modules and leaf in _QUANT_LEAVES):
             continue
         quantized = module in modules and leaf in ("weight", "weight_packed")
         hf = f"{module}.weight" if quantized else name
