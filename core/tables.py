@@ -189,6 +189,8 @@ class Job(Base):
     steps: Mapped[list[Any]] = mapped_column(JSON)
     # How the report measures the job (app.jobs.schemas.EvaluationIn); null: the defaults.
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The artifact's format (core.exports.OutputIn); null: safetensors (jobs from before formats).
+    output: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     # Incremented by every claim; final writes only apply while the claimer's attempt holds.

@@ -504,6 +504,28 @@ def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
     return evaluation
 
 
+def parse_export(spec: str) -> dict[str, Any]:
+    """``--export gguf:type=Q4_0`` / ``onnx:quantize=int8_dynamic`` / ``safetensors`` (or a JSON
+    object) -> the job spec's ``output``: the step syntax, its method being the format."""
+    if spec.strip().startswith("{"):
+        try:
+            out = json.loads(spec)
+        except ValueError as e:
+            raise ValueError(f"--export {spec!r}: not valid JSON ({e})") from None
+        if not isinstance(out, dict) or not isinstance(out.get("format"), str):
+            raise ValueError(f'--export {spec!r}: a JSON output is {{"format": ..., ...}}')
+        return out
+    try:
+        step = parse_step(spec)
+    except ValueError as e:
+        raise ValueError(str(e).replace("--step", "--export").replace("METHOD", "FORMAT")) from None
+    return {"format": step["method"], **step["params"]}
+
+
+def _output(args: argparse.Namespace) -> dict[str, Any] | None:
+    return parse_export(args.export) if getattr(args, "export", None) else None
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
     steps = [parse_step(s) for s in args.step]
     with _client(args) as mp:
@@ -513,6 +535,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
             dataset_id=args.dataset,
             eval_dataset_id=args.eval_dataset,
             evaluation=_evaluation(args),
+            output=_output(args),
         )
     if args.json:
         _print_json(est)
@@ -532,6 +555,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             dataset_id=args.dataset,
             eval_dataset_id=args.eval_dataset,
             evaluation=evaluation,
+            output=_output(args),
         )
         if args.wait:
             if not args.json:
@@ -1087,8 +1111,15 @@ def _add_compress_command(add: _Add) -> None:
     p.add_argument(
         "--no-eval", action="store_true", help="report sizes and sparsity only (no speed, quality, fidelity)"
     )
+    p.add_argument("--export", metavar="FORMAT[:key=value]", help=_EXPORT_HELP)
     p.add_argument("--wait", action="store_true", help="wait for the job, showing its stage and progress live")
     _wait_flags(p)
+
+
+_EXPORT_HELP = (
+    "the artifact's format: safetensors (default), gguf[:type=F16|BF16|Q8_0|Q4_0|Q4_K_M] (llama.cpp) or "
+    "onnx[:quantize=int8_dynamic|int8_static] (ONNX Runtime); docs/EXPORTS.md"
+)
 
 
 def _jobs_filters(p: argparse.ArgumentParser, *, nested: bool = False) -> None:
@@ -1147,6 +1178,7 @@ def _add_jobs_commands(add: _Add) -> None:
     e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
     e.add_argument("--no-eval", action="store_true", help="plan without the report's evaluation")
+    e.add_argument("--export", metavar="FORMAT[:key=value]", help=_EXPORT_HELP)
     _download_args(sub("download", cmd_download, _DOWNLOAD_HELP, _DOWNLOAD_EPILOG, output=False))
 
 

@@ -730,6 +730,7 @@ class _BaseClient:
         dataset_id: Any,
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
+        output: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         return _drop_none(
             {
@@ -739,6 +740,7 @@ class _BaseClient:
                 "dataset_id": _id(dataset_id) if dataset_id is not None else None,
                 "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
                 "evaluation": dict(evaluation) if evaluation is not None else None,
+                "output": dict(output) if output is not None else None,
             }
         )
 
@@ -751,8 +753,9 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
+        output: Mapping[str, Any] | None = None,
     ) -> _Call[Job]:
-        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
+        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, output)
         return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
 
     def _estimate_call(
@@ -762,8 +765,9 @@ class _BaseClient:
         dataset_id: Any,
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
+        output: Mapping[str, Any] | None = None,
     ) -> _Call[Estimate]:
-        body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation)
+        body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation, output)
         return _Call("POST", "/v1/jobs/estimate", _json_of(Estimate), json=body, safe=True)
 
     def _sweep_call(
@@ -776,8 +780,9 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
+        output: Mapping[str, Any] | None = None,
     ) -> _Call[Sweep]:
-        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation)
+        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, output)
         body["vary"] = {str(k): list(v) for k, v in vary.items()}
         return _Call("POST", "/v1/sweeps", _json_of(Sweep), json=body, headers=self._idem(idempotency_key))
 
@@ -1097,11 +1102,12 @@ class Client(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples."""
         return self._send(
-            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output)
         )
 
     def estimate(
@@ -1112,10 +1118,11 @@ class Client(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
     ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``): peak memory,
         scratch disk, artifact bytes, seconds, and whether a live worker's budget fits it."""
-        return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
+        return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output))
 
     def get_job(self, job_id: str | Job) -> Job:
         return self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
@@ -1238,11 +1245,14 @@ class Client(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Sweep:
         """One job per combination of ``vary`` (``{"steps[0].params.sparsity": [0.3, 0.5]}``)."""
         return self._send(
-            self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+            self._sweep_call(
+                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output
+            )
         )
 
     def get_sweep(self, sweep_id: str | Sweep) -> Sweep:
@@ -1528,10 +1538,11 @@ class AsyncClient(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
         return await self._send(
-            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output)
         )
 
     async def estimate(
@@ -1542,9 +1553,10 @@ class AsyncClient(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
     ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``)."""
-        return await self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation))
+        return await self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output))
 
     async def get_job(self, job_id: str | Job) -> Job:
         return await self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
@@ -1653,10 +1665,13 @@ class AsyncClient(_BaseClient):
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
+        output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Sweep:
         return await self._send(
-            self._sweep_call(model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key)
+            self._sweep_call(
+                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output
+            )
         )
 
     async def get_sweep(self, sweep_id: str | Sweep) -> Sweep:

@@ -726,6 +726,16 @@ class Evaluator:
         del module
         gc.collect()
 
+    def measure_compressed_module(self, module: torch.nn.Module, load_s: float, kernel: dict[str, Any]) -> None:
+        """The compressed model already built, e.g. an export in its runtime (worker/runtimes/module.py):
+        measured as ``measure_compressed`` measures a loaded artifact, ``kernel`` saying what runs it."""
+        if self.skip_reason is not None or self.original is None:
+            return
+        self.kernel = dict(kernel)
+        self._say("evaluating compressed model", 0.0, new_stage=True)
+        self.compressed = self._run(module, "compressed", (0.05, 0.75, 1.0))
+        self.compressed.seconds["load"] = load_s
+
     def _quantized_kernels(self, module: torch.nn.Module, artifact_dir: Path, qc: Any) -> None:
         """A compressed-tensors artifact loads decompressed to float. Where this device has kernels
         that run its compressed form (CPU: PyTorch's dynamic int8 Linear, fbgemm/x86, for W8A8),

@@ -31,7 +31,7 @@ from core.jobs import repository as jobs_repo
 from core.reconcile import drop_artifacts
 from core.storage import Storage, get_storage
 from core.tables import Dataset, Job, Model
-from worker import evaluate, heartbeat, limits, memory, methods, model_io, stream, sweep
+from worker import evaluate, exporting, heartbeat, limits, memory, methods, model_io, stream, sweep
 from worker.context import JobPort, Sample, StoredModel
 
 log = logging.getLogger("modelpress.worker")
@@ -108,6 +108,8 @@ class JobContext:
     step_span: tuple[float, float] = (0.0, 1.0)
     step_label: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)  # core.jobs.schemas.EvaluationIn
+    # The artifact's format (core.exports.OutputIn as a dict); safetensors: the steps' own result.
+    output: dict[str, Any] = field(default_factory=lambda: {"format": "safetensors"})
     port: JobPort | None = None  # None: the database's (DbJobPort)
     _samples: dict[str, list[Sample]] = field(default_factory=dict)
 
@@ -297,14 +299,14 @@ def run_job(job_id: str) -> bool:
 
 
 def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage) -> None:
-    steps, evaluation, datasets, model_info = _read_job(job_id)
+    steps, evaluation, datasets, model_info, output = _read_job(job_id)
     # The scratch folder is named after this attempt and this process (worker/sweep.py): a
     # sweeper removes it once the process is gone or the attempt lost the job.
     work = sweep.scratch_dir(settings, job_id, attempt)
     # Earlier attempts of this job died (their claims expired): their scratch folders on this
     # host are garbage (the sweepers of other hosts remove theirs).
     sweep.drop_earlier_scratch(settings, job_id, attempt)
-    ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation)
+    ctx = JobContext(job_id, attempt, settings, storage, work, datasets, evaluation=evaluation, output=output)
     logs.bind(job_id=job_id, attempt=attempt)  # undone when the task ends (worker/tasks.py)
     log.info("job %s attempt %d: started", job_id, attempt)
 
@@ -343,9 +345,10 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
 
 def _read_job(
     job_id: str,
-) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None]:
+) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
     """What the attempt needs of the job's rows, read in one session: its steps, its evaluation
-    settings (the defaults filled in), its datasets and its model (None when it was deleted)."""
+    settings (the defaults filled in), its datasets, its model (None when it was deleted) and
+    its output format."""
     from core.jobs.schemas import EvaluationIn
 
     with get_sessionmaker()() as s:
@@ -353,6 +356,7 @@ def _read_job(
         model = s.get(Model, job.model_id) if job.model_id else None
         steps = list(job.steps)
         evaluation = EvaluationIn.model_validate(job.evaluation or {}).model_dump()
+        output = dict(job.output or {"format": "safetensors"})
         datasets = {}
         for which, ds_id in (("train", job.dataset_id), ("eval", job.eval_dataset_id)):
             ds = s.get(Dataset, ds_id) if ds_id else None
@@ -376,7 +380,7 @@ def _read_job(
                 "parameters": model.parameters,
             }
         )
-    return steps, evaluation, datasets, model_info
+    return steps, evaluation, datasets, model_info, output
 
 
 def _record_outcome(job_id: str, attempt: int, storage: Storage, outcome: tuple[str, dict[str, Any]] | None) -> None:
@@ -503,7 +507,8 @@ def _execute_in_memory(
     fmt = model_info["format"]
     original_weight_bytes = evaluate.tensor_bytes(src)
     blocks = _block_steps(fmt, steps, ctx.settings)
-    enabled = ctx.evaluation.get("enabled", True)
+    # An export is measured in its runtime (the export stage), not as safetensors here.
+    enabled = ctx.evaluation.get("enabled", True) and not exporting.wanted(ctx.output)
     # Too large to hold whole twice: evaluated after saving, both models with their weights on
     # disk, side by side (Evaluator.measure_side_by_side).
     streamed_eval = bool(blocks and enabled and not _fits_twice(original_weight_bytes, ctx.settings))
@@ -528,13 +533,16 @@ def _execute_in_memory(
     sections = _evaluate_saved(ctx, evaluator, src, fmt, out, work, enabled, streamed_eval)
     t0 = time.perf_counter()
     filename, artifact = _package(ctx, out, work, fmt)
+    filename, artifact, export, measured = _export(ctx, filename, artifact, fmt, src, work, steps)
     size, sha = artifact.stat().st_size, _sha256(artifact)
     key = _store(ctx, storage, artifact, filename, t0, t_start)
     metrics = {
         "size": _size_metrics(model_info, size, original_weight_bytes, artifact_weight_bytes, memory_bytes, params),
+        **_export_sections(export),
         "notes": notes,
         "sparsity": sparsity,
         **sections,
+        **measured,
         "memory": peak.result(),
         "engine": dict(_ENGINE_BLOCKS if blocks else _ENGINE_WHOLE),
         "steps": step_metrics,
@@ -661,6 +669,80 @@ def _package(ctx: JobContext, out: Path, work: Path, fmt: str) -> tuple[str, Pat
         return filename, artifact
     filename = "model.safetensors"
     return filename, out / filename
+
+
+def _export(
+    ctx: JobContext, filename: str, artifact: Path, fmt: str, src: Path, work: Path, steps: list[dict[str, Any]]
+) -> tuple[str, Path, dict[str, Any] | None, dict[str, Any]]:
+    """The job's output format (worker/exporting.py): (filename, artifact, the report's export
+    section, the speed/quality/fidelity sections measured in the export's runtime); the steps'
+    own artifact unchanged (no sections) for safetensors."""
+    if not exporting.wanted(ctx.output):
+        return filename, artifact, None, {}
+    _stop_if_canceled(ctx)
+    fmt_name = ctx.output["format"]
+    ctx.progress(f"exporting ({fmt_name})", 0.9)
+    t0 = time.perf_counter()
+    static = ctx.output.get("quantize") == "int8_static" and ctx.has_samples("train")
+    texts = [s["text"] for s in ctx.samples("train")] if static else None
+    measured: dict[str, Any] = {}
+
+    def measure(exported: Path, export: dict[str, Any]) -> dict[str, Any]:
+        ctx.stage_seconds["export"] = time.perf_counter() - t0
+        return _measure_export(ctx, src, exported, export, work, steps)
+
+    try:
+        new, section, measured_sections = exporting.export_artifact(
+            artifact, fmt, work, ctx.output, steps, texts, measure if ctx.evaluation.get("enabled", True) else None
+        )
+        measured = measured_sections or {}
+    except exporting.ExportFailed as e:
+        raise JobFailed("export_failed", f"the {fmt_name} export failed: {e}") from e
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise JobFailed(
+                "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
+            ) from e
+        raise
+    final = work / "model.zip"
+    new.replace(final)
+    ctx.stage_seconds.setdefault("export", time.perf_counter() - t0)
+    return final.name, final, section, measured
+
+
+def _measure_export(
+    ctx: JobContext, src: Path, exported: Path, export: dict[str, Any], work: Path, steps: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Speed, quality and fidelity of the export in its runtime, the original exported to the same
+    runtime beside it; unavailable (with the reason) where this worker lacks the runtime."""
+    _stop_if_canceled(ctx)
+    missing = exporting.runtime_missing(ctx.output)
+    if missing is not None and ctx.output["format"] != "gguf":
+        off = {"available": False, "reason": missing}
+        return {"speed": off, "quality": off, "fidelity": off}
+    t0 = time.perf_counter()
+    evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx), _span_progress(ctx, 0.9, 0.96))
+    evaluator.compressed_cost = 1.0  # both run in the same runtime, each with its own kernels
+    try:
+        if missing is not None:  # GGUF without llama.cpp: its weights' quality, through transformers
+            return exporting.measure_gguf_weights(evaluator, src, exported, export)
+        return exporting.measure_in_runtime(evaluator, ctx.output, src, exported, export, work)
+    except exporting.ExportFailed:
+        raise
+    except Exception as e:  # the artifact stands; only its measurement failed, which the report says
+        log.exception("job %s: measuring the export in its runtime", ctx.job_id)
+        off = {"available": False, "reason": f"the runtime failed: {e.__class__.__name__}: {str(e)[:300]}"}
+        return {"speed": off, "quality": off, "fidelity": off}
+    finally:
+        ctx.stage_seconds["evaluate_export"] = time.perf_counter() - t0
+
+
+def _export_sections(export: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's ``export`` section, and a note that the other sections measured the steps'
+    safetensors result the export was converted from."""
+    if export is None:
+        return {}
+    return {"export": export}
 
 
 def _store(ctx: JobContext, storage: Storage, artifact: Path, filename: str, t0: float, t_start: float) -> str:
@@ -829,12 +911,17 @@ def _execute_stream(
         for (spec, _), step, m in zip(streamed, steps, result.step_metrics, strict=True)
     ]
     sections = _evaluate_stream_artifact(ctx, src, fmt, artifact, work, steps, result.weight_bytes_in)
+    filename, exported, export, measured = _export(ctx, filename, artifact, fmt, src, work, steps)
+    if export is not None:
+        artifact, size, sha = exported, exported.stat().st_size, _sha256(exported)
+        sections = {**sections, **measured}
 
     key = _store(ctx, storage, artifact, filename, time.perf_counter(), t_start)
     metrics = {
         "size": _size_metrics(
             model_info, size, result.weight_bytes_in, result.weight_bytes_out, result.memory_bytes, result.parameters
         ),
+        **_export_sections(export),
         "notes": result.notes,
         "sparsity": result.sparsity,
         **sections,
@@ -919,6 +1006,8 @@ def _evaluate_stream_artifact(
     enabled = ctx.evaluation.get("enabled", True)
     if not enabled:
         return _evaluation_off()
+    if exporting.wanted(ctx.output):
+        return {}  # measured in the export's runtime by the export stage
     _stop_if_canceled(ctx)
     if not _fits_twice(weight_bytes_in, ctx.settings):
         evaluator = evaluate.Evaluator(ctx.evaluation, src, lambda: _eval_texts(ctx))

@@ -215,6 +215,11 @@ class JobMetrics(BaseModel):
     notes: dict[str, Any] = Field(default_factory=dict, description="how the artifact stores and runs its weights")
     evaluation: dict[str, Any] | None = Field(default=None, description="the evaluation settings used")
     engine: dict[str, Any] | None = Field(default=None, description="how the job ran (stream, blocks, whole)")
+    export: dict[str, Any] | None = Field(
+        default=None,
+        description="the output format's conversion (gguf, onnx): files, bytes, tensor type or quantization, "
+        "exactness, seconds, and the runtime's own measurements (docs/EXPORTS.md); absent for safetensors",
+    )
 
 
 class JobReport(JobMetrics):

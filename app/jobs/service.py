@@ -8,6 +8,7 @@ from app.auth import Caller
 from app.datasets import repository as datasets_repo
 from app.models import repository as models_repo
 from app.webhooks import service as webhooks_service
+from core import exports
 from core import workers as worker_registry
 from core.config import get_settings
 from core.db import UnitOfWork
@@ -35,7 +36,7 @@ def submit(
     model, steps = _checked(uow, caller, body)
     quotas.check_job(uow.session, caller.tenant_id)
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
-    plan = _plan_or_none(uow, model, steps, body.evaluation.model_dump(), queue)
+    plan = _plan_or_none(uow, model, steps, body.evaluation.model_dump(), queue, body.output.model_dump())
     if plan is not None:
         fleet = fleet_budget(uow, plan, queue)
         if fleet is not None and not fleet["fits"]:
@@ -51,6 +52,7 @@ def submit(
         eval_dataset_id=body.eval_dataset_id,
         enqueued_at=utcnow(),
         evaluation=body.evaluation.model_dump(),
+        output=body.output.model_dump(),
         sweep_id=sweep_id,
         sweep_point=sweep_point,
         webhook_url=body.webhook_url,
@@ -71,7 +73,7 @@ def estimate(uow: UnitOfWork, caller: Caller, body: JobIn) -> dict[str, Any]:
     model, steps = _checked(uow, caller, body)
     queue = "gpu" if any(get_method(s["method"]).needs_gpu for s in steps) else "cpu"
     try:
-        plan = plan_job(uow, model, steps, body.evaluation.model_dump(), queue)
+        plan = plan_job(uow, model, steps, body.evaluation.model_dump(), queue, body.output.model_dump())
     except (OSError, planner.HeaderError) as e:
         raise Conflict(
             f"the model's stored files cannot be read to plan the job ({e})", code="model_unreadable"
@@ -110,7 +112,25 @@ def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
     _check_student_models(uow, caller, model, steps)
+    _check_output(body, info, steps)
     return model, steps
+
+
+def _check_output(body: JobIn, info: ModelInfo, steps: list[dict]) -> None:
+    """422 ``output_unsupported`` when the model cannot be written in the requested format, with
+    every reason (each names the tensor or setting at fault, and what the format supports)."""
+    output = body.output.model_dump()
+    reasons = exports.refusals(output, info, steps, has_dataset=body.dataset_id is not None)
+    if reasons:
+        raise Unprocessable(
+            f"the model cannot be exported as {output['format']}: {reasons[0]}"
+            + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""),
+            code="output_unsupported",
+            errors=[
+                {"loc": ["body", "output"], "msg": r, "type": "output_unsupported", "format": output["format"]}
+                for r in reasons
+            ],
+        )
 
 
 # --- plans and the fleet's budgets -------------------------------------------------------------
@@ -131,15 +151,18 @@ def _model_tensors(uow: UnitOfWork, model: Model) -> list[planner.Tensor]:
     return cache[model.id]
 
 
-def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str) -> dict[str, Any]:
-    """The job's plan (core/jobs/plan.py), with the live workers' measured throughput."""
+def plan_job(
+    uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str, output: dict | None = None
+) -> dict[str, Any]:
+    """The job's plan (core/jobs/plan.py), with the live workers' measured throughput and the
+    export stage of an output format (core.exports.with_export)."""
     storage = get_storage()
     tensors = _model_tensors(uow, model)
     # MODELPRESS_STREAM_ENGINE false (the workers' setting, read here too) builds every model in memory.
     settings = get_settings()
     stream = planner.stream_capable(steps, load_all()) and settings.stream_engine
     blocks = not stream and planner.blocks_capable(model.format, steps, load_all()) and settings.block_engine
-    return planner.compute(
+    plan = planner.compute(
         fmt=model.format,
         tensors=tensors,
         other_bytes=sum(f["size_bytes"] for f in model.files if not f["name"].endswith(".safetensors")),
@@ -153,15 +176,16 @@ def plan_job(uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict,
         memory_bytes=_fleet_memory(uow, queue),
         activation_memory_bytes=settings.activation_memory_mb << 20,
     )
+    return exports.with_export(plan, output or {}, steps, model.config)
 
 
 def _plan_or_none(
-    uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str
+    uow: UnitOfWork, model: Model, steps: list[dict], evaluation: dict, queue: str, output: dict | None = None
 ) -> dict[str, Any] | None:
     """A submit's plan; None when the stored files cannot be read (the job is accepted unplanned:
     the worker's own load reports the problem)."""
     try:
-        return plan_job(uow, model, steps, evaluation, queue)
+        return plan_job(uow, model, steps, evaluation, queue, output)
     except (OSError, planner.HeaderError) as e:
         log.warning("model %s: no plan (%s)", model.id, e)
         return None

@@ -159,7 +159,8 @@ def budget_rows(sec: Mapping[str, Any], counted: str) -> list[tuple[str, Cell]]:
 def job_sections(r: dict[str, Any]) -> list[Section]:
     """The page's sections in order; the last three only when the report has them."""
     parts = [overview(r), steps(r), size(r), sparsity(r), speed(r), memory(r), quality(r), fidelity(r)]
-    return parts + [s for s in (stages(r), evaluation(r), notes_section(r)) if s is not None]
+    extra = (export(r), stages(r), evaluation(r), notes_section(r))
+    return parts + [s for s in extra if s is not None]
 
 
 def overview(r: Mapping[str, Any]) -> Section:
@@ -514,6 +515,41 @@ def fidelity(r: Mapping[str, Any]) -> Section:
         if k not in shown and v
     ]
     return Section("Fidelity to the original", rows=rows)
+
+
+# The export section's keys in the order a reader wants them, with their labels; others follow.
+_EXPORT_ROWS = (
+    ("format", "Format"),
+    ("gguf_type", "GGUF tensor type"),
+    ("quantize", "ONNX quantization"),
+    ("file", "File"),
+    ("files", "Files"),
+    ("bytes", "Bytes"),
+    ("exact", "Exact (no second rounding)"),
+    ("inexact_tensors", "Tensors not exact"),
+    ("opset", "ONNX opset"),
+    ("seconds", "Conversion time"),
+    ("total_seconds", "Export stage time"),
+)
+
+
+def export(r: Mapping[str, Any]) -> Section | None:
+    """The output format's conversion (gguf, onnx): what was written and how long it took."""
+    ex = r.get("export")
+    if not isinstance(ex, dict) or not ex:
+        return None
+    rows: list[tuple[str, Cell]] = []
+    seen = set()
+    for key, label in _EXPORT_ROWS:
+        if key in ex:
+            seen.add(key)
+            v = ex[key]
+            if key == "bytes":
+                rows.append((label, units.size(v)))
+            else:
+                rows.append((label, units.seconds(v) if key.endswith("seconds") else notes.spelled(v)))
+    rows += [(str(k), notes.spelled(v)) for k, v in ex.items() if k not in seen and not isinstance(v, dict)]
+    return Section("Export", rows=rows)
 
 
 def stages(r: Mapping[str, Any]) -> Section | None:

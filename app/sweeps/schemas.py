@@ -5,6 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.exports import OutputIn, SafetensorsOutput
 from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
 
 # A sweep varies at most this many parameters...
@@ -47,6 +48,9 @@ class SweepIn(BaseModel):
     )
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the reports evaluate quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
+    output: OutputIn = Field(
+        default_factory=SafetensorsOutput, description="every point's artifact format (as a job's output)"
+    )
 
 
 class SweepSpec(BaseModel):
@@ -55,6 +59,7 @@ class SweepSpec(BaseModel):
     dataset_id: str | None = None
     eval_dataset_id: str | None = None
     evaluation: dict[str, Any] | None = None
+    output: dict[str, Any] | None = None
 
 
 class Counts(BaseModel):

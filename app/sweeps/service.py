@@ -167,6 +167,7 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
         dataset_id=body.dataset_id,
         eval_dataset_id=body.eval_dataset_id,
         evaluation=body.evaluation.model_dump(),
+        output=body.output.model_dump(),
     )
     sweep = Sweep(
         tenant_id=caller.tenant_id, model_id=body.model_id, name=body.name, spec=spec.model_dump(), points=len(points)
@@ -182,6 +183,7 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
             dataset_id=body.dataset_id,
             eval_dataset_id=body.eval_dataset_id,
             evaluation=body.evaluation,
+            output=body.output,
         )
         try:
             jobs.append(jobs_service.submit(uow, caller, job_in, sweep_id=sweep.id, sweep_point=values))

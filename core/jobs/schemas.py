@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from core.exports import OutputIn, SafetensorsOutput
 from core.jsonsafe import format_path
 from core.methods import MethodConstraint
 from core.webhooks import ssrf
@@ -104,6 +105,11 @@ class JobIn(BaseModel):
     )
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
+    output: OutputIn = Field(
+        default_factory=SafetensorsOutput,
+        description="the artifact's format: safetensors (default; compressed-tensors, for transformers and vLLM), "
+        "gguf (llama.cpp) or onnx (ONNX Runtime), converted after the steps (docs/EXPORTS.md)",
+    )
     webhook_url: str | None = Field(
         default=None,
         max_length=ssrf.MAX_URL_LENGTH,
@@ -194,6 +200,9 @@ class JobOut(BaseModel):
     eval_dataset_id: str | None = None
     sweep_id: str | None = None
     evaluation: dict[str, Any] | None = None
+    output: dict[str, Any] = Field(
+        default_factory=lambda: SafetensorsOutput().model_dump(), description="the artifact's format (JobIn.output)"
+    )
     status: JobStatus
     steps: list[dict[str, Any]]
     queue: str
@@ -222,6 +231,7 @@ class JobOut(BaseModel):
             eval_dataset_id=job.eval_dataset_id,
             sweep_id=job.sweep_id,
             evaluation=job.evaluation,
+            output=job.output or SafetensorsOutput().model_dump(),
             status=job.status,
             steps=job.steps,
             queue=job.queue,
