@@ -263,12 +263,12 @@ def test_bf16_and_q4_0_from_a_bfloat16_model(zoo, tmp_path) -> None:
 # --- the exact path -------------------------------------------------------------------------------
 
 
-def _quantize(src: Path, out: Path, params: dict) -> Path:
-    """The project's own quantize.weight_only (in memory), saved as the job saves it."""
+def _quantize(src: Path, out: Path, params: dict, name: str = "quantize.weight_only") -> Path:
+    """The project's own quantization method (in memory), saved as the job saves it."""
     from worker import methods, model_io
 
     loaded = model_io.load(src, "hf")
-    method = methods.get("quantize.weight_only")
+    method = methods.get(name)
     method.handler(loaded, method.params.model_validate(params), None)
     model_io.save(loaded, out, {"modelpress_manifest": 1, "test": True})
     return out
@@ -291,14 +291,23 @@ def _artifact_weights(path: Path) -> dict[str, torch.Tensor]:
                 shape = torch.Size(f.get_tensor(f"{m}.weight_shape").tolist())
                 q = unpack_from_int32(f.get_tensor(k), args.num_bits, shape)
                 out[f"{m}.weight"] = dequantize(q, f.get_tensor(f"{m}.weight_scale"), None, args)
-            elif k.endswith(".weight") and f.get_slice(k).get_dtype() != "I32":
+            elif f"{k}_scale" in f.keys():  # int-quantized: int8 weight  # noqa: SIM118
+                out[k] = dequantize(f.get_tensor(k), f.get_tensor(f"{k}_scale"), None, args)
+            elif k.endswith(".weight"):
                 out[k] = f.get_tensor(k)
     return out
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize(("params", "gguf_type"), [({"bits": 4, "group_size": 32}, "Q4_0"), ({"bits": 8}, "Q8_0")])
-def test_exact_export_is_bit_identical(zoo, tmp_path, params, gguf_type) -> None:
+@pytest.mark.parametrize(
+    ("method", "params", "gguf_type"),
+    [
+        ("quantize.weight_only", {"bits": 4, "group_size": 32}, "Q4_0"),
+        ("quantize.weight_only", {"bits": 8}, "Q8_0"),  # pack-quantized, one scale a row
+        ("quantize.dynamic_int8", {}, "Q8_0"),  # int-quantized: int8 `weight` tensors
+    ],
+)
+def test_exact_export_is_bit_identical(zoo, tmp_path, method, params, gguf_type) -> None:
     """Every matrix of the GGUF, dequantized (gguf.quants, through transformers' loader, which also
     undoes the q/k permutation), rounded to the artifact's dtype (bfloat16), equals the artifact's
     own dequantized weight bit for bit; norms are float32 copies of the bfloat16 ones."""
@@ -306,7 +315,8 @@ def test_exact_export_is_bit_identical(zoo, tmp_path, params, gguf_type) -> None
 
     from worker.export.gguf import export_gguf
 
-    art = _quantize(zoo["llama-bf16"], tmp_path / "art", params)
+    art = _quantize(zoo["llama-bf16"], tmp_path / "art", params, method)
+    assert spec.exact_type([{"method": method, "params": params}]) == gguf_type
     res = export_gguf(art, tmp_path / "x.gguf", gguf_type)
     assert res["exact"] is True and res["inexact_tensors"] == [] and res["exact_tensors"] == 14
     reader = gguf.GGUFReader(tmp_path / "x.gguf")
