@@ -439,6 +439,8 @@ def test_q4_k_m_through_llama_cpp(zoo, tmp_path) -> None:
 
     res = export_gguf(zoo["llama"], tmp_path / "k.gguf", "Q4_K_M")
     assert res["intermediate_type"].endswith(".f16.tmp") and list(tmp_path.iterdir()) == [tmp_path / "k.gguf"]
+    # rows of 64 and 128: Q4_K/Q6_K need 256, so llama.cpp's fallbacks (Q5_0, Q8_0) hold them
+    assert set(res["tensor_types"]) <= {"F32", "Q5_0", "Q5_1", "Q8_0"} and res["tensor_types"]["F32"] == 5
     reader = gguf.GGUFReader(tmp_path / "k.gguf")
     assert reader.fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert reader.fields["tokenizer.chat_template"].contents() == TEMPLATE
@@ -447,6 +449,32 @@ def test_q4_k_m_through_llama_cpp(zoo, tmp_path) -> None:
         got = run.logits([IDS])[0]
         cos = (got * ref).sum(-1) / ((got**2).sum(-1) ** 0.5 * (ref**2).sum(-1) ** 0.5)
         assert cos.min() > 0.8
+
+
+@pytest.mark.integration
+def test_q4_k_m_with_256_wide_rows(tmp_path) -> None:
+    """Where rows are multiples of 256, the file holds real K-quants: Q4_K, and Q6_K for the
+    tensors Q4_K_M keeps at higher precision (output, half of attn_v / ffn_down)."""
+    pytest.importorskip("llama_cpp")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from worker.export.gguf import export_gguf
+    from worker.runtimes.llamacpp import LlamaCppRunner
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
+    )
+    cfg.update({"vocab_size": VOCAB, "max_position_embeddings": 64, "bos_token_id": 0, "eos_token_id": 1})
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    _tokenizer().save_pretrained(tmp_path / "m")
+    res = export_gguf(tmp_path / "m", tmp_path / "k.gguf", "Q4_K_M")
+    assert res["tensor_types"]["Q4_K"] >= 8 and res["tensor_types"]["Q6_K"] >= 2, res["tensor_types"]
+    ref = _logits(_hf(tmp_path / "m"), IDS).numpy()
+    with LlamaCppRunner(tmp_path / "k.gguf", n_threads=2, n_ctx=64) as run:
+        got = run.logits([IDS])[0]
+    cos = (got * ref).sum(-1) / ((got**2).sum(-1) ** 0.5 * (ref**2).sum(-1) ** 0.5)
+    assert cos.min() > 0.9, cos  # 0.984 measured (random weights, 4-bit)
 
 
 @pytest.mark.unit

@@ -147,9 +147,20 @@ def export_gguf(src_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Any]
         "exact": (not report.inexact) if quantized else None,
         "exact_tensors": len(report.exact),
         "inexact_tensors": report.inexact,
+        "tensor_types": _type_counts(out_path),
         "seconds": round(time.perf_counter() - t0, 3),
         **info,
     }
+
+
+def _type_counts(path: Path) -> dict[str, int]:
+    """How many tensors of each type the file holds (a K-quant's fallbacks show here: llama.cpp
+    stores rows that are not a multiple of 256 in a 32-block type)."""
+    from collections import Counter
+
+    import gguf
+
+    return dict(sorted(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors).items()))
 
 
 def _config(src_dir: Path) -> dict[str, Any]:
