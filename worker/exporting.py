@@ -193,7 +193,9 @@ def _causal(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
-def original_in_runtime(output: dict[str, Any], original_src: Path, dest: Path, config: dict[str, Any]) -> Any:
+def original_in_runtime(
+    output: dict[str, Any], original_src: Path, dest: Path, config: dict[str, Any], n_ctx: int = 512
+) -> Any:
     """The original model exported to the same runtime (a 16-bit GGUF; a float32 ONNX), and its runner."""
     dest.mkdir(parents=True, exist_ok=True)
     if output["format"] == "gguf":
@@ -203,7 +205,7 @@ def original_in_runtime(output: dict[str, Any], original_src: Path, dest: Path, 
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
         path = dest / f"original-{'BF16' if dtype == 'bfloat16' else 'F16'}.gguf"
         gguf.export_gguf(original_src, path, path.stem.split("-")[-1])
-        return LlamaCppRunner(str(path))
+        return LlamaCppRunner(str(path), n_ctx=n_ctx)
     from worker.export import onnx
     from worker.runtimes.ort import OrtRunner
 
@@ -211,11 +213,11 @@ def original_in_runtime(output: dict[str, Any], original_src: Path, dest: Path, 
     return OrtRunner(dest)
 
 
-def runner_of(output: dict[str, Any], exported: Path, export: dict[str, Any]) -> Any:
+def runner_of(output: dict[str, Any], exported: Path, export: dict[str, Any], n_ctx: int = 512) -> Any:
     if output["format"] == "gguf":
         from worker.runtimes.llamacpp import LlamaCppRunner
 
-        return LlamaCppRunner(str(exported / str(export["file"])))
+        return LlamaCppRunner(str(exported / str(export["file"])), n_ctx=n_ctx)
     from worker.runtimes.ort import OrtRunner
 
     return OrtRunner(exported)
@@ -283,11 +285,14 @@ def measure_in_runtime(
     config = AutoConfig.from_pretrained(original_src, trust_remote_code=False)
     causal = _causal(config)
     scratch = work / "export-original"
+    # llama.cpp keeps logits for every position of its context (vocab floats each): a context
+    # just long enough for the evaluation's texts and the generation, not a fixed large one.
+    n_ctx = max(int(evaluator.seq_len), GENERATION_PROMPT + GENERATION_TOKENS) + 8
     try:
-        original = original_in_runtime(output, original_src, scratch, config.to_dict())
+        original = original_in_runtime(output, original_src, scratch, config.to_dict(), n_ctx)
         evaluator.measure_original(wrap(original, config, causal))
         t0 = time.perf_counter()
-        compressed = runner_of(output, exported, export)
+        compressed = runner_of(output, exported, export, n_ctx)
         load_s = time.perf_counter() - t0
         kernel = RUNTIME_KERNELS[output["format"]]
         evaluator.measure_compressed_module(wrap(compressed, config, causal), load_s, kernel)
