@@ -155,12 +155,55 @@ def export_gguf(src_dir: Path, out_path: Path, gguf_type: str) -> dict[str, Any]
 
 def _type_counts(path: Path) -> dict[str, int]:
     """How many tensors of each type the file holds (a K-quant's fallbacks show here: llama.cpp
-    stores rows that are not a multiple of 256 in a 32-block type)."""
+    stores rows that are not a multiple of 256 in a 32-block type). Read from the header alone:
+    gguf.GGUFReader would parse every token string first (seconds for a 262k vocabulary)."""
+    import struct
     from collections import Counter
 
     import gguf
 
-    return dict(sorted(Counter(t.tensor_type.name for t in gguf.GGUFReader(path).tensors).items()))
+    with path.open("rb") as f:
+        magic, _, n_tensors, n_kv = struct.unpack("<IIQQ", f.read(24))
+        if magic != gguf.GGUF_MAGIC:
+            raise ExportError(f"{path.name} is not a GGUF file")
+        for _ in range(n_kv):
+            _skip_string(f)
+            _skip_value(f, struct.unpack("<I", f.read(4))[0])
+        counts: Counter[str] = Counter()
+        for _ in range(n_tensors):
+            _skip_string(f)
+            (n_dims,) = struct.unpack("<I", f.read(4))
+            f.seek(8 * n_dims, 1)
+            (kind,) = struct.unpack("<I", f.read(4))
+            f.seek(8, 1)
+            counts[gguf.GGMLQuantizationType(kind).name] += 1
+    return dict(sorted(counts.items()))
+
+
+# GGUF value types -> their size in bytes (8: string, 9: array are variable)
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def _skip_string(f: Any) -> None:
+    import struct
+
+    f.seek(struct.unpack("<Q", f.read(8))[0], 1)
+
+
+def _skip_value(f: Any, kind: int) -> None:
+    import struct
+
+    if kind == 8:
+        _skip_string(f)
+    elif kind == 9:
+        item, n = struct.unpack("<IQ", f.read(12))
+        if item in _GGUF_SIZES:
+            f.seek(n * _GGUF_SIZES[item], 1)
+        else:
+            for _ in range(n):
+                _skip_value(f, item)
+    else:
+        f.seek(_GGUF_SIZES[kind], 1)
 
 
 def _config(src_dir: Path) -> dict[str, Any]:
