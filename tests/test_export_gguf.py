@@ -254,6 +254,11 @@ def test_bf16_and_q4_0_from_a_bfloat16_model(zoo, tmp_path) -> None:
     res = export_gguf(src, tmp_path / "q4.gguf", "Q4_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "q4.gguf").tensors}
     assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output.weight"] == "Q8_0"
+    assert types["token_embd.weight"] == "Q4_0"
+    # a head tied to the embeddings (Gemma 3 here) is token_embd itself: Q8_0, and no output.weight
+    export_gguf(zoo["gemma3"], tmp_path / "tied.gguf", "Q4_0")
+    tied = {t.name: t.tensor_type.name for t in gguf.GGUFReader(tmp_path / "tied.gguf").tensors}
+    assert tied["token_embd.weight"] == "Q8_0" and "output.weight" not in tied
     got = _logits(_hf(tmp_path, "q4.gguf"), IDS)
     # 4-bit round to nearest on a random model: close in direction, not in value
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min().item() > 0.9

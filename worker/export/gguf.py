@@ -10,9 +10,10 @@ tensor by tensor from the memory-mapped safetensors (the model is never held who
   weights are transposed into (out, in); an LM head tied to the embeddings is not written
   (llama.cpp reuses ``token_embd``);
 * types: 1-D tensors (norms, biases) and learned positions stay float32; matrices are F16, BF16,
-  Q8_0 or Q4_0 (``gguf.quants``; Q4_0 files keep ``output.weight`` in Q8_0, as llama.cpp keeps
-  the head at higher precision). Q4_K_M is llama.cpp's own quantizer (``llama_model_quantize``
-  through llama-cpp-python) run on a 16-bit file written first: gguf-py has no K-quantizer.
+  Q8_0 or Q4_0 (``gguf.quants``; Q4_0 files keep the LM head in Q8_0, ``token_embd`` when the
+  head is tied to it, as llama.cpp's quantizer keeps the head at higher precision). Q4_K_M is
+  llama.cpp's own quantizer (``llama_model_quantize`` through llama-cpp-python) run on a 16-bit
+  file written first: gguf-py has no K-quantizer.
 
 Compressed-tensors sources (``quantization_config``: pack-quantized, int-quantized,
 naive-quantized). Where the stored integers are symmetric with a scale per row or per group of a
@@ -526,7 +527,9 @@ def _permute(t: Any, heads: int) -> Any:
     return t.reshape(heads, 2, shape[0] // heads // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
-def _float_qtype(gguf_type: str, new: str, shape: list[int], dtype: str, quantized_source: bool) -> Any:
+def _float_qtype(gguf_type: str, new: str, shape: list[int], dtype: str, quantized_source: bool, head: str) -> Any:
+    """The type of a tensor stored in float; ``head`` is the GGUF name of the LM head
+    (``token_embd.weight`` when tied)."""
     import gguf
 
     q = gguf.GGMLQuantizationType
@@ -535,14 +538,16 @@ def _float_qtype(gguf_type: str, new: str, shape: list[int], dtype: str, quantiz
     if quantized_source and gguf_type in ("Q8_0", "Q4_0"):
         # the steps left this matrix in float: keep it as stored, so the file is the job's model
         return {"BF16": q.BF16, "F16": q.F16}.get(dtype, q.F32)
-    if gguf_type == "Q4_0" and new == "output.weight":
+    if gguf_type == "Q4_0" and new == head:
+        # as llama.cpp's quantizer: the head (the embeddings, when tied) at higher precision
         return q.Q8_0
     return getattr(q, gguf_type)
 
 
 def _float_item(config: dict[str, Any], source: _Source, name: str, new: str, gguf_type: str, qsrc: bool) -> _Item:
     shape = source.shape(name)
-    qtype = _float_qtype(gguf_type, new, shape, source.dtype(name), qsrc)
+    head = "token_embd.weight" if _tied(config, source) else "output.weight"
+    qtype = _float_qtype(gguf_type, new, shape, source.dtype(name), qsrc, head)
     transform, transposes = _row_transform(config, name)
     if transposes:
         shape = shape[::-1]
