@@ -896,7 +896,7 @@ def _execute_stream(
     fmt = model_info["format"]
     n = len(steps)
     names = ", ".join(spec.name for spec, _ in streamed)
-    ctx.step_label = f"steps 1-{n} fused" if n > 1 else f"step 1/1: {names}"
+    ctx.step_label = f"steps 1-{n} fused" if n > 1 else f"step 1/1: {names}" if n else "copying the tensors"
     ctx.step_span = (0.05, 0.85)
     ctx.progress(ctx.step_label, 0.05)
     filename = "model.zip" if fmt == "hf" else "model.safetensors"

@@ -309,9 +309,10 @@ def _blocks_above_baseline(tensors: list[Tensor], steps: list[Mapping[str, Any]]
 
 
 def stream_capable(steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
-    """Whether every step's method has a streaming form (``MethodSpec.streams``)."""
+    """Whether every step's method has a streaming form (``MethodSpec.streams``). No step (a job
+    that only exports) streams too: its tensors are copied through, as the worker does."""
     specs = [registry.get(s["method"]) for s in steps]
-    return bool(specs) and all(spec is not None and spec.streams for spec in specs)
+    return all(spec is not None and spec.streams for spec in specs)
 
 
 # --- artifact bytes, tensor by tensor ----------------------------------------------------------
@@ -465,11 +466,14 @@ def _steps_peak(
     model_bytes = sum(t.nbytes for t in tensors)
     if path == "stream":
         largest_f32 = max((t.numel * 4 for t in tensors), default=0)
-        factor = max(STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps)
+        factors = [STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps]
+        factor = max(factors, default=STREAM_TENSOR_FACTOR)
         return factor, BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
     if path == "blocks":
         return BLOCK_FACTOR, BASELINE_BYTES + _blocks_above_baseline(tensors, steps, activation_memory_bytes)
-    factor = max(_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps)
+    factor = max(
+        (_step_factor(s["method"], s.get("params") or {}, model_bytes, student_fraction) for s in steps), default=1.0
+    )
     return factor, BASELINE_BYTES + int(factor * model_bytes)
 
 

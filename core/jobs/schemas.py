@@ -98,7 +98,11 @@ class EvaluationIn(BaseModel):
 class JobIn(BaseModel):
     model_config = STRICT
     model_id: str = Field(min_length=1, max_length=64)
-    steps: list[StepIn] = Field(min_length=1, max_length=32)
+    steps: list[StepIn] = Field(
+        max_length=32,
+        description="the methods, in order; at least one, unless the output is a gguf or onnx export (which may "
+        "be the whole job: an ONNX int8 or GGUF Q4_K_M of the model as it is)",
+    )
     name: str | None = Field(default=None, max_length=200)
     dataset_id: str | None = Field(
         default=None, max_length=64, description="calibration / training data for methods that need it"
@@ -125,6 +129,14 @@ class JobIn(BaseModel):
         if v is not None:
             ssrf.parse(v)  # the syntax only; where it points is checked at submit (app.webhooks.service)
         return v
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> JobIn:
+        if not self.steps and self.output.format == "safetensors":
+            raise PydanticCustomError(
+                "too_short", "steps: at least one step, unless the output is an export (gguf or onnx)"
+            )
+        return self
 
 
 class Progress(BaseModel):

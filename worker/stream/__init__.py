@@ -413,7 +413,8 @@ def passes(steps: list[StreamStep]) -> list[list[StreamStep]]:
         if not out or (s.needs_prepass and out[-1]):
             out.append([])
         out[-1].append(s)
-    return out
+    # No step (a job that only exports, worker/exporting.py): one pass that copies every tensor.
+    return out or [[]]
 
 
 def run_passes(
