@@ -526,8 +526,15 @@ def _output(args: argparse.Namespace) -> dict[str, Any] | None:
     return parse_export(args.export) if getattr(args, "export", None) else None
 
 
+def _steps(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The --step specs; none only with --export (the export is then the whole job)."""
+    if not args.step and not getattr(args, "export", None):
+        raise ValueError("--step is required (at least one), unless --export makes the export the whole job")
+    return [parse_step(s) for s in args.step]
+
+
 def cmd_estimate(args: argparse.Namespace) -> int:
-    steps = [parse_step(s) for s in args.step]
+    steps = _steps(args)
     with _client(args) as mp:
         est = mp.estimate(
             args.model_id,
@@ -545,7 +552,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    steps = [parse_step(s) for s in args.step]
+    steps = _steps(args)
     evaluation = _evaluation(args)
     with _client(args) as mp:
         job = mp.submit(
@@ -1101,7 +1108,7 @@ def _add_compress_command(add: _Add) -> None:
         "exit codes with --wait: 0 succeeded, 1 failed or canceled, 5 --timeout ran out",
     )
     p.add_argument("model_id", metavar="MODEL_ID")
-    p.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
+    p.add_argument("--step", action="append", default=[], metavar="SPEC", help=STEP_HELP + " (none: --export alone)")
     p.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     p.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     p.add_argument("--name", help="job name")
@@ -1173,7 +1180,7 @@ def _add_jobs_commands(add: _Add) -> None:
         "example: modelpress jobs estimate MODEL_ID --step quantize.weight_only:bits=4 --no-eval --json",
     )
     e.add_argument("model_id", metavar="MODEL_ID")
-    e.add_argument("--step", action="append", required=True, metavar="SPEC", help=STEP_HELP)
+    e.add_argument("--step", action="append", default=[], metavar="SPEC", help=STEP_HELP + " (none: --export alone)")
     e.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")

@@ -181,7 +181,7 @@ def test_usage_errors_exit_2(embedded, cli_job: dict[str, Any]) -> None:
     for step in ("prune.magnitude:sparsity", "prune.magnitude:sparsity=[0.5", "{not json"):
         res = run(embedded, "compress", mid, "--step", step)
         assert res.returncode == 2 and res.stderr.startswith("Error: --step"), (step, res.stderr)
-    res = run(embedded, "compress", mid)  # --step is required: argparse
+    res = run(embedded, "compress", mid)  # a --step is required without --export
     assert res.returncode == 2 and "--step" in res.stderr
     res = run(embedded, "upload", "/nonexistent/dir")
     assert res.returncode == 2 and "no such file" in res.stderr
