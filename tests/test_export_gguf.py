@@ -520,5 +520,20 @@ def test_tokenizer_pre_and_sentencepiece_style_vocab() -> None:
     assert tokens == ["<unk>", "<0x41>", "▁", "a", "▁a", "aa", "[PAD6]"]
     assert types == [3, 6, 1, 1, 1, 1, 5]  # control, byte, normal..., unused padding row
     assert exporter._spm_scores(tok["model"], tokens) == [0.0, 0.0, 0.0, 0.0, -1.0, -2.0, 0.0]
+    # llama.cpp prepends "▁" to SentencePiece input unless the file says not to
+    assert (
+        exporter._space_prefix(
+            {
+                "normalizer": {
+                    "type": "Sequence",
+                    "normalizers": [{"type": "Prepend", "prepend": "▁"}, {"type": "Replace"}],
+                }
+            }
+        )
+        is True
+    )  # Llama 2
+    assert exporter._space_prefix({"normalizer": {"type": "Replace", "content": "▁"}}) is False  # Gemma
+    assert exporter._space_prefix({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "first"}}) is True
+    assert exporter._space_prefix({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}) is False
     with pytest.raises(exporter.ExportError, match="outside the model's vocab_size 5"):
         exporter._tokens(tok, 5, spm=True)

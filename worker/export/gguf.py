@@ -398,6 +398,9 @@ def _vocab(w: Any, src_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     if spm:
         # llama.cpp's SentencePiece merges by score: earlier merges (lower rank) score higher.
         w.add_token_scores(_spm_scores(model, tokens))
+        # llama.cpp prepends "▁" to SentencePiece input unless told not to; HF says it in the
+        # normalizer (Prepend) or the Metaspace pre-tokenizer (Gemma prepends nothing)
+        w.add_add_space_prefix(_space_prefix(tok))
     special = gguf.SpecialVocab(src_dir, load_merges=not spm, n_vocab=n_vocab)
     special.add_to_gguf(w, quiet=True)
     return {
@@ -440,6 +443,15 @@ def _spm_scores(model: dict[str, Any], tokens: list[str]) -> list[float]:
         rank.setdefault(a + b, k)
     # merged pieces below every single character (0), the first merge highest
     return [-float(rank[t] + 1) if t in rank else 0.0 for t in tokens]
+
+
+def _space_prefix(tok: dict[str, Any]) -> bool:
+    if '"Prepend"' in json.dumps(tok.get("normalizer") or {}):
+        return True
+    pre = json.dumps(tok.get("pre_tokenizer") or {})
+    if '"Metaspace"' not in pre:
+        return False
+    return '"never"' not in pre and '"add_prefix_space": false' not in pre
 
 
 def _pre_name(tok: dict[str, Any]) -> str:
