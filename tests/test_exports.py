@@ -94,9 +94,10 @@ def bpe_llama(tmp_path_factory):
     return path
 
 
-def _files(c, job_id: str) -> dict[str, int]:
+def _files(c, job_id: str, fmt: str) -> dict[str, int]:
     r = c.get(f"/v1/jobs/{job_id}/artifact/files")
     assert r.status_code == 200, r.text
+    assert r.json()["format"] == fmt, r.json()
     return {f["name"]: f["size_bytes"] for f in r.json()["files"]}
 
 
@@ -126,7 +127,7 @@ def test_gguf_job_exports_exactly_and_reports_the_runtime(cluster, bpe_llama, tm
     assert any("export: GGUF Q4_0" in n for n in job["plan"]["notes"]), job["plan"]["notes"]
     done = wait_job(c, job["id"])
     assert done["status"] == "succeeded", done
-    files = _files(c, job["id"])
+    files = _files(c, job["id"], "gguf")
     assert set(files) == {"model-Q4_0.gguf", "modelpress.json"}, files
     export = done["metrics"]["export"]
     assert export["format"] == "gguf" and export["gguf_type"] == "Q4_0" and export["exact"] is True, export
@@ -170,7 +171,7 @@ def test_onnx_job_runs_in_onnxruntime(cluster, tiny_tokenized):
     assert r.status_code == 202, r.text
     done = wait_job(c, r.json()["id"])
     assert done["status"] == "succeeded", done
-    files = _files(c, done["id"])
+    files = _files(c, done["id"], "onnx")
     assert "model.onnx" in files and "modelpress.json" in files, files
     assert done["metrics"]["export"]["quantize"] == "int8_dynamic"
     _runtime_or_reason(done["metrics"]["speed"], "onnxruntime", "onnxruntime")

@@ -29,7 +29,7 @@ from urllib.parse import quote
 
 from fastapi import Response
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.conditional import none_match
 from core.errors import ModelpressError, NotFound, Unprocessable
@@ -70,6 +70,9 @@ class ArtifactFile(BaseModel):
 
 
 class ArtifactFiles(BaseModel):
+    format: str = Field(
+        default="safetensors", description="the job's output format: safetensors, gguf or onnx (docs/EXPORTS.md)"
+    )
     files: list[ArtifactFile]
 
 
@@ -198,8 +201,10 @@ def _is_zip(job: Job) -> bool:
 
 def list_files(job: Job, storage: Storage) -> ArtifactFiles:
     assert job.artifact_key is not None and job.artifact_sha256 is not None and job.artifact_filename is not None
+    fmt = str((job.output or {}).get("format") or "safetensors")
     if not _is_zip(job):
         return ArtifactFiles(
+            format=fmt,
             files=[
                 ArtifactFile(
                     name=job.artifact_filename,
@@ -207,16 +212,17 @@ def list_files(job: Job, storage: Storage) -> ArtifactFiles:
                     etag=f'"{job.artifact_sha256}"',
                     sha256=job.artifact_sha256,
                 )
-            ]
+            ],
         )
     entries = _entries(storage, job.artifact_key, job.artifact_sha256)
     return ArtifactFiles(
+        format=fmt,
         files=[
             ArtifactFile(
                 name=e.name, size_bytes=e.size, etag=_file_etag(job.artifact_sha256, e.name), crc32=f"{e.crc:08x}"
             )
             for e in sorted(entries.values(), key=lambda e: e.name)
-        ]
+        ],
     )
 
 
