@@ -3,12 +3,15 @@
 What llama.cpp's own ``convert_hf_to_gguf.py`` does, for the families core/exports/gguf.py lists,
 tensor by tensor from the memory-mapped safetensors (the model is never held whole):
 
-* metadata: the architecture's hyperparameters under ``{arch}.*`` keys, the tokenizer (tokens,
-  types, merges or scores, special token ids, add_bos/add_eos) and the chat template;
+* metadata: the architecture's hyperparameters under ``{arch}.*`` keys, the tokenizer from
+  ``tokenizer.json`` (byte-level BPE as llama.cpp's "gpt2" model with its merges and
+  pre-tokenizer name; byte-fallback BPE as its SentencePiece "llama" model with scores by merge
+  rank and the space-prefix flag; token types, special token ids, add_bos/add_eos) and the chat
+  template;
 * tensor names: HF -> GGUF through ``gguf.get_tensor_name_map``; Llama/Mistral q and k rows are
   permuted into llama.cpp's rotary layout (each head's two halves interleaved); GPT-2's Conv1D
-  weights are transposed into (out, in); an LM head tied to the embeddings is not written
-  (llama.cpp reuses ``token_embd``);
+  weights are transposed into (out, in); Gemma 3's norms ``w`` become ``1 + w``; an LM head tied
+  to the embeddings is not written (llama.cpp reuses ``token_embd``);
 * types: 1-D tensors (norms, biases) and learned positions stay float32; matrices are F16, BF16,
   Q8_0 or Q4_0 (``gguf.quants``; Q4_0 files keep the LM head in Q8_0, ``token_embd`` when the
   head is tied to it, as llama.cpp's quantizer keeps the head at higher precision). Q4_K_M is
@@ -24,8 +27,9 @@ magnitude is); ``inexact_tensors`` names the others. Exact means: GGUF's dequant
 (``d * q``, computed exactly in float32) rounded to the artifact's scale dtype is bit-identical
 to the artifact's own dequantized weight (``q * scale`` in the scale dtype). Tensors the steps
 left in float (embeddings, the LM head) keep their stored float type in such a file, so the whole
-model is the job's model. Any other quantized source is dequantized (``q - zero_point) * scale``)
-and converted as a float model (reported inexact). Sparse formats are refused (GGUF is dense).
+model is the job's model. Any other quantized source is dequantized (``(q - zero_point) * scale``,
+as compressed-tensors does) and converted as a float model (reported inexact). Sparse formats are
+refused (GGUF is dense).
 
 Failures raise ``ExportError`` naming the tensor (or the tokenizer / quantizer step) and leave no
 file behind.
