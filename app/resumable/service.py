@@ -345,6 +345,19 @@ class _Sink:
             for data in parts:
                 h.update(data)
 
+    def _sink_some(self, parts: list[bytes], hashes: list[Any]) -> None:
+        for data in parts:
+            self.fh.write(data)
+        for h in hashes:
+            for data in parts:
+                h.update(data)
+
+    @staticmethod
+    def _hash_only(parts: list[bytes], hashes: list[Any]) -> None:
+        for h in hashes:
+            for data in parts:
+                h.update(data)
+
     async def add(self, chunk: bytes) -> None:
         self.parts.append(chunk)
         self.gathered += len(chunk)
@@ -357,7 +370,17 @@ class _Sink:
             await pending
         if self.parts:
             parts, self.parts, self.gathered = self.parts, [], 0
-            self.pending = asyncio.ensure_future(run_in_threadpool(self._sink, parts))
+            if len(self.hashes) > 1:
+                # The chunk's checksum and the file's sha256 on two threads at once: each is a
+                # full pass over the batch, and hashlib lets the GIL go while it runs.
+                self.pending = asyncio.ensure_future(
+                    asyncio.gather(
+                        run_in_threadpool(self._sink_some, parts, self.hashes[:1]),
+                        run_in_threadpool(self._hash_only, parts, self.hashes[1:]),
+                    )
+                )
+            else:
+                self.pending = asyncio.ensure_future(run_in_threadpool(self._sink, parts))
         if wait and self.pending is not None:
             pending, self.pending = self.pending, None
             await pending
