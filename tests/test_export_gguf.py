@@ -537,3 +537,18 @@ def test_tokenizer_pre_and_sentencepiece_style_vocab() -> None:
     assert exporter._space_prefix({"pre_tokenizer": {"type": "Metaspace", "prepend_scheme": "never"}}) is False
     with pytest.raises(exporter.ExportError, match="outside the model's vocab_size 5"):
         exporter._tokens(tok, 5, spm=True)
+
+
+@pytest.mark.integration
+def test_sharded_source(zoo, tmp_path) -> None:
+    """A checkpoint in several shards (model.safetensors.index.json) exports like one file."""
+    from worker.export.gguf import export_gguf
+
+    src = tmp_path / "sharded"
+    _hf(zoo["qwen2"]).save_pretrained(src, max_shard_size="50KB")
+    _tokenizer().save_pretrained(src)
+    assert len(list(src.glob("*.safetensors"))) > 2 and (src / "model.safetensors.index.json").is_file()
+    res = export_gguf(src, tmp_path / "s.gguf", "F16")
+    assert res["tensors"] == 27  # as from the single file
+    got = _logits(_hf(tmp_path, "s.gguf"), IDS)
+    assert (got - _logits(_hf(zoo["qwen2"]), IDS)).abs().max().item() <= TOLERANCE["F16"]
