@@ -14,6 +14,7 @@ files and its logits match transformers'."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -386,6 +387,11 @@ def test_failures_name_the_tensor_and_leave_no_file(zoo, tmp_path, monkeypatch) 
     with pytest.raises(exporter.ExportError, match="model.layers.0.extra.weight: no GGUF name"):
         exporter.export_gguf(odd, out, "F16")
     assert not out.exists()
+    # Q4_K_M where llama-cpp-python is not installed: said, and neither file left behind
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(exporter.ExportError, match="Q4_K_M needs llama.cpp's quantizer"):
+        exporter.export_gguf(zoo["llama"], out, "Q4_K_M")
+    assert list(tmp_path.glob("*.gguf*")) == []
     # a failure halfway through writing: the partial file is removed, the tensor named
     real = exporter._encode
 
