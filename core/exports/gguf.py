@@ -64,6 +64,10 @@ _QUANT_METHODS = (
 )
 
 
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
 def arch(config: dict[str, Any]) -> str | None:
     """The llama.cpp architecture of an HF config, None when not exportable."""
     return MODEL_TYPES.get(str(config.get("model_type", "")))
@@ -83,7 +87,7 @@ def refusals(config: dict[str, Any], tensors: dict[str, tuple[str, list[int]]], 
         supported = ", ".join(sorted(MODEL_TYPES))
         out.append(f"model_type {model_type!r} cannot be exported to GGUF; supported model types: {supported}")
         return out
-    missing = [k for k in _REQUIRED[a] if not isinstance(config.get(k), int) or config.get(k) <= 0]
+    missing = [k for k in _REQUIRED[a] if not _positive_int(config.get(k))]
     if missing:
         out.append(f"config.json lacks {', '.join(missing)} (positive integers), needed for the GGUF metadata")
         return out
@@ -246,9 +250,11 @@ def _step_bits(step: dict[str, Any]) -> int | None:
     if group is not None and (not isinstance(group, int) or group % 32):
         return None
     if method == "quantize.weight_only":
-        return params.get("bits") if params.get("symmetric", True) is True else None
+        bits = params.get("bits")
+        return bits if isinstance(bits, int) and params.get("symmetric", True) is True else None
     if method == "quantize.fixed_point":
-        return params.get("bits", 8)  # power-of-two scale per row, zero point 0
+        bits = params.get("bits", 8)  # power-of-two scale per row, zero point 0
+        return bits if isinstance(bits, int) else None
     if method in ("quantize.dynamic_int8", "quantize.smoothquant"):
         return 8
     if method == "quantize.gptq":
