@@ -317,12 +317,18 @@ def test_decoder_kv_cache_and_generation(cache: _Cache, name: str) -> None:
 def test_int8_dynamic_is_smaller_and_close(cache: _Cache) -> None:
     import onnx
 
+    from worker.export.onnx import SMOOTH_ALPHA
     from worker.runtimes.ort import OrtRunner
 
     fp32 = cache.export("llama")[0]
     int8, result = cache.export("llama", "int8_dynamic")
     assert result["quantize"] == "int8_dynamic"
-    assert result["smoothing"] == {"method": "smoothquant", "alpha": 0.5, "groups": 6, "statistics": "built-in text"}
+    assert result["smoothing"] == {
+        "method": "smoothquant",
+        "alpha": SMOOTH_ALPHA,
+        "groups": 6,
+        "statistics": "built-in text",
+    }
     # Measured: 184 KB vs 412 KB (0.45x): the tiny model's embeddings (not quantized) are a share.
     assert (int8 / "model.onnx").stat().st_size < 0.6 * (fp32 / "model.onnx").stat().st_size
     ops = {node.op_type for node in onnx.load(str(int8 / "model.onnx")).graph.node}
