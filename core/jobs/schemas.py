@@ -4,7 +4,16 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from core.exports import OutputIn, SafetensorsOutput
@@ -98,6 +107,12 @@ class EvaluationIn(BaseModel):
 class JobIn(BaseModel):
     model_config = STRICT
     model_id: str = Field(min_length=1, max_length=64)
+    # Before steps: their check reads it (an export may be the whole job).
+    output: OutputIn = Field(
+        default_factory=SafetensorsOutput,
+        description="the artifact's format: safetensors (default; compressed-tensors, for transformers and vLLM), "
+        "gguf (llama.cpp) or onnx (ONNX Runtime), converted after the steps (docs/EXPORTS.md)",
+    )
     steps: list[StepIn] = Field(
         max_length=32,
         description="the methods, in order; at least one, unless the output is a gguf or onnx export (which may "
@@ -109,11 +124,6 @@ class JobIn(BaseModel):
     )
     eval_dataset_id: str | None = Field(default=None, max_length=64, description="data the report evaluates quality on")
     evaluation: EvaluationIn = Field(default_factory=EvaluationIn)
-    output: OutputIn = Field(
-        default_factory=SafetensorsOutput,
-        description="the artifact's format: safetensors (default; compressed-tensors, for transformers and vLLM), "
-        "gguf (llama.cpp) or onnx (ONNX Runtime), converted after the steps (docs/EXPORTS.md)",
-    )
     webhook_url: str | None = Field(
         default=None,
         max_length=ssrf.MAX_URL_LENGTH,
@@ -130,13 +140,13 @@ class JobIn(BaseModel):
             ssrf.parse(v)  # the syntax only; where it points is checked at submit (app.webhooks.service)
         return v
 
-    @model_validator(mode="after")
-    def _something_to_do(self) -> JobIn:
-        if not self.steps and self.output.format == "safetensors":
-            raise PydanticCustomError(
-                "too_short", "steps: at least one step, unless the output is an export (gguf or onnx)"
-            )
-        return self
+    @field_validator("steps")
+    @classmethod
+    def _steps_or_an_export(cls, steps: list[StepIn], info: ValidationInfo) -> list[StepIn]:
+        output = info.data.get("output")  # absent when it did not validate: then a step is needed too
+        if not steps and (output is None or output.format == "safetensors"):
+            raise PydanticCustomError("too_short", "at least one step, unless the output is an export (gguf or onnx)")
+        return steps
 
 
 class Progress(BaseModel):
