@@ -18,13 +18,15 @@ with ``worker.runtimes.ort.OrtRunner``:
   per token against the float32 ONNX file. ``int8_static`` calibrates on the corpus' first 8 lines
   (so its perplexity is partly in-sample: said in the output).
 
-Measured 2026-12-07 on the 2-core development machine (avx512_vnni; shared: load average 2-9,
-so fp32's own medians moved 525-880 ms at batch 1 between runs), Gemma 3 270M float32, seq 128,
-onnxruntime 1.32.0, all cores: int8_dynamic 2.24x / 2.36x faster at batch 1 and 2.13x / 1.83x at
-batch 8 (two runs, medians of 11 and 7), perplexity 31.375 vs 30.683 (+2.26 %; KL 0.044, top-1
-agreement 83 %); without activation smoothing +8.4 % (2.05x / 2.18x). int8_static (alpha 0.5,
-MinMax on 8 lines): 2.05x / 2.46x but perplexity +40 %. Export: fp32 76 s, int8 139-208 s
-(model.onnx 1077 MB fp32, 942 MB int8: the 671 MB embedding table stays float32).
+Measured 2026-12-07 on the 2-core development machine (avx512_vnni), Gemma 3 270M float32, seq
+128, onnxruntime 1.32.0, all cores. Nearly idle (load average ~1.5): fp32 215 ms / 1331 ms,
+int8_dynamic 94 ms / 511 ms at batch 1 / 8: **2.28x / 2.60x** (medians of 11). Under other
+engineers' load (2-9) the ratios were 2.24-2.36x at batch 1 and 1.83-2.13x at batch 8.
+Perplexity 31.375 vs 30.683: **+2.26 %** (KL 0.044, top-1 agreement 83 %); without the
+activation smoothing +8.4 %. int8_static (smoothing alpha 0.5 then 0.65, MinMax on 8 lines,
+weight MatMuls only): 1.75x / 1.89x idle, but perplexity +40-43 %: not usable on this model yet.
+Export: fp32 76 s, int8 139-217 s; model.onnx 1077 MB fp32, 942 MB int8 (the 671 MB embedding
+table stays float32).
 """
 
 from __future__ import annotations

@@ -335,7 +335,7 @@ def test_int8_dynamic_is_smaller_and_close(cache: _Cache) -> None:
     assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}, ops
     ids = _token_ids()[:4]
     ref, got = OrtRunner(fp32, threads=1).logits(ids), OrtRunner(int8, threads=1).logits(ids)
-    # Bound: 5 % of the largest |logit| (measured 1.7 %), and the same top-1 token at >= 90 % of
+    # Bound: 5 % of the largest |logit| (measured 1.5 %), and the same top-1 token at >= 90 % of
     # positions (measured 100 %).
     mask = _padded(ids)[1].numpy().astype(bool)
     assert np.abs(got - ref)[mask].max() < 0.05 * np.abs(ref).max()
@@ -379,7 +379,7 @@ def test_int8_static_runs_calibrated(cache: _Cache) -> None:
     ref, got = OrtRunner(fp32, threads=1).logits(ids), OrtRunner(int8, threads=1).logits(ids)
     mask = _padded(ids)[1].numpy().astype(bool)
     # Looser than dynamic (activations quantized with ranges from 4 short sequences): 10 % of the
-    # largest |logit| (measured 5.6 %), top-1 agreement >= 80 % (measured 97 %).
+    # largest |logit| (measured 6.4 %), top-1 agreement >= 80 % (measured 92 %).
     assert np.isfinite(got).all()
     assert np.abs(got - ref)[mask].max() < 0.10 * np.abs(ref).max()
     assert (got.argmax(-1) == ref.argmax(-1))[mask].mean() >= 0.8
