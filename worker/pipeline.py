@@ -699,10 +699,7 @@ def _export(
     except exporting.ExportFailed as e:
         raise JobFailed("export_failed", f"the {fmt_name} export failed: {e}") from e
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise JobFailed(
-                "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
-            ) from e
+        _raise_if_scratch_full(ctx, e)
         raise
     final = work / "model.zip"
     new.replace(final)
@@ -735,6 +732,14 @@ def _measure_export(
         return {"speed": off, "quality": off, "fidelity": off}
     finally:
         ctx.stage_seconds["evaluate_export"] = time.perf_counter() - t0
+
+
+def _raise_if_scratch_full(ctx: JobContext, e: OSError) -> None:
+    """A full scratch disk is the job's ``scratch_full`` (its scratch goes with the attempt)."""
+    if e.errno == errno.ENOSPC:
+        raise JobFailed(
+            "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
+        ) from e
 
 
 def _export_sections(export: dict[str, Any] | None) -> dict[str, Any]:
@@ -978,10 +983,7 @@ def _stream_to(
         except stream.ShardError as e:
             raise JobFailed("model_load_failed", f"the model's weights could not be read: {e}") from e
         except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise JobFailed(
-                    "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
-                ) from e
+            _raise_if_scratch_full(ctx, e)
             raise
         except ValueError as e:
             raise JobFailed("method_failed", f"{names} failed: {e}") from e
