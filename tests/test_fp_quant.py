@@ -1,0 +1,305 @@
+"""quantize.fp8 and quantize.fp4 (issue 22 item 4): parameters and submit-time refusals; on a tiny
+Llama, every data-free scheme in memory (the artifact loads in plain transformers on a CPU and its
+logits stay close to the original's), the streaming form bit for bit equal to the in-memory path,
+FP8 static calibrated on a tiny dataset; on a GPU, the artifact runs there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.jobs.plan import Tensor
+from core.methods import ModelInfo, Refusal, StepError, load_all, validate_steps
+from core.methods.quantize_fp4 import GROUP, QuantizeFP4Params
+from core.methods.quantize_fp8 import QuantizeFP8Params
+
+DATA_FREE = [("quantize.fp8", "FP8_DYNAMIC"), ("quantize.fp8", "FP8_BLOCK"), ("quantize.fp4", "NVFP4A16")]
+DATA_FREE += [("quantize.fp4", "MXFP4A16"), ("quantize.fp4", "MXFP4")]
+
+
+def _llama(path: Path, *, hidden: int = 128, inter: int = 256, dtype: torch.dtype = torch.bfloat16) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.tokenizer_util import build_tokenizer, vocab
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(vocab()),
+        max_position_embeddings=64,
+    )
+    LlamaForCausalLM(cfg).to(dtype).save_pretrained(path)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    return _llama(tmp_path_factory.mktemp("fp") / "llama")
+
+
+# --- parameters and refusals (unit) ---------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_params_defaults_and_strictness():
+    p = QuantizeFP8Params.model_validate({})
+    assert (p.scheme, p.ignore) == ("FP8_DYNAMIC", ["lm_head"])
+    assert QuantizeFP4Params.model_validate({}).scheme == "NVFP4A16"
+    for bad in ({"scheme": "fp8_dynamic"}, {"scheme": "W4A16"}, {"group_size": 128}, {"ignore": "lm_head"}):
+        with pytest.raises(ValueError):
+            QuantizeFP8Params.model_validate(bad)
+    with pytest.raises(ValueError):
+        QuantizeFP4Params.model_validate({"scheme": "NVFP8"})
+
+
+@pytest.mark.unit
+def test_methods_are_registered_with_their_needs():
+    specs = load_all()
+    for name in ("quantize.fp8", "quantize.fp4"):
+        spec = specs[name]
+        assert spec.streams and spec.final and spec.formats == frozenset({"hf"})
+        assert "vLLM" in spec.description and "dequantiz" in spec.description
+
+
+def _header(name: str, shape: tuple[int, int]) -> Tensor:
+    return Tensor(name, "BF16", shape)
+
+
+def _info(widths: dict[str, int], model_type: str = "llama", files=("config.json", "tokenizer.json")) -> ModelInfo:
+    headers = [_header(f"{n}.weight", (64, w)) for n, w in widths.items()]
+    headers.append(_header("model.embed_tokens.weight", (100, 64)))
+    return ModelInfo(
+        format="hf",
+        architecture="LlamaForCausalLM",
+        config={"model_type": model_type, "hidden_size": 64},
+        files=files,
+        tensors=lambda: headers,
+    )
+
+
+def _errors(method: str, params: dict, info: ModelInfo, has_dataset: bool = True) -> list[dict]:
+    try:
+        validate_steps([{"method": method, "params": params}], info, has_dataset=has_dataset)
+    except StepError as e:
+        return e.errors
+    return []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("scheme", ["NVFP4A16", "NVFP4", "MXFP4A16", "MXFP4"])
+def test_fp4_refuses_widths_its_groups_cannot_express(scheme):
+    group = GROUP[scheme]
+    ok = {"model.layers.0.mlp.up_proj": 64, "model.layers.0.mlp.down_proj": 128}
+    assert _errors("quantize.fp4", {"scheme": scheme}, _info(ok)) == []
+    bad = {**ok, "model.layers.0.mlp.down_proj": 120}  # 120 = 7.5 groups of 16, 3.75 of 32
+    (err,) = _errors("quantize.fp4", {"scheme": scheme}, _info(bad))
+    assert err["constraint"] == "fp4_group_divides_inputs" and err["loc"][-1] == "scheme"
+    assert f"groups of {group}" in err["msg"] and "model.layers.0.mlp.down_proj: 120" in err["msg"]
+    assert err["blocking_layers"] == [{"name": "model.layers.0.mlp.down_proj", "in_features": 120}]
+    # Ignored layers are not quantized, so they do not block.
+    assert _errors("quantize.fp4", {"scheme": scheme, "ignore": ["lm_head", "down_proj"]}, _info(bad)) == []
+
+
+@pytest.mark.unit
+def test_fp8_block_refuses_input_widths_not_a_multiple_of_128():
+    ok = {"model.layers.0.self_attn.k_proj": 128, "model.layers.0.mlp.down_proj": 256}
+    assert _errors("quantize.fp8", {"scheme": "FP8_BLOCK"}, _info(ok)) == []
+    bad = {**ok, "model.layers.0.mlp.down_proj": 576}
+    (err,) = _errors("quantize.fp8", {"scheme": "FP8_BLOCK"}, _info(bad))
+    assert err["constraint"] == "fp8_block_divides_inputs" and "FP8_DYNAMIC" in err["msg"]
+    assert "groups of 128" in err["msg"] and "down_proj: 576" in err["msg"]
+    assert _errors("quantize.fp8", {"scheme": "FP8_DYNAMIC"}, _info(bad)) == []
+
+
+@pytest.mark.unit
+def test_fp4_falls_back_on_config_widths():
+    # 80 = 5 groups of 16, 2.5 of 32.
+    info = ModelInfo(format="hf", config={"model_type": "llama", "hidden_size": 80, "intermediate_size": 256})
+    (err,) = _errors("quantize.fp4", {"scheme": "MXFP4A16"}, info)
+    assert "hidden_size: 80" in err["msg"]
+    assert _errors("quantize.fp4", {"scheme": "NVFP4A16"}, info) == []
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("method", ["quantize.fp8", "quantize.fp4"])
+def test_refusals_shared_with_the_other_quantizers(method):
+    (err,) = _errors(method, {}, _info({"h.0.mlp.c_fc": 64}, model_type="gpt2"))
+    assert err["constraint"] == "linear_layers_only" and "Conv1D" in err["msg"]
+    quantized = ModelInfo(format="hf", config={"model_type": "llama", "quantization_config": {"quant_method": "fp8"}})
+    (err,) = _errors(method, {}, quantized)
+    assert err["constraint"] == "not_quantized"
+    (err,) = _errors(method, {}, ModelInfo(format="safetensors"))
+    assert err["constraint"] == "model_format"
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("method", "scheme"), [("quantize.fp8", "FP8"), ("quantize.fp4", "NVFP4")])
+def test_calibrated_schemes_need_a_tokenizer(method, scheme):
+    no_tok = _info({"model.layers.0.mlp.up_proj": 64}, files=("config.json",))
+    (err,) = _errors(method, {"scheme": scheme}, no_tok)
+    assert err["constraint"] == "tokenizer_required"
+    data_free = "FP8_DYNAMIC" if method == "quantize.fp8" else "NVFP4A16"
+    assert _errors(method, {"scheme": data_free}, no_tok) == []
+
+
+# --- on a tiny Llama (integration) ----------------------------------------------------------
+
+
+class _Ctx:
+    """What the handlers read of a job: its dataset and progress."""
+
+    def samples(self, which: str = "train") -> list[dict]:
+        from tests.tokenizer_util import sentences
+
+        return [{"text": t} for t in sentences()]
+
+    def step_progress(self, *a: object) -> None: ...
+
+    def progress(self, *a: object) -> None: ...
+
+
+def _run_in_memory(src: Path, method: str, params: dict, out: Path) -> dict:
+    from worker import methods, model_io
+
+    spec = methods.load_all()[method]
+    loaded = model_io.load(src, "hf")
+    metrics = spec.handler(loaded, spec.params.model_validate(params), _Ctx())
+    model_io.save(loaded, out, {})
+    return metrics
+
+
+def _logits(path: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    # In the checkpoint's dtype (bf16): FP4 weights decompress to it.
+    m = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        return m(torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16]])).logits.float()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
+def test_data_free_scheme_loads_in_transformers_close_to_the_original(llama, tmp_path, method, scheme):
+    from safetensors import safe_open
+
+    metrics = _run_in_memory(llama, method, {"scheme": scheme}, tmp_path / "out")
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == metrics["format"]
+    assert qc["ignore"] == ["lm_head"]
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        if method == "quantize.fp8":
+            assert f.get_tensor("model.layers.0.mlp.up_proj.weight").dtype == torch.float8_e4m3fn
+        else:
+            assert f.get_tensor("model.layers.0.mlp.up_proj.weight_packed").dtype == torch.uint8
+            assert ("model.layers.0.mlp.up_proj.weight_global_scale" in names) == scheme.startswith("NV")
+        assert f.get_tensor("lm_head.weight").dtype == torch.bfloat16
+    assert metrics["layers_quantized"] == 14 and metrics["ignored_layers"] == ["lm_head"]
+    assert metrics["scheme"] == scheme and metrics["runs"] == "decompressed"
+    # FP8 keeps ~3 significant bits, FP4 ~1: relative RMS error of the weights.
+    assert 0 < metrics["relative_rms_error"] < (0.05 if method == "quantize.fp8" else 0.2)
+    a, b = _logits(llama), _logits(tmp_path / "out")
+    rel = float((a - b).norm() / a.norm())
+    # Random weights, activations quantized too (but A16): loose bounds, FP4 looser.
+    assert rel < (0.1 if method == "quantize.fp8" else 0.3), rel
+
+
+def _stream(src: Path, method: str, params: dict, out: Path):
+    from tests.test_stream import _stream as stream
+
+    return stream(src, "hf", [(method, params)], out)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
+def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, scheme):
+    from tests.test_stream import _same
+
+    wm = _run_in_memory(llama, method, {"scheme": scheme}, tmp_path / "whole")
+    res = _stream(llama, method, {"scheme": scheme}, tmp_path / "stream")
+    _same(tmp_path / "whole", tmp_path / "stream")
+    ca = json.loads((tmp_path / "whole" / "config.json").read_text())
+    cb = json.loads((tmp_path / "stream" / "config.json").read_text())
+    assert ca["quantization_config"] == cb["quantization_config"]
+    (sm,) = res.step_metrics
+    assert sm.keys() == wm.keys()
+    for k, v in wm.items():
+        if k == "per_layer_relative_error":
+            assert sm[k].keys() == v.keys()
+            assert all(sm[k][n] == pytest.approx(v[n], abs=2e-6) for n in v)
+        elif isinstance(v, float):
+            assert sm[k] == pytest.approx(v, rel=1e-5), k
+        else:
+            assert sm[k] == v, k
+    assert res.notes["runs"] == "decompressed" and "dequantize" in res.notes["runs_detail"]
+
+
+@pytest.mark.integration
+def test_streamed_nvfp4_shares_the_global_scale_of_fused_layers(llama, tmp_path):
+    from tests.test_stream import _tensors
+
+    _stream(llama, "quantize.fp4", {"scheme": "NVFP4A16"}, tmp_path / "s")
+    t = _tensors(tmp_path / "s")
+    p = "model.layers.1."
+    q, k, v = (t[f"{p}self_attn.{x}_proj.weight_global_scale"] for x in "qkv")
+    assert torch.equal(q, k) and torch.equal(k, v)
+    assert torch.equal(t[f"{p}mlp.gate_proj.weight_global_scale"], t[f"{p}mlp.up_proj.weight_global_scale"])
+    assert not torch.equal(q, t[f"{p}self_attn.o_proj.weight_global_scale"])
+
+
+@pytest.mark.integration
+def test_fp4_refused_by_the_worker_on_widths_it_cannot_express(tmp_path):
+    src = _llama(tmp_path / "odd", inter=120)  # down_proj's input: 120 columns
+    with pytest.raises(Refusal, match="groups of 32"):
+        _run_in_memory(src, "quantize.fp4", {"scheme": "MXFP4A16"}, tmp_path / "out")
+    with pytest.raises(Refusal, match="down_proj"):
+        _stream(src, "quantize.fp4", {"scheme": "NVFP4A16"}, tmp_path / "s")
+
+
+@pytest.mark.integration
+def test_calibrated_schemes_do_not_stream(llama):
+    from worker import methods
+    from worker.stream import NotStreamable
+
+    for method, scheme in (("quantize.fp8", "FP8"), ("quantize.fp4", "NVFP4")):
+        spec = methods.load_all()[method]
+        with pytest.raises(NotStreamable):
+            spec.stream(spec.params.model_validate({"scheme": scheme}), None)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_fp8_static_calibrates_on_the_dataset(llama, tmp_path):
+    from safetensors import safe_open
+
+    metrics = _run_in_memory(llama, "quantize.fp8", {"scheme": "FP8", "num_samples": 8}, tmp_path / "out")
+    assert metrics["calibration_samples"] == 8
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        scale = f.get_tensor("model.layers.0.self_attn.q_proj.input_scale")
+    assert scale.numel() == 1 and float(scale) > 0
+    a, b = _logits(llama), _logits(tmp_path / "out")
+    assert float((a - b).norm() / a.norm()) < 0.1
+
+
+# --- on a GPU ---------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.gpu
+@pytest.mark.parametrize(("method", "scheme"), [("quantize.fp8", "FP8_DYNAMIC"), ("quantize.fp4", "NVFP4A16")])
+def test_artifact_runs_on_a_gpu(llama, tmp_path, method, scheme):
+    from transformers import AutoModelForCausalLM
+
+    _stream(llama, method, {"scheme": scheme}, tmp_path / "s")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.bfloat16).to("cuda")
+    with torch.no_grad():
+        out = m(torch.tensor([[2, 10, 11, 12]], device="cuda")).logits
+    assert torch.isfinite(out).all()
