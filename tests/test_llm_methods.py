@@ -93,6 +93,16 @@ def test_methods_are_listed_with_their_needs(embedded):
             {"bits": 4, "format": "pack-quantized", "isolated": True},
         ),
         (
+            # Issue 22: the tiny Llama's 32-wide projections fall back to groups of 32 (64 divides
+            # only down_proj's 64 inputs); columns left to right; scales searched by MSE.
+            "llama",
+            {
+                "method": "quantize.gptq",
+                "params": {"scheme": "W4A16", "group_size": 64, "actorder": None, "observer": "mse"},
+            },
+            {"bits": 4, "format": "pack-quantized", "fallback": 32, "actorder": None, "observer": "mse"},
+        ),
+        (
             "llama",
             {"method": "quantize.gptq", "params": {"scheme": "W8A8"}},
             {"bits": 8, "format": "int-quantized", "acts": True},
@@ -162,7 +172,18 @@ def test_artifact_loads_with_plain_transformers(embedded, ids, tmp_path, model, 
     else:
         qc = cfg["quantization_config"]
         assert qc["quant_method"] == "compressed-tensors" and qc["format"] == check["format"]
-        group = qc["config_groups"]["group_0"]
+        groups = {tuple(sorted(g["targets"])): g for g in qc["config_groups"].values()}
+        group = groups[("Linear",)]
+        if "fallback" in check:
+            fb = step_metrics["group_fallbacks"]
+            assert fb and set(fb.values()) == {check["fallback"]} and not any("down_proj" in n for n in fb), fb
+            assert len(fb) == 6 * cfg["num_hidden_layers"]
+            assert groups[tuple(sorted(fb))]["weights"]["group_size"] == check["fallback"]
+            assert group["weights"]["group_size"] == step_metrics["group_size"] == 64
+            assert m.get_submodule(next(iter(fb))).quantization_scheme.weights.group_size == check["fallback"]
+            assert (step_metrics["actorder"], step_metrics["observer"]) == (check["actorder"], check["observer"])
+        elif step_metrics.get("group_size"):
+            assert step_metrics["group_fallbacks"] == {}
         assert group["weights"]["num_bits"] == check["bits"]
         assert (group["input_activations"] is not None) == check.get("acts", False)
         assert "lm_head" in qc["ignore"] or model != "llama"
@@ -203,7 +224,8 @@ def test_refusals_at_submit(embedded, ids, tiny):
     assert r.status_code == 422 and "tokenizer" in r.text
     r = submit(ids["bert-bare"], "quantize.smoothquant")
     assert r.status_code == 422 and "mappings" in r.text
-    r = submit(ids["llama"], "quantize.gptq", {"scheme": "W4A16"})  # groups of 128 on 32-wide layers
+    # Groups of 128 on 32-wide layers: refused with strict_group_size (by default they fall back).
+    r = submit(ids["llama"], "quantize.gptq", {"scheme": "W4A16", "strict_group_size": True})
     assert r.status_code == 422 and "group_size 128" in r.text
     r = submit(ids["llama"], "quantize.gptq", {"scheme": "W8A8", "group_size": 32})
     assert r.status_code == 422 and "per channel" in r.text

@@ -38,9 +38,29 @@ def _refused(step: dict, info: ModelInfo, has_dataset: bool = True) -> dict:
     return e.value.errors[0]
 
 
-def test_groups_of_128_on_a_width_of_576_name_the_layers_and_the_sizes_that_work() -> None:
+def test_groups_of_128_on_a_width_of_576_are_accepted_the_layers_fall_back() -> None:
+    # The default: layers 128 does not divide get a group size of their own in the worker.
     info = ModelInfo("hf", "LlamaForCausalLM", LLAMA, TOKENIZER, _doc.smollm_like)
-    err = _refused({"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}, info)
+    for method, params in (("quantize.weight_only", {"bits": 4, "group_size": 128}), ("quantize.gptq", {})):
+        assert validate_steps([{"method": method, "params": params}], info)[0]["params"].get("strict_group_size") in (
+            None,
+            False,
+        )
+    assert _ct.group_fallbacks(128, {"q": 576, "down": 1536, "odd": 1000, "w": 2880}) == {
+        "q": 64,
+        "odd": None,
+        "w": 64,
+    }
+    assert _ct.group_fallbacks(64, {"a": 96, "b": 100}) == {"a": 32, "b": None}
+    assert _ct.group_fallbacks(32, {"a": 48}) == {"a": None}  # no accepted size below 32
+    assert _ct.group_fallbacks(None, {"a": 48}) == {}
+    assert _ct.describe_fallbacks({"b": None, "a": 64}) == {"a": 64, "b": "channel"}
+
+
+def test_strict_groups_of_128_on_a_width_of_576_name_the_layers_and_the_sizes_that_work() -> None:
+    info = ModelInfo("hf", "LlamaForCausalLM", LLAMA, TOKENIZER, _doc.smollm_like)
+    step = {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128, "strict_group_size": True}}
+    err = _refused(step, info)
     assert err["loc"] == ["body", "steps", 0, "params", "group_size"]
     assert err["type"] == "unsupported_model" and err["constraint"] == "group_divides_inputs"
     # 30 layers x q, k, v, o, gate, up read the 576-wide hidden state; down_proj reads 1536 = 12 x 128.
@@ -71,7 +91,8 @@ def test_the_shapes_come_from_the_safetensors_headers_as_the_api_reads_them() ->
     tensors = plan.read_header(io.BytesIO(struct.pack("<Q", len(raw)) + raw), 1 << 20)
     info = ModelInfo("hf", "LlamaForCausalLM", LLAMA, TOKENIZER, lambda: tensors)
     assert _ct.linear_inputs(info) == {"model.layers.0.mlp.down_proj": 1536, "model.layers.0.mlp.up_proj": 576}
-    err = _refused({"method": "quantize.weight_only", "params": {"bits": 8, "group_size": 128}}, info)
+    strict = {"bits": 8, "group_size": 128, "strict_group_size": True}
+    err = _refused({"method": "quantize.weight_only", "params": strict}, info)
     assert err["blocking_layers"] == [{"name": "model.layers.0.mlp.up_proj", "in_features": 576}]
     assert "1 Linear layer (width 576: model.layers.0.mlp.up_proj: 576)" in err["msg"]
 
@@ -93,7 +114,8 @@ def test_without_readable_headers_the_config_widths_are_checked() -> None:
 
     for tensors in (None, unreadable):
         info = ModelInfo("hf", "LlamaForCausalLM", {**LLAMA, "num_attention_heads": 9, "head_dim": 64}, (), tensors)
-        err = _refused({"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}, info)
+        strict = {"bits": 4, "group_size": 128, "strict_group_size": True}
+        err = _refused({"method": "quantize.weight_only", "params": strict}, info)
         assert err["blocking_config"] == {"hidden_size": 576, "num_attention_heads * head_dim": 576}
         assert err["valid_group_sizes"] == [32, 64] and "blocking_layers" not in err
         assert "does not divide the model's hidden_size (576)" in err["msg"]
@@ -102,11 +124,11 @@ def test_without_readable_headers_the_config_widths_are_checked() -> None:
 def test_calibrated_quantizers_check_their_default_group_and_leave_ignored_layers_out() -> None:
     info = ModelInfo("hf", "LlamaForCausalLM", LLAMA, TOKENIZER, _doc.smollm_like)
     # W4A16 groups 128 columns when group_size is left out.
-    err = _refused({"method": "quantize.gptq", "params": {}}, info)
+    err = _refused({"method": "quantize.gptq", "params": {"strict_group_size": True}}, info)
     assert err["constraint"] == "group_divides_inputs" and err["blocking_count"] == 180
     # Layers left in float do not block it.
     ignore = ["lm_head", "re:(q|k|v|o|gate|up)_proj$"]
-    assert validate_steps([{"method": "quantize.gptq", "params": {"ignore": ignore}}], info)
+    assert validate_steps([{"method": "quantize.gptq", "params": {"ignore": ignore, "strict_group_size": True}}], info)
     err = _refused({"method": "quantize.gptq", "params": {"scheme": "W8A8", "group_size": 32}}, info)
     assert err["constraint"] == "w8a8_per_channel" and err["loc"][-1] == "group_size"
 

@@ -115,13 +115,14 @@ def test_quantize_weight_only_with_a_fake_context(tiny_models: dict[str, Path], 
     assert metrics and model.saver is not None, metrics  # compressed-tensors writes the artifact
 
 
-def test_the_worker_refuses_a_group_size_naming_every_blocking_layer(
+def test_the_worker_refuses_a_strict_group_size_naming_every_blocking_layer(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:
     # The submit check may have had only the config; the worker sees every layer (hidden 64, MLP 128).
     model = model_io.load(tiny_models["llama"], "hf")
     with pytest.raises(Refusal) as e:
-        _run("quantize.weight_only", {"bits": 4, "group_size": 128}, model, FakeContext(tmp_path))
+        params = {"bits": 4, "group_size": 128, "strict_group_size": True}
+        _run("quantize.weight_only", params, model, FakeContext(tmp_path))
     names = [b["name"] for b in e.value.fields["blocking_layers"]]
     assert e.value.fields["blocking_count"] == 12 and e.value.fields["valid_group_sizes"] == [32, 64]
     assert "model.layers.1.mlp.up_proj" in names and not any("down_proj" in n for n in names)

@@ -223,9 +223,12 @@ def test_checks_at_submit(step):
 
 
 def test_group_size_checked_against_config():
+    strict = {"bits": 4, "group_size": 128, "strict_group_size": True}
     with pytest.raises(StepError, match=r"group_size 128 does not divide the model's hidden_size \(64\)"):
-        validate_steps([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}], LLAMA)
-    validate_steps([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 64}}], LLAMA)
+        validate_steps([{"method": "quantize.weight_only", "params": strict}], LLAMA)
+    validate_steps([{"method": "quantize.weight_only", "params": {**strict, "group_size": 64}}], LLAMA)
+    # Without strict_group_size the layers 128 does not divide fall back in the worker.
+    validate_steps([{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}], LLAMA)
 
 
 @pytest.mark.parametrize(

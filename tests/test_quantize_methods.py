@@ -351,7 +351,9 @@ def test_group_size_and_requantize_refused(cluster, tiny, tmp_path):
         "/v1/jobs",
         json={
             "model_id": llama["id"],
-            "steps": [{"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}],
+            "steps": [
+                {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128, "strict_group_size": True}}
+            ],
         },
     )
     assert r.status_code == 422 and "group_size 128 does not divide" in r.json()["errors"][0]["msg"]

@@ -575,3 +575,27 @@ def test_hostile_strings_are_escaped_by_the_templates() -> None:
     assert "<title>Job report: &lt;script&gt;alert(1)&lt;/script&gt;</title>" in html
     assert "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code>" in html  # the step's method
     assert "&#34;&gt;&lt;script&gt;alert(4)&lt;/script&gt;" in html
+
+
+@pytest.mark.unit
+def test_group_size_fallbacks_are_listed_layer_by_layer() -> None:
+    # Issue 22: a fallback is never silent; every layer is named with the group it got.
+    report = copy.deepcopy(QUANTIZE_ONLY)
+    names = [f"model.layers.{i}.self_attn.q_proj" for i in range(8)]
+    report["steps"] = [
+        {
+            "method": "quantize.weight_only",
+            "params": {"bits": 4, "group_size": 128},
+            "seconds": 1.0,
+            "group_size": 128,
+            "group_fallbacks": {**dict.fromkeys(names, 64), "model.layers.0.mlp.odd_proj": "channel"},
+        }
+    ]
+    html = render_job_report(report)
+    assert "8 layers in groups of 64 (group size 128 does not divide their input width): " + ", ".join(names) in html
+    assert (
+        "1 layer in per-channel scales (group size 128 does not divide its input width): model.layers.0.mlp.odd_proj"
+        in html
+    )
+    report["steps"][0]["group_fallbacks"] = {}
+    assert "does not divide" not in render_job_report(report)

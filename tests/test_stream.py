@@ -189,6 +189,109 @@ def test_bfloat16_checkpoint(tmp_path, steps):
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(
+    ("params", "want"),
+    [
+        # Widths 96 (q/k/v/o/gate/up) and 256 (down): 128 divides 256 only, 96 falls back to 32.
+        ({"bits": 4, "group_size": 128}, {"hidden": 32, "down": 128}),
+        # Width 80 (hidden): none of 32/64 divides it, so per channel; 128 = 2 x 64 for down_proj.
+        ({"bits": 4, "group_size": 64, "symmetric": False}, {"hidden": None, "down": 64}),
+    ],
+    ids=["w4g128-fallback-32", "w4g64-asym-fallback-channel"],
+)
+def test_group_size_fallbacks_stream_equals_in_memory_and_loads(tmp_path, params, want):
+    """Any group size on any model (issue 22): layers the group size does not divide get the largest
+    accepted size that does (or per-channel scales) as a config group of their own; both paths
+    write the same tensors and config, the metrics list each such layer, and transformers loads it."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    hidden, ffn = (96, 256) if params["group_size"] == 128 else (80, 128)
+    torch.manual_seed(5)
+    m = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            hidden_size=hidden,
+            intermediate_size=ffn,
+            num_attention_heads=hidden // 16,
+            num_key_value_heads=hidden // 16,
+            vocab_size=120,
+            max_position_embeddings=64,
+        )
+    ).to(torch.bfloat16)
+    m.save_pretrained(tmp_path / "src")
+    steps = [("quantize.weight_only", params)]
+    wres, _, _ = _whole(tmp_path / "src", "hf", steps, tmp_path / "whole")
+    sres = _stream(tmp_path / "src", "hf", steps, tmp_path / "stream")
+    _same(tmp_path / "whole", tmp_path / "stream")
+    cfg_w = json.loads((tmp_path / "whole" / "config.json").read_text())["quantization_config"]
+    cfg_s = json.loads((tmp_path / "stream" / "config.json").read_text())["quantization_config"]
+    assert cfg_w == cfg_s
+    fallbacks = wres[0]["group_fallbacks"]
+    assert fallbacks == sres.step_metrics[0]["group_fallbacks"]
+    names = [
+        f"model.layers.{i}.{p}"
+        for i in range(2)
+        for p in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+        )
+    ]
+    assert fallbacks == {n: ("channel" if want["hidden"] is None else want["hidden"]) for n in names}
+    # compressed-tensors names the groups in the order it meets them: find each by its targets.
+    groups = {tuple(sorted(g["targets"])): g["weights"] for g in cfg_w["config_groups"].values()}
+    assert sorted(groups) == sorted([("Linear",), tuple(sorted(names))])
+    assert (groups[("Linear",)]["strategy"], groups[("Linear",)]["group_size"]) == ("group", want["down"])
+    fb = groups[tuple(sorted(names))]
+    assert (fb["strategy"], fb["group_size"]) == (
+        ("channel", None) if want["hidden"] is None else ("group", want["hidden"])
+    )
+    assert fb["symmetric"] == params.get("symmetric", True) and fb["num_bits"] == 4
+    # The scales have the shapes each layer's own group gives them.
+    t = _tensors(tmp_path / "stream")
+    q_cols = 1 if want["hidden"] is None else hidden // want["hidden"]
+    assert t["model.layers.0.self_attn.q_proj.weight_scale"].shape == (hidden, q_cols)
+    assert t["model.layers.0.mlp.down_proj.weight_scale"].shape == (hidden, ffn // want["down"])
+    # transformers + compressed-tensors load it with each layer's scheme, and it runs close to the original.
+    q = AutoModelForCausalLM.from_pretrained(tmp_path / "stream", dtype=torch.float32).eval()
+    ref = LlamaForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
+    assert q.get_submodule(names[0]).quantization_scheme.weights.group_size == want["hidden"]
+    assert q.get_submodule("model.layers.0.mlp.down_proj").quantization_scheme.weights.group_size == want["down"]
+    ids = torch.tensor([[5, 9, 11, 3, 7, 2, 8, 4]])
+    with torch.no_grad():
+        a, b = ref(ids).logits, q(ids).logits
+    assert torch.isfinite(b).all() and not torch.equal(a, b)
+    assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.9
+
+
+@pytest.mark.integration
+def test_strict_group_size_refuses_in_the_worker(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from core.methods import Refusal
+
+    LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=1,
+            hidden_size=96,
+            intermediate_size=256,
+            num_attention_heads=6,
+            num_key_value_heads=6,
+            vocab_size=120,
+            max_position_embeddings=64,
+        )
+    ).save_pretrained(tmp_path / "src")
+    steps = [("quantize.weight_only", {"bits": 4, "group_size": 128, "strict_group_size": True})]
+    for run in (_whole, _stream):
+        with pytest.raises(Refusal) as e:
+            run(tmp_path / "src", "hf", steps, tmp_path / run.__name__)
+        assert e.value.fields["blocking_count"] == 6 and e.value.fields["valid_group_sizes"] == [32]
+
+
+@pytest.mark.integration
 def test_sharded_input_and_output_round_trip(tmp_path):
     """A sharded upload (index.json) in, shards of a capped size out: HF's layout, loadable."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -349,6 +452,9 @@ def test_every_data_free_method_streams_and_the_others_do_not():
         "quantize.dynamic_int8",
         "prune.magnitude",
         "prune.structured",
+        # Their data-free schemes stream (FP8 static refuses the stream path): tests/test_fp_quant.py.
+        "quantize.fp8",
+        "quantize.fp4",
     }  # data-free too: its equality is tested in tests/test_prune_structured.py
 
 

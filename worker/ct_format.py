@@ -43,32 +43,76 @@ from worker.context import MethodContext
 # The block path's save (module by module) is worker/ct_offload.py's; its names stay importable here.
 
 
+def config_groups(
+    weights: dict[str, Any], input_activations: dict[str, Any] | None, fallbacks: dict[str, int | None]
+) -> dict[str, Any]:
+    """compressed-tensors config groups: ``group_0`` for every targeted Linear, then one group per
+    fallback group size (core/methods/_ct.py ``group_fallbacks``: layers the requested group size
+    does not divide) naming its layers exactly, which compressed-tensors and vLLM match before
+    the class name."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    acts = QuantizationArgs(**input_activations) if input_activations else None
+    by_group: dict[int | None, list[str]] = {}
+    for name, g in fallbacks.items():
+        by_group.setdefault(g, []).append(name)
+    out: dict[str, Any] = {}
+    # The named groups come first: compressed-tensors' matcher marks a target as used only when it
+    # is the first of a module's matches in this order, and warns of the others as unmatched.
+    for i, g in enumerate(sorted(by_group, key=lambda g: -(g or 0)), start=1):
+        w = {k: v for k, v in weights.items() if k not in ("strategy", "group_size")}
+        w.update({"strategy": "group", "group_size": g} if g else {"strategy": "channel"})
+        out[f"group_{i}"] = QuantizationScheme(
+            targets=sorted(by_group[g]), weights=QuantizationArgs(**w), input_activations=acts
+        )
+    out["group_0"] = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(**weights), input_activations=acts)
+    return out
+
+
+def layer_groups(
+    method: str, group: int | None, widths: dict[str, int], strict: bool
+) -> tuple[dict[str, int | None], dict[str, int | None]]:
+    """(group size of every layer, the fallbacks among them) for ``group`` requested over layers of
+    input widths ``widths``. ``strict``: a group size that does not divide every width is refused
+    (the submit-time refusal, with the layers that block it), as it was before fallbacks."""
+    from core.methods._ct import group_fallbacks, group_refusal
+
+    if group and strict:
+        refusal = group_refusal(method, group, widths)
+        if refusal is not None:
+            raise refusal
+    fallbacks = group_fallbacks(group, widths)
+    return {n: fallbacks.get(n, group) for n in widths}, fallbacks
+
+
 def quantize_linear_layers(
     loaded: Any,
     *,
     method: str,
     weights: dict[str, Any],
     input_activations: dict[str, Any] | None,
-    qparams: Callable[[Any], tuple[Any, Any]],
+    qparams: Callable[[Any, int | None], tuple[Any, Any]],
     ctx: MethodContext | None = None,
+    strict_group: bool = False,
 ) -> dict[str, Any]:
-    """Attach the scheme, store RTN scales from ``qparams(weight) -> (scale fp32, zero_point
-    int8)``, set the compressed-tensors saver. Returns the step's metrics."""
+    """Attach the scheme, store RTN scales from ``qparams(weight, group_size) -> (scale fp32,
+    zero_point int8)``, set the compressed-tensors saver. Returns the step's metrics.
+    ``strict_group``: refuse a group size that does not divide every layer instead of giving those
+    layers a group size of their own (core/methods/_ct.py)."""
     import torch
     from compressed_tensors.compressors.format import infer_module_format
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    from core.methods._ct import describe_fallbacks
 
     module, mods, names = _linear_targets(loaded, method)
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(**weights),
-        input_activations=QuantizationArgs(**input_activations) if input_activations else None,
-    )
+    groups_cfg = config_groups(weights, input_activations, {})
+    scheme = groups_cfg["group_0"]
     args = scheme.weights
     group = args.group_size if args.strategy == "group" else None
-    _check_weights(method, mods, names, group)
-    ignore = _attach_scheme(module, mods, names, scheme)
-    stats, per_layer = _store_scales(mods, names, qparams, args, group, ctx)
+    _check_weights(method, mods, names)
+    groups, fallbacks = layer_groups(method, group, {n: mods[n].weight.shape[1] for n in names}, strict_group)
+    ignore = _attach_scheme(module, mods, names, config_groups(weights, input_activations, fallbacks))
+    stats, per_layer = _store_scales(mods, names, qparams, groups, ctx)
 
     fmt = infer_module_format(torch.nn.Linear, scheme).value
     dtype = str(mods[names[0]].weight.dtype).removeprefix("torch.")
@@ -87,6 +131,7 @@ def quantize_linear_layers(
         ),
         "format": fmt,
         "layers_quantized": len(names),
+        "group_fallbacks": describe_fallbacks(fallbacks),
         "quantized_parameters": stats.elements,
         "ignored_layers": ignore,
         "relative_rms_error": round(stats.relative_rms_error, 8),
@@ -117,22 +162,17 @@ def _linear_targets(loaded: Any, method: str) -> tuple[Any, dict[str, Any], list
     return module, mods, [t.name.removesuffix(".weight") for t in targets]
 
 
-def _check_weights(method: str, mods: dict[str, Any], names: list[str], group: int | None) -> None:
-    from core.methods._ct import group_refusal
-
+def _check_weights(method: str, mods: dict[str, Any], names: list[str]) -> None:
     for name in names:
         w = mods[name].weight
         if not w.is_floating_point():
             raise ValueError(f"{method}: {name}.weight is {w.dtype}, not floating point")
-    # One refusal naming every layer it does not divide and the sizes that would (as at submit).
-    refusal = group_refusal(method, group, {n: mods[n].weight.shape[1] for n in names}) if group else None
-    if refusal is not None:
-        raise refusal
 
 
-def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], scheme: Any) -> list[str]:
-    """Attach ``scheme`` to exactly the named layers (compressed-tensors creates their scale and
-    zero point parameters); the names of the Linear layers left out."""
+def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], groups: dict[str, Any]) -> list[str]:
+    """Attach the config ``groups`` (:func:`config_groups`) to exactly the named layers
+    (compressed-tensors creates their scale and zero point parameters); the names of the Linear
+    layers left out."""
     import torch
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
@@ -140,9 +180,7 @@ def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], scheme: 
     # the model's float dtype and the loader skips it.
     wanted = set(names)
     ignore = sorted(n for n, m in mods.items() if isinstance(m, torch.nn.Linear) and n not in wanted)
-    apply_quantization_config(
-        module, QuantizationConfig(config_groups={"group_0": scheme}, ignore=ignore), show_progress=False
-    )
+    apply_quantization_config(module, QuantizationConfig(config_groups=groups, ignore=ignore), show_progress=False)
     attached = {n for n, m in module.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     if attached != wanted:
         raise RuntimeError(f"compressed-tensors matched {sorted(attached ^ wanted)[:5]} differently from the targets")
@@ -152,9 +190,8 @@ def _attach_scheme(module: Any, mods: dict[str, Any], names: list[str], scheme: 
 def _store_scales(
     mods: dict[str, Any],
     names: list[str],
-    qparams: Callable[[Any], tuple[Any, Any]],
-    args: Any,
-    group: int | None,
+    qparams: Callable[[Any, int | None], tuple[Any, Any]],
+    groups: dict[str, int | None],
     ctx: MethodContext | None,
 ) -> tuple[Any, dict[str, float]]:
     """Write every layer's scale and zero point into the parameters the library created, freeze
@@ -172,13 +209,14 @@ def _store_scales(
         for i, name in enumerate(names):
             m = mods[name]
             w = m.weight.data
-            scale, zp = qparams(w)
+            args = m.quantization_scheme.weights  # the layer's own: its group size may be a fallback
+            scale, zp = qparams(w, groups[name])
             m.weight_scale.data.copy_(scale.reshape(m.weight_scale.shape))  # cast to the stored dtype
             if hasattr(m, "weight_zero_point"):
                 m.weight_zero_point.data.copy_(zp.reshape(m.weight_zero_point.shape))
             # Measure with what is stored, exactly as the compressor will quantize.
             stored_zp = None if args.symmetric else m.weight_zero_point.data
-            err = quant.quantize_error(w, m.weight_scale.data, stored_zp, args.num_bits, group, scratch)
+            err = quant.quantize_error(w, m.weight_scale.data, stored_zp, args.num_bits, groups[name], scratch)
             per_layer[name] = round(stats.add_diff(w, err), 6)
             m.quantization_status = QuantizationStatus.FROZEN
             if ctx is not None and (i + 1) % every == 0:

@@ -27,24 +27,47 @@ if TYPE_CHECKING:
     from worker.model_io import LoadedModel
 
 
-def config_groups(scheme: str, group_size: int | None) -> dict[str, Any]:
-    """One compressed-tensors scheme for every targeted Linear: ``group_size`` null is one scale
-    per output channel."""
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+def config_groups(
+    scheme: str,
+    group_size: int | None,
+    fallbacks: dict[str, int | None] | None = None,
+    observer: str | None = None,
+) -> dict[str, Any]:
+    """The compressed-tensors schemes of a step: ``group_size`` null is one scale per output
+    channel; ``fallbacks`` (:func:`group_fallbacks`) give the layers it does not divide a config
+    group of their own; ``observer`` ``"mse"`` searches each scale for the least squared error
+    (llm-compressor's memoryless MSE observer) instead of taking the min/max range."""
+    from worker.ct_format import config_groups as ct_groups
 
     spec = SCHEMES[scheme]
     weights = {
         **spec["weights"],
         **({"strategy": "group", "group_size": group_size} if group_size else {"strategy": "channel"}),
     }
-    acts = spec["input_activations"]
-    return {
-        "group_0": QuantizationScheme(
-            targets=["Linear"],
-            weights=QuantizationArgs(**weights),
-            input_activations=QuantizationArgs(**acts) if acts else None,
-        )
+    if observer == "mse":
+        # What llm-compressor turns "mse" into for weights anyway (memoryless: no running state).
+        weights["observer"] = "memoryless_mse"
+    return ct_groups(weights, spec["input_activations"], fallbacks or {})
+
+
+def group_fallbacks(model: LoadedModel, method: str, group_size: int | None, params: Any) -> dict[str, int | None]:
+    """The Linear layers of ``model`` (the step's ``ignore`` left out) that ``group_size`` does not
+    divide, each with the group size it gets instead (core/methods/_ct.py); with
+    ``params.strict_group_size`` such a layer refuses the job (the submit-time check, again with
+    every layer's real width)."""
+    import torch
+
+    from core.methods._ct import ignored
+    from worker.ct_format import layer_groups
+
+    if not group_size:
+        return {}
+    widths = {
+        name: m.in_features
+        for name, m in model.module.named_modules()
+        if isinstance(m, torch.nn.Linear) and not ignored(name, params.ignore)
     }
+    return layer_groups(method, group_size, widths, bool(getattr(params, "strict_group_size", False)))[1]
 
 
 # --- worker side ----------------------------------------------------------------------------------

@@ -201,13 +201,30 @@ def _step_details(step: Mapping[str, Any]) -> Cell:
         for k, v in step.items()
         if k not in ("method", "params", "seconds", "fused_seconds") and not isinstance(v, (dict, list))
     )
-    if not extra:
+    lines = [f"{k.replace('_', ' ')}: {notes.spelled(v)}" for k, v in extra] + _fallback_lines(step)
+    if not lines:
         return None
     parts: list[Cell] = []
-    for i, (k, v) in enumerate(extra):
+    for i, line in enumerate(lines):
         parts += [BR] if i else []
-        parts.append(f"{k.replace('_', ' ')}: {notes.spelled(v)}")
+        parts.append(line)
     return seq(*parts)
+
+
+def _fallback_lines(step: Mapping[str, Any]) -> list[str]:
+    """Every layer that did not get the requested group size, with what it got (a quantizer's
+    ``group_fallbacks``: core/methods/_ct.py), grouped by what it got; every name is listed."""
+    fallbacks = step.get("group_fallbacks")
+    if not isinstance(fallbacks, Mapping) or not fallbacks:
+        return []
+    by: dict[str, list[str]] = {}
+    for name, g in fallbacks.items():
+        by.setdefault("per-channel scales" if g == "channel" else f"groups of {g}", []).append(str(name))
+    return [
+        f"{len(names):,} layer{'s' if len(names) > 1 else ''} in {what} (group size {step.get('group_size')} "
+        f"does not divide {'their' if len(names) > 1 else 'its'} input width): {', '.join(names)}"
+        for what, names in by.items()
+    ]
 
 
 def _step_time(step: Mapping[str, Any]) -> Cell:

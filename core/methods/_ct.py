@@ -4,12 +4,18 @@ refused with a reason (ValueError -> 422), and the limits behind those refusals,
 here for the methods to list (``MethodConstraint``).
 
 Group sizes: compressed-tensors groups ``group_size`` consecutive input columns of a Linear weight
-under one scale, so every quantized layer's input width must be a multiple of it. The refusal
-(:func:`group_refusal`, shared with the worker, which checks every layer again) names the layers
-that block it and the group sizes that would work: those of the sizes the method accepts
-(:data:`GROUP_SIZES`) that divide every input width; null (one scale per output channel) always
-works. At submit the widths come from the model's safetensors headers (``ModelInfo.tensors``), or,
-where those cannot be read, from the widths its config.json names.
+under one scale, so a layer takes a group size only where its input width is a multiple of it.
+Models whose widths are not multiples of the common sizes are common (576, 960, 2880...), so a
+layer the requested size does not divide gets its own group size (:func:`group_fallbacks`): the
+largest of the accepted sizes (:data:`GROUP_SIZES`) below the requested one that divides its width,
+or one scale per output channel where none does. The artifact records it as a config group of its
+own naming those layers (compressed-tensors and vLLM match an exact layer name before the class
+name ``Linear``), and the step's metrics list every such layer (``group_fallbacks``).
+
+``strict_group_size: true`` keeps one layout: the job is refused instead (:func:`group_refusal`,
+shared with the worker, which checks every layer again), naming the layers that block it and the
+group sizes that would work. At submit the widths come from the model's safetensors headers
+(``ModelInfo.tensors``), or, where those cannot be read, from the widths its config.json names.
 """
 
 from __future__ import annotations
@@ -69,13 +75,21 @@ NOT_QUANTIZED = MethodConstraint(
 GROUP_DIVIDES = MethodConstraint(
     id="group_divides_inputs",
     rule=(
-        "group_size must divide the input width (in_features) of every quantized Linear layer: "
-        "compressed-tensors groups consecutive input columns under one scale. null (one scale per "
-        "output channel) always works. A refusal lists the blocking layers and the group sizes that "
-        "divide every input width (blocking_layers, valid_group_sizes)."
+        "compressed-tensors groups group_size consecutive input columns under one scale, so a layer "
+        "takes group_size only where it divides its input width (in_features). A layer it does not "
+        "divide gets the largest accepted group size below it that does, or one scale per output "
+        "channel where none does, as a config group of its own; the step's metrics list each such "
+        "layer (group_fallbacks). With strict_group_size: true the job is refused instead, and the "
+        "refusal lists the blocking layers and the group sizes that divide every input width "
+        "(blocking_layers, valid_group_sizes). null (one scale per output channel) always works."
     ),
-    params=("group_size",),
+    params=("group_size", "strict_group_size"),
     values={"group_sizes": list(GROUP_SIZES)},
+)
+STRICT_GROUP_SIZE_DESCRIPTION = (
+    "true: refuse the job when group_size does not divide some quantized layer's input width; "
+    "false (default): such a layer gets the largest accepted group size below group_size that "
+    "divides its width, or per-channel scales (listed in the step's metrics as group_fallbacks)"
 )
 CT_CONSTRAINTS = (LINEAR_ONLY, NOT_QUANTIZED)
 
@@ -144,6 +158,28 @@ def _valid_text(valid: list[int]) -> str:
     return f"None of {accepted} divides every input width: use null (one scale per output channel)"
 
 
+def fallback_group(group: int, width: int) -> int | None:
+    """The group size a layer of input width ``width`` gets when ``group`` is asked for: ``group``
+    where it divides the width, else the largest accepted size below it that does, else None
+    (one scale per output channel)."""
+    if width % group == 0:
+        return group
+    return next((g for g in sorted(GROUP_SIZES, reverse=True) if g < group and width % g == 0), None)
+
+
+def group_fallbacks(group: int | None, widths: Mapping[str, int]) -> dict[str, int | None]:
+    """The layers (module name -> in_features) that ``group`` does not divide, each with the group
+    size it gets instead (None: per output channel). Empty when ``group`` divides every width."""
+    if not group:
+        return {}
+    return {name: fallback_group(group, w) for name, w in widths.items() if w % group}
+
+
+def describe_fallbacks(fallbacks: Mapping[str, int | None]) -> dict[str, str | int]:
+    """``group_fallbacks`` as metrics show it: per layer, its group size or ``"channel"``."""
+    return {name: ("channel" if g is None else g) for name, g in sorted(fallbacks.items())}
+
+
 def group_refusal(method: str, group: int, widths: Mapping[str, int]) -> Refusal | None:
     """The refusal of ``group`` when it does not divide the input width of some of the layers
     (``widths``: module name -> in_features), naming them and the group sizes that would work."""
@@ -167,10 +203,13 @@ def group_refusal(method: str, group: int, widths: Mapping[str, int]) -> Refusal
     )
 
 
-def check_group(method: str, info: ModelInfo, group_size: int | None, ignore: Iterable[str] = ()) -> None:
-    """Refuse a group size that does not divide every quantized layer's input width: from the
-    safetensors headers when known, else from the widths config.json names."""
-    if not group_size:
+def check_group(
+    method: str, info: ModelInfo, group_size: int | None, ignore: Iterable[str] = (), *, strict: bool = False
+) -> None:
+    """With ``strict``, refuse a group size that does not divide every quantized layer's input
+    width: from the safetensors headers when known, else from the widths config.json names.
+    Without it nothing is refused: such layers fall back (:func:`group_fallbacks`) in the worker."""
+    if not group_size or not strict:
         return
     widths = linear_inputs(info, ignore)
     if widths is not None:
@@ -195,9 +234,17 @@ def check_group(method: str, info: ModelInfo, group_size: int | None, ignore: It
         )
 
 
-def check_model(method: str, info: ModelInfo, group_size: int | None = None, ignore: Iterable[str] = ()) -> None:
+def check_model(
+    method: str,
+    info: ModelInfo,
+    group_size: int | None = None,
+    ignore: Iterable[str] = (),
+    *,
+    strict_group_size: bool = False,
+) -> None:
     """Submit-time refusal (ValueError -> 422) of models whose artifact could not be written or
-    loaded: already quantized, Conv1D projections, a group size that does not divide the layers."""
+    loaded: already quantized, Conv1D projections, and (``strict_group_size``) a group size that
+    does not divide every layer."""
     config = info.config or {}
     if "quantization_config" in config:
         qm = (config.get("quantization_config") or {}).get("quant_method", "?")
@@ -209,4 +256,4 @@ def check_model(method: str, info: ModelInfo, group_size: int | None = None, ign
     if model_type in CONV1D_MODEL_TYPES:
         what = f"{info.architecture or 'this model'} (model_type {model_type!r})"
         raise Refusal(CONV1D_REFUSAL.format(method=method, what=what), constraint=LINEAR_ONLY.id)
-    check_group(method, info, group_size, ignore)
+    check_group(method, info, group_size, ignore, strict=strict_group_size)

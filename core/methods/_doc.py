@@ -38,15 +38,26 @@ checked:
 ## Group sizes
 
 `quantize.weight_only`, `quantize.gptq` and `quantize.awq` store one scale per `group_size`
-consecutive input columns of each Linear weight (compressed-tensors' `group` strategy), so the
-group size must divide the input width (`in_features`) of every Linear layer the step quantizes.
-The accepted sizes are 32, 64 and 128; `null` (one scale per output channel) always works. At
-submit the widths are read from the model's safetensors headers (the widths its `config.json`
-names when the headers cannot be read), and the worker checks every layer again.
+consecutive input columns of each Linear weight (compressed-tensors' `group` strategy), so a layer
+takes a group size only where it divides its input width (`in_features`). The accepted sizes are
+32, 64 and 128; `null` (one scale per output channel) always works.
 
-A refusal names the blocking layers and the accepted sizes that would work. A model with hidden
-width 576 (SmolLM-135M, Gemma-3-270M-like: 576 = 64 x 9) refuses `group_size` 128 with this
-`errors[]` entry (`blocking_layers` shortened here to two of its entries):
+**Fallbacks (the default).** A layer the requested size does not divide gets the largest accepted
+size below it that divides its width, or one scale per output channel where none does: on a model
+of hidden width 576 (SmolLM-135M, Gemma-3-270M-like: 576 = 64 x 9), `group_size` 128 quantizes
+the 1536-wide `down_proj` layers in groups of 128 and the 576-wide projections in groups of 64.
+The artifact records each fallback as a compressed-tensors config group of its own whose
+`targets` name its layers exactly (compressed-tensors and vLLM match an exact name before the
+class name `Linear`), so it loads in transformers and vLLM like any other; the step's metrics list
+every such layer and what it got (`group_fallbacks`: `{{"model.layers.0.self_attn.q_proj": 64,
+...}}`, `"channel"` for per-channel scales), and the report shows them with the step.
+
+**`strict_group_size: true`** keeps one layout for users who need it: the job is refused at
+submit (from the model's safetensors headers, or the widths its `config.json` names when the
+headers cannot be read; the worker checks every layer again). The refusal names the blocking
+layers and the accepted sizes that would work. The same 576-wide model refuses
+`{{"group_size": 128, "strict_group_size": true}}` with this `errors[]` entry (`blocking_layers`
+shortened here to two of its entries):
 
 ```json
 {example}
@@ -79,9 +90,9 @@ def smollm_like(layers: int = 30, hidden: int = 576, ffn: int = 1536) -> list[_H
 
 
 def group_refusal_example() -> dict[str, Any]:
-    """The 422 error entry of ``quantize.weight_only`` with groups of 128 on a SmolLM-like model."""
+    """The 422 error entry of ``quantize.weight_only`` with strict groups of 128 on a SmolLM-like model."""
     info = ModelInfo("hf", "LlamaForCausalLM", {"model_type": "llama", "hidden_size": 576}, (), smollm_like)
-    step = {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128}}
+    step = {"method": "quantize.weight_only", "params": {"bits": 4, "group_size": 128, "strict_group_size": True}}
     try:
         validate_steps([step], info)
     except StepError as e:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from core.methods import NEEDS_TOKENIZER, MethodConstraint, ModelInfo, Refusal, StrictParams, has_tokenizer
-from core.methods._ct import CONV1D_MODEL_TYPES, GROUP_SIZES, NOT_QUANTIZED
+from core.methods._ct import CONV1D_MODEL_TYPES, GROUP_SIZES, NOT_QUANTIZED, STRICT_GROUP_SIZE_DESCRIPTION
 from core.methods._ct import check_group as ct_check_group
 
 # The limits every llm-compressor method has (each method's file lists them with its own).
@@ -104,6 +104,7 @@ class QuantizeParams(CalibrationParams):
         description="input columns sharing a scale: 32, 64 or 128; null: per "
         "channel. Omitted: 128 for W4A16, per channel for W8A16 and W8A8",
     )
+    strict_group_size: bool = Field(default=False, strict=True, description=STRICT_GROUP_SIZE_DESCRIPTION)
     ignore: list[str] = Field(
         default_factory=lambda: ["lm_head"],
         max_length=64,
@@ -147,13 +148,14 @@ def check_model(method: str, info: ModelInfo, *, quantizes: bool) -> None:
 
 
 def check_group(method: str, info: ModelInfo, params: QuantizeParams, scheme: str) -> None:
-    """Refuse a group size (given, or the scheme's default) that does not divide the input width of
-    every Linear layer the step quantizes (its ``ignore`` left out): core/methods/_ct.py."""
+    """With ``strict_group_size``, refuse a group size (given, or the scheme's default) that does not
+    divide the input width of every Linear layer the step quantizes (its ``ignore`` left out);
+    without it such layers fall back to a group size of their own: core/methods/_ct.py."""
     try:
         group = params.effective_group(scheme)
     except ValueError as e:
         raise Refusal(str(e), constraint=W8A8_PER_CHANNEL.id, param="group_size") from None
-    ct_check_group(method, info, group, params.ignore)
+    ct_check_group(method, info, group, params.ignore, strict=params.strict_group_size)
 
 
 def nm_sparsity(mask: str) -> float:

@@ -1,9 +1,12 @@
 """``quantize.weight_only``: round-to-nearest integer weights (int8 or int4), float activations.
 
 ``bits``: 8 or 4. ``group_size``: null (default) for one scale per output channel, or 32/64/128
-for one scale (and zero point, if asymmetric) per group of that many consecutive input columns;
-every Linear input width must be a multiple of it (refused at submit when the model's shapes show
-it is not, naming the blocking layers and the group sizes that would work: docs/METHODS.md).
+for one scale (and zero point, if asymmetric) per group of that many consecutive input columns.
+A layer whose input width is not a multiple of it gets the largest of 32/64/128 below it that
+divides its width, or per-channel scales where none does (a config group of its own in the
+artifact; the step's metrics list each such layer under ``group_fallbacks``).
+``strict_group_size: true`` refuses such a model at submit instead, naming the blocking layers and
+the group sizes that would work (docs/METHODS.md).
 ``symmetric`` (default true): zero point 0 and ``scale = max|w| / ((2^b - 1) / 2)``; false fits
 ``[min, max]`` with an int8 zero point per row/group. Rounding is to nearest
 (worker/ops/quant.py): ``|w - w'| <= scale / 2`` for every weight. No calibration data.
@@ -28,7 +31,7 @@ from typing import Literal, get_args
 from pydantic import Field
 
 from core.methods import MethodConstraint, ModelInfo, StrictParams, register
-from core.methods._ct import CT_CONSTRAINTS, GROUP_DIVIDES, check_model
+from core.methods._ct import CT_CONSTRAINTS, GROUP_DIVIDES, STRICT_GROUP_SIZE_DESCRIPTION, check_model
 
 
 class QuantizeWeightOnlyParams(StrictParams):
@@ -39,10 +42,11 @@ class QuantizeWeightOnlyParams(StrictParams):
     symmetric: bool = Field(
         default=True, strict=True, description="zero point 0 (true) or a fitted zero point per row/group"
     )
+    strict_group_size: bool = Field(default=False, strict=True, description=STRICT_GROUP_SIZE_DESCRIPTION)
 
 
 def _check(params: QuantizeWeightOnlyParams, info: ModelInfo) -> None:
-    check_model("quantize.weight_only", info, params.group_size)
+    check_model("quantize.weight_only", info, params.group_size, strict_group_size=params.strict_group_size)
 
 
 BITS = MethodConstraint(

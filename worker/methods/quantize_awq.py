@@ -20,11 +20,19 @@ def quantize_awq(model: LoadedModel, params: QuantizeAWQParams, ctx: MethodConte
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
+    from core.methods._ct import describe_fallbacks
     from worker import llmc
 
     group = params.effective_group("W4A16")
-    groups = llmc.config_groups("W4A16", group)
+    fallbacks = llmc.group_fallbacks(model, "quantize.awq", group, params)
+    groups = llmc.config_groups("W4A16", group, fallbacks)
     recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=params.ignore)]
     run = llmc.run_oneshot(model, ctx, recipe, params)
     llmc.set_quantized_saver(model, "quantize.awq")
-    return {"scheme": "W4A16", "group_size": group, "ignore": params.ignore, **run}
+    return {
+        "scheme": "W4A16",
+        "group_size": group,
+        "group_fallbacks": describe_fallbacks(fallbacks),
+        "ignore": params.ignore,
+        **run,
+    }

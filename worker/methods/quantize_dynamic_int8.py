@@ -22,7 +22,7 @@ def _stream(params: QuantizeDynamicInt8Params, ctx: Any) -> Any:
     from worker.stream.steps import QuantizeStep
 
     return QuantizeStep(
-        "quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w: quant.rtn_qparams(w, 8, None, True), "W8A8"
+        "quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w, g: quant.rtn_qparams(w, 8, None, True), "W8A8"
     )
 
 
@@ -37,7 +37,7 @@ def quantize_dynamic_int8(model: LoadedModel, params: QuantizeDynamicInt8Params,
         method="quantize.dynamic_int8",
         weights=WEIGHTS,
         input_activations=ACTIVATIONS,
-        qparams=lambda w: quant.rtn_qparams(w, 8, None, True),
+        qparams=lambda w, g: quant.rtn_qparams(w, 8, None, True),
         ctx=ctx,
     )
     return {"scheme": "W8A8", **metrics}

@@ -24,7 +24,8 @@ def _qparams(n: int) -> Any:
 
     from worker.ops import quant
 
-    def qparams(w: Any) -> tuple[Any, Any]:
+    def qparams(w: Any, group: int | None = None) -> tuple[Any, Any]:
+        # Per channel (group is always None here): one fixed scale per row.
         rows = w.shape[0]
         return torch.full((rows, 1), quant.fixed_point_scale(n)), torch.zeros((rows, 1), dtype=torch.int8)
 
@@ -54,7 +55,7 @@ def _stream(params: QuantizeFixedPointParams, ctx: Any) -> Any:
     lock = threading.Lock()  # the step calls qparams from one thread per core
     rows_qparams = _qparams(n)
 
-    def qparams(w: Any) -> tuple[Any, Any]:
+    def qparams(w: Any, group: int | None) -> tuple[Any, Any]:
         # Clipping is counted on the floats as they stream by (the stored integers no longer show it).
         clipped = quant.fixed_point(w, n, bits)[1]
         with lock:

@@ -18,14 +18,25 @@ def quantize_gptq(model: LoadedModel, params: QuantizeGPTQParams, ctx: MethodCon
     """GPTQ: error-compensating integer quantization on calibration data (llm-compressor)."""
     from llmcompressor.modifiers.quantization import GPTQModifier
 
+    from core.methods._ct import describe_fallbacks
     from worker import llmc
 
     group = params.effective_group(params.scheme)
+    fallbacks = llmc.group_fallbacks(model, "quantize.gptq", group, params)
     mod = GPTQModifier(
-        config_groups=llmc.config_groups(params.scheme, group),
+        config_groups=llmc.config_groups(params.scheme, group, fallbacks, params.observer),
         ignore=params.ignore,
         dampening_frac=params.dampening_frac,
+        actorder=params.actorder,
     )
     run = llmc.run_oneshot(model, ctx, [mod], params)
     llmc.set_quantized_saver(model, "quantize.gptq")
-    return {"scheme": params.scheme, "group_size": group, "ignore": params.ignore, **run}
+    return {
+        "scheme": params.scheme,
+        "group_size": group,
+        "group_fallbacks": describe_fallbacks(fallbacks),
+        "actorder": params.actorder,
+        "observer": params.observer,
+        "ignore": params.ignore,
+        **run,
+    }

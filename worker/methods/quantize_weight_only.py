@@ -34,8 +34,9 @@ def _stream(params: QuantizeWeightOnlyParams, ctx: Any) -> Any:
         "quantize.weight_only",
         _weights(params),
         None,
-        lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric),
+        lambda w, g: quant.rtn_qparams(w, params.bits, g, params.symmetric),
         _scheme(params),
+        strict_group=params.strict_group_size,
     )
 
 
@@ -51,7 +52,8 @@ def quantize_weight_only(model: LoadedModel, params: QuantizeWeightOnlyParams, c
         method="quantize.weight_only",
         weights=weights,
         input_activations=None,
-        qparams=lambda w: quant.rtn_qparams(w, params.bits, params.group_size, params.symmetric),
+        qparams=lambda w, g: quant.rtn_qparams(w, params.bits, g, params.symmetric),
         ctx=ctx,
+        strict_group=params.strict_group_size,
     )
     return {"scheme": _scheme(params), **metrics}

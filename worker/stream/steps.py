@@ -170,23 +170,26 @@ class QuantizeStep(StreamStep):
         method: str,
         weights: dict[str, Any],
         input_activations: dict[str, Any] | None,
-        qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+        qparams: Callable[[torch.Tensor, int | None], tuple[torch.Tensor, torch.Tensor]],
         scheme_name: str,
         extra: Callable[[], dict[str, Any]] | None = None,
+        strict_group: bool = False,
     ) -> None:
         from compressed_tensors.compressors.format import infer_module_format
-        from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+        from worker.ct_format import config_groups
 
         self.method = method
         self.scheme_name = scheme_name
         self.extra = extra
-        self.scheme = QuantizationScheme(
-            targets=["Linear"],
-            weights=QuantizationArgs(**weights),
-            input_activations=QuantizationArgs(**input_activations) if input_activations else None,
-        )
+        self.weights, self.input_activations = weights, input_activations
+        self.scheme = config_groups(weights, input_activations, {})["group_0"]
         self.args = self.scheme.weights
         self.group = self.args.group_size if self.args.strategy == "group" else None
+        self.strict_group = strict_group
+        # Every layer's group size (the requested one, or its fallback: core/methods/_ct.py).
+        self.groups: dict[str, int | None] = {}
+        self.fallbacks: dict[str, int | None] = {}
         self.fmt = infer_module_format(torch.nn.Linear, self.scheme).value
         self.packed = self.fmt == "pack-quantized"
         self.qparams = qparams
@@ -204,7 +207,8 @@ class QuantizeStep(StreamStep):
         self.notes: dict[str, Any] = {}
 
     def prepare(self, source: Source) -> None:
-        from core.methods._ct import CONV1D_REFUSAL, group_refusal
+        from core.methods._ct import CONV1D_REFUSAL
+        from worker.ct_format import layer_groups
 
         self.skeleton = source.skeleton
         if self.skeleton is None:
@@ -225,13 +229,14 @@ class QuantizeStep(StreamStep):
                 raise ValueError(f"{self.method}: {name}.weight is {spec.dtype}, not floating point")
             self.names.append(name)
             widths[name] = spec.shape[1]
-        # One refusal naming every layer the group size does not divide and the sizes that would.
-        refusal = group_refusal(self.method, self.group, widths) if self.group else None
-        if refusal is not None:
-            raise refusal
+        self.groups, self.fallbacks = layer_groups(self.method, self.group, widths, self.strict_group)
+
+    def _group_of(self, spec: TensorSpec) -> int | None:
+        return self.groups.get(spec.name.removesuffix(".weight"), self.group)
 
     def _scale_cols(self, spec: TensorSpec) -> int:
-        return spec.shape[1] // self.group if self.group else 1
+        g = self._group_of(spec)
+        return spec.shape[1] // g if g else 1
 
     def out_specs(self, spec: TensorSpec, target: Target | None) -> list[TensorSpec]:
         base = spec.name.removesuffix(".weight")
@@ -264,6 +269,7 @@ class QuantizeStep(StreamStep):
     ) -> torch.Tensor:
         n, width = x.shape
         cols = self._scale_cols(spec)
+        group = self._group_of(spec)
         bits = self.args.num_bits
         out = (
             torch.empty(n, math.ceil(width * bits / 32), dtype=torch.int32)
@@ -283,14 +289,14 @@ class QuantizeStep(StreamStep):
             wf = scratch.get(3, xs, torch.float32)
             wf.copy_(xs)
             nonzero = quant.count_nonzero(xs, scratch)
-            scale, zp = self.qparams(wf)
+            scale, zp = self.qparams(wf, group)
             scales[a:b].copy_(scale.reshape(b - a, cols))
             if zps is not None:
                 zps[a:b].copy_(zp.reshape(b - a, cols))
             # The integers exactly as compressed-tensors' quantize makes them from the stored
             # scale (tests/test_stream.py compares the artifacts bit for bit).
             q, se, sw, mx = quant.quantize_rows(
-                xs, scales[a:b], None if zps is None else zps[a:b], bits, self.group, scratch, w_float=wf
+                xs, scales[a:b], None if zps is None else zps[a:b], bits, group, scratch, w_float=wf
             )
             if self.packed:
                 quant.pack_int32(q, bits, out=out[a:b])
@@ -350,11 +356,12 @@ class QuantizeStep(StreamStep):
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
 
+        from worker.ct_format import config_groups
+
         module = self.skeleton
+        groups = config_groups(self.weights, self.input_activations, self.fallbacks)
         apply_quantization_config(
-            module,
-            QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=self._ignored()),
-            show_progress=False,
+            module, QuantizationConfig(config_groups=groups, ignore=self._ignored()), show_progress=False
         )
         mods = dict(module.named_modules())
         for n in self.names:
@@ -367,7 +374,7 @@ class QuantizeStep(StreamStep):
             config["quantization_config"] = json.loads((Path(d) / "config.json").read_text())["quantization_config"]
 
     def metrics(self) -> dict[str, Any]:
-        from core.methods._ct import RUNS_DECOMPRESSED
+        from core.methods._ct import RUNS_DECOMPRESSED, describe_fallbacks
 
         act = self.scheme.input_activations
         ignore = self._ignored()
@@ -399,6 +406,7 @@ class QuantizeStep(StreamStep):
             "activations": f"int{act.num_bits} dynamic per-{act.strategy}" if act else None,
             "format": self.fmt,
             "layers_quantized": len(self.names),
+            "group_fallbacks": describe_fallbacks(self.fallbacks),
             "quantized_parameters": self.stats.elements,
             "ignored_layers": ignore,
             "relative_rms_error": round(self.stats.relative_rms_error, 8),
