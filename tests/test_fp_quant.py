@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -242,6 +243,50 @@ def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, scheme):
     assert res.notes["runs"] == "decompressed" and "dequantize" in res.notes["runs_detail"]
 
 
+def _planned_bytes(src: Path, method: str, params: dict) -> int:
+    from core.jobs import plan
+
+    with open(src / "model.safetensors", "rb") as f:
+        tensors = plan.read_header(f, 1 << 20)
+    outs = [plan._Out(t, t.nbytes) for t in tensors]
+    plan._apply_step(outs, method, params, [], None)
+    return sum(o.nbytes for o in outs)
+
+
+def _stored_bytes(d: Path) -> int:
+    from tests.test_stream import _tensors
+
+    return sum(t.numel() * t.element_size() for t in _tensors(d).values())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
+def test_plan_counts_the_artifact_bytes_exactly(llama, tmp_path, method, scheme):
+    _stream(llama, method, {"scheme": scheme}, tmp_path / "s")
+    assert _planned_bytes(llama, method, {"scheme": scheme}) == _stored_bytes(tmp_path / "s")
+
+
+@pytest.mark.unit
+def test_plan_streams_the_data_free_schemes_only():
+    from core.jobs import plan
+    from core.methods.quantize_fp4 import DATA_FREE as FP4_FREE
+    from core.methods.quantize_fp8 import DATA_FREE as FP8_FREE
+
+    reg = load_all()
+    for method, free in (("quantize.fp8", FP8_FREE), ("quantize.fp4", FP4_FREE)):
+        schemes = set(get_args(reg[method].params.model_fields["scheme"].annotation))
+        assert plan.CALIBRATED_SCHEMES[method] == schemes - free
+        assert plan.DEFAULT_SCHEME[method] == reg[method].params.model_fields["scheme"].default
+        for scheme in schemes:
+            assert plan.stream_capable([{"method": method, "params": {"scheme": scheme}}], reg) == (scheme in free)
+        assert plan.stream_capable([{"method": method, "params": {}}], reg)
+    # The whole-tensor steps' memory follows the largest quantized weight, not a row chunk.
+    big = [plan.Tensor("model.layers.0.mlp.up_proj.weight", "BF16", (16384, 8192))]
+    _, peak = plan._steps_peak("stream", big, [{"method": "quantize.fp8", "params": {}}], 1.0, 0)
+    _, chunked = plan._steps_peak("stream", big, [{"method": "quantize.weight_only", "params": {"bits": 4}}], 1.0, 0)
+    assert peak - plan.BASELINE_BYTES == int(plan.STREAM_FACTORS["quantize.fp8"] * 16384 * 8192 * 4) > chunked
+
+
 @pytest.mark.integration
 def test_streamed_nvfp4_shares_the_global_scale_of_fused_layers(llama, tmp_path):
     from tests.test_stream import _tensors
@@ -282,6 +327,7 @@ def test_fp8_static_calibrates_on_the_dataset(llama, tmp_path):
 
     metrics = _run_in_memory(llama, "quantize.fp8", {"scheme": "FP8", "num_samples": 8}, tmp_path / "out")
     assert metrics["calibration_samples"] == 8
+    assert _planned_bytes(llama, "quantize.fp8", {"scheme": "FP8"}) == _stored_bytes(tmp_path / "out")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
         scale = f.get_tensor("model.layers.0.self_attn.q_proj.input_scale")
     assert scale.numel() == 1 and float(scale) > 0

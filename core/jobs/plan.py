@@ -84,7 +84,22 @@ STREAM_FACTORS: dict[str, float] = {
     "quantize.weight_only": 1.3,
     "quantize.dynamic_int8": 1.6,
     "quantize.fixed_point": 1.6,
+    # quantize.fp8 / quantize.fp4 quantize each weight whole (FP8_BLOCK's blocks and NVFP4's
+    # global scale span rows; worker/stream/fp.py): the factor applies to the largest quantized
+    # weight, not to a row chunk (WHOLE_TENSOR_STREAM). Measured on one 8192 x 4096 bf16 weight
+    # (ru_maxrss growth over its float32 size: llm-compressor's observers, the compressed
+    # outputs, the error measurement): FP8_DYNAMIC 3.9x, FP8_BLOCK 3.9x, MXFP4A16 4.1x, NVFP4A16 5.5x.
+    "quantize.fp8": 4.0,
+    "quantize.fp4": 5.5,
 }
+WHOLE_TENSOR_STREAM = frozenset({"quantize.fp8", "quantize.fp4"})
+# Schemes of the streaming methods that calibrate on data, so the job runs in memory
+# (core/methods/quantize_fp8.py and quantize_fp4.py DATA_FREE: tests/test_fp_quant.py compares).
+CALIBRATED_SCHEMES: dict[str, frozenset[str]] = {
+    "quantize.fp8": frozenset({"FP8"}),
+    "quantize.fp4": frozenset({"NVFP4"}),
+}
+DEFAULT_SCHEME = {"quantize.fp8": "FP8_DYNAMIC", "quantize.fp4": "NVFP4A16"}
 # A streaming method not measured yet: the engine's design figure (the chunk read, its float32
 # working copy, the transformed result, the output buffer).
 STREAM_TENSOR_FACTOR = 4.0
@@ -112,6 +127,10 @@ WHOLE_FACTORS: dict[str, float] = {
     "quantize.weight_only": 2.2,
     "quantize.fixed_point": 2.2,
     "quantize.dynamic_int8": 2.2,
+    # Not measured: llm-compressor's oneshot over the whole model, as GPTQ's (an upper bound for
+    # the data-free schemes, which only observe the weights).
+    "quantize.fp8": 2.6,
+    "quantize.fp4": 2.6,
 }
 # A method not listed above (a new one): the largest measured factor.
 DEFAULT_WHOLE_FACTOR = 2.6
@@ -181,6 +200,9 @@ STREAM_COST: dict[str, float] = {
     "quantize.dynamic_int8": 1.0,
     "quantize.fixed_point": 1.3,
 }
+# FP8 static / NVFP4: llm-compressor's sequential calibration with observers only (no Hessian):
+# SmoothQuant's figure, not measured apart.
+CALIBRATED_FP_COST = 6.0
 # distill: per optimizer step of the reference batch (4 x 32 tokens), on top of 1 (load, save);
 # 5 steps of 3 of 6 layers of the 78 MB Llama took ~3x a magnitude pruning of it.
 DISTILL_COST_PER_STEP = 0.5
@@ -195,7 +217,13 @@ def method_cost(method: str, params: Mapping[str, Any], path: str) -> float:
         )
         tokens = int(params.get("batch_size", 8)) * int(params.get("max_length", 128))
         return 1.0 + DISTILL_COST_PER_STEP * steps * tokens / (4 * 32)
+    if path != "stream" and _scheme(method, params) in CALIBRATED_SCHEMES.get(method, ()):
+        return CALIBRATED_FP_COST  # calibration through llm-compressor's sequential pipeline
     return (STREAM_COST if path == "stream" else WHOLE_COST).get(method, 1.0)
+
+
+def _scheme(method: str, params: Mapping[str, Any]) -> str:
+    return str(params.get("scheme") or DEFAULT_SCHEME.get(method, ""))
 
 
 def job_cost(steps: Iterable[Mapping[str, Any]], path: str) -> float:
@@ -311,8 +339,14 @@ def _blocks_above_baseline(tensors: list[Tensor], steps: list[Mapping[str, Any]]
 def stream_capable(steps: Iterable[Mapping[str, Any]], registry: Mapping[str, Any]) -> bool:
     """Whether every step's method has a streaming form (``MethodSpec.streams``). No step (a job
     that only exports) streams too: its tensors are copied through, as the worker does."""
+    steps = list(steps)
     specs = [registry.get(s["method"]) for s in steps]
-    return all(spec is not None and spec.streams for spec in specs)
+    # quantize.fp8 / quantize.fp4 stream their data-free schemes only (the worker's stream form
+    # raises NotStreamable for the others and runs them in memory).
+    calibrated = any(
+        _scheme(s["method"], s.get("params") or {}) in CALIBRATED_SCHEMES.get(s["method"], ()) for s in steps
+    )
+    return not calibrated and all(spec is not None and spec.streams for spec in specs)
 
 
 # --- artifact bytes, tensor by tensor ----------------------------------------------------------
@@ -337,6 +371,30 @@ def _pack_bytes(out_f: int, in_f: int, bits: int, group: int | None, scale_size:
     return stored
 
 
+# The floating-point formats (compressed-tensors float-quantized, nvfp4/mxfp4-pack-quantized), as
+# the worker writes them (tests/test_fp_quant.py compares with artifacts): input columns per scale.
+FP_FORMATS = frozenset({"quantize.fp8", "quantize.fp4"})
+FP_GROUPS = {"NVFP4A16": 16, "NVFP4": 16, "MXFP4A16": 32, "MXFP4": 32}
+FP8_BLOCK = 128
+
+
+def _fp_bytes(scheme: str, out_f: int, in_f: int, scale_size: int) -> int:
+    """Stored bytes of one weight in an FP8/FP4 scheme: FP8 one byte a weight plus scales in the
+    weight's dtype (per channel, per 128x128 block, or one, with FP8's static input scale); FP4 two
+    weights a byte, a one-byte scale per group (fp8 e4m3 for NVFP4, e8m0 for MXFP4), and NVFP4's
+    float32 global scale (and, for NVFP4 with activations, theirs)."""
+    if scheme in FP_GROUPS:
+        stored = out_f * math.ceil(in_f / 2) + out_f * math.ceil(in_f / FP_GROUPS[scheme])
+        if scheme.startswith("NVFP4"):
+            stored += 4 + (4 if scheme == "NVFP4" else 0)
+        return stored
+    if scheme == "FP8_BLOCK":
+        return out_f * in_f + math.ceil(out_f / FP8_BLOCK) * math.ceil(in_f / FP8_BLOCK) * scale_size
+    if scheme == "FP8":
+        return out_f * in_f + 2 * scale_size
+    return out_f * in_f + out_f * scale_size  # FP8_DYNAMIC: per output channel
+
+
 def _int8_bytes(out_f: int, in_f: int, scale_size: int) -> int:
     """compressed-tensors int-quantized (W8A8): int8 weights + one scale per output channel."""
     return out_f * in_f + out_f * scale_size
@@ -350,6 +408,9 @@ def _quant_scheme(method: str, params: Mapping[str, Any]) -> tuple[str, int, int
         return "pack", int(params.get("bits", 8)), None, True
     if method == "quantize.dynamic_int8" or method == "quantize.smoothquant":
         return "int8", 8, None, True
+    if method in FP_FORMATS:
+        scheme = _scheme(method, params)
+        return "fp", 8 if method == "quantize.fp8" else 4, FP_GROUPS.get(scheme), True
     if method in ("quantize.gptq", "quantize.awq"):
         scheme = params.get("scheme", "W4A16")
         if scheme == "W8A8":
@@ -433,11 +494,12 @@ def _apply_quantize(outs: list[_Out], method: str, params: Mapping[str, Any], no
             continue
         out_f, in_f = t.shape
         scale_size = SAFETENSORS_DTYPES.get(t.dtype, 4) if o.nbytes == t.nbytes else 2
-        o.nbytes = (
-            _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric)
-            if fmt == "pack"
-            else _int8_bytes(out_f, in_f, scale_size)
-        )
+        if fmt == "fp":
+            o.nbytes = _fp_bytes(_scheme(method, params), out_f, in_f, scale_size)
+        elif fmt == "pack":
+            o.nbytes = _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric)
+        else:
+            o.nbytes = _int8_bytes(out_f, in_f, scale_size)
         o.quantized = True
 
 
@@ -466,9 +528,18 @@ def _steps_peak(
     model_bytes = sum(t.nbytes for t in tensors)
     if path == "stream":
         largest_f32 = max((t.numel * 4 for t in tensors), default=0)
+        # The quantized weights only: the embedding (often the largest tensor) is copied through.
+        largest_target_f32 = max((t.numel * 4 for t in tensors if is_target(t)), default=0)
         factors = [STREAM_FACTORS.get(s["method"], STREAM_TENSOR_FACTOR) for s in steps]
         factor = max(factors, default=STREAM_TENSOR_FACTOR)
-        return factor, BASELINE_BYTES + int(factor * min(largest_f32, STREAM_CHUNK_BYTES))
+        above = max(
+            (
+                f * (largest_target_f32 if s["method"] in WHOLE_TENSOR_STREAM else min(largest_f32, STREAM_CHUNK_BYTES))
+                for f, s in zip(factors, steps, strict=True)
+            ),
+            default=factor * min(largest_f32, STREAM_CHUNK_BYTES),
+        )
+        return factor, BASELINE_BYTES + int(above)
     if path == "blocks":
         return BLOCK_FACTOR, BASELINE_BYTES + _blocks_above_baseline(tensors, steps, activation_memory_bytes)
     factor = max(
