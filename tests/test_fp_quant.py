@@ -222,11 +222,12 @@ def _stream(src: Path, method: str, params: dict, out: Path):
 @pytest.mark.integration
 @pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
 def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, scheme):
-    from tests.test_stream import _same
+    from tests.test_stream import _same, _whole
 
-    wm = _run_in_memory(llama, method, {"scheme": scheme}, tmp_path / "whole")
+    (wm,), counts, sparsity = _whole(llama, "hf", [(method, {"scheme": scheme})], tmp_path / "whole")
     res = _stream(llama, method, {"scheme": scheme}, tmp_path / "stream")
     _same(tmp_path / "whole", tmp_path / "stream")
+    assert res.parameters == counts and res.sparsity == sparsity
     ca = json.loads((tmp_path / "whole" / "config.json").read_text())
     cb = json.loads((tmp_path / "stream" / "config.json").read_text())
     assert ca["quantization_config"] == cb["quantization_config"]
@@ -288,6 +289,25 @@ def test_plan_streams_the_data_free_schemes_only():
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
+def test_memory_bytes_is_what_transformers_loads(llama, tmp_path, method, scheme):
+    """The report's in-memory size: every parameter and buffer as transformers loads the artifact
+    on a CPU, after the first forward has decompressed it."""
+    from transformers import AutoModelForCausalLM
+
+    res = _stream(llama, method, {"scheme": scheme}, tmp_path / "s")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+    m(torch.tensor([[1, 2, 3]]))
+    seen: set[int] = set()
+    total = 0
+    for t in [*m.parameters(), *m.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    assert res.memory_bytes == total
+
+
+@pytest.mark.integration
 def test_streamed_nvfp4_shares_the_global_scale_of_fused_layers(llama, tmp_path):
     from tests.test_stream import _tensors
 
@@ -307,6 +327,21 @@ def test_fp4_refused_by_the_worker_on_widths_it_cannot_express(tmp_path):
         _run_in_memory(src, "quantize.fp4", {"scheme": "MXFP4A16"}, tmp_path / "out")
     with pytest.raises(Refusal, match="down_proj"):
         _stream(src, "quantize.fp4", {"scheme": "NVFP4A16"}, tmp_path / "s")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_nvfp4_calibrates_the_activations_global_scale(llama, tmp_path):
+    from safetensors import safe_open
+
+    metrics = _run_in_memory(llama, "quantize.fp4", {"scheme": "NVFP4", "num_samples": 8}, tmp_path / "out")
+    assert metrics["calibration_samples"] == 8 and metrics["format"] == "nvfp4-pack-quantized"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        g = f.get_tensor("model.layers.0.self_attn.q_proj.input_global_scale")
+    assert g.numel() == 1 and float(g) > 0
+    assert _planned_bytes(llama, "quantize.fp4", {"scheme": "NVFP4"}) == _stored_bytes(tmp_path / "out")
+    a, b = _logits(llama), _logits(tmp_path / "out")
+    assert float((a - b).norm() / a.norm()) < 0.5
 
 
 @pytest.mark.integration

@@ -151,7 +151,13 @@ class FloatQuantStep(StreamStep):
         lead = next(k for k in _LEAD if k in out)
         self._pending = {f"{name}.{k}": v.contiguous() for k, v in out.items() if k != lead}
         self.stored_bytes += sum(v.numel() * v.element_size() for v in out.values())
-        self.extra_bytes += sum(v.numel() * v.element_size() for k, v in out.items() if k != lead)
+        # As transformers holds them once it has decompressed the weights: the scales (fp8, e8m0
+        # or the weight's dtype as stored) in the weight's dtype, NVFP4's global scale in float32.
+        self.extra_bytes += sum(
+            v.numel() * (spec.dtype.itemsize if k == "weight_scale" else v.element_size())
+            for k, v in out.items()
+            if k != lead
+        )
         return out[lead].contiguous()
 
     def end(self, spec: TensorSpec, target: Target | None) -> dict[str, torch.Tensor]:
