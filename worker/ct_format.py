@@ -296,3 +296,54 @@ def save_compressed(loaded: Any, out_dir: Path, max_shard_size: int) -> None:
     finally:
         # Back to float weights (the quantized values) so code after the save can read .weight.
         compressor.decompress_model(model)
+
+
+def attach_online_transforms(module: Any, artifact_dir: Path) -> int:
+    """Re-attach an artifact's online rotations (``transform.rotate`` style ``quip``) after
+    transformers loaded it: transformers 5.17 loads the weights (which hold the inverse rotation)
+    but ignores ``quantization_config.transform_config``, so without this the model computes wrong
+    outputs. compressed-tensors' own ``apply_transform_config`` attaches the online (``input`` /
+    ``output``) transforms only, the weight-side ones being in the weights already, and the
+    matrices are then overwritten with those the checkpoint stores (layers of one width share one
+    matrix; the checkpoint keeps one name per shared tensor). Returns how many were attached."""
+    import json
+
+    import torch
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from compressed_tensors.transform.factory.base import TransformBase
+    from safetensors import safe_open
+
+    qc = json.loads((artifact_dir / "config.json").read_text()).get("quantization_config") or {}
+    tc = qc.get("transform_config") or {}
+    if not tc.get("config_groups"):
+        return 0
+    config = TransformConfig.model_validate(tc)
+    for scheme in config.config_groups.values():
+        scheme.apply = [a for a in scheme.apply if a.is_online()]
+    config.config_groups = {k: s for k, s in config.config_groups.items() if s.apply}
+    if not config.config_groups:
+        return 0
+    apply_transform_config(module, config)
+    stored: dict[str, torch.Tensor] = {}
+    for f in sorted(artifact_dir.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open is no dict
+                if any(key.endswith(f".{g}_{loc}.weight") for g in config.config_groups for loc in ("input", "output")):
+                    stored[key] = st.get_tensor(key)
+    by_kind: dict[tuple[str, int], torch.Tensor] = {}
+    for key, t in stored.items():
+        by_kind[(key.rsplit(".", 2)[-2], t.shape[0])] = t
+    attached = 0
+    with torch.no_grad():
+        for name, m in module.named_modules():
+            if not isinstance(m, TransformBase):
+                continue
+            w = m.weight
+            src = stored.get(f"{name}.weight")
+            if src is None:
+                src = by_kind.get((name.rsplit(".", 1)[-1], w.shape[0]))
+            if src is None or src.shape != w.shape:
+                raise ValueError(f"the artifact has no stored matrix for the online rotation {name}")
+            w.data.copy_(src.to(w.dtype))
+            attached += 1
+    return attached

@@ -625,6 +625,7 @@ class Evaluator:
         t0 = _clock()
         try:
             compressed = _load_offloaded_artifact(artifact_dir, offload_dir)
+            self._online_rotations(compressed, artifact_dir)
         except Exception as e:
             log.exception("loading the artifact (weights on disk) for evaluation")
             self.compressed = _Run(
@@ -707,6 +708,7 @@ class Evaluator:
                 .to(self.device)
                 .eval()
             )
+            self._online_rotations(module, artifact_dir)
         except Exception as e:
             log.exception("loading the artifact for evaluation")
             self.compressed = _Run(
@@ -725,6 +727,19 @@ class Evaluator:
             self.compressed.seconds["latency"] += _clock() - t0
         del module
         gc.collect()
+
+    def _online_rotations(self, module: torch.nn.Module, artifact_dir: Path) -> None:
+        """An artifact with online rotations (transform.rotate style quip) runs them, as vLLM does;
+        transformers alone would skip them (worker/ct_format.py), and the report says so."""
+        from worker.ct_format import attach_online_transforms
+
+        n = attach_online_transforms(module, artifact_dir)
+        if n:
+            self.notes.append(
+                f"the artifact's online Hadamard rotations ({n} layers, compressed-tensors transform_config) were "
+                "attached by modelpress for this evaluation, as vLLM runs them: transformers 5.17 alone ignores "
+                "them and computes wrong outputs"
+            )
 
     def measure_compressed_module(self, module: torch.nn.Module, load_s: float, kernel: dict[str, Any]) -> None:
         """The compressed model already built, e.g. an export in its runtime (worker/runtimes/module.py):

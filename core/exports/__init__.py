@@ -80,6 +80,12 @@ def refusals(output: dict[str, Any], info: Any, steps: list[dict[str, Any]], has
             f"a {fmt} export needs a Hugging Face model folder (config.json and a tokenizer): "
             "a bare safetensors state dict has no architecture to export"
         ]
+    if any(s.get("method") == "transform.rotate" and (s.get("params") or {}).get("style") == "quip" for s in steps):
+        return [
+            f"transform.rotate style quip leaves online rotations that run at inference (compressed-tensors "
+            f"transform_config), which a {fmt} file cannot express; use style spinquant (rotations fused into "
+            "the weights) or the safetensors output"
+        ]
     if fmt == "gguf":
         from core.exports import gguf
         from core.methods import has_tokenizer

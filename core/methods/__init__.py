@@ -146,6 +146,9 @@ class MethodSpec:
     # The method's own limits (``MethodConstraint``), declared in its file; :meth:`constraints`
     # adds those the flags above imply.
     own_constraints: tuple[MethodConstraint, ...] = ()
+    # Methods one of which must come right after this one (a rotation does nothing useful on its
+    # own: it prepares the weights for the quantizer that follows). None: no such rule.
+    followed_by: frozenset[str] | None = None
 
     def constraints(self) -> list[MethodConstraint]:
         """Every limit of the method: those its flags imply (formats, data, GPU, last step), then
@@ -159,6 +162,8 @@ class MethodSpec:
             implied.append(NEEDS_GPU)
         if self.final:
             implied.append(LAST_STEP)
+        if self.followed_by is not None:
+            implied.append(followed_by_constraint(self.followed_by))
         return [*implied, *self.own_constraints]
 
     def describe(self) -> dict[str, Any]:
@@ -209,6 +214,15 @@ LAST_STEP = MethodConstraint(
 )
 
 
+def followed_by_constraint(methods: frozenset[str]) -> MethodConstraint:
+    return MethodConstraint(
+        id="followed_by",
+        rule=f"Must be followed directly by one of {', '.join(sorted(methods))}: on its own it prepares "
+        "weights for a quantizer and changes nothing a user gains from.",
+        values={"methods": sorted(methods)},
+    )
+
+
 _REGISTRY: dict[str, MethodSpec] = {}
 
 
@@ -225,6 +239,7 @@ def register(
     streams: bool = False,
     blocks: bool = False,
     constraints: Sequence[MethodConstraint] = (),
+    followed_by: Sequence[str] | None = None,
 ) -> MethodSpec:
     """Register the method ``name`` (called once, at the bottom of core/methods/<name>.py) with the
     limits it declares there (``constraints``; those its flags imply are added by the registry)."""
@@ -248,6 +263,7 @@ def register(
         streams,
         blocks,
         tuple(constraints),
+        frozenset(followed_by) if followed_by is not None else None,
     )
     _REGISTRY[name] = spec
     return spec
@@ -351,6 +367,21 @@ def validate_steps(
                 continue
         if spec.final:
             final_at = i
+        if spec.followed_by is not None:
+            after = steps[i + 1].get("method") if i + 1 < len(steps) else None
+            if after not in spec.followed_by:
+                errors.append(
+                    {
+                        "loc": [*loc, "method"],
+                        "msg": f"{spec.name} must be followed directly by one of "
+                        f"{', '.join(sorted(spec.followed_by))} (it prepares the weights for that quantizer; "
+                        + ("nothing follows it" if after is None else f"{after!r} follows it")
+                        + ")",
+                        "type": "step_order",
+                        "constraint": "followed_by",
+                    }
+                )
+                continue
         out.append({"method": spec.name, "params": params.model_dump(mode="json")})
     if errors:
         raise StepError(errors)
