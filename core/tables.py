@@ -191,6 +191,8 @@ class Job(Base):
     evaluation: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     # The artifact's format (core.exports.OutputIn); null: safetensors (jobs from before formats).
     output: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The named recipe the steps were expanded from (JobIn.recipe); null: steps given.
+    recipe: Mapped[str | None] = mapped_column(String(64), default=None)
     queue: Mapped[str] = mapped_column(String(32), default="cpu")
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     # Incremented by every claim; final writes only apply while the claimer's attempt holds.

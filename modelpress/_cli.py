@@ -504,6 +504,9 @@ def _evaluation(args: argparse.Namespace) -> dict[str, Any] | None:
     return evaluation
 
 
+_RECIPE_HELP = "a named recipe instead of --step, e.g. w4-best, fp8, sparse-2of4 (list: modelpress methods recipes)"
+
+
 def parse_export(spec: str) -> dict[str, Any]:
     """``--export gguf:type=Q4_0`` / ``onnx:quantize=int8_dynamic`` / ``safetensors`` (or a JSON
     object) -> the job spec's ``output``: the step syntax, its method being the format."""
@@ -527,9 +530,15 @@ def _output(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _steps(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The --step specs; none only with --export (the export is then the whole job)."""
-    if not args.step and not getattr(args, "export", None):
-        raise ValueError("--step is required (at least one), unless --export makes the export the whole job")
+    """The --step specs; none with --recipe (which stands for them), or with --export alone (the
+    export is then the whole job)."""
+    recipe = getattr(args, "recipe", None)
+    if recipe and args.step:
+        raise ValueError("--recipe stands for the steps: give --step or --recipe, not both")
+    if not args.step and not recipe and not getattr(args, "export", None):
+        raise ValueError(
+            "--step is required (at least one), unless --recipe names them or --export makes the export the whole job"
+        )
     return [parse_step(s) for s in args.step]
 
 
@@ -539,6 +548,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
         est = mp.estimate(
             args.model_id,
             steps,
+            recipe=args.recipe,
             dataset_id=args.dataset,
             eval_dataset_id=args.eval_dataset,
             evaluation=_evaluation(args),
@@ -558,6 +568,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         job = mp.submit(
             args.model_id,
             steps,
+            recipe=args.recipe,
             name=args.name,
             dataset_id=args.dataset,
             eval_dataset_id=args.eval_dataset,
@@ -1104,11 +1115,13 @@ def _add_compress_command(add: _Add) -> None:
         "  modelpress compress MODEL_ID --step prune.magnitude:sparsity=0.5 --step quantize.weight_only:bits=8 --wait\n"
         '  modelpress compress MODEL_ID --step \'prune.wanda:mask="2:4",ignore=["lm_head"]\' --dataset DATASET_ID\n'
         '  modelpress compress MODEL_ID --step \'{"method": "quantize.cast", "params": {"dtype": "bfloat16"}}\'\n'
-        "methods and their parameters: GET /v1/methods\n"
+        "  modelpress compress MODEL_ID --recipe w4-best --dataset DATASET_ID --wait\n"
+        "methods and their parameters: modelpress methods; named recipes: modelpress methods recipes\n"
         "exit codes with --wait: 0 succeeded, 1 failed or canceled, 5 --timeout ran out",
     )
     p.add_argument("model_id", metavar="MODEL_ID")
     p.add_argument("--step", action="append", default=[], metavar="SPEC", help=STEP_HELP + " (none: --export alone)")
+    p.add_argument("--recipe", metavar="NAME", help=_RECIPE_HELP)
     p.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     p.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     p.add_argument("--name", help="job name")
@@ -1181,6 +1194,7 @@ def _add_jobs_commands(add: _Add) -> None:
     )
     e.add_argument("model_id", metavar="MODEL_ID")
     e.add_argument("--step", action="append", default=[], metavar="SPEC", help=STEP_HELP + " (none: --export alone)")
+    e.add_argument("--recipe", metavar="NAME", help=_RECIPE_HELP)
     e.add_argument("--dataset", metavar="ID", help="calibration / training dataset id (methods that need data)")
     e.add_argument("--eval-dataset", metavar="ID", help="dataset the report measures quality on")
     e.add_argument("--evaluation", metavar="JSON", help="how the report measures, e.g. '{\"budget_s\": 10}'")
@@ -1297,6 +1311,11 @@ def _add_sweeps_and_methods_commands(add: _Add) -> None:
     )
     sub = _group(p, "methods_command")
     sub("list", res.cmd_methods_list, "list the methods: what each needs and does")
+    sub(
+        "recipes",
+        res.cmd_methods_recipes,
+        "the named recipes (GET /v1/recipes): per target the recommended one, with its measured figures",
+    )
     q = sub("show", res.cmd_methods_show, "show a method: its description and every parameter (type, default)")
     q.add_argument("method", metavar="METHOD", help="e.g. prune.magnitude")
 

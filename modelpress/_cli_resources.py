@@ -326,6 +326,42 @@ def cmd_methods_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_methods_recipes(args: argparse.Namespace) -> int:
+    from modelpress._term import Table
+
+    with _client(args) as mp:
+        recipes = mp.recipes()
+    if args.json:
+        _print_json(recipes)
+        return EXIT_OK
+    t = Table()
+    t.add_column("target")
+    t.add_column("recipe")
+    t.add_column("ppl ×", justify="right")
+    t.add_column("seconds", justify="right", drop=2)
+    t.add_column("needs", drop=1)
+    t.add_column("summary", overflow="wrap", min_width=20)
+    for r in recipes:
+        m = r.measured or {}
+        ratio = m.get("perplexity_ratio")
+        t.add_row(
+            r.target,
+            r.name + (" *" if r.recommended else ""),
+            f"{ratio:.3f}" if isinstance(ratio, (int, float)) else ("refused" if m.get("refused") else "-"),
+            f"{m['seconds']:.0f}" if isinstance(m.get("seconds"), (int, float)) else "-",
+            "data" if r.needs_data else "",
+            r.summary,
+        )
+    _print(t)
+    model = next((r.measured.get("model") for r in recipes if r.measured), None)
+    _print(
+        "* recommended for its target; ppl ×: perplexity against the original"
+        + (f" on {model}" if model else "")
+        + "\nuse one: modelpress compress MODEL_ID --recipe NAME"
+    )
+    return EXIT_OK
+
+
 def _schema_type(prop: dict[str, Any]) -> str:
     if "enum" in prop:
         return " | ".join(json.dumps(v) for v in prop["enum"])

@@ -114,6 +114,7 @@ from modelpress._models import (
     Method,
     Model,
     Page,
+    Recipe,
     Report,
     Sweep,
     SweepSummary,
@@ -165,10 +166,11 @@ def _id(obj: Any) -> str:
     raise TypeError(f"expected an id string or an object with .id, got {type(obj).__name__}")
 
 
-def normalize_steps(steps: Iterable[StepLike]) -> list[dict[str, Any]]:
+def normalize_steps(steps: Iterable[StepLike], *, allow_empty: bool = False) -> list[dict[str, Any]]:
     """Steps as the API takes them: ``[{"method", "params"}]``. Each step may be a dict
     ``{"method": ..., "params": {...}}``, a ``("method", {params})`` tuple, a bare method name, or a
-    ``Step``."""
+    ``Step``. ``allow_empty``: none is fine (a recipe or an export stands for them; the server
+    refuses a job with neither)."""
     if isinstance(steps, (str, Mapping)) or (
         isinstance(steps, tuple) and len(steps) == 2 and isinstance(steps[0], str) and isinstance(steps[1], Mapping)
     ):
@@ -195,7 +197,7 @@ def normalize_steps(steps: Iterable[StepLike]) -> list[dict[str, Any]]:
         if not isinstance(params, Mapping):
             raise ValueError(f"step {i}: 'params' must be a dict")
         out.append({"method": method, "params": dict(params)})
-    if not out:
+    if not out and not allow_empty:
         raise ValueError("a job needs at least one step")
     return out
 
@@ -731,11 +733,15 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         output: Mapping[str, Any] | None = None,
+        recipe: str | None = None,
     ) -> dict[str, Any]:
+        # A recipe stands for the steps: none are sent with it (the server refuses both).
+        normalized = normalize_steps(steps, allow_empty=recipe is not None or output is not None)
         return _drop_none(
             {
                 "model_id": _id(model_id),
-                "steps": normalize_steps(steps),
+                "recipe": recipe,
+                "steps": None if recipe is not None and not normalized else normalized,
                 "name": name,
                 "dataset_id": _id(dataset_id) if dataset_id is not None else None,
                 "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
@@ -754,8 +760,9 @@ class _BaseClient:
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
         output: Mapping[str, Any] | None = None,
+        recipe: str | None = None,
     ) -> _Call[Job]:
-        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, output)
+        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, output, recipe)
         return _Call("POST", "/v1/jobs", _json_of(Job), json=body, headers=self._idem(idempotency_key))
 
     def _estimate_call(
@@ -766,8 +773,9 @@ class _BaseClient:
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         output: Mapping[str, Any] | None = None,
+        recipe: str | None = None,
     ) -> _Call[Estimate]:
-        body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation, output)
+        body = self._spec(model_id, steps, None, dataset_id, eval_dataset_id, evaluation, output, recipe)
         return _Call("POST", "/v1/jobs/estimate", _json_of(Estimate), json=body, safe=True)
 
     def _sweep_call(
@@ -1096,8 +1104,9 @@ class Client(_BaseClient):
     def submit(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
+        steps: Iterable[StepLike] = (),
         *,
+        recipe: str | None = None,
         name: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
@@ -1105,16 +1114,20 @@ class Client(_BaseClient):
         output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Job:
-        """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples."""
+        """Submit a job; steps are ``{"method", "params"}`` dicts or ``("method", {params})`` tuples,
+        or ``recipe`` names a recipe (``recipes()``) that stands for them."""
         return self._send(
-            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output)
+            self._submit_call(
+                model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output, recipe
+            )
         )
 
     def estimate(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
+        steps: Iterable[StepLike] = (),
         *,
+        recipe: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
@@ -1122,7 +1135,7 @@ class Client(_BaseClient):
     ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``): peak memory,
         scratch disk, artifact bytes, seconds, and whether a live worker's budget fits it."""
-        return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output))
+        return self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output, recipe))
 
     def get_job(self, job_id: str | Job) -> Job:
         return self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
@@ -1286,6 +1299,10 @@ class Client(_BaseClient):
 
     def methods(self) -> list[Method]:
         return self._send(self._get("/v1/methods", _list_of(Method)))
+
+    def recipes(self) -> list[Recipe]:
+        """The named recipes (``GET /v1/recipes``), per target the recommended one first."""
+        return self._send(self._get("/v1/recipes", _list_of(Recipe)))
 
     def workers(self) -> list[Worker]:
         return self._send(self._get("/v1/workers", _list_of(Worker)))
@@ -1532,8 +1549,9 @@ class AsyncClient(_BaseClient):
     async def submit(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
+        steps: Iterable[StepLike] = (),
         *,
+        recipe: str | None = None,
         name: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
@@ -1542,21 +1560,26 @@ class AsyncClient(_BaseClient):
         idempotency_key: str | None = None,
     ) -> Job:
         return await self._send(
-            self._submit_call(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output)
+            self._submit_call(
+                model_id, steps, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output, recipe
+            )
         )
 
     async def estimate(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
+        steps: Iterable[StepLike] = (),
         *,
+        recipe: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
         evaluation: Mapping[str, Any] | None = None,
         output: Mapping[str, Any] | None = None,
     ) -> Estimate:
         """The plan of a job without submitting it (``POST /v1/jobs/estimate``)."""
-        return await self._send(self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output))
+        return await self._send(
+            self._estimate_call(model_id, steps, dataset_id, eval_dataset_id, evaluation, output, recipe)
+        )
 
     async def get_job(self, job_id: str | Job) -> Job:
         return await self._send(self._get(f"/v1/jobs/{_id(job_id)}", _json_of(Job)))
@@ -1696,6 +1719,10 @@ class AsyncClient(_BaseClient):
 
     async def methods(self) -> list[Method]:
         return await self._send(self._get("/v1/methods", _list_of(Method)))
+
+    async def recipes(self) -> list[Recipe]:
+        """The named recipes (``GET /v1/recipes``), per target the recommended one first."""
+        return await self._send(self._get("/v1/recipes", _list_of(Recipe)))
 
     async def workers(self) -> list[Worker]:
         return await self._send(self._get("/v1/workers", _list_of(Worker)))

@@ -205,6 +205,7 @@ class Job(_Base):
     sweep_id: str | None = None
     evaluation: dict[str, Any] | None = None
     status: str
+    recipe: str | None = None  # the named recipe its steps came from
     steps: list[Step] = Field(default_factory=list)
     queue: str | None = None
     progress: Progress = Field(default_factory=Progress)
@@ -349,6 +350,21 @@ class Method(_Base):
     formats: list[str] = Field(default_factory=list)
     params_schema: dict[str, Any] = Field(default_factory=dict)
     constraints: list[MethodConstraint] = Field(default_factory=list)  # [] from a server older than them
+    recipes: list[str] = Field(default_factory=list)  # the named recipes it is a step of
+
+
+class Recipe(_Base):
+    """A named recipe (``GET /v1/recipes``): a job can give ``recipe=name`` instead of steps."""
+
+    name: str
+    target: str
+    recommended: bool = False
+    summary: str = ""
+    steps: list[Step] = Field(default_factory=list)
+    needs_data: bool = False
+    # Its figures on the project's benchmark model (perplexity_ratio, seconds, artifact_bytes...);
+    # None: not measured.
+    measured: dict[str, Any] | None = None
 
 
 class Worker(_Base):

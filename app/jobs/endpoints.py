@@ -16,7 +16,7 @@ from app.idempotency import IdempotencyKeyHeader
 from app.jobs import downloads, events, service
 from app.negotiation import HTML_HEADERS, prefers_html
 from app.routing import DirectRoute
-from core import signing
+from core import recipes, signing
 from core.config import get_settings
 from core.db import HotRead, hot_reads_available, read_uow
 from core.errors import Conflict, NotFound
@@ -31,6 +31,7 @@ from core.jobs.schemas import (
     LinkIn,
     LinkOut,
     MethodOut,
+    RecipeOut,
     WorkerOut,
 )
 from core.methods import load_all
@@ -449,7 +450,18 @@ def download_artifact_file(
 @router.get("/methods", response_model=list[MethodOut], tags=["methods"], responses=problem_responses(401, 503))
 def list_methods(caller: CurrentCaller) -> list[MethodOut]:
     """Every compression method with the JSON schema of its parameters and its constraints."""
-    return [MethodOut(**spec.describe()) for spec in load_all().values()]
+    return [MethodOut(**spec.describe(), recipes=recipes.recipes_of(spec.name)) for spec in load_all().values()]
+
+
+@router.get("/recipes", response_model=list[RecipeOut], tags=["methods"], responses=problem_responses(401, 503))
+def list_recipes(caller: CurrentCaller) -> list[RecipeOut]:
+    """The named recipes a job can give instead of steps (``"recipe": "w4-best"``): per target, the one
+    this service recommends and the alternatives, with their figures on the benchmark model."""
+    return [RecipeOut(**recipes.describe(r)) for r in sorted(recipes.RECIPES.values(), key=_recipe_order)]
+
+
+def _recipe_order(r: recipes.Recipe) -> tuple[int, bool, str]:
+    return (recipes.TARGETS.index(r.target), not r.recommended, r.name)
 
 
 @router.get("/workers", response_model=list[WorkerOut], tags=["workers"], responses=problem_responses(401, 503))

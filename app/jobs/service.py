@@ -53,6 +53,7 @@ def submit(
         enqueued_at=utcnow(),
         evaluation=body.evaluation.model_dump(),
         output=body.output.model_dump(),
+        recipe=body.recipe,
         sweep_id=sweep_id,
         sweep_point=sweep_point,
         webhook_url=body.webhook_url,
@@ -108,7 +109,7 @@ def _checked(uow: UnitOfWork, caller: Caller, body: JobIn) -> tuple[Model, list[
         tensors=lambda: _model_tensors(uow, model),
     )
     try:
-        steps = validate_steps([s.model_dump() for s in body.steps], info, has_dataset=body.dataset_id is not None)
+        steps = validate_steps(body.raw_steps(), info, has_dataset=body.dataset_id is not None)
     except StepError as e:
         raise Unprocessable(f"invalid job spec: {e}", errors=e.errors) from None
     _check_student_models(uow, caller, model, steps)

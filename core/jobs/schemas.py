@@ -113,10 +113,19 @@ class JobIn(BaseModel):
         description="the artifact's format: safetensors (default; compressed-tensors, for transformers and vLLM), "
         "gguf (llama.cpp) or onnx (ONNX Runtime), converted after the steps (docs/EXPORTS.md)",
     )
+    # Before steps: a recipe stands for them.
+    recipe: str | None = Field(
+        default=None,
+        max_length=64,
+        examples=["w4-best"],
+        description="a named recipe (GET /v1/recipes) instead of steps: its steps run, validated as if given",
+    )
     steps: list[StepIn] = Field(
+        default_factory=list,
+        validate_default=True,  # left out is "no steps": the check below must see it
         max_length=32,
-        description="the methods, in order; at least one, unless the output is a gguf or onnx export (which may "
-        "be the whole job: an ONNX int8 or GGUF Q4_K_M of the model as it is)",
+        description="the methods, in order; at least one, unless a recipe names them or the output is a gguf or "
+        "onnx export (which may be the whole job: an ONNX int8 or GGUF Q4_K_M of the model as it is)",
     )
     name: str | None = Field(default=None, max_length=200)
     dataset_id: str | None = Field(
@@ -140,13 +149,37 @@ class JobIn(BaseModel):
             ssrf.parse(v)  # the syntax only; where it points is checked at submit (app.webhooks.service)
         return v
 
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str | None) -> str | None:
+        from core import recipes
+
+        if name is not None and recipes.get(name) is None:
+            raise PydanticCustomError("unknown_recipe", recipes.unknown_message(name))
+        return name
+
     @field_validator("steps")
     @classmethod
     def _steps_or_an_export(cls, steps: list[StepIn], info: ValidationInfo) -> list[StepIn]:
+        if info.data.get("recipe") is not None:
+            if steps:
+                raise PydanticCustomError("recipe_and_steps", "give steps or a recipe, not both")
+            return steps
+        if "recipe" not in info.data:  # the recipe did not validate: its error says enough
+            return steps
         output = info.data.get("output")  # absent when it did not validate: then a step is needed too
         if not steps and (output is None or output.format == "safetensors"):
-            raise PydanticCustomError("too_short", "at least one step, unless the output is an export (gguf or onnx)")
+            raise PydanticCustomError(
+                "too_short", "at least one step, unless a recipe names them or the output is an export (gguf or onnx)"
+            )
         return steps
+
+    def raw_steps(self) -> list[dict[str, Any]]:
+        """The steps to validate: the recipe's, or those given."""
+        from core import recipes
+
+        recipe = recipes.get(self.recipe) if self.recipe else None
+        return recipe.expand() if recipe is not None else [s.model_dump() for s in self.steps]
 
 
 class Progress(BaseModel):
@@ -226,6 +259,7 @@ class JobOut(BaseModel):
         default_factory=lambda: SafetensorsOutput().model_dump(), description="the artifact's format (JobIn.output)"
     )
     status: JobStatus
+    recipe: str | None = Field(default=None, description="the recipe the steps came from (JobIn.recipe), if any")
     steps: list[dict[str, Any]]
     queue: str
     progress: Progress
@@ -255,6 +289,7 @@ class JobOut(BaseModel):
             evaluation=job.evaluation,
             output=job.output or SafetensorsOutput().model_dump(),
             status=job.status,
+            recipe=job.recipe,
             steps=job.steps,
             queue=job.queue,
             progress=Progress(stage=stage or job.progress_stage, fraction=job.progress_fraction),
@@ -316,6 +351,23 @@ class MethodOut(BaseModel):
         default_factory=list,
         description="the method's limits beyond its parameters' types (docs/METHODS.md); "
         "a 422 names the one it hit in errors[].constraint",
+    )
+    recipes: list[str] = Field(
+        default_factory=list, description="the named recipes this method is a step of (GET /v1/recipes)"
+    )
+
+
+class RecipeOut(BaseModel):
+    name: str = Field(examples=["w4-best"])
+    target: str = Field(description="what it compresses to: 8-bit, 4-bit, fp8, fp4, 2:4 or 50% unstructured")
+    recommended: bool = Field(description="the recipe this service recommends for its target (one per target)")
+    summary: str
+    steps: list[dict[str, Any]] = Field(description="the steps a job naming it runs (JobIn.steps)")
+    needs_data: bool = Field(description="a job naming it needs a dataset_id")
+    measured: dict[str, Any] | None = Field(
+        description="its figures on the project's benchmark model (model, measured_at, perplexity_ratio, seconds, "
+        "artifact_bytes, size_ratio; or refused: why the model refused it), from bench/bench_quality.py; null: "
+        "not measured"
     )
 
 
