@@ -110,6 +110,27 @@ def test_fp4_refuses_widths_its_groups_cannot_express(scheme):
 
 
 @pytest.mark.unit
+def test_nvfp4_refuses_ignoring_part_of_a_fused_group():
+    layers = {
+        f"model.layers.0.{n}": 64 for n in ("self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj")
+    }
+    info = _info(layers)
+    (err,) = _errors("quantize.fp4", {"ignore": ["lm_head", "up_proj"]}, info)
+    assert err["constraint"] == "fused_layers_together" and err["loc"][-1] == "ignore"
+    assert err["split_groups"] == [["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]]
+    assert _errors("quantize.fp4", {"ignore": ["lm_head", "up_proj", "gate_proj"]}, info) == []
+    assert _errors("quantize.fp4", {"scheme": "MXFP4A16", "ignore": ["up_proj"]}, info) == []
+
+
+@pytest.mark.integration
+def test_nvfp4_split_fused_group_refused_by_the_worker(llama, tmp_path):
+    with pytest.raises(Refusal, match="all or none"):
+        _run_in_memory(llama, "quantize.fp4", {"ignore": ["lm_head", "k_proj"]}, tmp_path / "out")
+    with pytest.raises(Refusal, match="all or none"):
+        _stream(llama, "quantize.fp4", {"ignore": ["lm_head", "k_proj"]}, tmp_path / "s")
+
+
+@pytest.mark.unit
 def test_fp8_block_refuses_input_widths_not_a_multiple_of_128():
     ok = {"model.layers.0.self_attn.k_proj": 128, "model.layers.0.mlp.down_proj": 256}
     assert _errors("quantize.fp8", {"scheme": "FP8_BLOCK"}, _info(ok)) == []
@@ -219,13 +240,19 @@ def _stream(src: Path, method: str, params: dict, out: Path):
     return stream(src, "hf", [(method, params)], out)
 
 
+IGNORE = ["lm_head", "down_proj", "layers.1.self_attn.q_proj", "re:.*layers\\.0\\.mlp\\.up_proj$"]
+BIT_CASES = [(m, {"scheme": s}) for m, s in DATA_FREE]
+BIT_CASES += [("quantize.fp8", {"scheme": "FP8_DYNAMIC", "ignore": IGNORE}), ("quantize.fp4", {"ignore": IGNORE})]
+BIT_CASES[-1] = ("quantize.fp4", {"scheme": "MXFP4A16", "ignore": IGNORE})  # NVFP4: fused groups whole
+
+
 @pytest.mark.integration
-@pytest.mark.parametrize(("method", "scheme"), DATA_FREE)
-def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, scheme):
+@pytest.mark.parametrize(("method", "params"), BIT_CASES, ids=[f"{m}-{json.dumps(p)}" for m, p in BIT_CASES])
+def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, params):
     from tests.test_stream import _same, _whole
 
-    (wm,), counts, sparsity = _whole(llama, "hf", [(method, {"scheme": scheme})], tmp_path / "whole")
-    res = _stream(llama, method, {"scheme": scheme}, tmp_path / "stream")
+    (wm,), counts, sparsity = _whole(llama, "hf", [(method, params)], tmp_path / "whole")
+    res = _stream(llama, method, params, tmp_path / "stream")
     _same(tmp_path / "whole", tmp_path / "stream")
     assert res.parameters == counts and res.sparsity == sparsity
     ca = json.loads((tmp_path / "whole" / "config.json").read_text())
@@ -242,6 +269,12 @@ def test_streamed_equals_in_memory_bit_for_bit(llama, tmp_path, method, scheme):
         else:
             assert sm[k] == v, k
     assert res.notes["runs"] == "decompressed" and "dequantize" in res.notes["runs_detail"]
+    if "ignore" in params:
+        # Names, dotted suffixes and regexes, read as the submit-time check reads them.
+        kept = {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
+        kept |= {"lm_head", "model.layers.1.self_attn.q_proj", "model.layers.0.mlp.up_proj"}
+        assert set(wm["ignored_layers"]) == kept and wm["layers_quantized"] == 14 - len(kept) + 1
+        assert set(ca["quantization_config"]["ignore"]) == kept
 
 
 def _planned_bytes(src: Path, method: str, params: dict) -> int:

@@ -36,7 +36,8 @@ Example: ``{"method": "quantize.fp4", "params": {"scheme": "NVFP4A16"}}``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Literal, get_args
 
 from pydantic import Field
@@ -122,6 +123,60 @@ def width_refusal(
     )
 
 
+# Layers vLLM runs as one matmul (QKVParallelLinear, MergedColumnParallelLinear), by module name:
+# NVFP4 gives them one global scale (llm-compressor's fuse_weight_observers matches these), so
+# they are quantized all or none.
+FUSED_PATTERNS = (
+    r"^(?P<p>.*(?:attn|attention))\.(?:q_proj|k_proj|v_proj)$",
+    r"^(?P<p>.*mlp)\.(?:gate_proj|up_proj)$",
+)
+FUSED_TOGETHER = MethodConstraint(
+    id="fused_layers_together",
+    rule=(
+        "NVFP4 schemes share one global scale across the layers vLLM fuses (q/k/v projections, gate/up "
+        "projections): ignore all of a group or none of it."
+    ),
+    params=("scheme", "ignore"),
+)
+
+
+def fused_groups(names: Iterable[str]) -> dict[str, str]:
+    """Module name -> the name of its fused group (the module itself when it has none)."""
+    out: dict[str, str] = {}
+    for n in names:
+        out[n] = n
+        for i, pat in enumerate(FUSED_PATTERNS):
+            m = re.match(pat, n)
+            if m:
+                out[n] = f"{m.group('p')}#{i}"
+                break
+    return out
+
+
+def split_fused_refusal(method: str, scheme: str, quantized: Iterable[str], every: Iterable[str]) -> Refusal | None:
+    """The refusal of an NVFP4 scheme that would quantize part of a fused group (``quantized``: the
+    layers it quantizes, ``every``: every Linear layer), or None."""
+    if not scheme.startswith("NVFP4"):
+        return None
+    quantized = set(quantized)
+    groups = fused_groups(every)
+    members: dict[str, list[str]] = {}
+    for n, g in groups.items():
+        members.setdefault(g, []).append(n)
+    split = sorted(g for g, ns in members.items() if len(ns) > 1 and 0 < len(quantized & set(ns)) < len(ns))
+    if not split:
+        return None
+    names = [sorted(members[g]) for g in split]
+    return Refusal(
+        f"{method}: scheme {scheme} gives the layers vLLM fuses into one matmul one global scale, so they are "
+        f"quantized all or none; ignore leaves part of {len(split)} such group{'s' if len(split) > 1 else ''} in "
+        f"float ({', '.join(' + '.join(ns) for ns in names[:SHOWN])}). Ignore every layer of a group or none",
+        constraint=FUSED_TOGETHER.id,
+        param="ignore",
+        split_groups=names[:MAX_LISTED],
+    )
+
+
 def input_widths(info: ModelInfo, ignore: list[str]) -> dict[str, int]:
     """Input width of every layer a step quantizes, from the safetensors headers, or where those
     are not known the widths config.json names (the worker checks every layer again)."""
@@ -133,7 +188,11 @@ def _check(params: QuantizeFP4Params, info: ModelInfo) -> None:
     if params.scheme not in DATA_FREE:
         llmc_check_model("quantize.fp4", info, quantizes=True)
     check_model("quantize.fp4", info, None, params.ignore)
-    refusal = width_refusal("quantize.fp4", params.scheme, GROUP[params.scheme], input_widths(info, params.ignore))
+    widths = input_widths(info, params.ignore)
+    refusal = width_refusal("quantize.fp4", params.scheme, GROUP[params.scheme], widths)
+    every = linear_inputs(info)
+    if refusal is None and every is not None:
+        refusal = split_fused_refusal("quantize.fp4", params.scheme, widths, every)
     if refusal is not None:
         raise refusal
 
@@ -146,5 +205,5 @@ register(
     check=_check,
     final=True,
     streams=True,
-    constraints=[SCHEME, GROUP_WIDTH, *CT_CONSTRAINTS],
+    constraints=[SCHEME, GROUP_WIDTH, FUSED_TOGETHER, *CT_CONSTRAINTS],
 )

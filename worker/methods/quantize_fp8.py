@@ -41,15 +41,16 @@ def run_in_memory(model: LoadedModel, params: Any, ctx: MethodContext | None, me
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from worker import llmc
-    from worker.stream.fp import format_name, runs_notes
+    from worker.stream.fp import format_name, llmc_ignore, runs_notes
 
     if model.module is None:
         raise ValueError(f"{method} needs a transformers model directory (config.json), not a bare state dict")
     if getattr(model.module.config, "quantization_config", None) is not None:
         raise ValueError(f"{method}: the model is already quantized")
     _refuse_conv1d(model.module, method)
-    # The LM head stays in float whatever ``ignore`` says, as on the streaming path.
-    ignore = llmc.prune_ignore(model, params.ignore)
+    # The LM head stays in float whatever ``ignore`` says, as on the streaming path; ``ignore`` is
+    # read as at submit (a name or a dotted suffix of one, or re:<regex>).
+    ignore = llmc_ignore(model.module, params.ignore)
     _refuse_widths(model.module, method, params.scheme, ignore)
     modifier = QuantizationModifier(scheme=params.scheme, targets="Linear", ignore=ignore)
     run = llmc.run_oneshot(model, ctx, [modifier], params) if calibrate else _data_free(model, modifier)  # type: ignore[arg-type]
@@ -79,13 +80,17 @@ def _refuse_conv1d(module: Any, method: str) -> None:
 
 
 def _refuse_widths(module: Any, method: str, scheme: str, ignore: list[str]) -> None:
-    """The scheme's groups must divide every quantized layer's input width (as at submit)."""
+    """The scheme's groups must divide every quantized layer's input width, and NVFP4 quantizes a
+    fused group all or none (as at submit)."""
+    import torch
     from compressed_tensors.utils import match_named_modules
 
+    from core.methods.quantize_fp4 import split_fused_refusal
     from core.methods.quantize_fp8 import scheme_width_refusal
 
     widths = {n: m.weight.shape[1] for n, m in match_named_modules(module, ["Linear"], ignore)}
-    refusal = scheme_width_refusal(method, scheme, widths)
+    every = [n for n, m in module.named_modules() if isinstance(m, torch.nn.Linear)]
+    refusal = scheme_width_refusal(method, scheme, widths) or split_fused_refusal(method, scheme, widths, every)
     if refusal is not None:
         raise refusal
 

@@ -18,7 +18,6 @@ largest magnitude of the group. :func:`fused_groups` names those groups from ten
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,26 +25,13 @@ import torch
 
 from worker.ops.quant import ErrorStats
 
-# Layers vLLM runs as one matmul (QKVParallelLinear, MergedColumnParallelLinear): NVFP4 gives them
-# one global scale (llm-compressor's fuse_weight_observers, whose name patterns these are).
-_FUSED = (
-    re.compile(r"^(?P<p>.*(?:attn|attention))\.(?:q_proj|k_proj|v_proj)$"),
-    re.compile(r"^(?P<p>.*mlp)\.(?:gate_proj|up_proj)$"),
-)
-
 
 def fused_groups(names: Iterable[str]) -> dict[str, str]:
-    """Module name -> the name of its fused group (the module itself when it has none)."""
-    out: dict[str, str] = {}
-    for n in names:
-        key = n
-        for i, pat in enumerate(_FUSED):
-            m = pat.match(n)
-            if m:
-                key = f"{m.group('p')}#{i}"
-                break
-        out[n] = key
-    return out
+    """Module name -> the name of its fused group (the module itself when it has none):
+    core/methods/quantize_fp4.py's, which the submit-time check uses."""
+    from core.methods.quantize_fp4 import fused_groups as groups
+
+    return groups(names)
 
 
 def uses_global_scale(scheme: Any) -> bool:

@@ -69,14 +69,12 @@ class FloatQuantStep(StreamStep):
     def bind(self, skeleton: Any, targets: dict[str, Target]) -> None:
         from compressed_tensors.utils import match_named_modules
 
-        from worker.llmc import prune_ignore
-
         if skeleton is None:
             raise NotStreamable(f"{self.method} needs a transformers model directory (config.json)")
         self.skeleton = skeleton
         # The in-memory path's choice: llm-compressor's matching of "Linear" less ``ignore`` and the
         # LM head (worker/methods/quantize_fp8.py), among the engine's targets.
-        ignore = prune_ignore(_Loaded(skeleton), self.ignore)
+        ignore = llmc_ignore(skeleton, self.ignore)
         matched = {n for n, _ in match_named_modules(skeleton, ["Linear"], ignore)}
         self.wanted = {t.removesuffix(".weight") for t, tg in targets.items() if tg.module_type == "Linear"} & matched
 
@@ -85,6 +83,7 @@ class FloatQuantStep(StreamStep):
 
     def prepare(self, source: Source) -> None:
         from core.methods._ct import CONV1D_REFUSAL
+        from core.methods.quantize_fp4 import split_fused_refusal
         from core.methods.quantize_fp8 import scheme_width_refusal
 
         if getattr(self.skeleton.config, "quantization_config", None) is not None:
@@ -102,6 +101,10 @@ class FloatQuantStep(StreamStep):
             self.names.append(name)
             widths[name] = spec.shape[1]
         refusal = scheme_width_refusal(self.method, self.scheme_name, widths)
+        if refusal is not None:
+            raise refusal
+        every = [n for n, m in self.skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+        refusal = split_fused_refusal(self.method, self.scheme_name, self.names, every)
         if refusal is not None:
             raise refusal
         if fp.uses_global_scale(self.scheme):
@@ -211,6 +214,19 @@ class FloatQuantStep(StreamStep):
             "per_layer_relative_error": self.per_layer,
             "runs": "decompressed",
         }
+
+
+def llmc_ignore(module: Any, ignore: list[str]) -> list[str]:
+    """``ignore`` as llm-compressor matches it, read as the submit-time check reads it
+    (core/methods/_ct.py ``ignored``: a module's name, a dotted suffix of it, or ``re:<regex>``;
+    llm-compressor alone would match whole names only), plus the LM head, which stays in float."""
+    import re
+
+    from worker.llmc import prune_ignore
+
+    # llm-compressor 0.14 may match a layer under its name with a trailing dot (worker/llmc.py).
+    pats = [p if p.startswith("re:") else f"re:(?:^|.*\\.){re.escape(p)}\\.?$" for p in ignore]
+    return prune_ignore(_Loaded(module), pats)
 
 
 class _Loaded:
