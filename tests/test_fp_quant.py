@@ -403,6 +403,51 @@ def test_fp8_static_calibrates_on_the_dataset(llama, tmp_path):
     assert float((a - b).norm() / a.norm()) < 0.1
 
 
+# --- through the service (integration) ------------------------------------------------------
+
+EVAL = {"runs": 1, "warmup": 0, "max_samples": 8, "seq_len": 32, "budget_s": 3600}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_jobs_through_the_service(embedded, llama, tmp_path):
+    """A data-free scheme streams, a calibrated one runs in memory on the job's dataset; the
+    report says the quality is the dequantized weights'; FP4 on widths it cannot express and a
+    calibrated scheme without data are refused at submit."""
+    from tests.helpers import upload_dir, wait_job
+    from tests.tokenizer_util import txt_dataset
+
+    c = embedded.client()
+    model = upload_dir(c, llama).json()["id"]
+    r = c.post("/v1/datasets", files={"file": ("calib.txt", txt_dataset())})
+    assert r.status_code == 201, r.text
+    data = r.json()["id"]
+
+    def submit(step: dict, dataset: str | None = None):
+        body = {"model_id": model, "steps": [step], "dataset_id": dataset, "evaluation": EVAL}
+        return c.post("/v1/jobs", json=body)
+
+    for step, dataset, path in (
+        ({"method": "quantize.fp8", "params": {"scheme": "FP8_DYNAMIC"}}, None, "stream"),
+        ({"method": "quantize.fp8", "params": {"scheme": "FP8", "num_samples": 8}}, data, "whole"),
+    ):
+        r = submit(step, dataset)
+        assert r.status_code == 202, r.text
+        assert r.json()["plan"]["path"] == path
+        job = wait_job(c, r.json()["id"], timeout=600)
+        assert job["status"] == "succeeded", job
+        report = c.get(f"/v1/jobs/{job['id']}/report").json()
+        assert report["notes"]["runs"] == "decompressed" and "dequantized weights" in report["notes"]["runs_detail"]
+        (m,) = report["steps"]
+        assert m["scheme"] == step["params"]["scheme"] and m["layers_quantized"] == 14
+
+    odd = upload_dir(c, _llama(tmp_path / "odd", inter=120)).json()["id"]
+    r = c.post(
+        "/v1/jobs", json={"model_id": odd, "steps": [{"method": "quantize.fp4", "params": {"scheme": "MXFP4A16"}}]}
+    )
+    assert r.status_code == 422 and "groups of 32" in r.text and "down_proj" in r.text, r.text
+
+
 # --- on a GPU ---------------------------------------------------------------------------------
 
 
