@@ -412,8 +412,8 @@ EVAL = {"runs": 1, "warmup": 0, "max_samples": 8, "seq_len": 32, "budget_s": 360
 @pytest.mark.slow
 def test_jobs_through_the_service(embedded, llama, tmp_path):
     """A data-free scheme streams, a calibrated one runs in memory on the job's dataset; the
-    report says the quality is the dequantized weights'; FP4 on widths it cannot express and a
-    calibrated scheme without data are refused at submit."""
+    report says the quality is the dequantized weights'; FP4 on widths it cannot express is refused
+    at submit."""
     from tests.helpers import upload_dir, wait_job
     from tests.tokenizer_util import txt_dataset
 
