@@ -272,7 +272,7 @@ def test_a_few_steps_lower_the_loss(tok_models):
     before = loss(manual)
     loaded = model_io.load(tok_models["gpt2"], "hf")
     # batch_size >= the 20 samples: the handler's probe batch is the whole dataset, like ours.
-    params = _spec().params.model_validate({"layers": 1, "steps": 25, "lr": 3e-3, "batch_size": 32})
+    params = _spec().params.model_validate({"layers": 1, "steps": 25, "lr": 3e-3, "batch_size": 32, "holdout": 0})
     ctx = _Ctx([{"text": s} for s in sentences()])
     metrics = _spec().handler(loaded, params, ctx)
     after = loss(loaded.module.eval())

@@ -23,21 +23,63 @@ otherwise numbered in sorted order). **Any other architecture -- a bare encoder 
 ``BertModel``, seq2seq, multiple-choice, token classification -- is refused at submit (422)**: there
 is either no output distribution to distill or no task loss defined for it here.
 
+**Hidden-state loss** (``hidden_loss``: ``"cosine"`` or ``"mse"``, weight ``hidden_weight`` β; off by
+default): ``β·H`` is added to the loss above, where H is the mean over the student's layers of a
+distance between student layer j's output and the output of the teacher layer it was initialised
+from (the evenly spaced map above; DistilBERT's cosine loss, TinyBERT's MSE), averaged over the real
+token positions. ``cosine`` is ``1 − cos`` (scale-free: start there); ``mse`` is in the residual
+stream's own units, which grow large in deep models, so β must be scaled to them. Refused at submit
+(422, constraint ``hidden_alignment``) for an uploaded student (``student_model_id``: its layers
+were not initialised from the teacher's and its width cannot be checked at submit) and for a
+``student_config`` that changes the hidden width (no projection is learned here).
+
+**Learning-rate schedule**: ``warmup_steps`` linear warm-up steps (the rate reaches ``lr`` at step
+``warmup_steps``), then ``lr_schedule`` ``"constant"`` or ``"cosine"`` (decay from ``lr`` towards 0
+at the last step). The defaults (``constant``, no warm-up) keep the behaviour of jobs submitted
+before these parameters existed; for runs of more than a few dozen steps ``cosine`` with a warm-up
+of ~5-10 % of the steps is the usual choice.
+
+**Frozen embeddings** (``freeze_embeddings: true``): the student's token embeddings and its LM head
+(tied to them or not) stay the teacher's and are not trained. In a small model with a large
+vocabulary they are most of the parameters (Gemma 3 270M: 168 M of 268 M), so each step is cheaper
+(no gradient for the vocabulary-sized matrix, no optimizer state for it) and the student keeps the
+teacher's token space; off by default.
+
+**Held-out evaluation**: the last ``holdout`` fraction of the dataset's samples (at most
+``holdout_max_samples``; default 10 %, at most 64) is kept out of training; texts that also occur
+among the training samples are dropped from it, so the two are disjoint. The teacher, the student
+before training and the student after training are measured on it: perplexity (token-weighted,
+``exp`` of the mean next-token loss) for a causal LM, accuracy against the labels for a classifier.
+The job's metrics carry them under ``heldout`` with the sample and token counts; with ``holdout:
+0`` (or a dataset too small to spare a sample) every sample trains and ``heldout`` says why there
+is no figure. The progress notes carry each step's loss, its running mean over the last 10 steps
+and the learning rate.
+
 Needs a dataset (``dataset_id``) and the model's tokenizer files (``tokenizer.json``, ``vocab.txt``,
 or ``vocab.json`` + ``merges.txt``) in the upload; texts are cut to ``max_length`` tokens (and to
 the model's position limit). Training is AdamW (no weight decay, gradients clipped to norm 1) in
 float32; the student is cast back to the teacher's dtype at the end.
 
-Example: ``{"method": "distill", "params": {"layers": 2, "steps": 500, "temperature": 2.0}}``
+Example: ``{"method": "distill", "params": {"layers": 2, "steps": 500, "temperature": 2.0}}``; with
+the hidden-state loss and a schedule: ``{"layers": 6, "steps": 2000, "alpha": 0.5, "hidden_loss":
+"cosine", "hidden_weight": 1.0, "lr": 1e-4, "lr_schedule": "cosine", "warmup_steps": 100}``
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from core.methods import NEEDS_TOKENIZER, MethodConstraint, ModelInfo, StrictParams, has_tokenizer, register
+from core.methods import (
+    NEEDS_TOKENIZER,
+    MethodConstraint,
+    ModelInfo,
+    Refusal,
+    StrictParams,
+    has_tokenizer,
+    register,
+)
 
 # Config fields a student_config may not change: the student must emit the teacher's logits over
 # the same vocabulary / classes, and the class and remote code are not the user's to pick.
@@ -68,6 +110,7 @@ SIZE_GROUPS = (
     ("num_key_value_heads",),
 )
 LAYER_FIELDS = SIZE_GROUPS[0]
+WIDTH_FIELDS = SIZE_GROUPS[1]
 
 
 class DistillParams(StrictParams):
@@ -93,6 +136,22 @@ class DistillParams(StrictParams):
     batch_size: int = Field(default=8, ge=1, le=4096)
     max_length: int = Field(default=128, ge=2, le=131_072, description="tokens per sample (longer texts are cut)")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    hidden_loss: Literal["cosine", "mse"] | None = Field(
+        default=None,
+        description="add a loss between each student layer's output and its teacher layer's (null: logits only)",
+    )
+    hidden_weight: float = Field(default=1.0, ge=0, le=10_000, description="weight β of the hidden-state loss")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant", description="after the warm-up: a constant rate, or a cosine decay towards 0"
+    )
+    warmup_steps: int = Field(default=0, ge=0, le=10_000_000, description="linear learning-rate warm-up steps")
+    holdout: float = Field(
+        default=0.1, ge=0, le=0.5, description="fraction of the dataset (its last samples) held out to evaluate"
+    )
+    holdout_max_samples: int = Field(default=64, ge=1, le=100_000, description="at most this many held-out samples")
+    freeze_embeddings: bool = Field(
+        default=False, description="keep the token embeddings and the LM head (tied or not) as the teacher's"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -111,6 +170,10 @@ class DistillParams(StrictParams):
             )
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either 'steps' or 'epochs', not both")
+        if self.hidden_loss is None and "hidden_weight" in self.model_fields_set:
+            raise ValueError("hidden_weight is the weight of hidden_loss: give hidden_loss ('cosine' or 'mse') too")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.student_config is not None:
             bad = sorted(set(self.student_config) & FROZEN_FIELDS)
             if bad:
@@ -174,6 +237,31 @@ def check(params: DistillParams, info: ModelInfo) -> None:
                     teacher = _config_int(config, group)
                     if teacher is not None and value > teacher:
                         raise ValueError(f"student_config: {key!r} = {value} is larger than the teacher's {teacher}")
+    _check_hidden_alignment(params, config)
+
+
+def _check_hidden_alignment(params: DistillParams, config: dict[str, Any]) -> None:
+    """The hidden-state loss compares student layer j with the teacher layer it was copied from:
+    that needs a student built from the teacher, at the teacher's width."""
+    if params.hidden_loss is None:
+        return
+    if params.student_model_id is not None:
+        raise Refusal(
+            "hidden_loss needs a student built from the teacher ('layers' or 'student_config'): an uploaded "
+            "student's layers were not initialised from the teacher's, so no layer alignment exists",
+            constraint="hidden_alignment",
+            param="hidden_loss",
+        )
+    teacher_width = _config_int(config, WIDTH_FIELDS)
+    for key, value in (params.student_config or {}).items():
+        if key in WIDTH_FIELDS and value != teacher_width:
+            raise Refusal(
+                f"hidden_loss compares hidden states of the teacher's width ({teacher_width}); student_config sets "
+                f"{key!r} = {value}, and no projection between the two widths is learned here",
+                constraint="hidden_alignment",
+                param="hidden_loss",
+                teacher_hidden_size=teacher_width,
+            )
 
 
 def evenly_spaced(n_teacher: int, n_student: int) -> list[int]:
@@ -213,6 +301,19 @@ CONSTRAINTS = [
         id="same_tokenizer",
         rule="student_model_id is another uploaded model of the tenant with the teacher's tokenizer and vocabulary.",
         params=("student_model_id",),
+    ),
+    MethodConstraint(
+        id="hidden_alignment",
+        rule=(
+            "hidden_loss needs a student built from the teacher (layers or student_config) at the teacher's hidden "
+            "width: student layer j is compared with the teacher layer it was initialised from."
+        ),
+        params=("hidden_loss", "student_model_id", "student_config"),
+    ),
+    MethodConstraint(
+        id="warmup_below_steps",
+        rule="warmup_steps is below steps; hidden_weight is given only with hidden_loss.",
+        params=("warmup_steps", "steps", "hidden_weight"),
     ),
 ]
 
