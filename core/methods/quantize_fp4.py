@@ -15,6 +15,9 @@ Blackwell GPUs (NVFP4) and that MX hardware defines (MXFP4), through llm-compres
 
 ``ignore``: modules left in float (``["lm_head"]`` by default; names, name suffixes or
 ``re:<regex>`` patterns). The LM head always stays in float, as do embeddings, norms and biases.
+NVFP4's global scale is shared by the layers vLLM fuses into one matmul (q/k/v projections,
+gate/up projections, as llm-compressor does): ``ignore`` must take all of such a group or none of
+it (refused at submit otherwise).
 
 Every quantized layer's input width must be a multiple of the scheme's group (16 for NVFP4, 32
 for MXFP4): a model whose layers are not is refused at submit, naming the layers (or the config
@@ -23,7 +26,10 @@ already-quantized models and bare state dicts are refused too; ``NVFP4`` also ne
 tokenizer files.
 
 The data-free schemes run through the streaming engine (tensor by tensor from the input shards,
-llm-compressor's model-free observers); the in-memory path (``oneshot``) writes the same bytes.
+llm-compressor's model-free observers; a weight is quantized whole, so memory follows the largest
+quantized weight, not the model; NVFP4 reads the fused layers once more first for their shared
+global scale); the in-memory path (``oneshot``) writes the same bytes. ``NVFP4`` runs through
+``oneshot``'s sequential pipeline with the whole model in memory.
 The artifact is a compressed-tensors checkpoint (``nvfp4-pack-quantized`` or
 ``mxfp4-pack-quantized``: two FP4 values a byte in ``weight_packed``, plus ``weight_scale`` and,
 for NVFP4, ``weight_global_scale``). vLLM runs it with FP4 kernels where the GPU has them.

@@ -14,12 +14,14 @@ Ada and Blackwell GPUs (llm-compressor's FP8 schemes).
   with the model's tokenizer): the job needs a dataset, and the model its tokenizer files.
 
 ``ignore``: modules left in float (``["lm_head"]`` by default; names, name suffixes or
-``re:<regex>`` patterns). The LM head always stays in float. Embeddings, norms and biases too.
+``re:<regex>`` patterns). The LM head always stays in float (vLLM serves FP8 checkpoints with a
+float head). Embeddings, norms and biases too.
 
 The data-free schemes run through the streaming engine (tensor by tensor from the input shards,
-so models larger than the worker's memory work), with llm-compressor's model-free observers; the
-in-memory path (``oneshot`` with ``QuantizationModifier``) writes the same bytes. ``FP8`` runs
-through ``oneshot``'s sequential pipeline (one decoder layer at a time).
+so models larger than the worker's memory work), with llm-compressor's model-free observers; a
+weight is quantized whole (FP8_BLOCK's blocks span rows), so memory follows the largest quantized
+weight. The in-memory path (``oneshot`` with ``QuantizationModifier``) writes the same bytes.
+``FP8`` runs through ``oneshot``'s sequential pipeline with the whole model in memory.
 
 The artifact is a compressed-tensors ``float-quantized`` checkpoint: ``weight`` in float8_e4m3fn
 plus ``weight_scale`` (and ``input_scale`` for ``FP8``), ``quantization_config`` in config.json.
