@@ -93,13 +93,13 @@ def _s(method: str, **params: Any) -> dict[str, Any]:
 
 
 def configurations(autoround_iters: int) -> list[Config]:
-    """Recipes' steps first (so a time budget cuts the extra comparisons, not the recipes)."""
+    """Cheap and data-free first, then the calibrated ones, the slowest (GPTQ with the MSE observer:
+    ~50 min on 2 busy cores) last, so a time budget cuts those and says so."""
     gptq = "quantize.gptq"
+    wo = "quantize.weight_only"
     return [
-        # The recipes' own steps (core/recipes), matched to the recipes by their steps.
-        Config("w8", "8-bit", [_s("quantize.weight_only", bits=8)]),
-        Config("rtn-w4-g128", "4-bit", [_s("quantize.weight_only", bits=4, group_size=128)]),
-        Config("gptq-w4-g128-mse", "4-bit", [_s(gptq, scheme="W4A16", group_size=128, observer="mse")]),
+        Config("w8", "8-bit", [_s(wo, bits=8)]),
+        Config("rtn-w4-g128", "4-bit", [_s(wo, bits=4, group_size=128)]),
         Config(
             "spinquant+gptq-w4-g128-mse",
             "4-bit",
@@ -107,29 +107,28 @@ def configurations(autoround_iters: int) -> list[Config]:
         ),
         Config("fp8-dynamic", "fp8", [_s("quantize.fp8", scheme="FP8_DYNAMIC")]),
         Config("nvfp4a16", "fp4", [_s("quantize.fp4", scheme="NVFP4A16")]),
-        Config("sparsegpt-2:4", "2:4", [_s("prune.sparsegpt", mask="2:4")]),
-        Config("sparsegpt-50", "50% unstructured", [_s("prune.sparsegpt", sparsity=0.5)]),
-        Config("wanda-50", "50% unstructured", [_s("prune.wanda", sparsity=0.5)]),
-        # The comparisons of the issue's figures.
-        Config("rtn-w4-g64", "4-bit", [_s("quantize.weight_only", bits=4, group_size=64)]),
+        Config("rtn-w4-g64", "4-bit", [_s(wo, bits=4, group_size=64)]),
         Config("magnitude-50-global", "50% unstructured", [_s("prune.magnitude", sparsity=0.5, scope="global")]),
-        Config("gptq-w4-g64-minmax", "4-bit", [_s(gptq, scheme="W4A16", group_size=64, observer="minmax")]),
+        Config("wanda-50", "50% unstructured", [_s("prune.wanda", sparsity=0.5)]),
+        Config("sparsegpt-50", "50% unstructured", [_s("prune.sparsegpt", sparsity=0.5)]),
+        Config("sparsegpt-2:4", "2:4", [_s("prune.sparsegpt", mask="2:4")]),
         Config("gptq-w4-g128-minmax", "4-bit", [_s(gptq, scheme="W4A16", group_size=128, observer="minmax")]),
+        # minmax, as gptq-w4-g128-minmax: rotation + GPTQ against GPTQ at equal settings.
         Config(
-            "quip+gptq-w4-g128-mse",
+            "quip+gptq-w4-g128-minmax",
             "4-bit",
-            [_s("transform.rotate", style="quip"), _s(gptq, scheme="W4A16", group_size=128, observer="mse")],
+            [_s("transform.rotate", style="quip"), _s(gptq, scheme="W4A16", group_size=128, observer="minmax")],
         ),
-        Config(
-            "quip+rtn-w4-g128",
-            "4-bit",
-            [_s("transform.rotate", style="quip"), _s("quantize.weight_only", bits=4, group_size=128)],
-        ),
+        Config("gptq-w4-g64-minmax", "4-bit", [_s(gptq, scheme="W4A16", group_size=64, observer="minmax")]),
+        Config("quip+rtn-w4-g128", "4-bit", [_s("transform.rotate", style="quip"), _s(wo, bits=4, group_size=128)]),
         Config(
             "spinquant+rtn-w4-g128",
             "4-bit",
-            [_s("transform.rotate", style="spinquant"), _s("quantize.weight_only", bits=4, group_size=128)],
+            [_s("transform.rotate", style="spinquant"), _s(wo, bits=4, group_size=128)],
         ),
+        Config("magnitude-50-layer", "50% unstructured", [_s("prune.magnitude", sparsity=0.5, scope="layer")]),
+        # Per-channel int8 against int8 in groups: how much of w8's loss is the per-row range.
+        Config("w8-g128", "8-bit", [_s(wo, bits=8, group_size=128)]),
         Config(
             f"autoround-w4-g128-{autoround_iters}it",
             "4-bit",
@@ -137,8 +136,8 @@ def configurations(autoround_iters: int) -> list[Config]:
             note=f"iters {autoround_iters} (default 200)",
         ),
         Config("awq-w4-g128", "4-bit", [_s("quantize.awq", scheme="W4A16", group_size=128)]),
+        Config("gptq-w4-g128-mse", "4-bit", [_s(gptq, scheme="W4A16", group_size=128, observer="mse")]),
         Config("gptq-w4-g64-mse", "4-bit", [_s(gptq, scheme="W4A16", group_size=64, observer="mse")]),
-        Config("magnitude-50-layer", "50% unstructured", [_s("prune.magnitude", sparsity=0.5, scope="layer")]),
     ]
 
 
@@ -431,12 +430,19 @@ def main() -> None:
     ap.add_argument(
         "--reload-check",
         nargs="*",
-        default=["gptq-w4-g128-mse", "quip+gptq-w4-g128-mse", "fp8-dynamic"],
+        default=["gptq-w4-g128-mse", "quip+gptq-w4-g128-minmax", "fp8-dynamic"],
         help="configurations whose artifact is also reloaded and evaluated (the two perplexities side by side)",
     )
     ap.add_argument("--budget-s", type=float, default=2700, help="skip configurations that would start after this")
     ap.add_argument("--scratch", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write every configuration's result here")
+    ap.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        help="a --json of an earlier run with the same settings: its original and its measured or refused "
+        "configurations are reused, the others (skipped, failed, new) run",
+    )
     ap.add_argument("--table", type=Path, default=None, help="write the Markdown table (and the command) here")
     ap.add_argument("--write-measured", action="store_true", help="write core/recipes/measured.json")
     args = ap.parse_args()
@@ -479,16 +485,28 @@ def main() -> None:
     }
     log(f"eval: {args.windows} x {args.window} tokens of {eval_stream}; calib {len(rows)} x {args.calib_tokens}")
 
-    t0 = time.perf_counter()
-    m = AutoModelForCausalLM.from_pretrained(args.model).eval()
-    original = {
-        "perplexity": round(perplexity(m, windows, args.batch), 4),
-        "artifact_bytes": folder_bytes(args.model),
-        "weight_bytes": weight_bytes(args.model),
-    }
-    original["total_seconds"] = round(time.perf_counter() - t0, 1)
-    del m
-    gc.collect()
+    settings = {"eval": eval_info, "calibration": calib_info, "model": str(args.model)}
+    previous: dict[str, Any] = {}
+    commands = [command]
+    if args.resume:
+        prev = json.loads(args.resume.read_text())
+        if "settings" in prev and prev["settings"] != settings:
+            raise SystemExit(f"--resume {args.resume}: measured with other settings: {prev['settings']}")
+        original = prev["original"]
+        previous = {k: v for k, v in prev["configs"].items() if "perplexity" in v or "refused" in v}
+        commands = [*prev.get("commands", ["(an earlier run of this script, same settings)"]), command]
+        log(f"resuming {args.resume}: original and {len(previous)} configurations reused")
+    else:
+        t0 = time.perf_counter()
+        m = AutoModelForCausalLM.from_pretrained(args.model).eval()
+        original = {
+            "perplexity": round(perplexity(m, windows, args.batch), 4),
+            "artifact_bytes": folder_bytes(args.model),
+            "weight_bytes": weight_bytes(args.model),
+        }
+        original["total_seconds"] = round(time.perf_counter() - t0, 1)
+        del m
+        gc.collect()
     log(f"original perplexity {original['perplexity']} ({original['total_seconds']} s)")
 
     info = model_info(args.model)
@@ -508,6 +526,9 @@ def main() -> None:
             recipe_of.setdefault(c.key, []).append(name)
 
     for i, c in enumerate(configs, 1):
+        if c.key in previous:
+            c.result = previous[c.key]
+            continue
         if time.perf_counter() - T0 > args.budget_s:
             c.result = {"skipped": f"time budget of {args.budget_s:.0f} s spent before it started"}
             log(f"[{i}/{len(configs)}] {c.key}: {c.result['skipped']}")
@@ -523,9 +544,9 @@ def main() -> None:
         else:
             log(f"  {c.key}: {json.dumps({k: v for k, v in r.items() if k != 'steps'})}")
         if args.json:
-            args.json.write_text(
-                json.dumps({"original": original, "configs": {c.key: c.result for c in configs}}, indent=1)
-            )
+            done = {c.key: c.result for c in configs if c.result}
+            record = {"settings": settings, "commands": commands, "original": original, "configs": done}
+            args.json.write_text(json.dumps(record, indent=1))
     shutil.rmtree(ctx.work_dir, ignore_errors=True)
 
     load_end = os.getloadavg()
@@ -546,7 +567,10 @@ def main() -> None:
             f"Calibration: {calib_info['text']}; {args.calib_samples} samples x {args.calib_tokens} tokens; "
             f"AutoRound {args.autoround_iters} iters.",
             "",
-            f"Command: `{command}`",
+            "Command"
+            + ("s (the later reusing the earlier's results)" if len(commands) > 1 else "")
+            + ": "
+            + "; ".join(f"`{c}`" for c in commands),
             "",
             f"Machine: {machine()}; load average {load_start[0]:.1f} at start, {load_end[0]:.1f} at end (other "
             f"jobs running: times are indicative). Measured {stamp}.",
@@ -580,7 +604,7 @@ def main() -> None:
             "model": MODEL_NAME,
             "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine(),
-            "command": command,
+            "command": " && ".join(commands),
             "eval": eval_info,
             "calibration": calib_info,
             "original_perplexity": original["perplexity"],
