@@ -54,7 +54,7 @@ def quantize_weight(
     ``weight``/``weight_packed``, ``weight_scale``...; its error stats, measured on the
     dequantized weight the stored values give). ``group_absmax``: the fused group's largest
     magnitude, for a scheme with a global scale."""
-    from compressed_tensors.compressors import compress_module
+    from compressed_tensors.compressors import compress_module, decompress_module
     from compressed_tensors.quantization.utils.helpers import generate_gparam
     from llmcompressor.entrypoints.model_free.lifecycle import initialize_quantized_linear
     from llmcompressor.modifiers.quantization.calibration import (
@@ -76,10 +76,13 @@ def quantize_weight(
         observe(module, base_name="weight")
         update_qparams(module, base_name="weight")
         freeze_module_quantization(module)
-        stats = ErrorStats()
-        stats.add(module.weight, dequantized(module))
         compress_module(module)
         out = dict(module.state_dict())
+        # The error of what is stored, read back by compressed-tensors' decompression (cheaper than
+        # a second quantize-dequantize: no rounding; the stored tensors stay in ``out``).
+        decompress_module(module)
+        stats = ErrorStats()
+        stats.add(weight, module.weight)
     return out, stats
 
 
