@@ -462,3 +462,17 @@ def test_artifact_runs_on_a_gpu(llama, tmp_path, method, scheme):
     with torch.no_grad():
         out = m(torch.tensor([[2, 10, 11, 12]], device="cuda")).logits
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.unit
+def test_calibrated_schemes_without_a_dataset_are_refused_at_submit() -> None:
+    from core.methods import StepError, validate_steps
+
+    for method, scheme in (("quantize.fp8", "FP8"), ("quantize.fp4", "NVFP4")):
+        with pytest.raises(StepError) as e:
+            validate_steps([{"method": method, "params": {"scheme": scheme}}], has_dataset=False)
+        err = e.value.errors[0]
+        assert err["type"] == "dataset_required" and err["loc"] == ["body", "dataset_id"], err
+        assert validate_steps([{"method": method, "params": {"scheme": scheme}}], has_dataset=True)
+    for method, scheme in (("quantize.fp8", "FP8_DYNAMIC"), ("quantize.fp4", "NVFP4A16")):
+        assert validate_steps([{"method": method, "params": {"scheme": scheme}}], has_dataset=False)

@@ -170,7 +170,8 @@ def test_every_method_declares_its_limits_on_its_own_parameters() -> None:
         assert [c["id"] for c in out["constraints"]] == [c.id for c in spec.constraints()]
         # The registry's flags are told as constraints too.
         ids = {c["id"] for c in out["constraints"]}
-        assert ("dataset_required" in ids) == spec.needs_data and ("gpu_only" in ids) == spec.needs_gpu
+        needs_data = spec.needs_data or spec.needs_data_when is not None
+        assert ("dataset_required" in ids) == needs_data and ("gpu_only" in ids) == spec.needs_gpu
         assert ("last_step" in ids) == spec.final and ("model_format" in ids) == (spec.formats == {"hf"})
     for name in ("quantize.weight_only", "quantize.gptq", "quantize.awq"):
         assert "group_divides_inputs" in {c.id for c in registry[name].constraints()}, name

@@ -149,6 +149,10 @@ class MethodSpec:
     # Methods one of which must come right after this one (a rotation does nothing useful on its
     # own: it prepares the weights for the quantizer that follows). None: no such rule.
     followed_by: frozenset[str] | None = None
+    # For a method that needs data only with some parameters (a calibrated scheme among data-free
+    # ones): ``needs_data_when(params)`` says whether these do; without a dataset they are refused
+    # at submit like a method that always needs data.
+    needs_data_when: Callable[[Any], bool] | None = None
 
     def constraints(self) -> list[MethodConstraint]:
         """Every limit of the method: those its flags imply (formats, data, GPU, last step), then
@@ -158,6 +162,8 @@ class MethodSpec:
             implied.append(format_constraint(self.formats))
         if self.needs_data:
             implied.append(NEEDS_DATA)
+        elif self.needs_data_when is not None:
+            implied.append(NEEDS_DATA_FOR)
         if self.needs_gpu:
             implied.append(NEEDS_GPU)
         if self.final:
@@ -196,6 +202,11 @@ def format_constraint(formats: frozenset[str]) -> MethodConstraint:
 NEEDS_DATA = MethodConstraint(
     id="dataset_required",
     rule="Needs data: the job's dataset_id (calibration or training texts).",
+)
+NEEDS_DATA_FOR = MethodConstraint(
+    id="dataset_required",
+    rule="Needs data (the job's dataset_id) with the parameters that calibrate on it (the method's description "
+    "names them); the others are data-free.",
 )
 NEEDS_GPU = MethodConstraint(
     id="gpu_only",
@@ -240,6 +251,7 @@ def register(
     blocks: bool = False,
     constraints: Sequence[MethodConstraint] = (),
     followed_by: Sequence[str] | None = None,
+    needs_data_when: Callable[[Any], bool] | None = None,
 ) -> MethodSpec:
     """Register the method ``name`` (called once, at the bottom of core/methods/<name>.py) with the
     limits it declares there (``constraints``; those its flags imply are added by the registry)."""
@@ -264,6 +276,7 @@ def register(
         blocks,
         tuple(constraints),
         frozenset(followed_by) if followed_by is not None else None,
+        needs_data_when,
     )
     _REGISTRY[name] = spec
     return spec
@@ -291,6 +304,34 @@ class StepError(Exception):
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
         self.errors = errors
+
+
+def _data_error(spec: MethodSpec) -> dict[str, Any]:
+    return {
+        "loc": ["body", "dataset_id"],
+        "msg": f"{spec.name} with these parameters calibrates on data: give the job a dataset_id "
+        "(or choose a data-free setting: see GET /v1/methods)",
+        "type": "dataset_required",
+        "constraint": NEEDS_DATA_FOR.id,
+    }
+
+
+def _followed_by_error(spec: MethodSpec, steps: list[dict[str, Any]], i: int) -> dict[str, Any] | None:
+    """The error of step ``i`` when the method must be followed by one of some methods and is not."""
+    if spec.followed_by is None:
+        return None
+    after = steps[i + 1].get("method") if i + 1 < len(steps) else None
+    if after in spec.followed_by:
+        return None
+    return {
+        "loc": ["body", "steps", i, "method"],
+        "msg": f"{spec.name} must be followed directly by one of {', '.join(sorted(spec.followed_by))} (it "
+        "prepares the weights for that quantizer; "
+        + ("nothing follows it" if after is None else f"{after!r} follows it")
+        + ")",
+        "type": "step_order",
+        "constraint": "followed_by",
+    }
 
 
 def validate_steps(
@@ -353,6 +394,9 @@ def validate_steps(
             for err in e.errors(include_url=False, include_input=False, include_context=False):
                 errors.append({"loc": [*loc, "params", *err["loc"]], "msg": err["msg"], "type": err["type"]})
             continue
+        if spec.needs_data_when is not None and not has_dataset and spec.needs_data_when(params):
+            errors.append(_data_error(spec))
+            continue
         if model is not None and spec.check is not None:
             try:
                 spec.check(params, model)
@@ -367,21 +411,10 @@ def validate_steps(
                 continue
         if spec.final:
             final_at = i
-        if spec.followed_by is not None:
-            after = steps[i + 1].get("method") if i + 1 < len(steps) else None
-            if after not in spec.followed_by:
-                errors.append(
-                    {
-                        "loc": [*loc, "method"],
-                        "msg": f"{spec.name} must be followed directly by one of "
-                        f"{', '.join(sorted(spec.followed_by))} (it prepares the weights for that quantizer; "
-                        + ("nothing follows it" if after is None else f"{after!r} follows it")
-                        + ")",
-                        "type": "step_order",
-                        "constraint": "followed_by",
-                    }
-                )
-                continue
+        order = _followed_by_error(spec, steps, i)
+        if order is not None:
+            errors.append(order)
+            continue
         out.append({"method": spec.name, "params": params.model_dump(mode="json")})
     if errors:
         raise StepError(errors)

@@ -211,5 +211,6 @@ register(
     check=_check,
     final=True,
     streams=True,
+    needs_data_when=lambda params: params.scheme not in DATA_FREE,
     constraints=[SCHEME, GROUP_WIDTH, FUSED_TOGETHER, *CT_CONSTRAINTS],
 )

@@ -127,5 +127,6 @@ register(
     check=_check,
     final=True,
     streams=True,
+    needs_data_when=lambda params: params.scheme not in DATA_FREE,
     constraints=[SCHEME, BLOCK_WIDTH, *CT_CONSTRAINTS],
 )
