@@ -113,6 +113,7 @@ def _logits(path: Path) -> torch.Tensor:
         return m(torch.tensor(IDS)).logits[0].float()
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_job_runs_on_a_cpu_worker_and_the_artifact_loads(embedded, llama, tmp_path):
     from tests.helpers import upload_dir, wait_job
