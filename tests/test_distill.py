@@ -520,7 +520,7 @@ def test_distill_then_prune_carries_both(cluster, tok_models, tmp_path):
             },
         ).json()["id"],
     )
-    assert job["status"] == "succeeded", job
+    assert job["status"] == "succeeded", {k: v for k, v in job.items() if "err" in k or "fail" in k}
     model = AutoModelForCausalLM.from_pretrained(_artifact(c, job, tmp_path / "chain"))
     assert model.config.num_hidden_layers == 1
     total = zeros = 0

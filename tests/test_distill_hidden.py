@@ -137,6 +137,10 @@ def test_new_params_defaults_and_refusals():
     )
     assert ok.hidden_loss == "mse" and ok.warmup_steps == 99  # steps defaults to 100
     assert P.model_validate({"layers": 1, "epochs": 1, "warmup_steps": 500}).warmup_steps == 500
+    # The stored spec (every default filled in) validates again on the worker.
+    for given in ({"layers": 1}, {"layers": 2, "hidden_loss": "cosine", "hidden_weight": 0.5, "warmup_steps": 3}):
+        stored = P.model_validate(given).model_dump(mode="json")
+        assert P.model_validate(stored) == P.model_validate(given)
     for bad, why in (
         ({"layers": 1, "hidden_weight": 2.0}, "hidden_loss"),
         ({"layers": 1, "hidden_loss": "l1"}, "hidden_loss"),

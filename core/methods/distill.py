@@ -111,6 +111,7 @@ SIZE_GROUPS = (
 )
 LAYER_FIELDS = SIZE_GROUPS[0]
 WIDTH_FIELDS = SIZE_GROUPS[1]
+HIDDEN_WEIGHT_DEFAULT = 1.0
 
 
 class DistillParams(StrictParams):
@@ -140,7 +141,9 @@ class DistillParams(StrictParams):
         default=None,
         description="add a loss between each student layer's output and its teacher layer's (null: logits only)",
     )
-    hidden_weight: float = Field(default=1.0, ge=0, le=10_000, description="weight β of the hidden-state loss")
+    hidden_weight: float = Field(
+        default=HIDDEN_WEIGHT_DEFAULT, ge=0, le=10_000, description="weight β of the hidden-state loss"
+    )
     lr_schedule: Literal["constant", "cosine"] = Field(
         default="constant", description="after the warm-up: a constant rate, or a cosine decay towards 0"
     )
@@ -170,7 +173,8 @@ class DistillParams(StrictParams):
             )
         if self.steps is not None and self.epochs is not None:
             raise ValueError("give either 'steps' or 'epochs', not both")
-        if self.hidden_loss is None and "hidden_weight" in self.model_fields_set:
+        # Compared with the default, not model_fields_set: the stored spec has every default filled in.
+        if self.hidden_loss is None and self.hidden_weight != HIDDEN_WEIGHT_DEFAULT:
             raise ValueError("hidden_weight is the weight of hidden_loss: give hidden_loss ('cosine' or 'mse') too")
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
