@@ -135,20 +135,12 @@ def tied_model(request, tmp_path_factory) -> Path:
     return save_with_tokenizer(model, tmp_path_factory.mktemp("tied") / request.param)
 
 
-def _skip_without_accelerator(method: str) -> None:
-    if method == "awq" and not torch.cuda.is_available():
-        # llm-compressor 0.14's AWQ pipeline asks for an accelerator device and raises on CPU; the
-        # service routes quantize.awq to GPU workers (needs_gpu).
-        pytest.skip("AWQ needs an accelerator (llm-compressor raises on CPU)")
-
-
 @pytest.mark.parametrize("shard", [model_io.DEFAULT_SHARD_BYTES, 20_000], ids=["one-file", "sharded"])
 @pytest.mark.parametrize("method", list(CALIBRATED))
 def test_block_save_equals_whole_save(llama, tmp_path, method, shard):
     """The block path's save (module by module, ct_offload.save_offloaded) writes what the in-memory
     path's save_pretrained writes: every tensor bit for bit, config.json (quantization_config,
     sparsity_config) key for key, the same files, the same shard index."""
-    _skip_without_accelerator(method)
     _save_both(llama, tmp_path, CALIBRATED[method], shard)
 
 
