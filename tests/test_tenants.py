@@ -21,6 +21,7 @@ TENANT_FREE = {
     "/healthz",  # liveness probe, no auth
     "/readyz",  # readiness probe, no auth
     "/v1/methods",  # the installed compression methods: the same for everyone
+    "/v1/recipes",  # the named recipes (static, with their benchmark figures): the same for everyone
     "/v1/workers",  # the registered workers (queues, devices): shared infrastructure
 }
 # Per-tenant values that are not lists (no ``items``): each tenant must get its own.
