@@ -54,8 +54,10 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "w8",
             "8-bit",
-            "8-bit integer weights per output channel, round-to-nearest: data-free, streams, near lossless.",
-            ({"method": "quantize.weight_only", "params": {"bits": 8}},),
+            "8-bit integer weights in groups of 128 (fallback groups where 128 does not divide a layer), "
+            "round-to-nearest: data-free, streams. Per output channel instead cost 8x more perplexity on the "
+            "benchmark model (docs/QUALITY.md).",
+            ({"method": "quantize.weight_only", "params": {"bits": 8, "group_size": 128}},),
             recommended=True,
         ),
         Recipe(
@@ -74,6 +76,17 @@ RECIPES: dict[str, Recipe] = {
             (
                 {"method": "transform.rotate", "params": {"style": "spinquant"}},
                 {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128, "observer": "mse"}},
+            ),
+        ),
+        Recipe(
+            "w4-quip",
+            "4-bit",
+            "QuIP online Hadamard rotations, then GPTQ 4-bit in groups of 128: any architecture; the rotations run "
+            "at inference, so vLLM serves it and transformers alone does not (the checkpoint also carries the "
+            "rotation matrices); needs a dataset.",
+            (
+                {"method": "transform.rotate", "params": {"style": "quip"}},
+                {"method": "quantize.gptq", "params": {"scheme": "W4A16", "group_size": 128}},
             ),
         ),
         Recipe(
