@@ -65,9 +65,12 @@ def _data_free(model: LoadedModel, modifier: Any) -> Metrics:
     """``oneshot`` without a dataset: llm-compressor's data-free pipeline observes the weights."""
     from llmcompressor import oneshot
 
-    oneshot(model=model.module, recipe=[modifier], output_dir=None, log_dir=None)
+    from worker.llmc import exact_offset_norms
+
+    with exact_offset_norms(model.module) as norms:
+        oneshot(model=model.module, recipe=[modifier], output_dir=None, log_dir=None)
     model.module.eval()
-    return {}
+    return dict(norms)
 
 
 def _refuse_conv1d(module: Any, method: str) -> None:
