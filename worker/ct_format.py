@@ -283,6 +283,29 @@ def _memory(module: Any, quantized: list[Any], args: Any, fmt: str) -> tuple[int
     return running, stored
 
 
+def skeleton_quantization_config(skeleton: Any, groups: dict[str, Any], ignore: list[str], names: list[str]) -> Any:
+    """``quantization_config`` as the in-memory path's save writes it, for a streamed artifact: the
+    schemes attached to the meta skeleton, its quantized layers ``names`` marked compressed (what the
+    in-memory modules say once ``compress_model`` ran), read back by compressed-tensors'
+    ModelCompressor. One function for every streamed quantizer (integer, FP8, FP4), so their
+    configs cannot drift from the library's."""
+    import json
+    import tempfile
+
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+
+    apply_quantization_config(skeleton, QuantizationConfig(config_groups=groups, ignore=ignore), show_progress=False)
+    mods = dict(skeleton.named_modules())
+    for n in names:
+        mods[n].quantization_status = QuantizationStatus.COMPRESSED
+    compressor = ModelCompressor.from_pretrained_model(skeleton)
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text("{}")
+        compressor.update_config(d)
+        return json.loads((Path(d) / "config.json").read_text())["quantization_config"]
+
+
 def save_compressed(loaded: Any, out_dir: Path, max_shard_size: int) -> None:
     """The LoadedModel saver: compress in place, save, add quantization_config, decompress."""
     from compressed_tensors.compressors import ModelCompressor

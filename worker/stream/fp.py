@@ -14,10 +14,7 @@ writes: the same tensors bit for bit and the same ``quantization_config``
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,23 +171,11 @@ class FloatQuantStep(StreamStep):
     def update_config(self, config: dict[str, Any]) -> None:
         """quantization_config as the in-memory path's save writes it: the scheme attached to the
         meta skeleton's quantized layers, read back by compressed-tensors' ModelCompressor."""
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+        from worker.ct_format import skeleton_quantization_config
 
-        module = self.skeleton
-        apply_quantization_config(
-            module,
-            QuantizationConfig(config_groups={"group_0": self.scheme}, ignore=self._ignored()),
-            show_progress=False,
+        config["quantization_config"] = skeleton_quantization_config(
+            self.skeleton, {"group_0": self.scheme}, self._ignored(), self.names
         )
-        mods = dict(module.named_modules())
-        for n in self.names:
-            mods[n].quantization_status = QuantizationStatus.COMPRESSED
-        compressor = ModelCompressor.from_pretrained_model(module)
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "config.json").write_text("{}")
-            compressor.update_config(d)
-            config["quantization_config"] = json.loads((Path(d) / "config.json").read_text())["quantization_config"]
 
     def metrics(self) -> dict[str, Any]:
         ignore = self._ignored()

@@ -5,11 +5,8 @@ parameters (``worker.methods.Method.stream``); the equivalence with the in-memor
 
 from __future__ import annotations
 
-import json
 import math
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -353,25 +350,10 @@ class QuantizeStep(StreamStep):
     def update_config(self, config: dict[str, Any]) -> None:
         """quantization_config exactly as the compressor writes it for the in-memory path: the
         scheme attached to the meta skeleton, read back by ModelCompressor."""
-        from compressed_tensors.compressors import ModelCompressor
-        from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, apply_quantization_config
+        from worker.ct_format import config_groups, skeleton_quantization_config
 
-        from worker.ct_format import config_groups
-
-        module = self.skeleton
         groups = config_groups(self.weights, self.input_activations, self.fallbacks)
-        apply_quantization_config(
-            module, QuantizationConfig(config_groups=groups, ignore=self._ignored()), show_progress=False
-        )
-        mods = dict(module.named_modules())
-        for n in self.names:
-            # What the in-memory path's modules say once compress_model ran before the config is written.
-            mods[n].quantization_status = QuantizationStatus.COMPRESSED
-        compressor = ModelCompressor.from_pretrained_model(module)
-        with tempfile.TemporaryDirectory() as d:
-            (Path(d) / "config.json").write_text("{}")
-            compressor.update_config(d)
-            config["quantization_config"] = json.loads((Path(d) / "config.json").read_text())["quantization_config"]
+        config["quantization_config"] = skeleton_quantization_config(self.skeleton, groups, self._ignored(), self.names)
 
     def metrics(self) -> dict[str, Any]:
         from core.methods._ct import RUNS_DECOMPRESSED, describe_fallbacks
