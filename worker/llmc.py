@@ -117,7 +117,7 @@ def run_oneshot(model: LoadedModel, ctx: MethodContext, recipe: list[Any], param
     budget = (settings.activation_memory_mb if settings is not None else 1024) << 20
     scratch = Path(getattr(ctx, "work_dir", None) or tempfile.gettempdir()) / f"activations-{os.getpid()}"
     try:
-        with spill_activations(scratch, budget) as spill, exact_offset_norms(model.module) as norms:
+        with spill_activations(scratch, budget) as spill, exact_offset_norms() as norms:
             _oneshot(model, dataset, recipe, info)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # the files were unlinked when mapped: the folder
@@ -134,49 +134,51 @@ def run_oneshot(model: LoadedModel, ctx: MethodContext, recipe: list[Any], param
 
 
 @contextlib.contextmanager
-def exact_offset_norms(module: Any) -> Iterator[dict[str, int]]:
-    """Undo the rounding llm-compressor's ``oneshot`` leaves in offset norms (Gemma 1-3, Qwen3-Next:
-    ``output * (1 + weight)``) that no modifier changed.
+def exact_offset_norms() -> Iterator[dict[str, int]]:
+    """llm-compressor's swap of offset norms (Gemma 1-3, Qwen3-Next: ``output * (1 + weight)``),
+    with its two faults mended, while ``oneshot`` runs.
 
-    Why: ``oneshot`` swaps each such norm for one holding ``1 + weight`` and writes ``weight - 1``
-    back afterwards, both rounded to the weight's dtype. In bf16 that moves the norms of every
-    Gemma job, whatever the method (up to 0.06 on Gemma 3 270M's, and enough to cost several % of
-    perplexity). A norm that comes back as exactly that round trip of its old value was not touched
-    by the recipe, so its old value is put back; one that differs otherwise was smoothed (AWQ,
-    SmoothQuant fold scales into norms) and is kept. The dict (filled on exit) counts the three
-    cases for the job's metrics."""
+    ``oneshot`` replaces each such norm by one holding ``1 + weight`` (so AWQ and SmoothQuant can fold
+    scales into it) and afterwards writes ``weight - 1`` back. (1) Both are rounded to the weight's
+    dtype, so in bf16 every job moved the norms of a Gemma model, whatever the method (up to 0.06 on
+    Gemma 3 270M's, several % of its perplexity): a norm the recipe did not change now gets its
+    original value back, bit for bit. (2) The write-back set ``.data`` on the original module, which
+    on the block path (weights in compressed-tensors' disk offload) never reaches the offloaded
+    weight the save reads, so AWQ's and SmoothQuant's smoothing of those norms was lost and the
+    artifact was wrong: it now goes through ``update_offload_parameter``. The dict (filled on exit) counts the norms
+    for the job's metrics."""
     import torch
-    from compressed_tensors.registry import standardize_lookup_name
-    from llmcompressor.modeling.offset_norm import NormCalibrationModule
+    from compressed_tensors.utils import update_offload_parameter
+    from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
 
-    known = {*NormCalibrationModule.registered_names(), *NormCalibrationModule.registered_aliases()}
-    before = {
-        name: m.weight.detach().clone()
-        for name, m in module.named_modules()
-        if standardize_lookup_name(type(m).__name__) in known and isinstance(getattr(m, "weight", None), torch.Tensor)
-    }
-    counts: dict[str, int] = {}
-    yield counts
-    if not before:
-        return
-    restored = smoothed = unchanged = 0
-    modules = dict(module.named_modules())
-    with torch.no_grad():
-        for name, w0 in before.items():
-            w = modules[name].weight
-            now = w.detach().cpu()
-            round_trip = ((1.0 + w0.float()).to(w0.dtype).float() - 1.0).to(w0.dtype)
-            if torch.equal(now, w0.cpu()):
-                # As it was (on the block path the rounded copy never reaches the offloaded weight).
-                unchanged += 1
-            elif torch.equal(now, round_trip.cpu()):
-                w.copy_(w0)
-                restored += 1
+    counts = {"offset_norms_restored": 0, "offset_norms_smoothed": 0}
+    init, restore = CalibrationOffsetNorm.__init__, CalibrationOffsetNorm.restore
+
+    def patched_init(self: Any, original: torch.nn.Module, config: Any) -> None:
+        init(self, original, config)
+        self._mp_original = original.weight.detach().clone()
+        self._mp_entered = self.weight.detach().clone()
+
+    def patched_restore(self: Any, original: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            if torch.equal(self.weight.detach(), self._mp_entered):
+                value = self._mp_original
+                counts["offset_norms_restored"] += 1
             else:
-                smoothed += 1
-    counts.update(
-        {"offset_norms_restored": restored, "offset_norms_smoothed": smoothed, "offset_norms_unchanged": unchanged}
-    )
+                value = (self.weight.detach().float() - 1.0).to(self._orig_dtype)
+                counts["offset_norms_smoothed"] += 1
+            update_offload_parameter(original, "weight", value)
+        return original
+
+    CalibrationOffsetNorm.__init__ = patched_init  # type: ignore[method-assign]
+    CalibrationOffsetNorm.restore = patched_restore  # type: ignore[method-assign]
+    try:
+        yield counts
+    finally:
+        CalibrationOffsetNorm.__init__ = init  # type: ignore[method-assign]
+        CalibrationOffsetNorm.restore = restore  # type: ignore[method-assign]
+    if not any(counts.values()):
+        counts.clear()
 
 
 def _oneshot(model: Any, dataset: Any, recipe: list[Any], info: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ def _data_free(model: LoadedModel, modifier: Any) -> Metrics:
 
     from worker.llmc import exact_offset_norms
 
-    with exact_offset_norms(model.module) as norms:
+    with exact_offset_norms() as norms:
         oneshot(model=model.module, recipe=[modifier], output_dir=None, log_dir=None)
     model.module.eval()
     return dict(norms)
