@@ -334,6 +334,16 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
     except SoftTimeLimitExceeded:
         fail("time_limit", f"the job ran past its time limit of {settings.job_time_limit_s} s")
         return
+    except OSError as e:
+        if not _fills_scratch(e, settings):
+            log.exception("job %s attempt %d: internal error", job_id, attempt)
+            fail("internal_error", f"internal error ({e.__class__.__name__})")
+            return
+        # Wherever it happened (fetching the model, a method's own files, an export): the same
+        # answer as the stages that check for it themselves (_raise_if_scratch_full).
+        log.warning("job %s attempt %d: the scratch disk is full: %s", job_id, attempt, e)
+        fail("scratch_full", f"the worker's scratch disk ({settings.tmp_dir}) is full: {e.strerror}")
+        return
     except Exception as e:  # a bug of ours: record it, keep the worker alive
         log.exception("job %s attempt %d: internal error", job_id, attempt)
         fail("internal_error", f"internal error ({e.__class__.__name__})")
@@ -732,6 +742,21 @@ def _measure_export(
         return {"speed": off, "quality": off, "fidelity": off}
     finally:
         ctx.stage_seconds["evaluate_export"] = time.perf_counter() - t0
+
+
+def _fills_scratch(e: OSError, settings: Settings) -> bool:
+    """``e`` is "no space left" on the scratch disk: a write to a path under it failed, or (no
+    path in the error) the scratch disk has less than 1 MiB free."""
+    if e.errno != errno.ENOSPC:
+        return False
+    paths = [Path(str(p)) for p in (e.filename, e.filename2) if p]
+    if paths:
+        root = settings.tmp_root.resolve()
+        return any(p.resolve().is_relative_to(root) for p in paths)
+    try:
+        return shutil.disk_usage(settings.tmp_root).free < 2**20
+    except OSError:
+        return False
 
 
 def _raise_if_scratch_full(ctx: JobContext, e: OSError) -> None:
