@@ -366,8 +366,8 @@ class RecipeOut(BaseModel):
     needs_data: bool = Field(description="a job naming it needs a dataset_id")
     measured: dict[str, Any] | None = Field(
         description="its figures on the project's benchmark model (model, measured_at, perplexity_ratio, seconds, "
-        "artifact_bytes, size_ratio; or refused: why the model refused it), from bench/bench_quality.py; null: "
-        "not measured"
+        "artifact_bytes, size_ratio, and ood_perplexity_ratio: the same on out-of-domain English; or refused: "
+        "why the model refused it), from bench/bench_quality.py (docs/QUALITY.md); null: not measured"
     )
 
 
