@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,10 @@ from worker.context import MethodContext, Metrics
 
 if TYPE_CHECKING:
     from worker.model_io import LoadedModel
+
+# exact_offset_norms patches a llm-compressor class for the length of a oneshot call: one at a time
+# per process (oneshot itself keeps a process-wide session, so two at once were never safe).
+_NORMS_PATCH = threading.Lock()
 
 
 def config_groups(
@@ -145,14 +150,13 @@ def exact_offset_norms() -> Iterator[dict[str, int]]:
     original value back, bit for bit. (2) The write-back set ``.data`` on the original module, which
     on the block path (weights in compressed-tensors' disk offload) never reaches the offloaded
     weight the save reads, so AWQ's and SmoothQuant's smoothing of those norms was lost and the
-    artifact was wrong: it now goes through ``update_offload_parameter``. The dict (filled on exit) counts the norms
-    for the job's metrics."""
+    artifact was wrong: it now goes through ``update_offload_parameter``. The dict (filled on exit)
+    counts the norms for the job's metrics."""
     import torch
     from compressed_tensors.utils import update_offload_parameter
     from llmcompressor.modeling.offset_norm import CalibrationOffsetNorm
 
     counts = {"offset_norms_restored": 0, "offset_norms_smoothed": 0}
-    init, restore = CalibrationOffsetNorm.__init__, CalibrationOffsetNorm.restore
 
     def patched_init(self: Any, original: torch.nn.Module, config: Any) -> None:
         init(self, original, config)
@@ -170,13 +174,15 @@ def exact_offset_norms() -> Iterator[dict[str, int]]:
             update_offload_parameter(original, "weight", value)
         return original
 
-    CalibrationOffsetNorm.__init__ = patched_init  # type: ignore[method-assign]
-    CalibrationOffsetNorm.restore = patched_restore  # type: ignore[method-assign]
-    try:
-        yield counts
-    finally:
-        CalibrationOffsetNorm.__init__ = init  # type: ignore[method-assign]
-        CalibrationOffsetNorm.restore = restore  # type: ignore[method-assign]
+    with _NORMS_PATCH:
+        init, restore = CalibrationOffsetNorm.__init__, CalibrationOffsetNorm.restore
+        CalibrationOffsetNorm.__init__ = patched_init  # type: ignore[method-assign]
+        CalibrationOffsetNorm.restore = patched_restore  # type: ignore[method-assign]
+        try:
+            yield counts
+        finally:
+            CalibrationOffsetNorm.__init__ = init  # type: ignore[method-assign]
+            CalibrationOffsetNorm.restore = restore  # type: ignore[method-assign]
     if not any(counts.values()):
         counts.clear()
 
