@@ -38,7 +38,7 @@ quality of the dequantized weights) plus ``worker.ct_format.attach_online_transf
 Why the artifact and float32 (decided 2026-12-07, docs/QUALITY.md): the handlers' in-memory result
 is not always what is saved (on this model the in-memory weight-only int8 result and its reloaded
 artifact differ by 0.8 % in perplexity, and a float32 copy of an in-memory 4-bit result scored
-3.3x where its artifact scores 1.9x), and in bf16 small differences move this model's perplexity
+3.3x where its artifact scores 2.06x on the same windows), and in bf16 small differences move this model's perplexity
 by several %. ``--eval memory`` (the in-memory result in its own dtype, ``--reload-check`` for
 some configurations side by side) is kept for quick looks.
 
