@@ -334,17 +334,13 @@ def _run_attempt(job_id: str, attempt: int, settings: Settings, storage: Storage
     except SoftTimeLimitExceeded:
         fail("time_limit", f"the job ran past its time limit of {settings.job_time_limit_s} s")
         return
-    except OSError as e:
-        if not _fills_scratch(e, settings):
-            log.exception("job %s attempt %d: internal error", job_id, attempt)
-            fail("internal_error", f"internal error ({e.__class__.__name__})")
-            return
-        # Wherever it happened (fetching the model, a method's own files, an export): the same
-        # answer as the stages that check for it themselves (_raise_if_scratch_full).
-        log.warning("job %s attempt %d: the scratch disk is full: %s", job_id, attempt, e)
-        fail("scratch_full", f"the worker's scratch disk ({settings.tmp_dir}) is full: {e.strerror}")
-        return
     except Exception as e:  # a bug of ours: record it, keep the worker alive
+        if isinstance(e, OSError) and _fills_scratch(e, settings):
+            # Wherever it happened (fetching the model, a method's own files, an export): the same
+            # answer as the stages that check for it themselves (_raise_if_scratch_full).
+            log.warning("job %s attempt %d: the scratch disk is full: %s", job_id, attempt, e)
+            fail("scratch_full", _scratch_full_message(settings, e))
+            return
         log.exception("job %s attempt %d: internal error", job_id, attempt)
         fail("internal_error", f"internal error ({e.__class__.__name__})")
         return
@@ -759,12 +755,14 @@ def _fills_scratch(e: OSError, settings: Settings) -> bool:
         return False
 
 
+def _scratch_full_message(settings: Settings, e: OSError) -> str:
+    return f"the worker's scratch disk ({settings.tmp_dir}) is full: {e.strerror}"
+
+
 def _raise_if_scratch_full(ctx: JobContext, e: OSError) -> None:
     """A full scratch disk is the job's ``scratch_full`` (its scratch goes with the attempt)."""
     if e.errno == errno.ENOSPC:
-        raise JobFailed(
-            "scratch_full", f"the worker's scratch disk ({ctx.settings.tmp_dir}) is full: {e.strerror}"
-        ) from e
+        raise JobFailed("scratch_full", _scratch_full_message(ctx.settings, e)) from e
 
 
 def _export_sections(export: dict[str, Any] | None) -> dict[str, Any]:
