@@ -122,19 +122,22 @@ def test_kth_smallest_abs_reads_few_times_when_the_interval_is_crowded(monkeypat
     assert _Counted.passes <= 6, _Counted.passes
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("threshold", [0.0, 0.25, 0.3, 1e-3])
 @pytest.mark.parametrize("inclusive", [True, False])
 def test_prune_copy_equals_prune_below(monkeypatch, dtype, threshold, inclusive):
     """The copying form (bit patterns where the threshold is a value of the dtype, float compare
-    where it is not, e.g. 0.3 in bf16) zeroes exactly what the in-place form does, and leaves its
-    input alone."""
+    where it is not, e.g. 0.3 in bf16; an integer mask ANDed with the weights' bits, or
+    ``torch.where`` for float64) zeroes exactly what the in-place form does, bit for bit (a
+    pruned -0.25 is +0.0, NaN and infinities are kept), and leaves its input alone."""
     monkeypatch.setattr(ops, "CHUNK", 1000)
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(70, 50, generator=g) * 0.4).to(dtype)
-    x[0, :4] = torch.tensor([0.0, -0.0, 0.25, -0.25]).to(dtype)
+    x[0, :7] = torch.tensor([0.0, -0.0, 0.25, -0.25, float("nan"), float("inf"), -float("inf")]).to(dtype)
     before = x.clone()
     y, zeros = ops.prune_copy(x, threshold, inclusive)
     expected = x.clone()
     assert zeros == ops.prune_below([expected], threshold, inclusive)[0]
-    assert torch.equal(y, expected) and torch.equal(x, before)
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    assert torch.equal(y.view(as_int), expected.view(as_int))
+    assert torch.equal(x.view(as_int), before.view(as_int))

@@ -220,7 +220,13 @@ def prune_copy(x: torch.Tensor, threshold: float, inclusive: bool) -> tuple[torc
     ``inclusive``) zeroed, and how many the mask zeroed. ``x`` is not written (it may be a view of
     a read-only file map). Chunks run one per core; for 16-bit weights and a threshold they can
     hold exactly (a global threshold is one of the weights) the test is on bit patterns, which is
-    the same set as the float comparison at a third of the work."""
+    the same set as the float comparison at a third of the work.
+
+    Why integers: the mask is computed as integers of the weights' width (1 = prune), then turned
+    into 0 / all-ones and ANDed with the weights' bits. ``torch.where(mask, 0, x)`` did the same
+    in a loop torch does not vectorize: 4.5 ns a weight on one core here against 0.4, which was a
+    quarter of a global pruning job's CPU time on a larger-than-memory checkpoint. The result is
+    the same bits (a pruned weight is +0.0, a kept one untouched, NaN kept as before)."""
     y = torch.empty(x.shape, dtype=x.dtype)
     src, dst = x.reshape(-1), y.view(-1)
     p = None
@@ -228,24 +234,39 @@ def prune_copy(x: torch.Tensor, threshold: float, inclusive: bool) -> tuple[torc
         t = torch.tensor([threshold], dtype=x.dtype)
         if float(t[0]) == threshold:
             p = int(t.view(torch.int16)[0]) & 0x7FFF
+    bits = _BITS.get(x.dtype)
+    compare = torch.le if inclusive else torch.lt
     zero = torch.zeros((), dtype=x.dtype)
 
     def block(a: int) -> int:
         c, o = src[a : a + CHUNK], dst[a : a + CHUNK]
         st = parallel.state()
-        m = getattr(st, "prune_mask", None)
-        if m is None or m.numel() < c.numel():
-            m = st.prune_mask = torch.empty(max(c.numel(), CHUNK), dtype=torch.bool)
-        m = m[: c.numel()]
+        if bits is None:  # float64 and other widths: no integer view of the same size
+            m = getattr(st, "prune_mask", None)
+            if m is None or m.numel() < c.numel():
+                m = st.prune_mask = torch.empty(max(c.numel(), CHUNK), dtype=torch.bool)
+            m = m[: c.numel()]
+            buf = getattr(st, "prune_bufs", None)
+            if buf is None:
+                buf = st.prune_bufs = _Buffers()
+            compare(buf.abs(c), threshold, out=m)
+            torch.where(m, zero, c, out=o)
+            return int(torch.count_nonzero(m))
+        mask = getattr(st, "prune_ints", None)
+        if mask is None or mask.dtype != bits or mask.numel() < c.numel():
+            mask = st.prune_ints = torch.empty(max(c.numel(), CHUNK), dtype=bits)
+        mask = mask[: c.numel()]
         if p is not None:
-            (torch.le if inclusive else torch.lt)(_patterns(c), p, out=m)
+            compare(_patterns(c), p, out=mask)
         else:
             buf = getattr(st, "prune_bufs", None)
             if buf is None:
                 buf = st.prune_bufs = _Buffers()
-            (torch.le if inclusive else torch.lt)(buf.abs(c), threshold, out=m)
-        torch.where(m, zero, c, out=o)
-        return int(torch.count_nonzero(m))
+            compare(buf.abs(c), threshold, out=mask)
+        pruned = int(torch.count_nonzero(mask))
+        mask.sub_(1)  # 1 (prune) -> 0, 0 (keep) -> -1, every bit set
+        torch.bitwise_and(c.view(bits), mask, out=o.view(bits))
+        return pruned
 
     return y, sum(parallel.map_ordered(block, range(0, src.numel(), CHUNK)))
 
