@@ -98,6 +98,11 @@ class Settings(BaseSettings):
     # requeue_after_s ago (a message lost with a broker outage or a failed send). Duplicates are
     # harmless (the claim is a compare-and-set).
     requeue_after_s: int = Field(default=300, gt=0)
+    # A job re-sent because its lease expired that is still unclaimed this long after the send
+    # is sent again (not after requeue_after_s): that message can be lost too, e.g. taken by a
+    # worker killed before it claimed the job, and then held by Redis until its visibility
+    # timeout. A duplicate that finds the job claimed is dropped by the claim's compare-and-set.
+    reclaim_resend_s: int = Field(default=30, gt=0)
     reconcile_interval_s: int = Field(default=10, gt=0)
     # Leftovers of processes killed mid-work (app/sweeper.py, worker/sweep.py), swept when a
     # worker or an API process starts and every sweep_interval_s: the scratch folders of job

@@ -20,7 +20,8 @@ log = logging.getLogger("modelpress.reconcile")
 def reconcile_once() -> list[str]:
     """Re-send the messages of stale jobs; return their ids. A job whose attempt's lease expired
     (its worker died: the lease is renewed every few seconds while it lives, worker/heartbeat.py)
-    is re-sent at once and ahead of queued jobs; a queued one after ``MODELPRESS_REQUEUE_AFTER_S``.
+    is re-sent at once and ahead of queued jobs, and again every ``MODELPRESS_RECLAIM_RESEND_S``
+    while no worker claims it; a queued one after ``MODELPRESS_REQUEUE_AFTER_S``.
 
     Poison jobs are failed here first, not re-sent: a job whose lease expired (or that is queued)
     after ``MODELPRESS_MAX_ATTEMPTS`` attempts gets ``too_many_attempts`` at once, without waiting
@@ -32,7 +33,7 @@ def reconcile_once() -> list[str]:
     settings = get_settings()
     with get_sessionmaker()() as s:
         given_up = jobs_repo.give_up_exhausted(s, settings.max_attempts)
-        taken = jobs_repo.take_stale(s, settings.requeue_after_s)
+        taken = jobs_repo.take_stale(s, settings.requeue_after_s, settings.reclaim_resend_s)
     for job_id in given_up:
         log.error(
             "job %s: failed with too_many_attempts (its worker died %d times; not re-sent)",

@@ -80,14 +80,19 @@ def test_reconciler_recovers_lost_messages(cluster, tiny):
 def test_an_expired_lease_is_resent_at_once_and_once(cluster, tiny):
     """A running job whose lease expired (its worker died) is re-sent without waiting for
     MODELPRESS_REQUEUE_AFTER_S (300 s on this stack): its message went with its worker. Once
-    re-sent after the expiry, it is not sent again until MODELPRESS_REQUEUE_AFTER_S."""
+    re-sent after the expiry, it is not sent again before MODELPRESS_RECLAIM_RESEND_S (30 s):
+    then it is, since that message can be lost too (a worker killed before it claimed the job),
+    and no worker has claimed the job since."""
     c = cluster.client()
     model = upload_dir(c, tiny["gpt2"]).json()
     just_died = _insert_job(cluster, model, "running", 1, sent_ago_s=20, lease_ago_s=2)
     resent_since = _insert_job(cluster, model, "running", 1, sent_ago_s=5, lease_ago_s=60)
+    resent_unclaimed = _insert_job(cluster, model, "running", 1, sent_ago_s=45, lease_ago_s=60)
 
     resent = set(cluster.service.cli("reconcile", "--once").split())
     assert just_died in resent or _sent_within(cluster, just_died, 60)
     assert resent_since not in resent and not _sent_within(cluster, resent_since, 4)
-    done = wait_job(c, just_died)
-    assert done["status"] == "succeeded" and done["attempt"] == 2
+    assert resent_unclaimed in resent or _sent_within(cluster, resent_unclaimed, 30)
+    for job_id in (just_died, resent_unclaimed):
+        done = wait_job(c, job_id)
+        assert done["status"] == "succeeded" and done["attempt"] == 2

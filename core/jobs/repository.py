@@ -291,7 +291,9 @@ def end_lease(session: Session, job_id: str, attempt: int) -> bool:
     return matched == 1
 
 
-def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list[tuple[str, str, bool]]:
+def take_stale(
+    session: Session, requeue_after_s: int, reclaim_resend_s: int | None = None, limit: int = 100
+) -> list[tuple[str, str, bool]]:
     """Jobs whose message may be lost, each marked sent now with a compare-and-set on
     ``enqueued_at`` (so concurrent reconcilers re-send a job once). Returns (id, queue, reclaim)
     triples; ``reclaim`` is true for a job taken back from a dead attempt.
@@ -300,12 +302,21 @@ def take_stale(session: Session, requeue_after_s: int, limit: int = 100) -> list
       (its message went with it, or was acknowledged by a worker whose claim the lease still
       refused), so it is re-sent at once, once per expiry; each later attempt's lease expires
       after this send, so a job that dies again is re-sent again at once.
-    * Queued (or a re-sent reclaim that no worker claimed) and last sent more than
-      ``requeue_after_s`` ago: a message lost with a broker outage or a failed send."""
+    * A re-sent reclaim that no worker claimed within ``reclaim_resend_s`` (default
+      ``requeue_after_s``): sent again. Its message can be lost too (taken by a worker that was
+      killed before it claimed the job: Redis holds such a message until its visibility timeout,
+      hours), and a job whose worker died should not wait minutes more for that.
+    * Queued and last sent more than ``requeue_after_s`` ago: a message lost with a broker outage
+      or a failed send."""
     now = utcnow()
     cutoff = now - timedelta(seconds=requeue_after_s)
+    resend = now - timedelta(seconds=requeue_after_s if reclaim_resend_s is None else reclaim_resend_s)
     expired = (Job.status == "running") & (Job.lease_expires_at < now)
-    stale = or_(Job.enqueued_at.is_(None), Job.enqueued_at < cutoff, expired & (Job.enqueued_at < Job.lease_expires_at))
+    stale = or_(
+        Job.enqueued_at.is_(None),
+        Job.enqueued_at < cutoff,
+        expired & ((Job.enqueued_at < Job.lease_expires_at) | (Job.enqueued_at < resend)),
+    )
     rows = session.execute(
         select(Job.id, Job.queue, Job.enqueued_at, Job.status)
         .where(stale, _claimable(now))
