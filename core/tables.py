@@ -265,6 +265,10 @@ class Worker(Base):
     scratch_budget_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     # Measured work bytes per second by plan path, {"whole": {"bytes_per_s", "jobs"}, ...}.
     throughput: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # The optional runtimes installed on it, by module name (core/exports.OPTIONAL_RUNTIMES), e.g.
+    # ["llama_cpp", "onnxruntime"]: a job whose output needs one no live worker has is refused at
+    # submit. Null: not published (a worker of an older version).
+    runtimes: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
 
 
 class IdempotencyKey(Base):

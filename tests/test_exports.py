@@ -62,6 +62,106 @@ def test_estimate_checks_output_too(cluster_no_worker, tiny):
     assert r.status_code == 422 and r.json()["code"] == "output_unsupported", r.text
 
 
+@pytest.fixture(scope="module")
+def kquant_llama(tmp_path_factory):
+    """A tiny Llama whose every row length is a multiple of 256 (what a K-quant block holds),
+    with the byte-level BPE tokenizer a GGUF vocabulary can hold: only the fleet decides whether
+    a Q4_K_M export of it is accepted."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.test_export_gguf import VOCAB, _tokenizer
+
+    path = tmp_path_factory.mktemp("kquant-llama") / "llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        num_hidden_layers=1,
+        hidden_size=256,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        vocab_size=VOCAB,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
+    _tokenizer().save_pretrained(path)
+    return path
+
+
+def test_q4_k_m_needs_a_live_worker_with_llama_cpp(cluster_no_worker, kquant_llama):
+    """GGUF Q4_K_M is written by llama.cpp's own quantizer: refused at submit (and estimate) with
+    422 output_runtime_unavailable when the queue's live workers all published their runtimes and
+    none has llama_cpp; accepted when one has it, or when the fleet is unknown (no live worker, or
+    one that published nothing). Other GGUF types need no runtime. Other tests' workers may be
+    live in this database, so each answer is checked against the rule applied to
+    GET /v1/workers (tests/test_fleet_runtimes.py checks the rule on fleets of its own)."""
+    import json
+    import uuid
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    c = cluster_no_worker.client()
+    m = upload_dir(c, kquant_llama).json()
+    spec = {"model_id": m["id"], "output": {"format": "gguf", "type": "Q4_K_M"}}
+    url = cluster_no_worker.database_url.replace("postgresql+psycopg://", "postgresql://")
+    rows = [f"fake-{uuid.uuid4().hex[:8]}:{i}" for i in (1, 2)]
+
+    def put(worker_id: str, runtimes: list[str] | None) -> None:
+        now = datetime.now(UTC)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO workers (id, hostname, pid, queues, device, started_at, last_seen_at, runtimes)"
+                " VALUES (%s, 'fake', 1, '[\"cpu\"]', 'cpu', %s, %s, %s) ON CONFLICT (id) DO UPDATE"
+                " SET runtimes = EXCLUDED.runtimes, last_seen_at = EXCLUDED.last_seen_at",
+                (worker_id, now, now, None if runtimes is None else json.dumps(runtimes)),
+            )
+
+    def expected() -> int:
+        live = [w for w in c.get("/v1/workers").json() if w["live"] and "cpu" in w["queues"]]
+        unknown = not live or any(w["runtimes"] is None for w in live)
+        return 202 if unknown or any("llama_cpp" in w["runtimes"] for w in live) else 422
+
+    def check() -> int:
+        want = expected()
+        for route in ("/v1/jobs", "/v1/jobs/estimate"):
+            r = c.post(route, json=spec)
+            assert r.status_code == (200 if want == 202 and route.endswith("estimate") else want), (route, r.text)
+            if want == 422:
+                body = r.json()
+                assert body["code"] == "output_runtime_unavailable", body
+                assert "llama-cpp-python" in body["detail"] and body["errors"][0]["loc"] == ["body", "output"], body
+            elif route == "/v1/jobs":
+                assert c.post(f"/v1/jobs/{r.json()['id']}/cancel").status_code == 200
+        return want
+
+    try:
+        check()
+        put(rows[0], ["onnxruntime"])
+        answers = [check()]
+        other = c.post("/v1/jobs", json={**spec, "output": {"format": "gguf", "type": "Q8_0"}})
+        assert other.status_code == 202, other.text
+        assert c.post(f"/v1/jobs/{other.json()['id']}/cancel").status_code == 200
+        put(rows[1], None)  # a worker of an older version: it may have anything
+        assert check() == 202
+        put(rows[1], ["llama_cpp", "onnxruntime"])
+        assert check() == 202
+        workers = {w["id"]: w for w in c.get("/v1/workers").json()}
+        assert workers[rows[0]]["runtimes"] == ["onnxruntime"], workers
+        import importlib.util
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            # This machine's workers (this virtualenv) have no llama.cpp: with the fake worker
+            # beside them, the refusal was seen.
+            assert answers == [422]
+    finally:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DELETE FROM workers WHERE id = ANY(%s)", (rows,))
+
+
 # --- whole jobs through the real worker ---------------------------------------------------------
 
 

@@ -90,7 +90,14 @@ def test_cluster_worker_is_registered_and_live(cluster):
         "memory_budget_bytes",
         "scratch_budget_bytes",
         "throughput",
+        "runtimes",
     }
+    # The optional runtimes this machine has (the worker runs in this virtualenv): onnxruntime is
+    # in the worker extra; llama-cpp-python is not (docs/EXPORTS.md).
+    import importlib.util
+
+    assert row["runtimes"] == [m for m in ("llama_cpp", "onnxruntime") if importlib.util.find_spec(m) is not None]
+    assert "onnxruntime" in row["runtimes"]
     # The budget a worker publishes (worker/budget.py): derived from the machine here, so positive.
     assert row["memory_budget_bytes"] > 0 and row["scratch_budget_bytes"] > 0
     assert row["hostname"] == socket.gethostname()

@@ -31,6 +31,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelpress.registry")
 
 
+def available_runtimes() -> list[str]:
+    """The optional runtimes installed here (core/exports.OPTIONAL_RUNTIMES), found without
+    importing them: the API refuses a job whose output needs one no live worker has."""
+    import importlib.util
+
+    from core.exports import OPTIONAL_RUNTIMES
+
+    return sorted(m for m in OPTIONAL_RUNTIMES if importlib.util.find_spec(m) is not None)
+
+
 def device() -> torch.device:
     """The device this worker computes on: the first visible CUDA device when there is one (pick
     it per process with ``CUDA_VISIBLE_DEVICES``), else the CPU."""
@@ -62,6 +72,7 @@ class Registration:
         self.id = f"{self.hostname}:{self.pid}"
         self.queues = sorted(queues)
         self.device = device
+        self.runtimes = available_runtimes()
         self.started_at = utcnow()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -75,6 +86,7 @@ class Registration:
                     pid=self.pid,
                     queues=self.queues,
                     device=self.device,
+                    runtimes=self.runtimes,
                     started_at=self.started_at,
                     last_seen_at=utcnow(),
                 )
@@ -96,7 +108,13 @@ class Registration:
 
         self._thread = threading.Thread(target=loop, name="modelpress-registry", daemon=True)
         self._thread.start()
-        log.info("worker %s registered: queues %s, device %s", self.id, ",".join(self.queues), self.device)
+        log.info(
+            "worker %s registered: queues %s, device %s, optional runtimes: %s",
+            self.id,
+            ",".join(self.queues),
+            self.device,
+            ", ".join(self.runtimes) or "none",
+        )
 
     def stop(self) -> None:
         self._stop.set()

@@ -41,6 +41,7 @@ def submit(
         fleet = fleet_budget(uow, plan, queue)
         if fleet is not None and not fleet["fits"]:
             raise over_budget(plan, fleet)
+    _check_fleet_runtime(uow, body, model, steps, queue)
     job = Job(
         tenant_id=caller.tenant_id,
         model_id=model.id,
@@ -79,6 +80,7 @@ def estimate(uow: UnitOfWork, caller: Caller, body: JobIn) -> dict[str, Any]:
         raise Conflict(
             f"the model's stored files cannot be read to plan the job ({e})", code="model_unreadable"
         ) from None
+    _check_fleet_runtime(uow, body, model, steps, queue)
     return {**plan, "fleet": fleet_budget(uow, plan, queue)}
 
 
@@ -216,6 +218,33 @@ def _fleet_throughput(uow: UnitOfWork, queue: str) -> dict[str, float]:
     return {p: sum(v) / len(v) for p, v in found.items()}
 
 
+def _check_fleet_runtime(uow: UnitOfWork, body: JobIn, model: Model, steps: list[dict], queue: str) -> None:
+    """422 ``output_runtime_unavailable`` when the output can only be made by an optional runtime
+    (a GGUF Q4_K_M needs llama.cpp's quantizer) that no live worker of the queue has: the job
+    would otherwise fail on whichever worker took it. Unknown fleets (no live worker, or one that
+    published no runtimes) are not refused, as for budgets."""
+    output = body.output.model_dump()
+    need = exports.required_runtime(output, steps, model.config)
+    if need is None:
+        return
+    workers = _live(uow, queue)
+    if not workers or any(w.runtimes is None for w in workers):
+        return
+    if any(need in w.runtimes for w in workers):
+        return
+    package = exports.OPTIONAL_RUNTIMES[need]
+    msg = (
+        f"{output['format']} {output.get('type')} is written by {package}, which none of the {len(workers)} live "
+        f"{queue} workers has (pip install 'modelpress[llamacpp]' on a worker, docs/EXPORTS.md); "
+        "the other GGUF types (F16, BF16, Q8_0, Q4_0) need no extra package"
+    )
+    raise Unprocessable(
+        msg,
+        code="output_runtime_unavailable",
+        errors=[{"loc": ["body", "output"], "msg": msg, "type": "output_runtime_unavailable", "runtime": package}],
+    )
+
+
 def fleet_budget(uow: UnitOfWork, plan: dict[str, Any], queue: str) -> dict[str, Any] | None:
     """The largest budgets of the queue's live workers and whether one fits the plan; None when
     the fleet's budgets are unknown (no live worker, or one that published none: it takes anything)."""
@@ -351,6 +380,7 @@ def workers(uow: UnitOfWork) -> list[dict]:
             "memory_budget_bytes": w.memory_budget_bytes,
             "scratch_budget_bytes": w.scratch_budget_bytes,
             "throughput": w.throughput,
+            "runtimes": w.runtimes,
         }
         for w in worker_registry.all_workers(uow.session)
     ]

@@ -105,6 +105,24 @@ def refusals(output: dict[str, Any], info: Any, steps: list[dict[str, Any]], has
     return list(onnx.refusals(info.config, _tensor_map(info), output.get("quantize"), has_dataset))
 
 
+# Runtimes a worker may or may not have (module name -> the pip package that installs it). Workers
+# publish which they have (worker/registry.py, the ``workers.runtimes`` column).
+OPTIONAL_RUNTIMES = {"llama_cpp": "llama-cpp-python", "onnxruntime": "onnxruntime"}
+
+
+def required_runtime(output: dict[str, Any], steps: list[dict[str, Any]], config: dict[str, Any] | None) -> str | None:
+    """The optional runtime (an ``OPTIONAL_RUNTIMES`` key) without which the export cannot be
+    made at all, or None. Q4_K_M is written by llama.cpp's own quantizer (gguf-py has no K-quant
+    encoder); every other type is written by gguf-py or torch's exporter, and a missing runtime
+    then only leaves the export unmeasured in it (the report says so)."""
+    if output.get("format") != "gguf":
+        return None
+    gguf_type = output.get("type", "auto")
+    if gguf_type == "auto":
+        gguf_type = resolve_gguf_type(steps, config)
+    return "llama_cpp" if gguf_type == "Q4_K_M" else None
+
+
 def resolve_gguf_type(steps: list[dict[str, Any]], config: dict[str, Any] | None) -> str:
     """``type: auto``: the GGUF type that holds the steps' quantization exactly, else 16-bit
     floats in the model's own kind (BF16 for a bfloat16 model, F16 otherwise)."""

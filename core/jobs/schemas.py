@@ -337,6 +337,11 @@ class WorkerOut(BaseModel):
     throughput: dict[str, Any] | None = Field(
         default=None, description='measured work bytes per second by plan path: {"whole": {"bytes_per_s", "jobs"}, ...}'
     )
+    runtimes: list[str] | None = Field(
+        default=None,
+        description="optional runtimes installed on it (llama_cpp: GGUF Q4_K_M exports and llama.cpp measurements; "
+        "onnxruntime); null: not published (an older worker)",
+    )
 
 
 class MethodOut(BaseModel):
