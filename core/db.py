@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import weakref
 from collections import namedtuple
@@ -60,7 +61,52 @@ def make_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, pool_size=10, max_overflow=20)
     _ping_when_idle(engine)
+    _blind_in_forks(engine)
     return engine
+
+
+# Every PostgreSQL connection this process opened, to blind in a forked child (below).
+_OPENED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _blind_in_forks(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _opened(dbapi_conn: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        _OPENED.add(dbapi_conn)
+
+
+def _blind_inherited_connections() -> None:
+    """In a forked child, at once: point every inherited PostgreSQL socket at /dev/null.
+
+    Why: a Celery prefork worker forks a new pool child whenever one dies, while the main
+    process's own threads (reconciler, registry, webhooks) may be mid-query on pooled connections.
+    The child inherits those sockets; ``engine.dispose(close=False)`` in ``worker_process_init``
+    drops the pool, but a connection that was checked out at the fork is still referenced, and
+    when the child finalizes it SQLAlchemy resets it (a ROLLBACK) on the parent's socket. The
+    server's answers then go to whichever process reads first, and both get results of each
+    other's statements from then on (seen in the chaos test: ``unexpected result EMPTY_QUERY from
+    command 'ROLLBACK'``, selects answered by updates, a worker failing every job it took).
+    Duplicating /dev/null over the descriptor in the child leaves the parent's socket untouched
+    and makes anything the child does with its copy fail locally."""
+    conns = list(_OPENED)
+    _OPENED.clear()
+    if not conns:
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        for conn in conns:
+            try:
+                fd = conn.pgconn.socket
+            except Exception:  # noqa: BLE001 - closed, or not psycopg: nothing to blind
+                continue
+            if fd >= 0:
+                os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_blind_inherited_connections)
 
 
 # A pooled connection idle at least this long is pinged before use (see the module docstring).
