@@ -62,22 +62,19 @@ def test_estimate_checks_output_too(cluster_no_worker, tiny):
     assert r.status_code == 422 and r.json()["code"] == "output_unsupported", r.text
 
 
-@pytest.fixture(scope="module")
-def kquant_llama(tmp_path_factory):
-    """A tiny Llama whose every row length is a multiple of 256 (what a K-quant block holds),
-    with the byte-level BPE tokenizer a GGUF vocabulary can hold: only the fleet decides whether
-    a Q4_K_M export of it is accepted."""
+def _bpe_llama(path, layers: int, hidden: int, intermediate: int):
+    """A tiny bfloat16 Llama with the byte-level BPE tokenizer and chat template a GGUF
+    vocabulary can hold (tests/test_export_gguf.py builds the same), saved at ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from tests.test_export_gguf import VOCAB, _tokenizer
 
-    path = tmp_path_factory.mktemp("kquant-llama") / "llama"
     torch.manual_seed(0)
     cfg = LlamaConfig(
-        num_hidden_layers=1,
-        hidden_size=256,
-        intermediate_size=512,
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -89,6 +86,13 @@ def kquant_llama(tmp_path_factory):
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
     _tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def kquant_llama(tmp_path_factory):
+    """Every row length a multiple of 256 (what a K-quant block holds): only the fleet decides
+    whether a Q4_K_M export of it is accepted."""
+    return _bpe_llama(tmp_path_factory.mktemp("kquant-llama") / "llama", layers=1, hidden=256, intermediate=512)
 
 
 def test_q4_k_m_needs_a_live_worker_with_llama_cpp(cluster_no_worker, kquant_llama):
@@ -170,28 +174,7 @@ def bpe_llama(tmp_path_factory):
     """A tiny bfloat16 Llama (hidden 64, 2 layers; bfloat16 as LLM checkpoints are, so its 4-bit
     scales are float16 values and a Q4_0 export is exact) with a byte-level BPE tokenizer and a
     chat template: what a GGUF vocabulary can hold (tests/test_export_gguf.py builds the same)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.test_export_gguf import VOCAB, _tokenizer
-
-    path = tmp_path_factory.mktemp("bpe-llama") / "llama"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        num_hidden_layers=2,
-        hidden_size=64,
-        intermediate_size=128,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        vocab_size=VOCAB,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-    )
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path)
-    _tokenizer().save_pretrained(path)
-    return path
+    return _bpe_llama(tmp_path_factory.mktemp("bpe-llama") / "llama", layers=2, hidden=64, intermediate=128)
 
 
 def _files(c, job_id: str, fmt: str) -> dict[str, int]:
