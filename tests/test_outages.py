@@ -5,6 +5,8 @@ start; the machine's shared PostgreSQL and Redis are never touched.
   job still succeeds. Jobs submitted while it is down are recorded (202) and run after it returns.
 * PostgreSQL stopped for 20 s: meanwhile the API answers 503 ``database_unavailable`` (never 500)
   to reads and writes, records nothing and leaves no file; afterwards every job finishes.
+* A worker that takes job messages while PostgreSQL is down puts them back on the queue: the jobs
+  run as soon as it returns, not after the reconciler's requeue (set to 10 minutes there).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 
 import httpx
+import psycopg
 import pytest
 
 from tests.conftest import Stack
@@ -143,3 +146,58 @@ def test_postgres_stopped_20s_api_answers_503_records_nothing_and_jobs_finish(ou
         p for p in (outage.data_dir / "storage").rglob("*") if p.is_file() and "artifacts" not in p.parts
     )
     assert stored_after == stored_before
+
+
+@pytest.fixture
+def slow_requeue(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A second stack on the private servers (a database and a broker key prefix of its own) whose
+    reconciler re-sends a queued job only after 10 minutes: a job message the worker dropped
+    would wait that long. Its worker is started by the test."""
+    pg, rd = servers
+    tmp = tmp_path_factory.mktemp("slow-requeue")
+    name = f"requeue_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg.url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    env = {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": pg.url.rsplit("/", 1)[0] + f"/{name}",
+        "MODELPRESS_BROKER_URL": rd.url,
+        "MODELPRESS_BROKER_KEY_PREFIX": f"{name}:",
+        "MODELPRESS_DATA_DIR": str(tmp),
+        "MODELPRESS_REQUEUE_AFTER_S": "600",
+        "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+    }
+    svc = Service(env, tmp, worker=False)
+    svc.cli("migrate")
+    key = svc.cli("keys", "create", "--tenant", f"requeue-{uuid.uuid4().hex[:6]}")
+    svc.start()
+    yield Stack("cluster", svc, key, key, tmp, env["MODELPRESS_DATABASE_URL"])
+    svc.stop()
+
+
+def test_worker_puts_back_jobs_it_took_while_postgres_was_down(slow_requeue, servers, tiny):
+    pg, _ = servers
+    c = slow_requeue.client()
+    model = upload_dir(c, tiny["gpt2"]).json()["id"]
+    ids = [_submit(c, model, CHEAP) for _ in range(3)]  # queued: no worker yet
+    pg.stop()
+    try:
+        worker = slow_requeue.service.start_worker()
+        log = slow_requeue.data_dir / "worker.log"
+        # The worker starts and takes the first message; its claim cannot reach the database.
+        deadline = time.monotonic() + 90
+        while "OperationalError" not in log.read_text(errors="replace"):
+            assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+        time.sleep(4)  # long enough for a worker that acknowledged it to take every message
+    finally:
+        pg.start()
+    t_up = time.monotonic()
+    for job_id in ids:
+        # Well under the reconciler's 600 s: the messages came back to the queue.
+        job = wait_job(c, job_id, timeout=120)
+        assert job["status"] == "succeeded", job
+    text = log.read_text(errors="replace")
+    assert "back to the queue" in text
+    print(f"postgres down while the worker took jobs: all {len(ids)} succeeded {time.monotonic() - t_up:.1f} s after")

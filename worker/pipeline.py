@@ -58,6 +58,12 @@ class JobFailed(Exception):
         self.message = message
 
 
+class ClaimUnavailable(Exception):
+    """The database could not be reached to claim the job: nothing about the job was decided, so
+    its message must go back to the queue (worker/tasks.py), not be acknowledged and left to the
+    reconciler's requeue minutes later."""
+
+
 class LostLease(Exception):
     """This attempt no longer holds the job (it was claimed again): stop without writing."""
 
@@ -270,19 +276,25 @@ def run_job(job_id: str) -> bool:
     canceled, held by another attempt, or given up), e.g. a message the reconciler re-sent."""
     settings = get_settings()
     storage = get_storage()
-    with get_sessionmaker()() as s:
-        attempt = jobs_repo.claim(s, job_id, settings.job_lease_s, settings.max_attempts)
-        if attempt is None:
-            # A poison job (every attempt so far killed its worker) is failed here rather than run
-            # again; the CAS in give_up lets one of several workers (or the reconciler) do it.
-            if jobs_repo.give_up(s, job_id, settings.max_attempts):
-                log.error(
-                    "job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts
-                )
-                drop_artifacts(storage, job_id)
-            else:
-                log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
-            return False
+    try:
+        with get_sessionmaker()() as s:
+            attempt = jobs_repo.claim(s, job_id, settings.job_lease_s, settings.max_attempts)
+            if attempt is None:
+                # A poison job (every attempt so far killed its worker) is failed here rather than
+                # run again; the CAS in give_up lets one of several workers (or the reconciler) do it.
+                gave_up = jobs_repo.give_up(s, job_id, settings.max_attempts)
+    except OperationalError as e:
+        # Also when the claim's commit reached the database and only its answer was lost: the
+        # message then comes back to a job held by that attempt, which the claim refuses, and the
+        # attempt's lease expires into the reconciler's reclaim, as for a worker that died.
+        raise ClaimUnavailable(str(e).splitlines()[0]) from e
+    if attempt is None:
+        if gave_up:
+            log.error("job %s: failed with too_many_attempts (its worker died %d times)", job_id, settings.max_attempts)
+            drop_artifacts(storage, job_id)
+        else:
+            log.info("job %s: not claimable (finished, canceled or held by another attempt)", job_id)
+        return False
     # From here until the attempt's outcome is recorded, its lease is renewed by the keeper
     # process (worker/heartbeat.py), which dies with this process; a thread renews it whenever
     # the keeper is not running.

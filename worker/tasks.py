@@ -6,8 +6,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import time
 
 from celery import Task
+from celery.exceptions import Reject
 from celery.signals import task_postrun, task_prerun, worker_process_init, worker_ready, worker_shutdown
 
 from core import logs
@@ -20,6 +22,25 @@ log = logging.getLogger("modelpress.worker")
 _stop_reconciler = threading.Event()
 _stop_webhooks = threading.Event()
 _stop_sweeper = threading.Event()
+
+
+class _Backoff:
+    """1, 2, 4... seconds, at most ``cap``, until reset (per process: a pool child runs one task at
+    a time)."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0) -> None:
+        self.first, self.cap, self.n = first, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.cap, self.first * 2**self.n)
+        self.n += 1
+        return delay
+
+    def reset(self) -> None:
+        self.n = 0
+
+
+_claim_backoff = _Backoff()
 # task id -> the token that restores the log context when the task is done.
 _log_tokens: dict[str, contextvars.Token] = {}
 
@@ -36,7 +57,18 @@ def run_job(job_id: str) -> None:
         admitted = True
     if not admitted:
         return
-    if not pipeline.run_job(job_id):
+    try:
+        ran = pipeline.run_job(job_id)
+    except pipeline.ClaimUnavailable as e:
+        # The database is down: back to the queue, after a pause that grows while it stays down
+        # (each message taken meanwhile waits here, instead of being acknowledged and lost until
+        # the reconciler's requeue, MODELPRESS_REQUEUE_AFTER_S later).
+        delay = _claim_backoff.next()
+        log.warning("job %s: could not claim it (%s); back to the queue in %.0f s", job_id, e, delay)
+        time.sleep(delay)
+        raise Reject(f"database unavailable: {e}", requeue=True) from e
+    _claim_backoff.reset()
+    if not ran:
         return
     try:
         budget.record_throughput(job_id)
