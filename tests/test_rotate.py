@@ -169,6 +169,14 @@ def test_rotations_keep_the_function_and_make_4bit_rtn_lose_less(tmp_path: Path,
         # transformers alone skips the online rotations (wrong outputs); re-attached, it is exact.
         assert _err(_logits(tmp_path / "rot"), rotated) > 0.1
         assert torch.equal(_logits(tmp_path / "rot", online=True), rotated)
+        # The stored matrices are the model's dtype (compressed-tensors computes them in float64;
+        # their +-1 entries are exact in any float type), and the model in memory kept float64.
+        from safetensors import safe_open
+
+        with safe_open(str(tmp_path / "rot" / "model.safetensors"), framework="pt") as f:
+            stored = {k: f.get_tensor(k) for k in f.keys() if k.endswith("_input.weight")}  # noqa: SIM118
+        assert stored and {t.dtype for t in stored.values()} == {torch.float32}, {k: t.dtype for k, t in stored.items()}
+        assert all(bool((t.abs() == 1).all()) for t in stored.values())
 
 
 @pytest.mark.integration

@@ -3,10 +3,11 @@ classes only from transformers itself (``trust_remote_code`` stays off)."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,61 @@ def save(
     model: LoadedModel, out_dir: Path, manifest: dict[str, Any], max_shard_size: int = DEFAULT_SHARD_BYTES
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    if model.module is None:
+        assert model.state is not None
+        # A bare state dict stays one file: the manifest goes in the safetensors metadata.
+        save_file(
+            {k: v.contiguous() for k, v in model.state.items()},
+            str(out_dir / "model.safetensors"),
+            metadata={"modelpress": json.dumps(manifest, sort_keys=True)},
+        )
+        return
+    with _compact_online_transforms(model.module):
+        _save_module(model, out_dir, max_shard_size)
+    if model.config_extra:
+        cfg_path = out_dir / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(model.config_extra)
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    # llm-compressor writes the recipe it ran; modelpress.json records the job's steps instead.
+    (out_dir / "recipe.yaml").unlink(missing_ok=True)
+    (out_dir / "modelpress.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _compact_online_transforms(module: Any) -> Iterator[int]:
+    """While saving: the online rotations' matrices (``transform.rotate`` style ``quip``) held in
+    the model's dtype instead of compressed-tensors' float64, where that changes no value.
+    Hadamard matrices are stored unnormalized (entries of +-1; the 1/sqrt(n) is applied when they
+    run), so every float dtype holds them exactly, and vLLM loads them in the model's dtype
+    whatever the checkpoint holds: float64 only made the artifact larger (a Llama-2-7B's 4096- and
+    11008-wide matrices: ~1.1 GB in float64, ~0.27 GB in bf16). Restored afterwards, so the model
+    in memory computes as before. Yields how many matrices were cast."""
+    from compressed_tensors.transform.factory.base import TransformBase
+
+    dtype = getattr(module, "dtype", None)
+    swapped: dict[int, tuple[Any, Any]] = {}  # id(parameter) -> (parameter, its float64 data)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        for m in module.modules():
+            w = getattr(m, "weight", None)
+            if not isinstance(m, TransformBase) or not m.args.is_online() or id(w) in swapped:
+                continue
+            if w is None or w.device.type == "meta" or w.dtype == dtype or not w.dtype.is_floating_point:
+                continue
+            cast = w.data.to(dtype)
+            if torch.equal(cast.to(w.dtype), w.data):  # exact, or it stays as it is
+                swapped[id(w)] = (w, w.data)
+                w.data = cast
+    try:
+        yield len(swapped)
+    finally:
+        for w, data in swapped.values():
+            w.data = data
+
+
+def _save_module(model: LoadedModel, out_dir: Path, max_shard_size: int) -> None:
+    assert model.module is not None
     if _saves_module_by_module(model):
-        assert model.module is not None
         ct_offload.save_offloaded(model.module, out_dir, max_shard_size)
         # As after the saver or save_pretrained it stands for: the source's files where those did
         # not write their own (a saver's generation_config.json is kept, save_pretrained's is not).
@@ -230,24 +284,7 @@ def save(
         for p in model.extra_files:
             if not (out_dir / p.name).exists():
                 shutil.copyfile(p, out_dir / p.name)
-    elif model.module is not None:
+    else:
         model.module.save_pretrained(out_dir, safe_serialization=True, max_shard_size=max_shard_size)
         for p in model.extra_files:
             shutil.copyfile(p, out_dir / p.name)
-    else:
-        assert model.state is not None
-        # A bare state dict stays one file: the manifest goes in the safetensors metadata.
-        save_file(
-            {k: v.contiguous() for k, v in model.state.items()},
-            str(out_dir / "model.safetensors"),
-            metadata={"modelpress": json.dumps(manifest, sort_keys=True)},
-        )
-        return
-    if model.config_extra:
-        cfg_path = out_dir / "config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg.update(model.config_extra)
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    # llm-compressor writes the recipe it ran; modelpress.json records the job's steps instead.
-    (out_dir / "recipe.yaml").unlink(missing_ok=True)
-    (out_dir / "modelpress.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
