@@ -734,14 +734,17 @@ class _BaseClient:
         evaluation: Mapping[str, Any] | None,
         output: Mapping[str, Any] | None = None,
         recipe: str | None = None,
+        steps_optional: bool = False,
     ) -> dict[str, Any]:
-        # A recipe stands for the steps: none are sent with it (the server refuses both).
-        normalized = normalize_steps(steps, allow_empty=recipe is not None or output is not None)
+        # A recipe stands for the steps: none are sent with it (the server refuses both); so does
+        # each point's recipe of a sweep that varies it (``steps_optional``).
+        no_steps_ok = recipe is not None or steps_optional
+        normalized = normalize_steps(steps, allow_empty=no_steps_ok or output is not None)
         return _drop_none(
             {
                 "model_id": _id(model_id),
                 "recipe": recipe,
-                "steps": None if recipe is not None and not normalized else normalized,
+                "steps": None if no_steps_ok and not normalized else normalized,
                 "name": name,
                 "dataset_id": _id(dataset_id) if dataset_id is not None else None,
                 "eval_dataset_id": _id(eval_dataset_id) if eval_dataset_id is not None else None,
@@ -782,15 +785,28 @@ class _BaseClient:
         self,
         model_id: Any,
         steps: Iterable[StepLike],
-        vary: Mapping[str, Iterable[Any]],
+        vary: Mapping[str, Iterable[Any]] | None,
         name: str | None,
         dataset_id: Any,
         eval_dataset_id: Any,
         evaluation: Mapping[str, Any] | None,
         idempotency_key: str | None,
         output: Mapping[str, Any] | None = None,
+        recipe: str | None = None,
     ) -> _Call[Sweep]:
-        body = self._spec(model_id, steps, name, dataset_id, eval_dataset_id, evaluation, output)
+        if not vary:
+            raise ValueError("a sweep needs vary: {'steps[0].params.<name>': [values...]} or {'recipe': [names...]}")
+        body = self._spec(
+            model_id,
+            steps,
+            name,
+            dataset_id,
+            eval_dataset_id,
+            evaluation,
+            output,
+            recipe,
+            steps_optional="recipe" in vary,
+        )
         body["vary"] = {str(k): list(v) for k, v in vary.items()}
         return _Call("POST", "/v1/sweeps", _json_of(Sweep), json=body, headers=self._idem(idempotency_key))
 
@@ -1251,9 +1267,10 @@ class Client(_BaseClient):
     def sweep(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
-        vary: Mapping[str, Iterable[Any]],
+        steps: Iterable[StepLike] = (),
+        vary: Mapping[str, Iterable[Any]] | None = None,
         *,
+        recipe: str | None = None,
         name: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
@@ -1261,10 +1278,12 @@ class Client(_BaseClient):
         output: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> Sweep:
-        """One job per combination of ``vary`` (``{"steps[0].params.sparsity": [0.3, 0.5]}``)."""
+        """One job per combination of ``vary``: ``{"steps[0].params.sparsity": [0.3, 0.5]}`` over
+        ``steps`` (or over the steps of ``recipe``), or ``{"recipe": ["w4-best", "w4-fast"]}`` to
+        compare recipes (``recipes()``) on the model, with no steps."""
         return self._send(
             self._sweep_call(
-                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output
+                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output, recipe
             )
         )
 
@@ -1681,9 +1700,10 @@ class AsyncClient(_BaseClient):
     async def sweep(
         self,
         model_id: str | Model,
-        steps: Iterable[StepLike],
-        vary: Mapping[str, Iterable[Any]],
+        steps: Iterable[StepLike] = (),
+        vary: Mapping[str, Iterable[Any]] | None = None,
         *,
+        recipe: str | None = None,
         name: str | None = None,
         dataset_id: str | Dataset | None = None,
         eval_dataset_id: str | Dataset | None = None,
@@ -1693,7 +1713,7 @@ class AsyncClient(_BaseClient):
     ) -> Sweep:
         return await self._send(
             self._sweep_call(
-                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output
+                model_id, steps, vary, name, dataset_id, eval_dataset_id, evaluation, idempotency_key, output, recipe
             )
         )
 

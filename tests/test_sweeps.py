@@ -359,6 +359,90 @@ def test_sweep_routes_are_in_openapi(embedded):
 
 
 @pytest.fixture(scope="module")
+def llama(embedded, tmp_path_factory) -> str:
+    from tests.tokenizer_util import build_models
+
+    path = build_models(tmp_path_factory.mktemp("sweep-llama"))["llama"]
+    r = upload_dir(embedded.client(), path, name="tiny-llama")
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("body", "loc", "words"),
+    [
+        ({"vary": {"recipe": ["w8"]}, "steps": [PRUNE]}, ["body", "steps"], "leave out steps"),
+        ({"vary": {"recipe": ["w8"]}, "recipe": "w8"}, ["body", "recipe"], "leave out recipe"),
+        ({"vary": {"recipe": ["w8"], SPARSITY: [0.5]}}, ["body", "vary", SPARSITY], "cannot also vary"),
+        ({"vary": {"recipe": ["w8", "w9"]}}, ["body", "vary", "recipe", 1], "unknown recipe 'w9'"),
+        ({"vary": {"recipe": ["w8", 8]}}, ["body", "vary", "recipe", 1], "named by a string"),
+        ({"vary": {"recipe": ["w8", "w8"]}}, ["body", "vary", "recipe", 1], "listed twice"),
+        ({"vary": {SPARSITY: [0.5]}}, ["body", "steps"], "give steps, a recipe, or vary the recipe"),
+        ({"vary": {SPARSITY: [0.5]}, "steps": [PRUNE], "recipe": "w8"}, ["body", "steps"], "not both"),
+        ({"vary": {SPARSITY: [0.5]}, "recipe": "nope"}, ["body", "recipe"], "unknown recipe 'nope'"),
+        ({"vary": {"steps[1].params.bits": [4]}, "recipe": "w8"}, None, "recipe 'w8' has 1 step"),
+    ],
+)
+def test_recipe_sweeps_refused_with_the_reason_and_nothing_recorded(embedded, llama, body, loc, words):
+    c = embedded.client()
+    before = table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")
+    r = c.post("/v1/sweeps", json={"model_id": llama, **body})
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert words in problem["detail"] + " ".join(e["msg"] for e in problem["errors"]), problem
+    if loc is not None:
+        assert loc in [e["loc"] for e in problem["errors"]], problem
+    assert (table_rows(embedded, "sweeps"), table_rows(embedded, "jobs")) == before
+
+
+@pytest.mark.integration
+def test_a_sweep_compares_recipes_and_varies_a_recipes_steps(embedded, llama):
+    from modelpress import Client
+
+    c = embedded.client()
+    off = {"enabled": False}
+    # One point per recipe, each its recipe's job.
+    with Client(embedded.service.url, embedded.key, timeout=60) as sdk:
+        made = sdk.sweep(llama, vary={"recipe": ["w4-fast", "w8"]}, name="which", evaluation=off)
+    sweep = c.get(f"/v1/sweeps/{made.id}").json()
+    assert sweep["spec"]["steps"] == [] and sweep["spec"]["recipe"] is None
+    assert [p["values"] for p in sweep["points"]] == [{"recipe": "w4-fast"}, {"recipe": "w8"}]
+    for p in sweep["points"]:
+        job = wait_job(c, p["job_id"])
+        assert job["status"] == "succeeded", job
+        assert (
+            job["recipe"] == p["values"]["recipe"] and job["name"] == f'which [{p["index"]}] recipe="{job["recipe"]}"'
+        )
+        bits = {"w4-fast": 4, "w8": 8}[job["recipe"]]
+        assert [(s["method"], s["params"]["bits"]) for s in job["steps"]] == [("quantize.weight_only", bits)]
+    done = c.get(f"/v1/sweeps/{made.id}").json()
+    assert done["status"] == "succeeded"
+    a, b = (p["metrics"]["artifact_bytes"] for p in done["points"])
+    assert a < b  # 4-bit is smaller than 8-bit
+
+    # A fixed recipe whose steps a point changes: the points are given as steps.
+    r = c.post(
+        "/v1/sweeps",
+        json={
+            "model_id": llama,
+            "recipe": "w4-fast",
+            "vary": {"steps[0].params.group_size": [32, 64]},
+            "evaluation": off,
+        },
+    )
+    assert r.status_code == 202, r.text
+    sweep = r.json()
+    assert sweep["spec"]["recipe"] == "w4-fast" and sweep["spec"]["steps"][0]["method"] == "quantize.weight_only"
+    for p in sweep["points"]:
+        job = wait_job(c, p["job_id"])
+        assert job["status"] == "succeeded", job
+        assert job["recipe"] is None and job["name"].startswith(f"w4-fast [{p['index']}]")
+        assert job["steps"][0]["params"]["group_size"] == p["values"]["steps[0].params.group_size"]
+        assert job["steps"][0]["params"]["bits"] == 4
+
+
+@pytest.fixture(scope="module")
 def finished_sweep(embedded, gpt2) -> dict:
     """One sweep of prune.magnitude over three sparsities on the tiny GPT-2, run to the end."""
     c = embedded.client()

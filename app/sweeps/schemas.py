@@ -3,7 +3,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from core.exports import OutputIn, SafetensorsOutput
 from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
@@ -29,18 +30,37 @@ class SweepIn(BaseModel):
                     "name": "gpt2-sparsity",
                     "steps": [{"method": "prune.magnitude", "params": {"sparsity": 0.5}}],
                     "vary": {"steps[0].params.sparsity": [0.3, 0.5, 0.7]},
-                }
+                },
+                {
+                    "model_id": "0c4a1b2e-6f1d-4d8e-9d6a-2b1f3c4d5e6f",
+                    "name": "which-4-bit",
+                    "vary": {"recipe": ["w4-best", "w4-fast", "w4-quip"]},
+                    "dataset_id": "7d2f0e1a-3b4c-4d5e-8f6a-1b2c3d4e5f60",
+                },
             ]
         },
     )
     model_id: str = Field(min_length=1, max_length=64)
-    steps: list[StepIn] = Field(min_length=1, max_length=32, description="the base steps every point starts from")
+    recipe: str | None = Field(
+        default=None,
+        max_length=64,
+        examples=["w4-best"],
+        description="a named recipe (GET /v1/recipes) whose steps every point starts from, instead of steps "
+        "(`vary` paths then index the recipe's steps)",
+    )
+    steps: list[StepIn] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        description="the base steps every point starts from; give steps, a recipe, or vary `recipe`",
+    )
     vary: dict[str, VaryValues] = Field(
         min_length=1,
         max_length=MAX_VARY_PATHS,
-        description=f"`steps[<i>].params.<name>` -> the values it takes; one job per combination "
-        f"(at most {MAX_VARY_PATHS} paths and {MAX_POINTS} points)",
-        examples=[{"steps[0].params.sparsity": [0.3, 0.5, 0.7]}],
+        description=f"`steps[<i>].params.<name>` -> the values it takes, or `recipe` -> recipe names (one job "
+        f"per recipe, compared side by side); one job per combination (at most {MAX_VARY_PATHS} paths and "
+        f"{MAX_POINTS} points)",
+        examples=[{"steps[0].params.sparsity": [0.3, 0.5, 0.7]}, {"recipe": ["w4-best", "w4-fast", "w8"]}],
     )
     name: str | None = Field(default=None, max_length=200)
     dataset_id: str | None = Field(
@@ -52,9 +72,20 @@ class SweepIn(BaseModel):
         default_factory=SafetensorsOutput, description="every point's artifact format (as a job's output)"
     )
 
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str | None) -> str | None:
+        from core import recipes
+
+        if name is not None and recipes.get(name) is None:
+            raise PydanticCustomError("unknown_recipe", recipes.unknown_message(name))
+        return name
+
 
 class SweepSpec(BaseModel):
+    # The base steps (a fixed recipe's, expanded); [] when the sweep varies the recipe.
     steps: list[dict[str, Any]]
+    recipe: str | None = None
     vary: dict[str, list[Any]]
     dataset_id: str | None = None
     eval_dataset_id: str | None = None

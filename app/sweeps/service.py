@@ -29,6 +29,7 @@ from app.sweeps.schemas import (
     SweepSpec,
     SweepSummary,
 )
+from core import recipes
 from core.db import UnitOfWork
 from core.errors import NotFound, Unprocessable
 from core.jobs.schemas import JobIn, StepIn
@@ -38,6 +39,8 @@ from core.tables import Job, Sweep
 # Canonical: no leading zeros, so two different paths never name the same parameter.
 # Used with fullmatch only: "$" would also match before a trailing newline.
 PATH_RE = re.compile(r"steps\[(0|[1-9][0-9]{0,8})\]\.params\.([A-Za-z_][A-Za-z0-9_]{0,99})")
+# The vary path whose values are recipe names (GET /v1/recipes): one point per recipe.
+RECIPE_PATH = "recipe"
 JOB_NAME_MAX = 200
 
 
@@ -46,26 +49,63 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _check_vary(body: SweepIn) -> None:
+def _check_source(body: SweepIn) -> None:
+    """Where the points' steps come from: the steps given, a recipe's, or (``vary`` on
+    ``recipe``) each point's own recipe; exactly one."""
+    loc: list[str | int]
+    if RECIPE_PATH in body.vary:
+        given = [k for k in ("steps", "recipe") if getattr(body, k) is not None]
+        others = [p for p in body.vary if p != RECIPE_PATH]
+        if given or others:
+            loc = ["body", given[0]] if given else ["body", "vary", others[0]]
+            msg = "a sweep that varies the recipe takes its steps from each recipe: " + (
+                f"leave out {given[0]}" if given else f"it cannot also vary {others[0]!r} (recipes differ in steps)"
+            )
+            raise Unprocessable(msg, code="invalid_vary", errors=[{"loc": loc, "msg": msg, "type": "recipe_and_steps"}])
+        return
+    if body.steps is not None and body.recipe is not None:
+        msg = "give steps or a recipe, not both"
+        raise Unprocessable(msg, errors=[{"loc": ["body", "steps"], "msg": msg, "type": "recipe_and_steps"}])
+    if body.steps is None and body.recipe is None:
+        msg = 'give steps, a recipe, or vary the recipe ("vary": {"recipe": [...]})'
+        raise Unprocessable(msg, errors=[{"loc": ["body", "steps"], "msg": msg, "type": "missing"}])
+
+
+def _base_steps(body: SweepIn) -> list[dict[str, Any]]:
+    """The steps every point starts from: those given, or the fixed recipe's; [] when the recipe varies."""
+    if body.steps is not None:
+        return [s.model_dump() for s in body.steps]
+    recipe = recipes.get(body.recipe) if body.recipe is not None else None
+    return recipe.expand() if recipe is not None else []
+
+
+def _check_vary(body: SweepIn, base: list[dict[str, Any]]) -> None:
     errors: list[dict[str, Any]] = []
     for path, values in body.vary.items():
         loc: list[str | int] = ["body", "vary", path]
+        if path == RECIPE_PATH:
+            for k, value in enumerate(values):
+                if not isinstance(value, str) or recipes.get(value) is None:
+                    msg = recipes.unknown_message(value) if isinstance(value, str) else "a recipe is named by a string"
+                    errors.append({"loc": [*loc, k], "msg": msg, "type": "unknown_recipe"})
         m = PATH_RE.fullmatch(path)
-        if m is None:
+        if m is None and path != RECIPE_PATH:
             errors.append(
                 {
                     "loc": loc,
-                    "msg": f"{path!r} is not a vary path: use steps[<i>].params.<name>, e.g. steps[0].params.sparsity",
+                    "msg": f"{path!r} is not a vary path: use steps[<i>].params.<name>, e.g. steps[0].params.sparsity, "
+                    f"or {RECIPE_PATH!r}",
                     "type": "invalid_vary_path",
                 }
             )
             continue
-        if int(m.group(1)) >= len(body.steps):
+        if m is not None and int(m.group(1)) >= len(base):
+            of = f"recipe {body.recipe!r}" if body.recipe is not None else "sweep"
             errors.append(
                 {
                     "loc": loc,
-                    "msg": f"there is no steps[{m.group(1)}]: the sweep has {len(body.steps)} "
-                    f"step{'s' if len(body.steps) != 1 else ''}",
+                    "msg": f"there is no steps[{m.group(1)}]: the {of} has {len(base)} "
+                    f"step{'s' if len(base) != 1 else ''}",
                     "type": "vary_index_out_of_range",
                 }
             )
@@ -102,7 +142,7 @@ def _point_steps(steps: list[dict[str, Any]], values: Mapping[str, Any]) -> list
     out = copy.deepcopy(steps)
     for path, value in values.items():
         m = PATH_RE.fullmatch(path)
-        assert m is not None  # checked by _check_vary
+        assert m is not None  # checked by _check_vary (a varied recipe is a point's JobIn.recipe)
         out[int(m.group(1))].setdefault("params", {})[m.group(2)] = copy.deepcopy(value)
     return out
 
@@ -151,7 +191,9 @@ def _point_step_models(
 def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[Job]]:
     """Add the sweep and one job per point (each enqueued after the commit). A point the job
     service refuses is a 422 naming it, and the request's rollback leaves no row at all."""
-    _check_vary(body)
+    _check_source(body)
+    base = _base_steps(body)
+    _check_vary(body, base)
     if models_repo.get(uow.session, caller.tenant_id, body.model_id) is None:
         # Checked before the sweep row is written: that row references the model.
         raise Unprocessable(
@@ -159,10 +201,10 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
             code="unknown_model",
             errors=[{"loc": ["body", "model_id"], "msg": "no such model", "type": "unknown_model"}],
         )
-    base = [s.model_dump() for s in body.steps]
     points = grid(body.vary)
     spec = SweepSpec(
         steps=base,
+        recipe=body.recipe,
         vary=body.vary,
         dataset_id=body.dataset_id,
         eval_dataset_id=body.eval_dataset_id,
@@ -176,10 +218,14 @@ def create(uow: UnitOfWork, caller: Caller, body: SweepIn) -> tuple[Sweep, list[
     uow.session.flush()
     jobs = []
     for i, values in enumerate(points):
+        recipe = values.get(RECIPE_PATH)
         job_in = JobIn(
             model_id=body.model_id,
-            steps=_point_step_models(_point_steps(base, values), i, values, body.vary),
-            name=f"{body.name or 'sweep'} [{i}] {_label(values)}"[:JOB_NAME_MAX],
+            # A point of a varied recipe is that recipe's job; one of a fixed recipe whose steps a
+            # point changes is no longer the recipe: it is given as steps (its name says which).
+            recipe=recipe,
+            steps=[] if recipe is not None else _point_step_models(_point_steps(base, values), i, values, body.vary),
+            name=f"{body.name or body.recipe or 'sweep'} [{i}] {_label(values)}"[:JOB_NAME_MAX],
             dataset_id=body.dataset_id,
             eval_dataset_id=body.eval_dataset_id,
             evaluation=body.evaluation,
