@@ -598,7 +598,7 @@ def main() -> None:
     recipe_of: dict[str, list[str]] = {}
     for name, recipe in RECIPES.items():
         c = by_steps.get(_steps_key(recipe.expand()))
-        if c is None and args.only is None:
+        if c is None and (args.only is None or f"recipe:{name}" in args.only):
             c = Config(f"recipe:{name}", recipe.target, recipe.expand())
             configs.append(c)
             by_steps[_steps_key(c.steps)] = c

@@ -307,7 +307,10 @@ class WebhookDelivery(Base):
     __tablename__ = "webhook_deliveries"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    # No foreign key (migration 0016): a delivery outlives its job, so that deleting a job right
+    # after it ended does not take the notification that it ended with it (the payload carries
+    # the job as it ended). Once its outcome is final, a delivery whose job is gone is removed.
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(String(2000))
     event: Mapped[str] = mapped_column(String(32))  # "job.succeeded" | "job.failed" | "job.canceled"

@@ -15,7 +15,7 @@ from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from tests.helpers import upload_dir, wait_job
@@ -330,6 +330,45 @@ def test_dispatcher_retries_then_gives_up_after_max_attempts(local, receiver):
         assert verify(secret_for(tenant_id), r["headers"], r["body"])
         assert json.loads(r["body"]) == d.payload
     assert dispatch_once(settings) == 0  # nothing left to do
+
+
+@pytest.mark.integration
+def test_a_deleted_jobs_pending_delivery_is_still_sent_then_removed(local, receiver):
+    """A client that deletes a job right after it ended still gets the webhook (the delivery is
+    not deleted with the job); once final, the delivery of a deleted job leaves no row."""
+    from core.db import get_sessionmaker
+    from core.jobs import repository as jobs_repo
+    from core.tables import WebhookDelivery
+    from worker.webhooks import dispatch_once
+
+    settings = local.model_copy(update={"webhook_max_attempts": 5, "webhook_backoff_s": 0.05})
+    flaky = receiver(503, 200)
+    with get_sessionmaker()() as s:
+        job_id = _running_job(s, flaky.url)
+        assert jobs_repo.finish(s, job_id, 1, "succeeded", progress_stage="done")
+        assert dispatch_once(settings) == 1 and len(flaky.requests) == 1  # 503: pending, due again
+        assert jobs_repo.delete_finished(s, [job_id])
+        s.commit()
+        [d] = _deliveries(s, job_id)
+        assert d.status == "pending"
+        deadline = time.monotonic() + 10
+        while len(flaky.requests) < 2 and time.monotonic() < deadline:
+            dispatch_once(settings)
+            time.sleep(0.02)
+        assert json.loads(flaky.requests[1]["body"])["job"]["id"] == job_id
+        assert _deliveries(s, job_id) == []  # delivered, job gone: removed
+
+        # A delivery already final goes with its job; one of a live job stays after it is final.
+        kept = _running_job(s, flaky.url)
+        assert jobs_repo.finish(s, kept, 1, "succeeded", progress_stage="done")
+        assert dispatch_once(settings) == 1
+        [d] = _deliveries(s, kept)
+        assert d.status == "delivered"
+        assert jobs_repo.delete_finished(s, [kept])
+        s.commit()
+        assert _deliveries(s, kept) == []
+        s.expire_all()
+        assert s.scalar(select(func.count()).select_from(WebhookDelivery)) == 0
 
 
 @pytest.mark.integration

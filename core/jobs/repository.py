@@ -60,8 +60,10 @@ def get(session: Session, tenant_id: str, job_id: str) -> Job | None:
 
 
 def delete_finished(session: Session, job_ids: list[str]) -> bool:
-    """Delete these jobs with their events and webhook deliveries, all or none: False (nothing
-    deleted) unless every one of them is terminal (a job that is not cannot be deleted)."""
+    """Delete these jobs with their events and finished webhook deliveries, all or none: False
+    (nothing deleted) unless every one of them is terminal (a job that is not cannot be deleted).
+    A delivery still pending is kept and sent: the job ended, and its receiver is told so even
+    when the job was deleted right after (the dispatcher removes it once it is final)."""
     if not job_ids:
         return True
     # Locked first: a worker's write (which updates the row) waits for this transaction.
@@ -69,7 +71,9 @@ def delete_finished(session: Session, job_ids: list[str]) -> bool:
     if len(ended) != len(set(job_ids)):
         return False
     session.execute(delete(JobEvent).where(JobEvent.job_id.in_(job_ids)))
-    session.execute(delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(job_ids)))
+    session.execute(
+        delete(WebhookDelivery).where(WebhookDelivery.job_id.in_(job_ids), WebhookDelivery.status != "pending")
+    )
     session.execute(delete(Job).where(Job.id.in_(job_ids)))
     return True
 

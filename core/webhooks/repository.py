@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from core.db import rowcount
-from core.tables import WebhookDelivery, utcnow
+from core.tables import Job, WebhookDelivery, utcnow
 
 
 def list_for_job(session: Session, job_id: str) -> list[WebhookDelivery]:
@@ -73,6 +73,7 @@ def claim_next(session: Session, max_attempts: int, lease_s: float, scan: int = 
                     last_error=f"gave up after {attempts} attempts (the last one did not report back)",
                 )
             )
+            _drop_if_job_gone(session, delivery_id)
             session.commit()
             continue
         matched = rowcount(
@@ -130,5 +131,19 @@ def record(
         )
         .values(**values),
     )
+    if matched == 1 and (delivered or final):
+        _drop_if_job_gone(session, claim.id)
     session.commit()
     return matched == 1
+
+
+def _drop_if_job_gone(session: Session, delivery_id: str) -> None:
+    """A final delivery whose job was deleted meanwhile (core/jobs/repository.py delete_finished
+    keeps a pending one so that it is still sent): nothing will read the row again."""
+    session.execute(
+        delete(WebhookDelivery).where(
+            WebhookDelivery.id == delivery_id,
+            WebhookDelivery.status != "pending",
+            ~exists().where(Job.id == WebhookDelivery.job_id),
+        )
+    )
