@@ -146,18 +146,53 @@ def _err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm())
 
 
+def rotate_step(style: str) -> tuple[str, dict]:
+    return ("transform.rotate", {"style": style})
+
+
+def _weight_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.glob("*.safetensors"))
+
+
+def _planned_weight_bytes(src: Path, steps: list[tuple[str, dict]]) -> int:
+    """The plan's artifact bytes less what is not a weight file (the other files, zip overhead),
+    from the safetensors headers alone, as the API plans a job."""
+    from core.jobs import plan
+
+    with (src / "model.safetensors").open("rb") as f:
+        tensors = plan.read_header(f, 1 << 24)
+    other = sum(p.stat().st_size for p in src.iterdir() if p.suffix != ".safetensors")
+    out = plan.compute(
+        fmt="hf",
+        tensors=tensors,
+        other_bytes=other,
+        input_bytes=other + _weight_bytes(src),
+        steps=[{"method": m, "params": p} for m, p in steps],
+        evaluation={"enabled": False},
+        stream=False,
+        input_on_scratch=False,
+    )
+    # Each safetensors file also has its header (names, shapes, offsets): a few KB here.
+    return out["artifact_bytes"] - other - plan.ZIP_OVERHEAD_BYTES
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("style", ["spinquant", "quip"])
 def test_rotations_keep_the_function_and_make_4bit_rtn_lose_less(tmp_path: Path, style: str) -> None:
     src = _outlier_llama(tmp_path / "src", tied=style == "spinquant")
     ref = _logits(src)
     w4 = ("quantize.weight_only", {"bits": 4, "group_size": 32})
-    (rotate_m, w4_m), rotated = _run(src, [("transform.rotate", {"style": style}), w4], tmp_path / "rot")
+    (rotate_m, w4_m), rotated = _run(src, [rotate_step(style), w4], tmp_path / "rot")
     _, plain = _run(src, [w4], tmp_path / "plain")
     # The rotation alone computes the original's function (float32: rounding only).
     assert rotate_m["logits_max_rel_diff"] < 1e-5 and rotate_m["style"] == style
     # ...and the quantizer after it loses less than on the unrotated model.
     assert _err(rotated, ref) < 0.7 * _err(plain, ref), (_err(rotated, ref), _err(plain, ref))
+    # The plan's artifact (from the input's headers) counts what the rotation adds: the untied
+    # head (spinquant) or the stored Hadamard matrices (quip).
+    assert _planned_weight_bytes(src, [rotate_step(style), w4]) == pytest.approx(
+        _weight_bytes(tmp_path / "rot"), rel=0.02
+    )
     qc = json.loads((tmp_path / "rot" / "config.json").read_text())["quantization_config"]
     if style == "spinquant":
         # An ordinary model: nothing to run online, transformers alone reproduces it exactly.

@@ -464,8 +464,30 @@ def _apply_step(outs: list[_Out], method: str, params: Mapping[str, Any], notes:
         _apply_structured(outs, params, notes)
     elif method == "distill":
         _apply_distill(outs, params, notes, layers)
+    elif method == "transform.rotate":
+        _apply_rotate(outs, params, notes)
     else:
         _apply_quantize(outs, method, params, notes)
+
+
+def _apply_rotate(outs: list[_Out], params: Mapping[str, Any], notes: list[str]) -> None:
+    """What a rotation adds to the artifact (worker/methods/transform_rotate.py): ``spinquant``
+    unties a tied embedding (the head becomes a tensor of its own, stored as it is), ``quip``
+    stores one Hadamard matrix per rotated input width (or one of ``block_size``), in the model's
+    dtype (worker/model_io.py). The rotated weights keep their shapes."""
+    embed = next((o.tensor for o in outs if o.tensor.name.endswith("embed_tokens.weight")), None)
+    if params.get("style") == "spinquant":
+        if embed is not None and not any(o.tensor.name.endswith("lm_head.weight") for o in outs):
+            outs.append(_Out(Tensor("lm_head.weight", embed.dtype, embed.shape), embed.nbytes))
+            notes.append("transform.rotate spinquant: the tied embedding is untied, the head stored as it is")
+        return
+    targets = [o.tensor for o in outs if is_target(o.tensor) and not _ignored(o.tensor.name, params)]
+    block = params.get("block_size")
+    widths = {int(block)} if block else {t.shape[1] for t in targets}
+    dtype = embed.dtype if embed is not None else targets[0].dtype if targets else "F32"
+    for w in sorted(widths):
+        # Marked quantized: no later step changes their bytes.
+        outs.append(_Out(Tensor(f"<hadamard {w}>", dtype, (w, w)), w * w * SAFETENSORS_DTYPES.get(dtype, 4), True))
 
 
 def _apply_structured(outs: list[_Out], params: Mapping[str, Any], notes: list[str]) -> None:
