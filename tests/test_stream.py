@@ -265,6 +265,16 @@ def test_group_size_fallbacks_stream_equals_in_memory_and_loads(tmp_path, params
         a, b = ref(ids).logits, q(ids).logits
     assert torch.isfinite(b).all() and not torch.equal(a, b)
     assert float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)) > 0.9
+    # The plan (from the input's header) counts each layer with the group it falls back to.
+    from core.jobs import plan
+
+    with (tmp_path / "src" / "model.safetensors").open("rb") as f:
+        outs = [plan._Out(x, x.nbytes) for x in plan.read_header(f, 1 << 24)]
+    plan._apply_step(outs, "quantize.weight_only", params, [], 2)
+    planned = {o.tensor.name.removesuffix(".weight"): o.nbytes for o in outs}
+    for layer in (names[0], "model.layers.0.mlp.down_proj"):
+        stored = sum(v.numel() * v.element_size() for k, v in t.items() if k.startswith(layer + ".weight"))
+        assert planned[layer] == stored, (layer, planned[layer], stored)
 
 
 @pytest.mark.integration

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 # safetensors dtype -> bytes per element (app.models.validation.SAFETENSORS_DTYPES, which refuses others).
+from core.methods._ct import fallback_group
 from core.models.validation import SAFETENSORS_DTYPES
 
 # Memory is anonymous memory (RssAnon: what the job allocates, what an OOM kill counts; the pages
@@ -532,7 +533,10 @@ def _apply_quantize(outs: list[_Out], method: str, params: Mapping[str, Any], no
         if fmt == "fp":
             o.nbytes = _fp_bytes(_scheme(method, params), out_f, in_f, scale_size)
         elif fmt == "pack":
-            o.nbytes = _pack_bytes(out_f, in_f, bits, group, scale_size, symmetric)
+            # A group size that does not divide this layer's width: the layer gets the one the
+            # worker gives it (the largest accepted size that divides it, or per channel).
+            layer_group = fallback_group(int(group), in_f) if group else None
+            o.nbytes = _pack_bytes(out_f, in_f, bits, layer_group, scale_size, symmetric)
         else:
             o.nbytes = _int8_bytes(out_f, in_f, scale_size)
         o.quantized = True
