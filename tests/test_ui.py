@@ -235,3 +235,36 @@ def test_dashboard_in_chromium(embedded, tiny: dict[str, Path], tmp_path: Path) 
     # upload's 422 are the only ones, and nothing else went wrong (CSP, script, stream).
     loaded = "error: Failed to load resource: the server responded with a status of"
     assert problems == [f"{loaded} 401 (Unauthorized)", f"{loaded} 422 (Unprocessable Entity)"], problems
+
+
+@pytest.mark.integration
+def test_model_page_submits_a_recipe_job(embedded, tmp_path: Path) -> None:
+    """The model page's form: a named recipe (and a dataset for those that calibrate) submitted as
+    POST /v1/jobs would be; a refusal is the API's problem drawn above the form, nothing recorded;
+    a form posted from another origin is refused."""
+    from tests.helpers import table_rows, upload_dir, wait_job
+    from tests.tokenizer_util import build_models
+
+    base, api = embedded.service.url, embedded.client()
+    model_id = upload_dir(api, build_models(tmp_path / "models")["llama"], name="ui-llama").json()["id"]
+    ui = httpx.Client(base_url=base, follow_redirects=False, timeout=60)
+    origin = {"Origin": base}
+    assert ui.post("/ui/login", data={"key": embedded.key}, headers=origin).status_code == 303
+
+    form = ui.get(f"/ui/models/{model_id}")
+    assert form.status_code == 200 and f'action="/ui/models/{model_id}/jobs"' in form.text
+    assert '<option value="w4-best"' in form.text and "needs a dataset" in form.text
+
+    jobs_before = table_rows(embedded, "jobs")
+    refused = ui.post(f"/ui/models/{model_id}/jobs", data={"recipe": "sparse-50-fast"}, headers=origin)
+    assert refused.status_code == 422 and 'class="error"' in refused.text and "dataset" in refused.text
+    unknown = ui.post(f"/ui/models/{model_id}/jobs", data={"recipe": "w9"}, headers=origin)
+    assert unknown.status_code == 422 and "unknown recipe" in unknown.text
+    assert ui.post(f"/ui/models/{model_id}/jobs", data={"recipe": "w8"}).status_code == 403  # no Origin
+    assert table_rows(embedded, "jobs") == jobs_before
+
+    made = ui.post(f"/ui/models/{model_id}/jobs", data={"recipe": "w8", "dataset_id": ""}, headers=origin)
+    assert made.status_code == 303 and made.headers["location"].startswith("/ui/jobs/"), made.text
+    job = wait_job(api, made.headers["location"].rsplit("/", 1)[1])
+    assert job["status"] == "succeeded" and job["recipe"] == "w8" and job["model_id"] == model_id, job
+    assert [s["method"] for s in job["steps"]] == ["quantize.weight_only"]

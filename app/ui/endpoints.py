@@ -317,5 +317,37 @@ async def upload_model(
 
 @router.get("/models/{model_id}")
 def model_page(model_id: str, caller: UiCaller, uow: UoW) -> HTMLResponse:
+    return _model_page(uow, caller, model_id)
+
+
+def _model_page(uow: UoW, caller: Caller, model_id: str, error: ModelpressError | None = None) -> HTMLResponse:
     model = ModelOut.model_validate(models.get(uow, caller, model_id), from_attributes=True)
-    return page("model.html.j2", caller, model=model, jobs=service.model_jobs(uow, caller, model.id))
+    return page(
+        "model.html.j2",
+        caller,
+        error.status if error is not None else 200,
+        model=model,
+        jobs=service.model_jobs(uow, caller, model.id),
+        recipes=service.recipe_choices(),
+        datasets=service.dataset_choices(uow, caller),
+        error=error,
+    )
+
+
+@router.post("/models/{model_id}/jobs", dependencies=[SameOrigin])
+def submit_job(
+    model_id: str,
+    caller: UiCaller,
+    uow: UoW,
+    recipe: Annotated[str, Form(max_length=64)] = "",
+    dataset_id: Annotated[str, Form(max_length=64)] = "",
+) -> Response:
+    """The model page's form: a job of a named recipe (GET /v1/recipes), submitted as POST /v1/jobs
+    would be; a refusal (a recipe that needs a dataset, a plan over every worker's budget...) is
+    shown above the form, and nothing is recorded."""
+    try:
+        job = service.submit_recipe(uow, caller, model_id, recipe, dataset_id or None)
+    except ModelpressError as e:
+        uow.rollback()
+        return _model_page(uow, caller, model_id, e)
+    return RedirectResponse(f"/ui/jobs/{job.id}", status_code=303)

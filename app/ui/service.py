@@ -12,6 +12,7 @@ from typing import Any
 import anyio
 
 from app.auth import Caller
+from app.datasets import repository as datasets_repo
 from app.jobs import service as jobs
 from app.models import repository as models_repo
 from app.models.schemas import ModelOut
@@ -19,11 +20,12 @@ from app.sweeps import repository as sweeps_repo
 from app.sweeps import service as sweeps
 from app.sweeps.schemas import SweepSummary
 from app.ui import repository
+from core import recipes
 from core.db import UnitOfWork, read_uow
-from core.errors import Conflict
+from core.errors import Conflict, Unprocessable
 from core.jobs import repository as jobs_repo
-from core.jobs.schemas import JobOut
-from core.tables import Job
+from core.jobs.schemas import JobIn, JobOut
+from core.tables import Dataset, Job
 
 PAGE = 50  # rows of a list page (the newest); the API's list routes page through the rest
 LIVE_MAX_JOBS = PAGE
@@ -48,6 +50,28 @@ def sweep_list(uow: UnitOfWork, caller: Caller) -> list[SweepSummary]:
 def model_jobs(uow: UnitOfWork, caller: Caller, model_id: str) -> list[JobOut]:
     """The newest jobs of a model (from the tenant's newest page of jobs)."""
     return [j for j in job_list(uow, caller, None) if j.model_id == model_id]
+
+
+def recipe_choices() -> list[dict[str, Any]]:
+    """The named recipes as ``GET /v1/recipes`` shows them, in its order (per target, the
+    recommended one first), for the model page's form."""
+    order = list(recipes.TARGETS)
+    rows = sorted(recipes.RECIPES.values(), key=lambda r: (order.index(r.target), not r.recommended, r.name))
+    return [recipes.describe(r) for r in rows]
+
+
+def dataset_choices(uow: UnitOfWork, caller: Caller) -> list[Dataset]:
+    """The tenant's newest datasets, for a recipe that calibrates on one."""
+    return datasets_repo.list_page(uow.session, caller.tenant_id, PAGE, None)
+
+
+def submit_recipe(uow: UnitOfWork, caller: Caller, model_id: str, recipe: str, dataset_id: str | None) -> Job:
+    """A job of a named recipe on the model, through the API's own submit (the same checks,
+    refusals and plan; enqueued once the request's transaction commits)."""
+    if recipes.get(recipe) is None:
+        msg = recipes.unknown_message(recipe)
+        raise Unprocessable(msg, errors=[{"loc": ["body", "recipe"], "msg": msg, "type": "unknown_recipe"}])
+    return jobs.submit(uow, caller, JobIn(model_id=model_id, recipe=recipe, dataset_id=dataset_id))
 
 
 def succeeded(uow: UnitOfWork, caller: Caller, job_id: str) -> Job:
