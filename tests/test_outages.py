@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import psycopg
@@ -43,24 +44,32 @@ def servers() -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
     pg.destroy()
 
 
+def _stack(
+    tmp: Path, db_url: str, broker_url: str, tenant: str, *, worker: bool, requeue_after_s: int, key_prefix: str = ""
+) -> Stack:
+    """A cluster-mode service on the private servers, its reconciler every second."""
+    env = {
+        "MODELPRESS_MODE": "cluster",
+        "MODELPRESS_DATABASE_URL": db_url,
+        "MODELPRESS_BROKER_URL": broker_url,
+        "MODELPRESS_BROKER_KEY_PREFIX": key_prefix,
+        "MODELPRESS_DATA_DIR": str(tmp),
+        "MODELPRESS_REQUEUE_AFTER_S": str(requeue_after_s),
+        "MODELPRESS_RECONCILE_INTERVAL_S": "1",
+    }
+    svc = Service(env, tmp, worker=worker)
+    svc.cli("migrate")
+    key = svc.cli("keys", "create", "--tenant", f"{tenant}-{uuid.uuid4().hex[:6]}")
+    svc.start()
+    return Stack("cluster", svc, key, key, tmp, db_url)
+
+
 @pytest.fixture(scope="module")
 def outage(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     pg, rd = servers
-    tmp = tmp_path_factory.mktemp("outage")
-    env = {
-        "MODELPRESS_MODE": "cluster",
-        "MODELPRESS_DATABASE_URL": pg.url,
-        "MODELPRESS_BROKER_URL": rd.url,
-        "MODELPRESS_DATA_DIR": str(tmp),
-        "MODELPRESS_REQUEUE_AFTER_S": "3",
-        "MODELPRESS_RECONCILE_INTERVAL_S": "1",
-    }
-    svc = Service(env, tmp, worker=True)
-    svc.cli("migrate")
-    key = svc.cli("keys", "create", "--tenant", f"outage-{uuid.uuid4().hex[:6]}")
-    svc.start()
-    yield Stack("cluster", svc, key, key, tmp, pg.url)
-    svc.stop()
+    stack = _stack(tmp_path_factory.mktemp("outage"), pg.url, rd.url, "outage", worker=True, requeue_after_s=3)
+    yield stack
+    stack.service.stop()
 
 
 def _wait_running(c: httpx.Client, ids: list[str], timeout: float = 60) -> None:
@@ -158,21 +167,10 @@ def slow_requeue(servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     name = f"requeue_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg.url.replace("+psycopg", ""), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    env = {
-        "MODELPRESS_MODE": "cluster",
-        "MODELPRESS_DATABASE_URL": pg.url.rsplit("/", 1)[0] + f"/{name}",
-        "MODELPRESS_BROKER_URL": rd.url,
-        "MODELPRESS_BROKER_KEY_PREFIX": f"{name}:",
-        "MODELPRESS_DATA_DIR": str(tmp),
-        "MODELPRESS_REQUEUE_AFTER_S": "600",
-        "MODELPRESS_RECONCILE_INTERVAL_S": "1",
-    }
-    svc = Service(env, tmp, worker=False)
-    svc.cli("migrate")
-    key = svc.cli("keys", "create", "--tenant", f"requeue-{uuid.uuid4().hex[:6]}")
-    svc.start()
-    yield Stack("cluster", svc, key, key, tmp, env["MODELPRESS_DATABASE_URL"])
-    svc.stop()
+    url = pg.url.rsplit("/", 1)[0] + f"/{name}"
+    stack = _stack(tmp, url, rd.url, "requeue", worker=False, requeue_after_s=600, key_prefix=f"{name}:")
+    yield stack
+    stack.service.stop()
 
 
 def test_worker_puts_back_jobs_it_took_while_postgres_was_down(slow_requeue, servers, tiny):

@@ -257,14 +257,22 @@ def test_accept_negotiation(accept, html):
 
 
 @pytest.fixture(scope="module")
-def gpt2(embedded, tmp_path_factory) -> str:
+def tiny_models(tmp_path_factory) -> dict:
     from tests.tokenizer_util import build_models
 
-    # With its tokenizer: the reports have perplexity, so the frontier has all three axes.
-    path = build_models(tmp_path_factory.mktemp("sweep-models"))["gpt2"]
-    r = upload_dir(embedded.client(), path, name="tiny-gpt2")
+    # With their tokenizers: the reports have perplexity, so the frontier has all three axes.
+    return build_models(tmp_path_factory.mktemp("sweep-models"))
+
+
+def _uploaded(embedded, path, name: str) -> str:
+    r = upload_dir(embedded.client(), path, name=name)
     assert r.status_code == 201, r.text
     return r.json()["id"]
+
+
+@pytest.fixture(scope="module")
+def gpt2(embedded, tiny_models) -> str:
+    return _uploaded(embedded, tiny_models["gpt2"], "tiny-gpt2")
 
 
 def _sweep(model_id, vary, steps=None, **extra):
@@ -359,13 +367,8 @@ def test_sweep_routes_are_in_openapi(embedded):
 
 
 @pytest.fixture(scope="module")
-def llama(embedded, tmp_path_factory) -> str:
-    from tests.tokenizer_util import build_models
-
-    path = build_models(tmp_path_factory.mktemp("sweep-llama"))["llama"]
-    r = upload_dir(embedded.client(), path, name="tiny-llama")
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+def llama(embedded, tiny_models) -> str:
+    return _uploaded(embedded, tiny_models["llama"], "tiny-llama")
 
 
 @pytest.mark.integration

@@ -4,10 +4,9 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from pydantic_core import PydanticCustomError
 
 from core.exports import OutputIn, SafetensorsOutput
-from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn  # noqa: F401 - links are the jobs' kind
+from core.jobs.schemas import STRICT, EvaluationIn, JobError, JobStatus, LinkIn, LinkOut, StepIn, known_recipe  # noqa: F401 - links are the jobs' kind
 
 # A sweep varies at most this many parameters...
 MAX_VARY_PATHS = 4
@@ -75,11 +74,7 @@ class SweepIn(BaseModel):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, name: str | None) -> str | None:
-        from core import recipes
-
-        if name is not None and recipes.get(name) is None:
-            raise PydanticCustomError("unknown_recipe", recipes.unknown_message(name))
-        return name
+        return known_recipe(name)
 
 
 class SweepSpec(BaseModel):

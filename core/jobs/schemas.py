@@ -104,6 +104,16 @@ class EvaluationIn(BaseModel):
     )
 
 
+def known_recipe(name: str | None) -> str | None:
+    """A field validator's check of a recipe name (jobs, sweeps): a 422 ``unknown_recipe`` listing
+    the recipes."""
+    from core import recipes
+
+    if name is not None and recipes.get(name) is None:
+        raise PydanticCustomError("unknown_recipe", recipes.unknown_message(name))
+    return name
+
+
 class JobIn(BaseModel):
     model_config = STRICT
     model_id: str = Field(min_length=1, max_length=64)
@@ -152,11 +162,7 @@ class JobIn(BaseModel):
     @field_validator("recipe")
     @classmethod
     def _known_recipe(cls, name: str | None) -> str | None:
-        from core import recipes
-
-        if name is not None and recipes.get(name) is None:
-            raise PydanticCustomError("unknown_recipe", recipes.unknown_message(name))
-        return name
+        return known_recipe(name)
 
     @field_validator("steps")
     @classmethod
