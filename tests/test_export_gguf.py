@@ -558,3 +558,42 @@ def test_sharded_source(zoo, tmp_path) -> None:
     assert res["tensors"] == 27  # as from the single file
     got = _logits(_hf(tmp_path, "s.gguf"), IDS)
     assert (got - _logits(_hf(zoo["qwen2"]), IDS)).abs().max().item() <= TOLERANCE["F16"]
+
+
+@pytest.mark.unit
+def test_bulk_array_packing_writes_gguf_pys_bytes(tmp_path) -> None:
+    """The exporter's writer packs large metadata arrays in one go; every byte is what gguf-py's
+    own item-by-item packing writes (strings with non-ASCII and empty ones, ints, floats, a
+    sub type given, and the cases it leaves to gguf-py)."""
+    import gguf
+
+    from worker.export.gguf import _bulk_writer_class
+
+    bulk = _bulk_writer_class()(tmp_path / "a.gguf", "llama")
+    plain = gguf.GGUFWriter(tmp_path / "b.gguf", "llama")
+    T = gguf.GGUFValueType
+    cases = [
+        (["<bos>", "▁the", "", "é漢字", "[PAD7]"], None),
+        ([0, 1, 2, -3, 2**31 - 1], None),
+        ([1, 3, 4, 6], T.INT32),
+        ([1, 3, 4, 6], T.UINT32),
+        ([-1.0, 0.0, -262144.0, 1.5e-8, 3], T.FLOAT32),
+        ([0.25, -2.5], None),
+        ([True, False], None),
+        (["a", 1], T.STRING),
+        ([1, 2.5], None),  # mixed: gguf-py refuses
+        ([1, 2.5], T.INT32),
+        ([1, 2.5], T.FLOAT32),
+        ([2**32], T.UINT32),
+    ]
+    for val, sub in cases:
+        for add_vtype in (True, False):
+            try:
+                want = plain._pack_val(val, T.ARRAY, add_vtype, sub)
+            except Exception as e:  # noqa: BLE001 - the same refusal either way
+                with pytest.raises(type(e)):
+                    bulk._pack_val(val, T.ARRAY, add_vtype, sub)
+                continue
+            assert bulk._pack_val(val, T.ARRAY, add_vtype, sub) == want, (val, sub, add_vtype)
+    for scalar, vtype in (("x", T.STRING), (7, T.UINT32)):
+        assert bulk._pack_val(scalar, vtype, True) == plain._pack_val(scalar, vtype, True)
