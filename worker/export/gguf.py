@@ -38,6 +38,7 @@ file behind.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -237,7 +238,7 @@ def _write(src_dir: Path, config: dict[str, Any], source: _Source, path: Path, g
 
     arch = spec.arch(config)
     assert arch is not None
-    writer = _BulkWriter(path, arch)
+    writer = _bulk_writer_class()(path, arch)
     try:
         _metadata(writer, config, src_dir, gguf_type)
         vocab = _vocab(writer, src_dir, config)
@@ -436,6 +437,7 @@ def _special_vocab(src_dir: Path, tok: dict[str, Any], spm: bool, n_vocab: int) 
         return gguf.SpecialVocab(Path(d), load_merges=not spm, n_vocab=n_vocab)
 
 
+@functools.cache
 def _bulk_writer_class() -> type:
     import gguf
 
@@ -486,10 +488,6 @@ def _bulk_writer_class() -> type:
             return super()._pack_val(val, vtype, add_vtype, sub_type)
 
     return BulkWriter
-
-
-def _BulkWriter(path: Path, arch: str) -> Any:  # noqa: N802 - stands for the class
-    return _bulk_writer_class()(path, arch)
 
 
 def _tokens(tok: dict[str, Any], n_vocab: int, spm: bool) -> tuple[list[str], list[int]]:
