@@ -299,6 +299,13 @@ def test_pack_int32_is_compressed_tensors_packing(bits, cols):
     assert torch.equal(quant.pack_int32(q.clone(), bits), expected)
     out = torch.full_like(expected, 12345)
     assert quant.pack_int32(q.clone(), bits, out=out) is out and torch.equal(out, expected)
+    # As the streaming engine calls it: rows of a larger output, a reused scratch.
+    big = torch.full((12, expected.shape[1]), 777, dtype=torch.int32)
+    scratch = quant.Scratch()
+    for _ in range(2):
+        quant.pack_int32(q.clone(), bits, out=big[2:11], scratch=scratch)
+        assert torch.equal(big[2:11], expected)
+    assert (big[:2] == 777).all() and (big[11:] == 777).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -337,3 +344,26 @@ def test_count_nonzero_on_bit_patterns(dtype):
     scratch = quant.Scratch()
     assert quant.count_nonzero(w, scratch) == int(torch.count_nonzero(w)) == 5
     assert quant.count_nonzero(w[:, 1], scratch) == int(torch.count_nonzero(w[:, 1])) == 0  # strided: torch's own
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("bits", "group_size"), [(4, 8), (4, None), (8, None), (8, 16)])
+def test_scales_from_magnitude_bits_are_rtn_qparams(dtype, bits, group_size):
+    """The streaming engine's symmetric scales from the weights' bit patterns (the largest
+    magnitude as an integer maximum) equal rtn_qparams' from float min and max, bit for bit,
+    with all-zero groups, negative zeros and groups whose extreme is negative."""
+    g = torch.Generator().manual_seed(bits + (group_size or 0))
+    w = (torch.randn(6, 32, generator=g) * 0.05).to(dtype)
+    w[0, :16] = 0.0
+    w[1, :] = -0.0
+    w[2, 3] = -4.0  # a negative extreme
+    w[3] = -w[3].abs()
+    scratch = quant.Scratch()
+    mag = quant.magnitude_bits(w, scratch)
+    assert mag is not None and mag.dtype == (torch.int32 if dtype == torch.float32 else torch.int16)
+    scale, zp = quant.symmetric_qparams(quant.group_max_abs(mag, dtype, group_size), bits)
+    want_scale, want_zp = quant.rtn_qparams(w.float(), bits, group_size, True)
+    assert torch.equal(scale, want_scale) and torch.equal(zp, want_zp)
+    assert scale.dtype == torch.float32 and zp.dtype == torch.int8
+    assert quant.count_nonzero(w, scratch, magnitude=mag) == int(torch.count_nonzero(w))
+    assert quant.magnitude_bits(w[:, ::2], scratch) is None  # strided: no bit view

@@ -22,7 +22,12 @@ def _stream(params: QuantizeDynamicInt8Params, ctx: Any) -> Any:
     from worker.stream.steps import QuantizeStep
 
     return QuantizeStep(
-        "quantize.dynamic_int8", WEIGHTS, ACTIVATIONS, lambda w, g: quant.rtn_qparams(w, 8, None, True), "W8A8"
+        "quantize.dynamic_int8",
+        WEIGHTS,
+        ACTIVATIONS,
+        lambda w, g: quant.rtn_qparams(w, 8, None, True),
+        "W8A8",
+        max_abs_qparams=lambda m: quant.symmetric_qparams(m, 8),
     )
 
 

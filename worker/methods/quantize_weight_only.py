@@ -37,6 +37,7 @@ def _stream(params: QuantizeWeightOnlyParams, ctx: Any) -> Any:
         lambda w, g: quant.rtn_qparams(w, params.bits, g, params.symmetric),
         _scheme(params),
         strict_group=params.strict_group_size,
+        max_abs_qparams=(lambda m: quant.symmetric_qparams(m, params.bits)) if params.symmetric else None,
     )
 
 

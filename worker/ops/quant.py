@@ -77,14 +77,22 @@ def rtn_qparams(
     lo = torch.clamp(g.amin(-1).float(), max=0.0)
     hi = torch.clamp(g.amax(-1).float(), min=0.0)
     if symmetric:
-        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
-        zp = torch.zeros_like(scale)
-    else:
-        scale = (hi - lo) / (qmax - qmin)
-    scale = torch.where(scale == 0, torch.tensor(_eps(torch.float32)), scale)
-    if not symmetric:
-        zp = torch.clamp(qmin - lo / scale, qmin, qmax)
+        return symmetric_qparams(torch.maximum(lo.abs(), hi), bits)
+    scale = _nonzero_scale((hi - lo) / (qmax - qmin))
+    zp = torch.clamp(qmin - lo / scale, qmin, qmax)
     return scale, torch.round(zp).to(torch.int8)
+
+
+def symmetric_qparams(max_abs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rtn_qparams``' symmetric scale and zero point from each row's or group's largest
+    magnitude (float32, the scale's shape), however that was found (``group_max_abs``)."""
+    qmin, qmax = int_range(bits)
+    scale = _nonzero_scale(max_abs / ((qmax - qmin) / 2))
+    return scale, torch.zeros(scale.shape, dtype=torch.int8)
+
+
+def _nonzero_scale(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.tensor(_eps(torch.float32)), scale)
 
 
 def _broadcast(
@@ -151,8 +159,6 @@ def quantize_rows(
     if zp is not None:
         v.sub_(zp)
     v.mul_(s)
-    d = scratch.get(2, x, torch.float32)
-    d.copy_(v)
     if w_float is not None:
         wf = w_float.reshape(x.shape)
     elif x.dtype == torch.float32:
@@ -160,7 +166,8 @@ def quantize_rows(
     else:
         wf = scratch.get(3, x, torch.float32)
         wf.copy_(x)
-    d.sub_(wf)
+    # One op widens w' exactly and subtracts (type promotion), where a copy then a sub took two.
+    d = torch.sub(v, wf, out=scratch.get(2, x, torch.float32))
     dv, wv = d.reshape(-1), wf.reshape(-1)
     sq_err, sq_w = float(torch.dot(dv, dv)), float(torch.dot(wv, wv))
     if dv.numel():
@@ -178,15 +185,37 @@ _SIGNLESS = {
 }
 
 
-def count_nonzero(w: torch.Tensor, scratch: Scratch) -> int:
-    """``torch.count_nonzero(w)`` for a float tensor, counted on its bit patterns with the sign
-    cleared (so ``-0.0`` is a zero and NaN is not): integer ops run ~2x faster than the float
-    comparison torch does."""
+def magnitude_bits(w: torch.Tensor, scratch: Scratch) -> torch.Tensor | None:
+    """``|w|`` as the integers of its bit patterns (sign cleared; scratch slot 4), for a
+    contiguous bf16, fp16 or fp32 tensor; None for others. For floats that are not NaN the order of
+    these integers is the order of the magnitudes and 0 is 0.0, so a count of non-zeros and the
+    largest magnitude per group run as integer ops on half the bytes of a float32 copy (~2x faster
+    than torch's float comparisons and reductions, measured on 4-bit row blocks)."""
     bits = _SIGNLESS.get(w.dtype)
     if bits is None or not w.is_contiguous():
-        return int(torch.count_nonzero(w))
+        return None
     raw = w.view(bits[0])
-    return int(torch.count_nonzero(torch.bitwise_and(raw, bits[1], out=scratch.get(4, raw))))
+    return torch.bitwise_and(raw, bits[1], out=scratch.get(4, raw))
+
+
+def count_nonzero(w: torch.Tensor, scratch: Scratch, magnitude: torch.Tensor | None = None) -> int:
+    """``torch.count_nonzero(w)`` for a float tensor, counted on ``magnitude_bits`` (so ``-0.0``
+    is a zero and NaN is not); ``magnitude``: those bits when the caller has them already."""
+    mag = magnitude if magnitude is not None else magnitude_bits(w, scratch)
+    if mag is None:
+        return int(torch.count_nonzero(w))
+    # min(m, 1) summed: torch's count_nonzero on integers runs ~2x slower than these two ops.
+    ones = torch.clamp(mag, max=1, out=scratch.get(5, mag))
+    return int(ones.sum(dtype=torch.int32 if mag.numel() < 2**31 else torch.int64))
+
+
+def group_max_abs(magnitude: torch.Tensor, dtype: torch.dtype, group_size: int | None) -> torch.Tensor:
+    """The largest ``|w|`` of each row (``group_size`` None, ``(out, 1)``) or group
+    (``(out, in/g)``) as float32, from ``magnitude_bits`` of ``w`` (whose float ``dtype`` is
+    given): the integer maximum is the float one's bit pattern, so the result equals
+    ``w``'s own ``abs().amax`` exactly."""
+    g = _groups(magnitude, group_size)
+    return g.amax(-1).view(dtype).float()
 
 
 @torch.no_grad()
@@ -217,15 +246,18 @@ def quantize_error(
     return d.sub_(x).reshape(w.shape)
 
 
-def pack_int32(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+def pack_int32(
+    q: torch.Tensor, bits: int, out: torch.Tensor | None = None, scratch: Scratch | None = None
+) -> torch.Tensor:
     """compressed-tensors' ``pack_to_int32`` of a 2-D int8 tensor along its rows, bit for bit.
 
     For 8 bits, and 4 bits with a multiple of 8 columns, the int32 words are built from bytes:
     the library stores ``q + 2^(b-1)`` with element ``i`` at bit ``b*i`` of its word, which on
     a little-endian machine is byte ``i`` (8 bits) or the low then the high nibble of a byte (4
-    bits). That is three byte operations instead of its scatter over int32 (~10x faster, which
-    matters when a checkpoint streams through). Other layouts use the library's function.
-    ``out``: where to write the words (rows x cols*bits/32 int32); ``q`` is clobbered."""
+    bits). That is a few contiguous integer operations instead of its scatter over int32 (0.3-0.5
+    against 6.5 ns a weight for 4 bits on one core here, which matters when a checkpoint streams
+    through). Other layouts use the library's function. ``out``: where to write the words (rows x cols*bits/32 int32); ``q`` is clobbered;
+    ``scratch``: where the 4-bit path keeps its temporary (slot 6)."""
     rows, cols = q.shape
     if (
         sys.byteorder == "little"
@@ -239,10 +271,15 @@ def pack_int32(q: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> t
         if bits == 8:
             torch.bitwise_xor(u, 0x80, out=o)  # q + 128 (mod 256)
             return out
-        u.add_(8)  # -8..7 -> 0..15
-        pairs = u.view(rows, cols // 2, 2)
-        torch.bitwise_left_shift(pairs[..., 1], 4, out=o)
-        o.bitwise_or_(pairs[..., 0])
+        # Each pair of elements as one int16: element 2i in the low byte, 2i+1 in the high one.
+        # q + 8 (mod 16) is q's low nibble with its top bit flipped; shifting the word right by 4
+        # puts the high byte's nibble above the low one's, and the word's low byte is the pair
+        # packed. Strided byte ops on every other element (the obvious way) run ~5x slower.
+        pairs = q.view(torch.int16)
+        pairs.bitwise_xor_(0x0808).bitwise_and_(0x0F0F)
+        high = (scratch or Scratch()).get(6, pairs)
+        pairs.bitwise_or_(torch.bitwise_right_shift(pairs, 4, out=high))
+        o.view(rows, cols // 2).copy_(pairs)  # int16 -> uint8 keeps the low byte
         return out
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 

@@ -171,6 +171,7 @@ class QuantizeStep(StreamStep):
         scheme_name: str,
         extra: Callable[[], dict[str, Any]] | None = None,
         strict_group: bool = False,
+        max_abs_qparams: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         from compressed_tensors.compressors.format import infer_module_format
 
@@ -190,6 +191,10 @@ class QuantizeStep(StreamStep):
         self.fmt = infer_module_format(torch.nn.Linear, self.scheme).value
         self.packed = self.fmt == "pack-quantized"
         self.qparams = qparams
+        # Where the scales depend on each group's largest magnitude only (symmetric round to
+        # nearest): the same scales from the integer bit patterns the non-zero count reads anyway
+        # (quant.group_max_abs), instead of qparams' float min and max over a float32 copy.
+        self.max_abs_qparams = max_abs_qparams
         self.skeleton: Any = None
         self.stats = quant.ErrorStats()
         self.per_layer: dict[str, float] = {}
@@ -285,8 +290,12 @@ class QuantizeStep(StreamStep):
             # exact).
             wf = scratch.get(3, xs, torch.float32)
             wf.copy_(xs)
-            nonzero = quant.count_nonzero(xs, scratch)
-            scale, zp = self.qparams(wf, group)
+            mag = quant.magnitude_bits(xs, scratch)
+            nonzero = quant.count_nonzero(xs, scratch, magnitude=mag)
+            if self.max_abs_qparams is not None and mag is not None:
+                scale, zp = self.max_abs_qparams(quant.group_max_abs(mag, xs.dtype, group))
+            else:
+                scale, zp = self.qparams(wf, group)
             scales[a:b].copy_(scale.reshape(b - a, cols))
             if zps is not None:
                 zps[a:b].copy_(zp.reshape(b - a, cols))
@@ -296,7 +305,7 @@ class QuantizeStep(StreamStep):
                 xs, scales[a:b], None if zps is None else zps[a:b], bits, group, scratch, w_float=wf
             )
             if self.packed:
-                quant.pack_int32(q, bits, out=out[a:b])
+                quant.pack_int32(q, bits, out=out[a:b], scratch=scratch)
             else:
                 out[a:b].copy_(q)
             return xs.numel(), nonzero, se, sw, mx
