@@ -256,8 +256,9 @@ def pack_int32(
     a little-endian machine is byte ``i`` (8 bits) or the low then the high nibble of a byte (4
     bits). That is a few contiguous integer operations instead of its scatter over int32 (0.3-0.5
     against 6.5 ns a weight for 4 bits on one core here, which matters when a checkpoint streams
-    through). Other layouts use the library's function. ``out``: where to write the words (rows x cols*bits/32 int32); ``q`` is clobbered;
-    ``scratch``: where the 4-bit path keeps its temporary (slot 6)."""
+    through). Other layouts use the library's function. ``out``: where to write the words (rows x
+    cols*bits/32 int32); ``q`` is clobbered; ``scratch``: where the 4-bit path keeps its temporary
+    (slot 6)."""
     rows, cols = q.shape
     if (
         sys.byteorder == "little"
