@@ -19,6 +19,7 @@ from app.keys.endpoints import router as keys_router
 from app.models.endpoints import router as models_router
 from app.observability import install_observability
 from app.openapi import install_openapi, operation_id
+from app.resumable.endpoints import TusProtocol
 from app.resumable.endpoints import router as uploads_router
 from app.sweeper import install_sweeper
 from app.sweeps.endpoints import router as sweeps_router
@@ -57,6 +58,9 @@ def create_app() -> FastAPI:
         BodyLimits, upload_paths=("/v1/models", "/v1/datasets", "/ui/models"), patch_prefixes=("/v1/uploads/",)
     )
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
+    # Outermost: a method override must be seen before the body limits, and Tus-Resumable added to
+    # every answer under /v1/uploads, theirs included.
+    app.add_middleware(TusProtocol)
     # A staging folder of this process's own, and the folders of API processes that are gone swept.
     install_sweeper(app)
     # POST /v1/models/import before the models router (its paths take no {model_id} POST, but a

@@ -111,7 +111,7 @@ def test_options_create_head_and_patch_in_chunks(cluster, c):
     assert r.status_code == 204, r.text
     assert r.headers["Tus-Resumable"] == "1.0.0" and r.headers["Tus-Version"] == "1.0.0"
     assert r.headers["Tus-Extension"] == "creation,checksum,expiration,termination"
-    assert r.headers["Tus-Checksum-Algorithm"] == "sha256"
+    assert r.headers["Tus-Checksum-Algorithm"] == "sha1,sha256"
     assert int(r.headers["Tus-Max-Size"]) == 24 * 1024 * 1024  # the stack's max_upload_bytes
 
     data = bytes(range(256)) * 1000  # 256,000 bytes
@@ -223,6 +223,52 @@ def test_refusals(cluster, c):
     want = hashlib.sha256(b"a" * 300 + b"z" * 700).hexdigest()
     assert query(cluster, "SELECT sha256 FROM uploads WHERE id = %s", uid)[0][0] == want
     assert c.delete(url, headers=TUS).status_code == 204
+
+
+def test_sha1_method_override_and_the_protocol_header_on_every_answer(cluster, c):
+    """What standard tus clients rely on beyond a PATCH: sha1 checksums (every server must take
+    them; tuspy sends them), POST with X-HTTP-Method-Override (tus-js-client's
+    overridePatchMethod), and Tus-Resumable on every answer under /v1/uploads, those no upload
+    route makes included (app/resumable/endpoints.py TusProtocol)."""
+    data = bytes(range(256)) * 24_576  # 6 MiB: more than a POST's body may hold (the JSON limit, 4 MiB)
+    half = len(data) // 2
+    url = _new(c, len(data))
+    wrong = {"Upload-Checksum": f"sha1 {_b64(hashlib.sha1(b'other').digest())}"}
+    _problem(_patch(c, url, 0, data[:half], **wrong), 460, "checksum_mismatch")
+    short = {"Upload-Checksum": f"sha1 {_b64(hashlib.sha256(data[:10]).digest())}"}  # 32 bytes, not sha1's 20
+    _problem(_patch(c, url, 0, data[:10], **short), 400, "invalid_checksum")
+    assert _offset(c, url) == 0
+    right = {"Upload-Checksum": f"SHA1 {_b64(hashlib.sha1(data[:half]).digest())}"}
+    r = _patch(c, url, 0, data[:half], **right)
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(half), r.text
+    # The overrides: HEAD, then the rest as a PATCH (streamed to disk like one), then DELETE.
+    r = c.post(url, headers={**TUS, "X-HTTP-Method-Override": "HEAD"})
+    assert r.status_code == 200 and r.headers["Upload-Offset"] == str(half) and r.headers["Tus-Resumable"] == "1.0.0"
+    r = c.post(
+        url,
+        content=data[half:],
+        headers={**TUS, "X-HTTP-Method-Override": "patch", "Upload-Offset": str(half), "Content-Type": OCTETS},
+    )
+    assert r.status_code == 204 and r.headers["Upload-Offset"] == str(len(data)), r.text
+    uid = url.rsplit("/", 1)[1]
+    assert query(cluster, "SELECT sha256 FROM uploads WHERE id = %s", uid)[0][0] == hashlib.sha256(data).hexdigest()
+    assert (_staging(cluster) / uid).read_bytes() == data
+    # Any other method named is not taken: a POST to an upload, which no route answers (405).
+    for other in ("GET", "PUT", "POST"):
+        _problem(c.post(url, headers={**TUS, "X-HTTP-Method-Override": other}), 405, "method_not_allowed", body=False)
+    assert c.post(url, headers={**TUS, "X-HTTP-Method-Override": "DELETE"}).status_code == 204
+    assert c.head(url, headers=TUS).status_code == 404 and not (_staging(cluster) / uid).exists()
+    # Answers of no upload route carry the header too: the router's 405 and 404 under the prefix,
+    # the body limits' refusal of a body that is not the JSON it says it is.
+    r = c.put(url, headers=TUS)
+    assert r.status_code == 405 and r.headers["Tus-Resumable"] == "1.0.0"
+    r = c.put(url, headers={**TUS, "Content-Type": "application/json"}, content=b"{not json")
+    assert r.status_code == 422 and r.headers["Tus-Resumable"] == "1.0.0", r.text
+    r = c.get("/v1/uploads/a/b", headers=TUS)
+    assert r.status_code == 404 and r.headers["Tus-Resumable"] == "1.0.0"
+    # Outside the prefix neither applies: no header, and the override names no method.
+    r = c.get("/v1/jobs", headers={"X-HTTP-Method-Override": "DELETE"})
+    assert r.status_code == 200 and "Tus-Resumable" not in r.headers
 
 
 def test_concurrent_patches_one_wins(cluster, c):

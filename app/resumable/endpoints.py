@@ -1,8 +1,9 @@
-"""Resumable uploads (tus 1.0) at /v1/uploads: core protocol plus the creation, checksum (sha256),
-expiration and termination extensions (docs/UPLOADS.md). Every response, errors included, carries
-``Tus-Resumable: 1.0.0``; a request with another (or no) ``Tus-Resumable`` is refused with 412,
-except OPTIONS. An upload id of another tenant answers 404 like a missing one, whatever else the
-request says."""
+"""Resumable uploads (tus 1.0) at /v1/uploads: core protocol (X-HTTP-Method-Override included)
+plus the creation, checksum (sha1, sha256), expiration and termination extensions
+(docs/UPLOADS.md). Every response under the prefix, errors included, carries
+``Tus-Resumable: 1.0.0`` (TusRoute, and TusProtocol for what no route of it answers); a request
+with another (or no) ``Tus-Resumable`` is refused with 412, except OPTIONS. An upload id of another
+tenant answers 404 like a missing one, whatever else the request says."""
 
 from __future__ import annotations
 
@@ -47,6 +48,54 @@ class TusRoute(APIRoute):
 
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], route_class=TusRoute)
+
+PREFIX = "/v1/uploads"
+# X-HTTP-Method-Override (tus core): a client limited to POST sends it to the upload's URL with the
+# method it means. Only these, and only under the prefix: nowhere else does a header pick a method.
+_OVERRIDABLE = frozenset({"PATCH", "DELETE", "HEAD"})
+_TUS_HEADER = (b"tus-resumable", service.TUS_VERSION.encode())
+
+
+class TusProtocol:
+    """ASGI middleware for the paths under ``/v1/uploads``, outside every other middleware:
+
+    * ``Tus-Resumable`` on every response, including those no upload route made (a 404 or 405 of
+      the router, the body limits' 413 and 408, a 500): the protocol asks for it on all of them,
+      and TusRoute covers only what its routes answer;
+    * ``POST /v1/uploads/{id}`` with ``X-HTTP-Method-Override: PATCH`` (or ``DELETE``, ``HEAD``)
+      is that method, before anything else reads the request (the body limits stream a PATCH's
+      body to disk instead of holding a POST's to the JSON limit)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        if path != PREFIX and not path.startswith(PREFIX + "/"):
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") == "POST" and path.startswith(PREFIX + "/"):
+            for k, v in scope.get("headers", ()):
+                if k == b"x-http-method-override":
+                    meant = v.decode("latin-1").strip().upper()
+                    if meant in _OVERRIDABLE:
+                        scope = {**scope, "method": meant}
+                    break
+
+        async def tus_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", ()))
+                if not any(k.lower() == b"tus-resumable" for k, _ in headers):
+                    message = {**message, "headers": [*headers, _TUS_HEADER]}
+            await send(message)
+
+        await self.app(scope, receive, tus_send)
 
 
 def _h(description: str, example: str | None = None) -> dict[str, Any]:
@@ -98,7 +147,7 @@ def _state_headers(upload: Upload) -> dict[str, str]:
                 "Tus-Version": _h("`1.0.0`", "1.0.0"),
                 "Tus-Extension": _h(f"`{service.TUS_EXTENSIONS}`", service.TUS_EXTENSIONS),
                 "Tus-Max-Size": _h("the largest Upload-Length accepted (`max_upload_bytes`)"),
-                "Tus-Checksum-Algorithm": _h("`sha256`", "sha256"),
+                "Tus-Checksum-Algorithm": _h(f"`{service.CHECKSUM_ALGORITHMS}`", service.CHECKSUM_ALGORITHMS),
             },
         },
         **problem_responses(*API_ERRORS),
@@ -225,7 +274,8 @@ async def patch_upload(
         str | None,
         Header(
             alias="Upload-Checksum",
-            description="`sha256 <base64 digest of this body>`: a mismatch is 460 and the chunk is discarded",
+            description="`sha256 <base64 digest of this body>` (or `sha1 ...`): a mismatch is 460 and the chunk "
+            "is discarded",
         ),
     ] = None,
 ) -> Response:

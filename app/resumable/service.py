@@ -63,7 +63,10 @@ log = logging.getLogger("modelpress.uploads")
 
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,checksum,expiration,termination"
-CHECKSUM_ALGORITHMS = "sha256"
+# The checksum extension's algorithms: sha1 because the protocol requires every server to take it
+# (tuspy's checksums are sha1), sha256 because it is the one this service's own SDK sends.
+CHECKSUM_ALGORITHMS = "sha1,sha256"
+_CHECKSUM_NAMES = tuple(CHECKSUM_ALGORITHMS.split(","))
 # Upload-Metadata: a few keys of short values (the row keeps them as JSON).
 MAX_METADATA_KEYS = 32
 MAX_METADATA_BYTES = 8 * 1024
@@ -234,14 +237,27 @@ def parse_offset(header: str | None) -> int:
     return int(header)
 
 
-def parse_checksum(header: str | None) -> bytes | None:
-    """The digest of ``Upload-Checksum: sha256 <base64>``; 400 for another algorithm or a bad value."""
+@dataclass(frozen=True)
+class Checksum:
+    """A PATCH's ``Upload-Checksum``: the algorithm (one of ``CHECKSUM_ALGORITHMS``) and the digest."""
+
+    algorithm: str
+    digest: bytes
+
+    def hasher(self) -> Any:
+        return hashlib.new(self.algorithm)
+
+
+def parse_checksum(header: str | None) -> Checksum | None:
+    """``Upload-Checksum: <algorithm> <base64 digest>``; 400 for another algorithm or a bad value."""
     if header is None:
         return None
     algo, _, value = header.strip().partition(" ")
-    if algo.lower() != "sha256":
+    algo = algo.lower()
+    if algo not in _CHECKSUM_NAMES:
         raise BadRequest(
-            f"Upload-Checksum: unsupported algorithm {safe_text(algo, 20)!r} (Tus-Checksum-Algorithm: sha256)",
+            f"Upload-Checksum: unsupported algorithm {safe_text(algo, 20)!r} "
+            f"(Tus-Checksum-Algorithm: {CHECKSUM_ALGORITHMS})",
             code="unsupported_checksum_algorithm",
             headers=_CLOSE,
         )
@@ -249,11 +265,14 @@ def parse_checksum(header: str | None) -> bytes | None:
         digest = base64.b64decode(value.strip(), validate=True)
     except binascii.Error:
         digest = b""
-    if len(digest) != hashlib.sha256().digest_size:
+    size = hashlib.new(algo).digest_size
+    if len(digest) != size:
         raise BadRequest(
-            "Upload-Checksum: the value must be the base64 of a 32-byte sha256", code="invalid_checksum", headers=_CLOSE
+            f"Upload-Checksum: the value must be the base64 of a {size}-byte {algo} digest",
+            code="invalid_checksum",
+            headers=_CLOSE,
         )
-    return digest
+    return Checksum(algo, digest)
 
 
 @contextlib.contextmanager
@@ -400,7 +419,7 @@ async def receive(
     upload: Upload,
     fh: BinaryIO,
     offset: int,
-    checksum: bytes | None,
+    checksum: Checksum | None,
     body: AsyncIterator[bytes],
 ) -> Received:
     """Append a PATCH body at ``offset`` (under ``locked_staging``'s lock) and move the row's offset
@@ -414,7 +433,7 @@ async def receive(
     room = upload.length - offset
     fh.truncate(offset)  # bytes past the committed offset are from a PATCH that did not commit
     fh.seek(offset)
-    chunk_hash = hashlib.sha256() if checksum is not None else None
+    chunk_hash = checksum.hasher() if checksum is not None else None
     file_hash = _take_hash(upload.id, offset)  # the whole file's so far, if this process has it
     base = file_hash.copy() if file_hash is not None else None  # kept again if nothing is kept
     sink = _Sink(fh, [h for h in (chunk_hash, file_hash) if h is not None])
@@ -446,7 +465,7 @@ async def receive(
         undo()
         raise
     written = received
-    if checksum is not None and (cut or chunk_hash is None or chunk_hash.digest() != checksum):
+    if checksum is not None and (cut or chunk_hash is None or chunk_hash.digest() != checksum.digest):
         undo()
         if cut:  # a partial body cannot match its checksum: nothing of it is kept
             return Received(offset, cut=True, stalled=stalled)
