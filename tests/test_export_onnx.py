@@ -322,7 +322,7 @@ def test_int8_dynamic_is_smaller_and_close(cache: _Cache) -> None:
 
     fp32 = cache.export("llama")[0]
     int8, result = cache.export("llama", "int8_dynamic")
-    assert result["quantize"] == "int8_dynamic"
+    assert result["quantize"] == "int8_dynamic" and result["reduce_range"] is True
     assert result["smoothing"] == {
         "method": "smoothquant",
         "alpha": SMOOTH_ALPHA,

@@ -29,7 +29,11 @@ def test_output_schema_is_strict_and_defaults_to_safetensors():
     assert job.output.model_dump() == {"format": "safetensors"}
     adapter = TypeAdapter(exports.OutputIn)
     assert adapter.validate_python({"format": "gguf"}).model_dump() == {"format": "gguf", "type": "auto"}
-    assert adapter.validate_python({"format": "onnx"}).model_dump() == {"format": "onnx", "quantize": None}
+    assert adapter.validate_python({"format": "onnx"}).model_dump() == {
+        "format": "onnx",
+        "quantize": None,
+        "reduce_range": True,
+    }
     for bad in ({"format": "gguf", "type": "q4_0"}, {"format": "onnx", "type": "F16"}, {"format": "tflite"}, {}):
         with pytest.raises(ValidationError):
             adapter.validate_python(bad)

@@ -21,7 +21,7 @@ def test_output_defaults_to_safetensors_and_is_shown(cluster_no_worker, tiny):
     assert again["output"] == {"format": "safetensors"}
     r = c.post("/v1/jobs", json={"model_id": m["id"], "steps": CAST, "output": {"format": "onnx"}})
     assert r.status_code == 202, r.text
-    assert r.json()["output"] == {"format": "onnx", "quantize": None}
+    assert r.json()["output"] == {"format": "onnx", "quantize": None, "reduce_range": True}
     assert c.post(f"/v1/jobs/{r.json()['id']}/cancel").status_code == 200
     # This model has no tokenizer: a GGUF file must carry one.
     r = c.post("/v1/jobs", json={"model_id": m["id"], "steps": CAST, "output": {"format": "gguf", "type": "F16"}})
@@ -36,6 +36,10 @@ def test_output_is_validated_at_submit(cluster_no_worker, tiny):
         ({"format": "tflite"}, ["body", "output"]),
         ({"format": "gguf", "type": "Q3_XS"}, ["body", "output", "gguf", "type"]),
         ({"format": "onnx", "quantize": "int4"}, ["body", "output", "onnx", "quantize"]),
+        (
+            {"format": "onnx", "quantize": "int8_dynamic", "reduce_range": "no"},
+            ["body", "output", "onnx", "reduce_range"],
+        ),
         ({"format": "gguf", "quantize": "int8_dynamic"}, ["body", "output", "gguf", "quantize"]),
     ):
         r = c.post("/v1/jobs", json={"model_id": m["id"], "steps": CAST, "output": bad})
@@ -257,6 +261,7 @@ def test_onnx_job_runs_in_onnxruntime(cluster, tiny_tokenized):
     files = _files(c, done["id"], "onnx")
     assert "model.onnx" in files and "modelpress.json" in files, files
     assert done["metrics"]["export"]["quantize"] == "int8_dynamic"
+    assert done["metrics"]["export"]["reduce_range"] is True  # 7-bit weights unless asked otherwise
     _runtime_or_reason(done["metrics"]["speed"], "onnxruntime", "onnxruntime")
     if done["metrics"]["quality"]["available"]:
         # Perplexity from ONNX Runtime's logits of both models, on the same texts.

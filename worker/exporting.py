@@ -88,7 +88,11 @@ def _convert(
         from worker.export import onnx
 
         try:
-            return dict(onnx.export_onnx(src, dest, output.get("quantize"), calibration))
+            return dict(
+                onnx.export_onnx(
+                    src, dest, output.get("quantize"), calibration, reduce_range=bool(output.get("reduce_range", True))
+                )
+            )
         except onnx.ExportError as e:
             raise ExportFailed(str(e)) from e
     raise ExportFailed(f"unknown output format {fmt!r}")
