@@ -58,8 +58,9 @@ def create_app() -> FastAPI:
         BodyLimits, upload_paths=("/v1/models", "/v1/datasets", "/ui/models"), patch_prefixes=("/v1/uploads/",)
     )
     install_observability(app)  # X-Request-ID, HTTP metrics, GET /metrics
-    # Outermost: a method override must be seen before the body limits, and Tus-Resumable added to
-    # every answer under /v1/uploads, theirs included.
+    # Outside the other added middleware: a method override must be seen before the body limits,
+    # and Tus-Resumable added to every answer under /v1/uploads, theirs included (an unexpected
+    # 500 comes from Starlette's ServerErrorMiddleware, outside this one).
     app.add_middleware(TusProtocol)
     # A staging folder of this process's own, and the folders of API processes that are gone swept.
     install_sweeper(app)

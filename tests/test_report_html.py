@@ -599,3 +599,15 @@ def test_group_size_fallbacks_are_listed_layer_by_layer() -> None:
     )
     report["steps"][0]["group_fallbacks"] = {}
     assert "does not divide" not in render_job_report(report)
+
+
+@pytest.mark.unit
+def test_export_section_names_the_onnx_weight_range():
+    """An int8 ONNX export's reduce_range is a labelled row; a float32 export's (None) is left out."""
+    from app.reports import job
+
+    int8 = job.export({"export": {"format": "onnx", "quantize": "int8_dynamic", "reduce_range": True, "bytes": 10}})
+    labels = [label for label, _ in int8.rows]
+    assert "ONNX int8 weights in 7 bits" in labels and "reduce_range" not in labels
+    fp32 = job.export({"export": {"format": "onnx", "quantize": None, "reduce_range": None, "bytes": 10}})
+    assert not {"ONNX int8 weights in 7 bits", "reduce_range"} & {label for label, _ in fp32.rows}

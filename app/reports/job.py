@@ -539,6 +539,7 @@ _EXPORT_ROWS = (
     ("format", "Format"),
     ("gguf_type", "GGUF tensor type"),
     ("quantize", "ONNX quantization"),
+    ("reduce_range", "ONNX int8 weights in 7 bits"),
     ("file", "File"),
     ("files", "Files"),
     ("bytes", "Bytes"),
@@ -560,6 +561,8 @@ def export(r: Mapping[str, Any]) -> Section | None:
     for key, label in _EXPORT_ROWS:
         if key in ex:
             seen.add(key)
+            if key == "reduce_range" and ex[key] is None:  # a float32 export: nothing to say
+                continue
             v = ex[key]
             if key == "bytes":
                 rows.append((label, units.size(v)))

@@ -60,8 +60,9 @@ class TusProtocol:
     """ASGI middleware for the paths under ``/v1/uploads``, outside every other middleware:
 
     * ``Tus-Resumable`` on every response, including those no upload route made (a 404 or 405 of
-      the router, the body limits' 413 and 408, a 500): the protocol asks for it on all of them,
-      and TusRoute covers only what its routes answer;
+      the router, the body limits' 413, 408 and 422): the protocol asks for it on all of them, and
+      TusRoute covers only what its routes answer. Not on an unexpected 500: Starlette answers
+      those from its ServerErrorMiddleware, outside every added middleware;
     * ``POST /v1/uploads/{id}`` with ``X-HTTP-Method-Override: PATCH`` (or ``DELETE``, ``HEAD``)
       is that method, before anything else reads the request (the body limits stream a PATCH's
       body to disk instead of holding a POST's to the JSON limit)."""

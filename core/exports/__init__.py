@@ -51,10 +51,11 @@ class OnnxOutput(BaseModel):
     )
     reduce_range: bool = Field(
         default=True,
-        description="int8 only: weights in 7 bits (-64..63) instead of 8, so that no x86 CPU's int8 kernel can "
-        "saturate (without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights in 16-bit pairs, which "
-        "overflow at 8 bits: logit errors of ~19 % of the largest measured on an AVX2 machine against 1.5 % "
-        "with VNNI). false: full 8-bit weights, for CPUs with VNNI (AVX512-VNNI, AVX-VNNI) or ARM only",
+        description="int8 only: weights in 7 bits (-64..64, symmetric) instead of 8, so that no x86 CPU's "
+        "int8 kernel can saturate (without VNNI, ONNX Runtime multiplies uint8 activations by int8 weights in "
+        "16-bit pairs, which overflow at 8 bits: logit errors of ~19 % of the largest measured on an AVX2 "
+        "machine against 1.5 % with VNNI). false: full 8-bit weights, for CPUs with VNNI (AVX512-VNNI, "
+        "AVX-VNNI) or ARM only",
     )
 
 
