@@ -473,3 +473,32 @@ def test_unloadable_weights_are_an_export_error(cache: _Cache, tmp_path: Path) -
     with pytest.raises(ExportError, match="could not load the model with AutoModelForCausalLM"):
         export_onnx(src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _int8_weight_extremes(folder: Path) -> tuple[int, int]:
+    """The lowest and highest stored value over the model's int8 weight initializers."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(folder / "model.onnx"))
+    lo = hi = 0
+    for init in model.graph.initializer:
+        if init.data_type == onnx.TensorProto.INT8 and init.name.endswith("_quantized"):
+            a = numpy_helper.to_array(init)
+            lo, hi = min(lo, int(a.min())), max(hi, int(a.max()))
+    return lo, hi
+
+
+@pytest.mark.integration
+def test_reduce_range_sets_the_int8_weights_range(cache: _Cache, tmp_path: Path) -> None:
+    """7-bit weights by default (what no x86 int8 kernel can saturate), 8 bits when asked."""
+    from worker.export.onnx import export_onnx
+
+    seven, result = cache.export("llama", "int8_dynamic")
+    assert result["reduce_range"] is True
+    lo, hi = _int8_weight_extremes(seven)
+    assert -64 <= lo and hi <= 64 and max(-lo, hi) == 64, (lo, hi)  # per-channel: each row reaches its end
+    eight = tmp_path / "eight"
+    assert export_onnx(cache.model("llama"), eight, "int8_dynamic", reduce_range=False)["reduce_range"] is False
+    lo, hi = _int8_weight_extremes(eight)
+    assert max(-lo, hi) == 127, (lo, hi)
